@@ -1,0 +1,30 @@
+# Two entry points that work on a fresh machine:
+#   make run   - set up and run the quickstart
+#   make test  - set up and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned, so the CPU wheel is used and no CUDA wheels are pulled.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	touch $@
+
+run: setup
+	$(PY) -m flows.cli run configs/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/storage_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,19 @@
+"""distillery's soft-label store: sharded Parquet/Zarr datasets of temperature-scaled
+teacher logits with a manifest, atomic commits, verification and streaming reads.
+
+numpy, pyarrow, zarr and fsspec only: never torch or Prefect. Format: docs/format.md.
+"""
+from .convert import convert
+from .errors import (CorruptShardError, CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError,
+                     MismatchError, SoftLabelError)
+from .manifest import FORMAT_VERSION
+from .reader import SoftLabelDataset, open_soft_labels, read_manifest
+from .topk import rescale, softmax, topk_probs
+from .verify import VerifyReport, verify
+from .writer import SoftLabelWriter
+
+__all__ = [
+    "SoftLabelWriter", "open_soft_labels", "SoftLabelDataset", "verify", "VerifyReport", "convert",
+    "SoftLabelError", "ManifestError", "IncompleteDatasetError", "MismatchError", "InvalidLogitsError",
+    "CoverageError", "CorruptShardError", "FORMAT_VERSION", "read_manifest", "rescale", "softmax", "topk_probs",
+]

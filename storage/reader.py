@@ -1,0 +1,252 @@
+"""open_soft_labels(): read a complete soft-label dataset, streamed or by sample id.
+
+Streaming (`iter_batches`) walks this partition's segments (storage/partition.py) one
+storage block at a time, through a bounded shuffle buffer, and re-batches into dicts
+of numpy arrays:
+    {"sample_id": (B,) int64, "view": (B,) int32, "logits": (B, C) float16 | ...,
+     "pad": (B,) bool}
+Arrays may be read-only views of the decoded block (copy before writing in place).
+Filesystems are opened lazily inside iteration, so the dataset object can be handed
+to forked DataLoader workers, including with S3.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .errors import CorruptShardError, IncompleteDatasetError, ManifestError, SoftLabelError
+from .fs import Location
+from .layout import Column
+from .manifest import MANIFEST, check_expect, parse_manifest
+from .partition import batches_per_partition, partition_segments
+from .shards import open_shard, read_commits
+from .writer import columns_for
+
+
+def read_manifest(loc: Location) -> dict:
+    try:
+        raw = loc.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise ManifestError(f"no soft-label dataset at {loc.uri}: {MANIFEST} not found") from None
+    return parse_manifest(raw, loc.uri)
+
+
+def read_id_columns(loc: Location, manifest: dict, spec: list[Column]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_id, view, shard position) of every row, shards in manifest order."""
+    sids, views, shard_of = [], [], []
+    for pos, s in enumerate(manifest["shards"]):
+        sh = open_shard(loc, s["path"], manifest["backend"], spec)
+        try:
+            cols = sh.read(0, sh.num_rows, ["sample_id", "view"])
+        except Exception as e:
+            raise CorruptShardError(f"{loc.uri}: shard {s['path']} cannot be read: {type(e).__name__}: {e}") from None
+        sids.append(cols["sample_id"])
+        views.append(cols["view"])
+        shard_of.append(np.full(len(cols["sample_id"]), pos, np.int32))
+    if not sids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return np.concatenate(sids), np.concatenate(views), np.concatenate(shard_of)
+
+
+def open_soft_labels(uri: str, *, expect: dict | None = None, verify: bool = False,
+                     storage_options: dict | None = None) -> "SoftLabelDataset":
+    """Open a COMPLETE dataset. `expect` = manifest values the caller requires, e.g.
+    {"teacher": {"fingerprint": fp}, "temperature": 4.0} or {"teacher.fingerprint": fp};
+    any difference raises MismatchError naming field, expected and found value.
+    verify=True re-hashes every shard first (see storage.verify)."""
+    loc = Location(uri, storage_options)
+    m = read_manifest(loc)
+    if m["status"] != "complete":
+        done = len(read_commits(loc))
+        planned = m.get("planned_shards")
+        raise IncompleteDatasetError(
+            f"soft-label dataset at {loc.uri} is partial ({done} shard(s) committed"
+            f"{f' of {planned}' if planned else ''}); finish labelling (re-run resumes) before reading it")
+    check_expect(m, expect, loc.uri)
+    if verify:
+        from .verify import verify as _verify
+        report = _verify(uri, storage_options=storage_options)
+        if not report.ok:
+            raise CorruptShardError(f"soft-label dataset at {loc.uri} failed verification:\n  "
+                                    + "\n  ".join(report.problems))
+    return SoftLabelDataset(loc, m)
+
+
+class SoftLabelDataset:
+    def __init__(self, loc: Location, manifest: dict):
+        self.loc = loc
+        self.uri = loc.uri
+        self.manifest = manifest
+        self.columns = columns_for(manifest)
+        self.column_names = [c.name for c in self.columns]
+        self.shard_rows = [int(s["num_rows"]) for s in manifest["shards"]]
+        self._index = None
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"SoftLabelDataset({self.uri!r}, backend={m['backend']}, rows={len(self)}, "
+                f"classes={m['num_classes']}, views={m['num_views']}, T={m['temperature']}, "
+                f"{m['representation']['kind']})")
+
+    def _open(self, pos: int, cache: dict):
+        if pos not in cache:
+            cache.clear()  # one open shard at a time bounds memory and file handles
+            cache[pos] = open_shard(self.loc, self.manifest["shards"][pos]["path"],
+                                    self.manifest["backend"], self.columns)
+        return cache[pos]
+
+    def _check_columns(self, columns) -> list[str]:
+        if columns is None:
+            return list(self.column_names)
+        bad = [c for c in columns if c not in self.column_names]
+        if bad:
+            raise SoftLabelError(f"{self.uri}: unknown column(s) {bad}; this dataset has {self.column_names}")
+        return list(dict.fromkeys(["sample_id", "view", *columns]))
+
+    # ------------------------------------------------------------------ streaming
+
+    def num_batches(self, batch_size: int, *, world_size: int = 1, num_workers: int = 1,
+                    drop_last: bool = False) -> int:
+        """Batches ONE rank yields per epoch (summed over its DataLoader workers)."""
+        parts = world_size * num_workers
+        return num_workers * batches_per_partition(len(self), parts, batch_size, drop_last)
+
+    def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                     rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
+                     shuffle_buffer: int | None = None, columns: list[str] | None = None,
+                     drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        cols = self._check_columns(columns)
+        segs = partition_segments(self.shard_rows, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
+                                  world_size=world_size, worker=worker, num_workers=num_workers)
+        blocks = self._blocks(segs, cols)
+        if shuffle:
+            if shuffle_buffer is None:
+                biggest = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"])
+                shuffle_buffer = max(2 * biggest, 8 * batch_size)
+            rng = np.random.default_rng([seed, epoch, rank * num_workers + worker])
+            blocks = _shuffle_blocks(blocks, shuffle_buffer, rng)
+        yield from _rebatch(blocks, batch_size, drop_last)
+
+    def _blocks(self, segs, cols) -> Iterator[dict[str, np.ndarray]]:
+        cache: dict = {}
+        for seg in segs:
+            sh = self._open(seg.shard, cache)
+            for b0, b1 in sh.blocks():
+                lo, hi = max(b0, seg.start), min(b1, seg.stop)
+                if lo >= hi:
+                    continue
+                try:
+                    out = sh.read(lo, hi, cols)
+                except Exception as e:
+                    raise CorruptShardError(f"{self.uri}: shard {self.manifest['shards'][seg.shard]['path']} "
+                                            f"rows {lo}:{hi} cannot be read: {type(e).__name__}: {e}") from None
+                out["pad"] = np.full(hi - lo, seg.pad)
+                yield out
+
+    # ------------------------------------------------------------------ random access
+
+    def _build_index(self):
+        if self._index is None:
+            sids, views, shard_of = read_id_columns(self.loc, self.manifest, self.columns)
+            starts = np.concatenate([[0], np.cumsum(self.shard_rows)])
+            row = np.arange(len(sids)) - starts[shard_of]
+            order = np.lexsort((views, sids))
+            self._index = (sids[order], views[order], shard_of[order], row[order])
+        return self._index
+
+    def take(self, sample_ids, views=None, *, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows for `sample_ids`, in the order given. views=None: every view of each id
+        (id-major, views ascending); else an array of the same length naming one view each."""
+        cols = self._check_columns(columns)
+        sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_index()
+        V = int(self.manifest["num_views"])
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        if views is None:
+            ids, want_views = np.repeat(ids, V), np.tile(np.arange(V), len(ids))
+        else:
+            want_views = np.asarray(views, dtype=np.int64).reshape(-1)
+            if want_views.shape != ids.shape:
+                raise ValueError(f"views must have the same length as sample_ids ({len(ids)}), got {want_views.shape}")
+        pos = np.searchsorted(sids_sorted, ids) + want_views
+        ok = (pos < len(sids_sorted))
+        ok[ok] = (sids_sorted[pos[ok]] == ids[ok]) & (views_sorted[pos[ok]] == want_views[ok])
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise SoftLabelError(f"{self.uri}: (sample_id, view) ({ids[bad[0]]}, {want_views[bad[0]]}) is not in "
+                                 f"the dataset; {len(bad)} of {len(ids)} requested row(s) missing")
+        shard, row = shard_sorted[pos], row_sorted[pos]
+        out = {c: None for c in cols}
+        cache: dict = {}
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            sh = self._open(int(s), cache)
+            r = row[sel]
+            lo, hi = int(r.min()), int(r.max()) + 1
+            # one contiguous read per shard; fine for the batch sizes take() is meant for
+            got = sh.read(lo, hi, cols)
+            for c in cols:
+                vals = got[c][r - lo]
+                if out[c] is None:
+                    out[c] = np.empty((len(ids),) + vals.shape[1:], vals.dtype)
+                out[c][sel] = vals
+        return out
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _rows(d: dict[str, np.ndarray]) -> int:
+    return len(d["sample_id"])
+
+
+def _shuffle_blocks(blocks, buffer_rows: int, rng: np.random.Generator):
+    """Bounded shuffle: fill to `buffer_rows`, emit a random half-plus, keep the rest mixing."""
+    pending, n = [], 0
+    for blk in blocks:
+        pending.append(blk)
+        n += _rows(blk)
+        if n >= buffer_rows:
+            cat = _concat(pending)
+            perm = rng.permutation(n)
+            keep = buffer_rows // 2
+            yield {k: v[perm[keep:]] for k, v in cat.items()}
+            pending, n = [{k: v[perm[:keep]] for k, v in cat.items()}], keep
+    if n:
+        cat = _concat(pending)
+        perm = rng.permutation(n)
+        yield {k: v[perm] for k, v in cat.items()}
+
+
+def _rebatch(chunks, batch_size: int, drop_last: bool):
+    carry: list[dict[str, np.ndarray]] = []
+    have = 0
+    for chunk in chunks:
+        n, i = _rows(chunk), 0
+        if have:  # top up the carried partial batch first
+            need = min(batch_size - have, n)
+            carry.append({k: v[:need] for k, v in chunk.items()})
+            have, i = have + need, need
+            if have == batch_size:
+                yield _concat(carry)
+                carry, have = [], 0
+        while n - i >= batch_size:
+            yield {k: v[i:i + batch_size] for k, v in chunk.items()}  # zero-copy slice
+            i += batch_size
+        if i < n:
+            carry.append({k: v[i:] for k, v in chunk.items()})
+            have += n - i
+    if have and not drop_last:
+        yield _concat(carry)

@@ -1,0 +1,104 @@
+"""verify(): re-check a dataset end to end, reporting every problem rather than the first.
+
+Checks, in order: the manifest parses, is complete and of a known format_version;
+each shard exists, its bytes hash to the recorded sha256, it decodes, its row count
+and first/last sample ids match the record, its float columns are finite; and across
+shards every (sample_id, view) appears exactly once with views 0..V-1 per sample and
+the totals match num_samples / num_rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import SoftLabelError
+from .fs import Location
+from .layout import tree_sha256
+from .shards import open_shard, read_objects
+from .writer import check_coverage, columns_for
+
+
+@dataclass
+class VerifyReport:
+    uri: str
+    problems: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    rows_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = f"{self.uri}: {'OK' if self.ok else f'{len(self.problems)} problem(s)'} " \
+               f"({self.shards_checked} shards, {self.rows_checked} rows checked)"
+        return "\n".join([head, *[f"  - {p}" for p in self.problems]])
+
+
+def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
+    from .reader import read_manifest
+    loc = Location(uri, storage_options)
+    report = VerifyReport(loc.uri)
+    try:
+        m = read_manifest(loc)
+    except SoftLabelError as e:
+        report.problems.append(str(e))
+        return report
+    if m["status"] != "complete":
+        report.problems.append(f"manifest status is {m['status']!r}, not 'complete'")
+    spec = columns_for(m)
+    sids, views, shard_of = [], [], []
+    for pos, s in enumerate(m.get("shards", [])):
+        name = s["path"]
+        try:
+            objects = read_objects(loc, name)
+        except FileNotFoundError:
+            report.problems.append(f"shard {s['index']} ({name}): file is missing")
+            continue
+        report.shards_checked += 1
+        sha = tree_sha256(objects)
+        if sha != s["sha256"]:
+            report.problems.append(f"shard {s['index']} ({name}): sha256 mismatch "
+                                   f"(recorded {s['sha256'][:16]}…, found {sha[:16]}…); "
+                                   f"{sum(map(len, objects.values()))} bytes vs {s.get('bytes')} recorded")
+        try:
+            sh = open_shard(loc, name, m["backend"], spec)
+            cols = sh.read(0, sh.num_rows, [c.name for c in spec])
+        except Exception as e:
+            report.problems.append(f"shard {s['index']} ({name}): cannot be decoded: {e}")
+            continue
+        n = len(cols["sample_id"])
+        report.rows_checked += n
+        if n != s["num_rows"]:
+            report.problems.append(f"shard {s['index']} ({name}): {n} rows, manifest says {s['num_rows']}")
+        if n and (int(cols["sample_id"][0]) != s["first_sample_id"] or int(cols["sample_id"][-1]) != s["last_sample_id"]):
+            report.problems.append(f"shard {s['index']} ({name}): first/last sample_id "
+                                   f"{int(cols['sample_id'][0])}/{int(cols['sample_id'][-1])} differ from the "
+                                   f"manifest's {s['first_sample_id']}/{s['last_sample_id']}")
+        for c in spec:
+            a = cols[c.name]
+            if a.dtype.kind == "f":
+                bad = ~np.isfinite(a).reshape(n, -1).all(axis=1)
+                if bad.any():
+                    r = int(np.flatnonzero(bad)[0])
+                    report.problems.append(f"shard {s['index']} ({name}): column {c.name} has NaN/Inf in "
+                                           f"{int(bad.sum())} row(s), first at row {r}")
+        v = cols["view"]
+        if ((v < 0) | (v >= m["num_views"])).any():
+            report.problems.append(f"shard {s['index']} ({name}): view ids outside [0, {m['num_views']})")
+        sids.append(cols["sample_id"])
+        views.append(v)
+        shard_of.append(np.full(n, s["index"], np.int64))
+    if sids and not report.problems:
+        all_s, all_v = np.concatenate(sids), np.concatenate(views)
+        try:
+            num_samples = check_coverage(all_s, all_v, np.concatenate(shard_of), m["num_views"], loc.uri)
+            if num_samples != m.get("num_samples") or len(all_s) != m.get("num_rows"):
+                report.problems.append(f"totals differ: {num_samples} samples / {len(all_s)} rows found, manifest "
+                                       f"says {m.get('num_samples')} / {m.get('num_rows')}")
+        except SoftLabelError as e:
+            report.problems.append(str(e))
+    if not m.get("shards"):
+        report.problems.append("manifest lists no shards")
+    return report

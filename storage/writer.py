@@ -1,0 +1,318 @@
+"""SoftLabelWriter: turns raw teacher logits into a sharded soft-label dataset.
+
+Lifecycle:
+    w = SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=4.0,
+                        teacher={...}, data={...})        # writes a partial manifest
+    for i in w.pending(range(n)): w.write_shard(i, ids, logits)  # resume-safe
+    w.finalize()                                            # checks coverage, writes complete manifest
+
+Re-opening the same URI with the same teacher/data/temperature fingerprints resumes;
+committed shards are listed by `committed_shards()`. Anything else is refused unless
+overwrite=True. See storage/shards.py for how concurrent writers stay safe.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError, MismatchError, SoftLabelError
+from .fs import Location
+from .layout import Column, encode_parquet, encode_zarr, row_bytes, rows_per_block, tree_sha256
+from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, IDENTITY_FIELDS, KINDS,
+                       MANIFEST, TMP_DIR, diff_fields, dump_manifest, now_iso, parse_manifest, producer,
+                       validate_lineage)
+from .shards import EXT, commit_path, publish, read_commits, shard_filename, write_commit
+from .topk import index_dtype, scaled_topk
+
+
+def columns_for(manifest: dict) -> list[Column]:
+    """The column layout implied by a manifest's representation (same for both backends)."""
+    rep, C = manifest["representation"], manifest["num_classes"]
+    cols = [Column("sample_id", "int64", None), Column("view", "int32", None)]
+    if rep["kind"] == "dense":
+        cols.append(Column("logits", rep["dtype"], C))
+    else:
+        cols += [Column("topk_logits", rep["dtype"], rep["k"]),
+                 Column("topk_indices", rep.get("index_dtype") or index_dtype(C), rep["k"]),
+                 Column("logsumexp", "float32", None)]
+    feat = manifest.get("feature")
+    if feat:
+        cols.append(Column("feature", feat["dtype"], int(np.prod(feat["shape"]))))
+    return cols
+
+
+class SoftLabelWriter:
+    def __init__(self, uri: str, *, backend: str, num_classes: int, temperature: float,
+                 representation: str = "dense", k: int | None = None, dtype: str = "float16",
+                 num_views: int = 1, teacher: dict, data: dict, storage_options: dict | None = None,
+                 overwrite: bool = False, num_shards: int | None = None, feature: dict | None = None,
+                 compression: str = "none", extra: dict | None = None):
+        _check_choice("backend", backend, BACKENDS)
+        _check_choice("representation", representation, KINDS)
+        _check_choice("dtype", dtype, DTYPES)
+        _check_choice("compression", compression, COMPRESSIONS)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not isinstance(num_views, int) or num_views < 1:
+            raise ValueError(f"num_views must be an int >= 1, got {num_views!r}")
+        if representation == "topk":
+            if not isinstance(k, int) or not 1 <= k <= num_classes:
+                raise ValueError(f"representation='topk' needs an int k in [1, num_classes={num_classes}], got k={k!r}")
+        elif k is not None:
+            raise ValueError(f"k={k!r} is only meaningful with representation='topk'")
+        if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
+            raise ValueError(f"num_shards must be a positive int or None, got {num_shards!r}")
+        if feature is not None:
+            if not (isinstance(feature, dict) and {"name", "shape"} <= feature.keys()):
+                raise ValueError(f"feature must be a dict with 'name' and 'shape' (and optional 'dtype'), got {feature!r}")
+            feature = {"name": str(feature["name"]), "shape": [int(s) for s in feature["shape"]],
+                       "dtype": feature.get("dtype", dtype)}
+            _check_choice("feature dtype", feature["dtype"], DTYPES)
+        validate_lineage(teacher, data)
+
+        self.loc = Location(uri, storage_options)
+        self.uri = self.loc.uri
+        rep = {"kind": representation, "dtype": dtype, "k": k}
+        if representation == "topk":
+            rep["index_dtype"] = index_dtype(num_classes)
+        self._new = {
+            "format_version": FORMAT_VERSION, "backend": backend, "status": "partial",
+            "num_samples": None, "num_rows": None, "num_views": num_views, "num_classes": num_classes,
+            "temperature": float(temperature), "representation": rep, "feature": feature,
+            "teacher": dict(teacher), "data": dict(data), "num_shards": None,
+            "planned_shards": num_shards, "columns": {}, "layout": {}, "shards": [],
+            "created_at": now_iso(), "producer": producer(), "extra": dict(extra or {}),
+        }
+        self.columns = columns_for(self._new)
+        self._new["columns"] = {c.name: c.to_dict() for c in self.columns}
+        self._new["layout"] = {"compression": compression, "target_block_bytes": 16 << 20,
+                               "row_bytes": row_bytes(self.columns),
+                               "shard_files": f"shard-NNNNN-<sha256[:16]>{EXT[backend]}"}
+        self.compression = compression
+        self.manifest = self._open(overwrite)
+        self._finalized = False
+
+    # ------------------------------------------------------------------ open / resume
+
+    def _open(self, overwrite: bool) -> dict:
+        existing = None
+        if self.loc.exists(MANIFEST):
+            try:
+                existing = parse_manifest(self.loc.read_bytes(MANIFEST), self.uri)
+            except ManifestError:
+                if not overwrite:
+                    raise
+        if existing is not None and not overwrite:
+            diffs = diff_fields(existing, self._new, IDENTITY_FIELDS)
+            if diffs:
+                lines = [f"  {f}: stored {found!r}, this writer {want!r}" for f, want, found in diffs]
+                raise MismatchError(
+                    f"{self.uri} already holds soft labels from a different run:\n" + "\n".join(lines)
+                    + "\nPass overwrite=True to replace it, or write to another URI.")
+            return existing  # resume: keep created_at, committed shards, and a complete status
+        if existing is not None or self.loc.exists(COMMITS_DIR):
+            self._wipe()
+        self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self._new))
+        return dict(self._new)
+
+    def _wipe(self) -> None:
+        # Manifest first: a crash mid-wipe leaves "no dataset", never a complete manifest
+        # pointing at deleted shards.
+        self.loc.remove(MANIFEST)
+        for name in self.loc.listdir():
+            if name == COMMITS_DIR or name == TMP_DIR or name.startswith("shard-"):
+                self.loc.remove(name)
+
+    # ------------------------------------------------------------------ writing
+
+    def committed_shards(self) -> list[int]:
+        """Indices of shards already committed (safe to skip on resume)."""
+        return sorted(read_commits(self.loc))
+
+    def pending(self, indices: Iterable[int]) -> list[int]:
+        done = set(self.committed_shards())
+        return [i for i in indices if i not in done]
+
+    def write_shard(self, shard_index: int, sample_ids, logits, views=None, *, features=None) -> dict:
+        """Scale raw `logits` (n, C) by 1/T, encode, publish atomically, commit. Returns the commit record."""
+        cols = self._prepare(shard_index, sample_ids, logits, views, features, prescaled=False)
+        return self._write_columns(shard_index, cols)
+
+    def write_scaled_columns(self, shard_index: int, cols: dict[str, np.ndarray]) -> dict:
+        """Write already-stored columns verbatim (used by convert(): no re-scaling, bit-exact)."""
+        missing = [c.name for c in self.columns if c.name not in cols]
+        if missing:
+            raise InvalidLogitsError(f"shard {shard_index}: columns {missing} are missing")
+        return self._write_columns(shard_index, {c.name: cols[c.name] for c in self.columns})
+
+    def _prepare(self, shard_index, sample_ids, logits, views, features, prescaled) -> dict[str, np.ndarray]:
+        m = self._new
+        where = f"{self.uri} shard {shard_index}"
+        if not isinstance(shard_index, (int, np.integer)) or shard_index < 0:
+            raise ValueError(f"shard_index must be an int >= 0, got {shard_index!r}")
+        planned = self.manifest.get("planned_shards")
+        if planned is not None and shard_index >= planned:
+            raise ValueError(f"{where}: shard_index {shard_index} >= num_shards {planned}")
+        ids = np.asarray(sample_ids)
+        if ids.ndim != 1 or len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidLogitsError(f"{where}: sample_ids must be a non-empty 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        n, C = len(ids), m["num_classes"]
+        z = np.asarray(logits)
+        if z.shape != (n, C) or not np.issubdtype(z.dtype, np.floating):
+            raise InvalidLogitsError(f"{where}: logits must be float of shape ({n}, {C}) (rows = len(sample_ids), num_classes), got {z.shape} {z.dtype}")
+        if views is None:
+            if m["num_views"] != 1:
+                raise InvalidLogitsError(f"{where}: views are required when num_views={m['num_views']}")
+            v = np.zeros(n, np.int32)
+        else:
+            v = np.asarray(views)
+            if v.shape != (n,) or not np.issubdtype(v.dtype, np.integer):
+                raise InvalidLogitsError(f"{where}: views must be an integer array of shape ({n},), got {v.shape} {v.dtype}")
+            bad = np.flatnonzero((v < 0) | (v >= m["num_views"]))
+            if len(bad):
+                raise InvalidLogitsError(f"{where}: row {bad[0]} has view {v[bad[0]]}, outside [0, num_views={m['num_views']})")
+        _refuse_nonfinite(z, ids, v, where, "logits")
+        scaled = z.astype(np.float32) if prescaled else (z.astype(np.float64) / m["temperature"]).astype(np.float32)
+        rep = m["representation"]
+        cols: dict[str, np.ndarray] = {"sample_id": ids.astype(np.int64), "view": v.astype(np.int32)}
+        if rep["kind"] == "dense":
+            cols["logits"] = scaled.astype(rep["dtype"])
+            _refuse_nonfinite(cols["logits"], ids, v, where, f"logits/T (overflows {rep['dtype']})")
+        else:
+            vals, idx, lse = scaled_topk(scaled, rep["k"])
+            cols["topk_logits"] = vals.astype(rep["dtype"])
+            _refuse_nonfinite(cols["topk_logits"], ids, v, where, f"logits/T (overflows {rep['dtype']})")
+            cols["topk_indices"] = idx.astype(rep["index_dtype"])
+            cols["logsumexp"] = lse.astype(np.float32)
+        feat = m.get("feature")
+        if feat:
+            if features is None:
+                raise InvalidLogitsError(f"{where}: this dataset stores feature {feat['name']!r}; pass features=")
+            f = np.asarray(features)
+            if f.shape[0] != n or int(np.prod(f.shape[1:])) != int(np.prod(feat["shape"])):
+                raise InvalidLogitsError(f"{where}: features must have shape ({n}, {', '.join(map(str, feat['shape']))}), got {f.shape}")
+            f = f.reshape(n, -1)
+            _refuse_nonfinite(f, ids, v, where, "features")
+            cols["feature"] = f.astype(feat["dtype"])
+        elif features is not None:
+            raise InvalidLogitsError(f"{where}: features given but the writer was opened without feature=")
+        pairs = np.stack([cols["sample_id"], cols["view"].astype(np.int64)], axis=1)
+        uniq = np.unique(pairs, axis=0)
+        if len(uniq) != n:
+            raise CoverageError(f"{where}: duplicate (sample_id, view) rows within the shard")
+        return cols
+
+    def _write_columns(self, shard_index: int, cols: dict[str, np.ndarray]) -> dict:
+        backend = self.manifest["backend"]
+        encode = encode_parquet if backend == "parquet" else encode_zarr
+        objects = encode(cols, self.columns, self.compression)
+        sha = tree_sha256(objects)
+        existing = read_commits(self.loc).get(shard_index)
+        if existing is not None:
+            if existing["sha256"] == sha:
+                return existing  # idempotent retry of the same shard
+            raise SoftLabelError(
+                f"{self.uri}: shard {shard_index} is already committed with different content "
+                f"(sha256 {existing['sha256'][:16]}, new {sha[:16]}); skip committed_shards() on resume")
+        if self.manifest["status"] == "complete":
+            # Adding a shard to a complete dataset: it is no longer complete until finalize().
+            self.manifest = dict(self.manifest, status="partial")
+            self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self.manifest))
+        name = shard_filename(shard_index, sha, backend)
+        publish(self.loc, name, objects)
+        ids = cols["sample_id"]
+        record = {"index": int(shard_index), "path": name, "num_rows": int(len(ids)),
+                  "first_sample_id": int(ids[0]), "last_sample_id": int(ids[-1]),
+                  "sha256": sha, "bytes": int(sum(len(b) for b in objects.values())),
+                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids))}
+        write_commit(self.loc, record)
+        return record
+
+    # ------------------------------------------------------------------ finalize
+
+    def finalize(self) -> dict:
+        """Check that shards 0..n-1 cover every (sample_id, view) once; write the complete manifest."""
+        from .reader import read_id_columns  # reader imports writer helpers; avoid a cycle
+        commits = read_commits(self.loc)
+        if not commits:
+            raise IncompleteDatasetError(f"{self.uri}: no shard has been committed; nothing to finalize")
+        idx = sorted(commits)
+        planned = self.manifest.get("planned_shards")
+        expected = list(range(planned if planned is not None else idx[-1] + 1))
+        missing = sorted(set(expected) - set(idx))
+        if missing or len(idx) != len(expected):
+            raise IncompleteDatasetError(
+                f"{self.uri}: cannot finalize, shard(s) {missing[:20]} not committed "
+                f"({len(idx)} of {len(expected)} committed)")
+        shards = [{k: commits[i][k] for k in ("index", "path", "num_rows", "first_sample_id",
+                                             "last_sample_id", "sha256", "bytes", "rows_per_block")}
+                  for i in idx]
+        m = dict(self.manifest, shards=shards)
+        sids, views, shard_of = read_id_columns(self.loc, m, self.columns)
+        num_samples = check_coverage(sids, views, shard_of, m["num_views"], self.uri)
+        m.update(status="complete", num_shards=len(shards), num_samples=num_samples,
+                 num_rows=int(len(sids)), finalized_at=now_iso())
+        self.loc.write_bytes_atomic(MANIFEST, dump_manifest(m))
+        self.manifest = m
+        self._finalized = True
+        self._cleanup(m)
+        return m
+
+    def _cleanup(self, m: dict) -> None:
+        # Orphans: temp files of crashed writers, and shard files that lost a commit race.
+        keep = {s["path"] for s in m["shards"]}
+        self.loc.remove(TMP_DIR)
+        for name in self.loc.listdir():
+            if name.startswith("shard-") and name not in keep:
+                self.loc.remove(name)
+
+    def __enter__(self) -> "SoftLabelWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Finalize only on success; after an error the partial dataset stays resumable.
+        if exc_type is None and not self._finalized:
+            self.finalize()
+
+
+def check_coverage(sids: np.ndarray, views: np.ndarray, shard_of: np.ndarray, num_views: int, uri: str) -> int:
+    """Every (sample_id, view) exactly once and every sample has views 0..V-1. Returns #samples."""
+    order = np.lexsort((views, sids))
+    s, v, sh = sids[order], views[order], shard_of[order]
+    dup = np.flatnonzero((s[1:] == s[:-1]) & (v[1:] == v[:-1]))
+    if len(dup):
+        i = dup[0]
+        raise CoverageError(f"{uri}: (sample_id {s[i]}, view {v[i]}) appears more than once "
+                            f"(shards {sh[i]} and {sh[i + 1]}); {len(dup)} duplicate row(s) in all")
+    uniq, start, counts = np.unique(s, return_index=True, return_counts=True)
+    bad = np.flatnonzero(counts != num_views)
+    if len(bad):
+        sid = uniq[bad[0]]
+        have = v[start[bad[0]]:start[bad[0]] + counts[bad[0]]].tolist()
+        raise CoverageError(f"{uri}: sample_id {sid} has views {have}, expected all of 0..{num_views - 1}; "
+                            f"{len(bad)} sample(s) incomplete")
+    expected_views = np.tile(np.arange(num_views), len(uniq))
+    if not np.array_equal(v, expected_views):
+        i = int(np.flatnonzero(v != expected_views)[0])
+        raise CoverageError(f"{uri}: sample_id {s[i]} has view {v[i]} where view {expected_views[i]} was expected")
+    return int(len(uniq))
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _refuse_nonfinite(a: np.ndarray, ids: np.ndarray, views: np.ndarray, where: str, what: str) -> None:
+    if a.dtype.kind == "f":
+        finite = np.isfinite(a).reshape(len(a), -1).all(axis=1)
+        if not finite.all():
+            r = int(np.flatnonzero(~finite)[0])
+            row = a[r].reshape(-1)
+            kind = "NaN" if np.isnan(row).any() else "Inf"
+            raise InvalidLogitsError(
+                f"{where}: {what} row {r} (sample_id {int(ids[r])}, view {int(views[r])}) contains {kind}; "
+                f"{int((~finite).sum())} bad row(s) in this shard. Nothing was written.")

@@ -1,0 +1,204 @@
+"""Deterministic augmented views: pixels are a pure function of (spec, sample_id, view).
+
+The teacher labels view v of sample s once; months later the student regenerates
+EXACTLY the same pixels for (s, v) and trains on the stored soft label ("consistent
+teaching", Beyer et al. 2022; the TinyViT / FKD trick of storing augmentation params).
+
+Everything random comes from a counter-based hash (splitmix64) of
+(spec.seed, sample_id, view, stream, element index), computed with exact integer
+arithmetic in numpy. So a row's result never depends on the rest of the batch, its
+order, the process, the platform or the torch/numpy version's RNG streams.
+
+View 0 is ALWAYS the identity. For view > 0, in this order:
+  1. hflip      (if spec.hflip, with probability 1/2)
+  2. shift      by (dx, dy) uniform in [-shift, shift], zero fill; +dx moves content
+                right (larger column index), +dy moves content down (larger row index)
+  3. noise      additive, approximately N(0, noise_std^2), clipped to [0, 1]
+Images are (B, C, H, W). Tabular rows (B, D) only get noise, and are NOT clipped
+(features are not bounded to [0, 1]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VIEWS_VERSION = 1  # bump when the algorithm changes; part of every fingerprint
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+# independent hash streams per row
+_S_DX, _S_DY, _S_FLIP, _S_NOISE = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    shift: int = 0          # max translation in pixels (zero padded)
+    hflip: bool = False     # random horizontal flip
+    noise_std: float = 0.0  # additive noise std, on [0, 1] pixel scale
+    seed: int = 0           # augmentation seed, independent of any training seed
+
+    def __post_init__(self):
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
+            raise ValueError(f"ViewSpec.shift must be an int >= 0, found {self.shift!r}")
+        if not isinstance(self.hflip, bool):
+            raise ValueError(f"ViewSpec.hflip must be a bool, found {self.hflip!r}")
+        if (isinstance(self.noise_std, bool) or not isinstance(self.noise_std, (int, float))
+                or not math.isfinite(self.noise_std) or self.noise_std < 0):
+            raise ValueError(f"ViewSpec.noise_std must be a finite float >= 0, "
+                             f"found {self.noise_std!r}")
+        object.__setattr__(self, "noise_std", float(self.noise_std))
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                or not 0 <= self.seed < 2**63):
+            raise ValueError(f"ViewSpec.seed must be an int in [0, 2**63), found {self.seed!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.shift == 0 and not self.hflip and self.noise_std == 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ViewSpec: unknown key(s) {unknown}, expected some of {sorted(known)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"version": VIEWS_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- counter-based hash
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    # splitmix64 finaliser on uint64 arrays; numpy array ops wrap mod 2**64 silently
+    z = (z + _GOLDEN) & _M64
+    z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+    z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+    return z ^ (z >> np.uint64(31))
+
+
+def _u64(a: np.ndarray) -> np.ndarray:
+    # int64 -> uint64 by two's complement, so negative sample ids hash fine too
+    return np.ascontiguousarray(a, dtype=np.int64).view(np.uint64)
+
+
+def _row_keys(seed: int, sample_ids: np.ndarray, views: np.ndarray) -> np.ndarray:
+    # (B,) uint64 key per (seed, sample_id, view): chained hashing, no batch dependence
+    k = _splitmix64(np.full(sample_ids.shape, seed, dtype=np.uint64))
+    k = _splitmix64(k ^ _u64(sample_ids))
+    return _splitmix64(k ^ _u64(views))
+
+
+def _stream(keys: np.ndarray, stream: int) -> np.ndarray:
+    return _splitmix64(keys ^ _splitmix64(np.full(keys.shape, stream, dtype=np.uint64)))
+
+
+def _check_ids(sample_ids, views) -> tuple[np.ndarray, np.ndarray]:
+    sids = np.asarray(sample_ids.cpu() if torch.is_tensor(sample_ids) else sample_ids)
+    vws = np.asarray(views.cpu() if torch.is_tensor(views) else views)
+    if sids.ndim != 1 or not np.issubdtype(sids.dtype, np.integer):
+        raise ValueError(f"sample_ids must be a 1-D integer array, found shape {sids.shape} "
+                         f"dtype {sids.dtype}")
+    if vws.ndim == 0:
+        vws = np.full(sids.shape, int(vws))
+    if vws.shape != sids.shape or not np.issubdtype(vws.dtype, np.integer):
+        raise ValueError(f"views must be integers shaped like sample_ids {sids.shape}, "
+                         f"found shape {vws.shape} dtype {vws.dtype}")
+    if len(vws) and vws.min() < 0:
+        raise ValueError(f"views must be >= 0, found {int(vws.min())}")
+    return sids.astype(np.int64), vws.astype(np.int64)
+
+
+def view_params(spec: ViewSpec, sample_ids, views) -> dict[str, np.ndarray]:
+    """Per-row augmentation params, each (B,): dx, dy (int64), flip (bool), noise_key (uint64).
+
+    View-0 rows get the identity (0, 0, False, 0).
+    """
+    sids, vws = _check_ids(sample_ids, views)
+    keys = _row_keys(spec.seed, sids, vws)
+    aug = vws > 0
+    span = np.uint64(2 * spec.shift + 1)
+    # modulo bias is ~span / 2**64: irrelevant
+    dx = (_stream(keys, _S_DX) % span).astype(np.int64) - spec.shift
+    dy = (_stream(keys, _S_DY) % span).astype(np.int64) - spec.shift
+    flip = (_stream(keys, _S_FLIP) & np.uint64(1)).astype(bool) & spec.hflip
+    noise_key = _stream(keys, _S_NOISE)
+    return {"dx": np.where(aug, dx, 0), "dy": np.where(aug, dy, 0),
+            "flip": flip & aug,
+            "noise_key": np.where(aug & (spec.noise_std > 0), noise_key, np.uint64(0))}
+
+
+def _noise(noise_key: np.ndarray, n: int) -> np.ndarray:
+    """(B, n) float32 standard-ish normal noise, bit-exact everywhere.
+
+    Irwin-Hall: the sum of 12 uniforms minus 6 has mean 0 and variance 1 and is close
+    to N(0, 1) (bounded to +-6). Each uniform is a 16-bit slice of a hash, so the sum is
+    an exact integer and no transcendental (platform-dependent) math is involved.
+    """
+    idx = np.arange(n, dtype=np.uint64)[None, :] * np.uint64(3)        # (1, n)
+    total = np.zeros((len(noise_key), n), dtype=np.int64)
+    for j in range(3):                                                   # 3 hashes x 4 slices
+        h = _splitmix64(noise_key[:, None] ^ _splitmix64(idx + np.uint64(j)))  # (B, n)
+        for s in range(4):
+            total += ((h >> np.uint64(16 * s)) & np.uint64(0xFFFF)).astype(np.int64)
+    # u = (k + 0.5) / 65536 per slice -> sum(u) - 6 = (total + 6) / 65536 - 6, exact in f32
+    return ((total + 6).astype(np.float32) / np.float32(65536.0)) - np.float32(6.0)
+
+
+def _shift(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, s: int) -> torch.Tensor:
+    # x (B, C, H, W); out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], zero outside.
+    # Zero-pad by s then gather a shifted HxW window per row: a pure copy, bit-exact.
+    B, C, H, W = x.shape
+    xp = torch.nn.functional.pad(x, (s, s, s, s))                       # (B, C, H+2s, W+2s)
+    rows = torch.arange(H, device=x.device)[None, :] + s - dy[:, None]  # (B, H)
+    cols = torch.arange(W, device=x.device)[None, :] + s - dx[:, None]  # (B, W)
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    return xp[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def apply_views(x: torch.Tensor, sample_ids, views, spec: ViewSpec) -> torch.Tensor:
+    """Augment rows of x (B, C, H, W) or (B, D) as views `views` of samples `sample_ids`.
+
+    Returns a new tensor of the same shape; rows with view == 0 are returned unchanged.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating point tensor, found {type(x).__name__} "
+                         f"{getattr(x, 'dtype', '')}")
+    if x.ndim not in (2, 4):
+        raise ValueError(f"x must be (B, C, H, W) or (B, D), found shape {tuple(x.shape)}")
+    sids, vws = _check_ids(sample_ids, views)
+    if len(sids) != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows but {len(sids)} sample_ids")
+    if spec.is_identity or not (vws > 0).any():
+        return x.clone()
+    p = view_params(spec, sids, vws)
+    out = x
+    if x.ndim == 4:
+        if spec.hflip:
+            flip = torch.from_numpy(p["flip"]).to(x.device)[:, None, None, None]
+            out = torch.where(flip, out.flip(-1), out)
+        if spec.shift:
+            out = _shift(out, torch.from_numpy(p["dx"]).to(x.device),
+                         torch.from_numpy(p["dy"]).to(x.device), spec.shift)
+    if spec.noise_std > 0:
+        aug = vws > 0
+        z = np.zeros((len(sids), int(np.prod(x.shape[1:]))), np.float32)   # (B, C*H*W | D)
+        z[aug] = _noise(p["noise_key"][aug], z.shape[1]) * np.float32(spec.noise_std)
+        out = out + torch.from_numpy(z).view(x.shape).to(device=x.device, dtype=x.dtype)
+        if x.ndim == 4:
+            out = out.clamp(0.0, 1.0)
+    # view-0 rows: exactly the input (clamping or +0.0 could otherwise touch them)
+    keep = torch.from_numpy(vws == 0).to(x.device).view(-1, *([1] * (x.ndim - 1)))
+    return torch.where(keep, x, out)

@@ -88,9 +88,10 @@ def shard_sha256(loc: Location, name: str) -> str:
     return tree_sha256(read_objects(loc, name))
 
 
-def write_commit(loc: Location, record: dict) -> None:
+def write_commit(loc: Location, record: dict) -> dict:
     record = dict(record, committed_at=now_iso(), writer={"host": socket.gethostname(), "pid": os.getpid()})
     loc.write_bytes_atomic(commit_path(record["index"]), json.dumps(record, indent=1).encode())
+    return record
 
 
 def read_commits(loc: Location) -> dict[int, dict]:

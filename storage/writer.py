@@ -179,11 +179,13 @@ class SoftLabelWriter:
         rep = m["representation"]
         cols: dict[str, np.ndarray] = {"sample_id": ids.astype(np.int64), "view": v.astype(np.int32)}
         if rep["kind"] == "dense":
-            cols["logits"] = scaled.astype(rep["dtype"])
+            with np.errstate(over="ignore"):  # overflow is reported just below, with the row
+                cols["logits"] = scaled.astype(rep["dtype"])
             _refuse_nonfinite(cols["logits"], ids, v, where, f"logits/T (overflows {rep['dtype']})")
         else:
             vals, idx, lse = scaled_topk(scaled, rep["k"])
-            cols["topk_logits"] = vals.astype(rep["dtype"])
+            with np.errstate(over="ignore"):
+                cols["topk_logits"] = vals.astype(rep["dtype"])
             _refuse_nonfinite(cols["topk_logits"], ids, v, where, f"logits/T (overflows {rep['dtype']})")
             cols["topk_indices"] = idx.astype(rep["index_dtype"])
             cols["logsumexp"] = lse.astype(np.float32)
@@ -228,8 +230,7 @@ class SoftLabelWriter:
                   "first_sample_id": int(ids[0]), "last_sample_id": int(ids[-1]),
                   "sha256": sha, "bytes": int(sum(len(b) for b in objects.values())),
                   "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids))}
-        write_commit(self.loc, record)
-        return record
+        return write_commit(self.loc, record)
 
     # ------------------------------------------------------------------ finalize
 

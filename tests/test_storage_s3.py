@@ -1,0 +1,84 @@
+"""The same store through a real S3 API server (moto) on 127.0.0.1."""
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import s3fs
+
+from conftest import TEACHER, write_toy
+from storage import CorruptShardError, SoftLabelWriter, convert, open_soft_labels, verify
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.mark.parametrize("backend", ["parquet", "zarr"])
+@pytest.mark.parametrize("representation", ["dense", "topk"])
+def test_s3_round_trip(s3_server, s3_uri, backend, representation):
+    so = s3_server["storage_options"]
+    k = 3 if representation == "topk" else None
+    z = write_toy(s3_uri, backend=backend, representation=representation, k=k, n=150, views=2, shards=3,
+                  temperature=2.0, dtype="float32", storage_options=so)
+    ds = open_soft_labels(s3_uri, storage_options=so, verify=True,
+                          expect={"teacher.fingerprint": TEACHER["fingerprint"], "backend": backend})
+    got = ds.take([10, 149])
+    rows = [20, 21, 298, 299]
+    if representation == "dense":
+        np.testing.assert_allclose(got["logits"], z[rows] / 2.0, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(got["topk_logits"][:, 0], z[rows].max(1) / 2.0, rtol=1e-6)
+    seen = np.concatenate([b["sample_id"] * 2 + b["view"] for b in ds.iter_batches(64, seed=5)])
+    assert sorted(seen.tolist()) == list(range(300))
+    fs = s3fs.S3FileSystem(endpoint_url=so["endpoint_url"], key="testing", secret="testing")
+    listing = [p.rsplit("/", 1)[-1] for p in fs.ls(s3_uri)]
+    assert "manifest.json" in listing and "_tmp" not in listing
+
+
+def test_s3_resume_and_corruption(s3_server, s3_uri):
+    so = s3_server["storage_options"]
+    args = dict(backend="parquet", num_classes=5, temperature=1.0, teacher=TEACHER,
+                data={"name": "d", "split": "train", "fingerprint": "f", "transform": None}, storage_options=so)
+    w = SoftLabelWriter(s3_uri, num_shards=2, **args)
+    w.write_shard(0, [0, 1, 2], np.eye(3, 5, dtype=np.float32))
+    w2 = SoftLabelWriter(s3_uri, **args)                 # a second process would see the same
+    assert w2.committed_shards() == [0]
+    w2.write_shard(1, [3, 4], np.ones((2, 5), np.float32))
+    w2.finalize()
+    assert verify(s3_uri, storage_options=so).ok
+    fs = s3fs.S3FileSystem(endpoint_url=so["endpoint_url"], key="testing", secret="testing")
+    shard = open_soft_labels(s3_uri, storage_options=so).manifest["shards"][1]["path"]
+    data = bytearray(fs.cat_file(f"{s3_uri}/{shard}"))
+    data[len(data) // 3] ^= 0xFF
+    fs.pipe_file(f"{s3_uri}/{shard}", bytes(data))
+    report = verify(s3_uri, storage_options=so)
+    assert not report.ok and shard in report.problems[0]
+    with pytest.raises(CorruptShardError, match=shard):
+        open_soft_labels(s3_uri, storage_options=so, verify=True)
+
+
+def _child_sum(ds, q):
+    q.put(int(sum(int(b["sample_id"].sum()) for b in ds.iter_batches(16, worker=1, num_workers=2))))
+
+
+def test_forked_worker_reads_s3_after_parent_did(s3_server, s3_uri):
+    """A dataset used in the parent, then iterated in a forked child (as DataLoader workers are)."""
+    so = s3_server["storage_options"]
+    write_toy(s3_uri, backend="zarr", n=64, shards=2, storage_options=so)
+    ds = open_soft_labels(s3_uri, storage_options=so)
+    parent = sum(int(b["sample_id"].sum()) for b in ds.iter_batches(16, worker=0, num_workers=2))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_sum, args=(ds, q))
+    p.start()
+    child = q.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    assert parent + child == sum(range(64))
+
+
+def test_convert_local_to_s3(s3_server, s3_uri, tmp_path):
+    so = s3_server["storage_options"]
+    src = str(tmp_path / "src")
+    write_toy(src, backend="parquet", n=40, shards=2)
+    m = convert(src, s3_uri, backend="zarr", dst_storage_options=so)
+    assert m["backend"] == "zarr"
+    assert verify(s3_uri, storage_options=so).ok

@@ -43,7 +43,12 @@ class Column:
 
 
 def rows_per_block(row_bytes: int, num_rows: int) -> int:
-    return int(max(1, min(num_rows, max(MIN_BLOCK_ROWS, TARGET_BLOCK_BYTES // max(1, row_bytes)))))
+    """Rows per block: ~TARGET_BLOCK_BYTES, and blocks of equal size so that Zarr's last
+    chunk (always stored at full chunk size) wastes no space."""
+    target = max(MIN_BLOCK_ROWS, TARGET_BLOCK_BYTES // max(1, row_bytes))
+    num_rows = max(1, num_rows)
+    blocks = -(-num_rows // target)
+    return -(-num_rows // blocks)
 
 
 def row_bytes(columns: list[Column]) -> int:
@@ -168,13 +173,23 @@ def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: st
 
 
 class ZarrShard:
-    """Reads row ranges of one Zarr shard group."""
+    """Reads row ranges of one Zarr shard group.
 
-    def __init__(self, store, spec: list[Column]):
+    Fast path: a whole-chunk read of an uncompressed array (codecs == [bytes, little
+    endian], the default for logit columns) fetches the chunk object's bytes and views
+    them with numpy: one copy instead of zarr's two (file -> buffer -> output array),
+    which is what lifts Zarr streaming from ~0.45x to ~0.8x np.load here. The chunk
+    layout is fixed by the Zarr v3 spec (C order, little endian, edge chunks stored at
+    full size); a chunk never written means "all fill_value". Everything else goes
+    through zarr.
+    """
+
+    def __init__(self, store, spec: list[Column], raw_get=None):
         import zarr
         self.group = zarr.open_group(store, mode="r", zarr_format=3)
         self.spec = {c.name: c for c in spec}
         self.arrays = {}
+        self.raw_get = raw_get            # key -> bytes-like, or raises FileNotFoundError
         first = self.group[spec[0].name]
         self.num_rows = int(first.shape[0])
         self.chunk_rows = int(first.chunks[0])
@@ -183,10 +198,39 @@ class ZarrShard:
         n, b = self.num_rows, self.chunk_rows
         return [(s, min(n, s + b)) for s in range(0, n, b)]
 
+    def _array(self, name):
+        if name not in self.arrays:
+            arr = self.group[name]
+            self.arrays[name] = (arr, self.raw_get is not None and _plain_bytes(arr))
+        return self.arrays[name]
+
     def read(self, start: int, stop: int, columns: list[str]) -> dict[str, np.ndarray]:
         out = {}
         for name in columns:
-            if name not in self.arrays:
-                self.arrays[name] = self.group[name]
-            out[name] = self.arrays[name][start:stop]
+            arr, plain = self._array(name)
+            whole_chunk = start % self.chunk_rows == 0 and stop - start <= self.chunk_rows \
+                and (stop - start == self.chunk_rows or stop == self.num_rows)
+            if plain and whole_chunk:
+                out[name] = self._read_chunk(arr, name, start // self.chunk_rows)[: stop - start]
+            else:
+                out[name] = arr[start:stop]
         return out
+
+    def _read_chunk(self, arr, name: str, i: int) -> np.ndarray:
+        key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+        shape = arr.chunks
+        try:
+            data = self.raw_get(f"{name}/{key}")
+        except FileNotFoundError:  # zarr skips writing chunks that are all fill_value
+            return np.full(shape, arr.metadata.fill_value, dtype=arr.dtype)
+        return np.frombuffer(data, dtype=arr.dtype).reshape(shape)
+
+
+def _plain_bytes(arr) -> bool:
+    import sys
+
+    from zarr.codecs import BytesCodec
+    codecs = arr.metadata.codecs
+    return (sys.byteorder == "little" and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+            and (codecs[0].endian is None or getattr(codecs[0].endian, "value", codecs[0].endian) == "little")
+            and arr.metadata.chunk_key_encoding.separator == "/")

@@ -15,6 +15,8 @@ import shutil
 import socket
 import uuid
 
+import numpy as np
+
 from .errors import CorruptShardError, ManifestError
 from .fs import Location
 from .layout import Column, ParquetShard, ZarrShard, shard_basename, tree_sha256
@@ -118,9 +120,14 @@ def open_shard(loc: Location, name: str, backend: str, spec: list[Column]):
             src = loc.path(name) if loc.is_local else loc.fs.open(loc.path(name), "rb", block_size=8 << 20)
             return ParquetShard(src, spec)
         from zarr.storage import FsspecStore, LocalStore
-        store = LocalStore(loc.path(name), read_only=True) if loc.is_local else \
-            FsspecStore.from_url(loc.url(name), storage_options=loc.storage_options, read_only=True)
-        return ZarrShard(store, spec)
+        root = loc.path(name)
+        if loc.is_local:
+            store = LocalStore(root, read_only=True)
+            raw_get = lambda key: np.fromfile(os.path.join(root, key), dtype=np.uint8)  # noqa: E731
+        else:
+            store = FsspecStore.from_url(loc.url(name), storage_options=loc.storage_options, read_only=True)
+            raw_get = lambda key: loc.fs.cat_file(f"{root}/{key}")  # noqa: E731
+        return ZarrShard(store, spec, raw_get=raw_get)
     except FileNotFoundError:
         raise CorruptShardError(f"{loc.uri}: shard {name} is missing") from None
     except Exception as e:  # pyarrow/zarr raise many types for damaged files

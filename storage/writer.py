@@ -175,7 +175,8 @@ class SoftLabelWriter:
             if len(bad):
                 raise InvalidLogitsError(f"{where}: row {bad[0]} has view {v[bad[0]]}, outside [0, num_views={m['num_views']})")
         _refuse_nonfinite(z, ids, v, where, "logits")
-        scaled = z.astype(np.float32) if prescaled else (z.astype(np.float64) / m["temperature"]).astype(np.float32)
+        # float32 division is correctly rounded; the result is stored in float16/32 anyway
+        scaled = z.astype(np.float32, copy=False) if prescaled else z.astype(np.float32, copy=False) / np.float32(m["temperature"])
         rep = m["representation"]
         cols: dict[str, np.ndarray] = {"sample_id": ids.astype(np.int64), "view": v.astype(np.int32)}
         if rep["kind"] == "dense":
@@ -201,10 +202,12 @@ class SoftLabelWriter:
             cols["feature"] = f.astype(feat["dtype"])
         elif features is not None:
             raise InvalidLogitsError(f"{where}: features given but the writer was opened without feature=")
-        pairs = np.stack([cols["sample_id"], cols["view"].astype(np.int64)], axis=1)
-        uniq = np.unique(pairs, axis=0)
-        if len(uniq) != n:
-            raise CoverageError(f"{where}: duplicate (sample_id, view) rows within the shard")
+        order = np.lexsort((cols["view"], cols["sample_id"]))
+        s, vv = cols["sample_id"][order], cols["view"][order]
+        dup = np.flatnonzero((s[1:] == s[:-1]) & (vv[1:] == vv[:-1]))
+        if len(dup):
+            raise CoverageError(f"{where}: duplicate (sample_id, view) rows within the shard, "
+                                f"e.g. ({s[dup[0]]}, {vv[dup[0]]})")
         return cols
 
     def _write_columns(self, shard_index: int, cols: dict[str, np.ndarray]) -> dict:

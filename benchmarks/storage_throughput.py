@@ -1,0 +1,147 @@
+"""Storage throughput: write and streaming read of soft labels vs np.save / np.load.
+
+N rows x C classes, dense float16 and top-k (k=16), Parquet and Zarr. Every number is
+measured in this run, interleaved with its np.save/np.load baseline of the same arrays
+(machines are noisy; only the ratios are meant to be compared), median of --repeats.
+
+    python benchmarks/storage_throughput.py [--rows 100000] [--classes 1000] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from storage import SoftLabelWriter, open_soft_labels  # noqa: E402
+from storage.topk import index_dtype, scaled_topk  # noqa: E402
+
+TEACHER = {"name": "bench", "fingerprint": "sha256:bench"}
+DATA = {"name": "bench", "split": "all", "fingerprint": "sha256:bench", "transform": None}
+
+
+def logits(n: int, c: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((n, c), dtype=np.float32) * 2.0
+    z[np.arange(n), rng.integers(0, c, n)] += 10.0   # one confident class per row, like a trained teacher
+    return z
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+               if d.split(os.sep)[-1] != "_commits" and f != "manifest.json" and "_commits" not in d)
+
+
+def write(uri, backend, z, rep, k, shard_rows, T):
+    shutil.rmtree(uri, ignore_errors=True)
+    with SoftLabelWriter(uri, backend=backend, num_classes=z.shape[1], temperature=T, representation=rep, k=k,
+                         dtype="float16", teacher=TEACHER, data=DATA) as w:
+        for i, a in enumerate(range(0, len(z), shard_rows)):
+            w.write_shard(i, np.arange(a, min(a + shard_rows, len(z))), z[a:a + shard_rows])
+
+
+def stream(uri, batch_size, shuffle):
+    ds = open_soft_labels(uri)
+    rows = 0
+    for b in ds.iter_batches(batch_size, shuffle=shuffle, seed=0):
+        rows += len(b["sample_id"])
+    assert rows == len(ds), (rows, len(ds))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--shard-rows", type=int, default=25_000)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    a = ap.parse_args()
+    N, C, T = a.rows, a.classes, 4.0
+    root = a.dir or tempfile.mkdtemp(prefix="distillery-bench-")
+    os.makedirs(root, exist_ok=True)
+    z = logits(N, C)
+    dense = (z / T).astype(np.float16)                            # what the dense store holds
+    vals, idx, lse = scaled_topk(z / T, a.k)
+    topk = {"topk_logits": vals.astype(np.float16), "topk_indices": idx.astype(index_dtype(C)),
+            "logsumexp": lse.astype(np.float32), "sample_id": np.arange(N), "view": np.zeros(N, np.int32)}
+    dense_arrays = {"logits": dense, "sample_id": np.arange(N), "view": np.zeros(N, np.int32)}
+
+    def np_save(arrays, tag):
+        for name, arr in arrays.items():
+            np.save(os.path.join(root, f"{tag}-{name}.npy"), arr)
+
+    def np_load(arrays, tag):
+        for name in arrays:
+            np.load(os.path.join(root, f"{tag}-{name}.npy"))
+
+    results = []
+    print(f"rows={N} classes={C} k={a.k} shard_rows={a.shard_rows} batch={a.batch_size} repeats={a.repeats} "
+          f"(median of repeats; page cache warm for every reader)")
+    for rep, arrays in (("dense", dense_arrays), ("topk", topk)):
+        nbytes = sum(v.nbytes for v in arrays.values())
+        k = a.k if rep == "topk" else None
+        times = {key: [] for key in ("np.save", "np.load")}
+        for backend in ("parquet", "zarr"):
+            for key in ("write", "read", "read-shuffled"):
+                times[f"{backend}:{key}"] = []
+        # writes: every repeat rewrites from scratch (np.save too)
+        for _ in range(a.repeats):
+            times["np.save"].append(timed(lambda: np_save(arrays, rep)))
+            for backend in ("parquet", "zarr"):
+                uri = os.path.join(root, f"{rep}-{backend}")
+                times[f"{backend}:write"].append(timed(lambda: write(uri, backend, z, rep, k, a.shard_rows, T)))
+        # reads: steady state, as in epoch 2+ of training; one untimed pass of each first
+        # (the first pass in a process pays page faults for fresh memory, np.load too)
+        readers = {"np.load": lambda: np_load(arrays, rep)}
+        for backend in ("parquet", "zarr"):
+            uri = os.path.join(root, f"{rep}-{backend}")
+            readers[f"{backend}:read"] = lambda uri=uri: stream(uri, a.batch_size, False)
+            readers[f"{backend}:read-shuffled"] = lambda uri=uri: stream(uri, a.batch_size, True)
+        for fn in readers.values():
+            fn()
+        for _ in range(a.repeats):
+            for key, fn in readers.items():
+                times[key].append(timed(fn))
+        med = {key: statistics.median(v) for key, v in times.items()}
+        npy_bytes = sum(os.path.getsize(os.path.join(root, f"{rep}-{n}.npy")) for n in arrays)
+        print(f"\n== {rep}{f' (k={k})' if k else ''}: {nbytes / N:.1f} payload bytes/row, "
+              f"np.save {nbytes / med['np.save'] / 1e9:.2f} GB/s, np.load {nbytes / med['np.load'] / 1e9:.2f} GB/s")
+        print(f"{'backend':8s} {'write GB/s':>10s} {'x np.save':>9s} {'read GB/s':>10s} {'x np.load':>9s} "
+              f"{'shuffled':>9s} {'x np.load':>9s} {'rows/s read':>12s} {'bytes/row':>9s}")
+        for backend in ("parquet", "zarr"):
+            uri = os.path.join(root, f"{rep}-{backend}")
+            bpr = dir_bytes(uri) / N
+            w, r, rs = med[f"{backend}:write"], med[f"{backend}:read"], med[f"{backend}:read-shuffled"]
+            print(f"{backend:8s} {nbytes / w / 1e9:10.2f} {med['np.save'] / w:9.2f} {nbytes / r / 1e9:10.2f} "
+                  f"{med['np.load'] / r:9.2f} {nbytes / rs / 1e9:9.2f} {med['np.load'] / rs:9.2f} "
+                  f"{N / r:12,.0f} {bpr:9.1f}")
+            results.append((rep, backend, bpr, med["np.load"] / r))
+        print(f"{'npy':8s} {'':10s} {'':9s} {'':10s} {'':9s} {'':9s} {'':9s} {N / med['np.load']:12,.0f} "
+              f"{npy_bytes / N:9.1f}")
+    print()
+    for backend in ("parquet", "zarr"):
+        d = next(r for r in results if r[0] == "dense" and r[1] == backend)
+        t = next(r for r in results if r[0] == "topk" and r[1] == backend)
+        print(f"{backend}: dense float16 streaming read = {d[3]:.2f}x np.load (target >= 0.5x: "
+              f"{'met' if d[3] >= 0.5 else 'NOT met'}); top-k bytes/row = {100 * t[2] / d[2]:.1f}% of dense "
+              f"(target <= 5%: {'met' if t[2] / d[2] <= 0.05 else 'NOT met'})")
+    if a.dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

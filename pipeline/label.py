@@ -203,20 +203,18 @@ def _check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, n
                              f"this run's plan expects {want}; use the same shard_size, or overwrite=True")
 
 
-def label_dataset(model: nn.Module, inputs: ArrayDataset, uri: str, *, backend: str = "parquet",
-                  temperature: float, teacher: dict, data: dict | None = None, num_views: int = 1,
-                  view_spec: ViewSpec | None = None, shard_size: int = 2048, representation: str = "dense",
-                  k: int | None = None, dtype: str = "float16", batch_size: int = 512, device: str = "cpu",
-                  amp: str | None = None, feature_layer: str | None = None, storage_options: dict | None = None,
-                  overwrite: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
-    """Label every (sample, view) of `inputs` into a soft-label dataset at `uri` and finalize it.
+def open_label_writer(model: nn.Module, inputs: ArrayDataset, uri: str, *, backend: str = "parquet",
+                      temperature: float, teacher: dict, data: dict | None = None, num_views: int = 1,
+                      view_spec: ViewSpec | None = None, shard_size: int = 2048, representation: str = "dense",
+                      k: int | None = None, dtype: str = "float16", device: str = "cpu", amp: str | None = None,
+                      feature_layer: str | None = None, storage_options: dict | None = None,
+                      overwrite: bool = False, compression: str = "none"):
+    """Open (or resume) the writer for labelling `inputs` with `model`.
 
-    `data` defaults to {name, split, fingerprint, transform} of `inputs` and `view_spec`;
-    its "transform" must be view_spec.to_dict() (or None without views): the student
-    rebuilds the views from it. Committed shards are skipped. Returns
-    {uri, manifest, shards: [label_shard stats], skipped: [shard indices], seconds, samples_per_s}.
+    Returns (writer, plan, device, amp): `plan` = [(start, stop)] sample ranges, one per
+    shard; `amp` is None off CUDA. Used by label_dataset and by the per-shard Prefect
+    tasks, which each re-open the writer (same identity -> resume, never a wipe).
     """
-    t0 = time.perf_counter()
     if not isinstance(inputs, ArrayDataset):
         raise ValueError(f"inputs must be a pipeline.data.ArrayDataset, got {type(inputs).__name__}")
     transform = view_spec.to_dict() if view_spec is not None else None
@@ -244,9 +242,25 @@ def label_dataset(model: nn.Module, inputs: ArrayDataset, uri: str, *, backend: 
     writer = storage.SoftLabelWriter(
         uri, backend=backend, num_classes=num_classes, temperature=temperature, representation=representation,
         k=k, dtype=dtype, num_views=num_views, teacher=teacher, data=data, storage_options=storage_options,
-        overwrite=overwrite, num_shards=len(plan),
+        overwrite=overwrite, num_shards=len(plan), compression=compression,
         feature={"name": feature_layer, "shape": fshape} if feature_layer else None)
     _check_plan(writer, plan, inputs.sample_ids, num_views)
+    return writer, plan, dev, amp
+
+
+def label_dataset(model: nn.Module, inputs: ArrayDataset, uri: str, *, batch_size: int = 512,
+                  progress: Callable[[dict], None] | None = None, **kw) -> dict:
+    """Label every (sample, view) of `inputs` into a soft-label dataset at `uri` and finalize it.
+
+    Keyword arguments are those of open_label_writer (backend, temperature, teacher, data,
+    num_views, view_spec, shard_size, representation, k, dtype, device, amp, feature_layer,
+    storage_options, overwrite, compression). `data` defaults to {name, split,
+    fingerprint, transform} of `inputs` and `view_spec`. Committed shards are skipped.
+    Returns {uri, manifest, shards: [label_shard stats], skipped: [shard indices], seconds, samples_per_s}.
+    """
+    t0 = time.perf_counter()
+    writer, plan, dev, amp = open_label_writer(model, inputs, uri, **kw)
+    view_spec, num_views, feature_layer = kw.get("view_spec"), kw.get("num_views", 1), kw.get("feature_layer")
 
     done = set(writer.committed_shards())
     skipped = sorted(i for i in done if i < len(plan))

@@ -1,0 +1,144 @@
+"""`distill`: the command line. Each subcommand validates the config first (an unknown
+key or bad value exits 2 naming it), then runs a Prefect flow: on the server named by
+PREFECT_API_URL, or on Prefect's embedded temporary server when it is unset.
+
+    distill run CONFIG [key=value ...]          teacher -> labels -> students -> report
+    distill teacher train CONFIG [key=value ...]
+    distill label CONFIG [key=value ...] [--dask ADDRESS]
+    distill students CONFIG [key=value ...]
+    distill inspect URI [--verify]              manifest summary; exit 1 on any problem
+    distill serve CONFIG                        serve the flows with the config's cron schedules
+    distill deploy CONFIG --pool NAME           register deployments on a process work pool
+    distill worker --pool NAME                  start a process worker for that pool
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config values, e.g. label.temperature=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="distill", description="Offline knowledge distillation with stored soft labels.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _config_args(sub.add_parser("run", help="teacher -> soft labels -> students -> report"))
+    t = sub.add_parser("teacher", help="teacher commands")
+    tsub = t.add_subparsers(dest="teacher_cmd", required=True)
+    tt = tsub.add_parser("train", help="train (or fine-tune) the teacher checkpoint")
+    _config_args(tt)
+    tt.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
+    lab = sub.add_parser("label", help="label the transfer set with the teacher")
+    _config_args(lab)
+    lab.add_argument("--dask", metavar="ADDRESS", help="run shard tasks on this Dask scheduler")
+    _config_args(sub.add_parser("students", help="train the student sweep from stored soft labels"))
+    ins = sub.add_parser("inspect", help="summarise (and --verify) a soft-label dataset")
+    ins.add_argument("uri")
+    ins.add_argument("--verify", action="store_true", help="re-hash and check every shard")
+    ins.add_argument("--storage-option", action="append", default=[], metavar="key=value",
+                     help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    srv = sub.add_parser("serve", help="serve the flows as deployments with the config's cron schedules")
+    _config_args(srv)
+    dep = sub.add_parser("deploy", help="register deployments on a Prefect server's process work pool")
+    _config_args(dep)
+    dep.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
+    dep.add_argument("--source", default=None, help="project directory the worker runs from (default: this checkout)")
+    wk = sub.add_parser("worker", help="start a Prefect process worker (needs PREFECT_API_URL)")
+    wk.add_argument("--pool", required=True)
+    wk.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+    return ap
+
+
+def _print_report(report: dict) -> None:
+    from .report import report_table
+    print()
+    print(report_table(report))
+    print(f"\nreport: {report.get('path')}\nsoft labels: {report['soft_labels']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"distill: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.cmd == "inspect":
+        return _inspect(args)
+    if args.cmd == "worker":
+        cmd = ["prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        os.execvp(cmd[0], cmd)
+    cfg = load_config(args.config, args.overrides)     # validate before importing Prefect (slow)
+    if args.cmd == "serve":
+        from .deploy import serve
+        serve(args.config, args.overrides)
+        return 0
+    if args.cmd == "deploy":
+        from .deploy import deploy
+        for name, dep_id in deploy(args.config, args.overrides, pool=args.pool, source=args.source):
+            print(f"deployed {name} ({dep_id})")
+        return 0
+    from . import flows
+    t0 = time.perf_counter()
+    if args.cmd == "run":
+        report = flows.distill_flow(args.config, args.overrides)
+        _print_report(report)
+    elif args.cmd == "teacher":
+        t = flows.train_teacher_flow(args.config, args.overrides, retrain=args.retrain)
+        print(json.dumps(t, indent=2))
+    elif args.cmd == "label":
+        out = flows.label_flow(args.config, args.overrides, dask_address=args.dask)
+        print(f"{out['uri']}: {out['num_rows']} rows in {out['num_shards']} shards "
+              f"({out['labelled_shards']} labelled, {out['skipped_shards']} skipped), {out['samples_per_s']:.0f} samples/s")
+    elif args.cmd == "students":
+        _print_report(flows.students_flow(args.config, args.overrides))
+    print(f"[{cfg.name}] {args.cmd} finished in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _inspect(args) -> int:
+    from storage import SoftLabelError
+
+    from .config import apply_override
+    from .recipes import inspect
+    so: dict = {}
+    for item in args.storage_option:
+        apply_override(so, item)
+    try:
+        summary, report = inspect(args.uri, verify=args.verify, storage_options=so or None)
+    except (SoftLabelError, OSError) as e:
+        print(f"distill inspect: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"manifest": summary, "problems": report.problems if report else None}, indent=2))
+    else:
+        rep = summary["representation"]
+        print(f"{summary['uri']}\n  status {summary['status']}, backend {summary['backend']}, "
+              f"{summary['num_shards']} shards, {summary['bytes'] / 2**20:.2f} MiB\n"
+              f"  {summary['num_samples']} samples x {summary['num_views']} views = {summary['num_rows']} rows, "
+              f"{summary['num_classes']} classes, T={summary['temperature']}, "
+              f"{rep['kind']}{'' if rep['k'] is None else ' k=' + str(rep['k'])} {rep['dtype']}\n"
+              f"  teacher {summary['teacher'].get('name')} {summary['teacher'].get('fingerprint')}\n"
+              f"  data {summary['data']}")
+        if report is not None:
+            print(str(report))
+    bad = summary["status"] != "complete" or (report is not None and not report.ok)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The run configuration: YAML validated by pydantic. Config is data, not a program.
+
+Every section rejects unknown keys, naming them; `key.path=value` overrides from the
+command line are applied to the YAML before validation, so they are checked the same way.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    dataset: str = "mnist5k"                      # mnist5k | digits | path/to/file.npz | .parquet
+    sizes: dict[str, int] | None = None           # e.g. {train: 3500, val: 500, test: 1000}
+    fractions: dict[str, float] | None = None     # or {train: 0.8, val: 0.1, test: 0.1}
+    seed: int = 0
+    label_split: str = "train"                    # the split the teacher labels (may be unlabeled)
+    loader: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for npz/parquet loaders
+
+    @model_validator(mode="after")
+    def _one_split_definition(self):
+        if self.sizes and self.fractions:
+            raise ValueError("give either sizes or fractions, not both")
+        if not self.sizes and not self.fractions:
+            self.fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+        names = set((self.sizes or self.fractions or {}).keys())
+        if self.label_split not in names:
+            raise ValueError(f"label_split {self.label_split!r} is not one of the splits {sorted(names)}")
+        return self
+
+
+class ViewsConfig(Section):
+    num_views: int = Field(1, ge=1)               # stored views per sample (view 0 = un-augmented)
+    shift: int = Field(0, ge=0)                   # max pixel translation
+    hflip: bool = False
+    noise_std: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+class TrainSection(Section):
+    """Mirrors pipeline.train.TrainConfig (paths are filled in by the flows)."""
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    loss: Literal["kd", "soft_ce", "mse", "topk_kl"] = "kd"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    patience: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    eval_every: int = Field(1, ge=1)
+
+
+class ModelConfig(Section):
+    name: str | None = None                       # display name; default derived from arch/kwargs
+    arch: str                                     # mlp | cnn | resnet | package.module:factory
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        tail = "-".join(f"{k}{v}" for k, v in sorted(self.kwargs.items()) if not isinstance(v, (dict, list)))
+        return f"{self.arch.split(':')[-1]}{'-' + tail if tail else ''}"
+
+
+class TeacherConfig(Section):
+    checkpoint: str | None = None                 # use this checkpoint; skip training
+    model: ModelConfig = ModelConfig(arch="cnn", kwargs={"channels": [32, 64]})
+    train: TrainSection = TrainSection(epochs=5, lr=2e-3)
+    finetune_from: str | None = None              # transfer learning: start from this checkpoint
+    freeze: list[str] = Field(default_factory=list)  # parameter-name prefixes frozen when fine-tuning
+
+
+class RunnerConfig(Section):
+    kind: Literal["thread", "dask"] = "thread"
+    max_workers: int = Field(2, ge=1)             # ThreadPoolTaskRunner bound
+    dask_address: str | None = None               # scheduler address, e.g. tcp://127.0.0.1:8786
+
+
+class LabelConfig(Section):
+    uri: str | None = None                        # default: $DISTILL_STORAGE_ROOT/<name>/soft_labels or runs/<name>/soft_labels
+    backend: Literal["parquet", "zarr"] = "parquet"
+    temperature: float = Field(4.0, gt=0)
+    representation: Literal["dense", "topk"] = "dense"
+    k: int | None = Field(None, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    compression: Literal["none", "lz4", "zstd"] = "none"
+    shard_size: int = Field(1000, ge=1)           # samples per shard (each with all its views)
+    batch_size: int = Field(512, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    amp: Literal["bf16", "fp16"] | None = None
+    feature_layer: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    overwrite: bool = False
+    retries: int = Field(2, ge=0)                 # per-shard retries on I/O errors
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _k_with_topk(self):
+        if self.representation == "topk" and self.k is None:
+            raise ValueError("representation 'topk' needs k")
+        return self
+
+
+class StudentsConfig(Section):
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(arch="mlp", kwargs={"width": 32, "depth": 1})])
+    temperatures: list[float] = Field(default_factory=lambda: [4.0])
+    alphas: list[float] = Field(default_factory=lambda: [0.5])
+    losses: list[Literal["kd", "soft_ce", "mse", "topk_kl"]] = Field(default_factory=lambda: ["kd"])
+    baseline: bool = True                         # also train each architecture on hard labels
+    train: TrainSection = TrainSection()
+    max_parallel: int = Field(1, ge=1)
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive(cls, v):
+        if not v or any(t <= 0 for t in v):
+            raise ValueError("temperatures must be a non-empty list of numbers > 0")
+        return v
+
+    @field_validator("alphas")
+    @classmethod
+    def _unit(cls, v):
+        if not v or any(not 0 <= a <= 1 for a in v):
+            raise ValueError("alphas must be a non-empty list of numbers in [0, 1]")
+        return v
+
+
+class ScheduleConfig(Section):
+    """Cron strings for `distill serve` / `distill deploy` (None: no schedule)."""
+    run: str | None = None
+    label: str | None = None
+    students: str | None = None
+    timezone: str = "UTC"
+
+
+class Config(Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    runs_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    views: ViewsConfig = ViewsConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    label: LabelConfig = LabelConfig()
+    students: StudentsConfig = StudentsConfig()
+    schedules: ScheduleConfig = ScheduleConfig()
+
+    # ---- derived locations (environment decides where a deployment writes)
+    def run_dir(self) -> Path:
+        return Path(os.environ.get("DISTILL_RUNS_DIR") or self.runs_dir) / self.name
+
+    def teacher_path(self) -> str:
+        return self.teacher.checkpoint or str(self.run_dir() / "teacher.pt")
+
+    def soft_label_uri(self) -> str:
+        if self.label.uri:
+            return self.label.uri
+        root = os.environ.get("DISTILL_STORAGE_ROOT")
+        if root:
+            return f"{root.rstrip('/')}/{self.name}/soft_labels"
+        return str(self.run_dir() / "soft_labels")
+
+
+def apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    cur = raw
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc or '(top level)'}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, overrides: list[str] | None = None, *, source: str = "<config>") -> Config:
+    raw = dict(raw or {})
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {source}:\n{_format(e)}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    return parse_config(raw, overrides, source=str(p))

@@ -1,0 +1,190 @@
+"""Prefect flows: thin wiring of flows.recipes. Tasks take the config as a JSON dict plus
+URIs and small metadata; every tensor stays inside a task.
+
+    train-teacher  -> runs/<name>/teacher.pt
+    label          -> soft-label dataset (one task per shard, mapped; resumable)
+    students       -> N students from ONE soft-label dataset + baselines; report.json
+    distill        -> all of the above, end to end
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from . import recipes
+from .config import Config, load_config, parse_config
+from .report import chart_markdown, report_rows
+
+IO_ERRORS = (OSError, TimeoutError, ConnectionError)
+
+
+def _retry_on_io(task, task_run, state) -> bool:
+    """Retry transient I/O failures only; bad data or config fails at once."""
+    try:
+        state.result()
+    except IO_ERRORS:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _key(cfg: Config, what: str) -> str:
+    # artifact keys: lowercase letters, digits and dashes only
+    return f"{cfg.name.replace('_', '-')}-{what}"
+
+
+def make_task_runner(cfg: Config, dask_address: str | None = None):
+    r = cfg.label.runner
+    address = dask_address or (r.dask_address if r.kind == "dask" else None)
+    if address or r.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+        return DaskTaskRunner(address=address) if address else \
+            DaskTaskRunner(cluster_kwargs={"n_workers": r.max_workers, "threads_per_worker": 1})
+    return ThreadPoolTaskRunner(max_workers=r.max_workers)
+
+
+def _load(config: dict | str, overrides: list[str] | None) -> Config:
+    return load_config(config, overrides) if isinstance(config, str) else parse_config(config, overrides)
+
+
+# ------------------------------------------------------------------ tasks
+
+@task(name="train-teacher", retries=1, retry_condition_fn=_retry_on_io)
+def train_teacher_task(config: dict, retrain: bool = False) -> dict:
+    return recipes.ensure_teacher(recipes.as_config(config), retrain=retrain)
+
+
+@task(name="plan-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_retry_on_io)
+def plan_labels_task(config: dict, teacher: dict) -> dict:
+    return recipes.plan_labels(recipes.as_config(config), teacher)
+
+
+@task(name="label-shard", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_retry_on_io,
+      task_run_name="label-shard-{shard}")
+def label_shard_task(config: dict, teacher: dict, shard: int, start: int, stop: int) -> dict:
+    return recipes.label_one_shard(recipes.as_config(config), teacher, shard, start, stop)
+
+
+@task(name="finalize-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_retry_on_io)
+def finalize_labels_task(config: dict, teacher: dict) -> dict:
+    return recipes.finalize_labels(recipes.as_config(config), teacher)
+
+
+@task(name="train-student", retries=1, retry_condition_fn=_retry_on_io, task_run_name="student-{run[name]}")
+def train_student_task(config: dict, teacher: dict, soft_label_uri: str, run: dict) -> dict:
+    return recipes.train_student(recipes.as_config(config), teacher, soft_label_uri, run)
+
+
+@task(name="report")
+def report_task(config: dict, teacher: dict, soft_label_uri: str, results: list[dict]) -> dict:
+    return recipes.build_report(recipes.as_config(config), teacher, soft_label_uri, results)
+
+
+# ------------------------------------------------------------------ flows
+
+@flow(name="train-teacher", log_prints=True)
+def train_teacher_flow(config: dict | str, overrides: list[str] | None = None, retrain: bool = False) -> dict:
+    cfg = _load(config, overrides)
+    t = train_teacher_task(cfg.model_dump(mode="json"), retrain)
+    get_run_logger().info("teacher %s at %s", t["fingerprint"][:19], t["checkpoint"])
+    return t
+
+
+def _resolve_teacher(cfg: Config) -> dict:
+    path = cfg.teacher_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no teacher checkpoint at {path}: run `distill teacher train` first "
+                                f"or set teacher.checkpoint")
+    return recipes.teacher_info(path)
+
+
+@flow(name="label", log_prints=True)
+def label_flow(config: dict | str, overrides: list[str] | None = None, dask_address: str | None = None) -> dict:
+    """Teacher inference into a soft-label dataset; one task per pending shard."""
+    cfg = _load(config, overrides)
+    raw = cfg.model_dump(mode="json")
+    teacher = _resolve_teacher(cfg)
+    runner = make_task_runner(cfg, dask_address)
+    return _label_shards.with_options(task_runner=runner)(raw, teacher)
+
+
+@flow(name="label-shards")
+def _label_shards(config: dict, teacher: dict) -> dict:
+    log = get_run_logger()
+    cfg = recipes.as_config(config)
+    t0 = time.perf_counter()
+    plan = plan_labels_task(config, teacher)
+    pending = plan["pending"]
+    log.info("%s: %d shard(s), %d committed, %d to label", plan["uri"], plan["num_shards"],
+             len(plan["committed"]), len(pending))
+    progress_id = create_progress_artifact(progress=100.0 * len(plan["committed"]) / plan["num_shards"],
+                                           key=_key(cfg, "label-progress"),
+                                           description=f"Labelling {plan['uri']}")
+    rows = []
+    if pending:
+        futures = label_shard_task.map(unmapped(config), unmapped(teacher), [p["shard"] for p in pending],
+                                       [p["start"] for p in pending], [p["stop"] for p in pending])
+        done = len(plan["committed"])
+        for fut in as_completed(futures):
+            s = fut.result()
+            done += 1
+            rows.append(s)
+            update_progress_artifact(progress_id, progress=100.0 * done / plan["num_shards"])
+            log.info("shard %d: %d rows, %.0f samples/s", s["shard"], s["rows"], s["samples_per_s"])
+    summary = finalize_labels_task(config, teacher)
+    dt = time.perf_counter() - t0
+    labelled = sum(r["samples"] for r in rows)
+    table = [{"shard": r["shard"], "rows": r["rows"], "samples": r["samples"], "seconds": round(r["seconds"], 3),
+              "samples_per_s": round(r["samples_per_s"], 1), "sha256": r.get("sha256", "")[:16]}
+             for r in sorted(rows, key=lambda r: r["shard"])]
+    table.append({"shard": "total", "rows": sum(r["rows"] for r in rows), "samples": labelled,
+                  "seconds": round(dt, 3), "samples_per_s": round(labelled / dt, 1) if dt else 0.0,
+                  "sha256": f"skipped {len(plan['committed'])}"})
+    create_table_artifact(table=table, key=_key(cfg, "label-shards"),
+                          description=f"Per-shard labelling of {summary['uri']}")
+    return summary | {"labelled_shards": len(rows), "skipped_shards": len(plan["committed"]),
+                      "seconds": dt, "samples_per_s": labelled / dt if dt else 0.0}
+
+
+@flow(name="students", log_prints=True)
+def students_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
+    """Train the student sweep from ONE soft-label dataset, plus baselines; write the report."""
+    cfg = _load(config, overrides)
+    raw = cfg.model_dump(mode="json")
+    teacher = _resolve_teacher(cfg)
+    uri = cfg.soft_label_uri()
+    runs = recipes.student_runs(cfg)
+    runner = ThreadPoolTaskRunner(max_workers=cfg.students.max_parallel)
+    return _student_sweep.with_options(task_runner=runner)(raw, teacher, uri, runs)
+
+
+@flow(name="student-sweep")
+def _student_sweep(config: dict, teacher: dict, uri: str, runs: list[dict]) -> dict:
+    cfg = recipes.as_config(config)
+    futures = train_student_task.map(unmapped(config), unmapped(teacher), unmapped(uri), runs)
+    results = [f.result() for f in futures]
+    report = report_task(config, teacher, uri, results)
+    create_table_artifact(table=report_rows(report), key=_key(cfg, "students"),
+                          description=f"Students of {cfg.name} distilled from {uri}")
+    create_markdown_artifact(markdown=chart_markdown(report), key=_key(cfg, "students-chart"),
+                             description="Accuracy vs size")
+    return report
+
+
+@flow(name="distill", log_prints=True)
+def distill_flow(config: dict | str, overrides: list[str] | None = None, dask_address: str | None = None) -> dict:
+    """End to end: teacher (unless a checkpoint is given), labels, students, report."""
+    cfg = _load(config, overrides)
+    raw = cfg.model_dump(mode="json")
+    teacher = train_teacher_task(raw)
+    labels = label_flow(raw, dask_address=dask_address)
+    report = students_flow(raw)
+    report["label"] = labels
+    return report

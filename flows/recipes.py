@@ -1,0 +1,234 @@
+"""Recipes: config -> pipeline/storage calls. Plain functions (no Prefect), so each task
+body is one call here and can be tested on its own. Everything passed in or out is a
+config dict, a path/URI or small JSON metadata, never a tensor.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import storage
+from pipeline.checkpoint import load_model
+from pipeline.data import ArrayDataset, load_dataset, split_dataset
+from pipeline.evaluate import agreement, evaluate, predict_logits
+from pipeline.label import label_shard, open_label_writer
+from pipeline.models import build_model
+from pipeline.teacher import finetune, train_teacher
+from pipeline.train import TrainConfig, train
+from pipeline.views import ViewSpec
+
+from .config import Config, TrainSection, parse_config
+
+
+def as_config(cfg: Config | dict) -> Config:
+    return cfg if isinstance(cfg, Config) else parse_config(cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _splits(data_json: str) -> dict[str, ArrayDataset]:
+    d = json.loads(data_json)
+    ds = load_dataset(d["dataset"], **d["loader"])
+    return split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
+
+
+def splits(cfg: Config) -> dict[str, ArrayDataset]:
+    """Deterministic splits from the config (cached per process: tasks share threads)."""
+    return _splits(cfg.data.model_dump_json())
+
+
+def view_spec(cfg: Config) -> ViewSpec | None:
+    v = cfg.views
+    if v.num_views == 1 and not (v.shift or v.hflip or v.noise_std):
+        return None
+    return ViewSpec(shift=v.shift, hflip=v.hflip, noise_std=v.noise_std, seed=v.seed)
+
+
+def train_config(section: TrainSection, **paths) -> TrainConfig:
+    return TrainConfig(**section.model_dump(), **paths)
+
+
+def eval_split(cfg: Config) -> ArrayDataset:
+    s = splits(cfg)
+    return s.get("test") or s.get("val") or next(iter(s.values()))
+
+
+# ------------------------------------------------------------------ teacher
+
+def teacher_info(path: str) -> dict:
+    """The manifest's `teacher` entry for a checkpoint: name, fingerprint, arch, path."""
+    model, meta = load_model(path)
+    return {"name": meta.get("name") or Path(path).stem, "fingerprint": meta["fingerprint"],
+            "checkpoint": str(path)}
+
+
+def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
+    """Train (or fine-tune) the teacher unless a checkpoint already exists. Returns teacher_info."""
+    path = cfg.teacher_path()
+    if os.path.exists(path) and not retrain:
+        return teacher_info(path)
+    if cfg.teacher.checkpoint:
+        raise FileNotFoundError(f"teacher.checkpoint {cfg.teacher.checkpoint!r} does not exist")
+    s = splits(cfg)
+    train_set = s["train"] if s["train"].y is not None else None
+    if train_set is None:
+        raise ValueError("teacher training needs a labeled 'train' split")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tcfg = train_config(cfg.teacher.train, log_path=str(Path(path).with_suffix(".jsonl")))
+    meta = {"name": cfg.teacher.model.display_name()}
+    if cfg.teacher.finetune_from:
+        finetune(cfg.teacher.finetune_from, train_set, s.get("val"), cfg=tcfg, out_path=path,
+                 freeze=cfg.teacher.freeze, view_spec=view_spec(cfg), resume=True, metadata=meta)
+    else:
+        train_teacher(cfg.teacher.model.model_dump(include={"arch", "kwargs"}), train_set, s.get("val"),
+                      cfg=tcfg, out_path=path, view_spec=view_spec(cfg), resume=True, metadata=meta)
+    return teacher_info(path)
+
+
+# ------------------------------------------------------------------ labelling
+
+def _writer(cfg: Config, teacher: dict, *, overwrite: bool = False):
+    model, _ = load_model(teacher["checkpoint"])
+    inputs = splits(cfg)[cfg.data.label_split]
+    lc = cfg.label
+    writer, plan, dev, amp = open_label_writer(
+        model, inputs, cfg.soft_label_uri(), backend=lc.backend, temperature=lc.temperature, teacher=teacher,
+        num_views=cfg.views.num_views, view_spec=view_spec(cfg), shard_size=lc.shard_size,
+        representation=lc.representation, k=lc.k, dtype=lc.dtype, device=lc.device, amp=lc.amp,
+        feature_layer=lc.feature_layer, storage_options=lc.storage_options or None, overwrite=overwrite,
+        compression=lc.compression)
+    return model, inputs, writer, plan, dev, amp
+
+
+def plan_labels(cfg: Config, teacher: dict) -> dict:
+    """Open the dataset (resume or create) and list the shards still to label."""
+    _, _, writer, plan, _, _ = _writer(cfg, teacher, overwrite=cfg.label.overwrite)
+    done = set(writer.committed_shards())
+    return {"uri": writer.uri, "num_shards": len(plan), "status": writer.manifest["status"],
+            "pending": [{"shard": i, "start": a, "stop": b} for i, (a, b) in enumerate(plan) if i not in done],
+            "committed": sorted(done)}
+
+
+def label_one_shard(cfg: Config, teacher: dict, shard: int, start: int, stop: int) -> dict:
+    model, inputs, writer, plan, dev, amp = _writer(cfg, teacher)
+    if shard in set(writer.committed_shards()):  # a retry or a concurrent run got there first
+        return {"shard": shard, "rows": 0, "samples": 0, "seconds": 0.0, "samples_per_s": 0.0, "skipped": True}
+    s = label_shard(model, inputs, writer, shard, start=start, stop=stop, view_spec=view_spec(cfg),
+                    num_views=cfg.views.num_views, batch_size=cfg.label.batch_size, device=str(dev), amp=amp,
+                    feature_layer=cfg.label.feature_layer)
+    return {k: v for k, v in s.items() if k != "record"} | {"sha256": s["record"]["sha256"], "skipped": False}
+
+
+def finalize_labels(cfg: Config, teacher: dict) -> dict:
+    _, _, writer, _, _, _ = _writer(cfg, teacher)
+    m = writer.manifest if writer.manifest["status"] == "complete" and \
+        len(writer.committed_shards()) == writer.manifest.get("num_shards") else writer.finalize()
+    return summarize(m, writer.uri)
+
+
+def summarize(m: dict, uri: str) -> dict:
+    return {"uri": uri, "status": m["status"], "backend": m["backend"], "num_samples": m["num_samples"],
+            "num_rows": m["num_rows"], "num_views": m["num_views"], "num_classes": m["num_classes"],
+            "temperature": m["temperature"], "representation": m["representation"],
+            "num_shards": m.get("num_shards"), "bytes": sum(s.get("bytes", 0) for s in m.get("shards", [])),
+            "teacher": m["teacher"], "data": {k: m["data"].get(k) for k in ("name", "fingerprint", "transform")}}
+
+
+# ------------------------------------------------------------------ students
+
+def student_runs(cfg: Config) -> list[dict]:
+    """The sweep: models x temperatures x alphas x losses, plus one hard-label baseline per model."""
+    runs = []
+    sc = cfg.students
+    for m in sc.models:
+        base = m.display_name()
+        if sc.baseline:
+            runs.append({"name": f"{base}-baseline", "model": m.model_dump(), "mode": "hard", "arch_name": base})
+        for T in sc.temperatures:
+            for a in sc.alphas:
+                for loss in sc.losses:
+                    runs.append({"name": f"{base}-T{T:g}-a{a:g}-{loss}", "model": m.model_dump(), "mode": "stored",
+                                 "temperature": T, "alpha": a, "loss": loss, "arch_name": base})
+    names = [r["name"] for r in runs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"students: duplicate run names {sorted(dup)}; give the models distinct `name`s")
+    return runs
+
+
+def teacher_eval_logits(cfg: Config, teacher: dict):
+    model, _ = load_model(teacher["checkpoint"])
+    return model, predict_logits(model, eval_split(cfg).x)
+
+
+def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) -> dict:
+    import torch
+    s = splits(cfg)
+    out = cfg.run_dir() / "students"
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = {k: run[k] for k in ("temperature", "alpha", "loss") if k in run}
+    tcfg = train_config(cfg.students.train.model_copy(update=overrides),
+                        log_path=str(out / f"{run['name']}.jsonl"), ckpt_path=str(out / f"{run['name']}.train.pt"))
+    torch.manual_seed(tcfg.seed)
+    train_set = s[cfg.data.label_split]
+    model = build_model({"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
+                        in_shape=train_set.in_shape, num_classes=train_set.num_classes or s["train"].num_classes)
+    t0 = time.perf_counter()
+    if run["mode"] == "hard":
+        result = train(model, tcfg, mode="hard", train_data=s["train"], val_data=s.get("val"),
+                       view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True)
+    else:
+        result = train(model, tcfg, mode="stored", train_data=train_set, val_data=s.get("val"),
+                       soft_labels=soft_label_uri, storage_options=cfg.label.storage_options or None,
+                       expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True)
+    seconds = time.perf_counter() - t0
+    from pipeline.checkpoint import save_checkpoint
+    ckpt = str(out / f"{run['name']}.pt")
+    save_checkpoint(ckpt, model, arch={"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
+                    in_shape=train_set.in_shape, num_classes=model.head.out_features if hasattr(model, "head") else 10,
+                    metadata={"role": "student", "run": run, "soft_labels": soft_label_uri,
+                              "teacher": teacher, "train": result.get("best_val_acc")})
+    _, t_logits = teacher_eval_logits(cfg, teacher)
+    ev = evaluate(model, eval_split(cfg), teacher_logits=t_logits)
+    return {"name": run["name"], "arch_name": run["arch_name"], "mode": run["mode"],
+            "temperature": run.get("temperature"), "alpha": run.get("alpha"), "loss": run.get("loss"),
+            "accuracy": ev["accuracy"], "agreement": ev["agreement"], "ece": ev["ece"], "params": ev["params"],
+            "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "checkpoint": ckpt,
+            "best_val_acc": result.get("best_val_acc"), "epochs_run": result.get("epochs_run"),
+            "train_seconds": seconds}
+
+
+def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[dict]) -> dict:
+    """report.json: teacher and each student (with its architecture's baseline accuracy)."""
+    model, _ = load_model(teacher["checkpoint"])
+    ev = evaluate(model, eval_split(cfg))
+    baselines = {r["arch_name"]: r["accuracy"] for r in results if r["mode"] == "hard"}
+    students = []
+    for r in results:
+        entry = {k: r[k] for k in ("name", "accuracy", "agreement", "params", "size_bytes", "latency_ms",
+                                   "checkpoint", "mode", "temperature", "alpha", "loss", "ece")}
+        entry["baseline_accuracy"] = baselines.get(r["arch_name"])
+        students.append(entry)
+    report = {"name": cfg.name, "eval_split": "test" if "test" in splits(cfg) else "val",
+              "teacher": {"name": teacher["name"], "accuracy": ev["accuracy"], "params": ev["params"],
+                          "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "ece": ev["ece"],
+                          "fingerprint": teacher["fingerprint"], "checkpoint": teacher["checkpoint"]},
+              "students": students, "soft_labels": soft_label_uri}
+    path = cfg.run_dir() / "report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    report["path"] = str(path)
+    return report
+
+
+def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = None) -> tuple[dict, object | None]:
+    """(manifest summary, verify report or None) for `distill inspect`."""
+    from storage.fs import Location
+    from storage.reader import read_manifest
+    m = read_manifest(Location(uri, storage_options))
+    report = storage.verify(uri, storage_options=storage_options) if verify else None
+    return summarize(m, uri), report

@@ -59,7 +59,10 @@ def deploy(config_path: str, overrides: list[str] | None = None, *, pool: str,
     """Register one deployment per flow on `pool`; workers run them from `source`."""
     from prefect import flow as prefect_flow
     cfg = load_config(config_path, overrides)
-    src = Path(source or REPO).resolve()
+    # the checkout the workers run from: --source, else the current directory if it is a
+    # distillery checkout (an installed package's parent is site-packages), else this one
+    cwd = Path.cwd()
+    src = Path(source or (cwd if (cwd / ENTRYPOINTS["label"][0].split(":")[0]).exists() else REPO)).resolve()
     rel = os.path.relpath(Path(config_path).resolve(), src)
     ensure_pool(pool)
     out = []

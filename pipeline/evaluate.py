@@ -1,0 +1,165 @@
+"""Evaluation: predictions, accuracy, calibration, teacher agreement, a comparison table.
+
+All metrics take logits (N, C) and return plain Python floats/lists, so results go
+straight into JSON logs. Metrics compute in fp32 on CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import ArrayDataset
+from .models import model_stats
+
+
+def _tensor(a, dtype=None) -> torch.Tensor:
+    t = a if torch.is_tensor(a) else torch.as_tensor(np.asarray(a))
+    t = t.detach().cpu()
+    return t if dtype is None else t.to(dtype)
+
+
+def _check_logits(name: str, logits: torch.Tensor) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, C), got shape {tuple(logits.shape)}")
+
+
+def _check_labels(logits: torch.Tensor, y: torch.Tensor) -> None:
+    if y.shape != (logits.shape[0],):
+        raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(y.shape)}")
+    if len(y) and (y.min() < 0 or y.max() >= logits.shape[1]):
+        raise ValueError(f"labels must be in [0, {logits.shape[1]}), got range "
+                         f"[{int(y.min())}, {int(y.max())}] (unlabeled rows are -1: drop them first)")
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x, *, batch_size: int = 512,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits (N, C) float32 on CPU for inputs x (N, ...) in eval mode; the model's
+    train/eval mode is restored afterwards."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    x = _tensor(x, torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    if not outs:
+        raise ValueError("predict_logits: x has no rows")
+    return torch.cat(outs)
+
+
+def accuracy(logits, y) -> float:
+    logits, y = _tensor(logits, torch.float32), _tensor(y, torch.int64)
+    _check_logits("logits", logits)
+    _check_labels(logits, y)
+    if len(y) == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return float((logits.argmax(1) == y).double().mean())
+
+
+def per_class_accuracy(logits, y, num_classes: int | None = None) -> list[float | None]:
+    """Recall per class c = #(pred == y == c) / #(y == c); None for classes with no samples."""
+    logits, y = _tensor(logits, torch.float32), _tensor(y, torch.int64)
+    _check_logits("logits", logits)
+    _check_labels(logits, y)
+    C = logits.shape[1] if num_classes is None else int(num_classes)
+    correct = torch.bincount(y[logits.argmax(1) == y], minlength=C).double()
+    total = torch.bincount(y, minlength=C).double()
+    return [float(correct[c] / total[c]) if total[c] > 0 else None for c in range(C)]
+
+
+def agreement(student_logits, teacher_logits) -> float:
+    """Top-1 agreement: fraction of rows where student and teacher predict the same class."""
+    s, t = _tensor(student_logits, torch.float32), _tensor(teacher_logits, torch.float32)
+    _check_logits("student_logits", s)
+    if s.shape != t.shape:
+        raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} must match")
+    return float((s.argmax(1) == t.argmax(1)).double().mean())
+
+
+def expected_calibration_error(logits, y, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017, "On Calibration of Modern Neural Networks"):
+        ECE = sum_m |B_m| / N * |acc(B_m) - conf(B_m)|
+    with confidence = max softmax probability and M equal-width bins
+    B_m = ((m-1)/M, m/M]. Empty bins contribute 0."""
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    logits, y = _tensor(logits, torch.float32), _tensor(y, torch.int64)
+    _check_logits("logits", logits)
+    _check_labels(logits, y)
+    if len(y) == 0:
+        raise ValueError("ECE of an empty set is undefined")
+    conf, pred = torch.softmax(logits.double(), dim=1).max(1)       # (N,), (N,)
+    correct = (pred == y).double()
+    # bin m (0-based) holds conf in (m/M, (m+1)/M]: index = ceil(conf*M) - 1
+    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    return float(((acc_sum - conf_sum).abs()).sum() / len(y))  # |B|/N * |acc-conf| = |sum(correct-conf)|/N
+
+
+def evaluate(model: nn.Module, ds: ArrayDataset, *, teacher_logits=None, batch_size: int = 512,
+             device: str | torch.device = "cpu", n_bins: int = 15, stats: bool = True,
+             latency_repeats: int = 20) -> dict:
+    """accuracy, per_class_accuracy, ece, agreement (if teacher_logits (N, C) are given,
+    rows in ds order), and params / size_bytes / latency_ms (CPU, batch 1) when stats=True."""
+    if ds.y is None:
+        raise ValueError(f"dataset {ds.name!r} has no labels; evaluation needs a labeled split")
+    logits = predict_logits(model, ds.x, batch_size=batch_size, device=device)
+    out = {"num_samples": len(ds),
+           "accuracy": accuracy(logits, ds.y),
+           "per_class_accuracy": per_class_accuracy(logits, ds.y, ds.num_classes),
+           "ece": expected_calibration_error(logits, ds.y, n_bins)}
+    if teacher_logits is not None:
+        t = _tensor(teacher_logits, torch.float32)
+        if t.shape != logits.shape:
+            raise ValueError(f"teacher_logits must be {tuple(logits.shape)} (rows of {ds.name!r} in order), "
+                             f"got {tuple(t.shape)}")
+        out["agreement"] = agreement(logits, t)
+    if stats:
+        was = next(model.parameters(), torch.empty(0)).device
+        out.update(model_stats(model.cpu(), in_shape=ds.in_shape, repeats=latency_repeats))
+        model.to(was)
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+_COLUMNS = [("name", "name"), ("accuracy", "acc"), ("agreement", "agree"), ("params", "params"),
+            ("size_bytes", "size"), ("latency_ms", "latency"), ("baseline_accuracy", "baseline")]
+
+
+def _fmt(key: str, v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if key in ("accuracy", "agreement", "baseline_accuracy"):
+        return f"{100 * v:.2f}%"
+    if key == "params":
+        return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else str(int(v))
+    if key == "size_bytes":
+        return f"{v / 2**20:.2f}MiB" if v >= 2**20 else f"{v / 2**10:.1f}KiB"
+    if key == "latency_ms":
+        return f"{v:.3f}ms"
+    return str(v)
+
+
+def compare_report(entries: list[dict]) -> str:
+    """Plain-text table, one row per entry dict with keys name, accuracy, agreement,
+    params, size_bytes, latency_ms, baseline_accuracy (missing -> "-")."""
+    if not entries:
+        raise ValueError("compare_report needs at least one entry")
+    rows = [[h for _, h in _COLUMNS]]
+    for e in entries:
+        if "name" not in e:
+            raise ValueError(f"every entry needs a 'name', got keys {sorted(e)}")
+        rows.append([_fmt(k, e.get(k)) for k, _ in _COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""Training batches: stored soft labels joined to their inputs, and plain hard-label batches.
+
+StoredLabelStream streams a soft-label dataset (storage/) for this (rank, worker)
+partition, joins every row to its input by sample_id, and regenerates the exact view
+pixels the teacher saw (pipeline/views.py). Use it as
+
+    stream = StoredLabelStream(uri, inputs, spec, batch_size=256, rank=r, world_size=w)
+    loader = DataLoader(stream, batch_size=None, num_workers=4, persistent_workers=True)
+    for epoch in range(E):
+        stream.set_epoch(epoch)          # reaches persistent workers (shared memory)
+        for batch in loader: ...
+
+Every batch is a dict of tensors, B rows:
+    x (B, ...) float32, y (B,) int64 (-1 unlabeled), sample_id (B,) int64, view (B,) int64,
+    weight (B,) float32 (0 for pad rows: repeats that only keep ranks in lock-step),
+  dense labels:  teacher_logits (B, C) float32, RAW teacher logits (stored z/T times T)
+  top-k labels:  topk_indices (B, k) int64, topk_logits (B, k) float32 (= z/T, as stored),
+                 logsumexp (B,) float32 (of all C scaled logits)
+
+HardLabelBatches yields the same keys minus the teacher fields, from an in-memory
+ArrayDataset, with the same rank split and padding rule as storage/partition.py.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from storage import SoftLabelDataset, open_soft_labels
+from storage.fs import Location
+from storage.partition import batches_per_partition
+
+from .data import ArrayDataset
+from .views import ViewSpec, apply_views
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size!r}), got rank={rank!r}")
+
+
+def _resolve_views(view_spec: ViewSpec | None, manifest: dict, uri: str) -> ViewSpec | None:
+    """The views to regenerate. pipeline/label.py records data.transform = view_spec.to_dict():
+    a given spec must equal it; with none given, the stored one is used."""
+    stored = (manifest.get("data") or {}).get("transform")
+    try:
+        stored = ViewSpec.from_dict(stored) if isinstance(stored, dict) else None
+    except (TypeError, ValueError):
+        stored = None  # a transform recorded in some other convention: nothing to check
+    if stored is None:
+        return view_spec
+    if view_spec is None:
+        return stored
+    if view_spec.to_dict() != stored.to_dict():
+        raise ValueError(f"view_spec {view_spec.to_dict()} differs from the transform the soft labels at {uri} "
+                         f"were made with ({stored.to_dict()}); views would not match their labels")
+    return view_spec
+
+
+def _labels(inputs: ArrayDataset, pos: np.ndarray) -> torch.Tensor:
+    if inputs.y is None:
+        return torch.full((len(pos),), -1, dtype=torch.int64)
+    return torch.from_numpy(inputs.y[pos])
+
+
+class StoredLabelStream(IterableDataset):
+    def __init__(self, soft_label_uri: str, inputs: ArrayDataset, view_spec: ViewSpec | None = None, *,
+                 batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 storage_options: dict | None = None, expect: dict | None = None):
+        _check_rank(rank, world_size, batch_size)
+        self.uri, self.inputs = soft_label_uri, inputs
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.storage_options = storage_options
+        # Read and check the manifest here, in the main process, so that a wrong URI or
+        # mismatched teacher fails before any worker starts. Only the manifest dict is
+        # kept: workers open their own dataset (and filesystem) after fork.
+        self.manifest = open_soft_labels(soft_label_uri, expect=expect, storage_options=storage_options).manifest
+        m = self.manifest
+        self.temperature = float(m["temperature"])
+        self.num_classes = int(m["num_classes"])
+        self.num_views = int(m["num_views"])
+        self.kind = m["representation"]["kind"]
+        if inputs.num_classes is not None and inputs.num_classes not in (0, self.num_classes):
+            raise ValueError(f"inputs {inputs.name!r} have num_classes={inputs.num_classes} but the soft labels "
+                             f"at {self.uri} have num_classes={self.num_classes}")
+        self.view_spec = view_spec = _resolve_views(view_spec, m, self.uri)
+        if self.num_views > 1 and view_spec is None:
+            raise ValueError(f"soft labels at {self.uri} hold {self.num_views} views per sample; pass the "
+                             f"ViewSpec they were labelled with (view_spec=None only works for 1 view)")
+        # shared memory, so set_epoch() in the main process reaches forked persistent workers
+        self._epoch = mp.Value("q", 0)
+        self._ds: SoftLabelDataset | None = None
+        self._ds_pid: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    def num_batches(self, num_workers: int = 0) -> int:
+        """Batches this rank yields per epoch through a DataLoader with `num_workers`
+        (0 = in the main process, one partition)."""
+        parts = max(int(num_workers), 1)
+        return parts * batches_per_partition(int(self.manifest["num_rows"]), self.world_size * parts,
+                                             self.batch_size, False)
+
+    def _dataset(self) -> SoftLabelDataset:
+        # opened lazily, once per process: after fork each worker gets its own filesystem
+        if self._ds is None or self._ds_pid != os.getpid():
+            self._ds = SoftLabelDataset(Location(self.uri, self.storage_options), self.manifest)
+            self._ds_pid = os.getpid()
+        return self._ds
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        ds = self._dataset()
+        for b in ds.iter_batches(self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                                 rank=self.rank, world_size=self.world_size, worker=worker,
+                                 num_workers=num_workers):
+            yield self.join(b)
+
+    def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """One storage batch (numpy, maybe read-only) -> training batch (tensors, owned)."""
+        sid = np.array(b["sample_id"], dtype=np.int64)          # (B,)
+        view = np.array(b["view"], dtype=np.int64)              # (B,)
+        pos = self.inputs.index_of(sid)                         # ValueError names missing ids
+        x = torch.from_numpy(self.inputs.x[pos])                # fancy index = a fresh copy
+        if self.view_spec is not None:
+            x = apply_views(x, sid, view, self.view_spec)       # view 0 stays the identity
+        elif view.any():
+            raise ValueError(f"soft labels at {self.uri} contain view {int(view.max())} but view_spec is None")
+        out = {"x": x, "y": _labels(self.inputs, pos), "sample_id": torch.from_numpy(sid),
+               "view": torch.from_numpy(view),
+               "weight": torch.from_numpy((~np.asarray(b["pad"], bool)).astype(np.float32))}
+        if self.kind == "dense":
+            # stored s = z / T; raw z = s * T (exact for the stored precision)
+            z = np.asarray(b["logits"], dtype=np.float32) * np.float32(self.temperature)
+            out["teacher_logits"] = torch.from_numpy(z)         # (B, C), a new array
+        else:
+            out["topk_indices"] = torch.from_numpy(np.asarray(b["topk_indices"]).astype(np.int64))
+            out["topk_logits"] = torch.from_numpy(np.array(b["topk_logits"], dtype=np.float32))
+            out["logsumexp"] = torch.from_numpy(np.array(b["logsumexp"], dtype=np.float32))
+        return out
+
+
+class HardLabelBatches:
+    """In-memory batches from an ArrayDataset for hard-label training (baseline, teacher).
+
+    Each epoch: rows are permuted by rng(seed, epoch) (the same order on every rank);
+    rank r takes positions [r*M, (r+1)*M) of that order, M = ceil(N / world_size),
+    wrapping around with pad rows (weight 0) so every rank yields ceil(M / batch_size)
+    batches. With a view_spec, each row gets a view id drawn from rng(seed, epoch):
+    uniform in [0, num_views) if num_views is given (e.g. the teacher's stored views),
+    otherwise a fresh id in [1, 2**31) so every epoch sees new augmentations.
+    """
+
+    def __init__(self, data: ArrayDataset, *, batch_size: int, view_spec: ViewSpec | None = None,
+                 num_views: int | None = None, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        _check_rank(rank, world_size, batch_size)
+        if len(data) == 0:
+            raise ValueError(f"dataset {data.name!r} is empty")
+        if num_views is not None and (not isinstance(num_views, int) or num_views < 1):
+            raise ValueError(f"num_views must be a positive int or None, got {num_views!r}")
+        self.data, self.view_spec, self.num_views = data, view_spec, num_views
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def num_batches(self, num_workers: int = 0) -> int:
+        return math.ceil(math.ceil(len(self.data) / self.world_size) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    def __iter__(self):
+        n = len(self.data)
+        rng = np.random.default_rng([self.seed, self.epoch, 0xBA7C4])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.view_spec is None:
+            views = np.zeros(n, np.int64)
+        elif self.num_views is not None:
+            views = rng.integers(0, self.num_views, n)
+        else:
+            views = rng.integers(1, 2**31, n)
+        views = views[order]  # views[i] belongs to the row at order[i]; drawn for all ranks alike
+        m = math.ceil(n / self.world_size)
+        gpos = np.arange(self.rank * m, (self.rank + 1) * m)    # positions in the epoch order
+        pad = gpos >= n
+        pos, vws = order[gpos % n], views[gpos % n]
+        for a in range(0, m, self.batch_size):
+            p, v = pos[a:a + self.batch_size], vws[a:a + self.batch_size]
+            sid = self.data.sample_ids[p]
+            x = torch.from_numpy(self.data.x[p])                # (B, ...) copy
+            if self.view_spec is not None:
+                x = apply_views(x, sid, v, self.view_spec)
+            yield {"x": x, "y": _labels(self.data, p), "sample_id": torch.from_numpy(sid),
+                   "view": torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)),
+                   "weight": torch.from_numpy((~pad[a:a + self.batch_size]).astype(np.float32))}

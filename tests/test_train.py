@@ -1,0 +1,246 @@
+"""The training loop end to end: teacher -> store -> student, resume, early stopping, DDP."""
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import load_digits8, load_mnist5k, split_dataset
+from pipeline.evaluate import predict_logits
+from pipeline.models import build_model
+from pipeline.teacher import train_teacher
+from pipeline.train import TrainConfig, make_schedule, train
+from pipeline.views import ViewSpec, apply_views
+from storage import SoftLabelWriter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MLP = {"arch": "mlp", "kwargs": {"width": 32, "depth": 1, "dropout": 0.2}}
+SPEC = ViewSpec(shift=1, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return split_dataset(load_digits8(), seed=0, sizes={"train": 300, "val": 100})
+
+
+def write_labels(uri, teacher, ds, *, spec=SPEC, views=2, temperature=4.0, representation="dense", k=None):
+    """Label every (sample, view) of ds with `teacher` into a soft-label dataset (2 shards)."""
+    sids = np.repeat(ds.sample_ids, views)
+    vws = np.tile(np.arange(views), len(ds))
+    x = apply_views(torch.from_numpy(ds.x[np.repeat(np.arange(len(ds)), views)]), sids, vws, spec)
+    z = predict_logits(teacher, x).numpy()
+    half = len(sids) // 2
+    data = {"name": ds.name, "split": ds.split_spec, "fingerprint": ds.fingerprint(), "transform": spec.to_dict()}
+    with SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=temperature, num_views=views,
+                         representation=representation, k=k, teacher={"name": "t", "fingerprint": "sha256:t"},
+                         data=data) as w:
+        w.write_shard(0, sids[:half], z[:half], vws[:half])
+        w.write_shard(1, sids[half:], z[half:], vws[half:])
+    return uri
+
+
+def student(seed=0, spec=MLP, in_shape=(1, 8, 8)):
+    torch.manual_seed(seed)
+    return build_model(spec, in_shape=in_shape, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def digit_labels(digits, tmp_path_factory):
+    """Soft labels for the digits train split from a briefly trained teacher."""
+    tr, va = digits["train"], digits["val"]
+    teacher = student(1, {"arch": "mlp", "kwargs": {"width": 64, "depth": 1}})
+    train(teacher, TrainConfig(epochs=5, batch_size=32, lr=1e-2, device="cpu"), mode="hard", train_data=tr,
+          val_data=va)
+    d = tmp_path_factory.mktemp("labels")
+    return {"dense": write_labels(str(d / "dense"), teacher, tr),
+            "topk": write_labels(str(d / "topk"), teacher, tr, representation="topk", k=3), "teacher": teacher}
+
+
+def test_teacher_store_student_on_mnist(tmp_path):
+    parts = split_dataset(load_mnist5k(), seed=0, sizes={"train": 500, "val": 300})
+    tr, va = parts["train"], parts["val"]
+    spec = ViewSpec(shift=2, seed=1)
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=3e-3, device="cpu")
+    teacher, meta = train_teacher({"arch": "cnn", "kwargs": {"channels": [8, 16]}}, tr, va, cfg=cfg,
+                                  out_path=str(tmp_path / "teacher.pt"), view_spec=spec)
+    assert meta["metrics"]["val_acc"] > 0.6
+    uri = write_labels(str(tmp_path / "labels"), teacher, tr, spec=spec)
+    mlp = {"arch": "mlp", "kwargs": {"width": 64, "depth": 1}}
+
+    s = student(0, mlp, tr.in_shape)
+    res = train(s, cfg, mode="stored", train_data=tr, val_data=va, soft_labels=uri,
+                expect={"temperature": 4.0, "data.fingerprint": tr.fingerprint()})
+    assert res["best_val_acc"] > 0.5 and res["epochs_run"] == 4  # chance is 0.1
+    base = train(student(0, mlp, tr.in_shape), cfg, mode="hard", train_data=tr, val_data=va)
+    assert base["epochs_run"] == 4 and base["best_val_acc"] > 0.3
+    online = train(student(0, mlp, tr.in_shape), TrainConfig(epochs=1, batch_size=64, lr=3e-3, device="cpu"),
+                   mode="online", train_data=tr, val_data=va, teacher=teacher, view_spec=spec)
+    assert online["epochs_run"] == 1 and online["best_val_acc"] > 0.1
+    assert not any(p.requires_grad for p in teacher.parameters())  # teacher only ran frozen
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_mid_run_equals_uninterrupted(digits, digit_labels, tmp_path):
+    tr, va = digits["train"], digits["val"]
+
+    def cfg(name):
+        return TrainConfig(epochs=4, batch_size=32, lr=5e-3, optimizer="sgd", schedule="cosine", warmup_steps=5,
+                           temperature=2.0, alpha=0.3, device="cpu",
+                           log_path=str(tmp_path / f"{name}.jsonl"), ckpt_path=str(tmp_path / f"{name}.pt"))
+
+    ref = student(0)
+    r_ref = train(ref, cfg("ref"), mode="stored", train_data=tr, val_data=va, soft_labels=digit_labels["dense"])
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, batch):  # dies in the middle of epoch 2 (epochs 0 and 1 are checkpointed)
+        crash.n = getattr(crash, "n", 0) + (epoch == 2)
+        if crash.n > 5:  # after 5 steps of epoch 2 that the resumed run must redo
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(student(0), cfg("run"), mode="stored", train_data=tr, val_data=va,
+              soft_labels=digit_labels["dense"], on_batch=crash)
+    assert len(open(tmp_path / "run.jsonl").read().splitlines()) == 2
+    resumed = student(7)  # different init: everything must come from the checkpoint
+    r = train(resumed, cfg("run"), mode="stored", train_data=tr, val_data=va,
+              soft_labels=digit_labels["dense"], resume=True)
+    assert r["best_val_acc"] == r_ref["best_val_acc"] and r["epochs_run"] == 4 and r["steps"] == r_ref["steps"]
+    for k, v in _state(ref).items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    ref_log = [json.loads(x) for x in open(tmp_path / "ref.jsonl")]
+    log = [json.loads(x) for x in open(tmp_path / "run.jsonl")]
+    assert [x["epoch"] for x in log] == [0, 1, 2, 3]
+    for a, b in zip(ref_log, log):
+        assert {k: a[k] for k in ("step", "train_loss", "val_acc", "lr")} == \
+               {k: b[k] for k in ("step", "train_loss", "val_acc", "lr")}
+    # resuming a finished run trains nothing and restores the best weights
+    again = student(9)
+    r2 = train(again, cfg("run"), mode="stored", train_data=tr, val_data=va,
+               soft_labels=digit_labels["dense"], resume=True)
+    assert r2["epochs_run"] == 4 and r2["best_val_acc"] == r["best_val_acc"]
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in resumed.state_dict().items())
+    with pytest.raises(ValueError, match="lr: checkpoint 0.005, now 0.1"):
+        train(student(0), TrainConfig(**{**cfg("run").__dict__, "lr": 0.1}), mode="stored", train_data=tr,
+              val_data=va, soft_labels=digit_labels["dense"], resume=True)
+
+
+def test_early_stopping_and_metrics_log(digits, tmp_path):
+    tr, va = digits["train"], digits["val"]
+    log = tmp_path / "m.jsonl"
+    # lr 0: accuracy never improves after the first evaluation -> stop after 1 + patience epochs
+    cfg = TrainConfig(epochs=10, batch_size=64, lr=0.0, patience=2, device="cpu", log_path=str(log))
+    r = train(student(0), cfg, mode="hard", train_data=tr, val_data=va)
+    assert r["stopped_early"] and r["epochs_run"] == 3 and r["best_epoch"] == 0
+    assert r["history"] == str(log)
+    recs = [json.loads(x) for x in open(log)]
+    assert len(recs) == 3
+    for i, rec in enumerate(recs):
+        assert {"epoch", "step", "train_loss", "val_acc", "lr", "seconds", "samples_per_s"} <= set(rec)
+        assert rec["epoch"] == i and rec["step"] == (i + 1) * 5 and rec["samples_per_s"] > 0
+    # eval_every: val_acc only on evaluated epochs (and always the last)
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e-2, eval_every=2, device="cpu", log_path=str(log))
+    r = train(student(0), cfg, mode="hard", train_data=tr, val_data=va)
+    assert [json.loads(x)["val_acc"] is None for x in open(log)] == [True, False, False]
+
+
+def test_loss_variants_and_refusals(digits, digit_labels):
+    tr, va = digits["train"], digits["val"]
+    one = dict(epochs=1, batch_size=64, device="cpu")
+    for loss in ("soft_ce", "mse", "kd"):
+        r = train(student(0), TrainConfig(loss=loss, temperature=3.0, **one), mode="stored", train_data=tr,
+                  val_data=va, soft_labels=digit_labels["dense"])
+        assert np.isfinite(r["last_epoch"]["train_loss"])
+    r = train(student(0), TrainConfig(loss="topk_kl", temperature=4.0, alpha=0.5, **one), mode="stored",
+              train_data=tr, soft_labels=digit_labels["topk"])
+    assert r["best_val_acc"] is None and r["epochs_run"] == 1
+    with pytest.raises(ValueError, match="exact only at the stored temperature 4.0"):
+        train(student(0), TrainConfig(loss="topk_kl", temperature=2.0, **one), mode="stored", train_data=tr,
+              soft_labels=digit_labels["topk"])
+    with pytest.raises(ValueError, match="are top-k"):
+        train(student(0), TrainConfig(loss="kd", **one), mode="stored", train_data=tr,
+              soft_labels=digit_labels["topk"])
+    with pytest.raises(ValueError, match="stores dense logits"):
+        train(student(0), TrainConfig(loss="topk_kl", **one), mode="stored", train_data=tr,
+              soft_labels=digit_labels["dense"])
+    with pytest.raises(ValueError, match="teacher= is required"):
+        train(student(0), TrainConfig(**one), mode="online", train_data=tr)
+    with pytest.raises(ValueError, match="TrainConfig.optimizer must be one of"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        train(student(0), TrainConfig(**one), mode="soft", train_data=tr)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_see_every_row_once_per_epoch(digits, digit_labels, tmp_path):
+    rec = tmp_path / "ids"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "pipeline.ddp",
+           "--soft-labels", digit_labels["dense"], "--dataset", "digits",
+           "--split", json.dumps({"train": 300, "val": 100}), "--arch", json.dumps(MLP), "--epochs", "2",
+           "--out", str(out), "--record-ids", str(rec), "--threads", "1",
+           "--config", json.dumps({"batch_size": 64, "lr": 0.01, "device": "cpu"})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    rows = {r: [json.loads(x) for x in open(rec / f"rank{r}.jsonl")] for r in (0, 1)}
+    expected = collections.Counter((int(s), v) for s in digits["train"].sample_ids for v in (0, 1))
+    for epoch in (0, 1):
+        steps = [sum(b["epoch"] == epoch for b in rows[r]) for r in (0, 1)]
+        assert steps[0] == steps[1] > 0  # lock-step ranks: no DDP hang
+        seen = collections.Counter()
+        for r in (0, 1):
+            for b in rows[r]:
+                if b["epoch"] == epoch:
+                    seen.update((s, v) for s, v, w in zip(b["sample_id"], b["view"], b["weight"]) if w == 1)
+        assert seen == expected
+    result = json.load(open(out / "result.json"))
+    assert result["epochs_run"] == 2 and result["steps"] == steps[0] * 2
+    assert len(open(out / "metrics.jsonl").read().splitlines()) == 2
+    assert os.path.exists(out / "student.pt") and os.path.exists(out / "train_state.pt")
+
+
+def test_lr_schedules():
+    def lrs(**kw):
+        cfg = TrainConfig(lr=1.0, **kw)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched = make_schedule(opt, cfg, total_steps=100)
+        out = []
+        for _ in range(100):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    warm = lrs(schedule="constant", warmup_steps=4)
+    assert warm[:5] == [0.25, 0.5, 0.75, 1.0, 1.0] and warm[-1] == 1.0
+    cos = lrs(schedule="cosine")
+    assert cos[0] == 1.0 and cos[50] == pytest.approx(0.5) and cos[99] < 1e-3
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    step = lrs(schedule="step", step_milestones=(0.5, 0.75), step_gamma=0.1)
+    assert step[49] == 1.0 and step[50] == pytest.approx(0.1) and step[75] == pytest.approx(0.01)

@@ -72,16 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"distill: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the flow run already logged the traceback; end with one clear line
+        from storage import SoftLabelError
+        if not isinstance(e, (FileNotFoundError, ValueError, SoftLabelError)):
+            raise
+        print(f"distill: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:
     if args.cmd == "inspect":
         return _inspect(args)
     if args.cmd == "worker":
-        cmd = ["prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
+        # the prefect next to this interpreter: a venv's bin/ need not be on PATH
+        exe = os.path.join(os.path.dirname(sys.executable), "prefect")
+        cmd = [exe if os.path.exists(exe) else "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
-        os.execvp(cmd[0], cmd)
+        os.execv(cmd[0], cmd) if os.path.isabs(cmd[0]) else os.execvp(cmd[0], cmd)
     cfg = load_config(args.config, args.overrides)     # validate before importing Prefect (slow)
     if args.cmd == "serve":
         from .deploy import serve

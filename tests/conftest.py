@@ -8,6 +8,16 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+# Prefect reads its settings at import: give the test session its own home (database,
+# profiles) and time for the temporary server to start on a loaded 2-core machine.
+import tempfile  # noqa: E402
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="distillery-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import uuid  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -58,6 +68,98 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (starting one takes 15-30 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+
+
 @pytest.fixture
 def s3_uri(s3_server):
     return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 180.0, proc=None) -> None:
+    import time
+    import urllib.request
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop_process(proc, timeout: float = 20.0) -> None:
+    """Stop a process we started (its whole process group), by PID."""
+    import signal
+    import subprocess
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME.
+
+    Yields {"url": http://127.0.0.1:N, "api": .../api, "env": env for clients/workers}."""
+    import subprocess
+    import sys
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_LOGGING_LEVEL="WARNING")
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/api/health", proc=proc)
+        client_home = tmp_path_factory.mktemp("prefect-client-home")
+        client_env = dict(os.environ, PREFECT_API_URL=f"{url}/api", PREFECT_HOME=str(client_home),
+                          PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")
+        yield {"url": url, "api": f"{url}/api", "env": client_env, "log": str(home / "server.log")}
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def api(server: dict, method: str, path: str, body=None):
+    """JSON call to the Prefect REST API."""
+    import json
+    import urllib.request
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{server['api']}{path}", data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None

@@ -1,0 +1,128 @@
+"""Flows under one session-scoped Prefect test server; task bodies via .fn()."""
+import json
+import os
+import time
+
+import pytest
+
+import storage
+from conftest import TINY
+from flows.config import load_config
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Run the whole `distill` flow once on the tiny config; later tests inspect it."""
+    from flows.flows import distill_flow
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = [f"runs_dir={runs}"]
+    t0 = time.perf_counter()
+    report = distill_flow(TINY, overrides)
+    return {"report": report, "overrides": overrides, "runs": runs, "seconds": time.perf_counter() - t0,
+            "cfg": load_config(TINY, overrides)}
+
+
+def test_distill_flow_end_to_end(tiny_run):
+    report, cfg = tiny_run["report"], tiny_run["cfg"]
+    path = cfg.run_dir() / "report.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk["soft_labels"] == cfg.soft_label_uri()
+    t = on_disk["teacher"]
+    assert set(t) >= {"name", "accuracy", "params", "size_bytes", "latency_ms", "checkpoint"}
+    assert t["accuracy"] > 0.5 and os.path.exists(t["checkpoint"])
+    names = [s["name"] for s in on_disk["students"]]
+    assert names == ["mlp-16-baseline", "mlp-16-T3-a0.5-kd", "mlp-32-baseline", "mlp-32-T3-a0.5-kd"]
+    for s in on_disk["students"]:
+        assert set(s) >= {"name", "accuracy", "params", "size_bytes", "latency_ms", "agreement", "baseline_accuracy"}
+        assert s["accuracy"] > 0.3 and 0 <= s["agreement"] <= 1 and os.path.exists(s["checkpoint"])
+        base = next(b for b in on_disk["students"] if b["name"] == s["name"].split("-T")[0].replace("-baseline", "") + "-baseline")
+        assert s["baseline_accuracy"] == base["accuracy"]
+    # the soft labels are complete, verified, and say exactly what produced them
+    ds = storage.open_soft_labels(cfg.soft_label_uri(), verify=True)
+    m = ds.manifest
+    assert m["num_samples"] == 600 and m["num_views"] == 2 and m["temperature"] == 3.0
+    assert m["teacher"]["fingerprint"] == t["fingerprint"]
+    assert m["data"]["transform"]["shift"] == 1 and m["num_shards"] == 3
+    assert report["label"]["labelled_shards"] == 3
+
+
+def test_flow_runs_and_keyed_artifacts_are_recorded(tiny_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        names = {client.read_flow(r.flow_id).name for r in runs}
+        assert {"distill", "label", "label-shards", "students", "student-sweep"} <= names
+        tasks = {t.name for t in client.read_task_runs()}
+        assert {"train-teacher", "plan-labels", "label-shard-0", "finalize-labels", "report"} <= {
+            n.rsplit("-", 1)[0] if n.startswith(("plan", "finalize", "report", "train-teacher-")) else n for n in tasks}
+        for key, kind in (("tiny-label-progress", "progress"), ("tiny-label-shards", "table"),
+                          ("tiny-students", "table"), ("tiny-students-chart", "markdown")):
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            assert arts, key
+            assert arts[0].type == kind
+    with get_client(sync_client=True) as client:
+        prog = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-label-progress"])))
+        assert float(prog[0].data) == 100.0
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-label-shards"])))
+        rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+        assert [r["shard"] for r in rows[:-1]] == [0, 1, 2] and all(r["samples_per_s"] > 0 for r in rows[:-1])
+
+
+def test_label_rerun_skips_every_shard_quickly(tiny_run):
+    from flows.flows import label_flow
+    cfg = tiny_run["cfg"]
+    before = storage.open_soft_labels(cfg.soft_label_uri()).manifest["shards"]
+    t0 = time.perf_counter()
+    out = label_flow(TINY, tiny_run["overrides"])
+    rerun = time.perf_counter() - t0
+    assert out["labelled_shards"] == 0 and out["skipped_shards"] == 3
+    assert storage.open_soft_labels(cfg.soft_label_uri()).manifest["shards"] == before
+    first = tiny_run["report"]["label"]["seconds"]
+    print(f"label first run {first:.2f}s, re-run {rerun:.2f}s")
+    assert out["seconds"] < 0.5 * first + 1.0
+
+
+def test_label_resumes_after_losing_a_shard(tiny_run, tmp_path):
+    """Delete one shard's commit record: a re-run labels exactly that shard again."""
+    from flows.flows import label_flow
+    overrides = tiny_run["overrides"] + [f"label.uri={tmp_path / 'labels'}"]
+    label_flow(TINY, overrides)
+    uri = str(tmp_path / "labels")
+    m = storage.open_soft_labels(uri).manifest
+    os.remove(os.path.join(uri, "_commits", "shard-00001.json"))
+    out = label_flow(TINY, overrides)
+    assert out["labelled_shards"] == 1 and out["skipped_shards"] == 2
+    assert storage.open_soft_labels(uri, verify=True).manifest["shards"] == m["shards"]
+
+
+def test_task_bodies_directly(tiny_run, tmp_path):
+    """Task bodies via .fn(): plan and label one shard without a flow run."""
+    from prefect.logging import disable_run_logger
+
+    from flows.flows import label_shard_task, plan_labels_task
+    from flows.recipes import teacher_info
+    cfg = tiny_run["cfg"]
+    raw = cfg.model_dump(mode="json")
+    raw["label"]["uri"] = str(tmp_path / "fn")
+    teacher = teacher_info(cfg.teacher_path())
+    with disable_run_logger():
+        plan = plan_labels_task.fn(raw, teacher)
+        assert plan["num_shards"] == 3 and [p["shard"] for p in plan["pending"]] == [0, 1, 2]
+        s = label_shard_task.fn(raw, teacher, **plan["pending"][1])
+        assert s["shard"] == 1 and s["rows"] == 400 and not s["skipped"]
+        again = label_shard_task.fn(raw, teacher, **plan["pending"][1])
+        assert again["skipped"]
+        assert plan_labels_task.fn(raw, teacher)["committed"] == [1]
+
+
+def test_students_refuse_labels_from_another_teacher(tiny_run, tmp_path):
+    """A student sweep checks the stored teacher fingerprint against the teacher it reports on."""
+    from flows.recipes import student_runs, train_student
+    cfg = tiny_run["cfg"]
+    teacher = {"name": "other", "fingerprint": "sha256:not-this-one", "checkpoint": cfg.teacher_path()}
+    run = [r for r in student_runs(cfg) if r["mode"] == "stored"][0]
+    with pytest.raises(storage.MismatchError, match="teacher.fingerprint"):
+        train_student(cfg, teacher, cfg.soft_label_uri(), run)

@@ -17,7 +17,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from . import recipes
+from . import progress, recipes
 from .config import Config, load_config, parse_config
 from .report import chart_markdown, report_rows
 
@@ -132,12 +132,15 @@ def _label_shards(config: dict, teacher: dict) -> dict:
         futures = label_shard_task.map(unmapped(config), unmapped(teacher), [p["shard"] for p in pending],
                                        [p["start"] for p in pending], [p["stop"] for p in pending])
         done = len(plan["committed"])
+        pbar = progress.bar(total=plan["num_shards"], initial=done, desc="label shards", unit="shard")
         for fut in as_completed(futures):
             s = fut.result()
             done += 1
             rows.append(s)
+            pbar.update(1)
             update_progress_artifact(progress_id, progress=100.0 * done / plan["num_shards"])
             log.info("shard %d: %d rows, %.0f samples/s", s["shard"], s["rows"], s["samples_per_s"])
+        pbar.close()
     summary = finalize_labels_task(config, teacher)
     dt = time.perf_counter() - t0
     labelled = sum(r["samples"] for r in rows)
@@ -169,7 +172,14 @@ def students_flow(config: dict | str, overrides: list[str] | None = None) -> dic
 def _student_sweep(config: dict, teacher: dict, uri: str, runs: list[dict]) -> dict:
     cfg = recipes.as_config(config)
     futures = train_student_task.map(unmapped(config), unmapped(teacher), unmapped(uri), runs)
-    results = [f.result() for f in futures]
+    pbar = progress.bar(total=len(runs), desc="students", unit="student")
+    results_by_name = {}
+    for fut in as_completed(futures):
+        r = fut.result()
+        results_by_name[r["name"]] = r
+        pbar.update(1)
+    pbar.close()
+    results = [results_by_name[r["name"]] for r in runs]  # sweep order, not completion order
     report = report_task(config, teacher, uri, results)
     create_table_artifact(table=report_rows(report), key=_key(cfg, "students"),
                           description=f"Students of {cfg.name} distilled from {uri}")

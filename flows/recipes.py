@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import storage
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.evaluate import agreement, evaluate, predict_logits
 from pipeline.label import label_shard, open_label_writer
@@ -78,12 +78,19 @@ def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tcfg = train_config(cfg.teacher.train, log_path=str(Path(path).with_suffix(".jsonl")))
     meta = {"name": cfg.teacher.model.display_name()}
-    if cfg.teacher.finetune_from:
-        finetune(cfg.teacher.finetune_from, train_set, s.get("val"), cfg=tcfg, out_path=path,
-                 freeze=cfg.teacher.freeze, view_spec=view_spec(cfg), resume=True, metadata=meta)
-    else:
-        train_teacher(cfg.teacher.model.model_dump(include={"arch", "kwargs"}), train_set, s.get("val"),
-                      cfg=tcfg, out_path=path, view_spec=view_spec(cfg), resume=True, metadata=meta)
+    from .progress import batch_callback
+    on_batch, close = batch_callback("teacher")
+    try:
+        if cfg.teacher.finetune_from:
+            finetune(cfg.teacher.finetune_from, train_set, s.get("val"), cfg=tcfg, out_path=path,
+                     freeze=cfg.teacher.freeze, view_spec=view_spec(cfg), resume=True, metadata=meta,
+                     on_batch=on_batch)
+        else:
+            train_teacher(cfg.teacher.model.model_dump(include={"arch", "kwargs"}), train_set, s.get("val"),
+                          cfg=tcfg, out_path=path, view_spec=view_spec(cfg), resume=True, metadata=meta,
+                          on_batch=on_batch)
+    finally:
+        close()
     return teacher_info(path)
 
 
@@ -173,8 +180,10 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
                         log_path=str(out / f"{run['name']}.jsonl"), ckpt_path=str(out / f"{run['name']}.train.pt"))
     torch.manual_seed(tcfg.seed)
     train_set = s[cfg.data.label_split]
-    model = build_model({"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
-                        in_shape=train_set.in_shape, num_classes=train_set.num_classes or s["train"].num_classes)
+    # the transfer set may be unlabeled; the labeled train split knows the classes
+    num_classes = s["train"].num_classes or train_set.num_classes
+    arch = {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}
+    model = build_model(arch, in_shape=train_set.in_shape, num_classes=num_classes)
     t0 = time.perf_counter()
     if run["mode"] == "hard":
         result = train(model, tcfg, mode="hard", train_data=s["train"], val_data=s.get("val"),
@@ -184,10 +193,8 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
                        soft_labels=soft_label_uri, storage_options=cfg.label.storage_options or None,
                        expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True)
     seconds = time.perf_counter() - t0
-    from pipeline.checkpoint import save_checkpoint
     ckpt = str(out / f"{run['name']}.pt")
-    save_checkpoint(ckpt, model, arch={"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
-                    in_shape=train_set.in_shape, num_classes=model.head.out_features if hasattr(model, "head") else 10,
+    save_checkpoint(ckpt, model, arch=arch, in_shape=train_set.in_shape, num_classes=num_classes,
                     metadata={"role": "student", "run": run, "soft_labels": soft_label_uri,
                               "teacher": teacher, "train": result.get("best_val_acc")})
     _, t_logits = teacher_eval_logits(cfg, teacher)

@@ -42,7 +42,8 @@ def _metrics(model: nn.Module, result: dict, val_data: ArrayDataset | None) -> d
 
 def train_teacher(arch: dict | ModelSpec, train_data: ArrayDataset, val_data: ArrayDataset | None = None, *,
                   cfg: TrainConfig, out_path: str, view_spec: ViewSpec | None = None,
-                  resume: bool = False, metadata: dict | None = None) -> tuple[nn.Module, dict]:
+                  resume: bool = False, metadata: dict | None = None,
+                  on_batch=None) -> tuple[nn.Module, dict]:
     """Train a teacher from scratch (hard labels, augmented with view_spec) and save it to
     out_path. resume=True continues an interrupted run from its training checkpoint
     (cfg.ckpt_path, default out_path + ".train.pt"). Returns (model, checkpoint metadata)."""
@@ -53,7 +54,7 @@ def train_teacher(arch: dict | ModelSpec, train_data: ArrayDataset, val_data: Ar
     torch.manual_seed(cfg.seed)  # same seed -> same initial weights
     model = build_model(spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes)
     result = train(model, cfg, mode="hard", train_data=train_data, val_data=val_data,
-                   view_spec=view_spec, resume=resume)
+                   view_spec=view_spec, resume=resume, on_batch=on_batch)
     meta = {"role": "teacher", "data": data_info(train_data),
             "val_data": data_info(val_data) if val_data is not None else None,
             "view_spec": view_spec.to_dict() if view_spec is not None else None,
@@ -86,7 +87,7 @@ def apply_freeze(model: nn.Module, freeze: list[str]) -> list[str]:
 def finetune(checkpoint: str, data: ArrayDataset, val_data: ArrayDataset | None = None, *,
              cfg: TrainConfig, out_path: str, freeze: list[str] | None = None,
              view_spec: ViewSpec | None = None, resume: bool = False,
-             metadata: dict | None = None) -> tuple[nn.Module, dict]:
+             metadata: dict | None = None, on_batch=None) -> tuple[nn.Module, dict]:
     """Transfer learning from `checkpoint` onto `data` (hard labels). If data has a
     different number of classes the head is replaced by a fresh nn.Linear. Parameters
     under `freeze` prefixes keep requires_grad=False and are unchanged (frozen BatchNorm
@@ -105,7 +106,7 @@ def finetune(checkpoint: str, data: ArrayDataset, val_data: ArrayDataset | None 
         model.head = nn.Linear(model.head.in_features, data.num_classes)
     frozen = apply_freeze(model, list(freeze or []))
     result = train(model, cfg, mode="hard", train_data=data, val_data=val_data, view_spec=view_spec,
-                   resume=resume)
+                   resume=resume, on_batch=on_batch)
     meta = {"role": "finetuned", "parent": {"path": str(checkpoint), "fingerprint": src.get("fingerprint")},
             "frozen": list(freeze or []), "num_frozen_params": len(frozen), "data": data_info(data),
             "val_data": data_info(val_data) if val_data is not None else None,

@@ -65,7 +65,9 @@ class TrainSection(Section):
     grad_clip: float | None = Field(None, gt=0)
     patience: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)             # DataLoader workers streaming stored labels
+    # forkserver, not fork: a forked worker would inherit the Prefect engine's threads
+    worker_start: Literal["fork", "spawn", "forkserver"] = "forkserver"
     device: Literal["cpu", "cuda", "auto"] = "auto"
     eval_every: int = Field(1, ge=1)
 

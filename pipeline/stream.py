@@ -94,8 +94,9 @@ class StoredLabelStream(IterableDataset):
         if self.num_views > 1 and view_spec is None:
             raise ValueError(f"soft labels at {self.uri} hold {self.num_views} views per sample; pass the "
                              f"ViewSpec they were labelled with (view_spec=None only works for 1 view)")
-        # shared memory, so set_epoch() in the main process reaches forked persistent workers
-        self._epoch = mp.Value("q", 0)
+        # shared memory, so persistent workers see set_epoch(); a RawValue has no lock, so it can
+        # go to workers of any start method (one writer: the main process)
+        self._epoch = mp.RawValue("q", 0)
         self._ds: SoftLabelDataset | None = None
         self._ds_pid: int | None = None
 

@@ -43,7 +43,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
 # config fields that may change between an interrupted run and its resume
-RESUME_FREE = ("num_workers", "device", "log_path", "ckpt_path", "eval_every")
+RESUME_FREE = ("num_workers", "worker_start", "device", "log_path", "ckpt_path", "eval_every")
 
 
 @dataclass
@@ -65,6 +65,8 @@ class TrainConfig:
     patience: int | None = None         # early stopping: evaluations without val-acc gain
     seed: int = 0
     num_workers: int = 0                # DataLoader workers for mode "stored"
+    worker_start: str = "fork"          # DataLoader worker start method: "fork" | "spawn" | "forkserver";
+                                        # inside a Prefect task use "forkserver": a fork inherits its threads
     device: str = "auto"                # "cpu" | "cuda" | "auto"
     eval_every: int = 1                 # epochs between val evaluations (the last epoch always)
     log_path: str | None = None         # JSON lines, one record per epoch
@@ -72,7 +74,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                              ("device", DEVICES)):
+                              ("device", DEVICES), ("worker_start", ("fork", "spawn", "forkserver"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "eval_every"):
@@ -265,6 +267,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         # own generator: DataLoader must not draw from the global RNG (resume equality)
         batches = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                              persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda",
+                             multiprocessing_context=cfg.worker_start if cfg.num_workers > 0 else None,
                              generator=torch.Generator().manual_seed(cfg.seed))
         steps_per_epoch, sampler = stream.num_batches(cfg.num_workers), stream
     else:

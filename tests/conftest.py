@@ -18,7 +18,14 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import threading  # noqa: E402
 import uuid  # noqa: E402
+
+# This pytest process hosts Prefect's test server, which registers threading atexit hooks
+# for its service threads. A forked child (a DataLoader worker in the stream tests) would
+# run them at exit against threads it does not have and exit with code 1. Children own
+# none of the parent's services, so they drop the inherited hooks.
+os.register_at_fork(after_in_child=lambda: threading._threading_atexits.clear())
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

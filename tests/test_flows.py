@@ -126,3 +126,23 @@ def test_students_refuse_labels_from_another_teacher(tiny_run, tmp_path):
     run = [r for r in student_runs(cfg) if r["mode"] == "stored"][0]
     with pytest.raises(storage.MismatchError, match="teacher.fingerprint"):
         train_student(cfg, teacher, cfg.soft_label_uri(), run)
+
+
+def test_student_with_dataloader_workers_inside_prefect(tiny_run):
+    """Workers streaming stored labels from a process that runs Prefect (forkserver start)."""
+    from flows.flows import train_student_task
+    from flows.recipes import student_runs, teacher_info
+    from prefect import flow
+    cfg = load_config(TINY, tiny_run["overrides"] + ["students.train.num_workers=2", "students.train.epochs=1",
+                                                      "name=workers"])
+    raw = cfg.model_dump(mode="json")
+    raw["label"]["uri"] = load_config(TINY, tiny_run["overrides"]).soft_label_uri()
+    teacher = teacher_info(load_config(TINY, tiny_run["overrides"]).teacher_path())
+    run = [r for r in student_runs(cfg) if r["mode"] == "stored"][0]
+
+    @flow
+    def one_student():
+        return train_student_task(raw, teacher, raw["label"]["uri"], run)
+
+    out = one_student()
+    assert out["epochs_run"] == 1 and out["accuracy"] > 0.2

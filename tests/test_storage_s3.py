@@ -1,6 +1,4 @@
 """The same store through a real S3 API server (moto) on 127.0.0.1."""
-import multiprocessing as mp
-
 import numpy as np
 import pytest
 import s3fs
@@ -55,24 +53,40 @@ def test_s3_resume_and_corruption(s3_server, s3_uri):
         open_soft_labels(s3_uri, storage_options=so, verify=True)
 
 
-def _child_sum(ds, q):
+FORK_SCRIPT = """
+import multiprocessing as mp, sys
+sys.path.insert(0, "tests")
+from storage import open_soft_labels
+uri, endpoint = sys.argv[1], sys.argv[2]
+so = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+ds = open_soft_labels(uri, storage_options=so)
+parent = sum(int(b["sample_id"].sum()) for b in ds.iter_batches(16, worker=0, num_workers=2))
+
+def child(q):
     q.put(int(sum(int(b["sample_id"].sum()) for b in ds.iter_batches(16, worker=1, num_workers=2))))
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+total = parent + q.get(timeout=60)
+p.join(timeout=60)
+print(total, p.exitcode)
+"""
 
 
 def test_forked_worker_reads_s3_after_parent_did(s3_server, s3_uri):
-    """A dataset used in the parent, then iterated in a forked child (as DataLoader workers are)."""
+    """A dataset used in the parent, then iterated in a forked child (as DataLoader workers
+    are). Run in a fresh interpreter: this pytest process also hosts Prefect's test server,
+    whose threads a fork would inherit."""
+    import subprocess
+    import sys
     so = s3_server["storage_options"]
     write_toy(s3_uri, backend="zarr", n=64, shards=2, storage_options=so)
-    ds = open_soft_labels(s3_uri, storage_options=so)
-    parent = sum(int(b["sample_id"].sum()) for b in ds.iter_batches(16, worker=0, num_workers=2))
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child_sum, args=(ds, q))
-    p.start()
-    child = q.get(timeout=60)
-    p.join(timeout=60)
-    assert p.exitcode == 0
-    assert parent + child == sum(range(64))
+    r = subprocess.run([sys.executable, "-c", FORK_SCRIPT, s3_uri, so["endpoint_url"]], capture_output=True,
+                       text=True, timeout=120, cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(sum(range(64))), "0"]
 
 
 def test_convert_local_to_s3(s3_server, s3_uri, tmp_path):

@@ -153,6 +153,7 @@ def _label_shards(config: dict, teacher: dict) -> dict:
     create_table_artifact(table=table, key=_key(cfg, "label-shards"),
                           description=f"Per-shard labelling of {summary['uri']}")
     return summary | {"labelled_shards": len(rows), "skipped_shards": len(plan["committed"]),
+                      "worker_pids": sorted({r.get("pid") for r in rows}),
                       "seconds": dt, "samples_per_s": labelled / dt if dt else 0.0}
 
 

@@ -125,7 +125,8 @@ def label_one_shard(cfg: Config, teacher: dict, shard: int, start: int, stop: in
     s = label_shard(model, inputs, writer, shard, start=start, stop=stop, view_spec=view_spec(cfg),
                     num_views=cfg.views.num_views, batch_size=cfg.label.batch_size, device=str(dev), amp=amp,
                     feature_layer=cfg.label.feature_layer)
-    return {k: v for k, v in s.items() if k != "record"} | {"sha256": s["record"]["sha256"], "skipped": False}
+    return {k: v for k, v in s.items() if k != "record"} | {"sha256": s["record"]["sha256"], "skipped": False,
+                                                          "pid": os.getpid()}
 
 
 def finalize_labels(cfg: Config, teacher: dict) -> dict:

@@ -146,3 +146,20 @@ def test_student_with_dataloader_workers_inside_prefect(tiny_run):
 
     out = one_student()
     assert out["epochs_run"] == 1 and out["accuracy"] > 0.2
+
+
+def test_label_on_a_dask_cluster(tiny_run, tmp_path):
+    """The scale-out path: shard tasks on a Dask cluster through prefect-dask."""
+    from distributed import LocalCluster
+
+    from flows.flows import label_flow
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        out = label_flow(TINY, tiny_run["overrides"] + [f"label.uri={tmp_path / 'dask'}"],
+                         dask_address=cluster.scheduler_address)
+        assert out["labelled_shards"] == 3
+        # the shards really ran in the cluster's worker processes, not in this one
+        assert os.getpid() not in out["worker_pids"]
+    ds = storage.open_soft_labels(str(tmp_path / "dask"), verify=True)
+    ref = storage.open_soft_labels(load_config(TINY, tiny_run["overrides"]).soft_label_uri())
+    assert [s["sha256"] for s in ds.manifest["shards"]] == [s["sha256"] for s in ref.manifest["shards"]]

@@ -194,7 +194,7 @@ def distill_flow(config: dict | str, overrides: list[str] | None = None, dask_ad
     """End to end: teacher (unless a checkpoint is given), labels, students, report."""
     cfg = _load(config, overrides)
     raw = cfg.model_dump(mode="json")
-    teacher = train_teacher_task(raw)
+    train_teacher_task(raw)            # no-op when the checkpoint exists
     labels = label_flow(raw, dask_address=dask_address)
     report = students_flow(raw)
     report["label"] = labels

@@ -13,7 +13,7 @@ from pathlib import Path
 import storage
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
-from pipeline.evaluate import agreement, evaluate, predict_logits
+from pipeline.evaluate import evaluate, predict_logits
 from pipeline.label import label_shard, open_label_writer
 from pipeline.models import build_model
 from pipeline.teacher import finetune, train_teacher

@@ -91,7 +91,7 @@ def main(argv=None) -> dict | None:
         model = build_model(arch, in_shape=ds.in_shape, num_classes=ds.num_classes)
 
         on_batch = None
-        if a.record_ids:
+        if a.record_ids:  # each rank appends the (sample_id, view) it trains on, per epoch
             os.makedirs(a.record_ids, exist_ok=True)
             rec_path = os.path.join(a.record_ids, f"rank{rank}.jsonl")
             open(rec_path, "w").close()

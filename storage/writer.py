@@ -22,7 +22,7 @@ from .layout import Column, encode_parquet, encode_zarr, row_bytes, rows_per_blo
 from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, IDENTITY_FIELDS, KINDS,
                        MANIFEST, TMP_DIR, diff_fields, dump_manifest, now_iso, parse_manifest, producer,
                        validate_lineage)
-from .shards import EXT, commit_path, publish, read_commits, shard_filename, write_commit
+from .shards import EXT, publish, read_commits, shard_filename, write_commit
 from .topk import index_dtype, scaled_topk
 
 

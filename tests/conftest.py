@@ -83,6 +83,23 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture
+def one_thread():
+    """torch intra-op threads = 1 for the test (2 shared cores; small models run faster)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """sklearn digits split 300 train / 100 val."""
+    from pipeline.data import load_digits8, split_dataset
+    return split_dataset(load_digits8(), seed=0, sizes={"train": 300, "val": 100})
+
+
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 
 

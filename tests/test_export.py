@@ -1,7 +1,6 @@
 """Export and int8 compression of real (briefly trained) models on the digits data."""
 import io
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

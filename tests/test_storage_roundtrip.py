@@ -71,7 +71,7 @@ def test_topk_takes_small_fraction_of_dense_bytes(tmp_path):
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
 def test_views_and_feature_column(tmp_path, backend):
     uri = str(tmp_path / "ds")
-    n, V, C, F = 50, 3, 10, 8
+    n, V, C = 50, 3, 10
     rng = np.random.default_rng(1)
     z = toy_logits(n * V, C)
     feats = rng.standard_normal((n * V, 2, 4)).astype(np.float32)

@@ -111,7 +111,7 @@ def _epoch(loader, stream, epoch):
 def test_dataloader_workers_ranks_exactly_once_and_set_epoch(tmp_path):
     inputs = make_inputs(n=37)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=4)
-    per_rank, loaders = [], []
+    loaders = []
     for rank in range(2):
         s = StoredLabelStream(uri, inputs, SPEC, batch_size=8, seed=1, rank=rank, world_size=2)
         dl = DataLoader(s, batch_size=None, num_workers=2, persistent_workers=True)

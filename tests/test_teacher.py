@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
-from pipeline.data import ArrayDataset, load_digits8, split_dataset
+from pipeline.data import ArrayDataset
 from pipeline.models import build_model
 from pipeline.teacher import apply_freeze, finetune, train_teacher
 from pipeline.train import TrainConfig
@@ -13,17 +13,7 @@ from pipeline.views import ViewSpec
 CNN = {"arch": "cnn", "kwargs": {"channels": [8, 16]}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return split_dataset(load_digits8(), seed=0, sizes={"train": 300, "val": 100})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fingerprint_stable_and_sensitive(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import load_digits8, load_mnist5k, split_dataset
+from pipeline.data import load_mnist5k, split_dataset
 from pipeline.evaluate import predict_logits
 from pipeline.models import build_model
 from pipeline.teacher import train_teacher
@@ -23,17 +23,7 @@ MLP = {"arch": "mlp", "kwargs": {"width": 32, "depth": 1, "dropout": 0.2}}
 SPEC = ViewSpec(shift=1, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return split_dataset(load_digits8(), seed=0, sizes={"train": 300, "val": 100})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_labels(uri, teacher, ds, *, spec=SPEC, views=2, temperature=4.0, representation="dense", k=None):

@@ -62,6 +62,8 @@ class TrainSection(Section):
     loss: Literal["kd", "soft_ce", "mse", "topk_kl"] = "kd"
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.0, ge=0, le=1)
+    hint_weight: float = Field(0.0, ge=0)          # FitNets hint on the stored teacher feature (label.feature_layer)
+    rkd_weight: float = Field(0.0, ge=0)           # relational KD (distances) on the same features
     grad_clip: float | None = Field(None, gt=0)
     patience: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)

@@ -151,6 +151,8 @@ class StoredLabelStream(IterableDataset):
             out["topk_indices"] = torch.from_numpy(np.asarray(b["topk_indices"]).astype(np.int64))
             out["topk_logits"] = torch.from_numpy(np.array(b["topk_logits"], dtype=np.float32))
             out["logsumexp"] = torch.from_numpy(np.array(b["logsumexp"], dtype=np.float32))
+        if "feature" in b:  # the teacher's stored intermediate feature, (B, F), for hint/RKD losses
+            out["teacher_feature"] = torch.from_numpy(np.array(b["feature"], dtype=np.float32))
         return out
 
 

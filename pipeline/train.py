@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,7 +34,8 @@ from torch.utils.data import DataLoader
 from .checkpoint import atomic_torch_save
 from .data import ArrayDataset
 from .evaluate import accuracy, predict_logits
-from .losses import distillation_loss, logit_mse, soft_target_cross_entropy, topk_kl_loss
+from .losses import (HintLoss, distillation_loss, logit_mse, rkd_distance_loss, soft_target_cross_entropy,
+                     topk_kl_loss)
 from .stream import HardLabelBatches, StoredLabelStream
 from .views import ViewSpec
 
@@ -61,6 +63,8 @@ class TrainConfig:
     loss: str = "kd"                    # "kd" | "soft_ce" | "mse" | "topk_kl" (ignored in mode "hard")
     temperature: float = 4.0            # distillation T (may differ from the stored T, except topk_kl)
     alpha: float = 0.0                  # weight of hard-label CE; soft term gets 1 - alpha
+    hint_weight: float = 0.0            # + w * FitNets hint loss on the teacher feature (stored or online)
+    rkd_weight: float = 0.0             # + w * RKD distance loss on the same features
     grad_clip: float | None = None      # max global grad norm
     patience: int | None = None         # early stopping: evaluations without val-acc gain
     seed: int = 0
@@ -85,7 +89,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "momentum", "step_gamma"):
+        for name in ("lr", "weight_decay", "momentum", "step_gamma", "hint_weight", "rkd_weight"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -182,6 +186,44 @@ def _check_soft_source(cfg: TrainConfig, mode: str, stream: StoredLabelStream | 
                          f"got TrainConfig.temperature={cfg.temperature}")
 
 
+def _feature_losses(cfg: TrainConfig, mode: str, model: nn.Module, stream, teacher, data, ddp: bool,
+                    device) -> HintLoss | None:
+    """The hint regressor (student feature -> teacher feature) when hint/RKD losses are on."""
+    if cfg.hint_weight == 0 and cfg.rkd_weight == 0:
+        return None
+    if mode == "hard":
+        raise ValueError("hint_weight/rkd_weight need a teacher feature: use mode 'stored' or 'online'")
+    if ddp:
+        raise ValueError("hint_weight/rkd_weight are not supported with DDP yet (they bypass the DDP wrapper)")
+    if not (hasattr(model, "features") and isinstance(getattr(model, "head", None), nn.Linear)):
+        raise ValueError("hint/RKD losses need a student with .features(x) and a Linear .head "
+                         "(pipeline.models builders have both)")
+    if mode == "stored":
+        feat = stream.manifest.get("feature")
+        if not feat:
+            raise ValueError(f"soft labels at {stream.uri} store no teacher feature; label with "
+                             f"feature_layer=... to use hint_weight/rkd_weight")
+        t_dim = int(np.prod(feat["shape"]))
+    else:
+        if not hasattr(teacher, "features"):
+            raise ValueError("online hint/RKD losses need a teacher with .features(x)")
+        with torch.inference_mode():
+            t_dim = teacher.features(torch.from_numpy(data.x[:1]).to(device)).reshape(1, -1).shape[1]
+    return HintLoss(model.head.in_features, t_dim).to(device)
+
+
+def _feature_loss(cfg: TrainConfig, hint: HintLoss, feats: torch.Tensor, batch: dict) -> torch.Tensor:
+    """hint_weight * FitNets hint + rkd_weight * RKD distance, on rows with weight > 0."""
+    keep = batch["weight"] > 0                        # pad rows carry no information
+    s, t = feats[keep].flatten(1), batch["teacher_feature"][keep].flatten(1)
+    loss = feats.new_zeros((), dtype=torch.float32)
+    if cfg.hint_weight:
+        loss = loss + cfg.hint_weight * hint(s, t)
+    if cfg.rkd_weight and len(s) > 2:
+        loss = loss + cfg.rkd_weight * rkd_distance_loss(s, t)
+    return loss
+
+
 def _freeze_frozen_norms(model: nn.Module) -> None:
     # A norm layer whose affine params are frozen keeps its running statistics frozen
     # too (eval mode), so a frozen backbone is really unchanged by fine-tuning.
@@ -275,8 +317,9 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
                                              num_views=num_views, seed=cfg.seed, rank=rank, world_size=world)
         steps_per_epoch = batches.num_batches()
     _check_soft_source(cfg, mode, stream)
+    hint = _feature_losses(cfg, mode, raw, stream, teacher, train_data, ddp, device)
 
-    opt = make_optimizer(raw.parameters(), cfg)
+    opt = make_optimizer(list(raw.parameters()) + (list(hint.parameters()) if hint is not None else []), cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     torch.manual_seed(cfg.seed + rank)  # dropout etc.; model init happened before train()
 
@@ -286,6 +329,8 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
     ck = _load_resume(cfg) if resume else None
     if ck is not None:
         raw.load_state_dict(ck["model"])
+        if hint is not None:
+            hint.load_state_dict(ck["hint"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start_epoch, step, seconds_before = ck["epoch"], ck["step"], ck["seconds"]
@@ -315,10 +360,18 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if teacher is not None:  # online KD: same views as the student sees
                 with torch.inference_mode():
-                    t_logits = teacher(batch["x"]).float()
-                batch["teacher_logits"] = t_logits.clone()  # a normal tensor, usable in autograd
-            logits = net(batch["x"])                         # (B, C)
-            loss = compute_loss(cfg, mode, logits, batch)
+                    t_feat = teacher.features(batch["x"]).float() if hint is not None else None
+                    t_logits = teacher.head(t_feat) if hint is not None else teacher(batch["x"]).float()
+                batch["teacher_logits"] = t_logits.float().clone()  # a normal tensor, usable in autograd
+                if t_feat is not None:
+                    batch["teacher_feature"] = t_feat.clone()
+            if hint is None:
+                logits = net(batch["x"])                     # (B, C)
+                loss = compute_loss(cfg, mode, logits, batch)
+            else:
+                feats = raw.features(batch["x"])             # (B, F_s); DDP is refused with feature losses
+                logits = raw.head(feats)                     # (B, C)
+                loss = compute_loss(cfg, mode, logits, batch) + _feature_loss(cfg, hint, feats, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -365,6 +418,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
             if cfg.ckpt_path:
                 atomic_torch_save({
                     "model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "hint": hint.state_dict() if hint is not None else None,
                     "epoch": epoch + 1, "step": step, "seconds": seconds_before + time.perf_counter() - t_start,
                     "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state,
                     "bad_evals": bad_evals, "stopped_early": stopped, "history": history, "rng": rngs,

@@ -234,3 +234,33 @@ def test_lr_schedules():
     assert all(a >= b for a, b in zip(cos, cos[1:]))
     step = lrs(schedule="step", step_milestones=(0.5, 0.75), step_gamma=0.1)
     assert step[49] == 1.0 and step[50] == pytest.approx(0.1) and step[75] == pytest.approx(0.01)
+
+
+def test_hint_and_rkd_losses_from_stored_features(digits, tmp_path):
+    """FitNets hint + RKD on the teacher feature stored at labelling time (forward hook)."""
+    from pipeline.label import label_dataset
+    tr, va = digits["train"], digits["val"]
+    teacher = student(1, {"arch": "mlp", "kwargs": {"width": 48, "depth": 1}})
+    uri = str(tmp_path / "feat")
+    label_dataset(teacher, tr, uri, temperature=2.0, teacher={"name": "t", "fingerprint": "sha256:t"},
+                  feature_layer="body", shard_size=150)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu", alpha=0.5, hint_weight=1.0,
+                      rkd_weight=1.0, ckpt_path=str(tmp_path / "ck.pt"))
+    seen = []
+    s = student(0)
+    res = train(s, cfg, mode="stored", train_data=tr, val_data=va, soft_labels=uri,
+                on_batch=lambda e, b: seen.append(tuple(b["teacher_feature"].shape)))
+    assert res["epochs_run"] == 2 and seen and all(shape[1] == 48 for shape in seen)
+    ck = torch.load(cfg.ckpt_path, weights_only=False)
+    assert ck["hint"]["regressor.weight"].shape == (48, 32)     # student width 32 -> teacher 48
+    # the feature terms really enter the loss: same run without them ends elsewhere
+    s2 = student(0)
+    train(s2, TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu", alpha=0.5), mode="stored",
+          train_data=tr, val_data=va, soft_labels=uri)
+    assert not torch.equal(s.state_dict()["head.weight"], s2.state_dict()["head.weight"])
+    # labels without a stored feature are refused with a clear message
+    plain = write_labels(str(tmp_path / "plain"), teacher, tr)
+    with pytest.raises(ValueError, match="store no teacher feature"):
+        train(student(0), cfg, mode="stored", train_data=tr, soft_labels=plain)
+    with pytest.raises(ValueError, match="need a teacher feature"):
+        train(student(0), cfg, mode="hard", train_data=tr)

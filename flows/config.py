@@ -131,6 +131,7 @@ class StudentsConfig(Section):
     alphas: list[float] = Field(default_factory=lambda: [0.5])
     losses: list[Literal["kd", "soft_ce", "mse", "topk_kl"]] = Field(default_factory=lambda: ["kd"])
     baseline: bool = True                         # also train each architecture on hard labels
+    extra_soft_labels: list[str] = Field(default_factory=list)  # more teachers' labels of the same inputs (averaged)
     train: TrainSection = TrainSection()
     max_parallel: int = Field(1, ge=1)
 

@@ -191,7 +191,7 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
                        view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True)
     else:
         result = train(model, tcfg, mode="stored", train_data=train_set, val_data=s.get("val"),
-                       soft_labels=soft_label_uri, storage_options=cfg.label.storage_options or None,
+                       soft_labels=[soft_label_uri, *cfg.students.extra_soft_labels], storage_options=cfg.label.storage_options or None,
                        expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True)
     seconds = time.perf_counter() - t0
     ckpt = str(out / f"{run['name']}.pt")

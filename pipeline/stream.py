@@ -72,7 +72,11 @@ def _labels(inputs: ArrayDataset, pos: np.ndarray) -> torch.Tensor:
 class StoredLabelStream(IterableDataset):
     def __init__(self, soft_label_uri: str, inputs: ArrayDataset, view_spec: ViewSpec | None = None, *,
                  batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 storage_options: dict | None = None, expect: dict | None = None):
+                 storage_options: dict | None = None, expect: dict | None = None,
+                 extra_soft_labels: list[str] | None = None):
+        """extra_soft_labels: more teachers' dense soft labels for the SAME inputs and views
+        (multi-teacher KD); each row of the primary dataset is joined to theirs by
+        (sample_id, view) and batches gain `extra_teacher_logits` (K, B, C) raw logits."""
         _check_rank(rank, world_size, batch_size)
         self.uri, self.inputs = soft_label_uri, inputs
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
@@ -94,6 +98,9 @@ class StoredLabelStream(IterableDataset):
         if self.num_views > 1 and view_spec is None:
             raise ValueError(f"soft labels at {self.uri} hold {self.num_views} views per sample; pass the "
                              f"ViewSpec they were labelled with (view_spec=None only works for 1 view)")
+        self.extra_uris = list(extra_soft_labels or [])
+        self.extra_manifests = [self._check_extra(u) for u in self.extra_uris]
+        self._extra_ds: list[SoftLabelDataset] | None = None
         # shared memory, so persistent workers see set_epoch(); a RawValue has no lock, so it can
         # go to workers of any start method (one writer: the main process)
         self._epoch = mp.RawValue("q", 0)
@@ -114,10 +121,26 @@ class StoredLabelStream(IterableDataset):
         return parts * batches_per_partition(int(self.manifest["num_rows"]), self.world_size * parts,
                                              self.batch_size, False)
 
+    def _check_extra(self, uri: str) -> dict:
+        m = open_soft_labels(uri, storage_options=self.storage_options).manifest
+        me = self.manifest
+        if m["representation"]["kind"] != "dense" or self.kind != "dense":
+            raise ValueError(f"multi-teacher KD needs dense soft labels; {uri} or {self.uri} is top-k")
+        for field in ("num_classes", "num_views"):
+            if m[field] != me[field]:
+                raise ValueError(f"soft labels at {uri} have {field}={m[field]}, but {self.uri} has {me[field]}")
+        for field in ("fingerprint", "transform"):
+            if m["data"].get(field) != me["data"].get(field):
+                raise ValueError(f"soft labels at {uri} were made from other inputs (data.{field} "
+                                 f"{m['data'].get(field)!r} vs {me['data'].get(field)!r} at {self.uri})")
+        return m
+
     def _dataset(self) -> SoftLabelDataset:
         # opened lazily, once per process: after fork each worker gets its own filesystem
         if self._ds is None or self._ds_pid != os.getpid():
             self._ds = SoftLabelDataset(Location(self.uri, self.storage_options), self.manifest)
+            self._extra_ds = [SoftLabelDataset(Location(u, self.storage_options), m)
+                              for u, m in zip(self.extra_uris, self.extra_manifests)]
             self._ds_pid = os.getpid()
         return self._ds
 
@@ -151,6 +174,11 @@ class StoredLabelStream(IterableDataset):
             out["topk_indices"] = torch.from_numpy(np.asarray(b["topk_indices"]).astype(np.int64))
             out["topk_logits"] = torch.from_numpy(np.array(b["topk_logits"], dtype=np.float32))
             out["logsumexp"] = torch.from_numpy(np.array(b["logsumexp"], dtype=np.float32))
+        if self.extra_uris:  # other teachers' logits for the same (sample_id, view) rows
+            self._dataset()
+            out["extra_teacher_logits"] = torch.from_numpy(np.stack([
+                np.asarray(ds.take(sid, view, columns=["logits"])["logits"], np.float32) * np.float32(m["temperature"])
+                for ds, m in zip(self._extra_ds, self.extra_manifests)]))    # (K, B, C) raw
         if "feature" in b:  # the teacher's stored intermediate feature, (B, F), for hint/RKD losses
             out["teacher_feature"] = torch.from_numpy(np.array(b["feature"], dtype=np.float32))
         return out

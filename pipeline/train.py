@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 from .checkpoint import atomic_torch_save
 from .data import ArrayDataset
 from .evaluate import accuracy, predict_logits
-from .losses import (HintLoss, distillation_loss, logit_mse, rkd_distance_loss, soft_target_cross_entropy,
-                     topk_kl_loss)
+from .losses import (HintLoss, distillation_loss, logit_mse, multi_teacher_probs, rkd_distance_loss, soft_kl_loss,
+                     soft_target_cross_entropy, topk_kl_loss)
 from .stream import HardLabelBatches, StoredLabelStream
 from .views import ViewSpec
 
@@ -157,6 +157,10 @@ def compute_loss(cfg: TrainConfig, mode: str, logits: torch.Tensor, batch: dict)
     if mode == "hard":
         return _weighted_ce(logits, y, w)
     T = cfg.temperature
+    if "extra_teacher_logits" in batch:  # multi-teacher: average the teachers' probabilities at T
+        teachers = [batch["teacher_logits"] / T, *(z / T for z in batch["extra_teacher_logits"])]
+        soft = soft_kl_loss(logits, multi_teacher_probs(teachers), temperature=T, weights=w)
+        return soft if cfg.alpha == 0 else cfg.alpha * _weighted_ce(logits, y, w) + (1 - cfg.alpha) * soft
     if cfg.loss == "kd":  # Hinton KD already mixes in alpha * CE
         return distillation_loss(logits, batch["teacher_logits"], y if cfg.alpha > 0 else None,
                                  temperature=T, alpha=cfg.alpha, weights=w)
@@ -271,14 +275,15 @@ def _load_resume(cfg: TrainConfig) -> dict | None:
 # ---------------------------------------------------------------- the loop
 
 def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDataset,
-          val_data: ArrayDataset | None = None, soft_labels: str | None = None,
+          val_data: ArrayDataset | None = None, soft_labels: str | list[str] | None = None,
           view_spec: ViewSpec | None = None, num_views: int | None = None,
           teacher: nn.Module | None = None, storage_options: dict | None = None,
           expect: dict | None = None, resume: bool = False,
           on_batch: Callable[[int, dict], None] | None = None) -> dict:
     """Train `model` in place; at the end it holds the best (by val accuracy) weights.
 
-    stored: soft_labels = URI of the stored labels; train_data = inputs holding their ids.
+    stored: soft_labels = URI of the stored labels (or a list: several teachers of the same
+    inputs, whose probabilities are averaged); train_data = inputs holding their ids.
     hard / online: batches from train_data, augmented with view_spec (fresh views per
     epoch, or ids in [0, num_views)); online needs `teacher`.
     on_batch(epoch, batch) is called for every batch (tests, instrumentation).
@@ -304,8 +309,10 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         teacher = teacher.to(device).eval().requires_grad_(False)
     stream = None
     if mode == "stored":
-        stream = StoredLabelStream(soft_labels, train_data, view_spec, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   rank=rank, world_size=world, storage_options=storage_options, expect=expect)
+        uris = [soft_labels] if isinstance(soft_labels, str) else list(soft_labels)  # [primary, *more teachers]
+        stream = StoredLabelStream(uris[0], train_data, view_spec, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   rank=rank, world_size=world, storage_options=storage_options, expect=expect,
+                                   extra_soft_labels=uris[1:])
         # own generator: DataLoader must not draw from the global RNG (resume equality)
         batches = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                              persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda",

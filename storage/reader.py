@@ -186,20 +186,37 @@ class SoftLabelDataset:
                                  f"the dataset; {len(bad)} of {len(ids)} requested row(s) missing")
         shard, row = shard_sorted[pos], row_sorted[pos]
         out = {c: None for c in cols}
-        cache: dict = {}
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
-            sh = self._open(int(s), cache)
-            r = row[sel]
-            lo, hi = int(r.min()), int(r.max()) + 1
-            # one contiguous read per shard; fine for the batch sizes take() is meant for
-            got = sh.read(lo, hi, cols)
-            for c in cols:
-                vals = got[c][r - lo]
-                if out[c] is None:
-                    out[c] = np.empty((len(ids),) + vals.shape[1:], vals.dtype)
-                out[c][sel] = vals
+            for (b0, b1), blk in self._blocks_for(int(s), row[sel], cols):
+                inb = (row[sel] >= b0) & (row[sel] < b1)
+                rows, dst = row[sel][inb] - b0, sel[inb]
+                for c in cols:
+                    vals = blk[c][rows]
+                    if out[c] is None:
+                        out[c] = np.empty((len(ids),) + vals.shape[1:], vals.dtype)
+                    out[c][dst] = vals
         return out
+
+    def _blocks_for(self, pos: int, rows: np.ndarray, cols: list[str]):
+        """The storage blocks of shard `pos` holding `rows`, through a small per-process LRU
+        cache, so that take() for the rows of a streamed batch (the multi-teacher join)
+        reads each block once per shuffle window rather than once per batch."""
+        import os
+        if getattr(self, "_cache_pid", None) != os.getpid():
+            self._block_cache, self._shard_cache, self._cache_pid = {}, {}, os.getpid()
+        sh = self._open(pos, self._shard_cache)
+        bounds = sh.blocks()
+        starts = np.array([b[0] for b in bounds])
+        for bi in np.unique(np.searchsorted(starts, rows, side="right") - 1):
+            key = (pos, int(bi), tuple(cols))
+            blk = self._block_cache.pop(key, None)
+            if blk is None:
+                blk = sh.read(*bounds[bi], cols)
+            self._block_cache[key] = blk            # most recently used last
+            while len(self._block_cache) > 8:
+                self._block_cache.pop(next(iter(self._block_cache)))
+            yield bounds[bi], blk
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

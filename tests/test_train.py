@@ -13,6 +13,7 @@ import torch
 from pipeline.data import load_mnist5k, split_dataset
 from pipeline.evaluate import predict_logits
 from pipeline.models import build_model
+from pipeline.stream import StoredLabelStream
 from pipeline.teacher import train_teacher
 from pipeline.train import TrainConfig, make_schedule, train
 from pipeline.views import ViewSpec, apply_views
@@ -264,3 +265,29 @@ def test_hint_and_rkd_losses_from_stored_features(digits, tmp_path):
         train(student(0), cfg, mode="stored", train_data=tr, soft_labels=plain)
     with pytest.raises(ValueError, match="need a teacher feature"):
         train(student(0), cfg, mode="hard", train_data=tr)
+
+
+def test_multi_teacher_from_two_stored_datasets(digits, digit_labels, tmp_path):
+    """Two teachers' soft labels for the same inputs: rows joined by (sample_id, view), probabilities averaged."""
+    tr, va = digits["train"], digits["val"]
+    other = student(7, {"arch": "mlp", "kwargs": {"width": 24, "depth": 1}})
+    uri_b = write_labels(str(tmp_path / "b"), other, tr)
+    uri_a = digit_labels["dense"]
+    stream = StoredLabelStream(uri_a, tr, SPEC, batch_size=16, extra_soft_labels=[uri_b])
+    batch = next(iter(stream))
+    assert batch["extra_teacher_logits"].shape == (1, 16, 10)
+    with torch.inference_mode():        # the joined rows are teacher B's logits of the same view
+        x = apply_views(torch.from_numpy(tr.x[tr.index_of(batch["sample_id"].numpy())]),
+                        batch["sample_id"].numpy(), batch["view"].numpy(), SPEC)
+        torch.testing.assert_close(batch["extra_teacher_logits"][0], other.eval()(x), atol=0.05, rtol=0.01)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-2, device="cpu", temperature=2.0)
+    res = train(student(0), cfg, mode="stored", train_data=tr, val_data=va, soft_labels=[uri_a, uri_b])
+    assert res["epochs_run"] == 1
+    # two copies of one teacher are that teacher: same trajectory as single-teacher KD
+    a, b = student(0), student(0)
+    train(a, cfg, mode="stored", train_data=tr, soft_labels=[uri_a, uri_a])
+    train(b, cfg, mode="stored", train_data=tr, soft_labels=uri_a)
+    for k in a.state_dict():
+        torch.testing.assert_close(a.state_dict()[k], b.state_dict()[k], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="multi-teacher KD needs dense"):
+        StoredLabelStream(uri_a, tr, SPEC, batch_size=16, extra_soft_labels=[digit_labels["topk"]])

@@ -132,6 +132,8 @@ class StudentsConfig(Section):
     losses: list[Literal["kd", "soft_ce", "mse", "topk_kl"]] = Field(default_factory=lambda: ["kd"])
     baseline: bool = True                         # also train each architecture on hard labels
     extra_soft_labels: list[str] = Field(default_factory=list)  # more teachers' labels of the same inputs (averaged)
+    export: bool = True                           # write each student as .safetensors and TorchScript
+    quantize: bool = False                        # also report post-training dynamic int8 (accuracy, size, latency)
     train: TrainSection = TrainSection()
     max_parallel: int = Field(1, ge=1)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from pipeline.train import TrainConfig, train
 from pipeline.views import ViewSpec
 
 from .config import Config, TrainSection, parse_config
+
+
+_TRACE_LOCK = threading.Lock()
 
 
 def as_config(cfg: Config | dict) -> Config:
@@ -199,8 +203,22 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
                     metadata={"role": "student", "run": run, "soft_labels": soft_label_uri,
                               "teacher": teacher, "train": result.get("best_val_acc")})
     _, t_logits = teacher_eval_logits(cfg, teacher)
-    ev = evaluate(model, eval_split(cfg), teacher_logits=t_logits)
-    return {"name": run["name"], "arch_name": run["arch_name"], "mode": run["mode"],
+    test = eval_split(cfg)
+    ev = evaluate(model, test, teacher_logits=t_logits)
+    extra = {}
+    if cfg.students.export:
+        import torch
+        from pipeline.export import export_safetensors, export_torchscript
+        extra["safetensors"] = str(out / f"{run['name']}.safetensors")
+        extra["torchscript"] = str(out / f"{run['name']}.ts.pt")
+        export_safetensors(model, extra["safetensors"])
+        with _TRACE_LOCK:  # torch.jit.trace is not safe in concurrent threads (students train in parallel)
+            export_torchscript(model, extra["torchscript"], torch.from_numpy(test.x[:2]))
+    if cfg.students.quantize:
+        from pipeline.export import compression_report
+        q = compression_report(model, test.x, test.y, in_shape=test.in_shape)["int8"]
+        extra["int8"] = {k: q[k] for k in ("accuracy", "size_bytes", "latency_ms")}
+    return extra | {"name": run["name"], "arch_name": run["arch_name"], "mode": run["mode"],
             "temperature": run.get("temperature"), "alpha": run.get("alpha"), "loss": run.get("loss"),
             "accuracy": ev["accuracy"], "agreement": ev["agreement"], "ece": ev["ece"], "params": ev["params"],
             "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "checkpoint": ckpt,
@@ -218,6 +236,7 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
         entry = {k: r[k] for k in ("name", "accuracy", "agreement", "params", "size_bytes", "latency_ms",
                                    "checkpoint", "mode", "temperature", "alpha", "loss", "ece")}
         entry["baseline_accuracy"] = baselines.get(r["arch_name"])
+        entry.update({k: r[k] for k in ("int8", "safetensors", "torchscript") if k in r})
         students.append(entry)
     report = {"name": cfg.name, "eval_split": "test" if "test" in splits(cfg) else "val",
               "teacher": {"name": teacher["name"], "accuracy": ev["accuracy"], "params": ev["params"],

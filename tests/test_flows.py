@@ -37,6 +37,8 @@ def test_distill_flow_end_to_end(tiny_run):
     for s in on_disk["students"]:
         assert set(s) >= {"name", "accuracy", "params", "size_bytes", "latency_ms", "agreement", "baseline_accuracy"}
         assert s["accuracy"] > 0.3 and 0 <= s["agreement"] <= 1 and os.path.exists(s["checkpoint"])
+        assert os.path.exists(s["safetensors"]) and os.path.exists(s["torchscript"])
+        assert s["int8"]["size_bytes"] < s["size_bytes"] and abs(s["int8"]["accuracy"] - s["accuracy"]) < 0.1
         base = next(b for b in on_disk["students"] if b["name"] == s["name"].split("-T")[0].replace("-baseline", "") + "-baseline")
         assert s["baseline_accuracy"] == base["accuracy"]
     # the soft labels are complete, verified, and say exactly what produced them

@@ -1,0 +1,264 @@
+"""Student training speed by label source: stored soft labels vs online KD vs hard labels.
+
+One student (MLP width 32, depth 1 by default), one batch size, the same rows per epoch
+(the MNIST-5k train split, 3,500 samples; the stored dataset has num_views=1, so rows =
+samples, and no mode uses augmentation), trained with pipeline.train.train():
+
+    hard     mode="hard":   HardLabelBatches over the in-memory ArrayDataset, cross-entropy
+    stored   mode="stored": StoredLabelStream (Parquet, dense float16) through a DataLoader
+                            with num_workers=0 (same process as hard), KD loss
+    online   mode="online": hard-label batches + a teacher forward on every batch, KD loss
+
+Modes are measured interleaved (round r runs every mode once, the order rotated per
+round) so load from other processes hits them alike. Each run trains --epochs epochs; the
+first epoch of every run is warm-up and dropped (lazy opens, allocator, first-touch page
+faults); the epoch time is the training-loop time of pipeline.train (rows / samples_per_s
+from its per-epoch log record, so evaluation and logging are excluded). Reported: median
+epoch time per mode and its ratio to hard. Target: stored <= 1.05 x hard.
+
+If the target is missed (or with --profile) the script profiles one stored and one hard
+run with cProfile and prints where the extra time per epoch goes.
+
+    python benchmarks/train_speed.py [--quick] [--rounds 5] [--epochs 6] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pipeline.checkpoint import fingerprint  # noqa: E402
+from pipeline.data import load_mnist5k, split_dataset  # noqa: E402
+from pipeline.label import label_dataset  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.stream import HardLabelBatches, StoredLabelStream  # noqa: E402
+from pipeline.train import TrainConfig, compute_loss, train  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+SPLIT = {"train": 3500, "val": 500, "test": 1000}
+TEACHER = {"arch": "cnn", "kwargs": {"channels": [16, 32]}}
+
+
+def student(args, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model({"arch": "mlp", "kwargs": {"width": args.width, "depth": args.depth}},
+                       in_shape=(1, 28, 28), num_classes=10)
+
+
+def run_once(args, mode: str, tr, teacher, uri, log: str, *, num_workers: int = 0) -> dict:
+    """One train() call of args.epochs epochs; returns per-epoch loop seconds and wall time."""
+    if os.path.exists(log):
+        os.remove(log)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=3e-3, temperature=4.0, alpha=0.0,
+                      loss="kd", seed=0, device="cpu", num_workers=num_workers, log_path=log)
+    m = student(args)
+    kw = {"soft_labels": uri} if mode == "stored" else {"teacher": teacher} if mode == "online" else {}
+    t0 = time.perf_counter()
+    res = train(m, cfg, mode="stored" if mode.startswith("stored") else mode, train_data=tr, **kw)
+    wall = time.perf_counter() - t0
+    with open(log) as f:
+        recs = [json.loads(line) for line in f]
+    rows = len(tr)
+    epoch_s = [rows / r["samples_per_s"] for r in recs]  # = pipeline.train's train_seconds
+    assert res["steps"] == args.epochs * -(-rows // args.batch_size), res["steps"]
+    return {"epochs": epoch_s[1:], "wall": wall}
+
+
+def data_epochs(args, kind: str, tr, uri) -> list[float]:
+    """Seconds per epoch of the batch source alone, built as train() builds it (incl. the
+    per-batch `.to(device)` dict), no model: args.epochs epochs, the first dropped."""
+    if kind == "stored":
+        sampler = StoredLabelStream(uri, tr, None, batch_size=args.batch_size, seed=0)
+        it = DataLoader(sampler, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(0))
+    else:
+        sampler = it = HardLabelBatches(tr, batch_size=args.batch_size, seed=0)
+    dev, out = torch.device("cpu"), []
+    for e in range(args.epochs):
+        t0 = time.perf_counter()
+        sampler.set_epoch(e)
+        for b in it:
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def loss_epochs(args, mode: str, batches: list[dict]) -> list[float]:
+    """Seconds per epoch of student forward + compute_loss + backward on prepared batches:
+    the same model work in both modes, so hard vs stored differs only by the loss (CE vs KD)."""
+    cfg = TrainConfig(temperature=4.0, alpha=0.0, loss="kd", device="cpu")
+    m, out = student(args), []
+    for _ in range(args.epochs):
+        t0 = time.perf_counter()
+        for b in batches:
+            loss = compute_loss(cfg, mode, m(b["x"]), b)
+            m.zero_grad(set_to_none=True)
+            loss.backward()
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def profile_modes(args, tr, teacher, uri, root) -> None:
+    """cProfile one hard and one stored run; print per-epoch seconds of the functions that
+    differ, and the top functions of the stored run by own time."""
+    stats = {}
+    for mode in ("hard", "stored"):
+        prof = cProfile.Profile()
+        prof.enable()
+        run_once(args, mode, tr, teacher, uri, os.path.join(root, f"prof-{mode}.jsonl"))
+        prof.disable()
+        stats[mode] = pstats.Stats(prof)
+    E = args.epochs
+
+    def table(st):  # {(file, line, func): (own seconds, cumulative seconds, calls)}
+        return {k: (v[2], v[3], v[1]) for k, v in st.stats.items()}
+
+    hard, stored = table(stats["hard"]), table(stats["stored"])
+
+    def name(k):
+        f, line, fn = k
+        for marker in ("/work/main/", "site-packages/"):
+            if marker in f:
+                f = f.split(marker, 1)[1]
+        return f"{f}:{line}:{fn}"
+
+    print(f"\n== profile: cProfile of one {E}-epoch run per mode (profiler overhead inflates "
+          f"small calls; compare the two columns, not the absolute numbers)")
+    print("cumulative seconds per epoch of the per-batch path:")
+    keys = [("pipeline/train.py", "train"), ("torch/utils/data/dataloader.py", "__next__"),
+            ("pipeline/stream.py", "__iter__"), ("pipeline/stream.py", "join"),
+            ("pipeline/data.py", "index_of"), ("storage/reader.py", "iter_batches"),
+            ("storage/reader.py", "_rebatch"), ("storage/reader.py", "_shuffle_blocks"),
+            ("storage/reader.py", "_blocks"), ("storage/layout.py", "read"),
+            ("storage/shards.py", "open_shard"), ("pipeline/stream.py", "__iter__"),
+            ("pipeline/train.py", "compute_loss"), ("pipeline/losses.py", "distillation_loss"),
+            ("pipeline/train.py", "_weighted_ce"), ("pipeline/train.py", "<dictcomp>"),
+            ("torch/_tensor.py", "backward"), ("torch/optim/optimizer.py", "wrapper")]
+    seen = set()
+    print(f"  {'function':64s} {'hard s/ep':>10s} {'stored s/ep':>11s} {'delta':>8s}")
+    for fpart, fn in keys:
+        for tab_keys in (stored, hard):
+            for k in tab_keys:
+                if k in seen or k[2] != fn or fpart not in k[0]:
+                    continue
+                seen.add(k)
+                h = hard.get(k, (0, 0, 0))[1] / E
+                s = stored.get(k, (0, 0, 0))[1] / E
+                print(f"  {name(k)[:64]:64s} {h:10.4f} {s:11.4f} {s - h:+8.4f}")
+    print("top 15 functions of the stored run by own time (seconds per epoch, calls per epoch):")
+    for k, (own, cum, calls) in sorted(stored.items(), key=lambda kv: -kv[1][0])[:15]:
+        h = hard.get(k, (0, 0, 0))
+        print(f"  {name(k)[:70]:70s} own {own / E:.4f} (hard {h[0] / E:.4f})  cum {cum / E:.4f}  "
+              f"calls {calls / E:.0f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 rounds x 3 epochs")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=6, help="epochs per run (the first is warm-up, dropped)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: tiny ops do not pay thread sync on a shared 2-core box)")
+    ap.add_argument("--workers", action="store_true",
+                    help="also time stored with num_workers=1 (informational, not the target)")
+    ap.add_argument("--profile", action="store_true", help="profile even if the target is met")
+    ap.add_argument("--out", default=None, help="directory for the soft labels (default: a temp dir)")
+    a = ap.parse_args()
+    if a.quick:
+        a.rounds, a.epochs = 2, 3
+    if a.epochs < 2:
+        ap.error("--epochs must be >= 2 (the first epoch of each run is dropped)")
+    torch.set_num_threads(a.threads)
+    root = a.out or tempfile.mkdtemp(prefix="distillery-speed-")
+    os.makedirs(root, exist_ok=True)
+
+    tr = split_dataset(load_mnist5k(), seed=0, sizes=SPLIT)["train"]
+    torch.manual_seed(0)
+    teacher = build_model(TEACHER, in_shape=tr.in_shape, num_classes=10)
+    # teacher quality does not matter for speed: 1 epoch, just so the labels are not random
+    train(teacher, TrainConfig(epochs=1, lr=2e-3, device="cpu"), mode="hard", train_data=tr)
+    teacher.eval()
+    uri = os.path.join(root, "labels")
+    label_dataset(teacher, tr, uri, temperature=4.0, teacher={"name": "cnn", "fingerprint": fingerprint(
+        teacher.state_dict())}, num_views=1, view_spec=None, representation="dense", dtype="float16",
+        backend="parquet", overwrite=True)
+
+    modes = ["hard", "stored", "online"] + (["stored-1worker"] if a.workers else [])
+    nparams = sum(p.numel() for p in student(a).parameters())
+    steps = -(-len(tr) // a.batch_size)
+    print(f"student mlp width={a.width} depth={a.depth} ({nparams:,} params); teacher cnn {TEACHER['kwargs']} "
+          f"(online only); rows/epoch={len(tr)} (MNIST-5k train split, stored num_views=1, no augmentation); "
+          f"batch={a.batch_size} ({steps} steps/epoch); device=cpu, torch threads={a.threads}")
+    print(f"stored: Parquet dense float16 at {uri}, DataLoader num_workers=0, loss kd T=4 alpha=0; "
+          f"hard: in-memory HardLabelBatches, cross-entropy; online: teacher forward per batch, loss kd T=4")
+    print(f"{a.rounds} rounds x {len(modes)} modes interleaved (order rotated per round), {a.epochs} epochs per "
+          f"run, first epoch of each run dropped -> {a.rounds * (a.epochs - 1)} epoch times per mode\n")
+
+    times = {m: [] for m in modes}
+    walls = {m: [] for m in modes}
+    parts = {k: [] for k in ("data:hard", "data:stored", "loss:hard", "loss:stored")}
+    sample = {"hard": list(HardLabelBatches(tr, batch_size=a.batch_size, seed=0)),
+              "stored": list(DataLoader(StoredLabelStream(uri, tr, None, batch_size=a.batch_size, seed=0),
+                                        batch_size=None))}
+    t_start = time.perf_counter()
+    for r in range(a.rounds):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
+        for m in order:
+            out = run_once(a, m, tr, teacher, uri, os.path.join(root, f"{m}.jsonl"),
+                           num_workers=1 if m == "stored-1worker" else 0)
+            times[m] += out["epochs"]
+            walls[m].append(out["wall"])
+        for kind in (("hard", "stored") if r % 2 == 0 else ("stored", "hard")):
+            parts[f"data:{kind}"] += data_epochs(a, kind, tr, uri)
+            parts[f"loss:{kind}"] += loss_epochs(a, kind, sample[kind])
+        print(f"round {r + 1}/{a.rounds}: " + ", ".join(
+            f"{m} {1e3 * statistics.median(times[m][-(a.epochs - 1):]):.1f} ms" for m in modes), flush=True)
+
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\n{'mode':15s} {'median ms/epoch':>15s} {'min':>8s} {'max':>8s} {'ms/step':>8s} {'rows/s':>9s} "
+          f"{'x hard':>7s} {'median run wall s':>17s}")
+    for m in modes:
+        v = times[m]
+        print(f"{m:15s} {1e3 * med[m]:15.1f} {1e3 * min(v):8.1f} {1e3 * max(v):8.1f} {1e3 * med[m] / steps:8.2f} "
+              f"{len(tr) / med[m]:9,.0f} {med[m] / med['hard']:7.3f} {statistics.median(walls[m]):17.2f}")
+    pm = {k: statistics.median(v) for k, v in parts.items()}
+    d_all = med["stored"] - med["hard"]
+    d_data = pm["data:stored"] - pm["data:hard"]
+    d_loss = pm["loss:stored"] - pm["loss:hard"]
+    print(f"\nwhere stored's extra {1e3 * d_all:.1f} ms/epoch over hard goes (components timed alone, "
+          f"interleaved, median of {len(parts['data:hard'])} epochs each):")
+    print(f"  batch source alone   hard {1e3 * pm['data:hard']:6.1f} ms  stored {1e3 * pm['data:stored']:6.1f} ms  "
+          f"-> {1e3 * d_data:+6.1f} ms/epoch ({100 * d_data / med['hard']:+.1f}% of a hard epoch)  "
+          f"[StoredLabelStream + DataLoader vs HardLabelBatches]")
+    print(f"  fwd+loss+bwd alone   CE   {1e3 * pm['loss:hard']:6.1f} ms  KD     {1e3 * pm['loss:stored']:6.1f} ms  "
+          f"-> {1e3 * d_loss:+6.1f} ms/epoch ({100 * d_loss / med['hard']:+.1f}% of a hard epoch)  "
+          f"[distillation_loss T=4 vs _weighted_ce]")
+    print(f"  remainder (optimizer, scheduler, noise)            -> {1e3 * (d_all - d_data - d_loss):+6.1f} ms/epoch")
+    ratio = med["stored"] / med["hard"]
+    ok = ratio <= 1.05
+    print(f"\nonline KD / stored = {med['online'] / med['stored']:.2f}x per epoch")
+    print(f"[{'PASS' if ok else 'FAIL'}] stored-label training (stream + KD loss) costs {100 * (ratio - 1):+.1f}% per "
+          f"epoch vs hard labels in memory (target <= +5.0%)")
+    print(f"[info] the batch source alone (label source, no loss difference) costs "
+          f"{100 * d_data / med['hard']:+.1f}% of a hard epoch")
+    print(f"total benchmark time {time.perf_counter() - t_start:.0f} s")
+    if not ok or a.profile:
+        profile_modes(a, tr, teacher, uri, root)
+    if a.out is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

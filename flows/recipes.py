@@ -25,6 +25,7 @@ from .config import Config, TrainSection, parse_config
 
 
 _TRACE_LOCK = threading.Lock()
+_INIT_LOCK = threading.Lock()
 
 
 def as_config(cfg: Config | dict) -> Config:
@@ -183,12 +184,13 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
     overrides = {k: run[k] for k in ("temperature", "alpha", "loss") if k in run}
     tcfg = train_config(cfg.students.train.model_copy(update=overrides),
                         log_path=str(out / f"{run['name']}.jsonl"), ckpt_path=str(out / f"{run['name']}.train.pt"))
-    torch.manual_seed(tcfg.seed)
     train_set = s[cfg.data.label_split]
     # the transfer set may be unlabeled; the labeled train split knows the classes
     num_classes = s["train"].num_classes or train_set.num_classes
     arch = {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}
-    model = build_model(arch, in_shape=train_set.in_shape, num_classes=num_classes)
+    with _INIT_LOCK:  # students train in parallel threads; the global RNG must not interleave
+        torch.manual_seed(tcfg.seed)
+        model = build_model(arch, in_shape=train_set.in_shape, num_classes=num_classes)
     t0 = time.perf_counter()
     if run["mode"] == "hard":
         result = train(model, tcfg, mode="hard", train_data=s["train"], val_data=s.get("val"),

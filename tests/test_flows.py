@@ -165,3 +165,13 @@ def test_label_on_a_dask_cluster(tiny_run, tmp_path):
     ds = storage.open_soft_labels(str(tmp_path / "dask"), verify=True)
     ref = storage.open_soft_labels(load_config(TINY, tiny_run["overrides"]).soft_label_uri())
     assert [s["sha256"] for s in ds.manifest["shards"]] == [s["sha256"] for s in ref.manifest["shards"]]
+
+
+def test_student_sweep_is_reproducible(tiny_run, tmp_path):
+    """Same config, same stored labels: the same students, although they train in parallel threads."""
+    from flows.flows import students_flow
+    cfg = tiny_run["cfg"]
+    again = students_flow(TINY, tiny_run["overrides"] + [f"runs_dir={tmp_path}", f"label.uri={cfg.soft_label_uri()}",
+                                                         f"teacher.checkpoint={cfg.teacher_path()}"])
+    first = {s["name"]: s["accuracy"] for s in tiny_run["report"]["students"]}
+    assert {s["name"]: s["accuracy"] for s in again["students"]} == first

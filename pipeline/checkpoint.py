@@ -18,7 +18,6 @@ written by pipeline/train.py; this file is the durable artifact of a finished ru
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -26,6 +25,8 @@ import uuid
 
 import torch
 import torch.nn as nn
+
+from storage.manifest import now_iso
 
 from .models import ModelSpec, build_model
 
@@ -47,10 +48,6 @@ def fingerprint(state_dict: dict) -> str:
         else:  # rare non-tensor entries (get_extra_state): hash their JSON form
             h.update(json.dumps({"name": name, "value": v}, sort_keys=True, default=repr).encode() + b"\0")
     return "sha256:" + h.hexdigest()
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

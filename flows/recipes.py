@@ -4,6 +4,7 @@ config dict, a path/URI or small JSON metadata, never a tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -193,6 +194,9 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
         model = build_model(arch, in_shape=train_set.in_shape, num_classes=num_classes)
     t0 = time.perf_counter()
     if run["mode"] == "hard":
+        # A fair baseline sees as many rows as a stored-label student: a stored epoch covers
+        # every view of every sample (N x V rows), a hard epoch N rows with one random view each.
+        tcfg = dataclasses.replace(tcfg, epochs=tcfg.epochs * cfg.views.num_views)
         result = train(model, tcfg, mode="hard", train_data=s["train"], val_data=s.get("val"),
                        view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True)
     else:

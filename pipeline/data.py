@@ -89,8 +89,12 @@ class ArrayDataset:
     def index_of(self, sample_ids) -> np.ndarray:
         """Positions (int64) of the given sample ids; ValueError naming any missing id."""
         query = np.asarray(sample_ids, dtype=np.int64)
-        order = np.argsort(self.sample_ids, kind="stable")
-        sorted_ids = self.sample_ids[order]
+        # the sorted index is built once: index_of runs for every streamed batch
+        cache = self.__dict__.get("_index_cache")
+        if cache is None or cache[0] is not self.sample_ids:
+            order = np.argsort(self.sample_ids, kind="stable")
+            cache = self.__dict__["_index_cache"] = (self.sample_ids, order, self.sample_ids[order])
+        _, order, sorted_ids = cache
         pos = np.searchsorted(sorted_ids, query)
         pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
         found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query if len(sorted_ids)

@@ -303,11 +303,12 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         stream = StoredLabelStream(uris[0], train_data, view_spec, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=rank, world_size=world, storage_options=storage_options, expect=expect,
                                    extra_soft_labels=uris[1:])
-        # own generator: DataLoader must not draw from the global RNG (resume equality)
-        batches = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                             persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda",
-                             multiprocessing_context=cfg.worker_start if cfg.num_workers > 0 else None,
-                             generator=torch.Generator().manual_seed(cfg.seed))
+        if cfg.num_workers == 0:  # iterate in-process: a DataLoader adds per-batch overhead and nothing else
+            batches = stream
+        else:  # own generator: DataLoader must not draw from the global RNG (resume equality)
+            batches = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True,
+                                 pin_memory=device.type == "cuda", multiprocessing_context=cfg.worker_start,
+                                 generator=torch.Generator().manual_seed(cfg.seed))
         steps_per_epoch, sampler = stream.num_batches(cfg.num_workers), stream
     else:
         sampler = batches = HardLabelBatches(train_data, batch_size=cfg.batch_size, view_spec=view_spec,
@@ -394,11 +395,11 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
                 box = [val_acc]
                 dist.broadcast_object_list(box, src=0)
                 val_acc = box[0]
-            if best_acc is None or val_acc > best_acc:
-                best_acc, best_epoch, bad_evals = val_acc, epoch, 0
+            improved = best_acc is None or val_acc > best_acc
+            if improved or val_acc == best_acc:  # a tie keeps the later, more trained weights...
+                best_acc, best_epoch = val_acc, epoch
                 best_state = {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}
-            else:
-                bad_evals += 1
+            bad_evals = 0 if improved else bad_evals + 1  # ...but only a gain resets patience
             stopped = cfg.patience is not None and bad_evals >= cfg.patience
 
         # ---- log + checkpoint

@@ -24,6 +24,9 @@ from .shards import open_shard, read_commits
 from .writer import columns_for
 
 
+SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker)
+
+
 def read_manifest(loc: Location) -> dict:
     try:
         raw = loc.read_bytes(MANIFEST)
@@ -98,7 +101,8 @@ class SoftLabelDataset:
 
     def _open(self, pos: int, cache: dict):
         if pos not in cache:
-            cache.clear()  # one open shard at a time bounds memory and file handles
+            if len(cache) >= 64:  # bound file handles; shard objects hold no data
+                cache.pop(next(iter(cache)))
             cache[pos] = open_shard(self.loc, self.manifest["shards"][pos]["path"],
                                     self.manifest["backend"], self.columns)
         return cache[pos]
@@ -131,14 +135,25 @@ class SoftLabelDataset:
         blocks = self._blocks(segs, cols)
         if shuffle:
             if shuffle_buffer is None:
+                # Labelled data is often stored in class order; a window of a few blocks then
+                # yields class-skewed batches. Shuffle globally when the partition fits in
+                # SHUFFLE_BUDGET_BYTES, else over two blocks (or eight batches) at least.
                 biggest = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"])
-                shuffle_buffer = max(2 * biggest, 8 * batch_size)
+                row = max(1, self.manifest.get("layout", {}).get("row_bytes") or 1)
+                shuffle_buffer = max(2 * biggest, 8 * batch_size, SHUFFLE_BUDGET_BYTES // row)
             rng = np.random.default_rng([seed, epoch, rank * num_workers + worker])
             blocks = _shuffle_blocks(blocks, shuffle_buffer, rng)
         yield from _rebatch(blocks, batch_size, drop_last)
 
+    def _shard_cache(self) -> dict:
+        """Open shards of this process, kept across epochs (one round trip per shard on S3)."""
+        import os
+        if getattr(self, "_open_pid", None) != os.getpid():
+            self._open_shards, self._open_pid = {}, os.getpid()
+        return self._open_shards
+
     def _blocks(self, segs, cols) -> Iterator[dict[str, np.ndarray]]:
-        cache: dict = {}
+        cache = self._shard_cache()
         for seg in segs:
             sh = self._open(seg.shard, cache)
             for b0, b1 in sh.blocks():
@@ -204,8 +219,8 @@ class SoftLabelDataset:
         reads each block once per shuffle window rather than once per batch."""
         import os
         if getattr(self, "_cache_pid", None) != os.getpid():
-            self._block_cache, self._shard_cache, self._cache_pid = {}, {}, os.getpid()
-        sh = self._open(pos, self._shard_cache)
+            self._block_cache, self._cache_pid = {}, os.getpid()
+        sh = self._open(pos, self._shard_cache())
         bounds = sh.blocks()
         starts = np.array([b[0] for b in bounds])
         for bi in np.unique(np.searchsorted(starts, rows, side="right") - 1):

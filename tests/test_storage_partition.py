@@ -105,3 +105,14 @@ def test_bad_partition_arguments(tmp_path):
         next(ds.iter_batches(0))
     with pytest.raises(Exception, match="unknown column"):
         next(ds.iter_batches(4, columns=["nope"]))
+
+
+def test_default_shuffle_mixes_class_sorted_shards(tmp_path):
+    """Labelled data often arrives in class order; batches must still mix classes."""
+    uri = str(tmp_path / "ds")
+    write_toy(uri, n=2000, shards=10)                     # "class" = sample_id // 200: one class per shard
+    ds = open_soft_labels(uri)
+    first = next(ds.iter_batches(64, seed=0))
+    assert len(np.unique(first["sample_id"] // 200)) >= 8
+    small = next(ds.iter_batches(64, seed=0, shuffle_buffer=256))   # an explicit small window stays local
+    assert len(np.unique(small["sample_id"] // 200)) <= 3

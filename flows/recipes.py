@@ -19,14 +19,13 @@ from pipeline.evaluate import evaluate, predict_logits
 from pipeline.label import label_shard, open_label_writer
 from pipeline.models import build_model
 from pipeline.teacher import finetune, train_teacher
-from pipeline.train import TrainConfig, train
+from pipeline.train import GLOBAL_RNG_LOCK, TrainConfig, train
 from pipeline.views import ViewSpec
 
 from .config import Config, TrainSection, parse_config
 
 
 _TRACE_LOCK = threading.Lock()
-_INIT_LOCK = threading.Lock()
 
 
 def as_config(cfg: Config | dict) -> Config:
@@ -189,7 +188,7 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
     # the transfer set may be unlabeled; the labeled train split knows the classes
     num_classes = s["train"].num_classes or train_set.num_classes
     arch = {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}
-    with _INIT_LOCK:  # students train in parallel threads; the global RNG must not interleave
+    with GLOBAL_RNG_LOCK:  # students train in parallel threads; seeding and init must not interleave
         torch.manual_seed(tcfg.seed)
         model = build_model(arch, in_shape=train_set.in_shape, num_classes=num_classes)
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from .checkpoint import load_model, save_checkpoint
 from .data import ArrayDataset
 from .evaluate import accuracy, predict_logits
 from .models import ModelSpec, build_model
-from .train import TrainConfig, train
+from .train import GLOBAL_RNG_LOCK, TrainConfig, train
 from .views import ViewSpec
 
 
@@ -51,8 +51,9 @@ def train_teacher(arch: dict | ModelSpec, train_data: ArrayDataset, val_data: Ar
     if train_data.num_classes is None or train_data.y is None:
         raise ValueError(f"teacher training needs labeled data; {train_data.name!r} is unlabeled")
     cfg = _train_ckpt(cfg, out_path)
-    torch.manual_seed(cfg.seed)  # same seed -> same initial weights
-    model = build_model(spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes)
+    with GLOBAL_RNG_LOCK:
+        torch.manual_seed(cfg.seed)  # same seed -> same initial weights
+        model = build_model(spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes)
     result = train(model, cfg, mode="hard", train_data=train_data, val_data=val_data,
                    view_spec=view_spec, resume=resume, on_batch=on_batch)
     meta = {"role": "teacher", "data": data_info(train_data),
@@ -99,11 +100,12 @@ def finetune(checkpoint: str, data: ArrayDataset, val_data: ArrayDataset | None 
         raise ValueError(f"{checkpoint} expects inputs {tuple(src['in_shape'])}, "
                          f"data {data.name!r} has {data.in_shape}")
     cfg = _train_ckpt(cfg, out_path)
-    torch.manual_seed(cfg.seed)
-    if data.num_classes != src["num_classes"]:
-        if not isinstance(getattr(model, "head", None), nn.Linear):
-            raise ValueError(f"cannot replace the head for {data.num_classes} classes: model has no Linear .head")
-        model.head = nn.Linear(model.head.in_features, data.num_classes)
+    with GLOBAL_RNG_LOCK:  # a new head's init must not interleave with other threads' seeding
+        torch.manual_seed(cfg.seed)
+        if data.num_classes != src["num_classes"]:
+            if not isinstance(getattr(model, "head", None), nn.Linear):
+                raise ValueError(f"cannot replace the head for {data.num_classes} classes: model has no Linear .head")
+            model.head = nn.Linear(model.head.in_features, data.num_classes)
     frozen = apply_freeze(model, list(freeze or []))
     result = train(model, cfg, mode="hard", train_data=data, val_data=val_data, view_spec=view_spec,
                    resume=resume, on_batch=on_batch)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -45,6 +46,9 @@ LOSSES = ("kd", "soft_ce", "mse", "topk_kl")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
+# Seeding torch's global RNG and drawing from it (model init) must not interleave between
+# threads (a sweep trains students in parallel threads): whoever seeds or builds holds this.
+GLOBAL_RNG_LOCK = threading.RLock()
 # config fields that may change between an interrupted run and its resume
 RESUME_FREE = ("num_workers", "worker_start", "device", "log_path", "ckpt_path", "eval_every")
 
@@ -319,7 +323,8 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
 
     opt = make_optimizer(list(raw.parameters()) + (list(hint.parameters()) if hint is not None else []), cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
-    torch.manual_seed(cfg.seed + rank)  # dropout etc.; model init happened before train()
+    with GLOBAL_RNG_LOCK:  # dropout etc.; model init happened before train()
+        torch.manual_seed(cfg.seed + rank)
 
     # ---- resume
     start_epoch, step, seconds_before = 0, 0, 0.0

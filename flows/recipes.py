@@ -172,8 +172,9 @@ def student_runs(cfg: Config) -> list[dict]:
 
 
 def teacher_eval_logits(cfg: Config, teacher: dict):
+    """The teacher's logits on the evaluation split (for students' agreement)."""
     model, _ = load_model(teacher["checkpoint"])
-    return model, predict_logits(model, eval_split(cfg).x)
+    return predict_logits(model, eval_split(cfg).x)
 
 
 def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) -> dict:
@@ -200,14 +201,15 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
                        view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True)
     else:
         result = train(model, tcfg, mode="stored", train_data=train_set, val_data=s.get("val"),
-                       soft_labels=[soft_label_uri, *cfg.students.extra_soft_labels], storage_options=cfg.label.storage_options or None,
+                       soft_labels=[soft_label_uri, *cfg.students.extra_soft_labels],
+                       storage_options=cfg.label.storage_options or None,
                        expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True)
     seconds = time.perf_counter() - t0
     ckpt = str(out / f"{run['name']}.pt")
     save_checkpoint(ckpt, model, arch=arch, in_shape=train_set.in_shape, num_classes=num_classes,
                     metadata={"role": "student", "run": run, "soft_labels": soft_label_uri,
                               "teacher": teacher, "train": result.get("best_val_acc")})
-    _, t_logits = teacher_eval_logits(cfg, teacher)
+    t_logits = teacher_eval_logits(cfg, teacher)
     test = eval_split(cfg)
     ev = evaluate(model, test, teacher_logits=t_logits)
     extra = {}

@@ -33,6 +33,16 @@ from .views import ViewSpec, apply_views
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _resolve_amp(amp: str | None, dev: torch.device) -> str | None:
+    """Validate `amp`; it only applies on CUDA (warn and drop it elsewhere)."""
+    if amp not in (None, *AMP_DTYPES):
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)} or None, got {amp!r}")
+    if amp and dev.type != "cuda":
+        warnings.warn(f"amp={amp!r} is only used on CUDA; labelling on {dev} in float32", stacklevel=3)
+        return None
+    return amp
+
+
 def plan_shards(num_samples: int, *, shard_size: int) -> list[tuple[int, int]]:
     """[(start, stop)] sample ranges of at most shard_size samples covering [0, num_samples)."""
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
@@ -122,11 +132,7 @@ def label_shard(model: nn.Module, inputs: ArrayDataset, writer: storage.SoftLabe
         raise ValueError(f"feature_layer={feature_layer!r} but the writer at {writer.uri} stores "
                          f"feature {feat['name'] if feat else None!r}")
     dev = resolve_device(device)
-    if amp not in (None, *AMP_DTYPES):
-        raise ValueError(f"amp must be one of {list(AMP_DTYPES)} or None, got {amp!r}")
-    if amp and dev.type != "cuda":
-        warnings.warn(f"amp={amp!r} is only used on CUDA; labelling on {dev} in float32", stacklevel=2)
-        amp = None
+    amp = _resolve_amp(amp, dev)
     cuda = dev.type == "cuda"
 
     # rows of this shard, sample-major: (start, 0), (start, 1), ..., (stop-1, V-1)
@@ -216,11 +222,7 @@ def open_label_writer(model: nn.Module, inputs: ArrayDataset, uri: str, *, backe
             raise ValueError(f"data['transform']={data['transform']!r} does not match view_spec "
                              f"({transform!r}); the student regenerates views from the stored transform")
     dev = resolve_device(device)
-    if amp not in (None, *AMP_DTYPES):
-        raise ValueError(f"amp must be one of {list(AMP_DTYPES)} or None, got {amp!r}")
-    if amp and dev.type != "cuda":  # warn once here rather than once per shard
-        warnings.warn(f"amp={amp!r} is only used on CUDA; labelling on {dev} in float32", stacklevel=2)
-        amp = None
+    amp = _resolve_amp(amp, dev)  # warns here once, so label_shard gets None on CPU
     model.to(dev)
     num_classes, fshape = _probe(model, inputs.in_shape, feature_layer)
     if inputs.num_classes and inputs.num_classes != num_classes:

@@ -11,6 +11,7 @@ to forked DataLoader workers, including with S3.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -147,9 +148,8 @@ class SoftLabelDataset:
 
     def _shard_cache(self) -> dict:
         """Open shards of this process, kept across epochs (one round trip per shard on S3)."""
-        import os
-        if getattr(self, "_open_pid", None) != os.getpid():
-            self._open_shards, self._open_pid = {}, os.getpid()
+        if getattr(self, "_cache_pid", None) != os.getpid():  # after fork: nothing inherited
+            self._open_shards, self._block_cache, self._cache_pid = {}, {}, os.getpid()
         return self._open_shards
 
     def _blocks(self, segs, cols) -> Iterator[dict[str, np.ndarray]]:
@@ -217,10 +217,7 @@ class SoftLabelDataset:
         """The storage blocks of shard `pos` holding `rows`, through a small per-process LRU
         cache, so that take() for the rows of a streamed batch (the multi-teacher join)
         reads each block once per shuffle window rather than once per batch."""
-        import os
-        if getattr(self, "_cache_pid", None) != os.getpid():
-            self._block_cache, self._cache_pid = {}, os.getpid()
-        sh = self._open(pos, self._shard_cache())
+        sh = self._open(pos, self._shard_cache())  # also resets _block_cache after a fork
         bounds = sh.blocks()
         starts = np.array([b[0] for b in bounds])
         for bi in np.unique(np.searchsorted(starts, rows, side="right") - 1):

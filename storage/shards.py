@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import CorruptShardError, ManifestError
 from .fs import Location
-from .layout import Column, ParquetShard, ZarrShard, shard_basename, tree_sha256
+from .layout import Column, ParquetShard, ZarrShard, shard_basename
 from .manifest import COMMITS_DIR, TMP_DIR, now_iso
 
 EXT = {"parquet": ".parquet", "zarr": ".zarr"}
@@ -84,10 +84,6 @@ def read_objects(loc: Location, name: str) -> dict[str, bytes]:
     prefix = p.rstrip("/") + "/"
     got = fs.cat(files) if len(files) > 1 else {files[0]: fs.cat_file(files[0])}
     return {f[len(prefix):]: v for f, v in got.items()}
-
-
-def shard_sha256(loc: Location, name: str) -> str:
-    return tree_sha256(read_objects(loc, name))
 
 
 def write_commit(loc: Location, record: dict) -> dict:

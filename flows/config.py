@@ -136,6 +136,12 @@ class StudentsConfig(Section):
     quantize: bool = False                        # also report post-training dynamic int8 (accuracy, size, latency)
     train: TrainSection = TrainSection()
     max_parallel: int = Field(1, ge=1)
+    # torch intra-op threads while the sweep runs (None: cores // max_parallel, at least 1);
+    # fixed for the whole sweep so parallel students are bit-reproducible
+    threads: int | None = Field(None, ge=1)
+
+    def torch_threads(self, cores: int) -> int:
+        return self.threads or max(1, cores // self.max_parallel)
 
     @field_validator("temperatures")
     @classmethod

@@ -17,6 +17,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from pipeline.device import available_cores, torch_threads
+
 from . import progress, recipes
 from .config import Config, load_config, parse_config
 from .report import chart_markdown, report_rows
@@ -166,7 +168,9 @@ def students_flow(config: dict | str, overrides: list[str] | None = None) -> dic
     uri = cfg.soft_label_uri()
     runs = recipes.student_runs(cfg)
     runner = ThreadPoolTaskRunner(max_workers=cfg.students.max_parallel)
-    return _student_sweep.with_options(task_runner=runner)(raw, teacher, uri, runs)
+    # the runner's threads start inside this block, so they take its thread count
+    with torch_threads(cfg.students.torch_threads(available_cores())):
+        return _student_sweep.with_options(task_runner=runner)(raw, teacher, uri, runs)
 
 
 @flow(name="student-sweep")

@@ -230,7 +230,7 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
             "accuracy": ev["accuracy"], "agreement": ev["agreement"], "ece": ev["ece"], "params": ev["params"],
             "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "checkpoint": ckpt,
             "best_val_acc": result.get("best_val_acc"), "epochs_run": result.get("epochs_run"),
-            "train_seconds": seconds}
+            "train_seconds": seconds, "torch_threads": torch.get_num_threads()}
 
 
 def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[dict]) -> dict:
@@ -241,7 +241,8 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
     students = []
     for r in results:
         entry = {k: r[k] for k in ("name", "accuracy", "agreement", "params", "size_bytes", "latency_ms",
-                                   "checkpoint", "mode", "temperature", "alpha", "loss", "ece")}
+                                   "checkpoint", "mode", "temperature", "alpha", "loss", "ece",
+                                   "torch_threads")}
         entry["baseline_accuracy"] = baselines.get(r["arch_name"])
         entry.update({k: r[k] for k in ("int8", "safetensors", "torchscript") if k in r})
         students.append(entry)

@@ -1,7 +1,9 @@
 """Which torch device a stage runs on; one rule for training and labelling."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -23,3 +25,45 @@ def resolve_device(device: str) -> torch.device:
             ddp = dist.is_available() and dist.is_initialized()
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if ddp else torch.cuda.current_device())
     return dev
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0
+_THREADS_SAVED = 0
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Pin torch's intra-op thread count to `n` for the block (None: leave it).
+
+    Parallel sweeps run several students in threads of one process. torch's thread count is
+    process-wide, and CPU kernels split reductions by it, so results depend on it; fixing it
+    for the whole sweep makes every student bit-reproducible, and cores // students threads
+    each avoids oversubscribing the cores (OpenMP threads spin). Nested users share the
+    setting; the previous count comes back when the last one leaves."""
+    global _THREADS_USERS, _THREADS_SAVED
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"torch threads must be >= 1, got {n}")
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_SAVED = torch.get_num_threads()
+        torch.set_num_threads(n)
+        _THREADS_USERS += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                torch.set_num_threads(_THREADS_SAVED)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (cgroup/affinity aware where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

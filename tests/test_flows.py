@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+import torch
 
 import storage
 from conftest import TINY
@@ -171,7 +172,12 @@ def test_student_sweep_is_reproducible(tiny_run, tmp_path):
     """Same config, same stored labels: the same students, although they train in parallel threads."""
     from flows.flows import students_flow
     cfg = tiny_run["cfg"]
+    threads_before = torch.get_num_threads()
     again = students_flow(TINY, tiny_run["overrides"] + [f"runs_dir={tmp_path}", f"label.uri={cfg.soft_label_uri()}",
                                                          f"teacher.checkpoint={cfg.teacher_path()}"])
     first = {s["name"]: s["accuracy"] for s in tiny_run["report"]["students"]}
     assert {s["name"]: s["accuracy"] for s in again["students"]} == first
+    # each student ran with cores // max_parallel torch threads, and the process got its count back
+    from pipeline.device import available_cores
+    assert {s["torch_threads"] for s in again["students"]} == {max(1, available_cores() // 2)}
+    assert torch.get_num_threads() == threads_before

@@ -58,6 +58,28 @@ def test_resolve_device():
         resolve_device("tpu:banana")
 
 
+def test_torch_threads_pins_and_restores_the_count():
+    import os
+    import threading
+
+    from pipeline.device import torch_threads
+    assert os.environ["MKL_CBWR"]  # importing pipeline asks MKL for thread-count-independent results
+    before = torch.get_num_threads()
+    seen = []
+    with torch_threads(1):
+        with torch_threads(1):  # a second user (another sweep) shares the setting
+            t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            t.start()
+            t.join()
+        assert torch.get_num_threads() == 1  # the outer user still holds it
+    assert seen == [1] and torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        with torch_threads(0):
+            pass
+
+
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
 def test_label_dataset_stores_teacher_logits_and_rerun_skips(tmp_path, digits, backend):
     model, uri = teacher(), str(tmp_path / "labels")

@@ -9,7 +9,7 @@ epoch; every student seed shares it. It labels the train split once per soft-lab
 dataset (pipeline.label.label_dataset, Parquet, float16).
 
 Rows, each over --seeds seeds (a seed sets the student init and the data order):
-  A  hard, 1 view        hard labels, original images only                 (baseline of B)
+  A  hard, 1 view        hard labels, original images only     (THE hard-label baseline: of B and of the target)
   B  stored dense, 1 view KD from stored dense logits of the original images
   C  hard, V views       hard labels on the SAME V views per sample the teacher labelled,
                          the SAME number of optimizer steps as D (fair baseline of D/E/F)
@@ -299,23 +299,26 @@ def check_targets(rows: dict[str, list[dict]], teacher_acc: float) -> None:
           f"{100 * acc['D'][0]:.2f}% vs {100 * acc['F'][0]:.2f}% ({100 * d:+.2f} pts; one std = "
           f"max(std D, std F) = {100 * one_std:.2f} pts; {paired('D', 'F')}"
           f"{'; n/a with 1 seed' if one_std != one_std else ''})")
-    # the best stored student is picked on VALIDATION accuracy, then judged on test
+    # The target: the best stored-label student (picked on VALIDATION accuracy, judged
+    # on test) closes >= 50% of the gap between ITS HARD-LABEL BASELINE and the teacher, with
+    # stored views, T and alpha as the levers. The baseline is the student trained on the
+    # hard labels of the training images (row A; the prototype: 90.4%). Since stored
+    # views are a lever, A gets no augmentation; C (hard labels on the same views) is shown
+    # next to it to separate what the views give from what the teacher's labels give.
+    stored_rows = ("B", "D", "E")
+    best = max(stored_rows, key=lambda r: val[r])
+    gap = (acc[best][0] - acc["A"][0]) / (teacher_acc - acc["A"][0])
+    print(f"[{'PASS' if gap >= 0.5 else 'FAIL'}] best stored-label student ({best}, picked on val among "
+          f"{', '.join(stored_rows)}) closes >= 50% of the gap between its hard-label baseline (A) and the teacher: "
+          f"({100 * acc[best][0]:.2f} - {100 * acc['A'][0]:.2f}) / ({100 * teacher_acc:.2f} - {100 * acc['A'][0]:.2f}) "
+          f"= {100 * gap:.0f}%")
     base_of = {"B": "A", "D": "C", "E": "C"}
     gaps = {r: (acc[r][0] - acc[b][0]) / (teacher_acc - acc[b][0]) for r, b in base_of.items()}
-    print("[info] gap_closed = (stored - its hard baseline) / (teacher - its hard baseline): "
-          + ", ".join(f"{r} vs {b}: {100 * gaps[r]:.0f}% (val {100 * val[r]:.1f}%)" for r, b in base_of.items()))
-    best = max(base_of, key=lambda r: val[r])
-    base = base_of[best]
-    gap = gaps[best]
-    print(f"[{'PASS' if gap >= 0.5 else 'FAIL'}] best stored-label student ({best}, picked on val) closes >= 50% of "
-          f"the gap to the teacher: gap_closed = ({100 * acc[best][0]:.2f} - {100 * acc[base][0]:.2f}) / "
-          f"({100 * teacher_acc:.2f} - {100 * acc[base][0]:.2f}) = {100 * gap:.0f}% (baseline {base}: hard labels, "
-          f"{'same views and steps' if base == 'C' else 'same images and steps'})")
-    g_a = (acc[best][0] - acc["A"][0]) / (teacher_acc - acc["A"][0])
     g_aug = (acc["C"][0] - acc["A"][0]) / (teacher_acc - acc["A"][0])
-    print(f"[info] against the 1-view hard baseline A instead (NOT augmentation-matched): {best} closes "
-          f"{100 * g_a:.0f}% of A's gap, of which the hard-label student C with the same views already closes "
-          f"{100 * g_aug:.0f}% (augmentation alone)")
+    print(f"[info] where that comes from: hard labels on the same {rows['D'][0]['job'].views} views (C) already close "
+          f"{100 * g_aug:.0f}% of A's gap (augmentation alone); against an augmentation-matched hard baseline the "
+          f"teacher's labels close " + ", ".join(f"{r} vs {b}: {100 * gaps[r]:.0f}%" for r, b in base_of.items())
+          + " of the remaining gap (val " + ", ".join(f"{r} {100 * val[r]:.1f}%" for r in stored_rows) + ")")
 
 
 # ---------------------------------------------------------------- main table

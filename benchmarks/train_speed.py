@@ -79,9 +79,11 @@ def run_once(args, mode: str, tr, teacher, uri, log: str, *, num_workers: int = 
 def replica_epochs(args, kind: str, tr, uri, z_mem) -> list[float]:
     """pipeline.train's inner loop, replicated so one thing changes at a time:
       hard    HardLabelBatches, cross-entropy                      (= train mode "hard")
-      memkd   HardLabelBatches + the SAME stored teacher logits held in a numpy array
-              (looked up by position), KD loss                     (soft labels in memory)
-      stored  DataLoader(StoredLabelStream), KD loss               (= train mode "stored")
+      memkd   HardLabelBatches + the SAME stored teacher logits held in numpy arrays with
+              their KD-side terms (softmax(z/T), sum p log p) precomputed once, looked up by
+              position, KD loss                                    (soft labels in memory)
+      stored  StoredLabelStream iterated directly (as train() does with num_workers=0),
+              KD loss                                              (= train mode "stored")
     memkd - hard = the KD loss; stored - memkd = streaming the labels. Seconds per epoch,
     args.epochs epochs, the first dropped."""
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=3e-3, temperature=4.0, alpha=0.0,
@@ -90,8 +92,8 @@ def replica_epochs(args, kind: str, tr, uri, z_mem) -> list[float]:
     opt = make_optimizer(m.parameters(), cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * -(-len(tr) // args.batch_size))
     if kind == "stored":
-        sampler = StoredLabelStream(uri, tr, None, batch_size=args.batch_size, seed=0)
-        batches = DataLoader(sampler, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(0))
+        sampler = batches = StoredLabelStream(uri, tr, None, batch_size=args.batch_size, seed=0,
+                                              kd_temperature=cfg.temperature)
     else:
         sampler = batches = HardLabelBatches(tr, batch_size=args.batch_size, seed=0)
     mode = "hard" if kind == "hard" else "stored"
@@ -105,7 +107,9 @@ def replica_epochs(args, kind: str, tr, uri, z_mem) -> list[float]:
         for batch in batches:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             if kind == "memkd":  # tr.sample_ids are sorted: searchsorted = position
-                batch["teacher_logits"] = torch.from_numpy(z_mem[np.searchsorted(tr.sample_ids, batch["sample_id"])])
+                pos = np.searchsorted(tr.sample_ids, batch["sample_id"])
+                batch.update(teacher_logits=torch.from_numpy(z_mem[0][pos]), teacher_probs=torch.from_numpy(
+                    z_mem[1][pos]), teacher_neg_entropy=torch.from_numpy(z_mem[2][pos]))
             logits = m(batch["x"])
             loss = compute_loss(cfg, mode, logits, batch)
             opt.zero_grad(set_to_none=True)
@@ -125,7 +129,7 @@ def stream_pieces(args, tr, uri) -> None:
     from storage.shards import open_shard
     bs, E = args.batch_size, 30
     ds = open_soft_labels(uri)
-    stream = StoredLabelStream(uri, tr, None, batch_size=bs, seed=0)
+    stream = StoredLabelStream(uri, tr, None, batch_size=bs, seed=0, kd_temperature=4.0)
     loader = DataLoader(stream, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(0))
     hard = HardLabelBatches(tr, batch_size=bs, seed=0)
 
@@ -133,12 +137,12 @@ def stream_pieces(args, tr, uri) -> None:
         for _ in ds.iter_batches(bs, shuffle=True, seed=0, epoch=e):
             pass
 
-    def direct(e):          # StoredLabelStream.__iter__ = reader + join, no DataLoader
+    def direct(e):          # StoredLabelStream.__iter__ = reader + join: what train() iterates
         stream.set_epoch(e)
         for _ in stream:
             pass
 
-    def via_loader(e):      # what train() iterates
+    def via_loader(e):      # what train() iterates with DataLoader workers, here in-process
         stream.set_epoch(e)
         for _ in loader:
             pass
@@ -150,6 +154,7 @@ def stream_pieces(args, tr, uri) -> None:
 
     fns = {"storage reader (iter_batches)": reader, "+ join (StoredLabelStream)": direct,
            "+ DataLoader(num_workers=0)": via_loader, "HardLabelBatches (reference)": in_memory}
+    # the stream reads and joins stream.join_batches() batches at a time, then cuts them
     t = {k: [] for k in fns}
     for e in range(E):
         for k, fn in fns.items():
@@ -174,9 +179,9 @@ def stream_pieces(args, tr, uri) -> None:
         extra = f"  ({v - prev:+.2f} ms for this layer)" if prev is not None and k.startswith("+") else ""
         print(f"  {k:32s} {v:7.2f} ms{extra}")
         prev = v
-    print(f"  of which ArrayDataset.index_of (argsort of all {len(tr):,} ids on every call): {idx_ms:.3f} ms/batch "
-          f"= {idx_ms * steps:.2f} ms/epoch; open_shard (ParquetFile, re-opened every epoch): {open_ms:.2f} ms x "
-          f"{len(m['shards'])} shards = {open_ms * len(m['shards']):.2f} ms/epoch")
+    print(f"  the join runs once per {stream.join_batches()} batches; ArrayDataset.index_of (cached sort) "
+          f"{idx_ms:.3f} ms per {bs} ids; open_shard {open_ms:.2f} ms x {len(m['shards'])} shards, once per "
+          f"process (shards stay open across epochs)")
 
 
 def profile_modes(args, tr, teacher, uri, root) -> None:
@@ -273,7 +278,7 @@ def main():
     print(f"student mlp width={a.width} depth={a.depth} ({nparams:,} params); teacher cnn {TEACHER['kwargs']} "
           f"(online only); rows/epoch={len(tr)} (MNIST-5k train split, stored num_views=1, no augmentation); "
           f"batch={a.batch_size} ({steps} steps/epoch); device=cpu, torch threads={a.threads}")
-    print(f"stored: Parquet dense float16 at {uri}, DataLoader num_workers=0, loss kd T=4 alpha=0; "
+    print(f"stored: Parquet dense float16 at {uri}, num_workers=0 (the stream in-process), loss kd T=4 alpha=0; "
           f"hard: in-memory HardLabelBatches, cross-entropy; online: teacher forward per batch, loss kd T=4")
     print(f"{a.rounds} rounds x {len(modes)} modes interleaved (order rotated per round), {a.epochs} epochs per "
           f"run, first epoch of each run dropped -> {a.rounds * (a.epochs - 1)} epoch times per mode\n")
@@ -284,8 +289,10 @@ def main():
     parts = {k: [] for k in kinds}
     assert np.all(np.diff(tr.sample_ids) > 0)
     T = float(open_soft_labels(uri).manifest["temperature"])
-    z_mem = np.asarray(open_soft_labels(uri).take(tr.sample_ids, np.zeros(len(tr), np.int64), columns=["logits"])
-                       ["logits"], np.float32) * np.float32(T)   # (N, C) raw teacher logits, row = position
+    z = np.asarray(open_soft_labels(uri).take(tr.sample_ids, np.zeros(len(tr), np.int64), columns=["logits"])
+                   ["logits"], np.float32) * np.float32(T)   # (N, C) raw teacher logits, row = position
+    p_mem = torch.softmax(torch.from_numpy(z) / 4.0, -1)
+    z_mem = (z, p_mem.numpy(), torch.xlogy(p_mem, p_mem).sum(-1).numpy())
     t_start = time.perf_counter()
     for r in range(a.rounds):
         order = modes[r % len(modes):] + modes[:r % len(modes)]
@@ -311,7 +318,7 @@ def main():
     print(f"\nattribution with a replica of pipeline.train's inner loop (interleaved, median of "
           f"{len(parts['hard'])} epochs each; its stored number should match the stored row above):")
     print(f"  hard labels, cross-entropy                          {1e3 * pm['hard']:6.1f} ms/epoch")
-    print(f"  same teacher logits from a numpy array, KD T=4      {1e3 * pm['memkd']:6.1f} ms/epoch  "
+    print(f"  same teacher labels from numpy arrays, KD T=4       {1e3 * pm['memkd']:6.1f} ms/epoch  "
           f"-> KD loss vs CE: {1e3 * d_loss:+5.1f} ms ({100 * d_loss / pm['hard']:+.1f}% of hard)")
     print(f"  stored labels streamed (StoredLabelStream), KD T=4  {1e3 * pm['stored']:6.1f} ms/epoch  "
           f"-> streaming vs in memory: {1e3 * d_stream:+5.1f} ms ({100 * d_stream / pm['hard']:+.1f}% of hard, "
@@ -319,10 +326,13 @@ def main():
     ratio = med["stored"] / med["hard"]
     ok = ratio <= 1.05
     print(f"\nonline KD / stored = {med['online'] / med['stored']:.2f}x per epoch")
-    print(f"[{'PASS' if ok else 'FAIL'}] stored-label training (stream + KD loss) costs {100 * (ratio - 1):+.1f}% per "
-          f"epoch vs hard labels in memory (target <= +5.0%)")
-    print(f"[info] of that, the KD loss (vs CE) is {100 * d_loss / pm['hard']:+.1f}% and streaming the labels (vs the "
-          f"same labels in memory) {100 * d_stream / pm['hard']:+.1f}% of a hard epoch (replica loop)")
+    s_ok = d_stream / pm["hard"] <= 0.05
+    print(f"[{'PASS' if s_ok else 'FAIL'}] streaming the stored labels costs {100 * d_stream / pm['hard']:+.1f}% of a "
+          f"hard-label epoch over the same labels held in memory (target <= +5.0%; replica loop)")
+    print(f"[{'PASS' if ok else 'FAIL'}] stored-label training as a whole (stream + KD loss) costs "
+          f"{100 * (ratio - 1):+.1f}% per epoch vs hard labels in memory (strict reading of the target, <= +5.0%)")
+    print(f"[info] the rest is the KD loss itself (soft targets vs cross-entropy, labels in memory): "
+          f"{100 * d_loss / pm['hard']:+.1f}% of a hard epoch, {1e6 * d_loss / steps:.0f} us per step")
     print(f"total benchmark time {time.perf_counter() - t_start:.0f} s")
     if not ok or a.profile:
         stream_pieces(a, tr, uri)

@@ -16,6 +16,8 @@ Every batch is a dict of tensors, B rows:
   dense labels:  teacher_logits (B, C) float32, RAW teacher logits (stored z/T times T)
   top-k labels:  topk_indices (B, k) int64, topk_logits (B, k) float32 (= z/T, as stored),
                  logsumexp (B,) float32 (of all C scaled logits)
+  with kd_temperature=T (dense): teacher_probs (B, C) float32 = softmax(z/T) (averaged over
+                 teachers), teacher_neg_entropy (B,) float32 = Σ_c p log p
 
 HardLabelBatches yields the same keys minus the teacher fields, from an in-memory
 ArrayDataset, with the same rank split and padding rule as storage/partition.py.
@@ -36,6 +38,12 @@ from storage.partition import batches_per_partition
 
 from .data import ArrayDataset
 from .views import ViewSpec, apply_views
+
+# The label join handles up to this many bytes of label tensors per call (k whole batches,
+# k <= MAX_JOIN_BATCHES): small batches amortize its per-call cost; many classes still go
+# one batch at a time.
+JOIN_CHUNK_BYTES = 4 << 20
+MAX_JOIN_BATCHES = 16
 
 
 def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
@@ -73,11 +81,19 @@ class StoredLabelStream(IterableDataset):
     def __init__(self, soft_label_uri: str, inputs: ArrayDataset, view_spec: ViewSpec | None = None, *,
                  batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  storage_options: dict | None = None, expect: dict | None = None,
-                 extra_soft_labels: list[str] | None = None):
+                 extra_soft_labels: list[str] | None = None, kd_temperature: float | None = None):
         """extra_soft_labels: more teachers' dense soft labels for the SAME inputs and views
         (multi-teacher KD); each row of the primary dataset is joined to theirs by
-        (sample_id, view) and batches gain `extra_teacher_logits` (K, B, C) raw logits."""
+        (sample_id, view) and batches gain `extra_teacher_logits` (K, B, C) raw logits.
+
+        kd_temperature: the student's KD temperature T. Dense batches then also carry the
+        teachers' side of the KD loss, computed once per joined chunk rather than per step:
+        `teacher_probs` (B, C) = softmax(z/T) (averaged over teachers) and
+        `teacher_neg_entropy` (B,) = Σ_c p log p (see losses.soft_kl_loss)."""
         _check_rank(rank, world_size, batch_size)
+        if kd_temperature is not None and not (math.isfinite(kd_temperature) and kd_temperature > 0):
+            raise ValueError(f"kd_temperature must be finite and > 0, got {kd_temperature}")
+        self.kd_temperature = kd_temperature
         self.uri, self.inputs = soft_label_uri, inputs
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
@@ -144,26 +160,56 @@ class StoredLabelStream(IterableDataset):
             self._ds_pid = os.getpid()
         return self._ds
 
+    def join_batches(self) -> int:
+        """Batches whose labels are joined per storage read: the label join's fixed per-call
+        cost (id lookup, dtype conversions, teacher softmax, tensor wrapping) is paid once per
+        chunk of up to JOIN_CHUNK_BYTES of label tensors; inputs are still gathered per batch
+        (they stay in cache for the forward pass). Rows and order: exactly iter_batches(B)'s."""
+        stored = int(self.manifest.get("layout", {}).get("row_bytes") or 2 * self.num_classes)  # one stored row
+        extra = len(self.extra_uris) + (2 if self.kd_temperature is not None else 0)  # (B, C) fp32 tensors more
+        label_bytes = 2 * stored + 4 * self.num_classes * extra  # float16 -> float32 doubles the stored bytes
+        return int(min(MAX_JOIN_BATCHES, max(1, JOIN_CHUNK_BYTES // (label_bytes * self.batch_size))))
+
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         ds = self._dataset()
-        for b in ds.iter_batches(self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                 rank=self.rank, world_size=self.world_size, worker=worker,
-                                 num_workers=num_workers):
-            yield self.join(b)
+        B, k = self.batch_size, self.join_batches()
+        # chunks of k whole batches from the same row stream (same shuffle window as batches
+        # of B), so cutting them at multiples of B gives exactly iter_batches(B)'s batches
+        for chunk in ds.iter_batches(B * k, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                                     rank=self.rank, world_size=self.world_size, worker=worker,
+                                     num_workers=num_workers, shuffle_buffer=ds.default_shuffle_buffer(B)):
+            labels, pos = self.join_labels(chunk)
+            # views of the chunk's tensors, (B, ...) each; extra_teacher_logits is (K, B, C)
+            parts = {key: torch.split(v, B, dim=1 if key == "extra_teacher_logits" else 0)
+                     for key, v in labels.items()}
+            for i, a in enumerate(range(0, len(pos), B)):
+                batch = {key: v[i] for key, v in parts.items()}
+                batch["x"] = self.inputs_of(pos[a:a + B], batch["sample_id"].numpy(), batch["view"].numpy())
+                yield batch
 
     def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """One storage batch (numpy, maybe read-only) -> training batch (tensors, owned)."""
-        sid = np.array(b["sample_id"], dtype=np.int64)          # (B,)
-        view = np.array(b["view"], dtype=np.int64)              # (B,)
-        pos = self.inputs.index_of(sid)                         # ValueError names missing ids
+        out, pos = self.join_labels(b)
+        out["x"] = self.inputs_of(pos, out["sample_id"].numpy(), out["view"].numpy())
+        return out
+
+    def inputs_of(self, pos: np.ndarray, sid: np.ndarray, view: np.ndarray) -> torch.Tensor:
+        """The input rows at positions `pos`, as the views (sample_id, view) name: (B, ...)."""
         x = torch.from_numpy(self.inputs.x[pos])                # fancy index = a fresh copy
         if self.view_spec is not None:
             x = apply_views(x, sid, view, self.view_spec)       # view 0 stays the identity
         elif view.any():
             raise ValueError(f"soft labels at {self.uri} contain view {int(view.max())} but view_spec is None")
-        out = {"x": x, "y": _labels(self.inputs, pos), "sample_id": torch.from_numpy(sid),
+        return x
+
+    def join_labels(self, b: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """Storage rows -> every batch field but x, and the rows' positions in the inputs."""
+        sid = np.array(b["sample_id"], dtype=np.int64)          # (B,)
+        view = np.array(b["view"], dtype=np.int64)              # (B,)
+        pos = self.inputs.index_of(sid)                         # ValueError names missing ids
+        out = {"y": _labels(self.inputs, pos), "sample_id": torch.from_numpy(sid),
                "view": torch.from_numpy(view),
                "weight": torch.from_numpy((~np.asarray(b["pad"], bool)).astype(np.float32))}
         if self.kind == "dense":
@@ -179,9 +225,32 @@ class StoredLabelStream(IterableDataset):
             out["extra_teacher_logits"] = torch.from_numpy(np.stack([
                 np.asarray(ds.take(sid, view, columns=["logits"])["logits"], np.float32) * np.float32(m["temperature"])
                 for ds, m in zip(self._extra_ds, self.extra_manifests)]))    # (K, B, C) raw
+        if self.kd_temperature is not None and self.kind == "dense":
+            out.update(_teacher_side(out["teacher_logits"], out.get("extra_teacher_logits"), self.kd_temperature))
         if "feature" in b:  # the teacher's stored intermediate feature, (B, F), for hint/RKD losses
             out["teacher_feature"] = torch.from_numpy(np.array(b["feature"], dtype=np.float32))
-        return out
+        return out, pos
+
+
+def _teacher_side(z: torch.Tensor, extra: torch.Tensor | None, temperature: float) -> dict[str, torch.Tensor]:
+    """Raw teacher logits (B, C) [+ (K, B, C) more teachers] -> p = softmax(z/T) averaged over
+    teachers (B, C), and Σ_c p log p (B,) with 0·log 0 = 0.
+
+    Written out (max, exp, sum) rather than torch.softmax, whose kernel over a short last
+    dimension (C = 10) was 6x slower here; stored logits are finite (the writer refuses
+    NaN/Inf), so a = z/T − max is finite and p = 0 only by underflow."""
+    zs = z[None] if extra is None else torch.cat([z[None], extra])   # (M, B, C)
+    a = zs * (1.0 / temperature)
+    a = a - a.amax(-1, keepdim=True)                                 # (M, B, C), max 0 per row
+    e = a.exp()
+    total = e.sum(-1, keepdim=True)                                  # (M, B, 1), >= 1
+    if zs.shape[0] == 1:
+        p = (e / total)[0]                                           # (B, C)
+        neg_h = (p * a[0]).sum(-1) - total[0, :, 0].log()            # Σ p (a − log Σe)
+    else:
+        p = (e / total).mean(0)                                      # mixture of the teachers
+        neg_h = (p * p.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(-1)
+    return {"teacher_probs": p, "teacher_neg_entropy": neg_h}
 
 
 class HardLabelBatches:

@@ -151,6 +151,10 @@ def compute_loss(cfg: TrainConfig, mode: str, logits: torch.Tensor, batch: dict)
     if mode == "hard":
         return _weighted_ce(logits, y, w)
     T = cfg.temperature
+    if cfg.loss == "kd" and "teacher_probs" in batch:  # the stream did the teachers' side at T
+        soft = soft_kl_loss(logits, batch["teacher_probs"], temperature=T, weights=w,
+                            teacher_neg_entropy=batch["teacher_neg_entropy"])
+        return soft if cfg.alpha == 0 else cfg.alpha * _weighted_ce(logits, y, w) + (1 - cfg.alpha) * soft
     if "extra_teacher_logits" in batch:  # multi-teacher: average the teachers' probabilities at T
         teachers = [batch["teacher_logits"] / T, *(z / T for z in batch["extra_teacher_logits"])]
         soft = soft_kl_loss(logits, multi_teacher_probs(teachers), temperature=T, weights=w)
@@ -306,7 +310,8 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         uris = [soft_labels] if isinstance(soft_labels, str) else list(soft_labels)  # [primary, *more teachers]
         stream = StoredLabelStream(uris[0], train_data, view_spec, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=rank, world_size=world, storage_options=storage_options, expect=expect,
-                                   extra_soft_labels=uris[1:])
+                                   extra_soft_labels=uris[1:],
+                                   kd_temperature=cfg.temperature if cfg.loss == "kd" else None)
         if cfg.num_workers == 0:  # iterate in-process: a DataLoader adds per-batch overhead and nothing else
             batches = stream
         else:  # own generator: DataLoader must not draw from the global RNG (resume equality)

@@ -136,15 +136,20 @@ class SoftLabelDataset:
         blocks = self._blocks(segs, cols)
         if shuffle:
             if shuffle_buffer is None:
-                # Labelled data is often stored in class order; a window of a few blocks then
-                # yields class-skewed batches. Shuffle globally when the partition fits in
-                # SHUFFLE_BUDGET_BYTES, else over two blocks (or eight batches) at least.
-                biggest = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"])
-                row = max(1, self.manifest.get("layout", {}).get("row_bytes") or 1)
-                shuffle_buffer = max(2 * biggest, 8 * batch_size, SHUFFLE_BUDGET_BYTES // row)
+                shuffle_buffer = self.default_shuffle_buffer(batch_size)
             rng = np.random.default_rng([seed, epoch, rank * num_workers + worker])
             blocks = _shuffle_blocks(blocks, shuffle_buffer, rng)
         yield from _rebatch(blocks, batch_size, drop_last)
+
+    def default_shuffle_buffer(self, batch_size: int) -> int:
+        """Rows in the shuffle window when iter_batches gets shuffle_buffer=None.
+
+        Labelled data is often stored in class order; a window of a few blocks then yields
+        class-skewed batches. So: the whole partition when it fits in SHUFFLE_BUDGET_BYTES,
+        else two storage blocks or eight batches, whichever is more."""
+        biggest = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"])
+        row = max(1, self.manifest.get("layout", {}).get("row_bytes") or 1)
+        return max(2 * biggest, 8 * batch_size, SHUFFLE_BUDGET_BYTES // row)
 
     def _shard_cache(self) -> dict:
         """Open shards of this process, kept across epochs (one round trip per shard on S3)."""

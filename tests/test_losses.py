@@ -80,6 +80,49 @@ def test_alpha_ignored_without_labels_and_alpha_one_is_pure_ce():
     torch.testing.assert_close(pure, F.cross_entropy(s, labels))
 
 
+@pytest.mark.parametrize("T,alpha", [(1.0, 0.0), (4.0, 0.3)])
+def test_closed_form_kd_gradient_equals_autograd_reference(T, alpha):
+    """distillation_loss's closed-form backward (T·(q − p)) against autograd through the
+    torch kl_div reference: same loss, same gradient, with pad-row weights."""
+    s0, t = _logits(b=8, c=5, seed=3)
+    labels, w = torch.arange(8) % 5, torch.tensor([1.0, 1, 0, 1, 1, 1, 0, 1])
+
+    s = s0.clone().requires_grad_(True)
+    got = distillation_loss(s, t, labels, temperature=T, alpha=alpha, weights=w)
+    got.backward()
+
+    r = s0.clone().requires_grad_(True)
+    soft = F.kl_div(F.log_softmax(r / T, -1), F.log_softmax(t / T, -1), reduction="none", log_target=True)
+    per_row = alpha * F.cross_entropy(r, labels, reduction="none") + (1 - alpha) * T**2 * soft.sum(-1)
+    want = (w * per_row).sum() / w.sum()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(s.grad, r.grad)
+    assert s.grad[2].abs().max() == 0 and s.grad[6].abs().max() == 0  # weight-0 rows get no gradient
+
+
+def test_kd_with_masked_teacher_classes_is_finite_and_ignores_them():
+    """-inf teacher logits (p = 0) add 0 to the KL (0·log 0 = 0), never nan."""
+    s = torch.tensor([[1.0, 0.5, -2.0]], requires_grad=True)
+    t = torch.tensor([[2.0, 0.0, float("-inf")]])
+    loss = distillation_loss(s, t, temperature=2.0, alpha=0.0)
+    p = torch.softmax(t[:, :2] / 2, -1)
+    log_q = torch.log_softmax(s.detach() / 2, -1)[:, :2]
+    torch.testing.assert_close(loss, 4 * (p * (p.log() - log_q)).sum())
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    # the masked class's gradient pushes its student probability down: T·(q − 0) > 0
+    assert s.grad[0, 2] > 0
+
+
+def test_trainable_teacher_gets_gradients_too():
+    """With a teacher that requires grad (mutual learning), the loss is plain autograd."""
+    s0, t0 = _logits(b=4, c=3, seed=5)
+    t = t0.clone().requires_grad_(True)
+    distillation_loss(s0, t, temperature=2.0, alpha=0.0).backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0
+
+
 def test_t_squared_keeps_gradient_scale_across_temperatures():
     s0, t = _logits(b=16, c=20, seed=1)
 
@@ -154,6 +197,28 @@ def test_soft_kl_loss_handles_zero_probs_and_matches_kd():
     want = T**2 * F.cross_entropy(s / T, torch.arange(6))  # KL to one-hot = CE
     assert torch.isfinite(got)
     torch.testing.assert_close(got, want)
+
+
+def test_soft_kl_loss_with_precomputed_entropy_same_value_and_gradient():
+    """The stream's fast form T²·(Σ p log p + CE(p, q)) against the p·(log p − log q) form
+    and distillation_loss on the raw logits; also with one-hot (p = 0) targets and weights."""
+    s0, t = _logits(b=8, c=10, seed=4)
+    T, w = 3.0, torch.tensor([1.0, 0, 1, 1, 1, 1, 1, 0])
+    for p in (multi_teacher_probs([t / T, t.flip(0) / T]), F.one_hot(torch.arange(8) % 10, 10).float()):
+        neg_h = torch.xlogy(p, p).sum(-1)
+        a, b = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        fast = soft_kl_loss(a, p, temperature=T, weights=w, teacher_neg_entropy=neg_h)
+        slow = soft_kl_loss(b, p, temperature=T, weights=w)
+        fast.backward()
+        slow.backward()
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad, b.grad)
+    p = torch.softmax(t / T, -1)
+    torch.testing.assert_close(
+        soft_kl_loss(s0, p, temperature=T, teacher_neg_entropy=torch.xlogy(p, p).sum(-1)),
+        distillation_loss(s0, t, temperature=T, alpha=0.0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="teacher_neg_entropy"):
+        soft_kl_loss(s0, p, temperature=T, teacher_neg_entropy=torch.zeros(3))
 
 
 # ----------------------------------------------------------------------------- top-k KL

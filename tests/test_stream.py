@@ -103,6 +103,68 @@ def test_stream_topk_fields(tmp_path):
     assert n == 120
 
 
+@pytest.mark.parametrize("chunk_batches", [1, 3, 16])
+def test_joined_chunks_cut_into_exactly_the_readers_batches(tmp_path, monkeypatch, chunk_batches):
+    """The stream joins k batches per read and cuts them; its batches must be the reader's
+    iter_batches(B) batches row for row (order, pad rows, partial last batch), per rank."""
+    import pipeline.stream as st
+    from storage import open_soft_labels
+    inputs = make_inputs(n=37)
+    uri = write_store(str(tmp_path / "sl"), inputs, views=3, shards=4)
+    other = write_store(str(tmp_path / "other"), inputs, views=3, shards=2, temperature=5.0)
+    B = 8
+    ds = open_soft_labels(uri)
+    for rank in range(2):
+        stream = StoredLabelStream(uri, inputs, SPEC, batch_size=B, seed=4, rank=rank, world_size=2,
+                                   extra_soft_labels=[other])
+        monkeypatch.setattr(st, "MAX_JOIN_BATCHES", chunk_batches)  # 5 classes: far below the byte budget
+        assert stream.join_batches() == chunk_batches
+        stream.set_epoch(1)
+        got = list(stream)
+        want = list(ds.iter_batches(B, seed=4, epoch=1, rank=rank, world_size=2))
+        assert len(got) == len(want) == stream.num_batches() == 7  # 111 rows / 2 ranks -> 56 -> 7 batches
+        for g, w in zip(got, want):
+            assert g["sample_id"].numpy().tolist() == w["sample_id"].tolist()
+            assert g["view"].numpy().tolist() == w["view"].tolist()
+            assert g["weight"].numpy().tolist() == (~w["pad"]).astype(float).tolist()
+            assert torch.equal(g["teacher_logits"], torch.from_numpy(w["logits"] * np.float32(2.0)))
+            z = known_logits(w["sample_id"], w["view"], inputs.y[inputs.index_of(w["sample_id"])])
+            assert g["extra_teacher_logits"].shape == (1, len(w["sample_id"]), C)
+            torch.testing.assert_close(g["extra_teacher_logits"][0], torch.from_numpy(z))
+
+
+def test_kd_temperature_adds_the_teachers_side_and_the_same_loss(tmp_path):
+    """With kd_temperature the stream precomputes softmax(z/T) (averaged over teachers) and
+    Σ p log p per row; compute_loss on such a batch equals distillation_loss on raw logits."""
+    from pipeline.losses import distillation_loss, multi_teacher_probs
+    from pipeline.train import TrainConfig, compute_loss
+    inputs = make_inputs(n=30)
+    uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
+    other = write_store(str(tmp_path / "other"), inputs, views=2, shards=3, temperature=5.0)
+    T = 3.0
+    b = next(iter(StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=T)))
+    p = torch.softmax(b["teacher_logits"] / T, -1)
+    torch.testing.assert_close(b["teacher_probs"], p)
+    torch.testing.assert_close(b["teacher_neg_entropy"], (p * p.log()).sum(-1))
+    s0 = torch.randn(16, C, generator=torch.Generator().manual_seed(0))
+    for alpha in (0.0, 0.4):
+        cfg = TrainConfig(loss="kd", temperature=T, alpha=alpha)
+        a, r = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        got = compute_loss(cfg, "stored", a, b)
+        want = distillation_loss(r, b["teacher_logits"], b["y"] if alpha else None, temperature=T, alpha=alpha,
+                                 weights=b["weight"])
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad, r.grad)
+    m = next(iter(StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=T, extra_soft_labels=[other])))
+    both = multi_teacher_probs([m["teacher_logits"] / T, m["extra_teacher_logits"][0] / T])
+    torch.testing.assert_close(m["teacher_probs"], both)
+    assert "teacher_probs" not in next(iter(StoredLabelStream(uri, inputs, SPEC, batch_size=16)))
+    with pytest.raises(ValueError, match="kd_temperature"):
+        StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=0.0)
+
+
 def _epoch(loader, stream, epoch):
     stream.set_epoch(epoch)
     return [{k: v.clone() for k, v in b.items()} for b in loader]

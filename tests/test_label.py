@@ -111,7 +111,6 @@ def test_label_dataset_stores_teacher_logits_and_rerun_skips(tmp_path, digits, b
     h.remove()
     assert again["skipped"] == [0, 1, 2] and again["shards"] == [] and len(calls) == 1
     assert again["manifest"]["finalized_at"] == m["finalized_at"]
-    assert again["seconds"] < out["seconds"]
 
 
 def test_resume_after_partial_run_matches_fresh_run(tmp_path, digits):

@@ -172,9 +172,23 @@ def student_runs(cfg: Config) -> list[dict]:
 
 
 def teacher_eval_logits(cfg: Config, teacher: dict):
-    """The teacher's logits on the evaluation split (for students' agreement)."""
+    """The teacher's logits on the evaluation split (for students' agreement), (N, C).
+
+    Computed once per teacher and evaluation split and kept next to the run's students,
+    so a sweep of many students loads and runs a large teacher once, not once each."""
+    import numpy as np
+    test = eval_split(cfg)
+    key = f"{teacher['fingerprint'].split(':')[-1][:16]}-{test.fingerprint().split(':')[-1][:16]}"
+    path = cfg.run_dir() / "students" / f"teacher-eval-logits-{key}.npy"
+    if path.exists():
+        return np.load(path)
     model, _ = load_model(teacher["checkpoint"])
-    return predict_logits(model, eval_split(cfg).x)
+    z = predict_logits(model, test.x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
+    np.save(tmp, np.asarray(z))
+    os.replace(tmp, path)  # parallel students may race here: same bytes, last rename wins
+    return z
 
 
 def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) -> dict:

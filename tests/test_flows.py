@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,9 @@ def test_distill_flow_end_to_end(tiny_run):
         assert s["int8"]["size_bytes"] < s["size_bytes"] and abs(s["int8"]["accuracy"] - s["accuracy"]) < 0.1
         base = next(b for b in on_disk["students"] if b["name"] == s["name"].split("-T")[0].replace("-baseline", "") + "-baseline")
         assert s["baseline_accuracy"] == base["accuracy"]
+    # the teacher ran once on the evaluation split for all four students' agreement
+    cached = list((cfg.run_dir() / "students").glob("teacher-eval-logits-*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (300, 10)
     # the soft labels are complete, verified, and say exactly what produced them
     ds = storage.open_soft_labels(cfg.soft_label_uri(), verify=True)
     m = ds.manifest

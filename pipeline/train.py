@@ -38,7 +38,7 @@ from .device import resolve_device
 from .evaluate import accuracy, predict_logits
 from .losses import (HintLoss, distillation_loss, logit_mse, multi_teacher_probs, rkd_distance_loss, soft_kl_loss,
                      soft_target_cross_entropy, topk_kl_loss)
-from .stream import HardLabelBatches, StoredLabelStream
+from .stream import HardLabelBatches, StoredLabelStream, keep_batch
 from .views import ViewSpec
 
 MODES = ("stored", "hard", "online")
@@ -315,8 +315,12 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         if cfg.num_workers == 0:  # iterate in-process: a DataLoader adds per-batch overhead and nothing else
             batches = stream
         else:  # own generator: DataLoader must not draw from the global RNG (resume equality)
+            # on CPU workers hand over numpy arrays (pickled, no per-tensor fd passing); CUDA keeps
+            # tensors so that the loader can pin them
+            stream.worker_numpy = device.type != "cuda"
             batches = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True,
                                  pin_memory=device.type == "cuda", multiprocessing_context=cfg.worker_start,
+                                 collate_fn=keep_batch if stream.worker_numpy else None,
                                  generator=torch.Generator().manual_seed(cfg.seed))
         steps_per_epoch, sampler = stream.num_batches(cfg.num_workers), stream
     else:
@@ -363,6 +367,8 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum_b loss_b * weight_b
         w_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
+            # numpy from CPU DataLoader workers (see StoredLabelStream.worker_numpy): as_tensor shares it
+            batch = {k: torch.as_tensor(v) for k, v in batch.items()}
             if on_batch is not None:
                 on_batch(epoch, batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -165,6 +165,25 @@ def test_kd_temperature_adds_the_teachers_side_and_the_same_loss(tmp_path):
         StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=0.0)
 
 
+def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
+    """worker_numpy: a DataLoader worker hands over numpy arrays (collate_fn=keep_batch);
+    wrapped with torch.as_tensor they equal the in-process tensor batches, field by field."""
+    from pipeline.stream import keep_batch
+    inputs = make_inputs(n=30)
+    uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
+    stream = StoredLabelStream(uri, inputs, SPEC, batch_size=8, seed=2, kd_temperature=3.0)
+    want = list(stream)
+    stream.worker_numpy = True
+    assert all(isinstance(v, torch.Tensor) for v in next(iter(stream)).values())  # only workers switch
+    dl = DataLoader(stream, batch_size=None, num_workers=1, collate_fn=keep_batch, multiprocessing_context="spawn")
+    got = list(dl)
+    assert len(got) == len(want) == stream.num_batches()
+    for g, w in zip(got, want):
+        assert set(g) == set(w) and all(isinstance(v, np.ndarray) for v in g.values())
+        for key in w:
+            assert torch.equal(torch.as_tensor(g[key]), w[key]), key
+
+
 def _epoch(loader, stream, epoch):
     stream.set_epoch(epoch)
     return [{k: v.clone() for k, v in b.items()} for b in loader]

@@ -65,13 +65,10 @@ def _check_int(name: str, x: Tensor) -> None:
 
 
 def _row_mean(per_row: Tensor, weights: Tensor | None) -> Tensor:
-    """(B,) -> scalar: plain mean, or weighted mean with sum(weights) in the denominator."""
+    """(B,) -> scalar: plain mean, or weighted mean Σ w_b l_b / Σ w_b."""
     if weights is None:
         return per_row.mean()
-    _check_rows("weights", weights, per_row.shape[0])
-    w = weights.float()
-    # clamp: an all-padding batch gives 0, not nan
-    return (w * per_row).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return per_row @ _normalized_weights(weights, per_row.shape[0], per_row)
 
 
 def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -105,7 +102,7 @@ def _normalized_weights(weights: Tensor | None, rows: int, like: Tensor) -> Tens
         return torch.full((rows,), 1.0 / rows, dtype=torch.float32, device=like.device)
     _check_rows("weights", weights, rows)
     w = weights.float()
-    return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # clamp: all padding gives 0, not nan
 
 
 # ----------------------------------------------------------------------------- logit KD

@@ -36,8 +36,8 @@ from .checkpoint import atomic_torch_save
 from .data import ArrayDataset
 from .device import resolve_device
 from .evaluate import accuracy, predict_logits
-from .losses import (HintLoss, distillation_loss, logit_mse, multi_teacher_probs, rkd_distance_loss, soft_kl_loss,
-                     soft_target_cross_entropy, topk_kl_loss)
+from .losses import (HintLoss, _row_mean, distillation_loss, logit_mse, multi_teacher_probs, rkd_distance_loss,
+                     soft_kl_loss, soft_target_cross_entropy, topk_kl_loss)
 from .stream import HardLabelBatches, StoredLabelStream, keep_batch
 from .views import ViewSpec
 
@@ -142,7 +142,7 @@ def make_schedule(opt, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_sch
 
 def _weighted_ce(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,) fp32
-    return (w * ce).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return _row_mean(ce, w)  # the same weighting as every soft loss (pad rows 0)
 
 
 def compute_loss(cfg: TrainConfig, mode: str, logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -305,7 +305,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
     raw = model.to(device)
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
-    stream = None
+    stream, numpy_batches = None, False
     if mode == "stored":
         uris = [soft_labels] if isinstance(soft_labels, str) else list(soft_labels)  # [primary, *more teachers]
         stream = StoredLabelStream(uris[0], train_data, view_spec, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -317,7 +317,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         else:  # own generator: DataLoader must not draw from the global RNG (resume equality)
             # on CPU workers hand over numpy arrays (pickled, no per-tensor fd passing); CUDA keeps
             # tensors so that the loader can pin them
-            stream.worker_numpy = device.type != "cuda"
+            stream.worker_numpy = numpy_batches = device.type != "cuda"
             batches = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True,
                                  pin_memory=device.type == "cuda", multiprocessing_context=cfg.worker_start,
                                  collate_fn=keep_batch if stream.worker_numpy else None,
@@ -367,8 +367,8 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum_b loss_b * weight_b
         w_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
-            # numpy from CPU DataLoader workers (see StoredLabelStream.worker_numpy): as_tensor shares it
-            batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+            if numpy_batches:  # from CPU DataLoader workers (StoredLabelStream.worker_numpy); shares memory
+                batch = {k: torch.from_numpy(v) for k, v in batch.items()}
             if on_batch is not None:
                 on_batch(epoch, batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import threading
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import storage
+from storage.fs import Location
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.evaluate import evaluate, predict_logits
@@ -183,11 +185,11 @@ def teacher_eval_logits(cfg: Config, teacher: dict):
     if path.exists():
         return np.load(path)
     model, _ = load_model(teacher["checkpoint"])
-    z = predict_logits(model, test.x)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
-    np.save(tmp, np.asarray(z))
-    os.replace(tmp, path)  # parallel students may race here: same bytes, last rename wins
+    z = np.asarray(predict_logits(model, test.x))
+    buf = io.BytesIO()
+    np.save(buf, z)
+    # parallel students may race here: same bytes, unique temp names, last rename wins
+    Location(str(path.parent)).write_bytes_atomic(path.name, buf.getvalue())
     return z
 
 
@@ -266,10 +268,7 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
                           "fingerprint": teacher["fingerprint"], "checkpoint": teacher["checkpoint"]},
               "students": students, "soft_labels": soft_label_uri}
     path = cfg.run_dir() / "report.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    Location(str(path.parent)).write_bytes_atomic(path.name, json.dumps(report, indent=2).encode())
     report["path"] = str(path)
     return report
 

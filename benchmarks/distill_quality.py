@@ -50,6 +50,7 @@ from pipeline.models import build_model  # noqa: E402
 from pipeline.teacher import train_teacher  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 from pipeline.views import ViewSpec  # noqa: E402
+from storage import open_soft_labels  # noqa: E402
 
 SPLIT_SEED = 0
 SIZES = {"train": 3500, "val": 500, "test": 1000}
@@ -215,16 +216,14 @@ def make_labels(root: str, teacher_info: dict, *, views: int, temperature: float
                         num_views=views, view_spec=VIEWS if views > 1 else None, representation=representation,
                         k=k, dtype="float16", backend="parquet", shard_size=shard_size, overwrite=True)
     m = out["manifest"]
-    # the stream shuffles shard order + a bounded buffer of max(2 x block, 8 x batch) rows
-    # (storage/reader.py): below the dataset size, batches only mix neighbouring shards
-    block = max(int(sh.get("rows_per_block", sh["num_rows"])) for sh in m["shards"])
     return {"uri": uri, "rows": int(m["num_rows"]), "views": views, "T": temperature, "kind": representation, "k": k,
-            "shards": len(m["shards"]), "shard_size": shard_size, "block": block,
+            "shards": len(m["shards"]), "shard_size": shard_size,
             "bytes": sum(int(sh.get("bytes", 0)) for sh in m["shards"]), "seconds": time.perf_counter() - t0}
 
 
 def window_note(lab: dict, batch_size: int) -> str:
-    win = max(2 * lab["block"], 8 * batch_size)
+    # the reader's own default window: below the dataset size, batches only mix nearby shards
+    win = open_soft_labels(lab["uri"]).default_shuffle_buffer(batch_size)
     return (f"shuffle window {win:,} rows {'>=' if win >= lab['rows'] else '<'} {lab['rows']:,} rows "
             f"({'global shuffle' if win >= lab['rows'] else 'LOCAL shuffle: batches mix only nearby shards'})")
 

@@ -42,7 +42,7 @@ from pipeline.checkpoint import fingerprint  # noqa: E402
 from pipeline.data import load_mnist5k, split_dataset  # noqa: E402
 from pipeline.label import label_dataset  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.stream import HardLabelBatches, StoredLabelStream  # noqa: E402
+from pipeline.stream import HardLabelBatches, StoredLabelStream, _teacher_side  # noqa: E402
 from pipeline.train import TrainConfig, compute_loss, make_optimizer, make_schedule, train  # noqa: E402
 from storage import open_soft_labels  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -291,8 +291,8 @@ def main():
     T = float(open_soft_labels(uri).manifest["temperature"])
     z = np.asarray(open_soft_labels(uri).take(tr.sample_ids, np.zeros(len(tr), np.int64), columns=["logits"])
                    ["logits"], np.float32) * np.float32(T)   # (N, C) raw teacher logits, row = position
-    p_mem = torch.softmax(torch.from_numpy(z) / 4.0, -1)
-    z_mem = (z, p_mem.numpy(), torch.xlogy(p_mem, p_mem).sum(-1).numpy())
+    side = _teacher_side(torch.from_numpy(z), None, 4.0)  # what the stream computes per chunk, once for all rows
+    z_mem = (z, side["teacher_probs"].numpy(), side["teacher_neg_entropy"].numpy())
     t_start = time.perf_counter()
     for r in range(a.rounds):
         order = modes[r % len(modes):] + modes[:r % len(modes)]

@@ -200,12 +200,6 @@ class StoredLabelStream(IterableDataset):
                 batch["x"] = self.inputs_of(pos[a:a + B], batch["sample_id"].numpy(), batch["view"].numpy())
                 yield {key: v.numpy() for key, v in batch.items()} if to_numpy else batch
 
-    def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """One storage batch (numpy, maybe read-only) -> training batch (tensors, owned)."""
-        out, pos = self.join_labels(b)
-        out["x"] = self.inputs_of(pos, out["sample_id"].numpy(), out["view"].numpy())
-        return out
-
     def inputs_of(self, pos: np.ndarray, sid: np.ndarray, view: np.ndarray) -> torch.Tensor:
         """The input rows at positions `pos`, as the views (sample_id, view) name: (B, ...)."""
         x = torch.from_numpy(self.inputs.x[pos])                # fancy index = a fresh copy

@@ -7,7 +7,8 @@ from .convert import convert
 from .errors import (CorruptShardError, CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError,
                      MismatchError, SoftLabelError)
 from .manifest import FORMAT_VERSION
-from .reader import SoftLabelDataset, open_soft_labels, read_manifest
+from .reader import SoftLabelDataset, open_soft_labels
+from .shards import read_manifest
 from .topk import rescale, softmax, topk_probs
 from .verify import VerifyReport, verify
 from .writer import SoftLabelWriter

@@ -36,7 +36,7 @@ def convert(src_uri: str, dst_uri: str, *, backend: str, storage_options: dict |
     for pos, s in enumerate(m["shards"]):
         if s["index"] in done:
             continue
-        sh = open_shard(src.loc, s["path"], m["backend"], src.columns)
+        sh = open_shard(src.loc, s, m["backend"], src.columns)
         w.write_scaled_columns(s["index"], sh.read(0, sh.num_rows, names))
     out = w.finalize()
     _check_equal(src, open_soft_labels(dst_uri, storage_options=dst_storage_options or storage_options))
@@ -46,8 +46,8 @@ def convert(src_uri: str, dst_uri: str, *, backend: str, storage_options: dict |
 def _check_equal(a, b) -> None:
     names = [c.name for c in a.columns]
     for sa, sb in zip(a.manifest["shards"], b.manifest["shards"]):
-        ra = open_shard(a.loc, sa["path"], a.manifest["backend"], a.columns)
-        rb = open_shard(b.loc, sb["path"], b.manifest["backend"], b.columns)
+        ra = open_shard(a.loc, sa, a.manifest["backend"], a.columns)
+        rb = open_shard(b.loc, sb, b.manifest["backend"], b.columns)
         ca, cb = ra.read(0, ra.num_rows, names), rb.read(0, rb.num_rows, names)
         for n in names:
             if ca[n].dtype != cb[n].dtype or not np.array_equal(ca[n].view(np.uint8), cb[n].view(np.uint8)):

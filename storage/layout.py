@@ -1,35 +1,41 @@
-"""How one shard's columns become bytes, for each backend, and how they are read back.
+"""The label schema (which columns a row has) and how one shard's columns become bytes,
+for each backend, and how they are read back.
 
-A shard is a set of equal-length columns. 1-D columns (sample_id, view, logsumexp)
-are stored natively. 2-D columns of width w (logits, topk_logits, topk_indices,
-feature) are stored so that reading is a memcpy, because streaming them is the hot path:
+A shard is a set of equal-length columns. 1-D columns (sample_id, view, logsumexp) are
+plain columns; 2-D columns of width w (logits, topk_logits, topk_indices, feature) are
+per-row vectors, stored so that every common data tool sees numbers and that reading is
+a memcpy, because streaming them is the hot path:
 
-- Parquet: a `fixed_size_binary(w * itemsize)` column, one value per row, its numpy
-  dtype and width in the field metadata. Measured here (100k x 1000 float16): a
-  FixedSizeList<float16> + zstd column read at ~0.05x np.load; fixed_size_binary,
-  uncompressed, at ~0.7x, because decoding is one contiguous buffer that numpy views
-  without a copy.
+- Parquet: a required `fixed_size_list<T>[w]` column (Parquet LIST), written and read by
+  storage/parquet_codec.py: DuckDB, polars, pandas, pyarrow.dataset and HF `datasets`
+  read it as float arrays, and the reader views each page's values as one buffer.
 - Zarr v3: one array per column, chunked along rows only (chunks of `rows_per_block`
-  rows, all w columns), so a block read is one object read.
+  rows, all w columns), with `dimension_names` ("row", "class" | "k" | "feature"), so
+  xarray opens a shard as a Dataset and a block read is one object read.
+
+Format 1 datasets (2-D Parquet columns as `fixed_size_binary`) are still read.
 
 Logit columns are uncompressed by default: float logits barely compress (random-ish
 mantissas; zstd saved ~8% here) and decompression dominated read time. Small columns
-(ids, views) use zstd, which shrinks them ~10x for free.
+(ids, views, top-k indices) use zstd, which shrinks them several-fold for free.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import parquet_codec
+from .errors import CorruptShardError
+
 # A block (Parquet row group / Zarr chunk) of ~16 MiB: large enough that per-block
 # overhead vanishes, small enough that a shuffle buffer of a few blocks fits in RAM.
 TARGET_BLOCK_BYTES = 16 << 20
 MIN_BLOCK_ROWS = 1024
+DATA_DIR = "data"   # shards live here, apart from manifest.json and _commits/
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,36 @@ class Column:
     name: str
     dtype: str        # numpy dtype name
     width: int | None  # None for 1-D columns
+    dim: str = "class"  # name of the second dimension (Zarr dimension_names)
 
     def to_dict(self) -> dict:
         return {"dtype": self.dtype, "shape": [] if self.width is None else [self.width]}
+
+
+def index_dtype(num_classes: int) -> str:
+    """Smallest unsigned integer that holds class ids 0..C-1 (uint8 up to 256 classes)."""
+    if num_classes <= 1 << 8:
+        return "uint8"
+    if num_classes <= 1 << 16:
+        return "uint16"
+    return "int32"
+
+
+def columns_for(manifest: dict) -> list[Column]:
+    """The label schema: the columns of a row, implied by a manifest's representation.
+    The same for both backends; the one place a new layout adds its columns."""
+    rep, C = manifest["representation"], manifest["num_classes"]
+    cols = [Column("sample_id", "int64", None), Column("view", "int32", None)]
+    if rep["kind"] == "dense":
+        cols.append(Column("logits", rep["dtype"], C, "class"))
+    else:
+        cols += [Column("topk_logits", rep["dtype"], rep["k"], "k"),
+                 Column("topk_indices", rep.get("index_dtype") or index_dtype(C), rep["k"], "k"),
+                 Column("logsumexp", "float32", None)]
+    feat = manifest.get("feature")
+    if feat:
+        cols.append(Column("feature", feat["dtype"], int(np.prod(feat["shape"])), "feature"))
+    return cols
 
 
 def rows_per_block(row_bytes: int, num_rows: int) -> int:
@@ -59,101 +92,147 @@ def shard_basename(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def tree_sha256(objects: dict[str, bytes]) -> str:
+# ---------------------------------------------------------------- hashing
+# A shard's bytes are `objects`: {relative path: [buffers]} ("" for a single file), each
+# value a list of bytes-like parts that are written (and hashed) in order, so the big
+# columns are never joined into one copy.
+
+def tree_sha256(objects: dict[str, list]) -> str:
     """sha256 of a shard. One file: the file's bytes. A directory (Zarr): over sorted
     relative paths, each as `path NUL size NUL bytes` (see docs/format.md)."""
     h = hashlib.sha256()
     if list(objects) == [""]:
-        h.update(objects[""])
+        for part in objects[""]:
+            h.update(part)
         return h.hexdigest()
     for key in sorted(objects):
-        data = objects[key]
-        h.update(key.encode() + b"\0" + str(len(data)).encode() + b"\0")
-        h.update(data)
+        parts = objects[key]
+        h.update(key.encode() + b"\0" + str(sum(_nbytes(p) for p in parts)).encode() + b"\0")
+        for part in parts:
+            h.update(part)
     return h.hexdigest()
+
+
+def _nbytes(part) -> int:
+    return part.nbytes if isinstance(part, memoryview) else len(part)
+
+
+def objects_nbytes(objects: dict[str, list]) -> int:
+    return sum(_nbytes(p) for parts in objects.values() for p in parts)
 
 
 # ---------------------------------------------------------------- Parquet
 
-def _codec(compression: str) -> str:
-    return "none" if compression == "none" else compression
-
-
-def encode_parquet(cols: dict[str, np.ndarray], spec: list[Column], compression: str) -> dict[str, bytes]:
+def encode_parquet(cols: dict[str, np.ndarray], spec: list[Column], compression: str) -> dict[str, list]:
     n = len(cols["sample_id"])
-    fields, arrays, per_col_codec = [], [], {}
-    for c in spec:
-        a = np.ascontiguousarray(cols[c.name], dtype=c.dtype)
-        if c.width is None:
-            arrays.append(pa.array(a))
-            fields.append(pa.field(c.name, arrays[-1].type))
-            per_col_codec[c.name] = "zstd"
-        else:
-            item = np.dtype(c.dtype).itemsize * c.width
-            arrays.append(pa.FixedSizeBinaryArray.from_buffers(pa.binary(item), n, [None, pa.py_buffer(a)]))
-            fields.append(pa.field(c.name, pa.binary(item), nullable=False,
-                                   metadata={b"dtype": c.dtype.encode(), b"width": str(c.width).encode()}))
-            per_col_codec[c.name] = _codec(compression)
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    buf = io.BytesIO()
-    pq.write_table(
-        table, buf,
-        row_group_size=rows_per_block(row_bytes(spec), n),
-        compression=per_col_codec,
-        use_dictionary=False,
-        write_statistics=["sample_id", "view"],
-        data_page_size=1 << 20,
-    )
-    return {"": buf.getvalue()}
+    fields = [(c.name, c.dtype, c.width) for c in spec]
+    codecs = {c.name: (compression if c.width is not None and c.dtype.startswith("float") else "zstd")
+              for c in spec}
+    parts = parquet_codec.encode(fields, cols, rows_per_group=rows_per_block(row_bytes(spec), n),
+                                 compression=codecs)
+    return {"": parts}
 
 
 def _decode_arrow(col: pa.ChunkedArray | pa.Array, c: Column) -> np.ndarray:
+    """pyarrow's decoding (the slow, general path; also format 1's fixed_size_binary)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if c.width is None:
-        return col.to_numpy(zero_copy_only=False)
-    item = np.dtype(c.dtype).itemsize
-    # Zero-copy view of the fixed-size values buffer (read-only), honouring slice offsets.
-    return np.frombuffer(col.buffers()[1], dtype=c.dtype, count=len(col) * c.width,
-                         offset=col.offset * c.width * item).reshape(len(col), c.width)
+        return col.to_numpy(zero_copy_only=False).astype(c.dtype, copy=False)
+    if pa.types.is_fixed_size_binary(col.type):
+        item = np.dtype(c.dtype).itemsize
+        return np.frombuffer(col.buffers()[1], dtype=c.dtype, count=len(col) * c.width,
+                             offset=col.offset * c.width * item).reshape(len(col), c.width)
+    return col.flatten().to_numpy(zero_copy_only=False).astype(c.dtype, copy=False).reshape(len(col), c.width)
+
+
+def _arrow_width(t: pa.DataType, c: Column) -> int | None:
+    if pa.types.is_fixed_size_list(t):
+        return t.list_size
+    if pa.types.is_fixed_size_binary(t):
+        return t.byte_width // np.dtype(c.dtype).itemsize
+    return None
 
 
 class ParquetShard:
-    """Reads row ranges of one Parquet shard, a row group at a time."""
+    """Reads row ranges of one Parquet shard, a row group at a time.
 
-    def __init__(self, source, spec: list[Column]):
-        self.file = pq.ParquetFile(source, pre_buffer=False)
+    `source` is a local path or a pyarrow buffer holding the (already verified) file."""
+
+    def __init__(self, source, spec: list[Column], name: str = "shard"):
+        self.name = name
+        self.file = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, pa.Buffer) else source,
+                                   pre_buffer=False)
+        self.raw = source if isinstance(source, pa.Buffer) else None
+        self.path = None if self.raw is not None else source
+        self._fh = None
         self.spec = {c.name: c for c in spec}
         md = self.file.metadata
         self.num_rows = md.num_rows
-        starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        self.block_starts = starts  # len = num_row_groups + 1
+        self.block_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+        schema = self.file.schema_arrow
+        self.col_index = {}
+        for c in spec:  # the file must hold exactly the columns the manifest describes
+            if c.name not in schema.names:
+                raise CorruptShardError(f"{name}: column {c.name!r} is missing (has {schema.names})")
+            w = _arrow_width(schema.field(c.name).type, c)
+            if w != c.width:
+                raise CorruptShardError(f"{name}: column {c.name!r} has width {w}, the manifest says {c.width}")
+        leaves = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+        self.col_index = {n: leaves.index(n) for n in self.spec}
 
     def blocks(self) -> list[tuple[int, int]]:
         s = self.block_starts
         return [(int(s[i]), int(s[i + 1])) for i in range(len(s) - 1)]
 
+    def _chunk_bytes(self, start: int, size: int):
+        if self.raw is not None:
+            return self.raw.slice(start, size)
+        if self._fh is None:
+            self._fh = pa.OSFile(self.path)   # buffers from Arrow's pool: reused pages
+        self._fh.seek(start)
+        return self._fh.read_buffer(size)
+
+    def _read_group(self, g: int, name: str) -> np.ndarray:
+        c = self.spec[name]
+        rg = self.file.metadata.row_group(g)
+        cm = rg.column(self.col_index[name])
+        start = cm.dictionary_page_offset if cm.has_dictionary_page else cm.data_page_offset
+        size = cm.total_compressed_size
+        codec = {"UNCOMPRESSED": 0, "ZSTD": 6, "LZ4_RAW": 7}.get(cm.compression, -1)
+        if codec >= 0 and not cm.has_dictionary_page:
+            buf = self._chunk_bytes(start, size)
+            if buf.size != size:
+                raise CorruptShardError(f"{self.name}: row group {g} column {name} is truncated")
+            a = parquet_codec.read_column_chunk(buf, size, c.dtype, c.width, rg.num_rows, codec)
+            if a is not None:
+                return a
+        t = self.file.read_row_group(g, columns=[name], use_threads=False)
+        return _decode_arrow(t.column(0), c)
+
     def read(self, start: int, stop: int, columns: list[str]) -> dict[str, np.ndarray]:
         s = self.block_starts
         first = int(np.searchsorted(s, start, side="right") - 1)
-        last = int(np.searchsorted(s, stop, side="left"))
-        groups = list(range(first, max(first + 1, last)))
-        t = self.file.read_row_groups(groups, columns=columns, use_threads=False)
-        t = t.slice(start - int(s[first]), stop - start)
-        return {name: _decode_arrow(t.column(name), self.spec[name]) for name in columns}
+        last = max(first + 1, int(np.searchsorted(s, stop, side="left")))
+        out = {}
+        for name in columns:
+            parts = [self._read_group(g, name) for g in range(first, last)]
+            a = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            out[name] = a[start - int(s[first]): stop - int(s[first])]
+        return out
 
 
 # ---------------------------------------------------------------- Zarr
 
-def _zarr_compressors(compression: str, one_d: bool):
+def _zarr_compressors(compression: str, c: Column):
     from zarr.codecs import BloscCodec, ZstdCodec
-    if one_d:
+    if c.width is None or not c.dtype.startswith("float"):
         return ZstdCodec(level=3)
     return {"none": None, "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
             "zstd": ZstdCodec(level=3)}[compression]
 
 
-def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: str) -> dict[str, bytes]:
+def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: str) -> dict[str, list]:
     import zarr
     from zarr.storage import MemoryStore
 
@@ -165,11 +244,14 @@ def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: st
     for c in spec:
         a = np.ascontiguousarray(cols[c.name], dtype=c.dtype)
         shape, chunks = ((n,), (block,)) if c.width is None else ((n, c.width), (block, c.width))
-        arr = g.create_array(c.name, shape=shape, dtype=c.dtype, chunks=chunks,
-                             compressors=_zarr_compressors(compression, c.width is None),
-                             fill_value=0)
+        dims = ("row",) if c.width is None else ("row", c.dim)
+        # every chunk is written, even one equal to the fill value: a missing chunk is
+        # then always corruption, never "zeros"
+        arr = g.create_array(c.name, shape=shape, dtype=c.dtype, chunks=chunks, dimension_names=dims,
+                             compressors=_zarr_compressors(compression, c), fill_value=0,
+                             config={"write_empty_chunks": True})
         arr[...] = a
-    return {k: v.to_bytes() for k, v in store_dict.items()}
+    return {k: [v.to_bytes()] for k, v in store_dict.items()}
 
 
 class ZarrShard:
@@ -177,19 +259,27 @@ class ZarrShard:
 
     Fast path: a whole-chunk read of an uncompressed array (codecs == [bytes, little
     endian], the default for logit columns) fetches the chunk object's bytes and views
-    them with numpy: one copy instead of zarr's two (file -> buffer -> output array),
-    which is what lifts Zarr streaming from ~0.45x to ~0.8x np.load here. The chunk
-    layout is fixed by the Zarr v3 spec (C order, little endian, edge chunks stored at
-    full size); a chunk never written means "all fill_value". Everything else goes
-    through zarr.
+    them with numpy: one copy instead of zarr's two (file -> buffer -> output array).
+    The chunk layout is fixed by the Zarr v3 spec (C order, little endian, edge chunks
+    stored at full size). A chunk object that does not exist is corruption (every chunk
+    is written), never the fill value. Everything else goes through zarr.
     """
 
-    def __init__(self, store, spec: list[Column], raw_get=None):
+    def __init__(self, store, spec: list[Column], raw_get, raw_has, name: str = "shard"):
         import zarr
+        self.name = name
         self.group = zarr.open_group(store, mode="r", zarr_format=3)
         self.spec = {c.name: c for c in spec}
         self.arrays = {}
         self.raw_get = raw_get            # key -> bytes-like, or raises FileNotFoundError
+        self.raw_has = raw_has            # key -> bool
+        for c in spec:
+            if c.name not in self.group:
+                raise CorruptShardError(f"{name}: array {c.name!r} is missing")
+            shape = self.group[c.name].shape
+            if (c.width is None and len(shape) != 1) or (c.width is not None and tuple(shape[1:]) != (c.width,)):
+                raise CorruptShardError(f"{name}: array {c.name!r} has shape {shape}, the manifest says "
+                                        f"(rows{'' if c.width is None else f', {c.width}'})")
         first = self.group[spec[0].name]
         self.num_rows = int(first.shape[0])
         self.chunk_rows = int(first.chunks[0])
@@ -201,29 +291,37 @@ class ZarrShard:
     def _array(self, name):
         if name not in self.arrays:
             arr = self.group[name]
-            self.arrays[name] = (arr, self.raw_get is not None and _plain_bytes(arr))
+            self.arrays[name] = (arr, _plain_bytes(arr))
         return self.arrays[name]
 
     def read(self, start: int, stop: int, columns: list[str]) -> dict[str, np.ndarray]:
         out = {}
         for name in columns:
             arr, plain = self._array(name)
+            c0, c1 = start // self.chunk_rows, -(-stop // self.chunk_rows)
             whole_chunk = start % self.chunk_rows == 0 and stop - start <= self.chunk_rows \
                 and (stop - start == self.chunk_rows or stop == self.num_rows)
             if plain and whole_chunk:
-                out[name] = self._read_chunk(arr, name, start // self.chunk_rows)[: stop - start]
+                data = self._get(arr, name, c0)
+                out[name] = np.frombuffer(data, dtype=arr.dtype).reshape(arr.chunks)[: stop - start]
             else:
+                for i in range(c0, c1):   # zarr would return the fill value for a missing chunk
+                    key = self._key(arr, name, i)
+                    if not self.raw_has(key):
+                        raise CorruptShardError(f"{self.name}: chunk {key} is missing")
                 out[name] = arr[start:stop]
         return out
 
-    def _read_chunk(self, arr, name: str, i: int) -> np.ndarray:
-        key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
-        shape = arr.chunks
+    @staticmethod
+    def _key(arr, name: str, i: int) -> str:
+        return f"{name}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}"
+
+    def _get(self, arr, name: str, i: int):
+        key = self._key(arr, name, i)
         try:
-            data = self.raw_get(f"{name}/{key}")
-        except FileNotFoundError:  # zarr skips writing chunks that are all fill_value
-            return np.full(shape, arr.metadata.fill_value, dtype=arr.dtype)
-        return np.frombuffer(data, dtype=arr.dtype).reshape(shape)
+            return self.raw_get(key)
+        except FileNotFoundError:
+            raise CorruptShardError(f"{self.name}: chunk {key} is missing") from None
 
 
 def _plain_bytes(arr) -> bool:

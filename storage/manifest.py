@@ -9,14 +9,19 @@ different shards never read-modify-write a shared file.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
+import re
 from typing import Any
 
 from .errors import ManifestError, MismatchError
+from .layout import DATA_DIR, columns_for, index_dtype
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: shards under data/, 2-D Parquet columns as fixed_size_list, Zarr dimension_names,
+#    a manifest digest, a lineage digest in every commit record. 1 is still read.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 COMMITS_DIR = "_commits"
 TMP_DIR = "_tmp"
@@ -28,7 +33,7 @@ COMPRESSIONS = ("none", "lz4", "zstd")
 # Fields that decide whether two writers label *the same thing*. A resumed writer must
 # match all of them; anything else (names, extra metadata) may differ.
 IDENTITY_FIELDS = (
-    "format_version", "backend", "num_classes", "num_views", "temperature",
+    "backend", "num_classes", "num_views", "temperature",
     "representation", "feature", "teacher.fingerprint", "data.fingerprint",
     "data.split", "data.transform",
 )
@@ -119,28 +124,142 @@ def check_expect(manifest: dict, expect: dict | None, uri: str) -> None:
 
 
 def parse_manifest(raw: bytes, uri: str) -> dict:
+    """The manifest, checked: valid JSON, a known format_version, every field of the
+    right type (named when not), safe shard paths, and an intact digest."""
+    where = f"{uri}/{MANIFEST}"
     try:
         m = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{uri}/{MANIFEST} is not valid JSON: {e}") from None
+        raise ManifestError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(m, dict):
-        raise ManifestError(f"{uri}/{MANIFEST} must hold a JSON object, found {type(m).__name__}")
+        raise ManifestError(f"{where} must hold a JSON object, found {type(m).__name__}")
     v = m.get("format_version")
     if v not in SUPPORTED_FORMAT_VERSIONS:
         raise ManifestError(
-            f"{uri}/{MANIFEST}: unknown format_version {v!r}; this distillery reads "
+            f"{where}: unknown format_version {v!r}; this distillery reads "
             f"{list(SUPPORTED_FORMAT_VERSIONS)} (upgrade distillery to read newer datasets)")
-    for key in ("backend", "status", "num_classes", "num_views", "temperature", "representation", "teacher", "data"):
-        if key not in m:
-            raise ManifestError(f"{uri}/{MANIFEST}: required field {key!r} is missing")
-    if m["backend"] not in BACKENDS:
-        raise ManifestError(f"{uri}/{MANIFEST}: backend {m['backend']!r} is not one of {list(BACKENDS)}")
-    if m["status"] not in ("partial", "complete"):
-        raise ManifestError(f"{uri}/{MANIFEST}: status {m['status']!r} is not 'partial' or 'complete'")
+    validate_manifest(m, where)
+    if v >= 2:
+        want = manifest_digest(m)
+        if m.get("digest") != want:
+            raise ManifestError(f"{where} was modified after distillery wrote it: its digest is "
+                                f"{m.get('digest')!r}, its content hashes to {want!r}. Restore it or re-label.")
     return m
 
 
+def manifest_digest(m: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its `digest` field."""
+    body = {k: v for k, v in m.items() if k != "digest"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def lineage_digest(m: dict) -> str:
+    """What a commit record carries to say which labelling it belongs to: a hash of the
+    identity fields (teacher, data, transform, temperature, representation, ...)."""
+    ident = {f: _get_or(m, f) for f in IDENTITY_FIELDS}
+    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_SHARD_NAME = re.compile(r"^(?:%s/)?shard-(\d{5})-([0-9a-f]{16})\.(parquet|zarr)$" % DATA_DIR)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_shard_path(path: Any, backend: str, index: int | None, where: str) -> str:
+    """A shard path must be a plain relative name inside the dataset (`data/shard-NNNNN-<sha16>.ext`,
+    or at the root for format 1): never absolute, never `..`, never another URL."""
+    m = _SHARD_NAME.match(path) if isinstance(path, str) else None
+    ext = {"parquet": "parquet", "zarr": "zarr"}.get(backend)
+    if m is None or m.group(3) != ext or (index is not None and int(m.group(1)) != index):
+        raise ManifestError(f"{where}: shard path {path!r} is not allowed: shards are named "
+                            f"{DATA_DIR}/shard-{'NNNNN' if index is None else f'{index:05d}'}-<16 hex>.{ext} "
+                            f"inside the dataset (no absolute paths, '..' or URLs)")
+    return path
+
+
+def _need(cond: bool, where: str, field: str, what: str, value: Any) -> None:
+    if not cond:
+        shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 80 else type(value).__name__
+        raise ManifestError(f"{where}: field {field!r} must be {what}, found {shown}")
+
+
+def _is_int(x: Any, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def validate_manifest(m: dict, where: str) -> None:
+    """Structure and types of every field (the manifest schema, docs/format.md)."""
+    for key in ("backend", "status", "num_classes", "num_views", "temperature", "representation",
+                "teacher", "data", "shards"):
+        if key not in m:
+            raise ManifestError(f"{where}: required field {key!r} is missing")
+    _need(m["backend"] in BACKENDS, where, "backend", f"one of {list(BACKENDS)}", m["backend"])
+    _need(m["status"] in ("partial", "complete"), where, "status", "'partial' or 'complete'", m["status"])
+    C = m["num_classes"]
+    _need(_is_int(C, 2), where, "num_classes", "an int >= 2", C)
+    _need(_is_int(m["num_views"], 1), where, "num_views", "an int >= 1", m["num_views"])
+    T = m["temperature"]
+    _need(isinstance(T, (int, float)) and not isinstance(T, bool) and math.isfinite(T) and T > 0,
+          where, "temperature", "a finite number > 0", T)
+    rep = m["representation"]
+    _need(isinstance(rep, dict), where, "representation", "an object {kind, dtype, k}", rep)
+    _need(rep.get("kind") in KINDS, where, "representation.kind", f"one of {list(KINDS)}", rep.get("kind"))
+    _need(rep.get("dtype") in DTYPES, where, "representation.dtype", f"one of {list(DTYPES)}", rep.get("dtype"))
+    if rep["kind"] == "topk":
+        _need(_is_int(rep.get("k"), 1) and rep["k"] <= C, where, "representation.k",
+              f"an int in [1, num_classes={C}]", rep.get("k"))
+        _need(rep.get("index_dtype", index_dtype(C)) == index_dtype(C), where, "representation.index_dtype",
+              repr(index_dtype(C)), rep.get("index_dtype"))
+    else:
+        _need(rep.get("k") is None, where, "representation.k", "null for a dense representation", rep.get("k"))
+    feat = m.get("feature")
+    if feat is not None:
+        _need(isinstance(feat, dict) and isinstance(feat.get("name"), str) and isinstance(feat.get("shape"), list)
+              and feat["shape"] and all(_is_int(d, 1) for d in feat["shape"]) and feat.get("dtype") in DTYPES,
+              where, "feature", "null or {name, shape: [ints >= 1], dtype}", feat)
+    for sec, req in (("teacher", REQUIRED_TEACHER), ("data", REQUIRED_DATA)):
+        d = m[sec]
+        _need(isinstance(d, dict), where, sec, "an object", d)
+        for k in req:
+            _need(k in d, where, f"{sec}.{k}", "present", "<missing>")
+    for key in ("num_samples", "num_rows", "num_shards"):
+        _need(m.get(key) is None or _is_int(m[key]), where, key, "null or an int >= 0", m.get(key))
+    _need(m.get("planned_shards") is None or _is_int(m["planned_shards"], 1), where, "planned_shards",
+          "null or an int >= 1", m.get("planned_shards"))
+    cols = m.get("columns")
+    if cols is not None:
+        want = {c.name: c.to_dict() for c in columns_for(m)}
+        _need(cols == want, where, "columns", f"{want} (implied by num_classes, representation and feature)", cols)
+    shards = m["shards"]
+    _need(isinstance(shards, list), where, "shards", "a list of shard entries", shards)
+    for pos, e in enumerate(shards):
+        f = f"shards[{pos}]"
+        _need(isinstance(e, dict), where, f, "an object", e)
+        _need(e.get("index") == pos and _is_int(e.get("index")), where, f"{f}.index", f"{pos} (entries in index order)",
+              e.get("index"))
+        check_shard_path(e.get("path"), m["backend"], pos, f"{where}: {f}.path")
+        _need(isinstance(e.get("sha256"), str) and bool(_HEX64.match(e["sha256"])), where, f"{f}.sha256",
+              "64 hex digits", e.get("sha256"))
+        _need(e["path"].split("-")[-1].split(".")[0] == e["sha256"][:16], where, f"{f}.path",
+              f"named after its sha256 ({e['sha256'][:16]})", e["path"])
+        for k in ("num_rows", "rows_per_block"):
+            _need(_is_int(e.get(k), 1), where, f"{f}.{k}", "an int >= 1", e.get(k))
+        for k in ("first_sample_id", "last_sample_id", "bytes"):
+            _need(_is_int(e.get(k), -(1 << 63)), where, f"{f}.{k}", "an int", e.get(k))
+    if m["status"] == "complete":
+        for key in ("num_samples", "num_rows", "num_shards"):
+            _need(_is_int(m.get(key)), where, key, "an int in a complete manifest", m.get(key))
+        _need(m["num_shards"] == len(shards) and shards, where, "num_shards",
+              f"the number of shard entries ({len(shards)}, at least 1)", m["num_shards"])
+        total = sum(e["num_rows"] for e in shards)
+        _need(m["num_rows"] == total, where, "num_rows", f"the sum of the shards' num_rows ({total})", m["num_rows"])
+        _need(m["num_rows"] == m["num_samples"] * m["num_views"], where, "num_rows",
+              f"num_samples x num_views ({m['num_samples']} x {m['num_views']})", m["num_rows"])
+
+
 def dump_manifest(m: dict) -> bytes:
+    """The manifest's bytes, with its digest (format 2) recomputed."""
+    m = dict(m, format_version=FORMAT_VERSION)
+    m["digest"] = manifest_digest(m)
     return (json.dumps(m, indent=2, sort_keys=False) + "\n").encode()
 
 

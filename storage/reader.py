@@ -18,39 +18,14 @@ import numpy as np
 
 from .errors import CorruptShardError, IncompleteDatasetError, ManifestError, SoftLabelError
 from .fs import Location
-from .layout import Column
-from .manifest import MANIFEST, check_expect, parse_manifest
+from .layout import columns_for
+from .manifest import check_expect, lineage_digest
 from .partition import batches_per_partition, partition_segments
-from .shards import open_shard, read_commits
-from .writer import columns_for
-
+from .shards import commits_disagree, open_shard, read_commits, read_id_columns, read_manifest
+from .verify import verify as verify_dataset
 
 SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker)
-
-
-def read_manifest(loc: Location) -> dict:
-    try:
-        raw = loc.read_bytes(MANIFEST)
-    except FileNotFoundError:
-        raise ManifestError(f"no soft-label dataset at {loc.uri}: {MANIFEST} not found") from None
-    return parse_manifest(raw, loc.uri)
-
-
-def read_id_columns(loc: Location, manifest: dict, spec: list[Column]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample_id, view, shard position) of every row, shards in manifest order."""
-    sids, views, shard_of = [], [], []
-    for pos, s in enumerate(manifest["shards"]):
-        sh = open_shard(loc, s["path"], manifest["backend"], spec)
-        try:
-            cols = sh.read(0, sh.num_rows, ["sample_id", "view"])
-        except Exception as e:
-            raise CorruptShardError(f"{loc.uri}: shard {s['path']} cannot be read: {type(e).__name__}: {e}") from None
-        sids.append(cols["sample_id"])
-        views.append(cols["view"])
-        shard_of.append(np.full(len(cols["sample_id"]), pos, np.int32))
-    if not sids:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
-    return np.concatenate(sids), np.concatenate(views), np.concatenate(shard_of)
+REMOTE_OPEN_BYTES = 512 << 20     # object-store shards are held in memory while open: bound them
 
 
 def open_soft_labels(uri: str, *, expect: dict | None = None, verify: bool = False,
@@ -61,16 +36,20 @@ def open_soft_labels(uri: str, *, expect: dict | None = None, verify: bool = Fal
     verify=True re-hashes every shard first (see storage.verify)."""
     loc = Location(uri, storage_options)
     m = read_manifest(loc)
+    commits = read_commits(loc, m["backend"])
     if m["status"] != "complete":
-        done = len(read_commits(loc))
+        done = len(commits)
         planned = m.get("planned_shards")
         raise IncompleteDatasetError(
             f"soft-label dataset at {loc.uri} is partial ({done} shard(s) committed"
             f"{f' of {planned}' if planned else ''}); finish labelling (re-run resumes) before reading it")
+    problems = commits_disagree(m, commits, lineage_digest(m) if m["format_version"] >= 2 else None)
+    if problems:
+        raise ManifestError(f"soft-label dataset at {loc.uri}: the manifest and the committed shards disagree "
+                            f"(edited, or written by two runs):\n  " + "\n  ".join(problems[:10]))
     check_expect(m, expect, loc.uri)
     if verify:
-        from .verify import verify as _verify
-        report = _verify(uri, storage_options=storage_options)
+        report = verify_dataset(uri, storage_options=storage_options)
         if not report.ok:
             raise CorruptShardError(f"soft-label dataset at {loc.uri} failed verification:\n  "
                                     + "\n  ".join(report.problems))
@@ -102,10 +81,12 @@ class SoftLabelDataset:
 
     def _open(self, pos: int, cache: dict):
         if pos not in cache:
-            if len(cache) >= 64:  # bound file handles; shard objects hold no data
+            entry = self.manifest["shards"][pos]
+            # local shards hold a file handle, object-store shards their (verified) bytes
+            limit = 64 if self.loc.is_local else max(1, REMOTE_OPEN_BYTES // max(1, entry["bytes"]))
+            while len(cache) >= limit:
                 cache.pop(next(iter(cache)))
-            cache[pos] = open_shard(self.loc, self.manifest["shards"][pos]["path"],
-                                    self.manifest["backend"], self.columns)
+            cache[pos] = open_shard(self.loc, entry, self.manifest["backend"], self.columns)
         return cache[pos]
 
     def _check_columns(self, columns) -> list[str]:
@@ -167,6 +148,8 @@ class SoftLabelDataset:
                     continue
                 try:
                     out = sh.read(lo, hi, cols)
+                except CorruptShardError:
+                    raise
                 except Exception as e:
                     raise CorruptShardError(f"{self.uri}: shard {self.manifest['shards'][seg.shard]['path']} "
                                             f"rows {lo}:{hi} cannot be read: {type(e).__name__}: {e}") from None

@@ -1,90 +1,142 @@
-"""Shard I/O shared by the writer, reader and verifier: publish, commit records, open.
+"""Shard I/O shared by the writer, reader and verifier: publish, commit records, the
+manifest on disk, opening a shard (and proving its bytes are the committed ones).
 
-A shard file is named `shard-NNNNN-<sha16>.parquet` (or a `.zarr` directory): the name
-carries the first 16 hex digits of its sha256, so two writers that produce different
+A shard file is named `data/shard-NNNNN-<sha16>.parquet` (or a `.zarr` directory): the
+name carries the first 16 hex digits of its sha256, so two writers that produce different
 bytes for one shard never overwrite each other's file. The shard becomes part of the
 dataset only when its commit record `_commits/shard-NNNNN.json` (one small object,
 written atomically) names it. That record is the per-shard ownership rule: last
 committer wins, and whichever wins names a file whose bytes match its checksum.
+
+Nothing read from disk is trusted: commit records and manifest entries are validated
+(safe relative paths, matching names) before anything is opened, written or deleted, and
+`open_shard` hashes a shard's bytes the first time a process opens it (see "What is
+checked when" in docs/format.md).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
+import threading
 import uuid
 
 import numpy as np
+import pyarrow as pa
 
-from .errors import CorruptShardError, ManifestError
+from .errors import CorruptShardError, CoverageError, ManifestError
 from .fs import Location
-from .layout import Column, ParquetShard, ZarrShard, shard_basename
-from .manifest import COMMITS_DIR, TMP_DIR, now_iso
+from .layout import DATA_DIR, Column, ParquetShard, ZarrShard, objects_nbytes, shard_basename, tree_sha256
+from .manifest import COMMITS_DIR, MANIFEST, TMP_DIR, check_shard_path, now_iso, parse_manifest
 
 EXT = {"parquet": ".parquet", "zarr": ".zarr"}
 
 
 def shard_filename(index: int, sha256: str, backend: str) -> str:
-    return f"{shard_basename(index)}-{sha256[:16]}{EXT[backend]}"
+    return f"{DATA_DIR}/{shard_basename(index)}-{sha256[:16]}{EXT[backend]}"
 
 
 def commit_path(index: int) -> str:
     return f"{COMMITS_DIR}/{shard_basename(index)}.json"
 
 
-def publish(loc: Location, name: str, objects: dict[str, bytes]) -> None:
+def read_manifest(loc: Location) -> dict:
+    try:
+        raw = loc.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise ManifestError(f"no soft-label dataset at {loc.uri}: {MANIFEST} not found") from None
+    return parse_manifest(raw, loc.uri)
+
+
+# ------------------------------------------------------------------ publish
+
+def publish(loc: Location, name: str, objects: dict[str, list]) -> None:
     """Make `name` (a file, or a directory of objects) appear complete or not at all."""
     if not loc.is_local:
         if list(objects) == [""]:
-            loc.fs.pipe_file(loc.path(name), objects[""])  # one PUT: atomic
+            loc.fs.pipe_file(loc.path(name), b"".join(objects[""]))  # one PUT: atomic
         else:
             # Object stores have no directory rename; the objects become part of the
             # dataset only through the commit record written after them.
-            loc.fs.pipe({loc.path(f"{name}/{k}"): v for k, v in objects.items()})
+            loc.fs.pipe({loc.path(f"{name}/{k}"): b"".join(v) for k, v in objects.items()})
         return
     final = loc.path(name)
-    tmp = loc.path(f"{TMP_DIR}/{name}.{uuid.uuid4().hex[:12]}")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = loc.path(f"{TMP_DIR}/{temp_name(os.path.basename(name))}")
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    if list(objects) == [""]:
-        _write_file(tmp, objects[""])
-        os.replace(tmp, final)
-        return
-    for key, data in objects.items():
-        _write_file(os.path.join(tmp, key), data)
     try:
-        os.rename(tmp, final)
-    except OSError:
-        # Same name means same sha256 prefix: another writer (or an earlier run that
-        # crashed before committing) already published these bytes. Keep theirs if equal.
-        if os.path.isdir(final) and read_objects(loc, name) == objects:
-            shutil.rmtree(tmp)
-        else:
-            shutil.rmtree(final, ignore_errors=True)
+        if list(objects) == [""]:
+            _write_file(tmp, objects[""])
+            os.replace(tmp, final)
+            return
+        for key, parts in objects.items():
+            _write_file(os.path.join(tmp, key), parts)
+        try:
             os.rename(tmp, final)
+        except OSError:
+            # Same name means same sha256 prefix: another writer (or an earlier run that
+            # crashed before committing) already published these bytes. Keep theirs if equal.
+            if os.path.isdir(final) and tree_sha256(read_objects(loc, name)) == tree_sha256(objects):
+                shutil.rmtree(tmp)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
+        raise
 
 
-def _write_file(path: str, data: bytes) -> None:
+def temp_name(base: str) -> str:
+    """`base.HOST.PID.RANDOM`: finalize() can tell a dead writer's leftovers from a live one's."""
+    return f"{base}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def temp_owner_alive(name: str) -> bool | None:
+    """True/False for a temp file made by a process on this host; None when unknown."""
+    parts = name.rsplit(".", 3)
+    if len(parts) != 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return None
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_file(path: str, parts: list) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        f.write(data)
+        f.writelines(parts)
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_objects(loc: Location, name: str) -> dict[str, bytes]:
-    """All bytes of a shard: {"": bytes} for a file, {relpath: bytes} for a directory."""
+def read_objects(loc: Location, name: str) -> dict[str, list]:
+    """All bytes of a shard: {"": [bytes]} for a file, {relpath: [bytes]} for a directory."""
     p = loc.path(name)
     fs = loc.fs
     if not name.endswith(".zarr"):
-        return {"": fs.cat_file(p)}
+        return {"": [fs.cat_file(p)]}
     files = fs.find(p)
     if not files:
         raise FileNotFoundError(p)
     prefix = p.rstrip("/") + "/"
     got = fs.cat(files) if len(files) > 1 else {files[0]: fs.cat_file(files[0])}
-    return {f[len(prefix):]: v for f, v in got.items()}
+    return {f[len(prefix):]: [v] for f, v in got.items()}
 
+
+# ------------------------------------------------------------------ commit records
 
 def write_commit(loc: Location, record: dict) -> dict:
     record = dict(record, committed_at=now_iso(), writer={"host": socket.gethostname(), "pid": os.getpid()})
@@ -92,39 +144,202 @@ def write_commit(loc: Location, record: dict) -> dict:
     return record
 
 
-def read_commits(loc: Location) -> dict[int, dict]:
-    """{shard index: commit record} for every committed shard."""
-    names = [n for n in loc.listdir(COMMITS_DIR) if n.endswith(".json") and n.startswith("shard-")]
+def read_commits(loc: Location, backend: str) -> dict[int, dict]:
+    """{shard index: commit record} for every committed shard, each record validated
+    (its file name, index and path agree and the path stays inside the dataset)."""
+    names = [n for n in loc.listdir(COMMITS_DIR) if n.endswith(".json")]
     out = {}
     if not names:
         return out
     paths = [loc.path(f"{COMMITS_DIR}/{n}") for n in names]
     raw = loc.fs.cat(paths) if len(paths) > 1 else {paths[0]: loc.fs.cat_file(paths[0])}
-    for p, data in raw.items():
+    for p, data in sorted(raw.items()):
+        where = f"{loc.uri}: commit record {COMMITS_DIR}/{os.path.basename(p)}"
         try:
             rec = json.loads(data)
-            out[int(rec["index"])] = rec
+            idx = rec["index"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ManifestError(f"{loc.uri}: commit record {p} is unreadable ({e}); delete it to rewrite that shard") from None
+            raise ManifestError(f"{where} is unreadable ({type(e).__name__}: {e}); delete it to rewrite that shard") from None
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0 or \
+                os.path.basename(p) != f"{shard_basename(idx)}.json":
+            raise ManifestError(f"{where}: index {idx!r} does not match the record's file name")
+        check_shard_path(rec.get("path"), backend, idx, where)
+        sha = rec.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64 or rec["path"].split("-")[-1].split(".")[0] != sha[:16]:
+            raise ManifestError(f"{where}: sha256 {sha!r} does not match its path {rec['path']!r}")
+        out[idx] = rec
     return out
 
 
-def open_shard(loc: Location, name: str, backend: str, spec: list[Column]):
-    """A ParquetShard/ZarrShard reading `name` under `loc`."""
+def commits_disagree(manifest: dict, commits: dict[int, dict], lineage: str | None) -> list[str]:
+    """Why the committed shards and the manifest disagree (empty when they agree)."""
+    out = []
+    listed = {e["index"]: e for e in manifest["shards"]}
+    for i in sorted(set(listed) | set(commits)):
+        e, c = listed.get(i), commits.get(i)
+        if c is None:
+            out.append(f"shard {i} is in the manifest but has no commit record")
+        elif e is None:
+            out.append(f"shard {i} is committed ({c['path']}) but not in the manifest")
+        elif (c["path"], c["sha256"]) != (e["path"], e["sha256"]):
+            out.append(f"shard {i}: the manifest names {e['path']}, its commit record {c['path']}")
+        elif lineage is not None and c.get("lineage", lineage) != lineage:
+            out.append(f"shard {i} ({c['path']}) was committed by a run labelling something else "
+                       f"(commit lineage {c.get('lineage')}, manifest {lineage}; writer {c.get('writer')})")
+    return out
+
+
+# ------------------------------------------------------------------ opening, with the integrity check
+
+# Shards whose bytes this process has hashed: {(dataset uri, path): (sha256, stat signature)}.
+# A shard is hashed once per process (and again if its files' sizes or mtimes change).
+_VERIFIED: dict[tuple[str, str], tuple[str, tuple]] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _local_signature(root: str) -> tuple:
+    if os.path.isdir(root):
+        sig = []
+        for d, _, files in os.walk(root):
+            for f in files:
+                st = os.stat(os.path.join(d, f))
+                sig.append((os.path.relpath(os.path.join(d, f), root), st.st_size, st.st_mtime_ns))
+        return tuple(sorted(sig))
+    st = os.stat(root)
+    return ((st.st_size, st.st_mtime_ns),)
+
+
+def _hash_local_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                return h.hexdigest()
+            h.update(view[:n])
+
+
+def mark_verified(loc: Location, name: str, sha256: str) -> None:
+    """The writer just published these bytes: this process need not hash them again."""
+    if loc.is_local:
+        with _VERIFIED_LOCK:
+            _VERIFIED[(loc.uri, name)] = (sha256, _local_signature(loc.path(name)))
+
+
+def forget_verified() -> None:
+    """Forget every shard this process has hashed (tests; benchmarks of a first open)."""
+    with _VERIFIED_LOCK:
+        _VERIFIED.clear()
+
+
+def _mismatch(loc: Location, name: str, want: str, got: str) -> CorruptShardError:
+    return CorruptShardError(f"{loc.uri}: shard {name} does not hold the bytes that were committed "
+                             f"(sha256 recorded {want[:16]}…, found {got[:16]}…): it was damaged or "
+                             f"replaced. Run `distill inspect {loc.uri} --verify` for details; re-label to repair.")
+
+
+def open_shard(loc: Location, entry: dict, backend: str, spec: list[Column], *, rehash: bool = False):
+    """A ParquetShard/ZarrShard over the manifest entry's shard, whose bytes are proved to
+    hash to the entry's sha256 before the first read in this process (every time with
+    rehash=True, as verify() does)."""
+    name = check_shard_path(entry["path"], backend, entry.get("index"), f"{loc.uri}: manifest shard entry")
+    want = entry["sha256"]
+    label = f"{loc.uri}: shard {name}"
     try:
-        if backend == "parquet":
-            src = loc.path(name) if loc.is_local else loc.fs.open(loc.path(name), "rb", block_size=8 << 20)
-            return ParquetShard(src, spec)
-        from zarr.storage import FsspecStore, LocalStore
-        root = loc.path(name)
         if loc.is_local:
-            store = LocalStore(root, read_only=True)
-            raw_get = lambda key: np.fromfile(os.path.join(root, key), dtype=np.uint8)  # noqa: E731
-        else:
-            store = FsspecStore.from_url(loc.url(name), storage_options=loc.storage_options, read_only=True)
-            raw_get = lambda key: loc.fs.cat_file(f"{root}/{key}")  # noqa: E731
-        return ZarrShard(store, spec, raw_get=raw_get)
+            root = loc.path(name)
+            sig = _local_signature(root)
+            key = (loc.uri, name)
+            if rehash or _VERIFIED.get(key) != (want, sig):
+                got = _hash_local_file(root) if backend == "parquet" else tree_sha256(read_objects(loc, name))
+                if got != want:
+                    raise _mismatch(loc, name, want, got)
+                with _VERIFIED_LOCK:
+                    _VERIFIED[key] = (want, sig)
+            if backend == "parquet":
+                return ParquetShard(root, spec, name=label)
+            from zarr.storage import LocalStore
+            return ZarrShard(LocalStore(root, read_only=True), spec, name=label,
+                             raw_get=lambda k: _read_local(os.path.join(root, k)),
+                             raw_has=lambda k: os.path.isfile(os.path.join(root, k)))
+        # Object store: fetch the shard once, hash it, and read from those very bytes.
+        objects = read_objects(loc, name)
+        got = tree_sha256(objects)
+        if got != want:
+            raise _mismatch(loc, name, want, got)
+        if backend == "parquet":
+            return ParquetShard(pa.py_buffer(objects[""][0]), spec, name=label)
+        from zarr.storage import MemoryStore
+        flat = {k: v[0] for k, v in objects.items()}
+        from zarr.core.buffer import default_buffer_prototype
+        proto = default_buffer_prototype()
+        store = MemoryStore({k: proto.buffer.from_bytes(v) for k, v in flat.items()}, read_only=True)
+        return ZarrShard(store, spec, name=label, raw_get=lambda k: _get_or_missing(flat, k),
+                         raw_has=lambda k: k in flat)
     except FileNotFoundError:
-        raise CorruptShardError(f"{loc.uri}: shard {name} is missing") from None
+        raise CorruptShardError(f"{label} is missing") from None
+    except (CorruptShardError, ManifestError):
+        raise
     except Exception as e:  # pyarrow/zarr raise many types for damaged files
-        raise CorruptShardError(f"{loc.uri}: shard {name} cannot be opened: {type(e).__name__}: {e}") from None
+        raise CorruptShardError(f"{label} cannot be opened: {type(e).__name__}: {e}") from None
+
+
+def _read_local(path: str):
+    return np.fromfile(path, dtype=np.uint8)
+
+
+def _get_or_missing(d: dict, key: str):
+    try:
+        return d[key]
+    except KeyError:
+        raise FileNotFoundError(key) from None
+
+
+def shard_nbytes(objects: dict[str, list]) -> int:
+    return objects_nbytes(objects)
+
+
+# ------------------------------------------------------------------ coverage
+
+def read_id_columns(loc: Location, manifest: dict, spec: list[Column]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_id, view, shard position) of every row, shards in manifest order."""
+    sids, views, shard_of = [], [], []
+    for pos, s in enumerate(manifest["shards"]):
+        sh = open_shard(loc, s, manifest["backend"], spec)
+        try:
+            cols = sh.read(0, sh.num_rows, ["sample_id", "view"])
+        except CorruptShardError:
+            raise
+        except Exception as e:
+            raise CorruptShardError(f"{loc.uri}: shard {s['path']} cannot be read: {type(e).__name__}: {e}") from None
+        sids.append(cols["sample_id"])
+        views.append(cols["view"])
+        shard_of.append(np.full(len(cols["sample_id"]), pos, np.int32))
+    if not sids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return np.concatenate(sids), np.concatenate(views), np.concatenate(shard_of)
+
+
+def check_coverage(sids: np.ndarray, views: np.ndarray, shard_of: np.ndarray, num_views: int, uri: str) -> int:
+    """Every (sample_id, view) exactly once and every sample has views 0..V-1. Returns #samples."""
+    order = np.lexsort((views, sids))
+    s, v, sh = sids[order], views[order], shard_of[order]
+    dup = np.flatnonzero((s[1:] == s[:-1]) & (v[1:] == v[:-1]))
+    if len(dup):
+        i = dup[0]
+        raise CoverageError(f"{uri}: (sample_id {s[i]}, view {v[i]}) appears more than once "
+                            f"(shards {sh[i]} and {sh[i + 1]}); {len(dup)} duplicate row(s) in all")
+    uniq, start, counts = np.unique(s, return_index=True, return_counts=True)
+    bad = np.flatnonzero(counts != num_views)
+    if len(bad):
+        sid = uniq[bad[0]]
+        have = v[start[bad[0]]:start[bad[0]] + counts[bad[0]]].tolist()
+        raise CoverageError(f"{uri}: sample_id {sid} has views {have}, expected all of 0..{num_views - 1}; "
+                            f"{len(bad)} sample(s) incomplete")
+    expected_views = np.tile(np.arange(num_views), len(uniq))
+    if not np.array_equal(v, expected_views):
+        i = int(np.flatnonzero(v != expected_views)[0])
+        raise CoverageError(f"{uri}: sample_id {s[i]} has view {v[i]} where view {expected_views[i]} was expected")
+    return int(len(uniq))

@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def index_dtype(num_classes: int) -> str:
-    """Smallest unsigned integer that holds class ids 0..C-1 (uint8 up to 256 classes)."""
-    if num_classes <= 1 << 8:
-        return "uint8"
-    if num_classes <= 1 << 16:
-        return "uint16"
-    return "int32"
+from .layout import index_dtype  # noqa: F401  (re-exported: one owner, layout)
 
 
 def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:

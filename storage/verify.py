@@ -1,10 +1,12 @@
 """verify(): re-check a dataset end to end, reporting every problem rather than the first.
 
-Checks, in order: the manifest parses, is complete and of a known format_version;
-each shard exists, its bytes hash to the recorded sha256, it decodes, its row count
-and first/last sample ids match the record, its float columns are finite; and across
-shards every (sample_id, view) appears exactly once with views 0..V-1 per sample and
-the totals match num_samples / num_rows.
+Checks, in order: the manifest parses, matches its schema and its digest (tamper
+evidence), is complete and of a known format_version; its shard entries and the commit
+records agree (same shards, paths, checksums and lineage); each shard exists, its bytes
+hash to the recorded sha256, it decodes with the columns the manifest describes, its row
+count and first/last sample ids match the record, its float columns are finite; and
+across shards every (sample_id, view) appears exactly once with views 0..V-1 per sample
+and the totals match num_samples / num_rows.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import numpy as np
 
 from .errors import SoftLabelError
 from .fs import Location
-from .layout import tree_sha256
-from .shards import open_shard, read_objects
-from .writer import check_coverage, columns_for
+from .layout import columns_for
+from .manifest import lineage_digest
+from .shards import check_coverage, commits_disagree, open_shard, read_commits, read_manifest
 
 
 @dataclass
@@ -37,7 +39,6 @@ class VerifyReport:
 
 
 def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
-    from .reader import read_manifest
     loc = Location(uri, storage_options)
     report = VerifyReport(loc.uri)
     try:
@@ -47,26 +48,28 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         return report
     if m["status"] != "complete":
         report.problems.append(f"manifest status is {m['status']!r}, not 'complete'")
+    try:
+        commits = read_commits(loc, m["backend"])
+        lineage = lineage_digest(m) if m["format_version"] >= 2 else None
+        report.problems += [f"commit records: {p}" for p in commits_disagree(m, commits, lineage)]
+    except SoftLabelError as e:
+        report.problems.append(str(e))
     spec = columns_for(m)
     sids, views, shard_of = [], [], []
-    for pos, s in enumerate(m.get("shards", [])):
+    for s in m["shards"]:
         name = s["path"]
         try:
-            objects = read_objects(loc, name)
-        except FileNotFoundError:
-            report.problems.append(f"shard {s['index']} ({name}): file is missing")
-            continue
-        report.shards_checked += 1
-        sha = tree_sha256(objects)
-        if sha != s["sha256"]:
-            report.problems.append(f"shard {s['index']} ({name}): sha256 mismatch "
-                                   f"(recorded {s['sha256'][:16]}…, found {sha[:16]}…); "
-                                   f"{sum(map(len, objects.values()))} bytes vs {s.get('bytes')} recorded")
-        try:
-            sh = open_shard(loc, name, m["backend"], spec)
+            sh = open_shard(loc, s, m["backend"], spec, rehash=True)
+            report.shards_checked += 1
             cols = sh.read(0, sh.num_rows, [c.name for c in spec])
+        except SoftLabelError as e:
+            msg = str(e)
+            if "does not hold the bytes" in msg:
+                msg = f"sha256 mismatch: {msg}"
+            report.problems.append(f"shard {s['index']} ({name}): {msg}")
+            continue
         except Exception as e:
-            report.problems.append(f"shard {s['index']} ({name}): cannot be decoded: {e}")
+            report.problems.append(f"shard {s['index']} ({name}): cannot be decoded: {type(e).__name__}: {e}")
             continue
         n = len(cols["sample_id"])
         report.rows_checked += n

@@ -18,28 +18,18 @@ import numpy as np
 
 from .errors import CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError, MismatchError, SoftLabelError
 from .fs import Location
-from .layout import Column, encode_parquet, encode_zarr, row_bytes, rows_per_block, tree_sha256
+from .layout import (DATA_DIR, columns_for, encode_parquet, encode_zarr, index_dtype, objects_nbytes, row_bytes,
+                     rows_per_block, tree_sha256)
 from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, IDENTITY_FIELDS, KINDS,
-                       MANIFEST, TMP_DIR, diff_fields, dump_manifest, now_iso, parse_manifest, producer,
-                       validate_lineage)
-from .shards import EXT, publish, read_commits, shard_filename, write_commit
-from .topk import index_dtype, scaled_topk
+                       MANIFEST, TMP_DIR, diff_fields, dump_manifest, lineage_digest, now_iso, parse_manifest,
+                       producer, validate_lineage)
+from .shards import (EXT, check_coverage, commits_disagree, mark_verified, publish, read_commits, read_id_columns,
+                     shard_filename, temp_owner_alive, write_commit)
+from .topk import scaled_topk
 
-
-def columns_for(manifest: dict) -> list[Column]:
-    """The column layout implied by a manifest's representation (same for both backends)."""
-    rep, C = manifest["representation"], manifest["num_classes"]
-    cols = [Column("sample_id", "int64", None), Column("view", "int32", None)]
-    if rep["kind"] == "dense":
-        cols.append(Column("logits", rep["dtype"], C))
-    else:
-        cols += [Column("topk_logits", rep["dtype"], rep["k"]),
-                 Column("topk_indices", rep.get("index_dtype") or index_dtype(C), rep["k"]),
-                 Column("logsumexp", "float32", None)]
-    feat = manifest.get("feature")
-    if feat:
-        cols.append(Column("feature", feat["dtype"], int(np.prod(feat["shape"]))))
-    return cols
+# finalize() deletes unreferenced shard files and temp files only when they are older than
+# this: a concurrent writer may have just published a file whose commit is on its way.
+ORPHAN_AGE_S = 15 * 60
 
 
 class SoftLabelWriter:
@@ -93,6 +83,7 @@ class SoftLabelWriter:
                                "shard_files": f"shard-NNNNN-<sha256[:16]>{EXT[backend]}"}
         self.compression = compression
         self.manifest = self._open(overwrite)
+        self.lineage = lineage_digest(self.manifest)
         self._finalized = False
 
     # ------------------------------------------------------------------ open / resume
@@ -115,22 +106,28 @@ class SoftLabelWriter:
             return existing  # resume: keep created_at, committed shards, and a complete status
         if existing is not None or self.loc.exists(COMMITS_DIR):
             self._wipe()
+        if self._new["backend"] == "zarr":
+            # the root and data/ are Zarr groups, so zarr/xarray can open the whole tree
+            group = b'{"zarr_format": 3, "node_type": "group", "attributes": {"distillery": "see manifest.json"}}'
+            self.loc.write_bytes_atomic("zarr.json", group)
+            self.loc.write_bytes_atomic(f"{DATA_DIR}/zarr.json", group)
         self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self._new))
         return dict(self._new)
 
     def _wipe(self) -> None:
         # Manifest first: a crash mid-wipe leaves "no dataset", never a complete manifest
-        # pointing at deleted shards.
+        # pointing at deleted shards. Only names this format uses are deleted.
         self.loc.remove(MANIFEST)
         for name in self.loc.listdir():
-            if name == COMMITS_DIR or name == TMP_DIR or name.startswith("shard-"):
+            if name in (COMMITS_DIR, TMP_DIR, DATA_DIR, "zarr.json") or (
+                    name.startswith("shard-") and name.endswith(tuple(EXT.values()))):
                 self.loc.remove(name)
 
     # ------------------------------------------------------------------ writing
 
     def committed_shards(self) -> list[int]:
         """Indices of shards already committed (safe to skip on resume)."""
-        return sorted(read_commits(self.loc))
+        return sorted(read_commits(self.loc, self.manifest["backend"]))
 
     def pending(self, indices: Iterable[int]) -> list[int]:
         done = set(self.committed_shards())
@@ -175,15 +172,23 @@ class SoftLabelWriter:
             if len(bad):
                 raise InvalidLogitsError(f"{where}: row {bad[0]} has view {v[bad[0]]}, outside [0, num_views={m['num_views']})")
         _refuse_nonfinite(z, ids, v, where, "logits")
-        # float32 division is correctly rounded; the result is stored in float16/32 anyway
-        scaled = z.astype(np.float32, copy=False) if prescaled else z.astype(np.float32, copy=False) / np.float32(m["temperature"])
+        T = np.float32(m["temperature"])
         rep = m["representation"]
+        z32 = z.astype(np.float32, copy=False)
         cols: dict[str, np.ndarray] = {"sample_id": ids.astype(np.int64), "view": v.astype(np.int32)}
         if rep["kind"] == "dense":
+            # s = z / T in float32 (correctly rounded), cast straight into the storage dtype:
+            # one pass, no float32 temporary (fresh memory costs as much as the arithmetic)
+            out = np.empty(z.shape, rep["dtype"])
             with np.errstate(over="ignore"):  # overflow is reported just below, with the row
-                cols["logits"] = scaled.astype(rep["dtype"])
-            _refuse_nonfinite(cols["logits"], ids, v, where, f"logits/T (overflows {rep['dtype']})")
+                if prescaled:
+                    np.copyto(out, z32, casting="unsafe")
+                else:
+                    np.divide(z32, T, out=out, casting="unsafe")
+            cols["logits"] = out
+            _refuse_nonfinite(out, ids, v, where, f"logits/T (overflows {rep['dtype']})")
         else:
+            scaled = z32 if prescaled else z32 / T
             vals, idx, lse = scaled_topk(scaled, rep["k"])
             with np.errstate(over="ignore"):
                 cols["topk_logits"] = vals.astype(rep["dtype"])
@@ -215,7 +220,7 @@ class SoftLabelWriter:
         encode = encode_parquet if backend == "parquet" else encode_zarr
         objects = encode(cols, self.columns, self.compression)
         sha = tree_sha256(objects)
-        existing = read_commits(self.loc).get(shard_index)
+        existing = read_commits(self.loc, backend).get(shard_index)
         if existing is not None:
             if existing["sha256"] == sha:
                 return existing  # idempotent retry of the same shard
@@ -228,21 +233,33 @@ class SoftLabelWriter:
             self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self.manifest))
         name = shard_filename(shard_index, sha, backend)
         publish(self.loc, name, objects)
+        mark_verified(self.loc, name, sha)
         ids = cols["sample_id"]
         record = {"index": int(shard_index), "path": name, "num_rows": int(len(ids)),
                   "first_sample_id": int(ids[0]), "last_sample_id": int(ids[-1]),
-                  "sha256": sha, "bytes": int(sum(len(b) for b in objects.values())),
-                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids))}
-        return write_commit(self.loc, record)
+                  "sha256": sha, "bytes": objects_nbytes(objects),
+                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids)),
+                  "lineage": self.lineage}
+        record = write_commit(self.loc, record)
+        if not self.loc.exists(name):
+            # a concurrent finalize() removed it as an orphan between publish and commit
+            publish(self.loc, name, objects)
+        return record
 
     # ------------------------------------------------------------------ finalize
 
     def finalize(self) -> dict:
         """Check that shards 0..n-1 cover every (sample_id, view) once; write the complete manifest."""
-        from .reader import read_id_columns  # reader imports writer helpers; avoid a cycle
-        commits = read_commits(self.loc)
+        commits = read_commits(self.loc, self.manifest["backend"])
         if not commits:
             raise IncompleteDatasetError(f"{self.uri}: no shard has been committed; nothing to finalize")
+        foreign = sorted(i for i, c in commits.items() if c.get("lineage", self.lineage) != self.lineage)
+        if foreign:
+            c = commits[foreign[0]]
+            raise MismatchError(
+                f"{self.uri}: shard(s) {foreign[:20]} were committed by a run labelling something else "
+                f"(writer {c.get('writer')}, lineage {c.get('lineage')}; this run {self.lineage}). "
+                f"Another `label` with different settings wrote here; re-run with overwrite once it has finished.")
         idx = sorted(commits)
         planned = self.manifest.get("planned_shards")
         expected = list(range(planned if planned is not None else idx[-1] + 1))
@@ -258,20 +275,43 @@ class SoftLabelWriter:
         sids, views, shard_of = read_id_columns(self.loc, m, self.columns)
         num_samples = check_coverage(sids, views, shard_of, m["num_views"], self.uri)
         m.update(status="complete", num_shards=len(shards), num_samples=num_samples,
-                 num_rows=int(len(sids)), finalized_at=now_iso())
+                 num_rows=int(len(sids)), finalized_at=now_iso(), format_version=FORMAT_VERSION,
+                 columns={c.name: c.to_dict() for c in self.columns})
         self.loc.write_bytes_atomic(MANIFEST, dump_manifest(m))
         self.manifest = m
         self._finalized = True
         self._cleanup(m)
         return m
 
+    def is_finalized_as_committed(self) -> bool:
+        """The dataset is complete and its manifest names exactly the committed shards."""
+        m = self.manifest
+        return m["status"] == "complete" and not commits_disagree(
+            m, read_commits(self.loc, m["backend"]), self.lineage)
+
     def _cleanup(self, m: dict) -> None:
-        # Orphans: temp files of crashed writers, and shard files that lost a commit race.
+        # Orphans: shard files no commit record names (a crash between publish and commit,
+        # or the loser of a commit race; a writer re-publishes if its file vanished), and
+        # temp files of writers that are dead (same host) or older than ORPHAN_AGE_S.
+        import time
         keep = {s["path"] for s in m["shards"]}
-        self.loc.remove(TMP_DIR)
-        for name in self.loc.listdir():
-            if name.startswith("shard-") and name not in keep:
-                self.loc.remove(name)
+        keep |= {c["path"] for c in read_commits(self.loc, m["backend"]).values()}
+        for folder in (DATA_DIR, ""):
+            for name in self.loc.listdir(folder):
+                rel = f"{folder}/{name}" if folder else name
+                if name.startswith("shard-") and name.endswith(tuple(EXT.values())) and rel not in keep:
+                    self.loc.remove(rel)
+        for name in self.loc.listdir(TMP_DIR):
+            alive = temp_owner_alive(name)
+            if alive is None:
+                try:
+                    alive = time.time() - self.loc.fs.info(self.loc.path(f"{TMP_DIR}/{name}"))["mtime"] < ORPHAN_AGE_S
+                except (FileNotFoundError, KeyError, TypeError):
+                    alive = False
+            if not alive:
+                self.loc.remove(f"{TMP_DIR}/{name}")
+        if not self.loc.listdir(TMP_DIR):
+            self.loc.remove(TMP_DIR)
 
     def __enter__(self) -> "SoftLabelWriter":
         return self
@@ -282,36 +322,14 @@ class SoftLabelWriter:
             self.finalize()
 
 
-def check_coverage(sids: np.ndarray, views: np.ndarray, shard_of: np.ndarray, num_views: int, uri: str) -> int:
-    """Every (sample_id, view) exactly once and every sample has views 0..V-1. Returns #samples."""
-    order = np.lexsort((views, sids))
-    s, v, sh = sids[order], views[order], shard_of[order]
-    dup = np.flatnonzero((s[1:] == s[:-1]) & (v[1:] == v[:-1]))
-    if len(dup):
-        i = dup[0]
-        raise CoverageError(f"{uri}: (sample_id {s[i]}, view {v[i]}) appears more than once "
-                            f"(shards {sh[i]} and {sh[i + 1]}); {len(dup)} duplicate row(s) in all")
-    uniq, start, counts = np.unique(s, return_index=True, return_counts=True)
-    bad = np.flatnonzero(counts != num_views)
-    if len(bad):
-        sid = uniq[bad[0]]
-        have = v[start[bad[0]]:start[bad[0]] + counts[bad[0]]].tolist()
-        raise CoverageError(f"{uri}: sample_id {sid} has views {have}, expected all of 0..{num_views - 1}; "
-                            f"{len(bad)} sample(s) incomplete")
-    expected_views = np.tile(np.arange(num_views), len(uniq))
-    if not np.array_equal(v, expected_views):
-        i = int(np.flatnonzero(v != expected_views)[0])
-        raise CoverageError(f"{uri}: sample_id {s[i]} has view {v[i]} where view {expected_views[i]} was expected")
-    return int(len(uniq))
-
-
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _refuse_nonfinite(a: np.ndarray, ids: np.ndarray, views: np.ndarray, where: str, what: str) -> None:
-    if a.dtype.kind == "f":
+    # min and max are vectorised and propagate NaN: a finite pair proves every value finite
+    if a.dtype.kind == "f" and a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
         finite = np.isfinite(a).reshape(len(a), -1).all(axis=1)
         if not finite.all():
             r = int(np.flatnonzero(~finite)[0])

@@ -29,6 +29,7 @@ def main():
         def half_then_die(path, data):
             if state["shard"] == kill_at:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
+                data = b"".join(data)  # a list of buffers
                 with open(path, "wb") as f:
                     f.write(data[: len(data) // 2])
                     f.flush()

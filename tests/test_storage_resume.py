@@ -42,8 +42,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend, mode):
                            data=DATA).committed_shards() == [0, 1]
     with pytest.raises(IncompleteDatasetError, match="partial"):
         open_soft_labels(crashed)
-    leftovers = os.listdir(crashed) + (os.listdir(os.path.join(crashed, "_tmp"))
-                                       if os.path.isdir(os.path.join(crashed, "_tmp")) else [])
+    leftovers = [n for d in ("_tmp", "data") if os.path.isdir(os.path.join(crashed, d))
+                 for n in os.listdir(os.path.join(crashed, d))]
     assert any("shard-00002" in x for x in leftovers), leftovers  # the half-done shard is really there
 
     r = run_child(crashed, backend)
@@ -56,7 +56,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend, mode):
         assert np.array_equal(a_rows[k], b_rows[k]), k
     assert verify(crashed).ok
     # orphans of the crash are gone after finalize
-    assert sorted(os.listdir(crashed)) == sorted(["manifest.json", "_commits"] + [s[1] for s in b_shards])
+    top = {"manifest.json", "_commits", "data"} | ({"zarr.json"} if backend == "zarr" else set())
+    assert set(os.listdir(crashed)) == top
+    data = sorted(n for n in os.listdir(os.path.join(crashed, "data")) if n != "zarr.json")
+    assert data == sorted(os.path.basename(s[1]) for s in b_shards)
 
 
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])

@@ -171,7 +171,7 @@ def stream_pieces(args, tr, uri) -> None:
     m = ds.manifest
     t0 = time.perf_counter()
     for _ in range(50):
-        open_shard(ds.loc, m["shards"][0]["path"], m["backend"], ds.columns)
+        open_shard(ds.loc, m["shards"][0], m["backend"], ds.columns)
     open_ms = (time.perf_counter() - t0) / 50 * 1e3
     print(f"\n== batch sources alone, no model, no profiler (median ms/epoch over {E - 1} epochs, {steps} batches):")
     prev = None

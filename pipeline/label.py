@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 import storage
-from storage.shards import read_commits
 
 from .data import ArrayDataset
 from .device import resolve_device  # noqa: F401  (re-exported)
@@ -188,7 +187,7 @@ def _check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, n
     if planned is not None and planned != len(plan):
         raise ValueError(f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; "
                          f"use the same shard_size and data, or overwrite=True")
-    for i, rec in read_commits(writer.loc).items():
+    for i, rec in writer.commits().items():
         a, b = plan[i] if i < len(plan) else (0, 0)
         want = ((b - a) * num_views, int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
         got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])

@@ -125,9 +125,13 @@ class SoftLabelWriter:
 
     # ------------------------------------------------------------------ writing
 
+    def commits(self) -> dict[int, dict]:
+        """{shard index: commit record} of every committed shard (validated)."""
+        return read_commits(self.loc, self.manifest["backend"])
+
     def committed_shards(self) -> list[int]:
         """Indices of shards already committed (safe to skip on resume)."""
-        return sorted(read_commits(self.loc, self.manifest["backend"]))
+        return sorted(self.commits())
 
     def pending(self, indices: Iterable[int]) -> list[int]:
         done = set(self.committed_shards())

@@ -167,6 +167,8 @@ def students_flow(config: dict | str, overrides: list[str] | None = None) -> dic
     teacher = _resolve_teacher(cfg)
     uri = cfg.soft_label_uri()
     runs = recipes.student_runs(cfg)
+    if any(r["mode"] == "stored" for r in runs):  # refuse foreign labels before any student (baseline) trains
+        recipes.check_label_lineage(cfg, uri)
     runner = ThreadPoolTaskRunner(max_workers=cfg.students.max_parallel)
     # the runner's threads start inside this block, so they take its thread count
     with torch_threads(cfg.students.torch_threads(available_cores())):
@@ -189,7 +191,7 @@ def _student_sweep(config: dict, teacher: dict, uri: str, runs: list[dict]) -> d
     create_table_artifact(table=report_rows(report), key=_key(cfg, "students"),
                           description=f"Students of {cfg.name} distilled from {uri}")
     create_markdown_artifact(markdown=chart_markdown(report), key=_key(cfg, "students-chart"),
-                             description="Accuracy vs size")
+                             description="Accuracy vs parameters: students vs their hard-label baselines")
     return report
 
 

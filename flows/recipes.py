@@ -8,10 +8,13 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 import storage
 from storage.fs import Location
@@ -178,7 +181,6 @@ def teacher_eval_logits(cfg: Config, teacher: dict):
 
     Computed once per teacher and evaluation split and kept next to the run's students,
     so a sweep of many students loads and runs a large teacher once, not once each."""
-    import numpy as np
     test = eval_split(cfg)
     key = f"{teacher['fingerprint'].split(':')[-1][:16]}-{test.fingerprint().split(':')[-1][:16]}"
     path = cfg.run_dir() / "students" / f"teacher-eval-logits-{key}.npy"
@@ -193,8 +195,66 @@ def teacher_eval_logits(cfg: Config, teacher: dict):
     return z
 
 
+class LabelLineageError(storage.MismatchError):
+    """Stored labels were made from other inputs than this config's label split, or they
+    cover images this config evaluates on (the student would be tested on training rows)."""
+
+
+def _split_desc(spec: str | None) -> str:
+    try:
+        d = json.loads(spec)
+        return f"split {d['split']!r} cut with data.seed={d['seed']} (sizes {d['sizes']})"
+    except (TypeError, ValueError, KeyError):
+        return f"split {spec!r}"
+
+
+def check_label_lineage(cfg: Config, uri: str) -> None:
+    """Refuse stored labels that do not belong to this config's splits.
+
+    Two checks: the manifest's data fingerprint is that of this config's label split (so
+    the same data.seed and sizes), and, as proof that evaluation cannot leak, none of the
+    stored sample ids is an id of this config's evaluation or validation split."""
+    s = splits(cfg)
+    inputs = s[cfg.data.label_split]
+    ds = storage.open_soft_labels(uri, storage_options=cfg.label.storage_options or None)
+    stored = ds.manifest.get("data") or {}
+    problems = []
+    if stored.get("fingerprint") != inputs.fingerprint():
+        problems.append(f"they label {stored.get('name')!r} {_split_desc(stored.get('split'))}, but this config's "
+                        f"label split is {inputs.name!r} {_split_desc(inputs.split_spec)}: other images "
+                        f"(data.fingerprint differs)")
+    ids = np.unique(np.concatenate([b["sample_id"] for b in ds.iter_batches(1 << 16, shuffle=False,
+                                                                            columns=["sample_id"])]))
+    for name in ("test", "val"):
+        if name not in s:
+            continue
+        leaked = np.intersect1d(ids, s[name].sample_ids)
+        if len(leaked):
+            problems.append(f"{len(leaked)} of the {len(s[name])} images of this config's {name!r} split are "
+                            f"stored labels' samples (sample ids e.g. {leaked[:5].tolist()}): students would "
+                            f"train on them, so evaluating on them would leak")
+    if problems:
+        raise LabelLineageError(f"refusing the soft labels at {uri}:\n" + "".join(f"  - {p}\n" for p in problems)
+                                + "  Use the data section (data.seed, data.sizes, data.label_split) the labels were "
+                                  "made with, or label again with this config (`distill label`, another label.uri)")
+
+
+def baseline_epochs(cfg: Config) -> int:
+    """Epochs that give a hard-label baseline as many optimizer steps as a stored-label student.
+
+    A stored epoch covers every view of every label_split sample (N_label x V rows); a hard
+    epoch covers the labelled `train` split once, one random view id in [0, V) per sample.
+    With label_split = train that is V x the epochs; with scarce labels and a large
+    transfer set, many more epochs of the small labelled subset."""
+    s, t, V = splits(cfg), cfg.students.train, cfg.views.num_views
+    stored_steps = t.epochs * math.ceil(len(s[cfg.data.label_split]) * V / t.batch_size)
+    return max(1, round(stored_steps / math.ceil(len(s["train"]) / t.batch_size)))
+
+
 def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) -> dict:
     import torch
+    if run["mode"] != "hard":
+        check_label_lineage(cfg, soft_label_uri)
     s = splits(cfg)
     out = cfg.run_dir() / "students"
     out.mkdir(parents=True, exist_ok=True)
@@ -210,9 +270,11 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
         model = build_model(arch, in_shape=train_set.in_shape, num_classes=num_classes)
     t0 = time.perf_counter()
     if run["mode"] == "hard":
-        # A fair baseline sees as many rows as a stored-label student: a stored epoch covers
-        # every view of every sample (N x V rows), a hard epoch N rows with one random view each.
-        tcfg = dataclasses.replace(tcfg, epochs=tcfg.epochs * cfg.views.num_views)
+        # A fair baseline: the same views, as many optimizer steps as a stored-label student,
+        # and validation (best-weights choice) as often, every stored-epoch's worth of steps.
+        epochs = baseline_epochs(cfg)
+        tcfg = dataclasses.replace(tcfg, epochs=epochs,
+                                   eval_every=tcfg.eval_every * max(1, epochs // cfg.students.train.epochs))
         result = train(model, tcfg, mode="hard", train_data=s["train"], val_data=s.get("val"),
                        view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True)
     else:
@@ -246,29 +308,39 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
             "accuracy": ev["accuracy"], "agreement": ev["agreement"], "ece": ev["ece"], "params": ev["params"],
             "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "checkpoint": ckpt,
             "best_val_acc": result.get("best_val_acc"), "epochs_run": result.get("epochs_run"),
+            "steps": result.get("steps"),
             "train_seconds": seconds, "torch_threads": torch.get_num_threads()}
 
 
 def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[dict]) -> dict:
     """report.json: teacher and each student (with its architecture's baseline accuracy)."""
+    s = splits(cfg)
     model, _ = load_model(teacher["checkpoint"])
     ev = evaluate(model, eval_split(cfg))
     baselines = {r["arch_name"]: r["accuracy"] for r in results if r["mode"] == "hard"}
     students = []
     for r in results:
-        entry = {k: r[k] for k in ("name", "accuracy", "agreement", "params", "size_bytes", "latency_ms",
-                                   "checkpoint", "mode", "temperature", "alpha", "loss", "ece",
+        entry = {k: r[k] for k in ("name", "arch_name", "accuracy", "agreement", "params", "size_bytes",
+                                   "latency_ms", "checkpoint", "mode", "temperature", "alpha", "loss", "ece",
                                    "torch_threads")}
         entry["baseline_accuracy"] = baselines.get(r["arch_name"])
+        entry["steps"] = r.get("steps")
         entry.update({k: r[k] for k in ("int8", "safetensors", "torchscript") if k in r})
         students.append(entry)
-    report = {"name": cfg.name, "eval_split": "test" if "test" in splits(cfg) else "val",
+    report = {"name": cfg.name, "eval_split": "test" if "test" in s else "val",
               "teacher": {"name": teacher["name"], "accuracy": ev["accuracy"], "params": ev["params"],
                           "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "ece": ev["ece"],
                           "fingerprint": teacher["fingerprint"], "checkpoint": teacher["checkpoint"]},
-              "students": students, "soft_labels": soft_label_uri}
+              "students": students, "soft_labels": soft_label_uri,
+              # what the students learned from: for the table's footnote and the chart
+              "data": {"labelled_split": "train", "labelled": len(s["train"]), "label_split": cfg.data.label_split,
+                       "label_samples": len(s[cfg.data.label_split]), "views": cfg.views.num_views}}
+    from .report import students_png
+    run_dir = Location(str(cfg.run_dir()))
+    run_dir.write_bytes_atomic("students.png", students_png(report))
+    report["chart"] = str(cfg.run_dir() / "students.png")
     path = cfg.run_dir() / "report.json"
-    Location(str(path.parent)).write_bytes_atomic(path.name, json.dumps(report, indent=2).encode())
+    run_dir.write_bytes_atomic(path.name, json.dumps(report, indent=2).encode())
     report["path"] = str(path)
     return report
 

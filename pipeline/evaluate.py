@@ -139,6 +139,8 @@ def _fmt(key: str, v) -> str:
         return "-"
     if key in ("accuracy", "agreement", "baseline_accuracy"):
         return f"{100 * v:.2f}%"
+    if key == "gain":
+        return f"{100 * v:+.2f}"
     if key == "params":
         return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else str(int(v))
     if key == "size_bytes":
@@ -150,15 +152,17 @@ def _fmt(key: str, v) -> str:
 
 def compare_report(entries: list[dict]) -> str:
     """Plain-text table, one row per entry dict with keys name, accuracy, agreement,
-    params, size_bytes, latency_ms, baseline_accuracy (missing -> "-")."""
+    params, size_bytes, latency_ms, baseline_accuracy (missing -> "-"), and a last column
+    `gain` (accuracy - baseline, in points) when any entry has that key."""
     if not entries:
         raise ValueError("compare_report needs at least one entry")
-    rows = [[h for _, h in _COLUMNS]]
+    columns = _COLUMNS + ([("gain", "gain")] if any("gain" in e for e in entries) else [])
+    rows = [[h for _, h in columns]]
     for e in entries:
         if "name" not in e:
             raise ValueError(f"every entry needs a 'name', got keys {sorted(e)}")
-        rows.append([_fmt(k, e.get(k)) for k, _ in _COLUMNS])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+        rows.append([_fmt(k, e.get(k)) for k, _ in columns])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -185,3 +185,36 @@ def test_student_sweep_is_reproducible(tiny_run, tmp_path):
     from pipeline.device import available_cores
     assert {s["torch_threads"] for s in again["students"]} == {max(1, available_cores() // 2)}
     assert torch.get_num_threads() == threads_before
+
+
+def test_students_refuse_labels_of_another_data_split(tiny_run, tmp_path, capsys):
+    """Labels made with data.seed=0; a student config with data.seed=1 cuts other splits, whose test
+    and val images the teacher labelled for training: refused, by the recipe and by the CLI."""
+    from flows.cli import main
+    from flows.recipes import LabelLineageError, check_label_lineage, student_runs, train_student, teacher_info
+    cfg = tiny_run["cfg"]
+    uri = cfg.soft_label_uri()
+    keep = [f"label.uri={uri}", f"teacher.checkpoint={cfg.teacher_path()}"]
+    other = load_config(TINY, [f"runs_dir={tmp_path}", "data.seed=1", *keep])
+    teacher = teacher_info(cfg.teacher_path())
+    run = [r for r in student_runs(other) if r["mode"] == "stored"][0]
+    with pytest.raises(LabelLineageError) as e:
+        train_student(other, teacher, uri, run)
+    msg = str(e.value)
+    assert isinstance(e.value, storage.MismatchError) and uri in msg
+    assert "data.seed=0" in msg and "data.seed=1" in msg and "data.fingerprint differs" in msg
+    # the id check: it names how many evaluation and validation images are stored labels' samples
+    ids = np.concatenate([b["sample_id"] for b in storage.open_soft_labels(uri).iter_batches(4096, shuffle=False)])
+    from flows.recipes import splits
+    n_test = len(np.intersect1d(ids, splits(other)["test"].sample_ids))
+    assert n_test > 0 and f"{n_test} of the 300 images of this config's 'test' split" in msg
+    assert "'val' split" in msg
+    assert not (tmp_path / "tiny" / "students").exists()  # nothing trained
+    # the same data section: the labels' ids and this config's test/val ids are disjoint
+    check_label_lineage(load_config(TINY, [f"runs_dir={tmp_path}", *keep]), uri)
+    # the CLI refuses before any student (baselines included) trains, one clear line, exit 1
+    capsys.readouterr()
+    assert main(["students", TINY, f"runs_dir={tmp_path}", "data.seed=1", *keep]) == 1
+    err = capsys.readouterr().err
+    assert "distill: LabelLineageError: refusing the soft labels at " + uri in err and "data.seed=1" in err
+    assert not (tmp_path / "tiny" / "students").exists()

@@ -1,0 +1,64 @@
+"""flows/report.py: the CLI table (gain column, footnote), the students PNG and the
+markdown artifact that inlines it. A report dict shaped like report.json, no training."""
+import base64
+import re
+import struct
+
+from flows.report import chart_markdown, report_table, students_png
+
+
+def _student(name, arch, mode, acc, params, base, steps):
+    return {"name": name, "arch_name": arch, "mode": mode, "accuracy": acc, "agreement": acc + 0.01,
+            "params": params, "size_bytes": 4 * params, "latency_ms": 0.05, "baseline_accuracy": base,
+            "steps": steps}
+
+
+def _report():
+    students = []
+    for arch, params, hard, kd in (("mlp-32", 25_418, 0.886, 0.919), ("mlp-64", 50_890, 0.894, 0.940)):
+        students.append(_student(f"{arch}-baseline", arch, "hard", hard, params, hard, 4128))
+        students.append(_student(f"{arch}-T4-a0-kd", arch, "stored", kd, params, hard, 4130))
+    return {"name": "quickstart", "eval_split": "test", "students": students, "soft_labels": "/x",
+            "teacher": {"name": "cnn-teacher", "accuracy": 0.955, "params": 20_490, "size_bytes": 87_000,
+                        "latency_ms": 0.2},
+            "data": {"labelled_split": "train", "labelled": 500, "label_split": "transfer", "label_samples": 3300,
+                     "views": 16}}
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    return struct.unpack(">II", png[16:24])
+
+
+def test_table_shows_each_gain_and_says_what_the_baseline_saw():
+    text = report_table(_report())
+    lines = text.splitlines()
+    assert lines[0].split()[-2:] == ["baseline", "gain"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:7]}
+    assert rows["mlp-32-T4-a0-kd"][-1] == "+3.30" and rows["mlp-64-T4-a0-kd"][-1] == "+4.60"
+    assert rows["mlp-32-baseline"][-1] == "-"  # a baseline has no gain over itself
+    assert "500 labelled `train` images" in text and "same 16 views" in text
+    assert "4,128 vs 4,130 steps" in text and "3,300 unlabelled `transfer` images" in text
+    # labels on the teacher's own training images: the footnote says so instead
+    r = _report()
+    r["data"].update(label_split="train", label_samples=500)
+    assert "same 500 `train` images" in report_table(r) and "unlabelled" not in report_table(r)
+
+
+def test_students_png_is_a_small_picture(tmp_path):
+    png = students_png(_report())
+    assert _png_size(png) == (600, 400) and len(png) < 100_000
+
+
+def test_chart_markdown_inlines_the_png_and_keeps_the_table(tmp_path):
+    r = _report()
+    path = tmp_path / "students.png"
+    path.write_bytes(students_png(r))
+    r["chart"] = str(path)
+    md = chart_markdown(r)
+    m = re.search(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
+    assert m and base64.b64decode(m.group(1)) == path.read_bytes()
+    assert "mlp-64-T4-a0-kd" in md and "+4.60" in md and len(md) < 100_000
+    # no PNG (an older report.json): the table alone
+    r["chart"] = str(tmp_path / "missing.png")
+    assert "data:image" not in chart_markdown(r) and "mlp-64-T4-a0-kd" in chart_markdown(r)

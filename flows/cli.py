@@ -3,13 +3,18 @@ key or bad value exits 2 naming it), then runs a Prefect flow: on the server nam
 PREFECT_API_URL, or on Prefect's embedded temporary server when it is unset.
 
     distill run CONFIG [key=value ...]          teacher -> labels -> students -> report
-    distill teacher train CONFIG [key=value ...]
+    distill teacher train CONFIG [key=value ...] [--retrain]
     distill label CONFIG [key=value ...] [--dask ADDRESS]
     distill students CONFIG [key=value ...]
     distill inspect URI [--verify]              manifest summary; exit 1 on any problem
-    distill serve CONFIG                        serve the flows with the config's cron schedules
-    distill deploy CONFIG --pool NAME           register deployments on a process work pool
+    distill convert SRC DST --backend B         copy a dataset to the other backend
+    distill serve CONFIG [key=value ...]        serve the flows with the config's cron schedules
+    distill deploy CONFIG [key=value ...] --pool NAME   register deployments on a process work pool
     distill worker --pool NAME                  start a process worker for that pool
+
+A user-facing error (bad data, bad config, a missing file) prints one `distill: ...` line
+and exits non-zero; `--debug` (before or after the subcommand) also prints tracebacks.
+The Prefect UI always has the full traceback.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import json
 import os
 import sys
 import time
+import traceback
 
-from .config import ConfigError, load_config
+from . import runtime
+from .config import ConfigError, apply_override, load_config
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -29,33 +36,67 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="distill", description="Offline knowledge distillation with stored soft labels.")
+    ap.add_argument("--debug", action="store_true", help="print tracebacks of user-facing errors too")
+    # --debug is also accepted after the subcommand; SUPPRESS keeps a subparser from
+    # resetting a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    _config_args(sub.add_parser("run", help="teacher -> soft labels -> students -> report"))
-    t = sub.add_parser("teacher", help="teacher commands")
+
+    def add(subparsers, name, **kw):
+        return subparsers.add_parser(name, parents=[common], **kw)
+
+    _config_args(add(sub, "run", help="teacher -> soft labels -> students -> report"))
+    t = add(sub, "teacher", help="teacher commands")
     tsub = t.add_subparsers(dest="teacher_cmd", required=True)
-    tt = tsub.add_parser("train", help="train (or fine-tune) the teacher checkpoint")
+    tt = add(tsub, "train", help="train (or fine-tune) the teacher checkpoint")
     _config_args(tt)
     tt.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
-    lab = sub.add_parser("label", help="label the transfer set with the teacher")
+    lab = add(sub, "label", help="label the transfer set with the teacher")
     _config_args(lab)
     lab.add_argument("--dask", metavar="ADDRESS", help="run shard tasks on this Dask scheduler")
-    _config_args(sub.add_parser("students", help="train the student sweep from stored soft labels"))
-    ins = sub.add_parser("inspect", help="summarise (and --verify) a soft-label dataset")
+    _config_args(add(sub, "students", help="train the student sweep from stored soft labels"))
+    ins = add(sub, "inspect", help="summarise (and --verify) a soft-label dataset")
     ins.add_argument("uri")
     ins.add_argument("--verify", action="store_true", help="re-hash and check every shard")
-    ins.add_argument("--storage-option", action="append", default=[], metavar="key=value",
-                     help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+    _storage_option_arg(ins)
     ins.add_argument("--json", action="store_true", help="print JSON")
-    srv = sub.add_parser("serve", help="serve the flows as deployments with the config's cron schedules")
+    cv = add(sub, "convert", help="copy a soft-label dataset to another backend (bit-exact, verified)")
+    cv.add_argument("src", help="source dataset URI")
+    cv.add_argument("dst", help="destination dataset URI")
+    cv.add_argument("--backend", required=True, choices=["parquet", "zarr"], help="backend of the copy")
+    _storage_option_arg(cv)
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DST")
+    srv = add(sub, "serve", help="serve the flows as deployments with the config's cron schedules")
     _config_args(srv)
-    dep = sub.add_parser("deploy", help="register deployments on a Prefect server's process work pool")
+    dep = add(sub, "deploy", help="register deployments on a Prefect server's process work pool")
     _config_args(dep)
     dep.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
     dep.add_argument("--source", default=None, help="project directory the worker runs from (default: this checkout)")
-    wk = sub.add_parser("worker", help="start a Prefect process worker (needs PREFECT_API_URL)")
+    wk = add(sub, "worker", help="start a Prefect process worker (needs PREFECT_API_URL)")
     wk.add_argument("--pool", required=True)
     wk.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
     return ap
+
+
+def _storage_option_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", action="append", default=[], metavar="key=value",
+                   help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse stops filling `overrides` at the first option (`CONFIG --retrain a=1`
+    leaves `a=1` over), and parse_intermixed_args does not support subcommands: collect
+    the key=value words left over into the overrides, in order, and reject the rest."""
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        args.overrides += extra
+        rest = [a for a in rest if a not in extra]
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def _print_report(report: dict) -> None:
@@ -66,23 +107,42 @@ def _print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    # before anything imports Prefect, which reads its settings at import
+    embedded = runtime.prefect_env_defaults()
     try:
         return _dispatch(args)
     except ConfigError as e:
-        print(f"distill: {e}", file=sys.stderr)
+        _fail(args, e)
         return 2
-    except Exception as e:  # the flow run already logged the traceback; end with one clear line
-        from storage import SoftLabelError
-        if not isinstance(e, (FileNotFoundError, ValueError, SoftLabelError)):
-            raise
-        print(f"distill: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if runtime.user_facing(e):
+            _fail(args, e)
+            return 1
+        if embedded and isinstance(e, RuntimeError) and "ephemeral Prefect API server" in str(e):
+            _fail(args, e, "Prefect's temporary API server did not start within "
+                  f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s "
+                  "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it, or start "
+                  "`prefect server start` and set PREFECT_API_URL")
+            return 1
+        raise                      # a bug: its traceback is the useful output
+
+
+def _fail(args, e: BaseException, message: str | None = None) -> None:
+    """One clear line on stderr; the traceback only with --debug (the flow run already
+    sent it to the Prefect UI)."""
+    if args.debug:
+        traceback.print_exception(e)
+    if message is None:
+        message = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+    print(f"distill: {message}", file=sys.stderr)
 
 
 def _dispatch(args) -> int:
     if args.cmd == "inspect":
         return _inspect(args)
+    if args.cmd == "convert":
+        return _convert(args)
     if args.cmd == "worker":
         # the prefect next to this interpreter: a venv's bin/ need not be on PATH
         exe = os.path.join(os.path.dirname(sys.executable), "prefect")
@@ -91,6 +151,8 @@ def _dispatch(args) -> int:
             cmd += ["--limit", str(args.limit)]
         os.execv(cmd[0], cmd) if os.path.isabs(cmd[0]) else os.execvp(cmd[0], cmd)
     cfg = load_config(args.config, args.overrides)     # validate before importing Prefect (slow)
+    if not args.debug:
+        runtime.quiet_user_tracebacks()                # imports Prefect, which sets up its logging
     if args.cmd == "serve":
         from .deploy import serve
         serve(args.config, args.overrides)
@@ -118,16 +180,29 @@ def _dispatch(args) -> int:
     return 0
 
 
+def _storage_options(items: list[str]) -> dict | None:
+    so: dict = {}
+    for item in items:
+        apply_override(so, item)
+    return so or None
+
+
+def _convert(args) -> int:
+    from storage import convert              # no Prefect: storage alone
+    t0 = time.perf_counter()
+    m = convert(args.src, args.dst, backend=args.backend, storage_options=_storage_options(args.storage_option),
+                overwrite=args.overwrite)
+    print(f"{args.src} -> {args.dst}: {m['backend']}, {m['num_rows']} rows in {m['num_shards']} shards, "
+          f"verified equal in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def _inspect(args) -> int:
     from storage import SoftLabelError
 
-    from .config import apply_override
     from .recipes import inspect
-    so: dict = {}
-    for item in args.storage_option:
-        apply_override(so, item)
     try:
-        summary, report = inspect(args.uri, verify=args.verify, storage_options=so or None)
+        summary, report = inspect(args.uri, verify=args.verify, storage_options=_storage_options(args.storage_option))
     except (SoftLabelError, OSError) as e:
         print(f"distill inspect: {e}", file=sys.stderr)
         return 1

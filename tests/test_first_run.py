@@ -1,0 +1,81 @@
+"""The CLI's first run the way it failed (issue #8): a brand-new PREFECT_HOME, Prefect's
+embedded temporary server (no PREFECT_API_URL) and a CPU kept busy by other processes.
+
+The subprocesses get none of the Prefect settings this test session sets for itself
+(conftest raises the startup timeout, lowers the log level): what is tested is the CLI's
+own defaults."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What users read as failures: telemetry errors offline and service tracebacks.
+NOISE = ("Traceback", "telemetry", "database is locked", "| ERROR")
+
+
+def fresh_env(home, **settings) -> dict:
+    """The caller's environment without any PREFECT_* setting (or DO_NOT_TRACK), plus a
+    new PREFECT_HOME: what a user who just cloned the repository has."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "DO_NOT_TRACK"}
+    env.update(PREFECT_HOME=str(home), **settings)
+    return env
+
+
+def distill(*args, env, timeout=300):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def busy_cpu():
+    """Four spinning processes per core for as long as the test runs (each also stops by
+    itself after 5 minutes should the teardown never run). Measured on 2 cores with
+    Prefect's 20 s default: one per core, the first start fit (13 s); three per core it
+    timed out 1 in 2, four per core 2 in 2, like the 3 in 5 seen in the field."""
+    spin = "import time\nend = time.time() + 300\nwhile time.time() < end: pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+             for _ in range(4 * (os.cpu_count() or 2))]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_first_run_on_a_busy_machine_succeeds_quietly(tmp_path, busy_cpu):
+    home = tmp_path / "prefect-home"          # does not exist yet: Prefect creates it
+    t0 = time.perf_counter()
+    r = distill("run", TINY, f"runs_dir={tmp_path / 'runs'}", "name=first",
+                "teacher.train.epochs=1", "students.train.epochs=1", env=fresh_env(home))
+    seconds = time.perf_counter() - t0
+    out = r.stdout + r.stderr
+    print(f"first run on a busy CPU: {seconds:.1f}s")
+    assert all(p.poll() is None for p in busy_cpu), "the CPU burners stopped before the run ended"
+    assert r.returncode == 0, out[-4000:]
+    assert "Starting temporary server" in out                # really the embedded server
+    assert (home / "prefect.db").exists()                    # ... on the fresh home
+    assert "teacher: tiny-cnn" in r.stdout and "[first] run finished" in r.stdout
+    noisy = [line for line in out.splitlines() if any(n in line for n in NOISE)]
+    assert not noisy, "\n".join(noisy[:20])
+
+
+def test_a_server_that_never_comes_up_ends_with_one_line(tmp_path):
+    # Prefect's own setting, set by the user, is respected: 1 s is too short for the
+    # temporary server's start on any machine (its imports alone take longer)
+    env = fresh_env(tmp_path / "prefect-home", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    r = distill("teacher", "train", TINY, f"runs_dir={tmp_path / 'runs'}", env=env, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("distill:")]
+    assert len(said) == 1 and said[0].startswith(
+        "distill: Prefect's temporary API server did not start within 1 s"), r.stderr
+    assert "PREFECT_API_URL" in said[0]              # ... and what to do about it
+    assert not (tmp_path / "runs" / "tiny" / "teacher.pt").exists()

@@ -30,6 +30,7 @@ from .errors import CorruptShardError, CoverageError, ManifestError
 from .fs import Location
 from .layout import DATA_DIR, Column, ParquetShard, ZarrShard, objects_nbytes, shard_basename, tree_sha256
 from .manifest import COMMITS_DIR, MANIFEST, TMP_DIR, check_shard_path, now_iso, parse_manifest
+from .parallel import pool
 
 EXT = {"parquet": ".parquet", "zarr": ".zarr"}
 
@@ -52,40 +53,64 @@ def read_manifest(loc: Location) -> dict:
 
 # ------------------------------------------------------------------ publish
 
-def publish(loc: Location, name: str, objects: dict[str, list]) -> None:
-    """Make `name` (a file, or a directory of objects) appear complete or not at all."""
+def publish(loc: Location, objects: dict[str, list], name_for, accept=None, hint: str = "shard") -> tuple[str, str] | None:
+    """Make the shard `name_for(sha256)` (a file, or a directory of objects) appear complete
+    or not at all. Returns (name, sha256), or None when `accept(sha256)` says no (then
+    nothing is published). Locally the bytes are hashed while they are written to a temp
+    file (two cores busy, not one), and the temp file is renamed once its name is known."""
     if not loc.is_local:
+        sha = tree_sha256(objects)
+        if accept is not None and not accept(sha):
+            return None
+        name = name_for(sha)
         if list(objects) == [""]:
             loc.fs.pipe_file(loc.path(name), b"".join(objects[""]))  # one PUT: atomic
         else:
             # Object stores have no directory rename; the objects become part of the
             # dataset only through the commit record written after them.
             loc.fs.pipe({loc.path(f"{name}/{k}"): b"".join(v) for k, v in objects.items()})
-        return
-    final = loc.path(name)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = loc.path(f"{TMP_DIR}/{temp_name(os.path.basename(name))}")
+        return name, sha
+    sha_future = pool().submit(tree_sha256, objects)
+    tmp = loc.path(f"{TMP_DIR}/{temp_name(hint)}")
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     try:
         if list(objects) == [""]:
             _write_file(tmp, objects[""])
+        else:
+            for key, parts in objects.items():
+                _write_file(os.path.join(tmp, key), parts)
+        sha = sha_future.result()
+        if accept is not None and not accept(sha):
+            _remove_local(tmp)
+            return None
+        name = name_for(sha)
+        final = loc.path(name)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if list(objects) == [""]:
             os.replace(tmp, final)
-            return
-        for key, parts in objects.items():
-            _write_file(os.path.join(tmp, key), parts)
+            return name, sha
         try:
             os.rename(tmp, final)
         except OSError:
             # Same name means same sha256 prefix: another writer (or an earlier run that
             # crashed before committing) already published these bytes. Keep theirs if equal.
-            if os.path.isdir(final) and tree_sha256(read_objects(loc, name)) == tree_sha256(objects):
+            if os.path.isdir(final) and tree_sha256(read_objects(loc, name)) == sha:
                 shutil.rmtree(tmp)
             else:
                 shutil.rmtree(final, ignore_errors=True)
                 os.rename(tmp, final)
+        return name, sha
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
+        sha_future.cancel()
+        _remove_local(tmp)
         raise
+
+
+def _remove_local(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink(path)
 
 
 def temp_name(base: str) -> str:
@@ -114,7 +139,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _write_file(path: str, parts: list) -> None:
+def _write_file(path: str, parts: list) -> None:  # tests replace this to simulate crashes
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.writelines(parts)

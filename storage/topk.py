@@ -14,25 +14,40 @@ from __future__ import annotations
 import numpy as np
 
 from .layout import index_dtype  # noqa: F401  (re-exported: one owner, layout)
+from .parallel import for_row_blocks
 
 
 def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
+    """log(sum(exp(x))) along `axis`, in float32 for float32 input (vectorised exp; the
+    result is stored as float32) and float64 otherwise."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        x = x.astype(np.float64)
     m = np.max(x, axis=axis, keepdims=True)
     return (np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m).squeeze(axis)
 
 
 def scaled_topk(scaled: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values (n,k) descending, indices (n,k), logsumexp (n,)) of scaled logits (n, C)."""
+    scaled = np.ascontiguousarray(scaled)
     n, C = scaled.shape
-    if k == C:
-        idx = np.argsort(-scaled, axis=1, kind="stable")
-    else:
-        part = np.argpartition(-scaled, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scaled, part, axis=1), axis=1, kind="stable")
-        idx = np.take_along_axis(part, order, axis=1)
-    vals = np.take_along_axis(scaled, idx, axis=1)
-    return vals, idx, logsumexp(scaled, axis=1)
+    vals = np.empty((n, k), scaled.dtype)
+    idx = np.empty((n, k), np.int64)
+    lse = np.empty(n, np.float32 if scaled.dtype == np.float32 else np.float64)
+
+    def block(a: int, b: int) -> None:
+        x = scaled[a:b]
+        if k == C:
+            i = np.argsort(-x, axis=1, kind="stable")
+        else:  # the k largest in any order (no negated copy), then sorted descending
+            part = np.argpartition(x, C - k, axis=1)[:, C - k:]
+            order = np.argsort(-np.take_along_axis(x, part, axis=1), axis=1, kind="stable")
+            i = np.take_along_axis(part, order, axis=1)
+        idx[a:b] = i
+        vals[a:b] = np.take_along_axis(x, i, axis=1)
+        lse[a:b] = logsumexp(x, axis=1)
+    for_row_blocks(block, n, n * C)
+    return vals, idx, lse
 
 
 def topk_probs(topk_logits: np.ndarray, logsumexp_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,13 +18,14 @@ import numpy as np
 
 from .errors import CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError, MismatchError, SoftLabelError
 from .fs import Location
-from .layout import (DATA_DIR, columns_for, encode_parquet, encode_zarr, index_dtype, objects_nbytes, row_bytes,
-                     rows_per_block, tree_sha256)
+from .layout import (DATA_DIR, columns_for, shard_basename, encode_parquet, encode_zarr, index_dtype, objects_nbytes, row_bytes,
+                     rows_per_block)
 from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, IDENTITY_FIELDS, KINDS,
                        MANIFEST, TMP_DIR, diff_fields, dump_manifest, lineage_digest, now_iso, parse_manifest,
                        producer, validate_lineage)
 from .shards import (EXT, check_coverage, commits_disagree, mark_verified, publish, read_commits, read_id_columns,
                      shard_filename, temp_owner_alive, write_commit)
+from .parallel import for_row_blocks, pool
 from .topk import scaled_topk
 
 # finalize() deletes unreferenced shard files and temp files only when they are older than
@@ -175,28 +176,39 @@ class SoftLabelWriter:
             bad = np.flatnonzero((v < 0) | (v >= m["num_views"]))
             if len(bad):
                 raise InvalidLogitsError(f"{where}: row {bad[0]} has view {v[bad[0]]}, outside [0, num_views={m['num_views']})")
-        _refuse_nonfinite(z, ids, v, where, "logits")
+        z32 = z.astype(np.float32, copy=False)
+        # min and max are vectorised (float32 SIMD) and propagate NaN: a finite pair proves
+        # every logit finite, and bounds |z/T| for the storage dtype's overflow check
+        lo, hi = (float(z32.min()), float(z32.max())) if z32.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            _refuse_nonfinite(z, ids, v, where, "logits")
         T = np.float32(m["temperature"])
         rep = m["representation"]
-        z32 = z.astype(np.float32, copy=False)
+        bound = max(abs(lo), abs(hi)) / (1.0 if prescaled else float(T))
+        may_overflow = bound >= float(np.finfo(rep["dtype"]).max)
         cols: dict[str, np.ndarray] = {"sample_id": ids.astype(np.int64), "view": v.astype(np.int32)}
         if rep["kind"] == "dense":
             # s = z / T in float32 (correctly rounded), cast straight into the storage dtype:
             # one pass, no float32 temporary (fresh memory costs as much as the arithmetic)
             out = np.empty(z.shape, rep["dtype"])
-            with np.errstate(over="ignore"):  # overflow is reported just below, with the row
-                if prescaled:
-                    np.copyto(out, z32, casting="unsafe")
-                else:
-                    np.divide(z32, T, out=out, casting="unsafe")
+
+            def block(a: int, b: int) -> None:
+                with np.errstate(over="ignore"):  # overflow is reported just below, with the row
+                    if prescaled:
+                        np.copyto(out[a:b], z32[a:b], casting="unsafe")
+                    else:
+                        np.divide(z32[a:b], T, out=out[a:b], casting="unsafe")
+            for_row_blocks(block, n, z32.size)
             cols["logits"] = out
-            _refuse_nonfinite(out, ids, v, where, f"logits/T (overflows {rep['dtype']})")
+            if may_overflow:
+                _refuse_nonfinite(out, ids, v, where, f"logits/T (overflows {rep['dtype']})", full=True)
         else:
             scaled = z32 if prescaled else z32 / T
             vals, idx, lse = scaled_topk(scaled, rep["k"])
             with np.errstate(over="ignore"):
                 cols["topk_logits"] = vals.astype(rep["dtype"])
-            _refuse_nonfinite(cols["topk_logits"], ids, v, where, f"logits/T (overflows {rep['dtype']})")
+            if may_overflow:
+                _refuse_nonfinite(cols["topk_logits"], ids, v, where, f"logits/T (overflows {rep['dtype']})", full=True)
             cols["topk_indices"] = idx.astype(rep["index_dtype"])
             cols["logsumexp"] = lse.astype(np.float32)
         feat = m.get("feature")
@@ -223,20 +235,23 @@ class SoftLabelWriter:
         backend = self.manifest["backend"]
         encode = encode_parquet if backend == "parquet" else encode_zarr
         objects = encode(cols, self.columns, self.compression)
-        sha = tree_sha256(objects)
         existing = read_commits(self.loc, backend).get(shard_index)
-        if existing is not None:
-            if existing["sha256"] == sha:
-                return existing  # idempotent retry of the same shard
-            raise SoftLabelError(
-                f"{self.uri}: shard {shard_index} is already committed with different content "
-                f"(sha256 {existing['sha256'][:16]}, new {sha[:16]}); skip committed_shards() on resume")
-        if self.manifest["status"] == "complete":
+
+        def accept(sha: str) -> bool:
+            if existing is not None and existing["sha256"] != sha:
+                raise SoftLabelError(
+                    f"{self.uri}: shard {shard_index} is already committed with different content "
+                    f"(sha256 {existing['sha256'][:16]}, new {sha[:16]}); skip committed_shards() on resume")
+            return existing is None  # the same bytes again: an idempotent retry, nothing to do
+        if self.manifest["status"] == "complete" and existing is None:
             # Adding a shard to a complete dataset: it is no longer complete until finalize().
             self.manifest = dict(self.manifest, status="partial")
             self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self.manifest))
-        name = shard_filename(shard_index, sha, backend)
-        publish(self.loc, name, objects)
+        published = publish(self.loc, objects, lambda sha: shard_filename(shard_index, sha, backend), accept,
+                            hint=shard_basename(shard_index))
+        if published is None:
+            return existing
+        name, sha = published
         mark_verified(self.loc, name, sha)
         ids = cols["sample_id"]
         record = {"index": int(shard_index), "path": name, "num_rows": int(len(ids)),
@@ -247,7 +262,7 @@ class SoftLabelWriter:
         record = write_commit(self.loc, record)
         if not self.loc.exists(name):
             # a concurrent finalize() removed it as an orphan between publish and commit
-            publish(self.loc, name, objects)
+            publish(self.loc, objects, lambda _: name, hint=shard_basename(shard_index))
         return record
 
     # ------------------------------------------------------------------ finalize
@@ -331,9 +346,10 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _refuse_nonfinite(a: np.ndarray, ids: np.ndarray, views: np.ndarray, where: str, what: str) -> None:
+def _refuse_nonfinite(a: np.ndarray, ids: np.ndarray, views: np.ndarray, where: str, what: str,
+                      full: bool = False) -> None:
     # min and max are vectorised and propagate NaN: a finite pair proves every value finite
-    if a.dtype.kind == "f" and a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+    if a.dtype.kind == "f" and a.size and (full or not (np.isfinite(a.min()) and np.isfinite(a.max()))):
         finite = np.isfinite(a).reshape(len(a), -1).all(axis=1)
         if not finite.all():
             r = int(np.flatnonzero(~finite)[0])

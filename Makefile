@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: setup
 	$(PY) -m flows.cli run configs/quickstart.yaml
+	@echo "distill is installed in $(VENV)/bin, not on PATH: '. $(VENV)/bin/activate' (or call $(VENV)/bin/distill)"
 
 test: setup
 	$(PY) -m pytest -q tests

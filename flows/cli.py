@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             _fail(args, e)
             return 1
         if embedded and isinstance(e, RuntimeError) and "ephemeral Prefect API server" in str(e):
-            _fail(args, e, "Prefect's temporary API server did not start within "
-                  f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s "
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+            _fail(args, e, f"Prefect's temporary API server did not start within {timeout.value()} s "
                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it, or start "
                   "`prefect server start` and set PREFECT_API_URL")
             return 1

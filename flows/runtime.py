@@ -18,12 +18,14 @@ EMBEDDED_DEFAULTS = {
     # machine that took longer than Prefect's 20 s default 3 times in 5. A server that
     # never comes up still fails, after this long, with a clear message (see main()).
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    # Anonymous usage telemetry: offline it logs "Failed to send telemetry" on every start.
+    # Anonymous usage telemetry: offline it logs "Failed to send telemetry" on every start,
+    # and its heartbeat writes its session into the SQLite database while the run does:
+    # the "database is locked" traceback seen on a busy machine came from there.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # Automations (reactive + proactive triggers and their actions) and the event
-    # persister: nothing in distill uses them, and on SQLite their background writes
-    # collide with the run's own ("database is locked" tracebacks). Task runs, logs,
-    # artifacts and flow-run states are recorded without them.
+    # persister: nothing in distill uses them, and each is one more background writer to
+    # the same SQLite file. Task runs, logs, artifacts and flow-run states are recorded
+    # without them.
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
 }

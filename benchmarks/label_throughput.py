@@ -1,10 +1,13 @@
 """Teacher labelling throughput: samples/s of pipeline.label.label_dataset per device and
-precision, side by side in one run (machines are noisy: compare ratios, not seconds).
+precision, and the label flow's overhead over the teacher's forward alone, side by side
+in one run (machines are noisy: compare ratios, not seconds).
 
 Rows: CPU fp32; on CUDA also fp32, AMP bf16 and AMP fp16 (pinned host memory and
-non-blocking copies are always on for CUDA). Each row labels the same inputs into a fresh
-soft-label dataset, so the time includes view generation, the forward pass, the copy back,
-scaling, checksumming and the atomic shard commit.
+non-blocking copies are always on for CUDA). "label" labels the inputs into a fresh
+soft-label dataset: view generation, the forward pass, the copy back, then scaling,
+checks, encoding, checksumming, the atomic shard commit and finalize. "forward" runs
+exactly the same batches through pipeline.label.teacher_outputs (everything but
+storing). Their ratio is what storing costs (target <= 1.05x).
 
     python benchmarks/label_throughput.py [--samples 20000] [--arch resnet] [--views 2]
 """
@@ -22,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.data import ArrayDataset  # noqa: E402
-from pipeline.label import label_dataset  # noqa: E402
+from pipeline.label import label_dataset, teacher_outputs  # noqa: E402
 from pipeline.models import build_model, model_stats  # noqa: E402
 from pipeline.views import ViewSpec  # noqa: E402
 
@@ -55,24 +58,37 @@ def main():
     print(f"{a.arch} {stats['params'] / 1e6:.2f}M params, inputs {ds.in_shape}, {a.samples} samples x {a.views} views, "
           f"batch {a.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     root = tempfile.mkdtemp(prefix="distillery-label-bench-")
-    results = {}
+    results, forward = {}, {}
     for r in range(a.repeats):
         for dev, amp in configs:
             uri = os.path.join(root, f"{dev}-{amp}-{r}")
+            t0 = time.perf_counter()
+            for s0 in range(0, a.samples, a.shard_size):   # the same batches, nothing stored
+                teacher_outputs(model, ds, start=s0, stop=min(a.samples, s0 + a.shard_size), view_spec=spec,
+                                num_views=a.views, num_classes=a.classes, batch_size=a.batch_size, device=dev, amp=amp)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            forward.setdefault((dev, amp), []).append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             out = label_dataset(model, ds, uri, temperature=4.0, teacher={"name": a.arch, "fingerprint": "bench"},
                                 num_views=a.views, view_spec=spec, shard_size=a.shard_size, batch_size=a.batch_size,
                                 device=dev, amp=amp)
             if dev == "cuda":
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            results.setdefault((dev, amp), []).append(a.samples * a.views / dt)
+            results.setdefault((dev, amp), []).append(time.perf_counter() - t0)
             assert out["manifest"]["status"] == "complete"
-    base = statistics.median(results[("cpu", None)])
-    print(f"\n{'device':6s} {'precision':9s} {'rows/s':>10s} {'x cpu fp32':>10s}")
+    rows = a.samples * a.views
+    base = rows / statistics.median(results[("cpu", None)])
+    print(f"\n{'device':6s} {'precision':9s} {'label rows/s':>12s} {'x cpu fp32':>10s} {'forward rows/s':>14s} "
+          f"{'label/forward':>13s}")
+    worst = 0.0
     for (dev, amp), v in results.items():
-        med = statistics.median(v)
-        print(f"{dev:6s} {amp or 'fp32':9s} {med:10,.0f} {med / base:10.2f}")
+        lab, fwd = statistics.median(v), statistics.median(forward[(dev, amp)])
+        worst = max(worst, lab / fwd)
+        print(f"{dev:6s} {amp or 'fp32':9s} {rows / lab:12,.0f} {rows / lab / base:10.2f} {rows / fwd:14,.0f} "
+              f"{lab / fwd:12.3f}x")
+    print(f"\n[{'PASS' if worst <= 1.05 else 'FAIL'}] labelling (forward + store) <= 1.05x the teacher's forward "
+          f"alone on the same batches: worst {worst:.3f}x")
 
 
 if __name__ == "__main__":

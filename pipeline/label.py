@@ -116,19 +116,37 @@ def label_shard(model: nn.Module, inputs: ArrayDataset, writer: storage.SoftLabe
     {shard, rows, samples, seconds, samples_per_s, record (the writer's commit record)}.
     """
     t0 = time.perf_counter()
-    n = len(inputs)
-    if not (0 <= start < stop <= n):
-        raise ValueError(f"shard {shard_index}: need 0 <= start < stop <= {n} (len(inputs)), got [{start}, {stop})")
     V = writer.manifest["num_views"]
     if num_views != V:
         raise ValueError(f"num_views={num_views} but the writer at {writer.uri} was opened with num_views={V}")
+    sids, views, logits, feats = teacher_outputs(
+        model, inputs, start=start, stop=stop, view_spec=view_spec, num_views=num_views,
+        num_classes=writer.manifest["num_classes"], feature=writer.manifest.get("feature"),
+        batch_size=batch_size, device=device, amp=amp, feature_layer=feature_layer, where=writer.uri)
+    record = writer.write_shard(shard_index, sids, logits, views, features=feats)
+    dt = time.perf_counter() - t0
+    return {"shard": shard_index, "rows": len(sids), "samples": stop - start, "seconds": dt,
+            "samples_per_s": (stop - start) / dt if dt > 0 else float("inf"), "record": record}
+
+
+def teacher_outputs(model: nn.Module, inputs: ArrayDataset, *, start: int, stop: int, view_spec: ViewSpec | None,
+                    num_views: int, num_classes: int, feature: dict | None = None, batch_size: int = 512,
+                    device: str = "cpu", amp: str | None = None, feature_layer: str | None = None,
+                    where: str = "the dataset"):
+    """The teacher's raw outputs for samples [start, stop) x views 0..V-1, sample-major:
+    (sample_ids (R,), views (R,), logits (R, C) float32, features (R, F) or None). This is
+    everything labelling does except storing; benchmarks time it alone."""
+    n = len(inputs)
+    if not (0 <= start < stop <= n):
+        raise ValueError(f"shard {shard_index}: need 0 <= start < stop <= {n} (len(inputs)), got [{start}, {stop})")
+    V = num_views
     if num_views > 1 and (view_spec is None or view_spec.is_identity):
         raise ValueError(f"num_views={num_views} needs a non-identity view_spec; otherwise every view is view 0")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    feat = writer.manifest.get("feature")
+    feat = feature
     if (feat["name"] if feat else None) != feature_layer:
-        raise ValueError(f"feature_layer={feature_layer!r} but the writer at {writer.uri} stores "
+        raise ValueError(f"feature_layer={feature_layer!r} but the writer at {where} stores "
                          f"feature {feat['name'] if feat else None!r}")
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
@@ -142,7 +160,7 @@ def label_shard(model: nn.Module, inputs: ArrayDataset, writer: storage.SoftLabe
 
     # one reusable pinned staging buffer: safe because each batch ends with a blocking copy back
     staging = torch.empty((min(batch_size, R), *inputs.in_shape), pin_memory=True) if cuda else None
-    logits = np.empty((R, writer.manifest["num_classes"]), np.float32)
+    logits = np.empty((R, num_classes), np.float32)
     feats = np.empty((R, int(np.prod(feat["shape"]))), np.float32) if feat else None
 
     model.to(dev)
@@ -173,10 +191,7 @@ def label_shard(model: nn.Module, inputs: ArrayDataset, writer: storage.SoftLabe
         if cap:
             cap.close()
 
-    record = writer.write_shard(shard_index, sids, logits, views, features=feats)
-    dt = time.perf_counter() - t0
-    return {"shard": shard_index, "rows": R, "samples": stop - start, "seconds": dt,
-            "samples_per_s": (stop - start) / dt if dt > 0 else float("inf"), "record": record}
+    return sids, views, logits, feats
 
 
 # ---------------------------------------------------------------- whole dataset

@@ -16,6 +16,7 @@ on a complete dataset does no teacher work at all.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from typing import Callable
 
@@ -269,14 +270,41 @@ def label_dataset(model: nn.Module, inputs: ArrayDataset, uri: str, *, batch_siz
     done = set(writer.committed_shards())
     skipped = sorted(i for i in done if i < len(plan))
     stats = []
-    for i, (a, b) in enumerate(plan):
-        if i in done:
-            continue
-        s = label_shard(model, inputs, writer, i, start=a, stop=b, view_spec=view_spec, num_views=num_views,
-                        batch_size=batch_size, device=str(dev), amp=amp, feature_layer=feature_layer)
+    feature = writer.manifest.get("feature")
+    if num_views != writer.manifest["num_views"]:
+        raise ValueError(f"num_views={num_views} but the writer at {writer.uri} was opened with num_views={writer.manifest['num_views']}")
+
+    def store(i: int, a: int, b: int, out, t_start: float) -> None:
+        sids, views, logits, feats = out
+        record = writer.write_shard(i, sids, logits, views, features=feats)
+        dt = time.perf_counter() - t_start
+        s = {"shard": i, "rows": len(sids), "samples": b - a, "seconds": dt,
+             "samples_per_s": (b - a) / dt if dt > 0 else float("inf"), "record": record}
         stats.append(s)
         if progress is not None:
             progress(s)
+
+    # On an accelerator, storing shard i overlaps the teacher's forward of shard i+1 (one
+    # write in flight: at most two shards of logits in memory), so the teacher never waits.
+    # On CPU the forward already uses every core; a concurrent write only oversubscribes
+    # them (measured: 1.31x vs 1.09x the forward alone), so there it runs in line.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillery-store") as ex:
+        pending = None
+        for i, (a, b) in enumerate(plan):
+            if i in done:
+                continue
+            t_start = time.perf_counter()
+            out = teacher_outputs(model, inputs, start=a, stop=b, view_spec=view_spec, num_views=num_views,
+                                  num_classes=writer.manifest["num_classes"], feature=feature,
+                                  batch_size=batch_size, device=str(dev), amp=amp, feature_layer=feature_layer,
+                                  where=writer.uri)
+            if pending is not None:
+                pending.result()
+            pending = ex.submit(store, i, a, b, out, t_start)
+            if dev.type == "cpu":
+                pending.result()
+        if pending is not None:
+            pending.result()
     # a complete dataset with nothing new needs no re-finalize (which re-reads every shard)
     manifest = writer.manifest if (not stats and writer.manifest["status"] == "complete") else writer.finalize()
     dt = time.perf_counter() - t0

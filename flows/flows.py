@@ -155,7 +155,7 @@ def _label_shards(config: dict, teacher: dict) -> dict:
     create_table_artifact(table=table, key=_key(cfg, "label-shards"),
                           description=f"Per-shard labelling of {summary['uri']}")
     return summary | {"labelled_shards": len(rows), "skipped_shards": len(plan["committed"]),
-                      "worker_pids": sorted({r.get("pid") for r in rows}),
+                      "worker_pids": sorted({r["pid"] for r in rows if r.get("pid") is not None}),
                       "seconds": dt, "samples_per_s": labelled / dt if dt else 0.0}
 
 

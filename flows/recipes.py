@@ -141,8 +141,9 @@ def label_one_shard(cfg: Config, teacher: dict, shard: int, start: int, stop: in
 
 def finalize_labels(cfg: Config, teacher: dict) -> dict:
     _, _, writer, _, _, _ = _writer(cfg, teacher)
-    m = writer.manifest if writer.manifest["status"] == "complete" and \
-        len(writer.committed_shards()) == writer.manifest.get("num_shards") else writer.finalize()
+    # a concurrent run may have finalized already; finalize again only if the manifest
+    # does not name exactly the committed shards
+    m = writer.manifest if writer.is_finalized_as_committed() else writer.finalize()
     return summarize(m, writer.uri)
 
 

@@ -22,9 +22,20 @@ steps. Accuracy is that of the final weights (the cosine schedule ends at lr 0; 
 were fixed beforehand from the sweep); "val-sel" is the epoch with the best validation
 accuracy (ties -> the later epoch) for comparison.
 
-    python benchmarks/distill_quality.py            # the table, 5 seeds (~11 min on 2 cores)
-    python benchmarks/distill_quality.py --quick    # 1 seed, few epochs (< 1 min)
-    python benchmarks/distill_quality.py --sweep    # the one-seed search behind the defaults
+Scenario "scarce" (--scenario scarce): the quickstart, configs/quickstart.yaml, run through
+the same recipes `make run` uses (flows/recipes.py, without Prefect), once per seed. Only
+500 images are labelled: they train the teacher and each student's hard-label baseline
+(same 16 views, as many optimizer steps as the distilled student). The teacher labels the
+3,300 unlabelled `transfer` images x 16 views once; the distilled students learn only from
+those stored labels. A seed sets data.seed (which 500 images are labelled), the teacher's
+and the students' seeds; seed 0 is `make run`. Target: every student's mean gain over its
+baseline >= 2 points.
+
+    python benchmarks/distill_quality.py            # both: the table (5 seeds, ~11 min on 2 cores), then scarce
+    python benchmarks/distill_quality.py --scenario full     # the table only
+    python benchmarks/distill_quality.py --scenario scarce   # the scarce-label scenario, 3 seeds (~8 min)
+    python benchmarks/distill_quality.py --quick    # 1 seed, few epochs (< 1 min per scenario)
+    python benchmarks/distill_quality.py --sweep    # the one-seed search behind the table's defaults
 """
 from __future__ import annotations
 
@@ -380,6 +391,85 @@ def table(a, root: str) -> None:
     print(f"\ntotal time {time.perf_counter() - t_start:.0f} s")
 
 
+# ---------------------------------------------------------------- scarce labels: the quickstart
+
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")
+
+
+def scarce_seed(root: str, seed: int, extra: list[str]) -> dict:
+    """One seed of the quickstart through flows.recipes: teacher, labels, students, report."""
+    import concurrent.futures as cf_threads
+
+    from flows import recipes
+    from flows.config import load_config
+    from pipeline.device import available_cores, torch_threads
+    run_dir = os.path.join(root, "scarce")
+    cfg = load_config(QUICKSTART, [f"runs_dir={run_dir}", f"name=seed{seed}",
+                                   f"label.uri={os.path.join(run_dir, f'seed{seed}', 'soft_labels')}",
+                                   f"data.seed={seed}", f"teacher.train.seed={seed}", f"students.train.seed={seed}",
+                                   "students.export=false", *extra])
+    t0 = time.perf_counter()
+    with torch_threads(available_cores()):
+        teacher = recipes.ensure_teacher(cfg)
+        for p in recipes.plan_labels(cfg, teacher)["pending"]:
+            recipes.label_one_shard(cfg, teacher, p["shard"], p["start"], p["stop"])
+        uri = recipes.finalize_labels(cfg, teacher)["uri"]
+    runs = recipes.student_runs(cfg)
+    # as the flow does: students in parallel threads, cores // max_parallel torch threads each
+    with torch_threads(cfg.students.torch_threads(available_cores())), \
+            cf_threads.ThreadPoolExecutor(cfg.students.max_parallel) as ex:
+        results = list(ex.map(lambda r: recipes.train_student(cfg, teacher, uri, r), runs))
+    report = recipes.build_report(cfg, teacher, uri, results)
+    return {"seed": seed, "cfg": cfg, "report": report, "seconds": time.perf_counter() - t0}
+
+
+def scarce(a, root: str) -> None:
+    from flows import recipes
+    t_start = time.perf_counter()
+    extra = ["teacher.train.epochs=20", "students.train.epochs=2"] if a.quick else []
+    seeds = list(range(1 if a.quick else a.scarce_seeds))
+    print(f"scenario scarce: {os.path.relpath(QUICKSTART)} through flows.recipes (the `make run` path), seeds "
+          f"{seeds}; a seed sets data.seed (which images are labelled), teacher.train.seed and "
+          f"students.train.seed; seed 0 is `make run`" + (f"; overrides {extra}" if extra else ""), flush=True)
+    out, archs = [], None
+    for sd in seeds:
+        r = scarce_seed(root, sd, extra)
+        rep = r["report"]
+        if archs is None:
+            d, st = rep["data"], rep["students"]
+            steps = {x["mode"]: x["steps"] for x in st}
+            print(f"  {d['labelled']:,} labelled `{d['labelled_split']}` images: the teacher's training set and the "
+                  f"hard-label baselines' ({d['views']} views, {steps['hard']:,} steps); {d['label_samples']:,} "
+                  f"unlabelled `{d['label_split']}` images x {d['views']} views labelled by the teacher once: the "
+                  f"distilled students' only training data ({steps['stored']:,} steps); test: "
+                  f"{len(recipes.splits(r['cfg'])['test']):,} images\n")
+            archs = [x["name"].removesuffix("-baseline") for x in st if x["mode"] == "hard"]
+            print(f"{'seed':>4s} {'teacher %':>9s}  " + "  ".join(f"{n + ' hard / KD / gain':>27s}" for n in archs)
+                  + f"  {'s':>5s}")
+        by = {x["name"]: x for x in rep["students"]}
+        gains = {}
+        cells = []
+        for n in archs:
+            kd = next(x for x in rep["students"] if x["mode"] != "hard" and x["arch_name"] == n)
+            hard = by[f"{n}-baseline"]
+            gains[n] = kd["accuracy"] - hard["accuracy"]
+            cells.append(f"{100 * hard['accuracy']:6.2f} / {100 * kd['accuracy']:6.2f} / {100 * gains[n]:+5.2f}")
+        out.append({"seed": sd, "teacher": rep["teacher"]["accuracy"], "gains": gains})
+        print(f"{sd:4d} {100 * rep['teacher']['accuracy']:9.2f}  " + "  ".join(f"{c:>27s}" for c in cells)
+              + f"  {r['seconds']:5.0f}", flush=True)
+    print()
+    ok = True
+    for n in archs:
+        g = [x["gains"][n] for x in out]
+        m, sdev = mean_std(g)
+        ok &= m >= 0.02
+        print(f"  {n}: mean gain {100 * m:+.2f} ± {100 * sdev:.2f} pts (sample std), "
+              f"{sum(x > 0 for x in g)}/{len(g)} seeds positive")
+    print(f"[{'PASS' if ok else 'FAIL'}] every distilled student beats its hard-label baseline by >= 2 points "
+          f"(mean over {len(seeds)} seed(s), test accuracy; teacher {100 * statistics.fmean(x['teacher'] for x in out):.2f}%)")
+    print(f"\nscarce total time {time.perf_counter() - t_start:.0f} s")
+
+
 # ---------------------------------------------------------------- sweep
 
 def sweep(a, root: str) -> None:
@@ -426,7 +516,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 8 views, 3 epochs, a 5-epoch teacher (about a minute)")
     ap.add_argument("--sweep", action="store_true", help="the one-seed configuration search instead of the table")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--scenario", choices=["all", "full", "scarce"], default="all",
+                    help="full: the table of rows A-F; scarce: the quickstart's scarce-label scenario; all: both")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of the full table")
+    ap.add_argument("--scarce-seeds", type=int, default=3, help="seeds of the scarce-label scenario")
     for k, v in DEFAULTS.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     ap.add_argument("--jobs", type=int, default=2, help="parallel student processes (default 2 = the 2 cores)")
@@ -441,7 +534,14 @@ def main():
     root = a.out or tempfile.mkdtemp(prefix="distillery-quality-")
     os.makedirs(root, exist_ok=True)
     try:
-        sweep(a, root) if a.sweep else table(a, root)
+        if a.sweep:
+            sweep(a, root)
+        else:
+            if a.scenario in ("all", "full"):
+                table(a, root)
+            if a.scenario in ("all", "scarce"):
+                print()
+                scarce(a, root)
     finally:
         if a.out is None:
             shutil.rmtree(root, ignore_errors=True)

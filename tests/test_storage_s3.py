@@ -96,3 +96,31 @@ def test_convert_local_to_s3(s3_server, s3_uri, tmp_path):
     m = convert(src, s3_uri, backend="zarr", dst_storage_options=so)
     assert m["backend"] == "zarr"
     assert verify(s3_uri, storage_options=so).ok
+
+
+@pytest.mark.parametrize("backend", ["parquet", "zarr"])
+def test_s3_reader_refuses_a_damaged_object_and_a_hostile_path(s3_server, s3_uri, backend):
+    """On an object store the shard is fetched once, hashed, and read from those bytes:
+    a flipped byte never reaches a batch; a manifest path outside the prefix is refused."""
+    import json
+    from storage.manifest import manifest_digest
+    so = s3_server["storage_options"]
+    write_toy(s3_uri, backend=backend, n=120, shards=2, storage_options=so)
+    fs = s3fs.S3FileSystem(endpoint_url=so["endpoint_url"], key="testing", secret="testing")
+    m = json.loads(fs.cat_file(f"{s3_uri}/manifest.json"))
+    target = f"{s3_uri}/{m['shards'][1]['path']}"
+    if backend == "zarr":
+        target = max((p for p in fs.find(target) if "/logits/" in p and not p.endswith("zarr.json")),
+                     key=lambda p: fs.info(p)["size"])
+    data = bytearray(fs.cat_file(target))
+    data[len(data) // 2] ^= 0x04
+    fs.pipe_file(target, bytes(data))
+    with pytest.raises(CorruptShardError, match=m["shards"][1]["path"].split("/")[-1]):
+        for _ in open_soft_labels(s3_uri, storage_options=so).iter_batches(32, shuffle=False):
+            pass
+    m["shards"][0]["path"] = "../other-prefix/" + m["shards"][0]["path"].split("/")[-1]
+    m["digest"] = manifest_digest(m)
+    fs.pipe_file(f"{s3_uri}/manifest.json", json.dumps(m).encode())
+    from storage import ManifestError
+    with pytest.raises(ManifestError, match="is not allowed"):
+        open_soft_labels(s3_uri, storage_options=so)

@@ -119,18 +119,18 @@ class SoftLabelDataset:
             if shuffle_buffer is None:
                 shuffle_buffer = self.default_shuffle_buffer(batch_size)
             rng = np.random.default_rng([seed, epoch, rank * num_workers + worker])
-            blocks = _shuffle_blocks(blocks, shuffle_buffer, rng)
+            total = sum(sg.stop - sg.start for sg in segs)
+            blocks = _shuffle_blocks(blocks, shuffle_buffer, rng, total, max(batch_size, 4096))
         yield from _rebatch(blocks, batch_size, drop_last)
 
     def default_shuffle_buffer(self, batch_size: int) -> int:
         """Rows in the shuffle window when iter_batches gets shuffle_buffer=None.
 
         Labelled data is often stored in class order; a window of a few blocks then yields
-        class-skewed batches. So: the whole partition when it fits in SHUFFLE_BUDGET_BYTES,
-        else two storage blocks or eight batches, whichever is more."""
-        biggest = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"])
+        class-skewed batches. So: as many rows as fit in SHUFFLE_BUDGET_BYTES (the whole
+        partition when it fits), and at least eight batches."""
         row = max(1, self.manifest.get("layout", {}).get("row_bytes") or 1)
-        return max(2 * biggest, 8 * batch_size, SHUFFLE_BUDGET_BYTES // row)
+        return max(8 * batch_size, SHUFFLE_BUDGET_BYTES // row)
 
     def _shard_cache(self) -> dict:
         """Open shards of this process, kept across epochs (one round trip per shard on S3)."""
@@ -229,22 +229,37 @@ def _rows(d: dict[str, np.ndarray]) -> int:
     return len(d["sample_id"])
 
 
-def _shuffle_blocks(blocks, buffer_rows: int, rng: np.random.Generator):
-    """Bounded shuffle: fill to `buffer_rows`, emit a random half-plus, keep the rest mixing."""
-    pending, n = [], 0
+def _shuffle_blocks(blocks, buffer_rows: int, rng: np.random.Generator, total_rows: int, out_rows: int):
+    """Bounded shuffle with a fixed buffer of min(buffer_rows, total_rows) rows, allocated once.
+
+    Until it is full, incoming rows are stored; after that each incoming block of m rows
+    evicts m random buffer slots (yielded) and takes their place; at the end the buffer is
+    yielded in random order, `out_rows` at a time. Memory: the buffer, one decoded block and
+    one yielded chunk, so SHUFFLE_BUDGET_BYTES bounds what the shuffle holds."""
+    cap = max(1, min(buffer_rows, total_rows))
+    buf: dict[str, np.ndarray] | None = None
+    n = 0
     for blk in blocks:
-        pending.append(blk)
-        n += _rows(blk)
-        if n >= buffer_rows:
-            cat = _concat(pending)
-            perm = rng.permutation(n)
-            keep = buffer_rows // 2
-            yield {k: v[perm[keep:]] for k, v in cat.items()}
-            pending, n = [{k: v[perm[:keep]] for k, v in cat.items()}], keep
+        m = _rows(blk)
+        if buf is None:
+            buf = {k: np.empty((cap,) + v.shape[1:], v.dtype) for k, v in blk.items()}
+        take = min(m, cap - n)                       # fill free slots first
+        if take:
+            for k, v in blk.items():
+                buf[k][n:n + take] = v[:take]
+            n += take
+        i = take
+        while i < m:                                 # buffer full: evict random slots
+            c = min(m - i, cap)
+            slots = rng.choice(cap, size=c, replace=False) if c < cap else rng.permutation(cap)
+            yield {k: buf[k][slots] for k in buf}
+            for k, v in blk.items():
+                buf[k][slots] = v[i:i + c]
+            i += c
     if n:
-        cat = _concat(pending)
         perm = rng.permutation(n)
-        yield {k: v[perm] for k, v in cat.items()}
+        for a in range(0, n, out_rows):
+            yield {k: buf[k][perm[a:a + out_rows]] for k in buf}
 
 
 def _rebatch(chunks, batch_size: int, drop_last: bool):

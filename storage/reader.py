@@ -128,9 +128,13 @@ class SoftLabelDataset:
 
         Labelled data is often stored in class order; a window of a few blocks then yields
         class-skewed batches. So: as many rows as fit in SHUFFLE_BUDGET_BYTES (the whole
-        partition when it fits), and at least eight batches."""
+        partition when it fits), and at least eight batches. The budget covers the whole
+        stream: the buffer gets what is left after the ~3 storage blocks in flight (one
+        being decoded, one being evicted into, the batches handed out), measured by
+        benchmarks/reader_memory.py."""
         row = max(1, self.manifest.get("layout", {}).get("row_bytes") or 1)
-        return max(8 * batch_size, SHUFFLE_BUDGET_BYTES // row)
+        block = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"]) * row
+        return max(8 * batch_size, (SHUFFLE_BUDGET_BYTES - 3 * block) // row)
 
     def _shard_cache(self) -> dict:
         """Open shards of this process, kept across epochs (one round trip per shard on S3)."""
@@ -249,17 +253,23 @@ def _shuffle_blocks(blocks, buffer_rows: int, rng: np.random.Generator, total_ro
                 buf[k][n:n + take] = v[:take]
             n += take
         i = take
-        while i < m:                                 # buffer full: evict random slots
-            c = min(m - i, cap)
+        while i < m:                                 # buffer full: evict random slots,
+            c = min(m - i, cap, out_rows)            # a chunk at a time (small index arrays)
             slots = rng.choice(cap, size=c, replace=False) if c < cap else rng.permutation(cap)
             yield {k: buf[k][slots] for k in buf}
             for k, v in blk.items():
                 buf[k][slots] = v[i:i + c]
             i += c
     if n:
-        perm = rng.permutation(n)
+        # shuffle the filled buffer in place, every column with the same permutation (the
+        # same generator state and length give the same Fisher-Yates swaps), then hand out
+        # views of it: no index array and no copy of the buffer
+        state = rng.bit_generator.state
+        for k in buf:
+            rng.bit_generator.state = state
+            rng.shuffle(buf[k][:n])
         for a in range(0, n, out_rows):
-            yield {k: buf[k][perm[a:a + out_rows]] for k in buf}
+            yield {k: buf[k][a:a + out_rows] for k in buf}
 
 
 def _rebatch(chunks, batch_size: int, drop_last: bool):

@@ -116,3 +116,19 @@ def test_default_shuffle_mixes_class_sorted_shards(tmp_path):
     assert len(np.unique(first["sample_id"] // 200)) >= 8
     small = next(ds.iter_batches(64, seed=0, shuffle_buffer=256))   # an explicit small window stays local
     assert len(np.unique(small["sample_id"] // 200)) <= 3
+
+
+@pytest.mark.parametrize("buffer", [None, 300, 64])
+def test_shuffled_rows_keep_their_columns_together(tmp_path, buffer):
+    """The shuffle moves whole rows: eviction from a full buffer and the final in-place
+    shuffle give every (sample_id, view) its own logits, each exactly once per epoch."""
+    uri = str(tmp_path / "ds")
+    z = write_toy(uri, n=700, shards=3, views=2)
+    ds = open_soft_labels(uri)
+    seen = []
+    for b in ds.iter_batches(50, seed=3, epoch=1, shuffle_buffer=buffer):
+        ref = ds.take(b["sample_id"], b["view"])
+        assert np.array_equal(b["logits"], ref["logits"])
+        seen += list(zip(b["sample_id"].tolist(), b["view"].tolist()))
+    assert sorted(seen) == [(s, v) for s in range(700) for v in range(2)]
+    assert seen[:20] != sorted(seen)[:20]

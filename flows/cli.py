@@ -151,6 +151,8 @@ def _dispatch(args) -> int:
             cmd += ["--limit", str(args.limit)]
         os.execv(cmd[0], cmd) if os.path.isabs(cmd[0]) else os.execvp(cmd[0], cmd)
     cfg = load_config(args.config, args.overrides)     # validate before importing Prefect (slow)
+    from .secrets import scrub_overrides
+    args.overrides = scrub_overrides(args.overrides)  # a literal secret never becomes a flow parameter
     if not args.debug:
         runtime.quiet_user_tracebacks()                # imports Prefect, which sets up its logging
     if args.cmd == "serve":

@@ -19,7 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.device import available_cores, torch_threads
 
-from . import progress, recipes
+from . import progress, recipes, secrets
 from .config import Config, load_config, parse_config
 from .report import chart_markdown, report_rows
 
@@ -94,7 +94,7 @@ def report_task(config: dict, teacher: dict, soft_label_uri: str, results: list[
 @flow(name="train-teacher", log_prints=True)
 def train_teacher_flow(config: dict | str, overrides: list[str] | None = None, retrain: bool = False) -> dict:
     cfg = _load(config, overrides)
-    t = train_teacher_task(cfg.model_dump(mode="json"), retrain)
+    t = train_teacher_task(secrets.for_parameters(cfg.model_dump(mode="json")), retrain)
     get_run_logger().info("teacher %s at %s", t["fingerprint"][:19], t["checkpoint"])
     return t
 
@@ -111,7 +111,7 @@ def _resolve_teacher(cfg: Config) -> dict:
 def label_flow(config: dict | str, overrides: list[str] | None = None, dask_address: str | None = None) -> dict:
     """Teacher inference into a soft-label dataset; one task per pending shard."""
     cfg = _load(config, overrides)
-    raw = cfg.model_dump(mode="json")
+    raw = secrets.for_parameters(cfg.model_dump(mode="json"))  # no literal secret becomes a parameter
     teacher = _resolve_teacher(cfg)
     runner = make_task_runner(cfg, dask_address)
     return _label_shards.with_options(task_runner=runner)(raw, teacher)
@@ -163,7 +163,7 @@ def _label_shards(config: dict, teacher: dict) -> dict:
 def students_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
     """Train the student sweep from ONE soft-label dataset, plus baselines; write the report."""
     cfg = _load(config, overrides)
-    raw = cfg.model_dump(mode="json")
+    raw = secrets.for_parameters(cfg.model_dump(mode="json"))  # no literal secret becomes a parameter
     teacher = _resolve_teacher(cfg)
     uri = cfg.soft_label_uri()
     runs = recipes.student_runs(cfg)
@@ -199,7 +199,7 @@ def _student_sweep(config: dict, teacher: dict, uri: str, runs: list[dict]) -> d
 def distill_flow(config: dict | str, overrides: list[str] | None = None, dask_address: str | None = None) -> dict:
     """End to end: teacher (unless a checkpoint is given), labels, students, report."""
     cfg = _load(config, overrides)
-    raw = cfg.model_dump(mode="json")
+    raw = secrets.for_parameters(cfg.model_dump(mode="json"))  # no literal secret becomes a parameter
     train_teacher_task(raw)            # no-op when the checkpoint exists
     labels = label_flow(raw, dask_address=dask_address)
     report = students_flow(raw)

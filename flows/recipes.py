@@ -27,6 +27,7 @@ from pipeline.teacher import finetune, train_teacher
 from pipeline.train import GLOBAL_RNG_LOCK, TrainConfig, train
 from pipeline.views import ViewSpec
 
+from . import secrets
 from .config import Config, TrainSection, parse_config
 
 
@@ -114,7 +115,7 @@ def _writer(cfg: Config, teacher: dict, *, overwrite: bool = False):
         model, inputs, cfg.soft_label_uri(), backend=lc.backend, temperature=lc.temperature, teacher=teacher,
         num_views=cfg.views.num_views, view_spec=view_spec(cfg), shard_size=lc.shard_size,
         representation=lc.representation, k=lc.k, dtype=lc.dtype, device=lc.device, amp=lc.amp,
-        feature_layer=lc.feature_layer, storage_options=lc.storage_options or None, overwrite=overwrite,
+        feature_layer=lc.feature_layer, storage_options=secrets.resolve(lc.storage_options) or None, overwrite=overwrite,
         compression=lc.compression)
     return model, inputs, writer, plan, dev, amp
 
@@ -217,7 +218,7 @@ def check_label_lineage(cfg: Config, uri: str) -> None:
     stored sample ids is an id of this config's evaluation or validation split."""
     s = splits(cfg)
     inputs = s[cfg.data.label_split]
-    ds = storage.open_soft_labels(uri, storage_options=cfg.label.storage_options or None)
+    ds = storage.open_soft_labels(uri, storage_options=secrets.resolve(cfg.label.storage_options) or None)
     stored = ds.manifest.get("data") or {}
     problems = []
     if stored.get("fingerprint") != inputs.fingerprint():
@@ -281,7 +282,7 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
     else:
         result = train(model, tcfg, mode="stored", train_data=train_set, val_data=s.get("val"),
                        soft_labels=[soft_label_uri, *cfg.students.extra_soft_labels],
-                       storage_options=cfg.label.storage_options or None,
+                       storage_options=secrets.resolve(cfg.label.storage_options) or None,
                        expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True)
     seconds = time.perf_counter() - t0
     ckpt = str(out / f"{run['name']}.pt")

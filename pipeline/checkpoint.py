@@ -15,20 +15,31 @@ independent of pickling details, file paths and the device the weights live on.
 
 (Training-state checkpoints, with optimizer and RNG state for mid-run resume, are
 written by pipeline/train.py; this file is the durable artifact of a finished run.)
+
+Trust: torch.load(weights_only=True) unpickles tensors and plain containers only, so
+reading a checkpoint runs no code. Building its model can: an `arch` that is an import
+path "pkg.mod:factory" would be imported and called. load_model therefore builds
+built-in archs (models.ARCHS) from any file, but an import-path arch only when the
+caller names it in `trusted_factories` (the factories of the user's own config) or
+passes trust_code=True. `checkpoint_info` reads and verifies a checkpoint's metadata
+without building anything.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
+import re
 import uuid
+from collections.abc import Collection
 
 import torch
 import torch.nn as nn
 
 from storage.manifest import now_iso
 
-from .models import ModelSpec, build_model
+from .models import ModelSpec, build_model, check_factory_trusted
 
 FORMAT = "distillery.model"
 VERSION = 1
@@ -98,28 +109,76 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu") -> d
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise                          # permissions, I/O: already name the file
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:                      # a real pickle naming code: the classic checkpoint attack
+            raise ValueError(f"{path}: refused: the file pickles {found.group(1)}, an object other than "
+                             f"tensors and plain containers, which a distillery checkpoint never holds "
+                             f"(torch.load weights_only=True)") from None
+        raise ValueError(f"{path} is not a torch checkpoint file (unreadable pickle)") from None
+    except Exception as e:             # torch raises RuntimeError/EOFError/... for a non-checkpoint file
+        raise ValueError(f"{path} is not a torch checkpoint file (torch.load: {type(e).__name__}: "
+                         f"{_first_line(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a distillery model checkpoint "
                          f"(format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported checkpoint version {payload.get('version')!r}, expected {VERSION}")
+    missing = [k for k in ("arch", "in_shape", "num_classes", "state_dict", "metadata") if k not in payload]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing}")
     return payload
 
 
-def load_model(path: str, *, map_location: str | torch.device = "cpu",
-               verify: bool = True) -> tuple[nn.Module, dict]:
-    """Rebuild the model with build_model and load its weights. Returns (model in eval
-    mode, metadata). verify=True re-computes the fingerprint and refuses a mismatch."""
-    payload = load_checkpoint(path, map_location=map_location)
-    model = build_model(payload["arch"], in_shape=tuple(payload["in_shape"]),
-                        num_classes=payload["num_classes"])
-    model.load_state_dict(payload["state_dict"])
-    meta = dict(payload["metadata"])
-    if verify and "fingerprint" in meta:
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _verify(path: str, payload: dict) -> None:
+    meta = payload["metadata"]
+    if "fingerprint" in meta:
         found = fingerprint(payload["state_dict"])
         if found != meta["fingerprint"]:
             raise ValueError(f"{path}: weights fingerprint {found} does not match the recorded "
                              f"{meta['fingerprint']} (file modified or corrupt)")
+
+
+def _info(payload: dict) -> dict:
+    meta = dict(payload["metadata"])
     meta.update(arch=payload["arch"], in_shape=list(payload["in_shape"]), num_classes=payload["num_classes"])
-    return model.eval(), meta
+    return meta
+
+
+def checkpoint_info(path: str, *, verify: bool = True) -> dict:
+    """The metadata load_model returns (arch, in_shape, num_classes included), without
+    building the model: no factory is imported, whatever the file names."""
+    path = os.fspath(path)
+    payload = load_checkpoint(path)
+    if verify:
+        _verify(path, payload)
+    return _info(payload)
+
+
+def load_model(path: str, *, map_location: str | torch.device = "cpu", verify: bool = True,
+               trusted_factories: Collection[str] = (), trust_code: bool = False) -> tuple[nn.Module, dict]:
+    """Rebuild the model with build_model and load its weights. Returns (model in eval
+    mode, metadata). verify=True re-computes the fingerprint and refuses a mismatch.
+
+    A built-in arch loads from any file. An import-path arch ("pkg.mod:factory") is code
+    the file names: it is built only if it is in trusted_factories (pass the factories
+    your own config names) or trust_code=True, and refused before any import otherwise."""
+    path = os.fspath(path)
+    payload = load_checkpoint(path, map_location=map_location)
+    spec = ModelSpec.from_dict(payload["arch"])
+    trusted = None if trust_code else frozenset(trusted_factories)
+    check_factory_trusted(spec.arch, trusted, source=f"checkpoint {path}")
+    model = build_model(spec, in_shape=tuple(payload["in_shape"]), num_classes=payload["num_classes"],
+                        trusted_factories=trusted)
+    model.load_state_dict(payload["state_dict"])
+    if verify:
+        _verify(path, payload)
+    return model.eval(), _info(payload)

@@ -174,7 +174,7 @@ def load_npz(path, *, x_key: str = "x", y_key: str | None = "y",
             raise ValueError(f"{path}: {what} has {len(arr)} rows but {x_key!r} has {len(x)}")
     ids = np.arange(len(x)) if ids is None else ids
     name = os.path.splitext(os.path.basename(path))[0]
-    return ArrayDataset(name, x, y, ids, num_classes)
+    return _checked(ArrayDataset(name, x, y, ids, num_classes), path, num_classes)
 
 
 def _optional(f, keys, key, default, path):
@@ -231,7 +231,43 @@ def load_parquet(path, *, x_columns: list[str] | None = None, y_column: str | No
     y = None if y_col is None else table.column(y_col).to_numpy()
     ids = np.arange(len(x)) if id_col is None else table.column(id_col).to_numpy()
     name = os.path.splitext(os.path.basename(path))[0]
-    return ArrayDataset(name, x, y, ids, num_classes)
+    return _checked(ArrayDataset(name, x, y, ids, num_classes), path, num_classes)
+
+
+def _checked(ds: ArrayDataset, path: str, num_classes: int | None) -> ArrayDataset:
+    """Refuse what a file can hold but nothing downstream can use, naming the file:
+    no rows, non-finite inputs (they surface later as NaN losses or a crash in
+    evaluation), and inferred classes that have no sample (a stray label 99 would make
+    100 classes, 89 of them empty: a teacher head and soft labels for classes that do
+    not exist)."""
+    if len(ds) == 0:
+        raise ValueError(f"{path}: the dataset has no rows (x has shape {ds.x.shape})")
+    bad, first = 0, None
+    for a in range(0, len(ds), 1 << 16):       # in chunks: no full-size boolean copy of x
+        chunk = ds.x[a:a + (1 << 16)]
+        ok = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+        if not ok.all():
+            bad += int((~ok).sum())
+            first = a + int(np.argmin(ok)) if first is None else first
+    if bad:
+        raise ValueError(f"{path}: {bad} row(s) of x hold inf or nan (first: row {first}, sample_id "
+                         f"{int(ds.sample_ids[first])}); drop or repair them")
+    if ds.y is not None and num_classes is None:
+        counts = np.bincount(ds.y, minlength=ds.num_classes)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            present = np.flatnonzero(counts)
+            raise ValueError(
+                f"{path}: labels are not 0..K-1: found {len(present)} distinct labels "
+                f"{_few(present)}, so {ds.num_classes} classes are inferred and {len(empty)} of them "
+                f"have no sample ({_few(empty)}). Remap the labels to 0..{len(present) - 1}, or, if "
+                f"those classes exist but are absent from this file, set data.loader.num_classes")
+    return ds
+
+
+def _few(a: np.ndarray, n: int = 10) -> str:
+    v = [int(x) for x in a]
+    return str(v) if len(v) <= n else "[" + ", ".join(map(str, v[:n - 1])) + f", ..., {v[-1]}]"
 
 
 def _optional_col(names, col, default, path):

@@ -6,6 +6,12 @@ Every model is a `Classifier`: a `body` mapping inputs to a penultimate feature 
 
 Build from config with `build_model({"arch": "cnn", "kwargs": {...}}, in_shape=...,
 num_classes=...)`; `arch` is a key of ARCHS or an import path "package.module:factory".
+
+Trust: building an import-path arch imports that module and calls the factory, i.e. runs
+its code. build_model trusts its caller's spec (it comes from the caller's own config);
+a spec read from a file someone else wrote (a checkpoint) must be built with
+`trusted_factories=` naming the import paths the user vouches for (checkpoint.load_model
+does this): any other import path is refused before anything is imported.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import inspect
 import io
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -184,16 +191,44 @@ def _import_factory(path: str):
     return obj
 
 
+class UntrustedFactoryError(ValueError):
+    """A model spec from an untrusted source names an import path nobody vouched for."""
+
+
+def is_import_path(arch: str) -> bool:
+    return ":" in arch
+
+
+def check_factory_trusted(arch: str, trusted_factories: Collection[str] | None, *,
+                          source: str = "model spec") -> None:
+    """Refuse an import-path arch that is not in trusted_factories (None: trust all).
+
+    Built-in arch names never import anything, so they always pass."""
+    if trusted_factories is None or not is_import_path(arch) or arch in trusted_factories:
+        return
+    raise UntrustedFactoryError(
+        f"{source}: refusing to build arch {arch!r}: it is an import path, and building it would "
+        f"import and call {arch.replace(':', '.')}, code named by the file, not by you. "
+        f"If you trust where it came from, name the same arch in your own config "
+        f"(e.g. teacher.model.arch: {arch!r}), or load with trusted_factories={{{arch!r}}} "
+        f"(trust_code=True trusts any factory)")
+
+
 def build_model(spec: dict | ModelSpec, *, in_shape: tuple[int, ...] | None = None,
-                num_classes: int | None = None) -> nn.Module:
+                num_classes: int | None = None,
+                trusted_factories: Collection[str] | None = None) -> nn.Module:
     """Build a model from {"arch": ..., "kwargs": {...}}.
 
     in_shape / num_classes (usually from the dataset) are passed to the factory if it
     accepts them; they may also sit in kwargs, but not conflict.
+
+    trusted_factories=None trusts the spec (the caller's own config); a collection allows
+    only those import paths, and refuses any other before importing anything.
     """
     if not isinstance(spec, ModelSpec):
         spec = ModelSpec.from_dict(spec)
-    if ":" in spec.arch:
+    check_factory_trusted(spec.arch, trusted_factories)
+    if is_import_path(spec.arch):
         factory = _import_factory(spec.arch)
     elif spec.arch in ARCHS:
         factory = ARCHS[spec.arch]

@@ -187,3 +187,45 @@ def test_dataset_validation_errors(tmp_path):
         ArrayDataset("d", np.zeros((3, 2)), None, np.array([1, 1, 2]), None)
     with pytest.raises(ValueError, match="label 5 >= num_classes 3"):
         ArrayDataset("d", np.zeros((3, 2)), np.array([0, 1, 5]), np.arange(3), 3)
+
+
+def test_bad_files_are_refused_naming_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 8, 8), dtype=np.float32)
+    y = np.arange(40) % 10
+    # one stray label 99: 100 classes would be inferred, 89 of them empty
+    stray = y.copy()
+    stray[7] = 99
+    p = tmp_path / "stray.npz"
+    np.savez(p, x=x, y=stray)
+    with pytest.raises(ValueError, match=rf"{p}: labels are not 0..K-1: found 11 distinct labels "
+                                         r"\[0, 1, 2, 3, 4, 5, 6, 7, 8, \.\.\., 99\], so 100 classes are inferred "
+                                         r"and 89 of them have no sample .*data.loader.num_classes"):
+        load_npz(p)
+    assert load_npz(p, num_classes=100).num_classes == 100       # said explicitly: allowed
+    gap = tmp_path / "gap.npz"
+    np.savez(gap, x=x, y=np.where(y == 3, 4, y))
+    with pytest.raises(ValueError, match=r"1 of them have no sample \(\[3\]\)"):
+        load_npz(gap)
+    # inf / nan inputs (the evaluation crash was `RuntimeError: bincount`)
+    bad = x.copy()
+    bad[5, 1, 1], bad[9, 0, 0] = np.inf, np.nan
+    p = tmp_path / "inf.npz"
+    np.savez(p, x=bad, y=y)
+    with pytest.raises(ValueError, match=rf"{p}: 2 row\(s\) of x hold inf or nan \(first: row 5, sample_id 5\)"):
+        load_npz(p)
+    # no rows (was: operands could not be broadcast)
+    p = tmp_path / "empty.npz"
+    np.savez(p, x=np.zeros((0, 8, 8), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match=rf"{p}: the dataset has no rows"):
+        load_npz(p)
+    # the same checks for Parquet
+    t = pa.table({"a": np.array([0.5, np.nan, 1.0], np.float32), "y": [0, 1, 0]})
+    p = tmp_path / "nan.parquet"
+    pq.write_table(t, p)
+    with pytest.raises(ValueError, match=rf"{p}: 1 row\(s\) of x hold inf or nan \(first: row 1"):
+        load_parquet(p)
+    p = tmp_path / "stray.parquet"
+    pq.write_table(pa.table({"a": np.ones(3, np.float32), "y": [0, 1, 5]}), p)
+    with pytest.raises(ValueError, match=rf"{p}: labels are not 0..K-1"):
+        load_parquet(p)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.models import (ARCHS, Classifier, ModelSpec, build_model, mlp, model_stats,
-                             resnet_cnn, small_cnn)
+from pipeline.models import (ARCHS, Classifier, ModelSpec, UntrustedFactoryError, build_model, mlp,
+                             model_stats, resnet_cnn, small_cnn)
 
 IMAGE_SHAPES = [(1, 28, 28), (1, 8, 8)]
 
@@ -127,6 +127,18 @@ def test_import_path_errors(factory_module):
                     in_shape=(4,), num_classes=2)
     with pytest.raises(ValueError, match="must look like 'package.module:factory'"):
         build_model({"arch": ":tiny"})
+
+
+def test_import_paths_outside_trusted_factories_are_refused(factory_module):
+    # build_model trusts its caller's spec by default; with trusted_factories it builds
+    # only the named import paths (what load_model passes for a file from elsewhere)
+    arch = f"{factory_module}:tiny"
+    m = build_model({"arch": arch}, in_shape=(4,), num_classes=2, trusted_factories={arch})
+    assert m(torch.rand(1, 4)).shape == (1, 2)
+    with pytest.raises(UntrustedFactoryError, match=rf"refusing to build arch '{arch}'"):
+        build_model({"arch": arch}, in_shape=(4,), num_classes=2, trusted_factories={f"{factory_module}:flexible"})
+    # built-in names import nothing, so no trust is needed
+    assert isinstance(build_model({"arch": "mlp"}, in_shape=(4,), num_classes=2, trusted_factories=()), Classifier)
 
 
 def test_model_stats():

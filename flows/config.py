@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf / nan pass `gt=0` checks (label.temperature=.inf) and then poison every number
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -122,6 +123,10 @@ class LabelConfig(Section):
     def _k_with_topk(self):
         if self.representation == "topk" and self.k is None:
             raise ValueError("representation 'topk' needs k")
+        if self.representation == "dense" and self.k is not None:
+            # refused now, not by the writer after the teacher has trained
+            raise ValueError(f"label.k={self.k} is only used with label.representation=topk; "
+                             f"dense labels store every class (drop label.k or set representation: topk)")
         return self
 
 
@@ -183,6 +188,11 @@ class Config(Section):
     def teacher_path(self) -> str:
         return self.teacher.checkpoint or str(self.run_dir() / "teacher.pt")
 
+    def model_factories(self) -> frozenset[str]:
+        """The import-path archs ("pkg.mod:factory") this config names: the user vouches
+        for their code, so checkpoints naming them may be built (see load_model)."""
+        return frozenset(m.arch for m in (self.teacher.model, *self.students.models) if ":" in m.arch)
+
     def soft_label_uri(self) -> str:
         if self.label.uri:
             return self.label.uri
@@ -203,7 +213,12 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {item!r}: {p!r} is not a section")
         cur = nxt
-    cur[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    try:
+        cur[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value of {key.strip()} is not valid YAML ({problem}); "
+                          f"quote it to pass a string") from None
 
 
 def _format(e: ValidationError) -> str:
@@ -213,7 +228,9 @@ def _format(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
         else:
-            lines.append(f"  {loc or '(top level)'}: {err['msg']} (got {err.get('input')!r})")
+            # a section-level check (model_validator) names its keys itself; its input is the whole section
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            lines.append(f"  {loc or '(top level)'}: {err['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(lines)
 
 
@@ -232,9 +249,78 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          f"save the config as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
     return parse_config(raw, overrides, source=str(p))
+
+
+# ------------------------------------------------------------------ checks that need the data
+
+def preflight(cfg: Config) -> None:
+    """The checks the schema cannot make because they need the data or the teacher's
+    file: the CLI runs them after load_config, before any work, so a bad input costs
+    seconds instead of a trained teacher. Raises ConfigError naming the key and file.
+
+    Loads the dataset through flows.recipes.splits: the same cut, and in-process the same
+    cache, the flows use next."""
+    from pipeline.checkpoint import load_checkpoint  # torch: only when checking
+    from pipeline.models import ModelSpec, is_import_path
+
+    from .recipes import splits
+
+    teacher = None
+    for key in ("checkpoint", "finetune_from"):
+        path = getattr(cfg.teacher, key)
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise ConfigError(f"teacher.{key}={path}: no such file")
+        try:
+            payload = load_checkpoint(path)
+            arch = ModelSpec.from_dict(payload["arch"]).arch
+        except ValueError as e:
+            raise ConfigError(f"teacher.{key}: {e}") from None
+        if is_import_path(arch) and arch not in cfg.model_factories():
+            raise ConfigError(
+                f"teacher.{key}={path}: the checkpoint names the model factory {arch!r}; building it would "
+                f"import and run that code, named by the file, not by you. If you trust the file, name the "
+                f"factory in your config (teacher.model.arch: {arch!r})")
+        if key == "checkpoint":
+            teacher = payload
+
+    try:
+        s = splits(cfg)
+    except TypeError as e:                  # a loader kwarg the loader does not take
+        raise ConfigError(f"data.loader={cfg.data.loader}: {e}") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data.dataset={cfg.data.dataset}: {e}") from None
+    data = f"data.dataset={cfg.data.dataset}"
+    in_shape = next(iter(s.values())).in_shape
+    num_classes = next((d.num_classes for d in s.values() if d.num_classes), None)
+
+    if teacher is not None:
+        t_shape, t_classes = tuple(teacher["in_shape"]), int(teacher["num_classes"])
+        where = f"teacher.checkpoint={cfg.teacher.checkpoint}"
+        if t_shape != in_shape:
+            raise ConfigError(f"{where} expects inputs {t_shape}, but {data} has {in_shape}")
+        if num_classes and t_classes != num_classes:
+            raise ConfigError(f"{where} outputs {t_classes} classes, but {data} has {num_classes}")
+        num_classes, data = t_classes, where
+
+    k = cfg.label.k
+    if k is not None and num_classes and k > num_classes:
+        raise ConfigError(f"label.k={k} is larger than the {num_classes} classes of {data}")
+
+    shift = cfg.views.shift
+    if shift and len(in_shape) == 3 and shift >= min(in_shape[1:]):
+        h, w = in_shape[1:]
+        raise ConfigError(f"views.shift={shift} is not smaller than the {h}x{w} images of "
+                          f"data.dataset={cfg.data.dataset}: a view could be moved off the image entirely")

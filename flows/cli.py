@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         _fail(args, e)
         return 2
     except Exception as e:
+        if runtime.transient_io(e):
+            _fail(args, e, runtime.endpoint_message(e))
+            return 1
         if runtime.user_facing(e):
             _fail(args, e)
             return 1

@@ -21,20 +21,25 @@ from pipeline.device import available_cores, torch_threads
 
 from . import progress, recipes, secrets
 from .config import Config, load_config, parse_config
+from .runtime import transient_io
 from .report import chart_markdown, report_rows
 
-IO_ERRORS = (OSError, TimeoutError, ConnectionError)
-
-
 def _retry_on_io(task, task_run, state) -> bool:
-    """Retry transient I/O failures only; bad data or config fails at once."""
+    """Retry transient I/O failures only (an object store that does not answer included);
+    bad data or config fails at once."""
     try:
         state.result()
-    except IO_ERRORS:
-        return True
-    except Exception:
-        return False
+    except Exception as e:
+        return transient_io(e)
     return False
+
+
+def _io_retries(cfg: Config) -> dict:
+    """label.retries with backoff (1, 5, 15, 30, 30, ... seconds) for the I/O tasks."""
+    n = cfg.label.retries
+    if n == 0:
+        return {"retries": 0}
+    return {"retries": n, "retry_delay_seconds": [min(30, d) for d in (1, 5, 15, 30)][:n] + [30] * max(0, n - 4)}
 
 
 def _key(cfg: Config, what: str) -> str:
@@ -122,7 +127,7 @@ def _label_shards(config: dict, teacher: dict) -> dict:
     log = get_run_logger()
     cfg = recipes.as_config(config)
     t0 = time.perf_counter()
-    plan = plan_labels_task(config, teacher)
+    plan = plan_labels_task.with_options(**_io_retries(cfg))(config, teacher)
     pending = plan["pending"]
     log.info("%s: %d shard(s), %d committed, %d to label", plan["uri"], plan["num_shards"],
              len(plan["committed"]), len(pending))
@@ -131,7 +136,8 @@ def _label_shards(config: dict, teacher: dict) -> dict:
                                            description=f"Labelling {plan['uri']}")
     rows = []
     if pending:
-        futures = label_shard_task.map(unmapped(config), unmapped(teacher), [p["shard"] for p in pending],
+        futures = label_shard_task.with_options(**_io_retries(cfg)).map(
+                                       unmapped(config), unmapped(teacher), [p["shard"] for p in pending],
                                        [p["start"] for p in pending], [p["stop"] for p in pending])
         done = len(plan["committed"])
         pbar = progress.bar(total=plan["num_shards"], initial=done, desc="label shards", unit="shard")
@@ -143,7 +149,7 @@ def _label_shards(config: dict, teacher: dict) -> dict:
             update_progress_artifact(progress_id, progress=100.0 * done / plan["num_shards"])
             log.info("shard %d: %d rows, %.0f samples/s", s["shard"], s["rows"], s["samples_per_s"])
         pbar.close()
-    summary = finalize_labels_task(config, teacher)
+    summary = finalize_labels_task.with_options(**_io_retries(cfg))(config, teacher)
     dt = time.perf_counter() - t0
     labelled = sum(r["samples"] for r in rows)
     table = [{"shard": r["shard"], "rows": r["rows"], "samples": r["samples"], "seconds": round(r["seconds"], 3),

@@ -60,10 +60,39 @@ def prefect_env_defaults(environ=os.environ) -> bool:
 
 # ------------------------------------------------------------------ console errors
 
+def transient_io(exc: BaseException | None) -> bool:
+    """Errors worth retrying: the OS's I/O and connection errors, and an object store that
+    does not answer (botocore's and aiohttp's connection errors are not OSErrors)."""
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)) and not isinstance(exc, FileNotFoundError):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ReadTimeoutError
+        if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+            return True
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
+    except ImportError:
+        return False
+
+
 def user_facing(exc: BaseException | None) -> bool:
-    """Errors a user fixes (bad data, bad config, a missing file), not bugs to debug."""
+    """Errors a user fixes (bad data, bad config, a missing file, an unreachable store),
+    not bugs to debug."""
     from storage import SoftLabelError
-    return isinstance(exc, (SoftLabelError, FileNotFoundError, ValueError))
+    return isinstance(exc, (SoftLabelError, FileNotFoundError, ValueError)) or transient_io(exc)
+
+
+def endpoint_message(exc: BaseException) -> str:
+    """One line for a lasting storage outage, naming the endpoint when the error does."""
+    import re
+    m = re.search(r"https?://[^\s\"'/]+", str(exc))
+    where = m.group(0) if m else "the storage"
+    return (f"cannot reach {where} ({type(exc).__name__}: {exc}); gave up after the configured retries "
+            f"(label.retries). Committed shards are kept: re-run the same command to resume.")
 
 
 class _NoUserTraceback(logging.Formatter):

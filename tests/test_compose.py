@@ -3,12 +3,18 @@
 Docker cannot run where the tests run, so the stack is checked statically: service names and
 ports, image versions against the installed prefect, every `distill ...` command against the real
 CLI (`python -m flows.cli SUB --help`), env var names against the sources, URLs against the
-services they name, S3 credentials against the SeaweedFS identities file, and the Dockerfile's
-install order and COPY sources against the tree.
+services they name, S3 credentials against the SeaweedFS identities file (rendered by the real
+script), and the Dockerfile's install order and COPY sources against the tree.
+
+The file is read as compose reads it: `${VAR...}` interpolated from an environment (TEST_ENV,
+what a filled-in .env gives), so the checks see what `docker compose up` would run. Security:
+published ports bind 127.0.0.1 unless DISTILL_BIND says otherwise, and no credential is
+written in the compose files; they come from .env (documented by .env.example).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -23,19 +29,87 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
+EXPOSE = ROOT / "docker" / "compose.expose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 
 SERVICES = {"postgres", "prefect-server", "s3", "s3-bootstrap", "worker", "worker-gpu", "deploy"}
 ALLOWED_HOST_PORTS = {4200: "prefect-server", 8333: "s3"}
 DISTILL_SERVICES = ("worker", "worker-gpu", "deploy")  # built from our Dockerfile
 TORCH_PIN = "torch==2.13.0"
+CREDENTIALS = {"DISTILL_S3_ACCESS_KEY", "DISTILL_S3_SECRET_KEY", "DISTILL_POSTGRES_PASSWORD"}
+# what a filled-in .env gives (the values are only for these checks)
+TEST_ENV = {"DISTILL_S3_ACCESS_KEY": "test-access", "DISTILL_S3_SECRET_KEY": "test/secret+1=",
+            "DISTILL_POSTGRES_PASSWORD": "0123abcd"}
 
 
 # ---------------------------------------------------------------- helpers
 
+class MissingVariable(Exception):
+    pass
+
+
+_VAR = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+                  r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable interpolation on every string of a parsed file: $$, $NAME, ${NAME},
+    ${NAME:-default} / ${NAME-default}, ${NAME:?error} / ${NAME?error}, ${NAME:+alt}."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m):
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("name") or m.group("bare")
+        op, arg = m.group("op"), m.group("arg") or ""
+        val = env.get(name)
+        unset_or_empty = not val if op and op.startswith(":") else val is None
+        if op in (":-", "-"):
+            return arg if unset_or_empty else val
+        if op in (":?", "?"):
+            if unset_or_empty:
+                raise MissingVariable(f"{name}: {arg}")
+            return val
+        if op in (":+", "+"):
+            return "" if unset_or_empty else arg
+        return val or ""
+    return _VAR.sub(sub, value)
+
+
+def variables(value) -> set[str]:
+    """Names of the variables a parsed file refers to."""
+    text = json.dumps(value).replace("$$", "")
+    return {m.group("name") or m.group("bare") for m in _VAR.finditer(text) if m.group(0) != "$$"}
+
+
+@lru_cache
+def raw_compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def compose_with(env: dict[str, str]) -> dict:
+    return interpolate(raw_compose(), env)
+
+
 @lru_cache
 def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+    return compose_with(TEST_ENV)
+
+
+def dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file; commented-out `# KEY=VALUE` lines too (documented options)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*)=(.*)", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
 
 
 def services() -> dict:
@@ -77,6 +151,18 @@ def option(cmd: list[str], flag: str) -> str | None:
         if tok.startswith(flag + "="):
             return tok.split("=", 1)[1]
     return None
+
+
+def port_bindings(svc: dict) -> list[tuple[str | None, int]]:
+    """(host address or None, host port) of each published port."""
+    out = []
+    for p in svc.get("ports") or []:
+        if isinstance(p, dict):
+            out.append((p.get("host_ip"), int(str(p["published"]).split("-")[0])))
+            continue
+        parts = str(p).split("/")[0].rsplit(":", 2)
+        out.append((parts[0] if len(parts) == 3 else None, int(parts[-2].split("-")[0]) if len(parts) > 1 else 0))
+    return out
 
 
 def host_ports(svc: dict) -> list[int]:
@@ -326,13 +412,34 @@ def test_bootstrap_bucket_is_the_storage_root_bucket():
     assert made == [root.netloc]
 
 
-def test_seaweedfs_identities_grant_the_compose_credentials():
+def _s3_mounts() -> dict[str, str]:
+    """container path -> repository path of the s3 service's bind mounts."""
+    return {v.split(":")[1]: v.split(":")[0] for v in services()["s3"]["volumes"] if v.startswith(".")}
+
+
+def _render_s3_config(tmp_path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run the s3 service's entrypoint script natively, as the container would (without the server)."""
+    entry = argv(services()["s3"]["entrypoint"])
+    mounts = _s3_mounts()
+    assert entry[0] == "/bin/sh" and entry[1] in mounts and entry[2] in mounts, entry
+    out = tmp_path / "s3.json"
+    return subprocess.run(["sh", str(ROOT / mounts[entry[1]]), str(ROOT / mounts[entry[2]]), str(out)],
+                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=30), out
+
+
+def test_seaweedfs_identities_grant_the_compose_credentials(tmp_path):
+    # the server reads the file the entrypoint renders
+    entry = argv(services()["s3"]["entrypoint"])
     cfg = option(_s3_command(), "-s3.config") or next(
         (t.split("=", 1)[1] for t in _s3_command() if t.startswith("-s3.config=")), None)
-    assert cfg, "s3 is started without -s3.config"
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in services()["s3"]["volumes"]}
-    assert cfg in mounts, f"{cfg} is not mounted into the s3 service"
-    identities = json.loads((ROOT / mounts[cfg]).read_text())["identities"]
+    assert cfg == entry[3], f"s3 starts with -s3.config={cfg}, but the entrypoint renders {entry[3]}"
+    # ... from the template's placeholders only: the repository holds no credential
+    template = json.loads((ROOT / _s3_mounts()[entry[2]]).read_text())
+    assert {(c["accessKey"], c["secretKey"]) for i in template["identities"] for c in i["credentials"]} \
+        == {("@S3_ACCESS_KEY@", "@S3_SECRET_KEY@")}
+    r, out = _render_s3_config(tmp_path, env_of("s3"))
+    assert r.returncode == 0, r.stderr
+    identities = json.loads(out.read_text())["identities"]
     env = distill_env()
     granted = [ident for ident in identities
                for c in ident.get("credentials", [])
@@ -340,6 +447,121 @@ def test_seaweedfs_identities_grant_the_compose_credentials():
                == (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])]
     assert granted, "no SeaweedFS identity has the compose AWS credentials"
     assert {"Read", "Write", "List"} <= set(granted[0]["actions"]) or "Admin" in granted[0]["actions"]
+    assert (out.stat().st_mode & 0o077) == 0, "the rendered credentials file is readable by others"
+
+
+def test_seaweedfs_render_refuses_empty_or_unsafe_secrets(tmp_path):
+    for bad, said in (({"S3_SECRET_KEY": ""}, "DISTILL_S3_SECRET_KEY"),
+                      ({"S3_SECRET_KEY": 'a"b'}, "may hold only"), ({"S3_ACCESS_KEY": "a|b&c"}, "may hold only")):
+        r, out = _render_s3_config(tmp_path, {**env_of("s3"), **bad})
+        assert r.returncode != 0 and said in r.stderr, (bad, r.stderr)
+        assert not out.exists()
+
+
+# ---------------------------------------------------------------- security
+
+def test_compose_refuses_to_run_without_credentials():
+    with pytest.raises(MissingVariable):
+        compose_with({})
+    missing = set()
+    for name in CREDENTIALS:  # each one alone is required
+        with pytest.raises(MissingVariable, match=rf"^{name}: set {name} in \.env"):
+            compose_with({k: v for k, v in TEST_ENV.items() if k != name})
+        missing.add(name)
+    assert missing == set(TEST_ENV) == CREDENTIALS
+    # copying .env.example without filling in its secrets does not start either
+    example = {k: v for k, v in dotenv(ENV_EXAMPLE).items() if v}
+    with pytest.raises(MissingVariable):
+        compose_with(example)
+
+
+def test_published_ports_bind_localhost_by_default():
+    for name, svc in services().items():
+        for host, port in port_bindings(svc):
+            assert host == "127.0.0.1", f"{name} publishes {port} on {host or 'every interface'}"
+    # exposing is one deliberate setting
+    exposed = compose_with({**TEST_ENV, "DISTILL_BIND": "0.0.0.0"})["services"]
+    assert {h for svc in exposed.values() for h, _ in port_bindings(svc)} == {"0.0.0.0"}
+
+
+def _secret_key(key: str) -> bool:
+    return bool(re.search(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING", key))
+
+
+def test_no_credential_literal_in_the_compose_files():
+    raw = raw_compose()
+    envs = [raw["x-distill-env"]] + [svc.get("environment") or {} for svc in raw["services"].values()]
+    envs += [svc.get("environment") or {} for svc in yaml.safe_load(EXPOSE.read_text())["services"].values()]
+    secret_keys = 0
+    for env in envs:
+        assert isinstance(env, dict), "environment as a mapping, so its values can be checked"
+        for key, value in env.items():
+            if _secret_key(key):
+                secret_keys += 1
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", str(value)), f"{key}: {value!r} is not ${{VAR:?...}}"
+    assert secret_keys >= 6
+    # the database URL carries the password: by reference too
+    url = raw["services"]["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    assert re.fullmatch(r"postgresql\+asyncpg://prefect:\$\{DISTILL_POSTGRES_PASSWORD:\?[^}]+\}@postgres:5432/prefect", url)
+    text = COMPOSE.read_text() + EXPOSE.read_text()
+    for literal in ("distillery-secret", "prefect:prefect@", "POSTGRES_PASSWORD: prefect"):
+        assert literal not in text
+
+
+def test_env_example_documents_every_variable():
+    used = variables(raw_compose()) | variables(yaml.safe_load(EXPOSE.read_text()))
+    example = dotenv(ENV_EXAMPLE)
+    assert used == set(example), (sorted(used - set(example)), sorted(set(example) - used))
+    # no secret in the example: it is a template, not a credential
+    assert all(not v for k, v in example.items() if _secret_key(k) and k != "DISTILL_S3_ACCESS_KEY")
+    assert example.get("DISTILL_BIND") == "127.0.0.1"
+
+
+def test_expose_override_adds_prefect_auth_everywhere():
+    import prefect.settings
+    over = yaml.safe_load(EXPOSE.read_text())["services"]
+    assert set(over) <= set(services())
+    server = over["prefect-server"]["environment"]
+    assert set(server) == {"PREFECT_SERVER_API_AUTH_STRING"}
+    for name in DISTILL_SERVICES:
+        assert over[name]["environment"] == {"PREFECT_API_AUTH_STRING": server["PREFECT_SERVER_API_AUTH_STRING"]}
+    # real settings of the installed prefect: the server checks one, clients send the other
+    for setting in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"):
+        assert hasattr(prefect.settings, setting), setting
+    assert variables(over) == {"DISTILL_PREFECT_AUTH"}
+
+
+def test_prefect_auth_string_guards_the_api_but_not_the_healthcheck(tmp_path):
+    """What the expose override turns on, on a real `prefect server start` (this prefect)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from conftest import free_port, stop_process, wait_http
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_API_AUTH_STRING="admin:s3cret")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{api}/health", proc=proc)   # the compose healthcheck's URL: no auth needed
+
+        def post(auth=None):
+            req = urllib.request.Request(f"{api}/flows/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+            if auth:
+                req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+        assert post() == 401 and post("admin:wrong") == 401 and post("admin:s3cret") == 200
+    finally:
+        stop_process(proc)
 
 
 # ---------------------------------------------------------------- Dockerfile

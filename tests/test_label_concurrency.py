@@ -16,6 +16,12 @@ def _distill(args, env, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _train_teacher(env, base):
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "teacher", "train", TINY, *base], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def _shards(uri):
     with open(os.path.join(uri, "manifest.json")) as f:
         return [(s["path"], s["sha256"]) for s in json.load(f)["shards"]]
@@ -24,9 +30,7 @@ def _shards(uri):
 def test_two_label_runs_at_once_both_finish_with_identical_bytes(prefect_server, tmp_path):
     env = prefect_server["env"]
     base = [f"runs_dir={tmp_path}", "name=conc", "teacher.train.epochs=1"]
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "teacher", "train", TINY, *base], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _train_teacher(env, base)
     ref = str(tmp_path / "ref")
     r = subprocess.run([sys.executable, "-m", "flows.cli", "label", TINY, *base, f"label.uri={ref}"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
@@ -50,9 +54,7 @@ def test_a_run_with_other_settings_cannot_mix_its_shards_in(prefect_server, tmp_
     the dataset is never complete with shards of both, and verify agrees with the reader."""
     env = prefect_server["env"]
     base = [f"runs_dir={tmp_path}", "name=mix", "teacher.train.epochs=1"]
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "teacher", "train", TINY, *base], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _train_teacher(env, base)
     uri = str(tmp_path / "labels")
     a = _distill(["label", TINY, *base, f"label.uri={uri}", "label.temperature=3"], env)
     b = _distill(["label", TINY, *base, f"label.uri={uri}", "label.temperature=2", "label.overwrite=true"], env)

@@ -139,7 +139,7 @@ def teacher_outputs(model: nn.Module, inputs: ArrayDataset, *, start: int, stop:
     everything labelling does except storing; benchmarks time it alone."""
     n = len(inputs)
     if not (0 <= start < stop <= n):
-        raise ValueError(f"shard {shard_index}: need 0 <= start < stop <= {n} (len(inputs)), got [{start}, {stop})")
+        raise ValueError(f"{where}: need 0 <= start < stop <= {n} (len(inputs)), got [{start}, {stop})")
     V = num_views
     if num_views > 1 and (view_spec is None or view_spec.is_identity):
         raise ValueError(f"num_views={num_views} needs a non-identity view_spec; otherwise every view is view 0")

@@ -29,7 +29,6 @@ Parquet structures: https://github.com/apache/parquet-format/blob/master/src/mai
 """
 from __future__ import annotations
 
-import base64
 import functools
 import struct
 

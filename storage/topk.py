@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import index_dtype  # noqa: F401  (re-exported: one owner, layout)
+from .layout import index_dtype  # noqa: F401  (re-exported; its one owner is layout)
 from .parallel import for_row_blocks
 
 

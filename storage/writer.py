@@ -25,7 +25,7 @@ from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSI
                        producer, validate_lineage)
 from .shards import (EXT, check_coverage, commits_disagree, mark_verified, publish, read_commits, read_id_columns,
                      shard_filename, temp_owner_alive, write_commit)
-from .parallel import for_row_blocks, pool
+from .parallel import for_row_blocks
 from .topk import scaled_topk
 
 # finalize() deletes unreferenced shard files and temp files only when they are older than

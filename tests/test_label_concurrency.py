@@ -58,7 +58,7 @@ def test_a_run_with_other_settings_cannot_mix_its_shards_in(prefect_server, tmp_
     uri = str(tmp_path / "labels")
     a = _distill(["label", TINY, *base, f"label.uri={uri}", "label.temperature=3"], env)
     b = _distill(["label", TINY, *base, f"label.uri={uri}", "label.temperature=2", "label.overwrite=true"], env)
-    (oa, ea), (ob, eb) = a.communicate(timeout=600), b.communicate(timeout=600)
+    (_, ea), (_, eb) = a.communicate(timeout=600), b.communicate(timeout=600)
     import storage
     try:
         ds = storage.open_soft_labels(uri)

@@ -4,7 +4,6 @@ endpoint (no traceback), and the partial dataset resumes once the store is back.
 
 The outage is real: the CLI talks to the moto S3 server through a TCP proxy on
 127.0.0.1 that the test stops and restarts on the same port."""
-import json
 import os
 import socket
 import subprocess

@@ -8,7 +8,6 @@ URIs and small metadata; every tensor stays inside a task.
 """
 from __future__ import annotations
 
-import os
 import time
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -105,11 +104,8 @@ def train_teacher_flow(config: dict | str, overrides: list[str] | None = None, r
 
 
 def _resolve_teacher(cfg: Config) -> dict:
-    path = cfg.teacher_path()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no teacher checkpoint at {path}: run `distill teacher train` first "
-                                f"or set teacher.checkpoint")
-    return recipes.teacher_info(path)
+    # refuses a run directory's teacher trained with another lineage (data, views, model)
+    return recipes.existing_teacher(cfg)
 
 
 @flow(name="label", log_prints=True)

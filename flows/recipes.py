@@ -18,13 +18,14 @@ import numpy as np
 
 import storage
 from storage.fs import Location
-from pipeline.checkpoint import load_model, save_checkpoint
+from storage.manifest import lineage_digest
+from pipeline.checkpoint import checkpoint_info, load_model, save_checkpoint
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.evaluate import evaluate, predict_logits
 from pipeline.label import label_shard, open_label_writer
 from pipeline.models import build_model
-from pipeline.teacher import finetune, train_teacher
-from pipeline.train import GLOBAL_RNG_LOCK, TrainConfig, train
+from pipeline.teacher import finetune, train_teacher, training_lineage
+from pipeline.train import GLOBAL_RNG_LOCK, TrainConfig, lineage_diff, resume_key, train
 from pipeline.views import ViewSpec
 
 from . import secrets
@@ -75,12 +76,95 @@ def teacher_info(path: str) -> dict:
             "checkpoint": str(path)}
 
 
+class TeacherLineageError(ValueError):
+    """The teacher checkpoint in the run directory was trained with other data, split,
+    views, model or training config than this config says."""
+
+
+def teacher_lineage(cfg: Config) -> dict:
+    """The lineage train_teacher / finetune record for this config's teacher."""
+    s = splits(cfg)
+    tcfg = train_config(cfg.teacher.train)
+    if cfg.teacher.finetune_from:
+        parent = checkpoint_info(cfg.teacher.finetune_from)["fingerprint"]
+        return training_lineage(s["train"], s.get("val"), view_spec(cfg), tcfg, parent=parent,
+                                freeze=cfg.teacher.freeze)
+    return training_lineage(s["train"], s.get("val"), view_spec(cfg), tcfg,
+                            model=cfg.teacher.model.model_dump(include={"arch", "kwargs"}))
+
+
+_TEACHER_KEYS = {"train": "teacher.train", "model": "teacher.model", "freeze": "teacher.freeze",
+                 "parent": "teacher.finetune_from (its fingerprint)"}
+
+
+def _at(d, dotted: str):
+    for k in dotted.split("."):
+        d = d.get(k, "<missing>") if isinstance(d, dict) else "<missing>"
+    return d
+
+
+def _teacher_diff(old: dict, new: dict) -> list[str]:
+    """Each differing lineage item, in config terms: checkpoint value vs config value."""
+    out = []
+    keys = lineage_diff(old, new)
+    for key in keys:
+        was, now = _at(old, key), _at(new, key)
+        top, _, rest = key.partition(".")
+        if top in ("data", "val_data"):
+            which = "train" if top == "data" else "val"
+            if rest == "split":
+                out.append(f"{which} split: the checkpoint was trained on {_split_desc(was)}, this config "
+                           f"cuts {_split_desc(now)}")
+            elif f"{top}.split" not in keys:  # same split definition, other inputs or labels
+                out.append(f"{which} split: same split, other images or labels (data.fingerprint "
+                           f"{str(was)[:16]}... recorded, {str(now)[:16]}... now): data.dataset changed")
+            continue
+        name = f"{_TEACHER_KEYS.get(top, top)}{'.' + rest if rest else ''}"
+        out.append(f"{name}: checkpoint {was!r}, config {now!r}")
+    return out
+
+
+def check_teacher_lineage(cfg: Config, path: str) -> None:
+    """Refuse to reuse a teacher checkpoint of the run directory that was trained with
+    another lineage than this config's. A given teacher.checkpoint is the user's choice:
+    not checked."""
+    if cfg.teacher.checkpoint:
+        return
+    recorded = checkpoint_info(path).get("lineage")
+    want = teacher_lineage(cfg)
+    if recorded == want:
+        return
+    problems = (_teacher_diff(recorded, want) if isinstance(recorded, dict) else
+                ["it records no training lineage (written before distillery recorded one), so nothing says "
+                 "it was trained on this config's data"])
+    raise TeacherLineageError(
+        f"refusing to reuse the teacher at {path}: it was trained with another lineage than this config's:\n"
+        + "".join(f"  - {p}\n" for p in problems)
+        + "  Delete the file or pass `distill teacher train --retrain` to train it again (or set "
+          "teacher.checkpoint to use it as it is)")
+
+
+def existing_teacher(cfg: Config) -> dict:
+    """teacher_info of the config's teacher checkpoint, which must exist (and, in the run
+    directory, have this config's lineage): for labelling and students."""
+    path = cfg.teacher_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no teacher checkpoint at {path}: run `distill teacher train` first "
+                                f"or set teacher.checkpoint")
+    check_teacher_lineage(cfg, path)
+    return teacher_info(path)
+
+
 def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
-    """Train (or fine-tune) the teacher unless a checkpoint already exists. Returns teacher_info."""
+    """Train (or fine-tune) the teacher unless a checkpoint of this config's lineage
+    already exists (one of another lineage is refused). Returns teacher_info."""
     path = cfg.teacher_path()
     if os.path.exists(path) and not retrain:
-        return teacher_info(path)
+        return existing_teacher(cfg)
     if cfg.teacher.checkpoint:
+        if os.path.exists(path):  # --retrain must not overwrite the user's own file
+            raise ValueError(f"--retrain: teacher.checkpoint={path} is a given checkpoint, not one trained "
+                             f"here; unset teacher.checkpoint to train a teacher")
         raise FileNotFoundError(f"teacher.checkpoint {cfg.teacher.checkpoint!r} does not exist")
     s = splits(cfg)
     train_set = s["train"] if s["train"].y is not None else None
@@ -94,11 +178,12 @@ def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
     try:
         if cfg.teacher.finetune_from:
             finetune(cfg.teacher.finetune_from, train_set, s.get("val"), cfg=tcfg, out_path=path,
-                     freeze=cfg.teacher.freeze, view_spec=view_spec(cfg), resume=True, metadata=meta,
+                     freeze=cfg.teacher.freeze, view_spec=view_spec(cfg), resume=not retrain, metadata=meta,
                      on_batch=on_batch)
         else:
+            # retrain: a new run, not the continuation of the last one's resume file
             train_teacher(cfg.teacher.model.model_dump(include={"arch", "kwargs"}), train_set, s.get("val"),
-                          cfg=tcfg, out_path=path, view_spec=view_spec(cfg), resume=True, metadata=meta,
+                          cfg=tcfg, out_path=path, view_spec=view_spec(cfg), resume=not retrain, metadata=meta,
                           on_batch=on_batch)
     finally:
         close()
@@ -210,23 +295,63 @@ def _split_desc(spec: str | None) -> str:
         return f"split {spec!r}"
 
 
-def check_label_lineage(cfg: Config, uri: str) -> None:
-    """Refuse stored labels that do not belong to this config's splits.
+def _views_problems(cfg: Config, m: dict) -> list[str]:
+    """views.* keys whose config value differs from what the labels were made with (the
+    manifest's num_views and data.transform): the student would regenerate other pixels
+    than the teacher labelled."""
+    out = []
+    if m["num_views"] != cfg.views.num_views:
+        out.append(f"views.num_views: stored {m['num_views']}, config {cfg.views.num_views}")
+    stored = (m.get("data") or {}).get("transform")
+    spec = view_spec(cfg)
+    want = spec.to_dict() if spec is not None else None
+    if stored != want:
+        # no transform is the identity: compare field by field against the other side's seed
+        st = stored if isinstance(stored, dict) else ViewSpec(seed=(want or {}).get("seed", 0)).to_dict()
+        cf = want if want is not None else ViewSpec(seed=st.get("seed", 0)).to_dict()
+        out += [f"views.{k}: stored {st.get(k)!r}, config {cf.get(k)!r}"
+                for k in sorted(set(st) | set(cf)) if st.get(k) != cf.get(k)]
+    return out
 
-    Two checks: the manifest's data fingerprint is that of this config's label split (so
-    the same data.seed and sizes), and, as proof that evaluation cannot leak, none of the
-    stored sample ids is an id of this config's evaluation or validation split."""
+
+def check_label_lineage(cfg: Config, uri: str) -> dict:
+    """Refuse stored labels that do not belong to this config's splits and views; returns
+    their manifest.
+
+    The checks: the manifest's data fingerprint is that of this config's label split (the
+    same inputs, data.seed and sizes: the fingerprint hashes the images, labels and split
+    definition), the stored ids are exactly the split's, the config's views are the stored
+    ones, and, as proof that evaluation cannot leak, none of the stored sample ids is an
+    id of this config's evaluation or validation split."""
     s = splits(cfg)
     inputs = s[cfg.data.label_split]
     ds = storage.open_soft_labels(uri, storage_options=secrets.resolve(cfg.label.storage_options) or None)
     stored = ds.manifest.get("data") or {}
     problems = []
     if stored.get("fingerprint") != inputs.fingerprint():
-        problems.append(f"they label {stored.get('name')!r} {_split_desc(stored.get('split'))}, but this config's "
-                        f"label split is {inputs.name!r} {_split_desc(inputs.split_spec)}: other images "
-                        f"(data.fingerprint differs)")
+        if stored.get("split") == inputs.split_spec:
+            problems.append(f"they label the same split of {stored.get('name')!r} ({_split_desc(inputs.split_spec)}) "
+                            f"but other images or labels: data.fingerprint differs ({str(stored.get('fingerprint'))[:16]}"
+                            f"... stored, {inputs.fingerprint()[:16]}... now), data.dataset changed since labelling")
+        else:
+            problems.append(f"they label {stored.get('name')!r} {_split_desc(stored.get('split'))}, but this config's "
+                            f"label split is {inputs.name!r} {_split_desc(inputs.split_spec)}: other images "
+                            f"(data.fingerprint differs)")
     ids = np.unique(np.concatenate([b["sample_id"] for b in ds.iter_batches(1 << 16, shuffle=False,
                                                                             columns=["sample_id"])]))
+    unlabelled = np.setdiff1d(inputs.sample_ids, ids)
+    if len(unlabelled):
+        problems.append(f"{len(unlabelled)} of the {len(inputs)} samples of this config's label split "
+                        f"{cfg.data.label_split!r} have no stored label (sample ids e.g. {unlabelled[:5].tolist()}): "
+                        f"the split is larger than what was labelled")
+    foreign = np.setdiff1d(ids, inputs.sample_ids)
+    if len(foreign):
+        problems.append(f"{len(foreign)} stored samples are not in this config's label split "
+                        f"{cfg.data.label_split!r} (sample ids e.g. {foreign[:5].tolist()})")
+    views = _views_problems(cfg, ds.manifest)
+    if views:
+        problems.append("the config's views differ from those the labels were made with (the student would "
+                        "see other pixels than the teacher labelled): " + "; ".join(views))
     for name in ("test", "val"):
         if name not in s:
             continue
@@ -237,8 +362,10 @@ def check_label_lineage(cfg: Config, uri: str) -> None:
                             f"train on them, so evaluating on them would leak")
     if problems:
         raise LabelLineageError(f"refusing the soft labels at {uri}:\n" + "".join(f"  - {p}\n" for p in problems)
-                                + "  Use the data section (data.seed, data.sizes, data.label_split) the labels were "
-                                  "made with, or label again with this config (`distill label`, another label.uri)")
+                                + "  Use the data and views sections (data.seed, data.sizes, data.label_split, "
+                                  "views.*) the labels were made with, or label again with this config "
+                                  "(`distill label`, another label.uri)")
+    return ds.manifest
 
 
 def baseline_epochs(cfg: Config) -> int:
@@ -253,10 +380,28 @@ def baseline_epochs(cfg: Config) -> int:
     return max(1, round(stored_steps / math.ceil(len(s["train"]) / t.batch_size)))
 
 
+def student_lineage(cfg: Config, teacher: dict, run: dict, tcfg: TrainConfig, label_manifests: list[dict]) -> dict:
+    """What a student's resume file must match to be continued (or reused when complete):
+    the data of every split (fingerprints), the split definition, the views, the model,
+    the training config and, for a distilled student, the teacher and the soft-label
+    datasets' identity (manifest digest). A baseline never reads labels: a relabel keeps it."""
+    lin = {"data": {name: d.fingerprint() for name, d in splits(cfg).items()},
+           "split": cfg.data.model_dump(include={"dataset", "seed", "sizes", "fractions", "label_split", "loader"}),
+           "views": cfg.views.model_dump(), "model": {k: run["model"][k] for k in ("arch", "kwargs")},
+           "train": resume_key(tcfg)}
+    if run["mode"] != "hard":
+        lin["teacher"] = teacher["fingerprint"]
+        lin["soft_labels"] = [m.get("digest") or lineage_digest(m) for m in label_manifests]
+    return json.loads(json.dumps(lin))
+
+
 def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) -> dict:
     import torch
+    manifests = []
     if run["mode"] != "hard":
-        check_label_lineage(cfg, soft_label_uri)
+        so = secrets.resolve(cfg.label.storage_options) or None
+        manifests = [check_label_lineage(cfg, soft_label_uri)] + [
+            storage.open_soft_labels(u, storage_options=so).manifest for u in cfg.students.extra_soft_labels]
     s = splits(cfg)
     out = cfg.run_dir() / "students"
     out.mkdir(parents=True, exist_ok=True)
@@ -278,12 +423,15 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
         tcfg = dataclasses.replace(tcfg, epochs=epochs,
                                    eval_every=tcfg.eval_every * max(1, epochs // cfg.students.train.epochs))
         result = train(model, tcfg, mode="hard", train_data=s["train"], val_data=s.get("val"),
-                       view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True)
+                       view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True,
+                       lineage=student_lineage(cfg, teacher, run, tcfg, manifests))
     else:
+        # the config's views (checked equal to the stored transform), not the stored ones silently
         result = train(model, tcfg, mode="stored", train_data=train_set, val_data=s.get("val"),
-                       soft_labels=[soft_label_uri, *cfg.students.extra_soft_labels],
+                       soft_labels=[soft_label_uri, *cfg.students.extra_soft_labels], view_spec=view_spec(cfg),
                        storage_options=secrets.resolve(cfg.label.storage_options) or None,
-                       expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True)
+                       expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True,
+                       lineage=student_lineage(cfg, teacher, run, tcfg, manifests))
     seconds = time.perf_counter() - t0
     ckpt = str(out / f"{run['name']}.pt")
     save_checkpoint(ckpt, model, arch=arch, in_shape=train_set.in_shape, num_classes=num_classes,
@@ -310,7 +458,7 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
             "accuracy": ev["accuracy"], "agreement": ev["agreement"], "ece": ev["ece"], "params": ev["params"],
             "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "checkpoint": ckpt,
             "best_val_acc": result.get("best_val_acc"), "epochs_run": result.get("epochs_run"),
-            "steps": result.get("steps"),
+            "epochs_trained": result.get("epochs_trained"), "steps": result.get("steps"),
             "train_seconds": seconds, "torch_threads": torch.get_num_threads()}
 
 

@@ -10,6 +10,7 @@ freeze parameter-name prefixes (e.g. ["body"] = linear probe), train the rest.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import torch
 import torch.nn as nn
@@ -18,13 +19,31 @@ from .checkpoint import load_model, save_checkpoint
 from .data import ArrayDataset
 from .evaluate import accuracy, predict_logits
 from .models import ModelSpec, build_model
-from .train import GLOBAL_RNG_LOCK, TrainConfig, train
+from .train import GLOBAL_RNG_LOCK, TrainConfig, resume_key, train
 from .views import ViewSpec
 
 
 def data_info(ds: ArrayDataset) -> dict:
     """What a checkpoint records about the data it was trained on."""
     return {"name": ds.name, "split": ds.split_spec, "fingerprint": ds.fingerprint(), "num_samples": len(ds)}
+
+
+def training_lineage(train_data: ArrayDataset, val_data: ArrayDataset | None, view_spec: ViewSpec | None,
+                     cfg: TrainConfig, *, model: dict | None = None, parent: str | None = None,
+                     freeze: list[str] | None = None) -> dict:
+    """What a teacher's weights are a function of: the data (fingerprints hash inputs,
+    labels and the split definition), the views, the model (or the fine-tuned parent's
+    fingerprint and the frozen prefixes) and the training config. Recorded in the
+    checkpoint as metadata["lineage"]; a resume file with another lineage is not continued."""
+    lin = {"data": {"fingerprint": train_data.fingerprint(), "split": train_data.split_spec},
+           "val_data": None if val_data is None else {"fingerprint": val_data.fingerprint(),
+                                                      "split": val_data.split_spec},
+           "views": view_spec.to_dict() if view_spec is not None else None, "train": resume_key(cfg)}
+    if parent is not None:
+        lin.update(parent=parent, freeze=list(freeze or []))
+    else:
+        lin["model"] = model
+    return json.loads(json.dumps(lin))  # tuples -> lists: compares equal to what a checkpoint gives back
 
 
 def _train_ckpt(cfg: TrainConfig, out_path: str) -> TrainConfig:
@@ -54,9 +73,10 @@ def train_teacher(arch: dict | ModelSpec, train_data: ArrayDataset, val_data: Ar
     with GLOBAL_RNG_LOCK:
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights
         model = build_model(spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes)
+    lineage = training_lineage(train_data, val_data, view_spec, cfg, model=spec.to_dict())
     result = train(model, cfg, mode="hard", train_data=train_data, val_data=val_data,
-                   view_spec=view_spec, resume=resume, on_batch=on_batch)
-    meta = {"role": "teacher", "data": data_info(train_data),
+                   view_spec=view_spec, resume=resume, lineage=lineage, on_batch=on_batch)
+    meta = {"role": "teacher", "lineage": lineage, "data": data_info(train_data),
             "val_data": data_info(val_data) if val_data is not None else None,
             "view_spec": view_spec.to_dict() if view_spec is not None else None,
             "train_config": cfg.to_dict(), "metrics": _metrics(model, result, val_data),
@@ -107,9 +127,10 @@ def finetune(checkpoint: str, data: ArrayDataset, val_data: ArrayDataset | None 
                 raise ValueError(f"cannot replace the head for {data.num_classes} classes: model has no Linear .head")
             model.head = nn.Linear(model.head.in_features, data.num_classes)
     frozen = apply_freeze(model, list(freeze or []))
+    lineage = training_lineage(data, val_data, view_spec, cfg, parent=src.get("fingerprint"), freeze=freeze)
     result = train(model, cfg, mode="hard", train_data=data, val_data=val_data, view_spec=view_spec,
-                   resume=resume, on_batch=on_batch)
-    meta = {"role": "finetuned", "parent": {"path": str(checkpoint), "fingerprint": src.get("fingerprint")},
+                   resume=resume, lineage=lineage, on_batch=on_batch)
+    meta = {"role": "finetuned", "lineage": lineage, "parent": {"path": str(checkpoint), "fingerprint": src.get("fingerprint")},
             "frozen": list(freeze or []), "num_frozen_params": len(frozen), "data": data_info(data),
             "val_data": data_info(val_data) if val_data is not None else None,
             "view_spec": view_spec.to_dict() if view_spec is not None else None,

@@ -256,12 +256,32 @@ def _append_jsonl(path: str, records: list[dict], *, truncate: bool = False) -> 
             f.write(json.dumps(r) + "\n")
 
 
-def _load_resume(cfg: TrainConfig) -> dict | None:
+def resume_key(cfg: TrainConfig) -> dict:
+    """The training config as far as it decides the result (RESUME_FREE fields left out)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
+
+
+def lineage_diff(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like dicts (a missing key differs)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in lineage_diff(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".") or "(all)"]
+
+
+def _load_resume(cfg: TrainConfig, lineage: dict | None = None) -> dict | None:
     if cfg.ckpt_path is None:
         raise ValueError("resume=True needs TrainConfig.ckpt_path")
     if not os.path.exists(cfg.ckpt_path):
         return None  # nothing to resume: a fresh run (makes retries idempotent)
     ck = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    if lineage is not None and ck.get("lineage") != lineage:
+        # another run's state (other data, labels, views...): continuing it would train, or
+        # report as trained, a model of that run. Start over, and say so.
+        why = (", ".join(lineage_diff(ck["lineage"], lineage)) + " differ" if ck.get("lineage") is not None
+               else "it records no lineage")
+        print(f"{cfg.ckpt_path}: not resuming, it belongs to another run ({why}); training from scratch")
+        return None
     old, new = ck["config"], cfg.to_dict()
     diff = [f"{k}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in new
             if k not in RESUME_FREE and old.get(k) != new[k]]
@@ -276,7 +296,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
           val_data: ArrayDataset | None = None, soft_labels: str | list[str] | None = None,
           view_spec: ViewSpec | None = None, num_views: int | None = None,
           teacher: nn.Module | None = None, storage_options: dict | None = None,
-          expect: dict | None = None, resume: bool = False,
+          expect: dict | None = None, resume: bool = False, lineage: dict | None = None,
           on_batch: Callable[[int, dict], None] | None = None) -> dict:
     """Train `model` in place; at the end it holds the best (by val accuracy) weights.
 
@@ -285,7 +305,11 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
     hard / online: batches from train_data, augmented with view_spec (fresh views per
     epoch, or ids in [0, num_views)); online needs `teacher`.
     on_batch(epoch, batch) is called for every batch (tests, instrumentation).
-    Returns {best_val_acc, best_epoch, epochs_run, steps, stopped_early, seconds, history}.
+    lineage: a JSON dict naming what the run is a function of (data fingerprints, labels,
+    views...); it is written into the resume checkpoint, and resume=True continues only a
+    checkpoint with the same lineage: any other starts from scratch (printing why).
+    Returns {best_val_acc, best_epoch, epochs_run, epochs_trained (this call), steps,
+    stopped_early, seconds, history}.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
@@ -338,7 +362,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
     # ---- resume
     start_epoch, step, seconds_before = 0, 0, 0.0
     best_acc, best_epoch, best_state, bad_evals, stopped, history = None, None, None, 0, False, []
-    ck = _load_resume(cfg) if resume else None
+    ck = _load_resume(cfg, lineage) if resume else None
     if ck is not None:
         raw.load_state_dict(ck["model"])
         if hint is not None:
@@ -436,7 +460,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
                     "epoch": epoch + 1, "step": step, "seconds": seconds_before + time.perf_counter() - t_start,
                     "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state,
                     "bad_evals": bad_evals, "stopped_early": stopped, "history": history, "rng": rngs,
-                    "config": cfg.to_dict()}, cfg.ckpt_path)
+                    "config": cfg.to_dict(), "lineage": lineage}, cfg.ckpt_path)
             if cfg.log_path:
                 _append_jsonl(cfg.log_path, [record])
         if stopped:
@@ -445,6 +469,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
     # ---- finish: the best weights, not the last
     if best_state is not None:
         raw.load_state_dict(best_state)
-    return {"best_val_acc": best_acc, "best_epoch": best_epoch, "epochs_run": len(history), "steps": step,
+    return {"best_val_acc": best_acc, "best_epoch": best_epoch, "epochs_run": len(history),
+            "epochs_trained": len(history) - start_epoch, "steps": step,
             "stopped_early": stopped, "seconds": seconds_before + time.perf_counter() - t_start,
             "history": cfg.log_path, "last_epoch": history[-1] if history else None}

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="teacher_cmd", required=True)
     tt = add(tsub, "train", help="train (or fine-tune) the teacher checkpoint")
     _config_args(tt)
-    tt.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
+    tt.add_argument("--retrain", action="store_true", help="train from scratch even if the checkpoint exists, replacing a teacher of another lineage")
     lab = add(sub, "label", help="label the transfer set with the teacher")
     _config_args(lab)
     lab.add_argument("--dask", metavar="ADDRESS", help="run shard tasks on this Dask scheduler")
@@ -156,6 +156,9 @@ def _dispatch(args) -> int:
     cfg = load_config(args.config, args.overrides)     # validate before importing Prefect (slow)
     from .secrets import scrub_overrides
     args.overrides = scrub_overrides(args.overrides)  # a literal secret never becomes a flow parameter
+    if args.cmd in ("run", "teacher", "label", "students"):
+        from .config import preflight
+        preflight(cfg)     # checks that need the data or the teacher file: exit 2 before any work
     if not args.debug:
         runtime.quiet_user_tracebacks()                # imports Prefect, which sets up its logging
     if args.cmd == "serve":

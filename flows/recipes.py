@@ -71,7 +71,7 @@ def eval_split(cfg: Config) -> ArrayDataset:
 
 def teacher_info(path: str) -> dict:
     """The manifest's `teacher` entry for a checkpoint: name, fingerprint, arch, path."""
-    model, meta = load_model(path)
+    meta = checkpoint_info(path)   # metadata only: builds (and imports) nothing
     return {"name": meta.get("name") or Path(path).stem, "fingerprint": meta["fingerprint"],
             "checkpoint": str(path)}
 
@@ -179,7 +179,7 @@ def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
         if cfg.teacher.finetune_from:
             finetune(cfg.teacher.finetune_from, train_set, s.get("val"), cfg=tcfg, out_path=path,
                      freeze=cfg.teacher.freeze, view_spec=view_spec(cfg), resume=not retrain, metadata=meta,
-                     on_batch=on_batch)
+                     on_batch=on_batch, trusted_factories=cfg.model_factories())
         else:
             # retrain: a new run, not the continuation of the last one's resume file
             train_teacher(cfg.teacher.model.model_dump(include={"arch", "kwargs"}), train_set, s.get("val"),
@@ -193,7 +193,7 @@ def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
 # ------------------------------------------------------------------ labelling
 
 def _writer(cfg: Config, teacher: dict, *, overwrite: bool = False):
-    model, _ = load_model(teacher["checkpoint"])
+    model, _ = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
     inputs = splits(cfg)[cfg.data.label_split]
     lc = cfg.label
     writer, plan, dev, amp = open_label_writer(
@@ -273,7 +273,7 @@ def teacher_eval_logits(cfg: Config, teacher: dict):
     path = cfg.run_dir() / "students" / f"teacher-eval-logits-{key}.npy"
     if path.exists():
         return np.load(path)
-    model, _ = load_model(teacher["checkpoint"])
+    model, _ = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
     z = np.asarray(predict_logits(model, test.x))
     buf = io.BytesIO()
     np.save(buf, z)
@@ -465,7 +465,7 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
 def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[dict]) -> dict:
     """report.json: teacher and each student (with its architecture's baseline accuracy)."""
     s = splits(cfg)
-    model, _ = load_model(teacher["checkpoint"])
+    model, _ = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
     ev = evaluate(model, eval_split(cfg))
     baselines = {r["arch_name"]: r["accuracy"] for r in results if r["mode"] == "hard"}
     students = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 
 import torch
 import torch.nn as nn
@@ -108,12 +109,13 @@ def apply_freeze(model: nn.Module, freeze: list[str]) -> list[str]:
 def finetune(checkpoint: str, data: ArrayDataset, val_data: ArrayDataset | None = None, *,
              cfg: TrainConfig, out_path: str, freeze: list[str] | None = None,
              view_spec: ViewSpec | None = None, resume: bool = False,
-             metadata: dict | None = None, on_batch=None) -> tuple[nn.Module, dict]:
+             metadata: dict | None = None, on_batch=None,
+             trusted_factories: Collection[str] = ()) -> tuple[nn.Module, dict]:
     """Transfer learning from `checkpoint` onto `data` (hard labels). If data has a
     different number of classes the head is replaced by a fresh nn.Linear. Parameters
     under `freeze` prefixes keep requires_grad=False and are unchanged (frozen BatchNorm
     layers also keep their running statistics). Returns (model, checkpoint metadata)."""
-    model, src = load_model(checkpoint)
+    model, src = load_model(checkpoint, trusted_factories=trusted_factories)
     if data.num_classes is None or data.y is None:
         raise ValueError(f"fine-tuning needs labeled data; {data.name!r} is unlabeled")
     if tuple(src["in_shape"]) != tuple(data.in_shape):

@@ -199,7 +199,8 @@ class ParquetShard:
         cm = rg.column(self.col_index[name])
         start = cm.dictionary_page_offset if cm.has_dictionary_page else cm.data_page_offset
         size = cm.total_compressed_size
-        codec = {"UNCOMPRESSED": 0, "ZSTD": 6, "LZ4_RAW": 7}.get(cm.compression, -1)
+        # pyarrow names Parquet's LZ4_RAW (7) "LZ4"; the old framed LZ4 (5) is left to pyarrow
+        codec = {"UNCOMPRESSED": 0, "ZSTD": 6, "LZ4": 7, "LZ4_RAW": 7}.get(cm.compression, -1)
         if codec >= 0 and not cm.has_dictionary_page:
             buf = self._chunk_bytes(start, size)
             if buf.size != size:

@@ -367,7 +367,10 @@ def read_column_chunk(buf, size: int, dtype: str, width: int | None, rows: int, 
     if codec and v2.get(7, True):
         if codec not in _ARROW_CODEC:
             return None
-        data = memoryview(pa.decompress(data, raw_len, codec=_ARROW_CODEC[codec], asbytes=False))
+        try:   # a framed (Hadoop) LZ4 page also reports "LZ4": if it is not raw LZ4, fall back
+            data = memoryview(pa.decompress(data, raw_len, codec=_ARROW_CODEC[codec], asbytes=False))
+        except (pa.ArrowException, OSError, ValueError):
+            return None
     if len(data) != raw_len:
         return None
     a = np.frombuffer(data, dtype=stored, count=n_values)

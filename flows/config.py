@@ -51,7 +51,21 @@ class ViewsConfig(Section):
 
 
 class TrainSection(Section):
-    """Mirrors pipeline.train.TrainConfig (paths are filled in by the flows)."""
+    """Mirrors pipeline.train.TrainConfig (paths, and a student's loss, temperature and alpha
+    from the sweep grid, are filled in by the recipes)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data):
+        # loss/temperature/alpha were per-section keys that nothing read: the sweep grid owns them
+        if isinstance(data, dict):
+            for old, new in (("loss", "students.losses"), ("temperature", "students.temperatures"),
+                             ("alpha", "students.alphas")):
+                if old in data:
+                    raise ValueError(f"'{old}' is not a training-section key any more: a student's {old} comes "
+                                     f"from {new} (the sweep grid); the teacher trains on hard labels")
+        return data
+
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -60,9 +74,6 @@ class TrainSection(Section):
     momentum: float = Field(0.9, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    loss: Literal["kd", "soft_ce", "mse", "topk_kl"] = "kd"
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.0, ge=0, le=1)
     hint_weight: float = Field(0.0, ge=0)          # FitNets hint on the stored teacher feature (label.feature_layer)
     rkd_weight: float = Field(0.0, ge=0)           # relational KD (distances) on the same features
     grad_clip: float | None = Field(None, gt=0)
@@ -161,6 +172,15 @@ class StudentsConfig(Section):
         if not v or any(not 0 <= a <= 1 for a in v):
             raise ValueError("alphas must be a non-empty list of numbers in [0, 1]")
         return v
+
+    @model_validator(mode="after")
+    def _multi_teacher_losses(self):
+        bad = [loss for loss in self.losses if loss != "kd"]
+        if self.extra_soft_labels and bad:
+            raise ValueError(f"students.losses {bad} cannot be combined with students.extra_soft_labels: "
+                             f"multi-teacher distillation averages the teachers' probabilities and is defined "
+                             f"for loss 'kd' only")
+        return self
 
 
 class ScheduleConfig(Section):

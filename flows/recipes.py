@@ -58,8 +58,10 @@ def view_spec(cfg: Config) -> ViewSpec | None:
     return ViewSpec(shift=v.shift, hflip=v.hflip, noise_std=v.noise_std, seed=v.seed)
 
 
-def train_config(section: TrainSection, **paths) -> TrainConfig:
-    return TrainConfig(**section.model_dump(), **paths)
+def train_config(section: TrainSection, **extra) -> TrainConfig:
+    """A training section plus what the recipe fills in (paths; a student's loss,
+    temperature and alpha from the sweep grid)."""
+    return TrainConfig(**section.model_dump(), **extra)
 
 
 def eval_split(cfg: Config) -> ArrayDataset:
@@ -405,8 +407,8 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
     s = splits(cfg)
     out = cfg.run_dir() / "students"
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {k: run[k] for k in ("temperature", "alpha", "loss") if k in run}
-    tcfg = train_config(cfg.students.train.model_copy(update=overrides),
+    grid = {k: run[k] for k in ("temperature", "alpha", "loss") if k in run}  # the sweep owns these
+    tcfg = train_config(cfg.students.train, **grid,
                         log_path=str(out / f"{run['name']}.jsonl"), ckpt_path=str(out / f"{run['name']}.train.pt"))
     train_set = s[cfg.data.label_split]
     # the transfer set may be unlabeled; the labeled train split knows the classes

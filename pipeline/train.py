@@ -319,6 +319,10 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         raise ValueError(f"teacher= is required for mode 'online' and only allowed there (mode={mode!r})")
     if (mode == "hard" or cfg.alpha > 0) and train_data.y is None:
         raise ValueError(f"dataset {train_data.name!r} is unlabeled: mode 'hard' and alpha > 0 need labels")
+    if mode == "stored" and not isinstance(soft_labels, str) and len(soft_labels) > 1 and cfg.loss != "kd":
+        # multi-teacher KD averages the teachers' probabilities; only the KL ("kd") is defined on them
+        raise ValueError(f"loss={cfg.loss!r} cannot be used with several teachers' soft labels "
+                         f"({len(soft_labels)} given): multi-teacher distillation is defined for loss='kd' only")
     if cfg.patience is not None and val_data is None:
         raise ValueError("early stopping (patience) needs val_data")
 

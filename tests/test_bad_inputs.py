@@ -202,3 +202,25 @@ def test_a_teacher_from_a_factory_the_config_names_labels(tmp_path, prefect_serv
     r = distill("label", TINY, *_overrides(tmp_path / "runs", f"teacher.checkpoint={path}",
                                            "teacher.model.arch=cli_zoo:net"), env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+def test_multi_teacher_with_a_loss_it_does_not_define_is_refused(tmp_path):
+    """students.extra_soft_labels + losses [mse] used to train KD KL silently (issue #9)."""
+    from conftest import TINY
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "students", TINY, f"runs_dir={tmp_path}",
+                        "students.extra_soft_labels=[/tmp/other-teacher]", "students.losses=[kd, mse]"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "students.losses ['mse'] cannot be combined with students.extra_soft_labels" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("key, replaced_by", [("students.train.temperature", "students.temperatures"),
+                                              ("students.train.alpha", "students.alphas"),
+                                              ("teacher.train.loss", "students.losses")])
+def test_dead_training_section_keys_say_what_replaced_them(key, replaced_by):
+    from conftest import TINY
+    from flows.config import ConfigError, load_config
+    value = "mse" if key.endswith("loss") else "0.5"
+    with pytest.raises(ConfigError, match=replaced_by):
+        load_config(TINY, [f"{key}={value}"])

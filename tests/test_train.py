@@ -1,4 +1,5 @@
 """The training loop end to end: teacher -> store -> student, resume, early stopping, DDP."""
+import dataclasses
 import collections
 import json
 import os
@@ -292,3 +293,8 @@ def test_multi_teacher_from_two_stored_datasets(digits, digit_labels, tmp_path):
         torch.testing.assert_close(a.state_dict()[k], b.state_dict()[k], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="multi-teacher KD needs dense"):
         StoredLabelStream(uri_a, tr, SPEC, batch_size=16, extra_soft_labels=[digit_labels["topk"]])
+    # a loss that multi-teacher KD does not define is refused, not silently replaced by KD (#9)
+    for loss in ("mse", "soft_ce"):
+        with pytest.raises(ValueError, match=f"loss='{loss}' cannot be used with several teachers"):
+            train(student(0), dataclasses.replace(cfg, loss=loss), mode="stored", train_data=tr,
+                  soft_labels=[uri_a, uri_b])

@@ -157,7 +157,7 @@ def _dispatch(args) -> int:
     from .secrets import scrub_overrides
     args.overrides = scrub_overrides(args.overrides)  # a literal secret never becomes a flow parameter
     if args.cmd in ("run", "teacher", "label", "students"):
-        from .config import preflight
+        from .preflight import preflight
         preflight(cfg)     # checks that need the data or the teacher file: exit 2 before any work
     if not args.debug:
         runtime.quiet_user_tracebacks()                # imports Prefect, which sets up its logging

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import storage
-from storage.fs import Location
-from storage.manifest import lineage_digest
+from storage import Location, lineage_digest
 from pipeline.checkpoint import checkpoint_info, load_model, save_checkpoint
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.evaluate import evaluate, predict_logits
@@ -499,8 +498,6 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
 
 def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = None) -> tuple[dict, object | None]:
     """(manifest summary, verify report or None) for `distill inspect`."""
-    from storage.fs import Location
-    from storage.reader import read_manifest
-    m = read_manifest(Location(uri, storage_options))
+    m = storage.read_manifest(Location(uri, storage_options))
     report = storage.verify(uri, storage_options=storage_options) if verify else None
     return summarize(m, uri), report

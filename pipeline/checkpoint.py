@@ -37,7 +37,7 @@ from collections.abc import Collection
 import torch
 import torch.nn as nn
 
-from storage.manifest import now_iso
+from storage import now_iso
 
 from .models import ModelSpec, build_model, check_factory_trusted
 

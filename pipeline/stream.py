@@ -33,8 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from storage import SoftLabelDataset, open_soft_labels
-from storage.fs import Location
-from storage.partition import batches_per_partition
+from storage import Location, batches_per_partition
 
 from .data import ArrayDataset
 from .views import ViewSpec, apply_views

@@ -4,9 +4,11 @@ teacher logits with a manifest, atomic commits, verification and streaming reads
 numpy, pyarrow, zarr and fsspec only: never torch or Prefect. Format: docs/format.md.
 """
 from .convert import convert
+from .fs import Location
 from .errors import (CorruptShardError, CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError,
                      MismatchError, SoftLabelError)
-from .manifest import FORMAT_VERSION
+from .manifest import FORMAT_VERSION, lineage_digest, now_iso
+from .partition import batches_per_partition
 from .reader import SoftLabelDataset, open_soft_labels
 from .shards import read_manifest
 from .topk import rescale, softmax, topk_probs
@@ -17,4 +19,5 @@ __all__ = [
     "SoftLabelWriter", "open_soft_labels", "SoftLabelDataset", "verify", "VerifyReport", "convert",
     "SoftLabelError", "ManifestError", "IncompleteDatasetError", "MismatchError", "InvalidLogitsError",
     "CoverageError", "CorruptShardError", "FORMAT_VERSION", "read_manifest", "rescale", "softmax", "topk_probs",
+    "Location", "batches_per_partition", "lineage_digest", "now_iso",
 ]

@@ -2,7 +2,7 @@
 
 Each case goes through the real CLI (`python -m flows.cli` in a subprocess). Config and
 YAML problems are refused by load_config (exit 2). Problems that need the data or the
-teacher's file are found by flows.config.preflight; the CLI cases for those run once the
+teacher's file are found by flows.preflight.preflight; the CLI cases for those run once the
 CLI calls it (they are skipped, and preflight is tested directly, until then).
 """
 import os
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import TINY
-from flows.config import ConfigError, load_config, preflight
+from flows.config import ConfigError, load_config
+from flows.preflight import preflight
 from pipeline.checkpoint import FORMAT, VERSION, save_checkpoint
 from pipeline.models import build_model
 
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLI_PREFLIGHT = "preflight" in (REPO / "flows" / "cli.py").read_text()
 RECIPES_TRUST = "model_factories" in (REPO / "flows" / "recipes.py").read_text()
 needs_preflight = pytest.mark.skipif(not CLI_PREFLIGHT, reason="pending: flows/cli.py does not call "
-                                     "flows.config.preflight(cfg) after load_config yet")
+                                     "flows.preflight.preflight(cfg) after load_config yet")
 
 
 def distill(*args, env=None, timeout=600):

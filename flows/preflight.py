@@ -1,0 +1,71 @@
+"""Checks of a config that the schema cannot make because they need the data or the
+teacher's file (flows.config validates everything else). The CLI runs preflight(cfg) after
+load_config, before any work. Kept apart from flows.config, which must not import the
+recipes (they import it)."""
+from __future__ import annotations
+
+import os
+
+from .config import Config, ConfigError
+from .recipes import splits
+
+
+def preflight(cfg: Config) -> None:
+    """The checks the schema cannot make because they need the data or the teacher's
+    file: the CLI runs them after load_config, before any work, so a bad input costs
+    seconds instead of a trained teacher. Raises ConfigError naming the key and file.
+
+    Loads the dataset through flows.recipes.splits: the same cut, and in-process the same
+    cache, the flows use next."""
+    from pipeline.checkpoint import load_checkpoint  # torch: only when checking
+    from pipeline.models import ModelSpec, is_import_path
+
+
+    teacher = None
+    for key in ("checkpoint", "finetune_from"):
+        path = getattr(cfg.teacher, key)
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise ConfigError(f"teacher.{key}={path}: no such file")
+        try:
+            payload = load_checkpoint(path)
+            arch = ModelSpec.from_dict(payload["arch"]).arch
+        except ValueError as e:
+            raise ConfigError(f"teacher.{key}: {e}") from None
+        if is_import_path(arch) and arch not in cfg.model_factories():
+            raise ConfigError(
+                f"teacher.{key}={path}: the checkpoint names the model factory {arch!r}; building it would "
+                f"import and run that code, named by the file, not by you. If you trust the file, name the "
+                f"factory in your config (teacher.model.arch: {arch!r})")
+        if key == "checkpoint":
+            teacher = payload
+
+    try:
+        s = splits(cfg)
+    except TypeError as e:                  # a loader kwarg the loader does not take
+        raise ConfigError(f"data.loader={cfg.data.loader}: {e}") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data.dataset={cfg.data.dataset}: {e}") from None
+    data = f"data.dataset={cfg.data.dataset}"
+    in_shape = next(iter(s.values())).in_shape
+    num_classes = next((d.num_classes for d in s.values() if d.num_classes), None)
+
+    if teacher is not None:
+        t_shape, t_classes = tuple(teacher["in_shape"]), int(teacher["num_classes"])
+        where = f"teacher.checkpoint={cfg.teacher.checkpoint}"
+        if t_shape != in_shape:
+            raise ConfigError(f"{where} expects inputs {t_shape}, but {data} has {in_shape}")
+        if num_classes and t_classes != num_classes:
+            raise ConfigError(f"{where} outputs {t_classes} classes, but {data} has {num_classes}")
+        num_classes, data = t_classes, where
+
+    k = cfg.label.k
+    if k is not None and num_classes and k > num_classes:
+        raise ConfigError(f"label.k={k} is larger than the {num_classes} classes of {data}")
+
+    shift = cfg.views.shift
+    if shift and len(in_shape) == 3 and shift >= min(in_shape[1:]):
+        h, w = in_shape[1:]
+        raise ConfigError(f"views.shift={shift} is not smaller than the {h}x{w} images of "
+                          f"data.dataset={cfg.data.dataset}: a view could be moved off the image entirely")

@@ -5,6 +5,7 @@ numpy, pyarrow, zarr and fsspec only: never torch or Prefect. Format: docs/forma
 """
 from .convert import convert
 from .fs import Location
+from .layout import Column, columns_for
 from .errors import (CorruptShardError, CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError,
                      MismatchError, SoftLabelError)
 from .manifest import FORMAT_VERSION, lineage_digest, now_iso
@@ -19,5 +20,5 @@ __all__ = [
     "SoftLabelWriter", "open_soft_labels", "SoftLabelDataset", "verify", "VerifyReport", "convert",
     "SoftLabelError", "ManifestError", "IncompleteDatasetError", "MismatchError", "InvalidLogitsError",
     "CoverageError", "CorruptShardError", "FORMAT_VERSION", "read_manifest", "rescale", "softmax", "topk_probs",
-    "Location", "batches_per_partition", "lineage_digest", "now_iso",
+    "Location", "batches_per_partition", "lineage_digest", "now_iso", "Column", "columns_for",
 ]

@@ -4,34 +4,27 @@ config dict, a path/URI or small JSON metadata, never a tensor.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import io
 import json
-import math
 import os
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 import storage
-from storage import Location, lineage_digest
-from pipeline.checkpoint import checkpoint_info, load_model, save_checkpoint
+from storage import Location
+from pipeline.checkpoint import checkpoint_info, load_model
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
-from pipeline.evaluate import evaluate, predict_logits
+from pipeline.evaluate import evaluate
 from pipeline.label import label_shard, open_label_writer
-from pipeline.models import build_model
 from pipeline.teacher import finetune, train_teacher, training_lineage
-from pipeline.train import GLOBAL_RNG_LOCK, TrainConfig, lineage_diff, resume_key, train
+from pipeline import student
+from pipeline.train import TrainConfig, lineage_diff
 from pipeline.views import ViewSpec
 
 from . import secrets
 from .config import Config, TrainSection, parse_config
 
-
-_TRACE_LOCK = threading.Lock()
 
 
 def as_config(cfg: Config | dict) -> Config:
@@ -265,22 +258,10 @@ def student_runs(cfg: Config) -> list[dict]:
 
 
 def teacher_eval_logits(cfg: Config, teacher: dict):
-    """The teacher's logits on the evaluation split (for students' agreement), (N, C).
-
-    Computed once per teacher and evaluation split and kept next to the run's students,
-    so a sweep of many students loads and runs a large teacher once, not once each."""
-    test = eval_split(cfg)
-    key = f"{teacher['fingerprint'].split(':')[-1][:16]}-{test.fingerprint().split(':')[-1][:16]}"
-    path = cfg.run_dir() / "students" / f"teacher-eval-logits-{key}.npy"
-    if path.exists():
-        return np.load(path)
-    model, _ = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
-    z = np.asarray(predict_logits(model, test.x))
-    buf = io.BytesIO()
-    np.save(buf, z)
-    # parallel students may race here: same bytes, unique temp names, last rename wins
-    Location(str(path.parent)).write_bytes_atomic(path.name, buf.getvalue())
-    return z
+    """The teacher's logits on the evaluation split (for students' agreement), (N, C),
+    cached next to the run's students (pipeline.student.teacher_eval_logits)."""
+    return student.teacher_eval_logits(teacher, eval_split(cfg), cfg.run_dir() / "students",
+                                       trusted_factories=cfg.model_factories())
 
 
 class LabelLineageError(storage.MismatchError):
@@ -370,37 +351,31 @@ def check_label_lineage(cfg: Config, uri: str) -> dict:
 
 
 def baseline_epochs(cfg: Config) -> int:
-    """Epochs that give a hard-label baseline as many optimizer steps as a stored-label student.
-
-    A stored epoch covers every view of every label_split sample (N_label x V rows); a hard
-    epoch covers the labelled `train` split once, one random view id in [0, V) per sample.
-    With label_split = train that is V x the epochs; with scarce labels and a large
-    transfer set, many more epochs of the small labelled subset."""
-    s, t, V = splits(cfg), cfg.students.train, cfg.views.num_views
-    stored_steps = t.epochs * math.ceil(len(s[cfg.data.label_split]) * V / t.batch_size)
-    return max(1, round(stored_steps / math.ceil(len(s["train"]) / t.batch_size)))
+    """Epochs that give a hard-label baseline as many optimizer steps as a stored-label
+    student (the rule: pipeline.student.baseline_epochs)."""
+    s, t = splits(cfg), cfg.students.train
+    return student.baseline_epochs(t.epochs, label_samples=len(s[cfg.data.label_split]),
+                                   num_views=cfg.views.num_views, labelled_samples=len(s["train"]),
+                                   batch_size=t.batch_size)
 
 
 def student_lineage(cfg: Config, teacher: dict, run: dict, tcfg: TrainConfig, label_manifests: list[dict]) -> dict:
-    """What a student's resume file must match to be continued (or reused when complete):
-    the data of every split (fingerprints), the split definition, the views, the model,
-    the training config and, for a distilled student, the teacher and the soft-label
-    datasets' identity (manifest digest). A baseline never reads labels: a relabel keeps it."""
-    lin = {"data": {name: d.fingerprint() for name, d in splits(cfg).items()},
-           "split": cfg.data.model_dump(include={"dataset", "seed", "sizes", "fractions", "label_split", "loader"}),
-           "views": cfg.views.model_dump(), "model": {k: run["model"][k] for k in ("arch", "kwargs")},
-           "train": resume_key(tcfg)}
-    if run["mode"] != "hard":
-        lin["teacher"] = teacher["fingerprint"]
-        lin["soft_labels"] = [m.get("digest") or lineage_digest(m) for m in label_manifests]
-    return json.loads(json.dumps(lin))
+    """What a student's resume file must match (pipeline.student.student_lineage), in this
+    config's terms: every split's fingerprint, the data section's split definition, the views."""
+    return student.student_lineage(
+        data={name: d.fingerprint() for name, d in splits(cfg).items()},
+        split=cfg.data.model_dump(include={"dataset", "seed", "sizes", "fractions", "label_split", "loader"}),
+        views=cfg.views.model_dump(), model=run["model"], train_config=tcfg, mode=run["mode"],
+        teacher_fingerprint=teacher["fingerprint"], label_manifests=label_manifests)
 
 
 def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) -> dict:
+    """One student of the sweep: the config's inputs to pipeline.student.run_student."""
     import torch
-    manifests = []
+    so = secrets.resolve(cfg.label.storage_options) or None
+    uris, manifests = [], []
     if run["mode"] != "hard":
-        so = secrets.resolve(cfg.label.storage_options) or None
+        uris = [soft_label_uri, *cfg.students.extra_soft_labels]
         manifests = [check_label_lineage(cfg, soft_label_uri)] + [
             storage.open_soft_labels(u, storage_options=so).manifest for u in cfg.students.extra_soft_labels]
     s = splits(cfg)
@@ -409,58 +384,24 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
     grid = {k: run[k] for k in ("temperature", "alpha", "loss") if k in run}  # the sweep owns these
     tcfg = train_config(cfg.students.train, **grid,
                         log_path=str(out / f"{run['name']}.jsonl"), ckpt_path=str(out / f"{run['name']}.train.pt"))
-    train_set = s[cfg.data.label_split]
-    # the transfer set may be unlabeled; the labeled train split knows the classes
-    num_classes = s["train"].num_classes or train_set.num_classes
-    arch = {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}
-    with GLOBAL_RNG_LOCK:  # students train in parallel threads; seeding and init must not interleave
-        torch.manual_seed(tcfg.seed)
-        model = build_model(arch, in_shape=train_set.in_shape, num_classes=num_classes)
-    t0 = time.perf_counter()
-    if run["mode"] == "hard":
-        # A fair baseline: the same views, as many optimizer steps as a stored-label student,
-        # and validation (best-weights choice) as often, every stored-epoch's worth of steps.
-        epochs = baseline_epochs(cfg)
-        tcfg = dataclasses.replace(tcfg, epochs=epochs,
-                                   eval_every=tcfg.eval_every * max(1, epochs // cfg.students.train.epochs))
-        result = train(model, tcfg, mode="hard", train_data=s["train"], val_data=s.get("val"),
-                       view_spec=view_spec(cfg), num_views=cfg.views.num_views, resume=True,
-                       lineage=student_lineage(cfg, teacher, run, tcfg, manifests))
-    else:
-        # the config's views (checked equal to the stored transform), not the stored ones silently
-        result = train(model, tcfg, mode="stored", train_data=train_set, val_data=s.get("val"),
-                       soft_labels=[soft_label_uri, *cfg.students.extra_soft_labels], view_spec=view_spec(cfg),
-                       storage_options=secrets.resolve(cfg.label.storage_options) or None,
-                       expect={"teacher.fingerprint": teacher["fingerprint"]}, resume=True,
-                       lineage=student_lineage(cfg, teacher, run, tcfg, manifests))
-    seconds = time.perf_counter() - t0
     ckpt = str(out / f"{run['name']}.pt")
-    save_checkpoint(ckpt, model, arch=arch, in_shape=train_set.in_shape, num_classes=num_classes,
-                    metadata={"role": "student", "run": run, "soft_labels": soft_label_uri,
-                              "teacher": teacher, "train": result.get("best_val_acc")})
-    t_logits = teacher_eval_logits(cfg, teacher)
-    test = eval_split(cfg)
-    ev = evaluate(model, test, teacher_logits=t_logits)
-    extra = {}
-    if cfg.students.export:
-        import torch
-        from pipeline.export import export_safetensors, export_torchscript
-        extra["safetensors"] = str(out / f"{run['name']}.safetensors")
-        extra["torchscript"] = str(out / f"{run['name']}.ts.pt")
-        export_safetensors(model, extra["safetensors"])
-        with _TRACE_LOCK:  # torch.jit.trace is not safe in concurrent threads (students train in parallel)
-            export_torchscript(model, extra["torchscript"], torch.from_numpy(test.x[:2]))
-    if cfg.students.quantize:
-        from pipeline.export import compression_report
-        q = compression_report(model, test.x, test.y, in_shape=test.in_shape)["int8"]
-        extra["int8"] = {k: q[k] for k in ("accuracy", "size_bytes", "latency_ms")}
-    return extra | {"name": run["name"], "arch_name": run["arch_name"], "mode": run["mode"],
+    # the config's views (checked equal to the stored transform), not the stored ones silently
+    r = student.run_student(
+        run=run, train_config=tcfg, transfer=s[cfg.data.label_split], labelled=s["train"], val=s.get("val"),
+        checkpoint_path=ckpt, soft_labels=uris, label_manifests=manifests, teacher=teacher,
+        view_spec=view_spec(cfg), num_views=cfg.views.num_views, storage_options=so,
+        expect={"teacher.fingerprint": teacher["fingerprint"]} if uris else None,
+        lineage=lambda t: student_lineage(cfg, teacher, run, t, manifests), resume=True,
+        eval_data=eval_split(cfg), teacher_logits=lambda: teacher_eval_logits(cfg, teacher),
+        export_dir=str(out) if cfg.students.export else None, quantize=cfg.students.quantize)
+    ev, result = r.evaluation, r.train
+    return r.exports | {"name": run["name"], "arch_name": run["arch_name"], "mode": run["mode"],
             "temperature": run.get("temperature"), "alpha": run.get("alpha"), "loss": run.get("loss"),
             "accuracy": ev["accuracy"], "agreement": ev["agreement"], "ece": ev["ece"], "params": ev["params"],
             "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "checkpoint": ckpt,
             "best_val_acc": result.get("best_val_acc"), "epochs_run": result.get("epochs_run"),
             "epochs_trained": result.get("epochs_trained"), "steps": result.get("steps"),
-            "train_seconds": seconds, "torch_threads": torch.get_num_threads()}
+            "train_seconds": r.train_seconds, "torch_threads": torch.get_num_threads()}
 
 
 def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[dict]) -> dict:

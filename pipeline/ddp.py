@@ -22,11 +22,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from .checkpoint import save_checkpoint
 from .data import load_dataset, split_dataset
-from .models import build_model
-from .teacher import data_info
-from .train import TrainConfig, train
+from .student import run_student, student_lineage
+from .train import TrainConfig
 from .views import ViewSpec
 
 
@@ -87,8 +85,16 @@ def main(argv=None) -> dict | None:
             ds, val = parts[a.train_split], parts.get(a.val_split)
         spec = _json(a.view_spec, "view-spec")
         arch = _json(a.arch, "arch")
-        torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-        model = build_model(arch, in_shape=ds.in_shape, num_classes=ds.num_classes)
+        so = _json(a.storage_options, "storage-options")
+        from storage import open_soft_labels
+        m = open_soft_labels(a.soft_labels, storage_options=so).manifest
+        vs = ViewSpec.from_dict(spec) if spec is not None else None
+        split = {"dataset": a.dataset, "sizes": _json(a.split, "split"), "seed": a.split_seed,
+                 "train_split": a.train_split, "val_split": a.val_split}
+        data = {"train": ds.fingerprint(), **({"val": val.fingerprint()} if val is not None else {})}
+        lineage = student_lineage(data=data, split=split, views=spec, model=arch, train_config=cfg, mode="stored",
+                                  teacher_fingerprint=(m.get("teacher") or {}).get("fingerprint"),
+                                  label_manifests=[m])
 
         on_batch = None
         if a.record_ids:  # each rank appends the (sample_id, view) it trains on, per epoch
@@ -101,21 +107,16 @@ def main(argv=None) -> dict | None:
                     f.write(json.dumps({"epoch": epoch, "sample_id": batch["sample_id"].tolist(),
                                         "view": batch["view"].tolist(), "weight": batch["weight"].tolist()}) + "\n")
 
-        result = train(model, cfg, mode="stored", train_data=ds, val_data=val, soft_labels=a.soft_labels,
-                       view_spec=ViewSpec.from_dict(spec) if spec is not None else None,
-                       storage_options=_json(a.storage_options, "storage-options"),
-                       expect=_json(a.expect, "expect"), resume=a.resume, on_batch=on_batch)
+        # the student recipe the flows use: same training, same checkpoint metadata
+        run = {"name": os.path.basename(os.path.normpath(a.out)) or "student", "model": arch, "mode": "stored",
+               **{k: getattr(cfg, k) for k in ("temperature", "alpha", "loss")}}
+        r = run_student(run=run, train_config=cfg, transfer=ds, labelled=ds, val=val,
+                        checkpoint_path=os.path.join(a.out, "student.pt"), soft_labels=[a.soft_labels],
+                        label_manifests=[m], teacher=m.get("teacher"), view_spec=vs, num_views=m["num_views"],
+                        storage_options=so, expect=_json(a.expect, "expect"), lineage=lineage, resume=a.resume,
+                        on_batch=on_batch, world_size=world)
+        result = r.train
         if rank == 0:
-            from storage import open_soft_labels
-            m = open_soft_labels(a.soft_labels, storage_options=_json(a.storage_options, "storage-options")).manifest
-            save_checkpoint(os.path.join(a.out, "student.pt"), model, arch=arch, in_shape=ds.in_shape,
-                            num_classes=ds.num_classes,
-                            metadata={"role": "student", "data": data_info(ds), "teacher": m["teacher"],
-                                      "soft_labels": {"uri": a.soft_labels, "temperature": m["temperature"],
-                                                      "representation": m["representation"]},
-                                      "train_config": cfg.to_dict(), "world_size": world,
-                                      "metrics": {k: result[k] for k in ("best_val_acc", "best_epoch",
-                                                                         "epochs_run", "steps", "stopped_early")}})
             with open(os.path.join(a.out, "result.json"), "w") as f:
                 json.dump(result, f, indent=1)
         return result

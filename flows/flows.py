@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+from prefect.artifacts import (create_image_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -21,7 +21,7 @@ from pipeline.device import available_cores, torch_threads
 from . import progress, recipes, secrets
 from .config import Config, load_config, parse_config
 from .runtime import transient_io
-from .report import chart_markdown, report_rows
+from .report import chart_data_url, chart_markdown, report_rows
 
 def _retry_on_io(task, task_run, state) -> bool:
     """Retry transient I/O failures only (an object store that does not answer included);
@@ -192,8 +192,13 @@ def _student_sweep(config: dict, teacher: dict, uri: str, runs: list[dict]) -> d
     report = report_task(config, teacher, uri, results)
     create_table_artifact(table=report_rows(report), key=_key(cfg, "students"),
                           description=f"Students of {cfg.name} distilled from {uri}")
-    create_markdown_artifact(markdown=chart_markdown(report), key=_key(cfg, "students-chart"),
-                             description="Accuracy vs parameters: students vs their hard-label baselines")
+    chart = chart_data_url(report)
+    description = "Accuracy vs parameters: each hard-label baseline and its distilled student"
+    if chart is not None:   # an image artifact: the UI shows the picture itself
+        create_image_artifact(image_url=chart, key=_key(cfg, "students-chart"), description=description)
+    else:
+        create_markdown_artifact(markdown=chart_markdown(report), key=_key(cfg, "students-chart"),
+                                 description=description)
     return report
 
 

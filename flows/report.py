@@ -122,13 +122,19 @@ def students_png(report: dict) -> bytes:
     return buf.getvalue()
 
 
-def chart_markdown(report: dict) -> str:
-    """The students chart (the PNG next to report.json, inlined as a data URI so the
-    Prefect UI shows it without file access) above the text table."""
+def chart_data_url(report: dict) -> str | None:
+    """The students chart (the PNG next to report.json) as a data URL, or None without a PNG.
+
+    Why a data URL in an image artifact: the Prefect UI renders an image artifact's URL
+    with <img> (checked in headless Chromium), while its markdown renderer drops data: URLs,
+    and the browser cannot read files next to report.json."""
     path = report.get("chart")
-    lines = [f"# {report['name']}: accuracy vs parameters", ""]
-    if path and os.path.exists(path):
-        with open(path, "rb") as f:
-            png = base64.b64encode(f.read()).decode()
-        lines += [f"![accuracy vs parameters](data:image/png;base64,{png})", "", f"PNG: `{path}`", ""]
-    return "\n".join(lines + ["```", report_table(report), "```"])
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def chart_markdown(report: dict) -> str:
+    """The report as markdown (no picture: the UI would not render an inline image)."""
+    return "\n".join([f"# {report['name']}: accuracy vs parameters", "", "```", report_table(report), "```"])

@@ -66,7 +66,7 @@ def test_flow_runs_and_keyed_artifacts_are_recorded(tiny_run):
         assert {"train-teacher", "plan-labels", "label-shard-0", "finalize-labels", "report"} <= {
             n.rsplit("-", 1)[0] if n.startswith(("plan", "finalize", "report", "train-teacher-")) else n for n in tasks}
         for key, kind in (("tiny-label-progress", "progress"), ("tiny-label-shards", "table"),
-                          ("tiny-students", "table"), ("tiny-students-chart", "markdown")):
+                          ("tiny-students", "table"), ("tiny-students-chart", "image")):
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
             assert arts, key
             assert arts[0].type == kind

@@ -1,10 +1,9 @@
 """flows/report.py: the CLI table (gain column, footnote), the students PNG and the
 markdown artifact that inlines it. A report dict shaped like report.json, no training."""
 import base64
-import re
 import struct
 
-from flows.report import chart_markdown, report_table, students_png
+from flows.report import chart_data_url, chart_markdown, report_table, students_png
 
 
 def _student(name, arch, mode, acc, params, base, steps):
@@ -50,15 +49,16 @@ def test_students_png_is_a_small_picture(tmp_path):
     assert _png_size(png) == (600, 400) and len(png) < 100_000
 
 
-def test_chart_markdown_inlines_the_png_and_keeps_the_table(tmp_path):
+def test_chart_is_the_png_as_a_data_url_and_the_markdown_keeps_the_table(tmp_path):
     r = _report()
     path = tmp_path / "students.png"
     path.write_bytes(students_png(r))
     r["chart"] = str(path)
+    url = chart_data_url(r)
+    assert url.startswith("data:image/png;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == path.read_bytes() and len(url) < 100_000
     md = chart_markdown(r)
-    m = re.search(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md)
-    assert m and base64.b64decode(m.group(1)) == path.read_bytes()
-    assert "mlp-64-T4-a0-kd" in md and "+4.60" in md and len(md) < 100_000
-    # no PNG (an older report.json): the table alone
+    assert "mlp-64-T4-a0-kd" in md and "+4.60" in md and "data:image" not in md
+    # no PNG (an older report.json): no picture, the table alone
     r["chart"] = str(tmp_path / "missing.png")
-    assert "data:image" not in chart_markdown(r) and "mlp-64-T4-a0-kd" in chart_markdown(r)
+    assert chart_data_url(r) is None and "mlp-64-T4-a0-kd" in chart_markdown(r)

@@ -42,8 +42,9 @@ from pipeline.checkpoint import fingerprint  # noqa: E402
 from pipeline.data import load_mnist5k, split_dataset  # noqa: E402
 from pipeline.label import label_dataset  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.stream import HardLabelBatches, StoredLabelStream, _teacher_side  # noqa: E402
-from pipeline.train import TrainConfig, compute_loss, make_optimizer, make_schedule, train  # noqa: E402
+from pipeline.objective import Objective  # noqa: E402
+from pipeline.stream import HardLabelBatches, StoredLabelStream  # noqa: E402
+from pipeline.train import TrainConfig, make_optimizer, make_schedule, train  # noqa: E402
 from storage import open_soft_labels  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -79,9 +80,8 @@ def run_once(args, mode: str, tr, teacher, uri, log: str, *, num_workers: int = 
 def replica_epochs(args, kind: str, tr, uri, z_mem) -> list[float]:
     """pipeline.train's inner loop, replicated so one thing changes at a time:
       hard    HardLabelBatches, cross-entropy                      (= train mode "hard")
-      memkd   HardLabelBatches + the SAME stored teacher logits held in numpy arrays with
-              their KD-side terms (softmax(z/T), sum p log p) precomputed once, looked up by
-              position, KD loss                                    (soft labels in memory)
+      memkd   HardLabelBatches + the SAME stored teacher logits (z/T, as stored) held in a
+              numpy array, looked up by position, KD loss          (soft labels in memory)
       stored  StoredLabelStream iterated directly (as train() does with num_workers=0),
               KD loss                                              (= train mode "stored")
     memkd - hard = the KD loss; stored - memkd = streaming the labels. Seconds per epoch,
@@ -92,11 +92,12 @@ def replica_epochs(args, kind: str, tr, uri, z_mem) -> list[float]:
     opt = make_optimizer(m.parameters(), cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * -(-len(tr) // args.batch_size))
     if kind == "stored":
-        sampler = batches = StoredLabelStream(uri, tr, None, batch_size=args.batch_size, seed=0,
-                                              kd_temperature=cfg.temperature)
+        sampler = batches = StoredLabelStream(uri, tr, None, batch_size=args.batch_size, seed=0)
     else:
         sampler = batches = HardLabelBatches(tr, batch_size=args.batch_size, seed=0)
     mode = "hard" if kind == "hard" else "stored"
+    objective = Objective(mode=mode, loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                          stored_temperatures=[] if mode == "hard" else [z_mem[1]])
     dev, out = torch.device("cpu"), []
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
@@ -108,10 +109,9 @@ def replica_epochs(args, kind: str, tr, uri, z_mem) -> list[float]:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             if kind == "memkd":  # tr.sample_ids are sorted: searchsorted = position
                 pos = np.searchsorted(tr.sample_ids, batch["sample_id"])
-                batch.update(teacher_logits=torch.from_numpy(z_mem[0][pos]), teacher_probs=torch.from_numpy(
-                    z_mem[1][pos]), teacher_neg_entropy=torch.from_numpy(z_mem[2][pos]))
+                batch["stored_logits"] = torch.from_numpy(z_mem[0][pos])
             logits = m(batch["x"])
-            loss = compute_loss(cfg, mode, logits, batch)
+            loss = objective(logits, batch)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -129,7 +129,7 @@ def stream_pieces(args, tr, uri) -> None:
     from storage.shards import open_shard
     bs, E = args.batch_size, 30
     ds = open_soft_labels(uri)
-    stream = StoredLabelStream(uri, tr, None, batch_size=bs, seed=0, kd_temperature=4.0)
+    stream = StoredLabelStream(uri, tr, None, batch_size=bs, seed=0)
     loader = DataLoader(stream, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(0))
     hard = HardLabelBatches(tr, batch_size=bs, seed=0)
 
@@ -217,8 +217,8 @@ def profile_modes(args, tr, teacher, uri, root) -> None:
             ("storage/reader.py", "_rebatch"), ("storage/reader.py", "_shuffle_blocks"),
             ("storage/reader.py", "_blocks"), ("storage/layout.py", "read"),
             ("storage/shards.py", "open_shard"), ("pipeline/stream.py", "__iter__"),
-            ("pipeline/train.py", "compute_loss"), ("pipeline/losses.py", "distillation_loss"),
-            ("pipeline/train.py", "_weighted_ce"), ("pipeline/train.py", "<dictcomp>"),
+            ("pipeline/objective.py", "__call__"), ("pipeline/objective.py", "teacher_side"),
+            ("pipeline/losses.py", "soft_kl_loss"), ("pipeline/objective.py", "_task_loss"), ("pipeline/train.py", "<dictcomp>"),
             ("torch/_tensor.py", "backward"), ("torch/optim/optimizer.py", "wrapper")]
     seen = set()
     print(f"  {'function':64s} {'hard s/ep':>10s} {'stored s/ep':>11s} {'delta':>8s}")
@@ -290,9 +290,8 @@ def main():
     assert np.all(np.diff(tr.sample_ids) > 0)
     T = float(open_soft_labels(uri).manifest["temperature"])
     z = np.asarray(open_soft_labels(uri).take(tr.sample_ids, np.zeros(len(tr), np.int64), columns=["logits"])
-                   ["logits"], np.float32) * np.float32(T)   # (N, C) raw teacher logits, row = position
-    side = _teacher_side(torch.from_numpy(z), None, 4.0)  # what the stream computes per chunk, once for all rows
-    z_mem = (z, side["teacher_probs"].numpy(), side["teacher_neg_entropy"].numpy())
+                   ["logits"], np.float32)   # (N, C) stored z/T, row = position
+    z_mem = (z, T)
     t_start = time.perf_counter()
     for r in range(a.rounds):
         order = modes[r % len(modes):] + modes[:r % len(modes)]

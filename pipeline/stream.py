@@ -13,11 +13,15 @@ pixels the teacher saw (pipeline/views.py). Use it as
 Every batch is a dict of tensors, B rows:
     x (B, ...) float32, y (B,) int64 (-1 unlabeled), sample_id (B,) int64, view (B,) int64,
     weight (B,) float32 (0 for pad rows: repeats that only keep ranks in lock-step),
-  dense labels:  teacher_logits (B, C) float32, RAW teacher logits (stored z/T times T)
+  dense labels:  stored_logits (B, C) float32 = z/T exactly as stored (stream.temperature = T)
+  more teachers: extra_stored_logits (K, B, C) float32, each z_k/T_k as stored
+                 (stream.extra_temperatures = [T_1, ..., T_K])
   top-k labels:  topk_indices (B, k) int64, topk_logits (B, k) float32 (= z/T, as stored),
                  logsumexp (B,) float32 (of all C scaled logits)
-  with kd_temperature=T (dense): teacher_probs (B, C) float32 = softmax(z/T) (averaged over
-                 teachers), teacher_neg_entropy (B,) float32 = Σ_c p log p
+  with a stored feature: teacher_feature (B, F) float32
+
+Only stored data: no temperature math here. The student's temperature T' is applied in
+one place, pipeline/objective.py (`rescale`: z/T' = s·T/T').
 
 HardLabelBatches yields the same keys minus the teacher fields, from an in-memory
 ArrayDataset, with the same rank split and padding rule as storage/partition.py.
@@ -80,19 +84,11 @@ class StoredLabelStream(IterableDataset):
     def __init__(self, soft_label_uri: str, inputs: ArrayDataset, view_spec: ViewSpec | None = None, *,
                  batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  storage_options: dict | None = None, expect: dict | None = None,
-                 extra_soft_labels: list[str] | None = None, kd_temperature: float | None = None):
+                 extra_soft_labels: list[str] | None = None):
         """extra_soft_labels: more teachers' dense soft labels for the SAME inputs and views
         (multi-teacher KD); each row of the primary dataset is joined to theirs by
-        (sample_id, view) and batches gain `extra_teacher_logits` (K, B, C) raw logits.
-
-        kd_temperature: the student's KD temperature T. Dense batches then also carry the
-        teachers' side of the KD loss, computed once per joined chunk rather than per step:
-        `teacher_probs` (B, C) = softmax(z/T) (averaged over teachers) and
-        `teacher_neg_entropy` (B,) = Σ_c p log p (see losses.soft_kl_loss)."""
+        (sample_id, view) and batches gain `extra_stored_logits` (K, B, C), as stored."""
         _check_rank(rank, world_size, batch_size)
-        if kd_temperature is not None and not (math.isfinite(kd_temperature) and kd_temperature > 0):
-            raise ValueError(f"kd_temperature must be finite and > 0, got {kd_temperature}")
-        self.kd_temperature = kd_temperature
         # In a DataLoader worker, yield numpy arrays instead of tensors (the loader then needs
         # collate_fn=keep_batch, and the consumer wraps them with torch.as_tensor). A tensor
         # crosses the process boundary as a shared-memory fd, one socket round trip per tensor:
@@ -120,6 +116,7 @@ class StoredLabelStream(IterableDataset):
                              f"ViewSpec they were labelled with (view_spec=None only works for 1 view)")
         self.extra_uris = list(extra_soft_labels or [])
         self.extra_manifests = [self._check_extra(u) for u in self.extra_uris]
+        self.extra_temperatures = [float(m["temperature"]) for m in self.extra_manifests]
         self._extra_ds: list[SoftLabelDataset] | None = None
         # shared memory, so persistent workers see set_epoch(); a RawValue has no lock, so it can
         # go to workers of any start method (one writer: the main process)
@@ -171,11 +168,11 @@ class StoredLabelStream(IterableDataset):
 
     def join_batches(self) -> int:
         """Batches whose labels are joined per storage read: the label join's fixed per-call
-        cost (id lookup, dtype conversions, teacher softmax, tensor wrapping) is paid once per
+        cost (id lookup, dtype conversions, tensor wrapping) is paid once per
         chunk of up to JOIN_CHUNK_BYTES of label tensors; inputs are still gathered per batch
         (they stay in cache for the forward pass). Rows and order: exactly iter_batches(B)'s."""
         stored = int(self.manifest.get("layout", {}).get("row_bytes") or 2 * self.num_classes)  # one stored row
-        extra = len(self.extra_uris) + (2 if self.kd_temperature is not None else 0)  # (B, C) fp32 tensors more
+        extra = len(self.extra_uris)                                   # (B, C) fp32 tensors more
         label_bytes = 2 * stored + 4 * self.num_classes * extra  # float16 -> float32 doubles the stored bytes
         return int(min(MAX_JOIN_BATCHES, max(1, JOIN_CHUNK_BYTES // (label_bytes * self.batch_size))))
 
@@ -191,8 +188,8 @@ class StoredLabelStream(IterableDataset):
                                      rank=self.rank, world_size=self.world_size, worker=worker,
                                      num_workers=num_workers, shuffle_buffer=ds.default_shuffle_buffer(B)):
             labels, pos = self.join_labels(chunk)
-            # views of the chunk's tensors, (B, ...) each; extra_teacher_logits is (K, B, C)
-            parts = {key: torch.split(v, B, dim=1 if key == "extra_teacher_logits" else 0)
+            # views of the chunk's tensors, (B, ...) each; extra_stored_logits is (K, B, C)
+            parts = {key: torch.split(v, B, dim=1 if key == "extra_stored_logits" else 0)
                      for key, v in labels.items()}
             for i, a in enumerate(range(0, len(pos), B)):
                 batch = {key: v[i] for key, v in parts.items()}
@@ -216,21 +213,17 @@ class StoredLabelStream(IterableDataset):
         out = {"y": _labels(self.inputs, pos), "sample_id": torch.from_numpy(sid),
                "view": torch.from_numpy(view),
                "weight": torch.from_numpy((~np.asarray(b["pad"], bool)).astype(np.float32))}
-        if self.kind == "dense":
-            # stored s = z / T; raw z = s * T (exact for the stored precision)
-            z = np.asarray(b["logits"], dtype=np.float32) * np.float32(self.temperature)
-            out["teacher_logits"] = torch.from_numpy(z)         # (B, C), a new array
+        if self.kind == "dense":                                # stored s = z / T, as stored
+            out["stored_logits"] = torch.from_numpy(np.array(b["logits"], dtype=np.float32))  # (B, C), a new array
         else:
             out["topk_indices"] = torch.from_numpy(np.asarray(b["topk_indices"]).astype(np.int64))
             out["topk_logits"] = torch.from_numpy(np.array(b["topk_logits"], dtype=np.float32))
             out["logsumexp"] = torch.from_numpy(np.array(b["logsumexp"], dtype=np.float32))
         if self.extra_uris:  # other teachers' logits for the same (sample_id, view) rows
             self._dataset()
-            out["extra_teacher_logits"] = torch.from_numpy(np.stack([
-                np.asarray(ds.take(sid, view, columns=["logits"])["logits"], np.float32) * np.float32(m["temperature"])
-                for ds, m in zip(self._extra_ds, self.extra_manifests)]))    # (K, B, C) raw
-        if self.kd_temperature is not None and self.kind == "dense":
-            out.update(_teacher_side(out["teacher_logits"], out.get("extra_teacher_logits"), self.kd_temperature))
+            out["extra_stored_logits"] = torch.from_numpy(np.stack([
+                np.asarray(ds.take(sid, view, columns=["logits"])["logits"], np.float32)
+                for ds in self._extra_ds]))                              # (K, B, C) z_k / T_k
         if "feature" in b:  # the teacher's stored intermediate feature, (B, F), for hint/RKD losses
             out["teacher_feature"] = torch.from_numpy(np.array(b["feature"], dtype=np.float32))
         return out, pos
@@ -239,27 +232,6 @@ class StoredLabelStream(IterableDataset):
 def keep_batch(batch):
     """DataLoader collate_fn that passes a worker's batch on unchanged (numpy stays numpy)."""
     return batch
-
-
-def _teacher_side(z: torch.Tensor, extra: torch.Tensor | None, temperature: float) -> dict[str, torch.Tensor]:
-    """Raw teacher logits (B, C) [+ (K, B, C) more teachers] -> p = softmax(z/T) averaged over
-    teachers (B, C), and Σ_c p log p (B,) with 0·log 0 = 0.
-
-    Written out (max, exp, sum) rather than torch.softmax, whose kernel over a short last
-    dimension (C = 10) was 6x slower here; stored logits are finite (the writer refuses
-    NaN/Inf), so a = z/T − max is finite and p = 0 only by underflow."""
-    zs = z[None] if extra is None else torch.cat([z[None], extra])   # (M, B, C)
-    a = zs * (1.0 / temperature)
-    a = a - a.amax(-1, keepdim=True)                                 # (M, B, C), max 0 per row
-    e = a.exp()
-    total = e.sum(-1, keepdim=True)                                  # (M, B, 1), >= 1
-    if zs.shape[0] == 1:
-        p = (e / total)[0]                                           # (B, C)
-        neg_h = (p * a[0]).sum(-1) - total[0, :, 0].log()            # Σ p (a − log Σe)
-    else:
-        p = (e / total).mean(0)                                      # mixture of the teachers
-        neg_h = (p * p.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(-1)
-    return {"teacher_probs": p, "teacher_neg_entropy": neg_h}
 
 
 class HardLabelBatches:

@@ -5,8 +5,10 @@
     mode="online"  classic KD: the teacher runs on every batch, same losses as "stored"
 
 Read `train()` top to bottom: set up (device, DDP, data, optimizer, schedule, resume),
-then `for epoch: for batch: forward, loss, backward, step`, then evaluate, keep the
-best weights, log, checkpoint. Components (losses, streams, metrics) live elsewhere.
+then `for epoch: for batch: forward, objective, backward, step`, then evaluate, keep the
+best weights, log, checkpoint. Components live elsewhere: what the student minimises in
+pipeline/objective.py (built once from the config), the losses in pipeline/losses.py, the
+batches in pipeline/stream.py.
 
 Resume: every epoch rank 0 writes a training checkpoint (model, optimizer, scheduler,
 epoch, best state, per-rank RNG states, history) atomically. train(..., resume=True)
@@ -25,24 +27,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_torch_save
 from .data import ArrayDataset
 from .device import resolve_device
 from .evaluate import accuracy, predict_logits
-from .losses import (HintLoss, _row_mean, distillation_loss, logit_mse, multi_teacher_probs, rkd_distance_loss,
-                     soft_kl_loss, soft_target_cross_entropy, topk_kl_loss)
+from .objective import LOSSES, Objective
 from .stream import HardLabelBatches, StoredLabelStream, keep_batch
 from .views import ViewSpec
 
 MODES = ("stored", "hard", "online")
-LOSSES = ("kd", "soft_ce", "mse", "topk_kl")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
@@ -140,92 +138,6 @@ def make_schedule(opt, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_sch
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _weighted_ce(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    ce = F.cross_entropy(logits.float(), y, reduction="none")  # (B,) fp32
-    return _row_mean(ce, w)  # the same weighting as every soft loss (pad rows 0)
-
-
-def compute_loss(cfg: TrainConfig, mode: str, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Scalar fp32 loss; every term is a per-row mean weighted by batch["weight"] (pad rows 0)."""
-    w, y = batch["weight"], batch["y"]
-    if mode == "hard":
-        return _weighted_ce(logits, y, w)
-    T = cfg.temperature
-    if cfg.loss == "kd" and "teacher_probs" in batch:  # the stream did the teachers' side at T
-        soft = soft_kl_loss(logits, batch["teacher_probs"], temperature=T, weights=w,
-                            teacher_neg_entropy=batch["teacher_neg_entropy"])
-        return soft if cfg.alpha == 0 else cfg.alpha * _weighted_ce(logits, y, w) + (1 - cfg.alpha) * soft
-    if "extra_teacher_logits" in batch:  # multi-teacher: average the teachers' probabilities at T
-        teachers = [batch["teacher_logits"] / T, *(z / T for z in batch["extra_teacher_logits"])]
-        soft = soft_kl_loss(logits, multi_teacher_probs(teachers), temperature=T, weights=w)
-        return soft if cfg.alpha == 0 else cfg.alpha * _weighted_ce(logits, y, w) + (1 - cfg.alpha) * soft
-    if cfg.loss == "kd":  # Hinton KD already mixes in alpha * CE
-        return distillation_loss(logits, batch["teacher_logits"], y if cfg.alpha > 0 else None,
-                                 temperature=T, alpha=cfg.alpha, weights=w)
-    if cfg.loss == "topk_kl":
-        soft = topk_kl_loss(logits, batch["topk_indices"], batch["topk_logits"], batch["logsumexp"],
-                            temperature=T, weights=w)
-    elif cfg.loss == "soft_ce":
-        soft = soft_target_cross_entropy(logits, batch["teacher_logits"], temperature=T, weights=w)
-    else:  # "mse" on raw logits (Ba & Caruana)
-        soft = logit_mse(logits, batch["teacher_logits"], weights=w)
-    return soft if cfg.alpha == 0 else cfg.alpha * _weighted_ce(logits, y, w) + (1 - cfg.alpha) * soft
-
-
-def _check_soft_source(cfg: TrainConfig, mode: str, stream: StoredLabelStream | None) -> None:
-    if mode == "online" and cfg.loss == "topk_kl":
-        raise ValueError("loss='topk_kl' needs stored top-k labels; online KD has the dense teacher: "
-                         "use 'kd', 'soft_ce' or 'mse'")
-    if stream is None:
-        return
-    if stream.kind == "topk" and cfg.loss != "topk_kl":
-        raise ValueError(f"soft labels at {stream.uri} are top-k: only loss='topk_kl' can use them, got {cfg.loss!r}")
-    if stream.kind == "dense" and cfg.loss == "topk_kl":
-        raise ValueError(f"loss='topk_kl' needs top-k soft labels; {stream.uri} stores dense logits "
-                         f"(use 'kd', 'soft_ce' or 'mse')")
-    if cfg.loss == "topk_kl" and not math.isclose(cfg.temperature, stream.temperature, rel_tol=1e-9):
-        raise ValueError(f"loss='topk_kl' is exact only at the stored temperature {stream.temperature}; "
-                         f"got TrainConfig.temperature={cfg.temperature}")
-
-
-def _feature_losses(cfg: TrainConfig, mode: str, model: nn.Module, stream, teacher, data, ddp: bool,
-                    device) -> HintLoss | None:
-    """The hint regressor (student feature -> teacher feature) when hint/RKD losses are on."""
-    if cfg.hint_weight == 0 and cfg.rkd_weight == 0:
-        return None
-    if mode == "hard":
-        raise ValueError("hint_weight/rkd_weight need a teacher feature: use mode 'stored' or 'online'")
-    if ddp:
-        raise ValueError("hint_weight/rkd_weight are not supported with DDP yet (they bypass the DDP wrapper)")
-    if not (hasattr(model, "features") and isinstance(getattr(model, "head", None), nn.Linear)):
-        raise ValueError("hint/RKD losses need a student with .features(x) and a Linear .head "
-                         "(pipeline.models builders have both)")
-    if mode == "stored":
-        feat = stream.manifest.get("feature")
-        if not feat:
-            raise ValueError(f"soft labels at {stream.uri} store no teacher feature; label with "
-                             f"feature_layer=... to use hint_weight/rkd_weight")
-        t_dim = int(np.prod(feat["shape"]))
-    else:
-        if not hasattr(teacher, "features"):
-            raise ValueError("online hint/RKD losses need a teacher with .features(x)")
-        with torch.inference_mode():
-            t_dim = teacher.features(torch.from_numpy(data.x[:1]).to(device)).reshape(1, -1).shape[1]
-    return HintLoss(model.head.in_features, t_dim).to(device)
-
-
-def _feature_loss(cfg: TrainConfig, hint: HintLoss, feats: torch.Tensor, batch: dict) -> torch.Tensor:
-    """hint_weight * FitNets hint + rkd_weight * RKD distance, on rows with weight > 0."""
-    keep = batch["weight"] > 0                        # pad rows carry no information
-    s, t = feats[keep].flatten(1), batch["teacher_feature"][keep].flatten(1)
-    loss = feats.new_zeros((), dtype=torch.float32)
-    if cfg.hint_weight:
-        loss = loss + cfg.hint_weight * hint(s, t)
-    if cfg.rkd_weight and len(s) > 2:
-        loss = loss + cfg.rkd_weight * rkd_distance_loss(s, t)
-    return loss
-
-
 def _freeze_frozen_norms(model: nn.Module) -> None:
     # A norm layer whose affine params are frozen keeps its running statistics frozen
     # too (eval mode), so a frozen backbone is really unchanged by fine-tuning.
@@ -319,10 +231,6 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         raise ValueError(f"teacher= is required for mode 'online' and only allowed there (mode={mode!r})")
     if (mode == "hard" or cfg.alpha > 0) and train_data.y is None:
         raise ValueError(f"dataset {train_data.name!r} is unlabeled: mode 'hard' and alpha > 0 need labels")
-    if mode == "stored" and not isinstance(soft_labels, str) and len(soft_labels) > 1 and cfg.loss != "kd":
-        # multi-teacher KD averages the teachers' probabilities; only the KL ("kd") is defined on them
-        raise ValueError(f"loss={cfg.loss!r} cannot be used with several teachers' soft labels "
-                         f"({len(soft_labels)} given): multi-teacher distillation is defined for loss='kd' only")
     if cfg.patience is not None and val_data is None:
         raise ValueError("early stopping (patience) needs val_data")
 
@@ -338,8 +246,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         uris = [soft_labels] if isinstance(soft_labels, str) else list(soft_labels)  # [primary, *more teachers]
         stream = StoredLabelStream(uris[0], train_data, view_spec, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=rank, world_size=world, storage_options=storage_options, expect=expect,
-                                   extra_soft_labels=uris[1:],
-                                   kd_temperature=cfg.temperature if cfg.loss == "kd" else None)
+                                   extra_soft_labels=uris[1:])
         if cfg.num_workers == 0:  # iterate in-process: a DataLoader adds per-batch overhead and nothing else
             batches = stream
         else:  # own generator: DataLoader must not draw from the global RNG (resume equality)
@@ -355,10 +262,13 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         sampler = batches = HardLabelBatches(train_data, batch_size=cfg.batch_size, view_spec=view_spec,
                                              num_views=num_views, seed=cfg.seed, rank=rank, world_size=world)
         steps_per_epoch = batches.num_batches()
-    _check_soft_source(cfg, mode, stream)
-    hint = _feature_losses(cfg, mode, raw, stream, teacher, train_data, ddp, device)
+    # what the student minimises (loss, T', alpha, hint/RKD, teachers); refuses what is undefined
+    objective = Objective.from_config(cfg, mode, stream=stream, teacher=teacher, model=raw, data=train_data,
+                                      ddp=ddp, device=device)
+    hint = objective.hint
+    names = objective.term_names                          # ("loss", "task_loss"?, "kd_loss"?, ...)
 
-    opt = make_optimizer(list(raw.parameters()) + (list(hint.parameters()) if hint is not None else []), cfg)
+    opt = make_optimizer(list(raw.parameters()) + objective.parameters(), cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     with GLOBAL_RNG_LOCK:  # dropout etc.; model init happened before train()
         torch.manual_seed(cfg.seed + rank)
@@ -392,7 +302,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         sampler.set_epoch(epoch)
         net.train()
         _freeze_frozen_norms(raw)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum_b loss_b * weight_b
+        term_sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # Σ_batches term · Σ weight
         w_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
             if numpy_batches:  # from CPU DataLoader workers (StoredLabelStream.worker_numpy); shares memory
@@ -400,20 +310,9 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
             if on_batch is not None:
                 on_batch(epoch, batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if teacher is not None:  # online KD: same views as the student sees
-                with torch.inference_mode():
-                    t_feat = teacher.features(batch["x"]).float() if hint is not None else None
-                    t_logits = teacher.head(t_feat) if hint is not None else teacher(batch["x"]).float()
-                batch["teacher_logits"] = t_logits.float().clone()  # a normal tensor, usable in autograd
-                if t_feat is not None:
-                    batch["teacher_feature"] = t_feat.clone()
-            if hint is None:
-                logits = net(batch["x"])                     # (B, C)
-                loss = compute_loss(cfg, mode, logits, batch)
-            else:
-                feats = raw.features(batch["x"])             # (B, F_s); DDP is refused with feature losses
-                logits = raw.head(feats)                     # (B, C)
-                loss = compute_loss(cfg, mode, logits, batch) + _feature_loss(cfg, hint, feats, batch)
+            logits, feats = objective.forward(net, raw, batch["x"])   # (B, C), features if hint/RKD
+            terms = objective(logits, batch, feats)                   # {"loss", "task_loss", "kd_loss", ...}
+            loss = terms["loss"]                                      # (an online teacher runs in there)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -423,10 +322,11 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
             sched.step()
             step += 1
             bw = batch["weight"].sum()
-            loss_sum += loss.detach().double() * bw
+            term_sums += (torch.stack([terms[k] for k in names]).detach().double() if len(names) > 1
+                          else loss.detach().double()) * bw
             w_sum += bw.double()
         if ddp:  # global mean loss and sample count over ranks
-            dist.all_reduce(loss_sum)
+            dist.all_reduce(term_sums)
             dist.all_reduce(w_sum)
         train_seconds = time.perf_counter() - t0
 
@@ -448,9 +348,11 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
 
         # ---- log + checkpoint
         seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "step": step, "train_loss": float(loss_sum / w_sum.clamp_min(1e-12)),
+        means = (term_sums / w_sum.clamp_min(1e-12)).tolist()  # per-row means over the epoch
+        record = {"epoch": epoch, "step": step, "train_loss": means[0],
                   "val_acc": val_acc, "lr": lr, "seconds": seconds,
-                  "samples_per_s": float(w_sum) / max(train_seconds, 1e-9), "best_val_acc": best_acc}
+                  "samples_per_s": float(w_sum) / max(train_seconds, 1e-9), "best_val_acc": best_acc,
+                  **dict(zip(names[1:], means[1:]))}    # the named terms: task_loss, kd_loss, hint_loss, rkd_loss
         history.append(record)
         rngs = [_rng_state()]
         if ddp and cfg.ckpt_path:  # each rank's RNG (dropout masks differ per rank)

@@ -58,20 +58,20 @@ def source_rows(inputs, batch):
 
 
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
-def test_stream_joins_inputs_views_and_raw_logits(tmp_path, backend):
+def test_stream_joins_inputs_views_and_stored_logits(tmp_path, backend):
     inputs = make_inputs()
     uri = write_store(str(tmp_path / "sl"), inputs, backend=backend)
     stream = StoredLabelStream(uri, inputs, SPEC, batch_size=16, seed=3)
     seen = []
     for b in stream:
-        assert set(b) == {"x", "y", "sample_id", "view", "weight", "teacher_logits"}
+        assert set(b) == {"x", "y", "sample_id", "view", "weight", "stored_logits"}
         assert b["x"].dtype == torch.float32 and b["y"].dtype == torch.int64
-        assert b["teacher_logits"].dtype == torch.float32 and b["weight"].dtype == torch.float32
+        assert b["stored_logits"].dtype == torch.float32 and b["weight"].dtype == torch.float32
         pos, y = source_rows(inputs, b)
         sid, view = b["sample_id"].numpy(), b["view"].numpy()
         assert np.array_equal(b["y"].numpy(), y)
-        # raw logits recovered exactly (float32 store, T = 2): scaled * T
-        assert torch.equal(b["teacher_logits"], torch.from_numpy(known_logits(sid, view, y)))
+        # the stored z/T, as stored (float32 store, T = 2: z/2 is exact); no temperature math
+        assert torch.equal(b["stored_logits"], torch.from_numpy(known_logits(sid, view, y) / np.float32(2.0)))
         # pixels: the same views the teacher saw, regenerated bit-exactly, row by row
         for r in range(len(sid)):
             want = apply_views(torch.from_numpy(inputs.x[pos[r:r + 1]]), sid[r:r + 1], view[r:r + 1], SPEC)
@@ -91,7 +91,7 @@ def test_stream_topk_fields(tmp_path):
     assert stream.view_spec == SPEC and stream.kind == "topk"
     n = 0
     for b in stream:
-        assert "teacher_logits" not in b
+        assert set(b) == {"x", "y", "sample_id", "view", "weight", "topk_indices", "topk_logits", "logsumexp"}
         _, y = source_rows(inputs, b)
         z = known_logits(b["sample_id"].numpy(), b["view"].numpy(), y)
         vals, idx, lse = scaled_topk((z.astype(np.float64) / 4.0).astype(np.float32), 2)
@@ -127,42 +127,31 @@ def test_joined_chunks_cut_into_exactly_the_readers_batches(tmp_path, monkeypatc
             assert g["sample_id"].numpy().tolist() == w["sample_id"].tolist()
             assert g["view"].numpy().tolist() == w["view"].tolist()
             assert g["weight"].numpy().tolist() == (~w["pad"]).astype(float).tolist()
-            assert torch.equal(g["teacher_logits"], torch.from_numpy(w["logits"] * np.float32(2.0)))
+            assert torch.equal(g["stored_logits"], torch.from_numpy(w["logits"]))
             z = known_logits(w["sample_id"], w["view"], inputs.y[inputs.index_of(w["sample_id"])])
-            assert g["extra_teacher_logits"].shape == (1, len(w["sample_id"]), C)
-            torch.testing.assert_close(g["extra_teacher_logits"][0], torch.from_numpy(z))
+            assert g["extra_stored_logits"].shape == (1, len(w["sample_id"]), C)
+            # the other teacher's rows as IT stored them (its own T = 5)
+            assert torch.equal(g["extra_stored_logits"][0], torch.from_numpy(z / np.float32(5.0)))
 
 
-def test_kd_temperature_adds_the_teachers_side_and_the_same_loss(tmp_path):
-    """With kd_temperature the stream precomputes softmax(z/T) (averaged over teachers) and
-    Σ p log p per row; compute_loss on such a batch equals distillation_loss on raw logits."""
-    from pipeline.losses import distillation_loss, multi_teacher_probs
-    from pipeline.train import TrainConfig, compute_loss
+def test_stream_yields_stored_data_only(tmp_path):
+    """Batches carry the stored columns and the inputs, nothing derived from a student
+    temperature (no teacher_probs / teacher_neg_entropy / rescaled logits): the objective
+    (pipeline/objective.py) does every temperature step. The stream exposes each teacher's
+    stored T, and refuses the removed kd_temperature argument."""
     inputs = make_inputs(n=30)
-    uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
+    uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2, temperature=2.0)
     other = write_store(str(tmp_path / "other"), inputs, views=2, shards=3, temperature=5.0)
-    T = 3.0
-    b = next(iter(StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=T)))
-    p = torch.softmax(b["teacher_logits"] / T, -1)
-    torch.testing.assert_close(b["teacher_probs"], p)
-    torch.testing.assert_close(b["teacher_neg_entropy"], (p * p.log()).sum(-1))
-    s0 = torch.randn(16, C, generator=torch.Generator().manual_seed(0))
-    for alpha in (0.0, 0.4):
-        cfg = TrainConfig(loss="kd", temperature=T, alpha=alpha)
-        a, r = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
-        got = compute_loss(cfg, "stored", a, b)
-        want = distillation_loss(r, b["teacher_logits"], b["y"] if alpha else None, temperature=T, alpha=alpha,
-                                 weights=b["weight"])
-        got.backward()
-        want.backward()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(a.grad, r.grad)
-    m = next(iter(StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=T, extra_soft_labels=[other])))
-    both = multi_teacher_probs([m["teacher_logits"] / T, m["extra_teacher_logits"][0] / T])
-    torch.testing.assert_close(m["teacher_probs"], both)
-    assert "teacher_probs" not in next(iter(StoredLabelStream(uri, inputs, SPEC, batch_size=16)))
-    with pytest.raises(ValueError, match="kd_temperature"):
-        StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=0.0)
+    stream = StoredLabelStream(uri, inputs, SPEC, batch_size=16, extra_soft_labels=[other])
+    assert stream.temperature == 2.0 and stream.extra_temperatures == [5.0]
+    stored = {"x", "y", "sample_id", "view", "weight", "stored_logits", "extra_stored_logits"}
+    for b in stream:
+        assert set(b) == stored
+        z = known_logits(b["sample_id"].numpy(), b["view"].numpy(), b["y"].numpy())
+        assert torch.equal(b["stored_logits"], torch.from_numpy(z / np.float32(2.0)))
+        assert torch.equal(b["extra_stored_logits"][0], torch.from_numpy(z / np.float32(5.0)))
+    with pytest.raises(TypeError, match="kd_temperature"):
+        StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=3.0)
 
 
 def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
@@ -171,7 +160,7 @@ def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
     from pipeline.stream import keep_batch
     inputs = make_inputs(n=30)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
-    stream = StoredLabelStream(uri, inputs, SPEC, batch_size=8, seed=2, kd_temperature=3.0)
+    stream = StoredLabelStream(uri, inputs, SPEC, batch_size=8, seed=2)
     want = list(stream)
     stream.worker_numpy = True
     assert all(isinstance(v, torch.Tensor) for v in next(iter(stream)).values())  # only workers switch

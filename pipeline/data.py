@@ -14,10 +14,37 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+
+@runtime_checkable
+class Source(Protocol):
+    """The data seam: what labelling and training need from a dataset, none of which
+    requires the data in RAM. Today's implementation: ArrayDataset (mnist5k, digits, npz,
+    parquet all load into one).
+
+    len(source)               number of samples
+    source.sample_ids         (N,) int64, unique, in the source's stable order
+    source.fingerprint()      a hash of inputs, labels and split definition
+    source.iter_batches(bs)   (ids (B,), inputs (B, ...)) in that order, every id once
+    source.split(seed=, ...)  {name: Source}, disjoint, deterministic (split_dataset's rules)
+    """
+    name: str
+    sample_ids: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def fingerprint(self) -> str: ...
+
+    def iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+    def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
+              stratify: bool = True) -> dict[str, "Source"]: ...
 
 
 @dataclass
@@ -85,6 +112,18 @@ class ArrayDataset:
             self, x=self.x[idx], y=None if self.y is None else self.y[idx],
             sample_ids=self.sample_ids[idx],
             split_spec=self.split_spec if split_spec is None else split_spec)
+
+    def iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(sample_ids (B,), x (B, ...)) in row order, every sample once (Source)."""
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, found {batch_size!r}")
+        for a in range(0, len(self), int(batch_size)):
+            yield self.sample_ids[a:a + batch_size], self.x[a:a + batch_size]
+
+    def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
+              stratify: bool = True) -> dict[str, "ArrayDataset"]:
+        """split_dataset(self, ...) (Source)."""
+        return split_dataset(self, seed=seed, fractions=fractions, sizes=sizes, stratify=stratify)
 
     def index_of(self, sample_ids) -> np.ndarray:
         """Positions (int64) of the given sample ids; ValueError naming any missing id."""
@@ -279,6 +318,11 @@ def _optional_col(names, col, default, path):
 
 
 BUILTIN = {"mnist5k": load_mnist5k, "digits": load_digits8}
+
+
+def open_source(name_or_path: str, **kw) -> Source:
+    """The Source for a dataset name or path (today: load_dataset's ArrayDataset)."""
+    return load_dataset(name_or_path, **kw)
 
 
 def load_dataset(name_or_path: str, **kw) -> ArrayDataset:

@@ -272,6 +272,50 @@ def _norm(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
+# ---------------------------------------------------------------- the model seam
+
+INPUT_KINDS = ("dense",)  # a float tensor (B, *in_shape); later: "tokens" (ids + attention mask)
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How to build a teacher or student and what input it takes.
+
+    The implementations today: the built-in archs (ARCHS: "mlp", "cnn", "resnet") and an
+    import path "pkg.mod:factory", all taking "dense" input. A factory may declare another
+    kind with an `input_kind` attribute (read only once the factory is trusted and imported).
+    trusted_factories as in build_model: None trusts the spec (the caller's own config)."""
+    spec: ModelSpec
+    trusted_factories: frozenset[str] | None = None
+
+    @property
+    def input_kind(self) -> str:
+        if not is_import_path(self.spec.arch):
+            return "dense"
+        check_factory_trusted(self.spec.arch, self.trusted_factories)
+        kind = getattr(_import_factory(self.spec.arch), "input_kind", "dense")
+        if kind not in INPUT_KINDS:
+            raise ValueError(f"model {self.spec.arch!r}: input_kind {kind!r} is not one of {list(INPUT_KINDS)}")
+        return kind
+
+    def build(self, in_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> nn.Module:
+        return build_model(self.spec, in_shape=in_shape, num_classes=num_classes,
+                           trusted_factories=self.trusted_factories)
+
+
+def model_adapter(spec: dict | ModelSpec, *, trusted_factories: Collection[str] | None = None) -> ModelAdapter:
+    """The adapter for a model spec ({"arch", "kwargs"}). An untrusted import path is
+    refused here, before anything is imported; an unknown arch name too."""
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec.from_dict(spec)
+    trusted = None if trusted_factories is None else frozenset(trusted_factories)
+    check_factory_trusted(spec.arch, trusted)
+    if not is_import_path(spec.arch) and spec.arch not in ARCHS:
+        raise ValueError(f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS)} "
+                         f"or an import path 'package.module:factory'")
+    return ModelAdapter(spec, trusted)
+
+
 # ---------------------------------------------------------------- stats
 
 def model_stats(model: nn.Module, *, in_shape: tuple[int, ...], batch_size: int = 1,

@@ -34,9 +34,9 @@ import torch.nn as nn
 from storage import Location, lineage_digest
 
 from .checkpoint import load_model, save_checkpoint
-from .data import ArrayDataset
+from .data import ArrayDataset, Source
 from .evaluate import evaluate, predict_logits
-from .models import build_model
+from .models import model_adapter
 from .teacher import data_info
 from .train import GLOBAL_RNG_LOCK, TrainConfig, resume_key, train
 from .views import ViewSpec
@@ -112,7 +112,7 @@ def baseline_config(cfg: TrainConfig, *, label_samples: int, num_views: int, lab
 
 # ------------------------------------------------------------------ the teacher's eval-logit cache
 
-def teacher_eval_logits(teacher: dict, eval_data: ArrayDataset, cache_dir: str | os.PathLike, *,
+def teacher_eval_logits(teacher: dict, eval_data: Source, cache_dir: str | os.PathLike, *,
                         trusted_factories: Collection[str] = ()) -> np.ndarray:
     """The teacher's logits on eval_data (N, C), rows in eval_data order.
 
@@ -123,7 +123,7 @@ def teacher_eval_logits(teacher: dict, eval_data: ArrayDataset, cache_dir: str |
     if os.path.exists(path):
         return np.load(path)
     model, _ = load_model(teacher["checkpoint"], trusted_factories=trusted_factories)
-    z = np.asarray(predict_logits(model, eval_data.x))
+    z = np.concatenate([np.asarray(predict_logits(model, x)) for _, x in eval_data.iter_batches(4096)])
     buf = io.BytesIO()
     np.save(buf, z)
     # parallel students may race here: same bytes, unique temp names, last rename wins
@@ -182,7 +182,7 @@ def run_student(*, run: dict, train_config: TrainConfig, transfer: ArrayDataset,
     arch = {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}
     with GLOBAL_RNG_LOCK:  # students train in parallel threads; seeding and init must not interleave
         torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-        model = build_model(arch, in_shape=transfer.in_shape, num_classes=num_classes)
+        model = model_adapter(arch).build(transfer.in_shape, num_classes)
     if callable(lineage):
         lineage = lineage(tcfg)
     t0 = time.perf_counter()

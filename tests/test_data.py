@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import (ArrayDataset, load_dataset, load_digits8, load_mnist5k, load_npz,
-                           load_parquet, split_dataset)
+from pipeline.data import (ArrayDataset, Source, load_dataset, load_digits8, load_mnist5k, load_npz,
+                           load_parquet, open_source, split_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,28 @@ def test_bad_files_are_refused_naming_the_file(tmp_path):
     pq.write_table(pa.table({"a": np.ones(3, np.float32), "y": [0, 1, 5]}), p)
     with pytest.raises(ValueError, match=rf"{p}: labels are not 0..K-1"):
         load_parquet(p)
+
+
+def test_array_dataset_is_a_source(digits):
+    src = open_source("digits")
+    assert isinstance(src, Source) and isinstance(digits, Source)
+    assert len(src) == len(src.sample_ids) == 1797 and src.fingerprint() == digits.fingerprint()
+    parts = src.split(seed=0, sizes={"train": 600, "test": 300})
+    assert all(isinstance(p, Source) for p in parts.values())
+    ref = split_dataset(digits, seed=0, sizes={"train": 600, "test": 300})
+    assert {k: p.fingerprint() for k, p in parts.items()} == {k: p.fingerprint() for k, p in ref.items()}
+
+
+@pytest.mark.parametrize("bs", [1, 7, 256, 5000])
+def test_iter_batches_is_stable_and_covers_every_id_once(digits, bs):
+    part = digits.split(seed=3, sizes={"a": 500})["a"]
+    batches = list(part.iter_batches(bs))
+    again = list(part.iter_batches(bs))
+    ids = np.concatenate([i for i, _ in batches])
+    assert np.array_equal(ids, part.sample_ids)  # every id once, in the source's order
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(batches, again))
+    assert all(len(i) == len(x) <= bs for i, x in batches) and len(batches) == -(-500 // bs)
+    x = np.concatenate([x for _, x in batches])
+    assert np.array_equal(x, part.x)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(part.iter_batches(0))

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.models import (ARCHS, Classifier, ModelSpec, UntrustedFactoryError, build_model, mlp,
-                             model_stats, resnet_cnn, small_cnn)
+from pipeline.models import (ARCHS, Classifier, ModelAdapter, ModelSpec, UntrustedFactoryError, build_model, mlp,
+                             model_adapter, model_stats, resnet_cnn, small_cnn)
 
 IMAGE_SHAPES = [(1, 28, 28), (1, 8, 8)]
 
@@ -96,6 +96,10 @@ def factory_module(tmp_path, monkeypatch):
             return "oops"
 
         VALUE = 3
+
+        def tokens_model(**kw):
+            return nn.Linear(4, 2)
+        tokens_model.input_kind = "tokens"
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_student_zoo"
@@ -154,3 +158,33 @@ def test_model_stats():
     cnn.train()
     st = model_stats(cnn, in_shape=(1, 8, 8), repeats=2)
     assert st["latency_ms"] > 0 and cnn.training  # mode restored
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_adapter_builds_each_builtin_arch_and_says_dense(arch):
+    ad = model_adapter({"arch": arch}, trusted_factories=())  # built-ins need no trust
+    assert isinstance(ad, ModelAdapter) and ad.input_kind == "dense"
+    m = ad.build((1, 8, 8), 10)
+    assert isinstance(m, Classifier) and m(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    # the same model build_model gives
+    torch.manual_seed(0)
+    a = ad.build((1, 8, 8), 10)
+    torch.manual_seed(0)
+    b = build_model({"arch": arch}, in_shape=(1, 8, 8), num_classes=10)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_adapter_for_a_factory_needs_trust(factory_module):
+    arch = f"{factory_module}:tiny"
+    sys.modules.pop(factory_module, None)
+    with pytest.raises(UntrustedFactoryError, match=rf"refusing to build arch '{arch}'"):
+        model_adapter({"arch": arch}, trusted_factories=())
+    assert factory_module not in sys.modules  # refused before the import
+    with pytest.raises(ValueError, match="unknown model arch 'nope'"):
+        model_adapter({"arch": "nope"})
+    ad = model_adapter({"arch": arch, "kwargs": {"hidden": 5}}, trusted_factories={arch})
+    assert ad.input_kind == "dense" and ad.build((4,), 3)(torch.rand(1, 4)).shape == (1, 3)
+    # the caller's own spec (trusted_factories=None), and a factory declaring another input kind
+    assert model_adapter({"arch": f"{factory_module}:flexible"}).build((6,), 2).in_features == 6
+    with pytest.raises(ValueError, match="input_kind 'tokens' is not one of"):
+        model_adapter({"arch": f"{factory_module}:tokens_model"}).input_kind

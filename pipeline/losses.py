@@ -204,8 +204,8 @@ def soft_kl_loss(
     Hinton et al. 2015. ``teacher_probs`` (B, C) are already at temperature T (e.g. the
     output of ``multi_teacher_probs``); zero entries contribute 0 (0·log 0 = 0).
 
-    ``teacher_neg_entropy`` (B,) = Σ_c p_c log p_c, if the caller has it (the soft-label
-    stream computes it once per chunk), selects the cheaper form T²·(Σ p log p − Σ p log q):
+    ``teacher_neg_entropy`` (B,) = Σ_c p_c log p_c, if the caller has it (pipeline/objective.py
+    computes it with p, see objective.teacher_side), selects the cheaper form T²·(Σ p log p − Σ p log q):
     the gradient is the same, T·(q − p), and the value differs from the p·(log p − log q)
     form by fp32 rounding of the two terms (about 1e-7 of the teacher's entropy).
     """

@@ -322,8 +322,9 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
             sched.step()
             step += 1
             bw = batch["weight"].sum()
-            term_sums += (torch.stack([terms[k] for k in names]).detach().double() if len(names) > 1
-                          else loss.detach().double()) * bw
+            vals = [terms[k] for k in names]                          # alpha 0: kd_loss is the loss itself
+            term_sums += (loss.detach().double() if all(v is loss for v in vals)
+                          else torch.stack(vals).detach().double()) * bw
             w_sum += bw.double()
         if ddp:  # global mean loss and sample count over ranks
             dist.all_reduce(term_sums)

@@ -5,12 +5,17 @@ command line are applied to the YAML before validation, so they are checked the 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from pipeline.objective import LOSSES
+from pipeline.train import DEVICES, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, WORKER_STARTS, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -50,9 +55,10 @@ class ViewsConfig(Section):
     seed: int = 0
 
 
-class TrainSection(Section):
-    """Mirrors pipeline.train.TrainConfig (paths, and a student's loss, temperature and alpha
-    from the sweep grid, are filled in by the recipes)."""
+class _TrainSectionBase(Section):
+    """A training section: the user-settable fields of pipeline.train.TrainConfig, which is
+    the one training schema (its types, defaults and checks). The recipe fills in the rest
+    (paths; a student's loss, temperature and alpha from the sweep grid)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -66,24 +72,24 @@ class TrainSection(Section):
                                      f"from {new} (the sweep grid); the teacher trains on hard labels")
         return data
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    hint_weight: float = Field(0.0, ge=0)          # FitNets hint on the stored teacher feature (label.feature_layer)
-    rkd_weight: float = Field(0.0, ge=0)           # relational KD (distances) on the same features
-    grad_clip: float | None = Field(None, gt=0)
-    patience: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)
-    num_workers: int = Field(0, ge=0)             # DataLoader workers streaming stored labels
-    # forkserver, not fork: a forked worker would inherit the Prefect engine's threads
-    worker_start: Literal["fork", "spawn", "forkserver"] = "forkserver"
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    eval_every: int = Field(1, ge=1)
+    @model_validator(mode="after")
+    def _train_config_checks(self):
+        try:  # TrainConfig's own checks (ranges, choices) are the rules, stated once
+            TrainConfig(**self.model_dump())
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("TrainConfig.")) from None
+        return self
+
+
+def _train_section() -> type[_TrainSectionBase]:
+    hints = typing.get_type_hints(TrainConfig)
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES, "worker_start": WORKER_STARTS}
+    fields = {f.name: (Literal[choices[f.name]] if f.name in choices else hints[f.name], f.default)
+              for f in dataclasses.fields(TrainConfig) if f.name not in RECIPE_FIELDS}
+    return create_model("TrainSection", __base__=_TrainSectionBase, __module__=__name__, **fields)
+
+
+TrainSection = _train_section()
 
 
 class ModelConfig(Section):
@@ -145,7 +151,7 @@ class StudentsConfig(Section):
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(arch="mlp", kwargs={"width": 32, "depth": 1})])
     temperatures: list[float] = Field(default_factory=lambda: [4.0])
     alphas: list[float] = Field(default_factory=lambda: [0.5])
-    losses: list[Literal["kd", "soft_ce", "mse", "topk_kl"]] = Field(default_factory=lambda: ["kd"])
+    losses: list[Literal[LOSSES]] = Field(default_factory=lambda: ["kd"])
     baseline: bool = True                         # also train each architecture on hard labels
     extra_soft_labels: list[str] = Field(default_factory=list)  # more teachers' labels of the same inputs (averaged)
     export: bool = True                           # write each student as .safetensors and TorchScript

@@ -44,6 +44,11 @@ MODES = ("stored", "hard", "online")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
+WORKER_STARTS = ("fork", "spawn", "forkserver")
+# set by the recipe, not by a config's training section: paths, and a student's loss,
+# temperature and alpha, which come from the sweep grid (flows/config.py builds the
+# section from the other fields of TrainConfig: one training schema)
+RECIPE_FIELDS = ("loss", "temperature", "alpha", "log_path", "ckpt_path")
 # Seeding torch's global RNG and drawing from it (model init) must not interleave between
 # threads (a sweep trains students in parallel threads): whoever seeds or builds holds this.
 GLOBAL_RNG_LOCK = threading.RLock()
@@ -72,8 +77,9 @@ class TrainConfig:
     patience: int | None = None         # early stopping: evaluations without val-acc gain
     seed: int = 0
     num_workers: int = 0                # DataLoader workers for mode "stored"
-    worker_start: str = "fork"          # DataLoader worker start method: "fork" | "spawn" | "forkserver";
-                                        # inside a Prefect task use "forkserver": a fork inherits its threads
+    worker_start: str = "forkserver"    # DataLoader worker start method: "fork" | "spawn" | "forkserver";
+                                        # not fork by default: a fork inherits the parent's threads (a Prefect
+                                        # engine's, a storage pool's) in whatever state they are
     device: str = "auto"                # "cpu" | "cuda" | "auto"
     eval_every: int = 1                 # epochs between val evaluations (the last epoch always)
     log_path: str | None = None         # JSON lines, one record per epoch
@@ -81,7 +87,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                              ("device", DEVICES), ("worker_start", ("fork", "spawn", "forkserver"))):
+                              ("device", DEVICES), ("worker_start", WORKER_STARTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "eval_every"):

@@ -46,14 +46,25 @@ def test_mlp_param_count_exact():
     assert sum(p.numel() for p in m2.parameters()) == (64 * 16 + 16) + (16 * 16 + 16) + (16 * 10 + 10)
 
 
-def test_resnet_trains_one_step():
+def test_resnet_trains():
+    """Gradients reach every parameter, and optimizer steps really lower the loss on a batch."""
     torch.manual_seed(0)
     m = build_model(ModelSpec("resnet", {"width": 8, "blocks": [1, 1]}),
                     in_shape=[1, 8, 8], num_classes=4)
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
-    loss = nn.functional.cross_entropy(m(x), y)
-    loss.backward()
-    assert all(p.grad is not None for p in m.parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    first = nn.functional.cross_entropy(m(x), y)
+    first.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    for _ in range(20):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first.item()
 
 
 def test_build_errors():

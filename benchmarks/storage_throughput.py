@@ -129,9 +129,8 @@ def main():
         # writes: every repeat writes from scratch (np.save too: new files, like the writer)
         for r in range(a.repeats):
             for name in arrays:
-                for old in (f"{rep}-{name}.npy",):
-                    if os.path.exists(os.path.join(root, old)):
-                        os.remove(os.path.join(root, old))
+                if os.path.exists(os.path.join(root, f"{rep}-{name}.npy")):
+                    os.remove(os.path.join(root, f"{rep}-{name}.npy"))
             times["np.save"].append(timed(lambda: np_save(arrays, rep)))
             times["np.save-rewrite"].append(timed(lambda: np_save(arrays, rep)))
             times["floor"].append(timed(lambda: np_cast_save_fsync(rep)))

@@ -31,7 +31,7 @@ REDACTED = "***"
 
 def is_sensitive(key: str) -> bool:
     k = key.lower()
-    return any(k == s or k.endswith("_" + s) or k.endswith(s) for s in SENSITIVE)
+    return any(k.endswith(s) for s in SENSITIVE)   # "secret", "aws_secret_access_key", ...
 
 
 def is_reference(value: Any) -> bool:

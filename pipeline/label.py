@@ -117,13 +117,23 @@ def label_shard(model: nn.Module, inputs: ArrayDataset, writer: storage.SoftLabe
     {shard, rows, samples, seconds, samples_per_s, record (the writer's commit record)}.
     """
     t0 = time.perf_counter()
-    V = writer.manifest["num_views"]
-    if num_views != V:
-        raise ValueError(f"num_views={num_views} but the writer at {writer.uri} was opened with num_views={V}")
-    sids, views, logits, feats = teacher_outputs(
+    _check_views(writer, num_views)
+    out = teacher_outputs(
         model, inputs, start=start, stop=stop, view_spec=view_spec, num_views=num_views,
         num_classes=writer.manifest["num_classes"], feature=writer.manifest.get("feature"),
         batch_size=batch_size, device=device, amp=amp, feature_layer=feature_layer, where=writer.uri)
+    return _store_shard(writer, shard_index, start, stop, out, t0)
+
+
+def _check_views(writer: storage.SoftLabelWriter, num_views: int) -> None:
+    V = writer.manifest["num_views"]
+    if num_views != V:
+        raise ValueError(f"num_views={num_views} but the writer at {writer.uri} was opened with num_views={V}")
+
+
+def _store_shard(writer: storage.SoftLabelWriter, shard_index: int, start: int, stop: int, out, t0: float) -> dict:
+    """Commit teacher_outputs(...) as shard `shard_index`; the stats label_shard returns."""
+    sids, views, logits, feats = out
     record = writer.write_shard(shard_index, sids, logits, views, features=feats)
     dt = time.perf_counter() - t0
     return {"shard": shard_index, "rows": len(sids), "samples": stop - start, "seconds": dt,
@@ -271,15 +281,10 @@ def label_dataset(model: nn.Module, inputs: ArrayDataset, uri: str, *, batch_siz
     skipped = sorted(i for i in done if i < len(plan))
     stats = []
     feature = writer.manifest.get("feature")
-    if num_views != writer.manifest["num_views"]:
-        raise ValueError(f"num_views={num_views} but the writer at {writer.uri} was opened with num_views={writer.manifest['num_views']}")
+    _check_views(writer, num_views)
 
     def store(i: int, a: int, b: int, out, t_start: float) -> None:
-        sids, views, logits, feats = out
-        record = writer.write_shard(i, sids, logits, views, features=feats)
-        dt = time.perf_counter() - t_start
-        s = {"shard": i, "rows": len(sids), "samples": b - a, "seconds": dt,
-             "samples_per_s": (b - a) / dt if dt > 0 else float("inf"), "record": record}
+        s = _store_shard(writer, i, a, b, out, t_start)
         stats.append(s)
         if progress is not None:
             progress(s)

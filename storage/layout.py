@@ -171,7 +171,6 @@ class ParquetShard:
         self.num_rows = md.num_rows
         self.block_starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
         schema = self.file.schema_arrow
-        self.col_index = {}
         for c in spec:  # the file must hold exactly the columns the manifest describes
             if c.name not in schema.names:
                 raise CorruptShardError(f"{name}: column {c.name!r} is missing (has {schema.names})")

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from .errors import CorruptShardError, CoverageError, ManifestError
 from .fs import Location
-from .layout import DATA_DIR, Column, ParquetShard, ZarrShard, objects_nbytes, shard_basename, tree_sha256
+from .layout import DATA_DIR, Column, ParquetShard, ZarrShard, shard_basename, tree_sha256
 from .manifest import COMMITS_DIR, MANIFEST, TMP_DIR, check_shard_path, now_iso, parse_manifest
 from .parallel import pool
 
@@ -261,7 +261,7 @@ def forget_verified() -> None:
 
 def _mismatch(loc: Location, name: str, want: str, got: str) -> CorruptShardError:
     return CorruptShardError(f"{loc.uri}: shard {name} does not hold the bytes that were committed "
-                             f"(sha256 recorded {want[:16]}…, found {got[:16]}…): it was damaged or "
+                             f"(sha256 mismatch: recorded {want[:16]}…, found {got[:16]}…): it was damaged or "
                              f"replaced. Run `distill inspect {loc.uri} --verify` for details; re-label to repair.")
 
 
@@ -320,10 +320,6 @@ def _get_or_missing(d: dict, key: str):
         return d[key]
     except KeyError:
         raise FileNotFoundError(key) from None
-
-
-def shard_nbytes(objects: dict[str, list]) -> int:
-    return objects_nbytes(objects)
 
 
 # ------------------------------------------------------------------ coverage

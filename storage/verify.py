@@ -63,10 +63,7 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
             report.shards_checked += 1
             cols = sh.read(0, sh.num_rows, [c.name for c in spec])
         except SoftLabelError as e:
-            msg = str(e)
-            if "does not hold the bytes" in msg:
-                msg = f"sha256 mismatch: {msg}"
-            report.problems.append(f"shard {s['index']} ({name}): {msg}")
+            report.problems.append(f"shard {s['index']} ({name}): {e}")
             continue
         except Exception as e:
             report.problems.append(f"shard {s['index']} ({name}): cannot be decoded: {type(e).__name__}: {e}")

@@ -12,6 +12,7 @@ overwrite=True. See storage/shards.py for how concurrent writers stay safe.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -28,8 +29,8 @@ from .shards import (EXT, check_coverage, commits_disagree, mark_verified, publi
 from .parallel import for_row_blocks
 from .topk import scaled_topk
 
-# finalize() deletes unreferenced shard files and temp files only when they are older than
-# this: a concurrent writer may have just published a file whose commit is on its way.
+# finalize() deletes a temp file whose owner it cannot check (another host, an unknown name)
+# only when it is older than this: that writer may still be writing it.
 ORPHAN_AGE_S = 15 * 60
 
 
@@ -81,7 +82,7 @@ class SoftLabelWriter:
         self._new["columns"] = {c.name: c.to_dict() for c in self.columns}
         self._new["layout"] = {"compression": compression, "target_block_bytes": 16 << 20,
                                "row_bytes": row_bytes(self.columns),
-                               "shard_files": f"shard-NNNNN-<sha256[:16]>{EXT[backend]}"}
+                               "shard_files": f"{DATA_DIR}/shard-NNNNN-<sha256[:16]>{EXT[backend]}"}
         self.compression = compression
         self.manifest = self._open(overwrite)
         self.lineage = lineage_digest(self.manifest)
@@ -312,7 +313,6 @@ class SoftLabelWriter:
         # Orphans: shard files no commit record names (a crash between publish and commit,
         # or the loser of a commit race; a writer re-publishes if its file vanished), and
         # temp files of writers that are dead (same host) or older than ORPHAN_AGE_S.
-        import time
         keep = {s["path"] for s in m["shards"]}
         keep |= {c["path"] for c in read_commits(self.loc, m["backend"]).values()}
         for folder in (DATA_DIR, ""):

@@ -30,21 +30,61 @@ class Source(Protocol):
 
     len(source)               number of samples
     source.sample_ids         (N,) int64, unique, in the source's stable order
-    source.fingerprint()      a hash of inputs, labels and split definition
-    source.iter_batches(bs)   (ids (B,), inputs (B, ...)) in that order, every id once
+    source.y                  (N,) int64 labels, or None for an unlabeled set
+    source.num_classes        int or None; source.split_spec: how the set was cut (JSON text)
+    source.input_kind         "dense" (float tensors) or "tokens" (token ids (B, L) int64)
+    source.fingerprint()      a hash of inputs, labels, split definition and encoding
+    source.encode(pos)        model input rows at positions pos (before views), a tensor
+    source.model_args()       data-dependent factory arguments ({"in_shape": ...} or
+                              {"vocab_size", "pad_id", "max_length"} for tokens)
+    source.describe()         JSON: how rows become inputs (tokenizer fingerprint, image size...)
+    source.subset(idx, split_spec=)  rows at positions idx, ids kept
+    source.index_of(ids)      positions of sample ids (ValueError naming missing ones)
     source.split(seed=, ...)  {name: Source}, disjoint, deterministic (split_dataset's rules)
+
+    Implementations: ArrayDataset (mnist5k, digits, npz, numeric parquet, in RAM) and the
+    streamed table / image-folder sources of pipeline/sources.py (memory-mapped).
     """
     name: str
     sample_ids: np.ndarray
+    y: np.ndarray | None
+    num_classes: int | None
+    split_spec: str
+    input_kind: str
 
     def __len__(self) -> int: ...
 
     def fingerprint(self) -> str: ...
 
-    def iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def encode(self, pos: np.ndarray) -> torch.Tensor: ...
+
+    def model_args(self) -> dict: ...
+
+    def describe(self) -> dict: ...
+
+    def subset(self, idx, *, split_spec: str | None = None) -> "Source": ...
+
+    def index_of(self, sample_ids) -> np.ndarray: ...
 
     def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
               stratify: bool = True) -> dict[str, "Source"]: ...
+
+
+def model_inputs(inputs, pos: np.ndarray, views: np.ndarray, transform=None) -> torch.Tensor:
+    """The model's input for rows `pos` of `inputs`, as views `views` (B,): the rows
+    encoded (inputs.encode: floats (B, ...), or token ids (B, L) padded per batch), then
+    the deterministic view transform (pipeline/transforms.py; view 0 is the identity).
+    Labelling, training and evaluation all build inputs here, so the student sees
+    exactly the input the teacher labelled."""
+    pos = np.asarray(pos, dtype=np.int64)
+    views = np.asarray(views, dtype=np.int64)
+    x = inputs.encode(pos)
+    if transform is None:
+        if views.any():
+            raise ValueError(f"dataset {inputs.name!r}: view {int(views.max())} requested but no view transform "
+                             f"is configured (view 0 is the only view without one)")
+        return x
+    return transform.apply(x, inputs.sample_ids[pos], views)
 
 
 @dataclass
@@ -87,12 +127,26 @@ class ArrayDataset:
                 raise ValueError(f"dataset {self.name!r}: label {self.y.max()} "
                                  f">= num_classes {self.num_classes}")
 
+    input_kind = "dense"          # model input: float tensor (B, *in_shape)
+
     def __len__(self) -> int:
         return len(self.x)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    def encode(self, pos: np.ndarray) -> torch.Tensor:
+        """(B, *in_shape) float32 rows at positions pos (a copy: fancy indexing)."""
+        return torch.from_numpy(self.x[np.asarray(pos, dtype=np.int64)])
+
+    def model_args(self) -> dict:
+        """Data-dependent arguments for model factories (models.complete_spec)."""
+        return {"in_shape": self.in_shape}
+
+    def describe(self) -> dict:
+        """How rows become model inputs, for lineage: {"kind": "dense", "in_shape": [...]}."""
+        return {"kind": "dense", "in_shape": list(self.in_shape)}
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, int]:
         # torch map-style item: (sample_id, x, label or -1 when unlabeled)

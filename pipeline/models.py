@@ -147,6 +147,43 @@ def resnet_cnn(*, in_shape: tuple[int, ...], num_classes: int, width: int = 32,
 
 
 ARCHS = {"mlp": mlp, "cnn": small_cnn, "resnet": resnet_cnn}
+# Built-in archs whose modules are heavy to import (transformers): resolved on first use.
+# They take token ids (B, L) int64 ("tokens" input); factories get vocab_size / pad_id
+# from the data (complete_spec) and Hugging Face weights from a local `path`.
+LAZY_ARCHS = {"hf-encoder": "pipeline.hf:hf_encoder_classifier",
+              "hf-sequence-classification": "pipeline.hf:hf_sequence_classifier",
+              "bag": "pipeline.text_models:embedding_bag",
+              "transformer": "pipeline.text_models:tiny_transformer"}
+
+
+def _factory(arch: str):
+    if is_import_path(arch):
+        return _import_factory(arch)
+    if arch in ARCHS:
+        return ARCHS[arch]
+    if arch in LAZY_ARCHS:
+        return _import_factory(LAZY_ARCHS[arch])
+    raise ValueError(f"unknown model arch {arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
+                     f"or an import path 'package.module:factory'")
+
+
+def complete_spec(spec: "dict | ModelSpec", data_args: dict) -> "ModelSpec":
+    """The spec with the data-dependent arguments its factory accepts (vocab_size, pad_id,
+    max_length of a tokenizer...) written into kwargs, so that a checkpoint saved with it
+    rebuilds the same model without the data. in_shape / num_classes stay separate (the
+    checkpoint records them). A kwarg the user set that conflicts with the data is an error."""
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec.from_dict(spec)
+    params = inspect.signature(_factory(spec.arch)).parameters
+    kwargs = dict(spec.kwargs)
+    for key, val in data_args.items():
+        if key in ("in_shape", "num_classes") or key not in params or val is None:
+            continue
+        if key in kwargs and _norm(kwargs[key]) != _norm(val):
+            raise ValueError(f"model {spec.arch!r}: kwargs {key}={kwargs[key]!r} conflicts with {key}={val!r} "
+                             f"from the data")
+        kwargs[key] = val
+    return ModelSpec(spec.arch, kwargs)
 
 
 # ---------------------------------------------------------------- build from config
@@ -228,13 +265,7 @@ def build_model(spec: dict | ModelSpec, *, in_shape: tuple[int, ...] | None = No
     if not isinstance(spec, ModelSpec):
         spec = ModelSpec.from_dict(spec)
     check_factory_trusted(spec.arch, trusted_factories)
-    if is_import_path(spec.arch):
-        factory = _import_factory(spec.arch)
-    elif spec.arch in ARCHS:
-        factory = ARCHS[spec.arch]
-    else:
-        raise ValueError(f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS)} "
-                         f"or an import path 'package.module:factory'")
+    factory = _factory(spec.arch)
 
     kwargs = dict(spec.kwargs)
     for key, val in (("in_shape", in_shape), ("num_classes", num_classes)):
@@ -274,26 +305,29 @@ def _norm(v):
 
 # ---------------------------------------------------------------- the model seam
 
-INPUT_KINDS = ("dense",)  # a float tensor (B, *in_shape); later: "tokens" (ids + attention mask)
+# "dense": a float tensor (B, *in_shape); "tokens": token ids (B, L) int64, padded per batch
+# with the tokenizer's pad id (the model derives its attention mask as ids != pad_id)
+INPUT_KINDS = ("dense", "tokens")
 
 
 @dataclass(frozen=True)
 class ModelAdapter:
     """How to build a teacher or student and what input it takes.
 
-    The implementations today: the built-in archs (ARCHS: "mlp", "cnn", "resnet") and an
-    import path "pkg.mod:factory", all taking "dense" input. A factory may declare another
-    kind with an `input_kind` attribute (read only once the factory is trusted and imported).
+    The implementations: the built-in archs (ARCHS: "mlp", "cnn", "resnet", taking "dense"
+    input; LAZY_ARCHS: Hugging Face encoders and token students, taking "tokens") and an
+    import path "pkg.mod:factory". A factory declares its kind with an `input_kind`
+    attribute (read only once the factory is trusted and imported; default "dense").
     trusted_factories as in build_model: None trusts the spec (the caller's own config)."""
     spec: ModelSpec
     trusted_factories: frozenset[str] | None = None
 
     @property
     def input_kind(self) -> str:
-        if not is_import_path(self.spec.arch):
+        if self.spec.arch in ARCHS:
             return "dense"
         check_factory_trusted(self.spec.arch, self.trusted_factories)
-        kind = getattr(_import_factory(self.spec.arch), "input_kind", "dense")
+        kind = getattr(_factory(self.spec.arch), "input_kind", "dense")
         if kind not in INPUT_KINDS:
             raise ValueError(f"model {self.spec.arch!r}: input_kind {kind!r} is not one of {list(INPUT_KINDS)}")
         return kind
@@ -310,8 +344,8 @@ def model_adapter(spec: dict | ModelSpec, *, trusted_factories: Collection[str] 
         spec = ModelSpec.from_dict(spec)
     trusted = None if trusted_factories is None else frozenset(trusted_factories)
     check_factory_trusted(spec.arch, trusted)
-    if not is_import_path(spec.arch) and spec.arch not in ARCHS:
-        raise ValueError(f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS)} "
+    if not is_import_path(spec.arch) and spec.arch not in ARCHS and spec.arch not in LAZY_ARCHS:
+        raise ValueError(f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
                          f"or an import path 'package.module:factory'")
     return ModelAdapter(spec, trusted)
 

@@ -77,6 +77,10 @@ class ViewSpec:
         blob = json.dumps({"version": VIEWS_VERSION, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def apply(self, x: torch.Tensor, sample_ids, views) -> torch.Tensor:
+        """The transform protocol (pipeline/transforms.py): apply_views(x, sample_ids, views, self)."""
+        return apply_views(x, sample_ids, views, self)
+
 
 # ---------------------------------------------------------------- counter-based hash
 

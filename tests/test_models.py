@@ -111,6 +111,10 @@ def factory_module(tmp_path, monkeypatch):
         def tokens_model(**kw):
             return nn.Linear(4, 2)
         tokens_model.input_kind = "tokens"
+
+        def pixels_model(**kw):
+            return nn.Linear(4, 2)
+        pixels_model.input_kind = "pixels"
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_student_zoo"
@@ -197,5 +201,6 @@ def test_adapter_for_a_factory_needs_trust(factory_module):
     assert ad.input_kind == "dense" and ad.build((4,), 3)(torch.rand(1, 4)).shape == (1, 3)
     # the caller's own spec (trusted_factories=None), and a factory declaring another input kind
     assert model_adapter({"arch": f"{factory_module}:flexible"}).build((6,), 2).in_features == 6
-    with pytest.raises(ValueError, match="input_kind 'tokens' is not one of"):
-        model_adapter({"arch": f"{factory_module}:tokens_model"}).input_kind
+    assert model_adapter({"arch": f"{factory_module}:tokens_model"}).input_kind == "tokens"
+    with pytest.raises(ValueError, match="input_kind 'pixels' is not one of"):
+        model_adapter({"arch": f"{factory_module}:pixels_model"}).input_kind

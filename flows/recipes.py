@@ -14,7 +14,7 @@ import numpy as np
 import storage
 from storage import Location
 from pipeline.checkpoint import checkpoint_info, load_model
-from pipeline.data import ArrayDataset, load_dataset, split_dataset
+from pipeline.data import Source, load_dataset, split_dataset
 from pipeline.evaluate import evaluate
 from pipeline.label import label_shard, open_label_writer
 from pipeline.teacher import finetune, train_teacher, training_lineage
@@ -31,20 +31,46 @@ def as_config(cfg: Config | dict) -> Config:
     return cfg if isinstance(cfg, Config) else parse_config(cfg)
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from pipeline.text import load_tokenizer
+    return load_tokenizer(path)
+
+
+def tokenizer(cfg: Config):
+    """The config's tokenizer (data.tokenizer.path), loaded once per process; None without one."""
+    return _tokenizer(cfg.data.tokenizer.path) if cfg.data.tokenizer else None
+
+
 @functools.lru_cache(maxsize=8)
-def _splits(data_json: str) -> dict[str, ArrayDataset]:
+def _splits(data_json: str) -> dict[str, Source]:
     d = json.loads(data_json)
-    ds = load_dataset(d["dataset"], **d["loader"])
+    if d.get("source"):  # a streamed table / image folder, cached memory-mapped (pipeline/sources.py)
+        from pipeline.sources import open_table_source
+        tok = d.get("tokenizer") or {}
+        ds = open_table_source({k: v for k, v in d["source"].items() if v is not None},
+                               tokenizer=_tokenizer(tok["path"]) if tok else None,
+                               tokenizer_path=tok.get("path"), max_length=tok.get("max_length", 128))
+    else:
+        ds = load_dataset(d["dataset"], **d["loader"])
     return split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
 
 
-def splits(cfg: Config) -> dict[str, ArrayDataset]:
+def splits(cfg: Config) -> dict[str, Source]:
     """Deterministic splits from the config (cached per process: tasks share threads)."""
     return _splits(cfg.data.model_dump_json())
 
 
-def view_spec(cfg: Config) -> ViewSpec | None:
+def view_spec(cfg: Config):
+    """The config's deterministic view transform (a ViewSpec, or a pipeline/transforms.py
+    transform from views.transform), None for plain single-view labels."""
     v = cfg.views
+    if v.transform is not None:
+        from pipeline.text import tokenizer_info
+        from pipeline.transforms import transform_from_config
+        tok = tokenizer(cfg)
+        return transform_from_config({"seed": v.seed, **v.transform},
+                                     tokenizer_info=tokenizer_info(tok) if tok is not None else None)
     if v.num_views == 1 and not (v.shift or v.hflip or v.noise_std):
         return None
     return ViewSpec(shift=v.shift, hflip=v.hflip, noise_std=v.noise_std, seed=v.seed)
@@ -56,7 +82,7 @@ def train_config(section: TrainSection, **extra) -> TrainConfig:
     return TrainConfig(**section.model_dump(), **extra)
 
 
-def eval_split(cfg: Config) -> ArrayDataset:
+def eval_split(cfg: Config) -> Source:
     s = splits(cfg)
     return s.get("test") or s.get("val") or next(iter(s.values()))
 
@@ -190,8 +216,15 @@ def _writer(cfg: Config, teacher: dict, *, overwrite: bool = False):
     model, _ = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
     inputs = splits(cfg)[cfg.data.label_split]
     lc = cfg.label
+    vs = view_spec(cfg)
+    # what the labels are a function of, plus the config's data section: `distill inspect
+    # --replay` rebuilds the very inputs from it and recomputes stored rows with the teacher
+    data = {"name": inputs.name, "split": inputs.split_spec, "fingerprint": inputs.fingerprint(),
+            "transform": vs.to_dict() if vs is not None else None, "inputs": inputs.describe(),
+            "recipe": {"data": json.loads(cfg.data.model_dump_json()), "label_split": cfg.data.label_split}}
     writer, plan, dev, amp = open_label_writer(
         model, inputs, cfg.soft_label_uri(), backend=lc.backend, temperature=lc.temperature, teacher=teacher,
+        data=data,
         num_views=cfg.views.num_views, view_spec=view_spec(cfg), shard_size=lc.shard_size,
         representation=lc.representation, k=lc.k, dtype=lc.dtype, device=lc.device, amp=lc.amp,
         feature_layer=lc.feature_layer, storage_options=secrets.resolve(lc.storage_options) or None, overwrite=overwrite,
@@ -442,3 +475,25 @@ def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = No
     m = storage.read_manifest(Location(uri, storage_options))
     report = storage.verify(uri, storage_options=storage_options) if verify else None
     return summarize(m, uri), report
+
+
+def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_factories=(), seed: int = 0) -> dict:
+    """`distill inspect URI --replay N`: rebuild the labelled inputs from the config data
+    section the manifest records, check they are the ones labelled (fingerprint), and
+    recompute N random stored rows with the recorded teacher (pipeline/replay.py)."""
+    from pipeline.replay import replay_rows
+    from pipeline.transforms import transform_from_dict
+    ds = storage.open_soft_labels(uri, storage_options=storage_options)
+    m = ds.manifest
+    recipe = (m.get("data") or {}).get("recipe")
+    if not recipe:
+        raise ValueError(f"{uri}: the manifest records no data recipe (labelled by an older distillery or "
+                         f"outside `distill label`), so its inputs cannot be rebuilt for a replay")
+    inputs = _splits(json.dumps(recipe["data"], sort_keys=True))[recipe["label_split"]]
+    if inputs.fingerprint() != m["data"]["fingerprint"]:
+        raise ValueError(f"{uri}: the inputs rebuilt from the recorded data section have fingerprint "
+                         f"{inputs.fingerprint()[:16]}, the labels were made from {m['data']['fingerprint'][:16]}: "
+                         f"the data files changed since labelling")
+    transform = transform_from_dict(m["data"].get("transform"))
+    model, _ = load_model(m["teacher"]["checkpoint"], trusted_factories=trusted_factories)
+    return replay_rows(model, inputs, ds, n=n, transform=transform, seed=seed)

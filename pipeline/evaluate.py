@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import ArrayDataset
+from .data import Source, model_inputs
 from .models import model_stats
 
 
@@ -37,15 +37,23 @@ def _check_labels(logits: torch.Tensor, y: torch.Tensor) -> None:
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x, *, batch_size: int = 512,
                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """Logits (N, C) float32 on CPU for inputs x (N, ...) in eval mode; the model's
+    """Logits (N, C) float32 on CPU in eval mode, for inputs x (N, ...) or for every row
+    (view 0) of a Source (pipeline/data.py: tokenized, decoded... per batch); the model's
     train/eval mode is restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    x = _tensor(x, torch.float32)
+    if hasattr(x, "encode"):  # a Source: rows become inputs batch by batch (dynamic padding)
+        src = x
+        batches = (model_inputs(src, np.arange(i, min(i + batch_size, len(src))),
+                                np.zeros(min(batch_size, len(src) - i), np.int64))
+                   for i in range(0, len(src), batch_size))
+    else:
+        x = _tensor(x, torch.float32)
+        batches = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
     was_training = model.training
     model.eval()
     try:
-        outs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+        outs = [model(xb.to(device)).float().cpu() for xb in batches]
     finally:
         model.train(was_training)
     if not outs:
@@ -103,14 +111,14 @@ def expected_calibration_error(logits, y, n_bins: int = 15) -> float:
     return float(((acc_sum - conf_sum).abs()).sum() / len(y))  # |B|/N * |acc-conf| = |sum(correct-conf)|/N
 
 
-def evaluate(model: nn.Module, ds: ArrayDataset, *, teacher_logits=None, batch_size: int = 512,
+def evaluate(model: nn.Module, ds: Source, *, teacher_logits=None, batch_size: int = 512,
              device: str | torch.device = "cpu", n_bins: int = 15, stats: bool = True,
              latency_repeats: int = 20) -> dict:
     """accuracy, per_class_accuracy, ece, agreement (if teacher_logits (N, C) are given,
     rows in ds order), and params / size_bytes / latency_ms (CPU, batch 1) when stats=True."""
     if ds.y is None:
         raise ValueError(f"dataset {ds.name!r} has no labels; evaluation needs a labeled split")
-    logits = predict_logits(model, ds.x, batch_size=batch_size, device=device)
+    logits = predict_logits(model, ds, batch_size=batch_size, device=device)
     out = {"num_samples": len(ds),
            "accuracy": accuracy(logits, ds.y),
            "per_class_accuracy": per_class_accuracy(logits, ds.y, ds.num_classes),
@@ -123,7 +131,7 @@ def evaluate(model: nn.Module, ds: ArrayDataset, *, teacher_logits=None, batch_s
         out["agreement"] = agreement(logits, t)
     if stats:
         was = next(model.parameters(), torch.empty(0)).device
-        out.update(model_stats(model.cpu(), in_shape=ds.in_shape, repeats=latency_repeats))
+        out.update(model_stats(model.cpu(), example=model_inputs(ds, [0], [0]), repeats=latency_repeats))
         model.to(was)
     return out
 

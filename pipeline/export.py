@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .data import model_inputs
+from .evaluate import predict_logits
 from .models import model_stats
 
 
@@ -99,17 +101,20 @@ def compression_report(model: nn.Module, x_test, y_test, *, in_shape: tuple[int,
     {"fp32": {accuracy, size_bytes, latency_ms}, "int8": {...}, "params",
      "safetensors_bytes", "size_ratio" (int8 / fp32), "accuracy_drop" (fp32 - int8)}
     """
-    x = torch.as_tensor(np.asarray(x_test) if not torch.is_tensor(x_test) else x_test, dtype=torch.float32).cpu()
+    source = hasattr(x_test, "encode")  # a pipeline.data Source (token ids, decoded images...)
+    x = x_test if source else torch.as_tensor(np.asarray(x_test) if not torch.is_tensor(x_test) else x_test,
+                                              dtype=torch.float32).cpu()
     y = torch.as_tensor(np.asarray(y_test) if not torch.is_tensor(y_test) else y_test).long().cpu()
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"x_test and y_test must be non-empty with equal length, got {len(x)} and {len(y)}")
     fp32 = copy.deepcopy(model).cpu().eval()
     int8 = quantize_dynamic_int8(fp32)
+    example = model_inputs(x, [0], [0]) if source else None
     out = {}
     for name, m in (("fp32", fp32), ("int8", int8)):
-        st = model_stats(m, in_shape=tuple(in_shape), repeats=repeats)
-        out[name] = {"accuracy": _accuracy(m, x, y), "size_bytes": st["size_bytes"],
-                     "latency_ms": st["latency_ms"]}
+        st = model_stats(m, in_shape=tuple(in_shape), repeats=repeats, example=example)
+        acc = (float((predict_logits(m, x).argmax(1) == y).double().mean()) if source else _accuracy(m, x, y))
+        out[name] = {"accuracy": acc, "size_bytes": st["size_bytes"], "latency_ms": st["latency_ms"]}
     # quantized Linear weights are packed buffers, not parameters: count the fp32 model's
     out["params"] = sum(p.numel() for p in fp32.parameters())
     with tempfile.TemporaryDirectory() as d:

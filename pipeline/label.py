@@ -26,9 +26,8 @@ import torch.nn as nn
 
 import storage
 
-from .data import ArrayDataset
+from .data import Source, model_inputs
 from .device import resolve_device  # noqa: F401  (re-exported)
-from .views import ViewSpec, apply_views
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,10 +79,12 @@ class _Capture:
         self.handle.remove()
 
 
-def _probe(model: nn.Module, in_shape, layer: str | None) -> tuple[int, list[int] | None]:
-    """(num_classes, [F] or None) from one dummy forward of a (1, *in_shape) zero input."""
+def _probe(model: nn.Module, example, layer: str | None) -> tuple[int, list[int] | None]:
+    """(num_classes, [F] or None) from one forward of `example`: a real input row (1, ...)
+    (token ids cannot be zeros of a shape), or an in_shape tuple for a (1, *in_shape) zero input."""
     p = next(iter(model.parameters()), None)
-    x = torch.zeros(1, *in_shape, device=p.device if p is not None else "cpu")
+    dev = p.device if p is not None else "cpu"
+    x = example.to(dev) if torch.is_tensor(example) else torch.zeros(1, *example, device=dev)
     cap = _Capture(model, layer) if layer else None
     was_training = model.training
     model.eval()
@@ -100,15 +101,16 @@ def _probe(model: nn.Module, in_shape, layer: str | None) -> tuple[int, list[int
     return int(out.shape[1]), ([int(cap.out.shape[1])] if cap else None)
 
 
-def feature_shape(model: nn.Module, layer: str, in_shape) -> list[int]:
-    """[F]: the flattened per-sample size of `layer`'s output (one dummy forward)."""
-    return _probe(model, tuple(in_shape), layer)[1]
+def feature_shape(model: nn.Module, layer: str, example) -> list[int]:
+    """[F]: the flattened per-sample size of `layer`'s output (one forward of `example`,
+    an input row (1, ...) or an in_shape tuple)."""
+    return _probe(model, example if torch.is_tensor(example) else tuple(example), layer)[1]
 
 
 # ---------------------------------------------------------------- one shard
 
-def label_shard(model: nn.Module, inputs: ArrayDataset, writer: storage.SoftLabelWriter, shard_index: int, *,
-                start: int, stop: int, view_spec: ViewSpec | None, num_views: int, batch_size: int = 512,
+def label_shard(model: nn.Module, inputs: Source, writer: storage.SoftLabelWriter, shard_index: int, *,
+                start: int, stop: int, view_spec, num_views: int, batch_size: int = 512,
                 device: str = "cpu", amp: str | None = None, feature_layer: str | None = None) -> dict:
     """Label samples [start, stop) x views 0..V-1 and commit them as shard `shard_index`.
 
@@ -140,7 +142,7 @@ def _store_shard(writer: storage.SoftLabelWriter, shard_index: int, start: int, 
             "samples_per_s": (stop - start) / dt if dt > 0 else float("inf"), "record": record}
 
 
-def teacher_outputs(model: nn.Module, inputs: ArrayDataset, *, start: int, stop: int, view_spec: ViewSpec | None,
+def teacher_outputs(model: nn.Module, inputs: Source, *, start: int, stop: int, view_spec,
                     num_views: int, num_classes: int, feature: dict | None = None, batch_size: int = 512,
                     device: str = "cpu", amp: str | None = None, feature_layer: str | None = None,
                     where: str = "the dataset"):
@@ -169,8 +171,6 @@ def teacher_outputs(model: nn.Module, inputs: ArrayDataset, *, start: int, stop:
     sids = inputs.sample_ids[pos]                               # (R,) int64
     R = len(pos)
 
-    # one reusable pinned staging buffer: safe because each batch ends with a blocking copy back
-    staging = torch.empty((min(batch_size, R), *inputs.in_shape), pin_memory=True) if cuda else None
     logits = np.empty((R, num_classes), np.float32)
     feats = np.empty((R, int(np.prod(feat["shape"]))), np.float32) if feat else None
 
@@ -182,11 +182,11 @@ def teacher_outputs(model: nn.Module, inputs: ArrayDataset, *, start: int, stop:
         with torch.inference_mode(), torch.autocast(dev.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
             for a in range(0, R, batch_size):
                 b = min(a + batch_size, R)
-                xb = torch.from_numpy(inputs.x[pos[a:b]])          # (B, *in_shape) float32
+                # the rows as the views (sample_id, view) name them: (B, *in_shape) floats or
+                # (B, L) token ids; pinned on CUDA so the copy to the device is asynchronous
+                xb = model_inputs(inputs, pos[a:b], views[a:b], view_spec)
                 if cuda:
-                    staging[:b - a].copy_(xb)
-                    xb = staging[:b - a].to(dev, non_blocking=True)
-                xb = apply_views(xb, sids[a:b], views[a:b], view_spec) if view_spec is not None else xb
+                    xb = xb.pin_memory().to(dev, non_blocking=True)
                 z = model(xb)                                       # (B, C)
                 if z.shape != (b - a, logits.shape[1]):
                     raise ValueError(f"the teacher returned logits of shape {tuple(z.shape)}, "
@@ -222,9 +222,9 @@ def _check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, n
                              f"this run's plan expects {want}; use the same shard_size, or overwrite=True")
 
 
-def open_label_writer(model: nn.Module, inputs: ArrayDataset, uri: str, *, backend: str = "parquet",
+def open_label_writer(model: nn.Module, inputs: Source, uri: str, *, backend: str = "parquet",
                       temperature: float, teacher: dict, data: dict | None = None, num_views: int = 1,
-                      view_spec: ViewSpec | None = None, shard_size: int = 2048, representation: str = "dense",
+                      view_spec=None, shard_size: int = 2048, representation: str = "dense",
                       k: int | None = None, dtype: str = "float16", device: str = "cpu", amp: str | None = None,
                       feature_layer: str | None = None, storage_options: dict | None = None,
                       overwrite: bool = False, compression: str = "none"):
@@ -234,22 +234,24 @@ def open_label_writer(model: nn.Module, inputs: ArrayDataset, uri: str, *, backe
     shard; `amp` is None off CUDA. Used by label_dataset and by the per-shard Prefect
     tasks, which each re-open the writer (same identity -> resume, never a wipe).
     """
-    if not isinstance(inputs, ArrayDataset):
-        raise ValueError(f"inputs must be a pipeline.data.ArrayDataset, got {type(inputs).__name__}")
+    if not hasattr(inputs, "encode"):
+        raise ValueError(f"inputs must be a pipeline.data Source (ArrayDataset, pipeline.sources...), "
+                         f"got {type(inputs).__name__}")
     transform = view_spec.to_dict() if view_spec is not None else None
     if data is None:
         data = {"name": inputs.name, "split": inputs.split_spec, "fingerprint": inputs.fingerprint(),
-                "transform": transform}
+                "transform": transform, "inputs": inputs.describe()}
     else:
         data = dict(data)
         data.setdefault("transform", transform)
+        data.setdefault("inputs", inputs.describe())
         if data["transform"] != transform:
             raise ValueError(f"data['transform']={data['transform']!r} does not match view_spec "
                              f"({transform!r}); the student regenerates views from the stored transform")
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)  # warns here once, so label_shard gets None on CPU
     model.to(dev)
-    num_classes, fshape = _probe(model, inputs.in_shape, feature_layer)
+    num_classes, fshape = _probe(model, model_inputs(inputs, [0], [0]), feature_layer)
     if inputs.num_classes and inputs.num_classes != num_classes:
         raise ValueError(f"the teacher outputs {num_classes} classes but dataset {inputs.name!r} "
                          f"has num_classes={inputs.num_classes}")
@@ -263,7 +265,7 @@ def open_label_writer(model: nn.Module, inputs: ArrayDataset, uri: str, *, backe
     return writer, plan, dev, amp
 
 
-def label_dataset(model: nn.Module, inputs: ArrayDataset, uri: str, *, batch_size: int = 512,
+def label_dataset(model: nn.Module, inputs: Source, uri: str, *, batch_size: int = 512,
                   progress: Callable[[dict], None] | None = None, **kw) -> dict:
     """Label every (sample, view) of `inputs` into a soft-label dataset at `uri` and finalize it.
 

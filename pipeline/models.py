@@ -352,9 +352,11 @@ def model_adapter(spec: dict | ModelSpec, *, trusted_factories: Collection[str] 
 
 # ---------------------------------------------------------------- stats
 
-def model_stats(model: nn.Module, *, in_shape: tuple[int, ...], batch_size: int = 1,
-                repeats: int = 20) -> dict:
-    """params, serialised state_dict size (bytes) and median CPU forward latency (ms)."""
+def model_stats(model: nn.Module, *, in_shape: tuple[int, ...] | None = None, batch_size: int = 1,
+                repeats: int = 20, example: torch.Tensor | None = None) -> dict:
+    """params, serialised state_dict size (bytes) and median CPU forward latency (ms) on a
+    random (batch_size, *in_shape) input, or on `example` (one real input row: token ids
+    cannot be random floats), repeated to batch_size rows."""
     if repeats < 1 or batch_size < 1:
         raise ValueError(f"repeats and batch_size must be >= 1, found {repeats}, {batch_size}")
     params = sum(p.numel() for p in model.parameters())
@@ -363,7 +365,10 @@ def model_stats(model: nn.Module, *, in_shape: tuple[int, ...], batch_size: int 
 
     was_training = model.training
     model.eval()
-    x = torch.rand(batch_size, *in_shape, generator=torch.Generator().manual_seed(0))
+    if example is not None:
+        x = example[:1].repeat(batch_size, *([1] * (example.ndim - 1)))
+    else:
+        x = torch.rand(batch_size, *in_shape, generator=torch.Generator().manual_seed(0))
     first = next(iter(model.parameters()), None)
     x = x if first is None else x.to(first.device)
     times = []

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import HintLoss, _row_mean, logit_mse, rkd_distance_loss, soft_kl_loss, soft_target_cross_entropy, topk_kl_loss
+from .data import model_inputs
 
 __all__ = ["Objective", "rescale", "teacher_side", "LOSSES", "MULTI_TEACHER_LOSSES"]
 
@@ -285,5 +286,5 @@ def _build_hint(mode: str, model, stream, teacher, data, ddp: bool, device) -> H
         if not hasattr(teacher, "features"):
             raise ValueError("online hint/RKD losses need a teacher with .features(x)")
         with torch.inference_mode():
-            t_dim = teacher.features(torch.from_numpy(data.x[:1]).to(device)).reshape(1, -1).shape[1]
+            t_dim = teacher.features(model_inputs(data, [0], [0]).to(device)).reshape(1, -1).shape[1]
     return HintLoss(model.head.in_features, t_dim).to(device)

@@ -39,8 +39,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from storage import SoftLabelDataset, open_soft_labels
 from storage import Location, batches_per_partition
 
-from .data import ArrayDataset
-from .views import ViewSpec, apply_views
+from .data import Source, model_inputs
+from .transforms import transform_from_dict
 
 # The label join handles up to this many bytes of label tensors per call (k whole batches,
 # k <= MAX_JOIN_BATCHES): small batches amortize its per-call cost; many classes still go
@@ -56,32 +56,32 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
         raise ValueError(f"rank must be in [0, world_size={world_size!r}), got rank={rank!r}")
 
 
-def _resolve_views(view_spec: ViewSpec | None, manifest: dict, uri: str) -> ViewSpec | None:
-    """The views to regenerate. pipeline/label.py records data.transform = view_spec.to_dict():
-    a given spec must equal it; with none given, the stored one is used."""
+def _resolve_views(view_spec, manifest: dict, uri: str):
+    """The view transform to regenerate. pipeline/label.py records data.transform =
+    transform.to_dict(): a given transform must equal it; with none given, the stored one
+    is rebuilt (pipeline/transforms.py; a user function is imported by its path)."""
     stored = (manifest.get("data") or {}).get("transform")
-    try:
-        stored = ViewSpec.from_dict(stored) if isinstance(stored, dict) else None
-    except (TypeError, ValueError):
-        stored = None  # a transform recorded in some other convention: nothing to check
-    if stored is None:
+    if not isinstance(stored, dict):
         return view_spec
-    if view_spec is None:
-        return stored
-    if view_spec.to_dict() != stored.to_dict():
-        raise ValueError(f"view_spec {view_spec.to_dict()} differs from the transform the soft labels at {uri} "
-                         f"were made with ({stored.to_dict()}); views would not match their labels")
-    return view_spec
+    if view_spec is not None:
+        if view_spec.to_dict() != stored:
+            raise ValueError(f"view transform {view_spec.to_dict()} differs from the transform the soft labels at {uri} "
+                             f"were made with ({stored}); views would not match their labels")
+        return view_spec
+    try:
+        return transform_from_dict(stored)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"soft labels at {uri}: cannot rebuild their view transform {stored}: {e}") from None
 
 
-def _labels(inputs: ArrayDataset, pos: np.ndarray) -> torch.Tensor:
+def _labels(inputs: Source, pos: np.ndarray) -> torch.Tensor:
     if inputs.y is None:
         return torch.full((len(pos),), -1, dtype=torch.int64)
     return torch.from_numpy(inputs.y[pos])
 
 
 class StoredLabelStream(IterableDataset):
-    def __init__(self, soft_label_uri: str, inputs: ArrayDataset, view_spec: ViewSpec | None = None, *,
+    def __init__(self, soft_label_uri: str, inputs: Source, view_spec=None, *,
                  batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  storage_options: dict | None = None, expect: dict | None = None,
                  extra_soft_labels: list[str] | None = None):
@@ -198,12 +198,9 @@ class StoredLabelStream(IterableDataset):
 
     def inputs_of(self, pos: np.ndarray, sid: np.ndarray, view: np.ndarray) -> torch.Tensor:
         """The input rows at positions `pos`, as the views (sample_id, view) name: (B, ...)."""
-        x = torch.from_numpy(self.inputs.x[pos])                # fancy index = a fresh copy
-        if self.view_spec is not None:
-            x = apply_views(x, sid, view, self.view_spec)       # view 0 stays the identity
-        elif view.any():
+        if self.view_spec is None and view.any():
             raise ValueError(f"soft labels at {self.uri} contain view {int(view.max())} but view_spec is None")
-        return x
+        return model_inputs(self.inputs, pos, view, self.view_spec)  # view 0 stays the identity
 
     def join_labels(self, b: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """Storage rows -> every batch field but x, and the rows' positions in the inputs."""
@@ -235,7 +232,7 @@ def keep_batch(batch):
 
 
 class HardLabelBatches:
-    """In-memory batches from an ArrayDataset for hard-label training (baseline, teacher).
+    """Batches from a Source for hard-label training (baseline, teacher).
 
     Each epoch: rows are permuted by rng(seed, epoch) (the same order on every rank);
     rank r takes positions [r*M, (r+1)*M) of that order, M = ceil(N / world_size),
@@ -245,7 +242,7 @@ class HardLabelBatches:
     otherwise a fresh id in [1, 2**31) so every epoch sees new augmentations.
     """
 
-    def __init__(self, data: ArrayDataset, *, batch_size: int, view_spec: ViewSpec | None = None,
+    def __init__(self, data: Source, *, batch_size: int, view_spec=None,
                  num_views: int | None = None, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1):
         _check_rank(rank, world_size, batch_size)
@@ -285,9 +282,7 @@ class HardLabelBatches:
         for a in range(0, m, self.batch_size):
             p, v = pos[a:a + self.batch_size], vws[a:a + self.batch_size]
             sid = self.data.sample_ids[p]
-            x = torch.from_numpy(self.data.x[p])                # (B, ...) copy
-            if self.view_spec is not None:
-                x = apply_views(x, sid, v, self.view_spec)
+            x = model_inputs(self.data, p, v if self.view_spec is not None else np.zeros_like(v), self.view_spec)
             yield {"x": x, "y": _labels(self.data, p), "sample_id": torch.from_numpy(sid),
                    "view": torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)),
                    "weight": torch.from_numpy((~pad[a:a + self.batch_size]).astype(np.float32))}

@@ -34,12 +34,12 @@ import torch.nn as nn
 from storage import Location, lineage_digest
 
 from .checkpoint import load_model, save_checkpoint
-from .data import ArrayDataset, Source
+from .data import Source, model_inputs
 from .evaluate import evaluate, predict_logits
-from .models import model_adapter
+from .models import complete_spec, model_adapter
 from .teacher import data_info
 from .train import GLOBAL_RNG_LOCK, TrainConfig, resume_key, train
-from .views import ViewSpec
+from .views import ViewSpec  # noqa: F401  (annotations)
 
 MODES = ("stored", "hard")
 # one shape for every student checkpoint, whoever trained it (flows, torchrun)
@@ -58,7 +58,7 @@ def soft_label_info(uri: str, manifest: dict) -> dict:
             "temperature": manifest.get("temperature"), "representation": manifest.get("representation")}
 
 
-def student_metadata(*, run: dict, teacher: dict | None, soft_labels: Sequence[dict], data: ArrayDataset,
+def student_metadata(*, run: dict, teacher: dict | None, soft_labels: Sequence[dict], data: Source,
                      train_config: TrainConfig, result: dict, lineage: dict | None, world_size: int = 1) -> dict:
     """The metadata of a student checkpoint (keys STUDENT_METADATA_KEYS), the one shape
     written by every caller of the recipe. soft_labels: soft_label_info of each dataset
@@ -123,7 +123,7 @@ def teacher_eval_logits(teacher: dict, eval_data: Source, cache_dir: str | os.Pa
     if os.path.exists(path):
         return np.load(path)
     model, _ = load_model(teacher["checkpoint"], trusted_factories=trusted_factories)
-    z = np.concatenate([np.asarray(predict_logits(model, x)) for _, x in eval_data.iter_batches(4096)])
+    z = np.asarray(predict_logits(model, eval_data))
     buf = io.BytesIO()
     np.save(buf, z)
     # parallel students may race here: same bytes, unique temp names, last rename wins
@@ -148,14 +148,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def run_student(*, run: dict, train_config: TrainConfig, transfer: ArrayDataset, labelled: ArrayDataset,
-                val: ArrayDataset | None, checkpoint_path: str, soft_labels: Sequence[str] = (),
+def run_student(*, run: dict, train_config: TrainConfig, transfer: Source, labelled: Source,
+                val: Source | None, checkpoint_path: str, soft_labels: Sequence[str] = (),
                 label_manifests: Sequence[dict] = (), teacher: dict | None = None,
                 view_spec: ViewSpec | None = None, num_views: int = 1, storage_options: dict | None = None,
                 expect: dict | None = None, lineage: dict | Callable[[TrainConfig], dict] | None = None,
                 resume: bool = True,
                 baseline_fair: bool = True, on_batch: Callable[[int, dict], None] | None = None,
-                eval_data: ArrayDataset | None = None,
+                eval_data: Source | None = None,
                 teacher_logits: np.ndarray | Callable[[], np.ndarray] | None = None,
                 export_dir: str | None = None, quantize: bool = False, world_size: int = 1) -> StudentResult:
     """Train one student and write its checkpoint; then, given eval_data, evaluate it (with
@@ -179,7 +179,9 @@ def run_student(*, run: dict, train_config: TrainConfig, transfer: ArrayDataset,
         tcfg = baseline_config(tcfg, label_samples=len(transfer), num_views=num_views,
                                labelled_samples=len(labelled))
     num_classes = labelled.num_classes or transfer.num_classes
-    arch = {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}
+    # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec
+    arch = complete_spec({"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
+                         transfer.model_args()).to_dict()
     with GLOBAL_RNG_LOCK:  # students train in parallel threads; seeding and init must not interleave
         torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
         model = model_adapter(arch).build(transfer.in_shape, num_classes)
@@ -217,19 +219,20 @@ def run_student(*, run: dict, train_config: TrainConfig, transfer: ArrayDataset,
     return out
 
 
-def export_student(model: nn.Module, out_dir: str, name: str, example: ArrayDataset) -> dict:
+def export_student(model: nn.Module, out_dir: str, name: str, example: Source) -> dict:
     """safetensors + TorchScript (traced on two rows of `example`): {"safetensors", "torchscript"}."""
     from .export import export_safetensors, export_torchscript
     paths = {"safetensors": os.path.join(out_dir, f"{name}.safetensors"),
              "torchscript": os.path.join(out_dir, f"{name}.ts.pt")}
     export_safetensors(model, paths["safetensors"])
     with _TRACE_LOCK:  # students train in parallel threads
-        export_torchscript(model, paths["torchscript"], torch.from_numpy(example.x[:2]))
+        export_torchscript(model, paths["torchscript"], model_inputs(example, np.arange(min(2, len(example))),
+                                                                      np.zeros(min(2, len(example)), np.int64)))
     return paths
 
 
-def quantize_student(model: nn.Module, test: ArrayDataset) -> dict:
+def quantize_student(model: nn.Module, test: Source) -> dict:
     """The dynamic-int8 model's accuracy, size and latency on `test`."""
     from .export import compression_report
-    q = compression_report(model, test.x, test.y, in_shape=test.in_shape)["int8"]
+    q = compression_report(model, test, test.y, in_shape=test.in_shape)["int8"]
     return {k: q[k] for k in ("accuracy", "size_bytes", "latency_ms")}

@@ -17,19 +17,27 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_model, save_checkpoint
-from .data import ArrayDataset
+from .data import Source
 from .evaluate import accuracy, predict_logits
-from .models import ModelSpec, build_model
+from .models import ModelSpec, build_model, complete_spec
 from .train import GLOBAL_RNG_LOCK, TrainConfig, resume_key, train
 from .views import ViewSpec
 
 
-def data_info(ds: ArrayDataset) -> dict:
-    """What a checkpoint records about the data it was trained on."""
-    return {"name": ds.name, "split": ds.split_spec, "fingerprint": ds.fingerprint(), "num_samples": len(ds)}
+def data_info(ds: Source) -> dict:
+    """What a checkpoint records about the data it was trained on (and how its rows became
+    inputs: image size, tokenizer fingerprint...)."""
+    return {"name": ds.name, "split": ds.split_spec, "fingerprint": ds.fingerprint(), "num_samples": len(ds),
+            "inputs": ds.describe()}
 
 
-def training_lineage(train_data: ArrayDataset, val_data: ArrayDataset | None, view_spec: ViewSpec | None,
+def param_counts(model: nn.Module) -> dict:
+    """{"params": all parameters, "trainable": those with requires_grad (the rest frozen)}."""
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def training_lineage(train_data: Source, val_data: Source | None, view_spec: ViewSpec | None,
                      cfg: TrainConfig, *, model: dict | None = None, parent: str | None = None,
                      freeze: list[str] | None = None) -> dict:
     """What a teacher's weights are a function of: the data (fingerprints hash inputs,
@@ -52,22 +60,23 @@ def _train_ckpt(cfg: TrainConfig, out_path: str) -> TrainConfig:
     return cfg if cfg.ckpt_path else dataclasses.replace(cfg, ckpt_path=f"{out_path}.train.pt")
 
 
-def _metrics(model: nn.Module, result: dict, val_data: ArrayDataset | None) -> dict:
+def _metrics(model: nn.Module, result: dict, val_data: Source | None) -> dict:
     m = {k: result[k] for k in ("best_val_acc", "best_epoch", "epochs_run", "steps", "stopped_early", "seconds")}
     if val_data is not None:  # of the weights actually saved (the best epoch's)
         device = next(model.parameters()).device
-        m["val_acc"] = accuracy(predict_logits(model, val_data.x, device=device), val_data.y)
+        m["val_acc"] = accuracy(predict_logits(model, val_data, device=device), val_data.y)
     return m
 
 
-def train_teacher(arch: dict | ModelSpec, train_data: ArrayDataset, val_data: ArrayDataset | None = None, *,
+def train_teacher(arch: dict | ModelSpec, train_data: Source, val_data: Source | None = None, *,
                   cfg: TrainConfig, out_path: str, view_spec: ViewSpec | None = None,
                   resume: bool = False, metadata: dict | None = None,
                   on_batch=None) -> tuple[nn.Module, dict]:
     """Train a teacher from scratch (hard labels, augmented with view_spec) and save it to
     out_path. resume=True continues an interrupted run from its training checkpoint
     (cfg.ckpt_path, default out_path + ".train.pt"). Returns (model, checkpoint metadata)."""
-    spec = arch if isinstance(arch, ModelSpec) else ModelSpec.from_dict(arch)
+    # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec
+    spec = complete_spec(arch, train_data.model_args())
     if train_data.num_classes is None or train_data.y is None:
         raise ValueError(f"teacher training needs labeled data; {train_data.name!r} is unlabeled")
     cfg = _train_ckpt(cfg, out_path)
@@ -81,7 +90,7 @@ def train_teacher(arch: dict | ModelSpec, train_data: ArrayDataset, val_data: Ar
             "val_data": data_info(val_data) if val_data is not None else None,
             "view_spec": view_spec.to_dict() if view_spec is not None else None,
             "train_config": cfg.to_dict(), "metrics": _metrics(model, result, val_data),
-            **(metadata or {})}
+            "param_counts": param_counts(model), **(metadata or {})}
     meta = save_checkpoint(out_path, model, arch=spec, in_shape=train_data.in_shape,
                            num_classes=train_data.num_classes, metadata=meta)
     return model, meta
@@ -106,7 +115,7 @@ def apply_freeze(model: nn.Module, freeze: list[str]) -> list[str]:
     return sorted(set(frozen))
 
 
-def finetune(checkpoint: str, data: ArrayDataset, val_data: ArrayDataset | None = None, *,
+def finetune(checkpoint: str, data: Source, val_data: Source | None = None, *,
              cfg: TrainConfig, out_path: str, freeze: list[str] | None = None,
              view_spec: ViewSpec | None = None, resume: bool = False,
              metadata: dict | None = None, on_batch=None,
@@ -137,7 +146,7 @@ def finetune(checkpoint: str, data: ArrayDataset, val_data: ArrayDataset | None 
             "val_data": data_info(val_data) if val_data is not None else None,
             "view_spec": view_spec.to_dict() if view_spec is not None else None,
             "train_config": cfg.to_dict(), "metrics": _metrics(model, result, val_data),
-            **(metadata or {})}
+            "param_counts": param_counts(model), **(metadata or {})}
     meta = save_checkpoint(out_path, model, arch=src["arch"], in_shape=data.in_shape,
                            num_classes=data.num_classes, metadata=meta)
     return model, meta

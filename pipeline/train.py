@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_torch_save
-from .data import ArrayDataset
+from .data import Source
 from .device import resolve_device
 from .evaluate import accuracy, predict_logits
 from .objective import LOSSES, Objective
@@ -210,8 +210,8 @@ def _load_resume(cfg: TrainConfig, lineage: dict | None = None) -> dict | None:
 
 # ---------------------------------------------------------------- the loop
 
-def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDataset,
-          val_data: ArrayDataset | None = None, soft_labels: str | list[str] | None = None,
+def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
+          val_data: Source | None = None, soft_labels: str | list[str] | None = None,
           view_spec: ViewSpec | None = None, num_views: int | None = None,
           teacher: nn.Module | None = None, storage_options: dict | None = None,
           expect: dict | None = None, resume: bool = False, lineage: dict | None = None,
@@ -341,7 +341,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: ArrayDat
         val_acc = None
         if val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             if rank == 0:
-                val_acc = accuracy(predict_logits(raw, val_data.x, device=device), val_data.y)
+                val_acc = accuracy(predict_logits(raw, val_data, device=device), val_data.y)
             if ddp:
                 box = [val_acc]
                 dist.broadcast_object_list(box, src=0)

@@ -94,7 +94,7 @@ def test_label_dataset_stores_teacher_logits_and_rerun_skips(tmp_path, digits, b
     assert m["num_rows"] == 600 and m["num_views"] == 2 and m["temperature"] == T
     assert m["teacher"] == TEACHER
     assert m["data"] == {"name": "digits", "split": "every-2nd-of-600", "fingerprint": digits.fingerprint(),
-                         "transform": SPEC.to_dict()}
+                         "transform": SPEC.to_dict(), "inputs": {"kind": "dense", "in_shape": [1, 8, 8]}}
     assert storage.verify(uri).ok
 
     sids, views, z, _ = expected(model, digits, 2, SPEC)

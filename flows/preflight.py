@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from .config import Config, ConfigError
-from .recipes import splits
+from .recipes import splits, view_spec
 
 
 def preflight(cfg: Config) -> None:
@@ -41,13 +43,24 @@ def preflight(cfg: Config) -> None:
         if key == "checkpoint":
             teacher = payload
 
+    data = (f"data.dataset={cfg.data.dataset}" if cfg.data.source is None
+            else f"data.source ({cfg.data.source.kind} {cfg.data.source.path})")
     try:
         s = splits(cfg)
     except TypeError as e:                  # a loader kwarg the loader does not take
         raise ConfigError(f"data.loader={cfg.data.loader}: {e}") from None
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"data.dataset={cfg.data.dataset}: {e}") from None
-    data = f"data.dataset={cfg.data.dataset}"
+        raise ConfigError(f"{data}: {e}") from None
+    try:
+        view_spec(cfg)                      # a user view function is imported here; bad keys named
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"views: {e}") from None
+    labelled, transfer = s.get("train"), s.get(cfg.data.label_split)
+    if labelled is not None and transfer is not None and transfer is not labelled:
+        both = np.intersect1d(labelled.sample_ids, transfer.sample_ids)
+        if len(both):  # split_dataset cuts disjoint splits; this guards hand-made id columns
+            raise ConfigError(f"{data}: {len(both)} sample ids of the transfer split {cfg.data.label_split!r} are "
+                              f"also in the labelled split 'train' (e.g. {both[:5].tolist()})")
     in_shape = next(iter(s.values())).in_shape
     num_classes = next((d.num_classes for d in s.values() if d.num_classes), None)
 

@@ -51,6 +51,10 @@ def _splits(data_json: str) -> dict[str, Source]:
         ds = open_table_source({k: v for k, v in d["source"].items() if v is not None},
                                tokenizer=_tokenizer(tok["path"]) if tok else None,
                                tokenizer_path=tok.get("path"), max_length=tok.get("max_length", 128))
+        if ds.y is not None and (ds.y < 0).any():
+            # rows with no label (a null in the label column) are dropped before splitting:
+            # the labelled and evaluation splits need labels, and splits are stratified
+            ds = ds.labeled()
     else:
         ds = load_dataset(d["dataset"], **d["loader"])
     return split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
@@ -69,8 +73,10 @@ def view_spec(cfg: Config):
         from pipeline.text import tokenizer_info
         from pipeline.transforms import transform_from_config
         tok = tokenizer(cfg)
-        return transform_from_config({"seed": v.seed, **v.transform},
-                                     tokenizer_info=tokenizer_info(tok) if tok is not None else None)
+        d = dict(v.transform)
+        if d["kind"] != "compose":  # views.seed seeds the transform unless it names its own
+            d.setdefault("seed", v.seed)
+        return transform_from_config(d, tokenizer_info=tokenizer_info(tok) if tok is not None else None)
     if v.num_views == 1 and not (v.shift or v.hflip or v.noise_std):
         return None
     return ViewSpec(shift=v.shift, hflip=v.hflip, noise_std=v.noise_std, seed=v.seed)
@@ -265,7 +271,7 @@ def summarize(m: dict, uri: str) -> dict:
             "num_rows": m["num_rows"], "num_views": m["num_views"], "num_classes": m["num_classes"],
             "temperature": m["temperature"], "representation": m["representation"],
             "num_shards": m.get("num_shards"), "bytes": sum(s.get("bytes", 0) for s in m.get("shards", [])),
-            "teacher": m["teacher"], "data": {k: m["data"].get(k) for k in ("name", "fingerprint", "transform")}}
+            "teacher": m["teacher"], "data": {k: m["data"].get(k) for k in ("name", "split", "fingerprint", "transform", "inputs")}}
 
 
 # ------------------------------------------------------------------ students
@@ -440,8 +446,9 @@ def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) ->
 def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[dict]) -> dict:
     """report.json: teacher and each student (with its architecture's baseline accuracy)."""
     s = splits(cfg)
-    model, _ = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
+    model, tmeta = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
     ev = evaluate(model, eval_split(cfg))
+    counts = tmeta.get("param_counts") or {}
     baselines = {r["arch_name"]: r["accuracy"] for r in results if r["mode"] == "hard"}
     students = []
     for r in results:
@@ -455,7 +462,9 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
     report = {"name": cfg.name, "eval_split": "test" if "test" in s else "val",
               "teacher": {"name": teacher["name"], "accuracy": ev["accuracy"], "params": ev["params"],
                           "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "ece": ev["ece"],
-                          "fingerprint": teacher["fingerprint"], "checkpoint": teacher["checkpoint"]},
+                          "fingerprint": teacher["fingerprint"], "checkpoint": teacher["checkpoint"],
+                          # the architecture (a pretrained model's `path`), and what fine-tuning trained
+                          "arch": tmeta.get("arch"), "trained_params": counts.get("trainable")},
               "students": students, "soft_labels": soft_label_uri,
               # what the students learned from: for the table's footnote and the chart
               "data": {"labelled_split": "train", "labelled": len(s["train"]), "label_split": cfg.data.label_split,

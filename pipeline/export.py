@@ -57,6 +57,8 @@ def export_torchscript(model: nn.Module, path: str, example_input: torch.Tensor,
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still works
+            # input checks (a token id range) trace as constants; the reloaded module is compared below
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example_input)
             torch.jit.save(traced, path)
             loaded = torch.jit.load(path, map_location=example_input.device)

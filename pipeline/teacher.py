@@ -75,15 +75,17 @@ def train_teacher(arch: dict | ModelSpec, train_data: Source, val_data: Source |
     """Train a teacher from scratch (hard labels, augmented with view_spec) and save it to
     out_path. resume=True continues an interrupted run from its training checkpoint
     (cfg.ckpt_path, default out_path + ".train.pt"). Returns (model, checkpoint metadata)."""
-    # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec
-    spec = complete_spec(arch, train_data.model_args())
+    # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec;
+    # the lineage keeps the spec as given (the data's fingerprint already covers the rest)
+    given = arch if isinstance(arch, ModelSpec) else ModelSpec.from_dict(arch)
+    spec = complete_spec(given, train_data.model_args())
     if train_data.num_classes is None or train_data.y is None:
         raise ValueError(f"teacher training needs labeled data; {train_data.name!r} is unlabeled")
     cfg = _train_ckpt(cfg, out_path)
     with GLOBAL_RNG_LOCK:
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights
         model = build_model(spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes)
-    lineage = training_lineage(train_data, val_data, view_spec, cfg, model=spec.to_dict())
+    lineage = training_lineage(train_data, val_data, view_spec, cfg, model=given.to_dict())
     result = train(model, cfg, mode="hard", train_data=train_data, val_data=val_data,
                    view_spec=view_spec, resume=resume, lineage=lineage, on_batch=on_batch)
     meta = {"role": "teacher", "lineage": lineage, "data": data_info(train_data),

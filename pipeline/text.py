@@ -61,9 +61,14 @@ def load_tokenizer(path: str):
 
 
 def tokenizer_fingerprint(tok) -> str:
-    """sha256 of what decides the token ids: the tokenizer's full serialisation (vocab,
-    normalizer, pre-tokenizer, post-processor) and its special tokens."""
-    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
+    """sha256 of what decides the token ids: the tokenizer's serialisation (vocab,
+    normalizer, pre-tokenizer, post-processor) and its special tokens. Its truncation and
+    padding settings are left out: calling the tokenizer rewrites them (the input pipeline
+    truncates per call), so they would change the fingerprint of the same tokenizer."""
+    body = json.loads(tok.backend_tokenizer.to_str())
+    body.pop("truncation", None)
+    body.pop("padding", None)
+    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
     h.update(json.dumps({"special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
                          "pad": tok.pad_token_id, "vocab": len(tok)}, sort_keys=True).encode())
     return h.hexdigest()

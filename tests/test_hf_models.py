@@ -332,3 +332,16 @@ def test_packaged_minilm_loads_freezes_and_runs():
     # the packaged weights are loaded, not random: real sentences give distinct embeddings
     assert torch.nn.functional.cosine_similarity(feats[0], feats[1], dim=0) < 0.99
     assert os.path.isdir(pipeline.text.resolve_model_path(MINILM))
+
+
+def test_tokenizer_fingerprint_ignores_call_settings(tmp_path):
+    """Calling a fast tokenizer rewrites its truncation/padding state; the same tokenizer
+    must keep its fingerprint (it is lineage: a change would refuse every student)."""
+    from _tiny_hf import tiny_tokenizer
+    from pipeline.text import load_tokenizer, tokenizer_fingerprint
+    tok = load_tokenizer(str(tiny_tokenizer(tmp_path / "tok")))
+    before = tokenizer_fingerprint(tok)
+    tok(["the good dress", "bad"], truncation=True, max_length=4, padding="longest")
+    assert tokenizer_fingerprint(tok) == before
+    other = load_tokenizer(str(tiny_tokenizer(tmp_path / "tok2", words=["zebra", "good"])))
+    assert tokenizer_fingerprint(other) != before

@@ -1,0 +1,131 @@
+"""The text transfer-set recipe end to end on tiny assets: a Parquet review table streamed
+through the tokenizer, a (tiny, random) Hugging Face encoder fine-tuned with frozen lower
+layers, token-masking views, stored labels, two token students and their baselines, and
+`distill inspect --replay` recomputing stored rows with the teacher."""
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import storage
+from _tiny_hf import tiny_encoder
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+POS = "love great perfect soft beautiful comfortable nice good".split()
+NEG = "hate poor cheap ugly tight bad return loose".split()
+FILL = "the a dress top skirt fit size fabric color it was very".split()
+
+
+def reviews_table(path, n=400, seed=0):
+    """Reviews whose sentiment words decide the label (plus filler and a few null texts)."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        pos = bool(rng.integers(2))
+        words = list(rng.choice(FILL, rng.integers(3, 9))) + list(rng.choice(POS if pos else NEG, rng.integers(1, 4)))
+        rng.shuffle(words)
+        texts.append(None if i % 50 == 7 else " ".join(words))
+        labels.append("positive" if pos else "negative")
+    pq.write_table(pa.table({"Review Text": texts, "Sentiment": labels}), path, row_group_size=128)
+    return path
+
+
+def text_config(tmp_path, **over):
+    enc = tiny_encoder(tmp_path / "encoder")
+    table = reviews_table(tmp_path / "reviews.parquet")
+    cfg = {
+        "name": "tinytext", "runs_dir": str(tmp_path / "runs"),
+        "data": {"source": {"kind": "parquet", "path": str(table), "text_column": "Review Text",
+                            "label_column": "Sentiment"},
+                 "tokenizer": {"path": str(enc), "max_length": 16},
+                 "sizes": {"train": 60, "transfer": 200, "val": 40, "test": 80}, "seed": 0,
+                 "label_split": "transfer"},
+        "views": {"num_views": 2, "transform": {"kind": "tokens", "mask_prob": 0.15}},
+        "teacher": {"model": {"name": "tiny-bert", "arch": "hf-encoder",
+                              "kwargs": {"path": str(enc), "freeze_embeddings": True, "freeze_layers": 1}},
+                    "train": {"epochs": 8, "lr": 0.003, "batch_size": 16, "device": "cpu"}},
+        "label": {"backend": "parquet", "temperature": 2.0, "shard_size": 100, "device": "cpu",
+                  "batch_size": 64, "runner": {"kind": "thread", "max_workers": 1}},
+        "students": {"models": [{"name": "bag", "arch": "bag", "kwargs": {"dim": 16, "hidden": 16}},
+                                {"name": "tfm", "arch": "transformer",
+                                 "kwargs": {"d_model": 16, "nhead": 2, "dim_feedforward": 32, "layers": 1}}],
+                     "temperatures": [2.0], "alphas": [0.0], "losses": ["kd"], "baseline": True, "quantize": False,
+                     "train": {"epochs": 2, "lr": 0.01, "batch_size": 32, "device": "cpu"}, "max_parallel": 1},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    from flows.flows import distill_flow
+    tmp = tmp_path_factory.mktemp("text")
+    path = text_config(tmp)
+    report = distill_flow(str(path), [])
+    return {"tmp": tmp, "config": path, "report": report}
+
+
+def test_text_recipe_end_to_end(text_run):
+    from flows.config import load_config
+    cfg = load_config(text_run["config"])
+    rep = json.loads((cfg.run_dir() / "report.json").read_text())
+    t = rep["teacher"]
+    assert t["arch"]["arch"] == "hf-encoder" and t["arch"]["kwargs"]["path"].endswith("encoder")
+    # embeddings + layer 0 frozen: fewer parameters trained than the model has
+    assert 0 < t["trained_params"] < t["params"]
+    names = sorted(s["name"] for s in rep["students"])
+    assert names == ["bag-T2-a0-kd", "bag-baseline", "tfm-T2-a0-kd", "tfm-baseline"]
+    for s in rep["students"]:
+        assert 0.0 <= s["accuracy"] <= 1.0 and os.path.exists(s["checkpoint"])
+    m = storage.open_soft_labels(cfg.soft_label_uri(), verify=True).manifest
+    assert m["num_samples"] == 200 and m["num_views"] == 2 and m["num_classes"] == 2
+    assert m["data"]["transform"]["kind"] == "tokens" and m["data"]["transform"]["mask_prob"] == 0.15
+    inp = m["data"]["inputs"]
+    assert inp["kind"] == "tokens" and inp["max_length"] == 16 and len(inp["tokenizer"]["fingerprint"]) == 64
+
+
+def test_replay_matches_and_refuses_a_changed_teacher(text_run, capsys, tmp_path):
+    """--replay recomputes stored rows (token ids, masking views) with the recorded teacher:
+    they match; a teacher file with other weights at the recorded path is refused (its
+    checkpoint fingerprint), not silently replayed. (Rows that do not match: test_replay.py.)"""
+    import shutil
+    import torch
+    from flows.cli import main
+    from flows.config import load_config
+    from pipeline.checkpoint import load_checkpoint
+    cfg = load_config(text_run["config"])
+    uri = cfg.soft_label_uri()
+    assert main(["inspect", uri, "--replay", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "16 rows recomputed" in out and ": match" in out and "tokens, tokenizer" in out
+    # the same architecture with perturbed weights at the recorded path: a different teacher
+    path = cfg.teacher_path()
+    shutil.copy(path, tmp_path / "teacher.bak")
+    try:
+        payload = load_checkpoint(path)
+        torch.manual_seed(1)
+        for v in payload["state_dict"].values():
+            if v.is_floating_point():
+                v.add_(torch.randn_like(v) * 0.5)
+        torch.save(payload, path)
+        assert main(["inspect", uri, "--replay", "16"]) == 1
+        assert "file modified or corrupt" in capsys.readouterr().err
+    finally:
+        shutil.copy(tmp_path / "teacher.bak", path)
+
+
+def test_a_student_with_another_tokenizer_is_refused(text_run, tmp_path, capsys):
+    """The tokenizer is part of the inputs' lineage: other token ids, other inputs."""
+    from flows.cli import main
+    other = tiny_encoder(tmp_path / "other", words=["zebra", "quartz"] + list(POS + NEG))
+    rc = main(["students", str(text_run["config"]), f"data.tokenizer.path={other}"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "fingerprint" in err

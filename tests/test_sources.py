@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _tiny_hf import WORDS, tiny_tokenizer
-from pipeline import sources
+from pipeline import source_readers, sources
 from pipeline.data import ArrayDataset, Source, model_inputs, split_dataset
 from pipeline.sources import open_table_source, stable_id
 
@@ -463,7 +463,7 @@ def test_hf_image_feature(tmp_path):
 # ---------------------------------------------------------------- features
 
 def test_feature_source(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "BATCH_ROWS", 7)          # several cache chunks: gathers across them
+    monkeypatch.setattr(source_readers, "BATCH_ROWS", 7)   # several cache chunks: gathers across them
     rng = np.random.default_rng(0)
     n = 50
     f = rng.standard_normal((n, 3)).astype(np.float32)

@@ -55,6 +55,7 @@ class TokenizerConfig(Section):
 class DataConfig(Section):
     dataset: str | None = None                    # mnist5k (default) | digits | path/to/file.npz | .parquet
     source: SourceConfig | None = None            # or a streamed table / image folder (then no `dataset`)
+    transfer: SourceConfig | None = None          # an unlabelled pool in its own file: the label split
     tokenizer: TokenizerConfig | None = None      # for text sources
     sizes: dict[str, int] | None = None           # e.g. {train: 3500, val: 500, test: 1000}
     fractions: dict[str, float] | None = None     # or {train: 0.8, val: 0.1, test: 0.1}
@@ -75,6 +76,11 @@ class DataConfig(Section):
                                  f"(path, max_length): text is tokenized in the input pipeline")
         elif self.tokenizer is not None:
             raise ValueError("data.tokenizer is only used with a text data.source")
+        if self.transfer is not None:
+            if self.source is None:
+                raise ValueError("data.transfer (a separate unlabelled pool) needs data.source")
+            if bool(self.transfer.text_column) != bool(self.source.text_column):
+                raise ValueError("data.transfer and data.source must both be text (text_column) or neither")
         return self
 
     @model_validator(mode="after")
@@ -84,7 +90,11 @@ class DataConfig(Section):
         if not self.sizes and not self.fractions:
             self.fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
         names = set((self.sizes or self.fractions or {}).keys())
-        if self.label_split not in names:
+        if self.transfer is not None:  # the label split is the whole transfer file
+            if self.label_split in names:
+                raise ValueError(f"label_split {self.label_split!r} is data.transfer (a file of its own): drop it "
+                                 f"from data.sizes / data.fractions, which cut data.source")
+        elif self.label_split not in names:
             raise ValueError(f"label_split {self.label_split!r} is not one of the splits {sorted(names)}")
         return self
 

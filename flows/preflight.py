@@ -73,6 +73,8 @@ def preflight(cfg: Config) -> None:
             raise ConfigError(f"{where} outputs {t_classes} classes, but {data} has {num_classes}")
         num_classes, data = t_classes, where
 
+    _check_hf_models(cfg)
+
     k = cfg.label.k
     if k is not None and num_classes and k > num_classes:
         raise ConfigError(f"label.k={k} is larger than the {num_classes} classes of {data}")
@@ -82,3 +84,35 @@ def preflight(cfg: Config) -> None:
         h, w = in_shape[1:]
         raise ConfigError(f"views.shift={shift} is not smaller than the {h}x{w} images of "
                           f"data.dataset={cfg.data.dataset}: a view could be moved off the image entirely")
+
+
+HF_ARCHS = ("hf-encoder", "hf-sequence-classification")
+
+
+def _check_hf_models(cfg: Config) -> None:
+    """A Hugging Face model's directory exists and its vocabulary fits the tokenizer: checked
+    from config.json alone (no weights loaded), before any work or any file is written."""
+    import json
+
+    from pipeline.hf import model_dir
+    from .recipes import tokenizer
+    tok = tokenizer(cfg)
+    models = [("teacher.model", cfg.teacher.model)] + [(f"students.models[{i}]", m)
+                                                       for i, m in enumerate(cfg.students.models)]
+    for key, m in models:
+        if m.arch not in HF_ARCHS or cfg.teacher.checkpoint and key == "teacher.model":
+            continue
+        path = m.kwargs.get("path")
+        if not path:
+            raise ConfigError(f"{key}.kwargs.path: arch {m.arch!r} needs the model's local directory "
+                              f"(or pkg:<module>/<dir>)")
+        try:
+            d = model_dir(path)
+        except ValueError as e:
+            raise ConfigError(f"{key}.kwargs.path: {e}") from None
+        with open(f"{d}/config.json") as f:
+            rows = json.load(f).get("vocab_size")
+        if tok is not None and rows is not None and len(tok) > int(rows):
+            raise ConfigError(f"{key}.kwargs.path={path}: the model's vocabulary has {rows} tokens but "
+                              f"data.tokenizer ({cfg.data.tokenizer.path}) has {len(tok)}: a different tokenizer "
+                              f"than the model's (use the tokenizer saved with the model)")

@@ -42,22 +42,39 @@ def tokenizer(cfg: Config):
     return _tokenizer(cfg.data.tokenizer.path) if cfg.data.tokenizer else None
 
 
+def _open_source(spec: dict, tok: dict):
+    from pipeline.sources import open_table_source
+    return open_table_source({k: v for k, v in spec.items() if v is not None},
+                             tokenizer=_tokenizer(tok["path"]) if tok else None,
+                             tokenizer_path=tok.get("path"), max_length=tok.get("max_length", 128))
+
+
 @functools.lru_cache(maxsize=8)
 def _splits(data_json: str) -> dict[str, Source]:
     d = json.loads(data_json)
     if d.get("source"):  # a streamed table / image folder, cached memory-mapped (pipeline/sources.py)
-        from pipeline.sources import open_table_source
         tok = d.get("tokenizer") or {}
-        ds = open_table_source({k: v for k, v in d["source"].items() if v is not None},
-                               tokenizer=_tokenizer(tok["path"]) if tok else None,
-                               tokenizer_path=tok.get("path"), max_length=tok.get("max_length", 128))
+        ds = _open_source(d["source"], tok)
         if ds.y is not None and (ds.y < 0).any():
             # rows with no label (a null in the label column) are dropped before splitting:
             # the labelled and evaluation splits need labels, and splits are stratified
             ds = ds.labeled()
     else:
         ds = load_dataset(d["dataset"], **d["loader"])
-    return split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
+    out = split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
+    if d.get("transfer"):  # an unlabelled pool of its own: the whole file is the label split
+        pool = _open_source(d["transfer"], d.get("tokenizer") or {})
+        pool = pool.subset(np.arange(len(pool)), split_spec=json.dumps(
+            {"split": d["label_split"], "transfer_file": True}, sort_keys=True))
+        for name, part in out.items():
+            both = np.intersect1d(part.sample_ids, pool.sample_ids)
+            if len(both):
+                raise ValueError(
+                    f"data.transfer ({d['transfer']['path']}) and split {name!r} of data.source share {len(both)} "
+                    f"sample ids (e.g. {both[:5].tolist()}): a stored label must name one sample. Give both files "
+                    f"an id column that is unique across them (data.source.id_column / data.transfer.id_column)")
+        out[d["label_split"]] = pool
+    return out
 
 
 def splits(cfg: Config) -> dict[str, Source]:

@@ -25,7 +25,7 @@ import pyarrow.types as pat
 
 from .source_readers import _Folder, _Input
 
-CACHE_VERSION = 1         # bump when the cache layout or what it holds changes
+CACHE_VERSION = 2         # bump when the cache layout or what it holds changes (2: images verified while building)
 FINGERPRINT_SCHEME = 1    # bump when the content fingerprint is computed differently
 
 
@@ -209,7 +209,7 @@ class _TextPayload:
         blank = ~_np(pc.fill_null(pc.match_substring_regex(arr, r"\S"), False)).astype(bool) & ~null
         return arr, null, blank
 
-    def hash(self, arr, h_len, h_data) -> None:
+    def hash(self, arr, h_len, h_data, ids=None) -> None:
         _varbin_hash(arr, h_len, h_data)
 
     def info(self, first) -> dict:
@@ -251,11 +251,25 @@ class _ImageBytesPayload:
         empty = (_np(pc.fill_null(pc.binary_length(arr), 1)) == 0) & ~null
         return arr, null, empty
 
-    def hash(self, arr, h_len, h_data) -> None:
+    def hash(self, arr, h_len, h_data, ids=None) -> None:
         _varbin_hash(arr, h_len, h_data)
+        for sid, b in zip(ids, arr.to_pylist()):   # the one streaming pass also checks every image decodes
+            _check_image(b, f"{self.where}: image of sample_id {int(sid)} (column {self.column!r})")
 
     def info(self, first) -> dict:
         return {"column": self.column, "first_image": _probe_image(first)}
+
+
+def _check_image(data: bytes, where: str) -> None:
+    """ValueError naming `where` unless `data` is a complete image Pillow can decode (its
+    header, and PIL's verify() over the stream: a truncated or corrupt file fails here, when
+    the cache is built, instead of minutes later in the middle of training)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception as e:   # noqa: BLE001 - PIL raises many types for bad files
+        raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
 
 
 def _probe_image(src) -> dict | None:
@@ -274,14 +288,14 @@ class _FolderPayload:
     def __init__(self, folder: _Folder):
         self.folder = folder
 
-    def hash(self, arr, h_len, h_data) -> None:
+    def hash(self, arr, h_len, h_data, ids=None) -> None:
         for rel in arr.to_pylist():
-            size = 0
-            with open(os.path.join(self.folder.path, rel), "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h_data.update(chunk)
-                    size += len(chunk)
-            h_len.update(np.int64(size).astype("<i8").tobytes())
+            path = os.path.join(self.folder.path, rel)
+            with open(path, "rb") as f:
+                data = f.read()
+            h_data.update(data)
+            h_len.update(np.int64(len(data)).astype("<i8").tobytes())
+            _check_image(data, path)              # the one pass over the files also checks each decodes
 
     def info(self, first) -> dict:
         return {"first_image": _probe_image(os.path.join(self.folder.path, first)),
@@ -326,7 +340,7 @@ class _FeaturePayload:
         arr = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), d)
         return arr, null, np.zeros(n, bool)
 
-    def hash(self, arr, h_len, h_data) -> None:
+    def hash(self, arr, h_len, h_data, ids=None) -> None:
         if len(arr):
             h_data.update(np.ascontiguousarray(_np(arr.flatten()), dtype="<f4").tobytes())
 
@@ -360,7 +374,7 @@ def _build(stream, payload, labels: _Labels, arrow_path: str, json_path: str, *,
                     if first is None:
                         first = arr[0].as_py()
                     h_ids.update(ids.astype("<i8").tobytes())
-                    payload.hash(arr, h_len, h_data)
+                    payload.hash(arr, h_len, h_data, ids)
                     w.write_batch(pa.record_batch([pa.array(ids, pa.int64()), pa.array(codes, pa.int64()), arr],
                                                   schema=schema))
                     ids_parts.append(ids)

@@ -408,14 +408,16 @@ def test_image_folder_classes_ids_encode_and_corrupt_file(tmp_path):
     gray = open_table_source({**spec, "channels": 1}, cache_dir=c)
     assert gray.encode([3]).shape == (1, 1, 8, 8) and gray.fingerprint() != src.fingerprint()
 
-    _png(root / "cat" / "3.png", (8, 8), (0, 0, 0))                            # another file: ids stay
+    # a file that is not an image is refused, naming it, when the cache is built (before any work)
     (root / "dog" / "bad.png").write_bytes(b"\x89PNG but not really")
-    more = open_table_source(spec, cache_dir=c)
-    assert len(more) == 7 and set(src.sample_ids) <= set(more.sample_ids)
-    assert more.fingerprint() != src.fingerprint()
-    bad = int(more.index_of([stable_id("dog/bad.png")])[0])
     with pytest.raises(ValueError, match=r"imgs/dog/bad\.png: cannot decode the image"):
-        more.encode([0, bad])
+        open_table_source(spec, cache_dir=c)
+    (root / "dog" / "bad.png").unlink()
+    _png(root / "cat" / "3.png", (8, 8), (0, 0, 0))                            # another file: ids stay
+    more = open_table_source(spec, cache_dir=c)
+    assert len(more) == 6 and set(src.sample_ids) <= set(more.sample_ids)
+    assert more.fingerprint() != src.fingerprint()
+    assert stable_id("cat/3.png") in set(more.sample_ids.tolist())
     back = pickle.loads(pickle.dumps(more))
     assert torch.equal(back.encode([0, 1]), more.encode([0, 1]))
 
@@ -436,14 +438,15 @@ def test_image_bytes_in_parquet(tmp_path):
     imgs = [_png_bytes((8, 8), (10, 20, 30)), None, _png_bytes((16, 16), (200, 100, 0)), b"garbage"]
     p = tmp_path / "im.parquet"
     pq.write_table(pa.table({"img": pa.array(imgs, pa.binary()), "y": pa.array([0, 1, 1, 0])}), p)
-    src = open_table_source({"kind": "parquet", "path": str(p), "image_column": "img", "label_column": "y",
-                             "image_size": [8, 8]}, cache_dir=tmp_path / "c")
-    assert src.sample_ids.tolist() == [0, 2, 3] and src.describe()["dropped"]["null"] == 1
+    spec = {"kind": "parquet", "path": str(p), "image_column": "img", "label_column": "y", "image_size": [8, 8]}
+    with pytest.raises(ValueError, match=r"im\.parquet: image of sample_id 3 \(column 'img'\): cannot decode"):
+        open_table_source(spec, cache_dir=tmp_path / "c")   # checked in the one pass that builds the cache
+    pq.write_table(pa.table({"img": pa.array(imgs[:3], pa.binary()), "y": pa.array([0, 1, 1])}), p)
+    src = open_table_source(spec, cache_dir=tmp_path / "c")
+    assert src.sample_ids.tolist() == [0, 2] and src.describe()["dropped"]["null"] == 1
     x = src.encode([0, 1])
     assert x.shape == (2, 3, 8, 8)
     torch.testing.assert_close(x[1, :, 4, 4], torch.tensor([200 / 255, 100 / 255, 0.0]))
-    with pytest.raises(ValueError, match=r"im\.parquet: image of sample_id 3 \(column 'img'\): cannot decode"):
-        src.encode([2])
     with pytest.raises(ValueError, match="image column 'y' .* is int64; expected encoded image bytes"):
         open_table_source({"kind": "parquet", "path": str(p), "image_column": "y"}, cache_dir=tmp_path / "c")
 

@@ -129,3 +129,48 @@ def test_a_student_with_another_tokenizer_is_refused(text_run, tmp_path, capsys)
     rc = main(["students", str(text_run["config"]), f"data.tokenizer.path={other}"])
     err = capsys.readouterr().err
     assert rc != 0 and "fingerprint" in err
+
+
+def test_a_transfer_file_whose_ids_collide_with_the_labelled_set_is_refused(tmp_path, capsys):
+    """An unlabelled pool in a file of its own (data.transfer) is the label split; its sample
+    ids must not name samples of data.source, or a stored label would name two reviews."""
+    from flows.cli import main
+    from flows.config import load_config
+    from flows.preflight import preflight
+    path = text_config(tmp_path)
+    pool = tmp_path / "pool.parquet"
+    texts = [" ".join(np.random.default_rng(i).choice(POS + NEG + FILL, 6)) for i in range(150)]
+    pq.write_table(pa.table({"Review Text": texts}), pool)
+    sizes = "data.sizes={train: 60, val: 40, test: 80}"
+    over = [f"data.transfer={{kind: parquet, path: {pool}, text_column: Review Text}}", sizes]
+    rc = main(["label", str(path), *over])           # row-index ids 0.. in both files
+    err = capsys.readouterr().err
+    assert rc == 2 and "share" in err and "sample ids" in err and "id_column" in err
+    assert not (tmp_path / "runs" / "tinytext" / "soft_labels").exists()   # nothing written
+    # unique ids across the two files: accepted, and the pool is the label split
+    pq.write_table(pa.table({"Review Text": texts, "rid": np.arange(10_000, 10_150)}), pool)
+    over[0] = f"data.transfer={{kind: parquet, path: {pool}, text_column: Review Text, id_column: rid}}"
+    cfg = load_config(path, over)
+    preflight(cfg)
+    from flows import recipes
+    s = recipes.splits(cfg)
+    assert len(s["transfer"]) == 150 and s["transfer"].y is None and len(s["train"]) == 60
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("teacher.model.kwargs.path={tmp}/nope", "teacher.model.kwargs.path"),
+    ("data.source.text_column=Review", "'Review'"),
+    ("data.tokenizer.path={tmp}/big", "different tokenizer"),
+    ("views.transform={{kind: tokens, mask_prob: 1.5}}", "mask_prob"),
+])
+def test_bad_text_inputs_stop_before_anything_is_written(tmp_path, capsys, override, needle):
+    """A missing model directory, a text column that does not exist, a tokenizer that does
+    not match the model, a bad view: exit 2 naming the problem, and no run directory."""
+    from _tiny_hf import tiny_tokenizer
+    from flows.cli import main
+    path = text_config(tmp_path)
+    tiny_tokenizer(tmp_path / "big", words=[f"w{i}" for i in range(200)])   # 205 tokens > the model's 45
+    rc = main(["run", str(path), override.format(tmp=tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+    assert not (tmp_path / "runs").exists()

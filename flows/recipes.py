@@ -481,11 +481,13 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
                           "size_bytes": ev["size_bytes"], "latency_ms": ev["latency_ms"], "ece": ev["ece"],
                           "fingerprint": teacher["fingerprint"], "checkpoint": teacher["checkpoint"],
                           # the architecture (a pretrained model's `path`), and what fine-tuning trained
-                          "arch": tmeta.get("arch"), "trained_params": counts.get("trainable")},
+                          "arch": tmeta.get("arch"), "trained_params": counts.get("trainable"),
+                          "pretrained": (tmeta.get("arch") or {}).get("kwargs", {}).get("path")},
               "students": students, "soft_labels": soft_label_uri,
               # what the students learned from: for the table's footnote and the chart
               "data": {"labelled_split": "train", "labelled": len(s["train"]), "label_split": cfg.data.label_split,
-                       "label_samples": len(s[cfg.data.label_split]), "views": cfg.views.num_views}}
+                       "label_samples": len(s[cfg.data.label_split]), "views": cfg.views.num_views,
+                       "unit": _unit(s["train"])}}
     from .report import students_png
     run_dir = Location(str(cfg.run_dir()))
     run_dir.write_bytes_atomic("students.png", students_png(report))
@@ -494,6 +496,13 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
     run_dir.write_bytes_atomic(path.name, json.dumps(report, indent=2).encode())
     report["path"] = str(path)
     return report
+
+
+def _unit(src) -> str:
+    """What a row is, for the report's sentences: texts, images or samples."""
+    if src.input_kind == "tokens":
+        return "texts"
+    return "images" if len(src.in_shape) == 3 else "samples"
 
 
 def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = None) -> tuple[dict, object | None]:

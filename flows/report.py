@@ -29,15 +29,25 @@ def footnote(report: dict) -> str:
     if steps.get("hard") and steps.get("stored"):
         step_note = f" ({steps['hard']:,} vs {steps['stored']:,} steps)"
     ev = report.get("eval_split", "test")
+    unit = d.get("unit", "images")
+    t = report.get("teacher", {})
+    teacher_note = ""
+    if t.get("trained_params") is not None and t.get("params") and t["trained_params"] < t["params"]:
+        teacher_note = (f"\nteacher: {_millions(t['params'])} parameters, {_millions(t['trained_params'])} of them "
+                        f"fine-tuned (the rest frozen)" + (f", from {t['pretrained']}" if t.get("pretrained") else ""))
     if d["label_split"] == d["labelled_split"]:
         return (f"baseline: the same architecture on the hard labels of the same {d['labelled']:,} "
-                f"`{d['labelled_split']}` images, the same {d['views']} views, as many optimizer steps{step_note}.\n"
-                f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split.")
+                f"`{d['labelled_split']}` {unit}, the same {d['views']} views, as many optimizer steps{step_note}.\n"
+                f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split." + teacher_note)
     return (f"baseline: the same architecture on the hard labels of the {d['labelled']:,} labelled "
-            f"`{d['labelled_split']}` images (the teacher's training set), the same {d['views']} views, as many "
+            f"`{d['labelled_split']}` {unit} (the teacher's training set), the same {d['views']} views, as many "
             f"optimizer steps{step_note}.\ndistilled (-kd): only the teacher's stored soft labels of the "
-            f"{d['label_samples']:,} unlabelled `{d['label_split']}` images x {d['views']} views, no hard labels.\n"
-            f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split.")
+            f"{d['label_samples']:,} unlabelled `{d['label_split']}` {unit} x {d['views']} views, no hard labels.\n"
+            f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split." + teacher_note)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def report_table(report: dict) -> str:

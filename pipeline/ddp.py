@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .data import load_dataset, split_dataset
 from .student import run_student, student_lineage
 from .train import TrainConfig
-from .views import ViewSpec
+from .transforms import transform_from_dict
 
 
 def _json(s: str | None, what: str):
@@ -40,7 +40,11 @@ def _json(s: str | None, what: str):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.ddp", description=__doc__.split("\n\n")[0])
     p.add_argument("--soft-labels", required=True, help="URI of a complete soft-label dataset")
-    p.add_argument("--dataset", required=True, help="'mnist5k', 'digits' or a .npz/.parquet path")
+    p.add_argument("--dataset", help="'mnist5k', 'digits' or a .npz/.parquet path")
+    p.add_argument("--source", help='JSON streamed source spec (pipeline/sources.py), e.g. {"kind": "parquet", '
+                                    '"path": "t.parquet", "text_column": "text", "label_column": "y"}')
+    p.add_argument("--tokenizer", help="tokenizer directory (or pkg:<module>/<dir>) for a text source")
+    p.add_argument("--max-length", type=int, default=128, help="token truncation for a text source")
     p.add_argument("--split", help='JSON sizes for split_dataset, e.g. {"train": 4000, "val": 1000}')
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--train-split", default="train")
@@ -49,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="JSON TrainConfig overrides (lr, loss, temperature, ...)")
-    p.add_argument("--view-spec", help="JSON ViewSpec (default: the transform stored with the labels)")
+    p.add_argument("--view-spec", help="JSON view transform (default: the transform stored with the labels)")
     p.add_argument("--storage-options", help="JSON fsspec storage options")
     p.add_argument("--expect", help="JSON manifest fields the labels must have")
     p.add_argument("--record-ids", help="directory for per-rank batch logs")
@@ -60,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     a = parse_args(argv)
+    if (a.dataset is None) == (a.source is None):
+        raise SystemExit("give exactly one of --dataset and --source")
     if a.threads:
         torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
@@ -76,7 +82,13 @@ def main(argv=None) -> dict | None:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         rank = dist.get_rank() if distributed else 0
-        ds = load_dataset(a.dataset)
+        if a.source is not None:
+            from .sources import open_table_source
+            ds = open_table_source(_json(a.source, "source"), tokenizer_path=a.tokenizer, max_length=a.max_length)
+            if ds.y is not None and (ds.y < 0).any():
+                ds = ds.labeled()   # as the flows do: rows without a label are dropped before splitting
+        else:
+            ds = load_dataset(a.dataset)
         val = None
         if a.split:
             parts = split_dataset(ds, seed=a.split_seed, sizes=_json(a.split, "split"))
@@ -88,8 +100,8 @@ def main(argv=None) -> dict | None:
         so = _json(a.storage_options, "storage-options")
         from storage import open_soft_labels
         m = open_soft_labels(a.soft_labels, storage_options=so).manifest
-        vs = ViewSpec.from_dict(spec) if spec is not None else None
-        split = {"dataset": a.dataset, "sizes": _json(a.split, "split"), "seed": a.split_seed,
+        vs = transform_from_dict(spec) if spec is not None else None
+        split = {"dataset": a.dataset or _json(a.source, "source"), "sizes": _json(a.split, "split"), "seed": a.split_seed,
                  "train_split": a.train_split, "val_split": a.val_split}
         data = {"train": ds.fingerprint(), **({"val": val.fingerprint()} if val is not None else {})}
         lineage = student_lineage(data=data, split=split, views=spec, model=arch, train_config=cfg, mode="stored",

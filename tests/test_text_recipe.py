@@ -174,3 +174,34 @@ def test_bad_text_inputs_stop_before_anything_is_written(tmp_path, capsys, overr
     err = capsys.readouterr().err
     assert rc == 2 and needle in err, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_ddp_text_student_from_the_stored_labels(text_run, tmp_path):
+    """torchrun with 2 ranks trains a token student from the recipe's stored labels, its
+    inputs streamed from the same Parquet table through the same tokenizer."""
+    import socket
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = text_run["tmp"]
+    src = {"kind": "parquet", "path": str(tmp / "reviews.parquet"), "text_column": "Review Text",
+           "label_column": "Sentiment"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "pipeline.ddp",
+           "--soft-labels", str(tmp / "runs" / "tinytext" / "soft_labels"), "--source", json.dumps(src),
+           "--tokenizer", str(tmp / "encoder"), "--max-length", "16",
+           "--split", json.dumps({"test": 80, "train": 60, "transfer": 200, "val": 40}), "--train-split", "transfer",
+           "--arch", json.dumps({"arch": "bag", "kwargs": {"dim": 16, "hidden": 16}}), "--epochs", "2",
+           "--out", str(out), "--threads", "1",
+           "--config", json.dumps({"batch_size": 32, "lr": 0.01, "device": "cpu", "temperature": 2.0, "alpha": 0.0})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.load(open(out / "result.json"))
+    assert result["epochs_run"] == 2 and result["best_val_acc"] is not None
+    assert os.path.exists(out / "student.pt")

@@ -218,7 +218,7 @@ def _convert(args) -> int:
 def _inspect(args) -> int:
     from storage import SoftLabelError
 
-    from .recipes import inspect
+    from .inspection import inspect
     try:
         summary, report = inspect(args.uri, verify=args.verify, storage_options=_storage_options(args.storage_option))
     except (SoftLabelError, OSError) as e:
@@ -239,7 +239,7 @@ def _inspect(args) -> int:
             print(str(report))
     bad = summary["status"] != "complete" or (report is not None and not report.ok)
     if args.replay is not None:
-        from .recipes import replay
+        from .inspection import replay
         try:
             r = replay(args.uri, args.replay, storage_options=_storage_options(args.storage_option),
                        trusted_factories=frozenset(args.trust))

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from .config import Config, ConfigError
-from .recipes import splits, view_spec
+from .inputs import splits, view_spec
 
 
 def preflight(cfg: Config) -> None:
@@ -17,7 +17,7 @@ def preflight(cfg: Config) -> None:
     file: the CLI runs them after load_config, before any work, so a bad input costs
     seconds instead of a trained teacher. Raises ConfigError naming the key and file.
 
-    Loads the dataset through flows.recipes.splits: the same cut, and in-process the same
+    Loads the dataset through flows.inputs.splits: the same cut, and in-process the same
     cache, the flows use next."""
     from pipeline.checkpoint import load_checkpoint  # torch: only when checking
     from pipeline.models import ModelSpec, is_import_path
@@ -95,7 +95,7 @@ def _check_hf_models(cfg: Config) -> None:
     import json
 
     from pipeline.hf import model_dir
-    from .recipes import tokenizer
+    from .inputs import tokenizer
     tok = tokenizer(cfg)
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.models[{i}]", m)
                                                        for i, m in enumerate(cfg.students.models)]

@@ -4,7 +4,6 @@ config dict, a path/URI or small JSON metadata, never a tensor.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -14,7 +13,6 @@ import numpy as np
 import storage
 from storage import Location
 from pipeline.checkpoint import checkpoint_info, load_model
-from pipeline.data import Source, load_dataset, split_dataset
 from pipeline.evaluate import evaluate
 from pipeline.label import label_shard, open_label_writer
 from pipeline.teacher import finetune, train_teacher, training_lineage
@@ -24,6 +22,7 @@ from pipeline.views import ViewSpec
 
 from . import secrets
 from .config import Config, TrainSection, parse_config
+from .inputs import eval_split, splits, unit, view_spec
 
 
 
@@ -31,83 +30,10 @@ def as_config(cfg: Config | dict) -> Config:
     return cfg if isinstance(cfg, Config) else parse_config(cfg)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from pipeline.text import load_tokenizer
-    return load_tokenizer(path)
-
-
-def tokenizer(cfg: Config):
-    """The config's tokenizer (data.tokenizer.path), loaded once per process; None without one."""
-    return _tokenizer(cfg.data.tokenizer.path) if cfg.data.tokenizer else None
-
-
-def _open_source(spec: dict, tok: dict):
-    from pipeline.sources import open_table_source
-    return open_table_source({k: v for k, v in spec.items() if v is not None},
-                             tokenizer=_tokenizer(tok["path"]) if tok else None,
-                             tokenizer_path=tok.get("path"), max_length=tok.get("max_length", 128))
-
-
-@functools.lru_cache(maxsize=8)
-def _splits(data_json: str) -> dict[str, Source]:
-    d = json.loads(data_json)
-    if d.get("source"):  # a streamed table / image folder, cached memory-mapped (pipeline/sources.py)
-        tok = d.get("tokenizer") or {}
-        ds = _open_source(d["source"], tok)
-        if ds.y is not None and (ds.y < 0).any():
-            # rows with no label (a null in the label column) are dropped before splitting:
-            # the labelled and evaluation splits need labels, and splits are stratified
-            ds = ds.labeled()
-    else:
-        ds = load_dataset(d["dataset"], **d["loader"])
-    out = split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
-    if d.get("transfer"):  # an unlabelled pool of its own: the whole file is the label split
-        pool = _open_source(d["transfer"], d.get("tokenizer") or {})
-        pool = pool.subset(np.arange(len(pool)), split_spec=json.dumps(
-            {"split": d["label_split"], "transfer_file": True}, sort_keys=True))
-        for name, part in out.items():
-            both = np.intersect1d(part.sample_ids, pool.sample_ids)
-            if len(both):
-                raise ValueError(
-                    f"data.transfer ({d['transfer']['path']}) and split {name!r} of data.source share {len(both)} "
-                    f"sample ids (e.g. {both[:5].tolist()}): a stored label must name one sample. Give both files "
-                    f"an id column that is unique across them (data.source.id_column / data.transfer.id_column)")
-        out[d["label_split"]] = pool
-    return out
-
-
-def splits(cfg: Config) -> dict[str, Source]:
-    """Deterministic splits from the config (cached per process: tasks share threads)."""
-    return _splits(cfg.data.model_dump_json())
-
-
-def view_spec(cfg: Config):
-    """The config's deterministic view transform (a ViewSpec, or a pipeline/transforms.py
-    transform from views.transform), None for plain single-view labels."""
-    v = cfg.views
-    if v.transform is not None:
-        from pipeline.text import tokenizer_info
-        from pipeline.transforms import transform_from_config
-        tok = tokenizer(cfg)
-        d = dict(v.transform)
-        if d["kind"] != "compose":  # views.seed seeds the transform unless it names its own
-            d.setdefault("seed", v.seed)
-        return transform_from_config(d, tokenizer_info=tokenizer_info(tok) if tok is not None else None)
-    if v.num_views == 1 and not (v.shift or v.hflip or v.noise_std):
-        return None
-    return ViewSpec(shift=v.shift, hflip=v.hflip, noise_std=v.noise_std, seed=v.seed)
-
-
 def train_config(section: TrainSection, **extra) -> TrainConfig:
     """A training section plus what the recipe fills in (paths; a student's loss,
     temperature and alpha from the sweep grid)."""
     return TrainConfig(**section.model_dump(), **extra)
-
-
-def eval_split(cfg: Config) -> Source:
-    s = splits(cfg)
-    return s.get("test") or s.get("val") or next(iter(s.values()))
 
 
 # ------------------------------------------------------------------ teacher
@@ -347,7 +273,8 @@ def _views_problems(cfg: Config, m: dict) -> list[str]:
         # no transform is the identity: compare field by field against the other side's seed
         st = stored if isinstance(stored, dict) else ViewSpec(seed=(want or {}).get("seed", 0)).to_dict()
         cf = want if want is not None else ViewSpec(seed=st.get("seed", 0)).to_dict()
-        out += [f"views.{k}: stored {st.get(k)!r}, config {cf.get(k)!r}"
+        key = "views.transform." if "kind" in st or "kind" in cf else "views."   # where the config sets it
+        out += [f"{key}{k}: stored {st.get(k)!r}, config {cf.get(k)!r}"
                 for k in sorted(set(st) | set(cf)) if st.get(k) != cf.get(k)]
     return out
 
@@ -487,7 +414,7 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
               # what the students learned from: for the table's footnote and the chart
               "data": {"labelled_split": "train", "labelled": len(s["train"]), "label_split": cfg.data.label_split,
                        "label_samples": len(s[cfg.data.label_split]), "views": cfg.views.num_views,
-                       "unit": _unit(s["train"])}}
+                       "unit": unit(s["train"])}}
     from .report import students_png
     run_dir = Location(str(cfg.run_dir()))
     run_dir.write_bytes_atomic("students.png", students_png(report))
@@ -496,39 +423,3 @@ def build_report(cfg: Config, teacher: dict, soft_label_uri: str, results: list[
     run_dir.write_bytes_atomic(path.name, json.dumps(report, indent=2).encode())
     report["path"] = str(path)
     return report
-
-
-def _unit(src) -> str:
-    """What a row is, for the report's sentences: texts, images or samples."""
-    if src.input_kind == "tokens":
-        return "texts"
-    return "images" if len(src.in_shape) == 3 else "samples"
-
-
-def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = None) -> tuple[dict, object | None]:
-    """(manifest summary, verify report or None) for `distill inspect`."""
-    m = storage.read_manifest(Location(uri, storage_options))
-    report = storage.verify(uri, storage_options=storage_options) if verify else None
-    return summarize(m, uri), report
-
-
-def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_factories=(), seed: int = 0) -> dict:
-    """`distill inspect URI --replay N`: rebuild the labelled inputs from the config data
-    section the manifest records, check they are the ones labelled (fingerprint), and
-    recompute N random stored rows with the recorded teacher (pipeline/replay.py)."""
-    from pipeline.replay import replay_rows
-    from pipeline.transforms import transform_from_dict
-    ds = storage.open_soft_labels(uri, storage_options=storage_options)
-    m = ds.manifest
-    recipe = (m.get("data") or {}).get("recipe")
-    if not recipe:
-        raise ValueError(f"{uri}: the manifest records no data recipe (labelled by an older distillery or "
-                         f"outside `distill label`), so its inputs cannot be rebuilt for a replay")
-    inputs = _splits(json.dumps(recipe["data"], sort_keys=True))[recipe["label_split"]]
-    if inputs.fingerprint() != m["data"]["fingerprint"]:
-        raise ValueError(f"{uri}: the inputs rebuilt from the recorded data section have fingerprint "
-                         f"{inputs.fingerprint()[:16]}, the labels were made from {m['data']['fingerprint'][:16]}: "
-                         f"the data files changed since labelling")
-    transform = transform_from_dict(m["data"].get("transform"))
-    model, _ = load_model(m["teacher"]["checkpoint"], trusted_factories=trusted_factories)
-    return replay_rows(model, inputs, ds, n=n, transform=transform, seed=seed)

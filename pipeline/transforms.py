@@ -28,117 +28,24 @@ Kinds (`to_dict()["kind"]`): "tokens" (TokenViews), "signal" (SignalViews), "fun
 predates this module and is stored in existing datasets, so it stays as it is).
 `transform_from_dict` rebuilds any of them from a manifest; `transform_from_config`
 builds one from a YAML config section (token ids filled from the tokenizer).
+
+Layout: the protocol, per-row randomness and argument checks are in transform_base.py,
+FunctionView in function_view.py; TokenViews, SignalViews, Compose and the rebuild from
+a dict are here.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
-import inspect
-import json
-import math
-import numbers
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .views import ViewSpec, _check_ids, _noise, _row_keys, _splitmix64, _stream
-
-TRANSFORMS_VERSION = 1  # bump when an algorithm here changes; part of every fingerprint
-KINDS = ("tokens", "signal", "function", "compose")
-
-_MASK63 = (1 << 63) - 1
-_P_ONE = 1 << 53                     # a probability p is the integer threshold round(p * 2**53)
-
-# hash streams (distinct from views.py's 1..4)
-_S_TOK_MASK, _S_TOK_DROP = 21, 22
-_S_SIG_SHIFT, _S_SIG_SCALE, _S_SIG_NOISE = 31, 32, 33
-
-
-@runtime_checkable
-class Transform(Protocol):
-    """What labelling, training and evaluation need from a view transform (see the module
-    docstring). ViewSpec, TokenViews, SignalViews, FunctionView and Compose implement it."""
-
-    @property
-    def is_identity(self) -> bool: ...
-
-    def apply(self, x: torch.Tensor, sample_ids, views) -> torch.Tensor: ...
-
-    def to_dict(self) -> dict: ...
-
-    def fingerprint(self) -> str: ...
-
-
-# ---------------------------------------------------------------- per-row randomness
-
-def row_keys(seed: int, sample_ids, views) -> np.ndarray:
-    """(B,) uint64 key per row, a pure function of (seed, sample_id, view)."""
-    seed = _seed("seed", seed)
-    sids, vws = _check_ids(sample_ids, views)
-    return _row_keys(seed, sids, vws)
-
-
-def row_generators(seed: int, sample_ids, views) -> list[torch.Generator]:
-    """One CPU torch.Generator per row, seeded from its row key (key & (2**63 - 1)), so
-    anything drawn from it is a pure function of (seed, sample_id, view). Draw on the CPU
-    (torch generators are device-bound) and move the result."""
-    return [torch.Generator().manual_seed(int(k) & _MASK63) for k in row_keys(seed, sample_ids, views)]
-
-
-def _bernoulli(stream_keys: np.ndarray, index: np.ndarray, p: float) -> np.ndarray:
-    """(B, L) bool: element (b, i) is True with probability p, from the hash of
-    (stream_keys[b], index[b, i]); exact integer comparison."""
-    thr = np.uint64(int(round(p * _P_ONE)))
-    h = _splitmix64(stream_keys[:, None] ^ _splitmix64(index.astype(np.uint64)))
-    return (h >> np.uint64(11)) < thr
-
-
-# ---------------------------------------------------------------- validation
-
-def _num(name: str, v, *, lo: float, hi: float | None = None, what: str) -> float:
-    if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v))
-            or v < lo or (hi is not None and v > hi)):
-        raise ValueError(f"{name} must be {what}, found {v!r}")
-    return float(v)
-
-
-def _prob(name: str, v) -> float:
-    return _num(name, v, lo=0.0, hi=1.0, what="a probability in [0, 1]")
-
-
-def _int(name: str, v, *, lo: int = 0, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v >= hi):
-        rng = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi})"
-        raise ValueError(f"{name} must be {rng}, found {v!r}")
-    return int(v)
-
-
-def _seed(name: str, v) -> int:
-    return _int(name, v, lo=0, hi=2**63)
-
-
-def _fingerprint(d: dict) -> str:
-    blob = json.dumps({"version": TRANSFORMS_VERSION, **d}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _check_keys(kind: str, d: dict, known: set[str]) -> None:
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"transform kind {kind!r}: unknown key(s) {unknown}, expected some of {sorted(known)}")
-
-
-def _rows(x, sample_ids, views, who: str) -> tuple[np.ndarray, np.ndarray]:
-    if not torch.is_tensor(x):
-        raise ValueError(f"{who}: x must be a torch.Tensor, found {type(x).__name__}")
-    sids, vws = _check_ids(sample_ids, views)
-    if x.ndim == 0 or len(sids) != x.shape[0]:
-        raise ValueError(f"{who}: x has {x.shape[0] if x.ndim else 0} rows but {len(sids)} sample_ids")
-    return sids, vws
-
+from .function_view import FunctionView
+from .views import ViewSpec, _check_ids, _noise, _row_keys, _stream
+from .transform_base import (KINDS, TRANSFORMS_VERSION, Transform, row_generators, row_keys,  # noqa: F401 (public)
+                             _P_ONE, _S_SIG_NOISE, _S_SIG_SCALE, _S_SIG_SHIFT, _S_TOK_DROP, _S_TOK_MASK,
+                             _bernoulli, _check_keys, _fingerprint, _int, _num, _prob, _rows, _seed)
 
 # ---------------------------------------------------------------- tokens
 
@@ -332,139 +239,6 @@ class SignalViews:
             out = out + torch.from_numpy(z).view(x.shape).to(device=x.device, dtype=x.dtype)
         keep = torch.from_numpy(~aug).to(x.device).view(bshape)
         return torch.where(keep, x, out)
-
-
-# ---------------------------------------------------------------- a user function
-
-def _import_function(path: str):
-    mod_name, _, attr = path.partition(":")
-    if not mod_name or not attr:
-        raise ValueError(f"view function path must look like 'package.module:function', found {path!r}")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"view function {path!r}: cannot import module {mod_name!r}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"view function {path!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"view function {path!r}: {attr!r} is not callable")
-    return obj
-
-
-def _source_sha256(fn) -> str | None:
-    try:
-        src = inspect.getsource(fn)
-    except (OSError, TypeError):
-        return None
-    return hashlib.sha256(src.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class FunctionView:
-    """Views made by a user function, called once per row with view > 0 as
-
-        fn(x_row: torch.Tensor, generator: torch.Generator, **kwargs) -> torch.Tensor
-
-    `generator` is a CPU generator seeded from the row key (row_generators), so a function
-    that draws only from it is a pure function of (seed, sample_id, view, row). It must
-    return a tensor of the row's shape and dtype; it gets a copy of the row. View-0 rows
-    are not passed to fn. The function is imported from `fn` ("package.module:function")
-    on first use (apply / to_dict), not at construction: rebuilding one from a manifest
-    runs no user code until the views are needed.
-
-    The identity (to_dict) records fn, kwargs, seed and the sha256 of the function's source
-    (inspect.getsource; None where there is none), so editing the function changes the
-    fingerprint. Only the function's own source is hashed, not helpers it calls. A
-    FunctionView rebuilt from a dict with a recorded source_sha256 refuses to run a
-    function whose source has changed since. A function using global RNG is caught by
-    `check_deterministic`.
-    """
-    fn: str
-    kwargs: dict = field(default_factory=dict)
-    seed: int = 0
-    source_sha256: str | None = field(default=None, compare=False)  # expected, from a manifest
-
-    kind = "function"
-
-    def __post_init__(self):
-        if not isinstance(self.fn, str):
-            raise ValueError(f"FunctionView.fn must be an import path 'package.module:function', "
-                             f"found {self.fn!r}")
-        mod_name, _, attr = self.fn.partition(":")
-        if not mod_name or not attr:
-            raise ValueError(f"FunctionView.fn must look like 'package.module:function', found {self.fn!r}")
-        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
-            raise ValueError(f"FunctionView.kwargs must be a dict with str keys, found {self.kwargs!r}")
-        try:   # JSON form: it is what the manifest records, so it is what the function gets
-            kwargs = json.loads(json.dumps(self.kwargs, allow_nan=False))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"FunctionView.kwargs for {self.fn!r} must be JSON (numbers, strings, "
-                             f"lists, dicts): {e}") from None
-        object.__setattr__(self, "kwargs", kwargs)
-        object.__setattr__(self, "seed", _seed("FunctionView.seed", self.seed))
-        if self.source_sha256 is not None and not isinstance(self.source_sha256, str):
-            raise ValueError(f"FunctionView.source_sha256 must be a hex string or None, found {self.source_sha256!r}")
-
-    def __hash__(self):
-        return hash((self.fn, json.dumps(self.kwargs, sort_keys=True), self.seed))
-
-    @property
-    def is_identity(self) -> bool:
-        return False
-
-    def resolve(self):
-        """(function, its source sha256 or None), imported once; ValueError naming the path
-        when it cannot be imported, or when its source differs from the recorded one."""
-        cached = self.__dict__.get("_resolved")
-        if cached is None:
-            fn = _import_function(self.fn)
-            sha = _source_sha256(fn)
-            if self.source_sha256 is not None and sha != self.source_sha256:
-                raise ValueError(f"view function {self.fn!r} changed since these views were recorded "
-                                 f"(source sha256 {self.source_sha256[:12]} recorded, "
-                                 f"{(sha or 'unavailable')[:12]} now): it would not regenerate the same inputs")
-            cached = (fn, sha)
-            object.__setattr__(self, "_resolved", cached)
-        return cached
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "fn": self.fn, "kwargs": json.loads(json.dumps(self.kwargs)),
-                "seed": self.seed, "source_sha256": self.resolve()[1]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FunctionView":
-        d = dict(d)
-        d.pop("kind", None)
-        _check_keys(cls.kind, d, {"fn", "kwargs", "seed", "source_sha256"})
-        if "fn" not in d:
-            raise ValueError("transform kind 'function': fn is required ('package.module:function')")
-        return cls(**d)
-
-    def fingerprint(self) -> str:
-        return _fingerprint(self.to_dict())
-
-    def apply(self, x: torch.Tensor, sample_ids, views) -> torch.Tensor:
-        sids, vws = _rows(x, sample_ids, views, f"view function {self.fn!r}")
-        fn = self.resolve()[0]
-        out = x.clone()
-        rows = np.flatnonzero(vws > 0)
-        if not len(rows):
-            return out
-        keys = _row_keys(self.seed, sids, vws)
-        for i in rows:
-            g = torch.Generator().manual_seed(int(keys[i]) & _MASK63)
-            y = fn(x[i].clone(), g, **self.kwargs)
-            if not torch.is_tensor(y) or y.shape != x.shape[1:] or y.dtype != x.dtype:
-                got = (f"shape {tuple(y.shape)} dtype {y.dtype}" if torch.is_tensor(y)
-                       else type(y).__name__)
-                raise ValueError(f"view function {self.fn!r} returned {got} for sample_id {int(sids[i])}, "
-                                 f"view {int(vws[i])}; it must return a tensor of the row's shape "
-                                 f"{tuple(x.shape[1:])} and dtype {x.dtype}")
-            out[i] = y.to(x.device)
-        return out
 
 
 # ---------------------------------------------------------------- composition

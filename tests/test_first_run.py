@@ -54,8 +54,10 @@ def busy_cpu():
 def test_first_run_on_a_busy_machine_succeeds_quietly(tmp_path, busy_cpu):
     home = tmp_path / "prefect-home"          # does not exist yet: Prefect creates it
     t0 = time.perf_counter()
+    # the point is a slow first start, not speed: generous, so a machine busy with more
+    # than the burners (another job) still finishes (measured 205 s of flow under such load)
     r = distill("run", TINY, f"runs_dir={tmp_path / 'runs'}", "name=first",
-                "teacher.train.epochs=1", "students.train.epochs=1", env=fresh_env(home))
+                "teacher.train.epochs=1", "students.train.epochs=1", env=fresh_env(home), timeout=600)
     seconds = time.perf_counter() - t0
     out = r.stdout + r.stderr
     print(f"first run on a busy CPU: {seconds:.1f}s")

@@ -35,7 +35,7 @@ def test_teacher_labels_the_transfer_set_and_students_learn_from_it(scarce_run):
     assert np.array_equal(ids, np.sort(s["transfer"].sample_ids)) and ds.manifest["num_views"] == 2
     assert ds.manifest["data"]["fingerprint"] == s["transfer"].fingerprint()
     assert report["data"] == {"labelled_split": "train", "labelled": 200, "label_split": "transfer",
-                              "label_samples": 600, "views": 2}
+                              "label_samples": 600, "views": 2, "unit": "images"}
     assert [x["name"] for x in report["students"]] == ["mlp-16-baseline", "mlp-16-T3-a0-kd", "mlp-32-baseline",
                                                        "mlp-32-T3-a0-kd"]
 

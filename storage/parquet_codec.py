@@ -12,7 +12,7 @@ each page as one contiguous buffer (a numpy view, no per-element work).
 What the encoder writes (a valid Parquet 2.x file; readers check nothing special):
 - one row group per block, one DATA_PAGE_V2 per column chunk, PLAIN encoding, no
   dictionary, every field `required` (no nulls), optional per-column compression
-  (UNCOMPRESSED / ZSTD / LZ4_RAW: pyarrow's codecs);
+  (UNCOMPRESSED / ZSTD level 3 / LZ4_RAW: pyarrow's codecs);
 - 2-D columns as `required group NAME (LIST) { repeated group list { required T element } }`,
   rep levels 0,1,...,1 per row and def levels all 1 (bit width 1);
 - float16 as FIXED_LEN_BYTE_ARRAY(2) with the FLOAT16 logical type; uint8/uint16 as INT32
@@ -49,6 +49,13 @@ ENC_PLAIN, ENC_RLE = 0, 3
 PAGE_DATA_V2 = 3
 CODECS = {"none": 0, "zstd": 6, "lz4": 7}            # UNCOMPRESSED, ZSTD, LZ4_RAW
 _ARROW_CODEC = {6: "zstd", 7: "lz4_raw"}
+ZSTD_LEVEL = 3   # pyarrow's default (1) leaves runs of equal ids ~50x larger
+
+
+@functools.lru_cache(maxsize=None)
+def _codec(codec: int) -> pa.Codec:
+    name = _ARROW_CODEC[codec]
+    return pa.Codec(name, compression_level=ZSTD_LEVEL) if name == "zstd" else pa.Codec(name)
 
 # numpy dtype -> (physical type, type_length, bytes per stored value, logical type, converted type)
 _PHYSICAL = {
@@ -296,7 +303,7 @@ def encode(columns: list[tuple[str, str, int | None]], arrays: dict[str, np.ndar
             codec = CODECS[compression.get(name, "none")]
             raw_len = len(data)
             if codec:
-                data = pa.compress(data, codec=_ARROW_CODEC[codec], asbytes=False)
+                data = _codec(codec).compress(data, asbytes=False)
             levels = b""
             listed = width is not None and not binary   # a Parquet LIST: levels per element
             if listed:

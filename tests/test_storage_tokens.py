@@ -315,6 +315,18 @@ def test_bf16_and_codes_decode_as_documented(tmp_path):
     assert np.array_equal(ds.take_sequences([0, 1])["topk_logprobs"].reshape(-1, 4), from_bf16_bits(bf16_bits(lp)))
 
 
+def test_docs_describe_the_token_layout(tmp_path):
+    write_topk(str(tmp_path / "ds"))
+    ids, counts = sampled_labels(8, 50, 10, 5)
+    w = _writer(tmp_path / "sampled", kind="token_sampled")
+    w.write_shard(0, [0, 1], ids=ids, counts=counts)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "format.md").read_text()
+    for m in (open_soft_labels(str(tmp_path / "ds")).manifest, w.finalize()):
+        for field in list(m) + list(m["representation"]) + list(m["columns"]):
+            assert f"`{field}`" in doc, f"docs/format.md does not document {field!r}"
+    assert "token_topk" in doc and "token_sampled" in doc and "iter_sequences" in doc
+
+
 @pytest.mark.s3
 def test_s3_token_round_trip(s3_server, s3_uri):
     so = s3_server["storage_options"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import SoftLabelError
+from .layout import TOKEN_KINDS
 from .manifest import BACKENDS
 from .reader import open_soft_labels
 from .shards import open_shard
@@ -24,9 +25,13 @@ def convert(src_uri: str, dst_uri: str, *, backend: str, storage_options: dict |
     src = open_soft_labels(src_uri, storage_options=storage_options)
     m = src.manifest
     rep = m["representation"]
+    token = {}
+    if rep["kind"] in TOKEN_KINDS:
+        token = dict(vocab_size=m["vocab_size"], seq_len=m["seq_len"], tail_dtype=rep.get("tail_dtype"),
+                     draws=rep.get("draws"), s_max=rep.get("s_max"))
     w = SoftLabelWriter(
         dst_uri, backend=backend, num_classes=m["num_classes"], temperature=m["temperature"],
-        representation=rep["kind"], k=rep["k"], dtype=rep["dtype"], num_views=m["num_views"],
+        representation=rep["kind"], k=rep["k"], dtype=rep.get("dtype"), num_views=m["num_views"], **token,
         teacher=m["teacher"], data=m["data"], storage_options=dst_storage_options or storage_options,
         overwrite=overwrite, num_shards=m["num_shards"], feature=m.get("feature"),
         compression=compression or m.get("layout", {}).get("compression", "none"),

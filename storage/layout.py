@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from . import parquet_codec
 from .errors import CorruptShardError
+from .token_packing import id_bits, packed_row_bytes
 
 # A block (Parquet row group / Zarr chunk) of ~16 MiB: large enough that per-block
 # overhead vanishes, small enough that a shuffle buffer of a few blocks fits in RAM.
@@ -44,9 +45,27 @@ class Column:
     dtype: str        # numpy dtype name
     width: int | None  # None for 1-D columns
     dim: str = "class"  # name of the second dimension (Zarr dimension_names)
+    binary: bool = False  # uint8 (rows, width) stored as Parquet fixed_size_binary[width] (packed ids)
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "shape": [] if self.width is None else [self.width]}
+        d = {"dtype": self.dtype, "shape": [] if self.width is None else [self.width]}
+        if self.binary:
+            d["storage"] = "fixed_size_binary"
+        return d
+
+
+TOKEN_KINDS = ("token_topk", "token_sampled")
+# the stored dtype of each token value dtype: bfloat16 as its upper 16 bits, uint8 as log-prob codes
+TOKEN_VALUE_STORAGE = {"float16": "float16", "bfloat16": "uint16", "uint8": "uint8", "float32": "float32"}
+
+
+def token_id_column(name: str, width: int, vocab_size: int, dim: str) -> Column:
+    """Token ids: uint16 lists when the vocabulary fits 16 bits, else bit-packed bytes
+    (storage/token_packing.py) in one fixed_size_binary[ceil(width * bits / 8)] value per row."""
+    bits = id_bits(vocab_size)
+    if bits == 16:
+        return Column(name, "uint16", width, dim)
+    return Column(name, "uint8", packed_row_bytes(width, bits), "byte", binary=True)
 
 
 def index_dtype(num_classes: int) -> str:
@@ -63,6 +82,16 @@ def columns_for(manifest: dict) -> list[Column]:
     The same for both backends; the one place a new layout adds its columns."""
     rep, C = manifest["representation"], manifest["num_classes"]
     cols = [Column("sample_id", "int64", None), Column("view", "int32", None)]
+    if rep["kind"] in TOKEN_KINDS:
+        # one row per token position; the rows of a sequence are contiguous, positions 0..L-1
+        cols.append(Column("position", "int32", None))
+        V = manifest.get("vocab_size", C)
+        if rep["kind"] == "token_topk":
+            return cols + [token_id_column("topk_ids", rep["k"], V, "k"),
+                           Column("topk_logprobs", TOKEN_VALUE_STORAGE[rep["dtype"]], rep["k"], "k"),
+                           Column("missing_mass", rep["tail_dtype"], None)]
+        return cols + [token_id_column("sample_ids", rep["s_max"], V, "s"),
+                       Column("sample_counts", rep["count_dtype"], rep["s_max"], "s")]
     if rep["kind"] == "dense":
         cols.append(Column("logits", rep["dtype"], C, "class"))
     else:
@@ -75,13 +104,21 @@ def columns_for(manifest: dict) -> list[Column]:
     return cols
 
 
-def rows_per_block(row_bytes: int, num_rows: int) -> int:
+def rows_per_block(row_bytes: int, num_rows: int, align: int = 1) -> int:
     """Rows per block: ~TARGET_BLOCK_BYTES, and blocks of equal size so that Zarr's last
-    chunk (always stored at full chunk size) wastes no space."""
+    chunk (always stored at full chunk size) wastes no space. `align` (the sequence length
+    of token layouts): blocks hold whole sequences, a multiple of `align` rows."""
+    align = max(1, int(align))
     target = max(MIN_BLOCK_ROWS, TARGET_BLOCK_BYTES // max(1, row_bytes))
-    num_rows = max(1, num_rows)
-    blocks = -(-num_rows // target)
-    return -(-num_rows // blocks)
+    units = max(1, -(-max(1, num_rows) // align))     # sequences (rows when align = 1)
+    target_units = max(1, -(-target // align))
+    blocks = -(-units // target_units)
+    return -(-units // blocks) * align
+
+
+def seq_align(manifest: dict) -> int:
+    """Rows per sequence for token layouts (blocks are cut at sequence boundaries), else 1."""
+    return int(manifest["seq_len"]) if manifest["representation"]["kind"] in TOKEN_KINDS else 1
 
 
 def row_bytes(columns: list[Column]) -> int:
@@ -123,12 +160,17 @@ def objects_nbytes(objects: dict[str, list]) -> int:
 
 # ---------------------------------------------------------------- Parquet
 
-def encode_parquet(cols: dict[str, np.ndarray], spec: list[Column], compression: str) -> dict[str, list]:
+def _codec_dtype(c: Column) -> str:
+    return parquet_codec.BINARY if c.binary else c.dtype
+
+
+def encode_parquet(cols: dict[str, np.ndarray], spec: list[Column], compression: str,
+                   align: int = 1) -> dict[str, list]:
     n = len(cols["sample_id"])
-    fields = [(c.name, c.dtype, c.width) for c in spec]
+    fields = [(c.name, _codec_dtype(c), c.width) for c in spec]
     codecs = {c.name: (compression if c.width is not None and c.dtype.startswith("float") else "zstd")
               for c in spec}
-    parts = parquet_codec.encode(fields, cols, rows_per_group=rows_per_block(row_bytes(spec), n),
+    parts = parquet_codec.encode(fields, cols, rows_per_group=rows_per_block(row_bytes(spec), n, align),
                                  compression=codecs)
     return {"": parts}
 
@@ -204,7 +246,7 @@ class ParquetShard:
             buf = self._chunk_bytes(start, size)
             if buf.size != size:
                 raise CorruptShardError(f"{self.name}: row group {g} column {name} is truncated")
-            a = parquet_codec.read_column_chunk(buf, size, c.dtype, c.width, rg.num_rows, codec)
+            a = parquet_codec.read_column_chunk(buf, size, _codec_dtype(c), c.width, rg.num_rows, codec)
             if a is not None:
                 return a
         t = self.file.read_row_group(g, columns=[name], use_threads=False)
@@ -232,12 +274,13 @@ def _zarr_compressors(compression: str, c: Column):
             "zstd": ZstdCodec(level=3)}[compression]
 
 
-def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: str) -> dict[str, list]:
+def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: str,
+                align: int = 1) -> dict[str, list]:
     import zarr
     from zarr.storage import MemoryStore
 
     n = len(cols["sample_id"])
-    block = rows_per_block(row_bytes(spec), n)
+    block = rows_per_block(row_bytes(spec), n, align)
     store_dict: dict = {}
     g = zarr.open_group(MemoryStore(store_dict), mode="w", zarr_format=3,
                         attributes={"num_rows": n, "columns": {c.name: c.to_dict() for c in spec}})

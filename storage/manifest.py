@@ -16,7 +16,8 @@ import re
 from typing import Any
 
 from .errors import ManifestError, MismatchError
-from .layout import DATA_DIR, columns_for, index_dtype
+from .layout import DATA_DIR, TOKEN_KINDS, columns_for, index_dtype
+from .tokens import representation_problem
 
 # 2: shards under data/, 2-D Parquet columns as fixed_size_list, Zarr dimension_names,
 #    a manifest digest, a lineage digest in every commit record. 1 is still read.
@@ -26,7 +27,7 @@ MANIFEST = "manifest.json"
 COMMITS_DIR = "_commits"
 TMP_DIR = "_tmp"
 BACKENDS = ("parquet", "zarr")
-KINDS = ("dense", "topk")
+KINDS = ("dense", "topk") + TOKEN_KINDS   # token_*: one row per token position (storage/tokens.py)
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lz4", "zstd")
 
@@ -37,6 +38,16 @@ IDENTITY_FIELDS = (
     "representation", "feature", "teacher.fingerprint", "data.fingerprint",
     "data.split", "data.transform",
 )
+
+# and, for the token kinds, these too (not part of older datasets' lineage digests)
+TOKEN_IDENTITY_FIELDS = ("vocab_size", "seq_len")
+
+
+def identity_fields(m: dict) -> tuple[str, ...]:
+    """The identity fields of this manifest's kind."""
+    kind = m.get("representation", {}).get("kind") if isinstance(m.get("representation"), dict) else None
+    return IDENTITY_FIELDS + (TOKEN_IDENTITY_FIELDS if kind in TOKEN_KINDS else ())
+
 
 REQUIRED_TEACHER = ("name", "fingerprint")
 REQUIRED_DATA = ("name", "split", "fingerprint", "transform")
@@ -156,7 +167,7 @@ def manifest_digest(m: dict) -> str:
 def lineage_digest(m: dict) -> str:
     """What a commit record carries to say which labelling it belongs to: a hash of the
     identity fields (teacher, data, transform, temperature, representation, ...)."""
-    ident = {f: _get_or(m, f) for f in IDENTITY_FIELDS}
+    ident = {f: _get_or(m, f) for f in identity_fields(m)}
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -203,13 +214,17 @@ def validate_manifest(m: dict, where: str) -> None:
     rep = m["representation"]
     _need(isinstance(rep, dict), where, "representation", "an object {kind, dtype, k}", rep)
     _need(rep.get("kind") in KINDS, where, "representation.kind", f"one of {list(KINDS)}", rep.get("kind"))
-    _need(rep.get("dtype") in DTYPES, where, "representation.dtype", f"one of {list(DTYPES)}", rep.get("dtype"))
+    token = rep["kind"] in TOKEN_KINDS
+    if token:
+        _validate_token_fields(m, where)
+    else:
+        _need(rep.get("dtype") in DTYPES, where, "representation.dtype", f"one of {list(DTYPES)}", rep.get("dtype"))
     if rep["kind"] == "topk":
         _need(_is_int(rep.get("k"), 1) and rep["k"] <= C, where, "representation.k",
               f"an int in [1, num_classes={C}]", rep.get("k"))
         _need(rep.get("index_dtype", index_dtype(C)) == index_dtype(C), where, "representation.index_dtype",
               repr(index_dtype(C)), rep.get("index_dtype"))
-    else:
+    elif not token:
         _need(rep.get("k") is None, where, "representation.k", "null for a dense representation", rep.get("k"))
     feat = m.get("feature")
     if feat is not None:
@@ -252,8 +267,28 @@ def validate_manifest(m: dict, where: str) -> None:
               f"the number of shard entries ({len(shards)}, at least 1)", m["num_shards"])
         total = sum(e["num_rows"] for e in shards)
         _need(m["num_rows"] == total, where, "num_rows", f"the sum of the shards' num_rows ({total})", m["num_rows"])
-        _need(m["num_rows"] == m["num_samples"] * m["num_views"], where, "num_rows",
-              f"num_samples x num_views ({m['num_samples']} x {m['num_views']})", m["num_rows"])
+        if token:
+            _need(m.get("num_tokens") == m["num_rows"], where, "num_tokens", f"num_rows ({m['num_rows']})",
+                  m.get("num_tokens"))
+            _need(m["num_rows"] == m["num_samples"] * m["num_views"] * m["seq_len"], where, "num_rows",
+                  f"num_samples x num_views x seq_len ({m['num_samples']} x {m['num_views']} x {m['seq_len']})",
+                  m["num_rows"])
+        else:
+            _need(m["num_rows"] == m["num_samples"] * m["num_views"], where, "num_rows",
+                  f"num_samples x num_views ({m['num_samples']} x {m['num_views']})", m["num_rows"])
+
+
+def _validate_token_fields(m: dict, where: str) -> None:
+    V, L = m.get("vocab_size"), m.get("seq_len")
+    _need(_is_int(V, 2) and V == m["num_classes"], where, "vocab_size",
+          f"an int >= 2 equal to num_classes ({m['num_classes']})", V)
+    _need(_is_int(L, 1), where, "seq_len", "an int >= 1 (tokens per sequence; fixed-length sequences)", L)
+    _need(m.get("num_tokens") is None or _is_int(m["num_tokens"]), where, "num_tokens", "null or an int >= 0",
+          m.get("num_tokens"))
+    _need(m["temperature"] == 1.0, where, "temperature", "1.0 for token labels (stored at T = 1)", m["temperature"])
+    _need(m.get("feature") is None, where, "feature", "null for token labels", m.get("feature"))
+    problem = representation_problem(m["representation"], V)
+    _need(problem is None, where, "representation", problem or "", m["representation"])
 
 
 def dump_manifest(m: dict) -> bytes:

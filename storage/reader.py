@@ -6,6 +6,14 @@ of numpy arrays:
     {"sample_id": (B,) int64, "view": (B,) int32, "logits": (B, C) float16 | ...,
      "pad": (B,) bool}
 Arrays may be read-only views of the decoded block (copy before writing in place).
+
+Token labels (representation token_topk / token_sampled): rows are token positions, so
+iter_batches streams tokens (stored columns, undecoded); `iter_sequences` streams whole
+sequences, shuffled and partitioned by sequence with the same rule, decoded:
+    {"sample_id": (B,), "view": (B,), "pad": (B,), "topk_ids": (B, L, k) int64,
+     "topk_logprobs": (B, L, k) float32, "missing_mass": (B, L) float32}
+    (token_sampled: "sample_ids" (B, L, s_max) int64, "sample_counts" (B, L, s_max) int32)
+and `take_sequences` reads sequences by (sample_id, view).
 Filesystems are opened lazily inside iteration, so the dataset object can be handed
 to forked DataLoader workers, including with S3.
 """
@@ -18,11 +26,12 @@ import numpy as np
 
 from .errors import CorruptShardError, IncompleteDatasetError, ManifestError, SoftLabelError
 from .fs import Location
-from .layout import columns_for
+from .layout import TOKEN_KINDS, columns_for, row_bytes
 from .manifest import check_expect, lineage_digest
 from .partition import batches_per_partition, partition_segments
 from .shards import commits_disagree, open_shard, read_commits, read_id_columns, read_manifest
 from .verify import verify as verify_dataset
+from . import tokens
 
 SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker)
 REMOTE_OPEN_BYTES = 512 << 20     # object-store shards are held in memory while open: bound them
@@ -174,6 +183,9 @@ class SoftLabelDataset:
     def take(self, sample_ids, views=None, *, columns: list[str] | None = None) -> dict[str, np.ndarray]:
         """Rows for `sample_ids`, in the order given. views=None: every view of each id
         (id-major, views ascending); else an array of the same length naming one view each."""
+        if self.is_tokens:
+            raise SoftLabelError(f"{self.uri}: a token-label dataset has seq_len={self.seq_len} rows per "
+                                 f"(sample_id, view); use take_sequences()")
         cols = self._check_columns(columns)
         sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_index()
         V = int(self.manifest["num_views"])
@@ -204,6 +216,135 @@ class SoftLabelDataset:
                         out[c] = np.empty((len(ids),) + vals.shape[1:], vals.dtype)
                     out[c][dst] = vals
         return out
+
+    # ------------------------------------------------------------------ token sequences
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.manifest["representation"]["kind"] in TOKEN_KINDS
+
+    @property
+    def seq_len(self) -> int:
+        if not self.is_tokens:
+            raise SoftLabelError(f"{self.uri}: representation {self.manifest['representation']['kind']!r} has no "
+                                 f"sequences (only token_topk / token_sampled do)")
+        return int(self.manifest["seq_len"])
+
+    def _seq_counts(self) -> list[int]:
+        L = self.seq_len
+        return [r // L for r in self.shard_rows]
+
+    def num_sequence_batches(self, batch_size: int, *, world_size: int = 1, num_workers: int = 1,
+                             drop_last: bool = False) -> int:
+        """Batches of sequences ONE rank yields per epoch from iter_sequences (over its workers)."""
+        n = sum(self._seq_counts())
+        return num_workers * batches_per_partition(n, world_size * num_workers, batch_size, drop_last)
+
+    def default_sequence_buffer(self, batch_size: int) -> int:
+        """Sequences in iter_sequences' shuffle buffer by default: what fits in
+        SHUFFLE_BUDGET_BYTES of stored bytes after ~3 blocks in flight, at least 8 batches."""
+        seq = max(1, row_bytes(self.columns) * self.seq_len)
+        block = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"]) * row_bytes(self.columns)
+        return max(8 * batch_size, (SHUFFLE_BUDGET_BYTES - 3 * block) // seq)
+
+    def iter_sequences(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                       rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
+                       shuffle_buffer: int | None = None, drop_last: bool = False,
+                       decode: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """Whole sequences, `batch_size` at a time: {"sample_id" (B,), "view" (B,), "pad" (B,),
+        label columns (B, L, ...)}. Shuffling, partitioning over (rank, worker) and padding are
+        iter_batches' (storage/partition.py), at sequence granularity: every (sample_id, view)
+        is a non-pad sequence exactly once per epoch. decode=True: ids as int64, log-probs /
+        missing mass as float32, counts as int32 (storage.tokens.decode); False: stored dtypes."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        L = self.seq_len
+        segs = partition_segments(self._seq_counts(), seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
+                                  world_size=world_size, worker=worker, num_workers=num_workers)
+        chunks = self._seq_blocks(segs, L)
+        if shuffle:
+            if shuffle_buffer is None:
+                shuffle_buffer = self.default_sequence_buffer(batch_size)
+            rng = np.random.default_rng([seed, epoch, rank * num_workers + worker, 0x5E0])
+            total = sum(sg.stop - sg.start for sg in segs)
+            chunks = _shuffle_blocks(chunks, shuffle_buffer, rng, total, max(batch_size, 64))
+        for b in _rebatch(chunks, batch_size, drop_last):
+            yield tokens.decode(self.manifest, b) if decode else b
+
+    def _seq_blocks(self, segs, L: int) -> Iterator[dict[str, np.ndarray]]:
+        """Per segment (in sequences), whole sequences a storage block at a time (blocks hold
+        whole sequences: the writer aligns them to seq_len)."""
+        cache = self._shard_cache()
+        cols = list(self.column_names)
+        for seg in segs:
+            sh = self._open(seg.shard, cache)
+            # cut points: the segment's ends and the block starts inside it, rounded up to sequences
+            cuts = sorted({seg.start, seg.stop} | {-(-b0 // L) for b0, _ in sh.blocks()
+                                                   if seg.start < -(-b0 // L) < seg.stop})
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                try:
+                    rows = sh.read(a * L, b * L, cols)
+                except CorruptShardError:
+                    raise
+                except Exception as e:
+                    raise CorruptShardError(f"{self.uri}: shard {self.manifest['shards'][seg.shard]['path']} "
+                                            f"rows {a * L}:{b * L} cannot be read: {type(e).__name__}: {e}") from None
+                out = tokens.to_sequences(rows, L)
+                out["pad"] = np.full(b - a, seg.pad)
+                yield out
+
+    def _build_seq_index(self):
+        if getattr(self, "_seq_index", None) is None:
+            L = self.seq_len
+            sids, views, shard_of = read_id_columns(self.loc, self.manifest, self.columns)
+            starts = np.concatenate([[0], np.cumsum(self.shard_rows)])
+            row = np.arange(len(sids)) - starts[shard_of]
+            sids, views, shard_of, row = sids[::L], views[::L], shard_of[::L], row[::L]
+            order = np.lexsort((views, sids))
+            self._seq_index = (sids[order], views[order], shard_of[order], row[order])
+        return self._seq_index
+
+    def take_sequences(self, sample_ids, views=None, *, decode: bool = True) -> dict[str, np.ndarray]:
+        """Whole sequences for `sample_ids`, in the order given, shaped like iter_sequences'
+        batches (without "pad"). views=None: every view of each id (id-major, views
+        ascending); else an array of the same length naming one view each."""
+        L = self.seq_len
+        sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_seq_index()
+        V = int(self.manifest["num_views"])
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        if views is None:
+            ids, want = np.repeat(ids, V), np.tile(np.arange(V), len(ids))
+        else:
+            want = np.asarray(views, dtype=np.int64).reshape(-1)
+            if want.shape != ids.shape:
+                raise ValueError(f"views must have the same length as sample_ids ({len(ids)}), got {want.shape}")
+        pos = np.searchsorted(sids_sorted, ids) + want
+        ok = pos < len(sids_sorted)
+        ok[ok] = (sids_sorted[pos[ok]] == ids[ok]) & (views_sorted[pos[ok]] == want[ok])
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise SoftLabelError(f"{self.uri}: sequence (sample_id, view) ({ids[bad[0]]}, {want[bad[0]]}) is not in "
+                                 f"the dataset; {len(bad)} of {len(ids)} requested sequence(s) missing")
+        shard, row = shard_sorted[pos], row_sorted[pos]
+        cols = list(self.column_names)
+        out: dict[str, np.ndarray] = {}
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            for (b0, b1), blk in self._blocks_for(int(s), row[sel], cols):
+                inb = (row[sel] >= b0) & (row[sel] < b1)
+                starts, dst = row[sel][inb] - b0, sel[inb]
+                if len(starts) and int(starts.max()) + L > b1 - b0:   # blocks not cut at sequences
+                    sh = self._open(int(s), self._shard_cache())
+                    parts = [sh.read(b0 + int(r), b0 + int(r) + L, cols) for r in starts]
+                    seqs = tokens.to_sequences({c: np.concatenate([p[c] for p in parts]) for c in cols}, L)
+                else:
+                    rows = (starts[:, None] + np.arange(L)).reshape(-1)
+                    seqs = tokens.to_sequences({c: blk[c][rows] for c in cols}, L)
+                for c, vals in seqs.items():
+                    if c not in out:
+                        out[c] = np.empty((len(ids),) + vals.shape[1:], vals.dtype)
+                    out[c][dst] = vals
+        return tokens.decode(self.manifest, out) if decode else out
 
     def _blocks_for(self, pos: int, rows: np.ndarray, cols: list[str]):
         """The storage blocks of shard `pos` holding `rows`, through a small per-process LRU

@@ -6,7 +6,10 @@ records agree (same shards, paths, checksums and lineage); each shard exists, it
 hash to the recorded sha256, it decodes with the columns the manifest describes, its row
 count and first/last sample ids match the record, its float columns are finite; and
 across shards every (sample_id, view) appears exactly once with views 0..V-1 per sample
-and the totals match num_samples / num_rows.
+and the totals match num_samples / num_rows. Token labels: every shard holds whole
+sequences (positions 0..L-1, one (sample_id, view) per sequence), ids < vocab_size,
+log-probs <= 0, missing mass in [0, 1], counts summing to at most `draws`; coverage is
+over sequences and num_tokens must equal num_rows.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import numpy as np
 
 from .errors import SoftLabelError
 from .fs import Location
-from .layout import columns_for
+from .layout import TOKEN_KINDS, columns_for
 from .manifest import lineage_digest
 from .shards import check_coverage, commits_disagree, open_shard, read_commits, read_manifest
+from .tokens import sequence_starts, shard_problems
 
 
 @dataclass
@@ -55,6 +59,8 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     except SoftLabelError as e:
         report.problems.append(str(e))
     spec = columns_for(m)
+    token = m["representation"]["kind"] in TOKEN_KINDS
+    L = int(m["seq_len"]) if token else 1
     sids, views, shard_of = [], [], []
     for s in m["shards"]:
         name = s["path"]
@@ -84,6 +90,8 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                     r = int(np.flatnonzero(bad)[0])
                     report.problems.append(f"shard {s['index']} ({name}): column {c.name} has NaN/Inf in "
                                            f"{int(bad.sum())} row(s), first at row {r}")
+        if token:
+            report.problems += [f"shard {s['index']} ({name}): {p}" for p in shard_problems(m, cols)]
         v = cols["view"]
         if ((v < 0) | (v >= m["num_views"])).any():
             report.problems.append(f"shard {s['index']} ({name}): view ids outside [0, {m['num_views']})")
@@ -91,11 +99,16 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         views.append(v)
         shard_of.append(np.full(n, s["index"], np.int64))
     if sids and not report.problems:
-        all_s, all_v = np.concatenate(sids), np.concatenate(views)
+        all_s, all_v, all_sh = np.concatenate(sids), np.concatenate(views), np.concatenate(shard_of)
+        rows = len(all_s)
+        if token:
+            all_s, all_v, all_sh = sequence_starts(all_s, all_v, all_sh, L)
+            if rows != m.get("num_tokens"):
+                report.problems.append(f"totals differ: {rows} tokens found, manifest says {m.get('num_tokens')}")
         try:
-            num_samples = check_coverage(all_s, all_v, np.concatenate(shard_of), m["num_views"], loc.uri)
-            if num_samples != m.get("num_samples") or len(all_s) != m.get("num_rows"):
-                report.problems.append(f"totals differ: {num_samples} samples / {len(all_s)} rows found, manifest "
+            num_samples = check_coverage(all_s, all_v, all_sh, m["num_views"], loc.uri)
+            if num_samples != m.get("num_samples") or rows != m.get("num_rows"):
+                report.problems.append(f"totals differ: {num_samples} samples / {rows} rows found, manifest "
                                        f"says {m.get('num_samples')} / {m.get('num_rows')}")
         except SoftLabelError as e:
             report.problems.append(str(e))

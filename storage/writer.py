@@ -6,6 +6,12 @@ Lifecycle:
     for i in w.pending(range(n)): w.write_shard(i, ids, logits)  # resume-safe
     w.finalize()                                            # checks coverage, writes complete manifest
 
+Token labels of a language model (representation "token_topk" / "token_sampled", one row
+per token position, stored at T = 1; see storage/tokens.py):
+    w = SoftLabelWriter(uri, backend="parquet", representation="token_topk", vocab_size=V,
+                        seq_len=L, k=32, dtype="uint8", teacher={...}, data={...})
+    w.write_shard(i, sample_ids, ids=ids, logprobs=logprobs, missing_mass=missing_mass)
+
 Re-opening the same URI with the same teacher/data/temperature fingerprints resumes;
 committed shards are listed by `committed_shards()`. Anything else is refused unless
 overwrite=True. See storage/shards.py for how concurrent writers stay safe.
@@ -19,15 +25,16 @@ import numpy as np
 
 from .errors import CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError, MismatchError, SoftLabelError
 from .fs import Location
-from .layout import (DATA_DIR, columns_for, shard_basename, encode_parquet, encode_zarr, index_dtype, objects_nbytes, row_bytes,
-                     rows_per_block)
-from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, IDENTITY_FIELDS, KINDS,
-                       MANIFEST, TMP_DIR, diff_fields, dump_manifest, lineage_digest, now_iso, parse_manifest,
-                       producer, validate_lineage)
+from .layout import (DATA_DIR, TOKEN_KINDS, columns_for, shard_basename, encode_parquet, encode_zarr, index_dtype,
+                     objects_nbytes, row_bytes, rows_per_block, seq_align)
+from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, KINDS,
+                       MANIFEST, TMP_DIR, diff_fields, dump_manifest, identity_fields, lineage_digest, now_iso,
+                       parse_manifest, producer, validate_lineage)
 from .shards import (EXT, check_coverage, commits_disagree, mark_verified, publish, read_commits, read_id_columns,
                      shard_filename, temp_owner_alive, write_commit)
 from .parallel import for_row_blocks
 from .topk import scaled_topk
+from . import tokens
 
 # finalize() deletes a temp file whose owner it cannot check (another host, an unknown name)
 # only when it is older than this: that writer may still be writing it.
@@ -35,15 +42,49 @@ ORPHAN_AGE_S = 15 * 60
 
 
 class SoftLabelWriter:
-    def __init__(self, uri: str, *, backend: str, num_classes: int, temperature: float,
-                 representation: str = "dense", k: int | None = None, dtype: str = "float16",
+    def __init__(self, uri: str, *, backend: str, num_classes: int | None = None, temperature: float | None = None,
+                 representation: str = "dense", k: int | None = None, dtype: str | None = None,
                  num_views: int = 1, teacher: dict, data: dict, storage_options: dict | None = None,
                  overwrite: bool = False, num_shards: int | None = None, feature: dict | None = None,
-                 compression: str = "none", extra: dict | None = None):
+                 compression: str = "none", extra: dict | None = None, vocab_size: int | None = None,
+                 seq_len: int | None = None, tail_dtype: str | None = None, draws: int | None = None,
+                 s_max: int | None = None):
         _check_choice("backend", backend, BACKENDS)
         _check_choice("representation", representation, KINDS)
-        _check_choice("dtype", dtype, DTYPES)
         _check_choice("compression", compression, COMPRESSIONS)
+        token = representation in TOKEN_KINDS
+        if token:
+            if vocab_size is None:
+                vocab_size = num_classes
+            if num_classes is not None and num_classes != vocab_size:
+                raise ValueError(f"num_classes ({num_classes}) and vocab_size ({vocab_size}) differ; "
+                                 f"token labels need only vocab_size")
+            num_classes = vocab_size
+            if temperature is None:
+                temperature = 1.0
+            if temperature != 1.0:
+                raise ValueError(f"token labels are stored at temperature 1.0, got temperature={temperature!r}: "
+                                 f"a student applies its own temperature at train time (top-k log-probs are "
+                                 f"exact only at the temperature they were computed at)")
+            if not isinstance(seq_len, int) or seq_len < 1:
+                raise ValueError(f"representation={representation!r} needs seq_len, an int >= 1 (tokens per "
+                                 f"sequence; fixed-length sequences), got {seq_len!r}")
+            if feature is not None:
+                raise ValueError("feature= is not supported with token labels")
+            rep = tokens.make_representation(representation, vocab_size=vocab_size, k=k, dtype=dtype,
+                                             tail_dtype=tail_dtype, draws=draws, s_max=s_max)
+            dtype = rep.get("dtype") or "float16"
+        else:
+            for name, val in (("vocab_size", vocab_size), ("seq_len", seq_len), ("tail_dtype", tail_dtype),
+                              ("draws", draws), ("s_max", s_max)):
+                if val is not None:
+                    raise ValueError(f"{name}= is only meaningful with representation 'token_topk' / 'token_sampled'")
+            if temperature is None:
+                raise ValueError("temperature is required")
+            if num_classes is None:
+                raise ValueError("num_classes is required")
+            dtype = "float16" if dtype is None else dtype
+            _check_choice("dtype", dtype, DTYPES)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
@@ -53,7 +94,7 @@ class SoftLabelWriter:
         if representation == "topk":
             if not isinstance(k, int) or not 1 <= k <= num_classes:
                 raise ValueError(f"representation='topk' needs an int k in [1, num_classes={num_classes}], got k={k!r}")
-        elif k is not None:
+        elif k is not None and not token:
             raise ValueError(f"k={k!r} is only meaningful with representation='topk'")
         if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
             raise ValueError(f"num_shards must be a positive int or None, got {num_shards!r}")
@@ -67,9 +108,10 @@ class SoftLabelWriter:
 
         self.loc = Location(uri, storage_options)
         self.uri = self.loc.uri
-        rep = {"kind": representation, "dtype": dtype, "k": k}
-        if representation == "topk":
-            rep["index_dtype"] = index_dtype(num_classes)
+        if not token:
+            rep = {"kind": representation, "dtype": dtype, "k": k}
+            if representation == "topk":
+                rep["index_dtype"] = index_dtype(num_classes)
         self._new = {
             "format_version": FORMAT_VERSION, "backend": backend, "status": "partial",
             "num_samples": None, "num_rows": None, "num_views": num_views, "num_classes": num_classes,
@@ -78,6 +120,9 @@ class SoftLabelWriter:
             "planned_shards": num_shards, "columns": {}, "layout": {}, "shards": [],
             "created_at": now_iso(), "producer": producer(), "extra": dict(extra or {}),
         }
+        if token:
+            self._new.update(vocab_size=vocab_size, seq_len=seq_len, num_tokens=None)
+        self.align = seq_align(self._new)
         self.columns = columns_for(self._new)
         self._new["columns"] = {c.name: c.to_dict() for c in self.columns}
         self._new["layout"] = {"compression": compression, "target_block_bytes": 16 << 20,
@@ -99,7 +144,7 @@ class SoftLabelWriter:
                 if not overwrite:
                     raise
         if existing is not None and not overwrite:
-            diffs = diff_fields(existing, self._new, IDENTITY_FIELDS)
+            diffs = diff_fields(existing, self._new, identity_fields(self._new))
             if diffs:
                 lines = [f"  {f}: stored {found!r}, this writer {want!r}" for f, want, found in diffs]
                 raise MismatchError(
@@ -139,10 +184,39 @@ class SoftLabelWriter:
         done = set(self.committed_shards())
         return [i for i in indices if i not in done]
 
-    def write_shard(self, shard_index: int, sample_ids, logits, views=None, *, features=None) -> dict:
-        """Scale raw `logits` (n, C) by 1/T, encode, publish atomically, commit. Returns the commit record."""
+    def write_shard(self, shard_index: int, sample_ids, logits=None, views=None, *, features=None,
+                    ids=None, logprobs=None, missing_mass=None, counts=None, positions=None) -> dict:
+        """Scale raw `logits` (n, C) by 1/T, encode, publish atomically, commit. Returns the commit record.
+
+        Token labels take the per-token arrays instead of logits, rows = token positions of
+        whole sequences (N = sequences x seq_len): token_topk `ids` (N, k) int, `logprobs`
+        (N, k) float (<= 0, T = 1), `missing_mass` (N,) in [0, 1]; token_sampled `ids` (N, u)
+        and `counts` (N, u) (u <= s_max; 0 = padding; row sums <= draws). (B, L, w) arrays
+        are accepted too. `sample_ids` / `views` per token (N,) or per sequence (N / L,);
+        `positions` (N,) must be 0..L-1 per sequence (None: that)."""
+        if self.manifest["representation"]["kind"] in TOKEN_KINDS:
+            if logits is not None or features is not None:
+                raise InvalidLogitsError(f"{self.uri} shard {shard_index}: token labels take ids=, logprobs=, "
+                                         f"missing_mass= / counts=, not logits or features")
+            self._check_index(shard_index)
+            cols = tokens.prepare_columns(self._new, f"{self.uri} shard {shard_index}", sample_ids, views, positions,
+                                          ids=ids, logprobs=logprobs, missing_mass=missing_mass, counts=counts)
+            return self._write_columns(shard_index, cols)
+        if any(a is not None for a in (ids, logprobs, missing_mass, counts, positions)):
+            raise InvalidLogitsError(f"{self.uri} shard {shard_index}: ids/logprobs/missing_mass/counts/positions "
+                                     f"are for token representations; this dataset is "
+                                     f"{self.manifest['representation']['kind']!r}")
+        if logits is None:
+            raise InvalidLogitsError(f"{self.uri} shard {shard_index}: logits are required")
         cols = self._prepare(shard_index, sample_ids, logits, views, features, prescaled=False)
         return self._write_columns(shard_index, cols)
+
+    def _check_index(self, shard_index) -> None:
+        if not isinstance(shard_index, (int, np.integer)) or shard_index < 0:
+            raise ValueError(f"shard_index must be an int >= 0, got {shard_index!r}")
+        planned = self.manifest.get("planned_shards")
+        if planned is not None and shard_index >= planned:
+            raise ValueError(f"{self.uri} shard {shard_index}: shard_index {shard_index} >= num_shards {planned}")
 
     def write_scaled_columns(self, shard_index: int, cols: dict[str, np.ndarray]) -> dict:
         """Write already-stored columns verbatim (used by convert(): no re-scaling, bit-exact)."""
@@ -235,7 +309,7 @@ class SoftLabelWriter:
     def _write_columns(self, shard_index: int, cols: dict[str, np.ndarray]) -> dict:
         backend = self.manifest["backend"]
         encode = encode_parquet if backend == "parquet" else encode_zarr
-        objects = encode(cols, self.columns, self.compression)
+        objects = encode(cols, self.columns, self.compression, self.align)
         existing = read_commits(self.loc, backend).get(shard_index)
 
         def accept(sha: str) -> bool:
@@ -258,7 +332,7 @@ class SoftLabelWriter:
         record = {"index": int(shard_index), "path": name, "num_rows": int(len(ids)),
                   "first_sample_id": int(ids[0]), "last_sample_id": int(ids[-1]),
                   "sha256": sha, "bytes": objects_nbytes(objects),
-                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids)),
+                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids), self.align),
                   "lineage": self.lineage}
         record = write_commit(self.loc, record)
         if not self.loc.exists(name):
@@ -293,10 +367,15 @@ class SoftLabelWriter:
                   for i in idx]
         m = dict(self.manifest, shards=shards)
         sids, views, shard_of = read_id_columns(self.loc, m, self.columns)
+        num_rows = int(len(sids))
+        if self.align > 1:   # token rows: coverage is over sequences (each shard holds whole ones)
+            sids, views, shard_of = tokens.sequence_starts(sids, views, shard_of, self.align)
         num_samples = check_coverage(sids, views, shard_of, m["num_views"], self.uri)
         m.update(status="complete", num_shards=len(shards), num_samples=num_samples,
-                 num_rows=int(len(sids)), finalized_at=now_iso(), format_version=FORMAT_VERSION,
+                 num_rows=num_rows, finalized_at=now_iso(), format_version=FORMAT_VERSION,
                  columns={c.name: c.to_dict() for c in self.columns})
+        if m["representation"]["kind"] in TOKEN_KINDS:
+            m["num_tokens"] = num_rows
         self.loc.write_bytes_atomic(MANIFEST, dump_manifest(m))
         self.manifest = m
         self._finalized = True

@@ -82,3 +82,32 @@ def test_files_written_by_pyarrow_are_read_through_the_fallback(tmp_path):
     sh = ParquetShard(str(other), ds.columns)
     got = sh.read(0, 50, ["sample_id", "logits"])
     assert np.array_equal(got["logits"], want["logits"]) and np.array_equal(got["sample_id"], want["sample_id"])
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("n, width, rpg", [(1, 1, 1), (37, 11, 8), (300, 68, 128)])
+def test_fixed_size_binary_columns_read_the_same_in_pyarrow_and_the_fast_path(tmp_path, compression, n, width, rpg):
+    """Bit-packed token ids: uint8 (rows, width) stored as fixed_size_binary[width]."""
+    rng = np.random.default_rng(width)
+    cols = [("sample_id", "int64", None), ("packed", parquet_codec.BINARY, width), ("u8", "uint8", 4)]
+    arrays = {"sample_id": np.arange(n), "packed": rng.integers(0, 256, (n, width)).astype(np.uint8),
+              "u8": rng.integers(0, 256, (n, 4)).astype(np.uint8)}
+    raw = _file(cols, arrays, rpg, {c: compression for c, _, _ in cols})
+    t = pq.read_table(io.BytesIO(raw))
+    col = t.column("packed").combine_chunks()
+    assert col.type == pa.binary(width)
+    assert np.array_equal(np.frombuffer(col.buffers()[1], np.uint8, count=n * width).reshape(n, width),
+                          arrays["packed"])
+    path = tmp_path / "f.parquet"
+    path.write_bytes(raw)
+    spec = [Column("sample_id", "int64", None), Column("packed", "uint8", width, "byte", binary=True),
+            Column("u8", "uint8", 4)]
+    shard = ParquetShard(str(path), spec)
+    fast = shard.read(0, n, ["packed", "u8"])
+    assert fast["packed"].dtype == np.uint8 and np.array_equal(fast["packed"], arrays["packed"])
+    assert np.array_equal(fast["u8"], arrays["u8"])
+    # a pyarrow-written copy (V1 pages, dictionary) reads through the fallback
+    other = tmp_path / "pyarrow.parquet"
+    pq.write_table(t, other, use_dictionary=True, data_page_version="1.0", row_group_size=7)
+    slow = ParquetShard(str(other), spec).read(0, n, ["packed"])
+    assert np.array_equal(slow["packed"], arrays["packed"])

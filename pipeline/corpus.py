@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .data import split_dataset
+from .paths import cache_root, file_sha256
 from .table_source import TableSource, _stable
 
 CORPUS_VERSION = 1
@@ -56,18 +57,11 @@ BATCH_DOCS = 1024
 
 def corpus_root(cache_dir=None) -> str:
     """cache_dir, else $DISTILLERY_CACHE/corpus, else ~/.cache/distillery/corpus."""
-    if cache_dir is not None:
-        return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
-    base = os.environ.get("DISTILLERY_CACHE") or os.path.join("~", ".cache", "distillery")
-    return os.path.join(os.path.abspath(os.path.expanduser(base)), "corpus")
+    return cache_root("corpus", cache_dir)
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _file(path) -> str:

@@ -87,6 +87,27 @@ def model_inputs(inputs, pos: np.ndarray, views: np.ndarray, transform=None) -> 
     return transform.apply(x, inputs.sample_ids[pos], views)
 
 
+def index_of(ds, sample_ids) -> np.ndarray:
+    """Positions (int64) in `ds` of the given sample ids (any Source); ValueError naming any
+    missing id. The sorted index is built once per ids array and kept on the object
+    (`_index_cache`): index_of runs for every streamed batch."""
+    query = np.asarray(sample_ids, dtype=np.int64)
+    cache = ds.__dict__.get("_index_cache")
+    if cache is None or cache[0] is not ds.sample_ids:
+        order = np.argsort(ds.sample_ids, kind="stable")
+        cache = ds.__dict__["_index_cache"] = (ds.sample_ids, order, ds.sample_ids[order])
+    _, order, sorted_ids = cache
+    pos = np.searchsorted(sorted_ids, query)
+    pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
+    found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query if len(sorted_ids)
+                                       else np.zeros(query.shape, bool))
+    if not found.all():
+        missing = np.unique(query[~found])
+        raise ValueError(f"dataset {ds.name!r} ({ds.split_spec}): {len(missing)} "
+                         f"sample id(s) not found, e.g. {missing[:10].tolist()}")
+    return order[pos_c]
+
+
 @dataclass
 class ArrayDataset:
     name: str
@@ -181,22 +202,7 @@ class ArrayDataset:
 
     def index_of(self, sample_ids) -> np.ndarray:
         """Positions (int64) of the given sample ids; ValueError naming any missing id."""
-        query = np.asarray(sample_ids, dtype=np.int64)
-        # the sorted index is built once: index_of runs for every streamed batch
-        cache = self.__dict__.get("_index_cache")
-        if cache is None or cache[0] is not self.sample_ids:
-            order = np.argsort(self.sample_ids, kind="stable")
-            cache = self.__dict__["_index_cache"] = (self.sample_ids, order, self.sample_ids[order])
-        _, order, sorted_ids = cache
-        pos = np.searchsorted(sorted_ids, query)
-        pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-        found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query if len(sorted_ids)
-                                           else np.zeros(query.shape, bool))
-        if not found.all():
-            missing = np.unique(query[~found])
-            raise ValueError(f"dataset {self.name!r} ({self.split_spec}): {len(missing)} "
-                             f"sample id(s) not found, e.g. {missing[:10].tolist()}")
-        return order[pos_c]
+        return index_of(self, sample_ids)
 
     def fingerprint(self) -> str:
         """sha256 hex of inputs + labels in sample-id order, plus the split definition."""

@@ -4,7 +4,6 @@ records the function's import path and the sha256 of its source."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .paths import import_object
 from .transform_base import _MASK63, _check_keys, _fingerprint, _rows, _seed
 from .views import _row_keys
 
@@ -19,21 +19,7 @@ from .views import _row_keys
 # ---------------------------------------------------------------- a user function
 
 def _import_function(path: str):
-    mod_name, _, attr = path.partition(":")
-    if not mod_name or not attr:
-        raise ValueError(f"view function path must look like 'package.module:function', found {path!r}")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"view function {path!r}: cannot import module {mod_name!r}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"view function {path!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"view function {path!r}: {attr!r} is not callable")
-    return obj
+    return import_object(path, what="view function", noun="function")
 
 
 def _source_sha256(fn) -> str | None:

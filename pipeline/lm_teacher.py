@@ -22,7 +22,6 @@ removed by the next conversion of the same file once it is a day old.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -31,6 +30,7 @@ import shutil
 import tempfile
 import time
 
+from .paths import cache_root, file_sha256  # noqa: F401  (file_sha256 is part of this module's API)
 from .text import offline, resolve_model_path
 
 offline()
@@ -41,16 +41,12 @@ CONVERSION = "transformers GGUF dequantised load -> state_dict copied into AutoM
 META_FILE = "distillery.json"
 _STALE_TMP_S = 24 * 3600
 log = logging.getLogger("distillery.lm_teacher")
-_HASHES: dict[tuple, str] = {}      # (path, size, mtime_ns) -> sha256, per process
 
 
 def models_root(cache_dir=None) -> str:
     """Where converted models live: cache_dir, else $DISTILLERY_CACHE/models, else
     ~/.cache/distillery/models."""
-    if cache_dir is not None:
-        return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
-    base = os.environ.get("DISTILLERY_CACHE") or os.path.join("~", ".cache", "distillery")
-    return os.path.join(os.path.abspath(os.path.expanduser(base)), "models")
+    return cache_root("models", cache_dir)
 
 
 def resolve_gguf(gguf: str) -> str:
@@ -82,18 +78,6 @@ def resolve_gguf(gguf: str) -> str:
         raise ValueError(f"GGUF path {g!r}: {p} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     return p
 
-
-def file_sha256(path: str) -> str:
-    """sha256 hex of a file, memoised per process by (path, size, mtime)."""
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def _quiet(gguf: bool = False):

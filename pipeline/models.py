@@ -16,7 +16,6 @@ does this): any other import path is refused before anything is imported.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import io
 import statistics
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from .paths import import_object
 
 
 class Classifier(nn.Module):
@@ -210,22 +211,7 @@ class ModelSpec:
 
 
 def _import_factory(path: str):
-    mod_name, _, attr = path.partition(":")
-    if not mod_name or not attr:
-        raise ValueError(f"model import path must look like 'package.module:factory', "
-                         f"found {path!r}")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"model arch {path!r}: cannot import module {mod_name!r}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"model arch {path!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"model arch {path!r}: {attr!r} is not callable")
-    return obj
+    return import_object(path, what="model arch", noun="factory")
 
 
 class UntrustedFactoryError(ValueError):

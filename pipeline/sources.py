@@ -61,6 +61,7 @@ import torch
 from .source_cache import (CACHE_VERSION, FINGERPRINT_SCHEME, _build, _cache_files, _FeaturePayload, _folder_stream,
                            _FolderPayload, _ImageBytesPayload, _Labels, _load_meta, _table_stream, _TextPayload,
                            stable_id)
+from . import paths
 from .source_readers import BATCH_ROWS, IMAGE_EXTENSIONS, KINDS, _Folder, _Input
 from .table_source import TableSource
 
@@ -76,10 +77,7 @@ SPEC_KEYS = ("kind", "path", "name", "split", "text_column", "label_column", "id
 def cache_root(cache_dir=None) -> str:
     """Where source caches live: cache_dir, else $DISTILLERY_CACHE/sources, else
     ~/.cache/distillery/sources."""
-    if cache_dir is not None:
-        return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
-    base = os.environ.get("DISTILLERY_CACHE") or os.path.join("~", ".cache", "distillery")
-    return os.path.join(os.path.abspath(os.path.expanduser(base)), "sources")
+    return paths.cache_root("sources", cache_dir)
 
 
 # ---------------------------------------------------------------- the sources

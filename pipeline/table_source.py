@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from .data import split_dataset
+from .data import index_of, split_dataset
 from .source_cache import _column_numpy, _map_table
 from .source_readers import _few
 
@@ -176,21 +176,7 @@ class TableSource:
 
     def index_of(self, sample_ids) -> np.ndarray:
         """Positions (int64) of the given sample ids; ValueError naming any missing id."""
-        query = np.asarray(sample_ids, dtype=np.int64)
-        cache = self.__dict__.get("_index_cache")
-        if cache is None or cache[0] is not self.sample_ids:
-            order = np.argsort(self.sample_ids, kind="stable")
-            cache = self.__dict__["_index_cache"] = (self.sample_ids, order, self.sample_ids[order])
-        _, order, sorted_ids = cache
-        pos = np.searchsorted(sorted_ids, query)
-        pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-        found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query if len(sorted_ids)
-                                           else np.zeros(query.shape, bool))
-        if not found.all():
-            missing = np.unique(query[~found])
-            raise ValueError(f"dataset {self.name!r} ({self.split_spec}): {len(missing)} "
-                             f"sample id(s) not found, e.g. {missing[:10].tolist()}")
-        return order[pos_c]
+        return index_of(self, sample_ids)
 
     def content_fingerprint(self) -> str:
         """sha256 of the whole cached content (ids, labels, payload bytes), from the sidecar."""

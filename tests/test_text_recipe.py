@@ -205,3 +205,37 @@ def test_ddp_text_student_from_the_stored_labels(text_run, tmp_path):
     result = json.load(open(out / "result.json"))
     assert result["epochs_run"] == 2 and result["best_val_acc"] is not None
     assert os.path.exists(out / "student.pt")
+
+
+def test_dataloader_workers_tokenize_in_parallel(text_run):
+    """Text is tokenized (and viewed) in DataLoader workers started with forkserver: the
+    source pickles small, and every (sample_id, view) gets the same token ids as in-process."""
+    import pickle
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from flows import recipes
+    from flows.config import load_config
+    from pipeline.stream import StoredLabelStream, keep_batch
+    cfg = load_config(text_run["config"])
+    inputs = recipes.splits(cfg)["transfer"]
+    assert len(pickle.dumps(inputs)) < 200_000           # the mapped table stays behind
+    stream = StoredLabelStream(cfg.soft_label_uri(), inputs, batch_size=32, shuffle=False)
+
+    def rows(batches):
+        out = {}
+        for b in batches:
+            x = torch.as_tensor(b["x"])
+            for sid, v, w, ids in zip(b["sample_id"].tolist(), b["view"].tolist(), b["weight"].tolist(), x):
+                if w:
+                    out[(sid, v)] = [t for t in ids.tolist() if t != 0]   # pad id 0: per-batch padding differs
+        return out
+
+    here = rows(stream)
+    stream.worker_numpy = True
+    loader = DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="forkserver",
+                        collate_fn=keep_batch)
+    there = rows(loader)
+    assert len(here) == 400 and here == there
+    assert any(4 in ids for (s, v), ids in here.items() if v == 1)       # view 1 masks some words ([MASK] = 4)

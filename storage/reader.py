@@ -180,6 +180,28 @@ class SoftLabelDataset:
             self._index = (sids[order], views[order], shard_of[order], row[order])
         return self._index
 
+    def _locate(self, sample_ids, views, sids_sorted: np.ndarray, views_sorted: np.ndarray, what: str,
+                unit: str) -> np.ndarray:
+        """Positions in an index sorted by (sample_id, view) of the requested rows: every
+        view of each id (id-major, views ascending) when views is None, else one view each.
+        SoftLabelError naming the first missing (sample_id, view)."""
+        V = int(self.manifest["num_views"])
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        if views is None:
+            ids, want = np.repeat(ids, V), np.tile(np.arange(V), len(ids))
+        else:
+            want = np.asarray(views, dtype=np.int64).reshape(-1)
+            if want.shape != ids.shape:
+                raise ValueError(f"views must have the same length as sample_ids ({len(ids)}), got {want.shape}")
+        pos = np.searchsorted(sids_sorted, ids) + want
+        ok = pos < len(sids_sorted)
+        ok[ok] = (sids_sorted[pos[ok]] == ids[ok]) & (views_sorted[pos[ok]] == want[ok])
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            raise SoftLabelError(f"{self.uri}: {what} ({ids[bad[0]]}, {want[bad[0]]}) is not in "
+                                 f"the dataset; {len(bad)} of {len(ids)} requested {unit} missing")
+        return pos
+
     def take(self, sample_ids, views=None, *, columns: list[str] | None = None) -> dict[str, np.ndarray]:
         """Rows for `sample_ids`, in the order given. views=None: every view of each id
         (id-major, views ascending); else an array of the same length naming one view each."""
@@ -188,21 +210,7 @@ class SoftLabelDataset:
                                  f"(sample_id, view); use take_sequences()")
         cols = self._check_columns(columns)
         sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_index()
-        V = int(self.manifest["num_views"])
-        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-        if views is None:
-            ids, want_views = np.repeat(ids, V), np.tile(np.arange(V), len(ids))
-        else:
-            want_views = np.asarray(views, dtype=np.int64).reshape(-1)
-            if want_views.shape != ids.shape:
-                raise ValueError(f"views must have the same length as sample_ids ({len(ids)}), got {want_views.shape}")
-        pos = np.searchsorted(sids_sorted, ids) + want_views
-        ok = (pos < len(sids_sorted))
-        ok[ok] = (sids_sorted[pos[ok]] == ids[ok]) & (views_sorted[pos[ok]] == want_views[ok])
-        if not ok.all():
-            bad = np.flatnonzero(~ok)
-            raise SoftLabelError(f"{self.uri}: (sample_id, view) ({ids[bad[0]]}, {want_views[bad[0]]}) is not in "
-                                 f"the dataset; {len(bad)} of {len(ids)} requested row(s) missing")
+        pos = self._locate(sample_ids, views, sids_sorted, views_sorted, "(sample_id, view)", "row(s)")
         shard, row = shard_sorted[pos], row_sorted[pos]
         out = {c: None for c in cols}
         for s in np.unique(shard):
@@ -213,7 +221,7 @@ class SoftLabelDataset:
                 for c in cols:
                     vals = blk[c][rows]
                     if out[c] is None:
-                        out[c] = np.empty((len(ids),) + vals.shape[1:], vals.dtype)
+                        out[c] = np.empty((len(pos),) + vals.shape[1:], vals.dtype)
                     out[c][dst] = vals
         return out
 
@@ -310,21 +318,7 @@ class SoftLabelDataset:
         ascending); else an array of the same length naming one view each."""
         L = self.seq_len
         sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_seq_index()
-        V = int(self.manifest["num_views"])
-        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-        if views is None:
-            ids, want = np.repeat(ids, V), np.tile(np.arange(V), len(ids))
-        else:
-            want = np.asarray(views, dtype=np.int64).reshape(-1)
-            if want.shape != ids.shape:
-                raise ValueError(f"views must have the same length as sample_ids ({len(ids)}), got {want.shape}")
-        pos = np.searchsorted(sids_sorted, ids) + want
-        ok = pos < len(sids_sorted)
-        ok[ok] = (sids_sorted[pos[ok]] == ids[ok]) & (views_sorted[pos[ok]] == want[ok])
-        if not ok.all():
-            bad = np.flatnonzero(~ok)
-            raise SoftLabelError(f"{self.uri}: sequence (sample_id, view) ({ids[bad[0]]}, {want[bad[0]]}) is not in "
-                                 f"the dataset; {len(bad)} of {len(ids)} requested sequence(s) missing")
+        pos = self._locate(sample_ids, views, sids_sorted, views_sorted, "sequence (sample_id, view)", "sequence(s)")
         shard, row = shard_sorted[pos], row_sorted[pos]
         cols = list(self.column_names)
         out: dict[str, np.ndarray] = {}
@@ -342,7 +336,7 @@ class SoftLabelDataset:
                     seqs = tokens.to_sequences({c: blk[c][rows] for c in cols}, L)
                 for c, vals in seqs.items():
                     if c not in out:
-                        out[c] = np.empty((len(ids),) + vals.shape[1:], vals.dtype)
+                        out[c] = np.empty((len(pos),) + vals.shape[1:], vals.dtype)
                     out[c][dst] = vals
         return tokens.decode(self.manifest, out) if decode else out
 

@@ -218,23 +218,40 @@ def _convert(args) -> int:
 def _inspect(args) -> int:
     from storage import SoftLabelError
 
-    from .inspection import inspect
+    from .inspection import inspect, token_summary
     try:
         summary, report = inspect(args.uri, verify=args.verify, storage_options=_storage_options(args.storage_option))
     except (SoftLabelError, OSError) as e:
         print(f"distill inspect: {e}", file=sys.stderr)
         return 1
+    tok = None
+    if summary["status"] == "complete" and summary["representation"]["kind"].startswith("token_"):
+        try:  # bytes per token and the missing-mass distribution of a language-model dataset
+            tok = token_summary(args.uri, storage_options=_storage_options(args.storage_option))
+        except (SoftLabelError, OSError) as e:
+            print(f"distill inspect: {e}", file=sys.stderr)
+            return 1
     if args.json:
-        print(json.dumps({"manifest": summary, "problems": report.problems if report else None}, indent=2))
+        print(json.dumps({"manifest": summary, "problems": report.problems if report else None, "tokens": tok},
+                         indent=2))
     else:
         rep = summary["representation"]
         print(f"{summary['uri']}\n  status {summary['status']}, backend {summary['backend']}, "
               f"{summary['num_shards']} shards, {summary['bytes'] / 2**20:.2f} MiB\n"
               f"  {summary['num_samples']} samples x {summary['num_views']} views = {summary['num_rows']} rows, "
               f"{summary['num_classes']} classes, T={summary['temperature']}, "
-              f"{rep['kind']}{'' if rep['k'] is None else ' k=' + str(rep['k'])} {rep['dtype']}\n"
+              f"{rep['kind']}{'' if rep.get('k') is None else ' k=' + str(rep['k'])} {rep.get('dtype') or ''}\n"
               f"  teacher {summary['teacher'].get('name')} {summary['teacher'].get('fingerprint')}\n"
               f"  data {_data_line(summary['data'])}")
+        if tok is not None:
+            what = (f"top-{tok['k']} {tok['dtype']} log-probs + missing mass" if tok["kind"] == "token_topk"
+                    else f"{tok['draws']} sampled draws (unique ids + counts)")
+            print(f"  tokens: {tok['num_tokens']:,} (sequences of {tok['seq_len']}, vocabulary {tok['vocab_size']:,}, "
+                  f"{tok['id_bits']}-bit ids), {what}: {tok['bytes_per_token']:.1f} bytes/token on disk")
+            if tok["positions"]:
+                name = "missing mass" if tok["measured"] == "missing_mass" else "unique ids per position"
+                print(f"  {name} over {tok['positions']:,} positions: mean {tok['mean']:.3g}, median {tok['p50']:.3g}, "
+                      f"p90 {tok['p90']:.3g}, p99 {tok['p99']:.3g}, max {tok['max']:.3g}")
         if report is not None:
             print(str(report))
     bad = summary["status"] != "complete" or (report is not None and not report.ok)

@@ -39,3 +39,33 @@ def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_fac
     transform = transform_from_dict(m["data"].get("transform"))
     model, _ = load_model(m["teacher"]["checkpoint"], trusted_factories=trusted_factories)
     return replay_rows(model, inputs, ds, n=n, transform=transform, seed=seed)
+
+
+def token_summary(uri: str, *, storage_options: dict | None = None, max_rows: int = 1 << 22) -> dict | None:
+    """For a token-label dataset (token_topk / token_sampled): tokens, sequence length,
+    vocabulary, bytes per token on disk, and the distribution over token positions of the
+    teacher's missing mass (top-k: the probability outside the kept ids) or of the unique
+    ids kept per position (sampled), from up to max_rows positions. None for other kinds."""
+    import numpy as np
+    ds = storage.open_soft_labels(uri, storage_options=storage_options)
+    m = ds.manifest
+    rep = m["representation"]
+    if rep["kind"] not in ("token_topk", "token_sampled"):
+        return None
+    col = "missing_mass" if rep["kind"] == "token_topk" else "sample_counts"
+    parts, rows = [], 0
+    for b in ds.iter_batches(1 << 16, shuffle=False, columns=[col]):
+        v = np.asarray(b[col])
+        v = v.astype(np.float64) if col == "missing_mass" else (v > 0).sum(axis=1).astype(np.float64)
+        parts.append(v[~np.asarray(b["pad"], bool)])
+        rows += len(v)
+        if rows >= max_rows:
+            break
+    v = np.concatenate(parts) if parts else np.zeros(0)
+    q = {f"p{p}": float(np.percentile(v, p)) for p in (50, 90, 99)} if len(v) else {}
+    n = int(m["num_tokens"])
+    return {"num_tokens": n, "seq_len": m["seq_len"], "vocab_size": m["vocab_size"], "kind": rep["kind"],
+            "k": rep.get("k"), "draws": rep.get("draws"), "dtype": rep.get("dtype"), "id_bits": rep.get("id_bits"),
+            "bytes_per_token": sum(s.get("bytes", 0) for s in m.get("shards", [])) / max(n, 1),
+            "measured": col, "positions": int(len(v)), "mean": float(v.mean()) if len(v) else None,
+            "max": float(v.max()) if len(v) else None, **q}

@@ -335,3 +335,34 @@ def test_s3_token_round_trip(s3_server, s3_uri):
     got = np.concatenate([b["topk_ids"] for b in ds.iter_sequences(4, shuffle=False)])
     assert np.array_equal(got.reshape(-1, 4), ids)
     assert ds.manifest["num_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("kind", ["token_topk", "token_sampled"])
+def test_distill_inspect_shows_bytes_per_token_and_the_missing_mass(tmp_path, capsys, kind):
+    """`distill inspect` on a language-model dataset: tokens, sequence length, bytes per token
+    on disk, and the distribution of the missing mass (top-k) or of unique ids (sampled)."""
+    import json
+
+    from flows.cli import main
+    uri = str(tmp_path / "ds")
+    if kind == "token_topk":
+        _, _, mm, _, _ = write_topk(uri, L=8, k=4, seqs=(5, 4, 6))
+    else:
+        n, L = 6 * 8, 8
+        ids, counts = sampled_labels(n, 50, 20, 6)
+        with SoftLabelWriter(uri, backend="parquet", representation="token_sampled", vocab_size=50, seq_len=L,
+                             draws=20, s_max=6, teacher=TEACHER, data=DATA) as w:
+            w.write_shard(0, np.repeat(np.arange(6), L), ids=ids, counts=counts)
+    assert main(["inspect", uri]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    per_token = sum(s["bytes"] for s in m["shards"]) / m["num_tokens"]
+    assert f"tokens: {m['num_tokens']:,} (sequences of 8, vocabulary 50, 16-bit ids)" in out
+    assert f"{per_token:.1f} bytes/token on disk" in out
+    if kind == "token_topk":
+        assert f"missing mass over 120 positions: mean {float(np.mean(mm.astype(np.float64))):.3g}" in out
+    else:
+        assert f"unique ids per position over 48 positions: mean {float((counts > 0).sum(1).mean()):.3g}" in out
+    assert main(["inspect", uri, "--json"]) == 0
+    tok = json.loads(capsys.readouterr().out)["tokens"]
+    assert tok["num_tokens"] == m["num_tokens"] and tok["positions"] == m["num_tokens"]

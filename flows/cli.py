@@ -28,7 +28,7 @@ import time
 import traceback
 
 from . import runtime
-from .config import ConfigError, apply_override, load_config
+from .config import ConfigError, apply_override
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -163,9 +163,12 @@ def _dispatch(args) -> int:
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         os.execv(cmd[0], cmd) if os.path.isabs(cmd[0]) else os.execvp(cmd[0], cmd)
-    cfg = load_config(args.config, args.overrides)     # validate before importing Prefect (slow)
+    from .lm_config import LMConfig, load_any_config
+    cfg = load_any_config(args.config, args.overrides)  # validate before importing Prefect (slow)
     from .secrets import scrub_overrides
     args.overrides = scrub_overrides(args.overrides)  # a literal secret never becomes a flow parameter
+    if isinstance(cfg, LMConfig):
+        return _dispatch_lm(args, cfg)
     if args.cmd in ("run", "teacher", "label", "students"):
         from .preflight import preflight
         preflight(cfg)     # checks that need the data or the teacher file: exit 2 before any work
@@ -194,6 +197,34 @@ def _dispatch(args) -> int:
               f"({out['labelled_shards']} labelled, {out['skipped_shards']} skipped), {out['samples_per_s']:.0f} samples/s")
     elif args.cmd == "students":
         _print_report(flows.students_flow(args.config, args.overrides))
+    print(f"[{cfg.name}] {args.cmd} finished in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _dispatch_lm(args, cfg) -> int:
+    """`task: lm` configs: the language-model recipe (flows/lm_flows.py)."""
+    from .preflight import preflight_lm
+    if args.cmd in ("serve", "deploy"):
+        raise ConfigError(f"distill {args.cmd} does not take a `task: lm` config yet: run `distill run {args.config}` "
+                          f"(or its label / students steps) on a schedule of your own")
+    preflight_lm(cfg)
+    if not args.debug:
+        runtime.quiet_user_tracebacks()
+    from . import lm_flows, lm_recipes
+    t0 = time.perf_counter()
+    if args.cmd == "run":
+        report = lm_flows.lm_distill_flow(args.config, args.overrides)
+        print("\n" + lm_recipes.report_table(report) + f"\n\nreport: {report['path']}")
+    elif args.cmd == "teacher":   # a pretrained LM: nothing to train; resolve (convert a GGUF once)
+        print(json.dumps(lm_recipes.resolve_teacher(cfg), indent=2))
+    elif args.cmd == "label":
+        out = lm_flows.lm_label_flow(args.config, args.overrides)
+        for layout, s in out["labels"].items():
+            print(f"{s['uri']}: {s['num_tokens']:,} tokens, {s['bytes_per_token']:.1f} bytes/token "
+                  f"({s['labelled_shards']} shards labelled, {s['skipped_shards']} skipped)")
+    elif args.cmd == "students":
+        report = lm_flows.lm_students_flow(args.config, args.overrides)
+        print("\n" + lm_recipes.report_table(report) + f"\n\nreport: {report['path']}")
     print(f"[{cfg.name}] {args.cmd} finished in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -265,6 +265,7 @@ class ScheduleConfig(Section):
 
 
 class Config(Section):
+    task: Literal["classify"] = "classify"       # `task: lm` configs are flows/lm_config.py's
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     runs_dir: str = "runs"
     data: DataConfig = DataConfig()
@@ -337,7 +338,9 @@ def parse_config(raw: dict, overrides: list[str] | None = None, *, source: str =
         raise ConfigError(f"invalid config {source}:\n{_format(e)}") from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A config file's top-level mapping; ConfigError naming the file when it is missing,
+    not UTF-8, not YAML or not a mapping."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -352,4 +355,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
-    return parse_config(raw, overrides, source=str(p))
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    return parse_config(read_yaml(path), overrides, source=str(path))

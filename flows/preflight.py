@@ -116,3 +116,27 @@ def _check_hf_models(cfg: Config) -> None:
             raise ConfigError(f"{key}.kwargs.path={path}: the model's vocabulary has {rows} tokens but "
                               f"data.tokenizer ({cfg.data.tokenizer.path}) has {len(tok)}: a different tokenizer "
                               f"than the model's (use the tokenizer saved with the model)")
+
+
+def preflight_lm(cfg) -> None:
+    """A `task: lm` config's files, before any work: the corpus (a .jsonl / .parquet file
+    or a folder) and the teacher (a GGUF file or a model directory with config.json)."""
+    from pipeline.lm_teacher import resolve_gguf
+    from pipeline.text import resolve_model_path
+    c = cfg.corpus
+    path = os.path.expanduser(c.path)
+    ok = os.path.isdir(path) if c.kind == "text_files" else os.path.isfile(path)
+    if not ok:
+        hint = " (the shipped configs' data: run `distill assets`)" if c.path.startswith(".assets/") else ""
+        raise ConfigError(f"corpus.path: {c.kind} {'folder' if c.kind == 'text_files' else 'file'} not found: "
+                          f"{c.path}{hint}")
+    try:
+        if cfg.teacher.gguf:
+            resolve_gguf(cfg.teacher.gguf)
+        else:
+            d = resolve_model_path(cfg.teacher.path, what="teacher.path")
+            if not os.path.isfile(os.path.join(d, "config.json")):
+                raise ValueError(f"teacher.path {cfg.teacher.path!r}: {d} holds no config.json (not a Hugging Face "
+                                 f"model directory)")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

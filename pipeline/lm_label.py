@@ -86,34 +86,45 @@ def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
     return a if a.shape[1] == width else np.concatenate([a, np.zeros((len(a), width - a.shape[1]), a.dtype)], 1)
 
 
-def shard_labels(model, corpus, start: int, stop: int, *, representation: str, k=None, draws=None,
-                 seed: int = 0, batch_size: int = 8, dev: torch.device, amp=None, label: bool = True) -> dict:
-    """The compact labels of windows [start, stop) on the host, N = (stop - start) * L rows:
-    top-k {"ids" (N, k) int64, "logprobs" (N, k) float32, "missing_mass" (N,) float32};
-    sampled {"ids" (N, u) int64, "counts" (N, u) int32} with u the largest unique-id count
-    (padding id 0, count 0). label=False runs the forwards only (returns {})."""
-    L = corpus.seq_len
-    parts: list[dict] = []
-    model.eval()
-    for a, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
-        if not label:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            continue
-        if representation == "token_topk":
-            r = topk_token_labels(logits, k=k, to_cpu=False)
-            keys = ("ids", "logprobs", "missing_mass")
-        else:
-            r = sampled_token_labels(logits, draws=draws, seed=seed, row_offset=a * L, rng_block=L, to_cpu=False)
-            keys = ("ids", "counts")
-        parts.append({key: r[key].cpu().numpy() for key in keys})            # compact results only
-        del logits, r
-    if not parts:
-        return {}
+def _summaries(logits, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
+    """One output's compact labels of a (B, L, V) logits block, computed on its device and
+    copied to the host: numpy arrays only. The last consumer of the block may mask the
+    logits in place (top-k), saving a copy of the block."""
+    if spec["representation"] == "token_topk":
+        r = topk_token_labels(logits, k=spec["k"], to_cpu=False, overwrite=last)
+        keys = ("ids", "logprobs", "missing_mass")
+    else:
+        r = sampled_token_labels(logits, draws=spec["draws"], seed=seed, row_offset=a * L, rng_block=L, to_cpu=False)
+        keys = ("ids", "counts")
+    return {key: r[key].cpu().numpy() for key in keys}
+
+
+def _concat(parts: list[dict], representation: str) -> dict:
     if representation == "token_sampled":
         u = max(p["ids"].shape[1] for p in parts)
         return {key: np.concatenate([_pad_cols(p[key], u) for p in parts]) for key in ("ids", "counts")}
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def shard_labels(model, corpus, start: int, stop: int, *, specs: list[dict], seed: int = 0, batch_size: int = 8,
+                 dev: torch.device, amp=None) -> list[dict]:
+    """The compact labels of windows [start, stop) on the host, one dict per spec
+    ({"representation", "k" | "draws"}), all from the SAME forward per batch; N =
+    (stop - start) * L rows: top-k {"ids" (N, k) int64, "logprobs" (N, k) float32,
+    "missing_mass" (N,) float32}; sampled {"ids" (N, u) int64, "counts" (N, u) int32} with
+    u the largest unique-id count (padding id 0, count 0). specs=[] runs the forwards only."""
+    L = corpus.seq_len
+    parts: list[list[dict]] = [[] for _ in specs]
+    model.eval()
+    for a, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
+        if not specs and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        # sampled outputs first: a top-k output, last, masks the logits in place
+        order = sorted(range(len(specs)), key=lambda j: specs[j]["representation"] == "token_topk")
+        for n, j in enumerate(order):
+            parts[j].append(_summaries(logits, specs[j], a=a, L=L, seed=seed, last=n == len(order) - 1))
+        del logits                                                           # one batch's (B, L, V) at a time
+    return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
 
 
 def _check_plan(writer, plan, sample_ids: np.ndarray, L: int) -> None:
@@ -131,71 +142,112 @@ def _check_plan(writer, plan, sample_ids: np.ndarray, L: int) -> None:
                              f"run's plan expects {want}; use the same shard_size, or overwrite=True")
 
 
+def output_spec(*, uri: str, representation: str = "token_topk", k: int | None = None, draws: int | None = None,
+                s_max: int | None = None, value_dtype: str = "float16", tail_dtype: str = "float32",
+                backend: str = "parquet") -> dict:
+    """One label dataset to write: where, which layout and its parameters (checked here)."""
+    if representation not in KINDS:
+        raise ValueError(f"representation must be one of {list(KINDS)}, got {representation!r}")
+    if representation == "token_sampled" and (not isinstance(draws, int) or draws < 1):
+        raise ValueError(f"token_sampled needs draws (a positive integer), got {draws!r}")
+    return {"uri": uri, "representation": representation, "k": k, "draws": draws, "s_max": s_max,
+            "value_dtype": value_dtype, "tail_dtype": tail_dtype, "backend": backend}
+
+
 def label_corpus(model, corpus, uri: str, *, representation: str = "token_topk", k: int | None = None,
                  draws: int | None = None, s_max: int | None = None, value_dtype: str = "float16",
-                 tail_dtype: str = "float32", shard_size: int = 256, batch_size: int = 8, device: str = "cpu",
-                 amp: str | None = None, teacher: dict, backend: str = "parquet",
-                 storage_options: dict | None = None, overwrite: bool = False, seed: int = 0,
-                 progress: Callable[[dict], None] | None = None) -> dict:
+                 tail_dtype: str = "float32", backend: str = "parquet", **kw) -> dict:
     """Label every window of `corpus` with the causal LM `model` into a token dataset at
-    `uri` and finalize it; committed shards are skipped.
+    `uri` and finalize it; committed shards are skipped. label_corpus_many with one output.
 
     token_topk: k ids per token, log-probs stored as `value_dtype` (float16 | bfloat16 |
     uint8 | float32), missing mass as `tail_dtype`. token_sampled: `draws` per token, at
-    most `s_max` unique ids stored (default min(draws, V)). The model is moved to `device`
-    ("auto" picks CUDA when present); amp="bf16" autocasts the forward on CUDA only.
+    most `s_max` unique ids stored (default min(draws, V)).
     Returns {uri, manifest, shards: [per-shard stats], skipped, seconds, tokens_per_s}.
     """
+    spec = output_spec(uri=uri, representation=representation, k=k, draws=draws, s_max=s_max,
+                       value_dtype=value_dtype, tail_dtype=tail_dtype, backend=backend)
+    return label_corpus_many(model, corpus, [spec], **kw)[0]
+
+
+def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 256, batch_size: int = 8,
+                      device: str = "cpu", amp: str | None = None, teacher: dict,
+                      storage_options: dict | None = None, overwrite: bool = False, seed: int = 0,
+                      progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Several label datasets (output_spec dicts, e.g. a top-k and a sampled one) of the
+    same corpus from ONE teacher forward per batch: the teacher, the expensive part, runs
+    once per window however many layouts are stored. Each dataset is its own resumable
+    dataset (same shard plan); a shard is recomputed only when some output lacks it, and
+    written only to the outputs that lack it (sampled draws are seeded per window, so a
+    recomputed shard's draws are the same). The model is moved to `device` ("auto" picks
+    CUDA when present); amp="bf16" autocasts the forward on CUDA only.
+    Returns one label_corpus result per output, in order."""
     t0 = time.perf_counter()
-    if representation not in KINDS:
-        raise ValueError(f"representation must be one of {list(KINDS)}, got {representation!r}")
+    if not outputs:
+        raise ValueError("label_corpus_many needs at least one output")
+    if len({o["uri"] for o in outputs}) != len(outputs):
+        raise ValueError(f"two outputs share one uri: {[o['uri'] for o in outputs]}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    V = check_teacher(model, corpus, k=k if representation == "token_topk" else None)
+    V = None
+    for o in outputs:
+        V = check_teacher(model, corpus, k=o["k"] if o["representation"] == "token_topk" else None)
     L = corpus.seq_len
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
     model.to(dev)
-    topk = representation == "token_topk"
-    if not topk and draws is not None and s_max is None:
-        s_max = min(int(draws), V)
     data = {"name": corpus.name, "split": corpus.split_spec, "fingerprint": corpus.fingerprint(),
             "transform": None, "inputs": corpus.describe()}
     plan = plan_shards(len(corpus), shard_size=shard_size)
-    extra = None if topk else {"sampling": {"seed": int(seed), "rng_block": L, "row_offset": "position * seq_len",
-                                            "device_type": dev.type, "torch": torch.__version__}}
-    writer = storage.SoftLabelWriter(
-        uri, backend=backend, representation=representation, vocab_size=V, seq_len=L,
-        k=k if topk else None, dtype=value_dtype if topk else None, tail_dtype=tail_dtype if topk else None,
-        draws=None if topk else draws, s_max=None if topk else s_max, teacher=teacher, data=data,
-        storage_options=storage_options, overwrite=overwrite, num_shards=len(plan), extra=extra)
-    _check_plan(writer, plan, corpus.sample_ids, L)
-    done = set(writer.committed_shards())
-    skipped = sorted(i for i in done if i < len(plan))
-    stats = []
+    writers, pending = [], []
+    for o in outputs:
+        topk = o["representation"] == "token_topk"
+        s_max = o["s_max"] if topk or o["s_max"] is not None else min(int(o["draws"]), V)
+        extra = None if topk else {"sampling": {"seed": int(seed), "rng_block": L,
+                                                "row_offset": "position * seq_len", "device_type": dev.type,
+                                                "torch": torch.__version__}}
+        w = storage.SoftLabelWriter(
+            o["uri"], backend=o["backend"], representation=o["representation"], vocab_size=V, seq_len=L,
+            k=o["k"] if topk else None, dtype=o["value_dtype"] if topk else None,
+            tail_dtype=o["tail_dtype"] if topk else None, draws=None if topk else o["draws"],
+            s_max=None if topk else s_max, teacher=teacher, data=data, storage_options=storage_options,
+            overwrite=overwrite, num_shards=len(plan), extra=extra)
+        _check_plan(w, plan, corpus.sample_ids, L)
+        writers.append(w)
+        pending.append(set(range(len(plan))) - set(w.committed_shards()))
+    stats: list[list[dict]] = [[] for _ in outputs]
     for i, (a, b) in enumerate(plan):
-        if i in done:
+        todo = [j for j in range(len(outputs)) if i in pending[j]]
+        if not todo:
             continue
         ts = time.perf_counter()
-        lab = shard_labels(model, corpus, a, b, representation=representation, k=k, draws=draws, seed=seed,
-                           batch_size=batch_size, dev=dev, amp=amp)
+        labs = shard_labels(model, corpus, a, b, specs=[outputs[j] for j in todo], seed=seed,
+                            batch_size=batch_size, dev=dev, amp=amp)
         sids = corpus.sample_ids[a:b]                                         # one per sequence
-        if topk:
-            rec = writer.write_shard(i, sids, ids=lab["ids"], logprobs=lab["logprobs"],
-                                     missing_mass=lab["missing_mass"])
-        else:
-            rec = writer.write_shard(i, sids, ids=lab["ids"], counts=lab["counts"])
+        recs = []
+        for j, lab in zip(todo, labs):
+            if outputs[j]["representation"] == "token_topk":
+                recs.append(writers[j].write_shard(i, sids, ids=lab["ids"], logprobs=lab["logprobs"],
+                                                   missing_mass=lab["missing_mass"]))
+            else:
+                recs.append(writers[j].write_shard(i, sids, ids=lab["ids"], counts=lab["counts"]))
         dt = time.perf_counter() - ts
-        s = {"shard": i, "sequences": b - a, "tokens": (b - a) * L, "seconds": dt,
-             "tokens_per_s": (b - a) * L / dt if dt > 0 else float("inf"), "record": rec}
-        stats.append(s)
+        for j, rec in zip(todo, recs):
+            s = {"shard": i, "sequences": b - a, "tokens": (b - a) * L, "seconds": dt,
+                 "tokens_per_s": (b - a) * L / dt if dt > 0 else float("inf"), "record": rec}
+            stats[j].append(s)
         if progress is not None:
-            progress(s)
-    manifest = writer.manifest if (not stats and writer.manifest["status"] == "complete") else writer.finalize()
+            progress(stats[todo[0]][-1] | {"outputs": [outputs[j]["uri"] for j in todo]})
     dt = time.perf_counter() - t0
-    n = sum(s["tokens"] for s in stats)
-    return {"uri": writer.uri, "manifest": manifest, "shards": stats, "skipped": skipped, "seconds": dt,
-            "tokens_per_s": n / dt if n and dt > 0 else 0.0}
+    results = []
+    for j, w in enumerate(writers):
+        done = w.manifest["status"] == "complete" and not stats[j]
+        manifest = w.manifest if done else w.finalize()
+        n = sum(s["tokens"] for s in stats[j])
+        results.append({"uri": w.uri, "manifest": manifest, "shards": stats[j],
+                        "skipped": sorted(set(range(len(plan))) - pending[j]), "seconds": dt,
+                        "tokens_per_s": n / dt if n and dt > 0 else 0.0})
+    return results
 
 
 def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None, batch_size: int = 8,
@@ -214,11 +266,10 @@ def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None
     dev = resolve_device(device)
     amp = _resolve_amp(amp, dev)
     model.to(dev)
+    specs = [] if representation is None else [{"representation": representation, "k": k, "draws": draws}]
     t0 = time.perf_counter()
-    labels = shard_labels(model, corpus, start, stop, representation=representation or "token_topk", k=k,
-                          draws=draws, seed=seed, batch_size=batch_size, dev=dev, amp=amp,
-                          label=representation is not None)
+    labels = shard_labels(model, corpus, start, stop, specs=specs, seed=seed, batch_size=batch_size, dev=dev, amp=amp)
     dt = time.perf_counter() - t0
     n = (stop - start) * corpus.seq_len
     return {"sequences": stop - start, "tokens": n, "seconds": dt, "tokens_per_s": n / dt if dt > 0 else 0.0,
-            "labels": labels or None}
+            "labels": labels[0] if labels else None}

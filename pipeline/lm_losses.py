@@ -23,7 +23,6 @@ import math
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -61,15 +60,28 @@ def _check_distinct(name: str, ids: Tensor, valid: Tensor | None = None) -> None
         raise ValueError(f"{name} must hold distinct ids within each row")
 
 
-def _check_logp(ids: Tensor, logp: Tensor) -> None:
+QUANTIZED_SLACK = 0.07   # stored uint8 codes round each log-prob by up to 1/32: Σ exp can reach e^(1/32) ≈ 1.032
+
+
+def _check_logp(ids: Tensor, logp: Tensor, missing: Tensor | None = None) -> None:
     if logp.shape != ids.shape or not logp.dtype.is_floating_point:
         raise ValueError(f"logp must be floating with the shape of ids {_shape(ids)}, got {logp.dtype} {_shape(logp)}")
     lp = logp.float()
     if torch.isnan(lp).any().item() or (lp > 1e-4).any().item():
         raise ValueError(f"logp must be log-probabilities (<= 0, no nan), got max {lp.max().item():.4g}")
     mass = lp.exp().sum(-1).max().item() if lp.numel() else 0.0
-    if mass > 1 + 1e-3:
+    if missing is None and mass > 1 + 1e-3:
         raise ValueError(f"exp(logp) must sum to <= 1 per row (normalised over the full vocabulary), got {mass:.6g}")
+    if missing is not None:
+        if missing.shape != ids.shape[:1] or not missing.dtype.is_floating_point:
+            raise ValueError(f"missing_mass must be floating (N,) = ({ids.shape[0]},), got {missing.dtype} "
+                             f"{_shape(missing)}")
+        m = missing.float()
+        if torch.isnan(m).any().item() or (m < 0).any().item() or (m > 1 + 1e-3).any().item():
+            raise ValueError("missing_mass must lie in [0, 1] (the teacher's probability outside the kept ids)")
+        if mass > 1 + QUANTIZED_SLACK:
+            raise ValueError(f"exp(logp) sums to {mass:.6g} in some row: more than stored log-probs can round to "
+                             f"(<= 1 + {QUANTIZED_SLACK})")
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -105,12 +117,108 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
 
 
+# ----------------------------------------------------------------------------- fused sparse-target CE
+
+_TAIL_EXACT_BELOW = 1e-3   # 1 − Σ q_kept under this is recomputed as a masked logsumexp (no cancellation)
+
+
+class _SparseTargetCE(torch.autograd.Function):
+    """Per row: −Σ_{i∈K} w_i log q_i − w_t log q_t,  q = softmax(s), q_t = Σ_{j∉K} q_j.
+
+    The cross-entropy part of the top-k + tail KL and of the sampled estimator, with its
+    gradient written out so a chunk costs one logsumexp forward and one softmax backward
+    over (R, V) instead of autograd's saved intermediates:
+        ∂/∂s_j = q_j · (Σw + w_t) − w_j [j ∈ K] − w_t · q_j / q_t [j ∉ K]
+    s (R, V) fp32 student logits (already divided by T'), ids (R, k) (distinct per row
+    when there is a tail), w (R, k) and w_t (R,) >= 0 target weights (w_t None: no tail
+    bucket). fp32 math.
+    """
+
+    @staticmethod
+    def forward(ctx, s, ids, w, w_t):
+        lse = torch.logsumexp(s, -1, keepdim=True)                               # (R, 1)
+        log_qk = s.gather(1, ids) - lse                                          # (R, k)
+        loss = -(w * log_qk).sum(-1)
+        q_t = None
+        if w_t is not None:
+            q_t = (-torch.expm1(torch.logsumexp(log_qk, -1))).clamp_min(0.0)     # (R,) 1 − Σ q_kept
+            small = q_t < _TAIL_EXACT_BELOW
+            if bool(small.any()):   # exact for tiny tails: the other ids' logsumexp
+                rows = small.nonzero().squeeze(1)
+                rest = torch.logsumexp(s[rows].scatter(1, ids[rows], -math.inf), -1) - lse[rows, 0]
+                q_t = q_t.index_put((rows,), rest.exp())
+            q_t = q_t.clamp_min(torch.finfo(torch.float32).tiny)
+            loss = loss - w_t * q_t.log()
+        ctx.save_for_backward(s, ids, w, lse, log_qk, w_t if w_t is not None else lse.new_zeros(0), q_t
+                              if q_t is not None else lse.new_zeros(0))
+        ctx.has_tail = w_t is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        s, ids, w, lse, log_qk, w_t, q_t = ctx.saved_tensors
+        total = w.sum(-1, keepdim=True)                                          # (R, 1)
+        grad = (s - lse).exp_()                                                  # q, (R, V)
+        if ctx.has_tail:   # ids distinct per row here (checked by the top-k losses)
+            ratio = (w_t / q_t)[:, None]
+            grad.mul_(total + w_t[:, None] - ratio)                              # the V − k other ids
+            grad.scatter_(1, ids, log_qk.exp() * (total + w_t[:, None]) - w)     # the kept ids, written (no cancellation)
+        else:              # repeated ids (sampled padding, weight 0) add per slot: exact
+            grad.mul_(total)
+            grad.scatter_add_(1, ids, -w)
+        grad.mul_(g[:, None])
+        return grad, None, None, None
+
+
+def _neg_entropy(log_p: Tensor) -> Tensor:
+    p = log_p.exp()
+    return torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
+
+
+def _teacher_buckets(logp: Tensor, temperature: float, missing: Tensor | None, has_tail: bool) -> Tensor:
+    """log p over the k kept ids (+ the tail bucket when k < V), tempered and renormalised: (R, k[+1])."""
+    log_p = logp.float()
+    if has_tail:
+        p_tail = (missing.float()[:, None] if missing is not None
+                  else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0))
+        log_p = torch.cat([log_p, p_tail.log()], 1)
+    log_p = log_p * (1.0 / temperature)
+    return log_p - torch.logsumexp(log_p, -1, keepdim=True)
+
+
+def _forward_kl_fused(z, ids, logp, missing=None, *, temperature):
+    """T'² · KL(p ‖ q) over the k+1 buckets of ``_buckets``, with the fused CE: equal to
+    ``_forward_kl`` (tests/test_lm_losses.py checks values and gradients)."""
+    s = z.float() if temperature == 1.0 else z.float() * (1.0 / temperature)
+    ids = ids.long()
+    has_tail = ids.shape[1] < s.shape[1]
+    log_p = _teacher_buckets(logp, temperature, missing, has_tail)
+    p = log_p.exp()
+    w, w_t = (p[:, :-1], p[:, -1]) if has_tail else (p, None)
+    return temperature**2 * (_neg_entropy(log_p) + _SparseTargetCE.apply(s, ids, w.contiguous(), w_t))
+
+
+def _per_row_fused(fn, logits: Tensor, *row_tensors: Tensor, chunk_size: int) -> Tensor:
+    """As _per_row, without activation checkpointing: the fused loss keeps only a chunk's
+    small tensors (and a view of its logits) for backward."""
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    out, start = [], 0
+    for z in logits.split(chunk_size):
+        out.append(fn(z, *[t[start:start + z.shape[0]] for t in row_tensors]))
+        start += z.shape[0]
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------- top-k buckets
 
-def _buckets(z: Tensor, ids: Tensor, logp: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _buckets(z: Tensor, ids: Tensor, logp: Tensor, temperature: float,
+             missing: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(log p, log q) over the k kept tokens + one tail bucket (none when k = V): (c, k+1).
 
-    Teacher: a = (logp_1..k, log p_tail) / T', p_tail = 1 − Σ exp(logp); log p = a − lse(a).
+    Teacher: a = (logp_1..k, log p_tail) / T', p_tail = the stored missing mass when given
+    (exact, and what makes quantised log-probs consistent: the k+1 buckets are
+    renormalised), else 1 − Σ exp(logp); log p = a − lse(a).
     Student: log q = log_softmax(z / T') merged into the same buckets, the tail as the
     logsumexp of the student's scaled logits with the kept ids masked to −inf.
     """
@@ -121,45 +229,51 @@ def _buckets(z: Tensor, ids: Tensor, logp: Tensor, temperature: float) -> tuple[
     log_p = logp.float()
     if ids.shape[1] < s.shape[1]:
         tail = torch.logsumexp(s.scatter(1, ids, -math.inf), -1, keepdim=True) - lse
-        p_tail = (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0)
+        p_tail = (missing.float()[:, None] if missing is not None
+                  else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0))
         log_q, log_p = torch.cat([log_q, tail], 1), torch.cat([log_p, p_tail.log()], 1)
     log_p = log_p * (1.0 / temperature)
     return log_p - torch.logsumexp(log_p, -1, keepdim=True), log_q
 
 
-def _forward_kl(z, ids, logp, *, temperature):
-    log_p, log_q = _buckets(z, ids, logp, temperature)
+def _forward_kl(z, ids, logp, missing=None, *, temperature):
+    # the formula through plain autograd: the reference the fused path (_forward_kl_fused,
+    # which topk_tail_kl runs) is tested against
+    log_p, log_q = _buckets(z, ids, logp, temperature, missing)
     return temperature**2 * _kl(log_p, log_q)
 
 
-def _reverse_kl(z, ids, logp, *, temperature):
-    log_p, log_q = _buckets(z, ids, logp, temperature)
+def _reverse_kl(z, ids, logp, missing=None, *, temperature):
+    log_p, log_q = _buckets(z, ids, logp, temperature, missing)
     floor = torch.full((log_p.shape[1],), _LOG_TINY, device=log_p.device)
     if ids.shape[1] < z.shape[1]:
         floor[-1] = _LOG_EPS  # a tail under fp32's resolution of 1 − Σp is rounding, not 0
     return temperature**2 * _kl(log_q, torch.maximum(log_p, floor))
 
 
-def _jsd(z, ids, logp, *, temperature, beta):
-    log_p, log_q = _buckets(z, ids, logp, temperature)
+def _jsd(z, ids, logp, missing=None, *, temperature, beta):
+    log_p, log_q = _buckets(z, ids, logp, temperature, missing)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
     return temperature**2 * (beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m))
 
 
-def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size) -> Tensor:
+def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size, missing=None) -> Tensor:
     n, v = _check_student(student_logits)
     if ids.ndim == 2 and ids.shape[1] > v:
         raise ValueError(f"ids has k={ids.shape[1]} > V={v} (student_logits {(n, v)})")
     _check_ids("ids", ids, n, v)
     _check_distinct("ids", ids)
-    _check_logp(ids, logp)
+    _check_logp(ids, logp, missing)
     _check_temperature(temperature)
-    per_row = _per_row(partial(fn, temperature=float(temperature)), student_logits, ids, logp, chunk_size=chunk_size)
+    rows = (ids, logp) if missing is None else (ids, logp, missing)
+    run = _per_row_fused if fn is _forward_kl_fused else _per_row
+    per_row = run(partial(fn, temperature=float(temperature)), student_logits, *rows, chunk_size=chunk_size)
     return _mean(per_row, weights)
 
 
 def topk_tail_kl(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperature: float = 1.0,
-                 weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+                 weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
+                 missing_mass: Tensor | None = None) -> Tensor:
     """Forward KL over k+1 buckets (scalar, mean over rows).
 
     loss = T'² · Σ_b p_b (log p_b − log q_b),  b ∈ {kept ids} ∪ {tail}
@@ -176,13 +290,16 @@ def topk_tail_kl(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperatu
     a top-32 cut of SmolLM2 misses 16% of the mass at T = 1 but 78% at T = 2.
 
     Shapes: student_logits (N, V); ids (N, k) distinct per row, any int dtype, k <= V; logp
-    (N, k) teacher log-probs at T = 1 normalised over the full V; weights (N,).
+    (N, k) teacher log-probs at T = 1 normalised over the full V; weights (N,); missing_mass
+    (N,) the stored exact tail (then the k+1 buckets are renormalised, so log-probs stored
+    rounded, e.g. as uint8 codes, stay a distribution; without it p_tail = 1 − Σ exp(logp)).
     """
-    return _topk(_forward_kl, student_logits, ids, logp, temperature, weights, chunk_size)
+    return _topk(_forward_kl_fused, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass)
 
 
 def reverse_kl_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperature: float = 1.0,
-                    weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+                    weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
+                    missing_mass: Tensor | None = None) -> Tensor:
     """Reverse (mode-seeking) KL over the k+1 buckets of ``topk_tail_kl`` (scalar, mean).
 
     loss = T'² · Σ_b q_b (log q_b − log p_b)
@@ -192,11 +309,12 @@ def reverse_kl_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temper
     floored (the tail at fp32 eps, the resolution of 1 − Σp; kept ids at the smallest normal
     float) so an empty teacher tail gives a large finite loss, not inf.
     """
-    return _topk(_reverse_kl, student_logits, ids, logp, temperature, weights, chunk_size)
+    return _topk(_reverse_kl, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass)
 
 
 def jsd_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
-             weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+             weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
+             missing_mass: Tensor | None = None) -> Tensor:
     """Generalised Jensen-Shannon divergence over the k+1 buckets (scalar, mean over rows).
 
     m = β p + (1 − β) q,  loss = T'² · (β · KL(p ‖ m) + (1 − β) · KL(q ‖ m)),  0 < β < 1
@@ -208,15 +326,16 @@ def jsd_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, beta: float =
     """
     if not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
         raise ValueError(f"beta must be in (0, 1), got {beta!r}")
-    return _topk(partial(_jsd, beta=float(beta)), student_logits, ids, logp, temperature, weights, chunk_size)
+    return _topk(partial(_jsd, beta=float(beta)), student_logits, ids, logp, temperature, weights, chunk_size,
+                 missing_mass)
 
 
 # ----------------------------------------------------------------------------- sampled KD
 
-def _sampled_ce(z: Tensor, ids: Tensor, frac: Tensor) -> Tensor:
-    s = z.float()
-    log_q = s.gather(1, ids) - torch.logsumexp(s, -1, keepdim=True)
-    return -(frac * log_q).sum(-1)
+def _sampled_ce_fused(z: Tensor, ids: Tensor, frac: Tensor) -> Tensor:
+    """−Σ_j f_j log q(x_j) with the fused CE. Padding slots (id 0, f 0) may repeat id 0
+    beside a real draw of it: the backward adds per slot (scatter_add), so that is exact."""
+    return _SparseTargetCE.apply(z.float(), ids, frac, None)
 
 
 def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws: int | Tensor | None = None,
@@ -260,7 +379,8 @@ def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws
     if n_rows and ((n <= 0).any().item() or (total > n * (1 + 1e-6)).any().item()):
         raise ValueError("every row needs n > 0 draws and sum(counts) <= num_draws (drop rows with no draws)")
     frac = c / n[:, None]
-    per_row = _per_row(_sampled_ce, student_logits, torch.where(c > 0, ids.long(), 0), frac, chunk_size=chunk_size)
+    per_row = _per_row_fused(_sampled_ce_fused, student_logits, torch.where(c > 0, ids.long(), 0), frac,
+                             chunk_size=chunk_size)
     if empirical:  # minus the plug-in entropy: Σ f log f over the draws' frequencies
         per_row = per_row + torch.where(frac > 0, frac * frac.clamp_min(1e-30).log(), 0.0).sum(-1)
     elif baseline is not None:
@@ -271,7 +391,10 @@ def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws
 # ----------------------------------------------------------------------------- task CE
 
 def _ce_rows(z: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-    return F.cross_entropy(z.float(), targets, ignore_index=ignore_index, reduction="none")
+    """−log q[y] per row with the fused CE (one target of weight 1; ignored rows weight 0)."""
+    keep = targets != ignore_index
+    ids = torch.where(keep, targets, 0)[:, None]
+    return _SparseTargetCE.apply(z.float(), ids, keep.float()[:, None], None)
 
 
 def next_token_ce(student_logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
@@ -289,7 +412,8 @@ def next_token_ce(student_logits: Tensor, targets: Tensor, *, ignore_index: int 
     t = targets[keep]
     if t.numel() and (t.min().item() < 0 or t.max().item() >= v):
         raise ValueError(f"targets must lie in [0, V={v}) or equal ignore_index={ignore_index}")
-    per_row = _per_row(partial(_ce_rows, ignore_index=ignore_index), student_logits, targets.long(), chunk_size=chunk_size)
+    per_row = _per_row_fused(partial(_ce_rows, ignore_index=ignore_index), student_logits, targets.long(),
+                             chunk_size=chunk_size)
     w = keep.float() if weights is None else _normalized_weights(weights, n, per_row) * keep
     return per_row @ (w / w.sum().clamp_min(torch.finfo(torch.float32).tiny))
 
@@ -308,8 +432,9 @@ def lm_kd_loss(student_logits: Tensor, batch: dict, *, loss: str = "topk_kl", al
     loss = α · next_token_ce + (1 − α) · KD,  KD one of LM_LOSSES (topk_kl, reverse_kl,
     jsd over the k+1 buckets, sampled_kl at T = 1).
 
-    ``batch``: ``topk_ids``/``topk_logprobs`` or ``sample_ids``/``sample_counts`` (optional
-    ``sample_num_draws``), and ``targets`` (next-token ids, needed when alpha > 0).
+    ``batch``: ``topk_ids``/``topk_logprobs`` (optional ``missing_mass``, the stored tail)
+    or ``sample_ids``/``sample_counts`` (optional ``sample_num_draws``), and ``targets``
+    (next-token ids, needed when alpha > 0).
     student_logits (N, V) with row tensors (N, ...), or (B, L, V) with ``mask`` (B, L) of
     valid positions and row tensors (B, L, ...) (masked the same way) or (N, ...) already
     holding the N = mask.sum() valid rows in row-major order. A partial mask copies the
@@ -358,6 +483,8 @@ def lm_kd_loss(student_logits: Tensor, batch: dict, *, loss: str = "topk_kl", al
     else:
         ids, logp = need("topk_ids", "topk_logprobs")
         extra = {"beta": beta} if loss == "jsd" else {}
+        if batch.get("missing_mass") is not None:   # the stored exact tail
+            extra["missing_mass"] = rows("missing_mass", batch["missing_mass"], 0)
         kd = _TOPK_LOSSES[loss](x, rows("topk_ids", ids, 1), rows("topk_logprobs", logp, 1),
                                 temperature=temperature, weights=w, chunk_size=chunk_size, **extra)
     out = {"kd_loss": kd}

@@ -217,3 +217,17 @@ def load_causal_lm(path: str, *, dtype=None):
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"model path {path!r}: cannot load a causal language model from {d}: {e}") from None
     return model.eval()
+
+
+def teacher_fingerprint(path: str) -> str:
+    """The identity of the causal LM in `path`: sha256 over its config.json and weight files
+    (*.safetensors, *.bin), by name; the same files give the same fingerprint anywhere."""
+    import hashlib
+    d = resolve_model_path(path, what="model")
+    files = sorted(f for f in os.listdir(d) if f == "config.json" or f.endswith((".safetensors", ".bin")))
+    if not any(f != "config.json" for f in files):
+        raise ValueError(f"model path {path!r}: {d} holds no weight file (*.safetensors or *.bin)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f}\0{file_sha256(os.path.join(d, f))}\n".encode())
+    return "sha256:" + h.hexdigest()

@@ -49,11 +49,19 @@ def _check_chunk(chunk_size: int) -> int:
     return int(chunk_size)
 
 
-def topk_token_labels(logits: torch.Tensor, *, k: int, chunk_size: int = 1024, to_cpu: bool = True) -> dict:
+def topk_token_labels(logits: torch.Tensor, *, k: int, chunk_size: int = 1024, to_cpu: bool = True,
+                      overwrite: bool = False) -> dict:
     """Top-k labels of every position: {"ids": (N, k) int64 (descending probability),
     "logprobs": (N, k) float32 (log p over the full vocabulary), "missing_mass": (N,)
     float32 (exact mass of the V - k other ids), "vocab_size": V, "k": k}.
 
+    One pass for the top-k and one logsumexp per row, both over the raw logits z (fp32):
+        top  = topk(z)                              the k largest, hence the k most probable
+        rest = logsumexp(z with the top k at -inf)  the other V - k ids (no 1 - Σp cancellation)
+        lse  = logaddexp(rest, logsumexp(top))      the full normaliser, from k + 1 numbers
+        logprobs = top - lse,  missing_mass = exp(rest - lse)
+    overwrite=True lets the masking write into `logits` itself when they are fp32 (the
+    labelling path, whose logits are dropped next) instead of a copy of each chunk.
     Results are copied to the CPU chunk by chunk (to_cpu=True) or kept on the logits' device.
     """
     x = _rows(logits)
@@ -67,12 +75,19 @@ def topk_token_labels(logits: torch.Tensor, *, k: int, chunk_size: int = 1024, t
     missing = torch.empty((n,), dtype=torch.float32, device=out_dev)
     with torch.no_grad():
         for a in range(0, n, chunk_size):
-            lp = torch.log_softmax(x[a:a + chunk_size].float(), dim=-1)          # (R, V) fp32
-            vals, idx = torch.topk(lp, k, dim=-1, largest=True, sorted=True)
-            lp.scatter_(1, idx, float("-inf"))                                  # the V - k others
-            tail = torch.logsumexp(lp, dim=-1).exp()                            # 0 when k == V
-            b = a + vals.shape[0]
-            ids[a:b], logp[a:b], missing[a:b] = idx, vals, tail
+            z = x[a:a + chunk_size].float()                                     # (R, V) fp32
+            top, idx = torch.topk(z, k, dim=-1, largest=True, sorted=True)      # (R, k)
+            if k < v:
+                if not (overwrite and z.data_ptr() == x[a:a + chunk_size].data_ptr()):
+                    z = z.clone()
+                rest = torch.logsumexp(z.scatter_(1, idx, float("-inf")), dim=-1, keepdim=True)   # (R, 1)
+                lse = torch.logaddexp(rest, torch.logsumexp(top, dim=-1, keepdim=True))
+                tail = (rest - lse).exp().squeeze(1)
+            else:
+                lse = torch.logsumexp(top, dim=-1, keepdim=True)
+                tail = top.new_zeros(top.shape[0])                              # 0 when k == V
+            b = a + top.shape[0]
+            ids[a:b], logp[a:b], missing[a:b] = idx, top - lse, tail
     return {"ids": ids, "logprobs": logp, "missing_mass": missing, "vocab_size": v, "k": k}
 
 

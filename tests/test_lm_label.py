@@ -67,14 +67,28 @@ def _hashes(uri) -> list[str]:
     return [s["sha256"] for s in storage.open_soft_labels(str(uri)).manifest["shards"]]
 
 
-def _direct_logits(env) -> torch.Tensor:
-    """(N, L, V) teacher logits, the same batches label_corpus runs."""
+def _direct_batches(env, shard: int | None = None) -> list[torch.Tensor]:
+    """[(B, L, V)] teacher logits of the batches label_corpus runs (batches restart at
+    each shard of `shard` windows) or, shard=None, lm_teacher_forward runs."""
     c, out = env["corpus"], []
+    n = len(c)
     with torch.no_grad():
-        for a in range(0, len(c), BATCH):
-            x = c.encode(np.arange(a, min(a + BATCH, len(c))))
-            out.append(env["model"](input_ids=x, attention_mask=torch.ones_like(x)).logits)
-    return torch.cat(out)
+        for s in range(0, n, shard or n):
+            for a in range(s, min(s + (shard or n), n), BATCH):
+                x = c.encode(np.arange(a, min(a + BATCH, s + (shard or n), n)))
+                out.append(env["model"](input_ids=x, attention_mask=torch.ones_like(x)).logits)
+    return out
+
+
+def _direct_logits(env) -> torch.Tensor:
+    return torch.cat(_direct_batches(env))
+
+
+def _direct_topk(env, k: int) -> dict:
+    """topk_token_labels of the logits of label_corpus's own batches: a window's logits
+    can differ in the last bit with the other windows of its forward's batch."""
+    parts = [topk_token_labels(z, k=k) for z in _direct_batches(env, SHARD)]
+    return {key: torch.cat([p[key] for p in parts]) for key in ("ids", "logprobs", "missing_mass")}
 
 
 def _all_sequences(uri) -> dict:
@@ -95,7 +109,7 @@ def test_topk_labels_equal_direct_computation(env, tmp_path, backend, value_dtyp
     assert m["data"]["fingerprint"] == c.fingerprint() and m["data"]["transform"] is None
     assert m["data"]["inputs"]["tokenizer"]["fingerprint"] == c.describe()["tokenizer"]["fingerprint"]
     logits = _direct_logits(env)
-    ref = quantize_labels(topk_token_labels(logits, k=K), value_dtype)
+    ref = quantize_labels(_direct_topk(env, K), value_dtype)
     got = _all_sequences(tmp_path / "ds")
     assert got["sample_id"].tolist() == list(range(n))
     assert np.array_equal(got["topk_ids"].reshape(-1, K), ref["ids"].numpy())

@@ -355,3 +355,57 @@ def test_no_rows_by_vocab_intermediate_is_kept_for_backward():
     assert max(sizes) < 200
     sum(losses).backward()
     assert torch.isfinite(z.grad).all()
+
+
+# ----------------------------------------------------------------------------- the fused CE
+
+def _autograd_forward_kl(z, ids, logp, missing, temperature):
+    """The plain-autograd reference: _buckets + _kl (the formula, no hand-written gradient)."""
+    from pipeline.lm_losses import _forward_kl
+    return _forward_kl(z, ids, logp, missing, temperature=temperature).mean()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_missing", [False, True])
+def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, with_missing):
+    g = torch.Generator().manual_seed(3)
+    n, v, k = 9, 40, 6
+    z = (torch.randn(n, v, generator=g) * 3).requires_grad_()
+    t = torch.log_softmax(torch.randn(n, v, generator=g) * 3, -1)
+    logp, ids = t.topk(k, -1)
+    missing = (1 - logp.exp().sum(-1)) if with_missing else None
+    z[2].data[ids[2]] += 30.0      # a student whose tail is ~e^-30: the exact (masked) tail path
+    got = topk_tail_kl(z, ids, logp, temperature=temperature, missing_mass=missing)
+    (gz,) = torch.autograd.grad(got, z)
+    z2 = z.detach().clone().requires_grad_()
+    want = _autograd_forward_kl(z2, ids, logp, missing, temperature)
+    (wz,) = torch.autograd.grad(want, z2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gz, wz, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_topk_kl_gradcheck_in_double():
+    from pipeline.lm_losses import _SparseTargetCE
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0]])
+    w = torch.rand(4, 2, generator=g, dtype=torch.float64)
+    w_t = torch.rand(4, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: _SparseTargetCE.apply(x, ids, w, w_t), (s,))
+    assert torch.autograd.gradcheck(lambda x: _SparseTargetCE.apply(x, ids, w, None), (s,))
+
+
+def test_fused_sampled_ce_with_padding_that_repeats_a_real_id():
+    # row 0 drew id 0 twice and id 3 once; its padding slots hold id 0 with count 0
+    z = torch.tensor([[0.3, -1.0, 2.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0, -1.0]], requires_grad=True)
+    ids = torch.tensor([[0, 3, 0, 0], [4, 1, 2, 0]])
+    counts = torch.tensor([[2, 1, 0, 0], [1, 1, 1, 1]])
+    loss = sampled_kl(z, ids, counts)
+    loss.backward()
+    q = torch.softmax(z.detach(), -1)
+    f = torch.zeros(2, 5)
+    f[0, 0], f[0, 3] = 2 / 3, 1 / 3
+    f[1, [4, 1, 2, 0]] = 0.25
+    want = -(f * q.log()).sum(-1).mean()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(z.grad, (q - f) / 2)     # the gradient q − c/n, averaged over 2 rows

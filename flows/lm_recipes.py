@@ -168,7 +168,7 @@ def train_student(cfg: LMConfig, teacher: dict, run: dict, progress=None) -> dic
                        weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
                        seed=run["seed"], device=t.device, num_workers=t.num_workers, chunk_size=t.chunk_size)
     uri = cfg.label_uri(run["labels"]) if run["labels"] else None
-    expect = {"teacher_fingerprint": teacher["fingerprint"]} if uri else None
+    expect = {"teacher.fingerprint": teacher["fingerprint"]} if uri else None
     t0 = time.perf_counter()
     out = train_lm_student(student, splits["train"], splits["val"], tc, labels_uri=uri,
                            storage_options=secrets.resolve(cfg.label.storage_options) or None, expect=expect, progress=progress)

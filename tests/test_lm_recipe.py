@@ -1,0 +1,169 @@
+"""The language-model recipe (`task: lm`) end to end through the CLI and real Prefect flows,
+on tiny assets: a folder of text files, a tiny random Llama teacher saved as a Hugging Face
+directory, one teacher pass storing top-k and sampled labels, a CE-only student and two KD
+students streaming them, the report; resume, and clear refusals."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import storage
+from _tiny_hf import WORDS, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def tiny_teacher(path, *, vocab: int, max_pos: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                      tie_word_embeddings=True, pad_token_id=0, initializer_range=0.3)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(os.fspath(path))
+    tiny_tokenizer(path)                    # the teacher's own tokenizer, in its directory
+    return path
+
+
+def lm_config(tmp_path, **over) -> str:
+    from pipeline.text import load_tokenizer
+    docs = tmp_path / "docs"
+    docs.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for d in range(3):                      # ~750 tokens
+        (docs / f"{d}.txt").write_text(" ".join(rng.choice(WORDS, 250)))
+    tok_dir = tiny_tokenizer(tmp_path / "tok")
+    teacher = tiny_teacher(tmp_path / "teacher", vocab=len(load_tokenizer(str(tok_dir))))
+    cfg = {"task": "lm", "name": "tinylm", "runs_dir": str(tmp_path / "runs"),
+           "corpus": {"kind": "text_files", "path": str(docs), "seq_len": 16, "sizes": {"train": 24, "val": 8}},
+           "teacher": {"name": "tiny-llama", "path": str(teacher)},
+           "label": {"topk": {"k": 8, "dtype": "float16"}, "sampled": {"draws": 16}, "shard_size": 8,
+                     "batch_size": 4, "device": "cpu"},
+           "students": {"models": [{"name": "s1", "layers": 1, "hidden": 16, "heads": 2}],
+                        "losses": ["ce", "topk_kl", "sampled_kl"],
+                        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_steps": 2}}}
+    for key, value in over.items():
+        cfg[key] = value
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    from flows.cli import main
+    tmp = tmp_path_factory.mktemp("lm")
+    path = lm_config(tmp)
+    rc = main(["run", path])
+    return {"tmp": tmp, "config": path, "rc": rc}
+
+
+def test_lm_recipe_end_to_end(lm_run, capsys):
+    from flows.lm_config import load_lm_config
+    assert lm_run["rc"] == 0
+    cfg = load_lm_config(lm_run["config"])
+    rep = json.loads((cfg.run_dir() / "report.json").read_text())
+    assert rep["task"] == "lm" and rep["teacher"]["name"] == "tiny-llama"
+    assert np.isfinite(rep["teacher"]["val_perplexity"]) and rep["teacher"]["val_perplexity"] > 1
+    names = [s["name"] for s in rep["students"]]
+    assert names == ["s1-ce", "s1-topk_kl", "s1-sampled_kl"]
+    steps = {s["steps"] for s in rep["students"]}
+    assert steps == {2 * 24 // 4}                       # equal steps: 6 batches x 2 epochs each
+    for s in rep["students"]:
+        assert np.isfinite(s["val_perplexity"]) and s["val_perplexity"] > 1
+        assert s["labels"] is None if s["loss"] == "ce" else s["labels"].endswith(
+            "topk" if s["loss"] == "topk_kl" else "sampled")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained(s["path"], local_files_only=True)
+        teacher_vocab = json.loads((lm_run["tmp"] / "teacher" / "config.json").read_text())["vocab_size"]
+        assert m.config.vocab_size == teacher_vocab and AutoTokenizer.from_pretrained(s["path"]) is not None
+    rows = {r["loss"]: r for r in rep["rows"]}
+    assert rows["ce"]["vs_ce"] is None and rows["topk_kl"]["vs_ce"] is not None
+    assert os.path.getsize(rep["chart"]) > 1000 and (cfg.run_dir() / "report.md").is_file()
+    # both layouts from one teacher pass, complete and verified
+    for layout, kind in (("topk", "token_topk"), ("sampled", "token_sampled")):
+        ds = storage.open_soft_labels(cfg.label_uri(layout), verify=True)
+        m = ds.manifest
+        assert m["representation"]["kind"] == kind and m["num_tokens"] == 24 * 16 and m["seq_len"] == 16
+        assert m["teacher"]["fingerprint"] == rep["teacher"]["fingerprint"]
+        assert rep["labels"][layout]["bytes_per_token"] > 0
+    assert rep["labels"]["topk"]["k"] == 8 and rep["labels"]["sampled"]["draws"] == 16
+
+
+def test_cli_prints_the_report_and_inspect_shows_bytes_per_token(lm_run, capsys):
+    from flows.cli import main
+    from flows.lm_config import load_lm_config
+    cfg = load_lm_config(lm_run["config"])
+    assert main(["students", lm_run["config"]]) == 0     # the students alone, from the stored labels
+    out = capsys.readouterr().out
+    assert "validation perplexity" in out and "s1" in out and "bytes/token" in out and "sampled_kl" in out
+    assert main(["inspect", cfg.label_uri("topk")]) == 0
+    out = capsys.readouterr().out
+    assert "bytes/token" in out and "missing mass over 384 positions" in out
+
+
+def test_label_again_skips_every_committed_shard(lm_run, capsys):
+    from flows.cli import main
+    from flows.lm_config import load_lm_config
+    cfg = load_lm_config(lm_run["config"])
+    before = [s["sha256"] for s in storage.open_soft_labels(cfg.label_uri("topk")).manifest["shards"]]
+    assert main(["label", lm_run["config"]]) == 0
+    out = capsys.readouterr().out
+    assert "(0 shards labelled, 3 skipped)" in out
+    assert [s["sha256"] for s in storage.open_soft_labels(cfg.label_uri("topk")).manifest["shards"]] == before
+
+
+def test_a_student_with_another_tokenizer_is_refused(lm_run, tmp_path, capsys):
+    """Labels name token ids of the teacher's tokenizer: a corpus tokenized otherwise is refused."""
+    from flows.lm_config import load_lm_config
+    from flows.lm_recipes import resolve_teacher, train_student, student_runs
+    cfg = load_lm_config(lm_run["config"])
+    other = tiny_teacher(tmp_path / "other", vocab=len(WORDS) + 5)
+    tiny_tokenizer(other, words=list(reversed(WORDS)))  # same size, other ids
+    teacher = resolve_teacher(cfg) | {"dir": str(other)}
+    run = next(r for r in student_runs(cfg) if r["loss"] == "topk_kl")
+    with pytest.raises(ValueError, match="tokenizer fingerprint"):
+        train_student(cfg, teacher, run)
+
+
+def test_config_refusals_name_the_key(tmp_path, capsys):
+    from flows.cli import main
+    path = lm_config(tmp_path, label={"sampled": {"draws": 16}})     # topk_kl without top-k labels
+    assert main(["run", path]) == 2
+    assert "label.topk" in capsys.readouterr().err
+    path = lm_config(tmp_path, corpus={"kind": "text_files", "path": str(tmp_path / "docs"), "seq_len": 16,
+                                       "sizes": {"train": 24, "val": 8}, "shuffle": True})
+    assert main(["run", path]) == 2
+    assert "corpus.shuffle: unknown key" in capsys.readouterr().err
+    path = lm_config(tmp_path, task="lmm")
+    assert main(["run", path]) == 2
+    assert "task: must be one of" in capsys.readouterr().err
+    path = lm_config(tmp_path, corpus={"kind": "text_files", "path": str(tmp_path / "nowhere"), "seq_len": 16,
+                                       "sizes": {"train": 24, "val": 8}})
+    assert main(["run", path]) == 2
+    assert "corpus.path: text_files folder not found" in capsys.readouterr().err
+
+
+def test_runtime_refusals_are_one_line(tmp_path, capsys):
+    from flows.cli import main
+    # a sequence longer than the teacher's context (max_position_embeddings 64)
+    path = lm_config(tmp_path, corpus={"kind": "text_files", "path": str(tmp_path / "docs"), "seq_len": 100,
+                                       "sizes": {"train": 4, "val": 2}})
+    assert main(["label", path]) == 1
+    err = capsys.readouterr().err
+    assert "max_position_embeddings 64" in err and "Traceback" not in err
+    # more windows than the corpus has
+    path = lm_config(tmp_path, corpus={"kind": "text_files", "path": str(tmp_path / "docs"), "seq_len": 16,
+                                       "sizes": {"train": 4000, "val": 8}})
+    assert main(["label", path]) == 1
+    assert "lower corpus.sizes" in capsys.readouterr().err
+    # a corpus with no text at all
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    path = lm_config(tmp_path, corpus={"kind": "text_files", "path": str(empty), "seq_len": 16,
+                                       "sizes": {"train": 4, "val": 2}})
+    assert main(["label", path]) == 1
+    assert "text" in capsys.readouterr().err.lower()

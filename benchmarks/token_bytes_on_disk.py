@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--seqs", type=int, default=100)
+    ap.add_argument("--compression", default="none", help="none | lz4 | zstd (of every column)")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     n = a.seqs * a.seq_len
@@ -50,7 +51,7 @@ def main():
             for backend in ("parquet", "zarr"):
                 uri = os.path.join(tmp, f"{dtype}-{backend}")
                 with SoftLabelWriter(uri, backend=backend, representation="token_topk", vocab_size=a.vocab,
-                                     seq_len=a.seq_len, k=a.k, dtype=dtype, tail_dtype="float16",
+                                     seq_len=a.seq_len, k=a.k, dtype=dtype, tail_dtype="float16", compression=a.compression,
                                      teacher={"name": "bench", "fingerprint": "x"},
                                      data={"name": "random", "split": "train", "fingerprint": "y",
                                            "transform": None}) as w:

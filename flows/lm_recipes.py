@@ -160,8 +160,7 @@ def train_student(cfg: LMConfig, teacher: dict, run: dict, progress=None) -> dic
     student = llama_student(vocab_size=vocab, layers=m["layers"], hidden=m["hidden"], heads=m["heads"],
                             kv_heads=m["kv_heads"], intermediate=m["intermediate"], max_positions=cfg.corpus.seq_len,
                             tie_embeddings=m["tie_embeddings"], seed=run["seed"],
-                            special_ids={"pad": tok.pad_token_id, "eos": tok.eos_token_id,
-                                         "bos": tok.bos_token_id})
+                            special_ids={"eos": tok.eos_token_id, "bos": tok.bos_token_id})
     t = cfg.students.train
     tc = LMTrainConfig(loss=run["loss"], alpha=cfg.students.alpha if run["loss"] != "ce" else 0.0,
                        temperature=cfg.students.temperature, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
@@ -226,8 +225,9 @@ def report_table(report: dict) -> str:
     lines.append(f"\nstudents: {d['train_windows']:,} train windows x {d['seq_len']} tokens, equal steps per student; "
                  f"val ppl on {d['val_windows']:,} held-out windows"
                  + (f", mean ± std over {d['seeds']} seeds" if d["seeds"] > 1 else "")
-                 + ". ce: next-token cross-entropy only; the others learn only from the stored teacher labels"
-                 + (f" (alpha {d['alpha']} CE)" if d["alpha"] else "") + ".")
+                 + ". ce: next-token cross-entropy only; the others: "
+                 + (f"{d['alpha']:g} x CE + {1 - d['alpha']:g} x KD from the stored teacher labels" if d["alpha"]
+                    else "KD from the stored teacher labels alone") + ".")
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ import torch
 
 import storage
 
-from .device import resolve_device
+from .device import keep_large_blocks, resolve_device
 from .label import AMP_DTYPES, _resolve_amp, plan_shards
 from .token_labels import sampled_token_labels, topk_token_labels
 
@@ -194,6 +194,7 @@ def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 2
         V = check_teacher(model, corpus, k=o["k"] if o["representation"] == "token_topk" else None)
     L = corpus.seq_len
     dev = resolve_device(device)
+    keep_large_blocks()                 # (B, L, V) logits every batch: no mmap/munmap per block
     amp = _resolve_amp(amp, dev)
     model.to(dev)
     data = {"name": corpus.name, "split": corpus.split_spec, "fingerprint": corpus.fingerprint(),
@@ -264,6 +265,7 @@ def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None
     if not 0 <= start < stop <= len(corpus):
         raise ValueError(f"need 0 <= start < stop <= {len(corpus)} (windows), got [{start}, {stop})")
     dev = resolve_device(device)
+    keep_large_blocks()
     amp = _resolve_amp(amp, dev)
     model.to(dev)
     specs = [] if representation is None else [{"representation": representation, "k": k, "draws": draws}]

@@ -37,10 +37,12 @@ def llama_student(*, vocab_size: int, layers: int = 2, hidden: int = 128, heads:
         raise ValueError(f"llama_student: hidden ({hidden}) must be divisible by heads ({heads}), and heads by "
                          f"kv_heads ({kv})")
     ids = special_ids or {}
+    # no pad_token_id: it would become the embedding's padding_idx, a row that never
+    # learns; windows hold no padding, and the pad id is often the document separator
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                       max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
-                      bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad"))
+                      bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=None)
     g = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .device import resolve_device
+from .device import keep_large_blocks, resolve_device
 from .lm_losses import LM_LOSSES, lm_kd_loss, next_token_ce
 from .lm_student import causal_logits, perplexity
 
@@ -118,6 +118,7 @@ def train_lm_student(student, train_corpus, val_corpus, cfg: LMTrainConfig, *, l
     windows made with its tokenizer (refused otherwise, before any step)."""
     from .lm_stream import StoredTokenStream
     dev = resolve_device(cfg.device)
+    keep_large_blocks()                 # (B, L, V) logits every step: no mmap/munmap per block
     stream = None
     if cfg.loss != "ce":
         if labels_uri is None:

@@ -2,6 +2,7 @@
 teacher: perplexity against hand-computed cross-entropy, the schedule, equal steps for every
 loss, determinism, a student that learns, and refusals."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -62,6 +63,7 @@ def test_student_factory_is_seeded_and_ties_embeddings(env):
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert a.get_input_embeddings().weight is a.get_output_embeddings().weight
     assert param_count(a) == sum(p.numel() for p in a.parameters())     # tied weights counted once
+    assert a.model.embed_tokens.padding_idx is None                   # every token row learns (pad = separator)
     with pytest.raises(ValueError, match="divisible"):
         llama_student(vocab_size=10, hidden=10, heads=3)
 
@@ -114,3 +116,14 @@ def test_refusals(env):
     with pytest.raises(ValueError, match="fingerprint"):     # labels of other windows (the val split)
         train_lm_student(_student(env), env["val"], env["val"], LMTrainConfig(loss="topk_kl"),
                          labels_uri=str(env["root"] / "topk"))
+
+
+def test_allocator_tuning_is_on_by_default_and_can_be_turned_off():
+    import subprocess
+    import sys
+    code = "from pipeline.device import keep_large_blocks as k; print(k(), k())"
+    env = dict(os.environ, DISTILLERY_MALLOC_TUNING="1")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    env["DISTILLERY_MALLOC_TUNING"] = "0"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert on.stdout.split() == ["True", "True"] and off.stdout.split() == ["False", "False"]

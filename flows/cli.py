@@ -174,15 +174,8 @@ def _dispatch(args) -> int:
         preflight(cfg)     # checks that need the data or the teacher file: exit 2 before any work
     if not args.debug:
         runtime.quiet_user_tracebacks()                # imports Prefect, which sets up its logging
-    if args.cmd == "serve":
-        from .deploy import serve
-        serve(args.config, args.overrides)
-        return 0
-    if args.cmd == "deploy":
-        from .deploy import deploy
-        for name, dep_id in deploy(args.config, args.overrides, pool=args.pool, source=args.source):
-            print(f"deployed {name} ({dep_id})")
-        return 0
+    if args.cmd in ("serve", "deploy"):
+        return _serve_or_deploy(args)
     from . import flows
     t0 = time.perf_counter()
     if args.cmd == "run":
@@ -201,15 +194,26 @@ def _dispatch(args) -> int:
     return 0
 
 
+def _serve_or_deploy(args) -> int:
+    if args.cmd == "serve":
+        from .deploy import serve
+        serve(args.config, args.overrides)
+        return 0
+    from .deploy import deploy
+    for name, dep_id in deploy(args.config, args.overrides, pool=args.pool, source=args.source):
+        print(f"deployed {name} ({dep_id})")
+    return 0
+
+
 def _dispatch_lm(args, cfg) -> int:
     """`task: lm` configs: the language-model recipe (flows/lm_flows.py)."""
     from .preflight import preflight_lm
-    if args.cmd in ("serve", "deploy"):
-        raise ConfigError(f"distill {args.cmd} does not take a `task: lm` config yet: run `distill run {args.config}` "
-                          f"(or its label / students steps) on a schedule of your own")
-    preflight_lm(cfg)
+    if args.cmd not in ("serve", "deploy"):    # as for classification configs: the workers have the data
+        preflight_lm(cfg)
     if not args.debug:
         runtime.quiet_user_tracebacks()
+    if args.cmd in ("serve", "deploy"):
+        return _serve_or_deploy(args)
     from . import lm_flows, lm_recipes
     t0 = time.perf_counter()
     if args.cmd == "run":

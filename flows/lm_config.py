@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from pipeline.lm_train import LABEL_KIND, LOSSES
 
-from .config import ConfigError, Section, _format, apply_override, parse_config, read_yaml
+from .config import ConfigError, ScheduleConfig, Section, _format, apply_override, parse_config, read_yaml
 
 
 class CorpusConfig(Section):
@@ -148,6 +148,7 @@ class LMConfig(Section):
     teacher: LMTeacherConfig
     label: LMLabelConfig = LMLabelConfig(topk=TopkLabels())
     students: LMStudentsConfig = LMStudentsConfig()
+    schedules: ScheduleConfig = ScheduleConfig()   # cron for `distill serve` / `deploy`: run, label, students
 
     @model_validator(mode="after")
     def _losses_have_labels(self):

@@ -167,3 +167,17 @@ def test_runtime_refusals_are_one_line(tmp_path, capsys):
                                        "sizes": {"train": 4, "val": 2}})
     assert main(["label", path]) == 1
     assert "text" in capsys.readouterr().err.lower()
+
+
+def test_lm_flows_become_scheduled_deployments(tmp_path):
+    """`distill serve` / `deploy` on a `task: lm` config: its three flows, with the crons of
+    its schedules section (the deployments are built, not served)."""
+    from flows.deploy import deployments
+    path = lm_config(tmp_path, schedules={"run": "0 3 * * *", "label": "30 1 * * 1"})
+    deps = {d.name: d for d in deployments(path)}
+    assert sorted(deps) == ["tinylm-distill", "tinylm-label", "tinylm-students"]
+    assert deps["tinylm-distill"].entrypoint.endswith("lm_flows.py:lm_distill_flow")
+    assert [s.schedule.cron for s in deps["tinylm-distill"].schedules] == ["0 3 * * *"]
+    assert [s.schedule.cron for s in deps["tinylm-label"].schedules] == ["30 1 * * 1"]
+    assert deps["tinylm-students"].schedules in (None, [])
+    assert deps["tinylm-label"].parameters["config"] == os.path.abspath(path)

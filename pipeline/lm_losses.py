@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .losses import _check_int, _check_temperature, _normalized_weights, _shape
+from .sparse_ce import SparseTargetCE, per_row_fused
 
 __all__ = ["topk_tail_kl", "sampled_kl", "next_token_ce", "reverse_kl_topk", "jsd_topk", "lm_kd_loss"]
 
@@ -117,58 +118,7 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
 
 
-# ----------------------------------------------------------------------------- fused sparse-target CE
-
-_TAIL_EXACT_BELOW = 1e-3   # 1 − Σ q_kept under this is recomputed as a masked logsumexp (no cancellation)
-
-
-class _SparseTargetCE(torch.autograd.Function):
-    """Per row: −Σ_{i∈K} w_i log q_i − w_t log q_t,  q = softmax(s), q_t = Σ_{j∉K} q_j.
-
-    The cross-entropy part of the top-k + tail KL and of the sampled estimator, with its
-    gradient written out so a chunk costs one logsumexp forward and one softmax backward
-    over (R, V) instead of autograd's saved intermediates:
-        ∂/∂s_j = q_j · (Σw + w_t) − w_j [j ∈ K] − w_t · q_j / q_t [j ∉ K]
-    s (R, V) fp32 student logits (already divided by T'), ids (R, k) (distinct per row
-    when there is a tail), w (R, k) and w_t (R,) >= 0 target weights (w_t None: no tail
-    bucket). fp32 math.
-    """
-
-    @staticmethod
-    def forward(ctx, s, ids, w, w_t):
-        lse = torch.logsumexp(s, -1, keepdim=True)                               # (R, 1)
-        log_qk = s.gather(1, ids) - lse                                          # (R, k)
-        loss = -(w * log_qk).sum(-1)
-        q_t = None
-        if w_t is not None:
-            q_t = (-torch.expm1(torch.logsumexp(log_qk, -1))).clamp_min(0.0)     # (R,) 1 − Σ q_kept
-            small = q_t < _TAIL_EXACT_BELOW
-            if bool(small.any()):   # exact for tiny tails: the other ids' logsumexp
-                rows = small.nonzero().squeeze(1)
-                rest = torch.logsumexp(s[rows].scatter(1, ids[rows], -math.inf), -1) - lse[rows, 0]
-                q_t = q_t.index_put((rows,), rest.exp())
-            q_t = q_t.clamp_min(torch.finfo(torch.float32).tiny)
-            loss = loss - w_t * q_t.log()
-        ctx.save_for_backward(s, ids, w, lse, log_qk, w_t if w_t is not None else lse.new_zeros(0), q_t
-                              if q_t is not None else lse.new_zeros(0))
-        ctx.has_tail = w_t is not None
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        s, ids, w, lse, log_qk, w_t, q_t = ctx.saved_tensors
-        total = w.sum(-1, keepdim=True)                                          # (R, 1)
-        grad = (s - lse).exp_()                                                  # q, (R, V)
-        if ctx.has_tail:   # ids distinct per row here (checked by the top-k losses)
-            ratio = (w_t / q_t)[:, None]
-            grad.mul_(total + w_t[:, None] - ratio)                              # the V − k other ids
-            grad.scatter_(1, ids, log_qk.exp() * (total + w_t[:, None]) - w)     # the kept ids, written (no cancellation)
-        else:              # repeated ids (sampled padding, weight 0) add per slot: exact
-            grad.mul_(total)
-            grad.scatter_add_(1, ids, -w)
-        grad.mul_(g[:, None])
-        return grad, None, None, None
-
+# ----------------------------------------------------------------------------- fused CE helpers
 
 def _neg_entropy(log_p: Tensor) -> Tensor:
     p = log_p.exp()
@@ -195,19 +145,7 @@ def _forward_kl_fused(z, ids, logp, missing=None, *, temperature):
     log_p = _teacher_buckets(logp, temperature, missing, has_tail)
     p = log_p.exp()
     w, w_t = (p[:, :-1], p[:, -1]) if has_tail else (p, None)
-    return temperature**2 * (_neg_entropy(log_p) + _SparseTargetCE.apply(s, ids, w.contiguous(), w_t))
-
-
-def _per_row_fused(fn, logits: Tensor, *row_tensors: Tensor, chunk_size: int) -> Tensor:
-    """As _per_row, without activation checkpointing: the fused loss keeps only a chunk's
-    small tensors (and a view of its logits) for backward."""
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    out, start = [], 0
-    for z in logits.split(chunk_size):
-        out.append(fn(z, *[t[start:start + z.shape[0]] for t in row_tensors]))
-        start += z.shape[0]
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+    return temperature**2 * (_neg_entropy(log_p) + SparseTargetCE.apply(s, ids, w.contiguous(), w_t))
 
 
 # ----------------------------------------------------------------------------- top-k buckets
@@ -266,7 +204,7 @@ def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size, missi
     _check_logp(ids, logp, missing)
     _check_temperature(temperature)
     rows = (ids, logp) if missing is None else (ids, logp, missing)
-    run = _per_row_fused if fn is _forward_kl_fused else _per_row
+    run = per_row_fused if fn is _forward_kl_fused else _per_row
     per_row = run(partial(fn, temperature=float(temperature)), student_logits, *rows, chunk_size=chunk_size)
     return _mean(per_row, weights)
 
@@ -335,7 +273,7 @@ def jsd_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, beta: float =
 def _sampled_ce_fused(z: Tensor, ids: Tensor, frac: Tensor) -> Tensor:
     """−Σ_j f_j log q(x_j) with the fused CE. Padding slots (id 0, f 0) may repeat id 0
     beside a real draw of it: the backward adds per slot (scatter_add), so that is exact."""
-    return _SparseTargetCE.apply(z.float(), ids, frac, None)
+    return SparseTargetCE.apply(z.float(), ids, frac, None)
 
 
 def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws: int | Tensor | None = None,
@@ -379,7 +317,7 @@ def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws
     if n_rows and ((n <= 0).any().item() or (total > n * (1 + 1e-6)).any().item()):
         raise ValueError("every row needs n > 0 draws and sum(counts) <= num_draws (drop rows with no draws)")
     frac = c / n[:, None]
-    per_row = _per_row_fused(_sampled_ce_fused, student_logits, torch.where(c > 0, ids.long(), 0), frac,
+    per_row = per_row_fused(_sampled_ce_fused, student_logits, torch.where(c > 0, ids.long(), 0), frac,
                              chunk_size=chunk_size)
     if empirical:  # minus the plug-in entropy: Σ f log f over the draws' frequencies
         per_row = per_row + torch.where(frac > 0, frac * frac.clamp_min(1e-30).log(), 0.0).sum(-1)
@@ -394,7 +332,7 @@ def _ce_rows(z: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     """−log q[y] per row with the fused CE (one target of weight 1; ignored rows weight 0)."""
     keep = targets != ignore_index
     ids = torch.where(keep, targets, 0)[:, None]
-    return _SparseTargetCE.apply(z.float(), ids, keep.float()[:, None], None)
+    return SparseTargetCE.apply(z.float(), ids, keep.float()[:, None], None)
 
 
 def next_token_ce(student_logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
@@ -412,7 +350,7 @@ def next_token_ce(student_logits: Tensor, targets: Tensor, *, ignore_index: int 
     t = targets[keep]
     if t.numel() and (t.min().item() < 0 or t.max().item() >= v):
         raise ValueError(f"targets must lie in [0, V={v}) or equal ignore_index={ignore_index}")
-    per_row = _per_row_fused(partial(_ce_rows, ignore_index=ignore_index), student_logits, targets.long(),
+    per_row = per_row_fused(partial(_ce_rows, ignore_index=ignore_index), student_logits, targets.long(),
                              chunk_size=chunk_size)
     w = keep.float() if weights is None else _normalized_weights(weights, n, per_row) * keep
     return per_row @ (w / w.sum().clamp_min(torch.finfo(torch.float32).tiny))

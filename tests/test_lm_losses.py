@@ -385,14 +385,14 @@ def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, with_mi
 
 
 def test_fused_topk_kl_gradcheck_in_double():
-    from pipeline.lm_losses import _SparseTargetCE
+    from pipeline.sparse_ce import SparseTargetCE
     g = torch.Generator().manual_seed(4)
     s = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0]])
     w = torch.rand(4, 2, generator=g, dtype=torch.float64)
     w_t = torch.rand(4, generator=g, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: _SparseTargetCE.apply(x, ids, w, w_t), (s,))
-    assert torch.autograd.gradcheck(lambda x: _SparseTargetCE.apply(x, ids, w, None), (s,))
+    assert torch.autograd.gradcheck(lambda x: SparseTargetCE.apply(x, ids, w, w_t), (s,))
+    assert torch.autograd.gradcheck(lambda x: SparseTargetCE.apply(x, ids, w, None), (s,))
 
 
 def test_fused_sampled_ce_with_padding_that_repeats_a_real_id():

@@ -8,7 +8,7 @@ labels; "label" runs pipeline.lm_label.label_corpus into a fresh dataset (top-k 
 log-probs on the device, copied to the host, packed, hashed, committed atomically,
 finalized). Target (issue 11): label <= 1.05x forward. On a GPU it also runs bf16 autocast.
 
-    python benchmarks/lm_label_throughput.py [--windows 16] [--seq-len 128] [--k 32] [--repeats 2]
+    python benchmarks/lm_label_throughput.py [--windows 64] [--shard-size 16] [--seq-len 128] [--k 32] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from pipeline.lm_teacher import gguf_teacher_dir, load_causal_lm  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--shard-size", type=int, default=16, help="windows per shard (a real run has many shards)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--dtype", default="uint8", help="stored log-prob dtype: uint8 | float16 | bfloat16")
@@ -59,7 +60,7 @@ def main():
             fwd.setdefault((dev, amp), []).append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             out = label_corpus(model, corpus, os.path.join(root, f"{dev}-{amp}-{r}"), representation="token_topk",
-                               k=a.k, value_dtype=a.dtype, shard_size=a.windows, batch_size=a.batch_size,
+                               k=a.k, value_dtype=a.dtype, shard_size=a.shard_size, batch_size=a.batch_size,
                                device=dev, amp=amp, teacher={"name": "smollm2-135m", "fingerprint": "bench"})
             if dev == "cuda":
                 torch.cuda.synchronize()

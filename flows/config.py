@@ -328,14 +328,20 @@ def _format(e: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: dict, overrides: list[str] | None = None, *, source: str = "<config>") -> Config:
+def validate(schema: type[BaseModel], raw: dict, overrides: list[str] | None = None, *, source: str = "<config>"):
+    """`schema` (Config, or flows.lm_config.LMConfig) from a YAML mapping plus `key=value`
+    overrides; ConfigError naming every bad key otherwise."""
     raw = dict(raw or {})
     for item in overrides or []:
         apply_override(raw, item)
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"invalid config {source}:\n{_format(e)}") from None
+
+
+def parse_config(raw: dict, overrides: list[str] | None = None, *, source: str = "<config>") -> Config:
+    return validate(Config, raw, overrides, source=source)
 
 
 def read_yaml(path: str | os.PathLike) -> dict:

@@ -20,17 +20,8 @@ from pipeline.device import available_cores, torch_threads
 
 from . import progress, recipes, secrets
 from .config import Config, load_config, parse_config
-from .runtime import transient_io
+from .runtime import retry_on_io
 from .report import chart_data_url, chart_markdown, report_rows
-
-def _retry_on_io(task, task_run, state) -> bool:
-    """Retry transient I/O failures only (an object store that does not answer included);
-    bad data or config fails at once."""
-    try:
-        state.result()
-    except Exception as e:
-        return transient_io(e)
-    return False
 
 
 def _io_retries(cfg: Config) -> dict:
@@ -62,28 +53,28 @@ def _load(config: dict | str, overrides: list[str] | None) -> Config:
 
 # ------------------------------------------------------------------ tasks
 
-@task(name="train-teacher", retries=1, retry_condition_fn=_retry_on_io)
+@task(name="train-teacher", retries=1, retry_condition_fn=retry_on_io)
 def train_teacher_task(config: dict, retrain: bool = False) -> dict:
     return recipes.ensure_teacher(recipes.as_config(config), retrain=retrain)
 
 
-@task(name="plan-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_retry_on_io)
+@task(name="plan-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_on_io)
 def plan_labels_task(config: dict, teacher: dict) -> dict:
     return recipes.plan_labels(recipes.as_config(config), teacher)
 
 
-@task(name="label-shard", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_retry_on_io,
+@task(name="label-shard", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_on_io,
       task_run_name="label-shard-{shard}")
 def label_shard_task(config: dict, teacher: dict, shard: int, start: int, stop: int) -> dict:
     return recipes.label_one_shard(recipes.as_config(config), teacher, shard, start, stop)
 
 
-@task(name="finalize-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_retry_on_io)
+@task(name="finalize-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_on_io)
 def finalize_labels_task(config: dict, teacher: dict) -> dict:
     return recipes.finalize_labels(recipes.as_config(config), teacher)
 
 
-@task(name="train-student", retries=1, retry_condition_fn=_retry_on_io, task_run_name="student-{run[name]}")
+@task(name="train-student", retries=1, retry_condition_fn=retry_on_io, task_run_name="student-{run[name]}")
 def train_student_task(config: dict, teacher: dict, soft_label_uri: str, run: dict) -> dict:
     return recipes.train_student(recipes.as_config(config), teacher, soft_label_uri, run)
 

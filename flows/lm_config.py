@@ -19,11 +19,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.lm_train import LABEL_KIND, LOSSES
 
-from .config import ConfigError, ScheduleConfig, Section, _format, apply_override, parse_config, read_yaml
+from .config import ConfigError, ScheduleConfig, Section, parse_config, read_yaml, validate
 
 
 class CorpusConfig(Section):
@@ -180,18 +180,8 @@ class LMConfig(Section):
         return f"{self.label_root()}/{layout}"
 
 
-def is_lm(raw: dict) -> bool:
-    return isinstance(raw, dict) and raw.get("task") == "lm"
-
-
 def parse_lm_config(raw: dict, overrides: list[str] | None = None, *, source: str = "<config>") -> LMConfig:
-    raw = dict(raw or {})
-    for item in overrides or []:
-        apply_override(raw, item)
-    try:
-        return LMConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"invalid config {source}:\n{_format(e)}") from None
+    return validate(LMConfig, raw, overrides, source=source)
 
 
 def load_lm_config(path: str | os.PathLike, overrides: list[str] | None = None) -> LMConfig:

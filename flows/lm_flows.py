@@ -18,15 +18,9 @@ from pipeline.device import available_cores, torch_threads
 from . import lm_recipes, progress, secrets
 from .lm_config import LMConfig, load_lm_config, parse_lm_config
 from .report import _millions, chart_data_url
-from .runtime import transient_io
+from .runtime import retry_on_io
 
 
-def _retry_on_io(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except Exception as e:
-        return transient_io(e)
-    return False
 
 
 def _load(config: dict | str, overrides: list[str] | None) -> LMConfig:
@@ -39,12 +33,12 @@ def _key(cfg: LMConfig, what: str) -> str:
 
 # ------------------------------------------------------------------ tasks
 
-@task(name="lm-teacher", retries=1, retry_condition_fn=_retry_on_io)
+@task(name="lm-teacher", retries=1, retry_condition_fn=retry_on_io)
 def teacher_task(config: dict) -> dict:
     return lm_recipes.resolve_teacher(lm_recipes.as_lm_config(config))
 
 
-@task(name="lm-label-corpus", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=_retry_on_io)
+@task(name="lm-label-corpus", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_on_io)
 def label_task(config: dict, teacher: dict) -> dict:
     cfg = lm_recipes.as_lm_config(config)
     log = get_run_logger()
@@ -63,12 +57,12 @@ def label_task(config: dict, teacher: dict) -> dict:
         bar.close()
 
 
-@task(name="lm-teacher-eval", retries=1, retry_condition_fn=_retry_on_io)
+@task(name="lm-teacher-eval", retries=1, retry_condition_fn=retry_on_io)
 def teacher_eval_task(config: dict, teacher: dict) -> dict:
     return lm_recipes.teacher_eval(lm_recipes.as_lm_config(config), teacher)
 
 
-@task(name="lm-student", retries=1, retry_condition_fn=_retry_on_io, task_run_name="student-{run[name]}")
+@task(name="lm-student", retries=1, retry_condition_fn=retry_on_io, task_run_name="student-{run[name]}")
 def student_task(config: dict, teacher: dict, run: dict) -> dict:
     cfg = lm_recipes.as_lm_config(config)
     bar = progress.bar(total=None, desc=run["name"], unit="step")

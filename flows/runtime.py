@@ -124,3 +124,13 @@ def quiet_user_tracebacks() -> None:
         for h in lg.handlers:
             if isinstance(h, PrefectConsoleHandler) and not isinstance(h.formatter, _NoUserTraceback):
                 h.setFormatter(_NoUserTraceback(h.formatter or logging.Formatter()))
+
+
+def retry_on_io(task, task_run, state) -> bool:
+    """A Prefect retry_condition_fn: retry transient I/O failures only (an object store that
+    does not answer included); bad data or config fails at once."""
+    try:
+        state.result()
+    except Exception as e:
+        return transient_io(e)
+    return False

@@ -207,15 +207,16 @@ def teacher_outputs(model: nn.Module, inputs: Source, *, start: int, stop: int, 
 
 # ---------------------------------------------------------------- whole dataset
 
-def _check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, num_views: int) -> None:
-    """A resumed run must cut shards exactly like the run that committed them."""
+def check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, rows_per_sample: int) -> None:
+    """A resumed run must cut shards exactly like the run that committed them. A sample is
+    `rows_per_sample` stored rows: its views here, its seq_len tokens in pipeline/lm_label.py."""
     planned = writer.manifest.get("planned_shards")
     if planned is not None and planned != len(plan):
         raise ValueError(f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; "
                          f"use the same shard_size and data, or overwrite=True")
     for i, rec in writer.commits().items():
         a, b = plan[i] if i < len(plan) else (0, 0)
-        want = ((b - a) * num_views, int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
+        want = ((b - a) * rows_per_sample, int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
         got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])
         if want != got:
             raise ValueError(f"{writer.uri}: committed shard {i} holds (rows, first id, last id) = {got}, "
@@ -261,7 +262,7 @@ def open_label_writer(model: nn.Module, inputs: Source, uri: str, *, backend: st
         k=k, dtype=dtype, num_views=num_views, teacher=teacher, data=data, storage_options=storage_options,
         overwrite=overwrite, num_shards=len(plan), compression=compression,
         feature={"name": feature_layer, "shape": fshape} if feature_layer else None)
-    _check_plan(writer, plan, inputs.sample_ids, num_views)
+    check_plan(writer, plan, inputs.sample_ids, num_views)
     return writer, plan, dev, amp
 
 

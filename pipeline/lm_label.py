@@ -35,7 +35,7 @@ import torch
 import storage
 
 from .device import keep_large_blocks, resolve_device
-from .label import AMP_DTYPES, _resolve_amp, plan_shards
+from .label import AMP_DTYPES, _resolve_amp, check_plan, plan_shards
 from .token_labels import sampled_token_labels, topk_token_labels
 
 KINDS = ("token_topk", "token_sampled")
@@ -127,21 +127,6 @@ def shard_labels(model, corpus, start: int, stop: int, *, specs: list[dict], see
     return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
 
 
-def _check_plan(writer, plan, sample_ids: np.ndarray, L: int) -> None:
-    """A resumed run must cut shards exactly like the run that committed them."""
-    planned = writer.manifest.get("planned_shards")
-    if planned is not None and planned != len(plan):
-        raise ValueError(f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; use the "
-                         f"same shard_size and corpus, or overwrite=True")
-    for i, rec in writer.commits().items():
-        a, b = plan[i] if i < len(plan) else (0, 0)
-        want = ((b - a) * L, int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
-        got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])
-        if want != got:
-            raise ValueError(f"{writer.uri}: committed shard {i} holds (rows, first id, last id) = {got}, this "
-                             f"run's plan expects {want}; use the same shard_size, or overwrite=True")
-
-
 def output_spec(*, uri: str, representation: str = "token_topk", k: int | None = None, draws: int | None = None,
                 s_max: int | None = None, value_dtype: str = "float16", tail_dtype: str = "float32",
                 backend: str = "parquet") -> dict:
@@ -213,7 +198,7 @@ def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 2
             tail_dtype=o["tail_dtype"] if topk else None, draws=None if topk else o["draws"],
             s_max=None if topk else s_max, teacher=teacher, data=data, storage_options=storage_options,
             overwrite=overwrite, num_shards=len(plan), extra=extra)
-        _check_plan(w, plan, corpus.sample_ids, L)
+        check_plan(w, plan, corpus.sample_ids, L)
         writers.append(w)
         pending.append(set(range(len(plan))) - set(w.committed_shards()))
     stats: list[list[dict]] = [[] for _ in outputs]

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from pipeline.lm_train import LABEL_KIND, LOSSES
 
-from .config import ConfigError, ScheduleConfig, Section, parse_config, read_yaml, validate
+from .config import ConfigError, ScheduleConfig, Section, apply_override, parse_config, read_yaml, validate
 
 
 class CorpusConfig(Section):
@@ -195,13 +195,12 @@ def load_any_config(path: str | os.PathLike, overrides: list[str] | None = None)
     """A Config (classification, the default) or an LMConfig (`task: lm`), by the file's
     `task` key (an override `task=...` counts too)."""
     raw = read_yaml(path)
+    for item in overrides or []:      # applied once, the same way validation would
+        apply_override(raw, item)
     task = raw.get("task", "classify")
-    for item in overrides or []:
-        if item.split("=", 1)[0].strip() == "task":
-            task = item.split("=", 1)[1].strip()
     if task not in TASKS:
         raise ConfigError(f"invalid config {path}:\n  task: must be one of {list(TASKS)} (default classify), "
                           f"got {task!r}")
     if task == "lm":
-        return parse_lm_config(raw, overrides, source=str(path))
-    return parse_config(raw, overrides, source=str(path))
+        return parse_lm_config(raw, source=str(path))
+    return parse_config(raw, source=str(path))

@@ -15,6 +15,7 @@ import statistics
 import time
 
 from pipeline.corpus import TokenCorpus
+from pipeline.device import resolve_device
 from pipeline.lm_teacher import gguf_teacher_dir, load_causal_lm, teacher_fingerprint
 from pipeline.lm_train import LABEL_KIND, LMTrainConfig, train_lm_student
 from pipeline.text import resolve_model_path
@@ -78,18 +79,19 @@ def label(cfg: LMConfig, teacher: dict, progress=None) -> dict:
     splits = open_splits(cfg, teacher["dir"])
     model = load_causal_lm(teacher["dir"])
     lab = cfg.label
+    so = secrets.resolve(lab.storage_options) or None
     results = label_corpus_many(model, splits["train"], label_outputs(cfg), shard_size=lab.shard_size,
                                 batch_size=lab.batch_size, device=lab.device, amp=lab.amp,
                                 teacher={"name": teacher["name"], "fingerprint": teacher["fingerprint"],
                                          "source": teacher["source"]},
-                                storage_options=secrets.resolve(lab.storage_options) or None, overwrite=lab.overwrite,
+                                storage_options=so, overwrite=lab.overwrite,
                                 seed=lab.seed, progress=progress)
     out = {}
     for r in results:
         layout = LAYOUT_OF_KIND[r["manifest"]["representation"]["kind"]]
         out[layout] = {"uri": r["uri"], "labelled_shards": len(r["shards"]), "skipped_shards": len(r["skipped"]),
                        "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"],
-                       **summarize_labels(r["uri"], secrets.resolve(lab.storage_options) or None)}
+                       **summarize_labels(r["uri"], so)}
     return out
 
 
@@ -114,7 +116,7 @@ def teacher_eval(cfg: LMConfig, teacher: dict) -> dict:
         except (OSError, ValueError):
             pass
     model = load_causal_lm(teacher["dir"])
-    dev = "cuda" if cfg.label.device in ("cuda", "auto") and _cuda() else "cpu"
+    dev = resolve_device(cfg.label.device)      # where the teacher labels, by the same rule
     ev = perplexity(model.to(dev), splits["val"], batch_size=cfg.label.batch_size, device=dev)
     ev["params"] = param_count(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,11 +124,6 @@ def teacher_eval(cfg: LMConfig, teacher: dict) -> dict:
     tmp.write_text(json.dumps({"key": key, "eval": ev}, indent=2))
     os.replace(tmp, path)
     return ev
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------ students

@@ -260,6 +260,18 @@ def validate_manifest(m: dict, where: str) -> None:
             _need(_is_int(e.get(k), 1), where, f"{f}.{k}", "an int >= 1", e.get(k))
         for k in ("first_sample_id", "last_sample_id", "bytes"):
             _need(_is_int(e.get(k), -(1 << 63)), where, f"{f}.{k}", "an int", e.get(k))
+        ns = e.get("num_sequences")
+        if not token:
+            _need("num_sequences" not in e, where, f"{f}.num_sequences", "absent (token kinds only)", ns)
+        elif ns is None:     # written before num_sequences existed: sequences of exactly seq_len
+            _need(e["num_rows"] % m["seq_len"] == 0, where, f"{f}.num_rows",
+                  f"a multiple of seq_len={m['seq_len']} when the entry has no num_sequences (a fixed-length "
+                  f"shard)", e["num_rows"])
+        else:
+            lo = -(-e["num_rows"] // m["seq_len"])
+            _need(_is_int(ns, 1) and lo <= ns <= e["num_rows"], where, f"{f}.num_sequences",
+                  f"an int in [{lo}, {e['num_rows']}] (its num_rows tokens in sequences of 1..seq_len="
+                  f"{m['seq_len']})", ns)
     if m["status"] == "complete":
         for key in ("num_samples", "num_rows", "num_shards"):
             _need(_is_int(m.get(key)), where, key, "an int in a complete manifest", m.get(key))
@@ -270,9 +282,13 @@ def validate_manifest(m: dict, where: str) -> None:
         if token:
             _need(m.get("num_tokens") == m["num_rows"], where, "num_tokens", f"num_rows ({m['num_rows']})",
                   m.get("num_tokens"))
-            _need(m["num_rows"] == m["num_samples"] * m["num_views"] * m["seq_len"], where, "num_rows",
-                  f"num_samples x num_views x seq_len ({m['num_samples']} x {m['num_views']} x {m['seq_len']})",
-                  m["num_rows"])
+            L = m["seq_len"]
+            seqs = sum(e["num_rows"] // L if e.get("num_sequences") is None else e["num_sequences"] for e in shards)
+            _need(m["num_samples"] * m["num_views"] == seqs, where, "num_samples",
+                  f"the sequences / num_views: sum(shards[].num_sequences) / {m['num_views']} = {seqs} / "
+                  f"{m['num_views']} (every (sample_id, view) is one sequence)", m["num_samples"])
+            _need(seqs <= m["num_rows"] <= seqs * L, where, "num_rows",
+                  f"between sum(shards[].num_sequences) and that x seq_len ({seqs} .. {seqs * L})", m["num_rows"])
         else:
             _need(m["num_rows"] == m["num_samples"] * m["num_views"], where, "num_rows",
                   f"num_samples x num_views ({m['num_samples']} x {m['num_views']})", m["num_rows"])
@@ -282,7 +298,7 @@ def _validate_token_fields(m: dict, where: str) -> None:
     V, L = m.get("vocab_size"), m.get("seq_len")
     _need(_is_int(V, 2) and V == m["num_classes"], where, "vocab_size",
           f"an int >= 2 equal to num_classes ({m['num_classes']})", V)
-    _need(_is_int(L, 1), where, "seq_len", "an int >= 1 (tokens per sequence; fixed-length sequences)", L)
+    _need(_is_int(L, 1), where, "seq_len", "an int >= 1 (the most tokens per sequence)", L)
     _need(m.get("num_tokens") is None or _is_int(m["num_tokens"]), where, "num_tokens", "null or an int >= 0",
           m.get("num_tokens"))
     _need(m["temperature"] == 1.0, where, "temperature", "1.0 for token labels (stored at T = 1)", m["temperature"])

@@ -9,11 +9,14 @@ Arrays may be read-only views of the decoded block (copy before writing in place
 
 Token labels (representation token_topk / token_sampled): rows are token positions, so
 iter_batches streams tokens (stored columns, undecoded); `iter_sequences` streams whole
-sequences, shuffled and partitioned by sequence with the same rule, decoded:
-    {"sample_id": (B,), "view": (B,), "pad": (B,), "topk_ids": (B, L, k) int64,
-     "topk_logprobs": (B, L, k) float32, "missing_mass": (B, L) float32}
+sequences, shuffled and partitioned by sequence with the same rule, decoded and padded
+to L = seq_len (zeros past each sequence's length; position p is real iff p < length):
+    {"sample_id": (B,), "view": (B,), "pad": (B,), "length": (B,) int32,
+     "topk_ids": (B, L, k) int64, "topk_logprobs": (B, L, k) float32, "missing_mass": (B, L) float32}
     (token_sampled: "sample_ids" (B, L, s_max) int64, "sample_counts" (B, L, s_max) int32)
-and `take_sequences` reads sequences by (sample_id, view).
+and `take_sequences` reads sequences by (sample_id, view). Shards whose sequences all have
+seq_len tokens are read with a reshape; the others through their sequence starts, found
+once per process from the shard's position column (storage/token_sequences.py).
 Filesystems are opened lazily inside iteration, so the dataset object can be handed
 to forked DataLoader workers, including with S3.
 """
@@ -32,6 +35,7 @@ from .partition import batches_per_partition, partition_segments
 from .shards import commits_disagree, open_shard, read_commits, read_id_columns, read_manifest
 from .verify import verify as verify_dataset
 from . import tokens
+from . import token_sequences as seqs
 
 SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker)
 REMOTE_OPEN_BYTES = 512 << 20     # object-store shards are held in memory while open: bound them
@@ -149,6 +153,7 @@ class SoftLabelDataset:
         """Open shards of this process, kept across epochs (one round trip per shard on S3)."""
         if getattr(self, "_cache_pid", None) != os.getpid():  # after fork: nothing inherited
             self._open_shards, self._block_cache, self._cache_pid = {}, {}, os.getpid()
+            self._layouts = {}
         return self._open_shards
 
     def _blocks(self, segs, cols) -> Iterator[dict[str, np.ndarray]]:
@@ -206,7 +211,7 @@ class SoftLabelDataset:
         """Rows for `sample_ids`, in the order given. views=None: every view of each id
         (id-major, views ascending); else an array of the same length naming one view each."""
         if self.is_tokens:
-            raise SoftLabelError(f"{self.uri}: a token-label dataset has seq_len={self.seq_len} rows per "
+            raise SoftLabelError(f"{self.uri}: a token-label dataset has up to seq_len={self.seq_len} rows per "
                                  f"(sample_id, view); use take_sequences()")
         cols = self._check_columns(columns)
         sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_index()
@@ -240,7 +245,36 @@ class SoftLabelDataset:
 
     def _seq_counts(self) -> list[int]:
         L = self.seq_len
-        return [r // L for r in self.shard_rows]
+        return [seqs.entry_sequences(e, L) for e in self.manifest["shards"]]
+
+    @property
+    def num_sequences(self) -> int:
+        """(sample_id, view) sequences in the dataset (= num_samples x num_views)."""
+        return sum(self._seq_counts())
+
+    def _layout(self, pos: int, sh) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, lengths) of shard `pos`'s sequences, found once per process."""
+        self._shard_cache()
+        if pos not in self._layouts:
+            entry = self.manifest["shards"][pos]
+            name = f"{self.uri}: shard {entry['path']}"
+            try:
+                self._layouts[pos] = seqs.shard_layout(sh, entry, self.seq_len, name)
+            except SoftLabelError:
+                raise
+            except Exception as e:
+                raise CorruptShardError(f"{name}: its position column cannot be read: {type(e).__name__}: {e}") \
+                    from None
+        return self._layouts[pos]
+
+    def _read_rows(self, pos: int, sh, lo: int, hi: int, cols: list[str]) -> dict[str, np.ndarray]:
+        try:
+            return sh.read(lo, hi, cols)
+        except CorruptShardError:
+            raise
+        except Exception as e:
+            raise CorruptShardError(f"{self.uri}: shard {self.manifest['shards'][pos]['path']} rows {lo}:{hi} "
+                                    f"cannot be read: {type(e).__name__}: {e}") from None
 
     def num_sequence_batches(self, batch_size: int, *, world_size: int = 1, num_workers: int = 1,
                              drop_last: bool = False) -> int:
@@ -280,64 +314,73 @@ class SoftLabelDataset:
             yield tokens.decode(self.manifest, b) if decode else b
 
     def _seq_blocks(self, segs, L: int) -> Iterator[dict[str, np.ndarray]]:
-        """Per segment (in sequences), whole sequences a storage block at a time (blocks hold
-        whole sequences: the writer aligns them to seq_len)."""
+        """Per segment (in sequences), whole padded sequences a storage block at a time. A
+        full shard's blocks hold whole sequences (the writer aligns them to seq_len): a
+        reshape. Other shards' blocks may cut a sequence: its tail is carried over."""
         cache = self._shard_cache()
         cols = list(self.column_names)
         for seg in segs:
             sh = self._open(seg.shard, cache)
-            # cut points: the segment's ends and the block starts inside it, rounded up to sequences
-            cuts = sorted({seg.start, seg.stop} | {-(-b0 // L) for b0, _ in sh.blocks()
-                                                   if seg.start < -(-b0 // L) < seg.stop})
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                try:
-                    rows = sh.read(a * L, b * L, cols)
-                except CorruptShardError:
-                    raise
-                except Exception as e:
-                    raise CorruptShardError(f"{self.uri}: shard {self.manifest['shards'][seg.shard]['path']} "
-                                            f"rows {a * L}:{b * L} cannot be read: {type(e).__name__}: {e}") from None
-                out = tokens.to_sequences(rows, L)
-                out["pad"] = np.full(b - a, seg.pad)
-                yield out
+            entry = self.manifest["shards"][seg.shard]
+
+            def read(lo, hi, _p=seg.shard, _sh=sh):
+                return self._read_rows(_p, _sh, lo, hi, cols)
+            if seqs.is_full(entry, L):
+                # cut points: the segment's ends and the block starts inside it, rounded up to sequences
+                cuts = sorted({seg.start, seg.stop} | {-(-b0 // L) for b0, _ in sh.blocks()
+                                                       if seg.start < -(-b0 // L) < seg.stop})
+                for a, b in zip(cuts[:-1], cuts[1:]):
+                    rows = read(a * L, b * L)
+                    seqs.check_full_rows(rows, L, f"{self.uri}: shard {entry['path']}", a * L)
+                    out = seqs.pad(rows, np.full(b - a, L, np.int64), L)
+                    out["pad"] = np.full(b - a, seg.pad)
+                    yield out
+            else:
+                starts, lengths = self._layout(seg.shard, sh)
+                for out in seqs.iter_segment(sh, read, starts, lengths, seg.start, seg.stop, L):
+                    out["pad"] = np.full(len(out["length"]), seg.pad)
+                    yield out
 
     def _build_seq_index(self):
         if getattr(self, "_seq_index", None) is None:
-            L = self.seq_len
-            sids, views, shard_of = read_id_columns(self.loc, self.manifest, self.columns)
-            starts = np.concatenate([[0], np.cumsum(self.shard_rows)])
-            row = np.arange(len(sids)) - starts[shard_of]
-            sids, views, shard_of, row = sids[::L], views[::L], shard_of[::L], row[::L]
+            cache = self._shard_cache()
+            sids, views, shard_of, row, length = seqs.sequence_keys(
+                self.loc, self.manifest, self.columns, opener=lambda p: self._open(p, cache), layout=self._layout)
             order = np.lexsort((views, sids))
-            self._seq_index = (sids[order], views[order], shard_of[order], row[order])
+            self._seq_index = (sids[order], views[order], shard_of[order], row[order], length[order])
         return self._seq_index
 
     def take_sequences(self, sample_ids, views=None, *, decode: bool = True) -> dict[str, np.ndarray]:
         """Whole sequences for `sample_ids`, in the order given, shaped like iter_sequences'
-        batches (without "pad"). views=None: every view of each id (id-major, views
-        ascending); else an array of the same length naming one view each."""
+        batches (without "pad"; with "length"). views=None: every view of each id (id-major,
+        views ascending); else an array of the same length naming one view each."""
         L = self.seq_len
-        sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_seq_index()
+        sids_sorted, views_sorted, shard_sorted, row_sorted, len_sorted = self._build_seq_index()
         pos = self._locate(sample_ids, views, sids_sorted, views_sorted, "sequence (sample_id, view)", "sequence(s)")
-        shard, row = shard_sorted[pos], row_sorted[pos]
+        shard, row, length = shard_sorted[pos], row_sorted[pos], len_sorted[pos]
         cols = list(self.column_names)
         out: dict[str, np.ndarray] = {}
+
+        def put(padded: dict[str, np.ndarray], dst: np.ndarray) -> None:
+            for c, vals in padded.items():
+                if c not in out:
+                    out[c] = np.empty((len(pos),) + vals.shape[1:], vals.dtype)
+                out[c][dst] = vals
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             for (b0, b1), blk in self._blocks_for(int(s), row[sel], cols):
                 inb = (row[sel] >= b0) & (row[sel] < b1)
-                starts, dst = row[sel][inb] - b0, sel[inb]
-                if len(starts) and int(starts.max()) + L > b1 - b0:   # blocks not cut at sequences
-                    sh = self._open(int(s), self._shard_cache())
-                    parts = [sh.read(b0 + int(r), b0 + int(r) + L, cols) for r in starts]
-                    seqs = tokens.to_sequences({c: np.concatenate([p[c] for p in parts]) for c in cols}, L)
-                else:
-                    rows = (starts[:, None] + np.arange(L)).reshape(-1)
-                    seqs = tokens.to_sequences({c: blk[c][rows] for c in cols}, L)
-                for c, vals in seqs.items():
-                    if c not in out:
-                        out[c] = np.empty((len(pos),) + vals.shape[1:], vals.dtype)
-                    out[c][dst] = vals
+                starts, lens, dst = row[sel][inb] - b0, length[sel][inb], sel[inb]
+                inside = starts + lens <= b1 - b0
+                if inside.any():
+                    st, ln = starts[inside], lens[inside]
+                    offsets = np.cumsum(ln) - ln
+                    rows = np.repeat(st - offsets, ln) + np.arange(int(ln.sum()))
+                    put(seqs.pad({c: blk[c][rows] for c in cols}, ln, L), dst[inside])
+                sh = self._open(int(s), self._shard_cache())
+                for r, n, d in zip(starts[~inside], lens[~inside], dst[~inside]):   # cut by a block end
+                    rows = self._read_rows(int(s), sh, b0 + int(r), b0 + int(r) + int(n), cols)
+                    put(seqs.pad(rows, np.array([n], np.int64), L), np.array([d]))
         return tokens.decode(self.manifest, out) if decode else out
 
     def _blocks_for(self, pos: int, rows: np.ndarray, cols: list[str]):

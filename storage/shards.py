@@ -192,6 +192,10 @@ def read_commits(loc: Location, backend: str) -> dict[int, dict]:
         sha = rec.get("sha256")
         if not isinstance(sha, str) or len(sha) != 64 or rec["path"].split("-")[-1].split(".")[0] != sha[:16]:
             raise ManifestError(f"{where}: sha256 {sha!r} does not match its path {rec['path']!r}")
+        ns, rows = rec.get("num_sequences"), rec.get("num_rows")
+        if ns is not None and not (isinstance(ns, int) and not isinstance(ns, bool) and isinstance(rows, int)
+                                   and 1 <= ns <= rows):
+            raise ManifestError(f"{where}: num_sequences {ns!r} must be an int in [1, num_rows={rows!r}]")
         out[idx] = rec
     return out
 
@@ -208,6 +212,10 @@ def commits_disagree(manifest: dict, commits: dict[int, dict], lineage: str | No
             out.append(f"shard {i} is committed ({c['path']}) but not in the manifest")
         elif (c["path"], c["sha256"]) != (e["path"], e["sha256"]):
             out.append(f"shard {i}: the manifest names {e['path']}, its commit record {c['path']}")
+        elif (c.get("num_sequences"), c.get("num_rows")) != (e.get("num_sequences"), e.get("num_rows")):
+            out.append(f"shard {i} ({c['path']}): the manifest says num_sequences {e.get('num_sequences')} / "
+                       f"num_rows {e.get('num_rows')}, its commit record {c.get('num_sequences')} / "
+                       f"{c.get('num_rows')}")
         elif lineage is not None and c.get("lineage", lineage) != lineage:
             out.append(f"shard {i} ({c['path']}) was committed by a run labelling something else "
                        f"(commit lineage {c.get('lineage')}, manifest {lineage}; writer {c.get('writer')})")

@@ -2,10 +2,11 @@
 representation, the writer's input checks and encoding, the reader's decoding, and the
 per-shard checks of verify(). Numpy only (see docs/format.md, "Token layouts").
 
-A row is one token position: `sample_id` (the sequence), `view`, `position` (0..L-1),
+A row is one token position: `sample_id` (the sequence), `view`, `position` (0..n-1),
 plus the label columns of layout.columns_for. The rows of one sequence are contiguous in a
-shard with positions ascending, a shard holds whole sequences, and every sequence has
-the manifest's `seq_len` L positions (fixed-length sequences only, for now).
+shard with positions ascending, a shard holds whole sequences, and a sequence has
+1 <= n <= seq_len positions (seq_len is the maximum; fixed-length datasets have n = seq_len
+everywhere). storage/token_sequences.py finds and pads the sequences of a shard.
 
 Values are stored at T = 1: a student applies its own temperature at train time (the
 top-k summary of a distribution is not exact at any other temperature).
@@ -16,6 +17,7 @@ import numpy as np
 
 from .errors import CoverageError, InvalidLogitsError
 from .layout import TOKEN_KINDS, TOKEN_VALUE_STORAGE
+from . import token_sequences as seqs
 from .token_packing import (LOGPROB_STEP, bf16_bits, counts_bits, from_bf16_bits, from_logprob_codes, id_bits,
                             logprob_codes, pack_ids, unpack_ids)
 
@@ -79,19 +81,21 @@ def representation_problem(rep: dict, vocab_size) -> str | None:
 
 # ------------------------------------------------------------------ writing
 
-def _per_token(a, n: int, L: int, name: str, where: str, default=None) -> np.ndarray:
-    """A per-token integer array of n rows from a per-token (n,) or per-sequence (n / L,) one."""
+def _per_token(a, n: int, lengths: np.ndarray, name: str, where: str, default=None) -> np.ndarray:
+    """A per-token integer array of n rows from a per-token (n,) or per-sequence (S,) one
+    ((S, L) is accepted for fixed-length sequences)."""
     if a is None:
         if default is None:
             raise InvalidLogitsError(f"{where}: {name} is required")
         return default
     a = np.asarray(a)
-    if a.ndim == 2 and a.shape == (n // L, L):
+    S = len(lengths)
+    if a.ndim == 2 and a.size == n and a.shape[0] == S:
         a = a.reshape(-1)
-    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or len(a) not in (n, n // L):
-        raise InvalidLogitsError(f"{where}: {name} must be an integer array of {n} (per token) or {n // L} "
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or len(a) not in (n, S):
+        raise InvalidLogitsError(f"{where}: {name} must be an integer array of {n} (per token) or {S} "
                                  f"(per sequence) entries, got shape {a.shape} dtype {a.dtype}")
-    return np.repeat(a, L) if len(a) != n else a
+    return np.repeat(a, lengths) if len(a) != n else a
 
 
 def _rows2d(a, name: str, where: str, width: int | None, n: int | None, kind: str):
@@ -112,50 +116,80 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))[0])
 
 
+def _positions(positions, n: int, L: int, where: str) -> np.ndarray:
+    """The per-token position column: given, or 0..L-1 for each of n / L sequences."""
+    if positions is None:
+        if n == 0 or n % L:
+            raise InvalidLogitsError(f"{where}: a shard holds whole sequences of seq_len={L} tokens; got {n} rows "
+                                     f"(not a positive multiple of {L}); pass positions= for sequences of "
+                                     f"variable length")
+        return np.tile(np.arange(L, dtype=np.int32), n // L)
+    pos = np.asarray(positions)
+    if pos.ndim == 2 and pos.size == n:
+        pos = pos.reshape(-1)
+    if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer) or len(pos) != n:
+        raise InvalidLogitsError(f"{where}: positions must be an integer array of {n} entries (one per token), "
+                                 f"got shape {pos.shape} dtype {pos.dtype}")
+    if n == 0:
+        raise InvalidLogitsError(f"{where}: a shard holds at least one sequence; got 0 rows")
+    return pos
+
+
 def prepare_columns(m: dict, where: str, sample_ids, views, positions, *, ids=None, logprobs=None,
                     missing_mass=None, counts=None) -> dict[str, np.ndarray]:
     """The stored columns of one token shard, every input checked (InvalidLogitsError naming
-    the field, the row and its sequence; nothing is written on error)."""
+    the field, the row and its sequence; nothing is written on error). Sequences start at
+    the rows whose position is 0 and hold 1..seq_len tokens (positions None: seq_len each)."""
     rep, L, V = m["representation"], int(m["seq_len"]), int(m["vocab_size"])
     topk = rep["kind"] == "token_topk"
     width = rep["k"] if topk else rep["s_max"]
     ids = _rows2d(ids, "ids", where, None, None, "int")
     n = len(ids)
-    if n == 0 or n % L:
-        raise InvalidLogitsError(f"{where}: a shard holds whole sequences of seq_len={L} tokens; got {n} rows "
-                                 f"(not a positive multiple of {L})")
+    pos = _positions(positions, n, L, where)
     if topk and ids.shape[1] != width:
         raise InvalidLogitsError(f"{where}: ids must have k={width} columns, got {ids.shape[1]}")
     if not topk and ids.shape[1] > width:
         raise InvalidLogitsError(f"{where}: ids has {ids.shape[1]} columns, more than s_max={width} (the stored "
                                  f"ids per token); open the writer with a larger s_max")
-    sid = _per_token(sample_ids, n, L, "sample_ids", where).astype(np.int64)
-    v = _per_token(views, n, L, "views", where, default=np.zeros(n, np.int32) if m["num_views"] == 1 else None)
-    if views is None and m["num_views"] != 1:
-        raise InvalidLogitsError(f"{where}: views are required when num_views={m['num_views']}")
-    pos = _per_token(positions, n, L, "positions", where, default=np.tile(np.arange(L, dtype=np.int32), n // L))
+    starts, lengths = seqs.bounds(pos)
+    problem = seqs.position_problem(pos, L)
+    try:
+        sid = _per_token(sample_ids, n, lengths, "sample_ids", where).astype(np.int64)
+        if views is None and m["num_views"] != 1:
+            raise InvalidLogitsError(f"{where}: views are required when num_views={m['num_views']}")
+        v = _per_token(views, n, lengths, "views", where, default=np.zeros(n, np.int32))
+    except InvalidLogitsError:
+        if problem is None:
+            raise
+        sid = v = None        # per-sequence ids of broken sequences: report the positions first
 
     def token(r: int) -> str:
+        if sid is None:
+            return f"row {r} (position {int(pos[r])})"
         return f"row {r} (sample_id {int(sid[r])}, view {int(v[r])}, position {int(pos[r])})"
+    if problem is not None and problem[1] == "gap":
+        r = problem[0]
+        raise InvalidLogitsError(f"{where}: positions must be 0..{L - 1}, ascending and contiguous per sequence "
+                                 f"(a sequence of n <= seq_len={L} tokens has positions 0..n-1 and starts at "
+                                 f"position 0): {token(r)} has position {int(pos[r])}, expected {problem[2]}")
+    seq = np.repeat(np.arange(len(starts)), lengths)
+    if problem is not None:                       # "long": a sequence past seq_len
+        r = problem[0]
+        s0 = int(starts[seq[r]])
+        who = "" if sid is None else f" (sample_id {int(sid[s0])}, view {int(v[s0])})"
+        raise InvalidLogitsError(f"{where}: positions: the sequence starting at row {s0}{who} has "
+                                 f"{int(lengths[seq[r]])} tokens, more than seq_len={L}; {token(r)} is past its end")
     bad = np.flatnonzero((v < 0) | (v >= m["num_views"]))
     if len(bad):
         raise InvalidLogitsError(f"{where}: views: {token(bad[0])} has view {int(v[bad[0]])}, outside "
                                  f"[0, num_views={m['num_views']})")
-    want_pos = np.tile(np.arange(L), n // L)
-    bad = np.flatnonzero(pos != want_pos)
+    seq_s, seq_v = sid[starts], v[starts]
+    bad = np.flatnonzero((sid != seq_s[seq]) | (v != seq_v[seq]))
     if len(bad):
         r = int(bad[0])
-        raise InvalidLogitsError(f"{where}: positions must be 0..{L - 1}, ascending and contiguous per sequence "
-                                 f"(seq_len={L}; sequences start every {L} rows): {token(r)} has position "
-                                 f"{int(pos[r])}, expected {int(want_pos[r])}")
-    s2, v2 = sid.reshape(-1, L), v.reshape(-1, L)
-    bad = np.flatnonzero(((s2 != s2[:, :1]) | (v2 != v2[:, :1])).any(axis=1))
-    if len(bad):
-        r = int(bad[0]) * L + int(np.flatnonzero((s2[bad[0]] != s2[bad[0], 0]) | (v2[bad[0]] != v2[bad[0], 0]))[0])
-        raise InvalidLogitsError(f"{where}: sample_ids/views: the {L} rows of a sequence must share one "
-                                 f"(sample_id, view); {token(r)} differs from its sequence's first row "
-                                 f"(sample_id {int(s2[r // L, 0])}, view {int(v2[r // L, 0])})")
-    seq_s, seq_v = s2[:, 0], v2[:, 0]
+        raise InvalidLogitsError(f"{where}: sample_ids/views: the {int(lengths[seq[r]])} rows of a sequence must "
+                                 f"share one (sample_id, view); {token(r)} differs from its sequence's first row "
+                                 f"(sample_id {int(seq_s[seq[r]])}, view {int(seq_v[seq[r]])})")
     order = np.lexsort((seq_v, seq_s))
     ss, vv = seq_s[order], seq_v[order]
     dup = np.flatnonzero((ss[1:] == ss[:-1]) & (vv[1:] == vv[:-1]))
@@ -251,34 +285,38 @@ def decode(m: dict, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def to_sequences(cols: dict[str, np.ndarray], L: int) -> dict[str, np.ndarray]:
-    """Rows of whole sequences -> {sample_id (S,), view (S,), other columns (S, L, ...)};
-    the position column is dropped (it is 0..L-1 by construction)."""
-    out = {}
-    for k, a in cols.items():
-        if k == "position":
-            continue
-        if k in ("sample_id", "view"):
-            out[k] = a[::L]
-        else:
-            out[k] = a.reshape(len(a) // L, L, *a.shape[1:])
-    return out
-
-
 # ------------------------------------------------------------------ verify
 
-def shard_problems(m: dict, cols: dict[str, np.ndarray]) -> list[str]:
-    """What verify() reports about one decoded token shard (empty when fine)."""
+def shard_problems(m: dict, cols: dict[str, np.ndarray], entry: dict | None = None) -> list[str]:
+    """What verify() reports about one decoded token shard (empty when fine): sequences of
+    1..seq_len tokens with positions 0..n-1, one (sample_id, view) per sequence, as many
+    sequences as the entry's num_sequences (without it: all of seq_len tokens), ids <
+    vocab_size, log-probs <= 0, missing mass in [0, 1], counts summing to at most draws."""
     L, V, rep = int(m["seq_len"]), int(m["vocab_size"]), m["representation"]
     n = len(cols["sample_id"])
     out = []
-    if n % L:
-        return [f"{n} rows is not a whole number of sequences of seq_len={L}"]
-    if not np.array_equal(cols["position"], np.tile(np.arange(L, dtype=np.int32), n // L)):
-        out.append(f"positions are not 0..{L - 1} contiguous per sequence")
-    s2, v2 = cols["sample_id"].reshape(-1, L), cols["view"].reshape(-1, L)
-    if ((s2 != s2[:, :1]) | (v2 != v2[:, :1])).any():
-        out.append("the rows of a sequence do not share one (sample_id, view)")
+    pos = cols["position"]
+    ns = None if entry is None else entry.get("num_sequences")
+    problem = seqs.position_problem(pos, L)
+    if problem is not None:
+        r, what, want = problem
+        got = int(pos[r]) if n else None
+        out.append(f"a sequence longer than seq_len={L} (row {r} has position {got})" if what == "long" else
+                   f"positions are not 0..n-1 contiguous per sequence (row {r} has position {got}, expected {want})")
+    else:
+        starts, lengths = seqs.bounds(pos)
+        seq = np.repeat(np.arange(len(starts)), lengths)
+        s, v = cols["sample_id"], cols["view"]
+        bad = np.flatnonzero((s != s[starts][seq]) | (v != v[starts][seq]))
+        if len(bad):
+            out.append(f"the rows of a sequence do not share one (sample_id, view) (row {int(bad[0])})")
+        if ns is None and (n % L or (lengths != L).any()):
+            out.append(f"{n} rows is not a whole number of sequences of seq_len={L} (the shard entry has no "
+                       f"num_sequences: a fixed-length shard)" if n % L else
+                       f"sequences shorter than seq_len={L}, but the shard entry has no num_sequences "
+                       f"(a fixed-length shard)")
+        elif ns is not None and len(starts) != ns:
+            out.append(f"{len(starts)} sequences, the manifest says num_sequences {ns}")
     d = decode(m, {k: cols[k] for k in (ID_COLUMN[rep["kind"]], "topk_logprobs", "sample_counts") if k in cols})
     ids = d[ID_COLUMN[rep["kind"]]]
     if ids.size and (ids.min() < 0 or ids.max() >= V):
@@ -292,8 +330,3 @@ def shard_problems(m: dict, cols: dict[str, np.ndarray]) -> list[str]:
     if "sample_counts" in d and (d["sample_counts"].sum(axis=1) > rep["draws"]).any():
         out.append(f"sample counts summing to more than draws={rep['draws']}")
     return out
-
-
-def sequence_starts(sids: np.ndarray, views: np.ndarray, shard_of: np.ndarray, L: int):
-    """(sample_id, view, shard) per sequence from per-row id columns of whole shards."""
-    return sids[::L], views[::L], shard_of[::L]

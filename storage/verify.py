@@ -7,9 +7,11 @@ hash to the recorded sha256, it decodes with the columns the manifest describes,
 count and first/last sample ids match the record, its float columns are finite; and
 across shards every (sample_id, view) appears exactly once with views 0..V-1 per sample
 and the totals match num_samples / num_rows. Token labels: every shard holds whole
-sequences (positions 0..L-1, one (sample_id, view) per sequence), ids < vocab_size,
-log-probs <= 0, missing mass in [0, 1], counts summing to at most `draws`; coverage is
-over sequences and num_tokens must equal num_rows.
+sequences (positions 0..n-1 with 1 <= n <= seq_len, one (sample_id, view) per sequence,
+as many as the entry's num_sequences; without it, all of seq_len tokens), ids <
+vocab_size, log-probs <= 0, missing mass in [0, 1], counts summing to at most `draws`;
+coverage is over sequences (a (sample_id, view) in two shards is reported with both) and
+num_tokens must equal num_rows.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from .fs import Location
 from .layout import TOKEN_KINDS, columns_for
 from .manifest import lineage_digest
 from .shards import check_coverage, commits_disagree, open_shard, read_commits, read_manifest
-from .tokens import sequence_starts, shard_problems
+from .tokens import shard_problems
+from .token_sequences import bounds, position_problem
 
 
 @dataclass
@@ -90,19 +93,21 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                     r = int(np.flatnonzero(bad)[0])
                     report.problems.append(f"shard {s['index']} ({name}): column {c.name} has NaN/Inf in "
                                            f"{int(bad.sum())} row(s), first at row {r}")
+        keep = np.arange(n)
         if token:
-            report.problems += [f"shard {s['index']} ({name}): {p}" for p in shard_problems(m, cols)]
+            report.problems += [f"shard {s['index']} ({name}): {p}" for p in shard_problems(m, cols, s)]
+            # coverage is over sequences: their first rows (when the positions make sense)
+            keep = bounds(cols["position"])[0] if position_problem(cols["position"], L) is None else keep[:0]
         v = cols["view"]
         if ((v < 0) | (v >= m["num_views"])).any():
             report.problems.append(f"shard {s['index']} ({name}): view ids outside [0, {m['num_views']})")
-        sids.append(cols["sample_id"])
-        views.append(v)
-        shard_of.append(np.full(n, s["index"], np.int64))
+        sids.append(cols["sample_id"][keep])
+        views.append(v[keep])
+        shard_of.append(np.full(len(keep), s["index"], np.int64))
     if sids and not report.problems:
         all_s, all_v, all_sh = np.concatenate(sids), np.concatenate(views), np.concatenate(shard_of)
-        rows = len(all_s)
+        rows = report.rows_checked
         if token:
-            all_s, all_v, all_sh = sequence_starts(all_s, all_v, all_sh, L)
             if rows != m.get("num_tokens"):
                 report.problems.append(f"totals differ: {rows} tokens found, manifest says {m.get('num_tokens')}")
         try:

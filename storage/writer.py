@@ -32,6 +32,7 @@ from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSI
                        parse_manifest, producer, validate_lineage)
 from .shards import (EXT, check_coverage, commits_disagree, mark_verified, publish, read_commits, read_id_columns,
                      shard_filename, temp_owner_alive, write_commit)
+from . import token_sequences as seqs
 from .parallel import for_row_blocks
 from .topk import scaled_topk
 from . import tokens
@@ -67,8 +68,8 @@ class SoftLabelWriter:
                                  f"a student applies its own temperature at train time (top-k log-probs are "
                                  f"exact only at the temperature they were computed at)")
             if not isinstance(seq_len, int) or seq_len < 1:
-                raise ValueError(f"representation={representation!r} needs seq_len, an int >= 1 (tokens per "
-                                 f"sequence; fixed-length sequences), got {seq_len!r}")
+                raise ValueError(f"representation={representation!r} needs seq_len, an int >= 1 (the most tokens "
+                                 f"per sequence; sequences hold 1..seq_len), got {seq_len!r}")
             if feature is not None:
                 raise ValueError("feature= is not supported with token labels")
             rep = tokens.make_representation(representation, vocab_size=vocab_size, k=k, dtype=dtype,
@@ -189,11 +190,13 @@ class SoftLabelWriter:
         """Scale raw `logits` (n, C) by 1/T, encode, publish atomically, commit. Returns the commit record.
 
         Token labels take the per-token arrays instead of logits, rows = token positions of
-        whole sequences (N = sequences x seq_len): token_topk `ids` (N, k) int, `logprobs`
-        (N, k) float (<= 0, T = 1), `missing_mass` (N,) in [0, 1]; token_sampled `ids` (N, u)
-        and `counts` (N, u) (u <= s_max; 0 = padding; row sums <= draws). (B, L, w) arrays
-        are accepted too. `sample_ids` / `views` per token (N,) or per sequence (N / L,);
-        `positions` (N,) must be 0..L-1 per sequence (None: that)."""
+        whole sequences (N = the tokens of the shard's sequences): token_topk `ids` (N, k)
+        int, `logprobs` (N, k) float (<= 0, T = 1), `missing_mass` (N,) in [0, 1];
+        token_sampled `ids` (N, u) and `counts` (N, u) (u <= s_max; 0 = padding; row sums
+        <= draws). `positions` (N,): 0..n-1 per sequence, 1 <= n <= seq_len, a sequence
+        starting at each position 0 (None: every sequence has seq_len tokens, N a multiple of
+        it; (B, L, w) arrays are accepted then). `sample_ids` / `views` per token (N,) or per
+        sequence (one entry per sequence)."""
         if self.manifest["representation"]["kind"] in TOKEN_KINDS:
             if logits is not None or features is not None:
                 raise InvalidLogitsError(f"{self.uri} shard {shard_index}: token labels take ids=, logprobs=, "
@@ -223,6 +226,11 @@ class SoftLabelWriter:
         missing = [c.name for c in self.columns if c.name not in cols]
         if missing:
             raise InvalidLogitsError(f"shard {shard_index}: columns {missing} are missing")
+        if self.align > 1:      # token rows: whole sequences of 1..seq_len
+            bad = seqs.position_problem(np.asarray(cols["position"]), self.align)
+            if bad is not None:
+                raise InvalidLogitsError(f"shard {shard_index}: position column: row {bad[0]} breaks the "
+                                         f"sequences of 1..seq_len={self.align} tokens ({bad[1]})")
         return self._write_columns(shard_index, {c.name: cols[c.name] for c in self.columns})
 
     def _prepare(self, shard_index, sample_ids, logits, views, features, prescaled) -> dict[str, np.ndarray]:
@@ -309,7 +317,14 @@ class SoftLabelWriter:
     def _write_columns(self, shard_index: int, cols: dict[str, np.ndarray]) -> dict:
         backend = self.manifest["backend"]
         encode = encode_parquet if backend == "parquet" else encode_zarr
-        objects = encode(cols, self.columns, self.compression, self.align)
+        align, num_sequences = self.align, None
+        if self.align > 1:
+            # token rows: blocks are cut at sequence boundaries when every sequence has
+            # seq_len tokens (the fixed-length layout, byte-identical to before), else anywhere
+            num_sequences = int(np.count_nonzero(cols["position"] == 0))
+            if num_sequences * self.align != len(cols["position"]):
+                align = 1
+        objects = encode(cols, self.columns, self.compression, align)
         existing = read_commits(self.loc, backend).get(shard_index)
 
         def accept(sha: str) -> bool:
@@ -332,8 +347,10 @@ class SoftLabelWriter:
         record = {"index": int(shard_index), "path": name, "num_rows": int(len(ids)),
                   "first_sample_id": int(ids[0]), "last_sample_id": int(ids[-1]),
                   "sha256": sha, "bytes": objects_nbytes(objects),
-                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids), self.align),
+                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids), align),
                   "lineage": self.lineage}
+        if num_sequences is not None:
+            record["num_sequences"] = num_sequences
         record = write_commit(self.loc, record)
         if not self.loc.exists(name):
             # a concurrent finalize() removed it as an orphan between publish and commit
@@ -362,14 +379,16 @@ class SoftLabelWriter:
             raise IncompleteDatasetError(
                 f"{self.uri}: cannot finalize, shard(s) {missing[:20]} not committed "
                 f"({len(idx)} of {len(expected)} committed)")
-        shards = [{k: commits[i][k] for k in ("index", "path", "num_rows", "first_sample_id",
-                                             "last_sample_id", "sha256", "bytes", "rows_per_block")}
-                  for i in idx]
+        keys = ("index", "path", "num_rows", "first_sample_id", "last_sample_id", "sha256", "bytes",
+                "rows_per_block", "num_sequences")
+        shards = [{k: commits[i][k] for k in keys if k in commits[i]} for i in idx]
         m = dict(self.manifest, shards=shards)
-        sids, views, shard_of = read_id_columns(self.loc, m, self.columns)
-        num_rows = int(len(sids))
         if self.align > 1:   # token rows: coverage is over sequences (each shard holds whole ones)
-            sids, views, shard_of = tokens.sequence_starts(sids, views, shard_of, self.align)
+            sids, views, shard_of, _, lengths = seqs.sequence_keys(self.loc, m, self.columns)
+            num_rows = int(lengths.sum())
+        else:
+            sids, views, shard_of = read_id_columns(self.loc, m, self.columns)
+            num_rows = int(len(sids))
         num_samples = check_coverage(sids, views, shard_of, m["num_views"], self.uri)
         m.update(status="complete", num_shards=len(shards), num_samples=num_samples,
                  num_rows=num_rows, finalized_at=now_iso(), format_version=FORMAT_VERSION,

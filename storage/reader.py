@@ -164,13 +164,7 @@ class SoftLabelDataset:
                 lo, hi = max(b0, seg.start), min(b1, seg.stop)
                 if lo >= hi:
                     continue
-                try:
-                    out = sh.read(lo, hi, cols)
-                except CorruptShardError:
-                    raise
-                except Exception as e:
-                    raise CorruptShardError(f"{self.uri}: shard {self.manifest['shards'][seg.shard]['path']} "
-                                            f"rows {lo}:{hi} cannot be read: {type(e).__name__}: {e}") from None
+                out = self._read_rows(seg.shard, sh, lo, hi, cols)
                 out["pad"] = np.full(hi - lo, seg.pad)
                 yield out
 
@@ -257,14 +251,7 @@ class SoftLabelDataset:
         self._shard_cache()
         if pos not in self._layouts:
             entry = self.manifest["shards"][pos]
-            name = f"{self.uri}: shard {entry['path']}"
-            try:
-                self._layouts[pos] = seqs.shard_layout(sh, entry, self.seq_len, name)
-            except SoftLabelError:
-                raise
-            except Exception as e:
-                raise CorruptShardError(f"{name}: its position column cannot be read: {type(e).__name__}: {e}") \
-                    from None
+            self._layouts[pos] = seqs.shard_layout(sh, entry, self.seq_len, f"{self.uri}: shard {entry['path']}")
         return self._layouts[pos]
 
     def _read_rows(self, pos: int, sh, lo: int, hi: int, cols: list[str]) -> dict[str, np.ndarray]:
@@ -373,10 +360,7 @@ class SoftLabelDataset:
                 starts, lens, dst = row[sel][inb] - b0, length[sel][inb], sel[inb]
                 inside = starts + lens <= b1 - b0
                 if inside.any():
-                    st, ln = starts[inside], lens[inside]
-                    offsets = np.cumsum(ln) - ln
-                    rows = np.repeat(st - offsets, ln) + np.arange(int(ln.sum()))
-                    put(seqs.pad({c: blk[c][rows] for c in cols}, ln, L), dst[inside])
+                    put(seqs.gather(blk, starts[inside], lens[inside], L), dst[inside])
                 sh = self._open(int(s), self._shard_cache())
                 for r, n, d in zip(starts[~inside], lens[~inside], dst[~inside]):   # cut by a block end
                     rows = self._read_rows(int(s), sh, b0 + int(r), b0 + int(r) + int(n), cols)

@@ -69,7 +69,12 @@ def shard_layout(sh, entry: dict, L: int, name: str) -> tuple[np.ndarray, np.nda
     ns = entry_sequences(entry, L)
     if is_full(entry, L):
         return np.arange(ns, dtype=np.int64) * L, np.full(ns, L, np.int64)
-    pos = sh.read(0, sh.num_rows, ["position"])["position"]
+    try:
+        pos = sh.read(0, sh.num_rows, ["position"])["position"]
+    except CorruptShardError:
+        raise
+    except Exception as e:
+        raise CorruptShardError(f"{name}: its position column cannot be read: {type(e).__name__}: {e}") from None
     bad = position_problem(pos, L)
     if bad is not None:
         raise CorruptShardError(f"{name}: row {bad[0]} has position {int(pos[bad[0]]) if len(pos) else None}: "
@@ -106,6 +111,13 @@ def pad(rows: dict[str, np.ndarray], lengths: np.ndarray, L: int) -> dict[str, n
             out[k] = z.reshape(S, L, *a.shape[1:])
     out["length"] = lengths.astype(np.int32)
     return out
+
+
+def gather(block: dict[str, np.ndarray], starts: np.ndarray, lengths: np.ndarray, L: int) -> dict[str, np.ndarray]:
+    """The sequences at rows `starts` (lengths `lengths`) of a block, padded (pad)."""
+    offsets = np.cumsum(lengths) - lengths
+    rows = np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
+    return pad({c: a[rows] for c, a in block.items()}, lengths, L)
 
 
 def check_full_rows(rows: dict[str, np.ndarray], L: int, name: str, a: int) -> None:

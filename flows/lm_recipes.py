@@ -46,11 +46,14 @@ def open_splits(cfg: LMConfig, tokenizer_dir: str) -> dict[str, TokenCorpus]:
     corpus.sizes (deterministic in corpus.seed)."""
     c = cfg.corpus
     if c.kind == "jsonl":
-        corpus = TokenCorpus.from_jsonl(c.path, tokenizer_path=tokenizer_dir, seq_len=c.seq_len, text_field=c.text_field)
+        corpus = TokenCorpus.from_jsonl(c.path, tokenizer_path=tokenizer_dir, seq_len=c.seq_len,
+                                        text_field=c.text_field, windows=c.windows)
     elif c.kind == "text_files":
-        corpus = TokenCorpus.from_text_files(c.path, tokenizer_path=tokenizer_dir, seq_len=c.seq_len)
+        corpus = TokenCorpus.from_text_files(c.path, tokenizer_path=tokenizer_dir, seq_len=c.seq_len,
+                                             windows=c.windows)
     else:
-        corpus = TokenCorpus.from_table(c.path, c.text_field, tokenizer_path=tokenizer_dir, seq_len=c.seq_len)
+        corpus = TokenCorpus.from_table(c.path, c.text_field, tokenizer_path=tokenizer_dir, seq_len=c.seq_len,
+                                        windows=c.windows)
     need = sum(c.sizes.values())
     if need > len(corpus):
         raise ValueError(f"corpus.sizes asks for {need:,} windows ({c.sizes}) but {c.path} gives {len(corpus):,} "
@@ -219,7 +222,9 @@ def report_table(report: dict) -> str:
                 else f"{s['draws']} draws (mean {s['mean']:.1f} unique ids per token)")
         lines.append(f"labels {layout}: {s['num_tokens']:,} tokens, {what}: {s['bytes_per_token']:.1f} bytes/token")
     d = report["data"]
-    lines.append(f"\nstudents: {d['train_windows']:,} train windows x {d['seq_len']} tokens, equal steps per student; "
+    size = (f"x {d['seq_len']} tokens" if d.get("windows", "packed") == "packed"
+            else f"of up to {d['seq_len']} tokens, never crossing a document")
+    lines.append(f"\nstudents: {d['train_windows']:,} train windows {size}, equal steps per student; "
                  f"val ppl on {d['val_windows']:,} held-out windows"
                  + (f", mean ± std over {d['seeds']} seeds" if d["seeds"] > 1 else "")
                  + ". ce: next-token cross-entropy only; the others: "
@@ -265,7 +270,7 @@ def build_report(cfg: LMConfig, teacher: dict, labels: dict, t_eval: dict, resul
                           "params": t_eval["params"], "val_perplexity": t_eval["perplexity"],
                           "val_loss": t_eval["loss"]},
               "labels": labels, "students": results, "rows": aggregate(results),
-              "data": {"corpus": cfg.corpus.path, "seq_len": cfg.corpus.seq_len,
+              "data": {"corpus": cfg.corpus.path, "seq_len": cfg.corpus.seq_len, "windows": cfg.corpus.windows,
                        "train_windows": cfg.corpus.sizes["train"], "val_windows": cfg.corpus.sizes["val"],
                        "seeds": len(cfg.students.seeds), "alpha": cfg.students.alpha}}
     png = run_dir / "students.png"

@@ -19,6 +19,13 @@ targets its last L. Consecutive windows share one token, so every token of the s
 the first is a target exactly once. The tokens after the last full window are dropped and
 counted (describe()["dropped_tokens"]).
 
+windows="documents" instead keeps documents apart: each document's positions (its
+tokens as inputs, the next token as target, the separator as the last target) are cut into
+windows of at most L, the last one of a document shorter, and no window crosses a document
+boundary (document_windows). windows() pads short windows with the separator id;
+lengths() gives each window's real positions and lm_batch() the batch with its mask. The
+labels of such a corpus are variable-length sequences (docs/format.md, "Token layouts").
+
 Sample ids: the window index i. They are stable for the same content, tokenizer, separator
 and seq_len (re-opening, re-tokenizing, another process), and only then: windows cross
 document boundaries, so editing, inserting or removing a document renumbers every window
@@ -30,7 +37,7 @@ the vocabulary fits, else uint32; cache_dir = $DISTILLERY_CACHE/corpus, else
 ~/.cache/distillery/corpus) with a JSON sidecar `<key>.json` (counts; the content
 fingerprint, sha256 of the token ids). The key hashes the input files' sha256, the
 tokenizer fingerprint, the text field and the separator, not seq_len: every seq_len maps
-the same stream. Tokens then sidecar are os.replace'd from temporary names, so a killed
+the same stream. `<key>.docs.npy` holds each document's first stream offset. Tokens then sidecar are os.replace'd from temporary names, so a killed
 build leaves no cache that opens. Opening maps the .npy (np.load mmap_mode="r"); pickling
 drops the map (the receiver maps it again) and holds no tokenizer.
 """
@@ -53,6 +60,7 @@ from .table_source import TableSource, _stable
 
 CORPUS_VERSION = 1
 BATCH_DOCS = 1024
+WINDOWS = ("packed", "documents")
 
 
 def corpus_root(cache_dir=None) -> str:
@@ -128,6 +136,7 @@ def _build(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path: str
     fd, raw = tempfile.mkstemp(dir=root, prefix=".raw-")
     h = hashlib.sha256()
     docs = empty = rows = n = 0
+    starts: list[int] = []                   # stream offset of each document's first token
     try:
         with os.fdopen(fd, "wb") as f:
             for texts in batches:
@@ -141,6 +150,7 @@ def _build(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path: str
                         continue
                     if docs:
                         flat.append(sep)
+                    starts.append(n + len(flat))
                     flat.extend(ids)
                     docs += 1
                 empty += len(texts) - sum(1 for ids in enc if ids)
@@ -161,6 +171,7 @@ def _build(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path: str
         finally:
             if os.path.exists(tmp_npy):
                 os.remove(tmp_npy)
+        _save_atomic(docs_path(tokens_path), np.asarray(starts, dtype=np.int64))
     finally:
         os.remove(raw)
     meta = {**header, "num_tokens": n, "documents": docs, "empty_documents": empty, "rows_in_source": rows,
@@ -172,6 +183,39 @@ def _build(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path: str
     return meta
 
 
+def docs_path(tokens_path: str) -> str:
+    """The document starts beside a token stream: <key>.docs.npy (int64 stream offsets)."""
+    return tokens_path[:-len(".tokens.npy")] + ".docs.npy"
+
+
+def _save_atomic(path: str, a: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".docs-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, a)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def document_windows(doc_starts: np.ndarray, num_tokens: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """windows="documents": (stream start, length n <= L) of every window, documents in
+    order. Document d is the stream's tokens [s_d, e_d) (e_d its separator, or the stream's
+    end) and has e_d - s_d positions: inputs t[i], targets t[i + 1] with t[e_d] the
+    separator (the last target of a document is "end of document"). Its positions are cut
+    into windows of L, the last one shorter: no window crosses a document boundary."""
+    s = np.asarray(doc_starts, dtype=np.int64)
+    e = np.append(s[1:] - 1, num_tokens)                     # separators sit between documents
+    m = e - s                                                # positions per document (>= 1)
+    per = -(-m // L)                                         # windows per document
+    first = np.repeat(np.cumsum(per) - per, per)             # window index of its document's first
+    j = np.arange(int(per.sum())) - first                    # window number inside its document
+    doc = np.repeat(np.arange(len(s)), per)
+    start = s[doc] + j * L
+    return start, np.minimum(L, m[doc] - j * L)
+
+
 class TokenCorpus:
     """Fixed token windows of a tokenized corpus (see the module docstring). Open one with
     from_jsonl / from_text_files / from_table."""
@@ -180,17 +224,26 @@ class TokenCorpus:
     y = None
     num_classes = None
 
-    def __init__(self, *, name: str, tokens_path: str, meta: dict, seq_len: int, tokenizer_info: dict):
+    def __init__(self, *, name: str, tokens_path: str, meta: dict, seq_len: int, tokenizer_info: dict,
+                 windows: str = "packed"):
+        if windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {list(WINDOWS)}, got {windows!r}")
         self.name = name
         self.split_spec = "full"
         self.seq_len = int(seq_len)
+        self.window_mode = windows
         self._tokens_path = tokens_path
         self._meta = meta
         self._tok_info = tokenizer_info
         self._tokens = None
         self._full = True
         n = meta["num_tokens"]
-        self.chunks_in_source = max(n - 1, 0) // self.seq_len
+        self._win = None                       # documents: (stream start, length) per window
+        if windows == "documents":
+            self._win = document_windows(np.load(docs_path(tokens_path)), n, self.seq_len)
+            self.chunks_in_source = len(self._win[0])
+        else:
+            self.chunks_in_source = max(n - 1, 0) // self.seq_len
         if self.chunks_in_source == 0:
             raise ValueError(f"{meta['source']['path']}: the corpus has {n} token(s), fewer than one window of "
                              f"seq_len + 1 = {self.seq_len + 1}; use a smaller seq_len or more text")
@@ -232,7 +285,7 @@ class TokenCorpus:
     @classmethod
     def _open(cls, fmt, path, source, content_sha, batches, tokenizer, tokenizer_path, seq_len, *,
               cache_dir=None, max_positions: int | None = None, separator_id: int | None = None,
-              name: str | None = None) -> "TokenCorpus":
+              name: str | None = None, windows: str = "packed") -> "TokenCorpus":
         from .text import load_tokenizer, tokenizer_info
         if int(seq_len) != seq_len or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, found {seq_len!r}")
@@ -259,7 +312,7 @@ class TokenCorpus:
         key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
         root = corpus_root(cache_dir)
         tokens_path, json_path = os.path.join(root, f"{key}.tokens.npy"), os.path.join(root, f"{key}.json")
-        if os.path.isfile(json_path) and os.path.isfile(tokens_path):
+        if os.path.isfile(json_path) and os.path.isfile(tokens_path) and os.path.isfile(docs_path(tokens_path)):
             with open(json_path) as f:
                 meta = json.load(f)
         else:
@@ -267,7 +320,8 @@ class TokenCorpus:
                           {**header, "source": source})
         meta = {**meta, "source": source}       # the place it was opened from this time
         nm = name or os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
-        return cls(name=nm, tokens_path=tokens_path, meta=meta, seq_len=int(seq_len), tokenizer_info=info)
+        return cls(name=nm, tokens_path=tokens_path, meta=meta, seq_len=int(seq_len), tokenizer_info=info,
+                   windows=windows)
 
     # -- state
     @property
@@ -294,19 +348,50 @@ class TokenCorpus:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    def windows(self, pos) -> np.ndarray:
-        """(B, seq_len + 1) int64: the windows at positions pos (inputs + the next token)."""
+    def _positions(self, pos) -> np.ndarray:
         pos = np.asarray(pos, dtype=np.int64).reshape(-1)
         n = len(self)
         if pos.size and (pos.min() < -n or pos.max() >= n):
             bad = pos[(pos < -n) | (pos >= n)][:10].tolist()
             raise IndexError(f"corpus {self.name!r}: position(s) {bad} out of range for {n} windows")
-        starts = self.sample_ids[pos] * self.seq_len
+        return pos
+
+    def lengths(self, pos) -> np.ndarray:
+        """(B,) int64 real positions of each window: seq_len, except the last window of a
+        document with windows="documents"."""
+        pos = self._positions(pos)
+        if self._win is None:
+            return np.full(len(pos), self.seq_len, np.int64)
+        return self._win[1][self.sample_ids[pos]]
+
+    def windows(self, pos) -> np.ndarray:
+        """(B, seq_len + 1) int64: the windows at positions pos (inputs + the next token).
+        A window shorter than seq_len (windows="documents") is padded after its n + 1
+        tokens with the separator id; lengths(pos) says where its real positions end."""
+        pos = self._positions(pos)
         tok, w = self.tokens, self.seq_len + 1
-        out = np.empty((len(pos), w), np.int64)
-        for i, s in enumerate(starts):
-            out[i] = tok[s:s + w]
+        if self._win is None:
+            starts = self.sample_ids[pos] * self.seq_len
+            out = np.empty((len(pos), w), np.int64)
+            for i, s in enumerate(starts):
+                out[i] = tok[s:s + w]
+            return out
+        starts, ns = self._win[0][self.sample_ids[pos]], self._win[1][self.sample_ids[pos]]
+        out = np.full((len(pos), w), self._meta["separator_id"], np.int64)
+        for i, (s, n) in enumerate(zip(starts, ns)):
+            seg = tok[s:s + n + 1]              # the last document's final target is past the stream
+            out[i, :len(seg)] = seg
         return out
+
+    def lm_batch(self, pos) -> dict[str, torch.Tensor]:
+        """The windows at pos as one training/eval batch, cut to its longest window Lb:
+        {"input_ids" (B, Lb), "targets" (B, Lb) int64, "mask" (B, Lb) bool (real positions)}."""
+        w, n = self.windows(pos), self.lengths(pos)
+        Lb = int(n.max()) if len(n) else self.seq_len
+        mask = np.arange(Lb)[None, :] < n[:, None]
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :Lb])),
+                "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1:Lb + 1])),
+                "mask": torch.from_numpy(mask)}
 
     def encode(self, pos) -> torch.Tensor:
         """(B, seq_len) int64 input token ids."""
@@ -329,7 +414,14 @@ class TokenCorpus:
 
     @property
     def dropped_tokens(self) -> int:
+        if self._win is not None:
+            return 0
         return self._meta["num_tokens"] - 1 - self.chunks_in_source * self.seq_len
+
+    @property
+    def num_positions(self) -> int:
+        """Labelled (input, target) positions over this set's windows."""
+        return int(self.lengths(np.arange(len(self))).sum())
 
     def describe(self) -> dict:
         m = self._meta
@@ -339,7 +431,9 @@ class TokenCorpus:
                 "empty_documents": m["empty_documents"], "seq_len": self.seq_len, "stride": self.seq_len,
                 "targets": "next token (the window shifted by one)", "chunks": len(self),
                 "chunks_in_source": self.chunks_in_source, "dropped_tokens": self.dropped_tokens,
-                "in_shape": [self.seq_len]}
+                "in_shape": [self.seq_len],
+                **({"windows": "documents (one document per window run, the last window shorter)"}
+                   if self._win is not None else {})}
 
     def content_fingerprint(self) -> str:
         """sha256 of the whole token stream (from the sidecar; nothing re-read)."""

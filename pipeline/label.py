@@ -207,16 +207,18 @@ def teacher_outputs(model: nn.Module, inputs: Source, *, start: int, stop: int, 
 
 # ---------------------------------------------------------------- whole dataset
 
-def check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, rows_per_sample: int) -> None:
+def check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, rows_per_sample) -> None:
     """A resumed run must cut shards exactly like the run that committed them. A sample is
-    `rows_per_sample` stored rows: its views here, its seq_len tokens in pipeline/lm_label.py."""
+    `rows_per_sample` stored rows: its views here; in pipeline/lm_label.py its window's
+    tokens, an array (one length per sample) when windows differ in length."""
+    rows = np.broadcast_to(np.asarray(rows_per_sample, dtype=np.int64), (len(sample_ids),))
     planned = writer.manifest.get("planned_shards")
     if planned is not None and planned != len(plan):
         raise ValueError(f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; "
                          f"use the same shard_size and data, or overwrite=True")
     for i, rec in writer.commits().items():
         a, b = plan[i] if i < len(plan) else (0, 0)
-        want = ((b - a) * rows_per_sample, int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
+        want = (int(rows[a:b].sum()), int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
         got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])
         if want != got:
             raise ValueError(f"{writer.uri}: committed shard {i} holds (rows, first id, last id) = {got}, "

@@ -8,10 +8,13 @@ summaries, in a `token_topk` or `token_sampled` soft-label dataset (docs/format.
                        teacher={"name": "smollm2-135m", "fingerprint": fp}, device="auto")
 
 Shard i holds the windows [a, b) of the corpus' row order (pipeline.label.plan_shards with
-shard_size in sequences); its rows are the (b - a) * L token positions, sequence-major.
-Per batch of B windows the teacher runs once, input_ids (B, L) with an all-ones attention
-mask (windows hold no padding, and a pad id may equal the EOS/separator inside the text,
-so ids must never be used to build the mask), giving logits (B, L, V). The summaries are
+shard_size in sequences); its rows are the windows' token positions, sequence-major:
+(b - a) * L of them, or sum(corpus.lengths) when windows differ in length
+(windows="documents": variable-length sequences). Per batch of B windows the teacher runs
+once, input_ids (B, Lb) (Lb the batch's longest window, shorter ones padded after their
+end) with an all-ones attention mask (a pad id may equal the EOS/separator inside the
+text, so ids must never be used to build the mask; causal attention keeps padding out of
+every real position), giving logits (B, Lb, V); padded positions are dropped. The summaries are
 computed from those logits ON THE MODEL'S DEVICE (pipeline.token_labels) and only the
 compact results, (B * L, k) ids + log-probs + (B * L,) missing mass, or (B * L, u) ids +
 counts, are copied to the host; the (B, L, V) block is dropped before the next batch, so
@@ -19,10 +22,10 @@ the largest teacher tensor is one batch's logits. A shard's batches are concaten
 committed atomically; a re-run skips committed shards (resume) and must plan the same
 shards (same corpus, shard_size).
 
-Sampled draws are reproducible: rng_block = L, so each window draws with its own
-generator seeded from (seed, its position in the corpus' row order) and the draws do not
-depend on batch_size, shard_size or resume (token_labels' rng_block rule, row_offset =
-position * L). CPU and CUDA generators differ: draws reproduce per device type.
+Sampled draws are reproducible: each window draws over its own rows with its own
+generator seeded from (seed, its position in the corpus' row order) (token_labels'
+rng_block rule with rng_block = L, row_offset = position * L), so the draws do not depend
+on batch_size, shard_size or resume. CPU and CUDA generators differ: draws reproduce per device type.
 """
 from __future__ import annotations
 
@@ -70,33 +73,44 @@ def check_teacher(model, corpus, *, k: int | None = None) -> int:
 
 
 def _logit_batches(model, corpus, start: int, stop: int, batch_size: int, dev: torch.device, amp):
-    """Yields (first position, logits (B, L, V) on `dev`) for windows [start, stop)."""
+    """Yields (first position, lengths (B,) numpy, logits (B, Lb, V) on `dev`) for windows
+    [start, stop); Lb is the batch's longest window (seq_len unless windows differ)."""
     cuda = dev.type == "cuda"
     with torch.inference_mode(), torch.autocast(dev.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
         for a in range(start, stop, batch_size):
-            b = min(a + batch_size, stop)
-            x = corpus.encode(np.arange(a, b))                               # (B, L) int64
+            pos = np.arange(a, min(a + batch_size, stop))
+            n = corpus.lengths(pos)
+            x = corpus.encode(pos)[:, :int(n.max())]                         # (B, Lb) int64
             if cuda:
                 x = x.pin_memory().to(dev, non_blocking=True)
-            mask = torch.ones_like(x)                                        # no padding in a window
-            yield a, model(input_ids=x, attention_mask=mask, use_cache=False).logits
+            # all ones: padding sits after a window's real positions and causal attention
+            # never lets a real position see it (ids can't mark padding: pad may be EOS)
+            mask = torch.ones_like(x)
+            yield a, n, model(input_ids=x, attention_mask=mask, use_cache=False).logits
 
 
 def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
     return a if a.shape[1] == width else np.concatenate([a, np.zeros((len(a), width - a.shape[1]), a.dtype)], 1)
 
 
-def _summaries(logits, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
-    """One output's compact labels of a (B, L, V) logits block, computed on its device and
-    copied to the host: numpy arrays only. The last consumer of the block may mask the
-    logits in place (top-k), saving a copy of the block."""
+def _summaries(logits, n: np.ndarray, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
+    """One output's compact labels of a (B, Lb, V) logits block, computed on its device and
+    copied to the host: numpy arrays of the sum(n) real positions, window-major. The last
+    consumer of the block may mask the logits in place (top-k), saving a copy of the block."""
+    B, Lb = logits.shape[:2]
     if spec["representation"] == "token_topk":
         r = topk_token_labels(logits, k=spec["k"], to_cpu=False, overwrite=last)
-        keys = ("ids", "logprobs", "missing_mass")
-    else:
-        r = sampled_token_labels(logits, draws=spec["draws"], seed=seed, row_offset=a * L, rng_block=L, to_cpu=False)
-        keys = ("ids", "counts")
-    return {key: r[key].cpu().numpy() for key in keys}
+        out = {key: r[key].cpu().numpy() for key in ("ids", "logprobs", "missing_mass")}
+        if (n == Lb).all():
+            return out
+        keep = (np.arange(Lb)[None, :] < n[:, None]).reshape(-1)             # (B * Lb,) real positions
+        return {key: v[keep] for key, v in out.items()}
+    # one generator per window, seeded by its position, over its own n rows: the draws
+    # depend on the window alone, never on the batch it came in (rng_block = L)
+    parts = [sampled_token_labels(logits[i, :int(n[i])], draws=spec["draws"], seed=seed, row_offset=(a + i) * L,
+                                  rng_block=L, to_cpu=False) for i in range(B)]
+    parts = [{key: r[key].cpu().numpy() for key in ("ids", "counts")} for r in parts]
+    return _concat(parts, "token_sampled")
 
 
 def _concat(parts: list[dict], representation: str) -> dict:
@@ -109,22 +123,31 @@ def _concat(parts: list[dict], representation: str) -> dict:
 def shard_labels(model, corpus, start: int, stop: int, *, specs: list[dict], seed: int = 0, batch_size: int = 8,
                  dev: torch.device, amp=None) -> list[dict]:
     """The compact labels of windows [start, stop) on the host, one dict per spec
-    ({"representation", "k" | "draws"}), all from the SAME forward per batch; N =
-    (stop - start) * L rows: top-k {"ids" (N, k) int64, "logprobs" (N, k) float32,
-    "missing_mass" (N,) float32}; sampled {"ids" (N, u) int64, "counts" (N, u) int32} with
-    u the largest unique-id count (padding id 0, count 0). specs=[] runs the forwards only."""
+    ({"representation", "k" | "draws"}), all from the SAME forward per batch; N = the
+    windows' real positions (sum of corpus.lengths), window-major: top-k {"ids" (N, k)
+    int64, "logprobs" (N, k) float32, "missing_mass" (N,) float32}; sampled {"ids" (N, u)
+    int64, "counts" (N, u) int32} with u the largest unique-id count (padding id 0, count 0).
+    specs=[] runs the forwards only."""
     L = corpus.seq_len
     parts: list[list[dict]] = [[] for _ in specs]
     model.eval()
-    for a, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
+    for a, n, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
         if not specs and dev.type == "cuda":
             torch.cuda.synchronize(dev)
         # sampled outputs first: a top-k output, last, masks the logits in place
         order = sorted(range(len(specs)), key=lambda j: specs[j]["representation"] == "token_topk")
-        for n, j in enumerate(order):
-            parts[j].append(_summaries(logits, specs[j], a=a, L=L, seed=seed, last=n == len(order) - 1))
-        del logits                                                           # one batch's (B, L, V) at a time
+        for m, j in enumerate(order):
+            parts[j].append(_summaries(logits, n, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
+        del logits                                                           # one batch's (B, Lb, V) at a time
     return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
+
+
+def token_rows(corpus, a: int, b: int) -> dict[str, np.ndarray]:
+    """Per-token sample_ids / positions of windows [a, b): the rows a shard stores."""
+    n = corpus.lengths(np.arange(a, b))
+    starts = np.repeat(np.cumsum(n) - n, n)
+    return {"sample_ids": np.repeat(corpus.sample_ids[a:b], n),
+            "positions": (np.arange(int(n.sum())) - starts).astype(np.int32)}
 
 
 def output_spec(*, uri: str, representation: str = "token_topk", k: int | None = None, draws: int | None = None,
@@ -185,6 +208,7 @@ def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 2
     data = {"name": corpus.name, "split": corpus.split_spec, "fingerprint": corpus.fingerprint(),
             "transform": None, "inputs": corpus.describe()}
     plan = plan_shards(len(corpus), shard_size=shard_size)
+    lengths = corpus.lengths(np.arange(len(corpus)))                          # tokens per window
     writers, pending = [], []
     for o in outputs:
         topk = o["representation"] == "token_topk"
@@ -198,7 +222,7 @@ def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 2
             tail_dtype=o["tail_dtype"] if topk else None, draws=None if topk else o["draws"],
             s_max=None if topk else s_max, teacher=teacher, data=data, storage_options=storage_options,
             overwrite=overwrite, num_shards=len(plan), extra=extra)
-        check_plan(w, plan, corpus.sample_ids, L)
+        check_plan(w, plan, corpus.sample_ids, lengths)
         writers.append(w)
         pending.append(set(range(len(plan))) - set(w.committed_shards()))
     stats: list[list[dict]] = [[] for _ in outputs]
@@ -209,18 +233,21 @@ def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 2
         ts = time.perf_counter()
         labs = shard_labels(model, corpus, a, b, specs=[outputs[j] for j in todo], seed=seed,
                             batch_size=batch_size, dev=dev, amp=amp)
-        sids = corpus.sample_ids[a:b]                                         # one per sequence
+        rows = token_rows(corpus, a, b)                                       # per token
         recs = []
         for j, lab in zip(todo, labs):
             if outputs[j]["representation"] == "token_topk":
-                recs.append(writers[j].write_shard(i, sids, ids=lab["ids"], logprobs=lab["logprobs"],
+                recs.append(writers[j].write_shard(i, rows["sample_ids"], positions=rows["positions"],
+                                                   ids=lab["ids"], logprobs=lab["logprobs"],
                                                    missing_mass=lab["missing_mass"]))
             else:
-                recs.append(writers[j].write_shard(i, sids, ids=lab["ids"], counts=lab["counts"]))
+                recs.append(writers[j].write_shard(i, rows["sample_ids"], positions=rows["positions"],
+                                                   ids=lab["ids"], counts=lab["counts"]))
         dt = time.perf_counter() - ts
+        ntok = len(rows["positions"])
         for j, rec in zip(todo, recs):
-            s = {"shard": i, "sequences": b - a, "tokens": (b - a) * L, "seconds": dt,
-                 "tokens_per_s": (b - a) * L / dt if dt > 0 else float("inf"), "record": rec}
+            s = {"shard": i, "sequences": b - a, "tokens": ntok, "seconds": dt,
+                 "tokens_per_s": ntok / dt if dt > 0 else float("inf"), "record": rec}
             stats[j].append(s)
         if progress is not None:
             progress(stats[todo[0]][-1] | {"outputs": [outputs[j]["uri"] for j in todo]})
@@ -257,6 +284,6 @@ def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None
     t0 = time.perf_counter()
     labels = shard_labels(model, corpus, start, stop, specs=specs, seed=seed, batch_size=batch_size, dev=dev, amp=amp)
     dt = time.perf_counter() - t0
-    n = (stop - start) * corpus.seq_len
+    n = int(corpus.lengths(np.arange(start, stop)).sum())
     return {"sequences": stop - start, "tokens": n, "seconds": dt, "tokens_per_s": n / dt if dt > 0 else 0.0,
             "labels": labels[0] if labels else None}

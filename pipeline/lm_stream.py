@@ -7,11 +7,13 @@ joined to the corpus windows they were made from, a whole sequence at a time.
         stream.set_epoch(epoch)
         for batch in loader:
             logits = student(input_ids=batch["input_ids"]).logits            # (B, L, V)
-            w = batch["weight"][:, None].expand(batch["targets"].shape)       # (B, L)
-            out = lm_kd_loss(logits, batch, mask=torch.ones_like(w, dtype=torch.bool), weights=w)
+            w = batch["weight"][:, None] * batch["mask"]                      # (B, L)
+            out = lm_kd_loss(logits, batch, mask=batch["mask"], weights=w)
 
-Every batch is a dict of tensors, B sequences of L tokens:
+Every batch is a dict of tensors, B sequences cut to the longest one, Lb <= L tokens
+(Lb = L unless the corpus' windows differ in length, windows="documents"):
     input_ids (B, L) int64, targets (B, L) int64 (the next tokens, from the corpus),
+    mask (B, L) bool (real positions; False after a shorter sequence's end),
     sample_id (B,) int64 (the window index), view (B,) int64, weight (B,) float32 (0 for
     pad sequences: repeats that keep ranks in lock-step),
   token_topk:    topk_ids (B, L, k) int64, topk_logprobs (B, L, k) float32 (log p at T = 1
@@ -118,15 +120,21 @@ class StoredTokenStream(IterableDataset):
             yield {key: v.numpy() for key, v in batch.items()} if to_numpy else batch
 
     def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Decoded stored sequences -> the batch: the corpus windows by sample id, the labels."""
+        """Decoded stored sequences -> the batch: the corpus windows by sample id, the labels,
+        all cut to the batch's longest sequence Lb."""
         sid = np.asarray(b["sample_id"], dtype=np.int64)                     # (B,)
         pos = self.corpus.index_of(sid)                                      # ValueError names missing ids
-        w = self.corpus.windows(pos)                                         # (B, L + 1) int64
-        out = {"input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :-1])),
-               "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1:])),
-               "sample_id": torch.from_numpy(sid),
+        n = np.asarray(b["length"], dtype=np.int64)                          # (B,) stored tokens per sequence
+        want = self.corpus.lengths(pos)
+        if not np.array_equal(n, want):
+            i = int(np.flatnonzero(n != want)[0])
+            raise ValueError(f"token labels at {self.uri}: sequence sample_id {sid[i]} holds {n[i]} tokens, but "
+                             f"corpus {self.corpus.name!r} has {want[i]} in that window: labels of other windows")
+        mb = self.corpus.lm_batch(pos)                                       # (B, Lb) ids, targets, mask
+        Lb = mb["mask"].shape[1]
+        out = {**mb, "sample_id": torch.from_numpy(sid),
                "view": torch.from_numpy(np.asarray(b["view"], dtype=np.int64)),
                "weight": torch.from_numpy((~np.asarray(b["pad"], bool)).astype(np.float32))}
         for key in LABEL_KEYS[self.kind]:
-            out[key] = torch.from_numpy(np.ascontiguousarray(b[key]))
+            out[key] = torch.from_numpy(np.ascontiguousarray(b[key][:, :Lb]))
         return out

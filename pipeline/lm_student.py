@@ -78,12 +78,13 @@ def perplexity(model, corpus, *, batch_size: int = 16, device: str | torch.devic
     total, count = 0.0, 0
     try:
         for a in range(0, n, batch_size):
-            w = torch.from_numpy(corpus.windows(np.arange(a, min(a + batch_size, n)))).to(dev)   # (B, L + 1)
-            logits = causal_logits(model, w[:, :-1])                                            # (B, L, V)
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                 reduction="sum")
+            b = corpus.lm_batch(np.arange(a, min(a + batch_size, n)))                          # (B, Lb)
+            logits = causal_logits(model, b["input_ids"].to(dev))                                # (B, Lb, V)
+            keep = b["mask"].to(dev).reshape(-1)                                                 # real positions
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1])[keep],
+                                 b["targets"].to(dev).reshape(-1)[keep], reduction="sum")
             total += float(ce)
-            count += w[:, 1:].numel()
+            count += int(keep.sum())
     finally:
         model.train(was_training)
     loss = total / count

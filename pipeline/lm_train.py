@@ -78,9 +78,8 @@ def _corpus_batches(corpus, batch_size: int, seed: int, epoch: int):
     """The CE baseline's batches: every window once per epoch, shuffled per (seed, epoch)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(corpus))
     for a in range(0, len(order), batch_size):
-        w = torch.from_numpy(corpus.windows(order[a:a + batch_size]))          # (B, L + 1)
-        yield {"input_ids": w[:, :-1].contiguous(), "targets": w[:, 1:].contiguous(),
-               "weight": torch.ones(len(w))}
+        b = corpus.lm_batch(order[a:a + batch_size])                           # (B, Lb) ids, targets, mask
+        yield b | {"weight": torch.ones(len(b["mask"]))}
 
 
 def _label_loader(stream, num_workers: int):
@@ -98,13 +97,13 @@ def _to(batch: dict, dev: torch.device) -> dict:
 def loss_terms(student, batch: dict, cfg: LMTrainConfig) -> dict[str, torch.Tensor]:
     """The named loss terms of one batch: {"loss", and "task_loss" / "kd_loss" as they apply}."""
     logits = causal_logits(student, batch["input_ids"])                        # (B, L, V)
-    w = batch["weight"][:, None].expand(batch["targets"].shape)                # (B, L): 0 on pad sequences
+    mask = batch["mask"]                                                       # (B, L): real positions
+    w = batch["weight"][:, None] * mask                                        # 0 on pad sequences and after an end
     if cfg.loss == "ce":
         V = logits.shape[-1]
         ce = next_token_ce(logits.reshape(-1, V), batch["targets"].reshape(-1), weights=w.reshape(-1),
                            chunk_size=cfg.chunk_size)
         return {"loss": ce, "task_loss": ce}
-    mask = torch.ones(w.shape, dtype=torch.bool, device=w.device)
     return lm_kd_loss(logits, batch, loss=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature,
                       chunk_size=cfg.chunk_size, mask=mask, weights=w)
 
@@ -158,7 +157,7 @@ def train_lm_student(student, train_corpus, val_corpus, cfg: LMTrainConfig, *, l
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            tokens += int(batch["weight"].sum().item()) * batch["input_ids"].shape[1]
+            tokens += int((batch["weight"][:, None] * batch["mask"]).sum().item())
             rec = {"epoch": epoch, "step": step, "total_steps": total,
                    **{k: float(v.detach()) for k, v in terms.items()}}
             history.append(rec)

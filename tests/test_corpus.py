@@ -69,7 +69,8 @@ def test_reopening_maps_the_cache_with_the_same_ids_and_rows(tok, tmp_path, monk
     path, cache = _jsonl(tmp_path / "c.jsonl", DOCS), tmp_path / "cache"
     a = _open(path, tok, cache)
     files = sorted(os.listdir(cache))
-    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".tokens.npy")
+    assert len(files) == 3 and files[0].endswith(".docs.npy") and files[1].endswith(".json")
+    assert files[2].endswith(".tokens.npy")
     monkeypatch.setattr(corpus_mod, "_build", lambda *a, **k: pytest.fail("tokenized again"))
     b = _open(path, tok, cache)
     assert isinstance(b.tokens, np.memmap)
@@ -94,7 +95,7 @@ def test_fingerprint_changes_with_the_text_and_the_tokenizer(tok, tmp_path):
     assert c.fingerprint() != a.fingerprint()
     assert c.describe()["tokenizer"]["fingerprint"] != a.describe()["tokenizer"]["fingerprint"]
     sep = _open(tmp_path / "a.jsonl", tok, cache, separator_id=tok.cls_token_id)
-    assert sep.fingerprint() != a.fingerprint() and len(os.listdir(cache)) == 8
+    assert sep.fingerprint() != a.fingerprint() and len(os.listdir(cache)) == 12   # 4 streams x (tokens, docs, sidecar)
 
 
 def test_splits_are_deterministic_disjoint_and_keep_ids(tok, tmp_path):
@@ -197,3 +198,53 @@ def test_the_default_cache_is_under_distillery_cache(tok, tmp_path, monkeypatch)
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "dc"))
     c = TokenCorpus.from_jsonl(_jsonl(tmp_path / "c.jsonl", DOCS), tokenizer=tok, seq_len=4)
     assert c.describe()["cache"].startswith(str(tmp_path / "dc" / "corpus") + os.sep)
+
+
+# ---------------------------------------------------------------- windows="documents"
+
+def _docs_ids(tok, docs):
+    return [tok(d, add_special_tokens=False)["input_ids"] for d in docs if d.strip()]
+
+
+def test_document_windows_never_cross_a_document_and_end_with_the_separator(tok, tmp_path):
+    c = _open(_jsonl(tmp_path / "c.jsonl", DOCS), tok, tmp_path / "cache", seq_len=4, windows="documents")
+    sep = tok.sep_token_id
+    # by hand: each document d = its ids + [sep]; positions len(ids); windows of <= 4 positions
+    want = []
+    for ids in _docs_ids(tok, DOCS):
+        t = ids + [sep]
+        for j in range(0, len(ids), 4):
+            n = min(4, len(ids) - j)
+            want.append((t[j:j + n], t[j + 1:j + n + 1]))
+    assert len(c) == len(want) and c.describe()["dropped_tokens"] == 0
+    n = c.lengths(np.arange(len(c)))
+    assert n.tolist() == [len(x) for x, _ in want] and n.min() >= 1 and n.max() == 4 and (n < 4).any()
+    w = c.windows(np.arange(len(c)))
+    for i, (x, t) in enumerate(want):
+        assert w[i, :n[i]].tolist() == x and w[i, 1:n[i] + 1].tolist() == t
+        assert (w[i, n[i] + 1:] == sep).all()                      # padding after the window
+    b = c.lm_batch([0, len(c) - 1])
+    assert b["mask"].sum(1).tolist() == n[[0, len(c) - 1]].tolist()
+    assert b["input_ids"].shape == b["targets"].shape == b["mask"].shape == (2, int(n[[0, len(c) - 1]].max()))
+    assert c.num_positions == sum(len(i) for i in _docs_ids(tok, DOCS))   # every document token once as input
+
+
+def test_document_windows_have_their_own_fingerprint_and_survive_pickling_and_splits(tok, tmp_path):
+    path = _jsonl(tmp_path / "c.jsonl", DOCS)
+    packed = _open(path, tok, tmp_path / "cache", seq_len=4)
+    docs = _open(path, tok, tmp_path / "cache", seq_len=4, windows="documents")
+    assert docs.fingerprint() != packed.fingerprint() and docs.content_fingerprint() == packed.content_fingerprint()
+    parts = docs.split(seed=0, sizes={"train": 3, "val": 2})
+    back = pickle.loads(pickle.dumps(parts["train"]))
+    assert np.array_equal(back.windows(np.arange(3)), parts["train"].windows(np.arange(3)))
+    assert np.array_equal(back.lengths(np.arange(3)), docs.lengths(parts["train"].sample_ids))
+    with pytest.raises(ValueError, match="windows must be one of"):
+        _open(path, tok, tmp_path / "cache", seq_len=4, windows="sliding")
+
+
+def test_a_cache_without_document_starts_is_rebuilt(tok, tmp_path):
+    path = _jsonl(tmp_path / "c.jsonl", DOCS)
+    c = _open(path, tok, tmp_path / "cache", seq_len=4)
+    os.remove(corpus_mod.docs_path(c.describe()["cache"]))              # a cache from before documents mode
+    d = _open(path, tok, tmp_path / "cache", seq_len=4, windows="documents")
+    assert len(d) == sum(-(-len(i) // 4) for i in _docs_ids(tok, DOCS))

@@ -281,7 +281,10 @@ def _inspect(args) -> int:
         if tok is not None:
             what = (f"top-{tok['k']} {tok['dtype']} log-probs + missing mass" if tok["kind"] == "token_topk"
                     else f"{tok['draws']} sampled draws (unique ids + counts)")
-            print(f"  tokens: {tok['num_tokens']:,} (sequences of {tok['seq_len']}, vocabulary {tok['vocab_size']:,}, "
+            S = tok["num_sequences"]
+            seqs = (f"{S:,} sequences of {tok['seq_len']}" if S * tok["seq_len"] == tok["num_tokens"] else
+                    f"{S:,} sequences of up to {tok['seq_len']}, mean {tok['num_tokens'] / max(S, 1):.1f}")
+            print(f"  tokens: {tok['num_tokens']:,} ({seqs}, vocabulary {tok['vocab_size']:,}, "
                   f"{tok['id_bits']}-bit ids), {what}: {tok['bytes_per_token']:.1f} bytes/token on disk")
             if tok["positions"]:
                 name = "missing mass" if tok["measured"] == "missing_mass" else "unique ids per position"

@@ -64,7 +64,8 @@ def token_summary(uri: str, *, storage_options: dict | None = None, max_rows: in
     v = np.concatenate(parts) if parts else np.zeros(0)
     q = {f"p{p}": float(np.percentile(v, p)) for p in (50, 90, 99)} if len(v) else {}
     n = int(m["num_tokens"])
-    return {"num_tokens": n, "seq_len": m["seq_len"], "vocab_size": m["vocab_size"], "kind": rep["kind"],
+    return {"num_tokens": n, "seq_len": m["seq_len"], "num_sequences": int(ds.num_sequences),
+            "vocab_size": m["vocab_size"], "kind": rep["kind"],
             "k": rep.get("k"), "draws": rep.get("draws"), "dtype": rep.get("dtype"), "id_bits": rep.get("id_bits"),
             "bytes_per_token": sum(s.get("bytes", 0) for s in m.get("shards", [])) / max(n, 1),
             "measured": col, "positions": int(len(v)), "mean": float(v.mean()) if len(v) else None,

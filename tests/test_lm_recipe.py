@@ -104,6 +104,32 @@ def test_cli_prints_the_report_and_inspect_shows_bytes_per_token(lm_run, capsys)
     assert "bytes/token" in out and "missing mass over 384 positions" in out
 
 
+def test_documents_windows_run_end_to_end_with_variable_length_labels(tmp_path, capsys):
+    """corpus.windows=documents through the CLI: documents of mixed lengths, labels of
+    variable-length sequences, a CE and a KD student, inspect showing the lengths."""
+    from flows.cli import main
+    from flows.lm_config import load_lm_config
+    path = lm_config(tmp_path)
+    rng = np.random.default_rng(1)
+    for d, n in enumerate([5, 30, 70, 12, 44, 9, 100, 3, 60, 25, 50, 18, 80, 7, 40]):   # replaces the 3 documents
+        (tmp_path / "docs" / f"{d}.txt").write_text(" ".join(rng.choice(WORDS, n)))
+    over = ["corpus.windows=documents", "corpus.sizes.train=20", "corpus.sizes.val=6",
+            "students.losses=[ce,topk_kl]", "label.sampled=null"]
+    assert main(["run", path, *over]) == 0
+    out = capsys.readouterr().out
+    assert "never crossing a document" in out and "topk_kl" in out
+    cfg = load_lm_config(path, over)
+    ds = storage.open_soft_labels(cfg.label_uri("topk"))
+    assert storage.verify(cfg.label_uri("topk")).ok
+    assert ds.num_sequences == 20 and ds.manifest["num_tokens"] < 20 * 16     # shorter last windows
+    lengths = np.concatenate([b["length"] for b in ds.iter_sequences(8, shuffle=False)])
+    assert lengths.sum() == ds.manifest["num_tokens"] and lengths.min() < 16
+    report = json.loads((cfg.run_dir() / "report.json").read_text())
+    assert {r["loss"] for r in report["rows"]} == {"ce", "topk_kl"} and report["data"]["windows"] == "documents"
+    assert main(["inspect", cfg.label_uri("topk")]) == 0
+    assert "20 sequences of up to 16, mean" in capsys.readouterr().out
+
+
 def test_label_again_skips_every_committed_shard(lm_run, capsys):
     from flows.cli import main
     from flows.lm_config import load_lm_config

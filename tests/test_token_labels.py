@@ -167,3 +167,155 @@ def test_uint8_log_codes_match_storage_and_cost_little_kl():
     coded = reconstruction_kl(z, q, "topk", tail="drop")
     assert (coded - exact).abs().max() < 2e-3
     assert ((q["missing_mass"] - lab["missing_mass"]).abs() <= 0.033 * lab["missing_mass"]).all()
+
+
+# --- the two-stage top-k (pipeline.token_labels._top_m) against a plain reference ----------
+
+def reference_topk(z: torch.Tensor, k: int) -> dict:
+    """Straightforward labels in float64: log_softmax over the full vocabulary, the ids of a
+    stable descending sort (the documented tie rule: equal logits, lowest id first), and
+    the missing mass as the explicit sum of the other V - k probabilities."""
+    z = z.reshape(-1, z.shape[-1]).double()
+    lp = torch.log_softmax(z, dim=-1)
+    ids = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+    rest = torch.ones_like(lp, dtype=torch.bool).scatter_(1, ids, False)
+    missing = torch.where(rest, lp.exp(), torch.zeros_like(lp)).sum(dim=-1)
+    return {"ids": ids, "logprobs": lp.gather(1, ids), "missing_mass": missing}
+
+
+def assert_matches_reference(z, k, rtol=1e-5, **kw):
+    lab = topk_token_labels(z, k=k, **kw)
+    want = reference_topk(z.float(), k)
+    v = z.shape[-1]
+    assert lab["ids"].shape == (want["ids"].shape[0], k) and lab["vocab_size"] == v and lab["k"] == k
+    ids = lab["ids"]
+    assert ((ids >= 0) & (ids < v)).all()
+    assert all(len(set(row)) == k for row in ids.tolist())                    # distinct ids
+    # the values at the ids are the k largest (the guaranteed part, whatever the ties) ...
+    got_vals = z.reshape(-1, v).float().gather(1, ids)
+    assert torch.equal(got_vals, torch.sort(z.reshape(-1, v).float(), dim=1, descending=True).values[:, :k])
+    # ... and the ids follow the documented tie rule: a stable descending sort
+    assert torch.equal(ids, want["ids"])
+    np.testing.assert_allclose(lab["logprobs"].numpy(), want["logprobs"].numpy(), rtol=1e-6, atol=2e-5)
+    np.testing.assert_allclose(lab["missing_mass"].double().numpy(), want["missing_mass"].numpy(),
+                               rtol=rtol, atol=1e-30)
+    return lab
+
+
+@pytest.mark.parametrize("n,v,k,width", [
+    (40, 5000, 32, 128),      # two stages, ragged tail (5000 = 39 * 128 + 8)
+    (40, 4096, 32, 128),      # two stages, no tail
+    (30, 1000, 8, 128),       # k + 1 >= number of chunks: plain top-k fallback
+    (30, 300, 1, 7),          # tiny chunks, ragged tail of 6
+    (30, 300, 40, 7),         # k + 1 = 41 chunks of 42: two stages, candidates = almost everything
+    (30, 300, 41, 7),         # k + 1 = 42 full chunks: fallback
+    (12, 97, 96, 4),          # k = V - 1: one id left over
+    (12, 97, 97, 4),          # k = V
+    (16, 49152, 32, None),    # the SmolLM2 vocabulary with the default chunk width
+])
+def test_topk_two_stage_matches_reference(n, v, k, width):
+    kw = {} if width is None else {"chunk_width": width}
+    z = logits(n=n, v=v, seed=n + v + k, scale=4.0)
+    assert_matches_reference(z, k, **kw)
+
+
+def test_topk_results_do_not_depend_on_chunk_width_or_chunk_size():
+    z = logits(n=33, v=1000, seed=11, scale=3.0)
+    zq = torch.round(z)                                             # many ties
+    for x in (z, zq):
+        base = topk_token_labels(x, k=16, chunk_width=1000)         # one chunk: plain top-k
+        for width, cs in ((1, 64), (3, 7), (16, 1), (64, 1000), (128, 5)):
+            other = topk_token_labels(x, k=16, chunk_width=width, chunk_size=cs)
+            for key in ("ids", "logprobs", "missing_mass"):
+                assert torch.equal(base[key], other[key]), (width, cs, key)
+    with pytest.raises(ValueError, match="chunk_width"):
+        topk_token_labels(z, k=4, chunk_width=0)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 5])
+@pytest.mark.parametrize("v,width", [(3000, 128), (300, 16), (50, 128)])
+def test_topk_ties_follow_the_lowest_id_rule(levels, v, width):
+    g = torch.Generator().manual_seed(levels * v)
+    z = torch.randint(0, levels, (24, v), generator=g).float()     # levels = 1: all equal
+    lab = assert_matches_reference(z, 20, chunk_width=width)
+    if levels == 1:
+        assert torch.equal(lab["ids"], torch.arange(20).expand(24, 20))
+        np.testing.assert_allclose(lab["missing_mass"].numpy(), (v - 20) / v, rtol=1e-5)
+    # ties placed right at the boundary (ranks k and k + 1) and inside the top k
+    z = logits(n=24, v=v, seed=levels, scale=1.0)
+    z[:, v // 2] = z[:, 3] = z[:, v - 1] = 9.0                       # three equal maxima, far apart
+    z[:, [1, v // 3, v - 2]] = 7.5
+    assert_matches_reference(z, 4, chunk_width=width)
+    assert_matches_reference(z, 2, chunk_width=width)
+
+
+def test_topk_signed_zeros_are_ties():
+    z = torch.zeros((4, 300))
+    z[:, ::2] = -0.0
+    z[:, 10] = 1.0
+    lab = assert_matches_reference(z, 5, chunk_width=16)
+    assert lab["ids"][:, 0].eq(10).all() and torch.equal(lab["ids"][0, 1:], torch.tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("width", [128, 16])
+def test_topk_with_minus_infinity_logits(width):
+    z = logits(n=20, v=2000, seed=12, scale=3.0)
+    g = torch.Generator().manual_seed(1)
+    z[torch.rand(z.shape, generator=g) < 0.5] = float("-inf")      # a masked vocabulary
+    z[0, :] = float("-inf")
+    z[0, [5, 1500, 1999]] = torch.tensor([1.0, 3.0, 2.0])           # fewer finite ids than k
+    z[1, 100:] = float("-inf")                                      # exactly k + 1 finite ids... and more
+    z[2, :] = float("-inf")
+    z[2, 7] = 0.0                                                   # one finite id
+    lab = assert_matches_reference(z, 8, chunk_width=width)
+    assert lab["ids"][0, :3].tolist() == [1500, 1999, 5] and lab["ids"][0, 3:].tolist() == [0, 1, 2, 3, 4]
+    assert torch.isneginf(lab["logprobs"][0, 3:]).all() and lab["missing_mass"][0] == 0
+    assert lab["missing_mass"][2] == 0 and lab["logprobs"][2, 0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_half_precision_logits_with_their_ties(dtype):
+    z = logits(n=48, v=5000, seed=13, scale=4.0).to(dtype)          # bf16: ties in most rows
+    vals = torch.sort(z.float(), dim=1, descending=True).values[:, :33]
+    assert (vals[:, 1:] == vals[:, :-1]).any()                      # the case is really exercised
+    lab = assert_matches_reference(z, 32)
+    assert torch.equal(topk_token_labels(z.reshape(4, 12, 5000), k=32)["ids"], lab["ids"])
+
+
+def test_topk_peaked_rows_keep_a_tiny_missing_mass_exactly():
+    z = logits(n=16, v=6000, seed=14, scale=1.0)
+    z[:, 4321] = 60.0                                               # p(rest) ~ 6000 e^-60 ~ 1e-23
+    z[8:, 17] = 59.0
+    lab = assert_matches_reference(z, 2)
+    assert (lab["missing_mass"] > 0).all() and (lab["missing_mass"] < 1e-20).all()
+    lab1 = assert_matches_reference(z, 1)
+    assert (lab1["missing_mass"][8:] > 0.2).all()
+
+
+def test_topk_overwrite_and_input_preservation():
+    z = logits(n=70, v=3000, seed=15, scale=3.0)
+    keep = z.clone()
+    a = topk_token_labels(z, k=10)
+    assert torch.equal(z, keep)                                     # not overwritten by default
+    t = z.t().contiguous().t()                                      # non-contiguous rows
+    b = topk_token_labels(t, k=10, overwrite=True)
+    assert torch.equal(z, keep)
+    scratch = z.clone()
+    c = topk_token_labels(scratch, k=10, overwrite=True)            # may use the logits as scratch
+    for key in ("ids", "logprobs", "missing_mass"):
+        assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])
+    h = z.half()
+    hk = h.clone()
+    topk_token_labels(h, k=10)
+    assert torch.equal(h, hk)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_topk_cuda_matches_cpu_including_ties():
+    for z in (logits(n=300, v=49152, seed=16, scale=4.0), logits(n=300, v=49152, seed=17).bfloat16()):
+        cpu = topk_token_labels(z, k=32)
+        gpu = topk_token_labels(z.cuda(), k=32, to_cpu=False)
+        assert gpu["ids"].is_cuda
+        assert torch.equal(cpu["ids"], gpu["ids"].cpu())
+        torch.testing.assert_close(cpu["logprobs"], gpu["logprobs"].cpu(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu["missing_mass"], gpu["missing_mass"].cpu(), rtol=1e-4, atol=1e-7)

@@ -15,8 +15,10 @@ torch.topk + a masked logsumexp on a copy) and pipeline.token_labels.topk_token_
 labelling with the previous summary ("label-ref"), for before/after in one run;
 --breakdown the forward with the summaries but no store ("fwd+topk"); --stat min takes the
 best repeat instead of the median (other load on a shared machine only adds time).
+Each repeat runs one forward and one labelling back to back, in alternating order; the
+verdict is the median of those paired ratios (machines drift: a pair sees the same drift).
 
-    python benchmarks/lm_label_throughput.py [--windows 64] [--shard-size 16] [--seq-len 128] [--k 32] [--repeats 2]
+    python benchmarks/lm_label_throughput.py [--windows 32] [--shard-size 16] [--seq-len 128] [--k 32] [--repeats 6]
                                              [--reference] [--breakdown] [--stat median|min]
 """
 from __future__ import annotations
@@ -98,13 +100,13 @@ def summary_times(model, corpus, *, k, batch_size, device, reps=7):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=16, help="windows per shard (a real run has many shards)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--dtype", default="uint8", help="stored log-prob dtype: uint8 | float16 | bfloat16")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="of the repeats' times; min resists other load on a shared machine")
     ap.add_argument("--breakdown", action="store_true",
@@ -136,14 +138,25 @@ def main():
         assert out["manifest"]["status"] == "complete"
         return time.perf_counter() - t0
 
+    def forward(dev, amp):
+        t0 = time.perf_counter()
+        lm_teacher_forward(model, corpus, batch_size=a.batch_size, device=dev, amp=amp)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     for r in range(a.repeats):
         for dev, amp in configs:
-            t0 = time.perf_counter()
-            lm_teacher_forward(model, corpus, batch_size=a.batch_size, device=dev, amp=amp)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            fwd.setdefault((dev, amp), []).append(time.perf_counter() - t0)
-            lab.setdefault((dev, amp), []).append(label(dev, amp, f"{dev}-{amp}-{r}"))
+            # a pair per repeat, its order alternating (ABBA...): a machine that slows down or
+            # speeds up during the run moves both sides of the paired ratio alike
+            if r % 2 == 0:
+                f = forward(dev, amp)
+                lb = label(dev, amp, f"{dev}-{amp}-{r}")
+            else:
+                lb = label(dev, amp, f"{dev}-{amp}-{r}")
+                f = forward(dev, amp)
+            fwd.setdefault((dev, amp), []).append(f)
+            lab.setdefault((dev, amp), []).append(lb)
             if a.breakdown:
                 t0 = time.perf_counter()
                 lm_teacher_forward(model, corpus, batch_size=a.batch_size, device=dev, amp=amp,
@@ -157,14 +170,18 @@ def main():
                     lm_label.topk_token_labels = topk_token_labels
     ref_head = (f" {'fwd+topk/forward':>16s}" if a.breakdown else "") + \
         (f" {'label-ref/forward':>17s}" if a.reference else "")
-    print(f"\n{'device':6s} {'precision':9s} {'forward tok/s':>13s} {'label tok/s':>11s} {'label/forward':>13s}{ref_head}")
+    print(f"\n{'device':6s} {'precision':9s} {'forward tok/s':>13s} {'label tok/s':>11s} {'label/forward':>13s}"
+          f"{ref_head}   paired ratios (median [min, max] of {a.repeats})")
     worst, stat = 0.0, statistics.median if a.stat == "median" else min
     for key in fwd:
         f, lb = stat(fwd[key]), stat(lab[key])
-        worst = max(worst, lb / f)
+        pairs = sorted(x / y for x, y in zip(lab[key], fwd[key]))
+        ratio = statistics.median(pairs) if a.stat == "median" else lb / f
+        worst = max(worst, ratio)
         extra = (f" {stat(fts[key]) / f:15.3f}x" if a.breakdown else "") + \
             (f" {stat(ref[key]) / f:16.3f}x" if a.reference else "")
-        print(f"{key[0]:6s} {key[1] or 'fp32':9s} {tokens / f:13,.0f} {tokens / lb:11,.0f} {lb / f:12.3f}x{extra}")
+        print(f"{key[0]:6s} {key[1] or 'fp32':9s} {tokens / f:13,.0f} {tokens / lb:11,.0f} {ratio:12.3f}x{extra}"
+              f"   {statistics.median(pairs):.3f}x [{pairs[0]:.3f}, {pairs[-1]:.3f}]")
     print(f"\ntop-k summary alone, one batch of the teacher's logits, us per position (best of 7):")
     print(f"{'device':6s} {'rows':>5s} {'V':>6s} {'torch.topk':>10s} {'reference':>9s} {'topk_token_labels':>17s} "
           f"{'speed-up':>8s}  same ids / max |diff|")

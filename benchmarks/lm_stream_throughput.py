@@ -11,6 +11,10 @@ a top-k (uint8) and a sampled dataset (one forward for both). Then, for each lay
 Target (issue 11): the stream delivers >= 10x the tokens per second the student trains at.
 
     python benchmarks/lm_stream_throughput.py [--windows 64] [--steps 12] [--workers 2]
+                                              [--corpus-windows documents]
+
+Tokens are real positions (the batch mask), so --corpus-windows documents (variable-length
+sequences: each batch cut to its longest verse) is measured on the same footing.
 """
 from __future__ import annotations
 
@@ -40,15 +44,15 @@ def stream_tokens_per_s(uri, corpus, batch_size, workers, epochs=3) -> float:
     n = 0
     it = iter(loader)                       # start the workers outside the timed part
     first = next(it)
-    n -= first["input_ids"].numel()
+    n -= int(first["mask"].sum())
     t0 = time.perf_counter()
-    n += first["input_ids"].numel()
+    n += int(first["mask"].sum())
     for b in it:
-        n += b["input_ids"].numel()
+        n += int(b["mask"].sum())
     for e in range(1, epochs):
         stream.set_epoch(e)
         for b in loader:
-            n += b["input_ids"].numel()
+            n += int(b["mask"].sum())
     return n / (time.perf_counter() - t0)
 
 
@@ -73,7 +77,7 @@ def train_tokens_per_s(uri, corpus, loss, steps, batch_size) -> float:
         opt.zero_grad()
         loss_terms(student, b, cfg)["loss"].backward()
         opt.step()
-        n += b["input_ids"].numel()
+        n += int(b["mask"].sum())
     return n / (time.perf_counter() - t0)
 
 
@@ -84,17 +88,22 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--corpus-windows", choices=["packed", "documents"], default="packed",
+                    help="documents: one KJV verse per window (variable-length sequences)")
     a = ap.parse_args()
     path = gguf_teacher_dir()
-    corpus = TokenCorpus.from_jsonl(str(fetch_kjv(quiet=True)), tokenizer_path=path, seq_len=a.seq_len)
+    corpus = TokenCorpus.from_jsonl(str(fetch_kjv(quiet=True)), tokenizer_path=path, seq_len=a.seq_len,
+                                    windows=a.corpus_windows)
     corpus = corpus.subset(list(range(a.windows)))
+    ntok = corpus.num_positions
     root = tempfile.mkdtemp(prefix="distillery-lm-stream-bench-")
     t0 = time.perf_counter()
     label_corpus_many(load_causal_lm(path), corpus,
                       [output_spec(uri=f"{root}/topk", k=32, value_dtype="uint8"),
                        output_spec(uri=f"{root}/sampled", representation="token_sampled", draws=64)],
                       shard_size=16, batch_size=8, teacher={"name": "smollm2-135m", "fingerprint": "bench"})
-    print(f"SmolLM2-135M labelled {a.windows} x {a.seq_len} = {a.windows * a.seq_len:,} tokens (top-32 uint8 + "
+    shape = f"{a.windows} x {a.seq_len}" if a.corpus_windows == "packed" else f"{a.windows} verses (<= {a.seq_len})"
+    print(f"SmolLM2-135M labelled {shape} = {ntok:,} tokens (top-32 uint8 + "
           f"64 draws) in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} CPU threads")
     print(f"{'layout':<8} {'stream tok/s':>13} {'(0 workers)':>12} {'train tok/s':>12} {'ratio':>7}")
     ok = True

@@ -332,7 +332,7 @@ class SoftLabelDataset:
         if getattr(self, "_seq_index", None) is None:
             cache = self._shard_cache()
             sids, views, shard_of, row, length = seqs.sequence_keys(
-                self.loc, self.manifest, self.columns, opener=lambda p: self._open(p, cache), layout=self._layout)
+                self.loc, self.manifest, opener=lambda p: self._open(p, cache), layout=self._layout)
             order = np.lexsort((views, sids))
             self._seq_index = (sids[order], views[order], shard_of[order], row[order], length[order])
         return self._seq_index

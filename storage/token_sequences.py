@@ -155,16 +155,16 @@ def iter_segment(sh, read, starts: np.ndarray, lengths: np.ndarray, a: int, b: i
         raise CorruptShardError(f"{getattr(sh, 'name', 'shard')}: sequences {i}..{b - 1} are not inside its blocks")
 
 
-def sequence_keys(loc, manifest: dict, spec, opener=None, layout=None) -> tuple[np.ndarray, ...]:
+def sequence_keys(loc, manifest: dict, opener, layout=None) -> tuple[np.ndarray, ...]:
     """(sample_id, view, shard position, start row, length) of every sequence of the
     dataset, shards in manifest order; every shard's layout checked (shard_layout).
-    `opener(p)` / `layout(p, shard)` replace opening shard p and finding its layout (the
-    reader passes its per-process caches)."""
-    from .shards import open_shard
+    `opener(p)` opens shard p (storage.shards.open_shard, or the reader's per-process
+    cache: passed in, so this module never imports the shard layer); `layout(p, shard)`
+    replaces finding its layout."""
     L = int(manifest["seq_len"])
     parts = []
     for p, e in enumerate(manifest["shards"]):
-        sh = opener(p) if opener is not None else open_shard(loc, e, manifest["backend"], spec)
+        sh = opener(p)
         name = f"{loc.uri}: shard {e['path']}"
         try:
             starts, lengths = layout(p, sh) if layout is not None else shard_layout(sh, e, L, name)

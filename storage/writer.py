@@ -31,8 +31,8 @@ from .layout import (DATA_DIR, TOKEN_KINDS, columns_for, shard_basename, encode_
 from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, KINDS,
                        MANIFEST, TMP_DIR, diff_fields, dump_manifest, identity_fields, lineage_digest, now_iso,
                        parse_manifest, producer, validate_lineage)
-from .shards import (EXT, check_coverage, commits_disagree, mark_verified, publish, read_commits, read_id_columns,
-                     shard_filename, temp_owner_alive, write_commit)
+from .shards import (EXT, check_coverage, commits_disagree, mark_verified, open_shard, publish, read_commits,
+                     read_id_columns, shard_filename, temp_owner_alive, write_commit)
 from . import token_sequences as seqs
 from .parallel import for_row_blocks
 from .topk import scaled_topk
@@ -385,7 +385,8 @@ class SoftLabelWriter:
         shards = [{k: commits[i][k] for k in keys if k in commits[i]} for i in idx]
         m = dict(self.manifest, shards=shards)
         if self.align > 1:   # token rows: coverage is over sequences (each shard holds whole ones)
-            sids, views, shard_of, _, lengths = seqs.sequence_keys(self.loc, m, self.columns)
+            sids, views, shard_of, _, lengths = seqs.sequence_keys(
+                self.loc, m, lambda p: open_shard(self.loc, m["shards"][p], m["backend"], self.columns))
             num_rows = int(lengths.sum())
         else:
             sids, views, shard_of = read_id_columns(self.loc, m, self.columns)

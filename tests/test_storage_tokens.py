@@ -357,7 +357,7 @@ def test_distill_inspect_shows_bytes_per_token_and_the_missing_mass(tmp_path, ca
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     per_token = sum(s["bytes"] for s in m["shards"]) / m["num_tokens"]
-    assert f"tokens: {m['num_tokens']:,} (sequences of 8, vocabulary 50, 16-bit ids)" in out
+    assert f"tokens: {m['num_tokens']:,} ({m['num_tokens'] // 8:,} sequences of 8, vocabulary 50, 16-bit ids)" in out
     assert f"{per_token:.1f} bytes/token on disk" in out
     if kind == "token_topk":
         assert f"missing mass over 120 positions: mean {float(np.mean(mm.astype(np.float64))):.3g}" in out

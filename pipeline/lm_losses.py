@@ -383,20 +383,23 @@ def lm_kd_loss(student_logits: Tensor, batch: dict, *, loss: str = "topk_kl", al
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     x = student_logits
+    full, flat = True, None
     if x.ndim == 3:
         if mask is None or mask.shape != x.shape[:2] or mask.dtype != torch.bool:
             got = None if mask is None else f"{mask.dtype} {_shape(mask)}"
             raise ValueError(f"student_logits (B, L, V) = {_shape(x)} needs a bool mask {_shape(x)[:2]}, got {got}")
         flat = mask.reshape(-1)
+        full = bool(flat.all())                  # every position real: views, no copies
         x = x.reshape(-1, x.shape[-1])
-        x = x if bool(flat.all()) else x[flat]
+        x = x if full else x[flat]
     elif x.ndim != 2 or mask is not None:
         raise ValueError(f"student_logits must be (N, V), or (B, L, V) with a mask, got {_shape(x)} "
                          f"and mask {None if mask is None else _shape(mask)}")
 
     def rows(name: str, t: Tensor, trailing: int) -> Tensor:
         if mask is not None and t.ndim == 2 + trailing and t.shape[:2] == mask.shape:
-            return t.reshape(-1, *t.shape[2:])[mask.reshape(-1)]
+            t = t.reshape(-1, *t.shape[2:])
+            return t if full else t[flat]
         if t.ndim != 1 + trailing or t.shape[0] != x.shape[0]:
             want = f"({x.shape[0]}{', ...' * trailing})" + ("" if mask is None else f" or {_shape(mask)} + ...")
             raise ValueError(f"batch[{name!r}] must be {want}, got {_shape(t)}")

@@ -16,8 +16,8 @@ end) with an all-ones attention mask (a pad id may equal the EOS/separator insid
 text, so ids must never be used to build the mask; causal attention keeps padding out of
 every real position), giving logits (B, Lb, V); padded positions are dropped. The summaries are
 computed from those logits ON THE MODEL'S DEVICE (pipeline.token_labels) and only the
-compact results, (B * L, k) ids + log-probs + (B * L,) missing mass, or (B * L, u) ids +
-counts, are copied to the host; the (B, L, V) block is dropped before the next batch, so
+compact results, (B * Lb, k) ids + log-probs + (B * Lb,) missing mass, or (N, u) ids +
+counts, are copied to the host; the (B, Lb, V) block is dropped before the next batch, so
 the largest teacher tensor is one batch's logits. A shard's batches are concatenated and
 committed atomically; a re-run skips committed shards (resume) and must plan the same
 shards (same corpus, shard_size).

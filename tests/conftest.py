@@ -178,12 +178,22 @@ def prefect_server(tmp_path_factory):
 
 
 def api(server: dict, method: str, path: str, body=None):
-    """JSON call to the Prefect REST API."""
+    """JSON call to the Prefect REST API. A 503 is retried with backoff, as Prefect's own
+    client does: the server answers 503 when its SQLite database is briefly locked by a
+    busy moment (seen once in a full run, on create_flow_run; its transaction is rolled back)."""
     import json
+    import time
+    import urllib.error
     import urllib.request
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{server['api']}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
+    for attempt in range(6):
+        req = urllib.request.Request(f"{server['api']}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == 5:
+                raise
+            time.sleep(0.5 * 2 ** attempt)

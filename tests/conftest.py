@@ -103,6 +103,25 @@ def digits():
 TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
 
 
+def cli_in_process(*args: str):
+    """`distill ARGS` through the CLI's own main() in this process, captured like
+    subprocess.run(..., capture_output=True, text=True). For commands that end before
+    Prefect starts (config and preflight refusals, convert): the same code path as the
+    console script without paying a new interpreter's torch + Prefect imports (~3 s a
+    call). Each test file that uses it keeps at least one real subprocess case."""
+    import contextlib
+    import io
+    import subprocess
+    from flows.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:          # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["distill", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def s3_uri(s3_server):
     return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex[:10]}"

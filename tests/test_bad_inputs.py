@@ -1,6 +1,7 @@
 """Bad inputs are refused before any work starts, with one line that names the key or file.
 
-Each case goes through the real CLI (`python -m flows.cli` in a subprocess). Config and
+Each case goes through the real CLI: its main() in-process for most refusals (they end
+before Prefect starts), `python -m flows.cli` in a subprocess for one of each kind. Config and
 YAML problems are refused by load_config (exit 2). Problems that need the data or the
 teacher's file are found by flows.preflight.preflight; the CLI cases for those run once the
 CLI calls it (they are skipped, and preflight is tested directly, until then).
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, cli_in_process
 from flows.config import ConfigError, load_config
 from flows.preflight import preflight
 from pipeline.checkpoint import FORMAT, VERSION, save_checkpoint
@@ -29,8 +30,15 @@ needs_preflight = pytest.mark.skipif(not CLI_PREFLIGHT, reason="pending: flows/c
 
 
 def distill(*args, env=None, timeout=600):
+    """The console command in a new interpreter: the real entry point, ~3 s a call."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env or dict(os.environ),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def refuse(*args):
+    """A case refused before Prefect starts: the CLI's main() in this process (same code
+    path; the subprocess form is kept for one case of each kind below)."""
+    return cli_in_process(*args)
 
 
 def refused(r, code: int, *needles: str) -> str:
@@ -90,14 +98,14 @@ def test_broken_yaml_override_value_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
 def test_non_finite_numbers_are_refused(tmp_path, value):
-    refused(distill("label", TINY, *_overrides(tmp_path), f"label.temperature={value}"), 2,
+    refused(refuse("label", TINY, *_overrides(tmp_path), f"label.temperature={value}"), 2,
             "label.temperature", "finite number")
-    refused(distill("students", TINY, *_overrides(tmp_path), f"students.temperatures=[2, {value}]"), 2,
+    refused(refuse("students", TINY, *_overrides(tmp_path), f"students.temperatures=[2, {value}]"), 2,
             "students.temperatures")
 
 
 def test_k_with_dense_labels_names_the_key(tmp_path):
-    refused(distill("label", TINY, *_overrides(tmp_path), "label.k=3"), 2,
+    refused(refuse("label", TINY, *_overrides(tmp_path), "label.k=3"), 2,
             "label.k=3 is only used with label.representation=topk")
 
 
@@ -168,7 +176,9 @@ def test_preflight_refuses_a_teacher_for_other_data(tmp_path):
 @pytest.mark.parametrize("cmd", ["run", "label"])
 def test_cli_refuses_before_any_work(case, cmd, bad_files, tmp_path):
     overrides, needles = DATA_CASES[case]
-    r = distill(cmd, TINY, *_overrides(tmp_path, *(o.format(d=bad_files) for o in overrides)))
+    # one case per command through a new interpreter, the rest through main() in-process
+    run = distill if case == "stray-label" else refuse
+    r = run(cmd, TINY, *_overrides(tmp_path, *(o.format(d=bad_files) for o in overrides)))
     refused(r, 2, *needles)
     assert not (tmp_path / "tiny").exists(), "work started: the run directory was created"
     assert not (bad_files / "PWNED").exists()

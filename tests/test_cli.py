@@ -1,4 +1,6 @@
-"""The `distill` CLI through a subprocess, against a real Prefect server."""
+"""The `distill` CLI through a subprocess, against a real Prefect server. Cases that end
+before Prefect starts (config errors, usage errors, convert) run most of their calls
+through the CLI's main() in-process (conftest.cli_in_process)."""
 import json
 import os
 import subprocess
@@ -6,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import TINY, api
+from conftest import TINY, api, cli_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,18 +65,19 @@ def test_inspect_good_and_corrupted(cli_run, tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
-    r = distill("run", TINY, "students.trian.epochs=1")
+    r = distill("run", TINY, "students.trian.epochs=1")          # the console command itself
     assert r.returncode == 2 and "students.trian: unknown key" in r.stderr
-    r = distill("label", TINY, "label.temperature=-1")
+    here = cli_in_process                                        # the rest: main() in-process
+    r = here("label", TINY, "label.temperature=-1")
     assert r.returncode == 2 and "label.temperature" in r.stderr and "greater than 0" in r.stderr
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(open(TINY).read().replace("backend: parquet", "backend: csv"))
-    r = distill("students", str(cfg))
+    r = here("students", str(cfg))
     assert r.returncode == 2 and "label.backend" in r.stderr and "'csv'" in r.stderr
     cfg.write_text(open(TINY).read() + "\nextra_section: {a: 1}\n")
-    r = distill("run", str(cfg))
+    r = here("run", str(cfg))
     assert r.returncode == 2 and "extra_section: unknown key" in r.stderr
-    r = distill("run", str(tmp_path / "none.yaml"))
+    r = here("run", str(tmp_path / "none.yaml"))
     assert r.returncode == 2 and "config file not found" in r.stderr
 
 
@@ -103,7 +106,7 @@ CONFIG_COMMANDS = [
 def test_every_config_command_takes_overrides(cmd):
     # a misspelt key proves the override reached the config: validation names it and
     # exits 2 before anything runs (no Prefect, no server needed)
-    r = distill(*cmd, "name=overridden", "students.trian.epochs=1", "--debug")
+    r = cli_in_process(*cmd, "name=overridden", "students.trian.epochs=1", "--debug")
     assert "unrecognized arguments" not in r.stderr, r.stderr
     assert r.returncode == 2 and "students.trian: unknown key" in r.stderr, r.stderr
 
@@ -111,7 +114,7 @@ def test_every_config_command_takes_overrides(cmd):
 def test_unknown_words_are_still_rejected():
     r = distill("teacher", "train", TINY, "--retrian")
     assert r.returncode == 2 and "unrecognized arguments: --retrian" in r.stderr
-    r = distill("inspect", "some/uri", "label.temperature=2")     # inspect takes no config
+    r = cli_in_process("inspect", "some/uri", "label.temperature=2")     # inspect takes no config
     assert r.returncode == 2 and "unrecognized arguments: label.temperature=2" in r.stderr
 
 
@@ -185,7 +188,8 @@ def test_convert_copies_a_dataset_to_the_other_backend(tmp_path):
     from storage import open_soft_labels
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     write_toy(src, backend="parquet", n=120, shards=3, views=2)
-    r = distill("convert", src, dst, "--backend", "zarr")
+    r = distill("convert", src, dst, "--backend", "zarr")           # the console command
+    here = cli_in_process                                           # the rest in-process
     assert r.returncode == 0, r.stderr
     assert f"{src} -> {dst}: zarr, 240 rows in 3 shards" in r.stdout
     a, b = open_soft_labels(src), open_soft_labels(dst)
@@ -194,15 +198,15 @@ def test_convert_copies_a_dataset_to_the_other_backend(tmp_path):
     ra, rb = a.take(ids), b.take(ids)
     assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra)
     # DST now holds a zarr dataset: converting parquet there again needs --overwrite
-    again = distill("convert", src, dst, "--backend", "parquet")
+    again = here("convert", src, dst, "--backend", "parquet")
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert again.stderr.startswith("distill: MismatchError") and "overwrite" in again.stderr
-    forced = distill("convert", src, dst, "--backend", "parquet", "--overwrite")
+    forced = here("convert", src, dst, "--backend", "parquet", "--overwrite")
     assert forced.returncode == 0, forced.stderr
     assert open_soft_labels(dst).manifest["backend"] == "parquet"
 
 
 def test_convert_of_a_missing_dataset_says_so(tmp_path):
-    r = distill("convert", str(tmp_path / "nothing"), str(tmp_path / "dst"), "--backend", "zarr")
+    r = cli_in_process("convert", str(tmp_path / "nothing"), str(tmp_path / "dst"), "--backend", "zarr")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("distill: ") and "manifest.json not found" in r.stderr

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,10 +18,16 @@ def _distill(args, env, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _train_teacher(env, base):
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "teacher", "train", TINY, *base], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def base(prefect_server, tmp_path_factory):
+    """Overrides naming one trained teacher, shared by this module's tests (each labels
+    into its own label.uri)."""
+    runs = tmp_path_factory.mktemp("concurrency-runs")
+    base = [f"runs_dir={runs}", "name=conc", "teacher.train.epochs=1"]
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "teacher", "train", TINY, *base], cwd=REPO,
+                       env=prefect_server["env"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    return base
 
 
 def _shards(uri):
@@ -27,10 +35,8 @@ def _shards(uri):
         return [(s["path"], s["sha256"]) for s in json.load(f)["shards"]]
 
 
-def test_two_label_runs_at_once_both_finish_with_identical_bytes(prefect_server, tmp_path):
+def test_two_label_runs_at_once_both_finish_with_identical_bytes(prefect_server, base, tmp_path):
     env = prefect_server["env"]
-    base = [f"runs_dir={tmp_path}", "name=conc", "teacher.train.epochs=1"]
-    _train_teacher(env, base)
     ref = str(tmp_path / "ref")
     r = subprocess.run([sys.executable, "-m", "flows.cli", "label", TINY, *base, f"label.uri={ref}"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
@@ -49,12 +55,10 @@ def test_two_label_runs_at_once_both_finish_with_identical_bytes(prefect_server,
     assert all("rows in 3 shards" in out for out, _ in outs)
 
 
-def test_a_run_with_other_settings_cannot_mix_its_shards_in(prefect_server, tmp_path):
+def test_a_run_with_other_settings_cannot_mix_its_shards_in(prefect_server, base, tmp_path):
     """label.temperature=2 with overwrite racing a T=3 run: whatever interleaving happens,
     the dataset is never complete with shards of both, and verify agrees with the reader."""
     env = prefect_server["env"]
-    base = [f"runs_dir={tmp_path}", "name=mix", "teacher.train.epochs=1"]
-    _train_teacher(env, base)
     uri = str(tmp_path / "labels")
     a = _distill(["label", TINY, *base, f"label.uri={uri}", "label.temperature=3"], env)
     b = _distill(["label", TINY, *base, f"label.uri={uri}", "label.temperature=2", "label.overwrite=true"], env)

@@ -131,6 +131,11 @@ def main(argv=None) -> dict | None:
         if rank == 0:
             with open(os.path.join(a.out, "result.json"), "w") as f:
                 json.dump(result, f, indent=1)
+        if distributed:
+            # ranks leave together: a gloo rank that tears its group down while a peer is
+            # still evaluating can abort ("terminate called without an active exception",
+            # seen once under load). Not on the error path, where a barrier could hang.
+            dist.barrier()
         return result
     finally:
         if distributed:

@@ -354,9 +354,10 @@ class ZarrShard:
 
     def read(self, start: int, stop: int, columns: list[str]) -> dict[str, np.ndarray]:
         out = {}
-        c0, c1 = start // self.chunk_rows, -(-stop // self.chunk_rows)
         for name in columns:
             m = self.meta[name]
+            rows = m.chunks[0] if m is not None else self.chunk_rows
+            c0, c1 = start // rows, -(-stop // rows)
             if m is None:                 # the general path: zarr decodes
                 arr = self.group()[name]
                 for i in range(c0, c1):   # zarr would return the fill value for a missing chunk
@@ -367,7 +368,7 @@ class ZarrShard:
                 continue
             parts = [self._chunk(name, m, i) for i in range(c0, c1)]
             a = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            lo = start - c0 * m.chunks[0]
+            lo = start - c0 * rows
             out[name] = a[lo: lo + stop - start]
         return out
 

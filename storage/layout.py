@@ -22,6 +22,8 @@ mantissas; zstd saved ~8% here) and decompression dominated read time. Small col
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,8 +302,8 @@ def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: st
 class ZarrShard:
     """Reads row ranges of one Zarr shard group.
 
-    Fast path, for the arrays this format writes: the shard's metadata (zarr.json of the
-    group and of each column) is parsed here, and each chunk object is fetched and viewed
+    Fast path, for the arrays this format writes: each column's zarr.json is parsed here,
+    and each chunk object is fetched and viewed
     with numpy: plain chunks (codecs [bytes little-endian]: the logit columns) in one copy,
     zstd chunks ([bytes, zstd]: ids, views, top-k indices) in one decompression. The chunk
     layout is fixed by the Zarr v3 spec (C order, edge chunks stored at full size). Opening
@@ -339,7 +341,6 @@ class ZarrShard:
 
     def _metadata(self, column: str):
         """The column's array metadata when the fast path can read it, else None (zarr reads it)."""
-        import json
         try:
             meta = json.loads(bytes(self.raw_get(f"{column}/zarr.json")))
         except FileNotFoundError:
@@ -356,17 +357,19 @@ class ZarrShard:
         out = {}
         for name in columns:
             m = self.meta[name]
-            rows = m.chunks[0] if m is not None else self.chunk_rows
-            c0, c1 = start // rows, -(-stop // rows)
             if m is None:                 # the general path: zarr decodes
                 arr = self.group()[name]
-                for i in range(c0, c1):   # zarr would return the fill value for a missing chunk
+                rows = arr.chunks[0]
+                # zarr would return the fill value for a missing chunk
+                for i in range(start // rows, -(-stop // rows)):
                     key = f"{name}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}"
                     if not self.raw_has(key):
                         raise CorruptShardError(f"{self.name}: chunk {key} is missing")
                 out[name] = arr[start:stop]
                 continue
-            parts = [self._chunk(name, m, i) for i in range(c0, c1)]
+            rows = m.chunks[0]
+            c0 = start // rows
+            parts = [self._chunk(name, m, i) for i in range(c0, -(-stop // rows))]
             a = parts[0] if len(parts) == 1 else np.concatenate(parts)
             lo = start - c0 * rows
             out[name] = a[lo: lo + stop - start]
@@ -384,9 +387,9 @@ class ZarrShard:
                 data = _ZSTD.decompress(memoryview(data), decompressed_size=want, asbytes=False)
             except Exception as e:   # pyarrow raises OSError/ArrowException for a bad frame
                 raise CorruptShardError(f"{self.name}: chunk {key} does not decompress ({e})") from None
-        if len(memoryview(data).cast("B")) != want:
-            raise CorruptShardError(f"{self.name}: chunk {key} holds {len(memoryview(data).cast('B'))} bytes, "
-                                    f"its array's metadata says {want}")
+        got = len(memoryview(data).cast("B"))
+        if got != want:
+            raise CorruptShardError(f"{self.name}: chunk {key} holds {got} bytes, its array's metadata says {want}")
         return np.frombuffer(data, dtype=m.dtype).reshape(m.chunks)
 
 
@@ -411,7 +414,6 @@ class _ChunkedArray:
     @staticmethod
     def parse(meta: dict):
         """A _ChunkedArray for the layouts this format writes, else None."""
-        import sys
         try:
             codecs = meta["codecs"]
             names = [c["name"] for c in codecs]

@@ -35,12 +35,6 @@ def distill(*args, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def refuse(*args):
-    """A case refused before Prefect starts: the CLI's main() in this process (same code
-    path; the subprocess form is kept for one case of each kind below)."""
-    return cli_in_process(*args)
-
-
 def refused(r, code: int, *needles: str) -> str:
     """The run failed with `code`, printed one `distill:` line naming every needle, no traceback."""
     out = r.stdout + r.stderr
@@ -98,14 +92,14 @@ def test_broken_yaml_override_value_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
 def test_non_finite_numbers_are_refused(tmp_path, value):
-    refused(refuse("label", TINY, *_overrides(tmp_path), f"label.temperature={value}"), 2,
+    refused(cli_in_process("label", TINY, *_overrides(tmp_path), f"label.temperature={value}"), 2,
             "label.temperature", "finite number")
-    refused(refuse("students", TINY, *_overrides(tmp_path), f"students.temperatures=[2, {value}]"), 2,
+    refused(cli_in_process("students", TINY, *_overrides(tmp_path), f"students.temperatures=[2, {value}]"), 2,
             "students.temperatures")
 
 
 def test_k_with_dense_labels_names_the_key(tmp_path):
-    refused(refuse("label", TINY, *_overrides(tmp_path), "label.k=3"), 2,
+    refused(cli_in_process("label", TINY, *_overrides(tmp_path), "label.k=3"), 2,
             "label.k=3 is only used with label.representation=topk")
 
 
@@ -177,7 +171,7 @@ def test_preflight_refuses_a_teacher_for_other_data(tmp_path):
 def test_cli_refuses_before_any_work(case, cmd, bad_files, tmp_path):
     overrides, needles = DATA_CASES[case]
     # one case per command through a new interpreter, the rest through main() in-process
-    run = distill if case == "stray-label" else refuse
+    run = distill if case == "stray-label" else cli_in_process
     r = run(cmd, TINY, *_overrides(tmp_path, *(o.format(d=bad_files) for o in overrides)))
     refused(r, 2, *needles)
     assert not (tmp_path / "tiny").exists(), "work started: the run directory was created"

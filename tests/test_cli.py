@@ -67,17 +67,17 @@ def test_inspect_good_and_corrupted(cli_run, tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     r = distill("run", TINY, "students.trian.epochs=1")          # the console command itself
     assert r.returncode == 2 and "students.trian: unknown key" in r.stderr
-    here = cli_in_process                                        # the rest: main() in-process
-    r = here("label", TINY, "label.temperature=-1")
+    # the rest: main() in-process
+    r = cli_in_process("label", TINY, "label.temperature=-1")
     assert r.returncode == 2 and "label.temperature" in r.stderr and "greater than 0" in r.stderr
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(open(TINY).read().replace("backend: parquet", "backend: csv"))
-    r = here("students", str(cfg))
+    r = cli_in_process("students", str(cfg))
     assert r.returncode == 2 and "label.backend" in r.stderr and "'csv'" in r.stderr
     cfg.write_text(open(TINY).read() + "\nextra_section: {a: 1}\n")
-    r = here("run", str(cfg))
+    r = cli_in_process("run", str(cfg))
     assert r.returncode == 2 and "extra_section: unknown key" in r.stderr
-    r = here("run", str(tmp_path / "none.yaml"))
+    r = cli_in_process("run", str(tmp_path / "none.yaml"))
     assert r.returncode == 2 and "config file not found" in r.stderr
 
 
@@ -188,8 +188,7 @@ def test_convert_copies_a_dataset_to_the_other_backend(tmp_path):
     from storage import open_soft_labels
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     write_toy(src, backend="parquet", n=120, shards=3, views=2)
-    r = distill("convert", src, dst, "--backend", "zarr")           # the console command
-    here = cli_in_process                                           # the rest in-process
+    r = distill("convert", src, dst, "--backend", "zarr")           # the console command; the rest in-process
     assert r.returncode == 0, r.stderr
     assert f"{src} -> {dst}: zarr, 240 rows in 3 shards" in r.stdout
     a, b = open_soft_labels(src), open_soft_labels(dst)
@@ -198,10 +197,10 @@ def test_convert_copies_a_dataset_to_the_other_backend(tmp_path):
     ra, rb = a.take(ids), b.take(ids)
     assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra)
     # DST now holds a zarr dataset: converting parquet there again needs --overwrite
-    again = here("convert", src, dst, "--backend", "parquet")
+    again = cli_in_process("convert", src, dst, "--backend", "parquet")
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert again.stderr.startswith("distill: MismatchError") and "overwrite" in again.stderr
-    forced = here("convert", src, dst, "--backend", "parquet", "--overwrite")
+    forced = cli_in_process("convert", src, dst, "--backend", "parquet", "--overwrite")
     assert forced.returncode == 0, forced.stderr
     assert open_soft_labels(dst).manifest["backend"] == "parquet"
 

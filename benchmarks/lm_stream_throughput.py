@@ -1,6 +1,6 @@
 """Language-model label streaming vs student training, side by side in one run.
 
-The teacher (SmolLM2-135M, pipeline/lm_teacher.py) labels --windows KJV windows once into
+The teacher (SmolLM2-135M, pipeline/models/gguf.py) labels --windows KJV windows once into
 a top-k (uint8) and a sampled dataset (one forward for both). Then, for each layout:
   stream: StoredTokenStream over every stored sequence, shuffled, joined with the corpus
           windows (what the training loop consumes): tokens per second delivered, through
@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flows.assets import fetch_kjv  # noqa: E402
-from pipeline.corpus import TokenCorpus  # noqa: E402
-from pipeline.lm_label import label_corpus_many, output_spec  # noqa: E402
-from pipeline.lm_stream import StoredTokenStream  # noqa: E402
-from pipeline.lm_student import llama_student  # noqa: E402
-from pipeline.lm_teacher import gguf_teacher_dir, load_causal_lm  # noqa: E402
-from pipeline.lm_train import LMTrainConfig, loss_terms  # noqa: E402
+from pipeline.data.corpus import TokenCorpus  # noqa: E402
+from pipeline.labelling.tokens import label_corpus_many, output_spec  # noqa: E402
+from pipeline.training.token_stream import StoredTokenStream  # noqa: E402
+from pipeline.models.causal_lm import llama_student  # noqa: E402
+from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm  # noqa: E402
+from pipeline.training.lm_loop import LMTrainConfig, loss_terms  # noqa: E402
 
 
 def stream_tokens_per_s(uri, corpus, batch_size, workers, epochs=3) -> float:

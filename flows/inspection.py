@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import storage
-from pipeline.checkpoint import load_model
+from pipeline.models.checkpoint import load_model
 from storage import Location
 
-from .inputs import _splits
+from .inputs import splits_of
 from .recipes import summarize
 
 
@@ -22,16 +22,16 @@ def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = No
 def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_factories=(), seed: int = 0) -> dict:
     """`distill inspect URI --replay N`: rebuild the labelled inputs from the config data
     section the manifest records, check they are the ones labelled (fingerprint), and
-    recompute N random stored rows with the recorded teacher (pipeline/replay.py)."""
-    from pipeline.replay import replay_rows
-    from pipeline.transforms import transform_from_dict
+    recompute N random stored rows with the recorded teacher (pipeline/labelling/replay.py)."""
+    from pipeline.labelling.replay import replay_rows
+    from pipeline.views.transforms import transform_from_dict
     ds = storage.open_soft_labels(uri, storage_options=storage_options)
     m = ds.manifest
     recipe = (m.get("data") or {}).get("recipe")
     if not recipe:
         raise ValueError(f"{uri}: the manifest records no data recipe (labelled by an older distillery or "
                          f"outside `distill label`), so its inputs cannot be rebuilt for a replay")
-    inputs = _splits(json.dumps(recipe["data"], sort_keys=True))[recipe["label_split"]]
+    inputs = splits_of(json.dumps(recipe["data"], sort_keys=True))[recipe["label_split"]]
     if inputs.fingerprint() != m["data"]["fingerprint"]:
         raise ValueError(f"{uri}: the inputs rebuilt from the recorded data section have fingerprint "
                          f"{inputs.fingerprint()[:16]}, the labels were made from {m['data']['fingerprint'][:16]}: "

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.lm_train import LABEL_KIND, LOSSES
+from pipeline.training.lm_loop import LABEL_KIND, LOSSES
 
 from .config import ConfigError, ScheduleConfig, Section, apply_override, parse_config, read_yaml, validate
 

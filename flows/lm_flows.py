@@ -17,7 +17,7 @@ from pipeline.device import available_cores, torch_threads
 
 from . import lm_recipes, progress, secrets
 from .lm_config import LMConfig, load_lm_config, parse_lm_config
-from .report import _millions, chart_data_url
+from .report import millions, chart_data_url
 from .runtime import retry_on_io
 
 
@@ -122,7 +122,7 @@ def _sweep(config: dict, teacher: dict, runs: list[dict], labels: dict, t_eval: 
                               r["steps"], r["train_tokens_per_s"])
     results = [by_name[r["name"]] for r in runs]          # sweep order, not completion order
     report = report_task(config, teacher, labels, t_eval, results)
-    create_table_artifact(table=[{"student": r["student"], "loss": r["loss"], "params": _millions(r["params"]),
+    create_table_artifact(table=[{"student": r["student"], "loss": r["loss"], "params": millions(r["params"]),
                                   "val_perplexity": round(r["val_perplexity"], 2), "steps": r["steps"],
                                   "vs_ce": None if r["vs_ce"] is None else f"{100 * r['vs_ce']:+.1f}%"}
                                  for r in report["rows"]],

@@ -14,11 +14,11 @@ import os
 import statistics
 import time
 
-from pipeline.corpus import TokenCorpus
+from pipeline.data.corpus import TokenCorpus
 from pipeline.device import resolve_device
-from pipeline.lm_teacher import gguf_teacher_dir, load_causal_lm, teacher_fingerprint
-from pipeline.lm_train import LABEL_KIND, LMTrainConfig, train_lm_student
-from pipeline.text import resolve_model_path
+from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm, teacher_fingerprint
+from pipeline.training.lm_loop import LABEL_KIND, LMTrainConfig, train_lm_student
+from pipeline.hf_files import resolve_model_path
 
 from . import secrets
 from .inspection import token_summary
@@ -64,7 +64,7 @@ def open_splits(cfg: LMConfig, tokenizer_dir: str) -> dict[str, TokenCorpus]:
 # ------------------------------------------------------------------ labelling
 
 def label_outputs(cfg: LMConfig) -> list[dict]:
-    from pipeline.lm_label import output_spec
+    from pipeline.labelling.tokens import output_spec
     lab, out = cfg.label, []
     if lab.topk is not None:
         out.append(output_spec(uri=cfg.label_uri("topk"), representation="token_topk", k=lab.topk.k,
@@ -78,7 +78,7 @@ def label_outputs(cfg: LMConfig) -> list[dict]:
 def label(cfg: LMConfig, teacher: dict, progress=None) -> dict:
     """The teacher scores the train windows once into every configured layout; committed
     shards are skipped (resume). Returns {layout: summary} with bytes per token."""
-    from pipeline.lm_label import label_corpus_many
+    from pipeline.labelling.tokens import label_corpus_many
     splits = open_splits(cfg, teacher["dir"])
     model = load_causal_lm(teacher["dir"])
     lab = cfg.label
@@ -107,7 +107,7 @@ def summarize_labels(uri: str, storage_options: dict | None = None) -> dict:
 def teacher_eval(cfg: LMConfig, teacher: dict) -> dict:
     """The teacher's validation perplexity, cached in the run directory by (teacher
     fingerprint, val windows' fingerprint): it is the same number every run."""
-    from pipeline.lm_student import param_count, perplexity
+    from pipeline.models.causal_lm import param_count, perplexity
     splits = open_splits(cfg, teacher["dir"])
     key = {"teacher": teacher["fingerprint"], "val": splits["val"].fingerprint()}
     path = cfg.run_dir() / "teacher_eval.json"
@@ -151,8 +151,8 @@ def student_runs(cfg: LMConfig) -> list[dict]:
 def train_student(cfg: LMConfig, teacher: dict, run: dict, progress=None) -> dict:
     """One student from scratch; saved (safetensors + tokenizer) under
     runs/<name>/students/<student>/. Returns the numbers the report needs."""
-    from pipeline.lm_student import llama_student, param_count, save_student
-    from pipeline.text import load_tokenizer
+    from pipeline.models.causal_lm import llama_student, param_count, save_student
+    from pipeline.hf_files import load_tokenizer
     splits = open_splits(cfg, teacher["dir"])
     tok = load_tokenizer(teacher["dir"])
     m = run["model"]

@@ -19,8 +19,8 @@ def preflight(cfg: Config) -> None:
 
     Loads the dataset through flows.inputs.splits: the same cut, and in-process the same
     cache, the flows use next."""
-    from pipeline.checkpoint import load_checkpoint  # torch: only when checking
-    from pipeline.models import ModelSpec, is_import_path
+    from pipeline.models.checkpoint import load_checkpoint  # torch: only when checking
+    from pipeline.models.registry import ModelSpec, is_import_path
 
 
     teacher = None
@@ -94,7 +94,7 @@ def _check_hf_models(cfg: Config) -> None:
     from config.json alone (no weights loaded), before any work or any file is written."""
     import json
 
-    from pipeline.hf import model_dir
+    from pipeline.models.hf import model_dir
     from .inputs import tokenizer
     tok = tokenizer(cfg)
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.models[{i}]", m)
@@ -121,8 +121,8 @@ def _check_hf_models(cfg: Config) -> None:
 def preflight_lm(cfg) -> None:
     """A `task: lm` config's files, before any work: the corpus (a .jsonl / .parquet file
     or a folder) and the teacher (a GGUF file or a model directory with config.json)."""
-    from pipeline.lm_teacher import resolve_gguf
-    from pipeline.text import resolve_model_path
+    from pipeline.models.gguf import resolve_gguf
+    from pipeline.hf_files import resolve_model_path
     c = cfg.corpus
     path = os.path.expanduser(c.path)
     ok = os.path.isdir(path) if c.kind == "text_files" else os.path.isfile(path)

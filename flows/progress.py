@@ -24,7 +24,7 @@ def bar(*, total: int | None = None, desc: str = "", unit: str = "it", initial: 
 
 
 def batch_callback(desc: str):
-    """(on_batch for pipeline.train.train, close) that counts batches and shows the epoch."""
+    """(on_batch for pipeline.training.loop.train, close) that counts batches and shows the epoch."""
     b = bar(desc=desc, unit="batch")
     state = {"epoch": None}
 

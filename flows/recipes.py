@@ -12,13 +12,13 @@ import numpy as np
 
 import storage
 from storage import Location
-from pipeline.checkpoint import checkpoint_info, load_model
+from pipeline.models.checkpoint import checkpoint_info, load_model
 from pipeline.evaluate import evaluate
-from pipeline.label import label_shard, open_label_writer
-from pipeline.teacher import finetune, train_teacher, training_lineage
-from pipeline import student
-from pipeline.train import TrainConfig, lineage_diff
-from pipeline.views import ViewSpec
+from pipeline.labelling.classify import label_shard, open_label_writer
+from pipeline.training.teacher import finetune, train_teacher, training_lineage
+from pipeline.training import student
+from pipeline.training.loop import TrainConfig, lineage_diff
+from pipeline.views.images import ViewSpec
 
 from . import secrets
 from .config import Config, TrainSection, parse_config
@@ -241,7 +241,7 @@ def student_runs(cfg: Config) -> list[dict]:
 
 def teacher_eval_logits(cfg: Config, teacher: dict):
     """The teacher's logits on the evaluation split (for students' agreement), (N, C),
-    cached next to the run's students (pipeline.student.teacher_eval_logits)."""
+    cached next to the run's students (pipeline.training.student.teacher_eval_logits)."""
     return student.teacher_eval_logits(teacher, eval_split(cfg), cfg.run_dir() / "students",
                                        trusted_factories=cfg.model_factories())
 
@@ -335,7 +335,7 @@ def check_label_lineage(cfg: Config, uri: str) -> dict:
 
 def baseline_epochs(cfg: Config) -> int:
     """Epochs that give a hard-label baseline as many optimizer steps as a stored-label
-    student (the rule: pipeline.student.baseline_epochs)."""
+    student (the rule: pipeline.training.student.baseline_epochs)."""
     s, t = splits(cfg), cfg.students.train
     return student.baseline_epochs(t.epochs, label_samples=len(s[cfg.data.label_split]),
                                    num_views=cfg.views.num_views, labelled_samples=len(s["train"]),
@@ -343,7 +343,7 @@ def baseline_epochs(cfg: Config) -> int:
 
 
 def student_lineage(cfg: Config, teacher: dict, run: dict, tcfg: TrainConfig, label_manifests: list[dict]) -> dict:
-    """What a student's resume file must match (pipeline.student.student_lineage), in this
+    """What a student's resume file must match (pipeline.training.student.student_lineage), in this
     config's terms: every split's fingerprint, the data section's split definition, the views."""
     return student.student_lineage(
         data={name: d.fingerprint() for name, d in splits(cfg).items()},
@@ -353,7 +353,7 @@ def student_lineage(cfg: Config, teacher: dict, run: dict, tcfg: TrainConfig, la
 
 
 def train_student(cfg: Config, teacher: dict, soft_label_uri: str, run: dict) -> dict:
-    """One student of the sweep: the config's inputs to pipeline.student.run_student."""
+    """One student of the sweep: the config's inputs to pipeline.training.student.run_student."""
     import torch
     so = secrets.resolve(cfg.label.storage_options) or None
     uris, manifests = [], []

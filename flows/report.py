@@ -33,7 +33,7 @@ def footnote(report: dict) -> str:
     t = report.get("teacher", {})
     teacher_note = ""
     if t.get("trained_params") is not None and t.get("params") and t["trained_params"] < t["params"]:
-        teacher_note = (f"\nteacher: {_millions(t['params'])} parameters, {_millions(t['trained_params'])} of them "
+        teacher_note = (f"\nteacher: {millions(t['params'])} parameters, {millions(t['trained_params'])} of them "
                         f"fine-tuned (the rest frozen)" + (f", from {t['pretrained']}" if t.get("pretrained") else ""))
     if d["label_split"] == d["labelled_split"]:
         return (f"baseline: the same architecture on the hard labels of the same {d['labelled']:,} "
@@ -46,7 +46,7 @@ def footnote(report: dict) -> str:
             f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split." + teacher_note)
 
 
-def _millions(n: int) -> str:
+def millions(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 

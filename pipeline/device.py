@@ -5,6 +5,7 @@ import contextlib
 import os
 import sys
 import threading
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -100,3 +101,16 @@ def keep_large_blocks() -> bool:
         return False
     _ALLOCATOR_TUNED = ok
     return ok
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(amp: str | None, dev: torch.device) -> str | None:
+    """Validate `amp`; it only applies on CUDA (warn and drop it elsewhere)."""
+    if amp not in (None, *AMP_DTYPES):
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)} or None, got {amp!r}")
+    if amp and dev.type != "cuda":
+        warnings.warn(f"amp={amp!r} is only used on CUDA; labelling on {dev} in float32", stacklevel=3)
+        return None
+    return amp

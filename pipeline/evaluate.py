@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import Source, model_inputs
-from .models import model_stats
+from pipeline.data.datasets import Source, model_inputs
+from pipeline.models.registry import model_stats
 
 
 def _tensor(a, dtype=None) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _check_labels(logits: torch.Tensor, y: torch.Tensor) -> None:
 def predict_logits(model: nn.Module, x, *, batch_size: int = 512,
                    device: str | torch.device = "cpu") -> torch.Tensor:
     """Logits (N, C) float32 on CPU in eval mode, for inputs x (N, ...) or for every row
-    (view 0) of a Source (pipeline/data.py: tokenized, decoded... per batch); the model's
+    (view 0) of a Source (pipeline/data/datasets.py: tokenized, decoded... per batch); the model's
     train/eval mode is restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -96,7 +96,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def digits():
     """sklearn digits split 300 train / 100 val."""
-    from pipeline.data import load_digits8, split_dataset
+    from pipeline.data.datasets import load_digits8, split_dataset
     return split_dataset(load_digits8(), seed=0, sizes={"train": 300, "val": 100})
 
 

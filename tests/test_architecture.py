@@ -11,24 +11,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = set(sys.stdlib_module_names)
 
 
-def imports(package: str) -> dict[str, set[str]]:
-    """{module: {imported module names, absolute}} for every .py in `package`."""
+def modules(package: str) -> dict[str, ast.Module]:
+    """{dotted module name: parsed source} for every .py under `package`, sub-packages included."""
     out = {}
-    for name in sorted(os.listdir(os.path.join(ROOT, package))):
-        if not name.endswith(".py"):
-            continue
-        mod = f"{package}.{name[:-3]}" if name != "__init__.py" else package
-        tree = ast.parse(open(os.path.join(ROOT, package, name)).read())
+    for folder, _, files in os.walk(os.path.join(ROOT, package)):
+        rel = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                mod = rel if name == "__init__.py" else f"{rel}.{name[:-3]}"
+                out[mod] = ast.parse(open(os.path.join(folder, name)).read())
+                if name == "__init__.py":
+                    PACKAGES.add(mod)
+    return out
+
+
+PACKAGES: set[str] = set()
+
+
+def _base(mod: str, node: ast.ImportFrom) -> str:
+    """The absolute module an ImportFrom names (relative levels resolved; a package's
+    __init__ is its own level)."""
+    if not node.level:
+        return node.module
+    parts = mod.split(".")[:len(mod.split(".")) - node.level + (1 if mod in PACKAGES else 0)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def imports(package: str) -> dict[str, set[str]]:
+    """{module: {imported module names, absolute}} for every module under `package`."""
+    out = {}
+    for mod, tree in modules(package).items():
         got = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 got |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom):
-                if node.level:   # relative: from .x import y  /  from . import x
-                    base = package if node.module is None else f"{package}.{node.module}"
-                    got |= {base} if node.module else {f"{package}.{a.name}" for a in node.names}
-                else:
-                    got.add(node.module)
+                base = _base(mod, node)
+                got |= {base} if node.module else {f"{base}.{a.name}" for a in node.names}
         out[mod] = got
     return out
 
@@ -70,3 +89,15 @@ def test_flows_use_the_public_storage_api():
     for mod, deps in imports("flows").items():
         private = sorted(d for d in deps if d.startswith("storage."))
         assert not private, f"{mod} reaches past storage's public API: {private}"
+
+
+@pytest.mark.parametrize("package", ["storage", "pipeline", "flows"])
+def test_no_private_name_is_imported_across_modules(package):
+    """A `_name` is its module's own business: no other module imports it (tests may)."""
+    found = []
+    for mod, tree in modules(package).items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{mod} imports {a.name} from {_base(mod, node)}" for a in node.names
+                          if a.name.startswith("_") and a.name != "__future__" and node.module != "__future__"]
+    assert not found, "\n".join(found)

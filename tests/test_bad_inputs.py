@@ -19,8 +19,8 @@ import torch
 from conftest import TINY, cli_in_process
 from flows.config import ConfigError, load_config
 from flows.preflight import preflight
-from pipeline.checkpoint import FORMAT, VERSION, save_checkpoint
-from pipeline.models import build_model
+from pipeline.models.checkpoint import FORMAT, VERSION, save_checkpoint
+from pipeline.models.registry import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_PREFLIGHT = "preflight" in (REPO / "flows" / "cli.py").read_text()
@@ -138,7 +138,7 @@ def test_preflight_passes_a_good_config_and_a_trusted_factory(tmp_path, monkeypa
     preflight(load_config(TINY, _overrides(tmp_path)))
     # a teacher checkpoint built by the user's own factory: fine once the config names it
     (tmp_path / "bad_inputs_zoo.py").write_text(textwrap.dedent("""
-        from pipeline.models import small_cnn
+        from pipeline.models.registry import small_cnn
         def net(**kw):
             return small_cnn(**kw)
     """))
@@ -192,7 +192,7 @@ def test_pwned_checkpoint_through_the_cli_runs_nothing(bad_files, tmp_path, pref
 @pytest.mark.skipif(not RECIPES_TRUST, reason="pending: flows/recipes.py does not pass "
                     "cfg.model_factories() to load_model yet")
 def test_a_teacher_from_a_factory_the_config_names_labels(tmp_path, prefect_server):
-    (tmp_path / "cli_zoo.py").write_text("from pipeline.models import small_cnn\n"
+    (tmp_path / "cli_zoo.py").write_text("from pipeline.models.registry import small_cnn\n"
                                          "def net(**kw):\n    return small_cnn(**kw)\n")
     arch = {"arch": "cli_zoo:net", "kwargs": {"channels": [4]}}
     sys.path.insert(0, str(tmp_path))

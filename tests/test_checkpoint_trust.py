@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import FORMAT, VERSION, checkpoint_info, load_checkpoint, load_model, save_checkpoint
-from pipeline.models import UntrustedFactoryError, build_model
+from pipeline.models.checkpoint import FORMAT, VERSION, checkpoint_info, load_checkpoint, load_model, save_checkpoint
+from pipeline.models.registry import UntrustedFactoryError, build_model
 
 
 def _crafted(path, arch: dict, **extra):
@@ -55,7 +55,7 @@ def test_refused_before_the_module_is_imported(tmp_path, monkeypatch):
 def user_zoo(tmp_path, monkeypatch):
     (tmp_path / "user_zoo_mod.py").write_text(textwrap.dedent("""
         import torch.nn as nn
-        from pipeline.models import Classifier
+        from pipeline.models.registry import Classifier
 
         def small(*, in_shape, num_classes, hidden: int = 3):
             return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0], hidden)), nn.Linear(hidden, num_classes))

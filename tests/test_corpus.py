@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from _tiny_hf import tiny_tokenizer
-from pipeline import corpus as corpus_mod
-from pipeline.corpus import TokenCorpus
-from pipeline.data import Source
+from pipeline.data import corpus as corpus_mod
+from pipeline.data.corpus import TokenCorpus
+from pipeline.data.datasets import Source
 
 DOCS = ["the dress is very good", "", "i love this top and the fabric is soft",
         "bad fit , too tight", "   ", "nice color but cheap fabric so i return it", "great skirt"]
@@ -20,7 +20,7 @@ DOCS = ["the dress is very good", "", "i love this top and the fabric is soft",
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     return load_tokenizer(str(tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok")))
 
 
@@ -71,7 +71,7 @@ def test_reopening_maps_the_cache_with_the_same_ids_and_rows(tok, tmp_path, monk
     files = sorted(os.listdir(cache))
     assert len(files) == 3 and files[0].endswith(".docs.npy") and files[1].endswith(".json")
     assert files[2].endswith(".tokens.npy")
-    monkeypatch.setattr(corpus_mod, "_build", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr(corpus_mod, "build_cache", lambda *a, **k: pytest.fail("tokenized again"))
     b = _open(path, tok, cache)
     assert isinstance(b.tokens, np.memmap)
     assert np.array_equal(a.sample_ids, b.sample_ids) and a.fingerprint() == b.fingerprint()
@@ -85,7 +85,7 @@ def test_reopening_maps_the_cache_with_the_same_ids_and_rows(tok, tmp_path, monk
 
 
 def test_fingerprint_changes_with_the_text_and_the_tokenizer(tok, tmp_path):
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     cache = tmp_path / "cache"
     a = _open(_jsonl(tmp_path / "a.jsonl", DOCS), tok, cache)
     b = _open(_jsonl(tmp_path / "b.jsonl", DOCS[:-1] + ["great dress"]), tok, cache)
@@ -161,7 +161,7 @@ def test_a_failed_build_leaves_no_cache(tok, tmp_path, monkeypatch):
         return tok(texts, **kw)
     monkeypatch.setattr(corpus_mod, "BATCH_DOCS", 64)
     with pytest.raises(KeyboardInterrupt):
-        corpus_mod._build(corpus_mod._jsonl_texts(str(path), "text"), dying, 3, np.uint16,
+        corpus_mod.build_cache(corpus_mod._jsonl_texts(str(path), "text"), dying, 3, np.uint16,
                           str(cache / "k.tokens.npy"), str(cache / "k.json"), {"source": {"path": str(path)}})
     assert os.listdir(cache) == []
 

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import (ArrayDataset, Source, load_dataset, load_digits8, load_mnist5k, load_npz,
+from pipeline.data.datasets import (ArrayDataset, Source, load_dataset, load_digits8, load_mnist5k, load_npz,
                            load_parquet, open_source, split_dataset)
 
 

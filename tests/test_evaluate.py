@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import ArrayDataset
+from pipeline.data.datasets import ArrayDataset
 from pipeline.evaluate import (accuracy, agreement, compare_report, evaluate, expected_calibration_error,
                                per_class_accuracy, predict_logits)
-from pipeline.models import build_model
+from pipeline.models.registry import build_model
 
 
 def logits_for(conf_pred):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.data import load_digits8, split_dataset
-from pipeline.export import (compression_report, export_safetensors, export_torchscript, load_safetensors,
+from pipeline.data.datasets import load_digits8, split_dataset
+from pipeline.models.export import (compression_report, export_safetensors, export_torchscript, load_safetensors,
                              quantize_dynamic_int8)
-from pipeline.models import build_model
+from pipeline.models.registry import build_model
 
 IN_SHAPE = (1, 8, 8)
 

@@ -1,4 +1,4 @@
-"""Hugging Face adapters (pipeline/hf.py) and the token students (pipeline/text_models.py), on
+"""Hugging Face adapters (pipeline/models/hf.py) and the token students (pipeline/models/token_classifiers.py), on
 tiny random BERTs from tests/_tiny_hf.py; one slow test loads the packaged MiniLM."""
 import importlib.util
 import json
@@ -10,11 +10,11 @@ import shutil
 import pytest
 import torch
 
-import pipeline.text  # noqa: F401  (HF offline mode, before transformers)
-from pipeline.checkpoint import load_model, save_checkpoint
-from pipeline.hf import param_counts
-from pipeline.models import build_model, complete_spec, model_adapter
-from pipeline.text import load_tokenizer
+import pipeline.hf_files  # noqa: F401  (HF offline mode, before transformers)
+from pipeline.models.checkpoint import load_model, save_checkpoint
+from pipeline.models.hf import param_counts
+from pipeline.models.registry import build_model, complete_spec, model_adapter
+from pipeline.hf_files import load_tokenizer
 from tests._tiny_hf import WORDS, tiny_encoder, tiny_tokenizer
 
 HF_ARCHS = ("hf-encoder", "hf-sequence-classification")
@@ -331,14 +331,14 @@ def test_packaged_minilm_loads_freezes_and_runs():
     assert logits.shape == (3, 3) and feats.shape == (3, 384) and torch.isfinite(logits).all()
     # the packaged weights are loaded, not random: real sentences give distinct embeddings
     assert torch.nn.functional.cosine_similarity(feats[0], feats[1], dim=0) < 0.99
-    assert os.path.isdir(pipeline.text.resolve_model_path(MINILM))
+    assert os.path.isdir(pipeline.hf_files.resolve_model_path(MINILM))
 
 
 def test_tokenizer_fingerprint_ignores_call_settings(tmp_path):
     """Calling a fast tokenizer rewrites its truncation/padding state; the same tokenizer
     must keep its fingerprint (it is lineage: a change would refuse every student)."""
     from _tiny_hf import tiny_tokenizer
-    from pipeline.text import load_tokenizer, tokenizer_fingerprint
+    from pipeline.hf_files import load_tokenizer, tokenizer_fingerprint
     tok = load_tokenizer(str(tiny_tokenizer(tmp_path / "tok")))
     before = tokenizer_fingerprint(tok)
     tok(["the good dress", "bad"], truncation=True, max_length=4, padding="longest")

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import storage
-from pipeline.data import load_digits8
-from pipeline.label import feature_shape, label_dataset, label_shard, plan_shards, resolve_device
-from pipeline.models import build_model
-from pipeline.views import ViewSpec, apply_views
+from pipeline.data.datasets import load_digits8
+from pipeline.labelling.classify import feature_shape, label_dataset, label_shard, plan_shards, resolve_device
+from pipeline.models.registry import build_model
+from pipeline.views.images import ViewSpec, apply_views
 
 T = 3.0
 SPEC = ViewSpec(shift=1, noise_std=0.05, seed=7)

@@ -32,7 +32,7 @@ def _write_npz(path, x, y, ids):
 def npz_run(tmp_path_factory):
     from flows.flows import label_flow
     from flows.recipes import ensure_teacher
-    from pipeline.data import load_digits8
+    from pipeline.data.datasets import load_digits8
     root = tmp_path_factory.mktemp("lineage")
     d = load_digits8()
     npz = _write_npz(root / "data" / "digits_npz.npz", d.x, d.y, d.sample_ids)
@@ -126,7 +126,7 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
     of that split, in the same runs directory: every student trains again, evaluated on the new split."""
     from flows.flows import label_flow, students_flow
     from flows.recipes import eval_split, splits, student_runs, train_student
-    from pipeline.checkpoint import load_model
+    from pipeline.models.checkpoint import load_model
     from pipeline.evaluate import evaluate
     base = [*npz_run["overrides"], *SMALL]
     cfg0 = load_config(TINY, base)
@@ -174,7 +174,7 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
 def test_teacher_of_another_lineage_is_refused_and_retrain_replaces_it(npz_run, tmp_path, capsys):
     from flows.cli import main
     from flows.recipes import TeacherLineageError, check_teacher_lineage, ensure_teacher
-    from pipeline.checkpoint import checkpoint_info
+    from pipeline.models.checkpoint import checkpoint_info
     src = npz_run["cfg"].teacher_path()
     runs = tmp_path / "runs"
     (runs / "tiny").mkdir(parents=True)
@@ -228,7 +228,7 @@ def test_teacher_of_another_lineage_is_refused_and_retrain_replaces_it(npz_run, 
 
 def test_teacher_without_recorded_lineage_is_refused(npz_run, tmp_path):
     from flows.recipes import TeacherLineageError, ensure_teacher
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.models.checkpoint import load_checkpoint
     payload = load_checkpoint(npz_run["cfg"].teacher_path())
     del payload["metadata"]["lineage"]  # as written before lineage was recorded
     (tmp_path / "tiny").mkdir()

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from _tiny_hf import WORDS, tiny_tokenizer
-import pipeline.text  # noqa: F401  (offline mode before transformers)
+import pipeline.hf_files  # noqa: F401  (offline mode before transformers)
 import storage
-from pipeline.corpus import TokenCorpus
-from pipeline.lm_label import label_corpus, lm_teacher_forward
-from pipeline.lm_losses import lm_kd_loss
-from pipeline.lm_stream import StoredTokenStream
-from pipeline.token_labels import quantize_labels, sampled_token_labels, topk_token_labels
+from pipeline.data.corpus import TokenCorpus
+from pipeline.labelling.tokens import label_corpus, lm_teacher_forward
+from pipeline.objectives.tokens import lm_kd_loss
+from pipeline.training.token_stream import StoredTokenStream
+from pipeline.labelling.token_summaries import quantize_labels, sampled_token_labels, topk_token_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny-llama-0"}
@@ -41,7 +41,7 @@ def tiny_llama(vocab: int, seed: int = 0, max_pos: int = 64):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     root = tmp_path_factory.mktemp("lm")
     tok_dir = str(tiny_tokenizer(root / "tok"))
     tok = load_tokenizer(tok_dir)
@@ -173,11 +173,11 @@ def test_resume_after_interruption_gives_the_same_bytes(env, tmp_path):
 CHILD = """
 import sys, time
 sys.path[:0] = [{root!r}, {tests!r}]
-import pipeline.text
-from pipeline.corpus import TokenCorpus
-from pipeline.lm_label import label_corpus
-from pipeline.lm_teacher import load_causal_lm
-from pipeline.text import load_tokenizer
+import pipeline.hf_files
+from pipeline.data.corpus import TokenCorpus
+from pipeline.labelling.tokens import label_corpus
+from pipeline.models.gguf import load_causal_lm
+from pipeline.hf_files import load_tokenizer
 tok = load_tokenizer({tok_dir!r})
 c = TokenCorpus.from_text_files({docs!r}, tokenizer=tok, tokenizer_path={tok_dir!r}, seq_len={L}, cache_dir={cache!r})
 m = load_causal_lm({model_dir!r})
@@ -280,7 +280,7 @@ def test_student_step_lowers_the_kd_loss(env, stored):
 
 
 def test_stream_refuses_another_tokenizer(env, stored, tmp_path):
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     other_dir = str(tiny_tokenizer(tmp_path / "tok2", words=list(reversed(WORDS))))
     other = TokenCorpus.from_text_files(env["root"] / "docs", tokenizer=load_tokenizer(other_dir),
                                         tokenizer_path=other_dir, seq_len=L, cache_dir=str(tmp_path / "cache"))

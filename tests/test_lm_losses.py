@@ -1,4 +1,4 @@
-"""Tests for pipeline.lm_losses: hand-computed values (plain math), invariants, refusals."""
+"""Tests for pipeline.objectives.tokens: hand-computed values (plain math), invariants, refusals."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.lm_losses import jsd_topk, lm_kd_loss, next_token_ce, reverse_kl_topk, sampled_kl, topk_tail_kl
+from pipeline.objectives.tokens import jsd_topk, lm_kd_loss, next_token_ce, reverse_kl_topk, sampled_kl, topk_tail_kl
 
 Z = [1.0, 0.5, -0.5, 0.0, 2.0]         # student logits, V = 5
 P = [0.5, 0.2, 0.15, 0.1, 0.05]        # the teacher's full distribution at T = 1
@@ -361,7 +361,7 @@ def test_no_rows_by_vocab_intermediate_is_kept_for_backward():
 
 def _autograd_forward_kl(z, ids, logp, missing, temperature):
     """The plain-autograd reference: _buckets + _kl (the formula, no hand-written gradient)."""
-    from pipeline.lm_losses import _forward_kl
+    from pipeline.objectives.tokens import _forward_kl
     return _forward_kl(z, ids, logp, missing, temperature=temperature).mean()
 
 
@@ -385,7 +385,7 @@ def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, with_mi
 
 
 def test_fused_topk_kl_gradcheck_in_double():
-    from pipeline.sparse_ce import SparseTargetCE
+    from pipeline.objectives.sparse_ce import SparseTargetCE
     g = torch.Generator().manual_seed(4)
     s = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0]])

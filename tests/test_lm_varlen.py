@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from _tiny_hf import WORDS, tiny_tokenizer
-import pipeline.text  # noqa: F401  (offline mode before transformers)
+import pipeline.hf_files  # noqa: F401  (offline mode before transformers)
 import storage
-from pipeline.corpus import TokenCorpus
-from pipeline.lm_label import label_corpus, label_corpus_many, output_spec
-from pipeline.lm_stream import StoredTokenStream
-from pipeline.lm_student import llama_student, perplexity
-from pipeline.lm_train import LMTrainConfig, loss_terms, train_lm_student
-from pipeline.token_labels import topk_token_labels
+from pipeline.data.corpus import TokenCorpus
+from pipeline.labelling.tokens import label_corpus, label_corpus_many, output_spec
+from pipeline.training.token_stream import StoredTokenStream
+from pipeline.models.causal_lm import llama_student, perplexity
+from pipeline.training.lm_loop import LMTrainConfig, loss_terms, train_lm_student
+from pipeline.labelling.token_summaries import topk_token_labels
 
 L, K, DRAWS = 16, 8, 16
 TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny-llama-0"}
@@ -26,7 +26,7 @@ DOC_WORDS = [3, 40, 17, 1, 16, 29, 8, 55, 12, 2]     # words per document: windo
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from test_lm_label import tiny_llama
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     root = tmp_path_factory.mktemp("varlen")
     tok_dir = str(tiny_tokenizer(root / "tok"))
     tok = load_tokenizer(tok_dir)

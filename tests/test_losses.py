@@ -1,4 +1,4 @@
-"""Tests for pipeline.losses: hand-computed values, references, invariants, errors."""
+"""Tests for pipeline.objectives.dense: hand-computed values, references, invariants, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.objectives.dense import (
     HintLoss,
     distillation_loss,
     logit_mse,

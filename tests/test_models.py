@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.models import (ARCHS, Classifier, ModelAdapter, ModelSpec, UntrustedFactoryError, build_model, mlp,
+from pipeline.models.registry import (ARCHS, Classifier, ModelAdapter, ModelSpec, UntrustedFactoryError, build_model, mlp,
                              model_adapter, model_stats, resnet_cnn, small_cnn)
 
 IMAGE_SHAPES = [(1, 28, 28), (1, 8, 8)]
@@ -88,7 +88,7 @@ def test_build_errors():
 def factory_module(tmp_path, monkeypatch):
     (tmp_path / "my_student_zoo.py").write_text(textwrap.dedent("""
         import torch.nn as nn
-        from pipeline.models import Classifier
+        from pipeline.models.registry import Classifier
 
         def tiny(*, in_shape, num_classes, hidden: int = 5):
             d = 1

@@ -1,4 +1,4 @@
-"""pipeline.objective.Objective against values computed by hand (numpy, float64) from small
+"""pipeline.objectives.objective.Objective against values computed by hand (numpy, float64) from small
 explicit tensors: every loss x {single, multi-teacher where defined} x alpha x hint/RKD,
 pad rows (weight 0), a stored temperature T different from the student's T' (the rescale)."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import HintLoss
-from pipeline.objective import Objective, rescale
+from pipeline.objectives.dense import HintLoss
+from pipeline.objectives.objective import Objective, rescale
 from storage import rescale as storage_rescale
 
 # 4 rows, 3 classes; row 2 is a pad row (weight 0) with wild values that must not leak in

@@ -1,16 +1,16 @@
-"""pipeline.replay: stored rows recomputed with the teacher match, and rows whose inputs
+"""pipeline.labelling.replay: stored rows recomputed with the teacher match, and rows whose inputs
 cannot be regenerated (a view function that is not deterministic) are reported."""
 import numpy as np
 import pytest
 import torch
 
 import storage
-from pipeline.data import ArrayDataset
-from pipeline.label import label_dataset
-from pipeline.models import build_model
-from pipeline.replay import replay_rows
-from pipeline.transforms import FunctionView
-from pipeline.views import ViewSpec
+from pipeline.data.datasets import ArrayDataset
+from pipeline.labelling.classify import label_dataset
+from pipeline.models.registry import build_model
+from pipeline.labelling.replay import replay_rows
+from pipeline.views.transforms import FunctionView
+from pipeline.views.images import ViewSpec
 
 VIEW_FNS = '''
 import torch

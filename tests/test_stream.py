@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import ArrayDataset
-from pipeline.stream import HardLabelBatches, StoredLabelStream
-from pipeline.views import ViewSpec, apply_views
+from pipeline.data.datasets import ArrayDataset
+from pipeline.training.stream import HardLabelBatches, StoredLabelStream
+from pipeline.views.images import ViewSpec, apply_views
 from storage import SoftLabelWriter
 from storage.topk import scaled_topk
 
@@ -107,7 +107,7 @@ def test_stream_topk_fields(tmp_path):
 def test_joined_chunks_cut_into_exactly_the_readers_batches(tmp_path, monkeypatch, chunk_batches):
     """The stream joins k batches per read and cuts them; its batches must be the reader's
     iter_batches(B) batches row for row (order, pad rows, partial last batch), per rank."""
-    import pipeline.stream as st
+    import pipeline.training.stream as st
     from storage import open_soft_labels
     inputs = make_inputs(n=37)
     uri = write_store(str(tmp_path / "sl"), inputs, views=3, shards=4)
@@ -137,7 +137,7 @@ def test_joined_chunks_cut_into_exactly_the_readers_batches(tmp_path, monkeypatc
 def test_stream_yields_stored_data_only(tmp_path):
     """Batches carry the stored columns and the inputs, nothing derived from a student
     temperature (no teacher_probs / teacher_neg_entropy / rescaled logits): the objective
-    (pipeline/objective.py) does every temperature step. The stream exposes each teacher's
+    (pipeline/objectives/objective.py) does every temperature step. The stream exposes each teacher's
     stored T, and refuses the removed kd_temperature argument."""
     inputs = make_inputs(n=30)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2, temperature=2.0)
@@ -157,7 +157,7 @@ def test_stream_yields_stored_data_only(tmp_path):
 def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
     """worker_numpy: a DataLoader worker hands over numpy arrays (collate_fn=keep_batch);
     wrapped with torch.as_tensor they equal the in-process tensor batches, field by field."""
-    from pipeline.stream import keep_batch
+    from pipeline.training.stream import keep_batch
     inputs = make_inputs(n=30)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
     stream = StoredLabelStream(uri, inputs, SPEC, batch_size=8, seed=2)

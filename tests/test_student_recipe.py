@@ -1,5 +1,5 @@
-"""The one student recipe (pipeline/student.py): the flows' train_student and the torchrun
-entry pipeline/ddp.py both call it, so their checkpoints carry the same metadata shape."""
+"""The one student recipe (pipeline/training/student.py): the flows' train_student and the torchrun
+entry pipeline/training/ddp.py both call it, so their checkpoints carry the same metadata shape."""
 import json
 
 import numpy as np
@@ -27,7 +27,7 @@ def labelled(tmp_path_factory):
 
 
 def _ddp(labelled, out, *extra):
-    from pipeline.ddp import main
+    from pipeline.training.ddp import main
     return main(["--soft-labels", labelled["uri"], "--dataset", "digits",
                  "--split", json.dumps({"train": 600, "val": 200, "test": 300}), "--split-seed", "0",
                  "--arch", json.dumps({"arch": "mlp", "kwargs": {"width": 16, "depth": 1}}), "--epochs", "1",
@@ -37,8 +37,8 @@ def _ddp(labelled, out, *extra):
 
 def test_flows_and_ddp_students_share_one_metadata_shape(labelled, tmp_path):
     from flows.recipes import student_runs, train_student
-    from pipeline.checkpoint import checkpoint_info
-    from pipeline.student import STUDENT_METADATA_KEYS
+    from pipeline.models.checkpoint import checkpoint_info
+    from pipeline.training.student import STUDENT_METADATA_KEYS
     cfg, teacher, uri = labelled["cfg"], labelled["teacher"], labelled["uri"]
     runs = {r["mode"]: r for r in student_runs(cfg)}
     flows_out = {mode: train_student(cfg, teacher, uri, run) for mode, run in runs.items()}
@@ -87,8 +87,8 @@ def test_ddp_entry_resumes_by_lineage(labelled, tmp_path, capsys):
 
 
 def test_baseline_rule():
-    from pipeline.student import baseline_config, baseline_epochs
-    from pipeline.train import TrainConfig
+    from pipeline.training.student import baseline_config, baseline_epochs
+    from pipeline.training.loop import TrainConfig
     # label split = labelled split: V x the epochs
     assert baseline_epochs(3, label_samples=600, num_views=2, labelled_samples=600, batch_size=64) == 6
     # scarce labels, large transfer set: many more epochs of the labelled subset
@@ -100,7 +100,7 @@ def test_baseline_rule():
 
 def test_teacher_eval_logits_are_cached(labelled, tmp_path):
     from flows.recipes import eval_split
-    from pipeline.student import teacher_eval_logits
+    from pipeline.training.student import teacher_eval_logits
     test = eval_split(labelled["cfg"])
     z = teacher_eval_logits(labelled["teacher"], test, tmp_path)
     assert z.shape == (len(test), 10) and len(list(tmp_path.glob("teacher-eval-logits-*.npy"))) == 1

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
-from pipeline.data import ArrayDataset
-from pipeline.models import build_model
-from pipeline.teacher import apply_freeze, finetune, train_teacher
-from pipeline.train import TrainConfig
-from pipeline.views import ViewSpec
+from pipeline.models.checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
+from pipeline.data.datasets import ArrayDataset
+from pipeline.models.registry import build_model
+from pipeline.training.teacher import apply_freeze, finetune, train_teacher
+from pipeline.training.loop import TrainConfig
+from pipeline.views.images import ViewSpec
 
 CNN = {"arch": "cnn", "kwargs": {"channels": [8, 16]}}
 

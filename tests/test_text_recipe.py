@@ -100,7 +100,7 @@ def test_replay_matches_and_refuses_a_changed_teacher(text_run, capsys, tmp_path
     import torch
     from flows.cli import main
     from flows.config import load_config
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.models.checkpoint import load_checkpoint
     cfg = load_config(text_run["config"])
     uri = cfg.soft_label_uri()
     assert main(["inspect", uri, "--replay", "16"]) == 0
@@ -192,7 +192,7 @@ def test_ddp_text_student_from_the_stored_labels(text_run, tmp_path):
            "label_column": "Sentiment"}
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "pipeline.ddp",
+           f"--master_port={port}", "-m", "pipeline.training.ddp",
            "--soft-labels", str(tmp / "runs" / "tinytext" / "soft_labels"), "--source", json.dumps(src),
            "--tokenizer", str(tmp / "encoder"), "--max-length", "16",
            "--split", json.dumps({"test": 80, "train": 60, "transfer": 200, "val": 40}), "--train-split", "transfer",
@@ -217,7 +217,7 @@ def test_dataloader_workers_tokenize_in_parallel(text_run):
 
     from flows import recipes
     from flows.config import load_config
-    from pipeline.stream import StoredLabelStream, keep_batch
+    from pipeline.training.stream import StoredLabelStream, keep_batch
     cfg = load_config(text_run["config"])
     inputs = recipes.splits(cfg)["transfer"]
     assert len(pickle.dumps(inputs)) < 200_000           # the mapped table stays behind

@@ -1,10 +1,10 @@
-"""pipeline/token_labels.py: top-k and sampled per-token labels against numpy references,
+"""pipeline/labelling/token_summaries.py: top-k and sampled per-token labels against numpy references,
 dtype handling, chunk invariance, reproducible draws, and KL(reconstruction || teacher)."""
 import numpy as np
 import pytest
 import torch
 
-from pipeline.token_labels import (quantize_labels, reconstruction_kl, sampled_token_labels, topk_token_labels)
+from pipeline.labelling.token_summaries import (quantize_labels, reconstruction_kl, sampled_token_labels, topk_token_labels)
 
 V = 50
 
@@ -169,7 +169,7 @@ def test_uint8_log_codes_match_storage_and_cost_little_kl():
     assert ((q["missing_mass"] - lab["missing_mass"]).abs() <= 0.033 * lab["missing_mass"]).all()
 
 
-# --- the two-stage top-k (pipeline.token_labels._top_m) against a plain reference ----------
+# --- the two-stage top-k (pipeline.labelling.token_summaries._top_m) against a plain reference ----------
 
 def reference_topk(z: torch.Tensor, k: int) -> dict:
     """Straightforward labels in float64: log_softmax over the full vocabulary, the ids of a

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import load_mnist5k, split_dataset
+from pipeline.data.datasets import load_mnist5k, split_dataset
 from pipeline.evaluate import predict_logits
-from pipeline.models import build_model
-from pipeline.stream import StoredLabelStream
-from pipeline.teacher import train_teacher
-from pipeline.train import TrainConfig, make_schedule, train
-from pipeline.views import ViewSpec, apply_views
+from pipeline.models.registry import build_model
+from pipeline.training.stream import StoredLabelStream
+from pipeline.training.teacher import train_teacher
+from pipeline.training.loop import TrainConfig, make_schedule, train
+from pipeline.views.images import ViewSpec, apply_views
 from storage import SoftLabelWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,7 +232,7 @@ def test_ddp_two_ranks_see_every_row_once_per_epoch(digits, digit_labels, tmp_pa
     rec = tmp_path / "ids"
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "pipeline.ddp",
+           f"--master_port={_free_port()}", "-m", "pipeline.training.ddp",
            "--soft-labels", digit_labels["dense"], "--dataset", "digits",
            "--split", json.dumps({"train": 300, "val": 100}), "--arch", json.dumps(MLP), "--epochs", "2",
            "--out", str(out), "--record-ids", str(rec), "--threads", "1",
@@ -281,7 +281,7 @@ def test_lr_schedules():
 
 def test_hint_and_rkd_losses_from_stored_features(digits, tmp_path):
     """FitNets hint + RKD on the teacher feature stored at labelling time (forward hook)."""
-    from pipeline.label import label_dataset
+    from pipeline.labelling.classify import label_dataset
     tr, va = digits["train"], digits["val"]
     teacher = student(1, {"arch": "mlp", "kwargs": {"width": 48, "depth": 1}})
     uri = str(tmp_path / "feat")

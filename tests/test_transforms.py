@@ -1,4 +1,4 @@
-"""pipeline/transforms.py: every view transform is a pure function of (transform,
+"""pipeline/views/transforms.py: every view transform is a pure function of (transform,
 sample_id, view, the row's input); view 0 is the identity; the identity dict round-trips."""
 import importlib
 import json
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.transforms import (KINDS, Compose, FunctionView, SignalViews, TokenViews, Transform,
+from pipeline.views.transforms import (KINDS, Compose, FunctionView, SignalViews, TokenViews, Transform,
                                  check_deterministic, row_generators, row_keys, transform_from_config,
                                  transform_from_dict)
-from pipeline.views import ViewSpec
+from pipeline.views.images import ViewSpec
 
 PAD, MASK, CLS, SEP = 0, 103, 101, 102
 SPECIALS = (PAD, CLS, SEP, MASK)

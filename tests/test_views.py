@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.views import ViewSpec, apply_views, view_params
+from pipeline.views.images import ViewSpec, apply_views, view_params
 
 SPEC = ViewSpec(shift=3, hflip=True, noise_std=0.1, seed=11)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +139,7 @@ def test_bad_inputs():
 
 _CHILD = """
 import sys, numpy as np, torch
-from pipeline.views import ViewSpec, apply_views
+from pipeline.views.images import ViewSpec, apply_views
 x = torch.from_numpy(np.load(sys.argv[1]))
 ids, views = np.load(sys.argv[2]), np.load(sys.argv[3])
 spec = ViewSpec.from_dict({"shift": 3, "hflip": True, "noise_std": 0.1, "seed": 11})

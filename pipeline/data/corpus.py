@@ -1,0 +1,469 @@
+"""A token corpus for language-model distillation: documents -> one token stream -> fixed
+windows with next-token targets (a pipeline.data.datasets.Source, input_kind "tokens").
+
+    tok = pipeline.hf_files.load_tokenizer(teacher_dir)
+    corpus = TokenCorpus.from_jsonl(".assets/kjv.jsonl", tokenizer=tok, tokenizer_path=teacher_dir,
+                                    seq_len=128)
+    parts = corpus.split(seed=0, fractions={"train": 0.9, "test": 0.1}, stratify=False)
+    x = parts["train"].encode(pos)          # (B, 128) int64 inputs
+    t = parts["train"].targets(pos)         # (B, 128) int64: x shifted by one (next token)
+
+Documents (a JSONL file's `text_field` per line, every sorted *.txt file of a folder, or a
+Parquet text column per row) are tokenized with the fast tokenizer without special tokens,
+and joined into one stream with one separator token between consecutive documents
+(`separator_id`, default the tokenizer's EOS, else its SEP). Empty or whitespace-only
+documents (and nulls) are skipped and counted; a corpus with no text is refused.
+
+Windows: window i is stream[i*L : i*L + L + 1] (L = seq_len): inputs its first L tokens,
+targets its last L. Consecutive windows share one token, so every token of the stream but
+the first is a target exactly once. The tokens after the last full window are dropped and
+counted (describe()["dropped_tokens"]).
+
+windows="documents" instead keeps documents apart: each document's positions (its
+tokens as inputs, the next token as target, the separator as the last target) are cut into
+windows of at most L, the last one of a document shorter, and no window crosses a document
+boundary (document_windows). windows() pads short windows with the separator id;
+lengths() gives each window's real positions and lm_batch() the batch with its mask. The
+labels of such a corpus are variable-length sequences (docs/format.md, "Token layouts").
+
+Sample ids: the window index i. They are stable for the same content, tokenizer, separator
+and seq_len (re-opening, re-tokenizing, another process), and only then: windows cross
+document boundaries, so editing, inserting or removing a document renumbers every window
+after it. Such a change changes the token ids and with them fingerprint(), so labels stored
+for the old corpus fail the lineage check rather than silently pairing with other text.
+
+The cache: the stream is tokenized once into `<cache_dir>/<key>.tokens.npy` (uint16 when
+the vocabulary fits, else uint32; cache_dir = $DISTILLERY_CACHE/corpus, else
+~/.cache/distillery/corpus) with a JSON sidecar `<key>.json` (counts; the content
+fingerprint, sha256 of the token ids). The key hashes the input files' sha256, the
+tokenizer fingerprint, the text field and the separator, not seq_len: every seq_len maps
+the same stream. `<key>.docs.npy` holds each document's first stream offset. Tokens then sidecar are os.replace'd from temporary names, so a killed
+build leaves no cache that opens. Opening maps the .npy (np.load mmap_mode="r"); pickling
+drops the map (the receiver maps it again) and holds no tokenizer.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+from pipeline.data.datasets import split_dataset
+from pipeline.paths import cache_root, file_sha256
+from pipeline.data.table import TableSource, stable_json
+
+CORPUS_VERSION = 1
+BATCH_DOCS = 1024
+WINDOWS = ("packed", "documents")
+
+
+def corpus_root(cache_dir=None) -> str:
+    """cache_dir, else $DISTILLERY_CACHE/corpus, else ~/.cache/distillery/corpus."""
+    return cache_root("corpus", cache_dir)
+
+
+def _sha256(path: str) -> str:
+    return file_sha256(path)
+
+
+def _file(path) -> str:
+    p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isfile(p):
+        raise ValueError(f"corpus file not found: {path} ({p})")
+    return p
+
+
+# ---------------------------------------------------------------- readers: batches of texts (None = null)
+
+def _jsonl_texts(path: str, field: str):
+    batch = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
+            if not isinstance(row, dict) or field not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{path}: line {n} has no field {field!r} (found {keys}); set text_field")
+            if row[field] is not None and not isinstance(row[field], str):
+                raise ValueError(f"{path}: line {n}: field {field!r} is {type(row[field]).__name__}, expected text")
+            batch.append(row[field])
+            if len(batch) == BATCH_DOCS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _txt_texts(files: list[str]):
+    for p in files:
+        try:
+            with open(p, encoding="utf-8") as f:
+                yield [f.read()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text ({e})") from None
+
+
+def _parquet_texts(path: str, column: str):
+    import pyarrow.parquet as pq
+    import pyarrow.types as pat
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise ValueError(f"{path}: text column {column!r} not found, columns are {names}")
+    t = pf.schema_arrow.field(column).type
+    if not (pat.is_string(t) or pat.is_large_string(t)):
+        raise ValueError(f"{path}: column {column!r} is {t}, expected text (string)")
+    for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=[column]):
+        yield batch.column(0).to_pylist()
+
+
+# ---------------------------------------------------------------- building the stream
+
+def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path: str, header: dict) -> dict:
+    """Tokenize every document, write the stream and the sidecar atomically; the sidecar."""
+    root = os.path.dirname(tokens_path)
+    os.makedirs(root, exist_ok=True)
+    fd, raw = tempfile.mkstemp(dir=root, prefix=".raw-")
+    h = hashlib.sha256()
+    docs = empty = rows = n = 0
+    starts: list[int] = []                   # stream offset of each document's first token
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for texts in batches:
+                rows += len(texts)
+                keep = [t for t in texts if t is not None and t.strip()]
+                enc = tokenizer(keep, add_special_tokens=False, return_attention_mask=False,
+                                return_token_type_ids=False, verbose=False)["input_ids"] if keep else []
+                flat: list[int] = []
+                for ids in enc:
+                    if not ids:
+                        continue
+                    if docs:
+                        flat.append(sep)
+                    starts.append(n + len(flat))
+                    flat.extend(ids)
+                    docs += 1
+                empty += len(texts) - sum(1 for ids in enc if ids)
+                arr = np.asarray(flat, dtype=np.int64)
+                h.update(arr.astype("<u4").tobytes())
+                f.write(arr.astype(dtype).tobytes())
+                n += len(arr)
+        if docs == 0:
+            raise ValueError(f"{header['source']['path']}: the corpus holds no text ({rows} document(s), all "
+                             f"empty, whitespace-only or null)")
+        fd2, tmp_npy = tempfile.mkstemp(dir=root, prefix=".tokens-", suffix=".npy")
+        try:
+            with os.fdopen(fd2, "wb") as out, open(raw, "rb") as src:
+                np.lib.format.write_array_header_1_0(
+                    out, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n,)})
+                shutil.copyfileobj(src, out, 1 << 22)
+            os.replace(tmp_npy, tokens_path)
+        finally:
+            if os.path.exists(tmp_npy):
+                os.remove(tmp_npy)
+        _save_atomic(docs_path(tokens_path), np.asarray(starts, dtype=np.int64))
+    finally:
+        os.remove(raw)
+    meta = {**header, "num_tokens": n, "documents": docs, "empty_documents": empty, "rows_in_source": rows,
+            "dtype": np.dtype(dtype).name, "fingerprint": h.hexdigest()}
+    fd3, tmp_json = tempfile.mkstemp(dir=root, prefix=".meta-", suffix=".json")
+    with os.fdopen(fd3, "w") as f:
+        json.dump(meta, f, sort_keys=True)
+    os.replace(tmp_json, json_path)
+    return meta
+
+
+def docs_path(tokens_path: str) -> str:
+    """The document starts beside a token stream: <key>.docs.npy (int64 stream offsets)."""
+    return tokens_path[:-len(".tokens.npy")] + ".docs.npy"
+
+
+def _save_atomic(path: str, a: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".docs-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, a)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def document_windows(doc_starts: np.ndarray, num_tokens: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """windows="documents": (stream start, length n <= L) of every window, documents in
+    order. Document d is the stream's tokens [s_d, e_d) (e_d its separator, or the stream's
+    end) and has e_d - s_d positions: inputs t[i], targets t[i + 1] with t[e_d] the
+    separator (the last target of a document is "end of document"). Its positions are cut
+    into windows of L, the last one shorter: no window crosses a document boundary."""
+    s = np.asarray(doc_starts, dtype=np.int64)
+    e = np.append(s[1:] - 1, num_tokens)                     # separators sit between documents
+    m = e - s                                                # positions per document (>= 1)
+    per = -(-m // L)                                         # windows per document
+    first = np.repeat(np.cumsum(per) - per, per)             # window index of its document's first
+    j = np.arange(int(per.sum())) - first                    # window number inside its document
+    doc = np.repeat(np.arange(len(s)), per)
+    start = s[doc] + j * L
+    return start, np.minimum(L, m[doc] - j * L)
+
+
+class TokenCorpus:
+    """Fixed token windows of a tokenized corpus (see the module docstring). Open one with
+    from_jsonl / from_text_files / from_table."""
+
+    input_kind = "tokens"
+    y = None
+    num_classes = None
+
+    def __init__(self, *, name: str, tokens_path: str, meta: dict, seq_len: int, tokenizer_info: dict,
+                 windows: str = "packed"):
+        if windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {list(WINDOWS)}, got {windows!r}")
+        self.name = name
+        self.split_spec = "full"
+        self.seq_len = int(seq_len)
+        self.window_mode = windows
+        self._tokens_path = tokens_path
+        self._meta = meta
+        self._tok_info = tokenizer_info
+        self._tokens = None
+        self._full = True
+        n = meta["num_tokens"]
+        self._win = None                       # documents: (stream start, length) per window
+        if windows == "documents":
+            self._win = document_windows(np.load(docs_path(tokens_path)), n, self.seq_len)
+            self.chunks_in_source = len(self._win[0])
+        else:
+            self.chunks_in_source = max(n - 1, 0) // self.seq_len
+        if self.chunks_in_source == 0:
+            raise ValueError(f"{meta['source']['path']}: the corpus has {n} token(s), fewer than one window of "
+                             f"seq_len + 1 = {self.seq_len + 1}; use a smaller seq_len or more text")
+        self.sample_ids = np.arange(self.chunks_in_source, dtype=np.int64)
+
+    # -- opening
+    @classmethod
+    def from_jsonl(cls, path, *, tokenizer=None, tokenizer_path=None, seq_len: int, text_field: str = "text",
+                   **kw) -> "TokenCorpus":
+        """One document per JSON line: its `text_field`."""
+        p = _file(path)
+        return cls._open("jsonl", p, {"path": p, "text_field": text_field}, _sha256(p),
+                         lambda: _jsonl_texts(p, text_field), tokenizer, tokenizer_path, seq_len, **kw)
+
+    @classmethod
+    def from_text_files(cls, folder, *, tokenizer=None, tokenizer_path=None, seq_len: int,
+                        **kw) -> "TokenCorpus":
+        """One document per *.txt file of `folder` (not recursive), in sorted name order."""
+        d = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+        if not os.path.isdir(d):
+            raise ValueError(f"corpus folder not found: {folder} ({d})")
+        files = sorted(glob.glob(os.path.join(glob.escape(d), "*.txt")))
+        if not files:
+            raise ValueError(f"corpus folder {d} holds no *.txt file")
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{os.path.basename(p)}\0{_sha256(p)}\n".encode())
+        return cls._open("text_files", d, {"path": d, "files": len(files)}, h.hexdigest(),
+                         lambda: _txt_texts(files), tokenizer, tokenizer_path, seq_len, **kw)
+
+    @classmethod
+    def from_table(cls, parquet_path, text_column: str, *, tokenizer=None, tokenizer_path=None, seq_len: int,
+                   **kw) -> "TokenCorpus":
+        """One document per row of a Parquet file: its `text_column` (nulls skipped)."""
+        p = _file(parquet_path)
+        return cls._open("parquet", p, {"path": p, "text_column": text_column}, _sha256(p),
+                         lambda: _parquet_texts(p, text_column), tokenizer, tokenizer_path, seq_len, **kw)
+
+    @classmethod
+    def _open(cls, fmt, path, source, content_sha, batches, tokenizer, tokenizer_path, seq_len, *,
+              cache_dir=None, max_positions: int | None = None, separator_id: int | None = None,
+              name: str | None = None, windows: str = "packed") -> "TokenCorpus":
+        from pipeline.hf_files import load_tokenizer, tokenizer_info
+        if int(seq_len) != seq_len or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, found {seq_len!r}")
+        if max_positions is not None and seq_len > int(max_positions):
+            raise ValueError(f"seq_len {seq_len} is larger than the model's context of {max_positions} positions")
+        if tokenizer is None:
+            if tokenizer_path is None:
+                raise ValueError("give tokenizer= (a fast tokenizer) or tokenizer_path=")
+            tokenizer = load_tokenizer(tokenizer_path)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("the corpus needs a fast tokenizer (tokenizer.json)")
+        info = tokenizer_info(tokenizer, None if tokenizer_path is None else os.fspath(tokenizer_path))
+        sep = separator_id if separator_id is not None else (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id)
+        if sep is None:
+            raise ValueError("the tokenizer has no EOS or SEP token to separate documents; give separator_id=")
+        vocab = info["vocab_size"]
+        if not 0 <= int(sep) < vocab:
+            raise ValueError(f"separator_id {sep} is outside the tokenizer's vocabulary of {vocab}")
+        dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+        field = source.get("text_field", source.get("text_column"))
+        header = {"version": CORPUS_VERSION, "format": fmt, "content_sha256": content_sha, "field": field,
+                  "tokenizer_fingerprint": info["fingerprint"], "separator_id": int(sep)}
+        key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
+        root = corpus_root(cache_dir)
+        tokens_path, json_path = os.path.join(root, f"{key}.tokens.npy"), os.path.join(root, f"{key}.json")
+        if os.path.isfile(json_path) and os.path.isfile(tokens_path) and os.path.isfile(docs_path(tokens_path)):
+            with open(json_path) as f:
+                meta = json.load(f)
+        else:
+            meta = build_cache(batches(), tokenizer, int(sep), dtype, tokens_path, json_path,
+                          {**header, "source": source})
+        meta = {**meta, "source": source}       # the place it was opened from this time
+        nm = name or os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
+        return cls(name=nm, tokens_path=tokens_path, meta=meta, seq_len=int(seq_len), tokenizer_info=info,
+                   windows=windows)
+
+    # -- state
+    @property
+    def tokens(self) -> np.ndarray:
+        """The whole token stream, memory-mapped (uint16 / uint32)."""
+        if self._tokens is None:
+            self._tokens = np.load(self._tokens_path, mmap_mode="r")
+            if len(self._tokens) != self._meta["num_tokens"]:
+                raise ValueError(f"corpus cache {self._tokens_path} holds {len(self._tokens)} tokens, its sidecar "
+                                 f"says {self._meta['num_tokens']}: remove both files to rebuild")
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        drop = ("_tokens", "_index_cache") + (("sample_ids",) if self._full else ())
+        return {k: v for k, v in self.__dict__.items() if k not in drop}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tokens = None
+        if self._full:
+            self.sample_ids = np.arange(self.chunks_in_source, dtype=np.int64)
+
+    # -- the Source protocol
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def _positions(self, pos) -> np.ndarray:
+        pos = np.asarray(pos, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if pos.size and (pos.min() < -n or pos.max() >= n):
+            bad = pos[(pos < -n) | (pos >= n)][:10].tolist()
+            raise IndexError(f"corpus {self.name!r}: position(s) {bad} out of range for {n} windows")
+        return pos
+
+    def lengths(self, pos) -> np.ndarray:
+        """(B,) int64 real positions of each window: seq_len, except the last window of a
+        document with windows="documents"."""
+        pos = self._positions(pos)
+        if self._win is None:
+            return np.full(len(pos), self.seq_len, np.int64)
+        return self._win[1][self.sample_ids[pos]]
+
+    def windows(self, pos) -> np.ndarray:
+        """(B, seq_len + 1) int64: the windows at positions pos (inputs + the next token).
+        A window shorter than seq_len (windows="documents") is padded after its n + 1
+        tokens with the separator id; lengths(pos) says where its real positions end."""
+        pos = self._positions(pos)
+        tok, w = self.tokens, self.seq_len + 1
+        if self._win is None:
+            starts = self.sample_ids[pos] * self.seq_len
+            out = np.empty((len(pos), w), np.int64)
+            for i, s in enumerate(starts):
+                out[i] = tok[s:s + w]
+            return out
+        starts, ns = self._win[0][self.sample_ids[pos]], self._win[1][self.sample_ids[pos]]
+        out = np.full((len(pos), w), self._meta["separator_id"], np.int64)
+        for i, (s, n) in enumerate(zip(starts, ns)):
+            seg = tok[s:s + n + 1]              # the last document's final target is past the stream
+            out[i, :len(seg)] = seg
+        return out
+
+    def lm_batch(self, pos) -> dict[str, torch.Tensor]:
+        """The windows at pos as one training/eval batch, cut to its longest window Lb:
+        {"input_ids" (B, Lb), "targets" (B, Lb) int64, "mask" (B, Lb) bool (real positions)}."""
+        w, n = self.windows(pos), self.lengths(pos)
+        Lb = int(n.max()) if len(n) else self.seq_len
+        mask = np.arange(Lb)[None, :] < n[:, None]
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :Lb])),
+                "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1:Lb + 1])),
+                "mask": torch.from_numpy(mask)}
+
+    def encode(self, pos) -> torch.Tensor:
+        """(B, seq_len) int64 input token ids."""
+        return torch.from_numpy(np.ascontiguousarray(self.windows(pos)[:, :-1]))
+
+    def targets(self, pos) -> torch.Tensor:
+        """(B, seq_len) int64 next-token targets: encode(pos) shifted left by one."""
+        return torch.from_numpy(np.ascontiguousarray(self.windows(pos)[:, 1:]))
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return (self.seq_len,)
+
+    def model_args(self) -> dict:
+        """Windows hold no padding; pad_id is the tokenizer's (the separator when it has none)."""
+        pad = self._tok_info["pad_id"]
+        return {"vocab_size": int(self._tok_info["vocab_size"]),
+                "pad_id": int(self._meta["separator_id"] if pad is None else pad),
+                "max_length": self.seq_len, "in_shape": self.in_shape}
+
+    @property
+    def dropped_tokens(self) -> int:
+        if self._win is not None:
+            return 0
+        return self._meta["num_tokens"] - 1 - self.chunks_in_source * self.seq_len
+
+    @property
+    def num_positions(self) -> int:
+        """Labelled (input, target) positions over this set's windows."""
+        return int(self.lengths(np.arange(len(self))).sum())
+
+    def describe(self) -> dict:
+        m = self._meta
+        return {"kind": "tokens", "format": m["format"], "source": dict(m["source"]), "cache": self._tokens_path,
+                "tokenizer": dict(self._tok_info), "separator_id": m["separator_id"],
+                "num_tokens": m["num_tokens"], "documents": m["documents"],
+                "empty_documents": m["empty_documents"], "seq_len": self.seq_len, "stride": self.seq_len,
+                "targets": "next token (the window shifted by one)", "chunks": len(self),
+                "chunks_in_source": self.chunks_in_source, "dropped_tokens": self.dropped_tokens,
+                "in_shape": [self.seq_len],
+                **({"windows": "documents (one document per window run, the last window shorter)"}
+                   if self._win is not None else {})}
+
+    def content_fingerprint(self) -> str:
+        """sha256 of the whole token stream (from the sidecar; nothing re-read)."""
+        return self._meta["fingerprint"]
+
+    def fingerprint(self) -> str:
+        """sha256 over the token stream's hash, the split definition, describe() minus the
+        places, and this set's window ids (sorted)."""
+        h = hashlib.sha256(json.dumps({"content": self._meta["fingerprint"], "split_spec": self.split_spec,
+                                       "describe": stable_json(self.describe())}, sort_keys=True).encode())
+        h.update(np.sort(self.sample_ids).astype("<i8").tobytes())
+        return h.hexdigest()
+
+    def subset(self, idx, *, split_spec: str | None = None) -> "TokenCorpus":
+        """Windows at positions idx, keeping their sample ids (the map is shared)."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        new = copy.copy(self)
+        new.__dict__.pop("_index_cache", None)
+        new.sample_ids = self.sample_ids[idx]
+        new._full = False
+        new.split_spec = self.split_spec if split_spec is None else split_spec
+        return new
+
+    def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
+              stratify: bool = False) -> dict[str, "TokenCorpus"]:
+        """split_dataset(self, ...): no labels, so never stratified."""
+        return split_dataset(self, seed=seed, fractions=fractions, sizes=sizes, stratify=False)
+
+    # positions of sample ids, ValueError naming missing ones: the same lookup as the table sources
+    index_of = TableSource.index_of
+
+    def __repr__(self) -> str:
+        return f"TokenCorpus(name={self.name!r}, windows={len(self)}, seq_len={self.seq_len}, split={self.split_spec[:60]!r})"

@@ -1,0 +1,290 @@
+"""Token-level labelling of a language-model teacher (issue 11): a causal LM scores a
+TokenCorpus once and its per-token next-token distributions are stored, as sparse
+summaries, in a `token_topk` or `token_sampled` soft-label dataset (docs/format.md,
+"Token layouts").
+
+    model = load_causal_lm(teacher_dir)
+    out = label_corpus(model, corpus, "runs/lm-labels", representation="token_topk", k=32,
+                       teacher={"name": "smollm2-135m", "fingerprint": fp}, device="auto")
+
+Shard i holds the windows [a, b) of the corpus' row order (pipeline.labelling.classify.plan_shards with
+shard_size in sequences); its rows are the windows' token positions, sequence-major:
+(b - a) * L of them, or sum(corpus.lengths) when windows differ in length
+(windows="documents": variable-length sequences). Per batch of B windows the teacher runs
+once, input_ids (B, Lb) (Lb the batch's longest window, shorter ones padded after their
+end) with an all-ones attention mask (a pad id may equal the EOS/separator inside the
+text, so ids must never be used to build the mask; causal attention keeps padding out of
+every real position), giving logits (B, Lb, V); padded positions are dropped. The summaries are
+computed from those logits ON THE MODEL'S DEVICE (pipeline.labelling.token_summaries) and only the
+compact results, (B * Lb, k) ids + log-probs + (B * Lb,) missing mass, or (N, u) ids +
+counts, are copied to the host; the (B, Lb, V) block is dropped before the next batch, so
+the largest teacher tensor is one batch's logits. A shard's batches are concatenated and
+committed atomically; a re-run skips committed shards (resume) and must plan the same
+shards (same corpus, shard_size).
+
+Sampled draws are reproducible: each window draws over its own rows with its own
+generator seeded from (seed, its position in the corpus' row order) (token_labels'
+rng_block rule with rng_block = L, row_offset = position * L), so the draws do not depend
+on batch_size, shard_size or resume. CPU and CUDA generators differ: draws reproduce per device type.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+import storage
+
+from pipeline.device import keep_large_blocks, resolve_device
+from pipeline.device import AMP_DTYPES, resolve_amp
+from pipeline.labelling.classify import check_plan, plan_shards
+from pipeline.labelling.token_summaries import sampled_token_labels, topk_token_labels
+
+KINDS = ("token_topk", "token_sampled")
+
+
+def model_vocab(model) -> int:
+    """V: the width of the model's logits (output embedding rows, else config.vocab_size)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        return int(out.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_teacher(model, corpus, *, k: int | None = None) -> int:
+    """Refusals before any work; returns V. The corpus' tokenizer must fit the model's
+    vocabulary (else ids would index past the embedding or mean other tokens), its seq_len
+    the model's context, and k the vocabulary."""
+    V = model_vocab(model)
+    tok = corpus.describe()["tokenizer"]
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    if int(tok["vocab_size"]) > V:
+        raise ValueError(f"the corpus' tokenizer ({tok.get('path')!r}, fingerprint {tok['fingerprint'][:16]}) has "
+                         f"{tok['vocab_size']} ids but the teacher model ({name!r}) has a vocabulary of {V}: "
+                         f"label with the teacher's own tokenizer")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and corpus.seq_len > int(max_pos):
+        raise ValueError(f"seq_len {corpus.seq_len} of corpus {corpus.name!r} is larger than the teacher model's "
+                         f"({name!r}) max_position_embeddings {max_pos}")
+    if k is not None and not 1 <= int(k) <= V:
+        raise ValueError(f"k must be in [1, V={V}] (the teacher's vocabulary), got k={k}")
+    return V
+
+
+def _logit_batches(model, corpus, start: int, stop: int, batch_size: int, dev: torch.device, amp):
+    """Yields (first position, lengths (B,) numpy, logits (B, Lb, V) on `dev`) for windows
+    [start, stop); Lb is the batch's longest window (seq_len unless windows differ)."""
+    cuda = dev.type == "cuda"
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
+        for a in range(start, stop, batch_size):
+            pos = np.arange(a, min(a + batch_size, stop))
+            n = corpus.lengths(pos)
+            x = corpus.encode(pos)[:, :int(n.max())]                         # (B, Lb) int64
+            if cuda:
+                x = x.pin_memory().to(dev, non_blocking=True)
+            # all ones: padding sits after a window's real positions and causal attention
+            # never lets a real position see it (ids can't mark padding: pad may be EOS)
+            mask = torch.ones_like(x)
+            yield a, n, model(input_ids=x, attention_mask=mask, use_cache=False).logits
+
+
+def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
+    return a if a.shape[1] == width else np.concatenate([a, np.zeros((len(a), width - a.shape[1]), a.dtype)], 1)
+
+
+def _summaries(logits, n: np.ndarray, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
+    """One output's compact labels of a (B, Lb, V) logits block, computed on its device and
+    copied to the host: numpy arrays of the sum(n) real positions, window-major. The last
+    consumer of the block may mask the logits in place (top-k), saving a copy of the block."""
+    B, Lb = logits.shape[:2]
+    if spec["representation"] == "token_topk":
+        r = topk_token_labels(logits, k=spec["k"], to_cpu=False, overwrite=last)
+        out = {key: r[key].cpu().numpy() for key in ("ids", "logprobs", "missing_mass")}
+        if (n == Lb).all():
+            return out
+        keep = (np.arange(Lb)[None, :] < n[:, None]).reshape(-1)             # (B * Lb,) real positions
+        return {key: v[keep] for key, v in out.items()}
+    # one generator per window, seeded by its position, over its own n rows: the draws
+    # depend on the window alone, never on the batch it came in (rng_block = L)
+    parts = [sampled_token_labels(logits[i, :int(n[i])], draws=spec["draws"], seed=seed, row_offset=(a + i) * L,
+                                  rng_block=L, to_cpu=False) for i in range(B)]
+    parts = [{key: r[key].cpu().numpy() for key in ("ids", "counts")} for r in parts]
+    return _concat(parts, "token_sampled")
+
+
+def _concat(parts: list[dict], representation: str) -> dict:
+    if representation == "token_sampled":
+        u = max(p["ids"].shape[1] for p in parts)
+        return {key: np.concatenate([_pad_cols(p[key], u) for p in parts]) for key in ("ids", "counts")}
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def shard_labels(model, corpus, start: int, stop: int, *, specs: list[dict], seed: int = 0, batch_size: int = 8,
+                 dev: torch.device, amp=None) -> list[dict]:
+    """The compact labels of windows [start, stop) on the host, one dict per spec
+    ({"representation", "k" | "draws"}), all from the SAME forward per batch; N = the
+    windows' real positions (sum of corpus.lengths), window-major: top-k {"ids" (N, k)
+    int64, "logprobs" (N, k) float32, "missing_mass" (N,) float32}; sampled {"ids" (N, u)
+    int64, "counts" (N, u) int32} with u the largest unique-id count (padding id 0, count 0).
+    specs=[] runs the forwards only."""
+    L = corpus.seq_len
+    parts: list[list[dict]] = [[] for _ in specs]
+    model.eval()
+    for a, n, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
+        if not specs and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        # sampled outputs first: a top-k output, last, masks the logits in place
+        order = sorted(range(len(specs)), key=lambda j: specs[j]["representation"] == "token_topk")
+        for m, j in enumerate(order):
+            parts[j].append(_summaries(logits, n, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
+        del logits                                                           # one batch's (B, Lb, V) at a time
+    return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
+
+
+def token_rows(corpus, a: int, b: int) -> dict[str, np.ndarray]:
+    """Per-token sample_ids / positions of windows [a, b): the rows a shard stores."""
+    n = corpus.lengths(np.arange(a, b))
+    starts = np.repeat(np.cumsum(n) - n, n)
+    return {"sample_ids": np.repeat(corpus.sample_ids[a:b], n),
+            "positions": (np.arange(int(n.sum())) - starts).astype(np.int32)}
+
+
+def output_spec(*, uri: str, representation: str = "token_topk", k: int | None = None, draws: int | None = None,
+                s_max: int | None = None, value_dtype: str = "float16", tail_dtype: str = "float32",
+                backend: str = "parquet") -> dict:
+    """One label dataset to write: where, which layout and its parameters (checked here)."""
+    if representation not in KINDS:
+        raise ValueError(f"representation must be one of {list(KINDS)}, got {representation!r}")
+    if representation == "token_sampled" and (not isinstance(draws, int) or draws < 1):
+        raise ValueError(f"token_sampled needs draws (a positive integer), got {draws!r}")
+    return {"uri": uri, "representation": representation, "k": k, "draws": draws, "s_max": s_max,
+            "value_dtype": value_dtype, "tail_dtype": tail_dtype, "backend": backend}
+
+
+def label_corpus(model, corpus, uri: str, *, representation: str = "token_topk", k: int | None = None,
+                 draws: int | None = None, s_max: int | None = None, value_dtype: str = "float16",
+                 tail_dtype: str = "float32", backend: str = "parquet", **kw) -> dict:
+    """Label every window of `corpus` with the causal LM `model` into a token dataset at
+    `uri` and finalize it; committed shards are skipped. label_corpus_many with one output.
+
+    token_topk: k ids per token, log-probs stored as `value_dtype` (float16 | bfloat16 |
+    uint8 | float32), missing mass as `tail_dtype`. token_sampled: `draws` per token, at
+    most `s_max` unique ids stored (default min(draws, V)).
+    Returns {uri, manifest, shards: [per-shard stats], skipped, seconds, tokens_per_s}.
+    """
+    spec = output_spec(uri=uri, representation=representation, k=k, draws=draws, s_max=s_max,
+                       value_dtype=value_dtype, tail_dtype=tail_dtype, backend=backend)
+    return label_corpus_many(model, corpus, [spec], **kw)[0]
+
+
+def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 256, batch_size: int = 8,
+                      device: str = "cpu", amp: str | None = None, teacher: dict,
+                      storage_options: dict | None = None, overwrite: bool = False, seed: int = 0,
+                      progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Several label datasets (output_spec dicts, e.g. a top-k and a sampled one) of the
+    same corpus from ONE teacher forward per batch: the teacher, the expensive part, runs
+    once per window however many layouts are stored. Each dataset is its own resumable
+    dataset (same shard plan); a shard is recomputed only when some output lacks it, and
+    written only to the outputs that lack it (sampled draws are seeded per window, so a
+    recomputed shard's draws are the same). The model is moved to `device` ("auto" picks
+    CUDA when present); amp="bf16" autocasts the forward on CUDA only.
+    Returns one label_corpus result per output, in order."""
+    t0 = time.perf_counter()
+    if not outputs:
+        raise ValueError("label_corpus_many needs at least one output")
+    if len({o["uri"] for o in outputs}) != len(outputs):
+        raise ValueError(f"two outputs share one uri: {[o['uri'] for o in outputs]}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    V = None
+    for o in outputs:
+        V = check_teacher(model, corpus, k=o["k"] if o["representation"] == "token_topk" else None)
+    L = corpus.seq_len
+    dev = resolve_device(device)
+    keep_large_blocks()                 # (B, L, V) logits every batch: no mmap/munmap per block
+    amp = resolve_amp(amp, dev)
+    model.to(dev)
+    data = {"name": corpus.name, "split": corpus.split_spec, "fingerprint": corpus.fingerprint(),
+            "transform": None, "inputs": corpus.describe()}
+    plan = plan_shards(len(corpus), shard_size=shard_size)
+    lengths = corpus.lengths(np.arange(len(corpus)))                          # tokens per window
+    writers, pending = [], []
+    for o in outputs:
+        topk = o["representation"] == "token_topk"
+        s_max = o["s_max"] if topk or o["s_max"] is not None else min(int(o["draws"]), V)
+        extra = None if topk else {"sampling": {"seed": int(seed), "rng_block": L,
+                                                "row_offset": "position * seq_len", "device_type": dev.type,
+                                                "torch": torch.__version__}}
+        w = storage.SoftLabelWriter(
+            o["uri"], backend=o["backend"], representation=o["representation"], vocab_size=V, seq_len=L,
+            k=o["k"] if topk else None, dtype=o["value_dtype"] if topk else None,
+            tail_dtype=o["tail_dtype"] if topk else None, draws=None if topk else o["draws"],
+            s_max=None if topk else s_max, teacher=teacher, data=data, storage_options=storage_options,
+            overwrite=overwrite, num_shards=len(plan), extra=extra)
+        check_plan(w, plan, corpus.sample_ids, lengths)
+        writers.append(w)
+        pending.append(set(range(len(plan))) - set(w.committed_shards()))
+    stats: list[list[dict]] = [[] for _ in outputs]
+    for i, (a, b) in enumerate(plan):
+        todo = [j for j in range(len(outputs)) if i in pending[j]]
+        if not todo:
+            continue
+        ts = time.perf_counter()
+        labs = shard_labels(model, corpus, a, b, specs=[outputs[j] for j in todo], seed=seed,
+                            batch_size=batch_size, dev=dev, amp=amp)
+        rows = token_rows(corpus, a, b)                                       # per token
+        recs = []
+        for j, lab in zip(todo, labs):
+            if outputs[j]["representation"] == "token_topk":
+                recs.append(writers[j].write_shard(i, rows["sample_ids"], positions=rows["positions"],
+                                                   ids=lab["ids"], logprobs=lab["logprobs"],
+                                                   missing_mass=lab["missing_mass"]))
+            else:
+                recs.append(writers[j].write_shard(i, rows["sample_ids"], positions=rows["positions"],
+                                                   ids=lab["ids"], counts=lab["counts"]))
+        dt = time.perf_counter() - ts
+        ntok = len(rows["positions"])
+        for j, rec in zip(todo, recs):
+            s = {"shard": i, "sequences": b - a, "tokens": ntok, "seconds": dt,
+                 "tokens_per_s": ntok / dt if dt > 0 else float("inf"), "record": rec}
+            stats[j].append(s)
+        if progress is not None:
+            progress(stats[todo[0]][-1] | {"outputs": [outputs[j]["uri"] for j in todo]})
+    dt = time.perf_counter() - t0
+    results = []
+    for j, w in enumerate(writers):
+        done = w.manifest["status"] == "complete" and not stats[j]
+        manifest = w.manifest if done else w.finalize()
+        n = sum(s["tokens"] for s in stats[j])
+        results.append({"uri": w.uri, "manifest": manifest, "shards": stats[j],
+                        "skipped": sorted(set(range(len(plan))) - pending[j]), "seconds": dt,
+                        "tokens_per_s": n / dt if n and dt > 0 else 0.0})
+    return results
+
+
+def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None, batch_size: int = 8,
+                       device: str = "cpu", amp: str | None = None, representation: str | None = None,
+                       k: int | None = None, draws: int | None = None, seed: int = 0) -> dict:
+    """The batches label_corpus runs for windows [start, stop), without storing: the
+    forwards alone (representation=None), or with the on-device summaries too (their
+    host arrays returned under "labels"). For benchmarks: labelling vs forward alone.
+    Returns {sequences, tokens, seconds, tokens_per_s, labels}."""
+    if representation is not None and representation not in KINDS:
+        raise ValueError(f"representation must be None or one of {list(KINDS)}, got {representation!r}")
+    check_teacher(model, corpus, k=k if representation == "token_topk" else None)
+    stop = len(corpus) if stop is None else int(stop)
+    if not 0 <= start < stop <= len(corpus):
+        raise ValueError(f"need 0 <= start < stop <= {len(corpus)} (windows), got [{start}, {stop})")
+    dev = resolve_device(device)
+    keep_large_blocks()
+    amp = resolve_amp(amp, dev)
+    model.to(dev)
+    specs = [] if representation is None else [{"representation": representation, "k": k, "draws": draws}]
+    t0 = time.perf_counter()
+    labels = shard_labels(model, corpus, start, stop, specs=specs, seed=seed, batch_size=batch_size, dev=dev, amp=amp)
+    dt = time.perf_counter() - t0
+    n = int(corpus.lengths(np.arange(start, stop)).sum())
+    return {"sequences": stop - start, "tokens": n, "seconds": dt, "tokens_per_s": n / dt if dt > 0 else 0.0,
+            "labels": labels[0] if labels else None}

@@ -1,0 +1,1 @@
+"""What a student minimises: the losses (formula, citation, fp32) and the objective that mixes them."""

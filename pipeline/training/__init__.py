@@ -1,0 +1,1 @@
+"""The training loop, the stored-label stream, teachers and the student recipe."""

@@ -1,0 +1,238 @@
+"""The student recipe, one for every caller (the Prefect flows through flows/recipes.py,
+the torchrun entry pipeline/training/ddp.py):
+
+    build -> train (stored soft labels, or the hard-label baseline) -> checkpoint
+          -> evaluate (with the teacher's agreement) -> export -> quantize
+
+Plain functions and dataclasses: no Prefect, no config objects. The inputs are the
+datasets, the model spec, a TrainConfig, the soft-label URIs, paths and flags.
+
+Rules that live here and nowhere else:
+  * the checkpoint metadata of a student (`student_metadata`, keys STUDENT_METADATA_KEYS);
+  * the fairness rule of a hard-label baseline (`baseline_epochs`, `baseline_config`):
+    as many optimizer steps as a stored-label student, validated as often;
+  * the student lineage a resume file must match (`student_lineage`);
+  * the teacher's evaluation-logit cache (`teacher_eval_logits`): a sweep runs a large
+    teacher on the evaluation split once, not once per student.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from storage import Location, lineage_digest
+
+from pipeline.models.checkpoint import load_model, save_checkpoint
+from pipeline.data.datasets import Source, model_inputs
+from pipeline.evaluate import evaluate, predict_logits
+from pipeline.models.registry import complete_spec, model_adapter
+from pipeline.training.teacher import data_info
+from pipeline.training.loop import GLOBAL_RNG_LOCK, TrainConfig, resume_key, train
+from pipeline.views.images import ViewSpec  # noqa: F401  (annotations)
+
+MODES = ("stored", "hard")
+# one shape for every student checkpoint, whoever trained it (flows, torchrun)
+STUDENT_METADATA_KEYS = ("role", "name", "run", "teacher", "soft_labels", "data", "train_config", "lineage",
+                         "world_size", "metrics")
+METRIC_KEYS = ("best_val_acc", "best_epoch", "epochs_run", "epochs_trained", "steps", "stopped_early")
+
+_TRACE_LOCK = threading.Lock()  # torch.jit.trace is not safe in concurrent threads
+
+
+# ------------------------------------------------------------------ the pieces of metadata
+
+def soft_label_info(uri: str, manifest: dict) -> dict:
+    """What a student records about one soft-label dataset it learned from."""
+    return {"uri": str(uri), "digest": manifest.get("digest") or lineage_digest(manifest),
+            "temperature": manifest.get("temperature"), "representation": manifest.get("representation")}
+
+
+def student_metadata(*, run: dict, teacher: dict | None, soft_labels: Sequence[dict], data: Source,
+                     train_config: TrainConfig, result: dict, lineage: dict | None, world_size: int = 1) -> dict:
+    """The metadata of a student checkpoint (keys STUDENT_METADATA_KEYS), the one shape
+    written by every caller of the recipe. soft_labels: soft_label_info of each dataset
+    learned from ([] for a hard-label baseline)."""
+    meta = {"role": "student", "name": run["name"], "run": run, "teacher": teacher,
+            "soft_labels": list(soft_labels), "data": data_info(data), "train_config": train_config.to_dict(),
+            "lineage": lineage, "world_size": int(world_size),
+            "metrics": {k: result.get(k) for k in METRIC_KEYS}}
+    assert tuple(meta) == STUDENT_METADATA_KEYS
+    return meta
+
+
+def student_lineage(*, data: dict[str, str], split: dict, views: dict | None, model: dict, train_config: TrainConfig,
+                    mode: str, teacher_fingerprint: str | None = None,
+                    label_manifests: Sequence[dict] = ()) -> dict:
+    """What a student's resume file must match to be continued (or reused when complete):
+    the data of every split (name -> fingerprint), the split definition, the views, the
+    model, the training config and, for a distilled student, the teacher and the
+    soft-label datasets' identity (manifest digest). A baseline never reads labels: a
+    relabel keeps it."""
+    import json
+    lin = {"data": dict(data), "split": split, "views": views, "model": {k: model[k] for k in ("arch", "kwargs")},
+           "train": resume_key(train_config)}
+    if mode != "hard":
+        lin["teacher"] = teacher_fingerprint
+        lin["soft_labels"] = [m.get("digest") or lineage_digest(m) for m in label_manifests]
+    return json.loads(json.dumps(lin))
+
+
+# ------------------------------------------------------------------ the baseline fairness rule
+
+def baseline_epochs(stored_epochs: int, *, label_samples: int, num_views: int, labelled_samples: int,
+                    batch_size: int) -> int:
+    """Epochs that give a hard-label baseline as many optimizer steps as a stored-label student.
+
+    A stored epoch covers every view of every label-split sample (N_label x V rows); a hard
+    epoch covers the labelled split once, one random view id in [0, V) per sample. With
+    the label split = the labelled split that is V x the epochs; with scarce labels and a
+    large transfer set, many more epochs of the small labelled subset."""
+    stored_steps = stored_epochs * math.ceil(label_samples * num_views / batch_size)
+    return max(1, round(stored_steps / math.ceil(labelled_samples / batch_size)))
+
+
+def baseline_config(cfg: TrainConfig, *, label_samples: int, num_views: int, labelled_samples: int) -> TrainConfig:
+    """cfg for the hard-label baseline of a stored-label student trained with cfg: its
+    epochs (baseline_epochs) and validation as often, every stored-epoch's worth of steps."""
+    epochs = baseline_epochs(cfg.epochs, label_samples=label_samples, num_views=num_views,
+                             labelled_samples=labelled_samples, batch_size=cfg.batch_size)
+    return dataclasses.replace(cfg, epochs=epochs, eval_every=cfg.eval_every * max(1, epochs // cfg.epochs))
+
+
+# ------------------------------------------------------------------ the teacher's eval-logit cache
+
+def teacher_eval_logits(teacher: dict, eval_data: Source, cache_dir: str | os.PathLike, *,
+                        trusted_factories: Collection[str] = ()) -> np.ndarray:
+    """The teacher's logits on eval_data (N, C), rows in eval_data order.
+
+    teacher: {"checkpoint", "fingerprint", ...} (the manifest's teacher entry). Computed once
+    per teacher and evaluation split and kept in cache_dir."""
+    key = f"{teacher['fingerprint'].split(':')[-1][:16]}-{eval_data.fingerprint().split(':')[-1][:16]}"
+    path = os.path.join(os.fspath(cache_dir), f"teacher-eval-logits-{key}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    model, _ = load_model(teacher["checkpoint"], trusted_factories=trusted_factories)
+    z = np.asarray(predict_logits(model, eval_data))
+    buf = io.BytesIO()
+    np.save(buf, z)
+    # parallel students may race here: same bytes, unique temp names, last rename wins
+    Location(os.path.dirname(path)).write_bytes_atomic(os.path.basename(path), buf.getvalue())
+    return z
+
+
+# ------------------------------------------------------------------ the recipe
+
+@dataclass
+class StudentResult:
+    model: nn.Module
+    checkpoint: str
+    metadata: dict | None       # None on ranks other than 0 (they write no checkpoint)
+    train: dict                 # train()'s result
+    train_seconds: float
+    evaluation: dict | None     # evaluate() on the eval split, None without one
+    exports: dict               # {"safetensors", "torchscript", "int8"} as asked for
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def run_student(*, run: dict, train_config: TrainConfig, transfer: Source, labelled: Source,
+                val: Source | None, checkpoint_path: str, soft_labels: Sequence[str] = (),
+                label_manifests: Sequence[dict] = (), teacher: dict | None = None,
+                view_spec: ViewSpec | None = None, num_views: int = 1, storage_options: dict | None = None,
+                expect: dict | None = None, lineage: dict | Callable[[TrainConfig], dict] | None = None,
+                resume: bool = True,
+                baseline_fair: bool = True, on_batch: Callable[[int, dict], None] | None = None,
+                eval_data: Source | None = None,
+                teacher_logits: np.ndarray | Callable[[], np.ndarray] | None = None,
+                export_dir: str | None = None, quantize: bool = False, world_size: int = 1) -> StudentResult:
+    """Train one student and write its checkpoint; then, given eval_data, evaluate it (with
+    agreement against teacher_logits, an array or a function giving it), export it into
+    export_dir (safetensors + TorchScript) and report its dynamic-int8 version.
+
+    run: {"name", "model": {"arch", "kwargs", ...}, "mode": "stored" | "hard", ...} (JSON).
+    mode "stored" learns from soft_labels (URIs of the labels of `transfer`'s samples,
+    label_manifests their manifests); mode "hard" is the baseline on `labelled`, with
+    baseline_config applied when baseline_fair. num_classes: labelled's (the transfer
+    set may be unlabeled). lineage: the resume key (student_lineage). Under DDP every rank
+    calls this; rank 0 writes the checkpoint and does the evaluation/export steps.
+    lineage may be a function of the final TrainConfig (a baseline's differs from train_config)."""
+    mode = run["mode"]
+    if mode not in MODES:
+        raise ValueError(f"student mode must be one of {list(MODES)}, got {mode!r}")
+    if mode == "stored" and not soft_labels:
+        raise ValueError(f"student {run['name']!r}: mode 'stored' needs soft_labels")
+    tcfg = train_config
+    if mode == "hard" and baseline_fair:
+        tcfg = baseline_config(tcfg, label_samples=len(transfer), num_views=num_views,
+                               labelled_samples=len(labelled))
+    num_classes = labelled.num_classes or transfer.num_classes
+    # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec
+    arch = complete_spec({"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
+                         transfer.model_args()).to_dict()
+    with GLOBAL_RNG_LOCK:  # students train in parallel threads; seeding and init must not interleave
+        torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+        model = model_adapter(arch).build(transfer.in_shape, num_classes)
+    if callable(lineage):
+        lineage = lineage(tcfg)
+    t0 = time.perf_counter()
+    if mode == "hard":
+        train_data = labelled
+        result = train(model, tcfg, mode="hard", train_data=labelled, val_data=val, view_spec=view_spec,
+                       num_views=num_views, resume=resume, lineage=lineage, on_batch=on_batch)
+    else:
+        train_data = transfer
+        result = train(model, tcfg, mode="stored", train_data=transfer, val_data=val,
+                       soft_labels=list(soft_labels) if len(soft_labels) > 1 else soft_labels[0],
+                       view_spec=view_spec, storage_options=storage_options, expect=expect, resume=resume,
+                       lineage=lineage, on_batch=on_batch)
+    seconds = time.perf_counter() - t0
+    out = StudentResult(model=model, checkpoint=str(checkpoint_path), metadata=None, train=result,
+                        train_seconds=seconds, evaluation=None, exports={})
+    if _rank() != 0:
+        return out
+    infos = [soft_label_info(u, m) for u, m in zip(soft_labels, label_manifests)] if mode != "hard" else []
+    meta = student_metadata(run=run, teacher=teacher, soft_labels=infos, data=train_data, train_config=tcfg,
+                            result=result, lineage=lineage, world_size=world_size)
+    out.metadata = save_checkpoint(checkpoint_path, model, arch=arch, in_shape=transfer.in_shape,
+                                   num_classes=num_classes, metadata=meta)
+    if eval_data is None:
+        return out
+    z = teacher_logits() if callable(teacher_logits) else teacher_logits
+    out.evaluation = evaluate(model, eval_data, teacher_logits=z)
+    if export_dir is not None:
+        out.exports.update(export_student(model, export_dir, run["name"], eval_data))
+    if quantize:
+        out.exports["int8"] = quantize_student(model, eval_data)
+    return out
+
+
+def export_student(model: nn.Module, out_dir: str, name: str, example: Source) -> dict:
+    """safetensors + TorchScript (traced on two rows of `example`): {"safetensors", "torchscript"}."""
+    from pipeline.models.export import export_safetensors, export_torchscript
+    paths = {"safetensors": os.path.join(out_dir, f"{name}.safetensors"),
+             "torchscript": os.path.join(out_dir, f"{name}.ts.pt")}
+    export_safetensors(model, paths["safetensors"])
+    with _TRACE_LOCK:  # students train in parallel threads
+        export_torchscript(model, paths["torchscript"], model_inputs(example, np.arange(min(2, len(example))),
+                                                                      np.zeros(min(2, len(example)), np.int64)))
+    return paths
+
+
+def quantize_student(model: nn.Module, test: Source) -> dict:
+    """The dynamic-int8 model's accuracy, size and latency on `test`."""
+    from pipeline.models.export import compression_report
+    q = compression_report(model, test, test.y, in_shape=test.in_shape)["int8"]
+    return {k: q[k] for k in ("accuracy", "size_bytes", "latency_ms")}

@@ -1,12 +1,12 @@
 # Two entry points that work on a fresh machine:
 #   make run   - set up and run the quickstart
-#   make test  - set up and run the test suite
+#   make test  - set up, lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,8 +24,12 @@ run: setup
 	$(PY) -m flows.cli run configs/quickstart.yaml
 	@echo "distill is installed in $(VENV)/bin, not on PATH: '. $(VENV)/bin/activate' (or call $(VENV)/bin/distill)"
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) benchmarks/storage_throughput.py

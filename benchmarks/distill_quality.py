@@ -414,7 +414,7 @@ def scarce_seed(root: str, seed: int, extra: list[str], config: str = QUICKSTART
     students, report."""
     import concurrent.futures as cf_threads
 
-    from flows import recipes
+    from flows import inputs, recipes
     from flows.config import load_config
     from pipeline.device import available_cores, torch_threads
     run_dir = os.path.join(root, os.path.splitext(os.path.basename(config))[0])
@@ -438,7 +438,7 @@ def scarce_seed(root: str, seed: int, extra: list[str], config: str = QUICKSTART
 
 
 def scarce(a, root: str, scenario: str = "scarce") -> None:
-    from flows import recipes
+    from flows import inputs, recipes
     config, quick, target_gain, target_closed = RECIPES[scenario]
     t_start = time.perf_counter()
     extra = quick if a.quick else []
@@ -458,7 +458,7 @@ def scarce(a, root: str, scenario: str = "scarce") -> None:
                   f"hard-label baselines' ({d['views']} views, {steps['hard']:,} steps); {d['label_samples']:,} "
                   f"unlabelled `{d['label_split']}` samples x {d['views']} views labelled by the teacher once: the "
                   f"distilled students' only training data ({steps['stored']:,} steps); test: "
-                  f"{len(recipes.splits(r['cfg'])['test']):,} samples\n")
+                  f"{len(inputs.splits(r['cfg'])['test']):,} samples\n")
             archs = [x["name"].removesuffix("-baseline") for x in st if x["mode"] == "hard"]
             print(f"{'seed':>4s} {'teacher %':>9s}  " + "  ".join(f"{n + ' hard / KD / gain / closed':>38s}"
                                                                   for n in archs) + f"  {'s':>5s}")

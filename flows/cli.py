@@ -110,7 +110,7 @@ def _print_report(report: dict) -> None:
     from .report import report_table
     print()
     print(report_table(report))
-    print(f"\nreport: {report.get('path')}\nsoft labels: {report['soft_labels']}")
+    print(f"\nreport: {report.get('path')}\nlabels: {report['soft_labels']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,12 +163,10 @@ def _dispatch(args) -> int:
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         os.execv(cmd[0], cmd) if os.path.isabs(cmd[0]) else os.execvp(cmd[0], cmd)
-    from .lm_config import LMConfig, load_any_config
-    cfg = load_any_config(args.config, args.overrides)  # validate before importing Prefect (slow)
+    from .config import load_config
+    cfg = load_config(args.config, args.overrides)  # validate before importing Prefect (slow)
     from .secrets import scrub_overrides
     args.overrides = scrub_overrides(args.overrides)  # a literal secret never becomes a flow parameter
-    if isinstance(cfg, LMConfig):
-        return _dispatch_lm(args, cfg)
     if args.cmd in ("run", "teacher", "label", "students"):
         from .preflight import preflight
         preflight(cfg)     # checks that need the data or the teacher file: exit 2 before any work
@@ -179,15 +177,19 @@ def _dispatch(args) -> int:
     from . import flows
     t0 = time.perf_counter()
     if args.cmd == "run":
-        report = flows.distill_flow(args.config, args.overrides)
-        _print_report(report)
+        _print_report(flows.distill_flow(args.config, args.overrides))
     elif args.cmd == "teacher":
         t = flows.train_teacher_flow(args.config, args.overrides, retrain=args.retrain)
         print(json.dumps(t, indent=2))
     elif args.cmd == "label":
         out = flows.label_flow(args.config, args.overrides, dask_address=args.dask)
-        print(f"{out['uri']}: {out['num_rows']} rows in {out['num_shards']} shards "
-              f"({out['labelled_shards']} labelled, {out['skipped_shards']} skipped), {out['samples_per_s']:.0f} samples/s")
+        for layout, s in out["datasets"].items():
+            tok = s.get("tokens")
+            size = (f"{tok['num_tokens']:,} tokens, {tok['bytes_per_token']:.1f} bytes/token" if tok
+                    else f"{s['num_rows']} rows")
+            print(f"{s['uri']}: {size} in {s['num_shards']} shards")
+        print(f"{out['labelled_shards']} shards labelled, {out['skipped_shards']} skipped, "
+              f"{out['samples_per_s']:.0f} samples/s")
     elif args.cmd == "students":
         _print_report(flows.students_flow(args.config, args.overrides))
     print(f"[{cfg.name}] {args.cmd} finished in {time.perf_counter() - t0:.1f}s")
@@ -202,34 +204,6 @@ def _serve_or_deploy(args) -> int:
     from .deploy import deploy
     for name, dep_id in deploy(args.config, args.overrides, pool=args.pool, source=args.source):
         print(f"deployed {name} ({dep_id})")
-    return 0
-
-
-def _dispatch_lm(args, cfg) -> int:
-    """`task: lm` configs: the language-model recipe (flows/lm_flows.py)."""
-    from .preflight import preflight_lm
-    if args.cmd not in ("serve", "deploy"):    # as for classification configs: the workers have the data
-        preflight_lm(cfg)
-    if not args.debug:
-        runtime.quiet_user_tracebacks()
-    if args.cmd in ("serve", "deploy"):
-        return _serve_or_deploy(args)
-    from . import lm_flows, lm_recipes
-    t0 = time.perf_counter()
-    if args.cmd == "run":
-        report = lm_flows.lm_distill_flow(args.config, args.overrides)
-        print("\n" + lm_recipes.report_table(report) + f"\n\nreport: {report['path']}")
-    elif args.cmd == "teacher":   # a pretrained LM: nothing to train; resolve (convert a GGUF once)
-        print(json.dumps(lm_recipes.resolve_teacher(cfg), indent=2))
-    elif args.cmd == "label":
-        out = lm_flows.lm_label_flow(args.config, args.overrides)
-        for layout, s in out["labels"].items():
-            print(f"{s['uri']}: {s['num_tokens']:,} tokens, {s['bytes_per_token']:.1f} bytes/token "
-                  f"({s['labelled_shards']} shards labelled, {s['skipped_shards']} skipped)")
-    elif args.cmd == "students":
-        report = lm_flows.lm_students_flow(args.config, args.overrides)
-        print("\n" + lm_recipes.report_table(report) + f"\n\nreport: {report['path']}")
-    print(f"[{cfg.name}] {args.cmd} finished in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -1,7 +1,14 @@
 """The run configuration: YAML validated by pydantic. Config is data, not a program.
 
+One schema for every task: `task: classify | lm` (absent = classify) picks the config
+type, a pydantic discriminated union; the sections both tasks have (label, students and
+their training section, runner, schedules) are the same types, and only what differs is
+the task's own: a classifier's data, views and trained teacher, a language model's corpus
+and pretrained teacher, and each one's label layouts.
+
 Every section rejects unknown keys, naming them; `key.path=value` overrides from the
 command line are applied to the YAML before validation, so they are checked the same way.
+The reference of every key is docs/config.md (a test checks both directions).
 """
 from __future__ import annotations
 
@@ -9,13 +16,19 @@ import dataclasses
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, model_validator
 
-from pipeline.objectives.objective import LOSSES
-from pipeline.training.loop import DEVICES, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, WORKER_STARTS, TrainConfig
+from pipeline.objectives.losses import FAMILIES, LOSSES, loss_names, losses_for
+from pipeline.training.config import DEVICES, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, WORKER_STARTS, TrainConfig
+
+TASKS = ("classify", "lm")
+# what a students section means when it names no losses / models
+DEFAULT_LOSS = {"dense": "kd", "topk": "topk_kl", "sampled": "sampled_kl"}
+DEFAULT_STUDENT = {"classify": {"arch": "mlp", "kwargs": {"width": 32, "depth": 1}},
+                   "lm": {"arch": "llama", "kwargs": {"layers": 2, "hidden": 128, "heads": 4}}}
 
 
 class ConfigError(ValueError):
@@ -26,6 +39,204 @@ class Section(BaseModel):
     # inf / nan pass `gt=0` checks (label.temperature=.inf) and then poison every number
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+
+# ------------------------------------------------------------------ shared sections
+
+class _TrainSectionBase(Section):
+    """A training section: the user-settable fields of pipeline.training.config.TrainConfig,
+    the one training schema (its types, defaults and checks). The recipe fills in the rest
+    (paths; a student's loss, temperature and alpha from the sweep grid)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data):
+        # loss/temperature/alpha were per-section keys that nothing read: the sweep grid owns them
+        if isinstance(data, dict):
+            for old, new in (("loss", "students.losses"), ("temperature", "students.temperatures"),
+                             ("alpha", "students.alphas")):
+                if old in data:
+                    raise ValueError(f"'{old}' is not a training-section key: a student's {old} comes "
+                                     f"from {new} (the sweep grid); a teacher trains on hard labels")
+        return data
+
+    @model_validator(mode="after")
+    def _train_config_checks(self):
+        try:  # TrainConfig's own checks (ranges, choices) are the rules, stated once
+            TrainConfig(**self.model_dump())
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("TrainConfig.")) from None
+        return self
+
+
+def _train_section() -> type[_TrainSectionBase]:
+    hints = typing.get_type_hints(TrainConfig)
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES, "worker_start": WORKER_STARTS}
+    fields = {f.name: (Literal[choices[f.name]] if f.name in choices else hints[f.name], f.default)
+              for f in dataclasses.fields(TrainConfig) if f.name not in RECIPE_FIELDS}
+    return create_model("TrainSection", __base__=_TrainSectionBase, __module__=__name__, **fields)
+
+
+TrainSection = _train_section()
+
+
+class ModelConfig(Section):
+    name: str | None = None                       # display name; default derived from arch/kwargs
+    arch: str                                     # mlp | cnn | resnet | bag | transformer | hf-* | llama | pkg.mod:factory
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_lm_form(cls, data):
+        if isinstance(data, dict) and "arch" not in data and {"layers", "hidden"} & set(data):
+            kw = {k: v for k, v in data.items() if k != "name"}
+            raise ValueError(f"a language-model student names its arch: {{name: {data.get('name') or '...'}, "
+                             f"arch: llama, kwargs: {kw}}}")
+        return data
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        tail = "-".join(f"{k}{v}" for k, v in sorted(self.kwargs.items()) if not isinstance(v, (dict, list)))
+        return f"{self.arch.split(':')[-1]}{'-' + tail if tail else ''}"
+
+
+class RunnerConfig(Section):
+    kind: Literal["thread", "dask"] = "thread"
+    max_workers: int = Field(2, ge=1)             # ThreadPoolTaskRunner bound: shards labelled at once
+    dask_address: str | None = None               # scheduler address, e.g. tcp://127.0.0.1:8786
+
+
+class LabelSection(Section):
+    """What every task's label section has: where and how the teacher's one pass runs."""
+    uri: str | None = None                        # default: $DISTILL_STORAGE_ROOT/<name>/... or runs/<name>/...
+    backend: Literal["parquet", "zarr"] = "parquet"
+    shard_size: int = Field(1000, ge=1)           # samples (a language model's windows) per shard
+    batch_size: int = Field(512, ge=1)            # rows per teacher forward
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    amp: Literal["bf16", "fp16"] | None = None    # autocast on CUDA (ignored on CPU)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    overwrite: bool = False
+    retries: int = Field(2, ge=0)                 # per-shard retries on I/O errors
+    runner: RunnerConfig = RunnerConfig()
+
+
+class StudentsConfig(Section):
+    """The sweep: models x losses x temperatures x alphas x seeds, plus one hard-label
+    baseline (loss "ce") per model and seed. Every student of a sweep has the same steps."""
+    models: list[ModelConfig] | None = None      # default: the task's small student (an MLP; a 2-layer Llama)
+    losses: list[str] | None = None               # names of objectives/losses.py, or "ce" (default: the KL
+                                                  # of the stored labels: kd, topk_kl or sampled_kl)
+    temperatures: list[float] | None = None       # T' (default: the stored labels' temperature)
+    alphas: list[float] = Field(default_factory=lambda: [0.5])    # weight of the hard-label CE beside KD
+    seeds: list[int] | None = None                # default: [train.seed]
+    baseline: bool = True                         # also train each model on hard labels (loss "ce")
+    extra_soft_labels: list[str] = Field(default_factory=list)  # more teachers' labels of the same inputs (averaged)
+    export: bool = True                           # write each student (safetensors + TorchScript, or an HF dir)
+    quantize: bool = False                        # also report post-training dynamic int8 (classifiers)
+    train: TrainSection = TrainSection()
+    max_parallel: int = Field(1, ge=1)
+    # torch intra-op threads while the sweep runs (None: cores // max_parallel, at least 1);
+    # fixed for the whole sweep so parallel students are bit-reproducible
+    threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_values(cls, data):
+        if isinstance(data, dict):
+            for old, new in (("alpha", "alphas"), ("temperature", "temperatures")):
+                if old in data:
+                    raise ValueError(f"students.{old} is now a list, students.{new} (e.g. {new}: "
+                                     f"[{data[old]}]): one grid for every task")
+        return data
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.losses is not None:
+            unknown = [loss for loss in self.losses if loss not in loss_names()]
+            if unknown or not self.losses:
+                raise ValueError(f"losses {unknown or '[]'}: each must be one of {list(loss_names())}")
+        if self.models is not None and not self.models:
+            raise ValueError("models must name at least one student model")
+        if self.temperatures is not None and (not self.temperatures or any(t <= 0 for t in self.temperatures)):
+            raise ValueError("temperatures must be a non-empty list of numbers > 0")
+        if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
+            raise ValueError("alphas must be a non-empty list of numbers in [0, 1]")
+        if self.seeds is not None and (not self.seeds or any(s < 0 for s in self.seeds)):
+            raise ValueError("seeds must be a non-empty list of integers >= 0")
+        if self.seeds is not None and "seed" in self.train.model_fields_set:
+            raise ValueError("give students.seeds or students.train.seed, not both")
+        bad = [loss for loss in self.losses or [] if loss != "ce" and not LOSSES[loss].multi_teacher]
+        if self.extra_soft_labels and bad:
+            raise ValueError(f"students.losses {bad} cannot be combined with students.extra_soft_labels: "
+                             f"multi-teacher distillation averages the teachers' probabilities and is defined "
+                             f"for {[k for k, v in LOSSES.items() if v.multi_teacher]} only")
+        return self
+
+    def torch_threads(self, cores: int) -> int:
+        return self.threads or max(1, cores // self.max_parallel)
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else [self.train.seed]
+
+
+class ScheduleConfig(Section):
+    """Cron strings for `distill serve` / `distill deploy` (None: no schedule)."""
+    run: str | None = None
+    label: str | None = None
+    students: str | None = None
+    timezone: str = "UTC"
+
+
+class RunConfig(Section):
+    """What every task's config has."""
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    runs_dir: str = "runs"
+    students: StudentsConfig = StudentsConfig()
+    schedules: ScheduleConfig = ScheduleConfig()
+
+    # ---- derived locations (environment decides where a deployment writes)
+    def run_dir(self) -> Path:
+        return Path(os.environ.get("DISTILL_RUNS_DIR") or self.runs_dir) / self.name
+
+    def _label_root(self, default: str) -> str:
+        if self.label.uri:
+            return self.label.uri.rstrip("/")
+        root = os.environ.get("DISTILL_STORAGE_ROOT")
+        if root:
+            return f"{root.rstrip('/')}/{self.name}/{default}"
+        return str(self.run_dir() / default)
+
+    def model_factories(self) -> frozenset[str]:
+        """The import-path archs ("pkg.mod:factory") this config names: the user vouches
+        for their code, so checkpoints naming them may be built (see load_model)."""
+        models = [*self.student_models(), getattr(getattr(self, "teacher", None), "model", None)]
+        return frozenset(m.arch for m in models if m is not None and ":" in m.arch)
+
+    def student_temperatures(self) -> list[float]:
+        """students.temperatures, else the stored labels' temperature."""
+        return list(self.students.temperatures or [self.label_temperature()])
+
+    def student_losses(self) -> list[str]:
+        """students.losses, else the KL of the first stored layout."""
+        return list(self.students.losses or [DEFAULT_LOSS[self.label_families()[0]]])
+
+    def student_models(self) -> list[ModelConfig]:
+        return list(self.students.models or [ModelConfig(**DEFAULT_STUDENT[self.task])])
+
+    def _check_losses(self, have: dict[str, str], how: dict[str, str]) -> None:
+        """have: {label family: what the config stores}; how: {family: the key that stores it}."""
+        for loss in self.student_losses():
+            if loss == "ce" or set(LOSSES[loss].labels) & set(have):
+                continue
+            need = LOSSES[loss].labels
+            stored = ", ".join(f"{v}" for v in have.values())
+            usable = [n for fam in have for n in losses_for(fam)]
+            raise ValueError(f"students.losses has {loss!r}, which learns from {'/'.join(need)} labels, but the "
+                             f"label section stores {stored}: use one of {usable}, or store them "
+                             f"({how[need[0]]})")
+
+
+# ------------------------------------------------------------------ classifiers
 
 class SourceConfig(Section):
     """A streamed source (pipeline/data/sources.py): a table (Parquet, Arrow, a saved HF dataset)
@@ -45,6 +256,58 @@ class SourceConfig(Section):
 
     def spec(self) -> dict:
         return self.model_dump(exclude_none=True)
+
+
+class TokenizerConfig(Section):
+    path: str                                     # a directory or pkg:<module>/<dir> (an installed package)
+    max_length: int = Field(128, ge=2)            # truncation; batches are padded to their longest row
+
+
+class DataConfig(Section):
+    dataset: str | None = None                    # mnist5k (default) | digits | path/to/file.npz | .parquet
+    source: SourceConfig | None = None            # or a streamed table / image folder (then no `dataset`)
+    transfer: SourceConfig | None = None          # an unlabelled pool in its own file: the label split
+    tokenizer: TokenizerConfig | None = None      # for text sources
+    sizes: dict[str, int] | None = None           # e.g. {train: 3500, val: 500, test: 1000}
+    fractions: dict[str, float] | None = None     # or {train: 0.8, val: 0.1, test: 0.1}
+    seed: int = 0
+    label_split: str = "train"                    # the split the teacher labels (may be unlabeled)
+    loader: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for npz/parquet loaders
+
+    @model_validator(mode="after")
+    def _source_or_dataset(self):
+        if self.source is None and self.dataset is None:
+            self.dataset = "mnist5k"
+        if self.source is not None:
+            if self.dataset is not None or self.loader:
+                raise ValueError("give data.source (a streamed table or image folder) or data.dataset "
+                                 "(+ data.loader), not both")
+            if self.source.text_column and self.tokenizer is None:
+                raise ValueError(f"data.source.text_column {self.source.text_column!r} needs data.tokenizer "
+                                 f"(path, max_length): text is tokenized in the input pipeline")
+        elif self.tokenizer is not None:
+            raise ValueError("data.tokenizer is only used with a text data.source")
+        if self.transfer is not None:
+            if self.source is None:
+                raise ValueError("data.transfer (a separate unlabelled pool) needs data.source")
+            if bool(self.transfer.text_column) != bool(self.source.text_column):
+                raise ValueError("data.transfer and data.source must both be text (text_column) or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _one_split_definition(self):
+        if self.sizes and self.fractions:
+            raise ValueError("give either sizes or fractions, not both")
+        if not self.sizes and not self.fractions:
+            self.fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+        names = set((self.sizes or self.fractions or {}).keys())
+        if self.transfer is not None:  # the label split is the whole transfer file
+            if self.label_split in names:
+                raise ValueError(f"label_split {self.label_split!r} is data.transfer (a file of its own): drop it "
+                                 f"from data.sizes / data.fractions, which cut data.source")
+        elif self.label_split not in names:
+            raise ValueError(f"label_split {self.label_split!r} is not one of the splits {sorted(names)}")
+        return self
 
 
 class TokenizerConfig(Section):
@@ -122,55 +385,6 @@ class ViewsConfig(Section):
         return self
 
 
-class _TrainSectionBase(Section):
-    """A training section: the user-settable fields of pipeline.training.loop.TrainConfig, which is
-    the one training schema (its types, defaults and checks). The recipe fills in the rest
-    (paths; a student's loss, temperature and alpha from the sweep grid)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _replaced_keys(cls, data):
-        # loss/temperature/alpha were per-section keys that nothing read: the sweep grid owns them
-        if isinstance(data, dict):
-            for old, new in (("loss", "students.losses"), ("temperature", "students.temperatures"),
-                             ("alpha", "students.alphas")):
-                if old in data:
-                    raise ValueError(f"'{old}' is not a training-section key any more: a student's {old} comes "
-                                     f"from {new} (the sweep grid); the teacher trains on hard labels")
-        return data
-
-    @model_validator(mode="after")
-    def _train_config_checks(self):
-        try:  # TrainConfig's own checks (ranges, choices) are the rules, stated once
-            TrainConfig(**self.model_dump())
-        except ValueError as e:
-            raise ValueError(str(e).removeprefix("TrainConfig.")) from None
-        return self
-
-
-def _train_section() -> type[_TrainSectionBase]:
-    hints = typing.get_type_hints(TrainConfig)
-    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES, "worker_start": WORKER_STARTS}
-    fields = {f.name: (Literal[choices[f.name]] if f.name in choices else hints[f.name], f.default)
-              for f in dataclasses.fields(TrainConfig) if f.name not in RECIPE_FIELDS}
-    return create_model("TrainSection", __base__=_TrainSectionBase, __module__=__name__, **fields)
-
-
-TrainSection = _train_section()
-
-
-class ModelConfig(Section):
-    name: str | None = None                       # display name; default derived from arch/kwargs
-    arch: str                                     # mlp | cnn | resnet | package.module:factory
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        tail = "-".join(f"{k}{v}" for k, v in sorted(self.kwargs.items()) if not isinstance(v, (dict, list)))
-        return f"{self.arch.split(':')[-1]}{'-' + tail if tail else ''}"
-
-
 class TeacherConfig(Section):
     checkpoint: str | None = None                 # use this checkpoint; skip training
     model: ModelConfig = ModelConfig(arch="cnn", kwargs={"channels": [32, 64]})
@@ -179,29 +393,13 @@ class TeacherConfig(Section):
     freeze: list[str] = Field(default_factory=list)  # parameter-name prefixes frozen when fine-tuning
 
 
-class RunnerConfig(Section):
-    kind: Literal["thread", "dask"] = "thread"
-    max_workers: int = Field(2, ge=1)             # ThreadPoolTaskRunner bound
-    dask_address: str | None = None               # scheduler address, e.g. tcp://127.0.0.1:8786
-
-
-class LabelConfig(Section):
-    uri: str | None = None                        # default: $DISTILL_STORAGE_ROOT/<name>/soft_labels or runs/<name>/soft_labels
-    backend: Literal["parquet", "zarr"] = "parquet"
-    temperature: float = Field(4.0, gt=0)
+class ClassifyLabelConfig(LabelSection):
+    temperature: float = Field(4.0, gt=0)         # stored s = z / T
     representation: Literal["dense", "topk"] = "dense"
     k: int | None = Field(None, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
     compression: Literal["none", "lz4", "zstd"] = "none"
-    shard_size: int = Field(1000, ge=1)           # samples per shard (each with all its views)
-    batch_size: int = Field(512, ge=1)
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    amp: Literal["bf16", "fp16"] | None = None
-    feature_layer: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    overwrite: bool = False
-    retries: int = Field(2, ge=0)                 # per-shard retries on I/O errors
-    runner: RunnerConfig = RunnerConfig()
+    feature_layer: str | None = None              # also store this layer's output (hint / RKD losses)
 
     @model_validator(mode="after")
     def _k_with_topk(self):
@@ -214,87 +412,139 @@ class LabelConfig(Section):
         return self
 
 
-class StudentsConfig(Section):
-    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(arch="mlp", kwargs={"width": 32, "depth": 1})])
-    temperatures: list[float] = Field(default_factory=lambda: [4.0])
-    alphas: list[float] = Field(default_factory=lambda: [0.5])
-    losses: list[Literal[LOSSES]] = Field(default_factory=lambda: ["kd"])
-    baseline: bool = True                         # also train each architecture on hard labels
-    extra_soft_labels: list[str] = Field(default_factory=list)  # more teachers' labels of the same inputs (averaged)
-    export: bool = True                           # write each student as .safetensors and TorchScript
-    quantize: bool = False                        # also report post-training dynamic int8 (accuracy, size, latency)
-    train: TrainSection = TrainSection()
-    max_parallel: int = Field(1, ge=1)
-    # torch intra-op threads while the sweep runs (None: cores // max_parallel, at least 1);
-    # fixed for the whole sweep so parallel students are bit-reproducible
-    threads: int | None = Field(None, ge=1)
-
-    def torch_threads(self, cores: int) -> int:
-        return self.threads or max(1, cores // self.max_parallel)
-
-    @field_validator("temperatures")
-    @classmethod
-    def _positive(cls, v):
-        if not v or any(t <= 0 for t in v):
-            raise ValueError("temperatures must be a non-empty list of numbers > 0")
-        return v
-
-    @field_validator("alphas")
-    @classmethod
-    def _unit(cls, v):
-        if not v or any(not 0 <= a <= 1 for a in v):
-            raise ValueError("alphas must be a non-empty list of numbers in [0, 1]")
-        return v
-
-    @model_validator(mode="after")
-    def _multi_teacher_losses(self):
-        bad = [loss for loss in self.losses if loss != "kd"]
-        if self.extra_soft_labels and bad:
-            raise ValueError(f"students.losses {bad} cannot be combined with students.extra_soft_labels: "
-                             f"multi-teacher distillation averages the teachers' probabilities and is defined "
-                             f"for loss 'kd' only")
-        return self
-
-
-class ScheduleConfig(Section):
-    """Cron strings for `distill serve` / `distill deploy` (None: no schedule)."""
-    run: str | None = None
-    label: str | None = None
-    students: str | None = None
-    timezone: str = "UTC"
-
-
-class Config(Section):
-    task: Literal["classify"] = "classify"       # `task: lm` configs are flows/lm_config.py's
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    runs_dir: str = "runs"
+class ClassifyConfig(RunConfig):
+    task: Literal["classify"] = "classify"
     data: DataConfig = DataConfig()
     views: ViewsConfig = ViewsConfig()
     teacher: TeacherConfig = TeacherConfig()
-    label: LabelConfig = LabelConfig()
-    students: StudentsConfig = StudentsConfig()
-    schedules: ScheduleConfig = ScheduleConfig()
+    label: ClassifyLabelConfig = ClassifyLabelConfig()
 
-    # ---- derived locations (environment decides where a deployment writes)
-    def run_dir(self) -> Path:
-        return Path(os.environ.get("DISTILL_RUNS_DIR") or self.runs_dir) / self.name
+    @model_validator(mode="after")
+    def _losses_have_labels(self):
+        self._check_losses({FAMILIES[self.label.representation]: f"{self.label.representation} labels"},
+                           {"dense": "label.representation: dense", "topk": "label.representation: topk, label.k",
+                            "sampled": "sampled labels are for language models"})
+        return self
+
+    def label_families(self) -> list[str]:
+        return [FAMILIES[self.label.representation]]
 
     def teacher_path(self) -> str:
         return self.teacher.checkpoint or str(self.run_dir() / "teacher.pt")
 
-    def model_factories(self) -> frozenset[str]:
-        """The import-path archs ("pkg.mod:factory") this config names: the user vouches
-        for their code, so checkpoints naming them may be built (see load_model)."""
-        return frozenset(m.arch for m in (self.teacher.model, *self.students.models) if ":" in m.arch)
-
     def soft_label_uri(self) -> str:
-        if self.label.uri:
-            return self.label.uri
-        root = os.environ.get("DISTILL_STORAGE_ROOT")
-        if root:
-            return f"{root.rstrip('/')}/{self.name}/soft_labels"
-        return str(self.run_dir() / "soft_labels")
+        return self._label_root("soft_labels")
 
+    def label_uris(self) -> dict[str, str]:
+        """{layout: uri} of the datasets the label section writes."""
+        return {self.label.representation: self.soft_label_uri()}
+
+    def label_temperature(self) -> float:
+        return self.label.temperature
+
+    @property
+    def label_split(self) -> str:
+        return self.data.label_split
+
+
+# ------------------------------------------------------------------ language models
+
+class CorpusConfig(Section):
+    kind: Literal["jsonl", "text_files", "parquet"]
+    path: str                                     # a .jsonl file, a folder of *.txt files, or a .parquet table
+    text_field: str = "text"                      # the JSON field (jsonl) or the column (parquet) holding text
+    seq_len: int = Field(128, ge=2)               # tokens per window (the window holds seq_len + 1 for targets)
+    windows: Literal["packed", "documents"] = "packed"   # packed: one stream cut every seq_len;
+                                                  # documents: windows never cross a document, the last shorter
+    sizes: dict[str, int]                         # windows per split: needs train and val
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _splits(self):
+        missing = [s for s in ("train", "val") if s not in self.sizes]
+        if missing:
+            raise ValueError(f"corpus.sizes needs the splits {missing} (train: labelled by the teacher and "
+                             f"trained on; val: perplexity), got {sorted(self.sizes)}")
+        bad = {k: v for k, v in self.sizes.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"corpus.sizes must be positive window counts, got {bad}")
+        return self
+
+
+class LMTeacherConfig(Section):
+    name: str = "teacher"                         # display name
+    path: str | None = None                       # a Hugging Face causal-LM directory (or pkg:<module>/<dir>)
+    gguf: str | None = None                       # or a GGUF file (or pkg:<module>/<file>), converted once and cached
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.path is None) == (self.gguf is None):
+            raise ValueError("give teacher.path (a Hugging Face model directory) or teacher.gguf (a GGUF file), "
+                             "exactly one")
+        return self
+
+
+class TopkLabels(Section):
+    k: int = Field(32, ge=1)
+    dtype: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"   # stored log-probs
+    tail_dtype: Literal["float16", "float32"] = "float32"                 # stored missing mass
+
+
+class SampledLabels(Section):
+    draws: int = Field(64, ge=1)                  # draws per token from the teacher's distribution at T = 1
+    s_max: int | None = Field(None, ge=1)         # unique ids stored per token (default min(draws, V))
+
+
+class TokenLabelConfig(LabelSection):
+    topk: TopkLabels | None = None
+    sampled: SampledLabels | None = None
+    seed: int = 0                                 # sampled draws
+    # a batch's (B, L, V) logits must fit: far fewer windows per forward than a classifier's rows
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.topk is None and self.sampled is None:
+            raise ValueError("label needs topk (e.g. {k: 32}) or sampled (e.g. {draws: 64}), or both")
+        return self
+
+    def layouts(self) -> list[str]:
+        return [n for n in ("topk", "sampled") if getattr(self, n) is not None]
+
+
+class LMConfig(RunConfig):
+    task: Literal["lm"]
+    corpus: CorpusConfig
+    teacher: LMTeacherConfig
+    label: TokenLabelConfig = TokenLabelConfig(topk=TopkLabels())
+
+    @model_validator(mode="after")
+    def _losses_have_labels(self):
+        self._check_losses({n: f"label.{n}" for n in self.label.layouts()},
+                           {"topk": "label.topk", "sampled": "label.sampled", "dense": "dense labels are for classifiers"})
+        return self
+
+    def label_families(self) -> list[str]:
+        return self.label.layouts()               # topk, sampled: the layouts are the families
+
+    def label_uris(self) -> dict[str, str]:
+        """{layout: uri}: <label root>/topk and /sampled."""
+        root = self._label_root("token_labels")
+        return {layout: f"{root}/{layout}" for layout in self.label.layouts()}
+
+    def label_temperature(self) -> float:
+        return 1.0                                # token labels are stored at T = 1
+
+    @property
+    def label_split(self) -> str:
+        return "train"
+
+
+Config = Annotated[Union[ClassifyConfig, LMConfig], Field(discriminator="task")]
+_ADAPTER = TypeAdapter(Config)
+
+
+# ------------------------------------------------------------------ reading and validating
 
 def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
@@ -328,20 +578,35 @@ def _format(e: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def validate(schema: type[BaseModel], raw: dict, overrides: list[str] | None = None, *, source: str = "<config>"):
-    """`schema` (Config, or flows.lm_config.LMConfig) from a YAML mapping plus `key=value`
-    overrides; ConfigError naming every bad key otherwise."""
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"]]
+        if loc and loc[0] in TASKS:               # the union's tag: not a key the user wrote
+            loc = loc[1:]
+        loc = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif err["type"] == "union_tag_invalid":
+            lines.append(f"  task: must be one of {list(TASKS)} (default classify), got {err['input'].get('task')!r}")
+        else:
+            # a section-level check (model_validator) names its keys itself; its input is the whole section
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            lines.append(f"  {loc or '(top level)'}: {err['msg'].removeprefix('Value error, ')}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, overrides: list[str] | None = None, *, source: str = "<config>"):
+    """A ClassifyConfig or an LMConfig (by the `task` key, absent = classify) from a YAML
+    mapping plus `key=value` overrides; ConfigError naming every bad key otherwise."""
     raw = dict(raw or {})
     for item in overrides or []:
         apply_override(raw, item)
+    raw.setdefault("task", "classify")
     try:
-        return schema.model_validate(raw)
+        return _ADAPTER.validate_python(raw)
     except ValidationError as e:
         raise ConfigError(f"invalid config {source}:\n{_format(e)}") from None
-
-
-def parse_config(raw: dict, overrides: list[str] | None = None, *, source: str = "<config>") -> Config:
-    return validate(Config, raw, overrides, source=source)
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -364,5 +629,5 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None):
     return parse_config(read_yaml(path), overrides, source=str(path))

@@ -5,32 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .lm_config import LMConfig, load_any_config
+from .config import load_config
 
-# deployment name -> (flow entrypoint, schedules field), per config task
+# deployment name -> (flow entrypoint, schedules field): the same flows for every task
 ENTRYPOINTS = {
     "distill": ("flows/flows.py:distill_flow", "run"),
     "label": ("flows/flows.py:label_flow", "label"),
     "students": ("flows/flows.py:students_flow", "students"),
     "train-teacher": ("flows/flows.py:train_teacher_flow", None),
 }
-LM_ENTRYPOINTS = {
-    "distill": ("flows/lm_flows.py:lm_distill_flow", "run"),
-    "label": ("flows/lm_flows.py:lm_label_flow", "label"),
-    "students": ("flows/lm_flows.py:lm_students_flow", "students"),
-}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def entrypoints(cfg) -> dict:
-    return LM_ENTRYPOINTS if isinstance(cfg, LMConfig) else ENTRYPOINTS
-
-
-def _flow_objects(cfg) -> dict:
-    if isinstance(cfg, LMConfig):
-        from . import lm_flows
-        return {"distill": lm_flows.lm_distill_flow, "label": lm_flows.lm_label_flow,
-                "students": lm_flows.lm_students_flow}
+def _flow_objects() -> dict:
     from . import flows
     return {"distill": flows.distill_flow, "label": flows.label_flow, "students": flows.students_flow,
             "train-teacher": flows.train_teacher_flow}
@@ -38,11 +25,11 @@ def _flow_objects(cfg) -> dict:
 
 def deployments(config_path: str, overrides: list[str] | None = None) -> list:
     """The config's flows as RunnerDeployments named <name>-<flow>, with their cron schedules."""
-    cfg = load_any_config(config_path, overrides)
-    fns = _flow_objects(cfg)
+    cfg = load_config(config_path, overrides)
+    fns = _flow_objects()
     return [fns[name].to_deployment(name=f"{cfg.name}-{name}", parameters=_params(os.path.abspath(config_path), overrides),
                                     **_schedule_kwargs(cfg, field))
-            for name, (_, field) in entrypoints(cfg).items()]
+            for name, (_, field) in ENTRYPOINTS.items()]
 
 
 def _schedule_kwargs(cfg, field: str | None) -> dict:
@@ -78,7 +65,7 @@ def deploy(config_path: str, overrides: list[str] | None = None, *, pool: str,
            source: str | None = None) -> list[tuple[str, str]]:
     """Register one deployment per flow on `pool`; workers run them from `source`."""
     from prefect import flow as prefect_flow
-    cfg = load_any_config(config_path, overrides)
+    cfg = load_config(config_path, overrides)
     # the checkout the workers run from: --source, else the current directory if it is a
     # distillery checkout (an installed package's parent is site-packages), else this one
     cwd = Path.cwd()
@@ -86,7 +73,7 @@ def deploy(config_path: str, overrides: list[str] | None = None, *, pool: str,
     rel = os.path.relpath(Path(config_path).resolve(), src)
     ensure_pool(pool)
     out = []
-    for name, (entry, field) in entrypoints(cfg).items():
+    for name, (entry, field) in ENTRYPOINTS.items():
         f = prefect_flow.from_source(source=str(src), entrypoint=entry)
         dep_id = f.deploy(name=f"{cfg.name}-{name}", work_pool_name=pool, parameters=_params(rel, overrides),
                           build=False, push=False, print_next_steps=False, **_schedule_kwargs(cfg, field))

@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.data.datasets import Source, load_dataset, split_dataset
 from pipeline.views.images import ViewSpec
 
-from .config import Config
+from .config import ClassifyConfig as Config
 
 
 @functools.lru_cache(maxsize=4)

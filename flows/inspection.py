@@ -9,14 +9,13 @@ from pipeline.models.checkpoint import load_model
 from storage import Location
 
 from .inputs import splits_of
-from .recipes import summarize
 
 
 def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = None) -> tuple[dict, object | None]:
     """(manifest summary, verify report or None) for `distill inspect`."""
     m = storage.read_manifest(Location(uri, storage_options))
     report = storage.verify(uri, storage_options=storage_options) if verify else None
-    return summarize(m, uri), report
+    return summarize(m, uri, tokens=False), report
 
 
 def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_factories=(), seed: int = 0) -> dict:
@@ -70,3 +69,20 @@ def token_summary(uri: str, *, storage_options: dict | None = None, max_rows: in
             "bytes_per_token": sum(s.get("bytes", 0) for s in m.get("shards", [])) / max(n, 1),
             "measured": col, "positions": int(len(v)), "mean": float(v.mean()) if len(v) else None,
             "max": float(v.max()) if len(v) else None, **q}
+
+
+def summarize(m: dict, uri: str, storage_options: dict | None = None, *, tokens: bool = True) -> dict:
+    """A dataset's manifest in a few numbers (and, for token labels, bytes per token and
+    the missing-mass or unique-id distribution)."""
+    out = {"uri": uri, "status": m["status"], "backend": m["backend"], "num_samples": m["num_samples"],
+           "num_rows": m["num_rows"], "num_views": m["num_views"], "num_classes": m["num_classes"],
+           "temperature": m["temperature"], "representation": m["representation"],
+           "num_shards": m.get("num_shards"), "bytes": sum(s.get("bytes", 0) for s in m.get("shards", [])),
+           "teacher": m["teacher"],
+           "data": {k: m["data"].get(k) for k in ("name", "split", "fingerprint", "transform", "inputs")}}
+    if tokens and m["status"] == "complete" and m["representation"]["kind"].startswith("token_"):
+        tok = token_summary(uri, storage_options=storage_options)
+        keep = ("num_tokens", "kind", "k", "draws", "dtype", "id_bits", "bytes_per_token", "measured", "mean",
+                "p50", "p90")
+        out["tokens"] = {k: tok[k] for k in keep if k in tok}
+    return out

@@ -8,11 +8,20 @@ import os
 
 import numpy as np
 
-from .config import Config, ConfigError
+from .config import ClassifyConfig, ConfigError, LMConfig
 from .inputs import splits, view_spec
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: ClassifyConfig | LMConfig) -> None:
+    """The checks the schema cannot make because they need the data or the teacher's
+    file, for the config's task; the CLI runs them after load_config, before any work."""
+    if cfg.task == "lm":
+        preflight_lm(cfg)
+    else:
+        preflight_classify(cfg)
+
+
+def preflight_classify(cfg: ClassifyConfig) -> None:
     """The checks the schema cannot make because they need the data or the teacher's
     file: the CLI runs them after load_config, before any work, so a bad input costs
     seconds instead of a trained teacher. Raises ConfigError naming the key and file.
@@ -89,7 +98,7 @@ def preflight(cfg: Config) -> None:
 HF_ARCHS = ("hf-encoder", "hf-sequence-classification")
 
 
-def _check_hf_models(cfg: Config) -> None:
+def _check_hf_models(cfg: ClassifyConfig) -> None:
     """A Hugging Face model's directory exists and its vocabulary fits the tokenizer: checked
     from config.json alone (no weights loaded), before any work or any file is written."""
     import json
@@ -98,7 +107,7 @@ def _check_hf_models(cfg: Config) -> None:
     from .inputs import tokenizer
     tok = tokenizer(cfg)
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.models[{i}]", m)
-                                                       for i, m in enumerate(cfg.students.models)]
+                                                       for i, m in enumerate(cfg.student_models())]
     for key, m in models:
         if m.arch not in HF_ARCHS or cfg.teacher.checkpoint and key == "teacher.model":
             continue
@@ -118,7 +127,7 @@ def _check_hf_models(cfg: Config) -> None:
                               f"than the model's (use the tokenizer saved with the model)")
 
 
-def preflight_lm(cfg) -> None:
+def preflight_lm(cfg: LMConfig) -> None:
     """A `task: lm` config's files, before any work: the corpus (a .jsonl / .parquet file
     or a folder) and the teacher (a GGUF file or a model directory with config.json)."""
     from pipeline.models.gguf import resolve_gguf

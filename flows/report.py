@@ -1,22 +1,117 @@
-"""Turning report.json into the table the CLI prints, the students chart (PNG) and the
-Prefect artifacts."""
+"""One report for every task: report.json's students next to their baselines, the rows
+over seeds, the table the CLI prints, report.md, the students chart (PNG) and the Prefect
+artifacts. The task's validation metric decides the columns and which way is better:
+accuracy (classifiers; gain in points) or perplexity (language models; gain in percent,
+negative is better)."""
 from __future__ import annotations
 
 import base64
 import io
+import math
 import os
+import statistics
 
-from pipeline.evaluate import compare_report
+# the table's columns per metric: (entry key, header)
+COLUMNS = {"accuracy": [("name", "name"), ("accuracy", "acc"), ("agreement", "agree"), ("params", "params"),
+                        ("size_bytes", "size"), ("latency_ms", "latency"), ("baseline", "baseline"), ("gain", "gain")],
+           "perplexity": [("name", "name"), ("perplexity", "ppl"), ("params", "params"), ("steps", "steps"),
+                          ("baseline", "baseline"), ("gain", "gain")]}
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(int(n))
+
+
+def gain(metric: str, value: float, baseline: float) -> float:
+    """accuracy: points over the baseline (a fraction); perplexity: the relative change."""
+    return value - baseline if metric == "accuracy" else value / baseline - 1.0
+
+
+# ------------------------------------------------------------------ rows
+
+def with_baselines(results: list[dict], metric: str, higher_is_better: bool) -> list[dict]:
+    """Each student with its architecture's baseline (loss "ce") of the same seed:
+    "baseline" (its metric) and "gain" (None for a baseline itself)."""
+    base = {(r["arch_name"], r["seed"]): r[metric] for r in results if r["loss"] == "ce"}
+    out = []
+    for r in results:
+        b = base.get((r["arch_name"], r["seed"]))
+        out.append(r | {"baseline": b, "gain": None if b is None or r["loss"] == "ce" else gain(metric, r[metric], b)})
+    return out
+
+
+def aggregate(students: list[dict], metric: str) -> list[dict]:
+    """One row per (architecture, loss, T, alpha): mean and std over seeds of the metric and
+    the gain, and the per-seed values (report.md's per-seed table)."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in students:
+        groups.setdefault((s["arch_name"], s["loss"], s.get("temperature"), s.get("alpha")), []).append(s)
+    rows = []
+    for (arch, loss, T, a), rs in groups.items():
+        vals = [r[metric] for r in rs]
+        gains = [r["gain"] for r in rs if r.get("gain") is not None]
+        name = f"{arch}-baseline" if loss == "ce" else f"{arch}-T{T:g}-a{a:g}-{loss}"
+        row = {k: rs[0].get(k) for k in ("arch_name", "loss", "temperature", "alpha", "mode", "params", "size_bytes",
+                                          "latency_ms", "steps")}
+        row |= {"name": name, "seeds": [r["seed"] for r in rs], metric: statistics.fmean(vals),
+                f"{metric}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "per_seed": vals,
+                "baseline": _mean([r.get("baseline") for r in rs]), "gain": _mean(gains) if gains else None,
+                "gain_per_seed": gains}
+        if any(r.get("agreement") is not None for r in rs):
+            row["agreement"] = _mean([r.get("agreement") for r in rs])
+        rows.append(row)
+    return rows
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+# ------------------------------------------------------------------ the table
+
+def _fmt(metric: str, key: str, v, std: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if key in ("accuracy", "agreement") or (key == "baseline" and metric == "accuracy"):
+        return f"{100 * v:.2f}%" + (f"±{100 * std:.2f}" if std else "")
+    if key in ("perplexity", "baseline"):
+        return f"{v:.1f}" + (f"±{std:.1f}" if std else "")
+    if key == "gain":
+        return f"{100 * v:+.2f}" if metric == "accuracy" else f"{100 * v:+.0f}%"
+    if key == "params":
+        return millions(v)
+    if key == "size_bytes":
+        return f"{v / 2**20:.2f}MiB" if v >= 2**20 else f"{v / 2**10:.1f}KiB"
+    if key == "latency_ms":
+        return f"{v:.3f}ms"
+    if key == "steps":
+        return f"{v:,}"
+    return str(v)
 
 
 def entries(report: dict) -> list[dict]:
+    """The table's rows: the teacher, then each row over seeds (one per student with one seed)."""
     t = report["teacher"]
-    rows = [{**t, "name": f"teacher: {t['name']}"}]
-    for s in report["students"]:
-        gain = None if s.get("baseline_accuracy") is None or s.get("mode") == "hard" else \
-            s["accuracy"] - s["baseline_accuracy"]
-        rows.append({**s, "gain": gain})
-    return rows
+    return [{**t, "name": f"teacher: {t['name']}"}] + list(report.get("rows") or report["students"])
+
+
+def format_table(entries: list[dict], metric: str = "accuracy") -> str:
+    """Plain-text table of entries (dicts with the metric's COLUMNS keys; a missing value
+    prints "-"); the gain column only when some entry has a gain."""
+    if not entries:
+        raise ValueError("the table needs at least one entry")
+    columns = [c for c in COLUMNS[metric] if c[0] != "gain" or any(e.get("gain") is not None for e in entries)]
+    rows = [[h for _, h in columns]]
+    for e in entries:
+        if "name" not in e:
+            raise ValueError(f"every entry needs a 'name', got keys {sorted(e)}")
+        rows.append([_fmt(metric, k, e.get(k), e.get(f"{metric}_std") if k == metric else None) for k, _ in columns])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def footnote(report: dict) -> str:
@@ -24,6 +119,9 @@ def footnote(report: dict) -> str:
     d = report.get("data")
     if not d:
         return ""
+    seeds = f", mean±std over {d['seeds']} seeds" if d.get("seeds", 1) > 1 else ""
+    if report.get("metric") == "perplexity":
+        return _lm_footnote(report, d, seeds)
     steps = {s["mode"]: s.get("steps") for s in report["students"]}
     step_note = ""
     if steps.get("hard") and steps.get("stored"):
@@ -38,45 +136,88 @@ def footnote(report: dict) -> str:
     if d["label_split"] == d["labelled_split"]:
         return (f"baseline: the same architecture on the hard labels of the same {d['labelled']:,} "
                 f"`{d['labelled_split']}` {unit}, the same {d['views']} views, as many optimizer steps{step_note}.\n"
-                f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split." + teacher_note)
+                f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split{seeds}."
+                + teacher_note)
     return (f"baseline: the same architecture on the hard labels of the {d['labelled']:,} labelled "
             f"`{d['labelled_split']}` {unit} (the teacher's training set), the same {d['views']} views, as many "
             f"optimizer steps{step_note}.\ndistilled (-kd): only the teacher's stored soft labels of the "
             f"{d['label_samples']:,} unlabelled `{d['label_split']}` {unit} x {d['views']} views, no hard labels.\n"
-            f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split." + teacher_note)
+            f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split{seeds}." + teacher_note)
 
 
-def millions(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+def _lm_footnote(report: dict, d: dict, seeds: str) -> str:
+    lines = []
+    for layout, s in (report.get("labels") or {}).items():
+        tok = s.get("tokens") or {}
+        if not tok:
+            continue
+        what = (f"top-{tok['k']} {tok['dtype']} log-probs + missing mass (mean {tok['mean']:.3f})"
+                if layout == "topk" else f"{tok['draws']} draws (mean {tok['mean']:.1f} unique ids per token)")
+        lines.append(f"labels {layout}: {tok['num_tokens']:,} tokens, {what}: {tok['bytes_per_token']:.1f} "
+                     f"bytes/token")
+    size = (f"x {d['seq_len']} tokens" if d.get("windows", "packed") == "packed"
+            else f"of up to {d['seq_len']} tokens, never crossing a document")
+    alphas = d.get("alphas") or [0.0]
+    kd = " / ".join(f"{a:g} x CE + {1 - a:g} x KD" if a else "KD alone" for a in alphas)
+    lines.append(f"students: {d['train_windows']:,} train windows {size}, equal steps per student; ppl on "
+                 f"{d['eval_windows']:,} held-out `{d['eval_split']}` windows{seeds}. baseline: next-token "
+                 f"cross-entropy only; the others: {kd} from the stored teacher labels; gain: ppl vs baseline.")
+    return "\n".join(lines)
 
 
 def report_table(report: dict) -> str:
     note = footnote(report)
-    return compare_report(entries(report)) + (f"\n\n{note}" if note else "")
+    return format_table(entries(report), report.get("metric", "accuracy")) + (f"\n\n{note}" if note else "")
+
+
+def report_markdown(report: dict) -> str:
+    """report.md: the table, the per-seed values when there are several seeds, the chart."""
+    metric = report.get("metric", "accuracy")
+    out = [f"# {report['name']}", "", "```", report_table(report), "```", ""]
+    rows = report.get("rows") or []
+    if any(len(r["seeds"]) > 1 for r in rows):
+        seeds = rows[0]["seeds"]
+        out += ["| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+                "|---|" + "---|" * (len(seeds) + 1)]
+        for r in rows:
+            vals = [_fmt(metric, metric, v) for v in r["per_seed"]]
+            gains = [_fmt(metric, "gain", g) for g in r["gain_per_seed"]] or ["" for _ in vals]
+            cells = [f"{v} ({g})" if g else v for v, g in zip(vals, gains + [""] * len(vals))]
+            out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {_fmt(metric, metric, r[metric])} |")
+        out.append("")
+    out.append("![students](students.png)")
+    return "\n".join(out) + "\n"
 
 
 def report_rows(report: dict) -> list[dict]:
-    rows = []
-    for e in entries(report):
-        rows.append({"name": e["name"], "accuracy": round(e["accuracy"], 4),
-                     "agreement": None if e.get("agreement") is None else round(e["agreement"], 4),
-                     "baseline_accuracy": None if e.get("baseline_accuracy") is None else round(e["baseline_accuracy"], 4),
-                     "params": e["params"], "size_bytes": e["size_bytes"], "latency_ms": round(e["latency_ms"], 4)})
-    return rows
+    """The Prefect table artifact's rows (rounded numbers)."""
+    metric = report.get("metric", "accuracy")
+    keys = [k for k, _ in COLUMNS[metric]]
+    return [{k: (round(e[k], 4) if isinstance(e.get(k), float) else e.get(k)) for k in keys} for e in entries(report)]
 
+
+# ------------------------------------------------------------------ the chart
 
 def students_png(report: dict) -> bytes:
-    """Accuracy vs parameters: hollow grey baselines, filled distilled students, an arrow
+    """The metric vs parameters: hollow grey baselines, filled distilled students, an arrow
     from each baseline to the students distilled into the same architecture, the teacher
-    as a dashed line. About 600 x 400 px (tens of KiB, small enough to inline)."""
+    as a dashed line (perplexity on a log scale, lower is better). About 600 x 400 px (tens
+    of KiB, small enough to inline)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, safe in the flow's threads
     from matplotlib.ticker import FuncFormatter, NullLocator
 
+    metric = report.get("metric", "accuracy")
+    acc = metric == "accuracy"
+    scale = 100.0 if acc else 1.0
+
+    def y(v):
+        return scale * v
+
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()
-    t, students = report["teacher"], report["students"]
-    base = {s.get("arch_name", s["name"]): s for s in students if s["mode"] == "hard"}
-    distilled = [s for s in students if s["mode"] != "hard"]
+    t, students = report["teacher"], list(report.get("rows") or report["students"])
+    base = {s.get("arch_name", s["name"]): s for s in students if s.get("mode") == "hard" or s.get("loss") == "ce"}
+    distilled = [s for s in students if s not in base.values()]
     # several students of one architecture (a T/alpha/loss sweep) share its parameter count:
     # spread them a little to the right so their arrows stay apart
     seen: dict[str, int] = {}
@@ -84,48 +225,52 @@ def students_png(report: dict) -> bytes:
     for s in distilled:
         i = seen[s.get("arch_name")] = seen.get(s.get("arch_name"), -1) + 1
         xs.append(s["params"] * 1.07 ** i)
-    ax.axhline(100 * t["accuracy"], color="0.35", ls="--", lw=1, zorder=1)
+    ax.axhline(y(t[metric]), color="0.35", ls="--", lw=1, zorder=1)
     for s, x in zip(distilled, xs):
         b = base.get(s.get("arch_name"))
         if b is None:
             continue
-        ax.annotate("", xy=(x, 100 * s["accuracy"]), xytext=(b["params"], 100 * b["accuracy"]),
+        ax.annotate("", xy=(x, y(s[metric])), xytext=(b["params"], y(b[metric])),
                     arrowprops={"arrowstyle": "->", "color": "C0", "lw": 1.2, "shrinkA": 4, "shrinkB": 4}, zorder=2)
-        ax.annotate(f"{100 * (s['accuracy'] - b['accuracy']):+.1f}",
-                    (x, 100 * (s["accuracy"] + b["accuracy"]) / 2), xytext=(6, 0), textcoords="offset points",
-                    va="center", fontsize=8, color="C0")
+        g = _fmt(metric, "gain", gain(metric, s[metric], b[metric]))
+        mid = (y(s[metric]) + y(b[metric])) / 2 if acc else math.sqrt(y(s[metric]) * y(b[metric]))
+        ax.annotate(g, (x, mid), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8, color="C0")
     if base:
-        ax.scatter([b["params"] for b in base.values()], [100 * b["accuracy"] for b in base.values()], s=45,
-                   facecolors="white", edgecolors="0.3", linewidths=1.3, zorder=3,
-                   label="hard-label baseline")
+        ax.scatter([b["params"] for b in base.values()], [y(b[metric]) for b in base.values()], s=45,
+                   facecolors="white", edgecolors="0.3", linewidths=1.3, zorder=3, label="hard-label baseline")
         for name, b in base.items():
-            ax.annotate(name, (b["params"], 100 * b["accuracy"]), xytext=(0, -13), textcoords="offset points",
+            ax.annotate(name, (b["params"], y(b[metric])), xytext=(0, -13), textcoords="offset points",
                         ha="center", fontsize=8, color="0.25")
     if distilled:
-        ax.scatter(xs, [100 * s["accuracy"] for s in distilled], s=45, color="C0", zorder=4,
-                   label="distilled from stored soft labels")
-    accs = [100 * s["accuracy"] for s in students] + [100 * t["accuracy"]]
-    lo, hi = min(accs), max(accs)
-    ax.set_ylim(lo - 0.15 * (hi - lo) - 0.5, hi + 0.12 * (hi - lo) + 0.5)
+        ax.scatter(xs, [y(s[metric]) for s in distilled], s=45, color="C0", zorder=4,
+                   label="distilled from stored labels")
+    vals = [y(s[metric]) for s in students] + [y(t[metric])]
+    lo, hi = min(vals), max(vals)
+    if acc:
+        ax.set_ylim(lo - 0.15 * (hi - lo) - 0.5, hi + 0.12 * (hi - lo) + 0.5)
+    else:
+        ax.set_yscale("log")
+        ax.set_ylim(lo / 1.3, hi * 1.3)
     ax.set_xscale("log")
     params = [s["params"] for s in students] + xs
     ax.set_xlim(min(params) / 1.5, max(params) * 1.5)
     # ticks at the students' own sizes, e.g. 25.4K
     ax.set_xticks(sorted({s["params"] for s in students}))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(
-        lambda v, _: f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}K" if v >= 1e3 else f"{v:g}"))
-    ax.text(0.01, 100 * t["accuracy"], f" teacher ({t['name']}, {t['params'] / 1e3:.1f}K params): "
-            f"{100 * t['accuracy']:.1f}%", transform=ax.get_yaxis_transform(), va="bottom", fontsize=8, color="0.25")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: millions(v) if v >= 1e3 else f"{v:g}"))
+    value = f"{y(t[metric]):.1f}{'%' if acc else ''}"
+    ax.text(0.01, y(t[metric]), f" teacher ({t['name']}, {millions(t['params'])} params): {value}",
+            transform=ax.get_yaxis_transform(), va="bottom", fontsize=8, color="0.25")
     ax.set_xlabel("student parameters (log scale)")
-    ax.set_ylabel(f"{report.get('eval_split', 'test')} accuracy (%)")
-    d = report.get("data")
+    ev = report.get("eval_split", "test")
+    ax.set_ylabel(f"{ev} accuracy (%)" if acc else f"{ev} perplexity (log scale, lower is better)")
+    d = report.get("data") or {}
     sub = ""
-    if d and d["label_split"] != d["labelled_split"]:
+    if acc and d and d["label_split"] != d["labelled_split"]:
         sub = f"\n{d['labelled']:,} labelled images; {d['label_samples']:,} unlabelled, labelled by the teacher"
     ax.set_title(f"{report['name']}: distilled students vs hard-label baselines{sub}", fontsize=9)
     ax.grid(True, which="major", color="0.9", lw=0.8)
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.legend(loc="lower right" if acc else "upper right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -147,4 +292,5 @@ def chart_data_url(report: dict) -> str | None:
 
 def chart_markdown(report: dict) -> str:
     """The report as markdown (no picture: the UI would not render an inline image)."""
-    return "\n".join([f"# {report['name']}: accuracy vs parameters", "", "```", report_table(report), "```"])
+    what = "accuracy" if report.get("metric", "accuracy") == "accuracy" else "perplexity"
+    return "\n".join([f"# {report['name']}: {what} vs parameters", "", "```", report_table(report), "```"])

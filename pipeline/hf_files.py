@@ -11,6 +11,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
+
+
+# transformers' from_pretrained builds a model on the meta device under a process-global
+# context and then fills it: two threads loading at once (parallel label-shard or student
+# tasks) can see each other's meta tensors ("Cannot copy out of meta tensor"). Every model
+# load holds this lock; a load takes seconds, a forward or a training step does not need it.
+MODEL_LOAD_LOCK = threading.RLock()
 
 
 def offline() -> None:

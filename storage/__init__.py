@@ -12,7 +12,7 @@ from .manifest import FORMAT_VERSION, lineage_digest, now_iso
 from .partition import batches_per_partition
 from .reader import SoftLabelDataset, open_soft_labels
 from .shards import read_manifest
-from .topk import rescale, softmax, topk_probs
+from .topk import softmax, topk_probs
 from .verify import VerifyReport, verify
 from .tokens import decode as decode_tokens
 from .writer import SoftLabelWriter
@@ -20,6 +20,6 @@ from .writer import SoftLabelWriter
 __all__ = [
     "SoftLabelWriter", "open_soft_labels", "SoftLabelDataset", "verify", "VerifyReport", "convert",
     "SoftLabelError", "ManifestError", "IncompleteDatasetError", "MismatchError", "InvalidLogitsError",
-    "CoverageError", "CorruptShardError", "FORMAT_VERSION", "read_manifest", "rescale", "softmax", "topk_probs",
+    "CoverageError", "CorruptShardError", "FORMAT_VERSION", "read_manifest", "softmax", "topk_probs",
     "Location", "batches_per_partition", "lineage_digest", "now_iso", "Column", "columns_for", "decode_tokens",
 ]

@@ -57,11 +57,6 @@ def topk_probs(topk_logits: np.ndarray, logsumexp_: np.ndarray) -> tuple[np.ndar
     return p, tail
 
 
-def rescale(scaled: np.ndarray, stored_temperature: float, new_temperature: float) -> np.ndarray:
-    """Dense scaled logits at another temperature: (z/T) * T / T'."""
-    return np.asarray(scaled, np.float32) * np.float32(stored_temperature / new_temperature)
-
-
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.asarray(x, np.float64)
     e = np.exp(x - x.max(axis=axis, keepdims=True))

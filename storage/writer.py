@@ -212,7 +212,7 @@ class SoftLabelWriter:
                                      f"{self.manifest['representation']['kind']!r}")
         if logits is None:
             raise InvalidLogitsError(f"{self.uri} shard {shard_index}: logits are required")
-        cols = self._prepare(shard_index, sample_ids, logits, views, features, prescaled=False)
+        cols = self._prepare(shard_index, sample_ids, logits, views, features)
         return self._write_columns(shard_index, cols)
 
     def _check_index(self, shard_index) -> None:
@@ -234,7 +234,7 @@ class SoftLabelWriter:
                                          f"sequences of 1..seq_len={self.align} tokens ({bad[1]})")
         return self._write_columns(shard_index, {c.name: cols[c.name] for c in self.columns})
 
-    def _prepare(self, shard_index, sample_ids, logits, views, features, prescaled) -> dict[str, np.ndarray]:
+    def _prepare(self, shard_index, sample_ids, logits, views, features) -> dict[str, np.ndarray]:
         m = self._new
         where = f"{self.uri} shard {shard_index}"
         if not isinstance(shard_index, (int, np.integer)) or shard_index < 0:
@@ -268,7 +268,7 @@ class SoftLabelWriter:
             _refuse_nonfinite(z, ids, v, where, "logits")
         T = np.float32(m["temperature"])
         rep = m["representation"]
-        bound = max(abs(lo), abs(hi)) / (1.0 if prescaled else float(T))
+        bound = max(abs(lo), abs(hi)) / float(T)
         may_overflow = bound >= float(np.finfo(rep["dtype"]).max)
         cols: dict[str, np.ndarray] = {"sample_id": ids.astype(np.int64), "view": v.astype(np.int32)}
         if rep["kind"] == "dense":
@@ -278,16 +278,13 @@ class SoftLabelWriter:
 
             def block(a: int, b: int) -> None:
                 with np.errstate(over="ignore"):  # overflow is reported just below, with the row
-                    if prescaled:
-                        np.copyto(out[a:b], z32[a:b], casting="unsafe")
-                    else:
-                        np.divide(z32[a:b], T, out=out[a:b], casting="unsafe")
+                    np.divide(z32[a:b], T, out=out[a:b], casting="unsafe")
             for_row_blocks(block, n, z32.size)
             cols["logits"] = out
             if may_overflow:
                 _refuse_nonfinite(out, ids, v, where, f"logits/T (overflows {rep['dtype']})", full=True)
         else:
-            scaled = z32 if prescaled else z32 / T
+            scaled = z32 / T
             vals, idx, lse = scaled_topk(scaled, rep["k"])
             with np.errstate(over="ignore"):
                 cols["topk_logits"] = vals.astype(rep["dtype"])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.data.datasets import ArrayDataset
-from pipeline.evaluate import (accuracy, agreement, compare_report, evaluate, expected_calibration_error,
-                               per_class_accuracy, predict_logits)
+from flows.report import format_table
+from pipeline.evaluate import (accuracy, agreement, evaluate, expected_calibration_error, per_class_accuracy,
+                               predict_logits)
 from pipeline.models.registry import build_model
 
 
@@ -86,10 +87,10 @@ def test_predict_and_evaluate_and_report():
     assert r["latency_ms"] > 0
     with pytest.raises(ValueError, match="no labels"):
         evaluate(model, ArrayDataset("u", ds.x, None, ds.sample_ids, 3))
-    report = compare_report([
+    report = format_table([
         {"name": "teacher", "accuracy": 0.981, "params": 1_200_000, "size_bytes": 4_800_000, "latency_ms": 1.5},
         {"name": "student-kd", "accuracy": 0.95, "agreement": 0.962, "params": 25_000, "size_bytes": 100_000,
-         "latency_ms": 0.1, "baseline_accuracy": 0.93},
+         "latency_ms": 0.1, "baseline": 0.93},
     ])
     lines = report.splitlines()
     assert len(lines) == 4 and lines[0].split() == ["name", "acc", "agree", "params", "size", "latency", "baseline"]

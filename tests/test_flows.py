@@ -37,12 +37,12 @@ def test_distill_flow_end_to_end(tiny_run):
     names = [s["name"] for s in on_disk["students"]]
     assert names == ["mlp-16-baseline", "mlp-16-T3-a0.5-kd", "mlp-32-baseline", "mlp-32-T3-a0.5-kd"]
     for s in on_disk["students"]:
-        assert set(s) >= {"name", "accuracy", "params", "size_bytes", "latency_ms", "agreement", "baseline_accuracy"}
+        assert set(s) >= {"name", "accuracy", "params", "size_bytes", "latency_ms", "agreement", "baseline", "gain"}
         assert s["accuracy"] > 0.3 and 0 <= s["agreement"] <= 1 and os.path.exists(s["checkpoint"])
         assert os.path.exists(s["safetensors"]) and os.path.exists(s["torchscript"])
         assert s["int8"]["size_bytes"] < s["size_bytes"] and abs(s["int8"]["accuracy"] - s["accuracy"]) < 0.1
         base = next(b for b in on_disk["students"] if b["name"] == s["name"].split("-T")[0].replace("-baseline", "") + "-baseline")
-        assert s["baseline_accuracy"] == base["accuracy"]
+        assert s["baseline"] == base["accuracy"]
     # the teacher ran once on the evaluation split for all four students' agreement
     cached = list((cfg.run_dir() / "students").glob("teacher-eval-logits-*.npy"))
     assert len(cached) == 1 and np.load(cached[0]).shape == (300, 10)
@@ -75,7 +75,7 @@ def test_flow_runs_and_keyed_artifacts_are_recorded(tiny_run):
         assert float(prog[0].data) == 100.0
         table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-label-shards"])))
         rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
-        assert [r["shard"] for r in rows[:-1]] == [0, 1, 2] and all(r["samples_per_s"] > 0 for r in rows[:-1])
+        assert [r["shard"] for r in rows[:-1]] == [0, 1, 2] and all(r["rows_per_s"] > 0 for r in rows[:-1])
 
 
 def test_label_rerun_skips_every_shard_quickly(tiny_run):
@@ -109,8 +109,8 @@ def test_task_bodies_directly(tiny_run, tmp_path):
     """Task bodies via .fn(): plan and label one shard without a flow run."""
     from prefect.logging import disable_run_logger
 
+    from flows.classify import teacher_info
     from flows.flows import label_shard_task, plan_labels_task
-    from flows.recipes import teacher_info
     cfg = tiny_run["cfg"]
     raw = cfg.model_dump(mode="json")
     raw["label"]["uri"] = str(tmp_path / "fn")
@@ -118,9 +118,9 @@ def test_task_bodies_directly(tiny_run, tmp_path):
     with disable_run_logger():
         plan = plan_labels_task.fn(raw, teacher)
         assert plan["num_shards"] == 3 and [p["shard"] for p in plan["pending"]] == [0, 1, 2]
-        s = label_shard_task.fn(raw, teacher, **plan["pending"][1])
+        s = label_shard_task.fn(raw, teacher, plan["pending"][1]["shard"])
         assert s["shard"] == 1 and s["rows"] == 400 and not s["skipped"]
-        again = label_shard_task.fn(raw, teacher, **plan["pending"][1])
+        again = label_shard_task.fn(raw, teacher, plan["pending"][1]["shard"])
         assert again["skipped"]
         assert plan_labels_task.fn(raw, teacher)["committed"] == [1]
 
@@ -130,26 +130,27 @@ def test_students_refuse_labels_from_another_teacher(tiny_run, tmp_path):
     from flows.recipes import student_runs, train_student
     cfg = tiny_run["cfg"]
     teacher = {"name": "other", "fingerprint": "sha256:not-this-one", "checkpoint": cfg.teacher_path()}
-    run = [r for r in student_runs(cfg) if r["mode"] == "stored"][0]
+    run = [r for r in student_runs(cfg) if r["loss"] != "ce"][0]
     with pytest.raises(storage.MismatchError, match="teacher.fingerprint"):
-        train_student(cfg, teacher, cfg.soft_label_uri(), run)
+        train_student(cfg, teacher, run)
 
 
 def test_student_with_dataloader_workers_inside_prefect(tiny_run):
     """Workers streaming stored labels from a process that runs Prefect (forkserver start)."""
+    from flows.classify import teacher_info
     from flows.flows import train_student_task
-    from flows.recipes import student_runs, teacher_info
+    from flows.recipes import student_runs
     from prefect import flow
     cfg = load_config(TINY, tiny_run["overrides"] + ["students.train.num_workers=2", "students.train.epochs=1",
                                                       "name=workers"])
     raw = cfg.model_dump(mode="json")
     raw["label"]["uri"] = load_config(TINY, tiny_run["overrides"]).soft_label_uri()
     teacher = teacher_info(load_config(TINY, tiny_run["overrides"]).teacher_path())
-    run = [r for r in student_runs(cfg) if r["mode"] == "stored"][0]
+    run = [r for r in student_runs(cfg) if r["loss"] != "ce"][0]
 
     @flow
     def one_student():
-        return train_student_task(raw, teacher, raw["label"]["uri"], run)
+        return train_student_task(raw, teacher, run)
 
     out = one_student()
     assert out["epochs_run"] == 1 and out["accuracy"] > 0.2
@@ -191,21 +192,22 @@ def test_students_refuse_labels_of_another_data_split(tiny_run, tmp_path, capsys
     """Labels made with data.seed=0; a student config with data.seed=1 cuts other splits, whose test
     and val images the teacher labelled for training: refused, by the recipe and by the CLI."""
     from flows.cli import main
-    from flows.recipes import LabelLineageError, check_label_lineage, student_runs, train_student, teacher_info
+    from flows.classify import LabelLineageError, check_label_lineage, teacher_info
+    from flows.recipes import student_runs, train_student
     cfg = tiny_run["cfg"]
     uri = cfg.soft_label_uri()
     keep = [f"label.uri={uri}", f"teacher.checkpoint={cfg.teacher_path()}"]
     other = load_config(TINY, [f"runs_dir={tmp_path}", "data.seed=1", *keep])
     teacher = teacher_info(cfg.teacher_path())
-    run = [r for r in student_runs(other) if r["mode"] == "stored"][0]
+    run = [r for r in student_runs(other) if r["loss"] != "ce"][0]
     with pytest.raises(LabelLineageError) as e:
-        train_student(other, teacher, uri, run)
+        train_student(other, teacher, run)
     msg = str(e.value)
     assert isinstance(e.value, storage.MismatchError) and uri in msg
     assert "data.seed=0" in msg and "data.seed=1" in msg and "data.fingerprint differs" in msg
     # the id check: it names how many evaluation and validation images are stored labels' samples
     ids = np.concatenate([b["sample_id"] for b in storage.open_soft_labels(uri).iter_batches(4096, shuffle=False)])
-    from flows.recipes import splits
+    from flows.inputs import splits
     n_test = len(np.intersect1d(ids, splits(other)["test"].sample_ids))
     assert n_test > 0 and f"{n_test} of the 300 images of this config's 'test' split" in msg
     assert "'val' split" in msg

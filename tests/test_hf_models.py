@@ -12,7 +12,7 @@ import torch
 
 import pipeline.hf_files  # noqa: F401  (HF offline mode, before transformers)
 from pipeline.models.checkpoint import load_model, save_checkpoint
-from pipeline.models.hf import param_counts
+from pipeline.models.registry import param_counts
 from pipeline.models.registry import build_model, complete_spec, model_adapter
 from pipeline.hf_files import load_tokenizer
 from tests._tiny_hf import WORDS, tiny_encoder, tiny_tokenizer

@@ -5,7 +5,9 @@ import torch
 
 import storage
 from pipeline.data.datasets import load_digits8
-from pipeline.labelling.classify import feature_shape, label_dataset, label_shard, plan_shards, resolve_device
+from pipeline.device import resolve_device
+from pipeline.labelling.classify import ClassifyLabeller, feature_shape, label_dataset
+from pipeline.labelling.loop import LabelRun, plan_shards
 from pipeline.models.registry import build_model
 from pipeline.views.images import ViewSpec, apply_views
 
@@ -118,14 +120,14 @@ def test_resume_after_partial_run_matches_fresh_run(tmp_path, digits):
     fresh = run(model, digits, str(tmp_path / "fresh"))["manifest"]
 
     uri = str(tmp_path / "resumed")
-    w = storage.SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=T, num_views=2,
-                                teacher=TEACHER, num_shards=3,
-                                data={"name": "digits", "split": digits.split_spec,
-                                      "fingerprint": digits.fingerprint(), "transform": SPEC.to_dict()})
-    plan = plan_shards(len(digits), shard_size=100)
+    # an interrupted run: shards 0 and 2 labelled (with another batch size), shard 1 missing
+    partial = LabelRun(ClassifyLabeller(model, digits, transform=SPEC, num_views=2, batch_size=64,
+                                        output={"uri": uri, "backend": "parquet", "temperature": T}),
+                       shard_size=100, teacher=TEACHER)
+    assert partial.pending() == [0, 1, 2]
     for i in (0, 2):
-        a, b = plan[i]
-        label_shard(model, digits, w, i, start=a, stop=b, view_spec=SPEC, num_views=2, batch_size=64)
+        partial.label_shard(i)
+    assert partial.pending() == [1] and partial.label_shard(0)["records"] == []   # a retry: nothing to do
     with pytest.raises(storage.IncompleteDatasetError):
         storage.open_soft_labels(uri)
 
@@ -181,7 +183,7 @@ def test_topk_representation(tmp_path, digits):
 
 def test_clear_errors(tmp_path, digits):
     model = teacher()
-    with pytest.raises(ValueError, match="view_spec"):
+    with pytest.raises(ValueError, match="needs a non-identity transform"):
         run(model, digits, str(tmp_path / "a"), view_spec=None)
     with pytest.raises(ValueError, match="transform"):
         run(model, digits, str(tmp_path / "b"),

@@ -45,7 +45,7 @@ def npz_run(tmp_path_factory):
     teacher = ensure_teacher(cfg)
     labels = label_flow(TINY, overrides)
     return {"root": root, "npz": npz, "altered": altered, "overrides": overrides, "cfg": cfg,
-            "teacher": teacher, "uri": labels["uri"]}
+            "teacher": teacher, "uri": labels["datasets"]["dense"]["uri"]}
 
 
 def _keep_teacher(run):
@@ -56,12 +56,13 @@ def _keep_teacher(run):
 
 def test_same_ids_changed_inputs_are_refused(npz_run, tmp_path, capsys):
     from flows.cli import main
-    from flows.recipes import LabelLineageError, check_label_lineage, student_runs, train_student
+    from flows.classify import LabelLineageError, check_label_lineage
+    from flows.recipes import student_runs, train_student
     uri = npz_run["uri"]
     cfg = load_config(TINY, [f"runs_dir={tmp_path}", f"data.dataset={npz_run['altered']}", *_keep_teacher(npz_run)])
-    run = [r for r in student_runs(cfg) if r["mode"] == "stored"][0]
+    run = [r for r in student_runs(cfg) if r["loss"] != "ce"][0]
     with pytest.raises(LabelLineageError) as e:
-        train_student(cfg, npz_run["teacher"], uri, run)
+        train_student(cfg, npz_run["teacher"], run)
     msg = str(e.value)
     assert f"refusing the soft labels at {uri}" in msg and "data.fingerprint differs" in msg
     assert "the same split of 'digits_npz'" in msg and "other images or labels" in msg
@@ -80,13 +81,14 @@ def test_same_ids_changed_inputs_are_refused(npz_run, tmp_path, capsys):
 
 
 def test_enlarged_label_split_is_refused(npz_run, tmp_path):
-    from flows.recipes import LabelLineageError, student_runs, train_student
+    from flows.classify import LabelLineageError
+    from flows.recipes import student_runs, train_student
     uri = npz_run["uri"]
     cfg = load_config(TINY, [*npz_run["overrides"], f"runs_dir={tmp_path}", "data.sizes.train=700",
                              *_keep_teacher(npz_run)])
-    run = [r for r in student_runs(cfg) if r["mode"] == "stored"][0]
+    run = [r for r in student_runs(cfg) if r["loss"] != "ce"][0]
     with pytest.raises(LabelLineageError) as e:
-        train_student(cfg, npz_run["teacher"], uri, run)
+        train_student(cfg, npz_run["teacher"], run)
     msg = str(e.value)
     assert uri in msg and "data.fingerprint differs" in msg and "'train': 700" in msg
     assert "100 of the 700 samples of this config's label split 'train' have no stored label" in msg
@@ -95,7 +97,7 @@ def test_enlarged_label_split_is_refused(npz_run, tmp_path):
 
 def test_views_that_differ_from_the_stored_transform_are_refused(npz_run, tmp_path, capsys):
     from flows.cli import main
-    from flows.recipes import LabelLineageError, check_label_lineage
+    from flows.classify import LabelLineageError, check_label_lineage
     uri = npz_run["uri"]
     m = storage.open_soft_labels(uri).manifest
     assert m["num_views"] == 2 and m["data"]["transform"] == {"shift": 1, "hflip": False, "noise_std": 0.0, "seed": 0}
@@ -125,7 +127,8 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
     """Same config twice: the second sweep reuses the finished students. data.seed=1 with labels
     of that split, in the same runs directory: every student trains again, evaluated on the new split."""
     from flows.flows import label_flow, students_flow
-    from flows.recipes import eval_split, splits, student_runs, train_student
+    from flows.inputs import eval_split, splits
+    from flows.recipes import student_runs, train_student
     from pipeline.models.checkpoint import load_model
     from pipeline.evaluate import evaluate
     base = [*npz_run["overrides"], *SMALL]
@@ -160,9 +163,9 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
         model, _ = load_model(s["checkpoint"])
         assert s["accuracy"] == evaluate(model, test1)["accuracy"]
     # the recipe says why it does not resume: back to data.seed=0, the seed-1 resume file is not continued
-    run = [r for r in student_runs(cfg0) if r["mode"] == "hard"][0]
+    run = [r for r in student_runs(cfg0) if r["loss"] == "ce"][0]
     capsys.readouterr()
-    out = train_student(cfg0, npz_run["teacher"], npz_run["uri"], run)
+    out = train_student(cfg0, npz_run["teacher"], run)
     said = capsys.readouterr().out
     assert f"{run['name']}.train.pt: not resuming, it belongs to another run (" in said
     assert "split.seed" in said and "data.test" in said and "training from scratch" in said
@@ -173,7 +176,8 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
 
 def test_teacher_of_another_lineage_is_refused_and_retrain_replaces_it(npz_run, tmp_path, capsys):
     from flows.cli import main
-    from flows.recipes import TeacherLineageError, check_teacher_lineage, ensure_teacher
+    from flows.classify import TeacherLineageError, check_teacher_lineage
+    from flows.recipes import ensure_teacher
     from pipeline.models.checkpoint import checkpoint_info
     src = npz_run["cfg"].teacher_path()
     runs = tmp_path / "runs"
@@ -227,7 +231,8 @@ def test_teacher_of_another_lineage_is_refused_and_retrain_replaces_it(npz_run, 
 
 
 def test_teacher_without_recorded_lineage_is_refused(npz_run, tmp_path):
-    from flows.recipes import TeacherLineageError, ensure_teacher
+    from flows.classify import TeacherLineageError
+    from flows.recipes import ensure_teacher
     from pipeline.models.checkpoint import load_checkpoint
     payload = load_checkpoint(npz_run["cfg"].teacher_path())
     del payload["metadata"]["lineage"]  # as written before lineage was recorded

@@ -1,7 +1,7 @@
 """Token-level LM labelling end to end (issue 11) with a tiny random Llama teacher on a
 tiny corpus: label_corpus (top-k, sampled; parquet, zarr) against token_labels computed
-directly, resume (simulated and a real SIGKILL), verify, refusals; StoredTokenStream
-coverage over ranks, a student training step with lm_kd_loss, the tokenizer refusal."""
+directly, resume (simulated and a real SIGKILL), verify, refusals; the sequence stream
+coverage over ranks, a student training step through the objective, the tokenizer refusal."""
 from __future__ import annotations
 
 import json
@@ -20,8 +20,8 @@ import pipeline.hf_files  # noqa: F401  (offline mode before transformers)
 import storage
 from pipeline.data.corpus import TokenCorpus
 from pipeline.labelling.tokens import label_corpus, lm_teacher_forward
-from pipeline.objectives.tokens import lm_kd_loss
-from pipeline.training.token_stream import StoredTokenStream
+from pipeline.objectives.objective import Objective
+from pipeline.training.stream import SequenceStream, open_label_stream
 from pipeline.labelling.token_summaries import quantize_labels, sampled_token_labels, topk_token_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,31 +247,32 @@ def test_stream_epoch_covers_every_sequence_once_over_two_ranks(env, stored):
     c = env["corpus"]
     seen = []
     for rank in range(2):
-        s = StoredTokenStream(stored, c, batch_size=4, seed=1, shuffle=True, rank=rank, world_size=2)
+        s = open_label_stream(stored, c, batch_size=4, seed=1, shuffle=True, rank=rank, world_size=2)
+        assert isinstance(s, SequenceStream)
         s.set_epoch(2)
         batches = list(s)
         assert len(batches) == s.num_batches()
         for b in batches:
-            assert b["input_ids"].shape == b["targets"].shape == (len(b["weight"]), L)
+            assert b["x"].shape == b["y"].shape == b["mask"].shape == (len(b["weight"]), L)
             assert b["topk_ids"].shape == b["topk_logprobs"].shape == (len(b["weight"]), L, K)
             assert b["missing_mass"].shape == (len(b["weight"]), L)
-            assert torch.equal(b["input_ids"], c.encode(b["sample_id"].numpy()))
-            assert torch.equal(b["targets"], c.targets(b["sample_id"].numpy()))
+            assert torch.equal(b["x"], c.encode(b["sample_id"].numpy()))
+            assert torch.equal(b["y"], c.targets(b["sample_id"].numpy()))
             seen += b["sample_id"][b["weight"] > 0].tolist()
     assert sorted(seen) == list(range(len(c)))
 
 
 def test_student_step_lowers_the_kd_loss(env, stored):
-    student = tiny_llama(len(env["tok"]), seed=7).train()
+    from pipeline.models.causal_lm import CausalLM
+    student = CausalLM(tiny_llama(len(env["tok"]), seed=7)).train()
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    stream = StoredTokenStream(stored, env["corpus"], batch_size=8, seed=0)
+    stream = open_label_stream(stored, env["corpus"], batch_size=8, seed=0)
+    objective = Objective(loss="topk_kl", alpha=0.1, kind="token_topk", stored_temperatures=[1.0])
     losses = []
     for step in range(20):
         stream.set_epoch(step)
         b = next(iter(stream))
-        logits = student(input_ids=b["input_ids"], attention_mask=torch.ones_like(b["input_ids"])).logits
-        w = b["weight"][:, None].expand(b["targets"].shape)
-        out = lm_kd_loss(logits, b, alpha=0.1, mask=torch.ones_like(w, dtype=torch.bool), weights=w)
+        out = objective(student, b)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -288,10 +289,10 @@ def test_stream_refuses_another_tokenizer(env, stored, tmp_path):
     fp_new = other.describe()["tokenizer"]["fingerprint"]
     assert fp_old != fp_new
     with pytest.raises(ValueError, match="a student with another tokenizer is refused") as e:
-        StoredTokenStream(stored, other, batch_size=4)
+        open_label_stream(stored, other, batch_size=4)
     assert fp_old in str(e.value) and fp_new in str(e.value)
     # same tokenizer, other windows (another seq_len): refused too
     short = TokenCorpus.from_text_files(env["root"] / "docs", tokenizer=env["tok"], tokenizer_path=env["tok_dir"],
                                         seq_len=L // 2, cache_dir=str(env["root"] / "cache"))
     with pytest.raises(ValueError, match="seq_len"):
-        StoredTokenStream(stored, short, batch_size=4)
+        open_label_stream(stored, short, batch_size=4)

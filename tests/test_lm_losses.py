@@ -1,4 +1,5 @@
-"""Tests for pipeline.objectives.tokens: hand-computed values (plain math), invariants, refusals."""
+"""The sparse (top-k, sampled) losses of pipeline/objectives/sparse.py and the objective
+over a language model's positions: hand-computed values (plain math), invariants, refusals."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.objectives.tokens import jsd_topk, lm_kd_loss, next_token_ce, reverse_kl_topk, sampled_kl, topk_tail_kl
+from pipeline.objectives.objective import Objective
+from pipeline.objectives.sparse import jsd_topk, next_token_ce, reverse_kl_topk, sampled_kl, topk_tail_kl
 
 Z = [1.0, 0.5, -0.5, 0.0, 2.0]         # student logits, V = 5
 P = [0.5, 0.2, 0.15, 0.1, 0.05]        # the teacher's full distribution at T = 1
@@ -236,14 +238,24 @@ def test_low_precision_student_gives_fp32():
     torch.testing.assert_close(got, topk_tail_kl(z.bfloat16().float(), ids, logp), rtol=0, atol=0)
 
 
-# ----------------------------------------------------------------------------- lm_kd_loss
+# ----------------------------------------------------------------------------- the objective over positions
+
+def lm_kd_loss(logits, batch, *, loss="topk_kl", alpha=0.0, temperature=1.0, chunk_size=512, mask=None):
+    """The objective's terms for token labels (stored at T = 1): α·next-token CE + (1 − α)·KD."""
+    kind = "token_sampled" if loss == "sampled_kl" else "token_topk"
+    obj = Objective(loss=loss, temperature=temperature, alpha=alpha, kind=kind, stored_temperatures=[1.0],
+                    chunk_size=chunk_size)
+    b = {"weight": torch.ones(logits.shape[0]), **batch}
+    if mask is not None:
+        b["mask"] = mask
+    return obj.terms(logits, b)
 
 def test_lm_kd_loss_alpha_mixing_hand_computed():
     q = _softmax(Z)
     ids, lp = _row([0, 1])
     kd = _kl(_buckets(P, [0, 1]), _buckets(q, [0, 1]))
     ce = -math.log(q[3])
-    batch = {"topk_ids": ids, "topk_logprobs": lp, "targets": torch.tensor([3])}
+    batch = {"topk_ids": ids, "topk_logprobs": lp, "y": torch.tensor([3])}
     out = lm_kd_loss(torch.tensor([Z]), batch, alpha=0.25)
     assert set(out) == {"loss", "kd_loss", "task_loss"}
     assert out["task_loss"].item() == pytest.approx(ce, rel=1e-5)
@@ -251,7 +263,7 @@ def test_lm_kd_loss_alpha_mixing_hand_computed():
     assert out["loss"].item() == pytest.approx(0.25 * ce + 0.75 * kd, rel=1e-5)
     out = lm_kd_loss(torch.tensor([Z]), batch)
     assert set(out) == {"loss", "kd_loss"} and out["loss"].item() == pytest.approx(kd, rel=1e-5)
-    sb = {"sample_ids": torch.tensor([[4, 0]]), "sample_counts": torch.tensor([[2, 1]]), "targets": torch.tensor([3])}
+    sb = {"sample_ids": torch.tensor([[4, 0]]), "sample_counts": torch.tensor([[2, 1]]), "y": torch.tensor([3])}
     want = -(2 / 3 * math.log(q[4]) + 1 / 3 * math.log(q[0]))
     out = lm_kd_loss(torch.tensor([Z]), sb, loss="sampled_kl", alpha=0.5)
     assert out["loss"].item() == pytest.approx(0.5 * ce + 0.5 * want, rel=1e-5)
@@ -265,7 +277,7 @@ def test_lm_kd_loss_batch_with_mask_equals_the_flattened_valid_rows(loss):
     keep = mask.reshape(-1)
     targets = torch.arange(B * L) % V
     counts = torch.tensor([[1, 2]]).repeat(B * L, 1)
-    full = {"topk_ids": ids, "topk_logprobs": logp, "sample_ids": ids, "sample_counts": counts, "targets": targets}
+    full = {"topk_ids": ids, "topk_logprobs": logp, "sample_ids": ids, "sample_counts": counts, "y": targets}
     grid = {key: t.reshape(B, L, *t.shape[1:]) for key, t in full.items()}
     flat = {key: t[keep] for key, t in full.items()}
     T = 1.0 if loss == "sampled_kl" else 2.0
@@ -277,12 +289,11 @@ def test_lm_kd_loss_batch_with_mask_equals_the_flattened_valid_rows(loss):
         return out, x.grad
 
     want, g_flat = run(z0[keep], flat)
-    for batch in (grid, flat):                   # teacher tensors (B, L, ...) or already (N, ...)
-        got, g = run(z0.reshape(B, L, V), batch, mask=mask)
-        for key in want:
-            torch.testing.assert_close(got[key], want[key])
-        torch.testing.assert_close(g.reshape(-1, V)[keep], g_flat)
-        assert g.reshape(-1, V)[~keep].abs().max() == 0
+    got, g = run(z0.reshape(B, L, V), grid | {"weight": torch.ones(B)}, mask=mask)   # (B, L, ...) as streamed
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    torch.testing.assert_close(g.reshape(-1, V)[keep], g_flat)
+    assert g.reshape(-1, V)[~keep].abs().max() == 0
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -319,15 +330,13 @@ def _refusals():
         (lambda: next_token_ce(z, torch.tensor([1, 2])), r"targets must be \(1,\)"),
         (lambda: lm_kd_loss(z, {"topk_ids": ids, "topk_logprobs": lp}, loss="kl"), "loss must be one of"),
         (lambda: lm_kd_loss(z, {"topk_ids": ids, "topk_logprobs": lp}, alpha=1.5), r"alpha must be in \[0, 1\]"),
-        (lambda: lm_kd_loss(z, {"topk_ids": ids, "topk_logprobs": lp}, alpha=0.5), r"missing \['targets'\]"),
-        (lambda: lm_kd_loss(z, {"topk_ids": ids}), r"missing \['topk_logprobs'\]"),
+        (lambda: lm_kd_loss(z, {"topk_ids": ids, "topk_logprobs": lp}, alpha=0.5), r"the batch has no 'y'"),
+        (lambda: lm_kd_loss(z, {"topk_ids": ids}), r"the batch has no 'topk_logprobs'"),
         (lambda: lm_kd_loss(z, {"sample_ids": ids, "sample_counts": c}, loss="sampled_kl", temperature=2.0),
-         "temperature must be 1"),
-        (lambda: lm_kd_loss(z[None], {"topk_ids": ids, "topk_logprobs": lp}), r"needs a bool mask \(1, 1\)"),
-        (lambda: lm_kd_loss(z, {"topk_ids": ids, "topk_logprobs": lp}, mask=torch.ones(1, 1, dtype=torch.bool)),
-         r"must be \(N, V\), or \(B, L, V\) with a mask"),
+         "defined only at the stored temperature 1"),
+        (lambda: lm_kd_loss(z[None], {"topk_ids": ids, "topk_logprobs": lp}), r"need a bool batch\['mask'\] \(1, 1\)"),
         (lambda: lm_kd_loss(z[None], {"topk_ids": ids.repeat(2, 1), "topk_logprobs": lp.repeat(2, 1)},
-                            mask=torch.ones(1, 1, dtype=torch.bool)), r"batch\['topk_ids'\] must be \(1, ...\)"),
+                            mask=torch.ones(1, 1, dtype=torch.bool)), r"must start with the mask's shape \(1, 1\)"),
     ]
 
 
@@ -359,15 +368,15 @@ def test_no_rows_by_vocab_intermediate_is_kept_for_backward():
 
 # ----------------------------------------------------------------------------- the fused CE
 
-def _autograd_forward_kl(z, ids, logp, missing, temperature):
+def _autograd_forward_kl(z, ids, logp, missing, temperature, stored_temperature=1.0):
     """The plain-autograd reference: _buckets + _kl (the formula, no hand-written gradient)."""
-    from pipeline.objectives.tokens import _forward_kl
-    return _forward_kl(z, ids, logp, missing, temperature=temperature).mean()
+    from pipeline.objectives.sparse import _forward_kl
+    return _forward_kl(z, ids, logp, missing, temperature=temperature, stored_temperature=stored_temperature).mean()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature,stored", [(1.0, 1.0), (2.0, 1.0), (4.0, 2.0), (2.0, 3.0)])
 @pytest.mark.parametrize("with_missing", [False, True])
-def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, with_missing):
+def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, stored, with_missing):
     g = torch.Generator().manual_seed(3)
     n, v, k = 9, 40, 6
     z = (torch.randn(n, v, generator=g) * 3).requires_grad_()
@@ -375,10 +384,10 @@ def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, with_mi
     logp, ids = t.topk(k, -1)
     missing = (1 - logp.exp().sum(-1)) if with_missing else None
     z[2].data[ids[2]] += 30.0      # a student whose tail is ~e^-30: the exact (masked) tail path
-    got = topk_tail_kl(z, ids, logp, temperature=temperature, missing_mass=missing)
+    got = topk_tail_kl(z, ids, logp, temperature=temperature, missing_mass=missing, stored_temperature=stored)
     (gz,) = torch.autograd.grad(got, z)
     z2 = z.detach().clone().requires_grad_()
-    want = _autograd_forward_kl(z2, ids, logp, missing, temperature)
+    want = _autograd_forward_kl(z2, ids, logp, missing, temperature, stored)
     (wz,) = torch.autograd.grad(want, z2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gz, wz, rtol=1e-4, atol=1e-7)

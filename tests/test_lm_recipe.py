@@ -41,9 +41,9 @@ def lm_config(tmp_path, **over) -> str:
            "teacher": {"name": "tiny-llama", "path": str(teacher)},
            "label": {"topk": {"k": 8, "dtype": "float16"}, "sampled": {"draws": 16}, "shard_size": 8,
                      "batch_size": 4, "device": "cpu"},
-           "students": {"models": [{"name": "s1", "layers": 1, "hidden": 16, "heads": 2}],
-                        "losses": ["ce", "topk_kl", "sampled_kl"],
-                        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_steps": 2}}}
+           "students": {"models": [{"name": "s1", "arch": "llama", "kwargs": {"layers": 1, "hidden": 16, "heads": 2}}],
+                        "losses": ["ce", "topk_kl", "sampled_kl"], "temperatures": [1.0],
+                        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "device": "cpu"}}}
     for key, value in over.items():
         cfg[key] = value
     path = tmp_path / "lm.yaml"
@@ -61,45 +61,46 @@ def lm_run(tmp_path_factory):
 
 
 def test_lm_recipe_end_to_end(lm_run, capsys):
-    from flows.lm_config import load_lm_config
+    from flows.config import load_config
     assert lm_run["rc"] == 0
-    cfg = load_lm_config(lm_run["config"])
+    cfg = load_config(lm_run["config"])
     rep = json.loads((cfg.run_dir() / "report.json").read_text())
-    assert rep["task"] == "lm" and rep["teacher"]["name"] == "tiny-llama"
-    assert np.isfinite(rep["teacher"]["val_perplexity"]) and rep["teacher"]["val_perplexity"] > 1
+    assert rep["task"] == "lm" and rep["metric"] == "perplexity" and rep["teacher"]["name"] == "tiny-llama"
+    assert np.isfinite(rep["teacher"]["perplexity"]) and rep["teacher"]["perplexity"] > 1
     names = [s["name"] for s in rep["students"]]
-    assert names == ["s1-ce", "s1-topk_kl", "s1-sampled_kl"]
+    assert names == ["s1-baseline", "s1-T1-a0.5-topk_kl", "s1-T1-a0.5-sampled_kl"]
     steps = {s["steps"] for s in rep["students"]}
     assert steps == {2 * 24 // 4}                       # equal steps: 6 batches x 2 epochs each
     for s in rep["students"]:
-        assert np.isfinite(s["val_perplexity"]) and s["val_perplexity"] > 1
+        assert np.isfinite(s["perplexity"]) and s["perplexity"] > 1
         assert s["labels"] is None if s["loss"] == "ce" else s["labels"].endswith(
             "topk" if s["loss"] == "topk_kl" else "sampled")
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        m = AutoModelForCausalLM.from_pretrained(s["path"], local_files_only=True)
+        m = AutoModelForCausalLM.from_pretrained(s["hf_dir"], local_files_only=True)
         teacher_vocab = json.loads((lm_run["tmp"] / "teacher" / "config.json").read_text())["vocab_size"]
-        assert m.config.vocab_size == teacher_vocab and AutoTokenizer.from_pretrained(s["path"]) is not None
+        assert m.config.vocab_size == teacher_vocab and AutoTokenizer.from_pretrained(s["hf_dir"]) is not None
     rows = {r["loss"]: r for r in rep["rows"]}
-    assert rows["ce"]["vs_ce"] is None and rows["topk_kl"]["vs_ce"] is not None
+    assert rows["ce"]["gain"] is None and rows["topk_kl"]["gain"] is not None
     assert os.path.getsize(rep["chart"]) > 1000 and (cfg.run_dir() / "report.md").is_file()
     # both layouts from one teacher pass, complete and verified
     for layout, kind in (("topk", "token_topk"), ("sampled", "token_sampled")):
-        ds = storage.open_soft_labels(cfg.label_uri(layout), verify=True)
+        ds = storage.open_soft_labels(cfg.label_uris()[layout], verify=True)
         m = ds.manifest
         assert m["representation"]["kind"] == kind and m["num_tokens"] == 24 * 16 and m["seq_len"] == 16
         assert m["teacher"]["fingerprint"] == rep["teacher"]["fingerprint"]
-        assert rep["labels"][layout]["bytes_per_token"] > 0
-    assert rep["labels"]["topk"]["k"] == 8 and rep["labels"]["sampled"]["draws"] == 16
+        assert rep["labels"][layout]["tokens"]["bytes_per_token"] > 0
+    assert rep["labels"]["topk"]["tokens"]["k"] == 8 and rep["labels"]["sampled"]["tokens"]["draws"] == 16
 
 
 def test_cli_prints_the_report_and_inspect_shows_bytes_per_token(lm_run, capsys):
     from flows.cli import main
-    from flows.lm_config import load_lm_config
-    cfg = load_lm_config(lm_run["config"])
+    from flows.config import load_config
+    cfg = load_config(lm_run["config"])
     assert main(["students", lm_run["config"]]) == 0     # the students alone, from the stored labels
     out = capsys.readouterr().out
-    assert "validation perplexity" in out and "s1" in out and "bytes/token" in out and "sampled_kl" in out
-    assert main(["inspect", cfg.label_uri("topk")]) == 0
+    assert "teacher: tiny-llama" in out and "ppl" in out and "s1" in out and "bytes/token" in out
+    assert "sampled_kl" in out
+    assert main(["inspect", cfg.label_uris()["topk"]]) == 0
     out = capsys.readouterr().out
     assert "bytes/token" in out and "missing mass over 384 positions" in out
 
@@ -108,7 +109,7 @@ def test_documents_windows_run_end_to_end_with_variable_length_labels(tmp_path, 
     """corpus.windows=documents through the CLI: documents of mixed lengths, labels of
     variable-length sequences, a CE and a KD student, inspect showing the lengths."""
     from flows.cli import main
-    from flows.lm_config import load_lm_config
+    from flows.config import load_config
     path = lm_config(tmp_path)
     rng = np.random.default_rng(1)
     for d, n in enumerate([5, 30, 70, 12, 44, 9, 100, 3, 60, 25, 50, 18, 80, 7, 40]):   # replaces the 3 documents
@@ -118,37 +119,39 @@ def test_documents_windows_run_end_to_end_with_variable_length_labels(tmp_path, 
     assert main(["run", path, *over]) == 0
     out = capsys.readouterr().out
     assert "never crossing a document" in out and "topk_kl" in out
-    cfg = load_lm_config(path, over)
-    ds = storage.open_soft_labels(cfg.label_uri("topk"))
-    assert storage.verify(cfg.label_uri("topk")).ok
+    cfg = load_config(path, over)
+    ds = storage.open_soft_labels(cfg.label_uris()["topk"])
+    assert storage.verify(cfg.label_uris()["topk"]).ok
     assert ds.num_sequences == 20 and ds.manifest["num_tokens"] < 20 * 16     # shorter last windows
     lengths = np.concatenate([b["length"] for b in ds.iter_sequences(8, shuffle=False)])
     assert lengths.sum() == ds.manifest["num_tokens"] and lengths.min() < 16
     report = json.loads((cfg.run_dir() / "report.json").read_text())
     assert {r["loss"] for r in report["rows"]} == {"ce", "topk_kl"} and report["data"]["windows"] == "documents"
-    assert main(["inspect", cfg.label_uri("topk")]) == 0
+    assert main(["inspect", cfg.label_uris()["topk"]]) == 0
     assert "20 sequences of up to 16, mean" in capsys.readouterr().out
 
 
 def test_label_again_skips_every_committed_shard(lm_run, capsys):
     from flows.cli import main
-    from flows.lm_config import load_lm_config
-    cfg = load_lm_config(lm_run["config"])
-    before = [s["sha256"] for s in storage.open_soft_labels(cfg.label_uri("topk")).manifest["shards"]]
+    from flows.config import load_config
+    cfg = load_config(lm_run["config"])
+    before = [s["sha256"] for s in storage.open_soft_labels(cfg.label_uris()["topk"]).manifest["shards"]]
     assert main(["label", lm_run["config"]]) == 0
     out = capsys.readouterr().out
-    assert "(0 shards labelled, 3 skipped)" in out
-    assert [s["sha256"] for s in storage.open_soft_labels(cfg.label_uri("topk")).manifest["shards"]] == before
+    assert "0 shards labelled, 3 skipped" in out
+    assert [s["sha256"] for s in storage.open_soft_labels(cfg.label_uris()["topk"]).manifest["shards"]] == before
 
 
 def test_a_student_with_another_tokenizer_is_refused(lm_run, tmp_path, capsys):
     """Labels name token ids of the teacher's tokenizer: a corpus tokenized otherwise is refused."""
-    from flows.lm_config import load_lm_config
-    from flows.lm_recipes import resolve_teacher, train_student, student_runs
-    cfg = load_lm_config(lm_run["config"])
-    other = tiny_teacher(tmp_path / "other", vocab=len(WORDS) + 5)
-    tiny_tokenizer(other, words=list(reversed(WORDS)))  # same size, other ids
-    teacher = resolve_teacher(cfg) | {"dir": str(other)}
+    from flows.config import load_config
+    from flows.recipes import ensure_teacher, student_runs, train_student
+    first = load_config(lm_run["config"])
+    other = tiny_teacher(tmp_path / "other", vocab=len(WORDS) + 5)   # the same weights...
+    tiny_tokenizer(other, words=list(reversed(WORDS)))                 # ...another tokenizer: same size, other ids
+    cfg = load_config(lm_run["config"], [f"teacher.path={other}", f"label.uri={first.label_uris()['topk'][:-5]}",
+                                          f"runs_dir={tmp_path / 'runs'}"])
+    teacher = ensure_teacher(cfg)
     run = next(r for r in student_runs(cfg) if r["loss"] == "topk_kl")
     with pytest.raises(ValueError, match="tokenizer fingerprint"):
         train_student(cfg, teacher, run)
@@ -196,13 +199,13 @@ def test_runtime_refusals_are_one_line(tmp_path, capsys):
 
 
 def test_lm_flows_become_scheduled_deployments(tmp_path):
-    """`distill serve` / `deploy` on a `task: lm` config: its three flows, with the crons of
+    """`distill serve` / `deploy` on a `task: lm` config: the four flows, with the crons of
     its schedules section (the deployments are built, not served)."""
     from flows.deploy import deployments
     path = lm_config(tmp_path, schedules={"run": "0 3 * * *", "label": "30 1 * * 1"})
     deps = {d.name: d for d in deployments(path)}
-    assert sorted(deps) == ["tinylm-distill", "tinylm-label", "tinylm-students"]
-    assert deps["tinylm-distill"].entrypoint.endswith("lm_flows.py:lm_distill_flow")
+    assert sorted(deps) == ["tinylm-distill", "tinylm-label", "tinylm-students", "tinylm-train-teacher"]
+    assert deps["tinylm-distill"].entrypoint.endswith("flows.py:distill_flow")   # the same flows as classify
     assert [s.schedule.cron for s in deps["tinylm-distill"].schedules] == ["0 3 * * *"]
     assert [s.schedule.cron for s in deps["tinylm-label"].schedules] == ["30 1 * * 1"]
     assert deps["tinylm-students"].schedules in (None, [])

@@ -1,6 +1,8 @@
-"""pipeline/training/lm_loop.py and pipeline/models/causal_lm.py on a tiny corpus and a tiny random Llama
+"""The one training loop (pipeline/training/loop.py) on a language model, and the causal-LM
+model seam (pipeline/models/causal_lm.py), on a tiny corpus and a tiny random Llama
 teacher: perplexity against hand-computed cross-entropy, the schedule, equal steps for every
-loss, determinism, a student that learns, and refusals."""
+loss, determinism, a student that learns, resume by lineage, refusals."""
+import json
 import math
 import os
 
@@ -12,10 +14,13 @@ import torch.nn.functional as F
 from _tiny_hf import WORDS, tiny_tokenizer
 from pipeline.data.corpus import TokenCorpus
 from pipeline.labelling.tokens import label_corpus_many, output_spec
-from pipeline.models.causal_lm import llama_student, param_count, perplexity
-from pipeline.training.lm_loop import LMTrainConfig, lr_at, train_lm_student
+from pipeline.models.causal_lm import llama, perplexity
+from pipeline.models.registry import build_model, param_counts
+from pipeline.training.config import TrainConfig
+from pipeline.training.loop import make_schedule, train
 
 TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny"}
+LM = dict(betas=(0.9, 0.95), min_lr=0.1, grad_clip=1.0, device="cpu")   # what configs/lm.yaml sets
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,9 @@ def env(tmp_path_factory):
 
 
 def _student(env, seed=0):
-    return llama_student(vocab_size=env["V"], layers=1, hidden=16, heads=2, max_positions=16, seed=seed)
+    torch.manual_seed(seed)
+    return build_model({"arch": "llama", "kwargs": {"layers": 1, "hidden": 16, "heads": 2, "max_length": 16}},
+                       in_shape=(16,), num_classes=env["V"])
 
 
 def test_perplexity_is_exp_of_the_hand_computed_cross_entropy(env):
@@ -51,47 +58,56 @@ def test_perplexity_is_exp_of_the_hand_computed_cross_entropy(env):
     got = perplexity(m, val, batch_size=3)
     w = torch.from_numpy(val.windows(np.arange(len(val))))
     with torch.no_grad():
-        logits = m(input_ids=w[:, :-1]).logits
+        logits = m(w[:, :-1])                                          # the seam: ids -> (B, L, V)
     ce = F.cross_entropy(logits.reshape(-1, env["V"]).double(), w[:, 1:].reshape(-1)).item()
     assert got["tokens"] == len(val) * 16
     assert math.isclose(got["loss"], ce, rel_tol=1e-5) and math.isclose(got["perplexity"], math.exp(ce), rel_tol=1e-5)
+    assert perplexity(m.model, val, batch_size=3) == got               # a bare Hugging Face model too
 
 
 def test_student_factory_is_seeded_and_ties_embeddings(env):
     a, b, c = _student(env, 0), _student(env, 0), _student(env, 1)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and not all(torch.equal(sa[k], sc[k]) for k in sa)
-    assert a.get_input_embeddings().weight is a.get_output_embeddings().weight
-    assert param_count(a) == sum(p.numel() for p in a.parameters())     # tied weights counted once
-    assert a.model.embed_tokens.padding_idx is None                   # every token row learns (pad = separator)
+    hf = a.model
+    assert hf.get_input_embeddings().weight is hf.get_output_embeddings().weight
+    assert param_counts(a)["params"] == sum(p.numel() for p in a.parameters())   # tied weights counted once
+    assert hf.model.embed_tokens.padding_idx is None                  # every token row learns (pad = separator)
     with pytest.raises(ValueError, match="divisible"):
-        llama_student(vocab_size=10, hidden=10, heads=3)
+        llama(num_classes=10, hidden=10, heads=3)
 
 
-def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    cfg = LMTrainConfig(lr=1.0, warmup_steps=4)
-    assert [lr_at(s, 20, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_at(4, 20, cfg) == pytest.approx(1.0) and lr_at(20, 20, cfg) == pytest.approx(0.1)
-    assert lr_at(12, 20, cfg) == pytest.approx(0.55)
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, min_lr=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_schedule(opt, cfg, total_steps=20)
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1) and lrs[12] == pytest.approx(0.55)
 
 
 @pytest.mark.parametrize("loss,labels", [("ce", None), ("topk_kl", "topk"), ("sampled_kl", "sampled"),
                                          ("reverse_kl", "topk"), ("jsd", "topk")])
-def test_every_loss_trains_with_equal_steps_and_is_deterministic(env, loss, labels):
+def test_every_loss_trains_with_equal_steps_and_is_deterministic(env, loss, labels, tmp_path):
     uri = None if labels is None else str(env["root"] / labels)
-    cfg = LMTrainConfig(loss=loss, epochs=3, batch_size=4, lr=0.02, warmup_steps=2, seed=5)
+    cfg = TrainConfig(loss=loss, epochs=3, batch_size=4, lr=0.02, warmup_steps=2, seed=5, alpha=0.0, **LM,
+                      log_path=str(tmp_path / "log.jsonl"))
     before = perplexity(_student(env), env["val"])["loss"]
-    a = train_lm_student(_student(env), env["train"], env["val"], cfg, labels_uri=uri)
-    b = train_lm_student(_student(env), env["train"], env["val"], cfg, labels_uri=uri)
-    assert a["steps"] == 3 * 24 // 4 and a["tokens"] == 3 * 24 * 16
-    assert a["val"]["loss"] == b["val"]["loss"]                       # same seed, same student
+    a_model = _student(env)
+    a = train(a_model, cfg, train_data=env["train"], val_data=env["val"], labels=uri)
+    b = train(_student(env), cfg, train_data=env["train"], val_data=env["val"], labels=uri)
+    assert a["steps"] == 3 * 24 // 4 and a["units"] == 3 * 24 * 16 and a["unit"] == "tokens"
+    assert a["metric"] == "perplexity" and a["best_val"] == b["best_val"]     # same seed, same student
+    assert a["best_val"] == pytest.approx(perplexity(a_model, env["val"])["perplexity"])   # the best weights
     if loss == "ce":
-        assert a["val"]["loss"] < before                              # it learned the text
+        assert perplexity(a_model, env["val"])["loss"] < before                # it learned the text
     else:   # the teacher is random, not the text: the student learns the teacher
-        trained = _student(env)
-        train_lm_student(trained, env["train"], env["val"], cfg, labels_uri=uri)
-        assert _kl_to_teacher(env, trained) < 0.9 * _kl_to_teacher(env, _student(env))
-    assert [h["step"] for h in a["history"]] == list(range(1, a["steps"] + 1))
+        assert _kl_to_teacher(env, a_model) < 0.9 * _kl_to_teacher(env, _student(env))
+    assert [json.loads(x)["step"] for x in open(cfg.log_path)] == [6, 12, 18]
 
 
 def _kl_to_teacher(env, m) -> float:
@@ -99,23 +115,24 @@ def _kl_to_teacher(env, m) -> float:
     x = env["val"].encode(np.arange(len(env["val"])))
     with torch.no_grad():
         p = torch.log_softmax(env["teacher"](input_ids=x).logits, -1)
-        q = torch.log_softmax(m(input_ids=x).logits, -1)
+        q = torch.log_softmax(m(x), -1)
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
 def test_refusals(env):
-    with pytest.raises(ValueError, match="labels_uri"):
-        train_lm_student(_student(env), env["train"], env["val"], LMTrainConfig(loss="topk_kl"))
-    with pytest.raises(ValueError, match="needs 'token_topk' labels"):
-        train_lm_student(_student(env), env["train"], env["val"], LMTrainConfig(loss="topk_kl"),
-                         labels_uri=str(env["root"] / "sampled"))
+    tr, va = env["train"], env["val"]
+    with pytest.raises(ValueError, match="give stored labels= or an online teacher="):
+        train(_student(env), TrainConfig(loss="topk_kl", **LM), train_data=tr)
+    with pytest.raises(ValueError, match="loss='topk_kl' learns from topk labels, but soft labels at .* are "
+                                         "token_sampled"):
+        train(_student(env), TrainConfig(loss="topk_kl", **LM), train_data=tr, labels=str(env["root"] / "sampled"))
     with pytest.raises(ValueError, match="loss must be one of"):
-        LMTrainConfig(loss="kd")
-    with pytest.raises(ValueError, match="temperature"):
-        LMTrainConfig(loss="sampled_kl", temperature=2.0)
+        TrainConfig(loss="kl")
+    with pytest.raises(ValueError, match="defined only at the stored temperature 1"):
+        train(_student(env), TrainConfig(loss="sampled_kl", temperature=2.0, **LM), train_data=tr,
+              labels=str(env["root"] / "sampled"))
     with pytest.raises(ValueError, match="fingerprint"):     # labels of other windows (the val split)
-        train_lm_student(_student(env), env["val"], env["val"], LMTrainConfig(loss="topk_kl"),
-                         labels_uri=str(env["root"] / "topk"))
+        train(_student(env), TrainConfig(loss="topk_kl", **LM), train_data=va, labels=str(env["root"] / "topk"))
 
 
 def test_allocator_tuning_is_on_by_default_and_can_be_turned_off():

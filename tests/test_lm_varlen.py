@@ -4,6 +4,8 @@ shorter), labelled by a tiny random Llama into variable-length token datasets (t
 sampled, Parquet and Zarr), streamed back with masks, and trained on with masked losses."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -13,14 +15,23 @@ import pipeline.hf_files  # noqa: F401  (offline mode before transformers)
 import storage
 from pipeline.data.corpus import TokenCorpus
 from pipeline.labelling.tokens import label_corpus, label_corpus_many, output_spec
-from pipeline.training.token_stream import StoredTokenStream
-from pipeline.models.causal_lm import llama_student, perplexity
-from pipeline.training.lm_loop import LMTrainConfig, loss_terms, train_lm_student
+from pipeline.models.causal_lm import perplexity
+from pipeline.models.registry import build_model
+from pipeline.objectives.objective import Objective
+from pipeline.training.config import TrainConfig
+from pipeline.training.loop import train
+from pipeline.training.stream import open_label_stream
 from pipeline.labelling.token_summaries import topk_token_labels
 
 L, K, DRAWS = 16, 8, 16
 TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny-llama-0"}
 DOC_WORDS = [3, 40, 17, 1, 16, 29, 8, 55, 12, 2]     # words per document: windows of 1..16 positions
+
+
+def _student(env, seed=0):
+    torch.manual_seed(seed)
+    return build_model({"arch": "llama", "kwargs": {"layers": 1, "hidden": 16, "heads": 2, "max_length": L}},
+                       in_shape=(L,), num_classes=len(env["tok"]))
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +118,15 @@ def test_resume_after_interruption_gives_the_same_bytes(env, tmp_path):
 def test_stream_batches_are_cut_to_the_longest_sequence_with_a_mask(env, tmp_path):
     c = env["corpus"]
     _label(env, tmp_path / "ds")
-    stream = StoredTokenStream(str(tmp_path / "ds"), c, batch_size=4, seed=0)
+    stream = open_label_stream(str(tmp_path / "ds"), c, batch_size=4, seed=0)
     seen = []
     for b in stream:
         n = c.lengths(c.index_of(b["sample_id"].numpy()))
         Lb = int(n.max())
-        assert b["input_ids"].shape == b["targets"].shape == b["mask"].shape == (len(n), Lb)
+        assert b["x"].shape == b["y"].shape == b["mask"].shape == (len(n), Lb)
         assert b["topk_ids"].shape == (len(n), Lb, K) and b["missing_mass"].shape == (len(n), Lb)
         assert b["mask"].sum(1).tolist() == n.tolist()
-        assert torch.equal(b["input_ids"], c.encode(c.index_of(b["sample_id"].numpy()))[:, :Lb])
+        assert torch.equal(b["x"], c.encode(c.index_of(b["sample_id"].numpy()))[:, :Lb])
         assert not b["topk_logprobs"][~b["mask"]].any()
         seen += b["sample_id"][b["weight"] > 0].tolist()
     assert sorted(seen) == sorted(c.sample_ids.tolist())
@@ -123,30 +134,31 @@ def test_stream_batches_are_cut_to_the_longest_sequence_with_a_mask(env, tmp_pat
     packed = TokenCorpus.from_text_files(env["root"] / "docs", tokenizer=env["tok"], tokenizer_path=env["tok_dir"],
                                          seq_len=L, cache_dir=str(env["root"] / "cache"))
     with pytest.raises(ValueError, match="data fingerprint"):
-        StoredTokenStream(str(tmp_path / "ds"), packed, batch_size=4)
+        open_label_stream(str(tmp_path / "ds"), packed, batch_size=4)
 
 
 def test_padding_never_reaches_a_loss(env, tmp_path):
     """Garbage in every padded position (inputs, targets, labels) leaves each loss unchanged."""
     c = env["corpus"]
     _label(env, tmp_path / "ds")
-    batch = next(iter(StoredTokenStream(str(tmp_path / "ds"), c, batch_size=6, seed=0, shuffle=False)))
+    batch = next(iter(open_label_stream(str(tmp_path / "ds"), c, batch_size=6, seed=0, shuffle=False)))
     assert not batch["mask"].all()
     pad = ~batch["mask"]
     dirty = dict(batch)
     g = torch.Generator().manual_seed(0)
-    for key in ("input_ids", "targets", "topk_ids"):
+    for key in ("x", "y", "topk_ids"):
         t = batch[key].clone()
         t[pad] = torch.randint(0, len(env["tok"]), t[pad].shape, generator=g)
         dirty[key] = t
     lp = batch["topk_logprobs"].clone()
     lp[pad] = -0.01
     dirty["topk_logprobs"] = lp
-    student = llama_student(vocab_size=len(env["tok"]), layers=1, hidden=16, heads=2, max_positions=L, seed=0)
+    student = _student(env)
     for loss in ("ce", "topk_kl"):
-        cfg = LMTrainConfig(loss=loss, alpha=0.5)
-        clean = loss_terms(student, batch, cfg)["loss"]
-        assert torch.allclose(clean, loss_terms(student, dirty, cfg)["loss"], rtol=1e-5, atol=1e-6)
+        obj = Objective(loss=loss, alpha=0.5, **({} if loss == "ce" else
+                                                {"kind": "token_topk", "stored_temperatures": [1.0]}))
+        clean = obj(student, batch)["loss"]
+        assert torch.allclose(clean, obj(student, dirty)["loss"], rtol=1e-5, atol=1e-6)
 
 
 def test_students_train_on_documents_with_equal_steps(env, tmp_path):
@@ -158,28 +170,30 @@ def test_students_train_on_documents_with_equal_steps(env, tmp_path):
                       shard_size=4, batch_size=3, teacher=TEACHER)
     steps, tokens = set(), set()
     for loss, uri in (("ce", None), ("topk_kl", "topk"), ("sampled_kl", "sampled")):
-        student = llama_student(vocab_size=len(env["tok"]), layers=1, hidden=16, heads=2, max_positions=L, seed=0)
-        cfg = LMTrainConfig(loss=loss, alpha=0.5, epochs=3, batch_size=4, lr=3e-3, warmup_steps=2)
-        out = train_lm_student(student, parts["train"], parts["val"], cfg,
-                               labels_uri=None if uri is None else str(tmp_path / uri))
+        student = _student(env)
+        cfg = TrainConfig(loss=loss, alpha=0.5, epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, device="cpu",
+                          log_path=str(tmp_path / f"{loss}.jsonl"))
+        out = train(student, cfg, train_data=parts["train"], val_data=parts["val"],
+                    labels=None if uri is None else str(tmp_path / uri))
         steps.add(out["steps"])
-        tokens.add(out["tokens"])
-        first, last = out["history"][0]["loss"], np.mean([h["loss"] for h in out["history"][-3:]])
+        tokens.add(out["units"])
+        log = [json.loads(x) for x in open(cfg.log_path)]
+        first, last = log[0]["train_loss"], log[-1]["train_loss"]
         assert np.isfinite(last) and last < first, (loss, first, last)
-        assert out["val"]["tokens"] == parts["val"].num_positions
+        assert out["best_val"] == pytest.approx(perplexity(student, parts["val"])["perplexity"])
     assert steps == {3 * -(-13 // 4)} and tokens == {3 * parts["train"].num_positions}
 
 
 def test_perplexity_counts_only_real_positions(env):
     c = env["corpus"]
-    student = llama_student(vocab_size=len(env["tok"]), layers=1, hidden=16, heads=2, max_positions=L, seed=0)
+    student = _student(env)
     got = perplexity(student, c, batch_size=4)
     total = 0.0
     with torch.no_grad():
         for i in range(len(c)):    # one window at a time, unpadded: the hand-computed reference
             n = int(c.lengths([i])[0])
             w = torch.from_numpy(c.windows([i]))[:, :n + 1]
-            z = student(input_ids=w[:, :-1]).logits.float()
+            z = student(w[:, :-1]).float()
             total += float(torch.nn.functional.cross_entropy(z[0], w[0, 1:], reduction="sum"))
     assert got["tokens"] == c.num_positions
     assert got["loss"] == pytest.approx(total / c.num_positions, rel=1e-5)

@@ -68,7 +68,7 @@ def test_resnet_trains():
 
 
 def test_build_errors():
-    with pytest.raises(ValueError, match=r"unknown model arch 'vit'.*\['bag', 'cnn', 'hf-encoder', 'hf-sequence-classification', 'mlp', 'resnet', 'transformer'\]"):
+    with pytest.raises(ValueError, match=r"unknown model arch 'vit'.*\['bag', 'cnn', 'hf-encoder', 'hf-sequence-classification', 'llama', 'mlp', 'resnet', 'transformer'\]"):
         build_model({"arch": "vit"}, in_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(ValueError, match=r"unknown kwarg\(s\) \['widht'\]"):
         build_model({"arch": "mlp", "kwargs": {"widht": 3}}, in_shape=(64,), num_classes=2)

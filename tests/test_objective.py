@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.objectives.dense import HintLoss
-from pipeline.objectives.objective import Objective, rescale
-from storage import rescale as storage_rescale
+from pipeline.objectives.dense import HintLoss, rescale
+from pipeline.objectives.objective import Objective
 
 # 4 rows, 3 classes; row 2 is a pad row (weight 0) with wild values that must not leak in
 S = np.array([[1.0, 0.5, -1.0], [0.2, -0.3, 0.9], [9.0, -9.0, 4.0], [-0.5, 1.5, 0.0]])      # student logits
@@ -151,9 +150,9 @@ def expected_names(alpha, hint_w=0.0, rkd_w=0.0, kd=True):
 def test_dense_losses_equal_hand_values(loss, multi, alpha, features):
     hint_w, rkd_w = features
     temps = [T1, T2] if multi else [T1]
-    obj = Objective(mode="stored", loss=loss, temperature=TS, alpha=alpha, stored_temperatures=temps,
+    obj = Objective(loss=loss, temperature=TS, alpha=alpha, kind="dense", stored_temperatures=temps,
                     hint_weight=hint_w, rkd_weight=rkd_w, hint=hint_module() if (hint_w or rkd_w) else None)
-    terms = obj(f32(S), dense_batch(multi), f32(FS) if obj.needs_features else None)
+    terms = obj.terms(f32(S), dense_batch(multi), f32(FS) if obj.needs_features else None)
     p = h_targets(multi)
     kd = {"kd": h_kd, "soft_ce": h_soft_ce}[loss](p) if loss != "mse" else h_mse(Z1)   # mse: raw z = (z/T)·T
     want = {"task_loss": h_task(), "kd_loss": kd, "hint_loss": h_hint(), "rkd_loss": h_rkd()}
@@ -168,11 +167,11 @@ def test_dense_losses_equal_hand_values(loss, multi, alpha, features):
 def test_topk_kl_equals_hand_values(k, alpha):
     want_kd, idx = h_topk(k)
     a = stored(Z1, T1).astype(np.float64)
-    batch = {"y": torch.tensor(Y), "weight": f32(W), "topk_indices": torch.from_numpy(idx),
-             "topk_logits": f32(np.take_along_axis(a, idx, -1)), "logsumexp": f32(np.log(np.exp(a).sum(-1)))}
-    obj = Objective(mode="stored", loss="topk_kl", temperature=T1, alpha=alpha, stored_temperatures=[T1],
-                    kind="topk")
-    check(obj(f32(S), batch), {"task_loss": h_task(), "kd_loss": want_kd},
+    # as the stream yields a classifier's stored top-k: the ids and z/T minus the stored logsumexp
+    logp = np.take_along_axis(a, idx, -1) - np.log(np.exp(a).sum(-1))[:, None]
+    batch = {"y": torch.tensor(Y), "weight": f32(W), "topk_ids": torch.from_numpy(idx), "topk_logprobs": f32(logp)}
+    obj = Objective(loss="topk_kl", temperature=T1, alpha=alpha, stored_temperatures=[T1], kind="topk")
+    check(obj.terms(f32(S), batch), {"task_loss": h_task(), "kd_loss": want_kd},
           alpha * h_task() + (1 - alpha) * want_kd, expected_names(alpha))
 
 
@@ -189,23 +188,24 @@ def test_online_teacher_raw_logits_enter_at_temperature_one(loss, alpha):
         teacher.bias.copy_(f32(c))
     teacher.requires_grad_(False)
     z = X @ A.T + c
-    obj = Objective(mode="online", loss=loss, temperature=TS, alpha=alpha, teacher=teacher)
-    terms = obj(f32(S), {"x": f32(X), "y": torch.tensor(Y), "weight": f32(W)})
+    obj = Objective(loss=loss, temperature=TS, alpha=alpha, teacher=teacher)
+    assert obj.mode == "online"
+    terms = obj.terms(f32(S), {"x": f32(X), "y": torch.tensor(Y), "weight": f32(W)})
     p = softmax(z / TS)
     kd = {"kd": lambda: h_kd(p), "soft_ce": lambda: h_soft_ce(p), "mse": lambda: h_mse(z)}[loss]()
     check(terms, {"task_loss": h_task(), "kd_loss": kd}, alpha * h_task() + (1 - alpha) * kd, expected_names(alpha))
 
 
-def test_hard_mode_is_weighted_cross_entropy_whatever_the_loss():
-    for loss in ("kd", "topk_kl"):
-        terms = Objective(mode="hard", loss=loss, alpha=0.0)(f32(S), {"y": torch.tensor(Y), "weight": f32(W)})
+def test_loss_ce_is_weighted_cross_entropy_whatever_the_alpha():
+    for alpha in (0.0, 0.5):
+        terms = Objective(loss="ce", alpha=alpha).terms(f32(S), {"y": torch.tensor(Y), "weight": f32(W)})
         check(terms, {"task_loss": h_task()}, h_task(), {"task_loss"})
 
 
 def test_pad_rows_change_nothing_and_get_no_gradient():
-    obj = Objective(mode="stored", loss="kd", temperature=TS, alpha=0.3, stored_temperatures=[T1])
+    obj = Objective(loss="kd", temperature=TS, alpha=0.3, kind="dense", stored_temperatures=[T1])
     s = f32(S).requires_grad_(True)
-    obj(s, dense_batch(False))["loss"].backward()
+    obj.terms(s, dense_batch(False))["loss"].backward()
     assert s.grad[2].abs().max() == 0
     # the gradient of the KD term is w_b/Σw · T'(q − p) (Hinton et al.), of the CE term w_b/Σw (q1 − onehot)
     q_t, q_1 = softmax(S / TS), softmax(S)
@@ -213,11 +213,11 @@ def test_pad_rows_change_nothing_and_get_no_gradient():
     np.testing.assert_allclose(s.grad.numpy(), want, rtol=1e-4, atol=1e-6)
 
 
-def test_the_rescale_is_storage_rescale_and_s_times_T_over_T_prime():
+def test_the_rescale_is_one_fp32_product_s_times_T_over_T_prime():
     s = stored(Z1, T1)
     for T_new in (1.0, 3.0, TS, T1):
         got = rescale(torch.from_numpy(s), T1, T_new)
-        assert torch.equal(got, torch.from_numpy(storage_rescale(s, T1, T_new)))
+        assert torch.equal(got, torch.from_numpy(s * np.float32(T1 / T_new)))
         np.testing.assert_allclose(got.numpy(), Z1 / T_new, rtol=1e-6)
     # T' = T: nothing to do, the stored tensor itself
     t = torch.from_numpy(s)
@@ -229,27 +229,51 @@ def test_the_rescale_is_storage_rescale_and_s_times_T_over_T_prime():
 @pytest.mark.parametrize("loss", ["soft_ce", "mse", "topk_kl"])
 def test_multi_teacher_refuses_losses_it_does_not_define(loss):
     with pytest.raises(ValueError, match=rf"loss='{loss}' cannot be used with several teachers.*TrainConfig.loss"):
-        Objective(mode="stored", loss=loss, temperature=TS, stored_temperatures=[T1, T2],
+        Objective(loss=loss, temperature=TS, stored_temperatures=[T1, T2],
                   kind="topk" if loss == "topk_kl" else "dense")
 
 
+def test_topk_at_another_temperature_follows_the_tail_convention_hand_computed():
+    """A classifier's top-k stored at T = T1, learned at T' = TS: the kept log-probs tempered
+    by T/T', the tail as one bucket of mass p_tail^(T/T'), renormalised (objectives/sparse.py);
+    the student at T'; times T'². Exact at T' = T (test_topk_kl_equals_hand_values)."""
+    k = 2
+    a = Z1 / T1
+    lse = np.log(np.exp(a).sum(-1))
+    idx = np.argsort(-a, -1)[:, :k]
+    logp = np.take_along_axis(a, idx, -1) - lse[:, None]
+    tau = T1 / TS
+    rows = []
+    for b in range(4):
+        lp = np.append(logp[b], np.log(1 - np.exp(logp[b]).sum())) * tau
+        p = np.exp(lp - np.log(np.exp(lp).sum()))
+        q_all = softmax(S[b] / TS)
+        q = np.append(q_all[idx[b]], 1 - q_all[idx[b]].sum())
+        rows.append(TS**2 * (p * (np.log(p) - np.log(q))).sum())
+    want = wmean(np.array(rows))
+    batch = {"y": torch.tensor(Y), "weight": f32(W), "topk_ids": torch.from_numpy(idx), "topk_logprobs": f32(logp)}
+    obj = Objective(loss="topk_kl", temperature=TS, stored_temperatures=[T1], kind="topk")
+    check(obj.terms(f32(S), batch), {"kd_loss": want}, want, {"kd_loss"})
+
+
 def test_refusals_name_the_keys():
-    with pytest.raises(ValueError, match="exact only at the stored temperature 2.0.*TrainConfig.temperature=4.0"):
-        Objective(mode="stored", loss="topk_kl", temperature=4.0, stored_temperatures=[2.0], kind="topk")
-    with pytest.raises(ValueError, match="are top-k: only loss='topk_kl'"):
-        Objective(mode="stored", loss="kd", stored_temperatures=[2.0], kind="topk")
-    with pytest.raises(ValueError, match="needs top-k soft labels"):
-        Objective(mode="stored", loss="topk_kl", stored_temperatures=[2.0], kind="dense")
-    with pytest.raises(ValueError, match="online KD has the dense teacher"):
-        Objective(mode="online", loss="topk_kl", teacher=torch.nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="defined only at the stored temperature 1.*TrainConfig.temperature=2"):
+        Objective(loss="sampled_kl", temperature=2.0, stored_temperatures=[1.0], kind="token_sampled")
+    with pytest.raises(ValueError, match=r"loss='kd' learns from dense labels, but the soft labels are topk: use "
+                                         r"one of \['topk_kl', 'reverse_kl', 'jsd'\]"):
+        Objective(loss="kd", stored_temperatures=[2.0], kind="topk")
+    with pytest.raises(ValueError, match=r"loss='topk_kl' learns from topk labels, but the soft labels are dense"):
+        Objective(loss="topk_kl", stored_temperatures=[2.0], kind="dense")
+    with pytest.raises(ValueError, match="an online teacher gives dense logits"):
+        Objective(loss="topk_kl", teacher=torch.nn.Linear(2, 3))
     with pytest.raises(ValueError, match="need a teacher feature"):
-        Objective(mode="hard", hint_weight=1.0, hint=hint_module())
+        Objective(loss="ce", hint_weight=1.0, hint=hint_module())
     with pytest.raises(ValueError, match="TrainConfig.alpha"):
-        Objective(mode="stored", alpha=1.5, stored_temperatures=[2.0])
+        Objective(loss="kd", alpha=1.5, stored_temperatures=[2.0], kind="dense")
     with pytest.raises(ValueError, match="TrainConfig.temperature"):
-        Objective(mode="stored", temperature=0.0, stored_temperatures=[2.0])
+        Objective(loss="kd", temperature=0.0, stored_temperatures=[2.0], kind="dense")
     with pytest.raises(ValueError, match="stored temperature of each teacher"):
-        Objective(mode="stored")
-    obj = Objective(mode="stored", loss="kd", stored_temperatures=[T1, T2])
+        Objective(loss="kd")
+    obj = Objective(loss="kd", kind="dense", stored_temperatures=[T1, T2])
     with pytest.raises(ValueError, match="holds 1 teachers' logits, the objective was built for 2"):
-        obj(f32(S), dense_batch(False))
+        obj.terms(f32(S), dense_batch(False))

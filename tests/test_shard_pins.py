@@ -59,7 +59,7 @@ def test_classifier_shards_keep_their_bytes(tmp_path, one_thread):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["teacher", "train", str(path)]) == 0
     got = {}
-    for rep, extra in (("dense", []), ("topk", ["label.representation=topk", "label.k=4"])):
+    for rep, extra in (("dense", []), ("topk", ["label.representation=topk", "label.k=4", "students.losses=[topk_kl]"])):
         uri = str(tmp_path / f"labels-{rep}")
         assert main(["label", str(path), f"label.uri={uri}", *extra]) == 0
         got[rep] = _hashes(uri)

@@ -1,4 +1,5 @@
-"""StoredLabelStream / HardLabelBatches on real soft-label datasets written into tmp_path."""
+"""The label stream (RowStream: dense / top-k rows) and HardLabelBatches on real soft-label
+datasets written into tmp_path."""
 import collections
 
 import numpy as np
@@ -7,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.datasets import ArrayDataset
-from pipeline.training.stream import HardLabelBatches, StoredLabelStream
+from pipeline.training.batches import HardLabelBatches
+from pipeline.training.stream import open_label_stream
 from pipeline.views.images import ViewSpec, apply_views
 from storage import SoftLabelWriter
 from storage.topk import scaled_topk
@@ -61,7 +63,7 @@ def source_rows(inputs, batch):
 def test_stream_joins_inputs_views_and_stored_logits(tmp_path, backend):
     inputs = make_inputs()
     uri = write_store(str(tmp_path / "sl"), inputs, backend=backend)
-    stream = StoredLabelStream(uri, inputs, SPEC, batch_size=16, seed=3)
+    stream = open_label_stream(uri, inputs, SPEC, batch_size=16, seed=3)
     seen = []
     for b in stream:
         assert set(b) == {"x", "y", "sample_id", "view", "weight", "stored_logits"}
@@ -87,18 +89,18 @@ def test_stream_joins_inputs_views_and_stored_logits(tmp_path, backend):
 def test_stream_topk_fields(tmp_path):
     inputs = make_inputs()
     uri = write_store(str(tmp_path / "sl"), inputs, representation="topk", k=2, temperature=4.0)
-    stream = StoredLabelStream(uri, inputs, batch_size=32)  # view spec taken from the manifest
-    assert stream.view_spec == SPEC and stream.kind == "topk"
+    stream = open_label_stream(uri, inputs, batch_size=32)  # view spec taken from the manifest
+    assert stream.transform == SPEC and stream.kind == "topk"
     n = 0
     for b in stream:
-        assert set(b) == {"x", "y", "sample_id", "view", "weight", "topk_indices", "topk_logits", "logsumexp"}
+        assert set(b) == {"x", "y", "sample_id", "view", "weight", "topk_ids", "topk_logprobs"}
         _, y = source_rows(inputs, b)
         z = known_logits(b["sample_id"].numpy(), b["view"].numpy(), y)
         vals, idx, lse = scaled_topk((z.astype(np.float64) / 4.0).astype(np.float32), 2)
-        assert b["topk_indices"].dtype == torch.int64
-        assert np.array_equal(b["topk_indices"].numpy(), idx)
-        np.testing.assert_allclose(b["topk_logits"].numpy(), vals, rtol=1e-3)   # float32 store, exact-ish
-        np.testing.assert_allclose(b["logsumexp"].numpy(), lse, rtol=1e-6)
+        assert b["topk_ids"].dtype == torch.int64 and b["topk_logprobs"].dtype == torch.float32
+        assert np.array_equal(b["topk_ids"].numpy(), idx)
+        # the teacher's log-probs at the stored T: stored z/T minus the stored logsumexp of all classes
+        np.testing.assert_allclose(b["topk_logprobs"].numpy(), vals - lse[:, None], rtol=1e-3, atol=1e-6)
         n += len(y)
     assert n == 120
 
@@ -115,7 +117,7 @@ def test_joined_chunks_cut_into_exactly_the_readers_batches(tmp_path, monkeypatc
     B = 8
     ds = open_soft_labels(uri)
     for rank in range(2):
-        stream = StoredLabelStream(uri, inputs, SPEC, batch_size=B, seed=4, rank=rank, world_size=2,
+        stream = open_label_stream(uri, inputs, SPEC, batch_size=B, seed=4, rank=rank, world_size=2,
                                    extra_soft_labels=[other])
         monkeypatch.setattr(st, "MAX_JOIN_BATCHES", chunk_batches)  # 5 classes: far below the byte budget
         assert stream.join_batches() == chunk_batches
@@ -142,7 +144,7 @@ def test_stream_yields_stored_data_only(tmp_path):
     inputs = make_inputs(n=30)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2, temperature=2.0)
     other = write_store(str(tmp_path / "other"), inputs, views=2, shards=3, temperature=5.0)
-    stream = StoredLabelStream(uri, inputs, SPEC, batch_size=16, extra_soft_labels=[other])
+    stream = open_label_stream(uri, inputs, SPEC, batch_size=16, extra_soft_labels=[other])
     assert stream.temperature == 2.0 and stream.extra_temperatures == [5.0]
     stored = {"x", "y", "sample_id", "view", "weight", "stored_logits", "extra_stored_logits"}
     for b in stream:
@@ -151,7 +153,7 @@ def test_stream_yields_stored_data_only(tmp_path):
         assert torch.equal(b["stored_logits"], torch.from_numpy(z / np.float32(2.0)))
         assert torch.equal(b["extra_stored_logits"][0], torch.from_numpy(z / np.float32(5.0)))
     with pytest.raises(TypeError, match="kd_temperature"):
-        StoredLabelStream(uri, inputs, SPEC, batch_size=16, kd_temperature=3.0)
+        open_label_stream(uri, inputs, SPEC, batch_size=16, kd_temperature=3.0)
 
 
 def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
@@ -160,7 +162,7 @@ def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
     from pipeline.training.stream import keep_batch
     inputs = make_inputs(n=30)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
-    stream = StoredLabelStream(uri, inputs, SPEC, batch_size=8, seed=2)
+    stream = open_label_stream(uri, inputs, SPEC, batch_size=8, seed=2)
     want = list(stream)
     stream.worker_numpy = True
     assert all(isinstance(v, torch.Tensor) for v in next(iter(stream)).values())  # only workers switch
@@ -183,7 +185,7 @@ def test_dataloader_workers_ranks_exactly_once_and_set_epoch(tmp_path):
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=4)
     loaders = []
     for rank in range(2):
-        s = StoredLabelStream(uri, inputs, SPEC, batch_size=8, seed=1, rank=rank, world_size=2)
+        s = open_label_stream(uri, inputs, SPEC, batch_size=8, seed=1, rank=rank, world_size=2)
         dl = DataLoader(s, batch_size=None, num_workers=2, persistent_workers=True)
         loaders.append((s, dl))
     epochs = {}
@@ -212,17 +214,17 @@ def test_stream_refusals(tmp_path):
     inputs = make_inputs()
     uri = write_store(str(tmp_path / "sl"), inputs)
     with pytest.raises(ValueError, match="differs from the transform"):
-        StoredLabelStream(uri, inputs, ViewSpec(shift=2, seed=5), batch_size=8)
+        open_label_stream(uri, inputs, ViewSpec(shift=2, seed=5), batch_size=8)
     with pytest.raises(ValueError, match="num_classes=7"):
-        StoredLabelStream(uri, ArrayDataset("toy", inputs.x, inputs.y, inputs.sample_ids, 7), batch_size=8)
+        open_label_stream(uri, ArrayDataset("toy", inputs.x, inputs.y, inputs.sample_ids, 7), batch_size=8)
     missing = inputs.subset(np.arange(10))
     with pytest.raises(ValueError, match="sample id"):
-        list(StoredLabelStream(uri, missing, batch_size=8))
+        list(open_label_stream(uri, missing, batch_size=8))
     bare = write_store(str(tmp_path / "bare"), inputs, spec=None, views=2)
     with pytest.raises(ValueError, match="2 views per sample"):
-        StoredLabelStream(bare, inputs, None, batch_size=8)
+        open_label_stream(bare, inputs, None, batch_size=8)
     with pytest.raises(ValueError, match="rank must be in"):
-        StoredLabelStream(uri, inputs, batch_size=8, rank=2, world_size=2)
+        open_label_stream(uri, inputs, batch_size=8, rank=2, world_size=2)
 
 
 def test_hard_label_batches_split_views_and_epochs():
@@ -232,7 +234,7 @@ def test_hard_label_batches_split_views_and_epochs():
     def run(epoch, world=3, **kw):
         out = []
         for r in range(world):
-            hb = HardLabelBatches(inputs, batch_size=8, view_spec=spec, seed=4, rank=r, world_size=world, **kw)
+            hb = HardLabelBatches(inputs, batch_size=8, transform=spec, seed=4, rank=r, world_size=world, **kw)
             hb.set_epoch(epoch)
             out.append(list(hb))
         return out

@@ -7,7 +7,7 @@ from pipeline.models.checkpoint import fingerprint, load_checkpoint, load_model,
 from pipeline.data.datasets import ArrayDataset
 from pipeline.models.registry import build_model
 from pipeline.training.teacher import apply_freeze, finetune, train_teacher
-from pipeline.training.loop import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.views.images import ViewSpec
 
 CNN = {"arch": "cnn", "kwargs": {"channels": [8, 16]}}
@@ -53,18 +53,18 @@ def test_train_teacher_checkpoint_metadata_and_resume(digits, tmp_path):
     cfg = TrainConfig(epochs=5, batch_size=32, lr=1e-2, device="cpu")
     out = str(tmp_path / "teacher.pt")
     spec = ViewSpec(shift=1, seed=2)
-    model, meta = train_teacher(CNN, tr, va, cfg=cfg, out_path=out, view_spec=spec)
+    model, meta = train_teacher(CNN, tr, va, cfg=cfg, out_path=out, transform=spec)
     assert meta["role"] == "teacher" and meta["data"]["fingerprint"] == tr.fingerprint()
     assert meta["view_spec"] == spec.to_dict() and meta["metrics"]["epochs_run"] == 5
-    assert meta["metrics"]["val_acc"] == meta["metrics"]["best_val_acc"] > 0.5  # the saved weights are the best
+    assert meta["metrics"]["val"] == meta["metrics"]["best_val"] > 0.5  # the saved weights are the best
     assert meta["fingerprint"] == fingerprint(model.state_dict())
     loaded, lmeta = load_model(out)
     assert lmeta["fingerprint"] == meta["fingerprint"] and lmeta["data"] == meta["data"]
     # resume: the run is complete, so the same weights come back without training
-    again, meta2 = train_teacher(CNN, tr, va, cfg=cfg, out_path=out, view_spec=spec, resume=True)
+    again, meta2 = train_teacher(CNN, tr, va, cfg=cfg, out_path=out, transform=spec, resume=True)
     assert meta2["fingerprint"] == meta["fingerprint"]
     # same seed, fresh run: identical weights (deterministic on CPU)
-    _, meta3 = train_teacher(CNN, tr, va, cfg=cfg, out_path=str(tmp_path / "t2.pt"), view_spec=spec)
+    _, meta3 = train_teacher(CNN, tr, va, cfg=cfg, out_path=str(tmp_path / "t2.pt"), transform=spec)
     assert meta3["fingerprint"] == meta["fingerprint"]
 
 
@@ -108,4 +108,4 @@ def test_head_trains_with_frozen_body(digits, tmp_path):
     model, meta = finetune(str(tmp_path / "src.pt"), tr, va, cfg=cfg, out_path=str(tmp_path / "probe.pt"),
                            freeze=["body"])
     assert not torch.equal(model.head.weight, head0) and meta["num_frozen_params"] > 0
-    assert np.isfinite(meta["metrics"]["val_acc"])
+    assert np.isfinite(meta["metrics"]["val"])

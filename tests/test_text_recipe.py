@@ -152,8 +152,8 @@ def test_a_transfer_file_whose_ids_collide_with_the_labelled_set_is_refused(tmp_
     over[0] = f"data.transfer={{kind: parquet, path: {pool}, text_column: Review Text, id_column: rid}}"
     cfg = load_config(path, over)
     preflight(cfg)
-    from flows import recipes
-    s = recipes.splits(cfg)
+    from flows import inputs, recipes
+    s = inputs.splits(cfg)
     assert len(s["transfer"]) == 150 and s["transfer"].y is None and len(s["train"]) == 60
 
 
@@ -188,23 +188,18 @@ def test_ddp_text_student_from_the_stored_labels(text_run, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = text_run["tmp"]
-    src = {"kind": "parquet", "path": str(tmp / "reviews.parquet"), "text_column": "Review Text",
-           "label_column": "Sentiment"}
-    out = tmp_path / "out"
+    runs = tmp / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "pipeline.training.ddp",
-           "--soft-labels", str(tmp / "runs" / "tinytext" / "soft_labels"), "--source", json.dumps(src),
-           "--tokenizer", str(tmp / "encoder"), "--max-length", "16",
-           "--split", json.dumps({"test": 80, "train": 60, "transfer": 200, "val": 40}), "--train-split", "transfer",
-           "--arch", json.dumps({"arch": "bag", "kwargs": {"dim": 16, "hidden": 16}}), "--epochs", "2",
-           "--out", str(out), "--threads", "1",
-           "--config", json.dumps({"batch_size": 32, "lr": 0.01, "device": "cpu", "temperature": 2.0, "alpha": 0.0})]
+           f"--master_port={port}", "-m", "flows.ddp", str(text_run["config"]), f"runs_dir={tmp_path}",
+           f"label.uri={runs / 'tinytext' / 'soft_labels'}", f"teacher.checkpoint={runs / 'tinytext' / 'teacher.pt'}",
+           "--student", "bag-T2-a0-kd", "--threads", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    result = json.load(open(out / "result.json"))
-    assert result["epochs_run"] == 2 and result["best_val_acc"] is not None
-    assert os.path.exists(out / "student.pt")
+    out = tmp_path / "tinytext" / "students"
+    result = json.load(open(out / "bag-T2-a0-kd.result.json"))
+    assert result["epochs_run"] == 2 and result["best_val"] is not None and 0 <= result["accuracy"] <= 1
+    assert os.path.exists(out / "bag-T2-a0-kd.pt")
 
 
 def test_dataloader_workers_tokenize_in_parallel(text_run):
@@ -215,13 +210,13 @@ def test_dataloader_workers_tokenize_in_parallel(text_run):
     import torch
     from torch.utils.data import DataLoader
 
-    from flows import recipes
+    from flows import inputs, recipes
     from flows.config import load_config
-    from pipeline.training.stream import StoredLabelStream, keep_batch
+    from pipeline.training.stream import keep_batch, open_label_stream
     cfg = load_config(text_run["config"])
-    inputs = recipes.splits(cfg)["transfer"]
+    inputs = inputs.splits(cfg)["transfer"]
     assert len(pickle.dumps(inputs)) < 200_000           # the mapped table stays behind
-    stream = StoredLabelStream(cfg.soft_label_uri(), inputs, batch_size=32, shuffle=False)
+    stream = open_label_stream(cfg.soft_label_uri(), inputs, batch_size=32, shuffle=False)
 
     def rows(batches):
         out = {}

@@ -56,7 +56,7 @@ import torch
 
 from pipeline.data.datasets import split_dataset
 from pipeline.paths import cache_root, file_sha256
-from pipeline.data.table import TableSource, stable_json
+from pipeline.data.table import TableSource, cached_fingerprint
 
 CORPUS_VERSION = 1
 BATCH_DOCS = 1024
@@ -221,6 +221,7 @@ class TokenCorpus:
     from_jsonl / from_text_files / from_table."""
 
     input_kind = "tokens"
+    task = "lm"                 # pipeline/tasks: windows are trained as next-token prediction
     y = None
     num_classes = None
 
@@ -440,12 +441,8 @@ class TokenCorpus:
         return self._meta["fingerprint"]
 
     def fingerprint(self) -> str:
-        """sha256 over the token stream's hash, the split definition, describe() minus the
-        places, and this set's window ids (sorted)."""
-        h = hashlib.sha256(json.dumps({"content": self._meta["fingerprint"], "split_spec": self.split_spec,
-                                       "describe": stable_json(self.describe())}, sort_keys=True).encode())
-        h.update(np.sort(self.sample_ids).astype("<i8").tobytes())
-        return h.hexdigest()
+        """Over the token stream's hash, the split, describe() and the window ids (table.py)."""
+        return cached_fingerprint(self)
 
     def subset(self, idx, *, split_spec: str | None = None) -> "TokenCorpus":
         """Windows at positions idx, keeping their sample ids (the map is shared)."""

@@ -183,12 +183,7 @@ class TableSource:
         return self._meta["fingerprint"]
 
     def fingerprint(self) -> str:
-        """sha256 over the content fingerprint, the split definition, this set's ids (sorted)
-        and describe() minus the places (paths): cheap, nothing is re-read."""
-        h = hashlib.sha256(json.dumps({"content": self._meta["fingerprint"], "split_spec": self.split_spec,
-                                       "describe": stable_json(self.describe())}, sort_keys=True).encode())
-        h.update(np.sort(self.sample_ids).astype("<i8").tobytes())
-        return h.hexdigest()
+        return cached_fingerprint(self)
 
     def _describe_common(self) -> dict:
         m = self._meta
@@ -206,6 +201,16 @@ class TableSource:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, rows={len(self)}, num_classes={self.num_classes}, "
                 f"split_spec={self.split_spec[:60]!r})")
+
+
+def cached_fingerprint(src) -> str:
+    """The fingerprint of a source streamed into a cache (a table, an image folder, a token
+    corpus): sha256 over the content's hash (from the cache's sidecar: nothing re-read), the
+    split definition, describe() minus the places (paths), and this set's ids (sorted)."""
+    h = hashlib.sha256(json.dumps({"content": src.content_fingerprint(), "split_spec": src.split_spec,
+                                   "describe": stable_json(src.describe())}, sort_keys=True).encode())
+    h.update(np.sort(src.sample_ids).astype("<i8").tobytes())
+    return h.hexdigest()
 
 
 def stable_json(d):

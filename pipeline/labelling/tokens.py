@@ -1,13 +1,13 @@
-"""Token-level labelling of a language-model teacher (issue 11): a causal LM scores a
-TokenCorpus once and its per-token next-token distributions are stored, as sparse
-summaries, in a `token_topk` or `token_sampled` soft-label dataset (docs/format.md,
-"Token layouts").
+"""A language-model teacher's part of labelling: a causal LM scores a TokenCorpus once
+and its per-token next-token distributions are stored, as sparse summaries, in
+`token_topk` and / or `token_sampled` soft-label datasets (docs/format.md, "Token
+layouts"); TokenLabeller is what labelling/loop.py runs.
 
     model = load_causal_lm(teacher_dir)
     out = label_corpus(model, corpus, "runs/lm-labels", representation="token_topk", k=32,
                        teacher={"name": "smollm2-135m", "fingerprint": fp}, device="auto")
 
-Shard i holds the windows [a, b) of the corpus' row order (pipeline.labelling.classify.plan_shards with
+Shard i holds the windows [a, b) of the corpus' row order (labelling/loop.py's plan with
 shard_size in sequences); its rows are the windows' token positions, sequence-major:
 (b - a) * L of them, or sum(corpus.lengths) when windows differ in length
 (windows="documents": variable-length sequences). Per batch of B windows the teacher runs
@@ -35,11 +35,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-import storage
 
-from pipeline.device import keep_large_blocks, resolve_device
-from pipeline.device import AMP_DTYPES, resolve_amp
-from pipeline.labelling.classify import check_plan, plan_shards
+from pipeline.device import AMP_DTYPES, keep_large_blocks, resolve_amp, resolve_device
+from pipeline.labelling.loop import label
 from pipeline.labelling.token_summaries import sampled_token_labels, topk_token_labels
 
 KINDS = ("token_topk", "token_sampled")
@@ -163,6 +161,61 @@ def output_spec(*, uri: str, representation: str = "token_topk", k: int | None =
             "value_dtype": value_dtype, "tail_dtype": tail_dtype, "backend": backend}
 
 
+class TokenLabeller:
+    """A causal-LM teacher over every window of `corpus`: one output dataset per layout in
+    `outputs` (output_spec dicts, e.g. a top-k and a sampled one), all from ONE teacher
+    forward per batch: the teacher, the expensive part, runs once per window however many
+    layouts are stored (labelling/loop.py runs it). Sampled draws are seeded per window, so
+    a shard recomputed for one output draws the same as it did for another."""
+
+    def __init__(self, model, corpus, outputs: list[dict], *, batch_size: int = 8, device: str = "cpu",
+                 amp: str | None = None, seed: int = 0):
+        if not outputs:
+            raise ValueError("token labelling needs at least one output")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        for o in outputs:
+            self.vocab_size = check_teacher(model, corpus, k=o["k"] if o["representation"] == "token_topk" else None)
+        self.model, self.inputs, self.specs = model, corpus, list(outputs)
+        self.batch_size, self.seed = batch_size, seed
+        self.device = resolve_device(device)
+        self.amp = resolve_amp(amp, self.device)
+        keep_large_blocks()                 # (B, L, V) logits every batch: no mmap/munmap per block
+        model.to(self.device)
+
+    def outputs(self) -> list[dict]:
+        V, L, out = self.vocab_size, self.inputs.seq_len, []
+        for o in self.specs:
+            w = {"uri": o["uri"], "backend": o["backend"], "representation": o["representation"],
+                 "vocab_size": V, "seq_len": L}
+            if o["representation"] == "token_topk":
+                w.update(k=o["k"], dtype=o["value_dtype"], tail_dtype=o["tail_dtype"])
+            else:
+                w.update(draws=o["draws"], s_max=o["s_max"] if o["s_max"] is not None else min(int(o["draws"]), V),
+                         extra={"sampling": {"seed": int(self.seed), "rng_block": L,
+                                             "row_offset": "position * seq_len", "device_type": self.device.type,
+                                             "torch": torch.__version__}})
+            out.append(w)
+        return out
+
+    def rows_per_sample(self) -> np.ndarray:
+        return self.inputs.lengths(np.arange(len(self.inputs)))          # tokens per window
+
+    def data(self) -> dict:
+        c = self.inputs
+        return {"name": c.name, "split": c.split_spec, "fingerprint": c.fingerprint(), "transform": None,
+                "inputs": c.describe()}
+
+    def shard(self, start: int, stop: int, outputs: list[int]) -> list[dict]:
+        labs = shard_labels(self.model, self.inputs, start, stop, specs=[self.specs[j] for j in outputs],
+                            seed=self.seed, batch_size=self.batch_size, dev=self.device, amp=self.amp)
+        rows = token_rows(self.inputs, start, stop)                         # per token
+        return [rows | {k: lab[k] for k in (("ids", "logprobs", "missing_mass")
+                                            if self.specs[j]["representation"] == "token_topk"
+                                            else ("ids", "counts"))}
+                for j, lab in zip(outputs, labs)]
+
+
 def label_corpus(model, corpus, uri: str, *, representation: str = "token_topk", k: int | None = None,
                  draws: int | None = None, s_max: int | None = None, value_dtype: str = "float16",
                  tail_dtype: str = "float32", backend: str = "parquet", **kw) -> dict:
@@ -183,85 +236,15 @@ def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 2
                       device: str = "cpu", amp: str | None = None, teacher: dict,
                       storage_options: dict | None = None, overwrite: bool = False, seed: int = 0,
                       progress: Callable[[dict], None] | None = None) -> list[dict]:
-    """Several label datasets (output_spec dicts, e.g. a top-k and a sampled one) of the
-    same corpus from ONE teacher forward per batch: the teacher, the expensive part, runs
-    once per window however many layouts are stored. Each dataset is its own resumable
-    dataset (same shard plan); a shard is recomputed only when some output lacks it, and
-    written only to the outputs that lack it (sampled draws are seeded per window, so a
-    recomputed shard's draws are the same). The model is moved to `device` ("auto" picks
-    CUDA when present); amp="bf16" autocasts the forward on CUDA only.
-    Returns one label_corpus result per output, in order."""
-    t0 = time.perf_counter()
-    if not outputs:
-        raise ValueError("label_corpus_many needs at least one output")
-    if len({o["uri"] for o in outputs}) != len(outputs):
-        raise ValueError(f"two outputs share one uri: {[o['uri'] for o in outputs]}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    V = None
-    for o in outputs:
-        V = check_teacher(model, corpus, k=o["k"] if o["representation"] == "token_topk" else None)
-    L = corpus.seq_len
-    dev = resolve_device(device)
-    keep_large_blocks()                 # (B, L, V) logits every batch: no mmap/munmap per block
-    amp = resolve_amp(amp, dev)
-    model.to(dev)
-    data = {"name": corpus.name, "split": corpus.split_spec, "fingerprint": corpus.fingerprint(),
-            "transform": None, "inputs": corpus.describe()}
-    plan = plan_shards(len(corpus), shard_size=shard_size)
-    lengths = corpus.lengths(np.arange(len(corpus)))                          # tokens per window
-    writers, pending = [], []
-    for o in outputs:
-        topk = o["representation"] == "token_topk"
-        s_max = o["s_max"] if topk or o["s_max"] is not None else min(int(o["draws"]), V)
-        extra = None if topk else {"sampling": {"seed": int(seed), "rng_block": L,
-                                                "row_offset": "position * seq_len", "device_type": dev.type,
-                                                "torch": torch.__version__}}
-        w = storage.SoftLabelWriter(
-            o["uri"], backend=o["backend"], representation=o["representation"], vocab_size=V, seq_len=L,
-            k=o["k"] if topk else None, dtype=o["value_dtype"] if topk else None,
-            tail_dtype=o["tail_dtype"] if topk else None, draws=None if topk else o["draws"],
-            s_max=None if topk else s_max, teacher=teacher, data=data, storage_options=storage_options,
-            overwrite=overwrite, num_shards=len(plan), extra=extra)
-        check_plan(w, plan, corpus.sample_ids, lengths)
-        writers.append(w)
-        pending.append(set(range(len(plan))) - set(w.committed_shards()))
-    stats: list[list[dict]] = [[] for _ in outputs]
-    for i, (a, b) in enumerate(plan):
-        todo = [j for j in range(len(outputs)) if i in pending[j]]
-        if not todo:
-            continue
-        ts = time.perf_counter()
-        labs = shard_labels(model, corpus, a, b, specs=[outputs[j] for j in todo], seed=seed,
-                            batch_size=batch_size, dev=dev, amp=amp)
-        rows = token_rows(corpus, a, b)                                       # per token
-        recs = []
-        for j, lab in zip(todo, labs):
-            if outputs[j]["representation"] == "token_topk":
-                recs.append(writers[j].write_shard(i, rows["sample_ids"], positions=rows["positions"],
-                                                   ids=lab["ids"], logprobs=lab["logprobs"],
-                                                   missing_mass=lab["missing_mass"]))
-            else:
-                recs.append(writers[j].write_shard(i, rows["sample_ids"], positions=rows["positions"],
-                                                   ids=lab["ids"], counts=lab["counts"]))
-        dt = time.perf_counter() - ts
-        ntok = len(rows["positions"])
-        for j, rec in zip(todo, recs):
-            s = {"shard": i, "sequences": b - a, "tokens": ntok, "seconds": dt,
-                 "tokens_per_s": ntok / dt if dt > 0 else float("inf"), "record": rec}
-            stats[j].append(s)
-        if progress is not None:
-            progress(stats[todo[0]][-1] | {"outputs": [outputs[j]["uri"] for j in todo]})
-    dt = time.perf_counter() - t0
-    results = []
-    for j, w in enumerate(writers):
-        done = w.manifest["status"] == "complete" and not stats[j]
-        manifest = w.manifest if done else w.finalize()
-        n = sum(s["tokens"] for s in stats[j])
-        results.append({"uri": w.uri, "manifest": manifest, "shards": stats[j],
-                        "skipped": sorted(set(range(len(plan))) - pending[j]), "seconds": dt,
-                        "tokens_per_s": n / dt if n and dt > 0 else 0.0})
-    return results
+    """Several token-label datasets of the same corpus from ONE teacher forward per batch
+    (TokenLabeller), labelled in this process by labelling/loop.py. The model is moved to
+    `device` ("auto" picks CUDA when present); amp="bf16" autocasts the forward on CUDA.
+    Returns one result per output, in order: {uri, manifest, shards, skipped, seconds,
+    tokens_per_s}."""
+    labeller = TokenLabeller(model, corpus, outputs, batch_size=batch_size, device=device, amp=amp, seed=seed)
+    results = label(labeller, shard_size=shard_size, teacher=teacher, storage_options=storage_options,
+                    overwrite=overwrite, progress=progress)
+    return [r | {"tokens_per_s": r["rows_per_s"]} for r in results]
 
 
 def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None, batch_size: int = 8,

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from pipeline.paths import cache_root, file_sha256  # noqa: F401  (file_sha256 is part of this module's API)
-from pipeline.hf_files import offline, package_path, resolve_model_path
+from pipeline.hf_files import MODEL_LOAD_LOCK, offline, package_path, resolve_model_path
 
 offline()
 
@@ -116,7 +116,8 @@ def _convert(src: str, out: str, sha: str) -> None:
     t0 = time.perf_counter()
     with _quiet(gguf=True):
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with MODEL_LOAD_LOCK:
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     t_load = time.perf_counter() - t0
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"{src}: transformers gave a slow tokenizer for this GGUF; distillery needs a fast one")
@@ -213,7 +214,8 @@ def load_causal_lm(path: str, *, dtype=None):
         raise ValueError(f"model path {path!r}: {d} holds no config.json (not a Hugging Face model directory)")
     try:
         with _quiet():
-            model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype or torch.float32, local_files_only=True)
+            with MODEL_LOAD_LOCK:
+                model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype or torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"model path {path!r}: cannot load a causal language model from {d}: {e}") from None
     return model.eval()

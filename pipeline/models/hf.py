@@ -28,7 +28,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from pipeline.hf_files import resolve_model_path  # sets HF offline mode before transformers is imported
+from pipeline.models.registry import param_counts
+from pipeline.hf_files import MODEL_LOAD_LOCK, resolve_model_path  # sets HF offline mode before transformers is imported
 from pipeline.models.token_classifiers import check_token_ids, masked_mean
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -74,7 +75,7 @@ def _load(auto_class: str, path: str, num_classes: int) -> nn.Module:
             raise ValueError(f"model path {path!r}: {d}/config.json asks for custom code (auto_map); "
                              f"distillery never runs a model's own code (trust_remote_code)")
     try:
-        with _quiet():
+        with _quiet(), MODEL_LOAD_LOCK:
             model = getattr(transformers, auto_class).from_pretrained(
                 d, local_files_only=True, trust_remote_code=False, dtype=torch.float32)
     except Exception as e:  # OSError, ValueError, KeyError (unknown model_type), RuntimeError...
@@ -186,12 +187,6 @@ def _freeze(backbone: nn.Module, path: str, *, freeze_embeddings: bool, freeze_l
         freeze_by_prefix(backbone, todo, what=what)
     if train_only_head:
         backbone.requires_grad_(False)
-
-
-def param_counts(model: nn.Module) -> dict:
-    """{"params": total, "trainable": those with requires_grad} (shared parameters counted once)."""
-    ps = list(model.parameters())
-    return {"params": sum(p.numel() for p in ps), "trainable": sum(p.numel() for p in ps if p.requires_grad)}
 
 
 # ---------------------------------------------------------------- the adapters

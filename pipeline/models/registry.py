@@ -154,7 +154,8 @@ ARCHS = {"mlp": mlp, "cnn": small_cnn, "resnet": resnet_cnn}
 LAZY_ARCHS = {"hf-encoder": "pipeline.models.hf:hf_encoder_classifier",
               "hf-sequence-classification": "pipeline.models.hf:hf_sequence_classifier",
               "bag": "pipeline.models.token_classifiers:embedding_bag",
-              "transformer": "pipeline.models.token_classifiers:tiny_transformer"}
+              "transformer": "pipeline.models.token_classifiers:tiny_transformer",
+              "llama": "pipeline.models.causal_lm:llama"}
 
 
 def _factory(arch: str):
@@ -338,6 +339,14 @@ def model_adapter(spec: dict | ModelSpec, *, trusted_factories: Collection[str] 
 
 # ---------------------------------------------------------------- stats
 
+def param_counts(model: nn.Module) -> dict:
+    """{"params": distinct parameters (tied ones counted once), "trainable": those with
+    requires_grad (the rest frozen)}."""
+    distinct = {id(p): p for p in model.parameters()}.values()
+    return {"params": sum(p.numel() for p in distinct),
+            "trainable": sum(p.numel() for p in distinct if p.requires_grad)}
+
+
 def model_stats(model: nn.Module, *, in_shape: tuple[int, ...] | None = None, batch_size: int = 1,
                 repeats: int = 20, example: torch.Tensor | None = None) -> dict:
     """params, serialised state_dict size (bytes) and median CPU forward latency (ms) on a
@@ -345,7 +354,7 @@ def model_stats(model: nn.Module, *, in_shape: tuple[int, ...] | None = None, ba
     cannot be random floats), repeated to batch_size rows."""
     if repeats < 1 or batch_size < 1:
         raise ValueError(f"repeats and batch_size must be >= 1, found {repeats}, {batch_size}")
-    params = sum(p.numel() for p in model.parameters())
+    params = param_counts(model)["params"]
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
 

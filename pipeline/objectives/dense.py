@@ -1,74 +1,33 @@
-"""Distillation losses: pure PyTorch, fp32 math, shape-checked.
+"""Losses on dense logits (classifiers: every class is stored): pure PyTorch, fp32 math,
+shape-checked. The building blocks of `kd`, `soft_ce`, `mse` and the feature losses.
 
 Every loss casts its inputs with ``.float()`` first, so fp16/bf16 logits coming out of
 a mixed-precision student (or a low-precision soft-label store) give an fp32 result.
-Shapes: B = batch rows, C = classes, k = stored top-k, D = feature width.
+Shapes: B = batch rows, C = classes, D = feature width.
 
 Per-row losses accept ``weights`` of shape (B,): the result is sum_b w_b * l_b / sum_b w_b,
 so a 0-weight (padding) row has no effect. An all-zero ``weights`` gives a loss of 0.
+
+The temperature, from stored labels to the loss: the writer stores s = z / T (the one
+division, storage/writer.py); `rescale` turns stored logits into those at the student's
+temperature T', s·T/T' = z/T' (the one rescale); the top-k and sampled losses
+(objectives/sparse.py) take the stored temperature instead, because a top-k summary is
+exact only at the temperature it was made at.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "distillation_loss",
-    "soft_target_cross_entropy",
-    "soft_kl_loss",
-    "logit_mse",
-    "topk_kl_loss",
-    "multi_teacher_probs",
-    "rkd_distance_loss",
-    "HintLoss",
-]
+from pipeline.objectives.checks import (check_2d, check_rows, check_same, check_temperature, normalized_weights,
+                                        row_mean, shape_of)
 
-
-# ----------------------------------------------------------------------------- checks
-
-def shape_of(x: Tensor) -> tuple[int, ...]:
-    return tuple(x.shape)
-
-
-def _check_2d(name: str, x: Tensor) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (B, C), got shape {shape_of(x)}")
-
-
-def _check_same(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{a_name} and {b_name} must have the same shape, "
-            f"got {a_name} {shape_of(a)} and {b_name} {shape_of(b)}"
-        )
-
-
-def _check_rows(name: str, x: Tensor, batch: int) -> None:
-    # x must be (B,) with the same B as the logits
-    if x.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},), got {shape_of(x)}")
-
-
-def check_temperature(temperature: float) -> None:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-
-
-def check_int(name: str, x: Tensor) -> None:
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
-
-
-def row_mean(per_row: Tensor, weights: Tensor | None) -> Tensor:
-    """(B,) -> scalar: plain mean, or weighted mean Σ w_b l_b / Σ w_b."""
-    if weights is None:
-        return per_row.mean()
-    return per_row @ normalized_weights(weights, per_row.shape[0], per_row)
+__all__ = ["soft_target_cross_entropy", "soft_kl_loss", "logit_mse", "cross_entropy", "rescale", "teacher_side",
+           "rkd_distance_loss", "HintLoss"]
 
 
 def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -96,70 +55,7 @@ def _kd_from_probs(s: Tensor, p: Tensor, neg_entropy: Tensor, w: Tensor, tempera
     return temperature**2 * (neg_entropy @ w - cross)
 
 
-def normalized_weights(weights: Tensor | None, rows: int, like: Tensor) -> Tensor:
-    """(B,) weights summing to 1 (an all-zero ``weights`` stays all zero): uniform if None."""
-    if weights is None:
-        return torch.full((rows,), 1.0 / rows, dtype=torch.float32, device=like.device)
-    _check_rows("weights", weights, rows)
-    w = weights.float()
-    return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # clamp: all padding gives 0, not nan
-
-
 # ----------------------------------------------------------------------------- logit KD
-
-def distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor | None = None,
-    *,
-    temperature: float,
-    alpha: float,
-    weights: Tensor | None = None,
-) -> Tensor:
-    """Hinton knowledge-distillation loss (scalar, mean over rows).
-
-    loss = α · CE(y, softmax(s)) + (1 − α) · T² · KL(softmax(t/T) ‖ softmax(s/T))
-
-    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
-    ``teacher_logits`` are RAW (unscaled) logits. The KL is summed over classes and
-    averaged over rows. The soft-target gradient scales as 1/T², hence the T² factor
-    (keeps its magnitude comparable across temperatures). The CE term uses T = 1.
-    When ``labels`` is None, ``alpha`` is ignored and loss = T² · KL.
-    With a constant teacher (no grad) the KL is computed as Σ p log p − Σ p log q with the
-    teacher's side outside the autograd graph (see _kd_from_probs): exact gradient, value
-    rounded like the teacher's entropy.
-
-    Shapes: student_logits, teacher_logits (B, C); labels (B,) int; weights (B,).
-    """
-    _check_2d("student_logits", student_logits)
-    _check_same("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_temperature(temperature)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    s, t = student_logits.float(), teacher_logits.float()  # (B, C) fp32
-
-    if labels is not None:
-        _check_rows("labels", labels, s.shape[0])
-        check_int("labels", labels)
-    if t.requires_grad:  # a teacher being trained too (mutual learning): gradients for both
-        log_p = F.log_softmax(t / temperature, dim=-1)  # teacher soft targets
-        log_q = F.log_softmax(s / temperature, dim=-1)
-        per_row = temperature**2 * _kl_rows(log_p.exp(), log_p, log_q)  # (B,)
-        if labels is not None:
-            ce = F.cross_entropy(s, labels.long(), reduction="none")  # (B,)
-            per_row = alpha * ce + (1.0 - alpha) * per_row
-        return row_mean(per_row, weights)
-    # a constant teacher: its side (p, Σ p log p) outside the graph, then the short form;
-    # the weighted mean is linear, so α·mean(CE) + (1 − α)·mean(T²·KL)
-    # -inf teacher logits (masked classes) give p = 0: clamp log p so 0·log p is 0, not nan
-    log_p = F.log_softmax(t * (1.0 / temperature), dim=-1).clamp_min_(torch.finfo(torch.float32).min)
-    p = log_p.exp()                                                # (B, C)
-    w = normalized_weights(weights, s.shape[0], s)                # (B,)
-    soft = _kd_from_probs(s, p, (p * log_p).sum(-1), w, float(temperature))
-    if labels is None:
-        return soft
-    ce = F.cross_entropy(s, labels.long(), reduction="none") @ w
-    return alpha * ce + (1.0 - alpha) * soft
 
 
 def soft_target_cross_entropy(
@@ -177,10 +73,10 @@ def soft_target_cross_entropy(
 
     Hinton et al. 2015. The T² is kept so that this equals the KD soft term
     T²·KL(p_T ‖ q_T) plus the constant T²·H(p_T): same gradients as
-    ``distillation_loss(..., alpha=0)``, only the reported value differs.
+    ``soft_kl_loss``, only the reported value differs.
     """
-    _check_2d("student_logits", student_logits)
-    _check_same("student_logits", student_logits, "teacher_probs_or_logits", teacher_probs_or_logits)
+    check_2d("student_logits", student_logits)
+    check_same("student_logits", student_logits, "teacher_probs_or_logits", teacher_probs_or_logits)
     check_temperature(temperature)
     t = teacher_probs_or_logits.float()
     p = F.softmax(t / temperature, dim=-1) if from_logits else t  # (B, C)
@@ -202,19 +98,19 @@ def soft_kl_loss(
     loss = T² · KL(p ‖ softmax(s/T)) = T² · Σ_c [p_c log p_c − p_c log q_c]
 
     Hinton et al. 2015. ``teacher_probs`` (B, C) are already at temperature T (e.g. the
-    output of ``multi_teacher_probs``); zero entries contribute 0 (0·log 0 = 0).
+    mean of several teachers' softmax, ``teacher_side``); zero entries contribute 0 (0·log 0 = 0).
 
     ``teacher_neg_entropy`` (B,) = Σ_c p_c log p_c, if the caller has it (pipeline/objectives/objective.py
-    computes it with p, see objective.teacher_side), selects the cheaper form T²·(Σ p log p − Σ p log q):
+    computes it with p, see teacher_side), selects the cheaper form T²·(Σ p log p − Σ p log q):
     the gradient is the same, T·(q − p), and the value differs from the p·(log p − log q)
     form by fp32 rounding of the two terms (about 1e-7 of the teacher's entropy).
     """
-    _check_2d("student_logits", student_logits)
-    _check_same("student_logits", student_logits, "teacher_probs", teacher_probs)
+    check_2d("student_logits", student_logits)
+    check_same("student_logits", student_logits, "teacher_probs", teacher_probs)
     check_temperature(temperature)
     p = teacher_probs.float()
     if teacher_neg_entropy is not None:
-        _check_rows("teacher_neg_entropy", teacher_neg_entropy, p.shape[0])
+        check_rows("teacher_neg_entropy", teacher_neg_entropy, p.shape[0])
         w = normalized_weights(weights, p.shape[0], p)
         return _kd_from_probs(student_logits.float(), p, teacher_neg_entropy.float(), w, float(temperature))
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -232,104 +128,55 @@ def logit_mse(
     Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?" (they use ½Σ; we use the
     mean so the scale does not depend on C).
     """
-    _check_2d("student_logits", student_logits)
-    _check_same("student_logits", student_logits, "teacher_logits", teacher_logits)
+    check_2d("student_logits", student_logits)
+    check_same("student_logits", student_logits, "teacher_logits", teacher_logits)
     per_row = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)  # (B,)
     return row_mean(per_row, weights)
 
 
-# ----------------------------------------------------------------------------- sparse (top-k) KD
+def cross_entropy(student_logits: Tensor, labels: Tensor, *, weights: Tensor | None = None) -> Tensor:
+    """Hard-label cross-entropy at T = 1 (the task term), fp32, weighted per-row mean.
 
-def topk_kl_loss(
-    student_logits: Tensor,
-    topk_indices: Tensor,
-    topk_logits: Tensor,
-    logsumexp: Tensor,
-    *,
-    temperature: float,
-    weights: Tensor | None = None,
-) -> Tensor:
-    """KD from a stored top-k teacher, with a tail bucket (scalar, mean over rows).
+    loss = Σ_b w_b · (−log softmax(s_b)[y_b]) / Σ_b w_b
 
-    Stored (teacher logits z already divided by T): ``topk_logits`` (B, k) = k largest z/T,
-    ``topk_indices`` (B, k) their class ids (any int dtype), ``logsumexp`` (B,) =
-    logsumexp of ALL C scaled logits. Over k+1 buckets (k classes + tail):
-        p_i = exp(z_i/T − lse),   p_tail = 1 − Σ_i p_i
-        q = softmax(s/T) merged the same way, q_tail = Σ_{c ∉ top-k} q_c
-        loss = T² · Σ_b p_b (log p_b − log q_b)
-    Hinton et al. 2015 for KD; storing top-k with the log-partition so the teacher
-    probabilities are exact and the remaining mass goes to one tail bucket follows sparse
-    logit KD (e.g. Anshumann et al. 2025, "Sparse Logit Sampling").
-    The stored p is exact only at the stored temperature, so the student is scaled by the
-    same T. Merging buckets can only lower KL (data processing): loss ≤ dense KD, and it
-    equals dense KD when k = C.
+    Shapes: student_logits (B, C), labels (B,) int in [0, C), weights (B,).
     """
-    _check_2d("student_logits", student_logits)
-    _check_2d("topk_logits", topk_logits)
-    _check_same("topk_indices", topk_indices, "topk_logits", topk_logits)
-    check_int("topk_indices", topk_indices)
-    B, C = student_logits.shape
-    k = topk_logits.shape[1]
-    if topk_logits.shape[0] != B or k > C:
-        raise ValueError(
-            f"topk_logits must be (B, k) with B={B} and k <= C={C}, got {shape_of(topk_logits)}"
-        )
-    _check_rows("logsumexp", logsumexp, B)
-    check_temperature(temperature)
-    idx = topk_indices.long()  # uint8/uint16/int32 -> int64 for gather
-
-    # teacher buckets: exact log-probs of the k classes, tail = 1 - mass (via expm1, stable)
-    log_p = topk_logits.float() - logsumexp.float()[:, None]  # (B, k)
-    p = log_p.exp()
-    p_tail = (-torch.expm1(torch.logsumexp(log_p, dim=-1))).clamp_min(0.0)  # (B,)
-
-    # student buckets: gather the k classes, logsumexp over the rest (no 1-sum, no log 0)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
-    log_q_k = log_q.gather(1, idx)  # (B, k)
-    in_tail = torch.ones_like(log_q, dtype=torch.bool).scatter_(1, idx, False)  # (B, C)
-    has_tail = in_tail.any(-1) & (p_tail > 0)  # rows with k = C have no tail bucket
-    tail_in = log_q.masked_fill(~in_tail, -math.inf).masked_fill(~has_tail[:, None], 0.0)
-    log_q_tail = torch.logsumexp(tail_in, dim=-1)  # (B,), finite on every row
-
-    kl_k = (p * (log_p - log_q_k)).sum(-1)  # (B,)
-    safe_p_tail = torch.where(has_tail, p_tail, torch.ones_like(p_tail))  # avoid log 0 grads
-    kl_tail = torch.where(has_tail, p_tail * (safe_p_tail.log() - log_q_tail), 0.0)
-    return row_mean(temperature**2 * (kl_k + kl_tail), weights)
+    check_2d("student_logits", student_logits)
+    return row_mean(F.cross_entropy(student_logits.float(), labels.long(), reduction="none"), weights)
 
 
-# ----------------------------------------------------------------------------- multi-teacher
+# ----------------------------------------------------------------------------- teacher targets
 
-def multi_teacher_probs(
-    teacher_scaled_logits: Sequence[Tensor],
-    *,
-    weights: Sequence[float] | Tensor | None = None,
-) -> Tensor:
-    """Weighted average of several teachers' softmax probabilities, (B, C) fp32.
+def rescale(scaled: Tensor, stored_temperature: float, temperature: float) -> Tensor:
+    """Scaled logits at another temperature: s·(T/T') = z/T'. The one place a stored (or
+    online, T = 1) teacher's logits change temperature."""
+    factor = float(stored_temperature) / float(temperature)
+    return scaled if factor == 1.0 else scaled * factor
 
-    p = Σ_m w_m · softmax(z_m / T) / Σ_m w_m
 
-    Inputs are temperature-SCALED logits z_m/T for the same rows. ``weights`` here are
-    per-TEACHER (length M), not per-row. Hinton et al. 2015 (ensemble soft targets);
-    You et al. 2017, "Learning from Multiple Teacher Networks". Feed to ``soft_kl_loss``.
-    """
-    if len(teacher_scaled_logits) == 0:
-        raise ValueError("teacher_scaled_logits must hold at least one tensor, got 0")
-    first = teacher_scaled_logits[0]
-    _check_2d("teacher_scaled_logits[0]", first)
-    for m, z in enumerate(teacher_scaled_logits[1:], start=1):
-        _check_same("teacher_scaled_logits[0]", first, f"teacher_scaled_logits[{m}]", z)
-    M = len(teacher_scaled_logits)
-    if weights is None:
-        w = torch.full((M,), 1.0 / M)
-    else:
-        w = torch.as_tensor(weights, dtype=torch.float32).cpu()
-        if w.shape != (M,):
-            raise ValueError(f"weights must have shape ({M},) (one per teacher), got {shape_of(w)}")
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
-        w = w / w.sum()
-    probs = torch.stack([F.softmax(z.float(), dim=-1) for z in teacher_scaled_logits])  # (M, B, C)
-    return torch.einsum("m,mbc->bc", w.to(probs.device), probs)
+def teacher_side(scaled: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Teachers' logits already at the student temperature, a_m = z_m/T' ((B, C) each) ->
+    p = mean_m softmax(a_m) (B, C) and Σ_c p log p (B,), with 0·log 0 = 0; no gradient.
+
+    Written out (max, exp, sum) rather than torch.softmax, whose kernel over a short last
+    dimension (C = 10) measured 6x slower. Stored logits are finite (the writer refuses NaN/Inf);
+    an online teacher may mask classes with −inf (p = 0). Multi-teacher averaging: Hinton et al.
+    2015 (ensemble soft targets), You et al. 2017 ("Learning from Multiple Teacher Networks")."""
+    if len(scaled) == 1:
+        a = scaled[0].detach().float()
+        a = a - a.amax(-1, keepdim=True)                         # (B, C), max 0 per row
+        e = a.exp()
+        total = e.sum(-1, keepdim=True)                          # (B, 1), >= 1
+        p = e / total
+        # Σ p (a − log Σe); a class masked with −inf has p = 0 and adds 0 (0·log 0 = 0), not nan
+        neg_h = torch.where(p > 0, p * a, 0.0).sum(-1) - total[:, 0].log()
+        return p, neg_h
+    a = torch.stack([s.detach().float() for s in scaled])                 # (M, B, C)
+    a = a - a.amax(-1, keepdim=True)
+    e = a.exp()
+    p = (e / e.sum(-1, keepdim=True)).mean(0)                    # the teachers' mixture
+    neg_h = (p * p.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(-1)
+    return p, neg_h
 
 
 # ----------------------------------------------------------------------------- feature KD
@@ -351,8 +198,8 @@ def rkd_distance_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     loss invariant to the embeddings' scale, so D_s and D_t may differ. Teacher side has
     no gradient. Shapes: student_emb (B, D_s), teacher_emb (B, D_t), B >= 2.
     """
-    _check_2d("student_emb", student_emb)
-    _check_2d("teacher_emb", teacher_emb)
+    check_2d("student_emb", student_emb)
+    check_2d("teacher_emb", teacher_emb)
     B = student_emb.shape[0]
     if teacher_emb.shape[0] != B or B < 2:
         raise ValueError(

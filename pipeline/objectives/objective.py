@@ -1,41 +1,31 @@
-"""What the student minimises: one object, built from config, called once per step.
+"""What a model minimises: one object for every task, built once, called once per step.
 
-    objective = Objective.from_config(cfg, mode, stream=stream, teacher=teacher, model=model, ...)
+    objective = Objective.from_config(cfg, stream=stream, teacher=teacher, model=model, ...)
     for batch in batches:
-        logits, feats = objective.forward(net, raw, batch["x"])     # forward
-        terms = objective(logits, batch, feats)                      # objective
-        terms["loss"].backward()                                     # backward
-        opt.step()                                                   # step
+        terms = objective(net, batch)            # forward + {"loss", "task_loss", "kd_loss", ...}
+        terms["loss"].backward()
 
-`terms` is {"loss": total, plus the named terms it is made of}: "task_loss" (hard-label
-cross-entropy), "kd_loss" (the distillation term of `cfg.loss`), "hint_loss", "rkd_loss"
-(unweighted; the total weighs them). A term is computed only when its weight is > 0:
+`terms` is {"loss": total, plus the named terms it is made of}: "task_loss" (hard-label or
+next-token cross-entropy), "kd_loss" (the distillation term of the loss name, from
+objectives/losses.py), "hint_loss", "rkd_loss" (unweighted; the total weighs them). A term
+is computed only when its weight is > 0:
 
     loss = α·task_loss + (1 − α)·kd_loss + hint_weight·hint_loss + rkd_weight·rkd_loss
 
-(mode "hard": loss = task_loss). α is mixed here and nowhere else; every term is a
-per-row mean weighted by batch["weight"] (pad rows 0), in fp32. The losses themselves
-(formulas, citations) are the building blocks in pipeline/objectives/dense.py.
+(loss "ce", the baseline and every teacher: loss = task_loss). α is mixed here and nowhere
+else; every term is a weighted mean over rows in fp32, pad rows (weight 0) excluded.
+
+Rows: a classifier's logits (B, C) are B rows; a language model's (B, L, V) are the real
+positions of batch["mask"] (B, L), flattened once here: N = mask.sum() rows of V, and every
+per-position target or label column (B, L, ...) is flattened the same way. The losses
+never see the batch's layout.
 
 The label temperature, from YAML to the loss (one division, one rescale):
-
-  1. flows/config.py:118        label.temperature (T, default 4.0) in the YAML config
-  2. flows/recipes.py:201       label flow passes it to pipeline.labelling.classify.label_dataset(temperature=T)
-  3. pipeline/labelling/classify.py:248      ... which opens storage's SoftLabelWriter(temperature=T)
-  4. storage/writer.py:206      THE DIVISION: stored s = z / T (z = raw teacher logits);
-     storage/writer.py:75       T is recorded in the manifest ("temperature")
-  5. pipeline/training/stream.py:106     StoredLabelStream reads T from the manifest (and each extra
-                                teacher's T_k) and yields s as stored ("stored_logits"),
-                                no temperature math at all
-  6. flows/config.py:146        students.temperatures: the student's T' (TrainConfig.temperature)
-     pipeline/objectives/objective.py:173  Objective.from_config takes T' from the config, T (T_k) from the stream
-  7. pipeline/objectives/objective.py:64   THE RESCALE, `rescale`: z / T' = s · (T / T'), once per step,
-                                for kd / soft_ce at T', for mse at T' = 1 (raw logits),
-                                per teacher for multi-teacher; an online teacher's raw z
-                                enters with T = 1. topk_kl is exact only at T' = T (refused
-                                otherwise), so its stored z/T go to the loss unscaled.
-     storage/topk.py:60         storage.rescale is the numpy twin of `rescale` (same fp32
-                                product; tests/test_objective.py checks them equal)
+  label.temperature T (flows/config.py) -> storage.SoftLabelWriter divides: stored s = z/T,
+  T recorded in the manifest -> the stream yields s as stored (training/stream.py, no
+  temperature math) -> here T' (students.temperatures) meets T: dense losses rescale once,
+  s·T/T' = z/T' (objectives/dense.py `rescale`); top-k and sampled losses take T itself
+  (objectives/sparse.py), since a top-k summary is exact only at the temperature it was made.
 """
 from __future__ import annotations
 
@@ -44,94 +34,64 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.objectives.dense import HintLoss, row_mean, logit_mse, rkd_distance_loss, soft_kl_loss, soft_target_cross_entropy, topk_kl_loss
 from pipeline.data.datasets import model_inputs
+from pipeline.models.checkpoint import unwrap
+from pipeline.objectives.dense import HintLoss, cross_entropy, rkd_distance_loss
+from pipeline.objectives.losses import FAMILIES, LOSSES, loss_names, losses_for
+from pipeline.objectives.sparse import DEFAULT_CHUNK, next_token_ce
 
-__all__ = ["Objective", "rescale", "teacher_side", "LOSSES", "MULTI_TEACHER_LOSSES"]
+__all__ = ["Objective"]
 
-LOSSES = ("kd", "soft_ce", "mse", "topk_kl")
-# multi-teacher KD averages the teachers' probabilities; the KL to that mixture is the one loss
-# defined on it (flows/config.py StudentsConfig._multi_teacher_losses refuses the rest too)
-MULTI_TEACHER_LOSSES = ("kd",)
-
-
-def rescale(scaled: Tensor, stored_temperature: float, temperature: float) -> Tensor:
-    """Scaled logits at another temperature: s·(T/T') = z/T'. The one place a stored (or
-    online, T = 1) teacher's logits change temperature; same fp32 product as storage.rescale."""
-    factor = float(stored_temperature) / float(temperature)
-    return scaled if factor == 1.0 else scaled * factor
-
-
-def teacher_side(scaled: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Teachers' logits already at the student temperature, a_m = z_m/T' ((B, C) each) ->
-    p = mean_m softmax(a_m) (B, C) and Σ_c p log p (B,), with 0·log 0 = 0; no gradient.
-
-    Written out (max, exp, sum) rather than torch.softmax, whose kernel over a short last
-    dimension (C = 10) measured 6x slower; logits are finite (the writer refuses NaN/Inf),
-    so a − max is finite and p = 0 only by underflow. Multi-teacher averaging: Hinton et al.
-    2015 (ensemble soft targets), You et al. 2017 ("Learning from Multiple Teacher Networks")."""
-    if len(scaled) == 1:
-        a = scaled[0].detach().float()
-        a = a - a.amax(-1, keepdim=True)                         # (B, C), max 0 per row
-        e = a.exp()
-        total = e.sum(-1, keepdim=True)                          # (B, 1), >= 1
-        p = e / total
-        neg_h = (p * a).sum(-1) - total[:, 0].log()              # Σ p (a − log Σe)
-        return p, neg_h
-    a = torch.stack([s.detach().float() for s in scaled])                 # (M, B, C)
-    a = a - a.amax(-1, keepdim=True)
-    e = a.exp()
-    p = (e / e.sum(-1, keepdim=True)).mean(0)                    # the teachers' mixture
-    neg_h = (p * p.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(-1)
-    return p, neg_h
+# Above this many classes the task term runs the fused, chunked cross-entropy (no fp32
+# (N, V) copy of a language model's logits); below it torch's own, faster for a few classes.
+FUSED_CE_CLASSES = 1024
 
 
 class Objective:
-    """The student's loss for one training run. Build with `from_config`; see the module doc.
+    """A model's loss for one training run. Build with `from_config`; see the module doc.
 
-    mode: "hard" | "stored" | "online"; loss: one of LOSSES (ignored in mode "hard");
-    temperature: the student's T'; stored_temperatures: the stored T of each teacher, primary
-    first (mode "stored"); kind: "dense" | "topk" (mode "stored"); teacher: the online teacher;
-    hint: the FitNets regressor when hint_weight or rkd_weight > 0; source: names the soft
-    labels in error messages.
+    loss: "ce" (hard labels / next tokens only) or a registered KD loss; temperature: the
+    student's T'; kind: the stored labels' representation kind ("dense", "topk",
+    "token_topk", "token_sampled"); stored_temperatures: the stored T of each teacher,
+    primary first; teacher: an online teacher (raw logits at T = 1, dense); hint: the
+    FitNets regressor when hint_weight or rkd_weight > 0; source names the labels in errors.
     """
 
-    def __init__(self, *, mode: str, loss: str = "kd", temperature: float = 4.0, alpha: float = 0.0,
-                 hint_weight: float = 0.0, rkd_weight: float = 0.0, stored_temperatures: Sequence[float] = (),
-                 kind: str = "dense", teacher: nn.Module | None = None, hint: HintLoss | None = None,
-                 source: str = "the soft labels"):
-        if mode not in ("hard", "stored", "online"):
-            raise ValueError(f"mode must be one of ['hard', 'stored', 'online'], got {mode!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"TrainConfig.loss must be one of {list(LOSSES)}, got {loss!r}")
+    def __init__(self, *, loss: str = "ce", temperature: float = 1.0, alpha: float = 0.0,
+                 hint_weight: float = 0.0, rkd_weight: float = 0.0, kind: str | None = None,
+                 stored_temperatures: Sequence[float] = (), teacher: nn.Module | None = None,
+                 hint: HintLoss | None = None, chunk_size: int = DEFAULT_CHUNK, source: str = "the soft labels"):
+        if loss not in loss_names():
+            raise ValueError(f"TrainConfig.loss must be one of {list(loss_names())}, got {loss!r}")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"TrainConfig.temperature must be finite and > 0, got {temperature!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"TrainConfig.alpha must be in [0, 1], got {alpha!r}")
-        self.mode, self.loss, self.temperature, self.alpha = mode, loss, float(temperature), float(alpha)
+        self.loss, self.temperature, self.alpha = loss, float(temperature), float(alpha)
         self.hint_weight, self.rkd_weight = float(hint_weight), float(rkd_weight)
-        self.stored_temperatures = [float(t) for t in stored_temperatures]
         self.kind, self.teacher, self.hint, self.source = kind, teacher, hint, source
-        if mode == "stored" and not self.stored_temperatures:
-            raise ValueError("mode 'stored' needs the stored temperature of each teacher (stored_temperatures)")
-        if mode != "stored" and self.stored_temperatures:
-            raise ValueError(f"stored_temperatures are for mode 'stored' only (mode={mode!r})")
-        if (mode == "online") != (teacher is not None):
-            raise ValueError(f"teacher= is required for mode 'online' and only allowed there (mode={mode!r})")
-        if mode != "hard":
+        self.stored_temperatures = [float(t) for t in stored_temperatures]
+        self.chunk_size = int(chunk_size)
+        self.mode = "hard" if loss == "ce" else "online" if teacher is not None else "stored"
+        if self.mode == "stored" and (kind is None or not self.stored_temperatures):
+            raise ValueError(f"loss {loss!r} learns from stored labels: give their kind and the stored temperature "
+                             f"of each teacher")
+        if self.mode != "stored" and self.stored_temperatures:
+            raise ValueError(f"stored_temperatures are for stored labels only (loss {loss!r})")
+        if self.mode != "hard":
             self._check_loss()
-        if (self.hint_weight or self.rkd_weight) and mode == "hard":
-            raise ValueError("hint_weight/rkd_weight need a teacher feature: use mode 'stored' or 'online'")
+        if (self.hint_weight or self.rkd_weight) and self.mode == "hard":
+            raise ValueError("hint_weight/rkd_weight need a teacher feature: learn from stored labels or an "
+                             "online teacher, not loss 'ce'")
         if (self.hint_weight or self.rkd_weight) and hint is None:
             raise ValueError("hint_weight/rkd_weight > 0 need the hint regressor (hint=HintLoss(...))")
-        self.needs_features = hint is not None and mode != "hard"
+        self.needs_features = hint is not None and self.mode != "hard"
         names = ["loss"]
-        if mode == "hard" or self.alpha > 0:
+        if self.mode == "hard" or self.alpha > 0:
             names.append("task_loss")
-        if mode != "hard" and self.alpha < 1:
+        if self.mode != "hard" and self.alpha < 1:
             names.append("kd_loss")
         if self.needs_features and self.hint_weight:
             names.append("hint_loss")
@@ -140,85 +100,84 @@ class Objective:
         self.term_names: tuple[str, ...] = tuple(names)
 
     def _check_loss(self) -> None:
-        loss, n = self.loss, len(self.stored_temperatures)
-        if self.mode == "online" and loss == "topk_kl":
-            raise ValueError("loss='topk_kl' needs stored top-k labels; online KD has the dense teacher: "
-                             "use 'kd', 'soft_ce' or 'mse' (TrainConfig.loss / students.losses)")
-        if n > 1 and loss not in MULTI_TEACHER_LOSSES:
-            raise ValueError(f"loss={loss!r} cannot be used with several teachers' soft labels ({n} given): "
-                             f"multi-teacher distillation is defined for loss='kd' only "
+        spec, n = LOSSES[self.loss], len(self.stored_temperatures)
+        family = "dense" if self.mode == "online" else FAMILIES.get(self.kind)
+        if family is None:
+            raise ValueError(f"{self.source}: unknown representation kind {self.kind!r}")
+        if family not in spec.labels:
+            where = "an online teacher gives dense logits" if self.mode == "online" else \
+                f"{self.source} are {self.kind}"
+            raise ValueError(f"loss={self.loss!r} learns from {'/'.join(spec.labels)} labels, but {where}: use one "
+                             f"of {losses_for(family)} (TrainConfig.loss / students.losses)")
+        if n > 1 and not spec.multi_teacher:
+            raise ValueError(f"loss={self.loss!r} cannot be used with several teachers' soft labels ({n} given): "
+                             f"multi-teacher distillation is defined for loss="
+                             f"{[k for k, v in LOSSES.items() if v.multi_teacher]} only "
                              f"(TrainConfig.loss / students.losses with students.extra_soft_labels)")
-        if self.mode != "stored":
-            return
-        if self.kind == "topk" and loss != "topk_kl":
-            raise ValueError(f"{self.source} are top-k: only loss='topk_kl' can use them, got {loss!r} "
-                             f"(TrainConfig.loss / students.losses)")
-        if self.kind == "dense" and loss == "topk_kl":
-            raise ValueError(f"loss='topk_kl' needs top-k soft labels; {self.source} stores dense logits "
-                             f"(use 'kd', 'soft_ce' or 'mse')")
-        T = self.stored_temperatures[0]
-        if loss == "topk_kl" and not math.isclose(self.temperature, T, rel_tol=1e-9):
-            raise ValueError(f"loss='topk_kl' is exact only at the stored temperature {T}; "
-                             f"got TrainConfig.temperature={self.temperature}")
+        if spec.exact_temperature and self.mode == "stored":
+            T = self.stored_temperatures[0]
+            if not math.isclose(self.temperature, T, rel_tol=1e-9):
+                raise ValueError(f"loss={self.loss!r} is defined only at the stored temperature {T:g}; got "
+                                 f"TrainConfig.temperature={self.temperature:g} (students.temperatures)")
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg, mode: str, *, stream=None, teacher: nn.Module | None = None,
-                    model: nn.Module | None = None, data=None, ddp: bool = False, device=None) -> "Objective":
-        """From a TrainConfig (loss, temperature, alpha, hint_weight, rkd_weight), the stream's
-        stored temperatures and representation (mode "stored"), and the online teacher. Builds
-        the hint regressor (student feature width -> teacher feature width) when needed."""
-        kw = dict(mode=mode, loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, teacher=teacher)
-        if stream is not None:
+    def from_config(cls, cfg, *, stream=None, teacher: nn.Module | None = None, model: nn.Module | None = None,
+                    data=None, ddp: bool = False, device=None) -> "Objective":
+        """From a TrainConfig (loss, temperature, alpha, hint_weight, rkd_weight, chunk_size),
+        the stream's stored temperatures and kind (stored labels), and the online teacher.
+        The student's T' is cfg.temperature, else the stored temperature (else 1).
+        Builds the hint regressor (student feature width -> teacher feature width) when needed."""
+        T = cfg.temperature if cfg.temperature is not None else stream.temperature if stream is not None else 1.0
+        kw = dict(loss=cfg.loss, temperature=T, alpha=cfg.alpha, chunk_size=cfg.chunk_size,
+                  teacher=teacher if cfg.loss != "ce" else None)
+        if stream is not None and cfg.loss != "ce":
             kw.update(stored_temperatures=[stream.temperature, *stream.extra_temperatures], kind=stream.kind,
                       source=f"soft labels at {stream.uri}")
         obj = cls(**kw)                       # the loss refusals first, before any hint set-up
         if cfg.hint_weight or cfg.rkd_weight:
             obj = cls(**kw, hint_weight=cfg.hint_weight, rkd_weight=cfg.rkd_weight,
-                      hint=_build_hint(mode, model, stream, teacher, data, ddp, device))
+                      hint=_build_hint(obj.mode, model, stream, teacher, data, ddp, device))
         return obj
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the objective itself (the hint regressor), for the optimizer."""
         return list(self.hint.parameters()) if self.hint is not None else []
 
-    def forward(self, net: nn.Module, raw: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The student's forward as this objective needs it: (logits, features or None).
-        Feature losses run raw.features / raw.head (DDP is refused with them)."""
-        if not self.needs_features:
-            return net(x), None
-        feats = raw.features(x)                                      # (B, F_s)
-        return raw.head(feats), feats
-
     # ------------------------------------------------------------------ the loss
 
-    def __call__(self, logits: Tensor, batch: dict, feats: Tensor | None = None) -> dict[str, Tensor]:
-        w = batch["weight"]
+    def __call__(self, net: nn.Module, batch: dict) -> dict[str, Tensor]:
+        """The model's forward on batch["x"] and the terms of `terms`. Feature losses run
+        the unwrapped model's .features / .head (they are refused under DDP)."""
+        if not self.needs_features:
+            return self.terms(net(batch["x"]), batch)
+        raw = unwrap(net)
+        feats = raw.features(batch["x"])                              # (B, F_s)
+        return self.terms(raw.head(feats), batch, feats)
+
+    def terms(self, logits: Tensor, batch: dict, feats: Tensor | None = None) -> dict[str, Tensor]:
+        """logits (B, C), or (B, L, V) with batch["mask"] (B, L): the named terms and their total."""
+        rows = Rows(logits, batch)
+        z, w = rows.logits, rows.weights                              # (N, C), (N,)
         terms: dict[str, Tensor] = {}
         if self.mode == "hard":
-            terms["task_loss"] = _task_loss(logits, batch["y"], w)
+            terms["task_loss"] = self._task_loss(z, rows.take("y"), w)
             return {"loss": terms["task_loss"], **terms}
         t_feat = batch.get("teacher_feature")
-        teachers, temps = None, None                                 # top-k: the stored columns as they are
         if self.mode == "online":
             t_logits, t_feat = self._run_teacher(batch["x"])
-            teachers, temps = [t_logits], [1.0]                      # raw z = z / 1
-        elif self.kind == "dense":
-            extra = batch.get("extra_stored_logits")
-            teachers = [batch["stored_logits"], *(extra if extra is not None else ())]
-            temps = self.stored_temperatures
-            if len(teachers) != len(temps):
-                raise ValueError(f"the batch holds {len(teachers)} teachers' logits, the objective was "
-                                 f"built for {len(temps)}")
-        alpha = self.alpha
+            targets = {"teachers": [t_logits], "stored_temperatures": [1.0]}   # raw z = z / 1
+        else:
+            targets = self._targets(rows, batch)
         total = None
-        if alpha > 0:
-            terms["task_loss"] = _task_loss(logits, batch["y"], w)
-            total = terms["task_loss"] if alpha == 1 else alpha * terms["task_loss"]
-        if alpha < 1:
-            kd = terms["kd_loss"] = self._kd_loss(logits, batch, w, teachers, temps)
-            kd = kd if alpha == 0 else (1.0 - alpha) * kd
+        if self.alpha > 0:
+            terms["task_loss"] = self._task_loss(z, rows.take("y"), w)
+            total = terms["task_loss"] if self.alpha == 1 else self.alpha * terms["task_loss"]
+        if self.alpha < 1:
+            kd = terms["kd_loss"] = LOSSES[self.loss].fn(z, targets, temperature=self.temperature, weights=w,
+                                                         chunk_size=self.chunk_size)
+            kd = kd if self.alpha == 0 else (1.0 - self.alpha) * kd
             total = kd if total is None else total + kd
         if self.needs_features:
             keep = w > 0                                             # pad rows carry no information
@@ -232,23 +191,27 @@ class Objective:
                 total = total + self.rkd_weight * terms["rkd_loss"]
         return {"loss": total, **terms}
 
-    def _kd_loss(self, logits: Tensor, batch: dict, w: Tensor, teachers, temps) -> Tensor:
-        """The distillation term of self.loss (formulas and citations in pipeline/objectives/dense.py)."""
-        T = self.temperature
-        if self.loss == "topk_kl":
-            # T²·KL over k+1 buckets; stored z/T are exact only at T' = T (checked at construction)
-            return topk_kl_loss(logits, batch["topk_indices"], batch["topk_logits"], batch["logsumexp"],
-                                temperature=T, weights=w)
-        if self.loss == "mse":
-            # Ba & Caruana 2014: mean (s − z)² on RAW logits, z = s_stored · T (rescale to T' = 1)
-            return logit_mse(logits, rescale(teachers[0], temps[0], 1.0), weights=w)
-        # kd / soft_ce: the teachers' soft targets p = mean_m softmax(z_m / T')
-        p, neg_h = teacher_side([rescale(z, t, T) for z, t in zip(teachers, temps)])
-        if self.loss == "kd":
-            # Hinton et al. 2015: T'²·KL(p ‖ softmax(s/T'))
-            return soft_kl_loss(logits, p, temperature=T, weights=w, teacher_neg_entropy=neg_h)
-        # soft_ce: T'²·H(p, softmax(s/T')) = kd + T'²·H(p) (same gradient, Hinton et al. 2015)
-        return soft_target_cross_entropy(logits, p, temperature=T, from_logits=False, weights=w)
+    def _task_loss(self, z: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """Hard-label / next-token cross-entropy at T = 1, the weighted mean over rows."""
+        if z.shape[1] > FUSED_CE_CLASSES:
+            return next_token_ce(z, y, weights=w, chunk_size=self.chunk_size)
+        return cross_entropy(z, y, weights=w)
+
+    def _targets(self, rows: "Rows", batch: dict) -> dict:
+        """The stored labels' rows, as the loss family's `t` (objectives/losses.py)."""
+        family, T = FAMILIES[self.kind], self.stored_temperatures
+        if family == "dense":
+            extra = batch.get("extra_stored_logits")
+            teachers = [batch["stored_logits"], *(extra if extra is not None else ())]
+            if len(teachers) != len(T):
+                raise ValueError(f"the batch holds {len(teachers)} teachers' logits, the objective was "
+                                 f"built for {len(T)}")
+            return {"teachers": teachers, "stored_temperatures": T}
+        if family == "topk":
+            return {"ids": rows.take("topk_ids"), "logp": rows.take("topk_logprobs"),
+                    "missing": rows.take("missing_mass") if "missing_mass" in batch else None,
+                    "stored_temperature": T[0]}
+        return {"ids": rows.take("sample_ids"), "counts": rows.take("sample_counts"), "stored_temperature": T[0]}
 
     def _run_teacher(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Online KD: the teacher on the very views the student sees, frozen, fp32."""
@@ -262,20 +225,58 @@ class Objective:
         return t_logits.clone(), (t_feat.clone() if t_feat is not None else None)
 
 
-def _task_loss(logits: Tensor, y: Tensor, w: Tensor) -> Tensor:
-    """Hard-label cross-entropy at T = 1, fp32, weighted per-row mean: Σ_b w_b CE_b / Σ_b w_b."""
-    return row_mean(F.cross_entropy(logits.float(), y.long(), reduction="none"), w)
+class Rows:
+    """A batch's logits and per-row (or per-position) tensors as N rows.
+
+    logits (B, C) with batch["weight"] (B,): the B rows as they are. logits (B, L, V) with
+    batch["mask"] (B, L) bool: the N = mask.sum() real positions in row-major order; a full
+    mask takes views (no copies), a partial one copies the real rows once, in the student's
+    dtype. weights: batch["weight"] per row, (N,)."""
+
+    def __init__(self, logits: Tensor, batch: dict):
+        self.mask = batch.get("mask") if logits.ndim == 3 else None
+        if logits.ndim == 3:
+            m = self.mask
+            if m is None or m.shape != logits.shape[:2] or m.dtype != torch.bool:
+                got = None if m is None else f"{m.dtype} {tuple(m.shape)}"
+                raise ValueError(f"logits (B, L, V) = {tuple(logits.shape)} need a bool batch['mask'] "
+                                 f"{tuple(logits.shape[:2])}, got {got}")
+            self.flat = m.reshape(-1)
+            self.full = bool(self.flat.all())
+            z = logits.reshape(-1, logits.shape[-1])
+            self.logits = z if self.full else z[self.flat]
+            self.weights = self.take(batch["weight"][:, None].expand(m.shape))
+        elif logits.ndim == 2:
+            self.logits, self.weights = logits, batch["weight"]
+        else:
+            raise ValueError(f"logits must be (B, C) or (B, L, V), got {tuple(logits.shape)}")
+        self.batch = batch
+
+    def take(self, t: Tensor | str) -> Tensor:
+        """A batch tensor (B, ...) or, with a mask, (B, L, ...) as (N, ...) rows."""
+        if isinstance(t, str):
+            if t not in self.batch:
+                raise ValueError(f"the batch has no {t!r} (keys {sorted(self.batch)})")
+            t = self.batch[t]
+        if self.mask is None:
+            return t
+        if t.shape[:2] != self.mask.shape:
+            raise ValueError(f"a per-position tensor must start with the mask's shape {tuple(self.mask.shape)}, "
+                             f"got {tuple(t.shape)}")
+        t = t.reshape(-1, *t.shape[2:])
+        return t if self.full else t[self.flat]
 
 
 def _build_hint(mode: str, model, stream, teacher, data, ddp: bool, device) -> HintLoss:
     """The hint regressor (student feature -> teacher feature) when hint/RKD losses are on."""
     if mode == "hard":
-        raise ValueError("hint_weight/rkd_weight need a teacher feature: use mode 'stored' or 'online'")
+        raise ValueError("hint_weight/rkd_weight need a teacher feature: learn from stored labels or an online "
+                         "teacher, not loss 'ce'")
     if ddp:
         raise ValueError("hint_weight/rkd_weight are not supported with DDP yet (they bypass the DDP wrapper)")
     if not (hasattr(model, "features") and isinstance(getattr(model, "head", None), nn.Linear)):
         raise ValueError("hint/RKD losses need a student with .features(x) and a Linear .head "
-                         "(pipeline.models.registry builders have both)")
+                         "(pipeline.models builders have both)")
     if mode == "stored":
         feat = stream.manifest.get("feature")
         if not feat:

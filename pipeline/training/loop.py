@@ -1,14 +1,15 @@
-"""One explicit training loop for every model distillery trains.
+"""One explicit training loop for every model distillery trains, of every task.
 
-    mode="stored"  student from stored soft labels (StoredLabelStream through a DataLoader)
-    mode="hard"    hard-label cross-entropy (the baseline; the teacher, with augmentation)
-    mode="online"  classic KD: the teacher runs on every batch, same losses as "stored"
+    labels=URI     a student from stored soft labels (a LabelStream through a DataLoader)
+    loss "ce"      hard labels / next tokens (a baseline; the teacher, with augmentation)
+    teacher=model  classic online KD: the teacher runs on every batch, same losses as stored
 
-Read `train()` top to bottom: set up (device, DDP, data, optimizer, schedule, resume),
-then `for epoch: for batch: forward, objective, backward, step`, then evaluate, keep the
-best weights, log, checkpoint. Components live elsewhere: what the student minimises in
-pipeline/objectives/objective.py (built once from the config), the losses in pipeline/objectives/dense.py, the
-batches in pipeline/training/stream.py.
+Read `train()` top to bottom: set up (device, DDP, data, objective, optimizer, schedule,
+resume), then `for epoch: for batch: objective (forward + loss), backward, step`, then
+validate, keep the best weights, log, checkpoint. The task (pipeline/tasks: what a batch
+holds, what a row counts, the validation metric and its direction) comes from the data;
+what the model minimises from pipeline/objectives (built once from the config); the
+batches from pipeline/training/stream.py and batches.py.
 
 Resume: every epoch rank 0 writes a training checkpoint (model, optimizer, scheduler,
 epoch, best state, per-rank RNG states, history) atomically. train(..., resume=True)
@@ -18,13 +19,10 @@ never interrupted (on CPU; CUDA kernels may not be bitwise deterministic).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,103 +30,29 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from pipeline.models.checkpoint import atomic_torch_save
-from pipeline.data.datasets import Source
 from pipeline.device import resolve_device
-from pipeline.evaluate import accuracy, predict_logits
-from pipeline.objectives.objective import LOSSES, Objective
-from pipeline.training.stream import HardLabelBatches, StoredLabelStream, keep_batch
-from pipeline.views.images import ViewSpec
-
-MODES = ("stored", "hard", "online")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step", "constant")
-DEVICES = ("cpu", "cuda", "auto")
-WORKER_STARTS = ("fork", "spawn", "forkserver")
-# set by the recipe, not by a config's training section: paths, and a student's loss,
-# temperature and alpha, which come from the sweep grid (flows/config.py builds the
-# section from the other fields of TrainConfig: one training schema)
-RECIPE_FIELDS = ("loss", "temperature", "alpha", "log_path", "ckpt_path")
-# Seeding torch's global RNG and drawing from it (model init) must not interleave between
-# threads (a sweep trains students in parallel threads): whoever seeds or builds holds this.
-GLOBAL_RNG_LOCK = threading.RLock()
-# config fields that may change between an interrupted run and its resume
-RESUME_FREE = ("num_workers", "worker_start", "device", "log_path", "ckpt_path", "eval_every")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adamw"            # "adamw" | "sgd"
-    weight_decay: float = 0.0
-    momentum: float = 0.9               # sgd only
-    schedule: str = "cosine"            # "cosine" | "step" | "constant", per optimizer step
-    warmup_steps: int = 0               # linear warm-up before the schedule
-    step_milestones: tuple[float, ...] = (0.5, 0.75)  # "step": x step_gamma at these fractions of training
-    step_gamma: float = 0.1
-    loss: str = "kd"                    # "kd" | "soft_ce" | "mse" | "topk_kl" (ignored in mode "hard")
-    temperature: float = 4.0            # distillation T (may differ from the stored T, except topk_kl)
-    alpha: float = 0.0                  # weight of hard-label CE; soft term gets 1 - alpha
-    hint_weight: float = 0.0            # + w * FitNets hint loss on the teacher feature (stored or online)
-    rkd_weight: float = 0.0             # + w * RKD distance loss on the same features
-    grad_clip: float | None = None      # max global grad norm
-    patience: int | None = None         # early stopping: evaluations without val-acc gain
-    seed: int = 0
-    num_workers: int = 0                # DataLoader workers for mode "stored"
-    worker_start: str = "forkserver"    # DataLoader worker start method: "fork" | "spawn" | "forkserver";
-                                        # not fork by default: a fork inherits the parent's threads (a Prefect
-                                        # engine's, a storage pool's) in whatever state they are
-    device: str = "auto"                # "cpu" | "cuda" | "auto"
-    eval_every: int = 1                 # epochs between val evaluations (the last epoch always)
-    log_path: str | None = None         # JSON lines, one record per epoch
-    ckpt_path: str | None = None        # training checkpoint for resume
-
-    def __post_init__(self):
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                              ("device", DEVICES), ("worker_start", WORKER_STARTS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"TrainConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "eval_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("warmup_steps", "num_workers", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "momentum", "step_gamma", "hint_weight", "rkd_weight"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"TrainConfig.temperature must be finite and > 0, got {self.temperature!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"TrainConfig.alpha must be in [0, 1], got {self.alpha!r}")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"TrainConfig.patience must be an int >= 1 or None, got {self.patience!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        self.step_milestones = tuple(float(m) for m in self.step_milestones)
-        if any(not 0 < m <= 1 for m in self.step_milestones):
-            raise ValueError(f"TrainConfig.step_milestones must be fractions in (0, 1], got {self.step_milestones}")
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists: JSON/weights_only safe
-
+from pipeline.models.checkpoint import atomic_torch_save
+from pipeline.objectives.objective import Objective
+from pipeline.tasks import task_of
+from pipeline.training.batches import HardLabelBatches
+from pipeline.training.config import GLOBAL_RNG_LOCK, RESUME_FREE, TrainConfig
+from pipeline.training.stream import keep_batch, open_label_stream
 
 # ---------------------------------------------------------------- components
+
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]  # frozen params (finetune) are not stepped
     if not params:
         raise ValueError("the model has no trainable parameters (everything frozen?)")
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def make_schedule(opt, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per optimizer step: linear warm-up to lr over warmup_steps, then constant, step
+    decay (x step_gamma at step_milestones), or cosine from lr down to min_lr x lr."""
     warm = cfg.warmup_steps
 
     def factor(step: int) -> float:  # step = optimizer steps taken so far
@@ -139,7 +63,8 @@ def make_schedule(opt, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_sch
         if cfg.schedule == "step":
             return cfg.step_gamma ** sum(step >= m * total_steps for m in cfg.step_milestones)
         progress = min((step - warm) / max(total_steps - warm, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine if cfg.min_lr == 0 else cfg.min_lr + (1.0 - cfg.min_lr) * cosine
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -174,11 +99,6 @@ def _append_jsonl(path: str, records: list[dict], *, truncate: bool = False) -> 
             f.write(json.dumps(r) + "\n")
 
 
-def resume_key(cfg: TrainConfig) -> dict:
-    """The training config as far as it decides the result (RESUME_FREE fields left out)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
-
-
 def lineage_diff(old, new, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON-like dicts (a missing key differs)."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -208,37 +128,43 @@ def _load_resume(cfg: TrainConfig, lineage: dict | None = None) -> dict | None:
     return ck
 
 
+def _better(task, value: float, best: float | None) -> bool:
+    return best is None or (value > best if task.higher_is_better else value < best)
+
+
 # ---------------------------------------------------------------- the loop
 
-def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
-          val_data: Source | None = None, soft_labels: str | list[str] | None = None,
-          view_spec: ViewSpec | None = None, num_views: int | None = None,
+def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
+          labels: str | list[str] | None = None, transform=None, num_views: int | None = None,
           teacher: nn.Module | None = None, storage_options: dict | None = None,
           expect: dict | None = None, resume: bool = False, lineage: dict | None = None,
           on_batch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train `model` in place; at the end it holds the best (by val accuracy) weights.
+    """Train `model` in place; at the end it holds the best weights by the task's
+    validation metric (accuracy, perplexity) on val_data.
 
-    stored: soft_labels = URI of the stored labels (or a list: several teachers of the same
-    inputs, whose probabilities are averaged); train_data = inputs holding their ids.
-    hard / online: batches from train_data, augmented with view_spec (fresh views per
-    epoch, or ids in [0, num_views)); online needs `teacher`.
-    on_batch(epoch, batch) is called for every batch (tests, instrumentation).
+    cfg.loss "ce": hard labels (next tokens) of train_data, augmented with `transform`
+    (fresh views per epoch, or ids in [0, num_views)). Any other loss learns from
+    `labels` (the URI of stored labels of train_data's rows, or a list: several teachers
+    of the same inputs, whose probabilities are averaged) or from an online `teacher`.
+    on_batch(epoch, batch) is called for every batch (progress, tests).
     lineage: a JSON dict naming what the run is a function of (data fingerprints, labels,
     views...); it is written into the resume checkpoint, and resume=True continues only a
     checkpoint with the same lineage: any other starts from scratch (printing why).
-    Returns {best_val_acc, best_epoch, epochs_run, epochs_trained (this call), steps,
-    stopped_early, seconds, history}.
+    Returns {metric, best_val, best_epoch, epochs_run, epochs_trained (this call), steps,
+    units (samples or tokens trained on, all epochs), stopped_early, seconds, history}.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    if (mode == "stored") != (soft_labels is not None):
-        raise ValueError(f"soft_labels= is required for mode 'stored' and only allowed there (mode={mode!r})")
-    if (mode == "online") != (teacher is not None):
-        raise ValueError(f"teacher= is required for mode 'online' and only allowed there (mode={mode!r})")
-    if (mode == "hard" or cfg.alpha > 0) and train_data.y is None:
-        raise ValueError(f"dataset {train_data.name!r} is unlabeled: mode 'hard' and alpha > 0 need labels")
+    hard = cfg.loss == "ce"
+    if hard and (labels is not None or teacher is not None):
+        raise ValueError("loss 'ce' trains on hard labels: give no labels= or teacher=")
+    if not hard and (labels is None) == (teacher is None):
+        raise ValueError(f"loss {cfg.loss!r} learns from a teacher: give stored labels= or an online teacher=, "
+                         f"exactly one")
+    task = task_of(train_data)
+    if (hard or cfg.alpha > 0) and not task.labelled(train_data):
+        raise ValueError(f"dataset {train_data.name!r} is unlabeled: loss 'ce' and alpha > 0 need labels")
     if cfg.patience is not None and val_data is None:
         raise ValueError("early stopping (patience) needs val_data")
+    task.prepare()
 
     # ---- setup: device, distributed, data
     ddp = dist.is_available() and dist.is_initialized()
@@ -248,9 +174,9 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
     stream, numpy_batches = None, False
-    if mode == "stored":
-        uris = [soft_labels] if isinstance(soft_labels, str) else list(soft_labels)  # [primary, *more teachers]
-        stream = StoredLabelStream(uris[0], train_data, view_spec, batch_size=cfg.batch_size, seed=cfg.seed,
+    if labels is not None:
+        uris = [labels] if isinstance(labels, str) else list(labels)  # [primary, *more teachers]
+        stream = open_label_stream(uris[0], train_data, transform, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=rank, world_size=world, storage_options=storage_options, expect=expect,
                                    extra_soft_labels=uris[1:])
         if cfg.num_workers == 0:  # iterate in-process: a DataLoader adds per-batch overhead and nothing else
@@ -265,23 +191,24 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
                                  generator=torch.Generator().manual_seed(cfg.seed))
         steps_per_epoch, sampler = stream.num_batches(cfg.num_workers), stream
     else:
-        sampler = batches = HardLabelBatches(train_data, batch_size=cfg.batch_size, view_spec=view_spec,
+        sampler = batches = HardLabelBatches(train_data, batch_size=cfg.batch_size, transform=transform,
                                              num_views=num_views, seed=cfg.seed, rank=rank, world_size=world)
         steps_per_epoch = batches.num_batches()
-    # what the student minimises (loss, T', alpha, hint/RKD, teachers); refuses what is undefined
-    objective = Objective.from_config(cfg, mode, stream=stream, teacher=teacher, model=raw, data=train_data,
+    # what the model minimises (loss, T', alpha, hint/RKD, teachers); refuses what is undefined
+    objective = Objective.from_config(cfg, stream=stream, teacher=teacher, model=raw, data=train_data,
                                       ddp=ddp, device=device)
     hint = objective.hint
     names = objective.term_names                          # ("loss", "task_loss"?, "kd_loss"?, ...)
 
     opt = make_optimizer(list(raw.parameters()) + objective.parameters(), cfg)
-    sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = make_schedule(opt, cfg, total_steps)
     with GLOBAL_RNG_LOCK:  # dropout etc.; model init happened before train()
         torch.manual_seed(cfg.seed + rank)
 
     # ---- resume
-    start_epoch, step, seconds_before = 0, 0, 0.0
-    best_acc, best_epoch, best_state, bad_evals, stopped, history = None, None, None, 0, False, []
+    start_epoch, step, units, seconds_before = 0, 0, 0.0, 0.0
+    best, best_epoch, best_state, bad_evals, stopped, history = None, None, None, 0, False, []
     ck = _load_resume(cfg, lineage) if resume else None
     if ck is not None:
         raw.load_state_dict(ck["model"])
@@ -289,11 +216,14 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
             hint.load_state_dict(ck["hint"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        start_epoch, step, seconds_before = ck["epoch"], ck["step"], ck["seconds"]
-        best_acc, best_epoch, best_state = ck["best_acc"], ck["best_epoch"], ck["best_state"]
+        start_epoch, step, units, seconds_before = ck["epoch"], ck["step"], ck["units"], ck["seconds"]
+        best, best_epoch, best_state = ck["best"], ck["best_epoch"], ck["best_state"]
         bad_evals, stopped, history = ck["bad_evals"], ck["stopped_early"], ck["history"]
         rngs = ck["rng"]
         _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+        if start_epoch < cfg.epochs and not stopped:
+            print(f"{cfg.ckpt_path}: resuming after epoch {start_epoch} of {cfg.epochs} "
+                  f"(step {step} of {total_steps})")
     if rank == 0 and cfg.log_path:  # the log always mirrors the checkpoint's history
         _append_jsonl(cfg.log_path, history, truncate=True)
     net = raw
@@ -311,13 +241,12 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
         term_sums = torch.zeros(len(names), dtype=torch.float64, device=device)  # Σ_batches term · Σ weight
         w_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
-            if numpy_batches:  # from CPU DataLoader workers (StoredLabelStream.worker_numpy); shares memory
+            if numpy_batches:  # from CPU DataLoader workers (LabelStream.worker_numpy); shares memory
                 batch = {k: torch.from_numpy(v) for k, v in batch.items()}
             if on_batch is not None:
                 on_batch(epoch, batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            logits, feats = objective.forward(net, raw, batch["x"])   # (B, C), features if hint/RKD
-            terms = objective(logits, batch, feats)                   # {"loss", "task_loss", "kd_loss", ...}
+            terms = objective(net, batch)                             # forward + {"loss", "task_loss", ...}
             loss = terms["loss"]                                      # (an online teacher runs in there)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -327,38 +256,39 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
             opt.step()
             sched.step()
             step += 1
-            bw = batch["weight"].sum()
+            bw = task.units(batch)                                    # samples, or real tokens
             vals = [terms[k] for k in names]                          # alpha 0: kd_loss is the loss itself
             term_sums += (loss.detach().double() if all(v is loss for v in vals)
                           else torch.stack(vals).detach().double()) * bw
             w_sum += bw.double()
-        if ddp:  # global mean loss and sample count over ranks
+        if ddp:  # global mean loss and unit count over ranks
             dist.all_reduce(term_sums)
             dist.all_reduce(w_sum)
         train_seconds = time.perf_counter() - t0
+        units += float(w_sum)
 
-        # ---- evaluate (rank 0; the result is broadcast so every rank stops together)
-        val_acc = None
+        # ---- validate (rank 0; the result is broadcast so every rank stops together)
+        val = None
         if val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             if rank == 0:
-                val_acc = accuracy(predict_logits(raw, val_data, device=device), val_data.y)
+                val = task.score(raw, val_data, device=device)
             if ddp:
-                box = [val_acc]
+                box = [val]
                 dist.broadcast_object_list(box, src=0)
-                val_acc = box[0]
-            improved = best_acc is None or val_acc > best_acc
-            if improved or val_acc == best_acc:  # a tie keeps the later, more trained weights...
-                best_acc, best_epoch = val_acc, epoch
+                val = box[0]
+            improved = _better(task, val, best)
+            if improved or val == best:  # a tie keeps the later, more trained weights...
+                best, best_epoch = val, epoch
                 best_state = {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()}
             bad_evals = 0 if improved else bad_evals + 1  # ...but only a gain resets patience
             stopped = cfg.patience is not None and bad_evals >= cfg.patience
 
         # ---- log + checkpoint
         seconds = time.perf_counter() - t0
-        means = (term_sums / w_sum.clamp_min(1e-12)).tolist()  # per-row means over the epoch
-        record = {"epoch": epoch, "step": step, "train_loss": means[0],
-                  "val_acc": val_acc, "lr": lr, "seconds": seconds,
-                  "samples_per_s": float(w_sum) / max(train_seconds, 1e-9), "best_val_acc": best_acc,
+        means = (term_sums / w_sum.clamp_min(1e-12)).tolist()  # per-unit means over the epoch
+        record = {"epoch": epoch, "step": step, "train_loss": means[0], "val": val, "metric": task.metric,
+                  "lr": lr, "seconds": seconds, "throughput": float(w_sum) / max(train_seconds, 1e-9),
+                  "unit": task.unit, "best_val": best,
                   **dict(zip(names[1:], means[1:]))}    # the named terms: task_loss, kd_loss, hint_loss, rkd_loss
         history.append(record)
         rngs = [_rng_state()]
@@ -370,8 +300,9 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
                 atomic_torch_save({
                     "model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "hint": hint.state_dict() if hint is not None else None,
-                    "epoch": epoch + 1, "step": step, "seconds": seconds_before + time.perf_counter() - t_start,
-                    "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state,
+                    "epoch": epoch + 1, "step": step, "units": units,
+                    "seconds": seconds_before + time.perf_counter() - t_start,
+                    "best": best, "best_epoch": best_epoch, "best_state": best_state,
                     "bad_evals": bad_evals, "stopped_early": stopped, "history": history, "rng": rngs,
                     "config": cfg.to_dict(), "lineage": lineage}, cfg.ckpt_path)
             if cfg.log_path:
@@ -382,7 +313,9 @@ def train(model: nn.Module, cfg: TrainConfig, *, mode: str, train_data: Source,
     # ---- finish: the best weights, not the last
     if best_state is not None:
         raw.load_state_dict(best_state)
-    return {"best_val_acc": best_acc, "best_epoch": best_epoch, "epochs_run": len(history),
-            "epochs_trained": len(history) - start_epoch, "steps": step,
-            "stopped_early": stopped, "seconds": seconds_before + time.perf_counter() - t_start,
+    seconds = seconds_before + time.perf_counter() - t_start
+    return {"metric": task.metric, "best_val": best, "best_epoch": best_epoch, "epochs_run": len(history),
+            "epochs_trained": len(history) - start_epoch, "steps": step, "units": units, "unit": task.unit,
+            "stopped_early": stopped, "seconds": seconds,
+            "throughput": units / sum(h["seconds"] for h in history) if history else 0.0,
             "history": cfg.log_path, "last_epoch": history[-1] if history else None}

@@ -1,11 +1,11 @@
-"""The student recipe, one for every caller (the Prefect flows through flows/recipes.py,
-the torchrun entry pipeline/training/ddp.py):
+"""The student recipe, one for every task and every caller (the Prefect flows and the
+torchrun entry, both through flows/recipes.py):
 
-    build -> train (stored soft labels, or the hard-label baseline) -> checkpoint
-          -> evaluate (with the teacher's agreement) -> export -> quantize
+    build -> train (stored labels, or the hard-label baseline) -> checkpoint
+          -> evaluate (the task's: accuracy and agreement, or perplexity) -> export
 
 Plain functions and dataclasses: no Prefect, no config objects. The inputs are the
-datasets, the model spec, a TrainConfig, the soft-label URIs, paths and flags.
+datasets, the model spec, a TrainConfig, the label URIs, paths and flags.
 
 Rules that live here and nowhere else:
   * the checkpoint metadata of a student (`student_metadata`, keys STUDENT_METADATA_KEYS);
@@ -21,7 +21,6 @@ import dataclasses
 import io
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -33,21 +32,19 @@ import torch.nn as nn
 
 from storage import Location, lineage_digest
 
+from pipeline.data.datasets import Source
+from pipeline.evaluate import predict_logits
 from pipeline.models.checkpoint import load_model, save_checkpoint
-from pipeline.data.datasets import Source, model_inputs
-from pipeline.evaluate import evaluate, predict_logits
 from pipeline.models.registry import complete_spec, model_adapter
+from pipeline.tasks import task_of
+from pipeline.training.config import GLOBAL_RNG_LOCK, TrainConfig, resume_key
+from pipeline.training.loop import train
 from pipeline.training.teacher import data_info
-from pipeline.training.loop import GLOBAL_RNG_LOCK, TrainConfig, resume_key, train
-from pipeline.views.images import ViewSpec  # noqa: F401  (annotations)
 
-MODES = ("stored", "hard")
 # one shape for every student checkpoint, whoever trained it (flows, torchrun)
 STUDENT_METADATA_KEYS = ("role", "name", "run", "teacher", "soft_labels", "data", "train_config", "lineage",
                          "world_size", "metrics")
-METRIC_KEYS = ("best_val_acc", "best_epoch", "epochs_run", "epochs_trained", "steps", "stopped_early")
-
-_TRACE_LOCK = threading.Lock()  # torch.jit.trace is not safe in concurrent threads
+METRIC_KEYS = ("metric", "best_val", "best_epoch", "epochs_run", "epochs_trained", "steps", "stopped_early")
 
 
 # ------------------------------------------------------------------ the pieces of metadata
@@ -72,7 +69,7 @@ def student_metadata(*, run: dict, teacher: dict | None, soft_labels: Sequence[d
 
 
 def student_lineage(*, data: dict[str, str], split: dict, views: dict | None, model: dict, train_config: TrainConfig,
-                    mode: str, teacher_fingerprint: str | None = None,
+                    teacher_fingerprint: str | None = None,
                     label_manifests: Sequence[dict] = ()) -> dict:
     """What a student's resume file must match to be continued (or reused when complete):
     the data of every split (name -> fingerprint), the split definition, the views, the
@@ -82,7 +79,7 @@ def student_lineage(*, data: dict[str, str], split: dict, views: dict | None, mo
     import json
     lin = {"data": dict(data), "split": split, "views": views, "model": {k: model[k] for k in ("arch", "kwargs")},
            "train": resume_key(train_config)}
-    if mode != "hard":
+    if train_config.loss != "ce":
         lin["teacher"] = teacher_fingerprint
         lin["soft_labels"] = [m.get("digest") or lineage_digest(m) for m in label_manifests]
     return json.loads(json.dumps(lin))
@@ -141,44 +138,48 @@ class StudentResult:
     train: dict                 # train()'s result
     train_seconds: float
     evaluation: dict | None     # evaluate() on the eval split, None without one
-    exports: dict               # {"safetensors", "torchscript", "int8"} as asked for
+    exports: dict               # the task's exports: {"safetensors", "torchscript", "int8"} or {"hf_dir"}
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def run_student(*, run: dict, train_config: TrainConfig, transfer: Source, labelled: Source,
-                val: Source | None, checkpoint_path: str, soft_labels: Sequence[str] = (),
-                label_manifests: Sequence[dict] = (), teacher: dict | None = None,
-                view_spec: ViewSpec | None = None, num_views: int = 1, storage_options: dict | None = None,
-                expect: dict | None = None, lineage: dict | Callable[[TrainConfig], dict] | None = None,
-                resume: bool = True,
-                baseline_fair: bool = True, on_batch: Callable[[int, dict], None] | None = None,
-                eval_data: Source | None = None,
-                teacher_logits: np.ndarray | Callable[[], np.ndarray] | None = None,
-                export_dir: str | None = None, quantize: bool = False, world_size: int = 1) -> StudentResult:
-    """Train one student and write its checkpoint; then, given eval_data, evaluate it (with
-    agreement against teacher_logits, an array or a function giving it), export it into
-    export_dir (safetensors + TorchScript) and report its dynamic-int8 version.
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    run: {"name", "model": {"arch", "kwargs", ...}, "mode": "stored" | "hard", ...} (JSON).
-    mode "stored" learns from soft_labels (URIs of the labels of `transfer`'s samples,
-    label_manifests their manifests); mode "hard" is the baseline on `labelled`, with
-    baseline_config applied when baseline_fair. num_classes: labelled's (the transfer
-    set may be unlabeled). lineage: the resume key (student_lineage). Under DDP every rank
-    calls this; rank 0 writes the checkpoint and does the evaluation/export steps.
-    lineage may be a function of the final TrainConfig (a baseline's differs from train_config)."""
-    mode = run["mode"]
-    if mode not in MODES:
-        raise ValueError(f"student mode must be one of {list(MODES)}, got {mode!r}")
-    if mode == "stored" and not soft_labels:
-        raise ValueError(f"student {run['name']!r}: mode 'stored' needs soft_labels")
+
+def run_student(*, run: dict, train_config: TrainConfig, transfer, labelled, val, checkpoint_path: str,
+                soft_labels: Sequence[str] = (), label_manifests: Sequence[dict] = (), teacher: dict | None = None,
+                transform=None, num_views: int = 1, num_classes: int | None = None,
+                storage_options: dict | None = None, expect: dict | None = None,
+                lineage: dict | Callable[[TrainConfig], dict] | None = None, resume: bool = True,
+                baseline_fair: bool = True, on_batch: Callable[[int, dict], None] | None = None,
+                eval_data=None, teacher_logits: np.ndarray | Callable[[], np.ndarray] | None = None,
+                export_dir: str | None = None, quantize: bool = False,
+                tokenizer_dir: str | None = None) -> StudentResult:
+    """Train one student and write its checkpoint; then, given eval_data, evaluate it (the
+    task's evaluation: accuracy with agreement against teacher_logits, an array or a
+    function giving it; or perplexity) and export it into export_dir (the task's export:
+    safetensors + TorchScript [+ int8 numbers with quantize], or a Hugging Face directory
+    with the tokenizer of tokenizer_dir).
+
+    run: {"name", "model": {"arch", "kwargs"}, "loss", ...} (JSON). loss "ce" is the
+    hard-label baseline on `labelled`, with baseline_config applied when baseline_fair;
+    any other loss learns from soft_labels (URIs of the labels of `transfer`'s rows,
+    label_manifests their manifests). num_classes: the label width (a language model's
+    vocabulary), else labelled's or transfer's. lineage: the resume key
+    (student_lineage), or a function of the final TrainConfig (a baseline's differs from
+    train_config). Under DDP every rank calls this; rank 0 writes the checkpoint and does
+    the evaluation and export."""
+    hard = run["loss"] == "ce"
+    if not hard and not soft_labels:
+        raise ValueError(f"student {run['name']!r}: loss {run['loss']!r} needs soft_labels")
     tcfg = train_config
-    if mode == "hard" and baseline_fair:
+    if hard and baseline_fair:
         tcfg = baseline_config(tcfg, label_samples=len(transfer), num_views=num_views,
                                labelled_samples=len(labelled))
-    num_classes = labelled.num_classes or transfer.num_classes
+    num_classes = num_classes or labelled.num_classes or transfer.num_classes
     # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec
     arch = complete_spec({"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
                          transfer.model_args()).to_dict()
@@ -187,52 +188,28 @@ def run_student(*, run: dict, train_config: TrainConfig, transfer: Source, label
         model = model_adapter(arch).build(transfer.in_shape, num_classes)
     if callable(lineage):
         lineage = lineage(tcfg)
+    train_data = labelled if hard else transfer
+    labels = None if hard else list(soft_labels) if len(soft_labels) > 1 else soft_labels[0]
     t0 = time.perf_counter()
-    if mode == "hard":
-        train_data = labelled
-        result = train(model, tcfg, mode="hard", train_data=labelled, val_data=val, view_spec=view_spec,
-                       num_views=num_views, resume=resume, lineage=lineage, on_batch=on_batch)
-    else:
-        train_data = transfer
-        result = train(model, tcfg, mode="stored", train_data=transfer, val_data=val,
-                       soft_labels=list(soft_labels) if len(soft_labels) > 1 else soft_labels[0],
-                       view_spec=view_spec, storage_options=storage_options, expect=expect, resume=resume,
-                       lineage=lineage, on_batch=on_batch)
+    result = train(model, tcfg, train_data=train_data, val_data=val, labels=labels, transform=transform,
+                   num_views=num_views if hard else None, storage_options=storage_options,
+                   expect=None if hard else expect, resume=resume, lineage=lineage, on_batch=on_batch)
     seconds = time.perf_counter() - t0
     out = StudentResult(model=model, checkpoint=str(checkpoint_path), metadata=None, train=result,
                         train_seconds=seconds, evaluation=None, exports={})
     if _rank() != 0:
         return out
-    infos = [soft_label_info(u, m) for u, m in zip(soft_labels, label_manifests)] if mode != "hard" else []
+    infos = [] if hard else [soft_label_info(u, m) for u, m in zip(soft_labels, label_manifests)]
     meta = student_metadata(run=run, teacher=teacher, soft_labels=infos, data=train_data, train_config=tcfg,
-                            result=result, lineage=lineage, world_size=world_size)
+                            result=result, lineage=lineage, world_size=_world())
     out.metadata = save_checkpoint(checkpoint_path, model, arch=arch, in_shape=transfer.in_shape,
                                    num_classes=num_classes, metadata=meta)
     if eval_data is None:
         return out
+    task = task_of(eval_data)
     z = teacher_logits() if callable(teacher_logits) else teacher_logits
-    out.evaluation = evaluate(model, eval_data, teacher_logits=z)
+    out.evaluation = task.evaluate(model, eval_data, teacher_logits=z)
     if export_dir is not None:
-        out.exports.update(export_student(model, export_dir, run["name"], eval_data))
-    if quantize:
-        out.exports["int8"] = quantize_student(model, eval_data)
+        out.exports = task.export(model, export_dir, run["name"], eval_data, quantize=quantize,
+                                  tokenizer_dir=tokenizer_dir)
     return out
-
-
-def export_student(model: nn.Module, out_dir: str, name: str, example: Source) -> dict:
-    """safetensors + TorchScript (traced on two rows of `example`): {"safetensors", "torchscript"}."""
-    from pipeline.models.export import export_safetensors, export_torchscript
-    paths = {"safetensors": os.path.join(out_dir, f"{name}.safetensors"),
-             "torchscript": os.path.join(out_dir, f"{name}.ts.pt")}
-    export_safetensors(model, paths["safetensors"])
-    with _TRACE_LOCK:  # students train in parallel threads
-        export_torchscript(model, paths["torchscript"], model_inputs(example, np.arange(min(2, len(example))),
-                                                                      np.zeros(min(2, len(example)), np.int64)))
-    return paths
-
-
-def quantize_student(model: nn.Module, test: Source) -> dict:
-    """The dynamic-int8 model's accuracy, size and latency on `test`."""
-    from pipeline.models.export import compression_report
-    q = compression_report(model, test, test.y, in_shape=test.in_shape)["int8"]
-    return {k: q[k] for k in ("accuracy", "size_bytes", "latency_ms")}

@@ -1,4 +1,4 @@
-"""Teacher training and transfer learning: train() in mode "hard" plus a model checkpoint.
+"""Teacher training and transfer learning: train() on hard labels (loss "ce") plus a model checkpoint.
 
 train_teacher: build the arch (seeded), train with cross-entropy on fresh augmented
 views every epoch, write a checkpoint (pipeline/models/checkpoint.py) whose fingerprint is
@@ -16,12 +16,13 @@ from collections.abc import Collection
 import torch
 import torch.nn as nn
 
+from pipeline.models.registry import param_counts
 from pipeline.models.checkpoint import load_model, save_checkpoint
 from pipeline.data.datasets import Source
 from pipeline.evaluate import accuracy, predict_logits
 from pipeline.models.registry import ModelSpec, build_model, complete_spec
-from pipeline.training.loop import GLOBAL_RNG_LOCK, TrainConfig, resume_key, train
-from pipeline.views.images import ViewSpec
+from pipeline.training.config import GLOBAL_RNG_LOCK, TrainConfig, resume_key
+from pipeline.training.loop import train
 
 
 def data_info(ds: Source) -> dict:
@@ -31,13 +32,7 @@ def data_info(ds: Source) -> dict:
             "inputs": ds.describe()}
 
 
-def param_counts(model: nn.Module) -> dict:
-    """{"params": all parameters, "trainable": those with requires_grad (the rest frozen)}."""
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-
-
-def training_lineage(train_data: Source, val_data: Source | None, view_spec: ViewSpec | None,
+def training_lineage(train_data: Source, val_data: Source | None, transform,
                      cfg: TrainConfig, *, model: dict | None = None, parent: str | None = None,
                      freeze: list[str] | None = None) -> dict:
     """What a teacher's weights are a function of: the data (fingerprints hash inputs,
@@ -47,7 +42,7 @@ def training_lineage(train_data: Source, val_data: Source | None, view_spec: Vie
     lin = {"data": {"fingerprint": train_data.fingerprint(), "split": train_data.split_spec},
            "val_data": None if val_data is None else {"fingerprint": val_data.fingerprint(),
                                                       "split": val_data.split_spec},
-           "views": view_spec.to_dict() if view_spec is not None else None, "train": resume_key(cfg)}
+           "views": transform.to_dict() if transform is not None else None, "train": resume_key(cfg)}
     if parent is not None:
         lin.update(parent=parent, freeze=list(freeze or []))
     else:
@@ -61,18 +56,18 @@ def _train_ckpt(cfg: TrainConfig, out_path: str) -> TrainConfig:
 
 
 def _metrics(model: nn.Module, result: dict, val_data: Source | None) -> dict:
-    m = {k: result[k] for k in ("best_val_acc", "best_epoch", "epochs_run", "steps", "stopped_early", "seconds")}
+    m = {k: result[k] for k in ("metric", "best_val", "best_epoch", "epochs_run", "steps", "stopped_early", "seconds")}
     if val_data is not None:  # of the weights actually saved (the best epoch's)
         device = next(model.parameters()).device
-        m["val_acc"] = accuracy(predict_logits(model, val_data, device=device), val_data.y)
+        m["val"] = accuracy(predict_logits(model, val_data, device=device), val_data.y)
     return m
 
 
 def train_teacher(arch: dict | ModelSpec, train_data: Source, val_data: Source | None = None, *,
-                  cfg: TrainConfig, out_path: str, view_spec: ViewSpec | None = None,
+                  cfg: TrainConfig, out_path: str, transform=None,
                   resume: bool = False, metadata: dict | None = None,
                   on_batch=None) -> tuple[nn.Module, dict]:
-    """Train a teacher from scratch (hard labels, augmented with view_spec) and save it to
+    """Train a teacher from scratch (hard labels, augmented with transform) and save it to
     out_path. resume=True continues an interrupted run from its training checkpoint
     (cfg.ckpt_path, default out_path + ".train.pt"). Returns (model, checkpoint metadata)."""
     # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec;
@@ -85,12 +80,12 @@ def train_teacher(arch: dict | ModelSpec, train_data: Source, val_data: Source |
     with GLOBAL_RNG_LOCK:
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights
         model = build_model(spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes)
-    lineage = training_lineage(train_data, val_data, view_spec, cfg, model=given.to_dict())
-    result = train(model, cfg, mode="hard", train_data=train_data, val_data=val_data,
-                   view_spec=view_spec, resume=resume, lineage=lineage, on_batch=on_batch)
+    lineage = training_lineage(train_data, val_data, transform, cfg, model=given.to_dict())
+    result = train(model, cfg, train_data=train_data, val_data=val_data, transform=transform, resume=resume,
+                   lineage=lineage, on_batch=on_batch)
     meta = {"role": "teacher", "lineage": lineage, "data": data_info(train_data),
             "val_data": data_info(val_data) if val_data is not None else None,
-            "view_spec": view_spec.to_dict() if view_spec is not None else None,
+            "view_spec": transform.to_dict() if transform is not None else None,
             "train_config": cfg.to_dict(), "metrics": _metrics(model, result, val_data),
             "param_counts": param_counts(model), **(metadata or {})}
     meta = save_checkpoint(out_path, model, arch=spec, in_shape=train_data.in_shape,
@@ -119,7 +114,7 @@ def apply_freeze(model: nn.Module, freeze: list[str]) -> list[str]:
 
 def finetune(checkpoint: str, data: Source, val_data: Source | None = None, *,
              cfg: TrainConfig, out_path: str, freeze: list[str] | None = None,
-             view_spec: ViewSpec | None = None, resume: bool = False,
+             transform=None, resume: bool = False,
              metadata: dict | None = None, on_batch=None,
              trusted_factories: Collection[str] = ()) -> tuple[nn.Module, dict]:
     """Transfer learning from `checkpoint` onto `data` (hard labels). If data has a
@@ -140,13 +135,13 @@ def finetune(checkpoint: str, data: Source, val_data: Source | None = None, *,
                 raise ValueError(f"cannot replace the head for {data.num_classes} classes: model has no Linear .head")
             model.head = nn.Linear(model.head.in_features, data.num_classes)
     frozen = apply_freeze(model, list(freeze or []))
-    lineage = training_lineage(data, val_data, view_spec, cfg, parent=src.get("fingerprint"), freeze=freeze)
-    result = train(model, cfg, mode="hard", train_data=data, val_data=val_data, view_spec=view_spec,
-                   resume=resume, lineage=lineage, on_batch=on_batch)
+    lineage = training_lineage(data, val_data, transform, cfg, parent=src.get("fingerprint"), freeze=freeze)
+    result = train(model, cfg, train_data=data, val_data=val_data, transform=transform, resume=resume,
+                   lineage=lineage, on_batch=on_batch)
     meta = {"role": "finetuned", "lineage": lineage, "parent": {"path": str(checkpoint), "fingerprint": src.get("fingerprint")},
             "frozen": list(freeze or []), "num_frozen_params": len(frozen), "data": data_info(data),
             "val_data": data_info(val_data) if val_data is not None else None,
-            "view_spec": view_spec.to_dict() if view_spec is not None else None,
+            "view_spec": transform.to_dict() if transform is not None else None,
             "train_config": cfg.to_dict(), "metrics": _metrics(model, result, val_data),
             "param_counts": param_counts(model), **(metadata or {})}
     meta = save_checkpoint(out_path, model, arch=src["arch"], in_shape=data.in_shape,

@@ -1,7 +1,8 @@
-"""Language-model offline KD losses over sparse teacher summaries: pure PyTorch, fp32 math.
+"""KD losses over sparse teacher summaries (top-k, sampled): pure PyTorch, fp32 math.
 
-A teacher LM scores a token corpus once; per (sequence, position) row only a sparse summary
-of its next-token distribution p at temperature 1 over the vocabulary V is kept:
+Per row (a classifier's sample, or a language model's (sequence, position)) only a sparse
+summary of the teacher's distribution p over the C classes (V tokens) is kept, at the
+stored temperature (1 for token labels):
 
 * top-k: ``ids`` (N, k) and ``logp`` (N, k), log-probabilities normalised over the FULL
   vocabulary, so the missing mass p_tail = 1 − Σ_i exp(logp_i) is exact: one tail bucket;
@@ -26,10 +27,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.objectives.dense import check_int, check_temperature, normalized_weights, shape_of
+from pipeline.objectives.checks import check_int, check_temperature, normalized_weights, shape_of
 from pipeline.objectives.sparse_ce import SparseTargetCE, per_row_fused
 
-__all__ = ["topk_tail_kl", "sampled_kl", "next_token_ce", "reverse_kl_topk", "jsd_topk", "lm_kd_loss"]
+__all__ = ["topk_tail_kl", "sampled_kl", "next_token_ce", "reverse_kl_topk", "jsd_topk"]
 
 DEFAULT_CHUNK = 512  # rows per chunk: 512 × 49,152 fp32 ≈ 100 MB per (chunk, V) intermediate
 _LOG_EPS = math.log(torch.finfo(torch.float32).eps)  # resolution of 1 − Σp in fp32
@@ -49,6 +50,7 @@ def _check_ids(name: str, ids: Tensor, n: int, v: int, valid: Tensor | None = No
     check_int(name, ids)
     if ids.ndim != 2 or ids.shape[0] != n:
         raise ValueError(f"{name} must be (N, k) with N={n} (student_logits rows), got {shape_of(ids)}")
+    ids = ids if ids.dtype in (torch.int64, torch.int32) else ids.long()   # uint16/uint8: no min/max kernels
     chk = ids if valid is None else torch.where(valid, ids, 0)
     if chk.numel() and (chk.min().item() < 0 or chk.max().item() >= v):
         raise ValueError(f"{name} must lie in [0, V={v}), got min {chk.min().item()}, max {chk.max().item()}")
@@ -125,24 +127,25 @@ def _neg_entropy(log_p: Tensor) -> Tensor:
     return torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
 
 
-def _teacher_buckets(logp: Tensor, temperature: float, missing: Tensor | None, has_tail: bool) -> Tensor:
-    """log p over the k kept ids (+ the tail bucket when k < V), tempered and renormalised: (R, k[+1])."""
+def _teacher_buckets(logp: Tensor, tau: float, missing: Tensor | None, has_tail: bool) -> Tensor:
+    """log p over the k kept ids (+ the tail bucket when k < V), tempered by tau = T/T' (stored
+    over student temperature) and renormalised: (R, k[+1])."""
     log_p = logp.float()
     if has_tail:
         p_tail = (missing.float()[:, None] if missing is not None
                   else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0))
         log_p = torch.cat([log_p, p_tail.log()], 1)
-    log_p = log_p * (1.0 / temperature)
+    log_p = log_p * tau
     return log_p - torch.logsumexp(log_p, -1, keepdim=True)
 
 
-def _forward_kl_fused(z, ids, logp, missing=None, *, temperature):
+def _forward_kl_fused(z, ids, logp, missing=None, *, temperature, stored_temperature=1.0):
     """T'² · KL(p ‖ q) over the k+1 buckets of ``_buckets``, with the fused CE: equal to
     ``_forward_kl`` (tests/test_lm_losses.py checks values and gradients)."""
     s = z.float() if temperature == 1.0 else z.float() * (1.0 / temperature)
     ids = ids.long()
     has_tail = ids.shape[1] < s.shape[1]
-    log_p = _teacher_buckets(logp, temperature, missing, has_tail)
+    log_p = _teacher_buckets(logp, stored_temperature / temperature, missing, has_tail)
     p = log_p.exp()
     w, w_t = (p[:, :-1], p[:, -1]) if has_tail else (p, None)
     return temperature**2 * (_neg_entropy(log_p) + SparseTargetCE.apply(s, ids, w.contiguous(), w_t))
@@ -151,10 +154,10 @@ def _forward_kl_fused(z, ids, logp, missing=None, *, temperature):
 # ----------------------------------------------------------------------------- top-k buckets
 
 def _buckets(z: Tensor, ids: Tensor, logp: Tensor, temperature: float,
-             missing: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             missing: Tensor | None = None, stored_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """(log p, log q) over the k kept tokens + one tail bucket (none when k = V): (c, k+1).
 
-    Teacher: a = (logp_1..k, log p_tail) / T', p_tail = the stored missing mass when given
+    Teacher: a = (logp_1..k, log p_tail) · T/T' (T the stored temperature), p_tail = the stored missing mass when given
     (exact, and what makes quantised log-probs consistent: the k+1 buckets are
     renormalised), else 1 − Σ exp(logp); log p = a − lse(a).
     Student: log q = log_softmax(z / T') merged into the same buckets, the tail as the
@@ -170,32 +173,33 @@ def _buckets(z: Tensor, ids: Tensor, logp: Tensor, temperature: float,
         p_tail = (missing.float()[:, None] if missing is not None
                   else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0))
         log_q, log_p = torch.cat([log_q, tail], 1), torch.cat([log_p, p_tail.log()], 1)
-    log_p = log_p * (1.0 / temperature)
+    log_p = log_p * (stored_temperature / temperature)
     return log_p - torch.logsumexp(log_p, -1, keepdim=True), log_q
 
 
-def _forward_kl(z, ids, logp, missing=None, *, temperature):
+def _forward_kl(z, ids, logp, missing=None, *, temperature, stored_temperature=1.0):
     # the formula through plain autograd: the reference the fused path (_forward_kl_fused,
     # which topk_tail_kl runs) is tested against
-    log_p, log_q = _buckets(z, ids, logp, temperature, missing)
+    log_p, log_q = _buckets(z, ids, logp, temperature, missing, stored_temperature)
     return temperature**2 * _kl(log_p, log_q)
 
 
-def _reverse_kl(z, ids, logp, missing=None, *, temperature):
-    log_p, log_q = _buckets(z, ids, logp, temperature, missing)
+def _reverse_kl(z, ids, logp, missing=None, *, temperature, stored_temperature=1.0):
+    log_p, log_q = _buckets(z, ids, logp, temperature, missing, stored_temperature)
     floor = torch.full((log_p.shape[1],), _LOG_TINY, device=log_p.device)
     if ids.shape[1] < z.shape[1]:
         floor[-1] = _LOG_EPS  # a tail under fp32's resolution of 1 − Σp is rounding, not 0
     return temperature**2 * _kl(log_q, torch.maximum(log_p, floor))
 
 
-def _jsd(z, ids, logp, missing=None, *, temperature, beta):
-    log_p, log_q = _buckets(z, ids, logp, temperature, missing)
+def _jsd(z, ids, logp, missing=None, *, temperature, beta, stored_temperature=1.0):
+    log_p, log_q = _buckets(z, ids, logp, temperature, missing, stored_temperature)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
     return temperature**2 * (beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m))
 
 
-def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size, missing=None) -> Tensor:
+def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size, missing=None,
+          stored_temperature: float = 1.0) -> Tensor:
     n, v = _check_student(student_logits)
     if ids.ndim == 2 and ids.shape[1] > v:
         raise ValueError(f"ids has k={ids.shape[1]} > V={v} (student_logits {(n, v)})")
@@ -203,41 +207,46 @@ def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size, missi
     _check_distinct("ids", ids)
     _check_logp(ids, logp, missing)
     check_temperature(temperature)
+    check_temperature(stored_temperature)
     rows = (ids, logp) if missing is None else (ids, logp, missing)
     run = per_row_fused if fn is _forward_kl_fused else _per_row
-    per_row = run(partial(fn, temperature=float(temperature)), student_logits, *rows, chunk_size=chunk_size)
+    per_row = run(partial(fn, temperature=float(temperature), stored_temperature=float(stored_temperature)),
+                  student_logits, *rows, chunk_size=chunk_size)
     return _mean(per_row, weights)
 
 
 def topk_tail_kl(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperature: float = 1.0,
                  weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 missing_mass: Tensor | None = None) -> Tensor:
+                 missing_mass: Tensor | None = None, stored_temperature: float = 1.0) -> Tensor:
     """Forward KL over k+1 buckets (scalar, mean over rows).
 
     loss = T'² · Σ_b p_b (log p_b − log q_b),  b ∈ {kept ids} ∪ {tail}
 
     Hinton et al. 2015 (KD); top-k plus a tail bucket as in sparse logit KD (Anshumann et al.
     2025). Buckets: p_tail = 1 − Σ exp(logp); q_tail = Σ_{v ∉ ids} q_v as a logsumexp of the
-    student's logits with the kept ids masked to −inf (no 1 − Σq cancellation). Exact at
-    T' = 1, where merging tokens can only lower a KL (data processing): 0 ≤ loss ≤ dense KL,
-    equal at k = V. Convention at T' ≠ 1: the kept log-probs are tempered exactly relative to
-    each other (logp/T'), the tail as ONE token of mass p_tail (p_tail^(1/T')), and the k+1
-    buckets renormalised; the student is softmax(z/T') merged into the same buckets; times
-    T'². That tail is an approximation: its shape is not stored (a tail of many small tokens
-    gains more mass at T' > 1 than one token would). That is why labels are stored at T = 1:
-    a top-32 cut of SmolLM2 misses 16% of the mass at T = 1 but 78% at T = 2.
+    student's logits with the kept ids masked to −inf (no 1 − Σq cancellation). Exact at the
+    stored temperature T' = T (1 for token labels; a classifier's label.temperature), where
+    merging classes can only lower a KL (data processing): 0 ≤ loss ≤ dense KL, equal at k = V.
+    Convention at T' ≠ T: the kept log-probs are tempered exactly relative to each other
+    (logp·T/T'), the tail as ONE class of mass p_tail (p_tail^(T/T')), and the k+1 buckets
+    renormalised; the student is softmax(z/T') merged into the same buckets; times T'². That
+    tail is an approximation: its shape is not stored (a tail of many small tokens gains more
+    mass at T' > T than one token would). That is why token labels are stored at T = 1: a
+    top-32 cut of SmolLM2 misses 16% of the mass at T = 1 but 78% at T = 2.
 
     Shapes: student_logits (N, V); ids (N, k) distinct per row, any int dtype, k <= V; logp
-    (N, k) teacher log-probs at T = 1 normalised over the full V; weights (N,); missing_mass
+    (N, k) teacher log-probs at the stored temperature, normalised over the full V
+    (a classifier's stored top-k: topk_logits − logsumexp); weights (N,); missing_mass
     (N,) the stored exact tail (then the k+1 buckets are renormalised, so log-probs stored
     rounded, e.g. as uint8 codes, stay a distribution; without it p_tail = 1 − Σ exp(logp)).
     """
-    return _topk(_forward_kl_fused, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass)
+    return _topk(_forward_kl_fused, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass,
+                 stored_temperature)
 
 
 def reverse_kl_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperature: float = 1.0,
                     weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                    missing_mass: Tensor | None = None) -> Tensor:
+                    missing_mass: Tensor | None = None, stored_temperature: float = 1.0) -> Tensor:
     """Reverse (mode-seeking) KL over the k+1 buckets of ``topk_tail_kl`` (scalar, mean).
 
     loss = T'² · Σ_b q_b (log q_b − log p_b)
@@ -247,12 +256,13 @@ def reverse_kl_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temper
     floored (the tail at fp32 eps, the resolution of 1 − Σp; kept ids at the smallest normal
     float) so an empty teacher tail gives a large finite loss, not inf.
     """
-    return _topk(_reverse_kl, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass)
+    return _topk(_reverse_kl, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass,
+                 stored_temperature)
 
 
 def jsd_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
              weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-             missing_mass: Tensor | None = None) -> Tensor:
+             missing_mass: Tensor | None = None, stored_temperature: float = 1.0) -> Tensor:
     """Generalised Jensen-Shannon divergence over the k+1 buckets (scalar, mean over rows).
 
     m = β p + (1 − β) q,  loss = T'² · (β · KL(p ‖ m) + (1 − β) · KL(q ‖ m)),  0 < β < 1
@@ -265,7 +275,7 @@ def jsd_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, beta: float =
     if not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
         raise ValueError(f"beta must be in (0, 1), got {beta!r}")
     return _topk(partial(_jsd, beta=float(beta)), student_logits, ids, logp, temperature, weights, chunk_size,
-                 missing_mass)
+                 missing_mass, stored_temperature)
 
 
 # ----------------------------------------------------------------------------- sampled KD
@@ -354,85 +364,3 @@ def next_token_ce(student_logits: Tensor, targets: Tensor, *, ignore_index: int 
                              chunk_size=chunk_size)
     w = keep.float() if weights is None else normalized_weights(weights, n, per_row) * keep
     return per_row @ (w / w.sum().clamp_min(torch.finfo(torch.float32).tiny))
-
-
-# ----------------------------------------------------------------------------- the LM objective
-
-_TOPK_LOSSES = {"topk_kl": topk_tail_kl, "reverse_kl": reverse_kl_topk, "jsd": jsd_topk}
-LM_LOSSES = (*_TOPK_LOSSES, "sampled_kl")
-
-
-def lm_kd_loss(student_logits: Tensor, batch: dict, *, loss: str = "topk_kl", alpha: float = 0.0,
-               temperature: float = 1.0, beta: float = 0.5, chunk_size: int = DEFAULT_CHUNK,
-               mask: Tensor | None = None, weights: Tensor | None = None) -> dict[str, Tensor]:
-    """LM distillation objective: {"loss", "kd_loss", "task_loss" (when alpha > 0)}.
-
-    loss = α · next_token_ce + (1 − α) · KD,  KD one of LM_LOSSES (topk_kl, reverse_kl,
-    jsd over the k+1 buckets, sampled_kl at T = 1).
-
-    ``batch``: ``topk_ids``/``topk_logprobs`` (optional ``missing_mass``, the stored tail)
-    or ``sample_ids``/``sample_counts`` (optional ``sample_num_draws``), and ``targets``
-    (next-token ids, needed when alpha > 0).
-    student_logits (N, V) with row tensors (N, ...), or (B, L, V) with ``mask`` (B, L) of
-    valid positions and row tensors (B, L, ...) (masked the same way) or (N, ...) already
-    holding the N = mask.sum() valid rows in row-major order. A partial mask copies the
-    valid rows once in the student's dtype (not fp32). ``weights`` (N,) or (B, L).
-    """
-    if loss not in LM_LOSSES:
-        raise ValueError(f"loss must be one of {LM_LOSSES}, got {loss!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    x = student_logits
-    full, flat = True, None
-    if x.ndim == 3:
-        if mask is None or mask.shape != x.shape[:2] or mask.dtype != torch.bool:
-            got = None if mask is None else f"{mask.dtype} {shape_of(mask)}"
-            raise ValueError(f"student_logits (B, L, V) = {shape_of(x)} needs a bool mask {shape_of(x)[:2]}, got {got}")
-        flat = mask.reshape(-1)
-        full = bool(flat.all())                  # every position real: views, no copies
-        x = x.reshape(-1, x.shape[-1])
-        x = x if full else x[flat]
-    elif x.ndim != 2 or mask is not None:
-        raise ValueError(f"student_logits must be (N, V), or (B, L, V) with a mask, got {shape_of(x)} "
-                         f"and mask {None if mask is None else shape_of(mask)}")
-
-    def rows(name: str, t: Tensor, trailing: int) -> Tensor:
-        if mask is not None and t.ndim == 2 + trailing and t.shape[:2] == mask.shape:
-            t = t.reshape(-1, *t.shape[2:])
-            return t if full else t[flat]
-        if t.ndim != 1 + trailing or t.shape[0] != x.shape[0]:
-            want = f"({x.shape[0]}{', ...' * trailing})" + ("" if mask is None else f" or {shape_of(mask)} + ...")
-            raise ValueError(f"batch[{name!r}] must be {want}, got {shape_of(t)}")
-        return t
-
-    def need(*keys: str) -> list[Tensor]:
-        missing = [k for k in keys if k not in batch]
-        if missing:
-            raise ValueError(f"loss={loss!r} needs batch keys {list(keys)}, missing {missing}")
-        return [batch[k] for k in keys]
-
-    w = None if weights is None else rows("weights", weights, 0)
-    if loss == "sampled_kl":
-        if temperature != 1.0:
-            raise ValueError(f"sampled_kl draws are from the teacher at T=1; temperature must be 1, got {temperature}")
-        ids, counts = need("sample_ids", "sample_counts")
-        draws = batch.get("sample_num_draws")
-        if isinstance(draws, Tensor) and draws.ndim > 0:
-            draws = rows("sample_num_draws", draws, 0)
-        kd = sampled_kl(x, rows("sample_ids", ids, 1), rows("sample_counts", counts, 1), num_draws=draws,
-                        weights=w, chunk_size=chunk_size)
-    else:
-        ids, logp = need("topk_ids", "topk_logprobs")
-        extra = {"beta": beta} if loss == "jsd" else {}
-        if batch.get("missing_mass") is not None:   # the stored exact tail
-            extra["missing_mass"] = rows("missing_mass", batch["missing_mass"], 0)
-        kd = _TOPK_LOSSES[loss](x, rows("topk_ids", ids, 1), rows("topk_logprobs", logp, 1),
-                                temperature=temperature, weights=w, chunk_size=chunk_size, **extra)
-    out = {"kd_loss": kd}
-    if alpha > 0:
-        (targets,) = need("targets")
-        out["task_loss"] = next_token_ce(x, rows("targets", targets, 0), weights=w, chunk_size=chunk_size)
-        out["loss"] = alpha * out["task_loss"] + (1.0 - alpha) * kd
-    else:
-        out["loss"] = kd
-    return out

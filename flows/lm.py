@@ -1,0 +1,146 @@
+"""The language-model task's half of the recipes (`task: lm`): its teacher (a pretrained
+causal LM: a model directory, or a GGUF file converted once), the corpus cut into windows
+with the teacher's tokenizer, the labeller storing every configured token layout from one
+forward, and the inputs of each student. flows/recipes.py calls these through
+`TASK_RECIPES`; everything passed in or out is a config, a path/URI or small JSON
+metadata, never a tensor.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from pipeline.data.corpus import TokenCorpus
+from pipeline.device import resolve_device
+from pipeline.hf_files import resolve_model_path
+from pipeline.labelling.tokens import TokenLabeller, output_spec
+from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm, teacher_fingerprint
+from pipeline.models.registry import param_counts
+from pipeline.training import student
+
+from .config import LMConfig as Config
+
+# ------------------------------------------------------------------ teacher and corpus
+
+
+def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
+    """{"name", "dir", "fingerprint", "source"}: a GGUF file is converted once (cached by
+    its sha256), a directory is used as it is. A pretrained teacher: nothing to train."""
+    t = cfg.teacher
+    d = gguf_teacher_dir(t.gguf) if t.gguf else resolve_model_path(t.path, what="teacher model")
+    return {"name": t.name, "dir": d, "fingerprint": teacher_fingerprint(d), "source": t.gguf or t.path}
+
+
+existing_teacher = ensure_teacher
+
+
+def manifest_teacher(teacher: dict) -> dict:
+    """The manifest's teacher entry: name, fingerprint, source (not the cache directory)."""
+    return {k: teacher[k] for k in ("name", "fingerprint", "source")}
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(corpus_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
+    c = json.loads(corpus_json)
+    common = {"tokenizer_path": tokenizer_dir, "seq_len": c["seq_len"], "windows": c["windows"]}
+    if c["kind"] == "jsonl":
+        corpus = TokenCorpus.from_jsonl(c["path"], text_field=c["text_field"], **common)
+    elif c["kind"] == "text_files":
+        corpus = TokenCorpus.from_text_files(c["path"], **common)
+    else:
+        corpus = TokenCorpus.from_table(c["path"], c["text_field"], **common)
+    need = sum(c["sizes"].values())
+    if need > len(corpus):
+        raise ValueError(f"corpus.sizes asks for {need:,} windows ({c['sizes']}) but {c['path']} gives "
+                         f"{len(corpus):,} windows of {c['seq_len']} tokens: lower corpus.sizes or corpus.seq_len")
+    return corpus.split(seed=c["seed"], sizes=dict(c["sizes"]))
+
+
+def splits(cfg: Config) -> dict[str, TokenCorpus]:
+    """The corpus tokenized with the teacher's tokenizer, cut into windows and split by
+    corpus.sizes (deterministic in corpus.seed); cached per process."""
+    return _splits(cfg.corpus.model_dump_json(), ensure_teacher(cfg)["dir"])
+
+
+def eval_split(cfg: Config) -> TokenCorpus:
+    s = splits(cfg)
+    return s.get("test") or s["val"]
+
+
+# ------------------------------------------------------------------ labelling
+
+def labeller(cfg: Config, teacher: dict) -> TokenLabeller:
+    """The teacher over every train window, into every configured layout (one forward)."""
+    lab, uris, outputs = cfg.label, cfg.label_uris(), []
+    if lab.topk is not None:
+        outputs.append(output_spec(uri=uris["topk"], representation="token_topk", k=lab.topk.k,
+                                   value_dtype=lab.topk.dtype, tail_dtype=lab.topk.tail_dtype, backend=lab.backend))
+    if lab.sampled is not None:
+        outputs.append(output_spec(uri=uris["sampled"], representation="token_sampled", draws=lab.sampled.draws,
+                                   s_max=lab.sampled.s_max, backend=lab.backend))
+    return TokenLabeller(load_causal_lm(teacher["dir"]), splits(cfg)["train"], outputs, batch_size=lab.batch_size,
+                         device=lab.device, amp=lab.amp, seed=lab.seed)
+
+
+def check_label_lineage(cfg: Config, uri: str) -> dict:
+    """The manifest of the labels at `uri`; the stream refuses labels of another corpus,
+    tokenizer or windows when it opens them, naming both fingerprints."""
+    import storage
+
+    from . import secrets
+    return storage.open_soft_labels(uri, storage_options=secrets.resolve(cfg.label.storage_options) or None).manifest
+
+
+# ------------------------------------------------------------------ students
+
+def teacher_vocab(teacher: dict) -> int:
+    with open(os.path.join(teacher["dir"], "config.json")) as f:
+        return int(json.load(f)["vocab_size"])
+
+
+def student_inputs(cfg: Config, teacher: dict, run: dict, manifests: list[dict]) -> dict:
+    """run_student's task-specific arguments: the train windows (labelled by the teacher,
+    and the baseline's next-token targets), the teacher's vocabulary as the output width."""
+    s = splits(cfg)
+    return {"transfer": s["train"], "labelled": s["train"], "val": s["val"], "eval_data": eval_split(cfg),
+            "num_classes": teacher_vocab(teacher), "tokenizer_dir": teacher["dir"],
+            "lineage": lambda t: student.student_lineage(
+                data={name: d.fingerprint() for name, d in s.items()}, split=cfg.corpus.model_dump(), views=None,
+                model=run["model"], train_config=t, teacher_fingerprint=teacher["fingerprint"],
+                label_manifests=manifests)}
+
+
+def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
+    """The report's teacher entry: its perplexity on the evaluation windows, cached in the
+    run directory by (teacher fingerprint, windows' fingerprint): the same number every run."""
+    data = eval_split(cfg)
+    key = {"teacher": teacher["fingerprint"], "eval": data.fingerprint()}
+    path = cfg.run_dir() / "teacher_eval.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["eval"]
+        except (OSError, ValueError):
+            pass
+    from pipeline.models.causal_lm import perplexity
+    model = load_causal_lm(teacher["dir"])
+    dev = resolve_device(cfg.label.device)      # where the teacher labels, by the same rule
+    p = perplexity(model.to(dev), data, batch_size=cfg.label.batch_size, device=dev)
+    ev = {"name": teacher["name"], "fingerprint": teacher["fingerprint"], "source": teacher["source"],
+          "params": param_counts(model)["params"], "perplexity": p["perplexity"], "nll": p["loss"],
+          "tokens": p["tokens"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "eval": ev}, indent=2))
+    os.replace(tmp, path)
+    return ev
+
+
+def data_description(cfg: Config) -> dict:
+    """What the students learned from, for the report's footnote."""
+    c = cfg.corpus
+    return {"corpus": c.path, "seq_len": c.seq_len, "windows": c.windows, "train_windows": c.sizes["train"],
+            "val_windows": c.sizes["val"], "eval_split": "test" if "test" in c.sizes else "val",
+            "eval_windows": c.sizes.get("test", c.sizes["val"]), "unit": "windows"}

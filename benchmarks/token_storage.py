@@ -23,6 +23,7 @@ Inputs (one of):
     python benchmarks/token_storage.py [--teacher DIR --corpus FILE] [--logits DIR]
         [--chunks 32] [--seq-len 128] [--batch 8] [--device auto] [--dtype auto] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline.labelling.token_summaries import (quantize_labels, reconstruction_kl, sampled_token_labels,  # noqa: E402
-                                   topk_token_labels)
+from pipeline.labelling.token_summaries import (  # noqa: E402
+    quantize_labels,
+    reconstruction_kl,
+    sampled_token_labels,
+    topk_token_labels,
+)
 from storage.token_packing import VALUE_BITS, bytes_per_token, counts_bits, id_bits, pack_ids  # noqa: E402
 
 TOPK = (8, 16, 32, 64)
-VALUE_DTYPES = ("float16", "bfloat16", "uint8")   # uint8: log-prob codes (storage.token_packing)
+VALUE_DTYPES = ("float16", "bfloat16", "uint8")  # uint8: log-prob codes (storage.token_packing)
 DRAWS = (16, 32, 64)
 REFERENCE = [  # DistillKit's compressor on SmolLM2-135M (issue 11): (name, B/token, KL(recon || teacher))
     ("DistillKit budget (k=50, exact_k=1, poly [0,1,sqrt])", 114.0, 0.208),
@@ -67,32 +72,42 @@ def windows(tokens: list[int], chunks: int, seq_len: int) -> torch.Tensor:
         raise SystemExit(f"the corpus has {len(tokens)} tokens, fewer than --seq-len {seq_len}")
     starts = np.linspace(0, len(tokens) - seq_len, chunks).astype(np.int64)
     t = torch.tensor(tokens, dtype=torch.int64)
-    return torch.stack([t[s:s + seq_len] for s in starts])
+    return torch.stack([t[s : s + seq_len] for s in starts])
 
 
 def teacher_batches(args, device, dtype):
     """(description, iterator of (B, L, V) logits on `device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     if args.teacher:
         tok = AutoTokenizer.from_pretrained(args.teacher)
         model = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype)
         ids = windows(tok(read_corpus(args.corpus), add_special_tokens=False)["input_ids"], args.chunks, args.seq_len)
         desc = f"teacher {args.teacher} on {args.corpus}"
     else:
-        cfg = LlamaConfig(vocab_size=49_152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max(256, args.seq_len),
-                          initializer_range=0.2)
+        cfg = LlamaConfig(
+            vocab_size=49_152,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=max(256, args.seq_len),
+            initializer_range=0.2,
+        )
         torch.manual_seed(args.seed)
         model = LlamaForCausalLM(cfg).to(dtype)
-        ids = torch.randint(0, cfg.vocab_size, (args.chunks, args.seq_len),
-                            generator=torch.Generator().manual_seed(args.seed))
+        ids = torch.randint(
+            0, cfg.vocab_size, (args.chunks, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
+        )
         desc = "STAND-IN: a tiny RANDOM LlamaForCausalLM on random tokens (V = 49,152) - the numbers are meaningless"
     model.to(device).eval()
 
     def gen():
         with torch.no_grad():
             for a in range(0, len(ids), args.batch):
-                yield model(input_ids=ids[a:a + args.batch].to(device)).logits
+                yield model(input_ids=ids[a : a + args.batch].to(device)).logits
+
     return desc, gen()
 
 
@@ -106,6 +121,7 @@ def logit_batches(path, device):
             full = os.path.join(path, f)
             x = torch.from_numpy(np.load(full)) if f.endswith(".npy") else torch.load(full, map_location="cpu")
             yield x.to(device)
+
     return f"saved logits in {path} ({len(files)} files)", gen()
 
 
@@ -145,8 +161,11 @@ def main(argv=None) -> int:
     args.chunks = args.chunks or (32 if real else 4)
     args.seq_len = args.seq_len or (128 if real else 64)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda"
-                                                                      else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype != "auto"
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     desc, batches = logit_batches(args.logits, device) if args.logits else teacher_batches(args, device, dtype)
 
     topk = {(k, vd): Acc() for k in TOPK for vd in VALUE_DTYPES}
@@ -161,13 +180,16 @@ def main(argv=None) -> int:
             lab = topk_token_labels(rows, k=k, chunk_size=args.chunk_size)
             for vd in VALUE_DTYPES:
                 q = quantize_labels(lab, vd)
-                vb = VALUE_BITS[vd] // 8           # k values + the missing mass, each one value
+                vb = VALUE_BITS[vd] // 8  # k values + the missing mass, each one value
                 stored = pack_ids(lab["ids"].numpy(), bits).nbytes + vb * (lab["ids"].numel() + rows.shape[0])
                 assert stored == bytes_per_token(k=k, id_bits=bits, value_dtype=vd) * rows.shape[0]
-                topk[(k, vd)].add(rows.shape[0], stored / rows.shape[0],
-                                  reconstruction_kl(rows, q, "topk", tail="uniform", chunk_size=args.chunk_size),
-                                  reconstruction_kl(rows, q, "topk", tail="drop", chunk_size=args.chunk_size))
-        for n in DRAWS:   # each batch its own seed (rows start at 0 in every call)
+                topk[(k, vd)].add(
+                    rows.shape[0],
+                    stored / rows.shape[0],
+                    reconstruction_kl(rows, q, "topk", tail="uniform", chunk_size=args.chunk_size),
+                    reconstruction_kl(rows, q, "topk", tail="drop", chunk_size=args.chunk_size),
+                )
+        for n in DRAWS:  # each batch its own seed (rows start at 0 in every call)
             lab = sampled_token_labels(rows, draws=n, seed=args.seed * 1_000_003 + b, chunk_size=args.chunk_size)
             nbytes = bytes_per_token(k=lab["num_unique"].numpy(), id_bits=bits, counts_bits=counts_bits(n), tail=False)
             sampled[n].add(rows.shape[0], nbytes, reconstruction_kl(rows, lab, "sampled", chunk_size=args.chunk_size))
@@ -176,12 +198,14 @@ def main(argv=None) -> int:
     secs = time.perf_counter() - t0
 
     print(f"source: {desc}")
-    print(f"{positions} positions, V = {vocab}, {id_bits(vocab)}-bit ids, labels on {device} "
-          f"({secs:.1f} s, teacher or loading included); KL = mean KL(reconstruction || teacher) per position, T = 1\n")
+    print(
+        f"{positions} positions, V = {vocab}, {id_bits(vocab)}-bit ids, labels on {device} "
+        f"({secs:.1f} s, teacher or loading included); KL = mean KL(reconstruction || teacher) per position, T = 1\n"
+    )
     head = f"{'setting':<62} {'B/token':>8} {'KL':>8} {'KL drop':>8}"
     print(head)
     print("-" * len(head))
-    results = []   # (name, bytes, kl)
+    results = []  # (name, bytes, kl)
     for (k, vd), acc in topk.items():
         if not acc.n:
             continue
@@ -196,12 +220,17 @@ def main(argv=None) -> int:
         results.append((name, by, ku))
     for name, by, kl in REFERENCE:
         print(f"{'ref: ' + name:<62} {by:>8.1f} {kl:>8.3f} {'':>8}")
-    print("\nKL: top-k with the missing mass spread uniformly over the V - k others; KL drop: the kept ids "
-          "renormalised (the tail's mass dropped); sampled: counts / N on the drawn ids.")
+    print(
+        "\nKL: top-k with the missing mass spread uniformly over the V - k others; KL drop: the kept ids "
+        "renormalised (the tail's mass dropped); sampled: counts / N on the drawn ids."
+    )
     ok = [r for r in results if r[1] <= GOAL_BYTES and r[2] < GOAL_KL]
     verdict = "PASS" if ok else "FAIL"
-    best = min(ok, key=lambda r: r[2]) if ok else min((r for r in results if r[1] <= GOAL_BYTES),
-                                                       key=lambda r: r[2], default=None)
+    best = (
+        min(ok, key=lambda r: r[2])
+        if ok
+        else min((r for r in results if r[1] <= GOAL_BYTES), key=lambda r: r[2], default=None)
+    )
     line = f"goal (a setting <= {GOAL_BYTES:.0f} B/token with KL < {GOAL_KL}): {verdict}"
     if best:
         line += f" - best <= {GOAL_BYTES:.0f} B/token: {best[0]}: {best[1]:.1f} B/token, KL {best[2]:.4f}"

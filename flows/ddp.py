@@ -13,6 +13,7 @@ unset) it runs as one process. Backend: nccl when training on CUDA, gloo on CPU.
 --record-ids DIR makes every rank append one JSON line per batch ({"epoch", "sample_id",
 "view", "weight"}) to DIR/<student>.rank<r>.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="torchrun -m flows.ddp", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--student", action="append", default=[], metavar="NAME",
-                   help="train this student of the sweep (repeatable; default: every one)")
+    p.add_argument(
+        "--student",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="train this student of the sweep (repeatable; default: every one)",
+    )
     p.add_argument("--record-ids", metavar="DIR", help="per-rank batch logs (sample ids, views, weights)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads per process")
-    args, rest = p.parse_known_args(argv)       # key=value words after an option are overrides too
+    args, rest = p.parse_known_args(argv)  # key=value words after an option are overrides too
     extra = [w for w in rest if "=" in w and not w.startswith("-")]
     if len(extra) < len(rest):
         p.error(f"unrecognized arguments: {' '.join(w for w in rest if w not in extra)}")
@@ -96,8 +102,18 @@ def _recorder(folder: str | None, name: str, rank: int):
 
     def on_batch(epoch, batch):
         with open(path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "sample_id": batch["sample_id"].tolist(),
-                                "view": batch["view"].tolist(), "weight": batch["weight"].tolist()}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": epoch,
+                        "sample_id": batch["sample_id"].tolist(),
+                        "view": batch["view"].tolist(),
+                        "weight": batch["weight"].tolist(),
+                    }
+                )
+                + "\n"
+            )
+
     return on_batch
 
 

@@ -1,5 +1,6 @@
 """`distill serve` and `distill deploy`: the flows as Prefect deployments with the cron
 schedules from the config's `schedules` section."""
+
 from __future__ import annotations
 
 import os
@@ -19,17 +20,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _flow_objects() -> dict:
     from . import flows
-    return {"distill": flows.distill_flow, "label": flows.label_flow, "students": flows.students_flow,
-            "train-teacher": flows.train_teacher_flow}
+
+    return {
+        "distill": flows.distill_flow,
+        "label": flows.label_flow,
+        "students": flows.students_flow,
+        "train-teacher": flows.train_teacher_flow,
+    }
 
 
 def deployments(config_path: str, overrides: list[str] | None = None) -> list:
     """The config's flows as RunnerDeployments named <name>-<flow>, with their cron schedules."""
     cfg = load_config(config_path, overrides)
     fns = _flow_objects()
-    return [fns[name].to_deployment(name=f"{cfg.name}-{name}", parameters=_params(os.path.abspath(config_path), overrides),
-                                    **_schedule_kwargs(cfg, field))
-            for name, (_, field) in ENTRYPOINTS.items()]
+    return [
+        fns[name].to_deployment(
+            name=f"{cfg.name}-{name}",
+            parameters=_params(os.path.abspath(config_path), overrides),
+            **_schedule_kwargs(cfg, field),
+        )
+        for name, (_, field) in ENTRYPOINTS.items()
+    ]
 
 
 def _schedule_kwargs(cfg, field: str | None) -> dict:
@@ -37,6 +48,7 @@ def _schedule_kwargs(cfg, field: str | None) -> dict:
     if not cron:
         return {}
     from prefect.schedules import Cron
+
     return {"schedule": Cron(cron, timezone=cfg.schedules.timezone)}
 
 
@@ -47,6 +59,7 @@ def _params(config_path: str, overrides: list[str] | None) -> dict:
 def serve(config_path: str, overrides: list[str] | None = None) -> None:
     """Serve every flow in this process (Ctrl-C stops); schedules fire against a real server."""
     from prefect import serve as prefect_serve
+
     prefect_serve(*deployments(config_path, overrides))
 
 
@@ -54,6 +67,7 @@ def ensure_pool(pool: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
+
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
@@ -61,10 +75,12 @@ def ensure_pool(pool: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
 
 
-def deploy(config_path: str, overrides: list[str] | None = None, *, pool: str,
-           source: str | None = None) -> list[tuple[str, str]]:
+def deploy(
+    config_path: str, overrides: list[str] | None = None, *, pool: str, source: str | None = None
+) -> list[tuple[str, str]]:
     """Register one deployment per flow on `pool`; workers run them from `source`."""
     from prefect import flow as prefect_flow
+
     cfg = load_config(config_path, overrides)
     # the checkout the workers run from: --source, else the current directory if it is a
     # distillery checkout (an installed package's parent is site-packages), else this one
@@ -75,7 +91,14 @@ def deploy(config_path: str, overrides: list[str] | None = None, *, pool: str,
     out = []
     for name, (entry, field) in ENTRYPOINTS.items():
         f = prefect_flow.from_source(source=str(src), entrypoint=entry)
-        dep_id = f.deploy(name=f"{cfg.name}-{name}", work_pool_name=pool, parameters=_params(rel, overrides),
-                          build=False, push=False, print_next_steps=False, **_schedule_kwargs(cfg, field))
+        dep_id = f.deploy(
+            name=f"{cfg.name}-{name}",
+            work_pool_name=pool,
+            parameters=_params(rel, overrides),
+            build=False,
+            push=False,
+            print_next_steps=False,
+            **_schedule_kwargs(cfg, field),
+        )
         out.append((f"{f.name}/{cfg.name}-{name}", str(dep_id)))
     return out

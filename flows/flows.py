@@ -7,13 +7,19 @@ metadata; every tensor stays inside a task.
     students       -> the student sweep from the stored labels + baselines; report.json
     distill        -> all of the above, end to end
 """
+
 from __future__ import annotations
 
 import time
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (create_image_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -43,8 +49,12 @@ def make_task_runner(cfg, dask_address: str | None = None):
     address = dask_address or (r.dask_address if r.kind == "dask" else None)
     if address or r.kind == "dask":
         from prefect_dask import DaskTaskRunner
-        return DaskTaskRunner(address=address) if address else \
-            DaskTaskRunner(cluster_kwargs={"n_workers": r.max_workers, "threads_per_worker": 1})
+
+        return (
+            DaskTaskRunner(address=address)
+            if address
+            else DaskTaskRunner(cluster_kwargs={"n_workers": r.max_workers, "threads_per_worker": 1})
+        )
     return ThreadPoolTaskRunner(max_workers=r.max_workers)
 
 
@@ -53,6 +63,7 @@ def _load(config: dict | str, overrides: list[str] | None):
 
 
 # ------------------------------------------------------------------ tasks
+
 
 @task(name="train-teacher", retries=1, retry_condition_fn=retry_on_io)
 def train_teacher_task(config: dict, retrain: bool = False) -> dict:
@@ -64,8 +75,13 @@ def plan_labels_task(config: dict, teacher: dict) -> dict:
     return recipes.plan_labels(recipes.as_config(config), teacher)
 
 
-@task(name="label-shard", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_on_io,
-      task_run_name="label-shard-{shard}")
+@task(
+    name="label-shard",
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_on_io,
+    task_run_name="label-shard-{shard}",
+)
 def label_shard_task(config: dict, teacher: dict, shard: int) -> dict:
     return recipes.label_one_shard(recipes.as_config(config), teacher, shard)
 
@@ -90,6 +106,7 @@ def report_task(config: dict, teacher: dict, results: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------ flows
+
 
 @flow(name="train-teacher", log_prints=True)
 def train_teacher_flow(config: dict | str, overrides: list[str] | None = None, retrain: bool = False) -> dict:
@@ -117,15 +134,23 @@ def _label_shards(config: dict, teacher: dict) -> dict:
     t0 = time.perf_counter()
     plan = plan_labels_task.with_options(**_io_retries(cfg))(config, teacher)
     pending = plan["pending"]
-    log.info("%s: %d shard(s), %d committed, %d to label", ", ".join(plan["uris"]), plan["num_shards"],
-             len(plan["committed"]), len(pending))
-    progress_id = create_progress_artifact(progress=100.0 * len(plan["committed"]) / plan["num_shards"],
-                                           key=_key(cfg, "label-progress"),
-                                           description=f"Labelling {', '.join(plan['uris'])}")
+    log.info(
+        "%s: %d shard(s), %d committed, %d to label",
+        ", ".join(plan["uris"]),
+        plan["num_shards"],
+        len(plan["committed"]),
+        len(pending),
+    )
+    progress_id = create_progress_artifact(
+        progress=100.0 * len(plan["committed"]) / plan["num_shards"],
+        key=_key(cfg, "label-progress"),
+        description=f"Labelling {', '.join(plan['uris'])}",
+    )
     rows = []
     if pending:
         futures = label_shard_task.with_options(**_io_retries(cfg)).map(
-            unmapped(config), unmapped(teacher), [p["shard"] for p in pending])
+            unmapped(config), unmapped(teacher), [p["shard"] for p in pending]
+        )
         done = len(plan["committed"])
         pbar = progress.bar(total=plan["num_shards"], initial=done, desc="label shards", unit="shard")
         for fut in as_completed(futures):
@@ -134,23 +159,45 @@ def _label_shards(config: dict, teacher: dict) -> dict:
             rows.append(s)
             pbar.update(1)
             update_progress_artifact(progress_id, progress=100.0 * done / plan["num_shards"])
-            log.info("shard %d: %d samples, %d rows, %.0f rows/s", s["shard"], s["samples"], s["rows"],
-                     s["rows_per_s"])
+            log.info("shard %d: %d samples, %d rows, %.0f rows/s", s["shard"], s["samples"], s["rows"], s["rows_per_s"])
         pbar.close()
     summary = finalize_labels_task.with_options(**_io_retries(cfg))(config, teacher)
     dt = time.perf_counter() - t0
     labelled, stored = sum(r["samples"] for r in rows), sum(r["rows"] for r in rows)
-    table = [{"shard": r["shard"], "samples": r["samples"], "rows": r["rows"], "seconds": round(r["seconds"], 3),
-              "rows_per_s": round(r["rows_per_s"], 1), "sha256": r.get("sha256", "")[:16]}
-             for r in sorted(rows, key=lambda r: r["shard"])]
-    table.append({"shard": "total", "samples": labelled, "rows": stored, "seconds": round(dt, 3),
-                  "rows_per_s": round(stored / dt, 1) if dt else 0.0, "sha256": f"skipped {len(plan['committed'])}"})
-    create_table_artifact(table=table, key=_key(cfg, "label-shards"),
-                          description=f"Per-shard labelling of {', '.join(plan['uris'])}")
-    return {"datasets": summary, "num_shards": plan["num_shards"], "labelled_shards": len(rows),
-            "skipped_shards": len(plan["committed"]),
-            "worker_pids": sorted({r["pid"] for r in rows if r.get("pid") is not None}),
-            "seconds": dt, "samples_per_s": labelled / dt if dt else 0.0, "rows_per_s": stored / dt if dt else 0.0}
+    table = [
+        {
+            "shard": r["shard"],
+            "samples": r["samples"],
+            "rows": r["rows"],
+            "seconds": round(r["seconds"], 3),
+            "rows_per_s": round(r["rows_per_s"], 1),
+            "sha256": r.get("sha256", "")[:16],
+        }
+        for r in sorted(rows, key=lambda r: r["shard"])
+    ]
+    table.append(
+        {
+            "shard": "total",
+            "samples": labelled,
+            "rows": stored,
+            "seconds": round(dt, 3),
+            "rows_per_s": round(stored / dt, 1) if dt else 0.0,
+            "sha256": f"skipped {len(plan['committed'])}",
+        }
+    )
+    create_table_artifact(
+        table=table, key=_key(cfg, "label-shards"), description=f"Per-shard labelling of {', '.join(plan['uris'])}"
+    )
+    return {
+        "datasets": summary,
+        "num_shards": plan["num_shards"],
+        "labelled_shards": len(rows),
+        "skipped_shards": len(plan["committed"]),
+        "worker_pids": sorted({r["pid"] for r in rows if r.get("pid") is not None}),
+        "seconds": dt,
+        "samples_per_s": labelled / dt if dt else 0.0,
+        "rows_per_s": stored / dt if dt else 0.0,
+    }
 
 
 @flow(name="students", log_prints=True)
@@ -160,7 +207,7 @@ def students_flow(config: dict | str, overrides: list[str] | None = None) -> dic
     raw = secrets.for_parameters(cfg.model_dump(mode="json"))  # no literal secret becomes a parameter
     teacher = recipes.existing_teacher(cfg)
     runs = recipes.student_runs(cfg)
-    recipes.check_labels(cfg)          # refuse foreign labels before any student (baseline) trains
+    recipes.check_labels(cfg)  # refuse foreign labels before any student (baseline) trains
     runner = ThreadPoolTaskRunner(max_workers=cfg.students.max_parallel)
     # the runner's threads start inside this block, so they take its thread count
     with torch_threads(cfg.students.torch_threads(available_cores())):
@@ -183,15 +230,19 @@ def _student_sweep(config: dict, teacher: dict, runs: list[dict]) -> dict:
     pbar.close()
     results = [by_name[r["name"]] for r in runs]  # sweep order, not completion order
     report = report_task(config, teacher, results)
-    create_table_artifact(table=report_rows(report), key=_key(cfg, "students"),
-                          description=f"Students of {cfg.name}: {report['metric']} next to their baselines")
+    create_table_artifact(
+        table=report_rows(report),
+        key=_key(cfg, "students"),
+        description=f"Students of {cfg.name}: {report['metric']} next to their baselines",
+    )
     chart = chart_data_url(report)
     description = f"{report['metric'].capitalize()} vs parameters: each hard-label baseline and its distilled students"
-    if chart is not None:   # an image artifact: the UI shows the picture itself
+    if chart is not None:  # an image artifact: the UI shows the picture itself
         create_image_artifact(image_url=chart, key=_key(cfg, "students-chart"), description=description)
     else:
-        create_markdown_artifact(markdown=chart_markdown(report), key=_key(cfg, "students-chart"),
-                                 description=description)
+        create_markdown_artifact(
+            markdown=chart_markdown(report), key=_key(cfg, "students-chart"), description=description
+        )
     return report
 
 
@@ -200,7 +251,7 @@ def distill_flow(config: dict | str, overrides: list[str] | None = None, dask_ad
     """End to end: teacher (unless a checkpoint is given), labels, students, report."""
     cfg = _load(config, overrides)
     raw = secrets.for_parameters(cfg.model_dump(mode="json"))  # no literal secret becomes a parameter
-    train_teacher_task(raw)            # no-op when the checkpoint exists (or the teacher is pretrained)
+    train_teacher_task(raw)  # no-op when the checkpoint exists (or the teacher is pretrained)
     labels = label_flow(raw, dask_address=dask_address)
     report = students_flow(raw)
     report["label"] = labels

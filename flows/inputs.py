@@ -2,6 +2,7 @@
 folder and an optional transfer file), the tokenizer, the deterministic splits and the
 view transform. Loaded once per process (tasks share threads) and the same everywhere:
 preflight, every task, `distill inspect --replay`."""
+
 from __future__ import annotations
 
 import functools
@@ -18,6 +19,7 @@ from .config import ClassifyConfig as Config
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
     from pipeline.hf_files import load_tokenizer
+
     return load_tokenizer(path)
 
 
@@ -28,9 +30,13 @@ def tokenizer(cfg: Config):
 
 def _open_source(spec: dict, tok: dict):
     from pipeline.data.sources import open_table_source
-    return open_table_source({k: v for k, v in spec.items() if v is not None},
-                             tokenizer=_tokenizer(tok["path"]) if tok else None,
-                             tokenizer_path=tok.get("path"), max_length=tok.get("max_length", 128))
+
+    return open_table_source(
+        {k: v for k, v in spec.items() if v is not None},
+        tokenizer=_tokenizer(tok["path"]) if tok else None,
+        tokenizer_path=tok.get("path"),
+        max_length=tok.get("max_length", 128),
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,15 +54,18 @@ def splits_of(data_json: str) -> dict[str, Source]:
     out = split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
     if d.get("transfer"):  # an unlabelled pool of its own: the whole file is the label split
         pool = _open_source(d["transfer"], d.get("tokenizer") or {})
-        pool = pool.subset(np.arange(len(pool)), split_spec=json.dumps(
-            {"split": d["label_split"], "transfer_file": True}, sort_keys=True))
+        pool = pool.subset(
+            np.arange(len(pool)),
+            split_spec=json.dumps({"split": d["label_split"], "transfer_file": True}, sort_keys=True),
+        )
         for name, part in out.items():
             both = np.intersect1d(part.sample_ids, pool.sample_ids)
             if len(both):
                 raise ValueError(
                     f"data.transfer ({d['transfer']['path']}) and split {name!r} of data.source share {len(both)} "
                     f"sample ids (e.g. {both[:5].tolist()}): a stored label must name one sample. Give both files "
-                    f"an id column that is unique across them (data.source.id_column / data.transfer.id_column)")
+                    f"an id column that is unique across them (data.source.id_column / data.transfer.id_column)"
+                )
         out[d["label_split"]] = pool
     return out
 
@@ -73,6 +82,7 @@ def view_spec(cfg: Config):
     if v.transform is not None:
         from pipeline.hf_files import tokenizer_info
         from pipeline.views.transforms import transform_from_config
+
         tok = tokenizer(cfg)
         d = dict(v.transform)
         if d["kind"] != "compose":  # views.seed seeds the transform unless it names its own

@@ -1,5 +1,6 @@
 """`distill inspect`: a dataset's summary, its verification, and the replay of stored rows
 with the teacher."""
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,22 @@ def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_fac
     recompute N random stored rows with the recorded teacher (pipeline/labelling/replay.py)."""
     from pipeline.labelling.replay import replay_rows
     from pipeline.views.transforms import transform_from_dict
+
     ds = storage.open_soft_labels(uri, storage_options=storage_options)
     m = ds.manifest
     recipe = (m.get("data") or {}).get("recipe")
     if not recipe:
-        raise ValueError(f"{uri}: the manifest records no data recipe (labelled by an older distillery or "
-                         f"outside `distill label`), so its inputs cannot be rebuilt for a replay")
+        raise ValueError(
+            f"{uri}: the manifest records no data recipe (labelled by an older distillery or "
+            f"outside `distill label`), so its inputs cannot be rebuilt for a replay"
+        )
     inputs = splits_of(json.dumps(recipe["data"], sort_keys=True))[recipe["label_split"]]
     if inputs.fingerprint() != m["data"]["fingerprint"]:
-        raise ValueError(f"{uri}: the inputs rebuilt from the recorded data section have fingerprint "
-                         f"{inputs.fingerprint()[:16]}, the labels were made from {m['data']['fingerprint'][:16]}: "
-                         f"the data files changed since labelling")
+        raise ValueError(
+            f"{uri}: the inputs rebuilt from the recorded data section have fingerprint "
+            f"{inputs.fingerprint()[:16]}, the labels were made from {m['data']['fingerprint'][:16]}: "
+            f"the data files changed since labelling"
+        )
     transform = transform_from_dict(m["data"].get("transform"))
     model, _ = load_model(m["teacher"]["checkpoint"], trusted_factories=trusted_factories)
     return replay_rows(model, inputs, ds, n=n, transform=transform, seed=seed)
@@ -46,6 +52,7 @@ def token_summary(uri: str, *, storage_options: dict | None = None, max_rows: in
     teacher's missing mass (top-k: the probability outside the kept ids) or of the unique
     ids kept per position (sampled), from up to max_rows positions. None for other kinds."""
     import numpy as np
+
     ds = storage.open_soft_labels(uri, storage_options=storage_options)
     m = ds.manifest
     rep = m["representation"]
@@ -63,26 +70,57 @@ def token_summary(uri: str, *, storage_options: dict | None = None, max_rows: in
     v = np.concatenate(parts) if parts else np.zeros(0)
     q = {f"p{p}": float(np.percentile(v, p)) for p in (50, 90, 99)} if len(v) else {}
     n = int(m["num_tokens"])
-    return {"num_tokens": n, "seq_len": m["seq_len"], "num_sequences": int(ds.num_sequences),
-            "vocab_size": m["vocab_size"], "kind": rep["kind"],
-            "k": rep.get("k"), "draws": rep.get("draws"), "dtype": rep.get("dtype"), "id_bits": rep.get("id_bits"),
-            "bytes_per_token": sum(s.get("bytes", 0) for s in m.get("shards", [])) / max(n, 1),
-            "measured": col, "positions": int(len(v)), "mean": float(v.mean()) if len(v) else None,
-            "max": float(v.max()) if len(v) else None, **q}
+    return {
+        "num_tokens": n,
+        "seq_len": m["seq_len"],
+        "num_sequences": int(ds.num_sequences),
+        "vocab_size": m["vocab_size"],
+        "kind": rep["kind"],
+        "k": rep.get("k"),
+        "draws": rep.get("draws"),
+        "dtype": rep.get("dtype"),
+        "id_bits": rep.get("id_bits"),
+        "bytes_per_token": sum(s.get("bytes", 0) for s in m.get("shards", [])) / max(n, 1),
+        "measured": col,
+        "positions": int(len(v)),
+        "mean": float(v.mean()) if len(v) else None,
+        "max": float(v.max()) if len(v) else None,
+        **q,
+    }
 
 
 def summarize(m: dict, uri: str, storage_options: dict | None = None, *, tokens: bool = True) -> dict:
     """A dataset's manifest in a few numbers (and, for token labels, bytes per token and
     the missing-mass or unique-id distribution)."""
-    out = {"uri": uri, "status": m["status"], "backend": m["backend"], "num_samples": m["num_samples"],
-           "num_rows": m["num_rows"], "num_views": m["num_views"], "num_classes": m["num_classes"],
-           "temperature": m["temperature"], "representation": m["representation"],
-           "num_shards": m.get("num_shards"), "bytes": sum(s.get("bytes", 0) for s in m.get("shards", [])),
-           "teacher": m["teacher"],
-           "data": {k: m["data"].get(k) for k in ("name", "split", "fingerprint", "transform", "inputs")}}
+    out = {
+        "uri": uri,
+        "status": m["status"],
+        "backend": m["backend"],
+        "num_samples": m["num_samples"],
+        "num_rows": m["num_rows"],
+        "num_views": m["num_views"],
+        "num_classes": m["num_classes"],
+        "temperature": m["temperature"],
+        "representation": m["representation"],
+        "num_shards": m.get("num_shards"),
+        "bytes": sum(s.get("bytes", 0) for s in m.get("shards", [])),
+        "teacher": m["teacher"],
+        "data": {k: m["data"].get(k) for k in ("name", "split", "fingerprint", "transform", "inputs")},
+    }
     if tokens and m["status"] == "complete" and m["representation"]["kind"].startswith("token_"):
         tok = token_summary(uri, storage_options=storage_options)
-        keep = ("num_tokens", "kind", "k", "draws", "dtype", "id_bits", "bytes_per_token", "measured", "mean",
-                "p50", "p90")
+        keep = (
+            "num_tokens",
+            "kind",
+            "k",
+            "draws",
+            "dtype",
+            "id_bits",
+            "bytes_per_token",
+            "measured",
+            "mean",
+            "p50",
+            "p90",
+        )
         out["tokens"] = {k: tok[k] for k in keep if k in tok}
     return out

@@ -5,6 +5,7 @@ forward, and the inputs of each student. flows/recipes.py calls these through
 `TASK_RECIPES`; everything passed in or out is a config, a path/URI or small JSON
 metadata, never a tensor.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,10 @@ def _splits(corpus_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
         corpus = TokenCorpus.from_table(c["path"], c["text_field"], **common)
     need = sum(c["sizes"].values())
     if need > len(corpus):
-        raise ValueError(f"corpus.sizes asks for {need:,} windows ({c['sizes']}) but {c['path']} gives "
-                         f"{len(corpus):,} windows of {c['seq_len']} tokens: lower corpus.sizes or corpus.seq_len")
+        raise ValueError(
+            f"corpus.sizes asks for {need:,} windows ({c['sizes']}) but {c['path']} gives "
+            f"{len(corpus):,} windows of {c['seq_len']} tokens: lower corpus.sizes or corpus.seq_len"
+        )
     return corpus.split(seed=c["seed"], sizes=dict(c["sizes"]))
 
 
@@ -70,17 +73,40 @@ def eval_split(cfg: Config) -> TokenCorpus:
 
 # ------------------------------------------------------------------ labelling
 
+
 def labeller(cfg: Config, teacher: dict) -> TokenLabeller:
     """The teacher over every train window, into every configured layout (one forward)."""
     lab, uris, outputs = cfg.label, cfg.label_uris(), []
     if lab.topk is not None:
-        outputs.append(output_spec(uri=uris["topk"], representation="token_topk", k=lab.topk.k,
-                                   value_dtype=lab.topk.dtype, tail_dtype=lab.topk.tail_dtype, backend=lab.backend))
+        outputs.append(
+            output_spec(
+                uri=uris["topk"],
+                representation="token_topk",
+                k=lab.topk.k,
+                value_dtype=lab.topk.dtype,
+                tail_dtype=lab.topk.tail_dtype,
+                backend=lab.backend,
+            )
+        )
     if lab.sampled is not None:
-        outputs.append(output_spec(uri=uris["sampled"], representation="token_sampled", draws=lab.sampled.draws,
-                                   s_max=lab.sampled.s_max, backend=lab.backend))
-    return TokenLabeller(load_causal_lm(teacher["dir"]), splits(cfg)["train"], outputs, batch_size=lab.batch_size,
-                         device=lab.device, amp=lab.amp, seed=lab.seed)
+        outputs.append(
+            output_spec(
+                uri=uris["sampled"],
+                representation="token_sampled",
+                draws=lab.sampled.draws,
+                s_max=lab.sampled.s_max,
+                backend=lab.backend,
+            )
+        )
+    return TokenLabeller(
+        load_causal_lm(teacher["dir"]),
+        splits(cfg)["train"],
+        outputs,
+        batch_size=lab.batch_size,
+        device=lab.device,
+        amp=lab.amp,
+        seed=lab.seed,
+    )
 
 
 def check_label_lineage(cfg: Config, uri: str) -> dict:
@@ -89,10 +115,12 @@ def check_label_lineage(cfg: Config, uri: str) -> dict:
     import storage
 
     from . import secrets
+
     return storage.open_soft_labels(uri, storage_options=secrets.resolve(cfg.label.storage_options) or None).manifest
 
 
 # ------------------------------------------------------------------ students
+
 
 def teacher_vocab(teacher: dict) -> int:
     with open(os.path.join(teacher["dir"], "config.json")) as f:
@@ -103,12 +131,23 @@ def student_inputs(cfg: Config, teacher: dict, run: dict, manifests: list[dict])
     """run_student's task-specific arguments: the train windows (labelled by the teacher,
     and the baseline's next-token targets), the teacher's vocabulary as the output width."""
     s = splits(cfg)
-    return {"transfer": s["train"], "labelled": s["train"], "val": s["val"], "eval_data": eval_split(cfg),
-            "num_classes": teacher_vocab(teacher), "tokenizer_dir": teacher["dir"],
-            "lineage": lambda t: student.student_lineage(
-                data={name: d.fingerprint() for name, d in s.items()}, split=cfg.corpus.model_dump(), views=None,
-                model=run["model"], train_config=t, teacher_fingerprint=teacher["fingerprint"],
-                label_manifests=manifests)}
+    return {
+        "transfer": s["train"],
+        "labelled": s["train"],
+        "val": s["val"],
+        "eval_data": eval_split(cfg),
+        "num_classes": teacher_vocab(teacher),
+        "tokenizer_dir": teacher["dir"],
+        "lineage": lambda t: student.student_lineage(
+            data={name: d.fingerprint() for name, d in s.items()},
+            split=cfg.corpus.model_dump(),
+            views=None,
+            model=run["model"],
+            train_config=t,
+            teacher_fingerprint=teacher["fingerprint"],
+            label_manifests=manifests,
+        ),
+    }
 
 
 def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
@@ -125,12 +164,19 @@ def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
         except (OSError, ValueError):
             pass
     from pipeline.models.causal_lm import perplexity
+
     model = load_causal_lm(teacher["dir"])
-    dev = resolve_device(cfg.label.device)      # where the teacher labels, by the same rule
+    dev = resolve_device(cfg.label.device)  # where the teacher labels, by the same rule
     p = perplexity(model.to(dev), data, batch_size=cfg.label.batch_size, device=dev)
-    ev = {"name": teacher["name"], "fingerprint": teacher["fingerprint"], "source": teacher["source"],
-          "params": param_counts(model)["params"], "perplexity": p["perplexity"], "nll": p["loss"],
-          "tokens": p["tokens"]}
+    ev = {
+        "name": teacher["name"],
+        "fingerprint": teacher["fingerprint"],
+        "source": teacher["source"],
+        "params": param_counts(model)["params"],
+        "perplexity": p["perplexity"],
+        "nll": p["loss"],
+        "tokens": p["tokens"],
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "eval": ev}, indent=2))
@@ -141,6 +187,13 @@ def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
 def data_description(cfg: Config) -> dict:
     """What the students learned from, for the report's footnote."""
     c = cfg.corpus
-    return {"corpus": c.path, "seq_len": c.seq_len, "windows": c.windows, "train_windows": c.sizes["train"],
-            "val_windows": c.sizes["val"], "eval_split": "test" if "test" in c.sizes else "val",
-            "eval_windows": c.sizes.get("test", c.sizes["val"]), "unit": "windows"}
+    return {
+        "corpus": c.path,
+        "seq_len": c.seq_len,
+        "windows": c.windows,
+        "train_windows": c.sizes["train"],
+        "val_windows": c.sizes["val"],
+        "eval_split": "test" if "test" in c.sizes else "val",
+        "eval_windows": c.sizes.get("test", c.sizes["val"]),
+        "unit": "windows",
+    }

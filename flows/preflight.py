@@ -2,6 +2,7 @@
 teacher's file (flows.config validates everything else). The CLI runs preflight(cfg) after
 load_config, before any work. Kept apart from flows.config, which must not import the
 recipes (they import it)."""
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,6 @@ def preflight_classify(cfg: ClassifyConfig) -> None:
     from pipeline.models.checkpoint import load_checkpoint  # torch: only when checking
     from pipeline.models.registry import ModelSpec, is_import_path
 
-
     teacher = None
     for key in ("checkpoint", "finetune_from"):
         path = getattr(cfg.teacher, key)
@@ -48,28 +48,34 @@ def preflight_classify(cfg: ClassifyConfig) -> None:
             raise ConfigError(
                 f"teacher.{key}={path}: the checkpoint names the model factory {arch!r}; building it would "
                 f"import and run that code, named by the file, not by you. If you trust the file, name the "
-                f"factory in your config (teacher.model.arch: {arch!r})")
+                f"factory in your config (teacher.model.arch: {arch!r})"
+            )
         if key == "checkpoint":
             teacher = payload
 
-    data = (f"data.dataset={cfg.data.dataset}" if cfg.data.source is None
-            else f"data.source ({cfg.data.source.kind} {cfg.data.source.path})")
+    data = (
+        f"data.dataset={cfg.data.dataset}"
+        if cfg.data.source is None
+        else f"data.source ({cfg.data.source.kind} {cfg.data.source.path})"
+    )
     try:
         s = splits(cfg)
-    except TypeError as e:                  # a loader kwarg the loader does not take
+    except TypeError as e:  # a loader kwarg the loader does not take
         raise ConfigError(f"data.loader={cfg.data.loader}: {e}") from None
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{data}: {e}") from None
     try:
-        view_spec(cfg)                      # a user view function is imported here; bad keys named
+        view_spec(cfg)  # a user view function is imported here; bad keys named
     except (ValueError, TypeError) as e:
         raise ConfigError(f"views: {e}") from None
     labelled, transfer = s.get("train"), s.get(cfg.data.label_split)
     if labelled is not None and transfer is not None and transfer is not labelled:
         both = np.intersect1d(labelled.sample_ids, transfer.sample_ids)
         if len(both):  # split_dataset cuts disjoint splits; this guards hand-made id columns
-            raise ConfigError(f"{data}: {len(both)} sample ids of the transfer split {cfg.data.label_split!r} are "
-                              f"also in the labelled split 'train' (e.g. {both[:5].tolist()})")
+            raise ConfigError(
+                f"{data}: {len(both)} sample ids of the transfer split {cfg.data.label_split!r} are "
+                f"also in the labelled split 'train' (e.g. {both[:5].tolist()})"
+            )
     in_shape = next(iter(s.values())).in_shape
     num_classes = next((d.num_classes for d in s.values() if d.num_classes), None)
 
@@ -91,8 +97,10 @@ def preflight_classify(cfg: ClassifyConfig) -> None:
     shift = cfg.views.shift
     if shift and len(in_shape) == 3 and shift >= min(in_shape[1:]):
         h, w = in_shape[1:]
-        raise ConfigError(f"views.shift={shift} is not smaller than the {h}x{w} images of "
-                          f"data.dataset={cfg.data.dataset}: a view could be moved off the image entirely")
+        raise ConfigError(
+            f"views.shift={shift} is not smaller than the {h}x{w} images of "
+            f"data.dataset={cfg.data.dataset}: a view could be moved off the image entirely"
+        )
 
 
 HF_ARCHS = ("hf-encoder", "hf-sequence-classification")
@@ -104,17 +112,21 @@ def _check_hf_models(cfg: ClassifyConfig) -> None:
     import json
 
     from pipeline.models.hf import model_dir
+
     from .inputs import tokenizer
+
     tok = tokenizer(cfg)
-    models = [("teacher.model", cfg.teacher.model)] + [(f"students.models[{i}]", m)
-                                                       for i, m in enumerate(cfg.student_models())]
+    models = [("teacher.model", cfg.teacher.model)] + [
+        (f"students.models[{i}]", m) for i, m in enumerate(cfg.student_models())
+    ]
     for key, m in models:
         if m.arch not in HF_ARCHS or cfg.teacher.checkpoint and key == "teacher.model":
             continue
         path = m.kwargs.get("path")
         if not path:
-            raise ConfigError(f"{key}.kwargs.path: arch {m.arch!r} needs the model's local directory "
-                              f"(or pkg:<module>/<dir>)")
+            raise ConfigError(
+                f"{key}.kwargs.path: arch {m.arch!r} needs the model's local directory (or pkg:<module>/<dir>)"
+            )
         try:
             d = model_dir(path)
         except ValueError as e:
@@ -122,30 +134,35 @@ def _check_hf_models(cfg: ClassifyConfig) -> None:
         with open(f"{d}/config.json") as f:
             rows = json.load(f).get("vocab_size")
         if tok is not None and rows is not None and len(tok) > int(rows):
-            raise ConfigError(f"{key}.kwargs.path={path}: the model's vocabulary has {rows} tokens but "
-                              f"data.tokenizer ({cfg.data.tokenizer.path}) has {len(tok)}: a different tokenizer "
-                              f"than the model's (use the tokenizer saved with the model)")
+            raise ConfigError(
+                f"{key}.kwargs.path={path}: the model's vocabulary has {rows} tokens but "
+                f"data.tokenizer ({cfg.data.tokenizer.path}) has {len(tok)}: a different tokenizer "
+                f"than the model's (use the tokenizer saved with the model)"
+            )
 
 
 def preflight_lm(cfg: LMConfig) -> None:
     """A `task: lm` config's files, before any work: the corpus (a .jsonl / .parquet file
     or a folder) and the teacher (a GGUF file or a model directory with config.json)."""
-    from pipeline.models.gguf import resolve_gguf
     from pipeline.hf_files import resolve_model_path
+    from pipeline.models.gguf import resolve_gguf
+
     c = cfg.corpus
     path = os.path.expanduser(c.path)
     ok = os.path.isdir(path) if c.kind == "text_files" else os.path.isfile(path)
     if not ok:
         hint = " (the shipped configs' data: run `distill assets`)" if c.path.startswith(".assets/") else ""
-        raise ConfigError(f"corpus.path: {c.kind} {'folder' if c.kind == 'text_files' else 'file'} not found: "
-                          f"{c.path}{hint}")
+        raise ConfigError(
+            f"corpus.path: {c.kind} {'folder' if c.kind == 'text_files' else 'file'} not found: {c.path}{hint}"
+        )
     try:
         if cfg.teacher.gguf:
             resolve_gguf(cfg.teacher.gguf)
         else:
             d = resolve_model_path(cfg.teacher.path, what="teacher.path")
             if not os.path.isfile(os.path.join(d, "config.json")):
-                raise ValueError(f"teacher.path {cfg.teacher.path!r}: {d} holds no config.json (not a Hugging Face "
-                                 f"model directory)")
+                raise ValueError(
+                    f"teacher.path {cfg.teacher.path!r}: {d} holds no config.json (not a Hugging Face model directory)"
+                )
     except ValueError as e:
         raise ConfigError(str(e)) from None

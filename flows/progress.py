@@ -1,5 +1,6 @@
 """Terminal progress bars for long work; silent when stderr is not a terminal (logs, CI,
 workers) or when DISTILL_PROGRESS=0."""
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ def bar(*, total: int | None = None, desc: str = "", unit: str = "it", initial: 
     if not enabled():
         return _Null()
     from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=True, dynamic_ncols=True)
 
 
@@ -33,4 +35,5 @@ def batch_callback(desc: str):
             state["epoch"] = epoch
             b.set_description(f"{desc} epoch {epoch + 1}")
         b.update(1)
+
     return on_batch, b.close

@@ -15,6 +15,7 @@ the report says about them. Everything else is here once:
     result  = train_student(cfg, teacher, run)     one student (a Prefect task each)
     report  = build_report(cfg, teacher, results)  report.json, report.md, students.png
 """
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ def storage_options(cfg) -> dict | None:
 
 # ------------------------------------------------------------------ teacher
 
+
 def ensure_teacher(cfg, *, retrain: bool = False) -> dict:
     """The teacher: trained (or fine-tuned) unless a checkpoint of this config's lineage
     exists (a classifier), or resolved (a language model: a GGUF file converted once)."""
@@ -63,20 +65,29 @@ def existing_teacher(cfg) -> dict:
 
 # ------------------------------------------------------------------ labelling
 
+
 def label_run(cfg, teacher: dict, *, overwrite: bool = False) -> LabelRun:
     """Open (or resume) every label dataset of the config: one LabelRun over the task's labeller."""
     t = task_recipes(cfg)
-    return LabelRun(t.labeller(cfg, teacher), shard_size=cfg.label.shard_size, teacher=t.manifest_teacher(teacher),
-                    storage_options=storage_options(cfg), overwrite=overwrite)
+    return LabelRun(
+        t.labeller(cfg, teacher),
+        shard_size=cfg.label.shard_size,
+        teacher=t.manifest_teacher(teacher),
+        storage_options=storage_options(cfg),
+        overwrite=overwrite,
+    )
 
 
 def plan_labels(cfg, teacher: dict) -> dict:
     """Open the datasets (resume, or overwrite when configured) and list the shards still to label."""
     run = label_run(cfg, teacher, overwrite=cfg.label.overwrite)
     pending = run.pending()
-    return {"uris": [w.uri for w in run.writers], "num_shards": len(run.plan),
-            "pending": [{"shard": i, "start": run.plan[i][0], "stop": run.plan[i][1]} for i in pending],
-            "committed": sorted(set(range(len(run.plan))) - set(pending))}
+    return {
+        "uris": [w.uri for w in run.writers],
+        "num_shards": len(run.plan),
+        "pending": [{"shard": i, "start": run.plan[i][0], "stop": run.plan[i][1]} for i in pending],
+        "committed": sorted(set(range(len(run.plan))) - set(pending)),
+    }
 
 
 def label_one_shard(cfg, teacher: dict, shard: int) -> dict:
@@ -84,7 +95,10 @@ def label_one_shard(cfg, teacher: dict, shard: int) -> dict:
     done it already: then nothing)."""
     s = label_run(cfg, teacher).label_shard(shard)
     return {k: v for k, v in s.items() if k != "records"} | {
-        "sha256": s["records"][0]["sha256"] if s["records"] else "", "skipped": not s["records"], "pid": os.getpid()}
+        "sha256": s["records"][0]["sha256"] if s["records"] else "",
+        "skipped": not s["records"],
+        "pid": os.getpid(),
+    }
 
 
 def finalize_labels(cfg, teacher: dict) -> dict:
@@ -96,6 +110,7 @@ def finalize_labels(cfg, teacher: dict) -> dict:
 
 
 # ------------------------------------------------------------------ students
+
 
 def student_runs(cfg) -> list[dict]:
     """The sweep: models x seeds x (the hard-label baseline, loss "ce", once; and every KD
@@ -111,13 +126,31 @@ def student_runs(cfg) -> list[dict]:
             tail = "" if len(seeds) == 1 else f"-s{seed}"
             for loss in losses:
                 if loss == "ce":
-                    runs.append({"name": f"{base}-baseline{tail}", "model": m.model_dump(), "loss": "ce",
-                                 "temperature": None, "alpha": None, "seed": seed, "arch_name": base})
+                    runs.append(
+                        {
+                            "name": f"{base}-baseline{tail}",
+                            "model": m.model_dump(),
+                            "loss": "ce",
+                            "temperature": None,
+                            "alpha": None,
+                            "seed": seed,
+                            "arch_name": base,
+                        }
+                    )
                     continue
                 for T in cfg.student_temperatures():
                     for a in sc.alphas:
-                        runs.append({"name": f"{base}-T{T:g}-a{a:g}-{loss}{tail}", "model": m.model_dump(),
-                                     "loss": loss, "temperature": T, "alpha": a, "seed": seed, "arch_name": base})
+                        runs.append(
+                            {
+                                "name": f"{base}-T{T:g}-a{a:g}-{loss}{tail}",
+                                "model": m.model_dump(),
+                                "loss": loss,
+                                "temperature": T,
+                                "alpha": a,
+                                "seed": seed,
+                                "arch_name": base,
+                            }
+                        )
     names = [r["name"] for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -144,55 +177,89 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
     """One student of the sweep (pipeline.training.student.run_student with the task's
     inputs); the numbers the report needs."""
     import torch
+
     t = task_recipes(cfg)
     so = storage_options(cfg)
     uris, manifests = [], []
     if run["loss"] != "ce":
         uris = [label_uri_for(cfg, run["loss"]), *cfg.students.extra_soft_labels]
         manifests = [t.check_label_lineage(cfg, uris[0])] + [
-            storage.open_soft_labels(u, storage_options=so).manifest for u in uris[1:]]
+            storage.open_soft_labels(u, storage_options=so).manifest for u in uris[1:]
+        ]
     out = cfg.run_dir() / "students"
     out.mkdir(parents=True, exist_ok=True)
-    tcfg = TrainConfig(**(cfg.students.train.model_dump() | {"seed": run["seed"]}), loss=run["loss"],
-                       temperature=run["temperature"], alpha=run["alpha"] or 0.0,
-                       log_path=str(out / f"{run['name']}.jsonl"), ckpt_path=str(out / f"{run['name']}.train.pt"))
+    tcfg = TrainConfig(
+        **(cfg.students.train.model_dump() | {"seed": run["seed"]}),
+        loss=run["loss"],
+        temperature=run["temperature"],
+        alpha=run["alpha"] or 0.0,
+        log_path=str(out / f"{run['name']}.jsonl"),
+        ckpt_path=str(out / f"{run['name']}.train.pt"),
+    )
     ckpt = str(out / f"{run['name']}.pt")
-    r = run_student(run=run, train_config=tcfg, checkpoint_path=ckpt, soft_labels=uris, label_manifests=manifests,
-                    teacher=t.manifest_teacher(teacher), storage_options=so,
-                    expect={"teacher.fingerprint": teacher["fingerprint"]} if uris else None, resume=True,
-                    on_batch=on_batch, export_dir=str(out) if cfg.students.export else None,
-                    quantize=cfg.students.quantize, **t.student_inputs(cfg, teacher, run, manifests))
+    r = run_student(
+        run=run,
+        train_config=tcfg,
+        checkpoint_path=ckpt,
+        soft_labels=uris,
+        label_manifests=manifests,
+        teacher=t.manifest_teacher(teacher),
+        storage_options=so,
+        expect={"teacher.fingerprint": teacher["fingerprint"]} if uris else None,
+        resume=True,
+        on_batch=on_batch,
+        export_dir=str(out) if cfg.students.export else None,
+        quantize=cfg.students.quantize,
+        **t.student_inputs(cfg, teacher, run, manifests),
+    )
     res = r.train
-    return {**{k: run[k] for k in ("name", "arch_name", "loss", "temperature", "alpha", "seed")},
-            "mode": "hard" if run["loss"] == "ce" else "stored", "labels": uris[0] if uris else None,
-            **(r.evaluation or {}), **r.exports, "checkpoint": ckpt,   # evaluation: rank 0 only under DDP
-            **{k: res.get(k) for k in ("best_val", "best_epoch", "epochs_run", "epochs_trained", "steps", "units",
-                                       "unit", "throughput")},
-            "train_seconds": r.train_seconds, "torch_threads": torch.get_num_threads()}
+    return {
+        **{k: run[k] for k in ("name", "arch_name", "loss", "temperature", "alpha", "seed")},
+        "mode": "hard" if run["loss"] == "ce" else "stored",
+        "labels": uris[0] if uris else None,
+        **(r.evaluation or {}),
+        **r.exports,
+        "checkpoint": ckpt,  # evaluation: rank 0 only under DDP
+        **{
+            k: res.get(k)
+            for k in ("best_val", "best_epoch", "epochs_run", "epochs_trained", "steps", "units", "unit", "throughput")
+        },
+        "train_seconds": r.train_seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 # ------------------------------------------------------------------ report
+
 
 def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
     """report.json (with report.md and students.png beside it): the teacher, every student
     next to its architecture's baseline of the same seed, and the rows over seeds."""
     from .report import aggregate, report_markdown, students_png, with_baselines
+
     t = task_recipes(cfg)
     task = TASKS[cfg.task]
     labels = {}
     for layout, uri in cfg.label_uris().items():
         try:
-            labels[layout] = summarize(storage.read_manifest(Location(uri, storage_options(cfg))), uri,
-                                       storage_options(cfg))
+            labels[layout] = summarize(
+                storage.read_manifest(Location(uri, storage_options(cfg))), uri, storage_options(cfg)
+            )
         except (storage.SoftLabelError, OSError):
-            continue                                # only the baseline trained: no labels needed
+            continue  # only the baseline trained: no labels needed
     students = with_baselines(results, task.metric, task.higher_is_better)
-    report = {"name": cfg.name, "task": cfg.task, "metric": task.metric, "higher_is_better": task.higher_is_better,
-              "teacher": t.teacher_evaluation(cfg, teacher), "labels": labels,
-              "soft_labels": next(iter(cfg.label_uris().values())), "students": students,
-              "rows": aggregate(students, task.metric),
-              "data": t.data_description(cfg) | {"seeds": len(cfg.students.seed_list()),
-                                                 "alphas": list(cfg.students.alphas)}}
+    report = {
+        "name": cfg.name,
+        "task": cfg.task,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "teacher": t.teacher_evaluation(cfg, teacher),
+        "labels": labels,
+        "soft_labels": next(iter(cfg.label_uris().values())),
+        "students": students,
+        "rows": aggregate(students, task.metric),
+        "data": t.data_description(cfg) | {"seeds": len(cfg.students.seed_list()), "alphas": list(cfg.students.alphas)},
+    }
     report["eval_split"] = report["data"]["eval_split"]
     run_dir = Location(str(cfg.run_dir()))
     run_dir.write_bytes_atomic("students.png", students_png(report))

@@ -3,6 +3,7 @@ over seeds, the table the CLI prints, report.md, the students chart (PNG) and th
 artifacts. The task's validation metric decides the columns and which way is better:
 accuracy (classifiers; gain in points) or perplexity (language models; gain in percent,
 negative is better)."""
+
 from __future__ import annotations
 
 import base64
@@ -12,10 +13,26 @@ import os
 import statistics
 
 # the table's columns per metric: (entry key, header)
-COLUMNS = {"accuracy": [("name", "name"), ("accuracy", "acc"), ("agreement", "agree"), ("params", "params"),
-                        ("size_bytes", "size"), ("latency_ms", "latency"), ("baseline", "baseline"), ("gain", "gain")],
-           "perplexity": [("name", "name"), ("perplexity", "ppl"), ("params", "params"), ("steps", "steps"),
-                          ("baseline", "baseline"), ("gain", "gain")]}
+COLUMNS = {
+    "accuracy": [
+        ("name", "name"),
+        ("accuracy", "acc"),
+        ("agreement", "agree"),
+        ("params", "params"),
+        ("size_bytes", "size"),
+        ("latency_ms", "latency"),
+        ("baseline", "baseline"),
+        ("gain", "gain"),
+    ],
+    "perplexity": [
+        ("name", "name"),
+        ("perplexity", "ppl"),
+        ("params", "params"),
+        ("steps", "steps"),
+        ("baseline", "baseline"),
+        ("gain", "gain"),
+    ],
+}
 
 
 def millions(n: int) -> str:
@@ -28,6 +45,7 @@ def gain(metric: str, value: float, baseline: float) -> float:
 
 
 # ------------------------------------------------------------------ rows
+
 
 def with_baselines(results: list[dict], metric: str, higher_is_better: bool) -> list[dict]:
     """Each student with its architecture's baseline (loss "ce") of the same seed:
@@ -51,12 +69,30 @@ def aggregate(students: list[dict], metric: str) -> list[dict]:
         vals = [r[metric] for r in rs]
         gains = [r["gain"] for r in rs if r.get("gain") is not None]
         name = f"{arch}-baseline" if loss == "ce" else f"{arch}-T{T:g}-a{a:g}-{loss}"
-        row = {k: rs[0].get(k) for k in ("arch_name", "loss", "temperature", "alpha", "mode", "params", "size_bytes",
-                                          "latency_ms", "steps")}
-        row |= {"name": name, "seeds": [r["seed"] for r in rs], metric: statistics.fmean(vals),
-                f"{metric}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "per_seed": vals,
-                "baseline": _mean([r.get("baseline") for r in rs]), "gain": _mean(gains) if gains else None,
-                "gain_per_seed": gains}
+        row = {
+            k: rs[0].get(k)
+            for k in (
+                "arch_name",
+                "loss",
+                "temperature",
+                "alpha",
+                "mode",
+                "params",
+                "size_bytes",
+                "latency_ms",
+                "steps",
+            )
+        }
+        row |= {
+            "name": name,
+            "seeds": [r["seed"] for r in rs],
+            metric: statistics.fmean(vals),
+            f"{metric}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "per_seed": vals,
+            "baseline": _mean([r.get("baseline") for r in rs]),
+            "gain": _mean(gains) if gains else None,
+            "gain_per_seed": gains,
+        }
         if any(r.get("agreement") is not None for r in rs):
             row["agreement"] = _mean([r.get("agreement") for r in rs])
         rows.append(row)
@@ -69,6 +105,7 @@ def _mean(xs) -> float | None:
 
 
 # ------------------------------------------------------------------ the table
+
 
 def _fmt(metric: str, key: str, v, std: float | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -108,8 +145,7 @@ def format_table(entries: list[dict], metric: str = "accuracy") -> str:
             raise ValueError(f"every entry needs a 'name', got keys {sorted(e)}")
         rows.append([_fmt(metric, k, e.get(k), e.get(f"{metric}_std") if k == metric else None) for k, _ in columns])
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -131,18 +167,23 @@ def footnote(report: dict) -> str:
     t = report.get("teacher", {})
     teacher_note = ""
     if t.get("trained_params") is not None and t.get("params") and t["trained_params"] < t["params"]:
-        teacher_note = (f"\nteacher: {millions(t['params'])} parameters, {millions(t['trained_params'])} of them "
-                        f"fine-tuned (the rest frozen)" + (f", from {t['pretrained']}" if t.get("pretrained") else ""))
+        teacher_note = (
+            f"\nteacher: {millions(t['params'])} parameters, {millions(t['trained_params'])} of them "
+            f"fine-tuned (the rest frozen)" + (f", from {t['pretrained']}" if t.get("pretrained") else "")
+        )
     if d["label_split"] == d["labelled_split"]:
-        return (f"baseline: the same architecture on the hard labels of the same {d['labelled']:,} "
-                f"`{d['labelled_split']}` {unit}, the same {d['views']} views, as many optimizer steps{step_note}.\n"
-                f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split{seeds}."
-                + teacher_note)
-    return (f"baseline: the same architecture on the hard labels of the {d['labelled']:,} labelled "
-            f"`{d['labelled_split']}` {unit} (the teacher's training set), the same {d['views']} views, as many "
-            f"optimizer steps{step_note}.\ndistilled (-kd): only the teacher's stored soft labels of the "
-            f"{d['label_samples']:,} unlabelled `{d['label_split']}` {unit} x {d['views']} views, no hard labels.\n"
-            f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split{seeds}." + teacher_note)
+        return (
+            f"baseline: the same architecture on the hard labels of the same {d['labelled']:,} "
+            f"`{d['labelled_split']}` {unit}, the same {d['views']} views, as many optimizer steps{step_note}.\n"
+            f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split{seeds}." + teacher_note
+        )
+    return (
+        f"baseline: the same architecture on the hard labels of the {d['labelled']:,} labelled "
+        f"`{d['labelled_split']}` {unit} (the teacher's training set), the same {d['views']} views, as many "
+        f"optimizer steps{step_note}.\ndistilled (-kd): only the teacher's stored soft labels of the "
+        f"{d['label_samples']:,} unlabelled `{d['label_split']}` {unit} x {d['views']} views, no hard labels.\n"
+        f"acc, agree (with the teacher), gain (acc - baseline, points): on the {ev} split{seeds}." + teacher_note
+    )
 
 
 def _lm_footnote(report: dict, d: dict, seeds: str) -> str:
@@ -151,17 +192,24 @@ def _lm_footnote(report: dict, d: dict, seeds: str) -> str:
         tok = s.get("tokens") or {}
         if not tok:
             continue
-        what = (f"top-{tok['k']} {tok['dtype']} log-probs + missing mass (mean {tok['mean']:.3f})"
-                if layout == "topk" else f"{tok['draws']} draws (mean {tok['mean']:.1f} unique ids per token)")
-        lines.append(f"labels {layout}: {tok['num_tokens']:,} tokens, {what}: {tok['bytes_per_token']:.1f} "
-                     f"bytes/token")
-    size = (f"x {d['seq_len']} tokens" if d.get("windows", "packed") == "packed"
-            else f"of up to {d['seq_len']} tokens, never crossing a document")
+        what = (
+            f"top-{tok['k']} {tok['dtype']} log-probs + missing mass (mean {tok['mean']:.3f})"
+            if layout == "topk"
+            else f"{tok['draws']} draws (mean {tok['mean']:.1f} unique ids per token)"
+        )
+        lines.append(f"labels {layout}: {tok['num_tokens']:,} tokens, {what}: {tok['bytes_per_token']:.1f} bytes/token")
+    size = (
+        f"x {d['seq_len']} tokens"
+        if d.get("windows", "packed") == "packed"
+        else f"of up to {d['seq_len']} tokens, never crossing a document"
+    )
     alphas = d.get("alphas") or [0.0]
     kd = " / ".join(f"{a:g} x CE + {1 - a:g} x KD" if a else "KD alone" for a in alphas)
-    lines.append(f"students: {d['train_windows']:,} train windows {size}, equal steps per student; ppl on "
-                 f"{d['eval_windows']:,} held-out `{d['eval_split']}` windows{seeds}. baseline: next-token "
-                 f"cross-entropy only; the others: {kd} from the stored teacher labels; gain: ppl vs baseline.")
+    lines.append(
+        f"students: {d['train_windows']:,} train windows {size}, equal steps per student; ppl on "
+        f"{d['eval_windows']:,} held-out `{d['eval_split']}` windows{seeds}. baseline: next-token "
+        f"cross-entropy only; the others: {kd} from the stored teacher labels; gain: ppl vs baseline."
+    )
     return "\n".join(lines)
 
 
@@ -177,8 +225,10 @@ def report_markdown(report: dict) -> str:
     rows = report.get("rows") or []
     if any(len(r["seeds"]) > 1 for r in rows):
         seeds = rows[0]["seeds"]
-        out += ["| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-                "|---|" + "---|" * (len(seeds) + 1)]
+        out += [
+            "| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+            "|---|" + "---|" * (len(seeds) + 1),
+        ]
         for r in rows:
             vals = [_fmt(metric, metric, v) for v in r["per_seed"]]
             gains = [_fmt(metric, "gain", g) for g in r["gain_per_seed"]] or ["" for _ in vals]
@@ -197,6 +247,7 @@ def report_rows(report: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------ the chart
+
 
 def students_png(report: dict) -> bytes:
     """The metric vs parameters: hollow grey baselines, filled distilled students, an arrow
@@ -224,26 +275,47 @@ def students_png(report: dict) -> bytes:
     xs = []
     for s in distilled:
         i = seen[s.get("arch_name")] = seen.get(s.get("arch_name"), -1) + 1
-        xs.append(s["params"] * 1.07 ** i)
+        xs.append(s["params"] * 1.07**i)
     ax.axhline(y(t[metric]), color="0.35", ls="--", lw=1, zorder=1)
     for s, x in zip(distilled, xs):
         b = base.get(s.get("arch_name"))
         if b is None:
             continue
-        ax.annotate("", xy=(x, y(s[metric])), xytext=(b["params"], y(b[metric])),
-                    arrowprops={"arrowstyle": "->", "color": "C0", "lw": 1.2, "shrinkA": 4, "shrinkB": 4}, zorder=2)
+        ax.annotate(
+            "",
+            xy=(x, y(s[metric])),
+            xytext=(b["params"], y(b[metric])),
+            arrowprops={"arrowstyle": "->", "color": "C0", "lw": 1.2, "shrinkA": 4, "shrinkB": 4},
+            zorder=2,
+        )
         g = _fmt(metric, "gain", gain(metric, s[metric], b[metric]))
         mid = (y(s[metric]) + y(b[metric])) / 2 if acc else math.sqrt(y(s[metric]) * y(b[metric]))
         ax.annotate(g, (x, mid), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8, color="C0")
     if base:
-        ax.scatter([b["params"] for b in base.values()], [y(b[metric]) for b in base.values()], s=45,
-                   facecolors="white", edgecolors="0.3", linewidths=1.3, zorder=3, label="hard-label baseline")
+        ax.scatter(
+            [b["params"] for b in base.values()],
+            [y(b[metric]) for b in base.values()],
+            s=45,
+            facecolors="white",
+            edgecolors="0.3",
+            linewidths=1.3,
+            zorder=3,
+            label="hard-label baseline",
+        )
         for name, b in base.items():
-            ax.annotate(name, (b["params"], y(b[metric])), xytext=(0, -13), textcoords="offset points",
-                        ha="center", fontsize=8, color="0.25")
+            ax.annotate(
+                name,
+                (b["params"], y(b[metric])),
+                xytext=(0, -13),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+                color="0.25",
+            )
     if distilled:
-        ax.scatter(xs, [y(s[metric]) for s in distilled], s=45, color="C0", zorder=4,
-                   label="distilled from stored labels")
+        ax.scatter(
+            xs, [y(s[metric]) for s in distilled], s=45, color="C0", zorder=4, label="distilled from stored labels"
+        )
     vals = [y(s[metric]) for s in students] + [y(t[metric])]
     lo, hi = min(vals), max(vals)
     if acc:
@@ -259,8 +331,15 @@ def students_png(report: dict) -> bytes:
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: millions(v) if v >= 1e3 else f"{v:g}"))
     value = f"{y(t[metric]):.1f}{'%' if acc else ''}"
-    ax.text(0.01, y(t[metric]), f" teacher ({t['name']}, {millions(t['params'])} params): {value}",
-            transform=ax.get_yaxis_transform(), va="bottom", fontsize=8, color="0.25")
+    ax.text(
+        0.01,
+        y(t[metric]),
+        f" teacher ({t['name']}, {millions(t['params'])} params): {value}",
+        transform=ax.get_yaxis_transform(),
+        va="bottom",
+        fontsize=8,
+        color="0.25",
+    )
     ax.set_xlabel("student parameters (log scale)")
     ev = report.get("eval_split", "test")
     ax.set_ylabel(f"{ev} accuracy (%)" if acc else f"{ev} perplexity (log scale, lower is better)")

@@ -4,6 +4,7 @@ and a console that shows user-facing errors as one line instead of a traceback.
 Prefect reads its settings once, at import, so `prefect_env_defaults()` must run before
 anything imports `prefect` (flows.flows, flows.deploy, flows.recipes do).
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,6 +61,7 @@ def prefect_env_defaults(environ=os.environ) -> bool:
 
 # ------------------------------------------------------------------ console errors
 
+
 def transient_io(exc: BaseException | None) -> bool:
     """Errors worth retrying: the OS's I/O and connection errors, and an object store that
     does not answer (botocore's and aiohttp's connection errors are not OSErrors)."""
@@ -68,12 +70,14 @@ def transient_io(exc: BaseException | None) -> bool:
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import ReadTimeoutError
+
         if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
             return True
     except ImportError:
         pass
     try:
         import aiohttp
+
         return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
     except ImportError:
         return False
@@ -83,16 +87,20 @@ def user_facing(exc: BaseException | None) -> bool:
     """Errors a user fixes (bad data, bad config, a missing file, an unreachable store),
     not bugs to debug."""
     from storage import SoftLabelError
+
     return isinstance(exc, (SoftLabelError, FileNotFoundError, ValueError)) or transient_io(exc)
 
 
 def endpoint_message(exc: BaseException) -> str:
     """One line for a lasting storage outage, naming the endpoint when the error does."""
     import re
+
     m = re.search(r"https?://[^\s\"'/]+", str(exc))
     where = m.group(0) if m else "the storage"
-    return (f"cannot reach {where} ({type(exc).__name__}: {exc}); gave up after the configured retries "
-            f"(label.retries). Committed shards are kept: re-run the same command to resume.")
+    return (
+        f"cannot reach {where} ({type(exc).__name__}: {exc}); gave up after the configured retries "
+        f"(label.retries). Committed shards are kept: re-run the same command to resume."
+    )
 
 
 class _NoUserTraceback(logging.Formatter):
@@ -117,9 +125,11 @@ def quiet_user_tracebacks() -> None:
     and keep the handlers), so configure it now and wrap what it installed."""
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
+
     ensure_logging_setup()
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
     for lg in loggers:
         for h in lg.handlers:
             if isinstance(h, PrefectConsoleHandler) and not isinstance(h.formatter, _NoUserTraceback):

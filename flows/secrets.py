@@ -15,15 +15,30 @@ process (`DISTILL_SECRET_<hash>`) and pass `env:DISTILL_SECRET_<hash>` instead. 
 reaches thread and process task runners on this machine; remote workers (Dask, work
 pools) need a reference they can resolve themselves.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 from typing import Any
 
-SENSITIVE = ("key", "secret", "token", "password", "passwd", "credential", "access_key", "secret_key",
-             "session_token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "sas_token",
-             "account_key", "client_secret")
+SENSITIVE = (
+    "key",
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "credential",
+    "access_key",
+    "secret_key",
+    "session_token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "sas_token",
+    "account_key",
+    "client_secret",
+)
 ENV_PREFIX = "env:"
 BLOCK_PREFIX = "prefect-secret:"
 REDACTED = "***"
@@ -31,7 +46,7 @@ REDACTED = "***"
 
 def is_sensitive(key: str) -> bool:
     k = key.lower()
-    return any(k.endswith(s) for s in SENSITIVE)   # "secret", "aws_secret_access_key", ...
+    return any(k.endswith(s) for s in SENSITIVE)  # "secret", "aws_secret_access_key", ...
 
 
 def is_reference(value: Any) -> bool:
@@ -47,8 +62,10 @@ def _stash(value: str) -> str:
 def to_references(options: Any) -> Any:
     """A copy of storage options in which every literal sensitive value is a reference."""
     if isinstance(options, dict):
-        return {k: (_stash(v) if isinstance(v, str) and is_sensitive(k) and not is_reference(v)
-                    else to_references(v)) for k, v in options.items()}
+        return {
+            k: (_stash(v) if isinstance(v, str) and is_sensitive(k) and not is_reference(v) else to_references(v))
+            for k, v in options.items()
+        }
     if isinstance(options, list):
         return [to_references(v) for v in options]
     return options
@@ -61,18 +78,23 @@ def resolve(options: Any, where: str = "label.storage_options") -> Any:
     if isinstance(options, list):
         return [resolve(v, where) for v in options]
     if isinstance(options, str) and options.startswith(ENV_PREFIX):
-        name = options[len(ENV_PREFIX):]
+        name = options[len(ENV_PREFIX) :]
         if name not in os.environ:
-            raise ValueError(f"{where} refers to the environment variable {name}, which is not set here "
-                             f"(on a remote worker, set it there, or use prefect-secret:BLOCK)")
+            raise ValueError(
+                f"{where} refers to the environment variable {name}, which is not set here "
+                f"(on a remote worker, set it there, or use prefect-secret:BLOCK)"
+            )
         return os.environ[name]
     if isinstance(options, str) and options.startswith(BLOCK_PREFIX):
-        name = options[len(BLOCK_PREFIX):]
+        name = options[len(BLOCK_PREFIX) :]
         from prefect.blocks.system import Secret
+
         try:
             return Secret.load(name).get()
         except ValueError as e:
-            raise ValueError(f"{where} refers to the Prefect Secret block {name!r}, which cannot be loaded: {e}") from None
+            raise ValueError(
+                f"{where} refers to the Prefect Secret block {name!r}, which cannot be loaded: {e}"
+            ) from None
     return options
 
 

@@ -1,4 +1,5 @@
 """distillery's machine-learning half, in plain PyTorch (never Prefect)."""
+
 import os
 
 # MKL's conditional numerical reproducibility: without it, sgemm may take different code

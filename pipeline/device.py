@@ -1,4 +1,5 @@
 """Which torch device a stage runs on; one rule for training and labelling."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,7 @@ import torch.distributed as dist
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA if available, else CPU. "cuda" -> this process's GPU (LOCAL_RANK under
+    """ "auto" -> CUDA if available, else CPU. "cuda" -> this process's GPU (LOCAL_RANK under
     torchrun/DDP, else the current device). "cpu" and "cuda:N" are taken as given."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,8 +95,9 @@ def keep_large_blocks() -> bool:
         return False
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3          # <malloc.h>
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
         ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
     except (OSError, AttributeError):
         return False

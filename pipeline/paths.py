@@ -1,6 +1,7 @@
 """Small shared helpers with one owner each: where distillery's caches live, a file's
 sha256, and importing an object named `package.module:attr` (model factories and view
 functions: both are code the user's config names)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -3,23 +3,51 @@ teacher logits with a manifest, atomic commits, verification and streaming reads
 
 numpy, pyarrow, zarr and fsspec only: never torch or Prefect. Format: docs/format.md.
 """
+
 from .convert import convert
+from .errors import (
+    CorruptShardError,
+    CoverageError,
+    IncompleteDatasetError,
+    InvalidLogitsError,
+    ManifestError,
+    MismatchError,
+    SoftLabelError,
+)
 from .fs import Location
 from .layout import Column, columns_for
-from .errors import (CorruptShardError, CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError,
-                     MismatchError, SoftLabelError)
 from .manifest import FORMAT_VERSION, lineage_digest, now_iso
 from .partition import batches_per_partition
 from .reader import SoftLabelDataset, open_soft_labels
 from .shards import read_manifest
+from .tokens import decode as decode_tokens
 from .topk import softmax, topk_probs
 from .verify import VerifyReport, verify
-from .tokens import decode as decode_tokens
 from .writer import SoftLabelWriter
 
 __all__ = [
-    "SoftLabelWriter", "open_soft_labels", "SoftLabelDataset", "verify", "VerifyReport", "convert",
-    "SoftLabelError", "ManifestError", "IncompleteDatasetError", "MismatchError", "InvalidLogitsError",
-    "CoverageError", "CorruptShardError", "FORMAT_VERSION", "read_manifest", "softmax", "topk_probs",
-    "Location", "batches_per_partition", "lineage_digest", "now_iso", "Column", "columns_for", "decode_tokens",
+    "SoftLabelWriter",
+    "open_soft_labels",
+    "SoftLabelDataset",
+    "verify",
+    "VerifyReport",
+    "convert",
+    "SoftLabelError",
+    "ManifestError",
+    "IncompleteDatasetError",
+    "MismatchError",
+    "InvalidLogitsError",
+    "CoverageError",
+    "CorruptShardError",
+    "FORMAT_VERSION",
+    "read_manifest",
+    "softmax",
+    "topk_probs",
+    "Location",
+    "batches_per_partition",
+    "lineage_digest",
+    "now_iso",
+    "Column",
+    "columns_for",
+    "decode_tokens",
 ]

@@ -8,6 +8,7 @@ Why two publish paths: a local rename is atomic; on object stores a single PUT
 of the complete object is atomic (a multipart upload too: the object appears
 only on completion). Either way a reader never sees half an object.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ class Location:
         self.storage_options = dict(storage_options or {})
         self.is_local = "://" not in uri or uri.startswith("file://")
         if self.is_local:
-            path = uri[len("file://"):] if uri.startswith("file://") else uri
+            path = uri[len("file://") :] if uri.startswith("file://") else uri
             self.uri = os.path.abspath(os.path.expanduser(path))
             self.root = self.uri
         else:
@@ -57,7 +58,7 @@ class Location:
 
     def path(self, rel: str = "") -> str:
         """Path of `rel` inside the dataset, as the filesystem wants it."""
-        self.fs  # resolves self.root for remote URIs
+        _ = self.fs  # resolves self.root for remote URIs
         return posixpath.join(self.root, rel) if rel else self.root
 
     def url(self, rel: str = "") -> str:
@@ -89,8 +90,11 @@ class Location:
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under `rel`; [] if it does not exist."""
         try:
-            entries = self.fs.ls(self.path(rel), detail=False, refresh=True) if not self.is_local \
+            entries = (
+                self.fs.ls(self.path(rel), detail=False, refresh=True)
+                if not self.is_local
                 else self.fs.ls(self.path(rel), detail=False)
+            )
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)

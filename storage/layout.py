@@ -19,12 +19,14 @@ Logit columns are uncompressed by default: float logits barely compress (random-
 mantissas; zstd saved ~8% here) and decompression dominated read time. Small columns
 (ids, views, top-k indices) use zstd, which shrinks them several-fold for free.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -34,17 +36,23 @@ from . import parquet_codec
 from .errors import CorruptShardError
 from .token_packing import id_bits, packed_row_bytes
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import zarr
+    from zarr.abc.store import Store
+
 # A block (Parquet row group / Zarr chunk) of ~16 MiB: large enough that per-block
 # overhead vanishes, small enough that a shuffle buffer of a few blocks fits in RAM.
 TARGET_BLOCK_BYTES = 16 << 20
 MIN_BLOCK_ROWS = 1024
-DATA_DIR = "data"   # shards live here, apart from manifest.json and _commits/
+DATA_DIR = "data"  # shards live here, apart from manifest.json and _commits/
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    dtype: str        # numpy dtype name
+    dtype: str  # numpy dtype name
     width: int | None  # None for 1-D columns
     dim: str = "class"  # name of the second dimension (Zarr dimension_names)
     binary: bool = False  # uint8 (rows, width) stored as Parquet fixed_size_binary[width] (packed ids)
@@ -89,17 +97,23 @@ def columns_for(manifest: dict) -> list[Column]:
         cols.append(Column("position", "int32", None))
         V = manifest.get("vocab_size", C)
         if rep["kind"] == "token_topk":
-            return cols + [token_id_column("topk_ids", rep["k"], V, "k"),
-                           Column("topk_logprobs", TOKEN_VALUE_STORAGE[rep["dtype"]], rep["k"], "k"),
-                           Column("missing_mass", rep["tail_dtype"], None)]
-        return cols + [token_id_column("sample_ids", rep["s_max"], V, "s"),
-                       Column("sample_counts", rep["count_dtype"], rep["s_max"], "s")]
+            return cols + [
+                token_id_column("topk_ids", rep["k"], V, "k"),
+                Column("topk_logprobs", TOKEN_VALUE_STORAGE[rep["dtype"]], rep["k"], "k"),
+                Column("missing_mass", rep["tail_dtype"], None),
+            ]
+        return cols + [
+            token_id_column("sample_ids", rep["s_max"], V, "s"),
+            Column("sample_counts", rep["count_dtype"], rep["s_max"], "s"),
+        ]
     if rep["kind"] == "dense":
         cols.append(Column("logits", rep["dtype"], C, "class"))
     else:
-        cols += [Column("topk_logits", rep["dtype"], rep["k"], "k"),
-                 Column("topk_indices", rep.get("index_dtype") or index_dtype(C), rep["k"], "k"),
-                 Column("logsumexp", "float32", None)]
+        cols += [
+            Column("topk_logits", rep["dtype"], rep["k"], "k"),
+            Column("topk_indices", rep.get("index_dtype") or index_dtype(C), rep["k"], "k"),
+            Column("logsumexp", "float32", None),
+        ]
     feat = manifest.get("feature")
     if feat:
         cols.append(Column("feature", feat["dtype"], int(np.prod(feat["shape"])), "feature"))
@@ -112,7 +126,7 @@ def rows_per_block(row_bytes: int, num_rows: int, align: int = 1) -> int:
     of token layouts): blocks hold whole sequences, a multiple of `align` rows."""
     align = max(1, int(align))
     target = max(MIN_BLOCK_ROWS, TARGET_BLOCK_BYTES // max(1, row_bytes))
-    units = max(1, -(-max(1, num_rows) // align))     # sequences (rows when align = 1)
+    units = max(1, -(-max(1, num_rows) // align))  # sequences (rows when align = 1)
     target_units = max(1, -(-target // align))
     blocks = -(-units // target_units)
     return -(-units // blocks) * align
@@ -135,6 +149,7 @@ def shard_basename(index: int) -> str:
 # A shard's bytes are `objects`: {relative path: [buffers]} ("" for a single file), each
 # value a list of bytes-like parts that are written (and hashed) in order, so the big
 # columns are never joined into one copy.
+
 
 def tree_sha256(objects: dict[str, list]) -> str:
     """sha256 of a shard. One file: the file's bytes. A directory (Zarr): over sorted
@@ -162,18 +177,20 @@ def objects_nbytes(objects: dict[str, list]) -> int:
 
 # ---------------------------------------------------------------- Parquet
 
+
 def _codec_dtype(c: Column) -> str:
     return parquet_codec.BINARY if c.binary else c.dtype
 
 
-def encode_parquet(cols: dict[str, np.ndarray], spec: list[Column], compression: str,
-                   align: int = 1) -> dict[str, list]:
+def encode_parquet(
+    cols: dict[str, np.ndarray], spec: list[Column], compression: str, align: int = 1
+) -> dict[str, list]:
     n = len(cols["sample_id"])
     fields = [(c.name, _codec_dtype(c), c.width) for c in spec]
-    codecs = {c.name: (compression if c.width is not None and c.dtype.startswith("float") else "zstd")
-              for c in spec}
-    parts = parquet_codec.encode(fields, cols, rows_per_group=rows_per_block(row_bytes(spec), n, align),
-                                 compression=codecs)
+    codecs = {c.name: (compression if c.width is not None and c.dtype.startswith("float") else "zstd") for c in spec}
+    parts = parquet_codec.encode(
+        fields, cols, rows_per_group=rows_per_block(row_bytes(spec), n, align), compression=codecs
+    )
     return {"": parts}
 
 
@@ -185,8 +202,9 @@ def _decode_arrow(col: pa.ChunkedArray | pa.Array, c: Column) -> np.ndarray:
         return col.to_numpy(zero_copy_only=False).astype(c.dtype, copy=False)
     if pa.types.is_fixed_size_binary(col.type):
         item = np.dtype(c.dtype).itemsize
-        return np.frombuffer(col.buffers()[1], dtype=c.dtype, count=len(col) * c.width,
-                             offset=col.offset * c.width * item).reshape(len(col), c.width)
+        return np.frombuffer(
+            col.buffers()[1], dtype=c.dtype, count=len(col) * c.width, offset=col.offset * c.width * item
+        ).reshape(len(col), c.width)
     return col.flatten().to_numpy(zero_copy_only=False).astype(c.dtype, copy=False).reshape(len(col), c.width)
 
 
@@ -203,10 +221,11 @@ class ParquetShard:
 
     `source` is a local path or a pyarrow buffer holding the (already verified) file."""
 
-    def __init__(self, source, spec: list[Column], name: str = "shard"):
+    def __init__(self, source: str | pa.Buffer, spec: list[Column], name: str = "shard"):
         self.name = name
-        self.file = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, pa.Buffer) else source,
-                                   pre_buffer=False)
+        self.file = pq.ParquetFile(
+            pa.BufferReader(source) if isinstance(source, pa.Buffer) else source, pre_buffer=False
+        )
         self.raw = source if isinstance(source, pa.Buffer) else None
         self.path = None if self.raw is not None else source
         self._fh = None
@@ -232,7 +251,7 @@ class ParquetShard:
         if self.raw is not None:
             return self.raw.slice(start, size)
         if self._fh is None:
-            self._fh = pa.OSFile(self.path)   # buffers from Arrow's pool: reused pages
+            self._fh = pa.OSFile(self.path)  # buffers from Arrow's pool: reused pages
         self._fh.seek(start)
         return self._fh.read_buffer(size)
 
@@ -262,39 +281,52 @@ class ParquetShard:
         for name in columns:
             parts = [self._read_group(g, name) for g in range(first, last)]
             a = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            out[name] = a[start - int(s[first]): stop - int(s[first])]
+            out[name] = a[start - int(s[first]) : stop - int(s[first])]
         return out
 
 
 # ---------------------------------------------------------------- Zarr
 
+
 def _zarr_compressors(compression: str, c: Column):
     from zarr.codecs import BloscCodec, ZstdCodec
+
     if c.width is None or not c.dtype.startswith("float"):
         return ZstdCodec(level=3)
-    return {"none": None, "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-            "zstd": ZstdCodec(level=3)}[compression]
+    return {"none": None, "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), "zstd": ZstdCodec(level=3)}[
+        compression
+    ]
 
 
-def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: str,
-                align: int = 1) -> dict[str, list]:
+def encode_zarr(cols: dict[str, np.ndarray], spec: list[Column], compression: str, align: int = 1) -> dict[str, list]:
     import zarr
     from zarr.storage import MemoryStore
 
     n = len(cols["sample_id"])
     block = rows_per_block(row_bytes(spec), n, align)
     store_dict: dict = {}
-    g = zarr.open_group(MemoryStore(store_dict), mode="w", zarr_format=3,
-                        attributes={"num_rows": n, "columns": {c.name: c.to_dict() for c in spec}})
+    g = zarr.open_group(
+        MemoryStore(store_dict),
+        mode="w",
+        zarr_format=3,
+        attributes={"num_rows": n, "columns": {c.name: c.to_dict() for c in spec}},
+    )
     for c in spec:
         a = np.ascontiguousarray(cols[c.name], dtype=c.dtype)
         shape, chunks = ((n,), (block,)) if c.width is None else ((n, c.width), (block, c.width))
         dims = ("row",) if c.width is None else ("row", c.dim)
         # every chunk is written, even one equal to the fill value: a missing chunk is
         # then always corruption, never "zeros"
-        arr = g.create_array(c.name, shape=shape, dtype=c.dtype, chunks=chunks, dimension_names=dims,
-                             compressors=_zarr_compressors(compression, c), fill_value=0,
-                             config={"write_empty_chunks": True})
+        arr = g.create_array(
+            c.name,
+            shape=shape,
+            dtype=c.dtype,
+            chunks=chunks,
+            dimension_names=dims,
+            compressors=_zarr_compressors(compression, c),
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
         arr[...] = a
     return {k: [v.to_bytes()] for k, v in store_dict.items()}
 
@@ -314,28 +346,38 @@ class ZarrShard:
     class sees them (shards.open_shard); what they decode to is still checked.
     """
 
-    def __init__(self, store, spec: list[Column], raw_get, raw_has, name: str = "shard"):
+    def __init__(
+        self,
+        store: Store,
+        spec: list[Column],
+        raw_get: Callable[[str], bytes | np.ndarray],
+        raw_has: Callable[[str], bool],
+        name: str = "shard",
+    ):
         self.name = name
         self.store = store
         self.spec = {c.name: c for c in spec}
-        self.raw_get = raw_get            # key -> bytes-like, or raises FileNotFoundError
-        self.raw_has = raw_has            # key -> bool
-        self._group = None                # zarr's group, opened only for the general path
+        self.raw_get = raw_get  # key -> bytes-like, or raises FileNotFoundError
+        self.raw_has = raw_has  # key -> bool
+        self._group = None  # zarr's group, opened only for the general path
         self.meta: dict[str, _ChunkedArray | None] = {}
         for c in spec:
             m = self._metadata(c.name)
             shape = m.shape if m is not None else self.group()[c.name].shape
             if (c.width is None and len(shape) != 1) or (c.width is not None and tuple(shape[1:]) != (c.width,)):
-                raise CorruptShardError(f"{name}: array {c.name!r} has shape {shape}, the manifest says "
-                                        f"(rows{'' if c.width is None else f', {c.width}'})")
+                raise CorruptShardError(
+                    f"{name}: array {c.name!r} has shape {shape}, the manifest says "
+                    f"(rows{'' if c.width is None else f', {c.width}'})"
+                )
             self.meta[c.name] = m
         first = self.meta[spec[0].name] or self.group()[spec[0].name]
         self.num_rows = int(first.shape[0])
         self.chunk_rows = int(first.chunks[0])
 
-    def group(self):
+    def group(self) -> zarr.Group:
         if self._group is None:
             import zarr
+
             self._group = zarr.open_group(self.store, mode="r", zarr_format=3)
         return self._group
 
@@ -357,7 +399,7 @@ class ZarrShard:
         out = {}
         for name in columns:
             m = self.meta[name]
-            if m is None:                 # the general path: zarr decodes
+            if m is None:  # the general path: zarr decodes
                 arr = self.group()[name]
                 rows = arr.chunks[0]
                 # zarr would return the fill value for a missing chunk
@@ -372,10 +414,10 @@ class ZarrShard:
             parts = [self._chunk(name, m, i) for i in range(c0, -(-stop // rows))]
             a = parts[0] if len(parts) == 1 else np.concatenate(parts)
             lo = start - c0 * rows
-            out[name] = a[lo: lo + stop - start]
+            out[name] = a[lo : lo + stop - start]
         return out
 
-    def _chunk(self, name: str, m: "_ChunkedArray", i: int) -> np.ndarray:
+    def _chunk(self, name: str, m: _ChunkedArray, i: int) -> np.ndarray:
         key = f"{name}/{m.chunk_key(i)}"
         try:
             data = self.raw_get(key)
@@ -385,7 +427,7 @@ class ZarrShard:
         if m.zstd:
             try:
                 data = _ZSTD.decompress(memoryview(data), decompressed_size=want, asbytes=False)
-            except Exception as e:   # pyarrow raises OSError/ArrowException for a bad frame
+            except Exception as e:  # pyarrow raises OSError/ArrowException for a bad frame
                 raise CorruptShardError(f"{self.name}: chunk {key} does not decompress ({e})") from None
         got = len(memoryview(data).cast("B"))
         if got != want:
@@ -399,6 +441,7 @@ _ZSTD = pa.Codec("zstd")
 @dataclass(frozen=True)
 class _ChunkedArray:
     """What the fast path needs of one Zarr v3 array's metadata."""
+
     shape: tuple
     chunks: tuple
     dtype: np.dtype
@@ -412,7 +455,7 @@ class _ChunkedArray:
         return "c/" + "/".join(str(j) for j in (i,) + (0,) * (len(self.shape) - 1))
 
     @staticmethod
-    def parse(meta: dict):
+    def parse(meta: dict) -> _ChunkedArray | None:
         """A _ChunkedArray for the layouts this format writes, else None."""
         try:
             codecs = meta["codecs"]
@@ -430,10 +473,13 @@ class _ChunkedArray:
             shape = tuple(int(x) for x in meta["shape"])
             chunks = tuple(int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"])
         except (KeyError, TypeError, ValueError):
-            return None           # unusual or damaged metadata: zarr reads it, or says why not
-        if dtype.kind not in "iufb" or len(chunks) != len(shape) or not shape or min(chunks) < 1 \
-                or tuple(chunks[1:]) != tuple(shape[1:]):
+            return None  # unusual or damaged metadata: zarr reads it, or says why not
+        if (
+            dtype.kind not in "iufb"
+            or len(chunks) != len(shape)
+            or not shape
+            or min(chunks) < 1
+            or tuple(chunks[1:]) != tuple(shape[1:])
+        ):
             return None
         return _ChunkedArray(shape, chunks, dtype, names[-1] == "zstd")
-
-

@@ -6,6 +6,7 @@ resumed or concurrent writer can check it labels the same thing), and as
 between by one small commit record each (`_commits/shard-NNNNN.json`), so writers of
 different shards never read-modify-write a shared file.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -27,16 +28,23 @@ MANIFEST = "manifest.json"
 COMMITS_DIR = "_commits"
 TMP_DIR = "_tmp"
 BACKENDS = ("parquet", "zarr")
-KINDS = ("dense", "topk") + TOKEN_KINDS   # token_*: one row per token position (storage/tokens.py)
+KINDS = ("dense", "topk") + TOKEN_KINDS  # token_*: one row per token position (storage/tokens.py)
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lz4", "zstd")
 
 # Fields that decide whether two writers label *the same thing*. A resumed writer must
 # match all of them; anything else (names, extra metadata) may differ.
 IDENTITY_FIELDS = (
-    "backend", "num_classes", "num_views", "temperature",
-    "representation", "feature", "teacher.fingerprint", "data.fingerprint",
-    "data.split", "data.transform",
+    "backend",
+    "num_classes",
+    "num_views",
+    "temperature",
+    "representation",
+    "feature",
+    "teacher.fingerprint",
+    "data.fingerprint",
+    "data.split",
+    "data.transform",
 )
 
 # and, for the token kinds, these too (not part of older datasets' lineage digests)
@@ -54,12 +62,13 @@ REQUIRED_DATA = ("name", "split", "fingerprint", "transform")
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def producer() -> dict[str, str]:
     try:
         from importlib.metadata import version
+
         v = version("distillery")
     except Exception:  # running from a source tree that is not installed
         v = "0+unknown"
@@ -148,13 +157,16 @@ def parse_manifest(raw: bytes, uri: str) -> dict:
     if v not in SUPPORTED_FORMAT_VERSIONS:
         raise ManifestError(
             f"{where}: unknown format_version {v!r}; this distillery reads "
-            f"{list(SUPPORTED_FORMAT_VERSIONS)} (upgrade distillery to read newer datasets)")
+            f"{list(SUPPORTED_FORMAT_VERSIONS)} (upgrade distillery to read newer datasets)"
+        )
     validate_manifest(m, where)
     if v >= 2:
         want = manifest_digest(m)
         if m.get("digest") != want:
-            raise ManifestError(f"{where} was modified after distillery wrote it: its digest is "
-                                f"{m.get('digest')!r}, its content hashes to {want!r}. Restore it or re-label.")
+            raise ManifestError(
+                f"{where} was modified after distillery wrote it: its digest is "
+                f"{m.get('digest')!r}, its content hashes to {want!r}. Restore it or re-label."
+            )
     return m
 
 
@@ -171,7 +183,7 @@ def lineage_digest(m: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-_SHARD_NAME = re.compile(r"^(?:%s/)?shard-(\d{5})-([0-9a-f]{16})\.(parquet|zarr)$" % DATA_DIR)
+_SHARD_NAME = re.compile(rf"^(?:{DATA_DIR}/)?shard-(\d{{5}})-([0-9a-f]{{16}})\.(parquet|zarr)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -181,9 +193,11 @@ def check_shard_path(path: Any, backend: str, index: int | None, where: str) -> 
     m = _SHARD_NAME.match(path) if isinstance(path, str) else None
     ext = {"parquet": "parquet", "zarr": "zarr"}.get(backend)
     if m is None or m.group(3) != ext or (index is not None and int(m.group(1)) != index):
-        raise ManifestError(f"{where}: shard path {path!r} is not allowed: shards are named "
-                            f"{DATA_DIR}/shard-{'NNNNN' if index is None else f'{index:05d}'}-<16 hex>.{ext} "
-                            f"inside the dataset (no absolute paths, '..' or URLs)")
+        raise ManifestError(
+            f"{where}: shard path {path!r} is not allowed: shards are named "
+            f"{DATA_DIR}/shard-{'NNNNN' if index is None else f'{index:05d}'}-<16 hex>.{ext} "
+            f"inside the dataset (no absolute paths, '..' or URLs)"
+        )
     return path
 
 
@@ -199,8 +213,17 @@ def _is_int(x: Any, lo: int = 0) -> bool:
 
 def validate_manifest(m: dict, where: str) -> None:
     """Structure and types of every field (the manifest schema, docs/format.md)."""
-    for key in ("backend", "status", "num_classes", "num_views", "temperature", "representation",
-                "teacher", "data", "shards"):
+    for key in (
+        "backend",
+        "status",
+        "num_classes",
+        "num_views",
+        "temperature",
+        "representation",
+        "teacher",
+        "data",
+        "shards",
+    ):
         if key not in m:
             raise ManifestError(f"{where}: required field {key!r} is missing")
     _need(m["backend"] in BACKENDS, where, "backend", f"one of {list(BACKENDS)}", m["backend"])
@@ -209,8 +232,13 @@ def validate_manifest(m: dict, where: str) -> None:
     _need(_is_int(C, 2), where, "num_classes", "an int >= 2", C)
     _need(_is_int(m["num_views"], 1), where, "num_views", "an int >= 1", m["num_views"])
     T = m["temperature"]
-    _need(isinstance(T, (int, float)) and not isinstance(T, bool) and math.isfinite(T) and T > 0,
-          where, "temperature", "a finite number > 0", T)
+    _need(
+        isinstance(T, (int, float)) and not isinstance(T, bool) and math.isfinite(T) and T > 0,
+        where,
+        "temperature",
+        "a finite number > 0",
+        T,
+    )
     rep = m["representation"]
     _need(isinstance(rep, dict), where, "representation", "an object {kind, dtype, k}", rep)
     _need(rep.get("kind") in KINDS, where, "representation.kind", f"one of {list(KINDS)}", rep.get("kind"))
@@ -220,17 +248,36 @@ def validate_manifest(m: dict, where: str) -> None:
     else:
         _need(rep.get("dtype") in DTYPES, where, "representation.dtype", f"one of {list(DTYPES)}", rep.get("dtype"))
     if rep["kind"] == "topk":
-        _need(_is_int(rep.get("k"), 1) and rep["k"] <= C, where, "representation.k",
-              f"an int in [1, num_classes={C}]", rep.get("k"))
-        _need(rep.get("index_dtype", index_dtype(C)) == index_dtype(C), where, "representation.index_dtype",
-              repr(index_dtype(C)), rep.get("index_dtype"))
+        _need(
+            _is_int(rep.get("k"), 1) and rep["k"] <= C,
+            where,
+            "representation.k",
+            f"an int in [1, num_classes={C}]",
+            rep.get("k"),
+        )
+        _need(
+            rep.get("index_dtype", index_dtype(C)) == index_dtype(C),
+            where,
+            "representation.index_dtype",
+            repr(index_dtype(C)),
+            rep.get("index_dtype"),
+        )
     elif not token:
         _need(rep.get("k") is None, where, "representation.k", "null for a dense representation", rep.get("k"))
     feat = m.get("feature")
     if feat is not None:
-        _need(isinstance(feat, dict) and isinstance(feat.get("name"), str) and isinstance(feat.get("shape"), list)
-              and feat["shape"] and all(_is_int(d, 1) for d in feat["shape"]) and feat.get("dtype") in DTYPES,
-              where, "feature", "null or {name, shape: [ints >= 1], dtype}", feat)
+        _need(
+            isinstance(feat, dict)
+            and isinstance(feat.get("name"), str)
+            and isinstance(feat.get("shape"), list)
+            and feat["shape"]
+            and all(_is_int(d, 1) for d in feat["shape"])
+            and feat.get("dtype") in DTYPES,
+            where,
+            "feature",
+            "null or {name, shape: [ints >= 1], dtype}",
+            feat,
+        )
     for sec, req in (("teacher", REQUIRED_TEACHER), ("data", REQUIRED_DATA)):
         d = m[sec]
         _need(isinstance(d, dict), where, sec, "an object", d)
@@ -238,8 +285,13 @@ def validate_manifest(m: dict, where: str) -> None:
             _need(k in d, where, f"{sec}.{k}", "present", "<missing>")
     for key in ("num_samples", "num_rows", "num_shards"):
         _need(m.get(key) is None or _is_int(m[key]), where, key, "null or an int >= 0", m.get(key))
-    _need(m.get("planned_shards") is None or _is_int(m["planned_shards"], 1), where, "planned_shards",
-          "null or an int >= 1", m.get("planned_shards"))
+    _need(
+        m.get("planned_shards") is None or _is_int(m["planned_shards"], 1),
+        where,
+        "planned_shards",
+        "null or an int >= 1",
+        m.get("planned_shards"),
+    )
     cols = m.get("columns")
     if cols is not None:
         want = {c.name: c.to_dict() for c in columns_for(m)}
@@ -249,13 +301,28 @@ def validate_manifest(m: dict, where: str) -> None:
     for pos, e in enumerate(shards):
         f = f"shards[{pos}]"
         _need(isinstance(e, dict), where, f, "an object", e)
-        _need(e.get("index") == pos and _is_int(e.get("index")), where, f"{f}.index", f"{pos} (entries in index order)",
-              e.get("index"))
+        _need(
+            e.get("index") == pos and _is_int(e.get("index")),
+            where,
+            f"{f}.index",
+            f"{pos} (entries in index order)",
+            e.get("index"),
+        )
         check_shard_path(e.get("path"), m["backend"], pos, f"{where}: {f}.path")
-        _need(isinstance(e.get("sha256"), str) and bool(_HEX64.match(e["sha256"])), where, f"{f}.sha256",
-              "64 hex digits", e.get("sha256"))
-        _need(e["path"].split("-")[-1].split(".")[0] == e["sha256"][:16], where, f"{f}.path",
-              f"named after its sha256 ({e['sha256'][:16]})", e["path"])
+        _need(
+            isinstance(e.get("sha256"), str) and bool(_HEX64.match(e["sha256"])),
+            where,
+            f"{f}.sha256",
+            "64 hex digits",
+            e.get("sha256"),
+        )
+        _need(
+            e["path"].split("-")[-1].split(".")[0] == e["sha256"][:16],
+            where,
+            f"{f}.path",
+            f"named after its sha256 ({e['sha256'][:16]})",
+            e["path"],
+        )
         for k in ("num_rows", "rows_per_block"):
             _need(_is_int(e.get(k), 1), where, f"{f}.{k}", "an int >= 1", e.get(k))
         for k in ("first_sample_id", "last_sample_id", "bytes"):
@@ -263,44 +330,87 @@ def validate_manifest(m: dict, where: str) -> None:
         ns = e.get("num_sequences")
         if not token:
             _need("num_sequences" not in e, where, f"{f}.num_sequences", "absent (token kinds only)", ns)
-        elif ns is None:     # written before num_sequences existed: sequences of exactly seq_len
-            _need(e["num_rows"] % m["seq_len"] == 0, where, f"{f}.num_rows",
-                  f"a multiple of seq_len={m['seq_len']} when the entry has no num_sequences (a fixed-length "
-                  f"shard)", e["num_rows"])
+        elif ns is None:  # written before num_sequences existed: sequences of exactly seq_len
+            _need(
+                e["num_rows"] % m["seq_len"] == 0,
+                where,
+                f"{f}.num_rows",
+                f"a multiple of seq_len={m['seq_len']} when the entry has no num_sequences (a fixed-length shard)",
+                e["num_rows"],
+            )
         else:
             lo = -(-e["num_rows"] // m["seq_len"])
-            _need(_is_int(ns, 1) and lo <= ns <= e["num_rows"], where, f"{f}.num_sequences",
-                  f"an int in [{lo}, {e['num_rows']}] (its num_rows tokens in sequences of 1..seq_len="
-                  f"{m['seq_len']})", ns)
+            _need(
+                _is_int(ns, 1) and lo <= ns <= e["num_rows"],
+                where,
+                f"{f}.num_sequences",
+                f"an int in [{lo}, {e['num_rows']}] (its num_rows tokens in sequences of 1..seq_len={m['seq_len']})",
+                ns,
+            )
     if m["status"] == "complete":
         for key in ("num_samples", "num_rows", "num_shards"):
             _need(_is_int(m.get(key)), where, key, "an int in a complete manifest", m.get(key))
-        _need(m["num_shards"] == len(shards) and shards, where, "num_shards",
-              f"the number of shard entries ({len(shards)}, at least 1)", m["num_shards"])
+        _need(
+            m["num_shards"] == len(shards) and shards,
+            where,
+            "num_shards",
+            f"the number of shard entries ({len(shards)}, at least 1)",
+            m["num_shards"],
+        )
         total = sum(e["num_rows"] for e in shards)
         _need(m["num_rows"] == total, where, "num_rows", f"the sum of the shards' num_rows ({total})", m["num_rows"])
         if token:
-            _need(m.get("num_tokens") == m["num_rows"], where, "num_tokens", f"num_rows ({m['num_rows']})",
-                  m.get("num_tokens"))
+            _need(
+                m.get("num_tokens") == m["num_rows"],
+                where,
+                "num_tokens",
+                f"num_rows ({m['num_rows']})",
+                m.get("num_tokens"),
+            )
             L = m["seq_len"]
             seqs = sum(e["num_rows"] // L if e.get("num_sequences") is None else e["num_sequences"] for e in shards)
-            _need(m["num_samples"] * m["num_views"] == seqs, where, "num_samples",
-                  f"the sequences / num_views: sum(shards[].num_sequences) / {m['num_views']} = {seqs} / "
-                  f"{m['num_views']} (every (sample_id, view) is one sequence)", m["num_samples"])
-            _need(seqs <= m["num_rows"] <= seqs * L, where, "num_rows",
-                  f"between sum(shards[].num_sequences) and that x seq_len ({seqs} .. {seqs * L})", m["num_rows"])
+            _need(
+                m["num_samples"] * m["num_views"] == seqs,
+                where,
+                "num_samples",
+                f"the sequences / num_views: sum(shards[].num_sequences) / {m['num_views']} = {seqs} / "
+                f"{m['num_views']} (every (sample_id, view) is one sequence)",
+                m["num_samples"],
+            )
+            _need(
+                seqs <= m["num_rows"] <= seqs * L,
+                where,
+                "num_rows",
+                f"between sum(shards[].num_sequences) and that x seq_len ({seqs} .. {seqs * L})",
+                m["num_rows"],
+            )
         else:
-            _need(m["num_rows"] == m["num_samples"] * m["num_views"], where, "num_rows",
-                  f"num_samples x num_views ({m['num_samples']} x {m['num_views']})", m["num_rows"])
+            _need(
+                m["num_rows"] == m["num_samples"] * m["num_views"],
+                where,
+                "num_rows",
+                f"num_samples x num_views ({m['num_samples']} x {m['num_views']})",
+                m["num_rows"],
+            )
 
 
 def _validate_token_fields(m: dict, where: str) -> None:
     V, L = m.get("vocab_size"), m.get("seq_len")
-    _need(_is_int(V, 2) and V == m["num_classes"], where, "vocab_size",
-          f"an int >= 2 equal to num_classes ({m['num_classes']})", V)
+    _need(
+        _is_int(V, 2) and V == m["num_classes"],
+        where,
+        "vocab_size",
+        f"an int >= 2 equal to num_classes ({m['num_classes']})",
+        V,
+    )
     _need(_is_int(L, 1), where, "seq_len", "an int >= 1 (the most tokens per sequence)", L)
-    _need(m.get("num_tokens") is None or _is_int(m["num_tokens"]), where, "num_tokens", "null or an int >= 0",
-          m.get("num_tokens"))
+    _need(
+        m.get("num_tokens") is None or _is_int(m["num_tokens"]),
+        where,
+        "num_tokens",
+        "null or an int >= 0",
+        m.get("num_tokens"),
+    )
     _need(m["temperature"] == 1.0, where, "temperature", "1.0 for token labels (stored at T = 1)", m["temperature"])
     _need(m.get("feature") is None, where, "feature", "null for token labels", m.get("feature"))
     problem = representation_problem(m["representation"], V)

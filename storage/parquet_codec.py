@@ -30,10 +30,13 @@ anything else, and the caller then falls back to pyarrow (slow but general).
 Thrift compact protocol: https://github.com/apache/thrift/blob/master/doc/specs/thrift-compact-protocol.md
 Parquet structures: https://github.com/apache/parquet-format/blob/master/src/main/thrift/parquet.thrift
 """
+
 from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,19 +50,20 @@ REQUIRED, REPEATED = 0, 2
 CONVERTED_LIST, CONVERTED_UINT8, CONVERTED_UINT16, CONVERTED_INT32, CONVERTED_INT64 = 3, 11, 12, 17, 18
 ENC_PLAIN, ENC_RLE = 0, 3
 PAGE_DATA_V2 = 3
-CODECS = {"none": 0, "zstd": 6, "lz4": 7}            # UNCOMPRESSED, ZSTD, LZ4_RAW
+CODECS = {"none": 0, "zstd": 6, "lz4": 7}  # UNCOMPRESSED, ZSTD, LZ4_RAW
 _ARROW_CODEC = {6: "zstd", 7: "lz4_raw"}
-ZSTD_LEVEL = 3   # pyarrow's default (1) leaves runs of equal ids ~50x larger
+ZSTD_LEVEL = 3  # pyarrow's default (1) leaves runs of equal ids ~50x larger
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codec(codec: int) -> pa.Codec:
     name = _ARROW_CODEC[codec]
     return pa.Codec(name, compression_level=ZSTD_LEVEL) if name == "zstd" else pa.Codec(name)
 
+
 # numpy dtype -> (physical type, type_length, bytes per stored value, logical type, converted type)
 _PHYSICAL = {
-    "float16": (T_FLBA, 2, 2, (15, {}), None),                  # LogicalType.FLOAT16
+    "float16": (T_FLBA, 2, 2, (15, {}), None),  # LogicalType.FLOAT16
     "float32": (T_FLOAT, None, 4, None, None),
     "float64": (T_DOUBLE, None, 8, None, None),
     "int64": (T_INT64, None, 8, (10, {1: ("i8", 64), 2: ("bool", True)}), CONVERTED_INT64),
@@ -73,6 +77,7 @@ BINARY = "fixed_size_binary"
 
 
 # ------------------------------------------------------------------ Thrift compact protocol
+
 
 class _W:
     """Compact-protocol writer. A struct is a list of (field_id, kind, value) in id order;
@@ -96,7 +101,7 @@ class _W:
     def zigzag(self, n: int) -> None:
         self.varint((n << 1) ^ (n >> 63))
 
-    def value(self, kind: str, v) -> None:
+    def value(self, kind: str, v: Any) -> None:
         if kind == "i8":
             self.out += struct.pack("<b", v)
         elif kind in ("i32", "i64"):
@@ -121,7 +126,7 @@ class _W:
         else:
             raise ValueError(kind)
 
-    def struct(self, fields) -> None:
+    def struct(self, fields: Iterable[tuple[int, str, Any]]) -> None:
         last = 0
         for fid, kind, v in fields:
             if v is None:
@@ -143,7 +148,7 @@ class _R:
     """Compact-protocol reader: structs become {field_id: value}, lists Python lists,
     binaries bytes. Unknown fields are parsed and kept, so nothing needs a schema."""
 
-    def __init__(self, buf, pos: int = 0):
+    def __init__(self, buf: pa.Buffer | bytes | memoryview, pos: int = 0):
         self.buf, self.pos = buf, pos
 
     def varint(self) -> int:
@@ -162,7 +167,7 @@ class _R:
         n = self.varint()
         return (n >> 1) ^ -(n & 1)
 
-    def value(self, t: int):
+    def value(self, t: int) -> Any:
         if t in (1, 2):
             return t == 1
         if t == 3:
@@ -176,7 +181,7 @@ class _R:
         if t == 8:
             n = self.varint()
             self.pos += n
-            return bytes(self.buf[self.pos - n:self.pos])
+            return bytes(self.buf[self.pos - n : self.pos])
         if t in (9, 10):
             h = self.buf[self.pos]
             self.pos += 1
@@ -214,11 +219,13 @@ class _R:
 
 # ------------------------------------------------------------------ encoding
 
+
 @functools.lru_cache(maxsize=64)
 def _arrow_schema_b64(fields: tuple) -> bytes:
     """The ARROW:schema value pyarrow itself writes for this schema (read back from an
     empty file it writes), so Arrow readers restore the exact types."""
     import io
+
     schema = arrow_schema(fields)
     buf = io.BytesIO()
     pq.write_table(schema.empty_table(), buf)
@@ -280,8 +287,13 @@ def _stored(a: np.ndarray, dtype: str) -> np.ndarray:
     return a if a.dtype == np.dtype(want) else a.astype(want)
 
 
-def encode(columns: list[tuple[str, str, int | None]], arrays: dict[str, np.ndarray], *,
-           rows_per_group: int, compression: dict[str, str]) -> list:
+def encode(
+    columns: list[tuple[str, str, int | None]],
+    arrays: dict[str, np.ndarray],
+    *,
+    rows_per_group: int,
+    compression: dict[str, str],
+) -> list:
     """The Parquet file for `arrays` as a list of buffers to write in order (values are
     numpy views where possible: no copy of the big columns)."""
     n = len(arrays[columns[0][0]])
@@ -305,19 +317,32 @@ def encode(columns: list[tuple[str, str, int | None]], arrays: dict[str, np.ndar
             if codec:
                 data = _codec(codec).compress(data, asbytes=False)
             levels = b""
-            listed = width is not None and not binary   # a Parquet LIST: levels per element
+            listed = width is not None and not binary  # a Parquet LIST: levels per element
             if listed:
                 rep, dfn = _levels_rep(rows, width), _levels_def(rows * width)
                 levels = rep + dfn
             num_values = rows * (width if listed else 1)
             page_hdr = _W()
-            page_hdr.struct([
-                (1, "i32", PAGE_DATA_V2), (2, "i32", len(levels) + raw_len), (3, "i32", len(levels) + len(data)),
-                (8, "struct", [(1, "i32", num_values), (2, "i32", 0), (3, "i32", rows), (4, "i32", ENC_PLAIN),
-                               (5, "i32", len(levels) - len(rep) if listed else 0),
-                               (6, "i32", len(rep) if listed else 0),
-                               (7, "bool", bool(codec))]),
-            ])
+            page_hdr.struct(
+                [
+                    (1, "i32", PAGE_DATA_V2),
+                    (2, "i32", len(levels) + raw_len),
+                    (3, "i32", len(levels) + len(data)),
+                    (
+                        8,
+                        "struct",
+                        [
+                            (1, "i32", num_values),
+                            (2, "i32", 0),
+                            (3, "i32", rows),
+                            (4, "i32", ENC_PLAIN),
+                            (5, "i32", len(levels) - len(rep) if listed else 0),
+                            (6, "i32", len(rep) if listed else 0),
+                            (7, "bool", bool(codec)),
+                        ],
+                    ),
+                ]
+            )
             start = offset
             parts += [bytes(page_hdr.out), levels, data]
             size = len(page_hdr.out) + len(levels) + len(data)
@@ -329,9 +354,17 @@ def encode(columns: list[tuple[str, str, int | None]], arrays: dict[str, np.ndar
                 lo, hi = vals.min(), vals.max()
                 stats = [(3, "i64", 0), (5, "bin", hi.tobytes()), (6, "bin", lo.tobytes())]
             path = [name] if not listed else [name, "list", "element"]
-            meta = [(1, "i32", phys[0]), (2, "list:i32", [ENC_PLAIN, ENC_RLE]), (3, "list:str", path),
-                    (4, "i32", codec), (5, "i64", num_values), (6, "i64", usize), (7, "i64", size),
-                    (9, "i64", start), (12, "struct", stats)]
+            meta = [
+                (1, "i32", phys[0]),
+                (2, "list:i32", [ENC_PLAIN, ENC_RLE]),
+                (3, "list:str", path),
+                (4, "i32", codec),
+                (5, "i64", num_values),
+                (6, "i64", usize),
+                (7, "i64", size),
+                (9, "i64", start),
+                (12, "struct", stats),
+            ]
             chunks.append([(2, "i64", start), (3, "struct", meta)])
         row_groups.append([(1, "list:struct", chunks), (2, "i64", total), (3, "i64", rows)])
         if n == 0:
@@ -342,29 +375,57 @@ def encode(columns: list[tuple[str, str, int | None]], arrays: dict[str, np.ndar
             schema.append([(1, "i32", T_FLBA), (2, "i32", int(width)), (3, "i32", REQUIRED), (4, "str", name)])
             continue
         phys, tlen, _, logical, conv = _PHYSICAL[dtype]
-        leaf = [(1, "i32", phys), (2, "i32", tlen), (3, "i32", REQUIRED), (4, "str", "element" if width else name),
-                (6, "i32", conv), (10, "struct", None if logical is None else [(logical[0], "struct", [
-                    (k, kind, v) for k, (kind, v) in sorted(logical[1].items())])])]
+        leaf = [
+            (1, "i32", phys),
+            (2, "i32", tlen),
+            (3, "i32", REQUIRED),
+            (4, "str", "element" if width else name),
+            (6, "i32", conv),
+            (
+                10,
+                "struct",
+                None
+                if logical is None
+                else [(logical[0], "struct", [(k, kind, v) for k, (kind, v) in sorted(logical[1].items())])],
+            ),
+        ]
         if width is None:
             schema.append(leaf)
         else:
-            schema += [[(3, "i32", REQUIRED), (4, "str", name), (5, "i32", 1), (6, "i32", CONVERTED_LIST),
-                        (10, "struct", [(3, "struct", [])])],
-                       [(3, "i32", REPEATED), (4, "str", "list"), (5, "i32", 1)],
-                       leaf]
+            schema += [
+                [
+                    (3, "i32", REQUIRED),
+                    (4, "str", name),
+                    (5, "i32", 1),
+                    (6, "i32", CONVERTED_LIST),
+                    (10, "struct", [(3, "struct", [])]),
+                ],
+                [(3, "i32", REPEATED), (4, "str", "list"), (5, "i32", 1)],
+                leaf,
+            ]
     key = tuple((name, dtype, width) for name, dtype, width in columns)
     footer = _W()
-    footer.struct([(1, "i32", 2), (2, "list:struct", schema), (3, "i64", n), (4, "list:struct", row_groups),
-                   (5, "list:struct", [[(1, "str", "ARROW:schema"), (2, "bin", _arrow_schema_b64(key))]]),
-                   (6, "str", "distillery parquet_codec"),
-                   (7, "list:struct", [[(1, "struct", [])] for _ in columns])])  # TYPE_ORDER per leaf
+    footer.struct(
+        [
+            (1, "i32", 2),
+            (2, "list:struct", schema),
+            (3, "i64", n),
+            (4, "list:struct", row_groups),
+            (5, "list:struct", [[(1, "str", "ARROW:schema"), (2, "bin", _arrow_schema_b64(key))]]),
+            (6, "str", "distillery parquet_codec"),
+            (7, "list:struct", [[(1, "struct", [])] for _ in columns]),
+        ]
+    )  # TYPE_ORDER per leaf
     parts += [bytes(footer.out), struct.pack("<i", len(footer.out)), MAGIC]
     return parts
 
 
 # ------------------------------------------------------------------ decoding
 
-def read_column_chunk(buf, size: int, dtype: str, width: int | None, rows: int, codec: int = 0):
+
+def read_column_chunk(
+    buf: pa.Buffer | bytes | memoryview, size: int, dtype: str, width: int | None, rows: int, codec: int = 0
+) -> np.ndarray | None:
     """Values of one column chunk as a numpy array of `rows` (x `width`), or None when the
     chunk is not a single PLAIN, null-free DATA_PAGE_V2 page (then the caller uses pyarrow).
 
@@ -389,11 +450,11 @@ def read_column_chunk(buf, size: int, dtype: str, width: int | None, rows: int, 
         return None  # more than one page in the chunk, or a damaged header
     stored = np.dtype(np.uint8) if binary else np.dtype(_STORED_NP[_PHYSICAL[dtype][0]])
     raw_len = n_values * (width if binary else stored.itemsize)
-    data = memoryview(buf)[r.pos + levels:r.pos + levels + comp_size]
+    data = memoryview(buf)[r.pos + levels : r.pos + levels + comp_size]
     if codec and v2.get(7, True):
         if codec not in _ARROW_CODEC:
             return None
-        try:   # a framed (Hadoop) LZ4 page also reports "LZ4": if it is not raw LZ4, fall back
+        try:  # a framed (Hadoop) LZ4 page also reports "LZ4": if it is not raw LZ4, fall back
             data = memoryview(pa.decompress(data, raw_len, codec=_ARROW_CODEC[codec], asbytes=False))
         except (pa.ArrowException, OSError, ValueError):
             return None

@@ -13,6 +13,7 @@ Trainers weight pad rows by 0. With drop_last=True each partition yields
 floor(M / batch_size) full batches and the remainder is dropped (then not every row
 is seen every epoch; the dropped rows change with the epoch's shard order).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Segment:
-    shard: int   # position of the shard in manifest["shards"]
-    start: int   # first row within the shard
-    stop: int    # one past the last row
+    shard: int  # position of the shard in manifest["shards"]
+    start: int  # first row within the shard
+    stop: int  # one past the last row
     pad: bool
 
 
@@ -44,8 +45,17 @@ def batches_per_partition(total_rows: int, partitions: int, batch_size: int, dro
     return m // batch_size if drop_last else math.ceil(m / batch_size)
 
 
-def partition_segments(shard_rows: list[int], *, seed: int, epoch: int, shuffle: bool,
-                       rank: int, world_size: int, worker: int, num_workers: int) -> list[Segment]:
+def partition_segments(
+    shard_rows: list[int],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+) -> list[Segment]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
     if num_workers < 1 or not 0 <= worker < num_workers:
@@ -63,9 +73,9 @@ def partition_segments(shard_rows: list[int], *, seed: int, epoch: int, shuffle:
     segs: list[Segment] = []
     pos = a
     while pos < b:
-        g = pos % n                       # position in the epoch order
+        g = pos % n  # position in the epoch order
         pad = pos >= n
-        take = min(b - pos, n - g)        # up to the end of the order
+        take = min(b - pos, n - g)  # up to the end of the order
         _emit(segs, bounds, order, g, g + take, pad)
         pos += take
     return segs

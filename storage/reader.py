@@ -20,29 +20,32 @@ once per process from the shard's position column (storage/token_sequences.py).
 Filesystems are opened lazily inside iteration, so the dataset object can be handed
 to forked DataLoader workers, including with S3.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
+import numpy.typing as npt
 
+from . import token_sequences as seqs
+from . import tokens
 from .errors import CorruptShardError, IncompleteDatasetError, ManifestError, SoftLabelError
 from .fs import Location
-from .layout import TOKEN_KINDS, columns_for, row_bytes
+from .layout import TOKEN_KINDS, ParquetShard, ZarrShard, columns_for, row_bytes
 from .manifest import check_expect, lineage_digest
 from .partition import batches_per_partition, partition_segments
 from .shards import commits_disagree, open_shard, read_commits, read_id_columns, read_manifest
 from .verify import verify as verify_dataset
-from . import tokens
-from . import token_sequences as seqs
 
 SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker)
-REMOTE_OPEN_BYTES = 512 << 20     # object-store shards are held in memory while open: bound them
+REMOTE_OPEN_BYTES = 512 << 20  # object-store shards are held in memory while open: bound them
 
 
-def open_soft_labels(uri: str, *, expect: dict | None = None, verify: bool = False,
-                     storage_options: dict | None = None) -> "SoftLabelDataset":
+def open_soft_labels(
+    uri: str, *, expect: dict | None = None, verify: bool = False, storage_options: dict | None = None
+) -> SoftLabelDataset:
     """Open a COMPLETE dataset. `expect` = manifest values the caller requires, e.g.
     {"teacher": {"fingerprint": fp}, "temperature": 4.0} or {"teacher.fingerprint": fp};
     any difference raises MismatchError naming field, expected and found value.
@@ -55,17 +58,21 @@ def open_soft_labels(uri: str, *, expect: dict | None = None, verify: bool = Fal
         planned = m.get("planned_shards")
         raise IncompleteDatasetError(
             f"soft-label dataset at {loc.uri} is partial ({done} shard(s) committed"
-            f"{f' of {planned}' if planned else ''}); finish labelling (re-run resumes) before reading it")
+            f"{f' of {planned}' if planned else ''}); finish labelling (re-run resumes) before reading it"
+        )
     problems = commits_disagree(m, commits, lineage_digest(m) if m["format_version"] >= 2 else None)
     if problems:
-        raise ManifestError(f"soft-label dataset at {loc.uri}: the manifest and the committed shards disagree "
-                            f"(edited, or written by two runs):\n  " + "\n  ".join(problems[:10]))
+        raise ManifestError(
+            f"soft-label dataset at {loc.uri}: the manifest and the committed shards disagree "
+            f"(edited, or written by two runs):\n  " + "\n  ".join(problems[:10])
+        )
     check_expect(m, expect, loc.uri)
     if verify:
         report = verify_dataset(uri, storage_options=storage_options)
         if not report.ok:
-            raise CorruptShardError(f"soft-label dataset at {loc.uri} failed verification:\n  "
-                                    + "\n  ".join(report.problems))
+            raise CorruptShardError(
+                f"soft-label dataset at {loc.uri} failed verification:\n  " + "\n  ".join(report.problems)
+            )
     return SoftLabelDataset(loc, m)
 
 
@@ -88,9 +95,11 @@ class SoftLabelDataset:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"SoftLabelDataset({self.uri!r}, backend={m['backend']}, rows={len(self)}, "
-                f"classes={m['num_classes']}, views={m['num_views']}, T={m['temperature']}, "
-                f"{m['representation']['kind']})")
+        return (
+            f"SoftLabelDataset({self.uri!r}, backend={m['backend']}, rows={len(self)}, "
+            f"classes={m['num_classes']}, views={m['num_views']}, T={m['temperature']}, "
+            f"{m['representation']['kind']})"
+        )
 
     def _open(self, pos: int, cache: dict):
         if pos not in cache:
@@ -112,21 +121,41 @@ class SoftLabelDataset:
 
     # ------------------------------------------------------------------ streaming
 
-    def num_batches(self, batch_size: int, *, world_size: int = 1, num_workers: int = 1,
-                    drop_last: bool = False) -> int:
+    def num_batches(
+        self, batch_size: int, *, world_size: int = 1, num_workers: int = 1, drop_last: bool = False
+    ) -> int:
         """Batches ONE rank yields per epoch (summed over its DataLoader workers)."""
         parts = world_size * num_workers
         return num_workers * batches_per_partition(len(self), parts, batch_size, drop_last)
 
-    def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-                     rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                     shuffle_buffer: int | None = None, columns: list[str] | None = None,
-                     drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+        shuffle_buffer: int | None = None,
+        columns: list[str] | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, np.ndarray]]:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         cols = self._check_columns(columns)
-        segs = partition_segments(self.shard_rows, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
-                                  world_size=world_size, worker=worker, num_workers=num_workers)
+        segs = partition_segments(
+            self.shard_rows,
+            seed=seed,
+            epoch=epoch,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            worker=worker,
+            num_workers=num_workers,
+        )
         blocks = self._blocks(segs, cols)
         if shuffle:
             if shuffle_buffer is None:
@@ -179,8 +208,9 @@ class SoftLabelDataset:
             self._index = (sids[order], views[order], shard_of[order], row[order])
         return self._index
 
-    def _locate(self, sample_ids, views, sids_sorted: np.ndarray, views_sorted: np.ndarray, what: str,
-                unit: str) -> np.ndarray:
+    def _locate(
+        self, sample_ids, views, sids_sorted: np.ndarray, views_sorted: np.ndarray, what: str, unit: str
+    ) -> np.ndarray:
         """Positions in an index sorted by (sample_id, view) of the requested rows: every
         view of each id (id-major, views ascending) when views is None, else one view each.
         SoftLabelError naming the first missing (sample_id, view)."""
@@ -197,16 +227,22 @@ class SoftLabelDataset:
         ok[ok] = (sids_sorted[pos[ok]] == ids[ok]) & (views_sorted[pos[ok]] == want[ok])
         if not ok.all():
             bad = np.flatnonzero(~ok)
-            raise SoftLabelError(f"{self.uri}: {what} ({ids[bad[0]]}, {want[bad[0]]}) is not in "
-                                 f"the dataset; {len(bad)} of {len(ids)} requested {unit} missing")
+            raise SoftLabelError(
+                f"{self.uri}: {what} ({ids[bad[0]]}, {want[bad[0]]}) is not in "
+                f"the dataset; {len(bad)} of {len(ids)} requested {unit} missing"
+            )
         return pos
 
-    def take(self, sample_ids, views=None, *, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    def take(
+        self, sample_ids: npt.ArrayLike, views: npt.ArrayLike | None = None, *, columns: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
         """Rows for `sample_ids`, in the order given. views=None: every view of each id
         (id-major, views ascending); else an array of the same length naming one view each."""
         if self.is_tokens:
-            raise SoftLabelError(f"{self.uri}: a token-label dataset has up to seq_len={self.seq_len} rows per "
-                                 f"(sample_id, view); use take_sequences()")
+            raise SoftLabelError(
+                f"{self.uri}: a token-label dataset has up to seq_len={self.seq_len} rows per "
+                f"(sample_id, view); use take_sequences()"
+            )
         cols = self._check_columns(columns)
         sids_sorted, views_sorted, shard_sorted, row_sorted = self._build_index()
         pos = self._locate(sample_ids, views, sids_sorted, views_sorted, "(sample_id, view)", "row(s)")
@@ -233,8 +269,10 @@ class SoftLabelDataset:
     @property
     def seq_len(self) -> int:
         if not self.is_tokens:
-            raise SoftLabelError(f"{self.uri}: representation {self.manifest['representation']['kind']!r} has no "
-                                 f"sequences (only token_topk / token_sampled do)")
+            raise SoftLabelError(
+                f"{self.uri}: representation {self.manifest['representation']['kind']!r} has no "
+                f"sequences (only token_topk / token_sampled do)"
+            )
         return int(self.manifest["seq_len"])
 
     def _seq_counts(self) -> list[int]:
@@ -260,11 +298,14 @@ class SoftLabelDataset:
         except CorruptShardError:
             raise
         except Exception as e:
-            raise CorruptShardError(f"{self.uri}: shard {self.manifest['shards'][pos]['path']} rows {lo}:{hi} "
-                                    f"cannot be read: {type(e).__name__}: {e}") from None
+            raise CorruptShardError(
+                f"{self.uri}: shard {self.manifest['shards'][pos]['path']} rows {lo}:{hi} "
+                f"cannot be read: {type(e).__name__}: {e}"
+            ) from None
 
-    def num_sequence_batches(self, batch_size: int, *, world_size: int = 1, num_workers: int = 1,
-                             drop_last: bool = False) -> int:
+    def num_sequence_batches(
+        self, batch_size: int, *, world_size: int = 1, num_workers: int = 1, drop_last: bool = False
+    ) -> int:
         """Batches of sequences ONE rank yields per epoch from iter_sequences (over its workers)."""
         n = sum(self._seq_counts())
         return num_workers * batches_per_partition(n, world_size * num_workers, batch_size, drop_last)
@@ -276,10 +317,21 @@ class SoftLabelDataset:
         block = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"]) * row_bytes(self.columns)
         return max(8 * batch_size, (SHUFFLE_BUDGET_BYTES - 3 * block) // seq)
 
-    def iter_sequences(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-                       rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                       shuffle_buffer: int | None = None, drop_last: bool = False,
-                       decode: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    def iter_sequences(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+        shuffle_buffer: int | None = None,
+        drop_last: bool = False,
+        decode: bool = True,
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Whole sequences, `batch_size` at a time: {"sample_id" (B,), "view" (B,), "pad" (B,),
         label columns (B, L, ...)}. Shuffling, partitioning over (rank, worker) and padding are
         iter_batches' (storage/partition.py), at sequence granularity: every (sample_id, view)
@@ -288,8 +340,16 @@ class SoftLabelDataset:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         L = self.seq_len
-        segs = partition_segments(self._seq_counts(), seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
-                                  world_size=world_size, worker=worker, num_workers=num_workers)
+        segs = partition_segments(
+            self._seq_counts(),
+            seed=seed,
+            epoch=epoch,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            worker=worker,
+            num_workers=num_workers,
+        )
         chunks = self._seq_blocks(segs, L)
         if shuffle:
             if shuffle_buffer is None:
@@ -310,12 +370,16 @@ class SoftLabelDataset:
             sh = self._open(seg.shard, cache)
             entry = self.manifest["shards"][seg.shard]
 
-            def read(lo, hi, _p=seg.shard, _sh=sh):
+            def read(
+                lo: int, hi: int, _p: int = seg.shard, _sh: ParquetShard | ZarrShard = sh
+            ) -> dict[str, np.ndarray]:
                 return self._read_rows(_p, _sh, lo, hi, cols)
+
             if seqs.is_full(entry, L):
                 # cut points: the segment's ends and the block starts inside it, rounded up to sequences
-                cuts = sorted({seg.start, seg.stop} | {-(-b0 // L) for b0, _ in sh.blocks()
-                                                       if seg.start < -(-b0 // L) < seg.stop})
+                cuts = sorted(
+                    {seg.start, seg.stop} | {-(-b0 // L) for b0, _ in sh.blocks() if seg.start < -(-b0 // L) < seg.stop}
+                )
                 for a, b in zip(cuts[:-1], cuts[1:]):
                     rows = read(a * L, b * L)
                     seqs.check_full_rows(rows, L, f"{self.uri}: shard {entry['path']}", a * L)
@@ -332,12 +396,15 @@ class SoftLabelDataset:
         if getattr(self, "_seq_index", None) is None:
             cache = self._shard_cache()
             sids, views, shard_of, row, length = seqs.sequence_keys(
-                self.loc, self.manifest, opener=lambda p: self._open(p, cache), layout=self._layout)
+                self.loc, self.manifest, opener=lambda p: self._open(p, cache), layout=self._layout
+            )
             order = np.lexsort((views, sids))
             self._seq_index = (sids[order], views[order], shard_of[order], row[order], length[order])
         return self._seq_index
 
-    def take_sequences(self, sample_ids, views=None, *, decode: bool = True) -> dict[str, np.ndarray]:
+    def take_sequences(
+        self, sample_ids: npt.ArrayLike, views: npt.ArrayLike | None = None, *, decode: bool = True
+    ) -> dict[str, np.ndarray]:
         """Whole sequences for `sample_ids`, in the order given, shaped like iter_sequences'
         batches (without "pad"; with "length"). views=None: every view of each id (id-major,
         views ascending); else an array of the same length naming one view each."""
@@ -353,6 +420,7 @@ class SoftLabelDataset:
                 if c not in out:
                     out[c] = np.empty((len(pos),) + vals.shape[1:], vals.dtype)
                 out[c][dst] = vals
+
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             for (b0, b1), blk in self._blocks_for(int(s), row[sel], cols):
@@ -362,7 +430,7 @@ class SoftLabelDataset:
                 if inside.any():
                     put(seqs.gather(blk, starts[inside], lens[inside], L), dst[inside])
                 sh = self._open(int(s), self._shard_cache())
-                for r, n, d in zip(starts[~inside], lens[~inside], dst[~inside]):   # cut by a block end
+                for r, n, d in zip(starts[~inside], lens[~inside], dst[~inside]):  # cut by a block end
                     rows = self._read_rows(int(s), sh, b0 + int(r), b0 + int(r) + int(n), cols)
                     put(seqs.pad(rows, np.array([n], np.int64), L), np.array([d]))
         return tokens.decode(self.manifest, out) if decode else out
@@ -379,7 +447,7 @@ class SoftLabelDataset:
             blk = self._block_cache.pop(key, None)
             if blk is None:
                 blk = sh.read(*bounds[bi], cols)
-            self._block_cache[key] = blk            # most recently used last
+            self._block_cache[key] = blk  # most recently used last
             while len(self._block_cache) > 8:
                 self._block_cache.pop(next(iter(self._block_cache)))
             yield bounds[bi], blk
@@ -409,18 +477,18 @@ def _shuffle_blocks(blocks, buffer_rows: int, rng: np.random.Generator, total_ro
         m = _rows(blk)
         if buf is None:
             buf = {k: np.empty((cap,) + v.shape[1:], v.dtype) for k, v in blk.items()}
-        take = min(m, cap - n)                       # fill free slots first
+        take = min(m, cap - n)  # fill free slots first
         if take:
             for k, v in blk.items():
-                buf[k][n:n + take] = v[:take]
+                buf[k][n : n + take] = v[:take]
             n += take
         i = take
-        while i < m:                                 # buffer full: evict random slots,
-            c = min(m - i, cap, out_rows)            # a chunk at a time (small index arrays)
+        while i < m:  # buffer full: evict random slots,
+            c = min(m - i, cap, out_rows)  # a chunk at a time (small index arrays)
             slots = rng.choice(cap, size=c, replace=False) if c < cap else rng.permutation(cap)
             yield {k: buf[k][slots] for k in buf}
             for k, v in blk.items():
-                buf[k][slots] = v[i:i + c]
+                buf[k][slots] = v[i : i + c]
             i += c
     if n:
         # shuffle the filled buffer in place, every column with the same permutation (the
@@ -431,7 +499,7 @@ def _shuffle_blocks(blocks, buffer_rows: int, rng: np.random.Generator, total_ro
             rng.bit_generator.state = state
             rng.shuffle(buf[k][:n])
         for a in range(0, n, out_rows):
-            yield {k: buf[k][a:a + out_rows] for k in buf}
+            yield {k: buf[k][a : a + out_rows] for k in buf}
 
 
 def _rebatch(chunks, batch_size: int, drop_last: bool):
@@ -447,7 +515,7 @@ def _rebatch(chunks, batch_size: int, drop_last: bool):
                 yield _concat(carry)
                 carry, have = [], 0
         while n - i >= batch_size:
-            yield {k: v[i:i + batch_size] for k, v in chunk.items()}  # zero-copy slice
+            yield {k: v[i : i + batch_size] for k, v in chunk.items()}  # zero-copy slice
             i += batch_size
         if i < n:
             carry.append({k: v[i:] for k, v in chunk.items()})

@@ -13,6 +13,7 @@ Nothing read from disk is trusted: commit records and manifest entries are valid
 `open_shard` hashes a shard's bytes the first time a process opens it (see "What is
 checked when" in docs/format.md).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +23,7 @@ import shutil
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +55,14 @@ def read_manifest(loc: Location) -> dict:
 
 # ------------------------------------------------------------------ publish
 
-def publish(loc: Location, objects: dict[str, list], name_for, accept=None, hint: str = "shard") -> tuple[str, str] | None:
+
+def publish(
+    loc: Location,
+    objects: dict[str, list],
+    name_for: Callable[[str], str],
+    accept: Callable[[str], bool] | None = None,
+    hint: str = "shard",
+) -> tuple[str, str] | None:
     """Make the shard `name_for(sha256)` (a file, or a directory of objects) appear complete
     or not at all. Returns (name, sha256), or None when `accept(sha256)` says no (then
     nothing is published). Locally the bytes are hashed while they are written to a temp
@@ -158,10 +167,11 @@ def read_objects(loc: Location, name: str) -> dict[str, list]:
         raise FileNotFoundError(p)
     prefix = p.rstrip("/") + "/"
     got = fs.cat(files) if len(files) > 1 else {files[0]: fs.cat_file(files[0])}
-    return {f[len(prefix):]: [v] for f, v in got.items()}
+    return {f[len(prefix) :]: [v] for f, v in got.items()}
 
 
 # ------------------------------------------------------------------ commit records
+
 
 def write_commit(loc: Location, record: dict) -> dict:
     record = dict(record, committed_at=now_iso(), writer={"host": socket.gethostname(), "pid": os.getpid()})
@@ -184,17 +194,24 @@ def read_commits(loc: Location, backend: str) -> dict[int, dict]:
             rec = json.loads(data)
             idx = rec["index"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ManifestError(f"{where} is unreadable ({type(e).__name__}: {e}); delete it to rewrite that shard") from None
-        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0 or \
-                os.path.basename(p) != f"{shard_basename(idx)}.json":
+            raise ManifestError(
+                f"{where} is unreadable ({type(e).__name__}: {e}); delete it to rewrite that shard"
+            ) from None
+        if (
+            not isinstance(idx, int)
+            or isinstance(idx, bool)
+            or idx < 0
+            or os.path.basename(p) != f"{shard_basename(idx)}.json"
+        ):
             raise ManifestError(f"{where}: index {idx!r} does not match the record's file name")
         check_shard_path(rec.get("path"), backend, idx, where)
         sha = rec.get("sha256")
         if not isinstance(sha, str) or len(sha) != 64 or rec["path"].split("-")[-1].split(".")[0] != sha[:16]:
             raise ManifestError(f"{where}: sha256 {sha!r} does not match its path {rec['path']!r}")
         ns, rows = rec.get("num_sequences"), rec.get("num_rows")
-        if ns is not None and not (isinstance(ns, int) and not isinstance(ns, bool) and isinstance(rows, int)
-                                   and 1 <= ns <= rows):
+        if ns is not None and not (
+            isinstance(ns, int) and not isinstance(ns, bool) and isinstance(rows, int) and 1 <= ns <= rows
+        ):
             raise ManifestError(f"{where}: num_sequences {ns!r} must be an int in [1, num_rows={rows!r}]")
         out[idx] = rec
     return out
@@ -213,12 +230,16 @@ def commits_disagree(manifest: dict, commits: dict[int, dict], lineage: str | No
         elif (c["path"], c["sha256"]) != (e["path"], e["sha256"]):
             out.append(f"shard {i}: the manifest names {e['path']}, its commit record {c['path']}")
         elif (c.get("num_sequences"), c.get("num_rows")) != (e.get("num_sequences"), e.get("num_rows")):
-            out.append(f"shard {i} ({c['path']}): the manifest says num_sequences {e.get('num_sequences')} / "
-                       f"num_rows {e.get('num_rows')}, its commit record {c.get('num_sequences')} / "
-                       f"{c.get('num_rows')}")
+            out.append(
+                f"shard {i} ({c['path']}): the manifest says num_sequences {e.get('num_sequences')} / "
+                f"num_rows {e.get('num_rows')}, its commit record {c.get('num_sequences')} / "
+                f"{c.get('num_rows')}"
+            )
         elif lineage is not None and c.get("lineage", lineage) != lineage:
-            out.append(f"shard {i} ({c['path']}) was committed by a run labelling something else "
-                       f"(commit lineage {c.get('lineage')}, manifest {lineage}; writer {c.get('writer')})")
+            out.append(
+                f"shard {i} ({c['path']}) was committed by a run labelling something else "
+                f"(commit lineage {c.get('lineage')}, manifest {lineage}; writer {c.get('writer')})"
+            )
     return out
 
 
@@ -268,12 +289,16 @@ def forget_verified() -> None:
 
 
 def _mismatch(loc: Location, name: str, want: str, got: str) -> CorruptShardError:
-    return CorruptShardError(f"{loc.uri}: shard {name} does not hold the bytes that were committed "
-                             f"(sha256 mismatch: recorded {want[:16]}…, found {got[:16]}…): it was damaged or "
-                             f"replaced. Run `distill inspect {loc.uri} --verify` for details; re-label to repair.")
+    return CorruptShardError(
+        f"{loc.uri}: shard {name} does not hold the bytes that were committed "
+        f"(sha256 mismatch: recorded {want[:16]}…, found {got[:16]}…): it was damaged or "
+        f"replaced. Run `distill inspect {loc.uri} --verify` for details; re-label to repair."
+    )
 
 
-def open_shard(loc: Location, entry: dict, backend: str, spec: list[Column], *, rehash: bool = False):
+def open_shard(
+    loc: Location, entry: dict, backend: str, spec: list[Column], *, rehash: bool = False
+) -> ParquetShard | ZarrShard:
     """A ParquetShard/ZarrShard over the manifest entry's shard, whose bytes are proved to
     hash to the entry's sha256 before the first read in this process (every time with
     rehash=True, as verify() does)."""
@@ -294,9 +319,14 @@ def open_shard(loc: Location, entry: dict, backend: str, spec: list[Column], *, 
             if backend == "parquet":
                 return ParquetShard(root, spec, name=label)
             from zarr.storage import LocalStore
-            return ZarrShard(LocalStore(root, read_only=True), spec, name=label,
-                             raw_get=lambda k: _read_local(os.path.join(root, k)),
-                             raw_has=lambda k: os.path.isfile(os.path.join(root, k)))
+
+            return ZarrShard(
+                LocalStore(root, read_only=True),
+                spec,
+                name=label,
+                raw_get=lambda k: _read_local(os.path.join(root, k)),
+                raw_has=lambda k: os.path.isfile(os.path.join(root, k)),
+            )
         # Object store: fetch the shard once, hash it, and read from those very bytes.
         objects = read_objects(loc, name)
         got = tree_sha256(objects)
@@ -305,12 +335,15 @@ def open_shard(loc: Location, entry: dict, backend: str, spec: list[Column], *, 
         if backend == "parquet":
             return ParquetShard(pa.py_buffer(objects[""][0]), spec, name=label)
         from zarr.storage import MemoryStore
+
         flat = {k: v[0] for k, v in objects.items()}
         from zarr.core.buffer import default_buffer_prototype
+
         proto = default_buffer_prototype()
         store = MemoryStore({k: proto.buffer.from_bytes(v) for k, v in flat.items()}, read_only=True)
-        return ZarrShard(store, spec, name=label, raw_get=lambda k: _get_or_missing(flat, k),
-                         raw_has=lambda k: k in flat)
+        return ZarrShard(
+            store, spec, name=label, raw_get=lambda k: _get_or_missing(flat, k), raw_has=lambda k: k in flat
+        )
     except FileNotFoundError:
         raise CorruptShardError(f"{label} is missing") from None
     except (CorruptShardError, ManifestError):
@@ -331,6 +364,7 @@ def _get_or_missing(d: dict, key: str):
 
 
 # ------------------------------------------------------------------ coverage
+
 
 def read_id_columns(loc: Location, manifest: dict, spec: list[Column]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample_id, view, shard position) of every row, shards in manifest order."""
@@ -358,15 +392,19 @@ def check_coverage(sids: np.ndarray, views: np.ndarray, shard_of: np.ndarray, nu
     dup = np.flatnonzero((s[1:] == s[:-1]) & (v[1:] == v[:-1]))
     if len(dup):
         i = dup[0]
-        raise CoverageError(f"{uri}: (sample_id {s[i]}, view {v[i]}) appears more than once "
-                            f"(shards {sh[i]} and {sh[i + 1]}); {len(dup)} duplicate row(s) in all")
+        raise CoverageError(
+            f"{uri}: (sample_id {s[i]}, view {v[i]}) appears more than once "
+            f"(shards {sh[i]} and {sh[i + 1]}); {len(dup)} duplicate row(s) in all"
+        )
     uniq, start, counts = np.unique(s, return_index=True, return_counts=True)
     bad = np.flatnonzero(counts != num_views)
     if len(bad):
         sid = uniq[bad[0]]
-        have = v[start[bad[0]]:start[bad[0]] + counts[bad[0]]].tolist()
-        raise CoverageError(f"{uri}: sample_id {sid} has views {have}, expected all of 0..{num_views - 1}; "
-                            f"{len(bad)} sample(s) incomplete")
+        have = v[start[bad[0]] : start[bad[0]] + counts[bad[0]]].tolist()
+        raise CoverageError(
+            f"{uri}: sample_id {sid} has views {have}, expected all of 0..{num_views - 1}; "
+            f"{len(bad)} sample(s) incomplete"
+        )
     expected_views = np.tile(np.arange(num_views), len(uniq))
     if not np.array_equal(v, expected_views):
         i = int(np.flatnonzero(v != expected_views)[0])

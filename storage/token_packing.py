@@ -26,15 +26,16 @@ missing mass) stored as code = round(-logp / step), clipped to 0..255, read back
 -code * step; step = 1/16 covers [-15.94, 0] with a relative error in p of at most 3.2%.
 Values below -15.94 (p < 1.2e-7) read back as -15.94.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-VALUE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "uint8": 8}   # uint8: log-prob codes
+VALUE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "uint8": 8}  # uint8: log-prob codes
 LOGPROB_STEP = 1.0 / 16
-_ROW_BLOCK_ELEMS = 1 << 20   # ids per block while packing / unpacking (bounds the bit temporaries)
+_ROW_BLOCK_ELEMS = 1 << 20  # ids per block while packing / unpacking (bounds the bit temporaries)
 
 
 def id_bits(vocab_size: int) -> int:
@@ -94,11 +95,11 @@ def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
     out = np.empty((n, rb), np.uint8)
     step = max(1, _ROW_BLOCK_ELEMS // max(k, 1))
     for a in range(0, n, step):
-        block = np.ascontiguousarray(ids[a:a + step].astype("<u4"))           # (r, k)
+        block = np.ascontiguousarray(ids[a : a + step].astype("<u4"))  # (r, k)
         r = block.shape[0]
         bitarr = np.unpackbits(block.view(np.uint8).reshape(r, k, 4), axis=-1, bitorder="little")
-        stream = bitarr[:, :, :bits].reshape(r, k * bits)                      # (r, k*bits)
-        out[a:a + r] = np.packbits(stream, axis=-1, bitorder="little")         # pads the last byte with 0
+        stream = bitarr[:, :, :bits].reshape(r, k * bits)  # (r, k*bits)
+        out[a : a + r] = np.packbits(stream, axis=-1, bitorder="little")  # pads the last byte with 0
     return out
 
 
@@ -119,17 +120,24 @@ def unpack_ids(buf: np.ndarray, bits: int, shape: tuple[int, int]) -> np.ndarray
     out = np.empty((n, k), np.int64)
     step = max(1, _ROW_BLOCK_ELEMS // max(k, 1))
     for a in range(0, n, step):
-        block = buf[a:a + step]
+        block = buf[a : a + step]
         r = block.shape[0]
-        stream = np.unpackbits(block, axis=-1, bitorder="little")[:, :k * bits].reshape(r, k, bits)
+        stream = np.unpackbits(block, axis=-1, bitorder="little")[:, : k * bits].reshape(r, k, bits)
         wide = np.zeros((r, k, 32), np.uint8)
         wide[:, :, :bits] = stream
-        out[a:a + r] = np.packbits(wide, axis=-1, bitorder="little").view("<u4").reshape(r, k)
+        out[a : a + r] = np.packbits(wide, axis=-1, bitorder="little").view("<u4").reshape(r, k)
     return out
 
 
-def bytes_per_token(*, k, id_bits: int, value_dtype: str | None = None, tail: bool = True,
-                    counts_bits: int | None = None, length_bytes: float | None = None) -> float:
+def bytes_per_token(
+    *,
+    k: int | np.ndarray,
+    id_bits: int,
+    value_dtype: str | None = None,
+    tail: bool = True,
+    counts_bits: int | None = None,
+    length_bytes: float | None = None,
+) -> float:
     """Stored bytes per token position (rows byte-aligned, as `pack_ids` writes them).
 
     top-k (counts_bits None):

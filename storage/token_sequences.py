@@ -9,11 +9,19 @@ num_sequences x seq_len): the fixed-length layout, read with a reshape and no pe
 work. Other shards are read through their start offsets, found once per process by
 reading the shard's small position column.
 """
+
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import CorruptShardError, ManifestError
+
+if TYPE_CHECKING:
+    from .fs import Location
+    from .layout import ParquetShard, ZarrShard
 
 
 def entry_sequences(entry: dict, L: int) -> int:
@@ -28,7 +36,7 @@ def is_full(entry: dict, L: int) -> bool:
     return int(entry["num_rows"]) == entry_sequences(entry, L) * L
 
 
-def position_problem(pos: np.ndarray, L: int):
+def position_problem(pos: np.ndarray, L: int) -> tuple[int, str, int] | None:
     """None when `pos` is a run of sequences 0..n-1 with 1 <= n <= L; else
     (row, what, expected): what "gap" (the row's position is not the previous + 1 and not
     0; expected = the position it should have) or "long" (the row is past seq_len)."""
@@ -36,7 +44,7 @@ def position_problem(pos: np.ndarray, L: int):
     if n == 0:
         return (0, "empty", 0)
     if n % L == 0 and np.array_equal(pos.reshape(-1, L), np.broadcast_to(np.arange(L, dtype=pos.dtype), (n // L, L))):
-        return None                                  # the fixed-length layout
+        return None  # the fixed-length layout
     starts = starts_of(pos)
     want = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
     bad = np.flatnonzero(pos != want)
@@ -62,7 +70,7 @@ def bounds(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.append(starts, len(pos))).astype(np.int64)
 
 
-def shard_layout(sh, entry: dict, L: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+def shard_layout(sh: ParquetShard | ZarrShard, entry: dict, L: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(starts, lengths) of an opened shard's sequences: arithmetic for a full shard, its
     position column (read once, checked) otherwise. CorruptShardError when the positions
     are not whole sequences or their count is not the entry's num_sequences."""
@@ -77,8 +85,10 @@ def shard_layout(sh, entry: dict, L: int, name: str) -> tuple[np.ndarray, np.nda
         raise CorruptShardError(f"{name}: its position column cannot be read: {type(e).__name__}: {e}") from None
     bad = position_problem(pos, L)
     if bad is not None:
-        raise CorruptShardError(f"{name}: row {bad[0]} has position {int(pos[bad[0]]) if len(pos) else None}: "
-                                f"not whole sequences of 1..seq_len={L} tokens")
+        raise CorruptShardError(
+            f"{name}: row {bad[0]} has position {int(pos[bad[0]]) if len(pos) else None}: "
+            f"not whole sequences of 1..seq_len={L} tokens"
+        )
     starts, lengths = bounds(pos)
     if len(starts) != ns:
         raise ManifestError(f"{name} holds {len(starts)} sequences, its manifest entry says num_sequences {ns}")
@@ -124,12 +134,22 @@ def check_full_rows(rows: dict[str, np.ndarray], L: int, name: str, a: int) -> N
     """Rows read as whole sequences of seq_len by the fast path: their first and last
     positions must say so (a per-sequence check, no per-row work)."""
     pos = rows.get("position")
-    if pos is not None and len(pos) and (pos[::L].any() or (pos[L - 1::L] != L - 1).any()):
-        raise CorruptShardError(f"{name}: rows from {a} are not whole sequences of seq_len={L} tokens, as its "
-                                f"manifest entry (num_rows = num_sequences x seq_len) says")
+    if pos is not None and len(pos) and (pos[::L].any() or (pos[L - 1 :: L] != L - 1).any()):
+        raise CorruptShardError(
+            f"{name}: rows from {a} are not whole sequences of seq_len={L} tokens, as its "
+            f"manifest entry (num_rows = num_sequences x seq_len) says"
+        )
 
 
-def iter_segment(sh, read, starts: np.ndarray, lengths: np.ndarray, a: int, b: int, L: int):
+def iter_segment(
+    sh: ParquetShard | ZarrShard,
+    read: Callable[[int, int], dict[str, np.ndarray]],
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    a: int,
+    b: int,
+    L: int,
+) -> Iterator[dict[str, np.ndarray]]:
     """Sequences a..b-1 of an opened variable-length shard, padded, a storage block at a
     time: each block is read once, and the tail of a sequence cut by a block boundary is
     carried into the next block's chunk. `read(lo, hi)` returns the rows lo..hi-1."""
@@ -155,7 +175,12 @@ def iter_segment(sh, read, starts: np.ndarray, lengths: np.ndarray, a: int, b: i
         raise CorruptShardError(f"{getattr(sh, 'name', 'shard')}: sequences {i}..{b - 1} are not inside its blocks")
 
 
-def sequence_keys(loc, manifest: dict, opener, layout=None) -> tuple[np.ndarray, ...]:
+def sequence_keys(
+    loc: Location,
+    manifest: dict,
+    opener: Callable[[int], ParquetShard | ZarrShard],
+    layout: Callable[[int, ParquetShard | ZarrShard], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, ...]:
     """(sample_id, view, shard position, start row, length) of every sequence of the
     dataset, shards in manifest order; every shard's layout checked (shard_layout).
     `opener(p)` opens shard p (storage.shards.open_shard, or the reader's per-process
@@ -173,9 +198,15 @@ def sequence_keys(loc, manifest: dict, opener, layout=None) -> tuple[np.ndarray,
             raise
         except Exception as ex:
             raise CorruptShardError(f"{name} cannot be read: {type(ex).__name__}: {ex}") from None
-        parts.append((ids["sample_id"][starts], ids["view"][starts], np.full(len(starts), p, np.int32),
-                      starts, lengths))
+        parts.append(
+            (ids["sample_id"][starts], ids["view"][starts], np.full(len(starts), p, np.int32), starts, lengths)
+        )
     if not parts:
-        return (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64),
-                np.zeros(0, np.int64))
+        return (
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+        )
     return tuple(np.concatenate(x) for x in zip(*parts))

@@ -11,17 +11,28 @@ everywhere). storage/token_sequences.py finds and pads the sequences of a shard.
 Values are stored at T = 1: a student applies its own temperature at train time (the
 top-k summary of a distribution is not exact at any other temperature).
 """
+
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
+from . import token_sequences as seqs
 from .errors import CoverageError, InvalidLogitsError
 from .layout import TOKEN_KINDS, TOKEN_VALUE_STORAGE
-from . import token_sequences as seqs
-from .token_packing import (LOGPROB_STEP, bf16_bits, counts_bits, from_bf16_bits, from_logprob_codes, id_bits,
-                            logprob_codes, pack_ids, unpack_ids)
+from .token_packing import (
+    LOGPROB_STEP,
+    bf16_bits,
+    counts_bits,
+    from_bf16_bits,
+    from_logprob_codes,
+    id_bits,
+    logprob_codes,
+    pack_ids,
+    unpack_ids,
+)
 
-VALUE_DTYPES = tuple(TOKEN_VALUE_STORAGE)        # float16, bfloat16, uint8 (log-prob codes), float32
+VALUE_DTYPES = tuple(TOKEN_VALUE_STORAGE)  # float16, bfloat16, uint8 (log-prob codes), float32
 TAIL_DTYPES = ("float16", "float32")
 ID_COLUMN = {"token_topk": "topk_ids", "token_sampled": "sample_ids"}
 
@@ -31,8 +42,16 @@ def is_token_kind(manifest_or_rep: dict) -> bool:
     return rep.get("kind") in TOKEN_KINDS
 
 
-def make_representation(kind: str, *, vocab_size: int, k=None, dtype=None, tail_dtype=None, draws=None,
-                        s_max=None) -> dict:
+def make_representation(
+    kind: str,
+    *,
+    vocab_size: int,
+    k: int | None = None,
+    dtype: str | None = None,
+    tail_dtype: str | None = None,
+    draws: int | None = None,
+    s_max: int | None = None,
+) -> dict:
     """The manifest's `representation` for a token kind (ValueError naming the bad argument)."""
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
@@ -57,21 +76,35 @@ def make_representation(kind: str, *, vocab_size: int, k=None, dtype=None, tail_
         if not isinstance(draws, int) or not 1 <= draws <= 65_535:
             raise ValueError(f"representation='token_sampled' needs an int draws in [1, 65535], got draws={draws!r}")
         if not isinstance(s_max, int) or not 1 <= s_max <= min(draws, vocab_size):
-            raise ValueError(f"representation='token_sampled' needs an int s_max (stored ids per token) in "
-                             f"[1, min(draws, vocab_size) = {min(draws, vocab_size)}], got s_max={s_max!r}")
+            raise ValueError(
+                f"representation='token_sampled' needs an int s_max (stored ids per token) in "
+                f"[1, min(draws, vocab_size) = {min(draws, vocab_size)}], got s_max={s_max!r}"
+            )
         if k is not None or dtype is not None or tail_dtype is not None:
             raise ValueError("k / dtype / tail_dtype are only meaningful with representation='token_topk'")
-        return {"kind": kind, "k": None, "draws": draws, "s_max": s_max,
-                "count_dtype": "uint8" if counts_bits(draws) == 8 else "uint16", **ids}
+        return {
+            "kind": kind,
+            "k": None,
+            "draws": draws,
+            "s_max": s_max,
+            "count_dtype": "uint8" if counts_bits(draws) == 8 else "uint16",
+            **ids,
+        }
     raise ValueError(f"unknown token representation {kind!r}; one of {list(TOKEN_KINDS)}")
 
 
-def representation_problem(rep: dict, vocab_size) -> str | None:
+def representation_problem(rep: dict, vocab_size: int) -> str | None:
     """Why a manifest's token representation is malformed (None when it is fine)."""
     try:
-        want = make_representation(rep.get("kind"), vocab_size=vocab_size, k=rep.get("k"),
-                                   dtype=rep.get("dtype"), tail_dtype=rep.get("tail_dtype"),
-                                   draws=rep.get("draws"), s_max=rep.get("s_max"))
+        want = make_representation(
+            rep.get("kind"),
+            vocab_size=vocab_size,
+            k=rep.get("k"),
+            dtype=rep.get("dtype"),
+            tail_dtype=rep.get("tail_dtype"),
+            draws=rep.get("draws"),
+            s_max=rep.get("s_max"),
+        )
     except (ValueError, TypeError) as e:
         return str(e)
     if rep != want:
@@ -80,6 +113,7 @@ def representation_problem(rep: dict, vocab_size) -> str | None:
 
 
 # ------------------------------------------------------------------ writing
+
 
 def _per_token(a, n: int, lengths: np.ndarray, name: str, where: str, default=None) -> np.ndarray:
     """A per-token integer array of n rows from a per-token (n,) or per-sequence (S,) one
@@ -93,8 +127,10 @@ def _per_token(a, n: int, lengths: np.ndarray, name: str, where: str, default=No
     if a.ndim == 2 and a.size == n and a.shape[0] == S:
         a = a.reshape(-1)
     if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or len(a) not in (n, S):
-        raise InvalidLogitsError(f"{where}: {name} must be an integer array of {n} (per token) or {S} "
-                                 f"(per sequence) entries, got shape {a.shape} dtype {a.dtype}")
+        raise InvalidLogitsError(
+            f"{where}: {name} must be an integer array of {n} (per token) or {S} "
+            f"(per sequence) entries, got shape {a.shape} dtype {a.dtype}"
+        )
     return np.repeat(a, lengths) if len(a) != n else a
 
 
@@ -102,13 +138,15 @@ def _rows2d(a, name: str, where: str, width: int | None, n: int | None, kind: st
     if a is None:
         raise InvalidLogitsError(f"{where}: {name} is required for this representation")
     a = np.asarray(a)
-    if a.ndim == 3:                              # (B, L, w) -> (B * L, w)
+    if a.ndim == 3:  # (B, L, w) -> (B * L, w)
         a = a.reshape(-1, a.shape[-1])
     ok_kind = np.issubdtype(a.dtype, np.integer) if kind == "int" else np.issubdtype(a.dtype, np.floating)
     if a.ndim != 2 or not ok_kind or (n is not None and len(a) != n) or (width is not None and a.shape[1] != width):
         want = f"({n if n is not None else 'N'}, {width if width is not None else 'w'})"
-        raise InvalidLogitsError(f"{where}: {name} must be {'an integer' if kind == 'int' else 'a float'} array of "
-                                 f"shape {want} (or (B, L, w)), got {a.shape} {a.dtype}")
+        raise InvalidLogitsError(
+            f"{where}: {name} must be {'an integer' if kind == 'int' else 'a float'} array of "
+            f"shape {want} (or (B, L, w)), got {a.shape} {a.dtype}"
+        )
     return a
 
 
@@ -120,23 +158,37 @@ def _positions(positions, n: int, L: int, where: str) -> np.ndarray:
     """The per-token position column: given, or 0..L-1 for each of n / L sequences."""
     if positions is None:
         if n == 0 or n % L:
-            raise InvalidLogitsError(f"{where}: a shard holds whole sequences of seq_len={L} tokens; got {n} rows "
-                                     f"(not a positive multiple of {L}); pass positions= for sequences of "
-                                     f"variable length")
+            raise InvalidLogitsError(
+                f"{where}: a shard holds whole sequences of seq_len={L} tokens; got {n} rows "
+                f"(not a positive multiple of {L}); pass positions= for sequences of "
+                f"variable length"
+            )
         return np.tile(np.arange(L, dtype=np.int32), n // L)
     pos = np.asarray(positions)
     if pos.ndim == 2 and pos.size == n:
         pos = pos.reshape(-1)
     if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer) or len(pos) != n:
-        raise InvalidLogitsError(f"{where}: positions must be an integer array of {n} entries (one per token), "
-                                 f"got shape {pos.shape} dtype {pos.dtype}")
+        raise InvalidLogitsError(
+            f"{where}: positions must be an integer array of {n} entries (one per token), "
+            f"got shape {pos.shape} dtype {pos.dtype}"
+        )
     if n == 0:
         raise InvalidLogitsError(f"{where}: a shard holds at least one sequence; got 0 rows")
     return pos
 
 
-def prepare_columns(m: dict, where: str, sample_ids, views, positions, *, ids=None, logprobs=None,
-                    missing_mass=None, counts=None) -> dict[str, np.ndarray]:
+def prepare_columns(
+    m: dict,
+    where: str,
+    sample_ids: npt.ArrayLike,
+    views: npt.ArrayLike | None,
+    positions: npt.ArrayLike | None,
+    *,
+    ids: npt.ArrayLike | None = None,
+    logprobs: npt.ArrayLike | None = None,
+    missing_mass: npt.ArrayLike | None = None,
+    counts: npt.ArrayLike | None = None,
+) -> dict[str, np.ndarray]:
     """The stored columns of one token shard, every input checked (InvalidLogitsError naming
     the field, the row and its sequence; nothing is written on error). Sequences start at
     the rows whose position is 0 and hold 1..seq_len tokens (positions None: seq_len each)."""
@@ -149,8 +201,10 @@ def prepare_columns(m: dict, where: str, sample_ids, views, positions, *, ids=No
     if topk and ids.shape[1] != width:
         raise InvalidLogitsError(f"{where}: ids must have k={width} columns, got {ids.shape[1]}")
     if not topk and ids.shape[1] > width:
-        raise InvalidLogitsError(f"{where}: ids has {ids.shape[1]} columns, more than s_max={width} (the stored "
-                                 f"ids per token); open the writer with a larger s_max")
+        raise InvalidLogitsError(
+            f"{where}: ids has {ids.shape[1]} columns, more than s_max={width} (the stored "
+            f"ids per token); open the writer with a larger s_max"
+        )
     starts, lengths = seqs.bounds(pos)
     problem = seqs.position_problem(pos, L)
     try:
@@ -161,46 +215,57 @@ def prepare_columns(m: dict, where: str, sample_ids, views, positions, *, ids=No
     except InvalidLogitsError:
         if problem is None:
             raise
-        sid = v = None        # per-sequence ids of broken sequences: report the positions first
+        sid = v = None  # per-sequence ids of broken sequences: report the positions first
 
     def token(r: int) -> str:
         if sid is None:
             return f"row {r} (position {int(pos[r])})"
         return f"row {r} (sample_id {int(sid[r])}, view {int(v[r])}, position {int(pos[r])})"
+
     if problem is not None and problem[1] == "gap":
         r = problem[0]
-        raise InvalidLogitsError(f"{where}: positions must be 0..{L - 1}, ascending and contiguous per sequence "
-                                 f"(a sequence of n <= seq_len={L} tokens has positions 0..n-1 and starts at "
-                                 f"position 0): {token(r)} has position {int(pos[r])}, expected {problem[2]}")
+        raise InvalidLogitsError(
+            f"{where}: positions must be 0..{L - 1}, ascending and contiguous per sequence "
+            f"(a sequence of n <= seq_len={L} tokens has positions 0..n-1 and starts at "
+            f"position 0): {token(r)} has position {int(pos[r])}, expected {problem[2]}"
+        )
     seq = np.repeat(np.arange(len(starts)), lengths)
-    if problem is not None:                       # "long": a sequence past seq_len
+    if problem is not None:  # "long": a sequence past seq_len
         r = problem[0]
         s0 = int(starts[seq[r]])
         who = "" if sid is None else f" (sample_id {int(sid[s0])}, view {int(v[s0])})"
-        raise InvalidLogitsError(f"{where}: positions: the sequence starting at row {s0}{who} has "
-                                 f"{int(lengths[seq[r]])} tokens, more than seq_len={L}; {token(r)} is past its end")
+        raise InvalidLogitsError(
+            f"{where}: positions: the sequence starting at row {s0}{who} has "
+            f"{int(lengths[seq[r]])} tokens, more than seq_len={L}; {token(r)} is past its end"
+        )
     bad = np.flatnonzero((v < 0) | (v >= m["num_views"]))
     if len(bad):
-        raise InvalidLogitsError(f"{where}: views: {token(bad[0])} has view {int(v[bad[0]])}, outside "
-                                 f"[0, num_views={m['num_views']})")
+        raise InvalidLogitsError(
+            f"{where}: views: {token(bad[0])} has view {int(v[bad[0]])}, outside [0, num_views={m['num_views']})"
+        )
     seq_s, seq_v = sid[starts], v[starts]
     bad = np.flatnonzero((sid != seq_s[seq]) | (v != seq_v[seq]))
     if len(bad):
         r = int(bad[0])
-        raise InvalidLogitsError(f"{where}: sample_ids/views: the {int(lengths[seq[r]])} rows of a sequence must "
-                                 f"share one (sample_id, view); {token(r)} differs from its sequence's first row "
-                                 f"(sample_id {int(seq_s[seq[r]])}, view {int(seq_v[seq[r]])})")
+        raise InvalidLogitsError(
+            f"{where}: sample_ids/views: the {int(lengths[seq[r]])} rows of a sequence must "
+            f"share one (sample_id, view); {token(r)} differs from its sequence's first row "
+            f"(sample_id {int(seq_s[seq[r]])}, view {int(seq_v[seq[r]])})"
+        )
     order = np.lexsort((seq_v, seq_s))
     ss, vv = seq_s[order], seq_v[order]
     dup = np.flatnonzero((ss[1:] == ss[:-1]) & (vv[1:] == vv[:-1]))
     if len(dup):
-        raise CoverageError(f"{where}: sequence (sample_id {ss[dup[0]]}, view {vv[dup[0]]}) appears more than "
-                            f"once in the shard")
+        raise CoverageError(
+            f"{where}: sequence (sample_id {ss[dup[0]]}, view {vv[dup[0]]}) appears more than once in the shard"
+        )
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= V:
         r = _first_bad((ids < 0) | (ids >= V))
-        raise InvalidLogitsError(f"{where}: ids: {token(r)} has id {int(ids[r][(ids[r] < 0) | (ids[r] >= V)][0])}, "
-                                 f"outside [0, vocab_size={V})")
+        raise InvalidLogitsError(
+            f"{where}: ids: {token(r)} has id {int(ids[r][(ids[r] < 0) | (ids[r] >= V)][0])}, "
+            f"outside [0, vocab_size={V})"
+        )
     cols = {"sample_id": sid, "view": v.astype(np.int32), "position": pos.astype(np.int32)}
     bits = int(rep["id_bits"])
     if topk:
@@ -211,17 +276,23 @@ def prepare_columns(m: dict, where: str, sample_ids, views, positions, *, ids=No
             raise InvalidLogitsError(f"{where}: logprobs: {token(r)} contains NaN or Inf")
         if (lp32 > 0).any():
             r = _first_bad(lp32 > 0)
-            raise InvalidLogitsError(f"{where}: logprobs: {token(r)} has log-prob {float(lp32[r].max())} > 0 "
-                                     f"(log-probabilities over the full vocabulary are <= 0)")
+            raise InvalidLogitsError(
+                f"{where}: logprobs: {token(r)} has log-prob {float(lp32[r].max())} > 0 "
+                f"(log-probabilities over the full vocabulary are <= 0)"
+            )
         mm = np.asarray(missing_mass) if missing_mass is not None else None
         if mm is None or mm.reshape(-1).shape != (n,) or not np.issubdtype(mm.dtype, np.floating):
-            raise InvalidLogitsError(f"{where}: missing_mass must be a float array of {n} entries (one per token), "
-                                     f"got {None if mm is None else (mm.shape, mm.dtype)}")
+            raise InvalidLogitsError(
+                f"{where}: missing_mass must be a float array of {n} entries (one per token), "
+                f"got {None if mm is None else (mm.shape, mm.dtype)}"
+            )
         mm = mm.reshape(-1).astype(np.float32, copy=False)
-        bad = np.flatnonzero(~((mm >= 0) & (mm <= 1)))      # also NaN
+        bad = np.flatnonzero(~((mm >= 0) & (mm <= 1)))  # also NaN
         if len(bad):
-            raise InvalidLogitsError(f"{where}: missing_mass: {token(bad[0])} is {float(mm[bad[0]])}, outside [0, 1] "
-                                     f"(1 - the kept probabilities)")
+            raise InvalidLogitsError(
+                f"{where}: missing_mass: {token(bad[0])} is {float(mm[bad[0]])}, outside [0, 1] "
+                f"(1 - the kept probabilities)"
+            )
         cols["topk_ids"] = encode_ids(ids, bits)
         cols["topk_logprobs"] = encode_values(lp32, rep["dtype"])
         cols["missing_mass"] = mm.astype(rep["tail_dtype"])
@@ -233,9 +304,10 @@ def prepare_columns(m: dict, where: str, sample_ids, views, positions, *, ids=No
     total = c.sum(axis=1, dtype=np.int64)
     bad = np.flatnonzero(total > rep["draws"])
     if len(bad):
-        raise InvalidLogitsError(f"{where}: counts: {token(bad[0])} sums to {int(total[bad[0]])} > draws="
-                                 f"{rep['draws']}")
-    if ids.shape[1] < width:   # pad to s_max with (id 0, count 0)
+        raise InvalidLogitsError(
+            f"{where}: counts: {token(bad[0])} sums to {int(total[bad[0]])} > draws={rep['draws']}"
+        )
+    if ids.shape[1] < width:  # pad to s_max with (id 0, count 0)
         ids = np.concatenate([ids, np.zeros((n, width - ids.shape[1]), ids.dtype)], axis=1)
         c = np.concatenate([c, np.zeros((n, width - c.shape[1]), c.dtype)], axis=1)
     cols["sample_ids"] = encode_ids(ids, bits)
@@ -257,6 +329,7 @@ def encode_values(lp32: np.ndarray, dtype: str) -> np.ndarray:
 
 # ------------------------------------------------------------------ reading
 
+
 def decode(m: dict, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stored token columns (leading shape (B,) rows or (B, L) sequences) -> ids int64,
     log-probs float32 (bf16 bits and uint8 codes decoded), missing mass float32, counts
@@ -275,9 +348,13 @@ def decode(m: dict, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[idc] = unpack_ids(a.reshape(n, a.shape[-1]), rep["id_bits"], (n, width)).reshape(*lead, width)
     if "topk_logprobs" in cols:
         a, dt = cols["topk_logprobs"], rep["dtype"]
-        out["topk_logprobs"] = (from_bf16_bits(a) if dt == "bfloat16" else
-                                from_logprob_codes(a, rep.get("logprob_step", LOGPROB_STEP)) if dt == "uint8" else
-                                a.astype(np.float32))
+        out["topk_logprobs"] = (
+            from_bf16_bits(a)
+            if dt == "bfloat16"
+            else from_logprob_codes(a, rep.get("logprob_step", LOGPROB_STEP))
+            if dt == "uint8"
+            else a.astype(np.float32)
+        )
     if "missing_mass" in cols:
         out["missing_mass"] = cols["missing_mass"].astype(np.float32)
     if "sample_counts" in cols:
@@ -286,6 +363,7 @@ def decode(m: dict, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------ verify
+
 
 def shard_problems(m: dict, cols: dict[str, np.ndarray], entry: dict | None = None) -> list[str]:
     """What verify() reports about one decoded token shard (empty when fine): sequences of
@@ -301,8 +379,11 @@ def shard_problems(m: dict, cols: dict[str, np.ndarray], entry: dict | None = No
     if problem is not None:
         r, what, want = problem
         got = int(pos[r]) if n else None
-        out.append(f"a sequence longer than seq_len={L} (row {r} has position {got})" if what == "long" else
-                   f"positions are not 0..n-1 contiguous per sequence (row {r} has position {got}, expected {want})")
+        out.append(
+            f"a sequence longer than seq_len={L} (row {r} has position {got})"
+            if what == "long"
+            else f"positions are not 0..n-1 contiguous per sequence (row {r} has position {got}, expected {want})"
+        )
     else:
         starts, lengths = seqs.bounds(pos)
         seq = np.repeat(np.arange(len(starts)), lengths)
@@ -311,10 +392,13 @@ def shard_problems(m: dict, cols: dict[str, np.ndarray], entry: dict | None = No
         if len(bad):
             out.append(f"the rows of a sequence do not share one (sample_id, view) (row {int(bad[0])})")
         if ns is None and (n % L or (lengths != L).any()):
-            out.append(f"{n} rows is not a whole number of sequences of seq_len={L} (the shard entry has no "
-                       f"num_sequences: a fixed-length shard)" if n % L else
-                       f"sequences shorter than seq_len={L}, but the shard entry has no num_sequences "
-                       f"(a fixed-length shard)")
+            out.append(
+                f"{n} rows is not a whole number of sequences of seq_len={L} (the shard entry has no "
+                f"num_sequences: a fixed-length shard)"
+                if n % L
+                else f"sequences shorter than seq_len={L}, but the shard entry has no num_sequences "
+                f"(a fixed-length shard)"
+            )
         elif ns is not None and len(starts) != ns:
             out.append(f"{len(starts)} sequences, the manifest says num_sequences {ns}")
     d = decode(m, {k: cols[k] for k in (ID_COLUMN[rep["kind"]], "topk_logprobs", "sample_counts") if k in cols})

@@ -9,6 +9,7 @@ Top-k stores the k largest s, their class ids and logsumexp(s) over ALL classes,
 rather than a renormalised top-k softmax, which overstates every stored probability.
 The top-k form is exact only at the stored temperature T.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,12 +41,13 @@ def scaled_topk(scaled: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.
         if k == C:
             i = np.argsort(-x, axis=1, kind="stable")
         else:  # the k largest in any order (no negated copy), then sorted descending
-            part = np.argpartition(x, C - k, axis=1)[:, C - k:]
+            part = np.argpartition(x, C - k, axis=1)[:, C - k :]
             order = np.argsort(-np.take_along_axis(x, part, axis=1), axis=1, kind="stable")
             i = np.take_along_axis(part, order, axis=1)
         idx[a:b] = i
         vals[a:b] = np.take_along_axis(x, i, axis=1)
         lse[a:b] = logsumexp(x, axis=1)
+
     for_row_blocks(block, n, n * C)
     return vals, idx, lse
 

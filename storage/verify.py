@@ -13,6 +13,7 @@ vocab_size, log-probs <= 0, missing mass in [0, 1], counts summing to at most `d
 coverage is over sequences (a (sample_id, view) in two shards is reported with both) and
 num_tokens must equal num_rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from .fs import Location
 from .layout import TOKEN_KINDS, columns_for
 from .manifest import lineage_digest
 from .shards import check_coverage, commits_disagree, open_shard, read_commits, read_manifest
-from .tokens import shard_problems
 from .token_sequences import bounds, position_problem
+from .tokens import shard_problems
 
 
 @dataclass
@@ -40,8 +41,10 @@ class VerifyReport:
         return not self.problems
 
     def __str__(self) -> str:
-        head = f"{self.uri}: {'OK' if self.ok else f'{len(self.problems)} problem(s)'} " \
-               f"({self.shards_checked} shards, {self.rows_checked} rows checked)"
+        head = (
+            f"{self.uri}: {'OK' if self.ok else f'{len(self.problems)} problem(s)'} "
+            f"({self.shards_checked} shards, {self.rows_checked} rows checked)"
+        )
         return "\n".join([head, *[f"  - {p}" for p in self.problems]])
 
 
@@ -81,18 +84,24 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         report.rows_checked += n
         if n != s["num_rows"]:
             report.problems.append(f"shard {s['index']} ({name}): {n} rows, manifest says {s['num_rows']}")
-        if n and (int(cols["sample_id"][0]) != s["first_sample_id"] or int(cols["sample_id"][-1]) != s["last_sample_id"]):
-            report.problems.append(f"shard {s['index']} ({name}): first/last sample_id "
-                                   f"{int(cols['sample_id'][0])}/{int(cols['sample_id'][-1])} differ from the "
-                                   f"manifest's {s['first_sample_id']}/{s['last_sample_id']}")
+        if n and (
+            int(cols["sample_id"][0]) != s["first_sample_id"] or int(cols["sample_id"][-1]) != s["last_sample_id"]
+        ):
+            report.problems.append(
+                f"shard {s['index']} ({name}): first/last sample_id "
+                f"{int(cols['sample_id'][0])}/{int(cols['sample_id'][-1])} differ from the "
+                f"manifest's {s['first_sample_id']}/{s['last_sample_id']}"
+            )
         for c in spec:
             a = cols[c.name]
             if a.dtype.kind == "f":
                 bad = ~np.isfinite(a).reshape(n, -1).all(axis=1)
                 if bad.any():
                     r = int(np.flatnonzero(bad)[0])
-                    report.problems.append(f"shard {s['index']} ({name}): column {c.name} has NaN/Inf in "
-                                           f"{int(bad.sum())} row(s), first at row {r}")
+                    report.problems.append(
+                        f"shard {s['index']} ({name}): column {c.name} has NaN/Inf in "
+                        f"{int(bad.sum())} row(s), first at row {r}"
+                    )
         keep = np.arange(n)
         if token:
             report.problems += [f"shard {s['index']} ({name}): {p}" for p in shard_problems(m, cols, s)]
@@ -113,8 +122,10 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
         try:
             num_samples = check_coverage(all_s, all_v, all_sh, m["num_views"], loc.uri)
             if num_samples != m.get("num_samples") or rows != m.get("num_rows"):
-                report.problems.append(f"totals differ: {num_samples} samples / {rows} rows found, manifest "
-                                       f"says {m.get('num_samples')} / {m.get('num_rows')}")
+                report.problems.append(
+                    f"totals differ: {num_samples} samples / {rows} rows found, manifest "
+                    f"says {m.get('num_samples')} / {m.get('num_rows')}"
+                )
         except SoftLabelError as e:
             report.problems.append(str(e))
     if not m.get("shards"):

@@ -17,26 +17,73 @@ Re-opening the same URI with the same teacher/data/temperature fingerprints resu
 committed shards are listed by `committed_shards()`. Anything else is refused unless
 overwrite=True. See storage/shards.py for how concurrent writers stay safe.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from .errors import CoverageError, IncompleteDatasetError, InvalidLogitsError, ManifestError, MismatchError, SoftLabelError
-from .fs import Location
-from .layout import (DATA_DIR, TOKEN_KINDS, columns_for, shard_basename, encode_parquet, encode_zarr, index_dtype,
-                     objects_nbytes, row_bytes, rows_per_block, seq_align)
-from .manifest import (BACKENDS, COMMITS_DIR, COMPRESSIONS, DTYPES, FORMAT_VERSION, KINDS,
-                       MANIFEST, TMP_DIR, diff_fields, dump_manifest, identity_fields, lineage_digest, now_iso,
-                       parse_manifest, producer, validate_lineage)
-from .shards import (EXT, check_coverage, commits_disagree, mark_verified, open_shard, publish, read_commits,
-                     read_id_columns, shard_filename, temp_owner_alive, write_commit)
 from . import token_sequences as seqs
-from .parallel import for_row_blocks
-from .topk import scaled_topk
 from . import tokens
+from .errors import (
+    CoverageError,
+    IncompleteDatasetError,
+    InvalidLogitsError,
+    ManifestError,
+    MismatchError,
+    SoftLabelError,
+)
+from .fs import Location
+from .layout import (
+    DATA_DIR,
+    TOKEN_KINDS,
+    columns_for,
+    encode_parquet,
+    encode_zarr,
+    index_dtype,
+    objects_nbytes,
+    row_bytes,
+    rows_per_block,
+    seq_align,
+    shard_basename,
+)
+from .manifest import (
+    BACKENDS,
+    COMMITS_DIR,
+    COMPRESSIONS,
+    DTYPES,
+    FORMAT_VERSION,
+    KINDS,
+    MANIFEST,
+    TMP_DIR,
+    diff_fields,
+    dump_manifest,
+    identity_fields,
+    lineage_digest,
+    now_iso,
+    parse_manifest,
+    producer,
+    validate_lineage,
+)
+from .parallel import for_row_blocks
+from .shards import (
+    EXT,
+    check_coverage,
+    commits_disagree,
+    mark_verified,
+    open_shard,
+    publish,
+    read_commits,
+    read_id_columns,
+    shard_filename,
+    temp_owner_alive,
+    write_commit,
+)
+from .topk import scaled_topk
 
 # finalize() deletes a temp file whose owner it cannot check (another host, an unknown name)
 # only when it is older than this: that writer may still be writing it.
@@ -44,13 +91,31 @@ ORPHAN_AGE_S = 15 * 60
 
 
 class SoftLabelWriter:
-    def __init__(self, uri: str, *, backend: str, num_classes: int | None = None, temperature: float | None = None,
-                 representation: str = "dense", k: int | None = None, dtype: str | None = None,
-                 num_views: int = 1, teacher: dict, data: dict, storage_options: dict | None = None,
-                 overwrite: bool = False, num_shards: int | None = None, feature: dict | None = None,
-                 compression: str = "none", extra: dict | None = None, vocab_size: int | None = None,
-                 seq_len: int | None = None, tail_dtype: str | None = None, draws: int | None = None,
-                 s_max: int | None = None):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        backend: str,
+        num_classes: int | None = None,
+        temperature: float | None = None,
+        representation: str = "dense",
+        k: int | None = None,
+        dtype: str | None = None,
+        num_views: int = 1,
+        teacher: dict,
+        data: dict,
+        storage_options: dict | None = None,
+        overwrite: bool = False,
+        num_shards: int | None = None,
+        feature: dict | None = None,
+        compression: str = "none",
+        extra: dict | None = None,
+        vocab_size: int | None = None,
+        seq_len: int | None = None,
+        tail_dtype: str | None = None,
+        draws: int | None = None,
+        s_max: int | None = None,
+    ):
         _check_choice("backend", backend, BACKENDS)
         _check_choice("representation", representation, KINDS)
         _check_choice("compression", compression, COMPRESSIONS)
@@ -59,26 +124,38 @@ class SoftLabelWriter:
             if vocab_size is None:
                 vocab_size = num_classes
             if num_classes is not None and num_classes != vocab_size:
-                raise ValueError(f"num_classes ({num_classes}) and vocab_size ({vocab_size}) differ; "
-                                 f"token labels need only vocab_size")
+                raise ValueError(
+                    f"num_classes ({num_classes}) and vocab_size ({vocab_size}) differ; "
+                    f"token labels need only vocab_size"
+                )
             num_classes = vocab_size
             if temperature is None:
                 temperature = 1.0
             if temperature != 1.0:
-                raise ValueError(f"token labels are stored at temperature 1.0, got temperature={temperature!r}: "
-                                 f"a student applies its own temperature at train time (top-k log-probs are "
-                                 f"exact only at the temperature they were computed at)")
+                raise ValueError(
+                    f"token labels are stored at temperature 1.0, got temperature={temperature!r}: "
+                    f"a student applies its own temperature at train time (top-k log-probs are "
+                    f"exact only at the temperature they were computed at)"
+                )
             if not isinstance(seq_len, int) or seq_len < 1:
-                raise ValueError(f"representation={representation!r} needs seq_len, an int >= 1 (the most tokens "
-                                 f"per sequence; sequences hold 1..seq_len), got {seq_len!r}")
+                raise ValueError(
+                    f"representation={representation!r} needs seq_len, an int >= 1 (the most tokens "
+                    f"per sequence; sequences hold 1..seq_len), got {seq_len!r}"
+                )
             if feature is not None:
                 raise ValueError("feature= is not supported with token labels")
-            rep = tokens.make_representation(representation, vocab_size=vocab_size, k=k, dtype=dtype,
-                                             tail_dtype=tail_dtype, draws=draws, s_max=s_max)
+            rep = tokens.make_representation(
+                representation, vocab_size=vocab_size, k=k, dtype=dtype, tail_dtype=tail_dtype, draws=draws, s_max=s_max
+            )
             dtype = rep.get("dtype") or "float16"
         else:
-            for name, val in (("vocab_size", vocab_size), ("seq_len", seq_len), ("tail_dtype", tail_dtype),
-                              ("draws", draws), ("s_max", s_max)):
+            for name, val in (
+                ("vocab_size", vocab_size),
+                ("seq_len", seq_len),
+                ("tail_dtype", tail_dtype),
+                ("draws", draws),
+                ("s_max", s_max),
+            ):
                 if val is not None:
                     raise ValueError(f"{name}= is only meaningful with representation 'token_topk' / 'token_sampled'")
             if temperature is None:
@@ -102,9 +179,14 @@ class SoftLabelWriter:
             raise ValueError(f"num_shards must be a positive int or None, got {num_shards!r}")
         if feature is not None:
             if not (isinstance(feature, dict) and {"name", "shape"} <= feature.keys()):
-                raise ValueError(f"feature must be a dict with 'name' and 'shape' (and optional 'dtype'), got {feature!r}")
-            feature = {"name": str(feature["name"]), "shape": [int(s) for s in feature["shape"]],
-                       "dtype": feature.get("dtype", dtype)}
+                raise ValueError(
+                    f"feature must be a dict with 'name' and 'shape' (and optional 'dtype'), got {feature!r}"
+                )
+            feature = {
+                "name": str(feature["name"]),
+                "shape": [int(s) for s in feature["shape"]],
+                "dtype": feature.get("dtype", dtype),
+            }
             _check_choice("feature dtype", feature["dtype"], DTYPES)
         validate_lineage(teacher, data)
 
@@ -115,21 +197,38 @@ class SoftLabelWriter:
             if representation == "topk":
                 rep["index_dtype"] = index_dtype(num_classes)
         self._new = {
-            "format_version": FORMAT_VERSION, "backend": backend, "status": "partial",
-            "num_samples": None, "num_rows": None, "num_views": num_views, "num_classes": num_classes,
-            "temperature": float(temperature), "representation": rep, "feature": feature,
-            "teacher": dict(teacher), "data": dict(data), "num_shards": None,
-            "planned_shards": num_shards, "columns": {}, "layout": {}, "shards": [],
-            "created_at": now_iso(), "producer": producer(), "extra": dict(extra or {}),
+            "format_version": FORMAT_VERSION,
+            "backend": backend,
+            "status": "partial",
+            "num_samples": None,
+            "num_rows": None,
+            "num_views": num_views,
+            "num_classes": num_classes,
+            "temperature": float(temperature),
+            "representation": rep,
+            "feature": feature,
+            "teacher": dict(teacher),
+            "data": dict(data),
+            "num_shards": None,
+            "planned_shards": num_shards,
+            "columns": {},
+            "layout": {},
+            "shards": [],
+            "created_at": now_iso(),
+            "producer": producer(),
+            "extra": dict(extra or {}),
         }
         if token:
             self._new.update(vocab_size=vocab_size, seq_len=seq_len, num_tokens=None)
         self.align = seq_align(self._new)
         self.columns = columns_for(self._new)
         self._new["columns"] = {c.name: c.to_dict() for c in self.columns}
-        self._new["layout"] = {"compression": compression, "target_block_bytes": 16 << 20,
-                               "row_bytes": row_bytes(self.columns),
-                               "shard_files": f"{DATA_DIR}/shard-NNNNN-<sha256[:16]>{EXT[backend]}"}
+        self._new["layout"] = {
+            "compression": compression,
+            "target_block_bytes": 16 << 20,
+            "row_bytes": row_bytes(self.columns),
+            "shard_files": f"{DATA_DIR}/shard-NNNNN-<sha256[:16]>{EXT[backend]}",
+        }
         self.compression = compression
         self.manifest = self._open(overwrite)
         self.lineage = lineage_digest(self.manifest)
@@ -150,8 +249,10 @@ class SoftLabelWriter:
             if diffs:
                 lines = [f"  {f}: stored {found!r}, this writer {want!r}" for f, want, found in diffs]
                 raise MismatchError(
-                    f"{self.uri} already holds soft labels from a different run:\n" + "\n".join(lines)
-                    + "\nPass overwrite=True to replace it, or write to another URI.")
+                    f"{self.uri} already holds soft labels from a different run:\n"
+                    + "\n".join(lines)
+                    + "\nPass overwrite=True to replace it, or write to another URI."
+                )
             return existing  # resume: keep created_at, committed shards, and a complete status
         if existing is not None or self.loc.exists(COMMITS_DIR):
             self._wipe()
@@ -169,7 +270,8 @@ class SoftLabelWriter:
         self.loc.remove(MANIFEST)
         for name in self.loc.listdir():
             if name in (COMMITS_DIR, TMP_DIR, DATA_DIR, "zarr.json") or (
-                    name.startswith("shard-") and name.endswith(tuple(EXT.values()))):
+                name.startswith("shard-") and name.endswith(tuple(EXT.values()))
+            ):
                 self.loc.remove(name)
 
     # ------------------------------------------------------------------ writing
@@ -186,8 +288,20 @@ class SoftLabelWriter:
         done = set(self.committed_shards())
         return [i for i in indices if i not in done]
 
-    def write_shard(self, shard_index: int, sample_ids, logits=None, views=None, *, features=None,
-                    ids=None, logprobs=None, missing_mass=None, counts=None, positions=None) -> dict:
+    def write_shard(
+        self,
+        shard_index: int,
+        sample_ids: npt.ArrayLike,
+        logits: npt.ArrayLike | None = None,
+        views: npt.ArrayLike | None = None,
+        *,
+        features: npt.ArrayLike | None = None,
+        ids: npt.ArrayLike | None = None,
+        logprobs: npt.ArrayLike | None = None,
+        missing_mass: npt.ArrayLike | None = None,
+        counts: npt.ArrayLike | None = None,
+        positions: npt.ArrayLike | None = None,
+    ) -> dict:
         """Scale raw `logits` (n, C) by 1/T, encode, publish atomically, commit. Returns the commit record.
 
         Token labels take the per-token arrays instead of logits, rows = token positions of
@@ -200,16 +314,29 @@ class SoftLabelWriter:
         sequence (one entry per sequence)."""
         if self.manifest["representation"]["kind"] in TOKEN_KINDS:
             if logits is not None or features is not None:
-                raise InvalidLogitsError(f"{self.uri} shard {shard_index}: token labels take ids=, logprobs=, "
-                                         f"missing_mass= / counts=, not logits or features")
+                raise InvalidLogitsError(
+                    f"{self.uri} shard {shard_index}: token labels take ids=, logprobs=, "
+                    f"missing_mass= / counts=, not logits or features"
+                )
             self._check_index(shard_index)
-            cols = tokens.prepare_columns(self._new, f"{self.uri} shard {shard_index}", sample_ids, views, positions,
-                                          ids=ids, logprobs=logprobs, missing_mass=missing_mass, counts=counts)
+            cols = tokens.prepare_columns(
+                self._new,
+                f"{self.uri} shard {shard_index}",
+                sample_ids,
+                views,
+                positions,
+                ids=ids,
+                logprobs=logprobs,
+                missing_mass=missing_mass,
+                counts=counts,
+            )
             return self._write_columns(shard_index, cols)
         if any(a is not None for a in (ids, logprobs, missing_mass, counts, positions)):
-            raise InvalidLogitsError(f"{self.uri} shard {shard_index}: ids/logprobs/missing_mass/counts/positions "
-                                     f"are for token representations; this dataset is "
-                                     f"{self.manifest['representation']['kind']!r}")
+            raise InvalidLogitsError(
+                f"{self.uri} shard {shard_index}: ids/logprobs/missing_mass/counts/positions "
+                f"are for token representations; this dataset is "
+                f"{self.manifest['representation']['kind']!r}"
+            )
         if logits is None:
             raise InvalidLogitsError(f"{self.uri} shard {shard_index}: logits are required")
         cols = self._prepare(shard_index, sample_ids, logits, views, features)
@@ -227,11 +354,13 @@ class SoftLabelWriter:
         missing = [c.name for c in self.columns if c.name not in cols]
         if missing:
             raise InvalidLogitsError(f"shard {shard_index}: columns {missing} are missing")
-        if self.align > 1:      # token rows: whole sequences of 1..seq_len
+        if self.align > 1:  # token rows: whole sequences of 1..seq_len
             bad = seqs.position_problem(np.asarray(cols["position"]), self.align)
             if bad is not None:
-                raise InvalidLogitsError(f"shard {shard_index}: position column: row {bad[0]} breaks the "
-                                         f"sequences of 1..seq_len={self.align} tokens ({bad[1]})")
+                raise InvalidLogitsError(
+                    f"shard {shard_index}: position column: row {bad[0]} breaks the "
+                    f"sequences of 1..seq_len={self.align} tokens ({bad[1]})"
+                )
         return self._write_columns(shard_index, {c.name: cols[c.name] for c in self.columns})
 
     def _prepare(self, shard_index, sample_ids, logits, views, features) -> dict[str, np.ndarray]:
@@ -244,11 +373,16 @@ class SoftLabelWriter:
             raise ValueError(f"{where}: shard_index {shard_index} >= num_shards {planned}")
         ids = np.asarray(sample_ids)
         if ids.ndim != 1 or len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidLogitsError(f"{where}: sample_ids must be a non-empty 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+            raise InvalidLogitsError(
+                f"{where}: sample_ids must be a non-empty 1-D integer array, got shape {ids.shape} dtype {ids.dtype}"
+            )
         n, C = len(ids), m["num_classes"]
         z = np.asarray(logits)
         if z.shape != (n, C) or not np.issubdtype(z.dtype, np.floating):
-            raise InvalidLogitsError(f"{where}: logits must be float of shape ({n}, {C}) (rows = len(sample_ids), num_classes), got {z.shape} {z.dtype}")
+            raise InvalidLogitsError(
+                f"{where}: logits must be float of shape ({n}, {C}) (rows = len(sample_ids), num_classes), "
+                f"got {z.shape} {z.dtype}"
+            )
         if views is None:
             if m["num_views"] != 1:
                 raise InvalidLogitsError(f"{where}: views are required when num_views={m['num_views']}")
@@ -256,10 +390,14 @@ class SoftLabelWriter:
         else:
             v = np.asarray(views)
             if v.shape != (n,) or not np.issubdtype(v.dtype, np.integer):
-                raise InvalidLogitsError(f"{where}: views must be an integer array of shape ({n},), got {v.shape} {v.dtype}")
+                raise InvalidLogitsError(
+                    f"{where}: views must be an integer array of shape ({n},), got {v.shape} {v.dtype}"
+                )
             bad = np.flatnonzero((v < 0) | (v >= m["num_views"]))
             if len(bad):
-                raise InvalidLogitsError(f"{where}: row {bad[0]} has view {v[bad[0]]}, outside [0, num_views={m['num_views']})")
+                raise InvalidLogitsError(
+                    f"{where}: row {bad[0]} has view {v[bad[0]]}, outside [0, num_views={m['num_views']})"
+                )
         z32 = z.astype(np.float32, copy=False)
         # min and max are vectorised (float32 SIMD) and propagate NaN: a finite pair proves
         # every logit finite, and bounds |z/T| for the storage dtype's overflow check
@@ -279,6 +417,7 @@ class SoftLabelWriter:
             def block(a: int, b: int) -> None:
                 with np.errstate(over="ignore"):  # overflow is reported just below, with the row
                     np.divide(z32[a:b], T, out=out[a:b], casting="unsafe")
+
             for_row_blocks(block, n, z32.size)
             cols["logits"] = out
             if may_overflow:
@@ -298,7 +437,9 @@ class SoftLabelWriter:
                 raise InvalidLogitsError(f"{where}: this dataset stores feature {feat['name']!r}; pass features=")
             f = np.asarray(features)
             if f.shape[0] != n or int(np.prod(f.shape[1:])) != int(np.prod(feat["shape"])):
-                raise InvalidLogitsError(f"{where}: features must have shape ({n}, {', '.join(map(str, feat['shape']))}), got {f.shape}")
+                raise InvalidLogitsError(
+                    f"{where}: features must have shape ({n}, {', '.join(map(str, feat['shape']))}), got {f.shape}"
+                )
             f = f.reshape(n, -1)
             _refuse_nonfinite(f, ids, v, where, "features")
             cols["feature"] = f.astype(feat["dtype"])
@@ -308,8 +449,9 @@ class SoftLabelWriter:
         s, vv = cols["sample_id"][order], cols["view"][order]
         dup = np.flatnonzero((s[1:] == s[:-1]) & (vv[1:] == vv[:-1]))
         if len(dup):
-            raise CoverageError(f"{where}: duplicate (sample_id, view) rows within the shard, "
-                                f"e.g. ({s[dup[0]]}, {vv[dup[0]]})")
+            raise CoverageError(
+                f"{where}: duplicate (sample_id, view) rows within the shard, e.g. ({s[dup[0]]}, {vv[dup[0]]})"
+            )
         return cols
 
     def _write_columns(self, shard_index: int, cols: dict[str, np.ndarray]) -> dict:
@@ -329,24 +471,37 @@ class SoftLabelWriter:
             if existing is not None and existing["sha256"] != sha:
                 raise SoftLabelError(
                     f"{self.uri}: shard {shard_index} is already committed with different content "
-                    f"(sha256 {existing['sha256'][:16]}, new {sha[:16]}); skip committed_shards() on resume")
+                    f"(sha256 {existing['sha256'][:16]}, new {sha[:16]}); skip committed_shards() on resume"
+                )
             return existing is None  # the same bytes again: an idempotent retry, nothing to do
+
         if self.manifest["status"] == "complete" and existing is None:
             # Adding a shard to a complete dataset: it is no longer complete until finalize().
             self.manifest = dict(self.manifest, status="partial")
             self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self.manifest))
-        published = publish(self.loc, objects, lambda sha: shard_filename(shard_index, sha, backend), accept,
-                            hint=shard_basename(shard_index))
+        published = publish(
+            self.loc,
+            objects,
+            lambda sha: shard_filename(shard_index, sha, backend),
+            accept,
+            hint=shard_basename(shard_index),
+        )
         if published is None:
             return existing
         name, sha = published
         mark_verified(self.loc, name, sha)
         ids = cols["sample_id"]
-        record = {"index": int(shard_index), "path": name, "num_rows": int(len(ids)),
-                  "first_sample_id": int(ids[0]), "last_sample_id": int(ids[-1]),
-                  "sha256": sha, "bytes": objects_nbytes(objects),
-                  "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids), align),
-                  "lineage": self.lineage}
+        record = {
+            "index": int(shard_index),
+            "path": name,
+            "num_rows": int(len(ids)),
+            "first_sample_id": int(ids[0]),
+            "last_sample_id": int(ids[-1]),
+            "sha256": sha,
+            "bytes": objects_nbytes(objects),
+            "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids), align),
+            "lineage": self.lineage,
+        }
         if num_sequences is not None:
             record["num_sequences"] = num_sequences
         record = write_commit(self.loc, record)
@@ -368,7 +523,8 @@ class SoftLabelWriter:
             raise MismatchError(
                 f"{self.uri}: shard(s) {foreign[:20]} were committed by a run labelling something else "
                 f"(writer {c.get('writer')}, lineage {c.get('lineage')}; this run {self.lineage}). "
-                f"Another `label` with different settings wrote here; re-run with overwrite once it has finished.")
+                f"Another `label` with different settings wrote here; re-run with overwrite once it has finished."
+            )
         idx = sorted(commits)
         planned = self.manifest.get("planned_shards")
         expected = list(range(planned if planned is not None else idx[-1] + 1))
@@ -376,22 +532,39 @@ class SoftLabelWriter:
         if missing or len(idx) != len(expected):
             raise IncompleteDatasetError(
                 f"{self.uri}: cannot finalize, shard(s) {missing[:20]} not committed "
-                f"({len(idx)} of {len(expected)} committed)")
-        keys = ("index", "path", "num_rows", "first_sample_id", "last_sample_id", "sha256", "bytes",
-                "rows_per_block", "num_sequences")
+                f"({len(idx)} of {len(expected)} committed)"
+            )
+        keys = (
+            "index",
+            "path",
+            "num_rows",
+            "first_sample_id",
+            "last_sample_id",
+            "sha256",
+            "bytes",
+            "rows_per_block",
+            "num_sequences",
+        )
         shards = [{k: commits[i][k] for k in keys if k in commits[i]} for i in idx]
         m = dict(self.manifest, shards=shards)
-        if self.align > 1:   # token rows: coverage is over sequences (each shard holds whole ones)
+        if self.align > 1:  # token rows: coverage is over sequences (each shard holds whole ones)
             sids, views, shard_of, _, lengths = seqs.sequence_keys(
-                self.loc, m, lambda p: open_shard(self.loc, m["shards"][p], m["backend"], self.columns))
+                self.loc, m, lambda p: open_shard(self.loc, m["shards"][p], m["backend"], self.columns)
+            )
             num_rows = int(lengths.sum())
         else:
             sids, views, shard_of = read_id_columns(self.loc, m, self.columns)
             num_rows = int(len(sids))
         num_samples = check_coverage(sids, views, shard_of, m["num_views"], self.uri)
-        m.update(status="complete", num_shards=len(shards), num_samples=num_samples,
-                 num_rows=num_rows, finalized_at=now_iso(), format_version=FORMAT_VERSION,
-                 columns={c.name: c.to_dict() for c in self.columns})
+        m.update(
+            status="complete",
+            num_shards=len(shards),
+            num_samples=num_samples,
+            num_rows=num_rows,
+            finalized_at=now_iso(),
+            format_version=FORMAT_VERSION,
+            columns={c.name: c.to_dict() for c in self.columns},
+        )
         if m["representation"]["kind"] in TOKEN_KINDS:
             m["num_tokens"] = num_rows
         self.loc.write_bytes_atomic(MANIFEST, dump_manifest(m))
@@ -403,8 +576,7 @@ class SoftLabelWriter:
     def is_finalized_as_committed(self) -> bool:
         """The dataset is complete and its manifest names exactly the committed shards."""
         m = self.manifest
-        return m["status"] == "complete" and not commits_disagree(
-            m, read_commits(self.loc, m["backend"]), self.lineage)
+        return m["status"] == "complete" and not commits_disagree(m, read_commits(self.loc, m["backend"]), self.lineage)
 
     def _cleanup(self, m: dict) -> None:
         # Orphans: shard files no commit record names (a crash between publish and commit,
@@ -429,7 +601,7 @@ class SoftLabelWriter:
         if not self.loc.listdir(TMP_DIR):
             self.loc.remove(TMP_DIR)
 
-    def __enter__(self) -> "SoftLabelWriter":
+    def __enter__(self) -> SoftLabelWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -443,8 +615,9 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _refuse_nonfinite(a: np.ndarray, ids: np.ndarray, views: np.ndarray, where: str, what: str,
-                      full: bool = False) -> None:
+def _refuse_nonfinite(
+    a: np.ndarray, ids: np.ndarray, views: np.ndarray, where: str, what: str, full: bool = False
+) -> None:
     # min and max are vectorised and propagate NaN: a finite pair proves every value finite
     if a.dtype.kind == "f" and a.size and (full or not (np.isfinite(a.min()) and np.isfinite(a.max()))):
         finite = np.isfinite(a).reshape(len(a), -1).all(axis=1)
@@ -454,4 +627,5 @@ def _refuse_nonfinite(a: np.ndarray, ids: np.ndarray, views: np.ndarray, where: 
             kind = "NaN" if np.isnan(row).any() else "Inf"
             raise InvalidLogitsError(
                 f"{where}: {what} row {r} (sample_id {int(ids[r])}, view {int(views[r])}) contains {kind}; "
-                f"{int((~finite).sum())} bad row(s) in this shard. Nothing was written.")
+                f"{int((~finite).sum())} bad row(s) in this shard. Nothing was written."
+            )

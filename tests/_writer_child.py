@@ -4,6 +4,7 @@ SIGKILL-ing ourselves in the middle of one shard.
 usage: python _writer_child.py URI BACKEND KILL_AT_SHARD KILL_MODE [SHARDS...]
   KILL_MODE: none | mid-write (half of a file written) | before-commit (published, not committed)
 """
+
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ def main():
                     f.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
             real(path, data)
+
         shards._write_file = half_then_die
     elif mode == "before-commit":
         real_commit = shards.write_commit
@@ -43,17 +45,20 @@ def main():
             if state["shard"] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             real_commit(loc, record)
+
         shards.write_commit = die_before_commit
         import storage.writer as writer
+
         writer.write_commit = die_before_commit
 
     z = toy_logits(N, C, seed=7)
     bounds = np.linspace(0, N, NSHARDS + 1).astype(int)
-    w = SoftLabelWriter(uri, backend=backend, num_classes=C, temperature=2.0, teacher=TEACHER, data=DATA,
-                        num_shards=NSHARDS)
+    w = SoftLabelWriter(
+        uri, backend=backend, num_classes=C, temperature=2.0, teacher=TEACHER, data=DATA, num_shards=NSHARDS
+    )
     for i in w.pending(only):
         state["shard"] = i
-        w.write_shard(i, np.arange(bounds[i], bounds[i + 1]), z[bounds[i]:bounds[i + 1]])
+        w.write_shard(i, np.arange(bounds[i], bounds[i + 1]), z[bounds[i] : bounds[i + 1]])
     if len(w.committed_shards()) == NSHARDS:
         w.finalize()
     print("committed", w.committed_shards(), flush=True)

@@ -1,4 +1,5 @@
 """Shared fixtures. Environment that libraries read at import time is set here, first."""
+
 import os
 
 # botocore >= 1.36 sends checksum headers some S3 servers reject.
@@ -42,17 +43,43 @@ def toy_logits(n: int, c: int, seed: int = 0) -> np.ndarray:
     return z
 
 
-def write_toy(uri, *, backend="parquet", n=200, c=10, shards=4, views=1, temperature=4.0,
-              representation="dense", k=None, dtype="float16", seed=0, storage_options=None, **kw):
+def write_toy(
+    uri,
+    *,
+    backend="parquet",
+    n=200,
+    c=10,
+    shards=4,
+    views=1,
+    temperature=4.0,
+    representation="dense",
+    k=None,
+    dtype="float16",
+    seed=0,
+    storage_options=None,
+    **kw,
+):
     """Write a complete toy dataset; returns the raw logits, rows ordered (sample_id, view)."""
     from storage import SoftLabelWriter
+
     z = toy_logits(n * views, c, seed)
     sids = np.repeat(np.arange(n), views)
     vw = np.tile(np.arange(views), n)
     bounds = np.linspace(0, n * views, shards + 1).astype(int)
-    with SoftLabelWriter(uri, backend=backend, num_classes=c, temperature=temperature, representation=representation,
-                         k=k, dtype=dtype, num_views=views, teacher=TEACHER, data=DATA,
-                         storage_options=storage_options, **kw) as w:
+    with SoftLabelWriter(
+        uri,
+        backend=backend,
+        num_classes=c,
+        temperature=temperature,
+        representation=representation,
+        k=k,
+        dtype=dtype,
+        num_views=views,
+        teacher=TEACHER,
+        data=DATA,
+        storage_options=storage_options,
+        **kw,
+    ) as w:
         for i in range(shards):
             a, b = bounds[i], bounds[i + 1]
             w.write_shard(i, sids[a:b], z[a:b], vw[a:b] if views > 1 else None)
@@ -64,14 +91,18 @@ def s3_server():
     """A real S3 API server (moto) on 127.0.0.1 with one bucket; yields storage_options."""
     import boto3
     from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     bucket = "distillery-test"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    yield {"bucket": bucket, "endpoint": endpoint,
-           "storage_options": {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}}
+    yield {
+        "bucket": bucket,
+        "endpoint": endpoint,
+        "storage_options": {"endpoint_url": endpoint, "key": "testing", "secret": "testing"},
+    }
     server.stop()
 
 
@@ -79,6 +110,7 @@ def s3_server():
 def prefect_harness():
     """One Prefect test server for the whole session (starting one takes 15-30 s)."""
     from prefect.testing.utilities import prefect_test_harness
+
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
@@ -87,6 +119,7 @@ def prefect_harness():
 def one_thread():
     """torch intra-op threads = 1 for the test (2 shared cores; small models run faster)."""
     import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -97,6 +130,7 @@ def one_thread():
 def digits():
     """sklearn digits split 300 train / 100 val."""
     from pipeline.data.datasets import load_digits8, split_dataset
+
     return split_dataset(load_digits8(), seed=0, sizes={"train": 300, "val": 100})
 
 
@@ -112,12 +146,14 @@ def cli_in_process(*args: str):
     import contextlib
     import io
     import subprocess
+
     from flows.cli import main
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(args))
-        except SystemExit as e:          # argparse's usage errors
+        except SystemExit as e:  # argparse's usage errors
             code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(["distill", *args], code, out.getvalue(), err.getvalue())
 
@@ -129,6 +165,7 @@ def s3_uri(s3_server):
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -137,6 +174,7 @@ def free_port() -> int:
 def wait_http(url: str, timeout: float = 180.0, proc=None) -> None:
     import time
     import urllib.request
+
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
@@ -155,6 +193,7 @@ def stop_process(proc, timeout: float = 20.0) -> None:
     """Stop a process we started (its whole process group), by PID."""
     import signal
     import subprocess
+
     if proc.poll() is not None:
         return
     try:
@@ -175,21 +214,40 @@ def prefect_server(tmp_path_factory):
     Yields {"url": http://127.0.0.1:N, "api": .../api, "env": env for clients/workers}."""
     import subprocess
     import sys
+
     home = tmp_path_factory.mktemp("prefect-server-home")
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_LOGGING_LEVEL="WARNING")
+    env = dict(
+        os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING"
+    )
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/api/health", proc=proc)
         client_home = tmp_path_factory.mktemp("prefect-client-home")
-        client_env = dict(os.environ, PREFECT_API_URL=f"{url}/api", PREFECT_HOME=str(client_home),
-                          PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")
+        client_env = dict(
+            os.environ,
+            PREFECT_API_URL=f"{url}/api",
+            PREFECT_HOME=str(client_home),
+            PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_WORKER_PREFETCH_SECONDS="2",
+        )
         yield {"url": url, "api": f"{url}/api", "env": client_env, "log": str(home / "server.log")}
     finally:
         stop_process(proc)
@@ -204,10 +262,12 @@ def api(server: dict, method: str, path: str, body=None):
     import time
     import urllib.error
     import urllib.request
+
     data = None if body is None else json.dumps(body).encode()
     for attempt in range(6):
-        req = urllib.request.Request(f"{server['api']}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{server['api']}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 raw = r.read()
@@ -215,4 +275,4 @@ def api(server: dict, method: str, path: str, body=None):
         except urllib.error.HTTPError as e:
             if e.code != 503 or attempt == 5:
                 raise
-            time.sleep(0.5 * 2 ** attempt)
+            time.sleep(0.5 * 2**attempt)

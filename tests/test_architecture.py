@@ -1,6 +1,7 @@
 """The dependency rules of the layout, checked on the source (every import, also those
 inside functions): flows -> pipeline -> storage, storage on numpy/pyarrow/zarr/fsspec
 only, callers of storage use its public API, and no import cycle inside a package."""
+
 import ast
 import os
 import sys
@@ -33,7 +34,7 @@ def _base(mod: str, node: ast.ImportFrom) -> str:
     __init__ is its own level)."""
     if not node.level:
         return node.module
-    parts = mod.split(".")[:len(mod.split(".")) - node.level + (1 if mod in PACKAGES else 0)]
+    parts = mod.split(".")[: len(mod.split(".")) - node.level + (1 if mod in PACKAGES else 0)]
     return ".".join(parts + ([node.module] if node.module else []))
 
 
@@ -66,6 +67,7 @@ def test_no_import_cycle_inside_a_package(package):
         for d in graph[m]:
             visit(d, path + [m])
         state[m] = 2
+
     for m in graph:
         visit(m, [])
 
@@ -98,6 +100,9 @@ def test_no_private_name_is_imported_across_modules(package):
     for mod, tree in modules(package).items():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                found += [f"{mod} imports {a.name} from {_base(mod, node)}" for a in node.names
-                          if a.name.startswith("_") and a.name != "__future__" and node.module != "__future__"]
+                found += [
+                    f"{mod} imports {a.name} from {_base(mod, node)}"
+                    for a in node.names
+                    if a.name.startswith("_") and a.name != "__future__" and node.module != "__future__"
+                ]
     assert not found, "\n".join(found)

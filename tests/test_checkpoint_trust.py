@@ -3,6 +3,7 @@
 torch.load(weights_only=True) already refuses pickled objects; the remaining hole was the
 checkpoint's `arch`, an import path "pkg.mod:factory" that build_model imports and calls.
 These tests write real checkpoint files with torch.save and load them back."""
+
 import sys
 import textwrap
 
@@ -16,8 +17,19 @@ from pipeline.models.registry import UntrustedFactoryError, build_model
 
 def _crafted(path, arch: dict, **extra):
     """A checkpoint as an attacker would write it: valid format, any arch."""
-    torch.save({"format": FORMAT, "version": VERSION, "arch": arch, "in_shape": [4], "num_classes": 2,
-                "state_dict": {}, "metadata": {}, **extra}, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "arch": arch,
+            "in_shape": [4],
+            "num_classes": 2,
+            "state_dict": {},
+            "metadata": {},
+            **extra,
+        },
+        path,
+    )
     return path
 
 
@@ -53,13 +65,16 @@ def test_refused_before_the_module_is_imported(tmp_path, monkeypatch):
 
 @pytest.fixture
 def user_zoo(tmp_path, monkeypatch):
-    (tmp_path / "user_zoo_mod.py").write_text(textwrap.dedent("""
+    (tmp_path / "user_zoo_mod.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
         from pipeline.models.registry import Classifier
 
         def small(*, in_shape, num_classes, hidden: int = 3):
-            return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0], hidden)), nn.Linear(hidden, num_classes))
-    """))
+            body = nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0], hidden))
+            return Classifier(body, nn.Linear(hidden, num_classes))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "user_zoo_mod:small"
     sys.modules.pop("user_zoo_mod", None)
@@ -68,11 +83,11 @@ def user_zoo(tmp_path, monkeypatch):
 def test_user_factory_loads_when_trusted(tmp_path, user_zoo):
     torch.manual_seed(0)
     arch = {"arch": user_zoo, "kwargs": {"hidden": 5}}
-    model = build_model(arch, in_shape=(4,), num_classes=2)        # the user's own config: trusted
+    model = build_model(arch, in_shape=(4,), num_classes=2)  # the user's own config: trusted
     path = tmp_path / "zoo.pt"
     save_checkpoint(path, model, arch=arch, in_shape=(4,), num_classes=2)
     with pytest.raises(UntrustedFactoryError, match=user_zoo):
-        load_model(path)                                            # safe by default
+        load_model(path)  # safe by default
     x = torch.rand(3, 4)
     for kw in ({"trusted_factories": {user_zoo}}, {"trust_code": True}):
         loaded, meta = load_model(path, **kw)
@@ -81,13 +96,15 @@ def test_user_factory_loads_when_trusted(tmp_path, user_zoo):
 
 def test_builtin_archs_load_from_any_file(tmp_path):
     torch.manual_seed(0)
-    for arch, shape in (({"arch": "mlp", "kwargs": {"width": 8}}, (4,)),
-                        ({"arch": "cnn", "kwargs": {"channels": [4]}}, (1, 8, 8)),
-                        ({"arch": "resnet", "kwargs": {"width": 4, "blocks": [1]}}, (1, 8, 8))):
+    for arch, shape in (
+        ({"arch": "mlp", "kwargs": {"width": 8}}, (4,)),
+        ({"arch": "cnn", "kwargs": {"channels": [4]}}, (1, 8, 8)),
+        ({"arch": "resnet", "kwargs": {"width": 4, "blocks": [1]}}, (1, 8, 8)),
+    ):
         model = build_model(arch, in_shape=shape, num_classes=3)
         path = tmp_path / f"{arch['arch']}.pt"
         save_checkpoint(path, model, arch=arch, in_shape=shape, num_classes=3)
-        loaded, meta = load_model(path)               # no trust needed
+        loaded, meta = load_model(path)  # no trust needed
         x = torch.rand(2, *shape)
         assert torch.equal(loaded(x), model.eval()(x)) and meta["arch"] == arch
 
@@ -95,7 +112,7 @@ def test_builtin_archs_load_from_any_file(tmp_path):
 def test_files_that_are_not_checkpoints_are_named(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
-    npz = tmp_path / "data.pt"                 # a zip file, but not torch's: inline_container.cc before
+    npz = tmp_path / "data.pt"  # a zip file, but not torch's: inline_container.cc before
     with open(npz, "wb") as f:
         np.savez(f, x=np.zeros(3))
     empty = tmp_path / "empty.pt"

@@ -1,21 +1,27 @@
 """The `distill` CLI through a subprocess, against a real Prefect server. Cases that end
 before Prefect starts (config errors, usage errors, convert) run most of their calls
 through the CLI's main() in-process (conftest.cli_in_process)."""
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY, api, cli_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def distill(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env or dict(os.environ),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +34,7 @@ def cli_run(prefect_server, tmp_path_factory):
 def _shards(uri):
     """The dataset's shard files, in shard order, as its manifest lists them."""
     from pathlib import Path
+
     manifest = json.loads((Path(uri) / "manifest.json").read_text())
     return [Path(uri) / s["path"] for s in manifest["shards"]]
 
@@ -47,6 +54,7 @@ def test_run_prints_report_and_appears_on_the_server(cli_run, prefect_server):
 
 def test_inspect_good_and_corrupted(cli_run, tmp_path):
     import shutil
+
     ok = distill("inspect", cli_run["uri"], "--verify")
     assert ok.returncode == 0, ok.stderr
     assert "status complete" in ok.stdout and "OK" in ok.stdout
@@ -65,7 +73,7 @@ def test_inspect_good_and_corrupted(cli_run, tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
-    r = distill("run", TINY, "students.trian.epochs=1")          # the console command itself
+    r = distill("run", TINY, "students.trian.epochs=1")  # the console command itself
     assert r.returncode == 2 and "students.trian: unknown key" in r.stderr
     # the rest: main() in-process
     r = cli_in_process("label", TINY, "label.temperature=-1")
@@ -114,30 +122,38 @@ def test_every_config_command_takes_overrides(cmd):
 def test_unknown_words_are_still_rejected():
     r = distill("teacher", "train", TINY, "--retrian")
     assert r.returncode == 2 and "unrecognized arguments: --retrian" in r.stderr
-    r = cli_in_process("inspect", "some/uri", "label.temperature=2")     # inspect takes no config
+    r = cli_in_process("inspect", "some/uri", "label.temperature=2")  # inspect takes no config
     assert r.returncode == 2 and "unrecognized arguments: label.temperature=2" in r.stderr
 
 
 def test_teacher_train_applies_overrides_after_its_option(tmp_path, prefect_server):
-    r = distill("teacher", "train", TINY, "--retrain", f"runs_dir={tmp_path}", "name=ovr",
-                "teacher.train.epochs=1", env=prefect_server["env"])
+    r = distill(
+        "teacher",
+        "train",
+        TINY,
+        "--retrain",
+        f"runs_dir={tmp_path}",
+        "name=ovr",
+        "teacher.train.epochs=1",
+        env=prefect_server["env"],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "ovr" / "teacher.pt").exists()
-    assert json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])["name"] == "tiny-cnn"
+    assert json.loads(r.stdout[r.stdout.index("{") : r.stdout.rindex("}") + 1])["name"] == "tiny-cnn"
 
 
 # ------------------------------------------------------------------ errors without tracebacks
+
 
 @pytest.fixture
 def damaged_runs(cli_run, tmp_path):
     """A copy of the CLI run's directory whose students must be trained again (so they
     read the soft labels) and whose dataset the test damages."""
     import shutil
+
     runs = tmp_path / "runs"
     shutil.copytree(cli_run["runs"] / "cli", runs / "cli", ignore=shutil.ignore_patterns("students", "report.json"))
     return runs
-
-
 
 
 def _log_messages(server) -> list[str]:
@@ -152,16 +168,19 @@ def test_missing_shard_prints_one_line_and_the_ui_keeps_the_traceback(damaged_ru
     assert r.returncode == 1, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     said = [line for line in r.stderr.splitlines() if line.startswith("distill:")]
-    assert len(said) == 1 and "CorruptShardError" in said[0] and shard.name in said[0] \
-        and "is missing" in said[0], r.stderr[-2000:]
+    assert len(said) == 1 and "CorruptShardError" in said[0] and shard.name in said[0] and "is missing" in said[0], (
+        r.stderr[-2000:]
+    )
     # the console dropped the traceback; the run's logs on the server (the UI) have it
-    assert any("Traceback (most recent call last)" in m and f"{shard.name} is missing" in m
-               for m in _log_messages(prefect_server))
+    assert any(
+        "Traceback (most recent call last)" in m and f"{shard.name} is missing" in m
+        for m in _log_messages(prefect_server)
+    )
 
 
 def test_unreadable_manifest_prints_one_line(damaged_runs, prefect_server):
     manifest = damaged_runs / "cli" / "soft_labels" / "manifest.json"
-    manifest.write_text(manifest.read_text()[:100])             # cut off mid-write
+    manifest.write_text(manifest.read_text()[:100])  # cut off mid-write
     r = distill("students", TINY, f"runs_dir={damaged_runs}", "name=cli", env=prefect_server["env"])
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]
@@ -175,20 +194,22 @@ def test_debug_shows_the_tracebacks(damaged_runs, prefect_server):
     r = distill("--debug", "students", TINY, f"runs_dir={damaged_runs}", "name=cli", env=prefect_server["env"])
     assert r.returncode == 1
     assert "Traceback (most recent call last)" in r.stderr
-    assert r.stderr.count("storage.errors.CorruptShardError") >= 2      # Prefect's and the CLI's own
+    assert r.stderr.count("storage.errors.CorruptShardError") >= 2  # Prefect's and the CLI's own
     assert [line for line in r.stderr.splitlines() if line.startswith("distill: CorruptShardError")]
 
 
 # ------------------------------------------------------------------ convert
 
+
 def test_convert_copies_a_dataset_to_the_other_backend(tmp_path):
     import numpy as np
-
     from conftest import write_toy
+
     from storage import open_soft_labels
+
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     write_toy(src, backend="parquet", n=120, shards=3, views=2)
-    r = distill("convert", src, dst, "--backend", "zarr")           # the console command; the rest in-process
+    r = distill("convert", src, dst, "--backend", "zarr")  # the console command; the rest in-process
     assert r.returncode == 0, r.stderr
     assert f"{src} -> {dst}: zarr, 240 rows in 3 shards" in r.stdout
     a, b = open_soft_labels(src), open_soft_labels(dst)

@@ -11,6 +11,7 @@ what a filled-in .env gives), so the checks see what `docker compose up` would r
 published ports bind 127.0.0.1 unless DISTILL_BIND says otherwise, and no credential is
 written in the compose files; they come from .env (documented by .env.example).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,18 +40,24 @@ DISTILL_SERVICES = ("worker", "worker-gpu", "deploy")  # built from our Dockerfi
 TORCH_PIN = "torch==2.13.0"
 CREDENTIALS = {"DISTILL_S3_ACCESS_KEY", "DISTILL_S3_SECRET_KEY", "DISTILL_POSTGRES_PASSWORD"}
 # what a filled-in .env gives (the values are only for these checks)
-TEST_ENV = {"DISTILL_S3_ACCESS_KEY": "test-access", "DISTILL_S3_SECRET_KEY": "test/secret+1=",
-            "DISTILL_POSTGRES_PASSWORD": "0123abcd"}
+TEST_ENV = {
+    "DISTILL_S3_ACCESS_KEY": "test-access",
+    "DISTILL_S3_SECRET_KEY": "test/secret+1=",
+    "DISTILL_POSTGRES_PASSWORD": "0123abcd",
+}
 
 
 # ---------------------------------------------------------------- helpers
+
 
 class MissingVariable(Exception):
     pass
 
 
-_VAR = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-                  r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def interpolate(value, env: dict[str, str]):
@@ -79,6 +86,7 @@ def interpolate(value, env: dict[str, str]):
         if op in (":+", "+"):
             return "" if unset_or_empty else arg
         return val or ""
+
     return _VAR.sub(sub, value)
 
 
@@ -212,11 +220,13 @@ def code_sources() -> str:
 
 @lru_cache
 def cli_help(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
 
 
 # ---------------------------------------------------------------- structure
+
 
 def test_compose_parses_and_has_the_services():
     data = compose()
@@ -264,6 +274,7 @@ def test_one_shot_services_and_gpu_profile():
 
 # ---------------------------------------------------------------- versions
 
+
 def test_prefect_server_image_matches_installed_prefect_and_python():
     import prefect
     from packaging.specifiers import SpecifierSet
@@ -280,6 +291,7 @@ def test_prefect_server_image_matches_installed_prefect_and_python():
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def test_console_script_points_at_flows_cli_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -318,8 +330,7 @@ def test_distill_subcommand_exists(sub):
 
 
 def test_config_files_named_by_commands_exist():
-    named = [tok for cmd in distill_commands().values() for tok in cmd[2:]
-             if tok.endswith((".yaml", ".yml"))]
+    named = [tok for cmd in distill_commands().values() for tok in cmd[2:] if tok.endswith((".yaml", ".yml"))]
     assert "configs/quickstart.yaml" in named
     for path in named:
         assert (ROOT / path).is_file(), f"{path} is named in docker-compose.yml but missing"
@@ -344,6 +355,7 @@ def test_worker_pools_serve_the_deployed_pool():
 
 
 # ---------------------------------------------------------------- environment
+
 
 def test_distill_services_share_one_environment():
     envs = [env_of(name) for name in DISTILL_SERVICES]
@@ -379,7 +391,10 @@ def test_prefect_api_url_points_at_the_server():
     pg = env_of("postgres")
     assert db.hostname == "postgres" and db.port == 5432
     assert (db.username, db.password, db.path.lstrip("/")) == (
-        pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        pg["POSTGRES_DB"],
+    )
     for key in ("PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL"):
         ui = urlparse(server_env[key])
         assert (ui.hostname, ui.port, ui.path.rstrip("/")) == ("localhost", 4200, "/api")
@@ -423,42 +438,55 @@ def _render_s3_config(tmp_path, env: dict[str, str]) -> subprocess.CompletedProc
     mounts = _s3_mounts()
     assert entry[0] == "/bin/sh" and entry[1] in mounts and entry[2] in mounts, entry
     out = tmp_path / "s3.json"
-    return subprocess.run(["sh", str(ROOT / mounts[entry[1]]), str(ROOT / mounts[entry[2]]), str(out)],
-                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=30), out
+    return subprocess.run(
+        ["sh", str(ROOT / mounts[entry[1]]), str(ROOT / mounts[entry[2]]), str(out)],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ), out
 
 
 def test_seaweedfs_identities_grant_the_compose_credentials(tmp_path):
     # the server reads the file the entrypoint renders
     entry = argv(services()["s3"]["entrypoint"])
     cfg = option(_s3_command(), "-s3.config") or next(
-        (t.split("=", 1)[1] for t in _s3_command() if t.startswith("-s3.config=")), None)
+        (t.split("=", 1)[1] for t in _s3_command() if t.startswith("-s3.config=")), None
+    )
     assert cfg == entry[3], f"s3 starts with -s3.config={cfg}, but the entrypoint renders {entry[3]}"
     # ... from the template's placeholders only: the repository holds no credential
     template = json.loads((ROOT / _s3_mounts()[entry[2]]).read_text())
-    assert {(c["accessKey"], c["secretKey"]) for i in template["identities"] for c in i["credentials"]} \
-        == {("@S3_ACCESS_KEY@", "@S3_SECRET_KEY@")}
+    assert {(c["accessKey"], c["secretKey"]) for i in template["identities"] for c in i["credentials"]} == {
+        ("@S3_ACCESS_KEY@", "@S3_SECRET_KEY@")
+    }
     r, out = _render_s3_config(tmp_path, env_of("s3"))
     assert r.returncode == 0, r.stderr
     identities = json.loads(out.read_text())["identities"]
     env = distill_env()
-    granted = [ident for ident in identities
-               for c in ident.get("credentials", [])
-               if (c.get("accessKey"), c.get("secretKey"))
-               == (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])]
+    granted = [
+        ident
+        for ident in identities
+        for c in ident.get("credentials", [])
+        if (c.get("accessKey"), c.get("secretKey")) == (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    ]
     assert granted, "no SeaweedFS identity has the compose AWS credentials"
     assert {"Read", "Write", "List"} <= set(granted[0]["actions"]) or "Admin" in granted[0]["actions"]
     assert (out.stat().st_mode & 0o077) == 0, "the rendered credentials file is readable by others"
 
 
 def test_seaweedfs_render_refuses_empty_or_unsafe_secrets(tmp_path):
-    for bad, said in (({"S3_SECRET_KEY": ""}, "DISTILL_S3_SECRET_KEY"),
-                      ({"S3_SECRET_KEY": 'a"b'}, "may hold only"), ({"S3_ACCESS_KEY": "a|b&c"}, "may hold only")):
+    for bad, said in (
+        ({"S3_SECRET_KEY": ""}, "DISTILL_S3_SECRET_KEY"),
+        ({"S3_SECRET_KEY": 'a"b'}, "may hold only"),
+        ({"S3_ACCESS_KEY": "a|b&c"}, "may hold only"),
+    ):
         r, out = _render_s3_config(tmp_path, {**env_of("s3"), **bad})
         assert r.returncode != 0 and said in r.stderr, (bad, r.stderr)
         assert not out.exists()
 
 
 # ---------------------------------------------------------------- security
+
 
 def test_compose_refuses_to_run_without_credentials():
     with pytest.raises(MissingVariable):
@@ -502,7 +530,9 @@ def test_no_credential_literal_in_the_compose_files():
     assert secret_keys >= 6
     # the database URL carries the password: by reference too
     url = raw["services"]["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
-    assert re.fullmatch(r"postgresql\+asyncpg://prefect:\$\{DISTILL_POSTGRES_PASSWORD:\?[^}]+\}@postgres:5432/prefect", url)
+    assert re.fullmatch(
+        r"postgresql\+asyncpg://prefect:\$\{DISTILL_POSTGRES_PASSWORD:\?[^}]+\}@postgres:5432/prefect", url
+    )
     text = COMPOSE.read_text() + EXPOSE.read_text()
     for literal in ("distillery-secret", "prefect:prefect@", "POSTGRES_PASSWORD: prefect"):
         assert literal not in text
@@ -519,6 +549,7 @@ def test_env_example_documents_every_variable():
 
 def test_expose_override_adds_prefect_auth_everywhere():
     import prefect.settings
+
     over = yaml.safe_load(EXPOSE.read_text())["services"]
     assert set(over) <= set(services())
     server = over["prefect-server"]["environment"]
@@ -538,20 +569,38 @@ def test_prefect_auth_string_guards_the_api_but_not_the_healthcheck(tmp_path):
     import urllib.request
 
     from conftest import free_port, stop_process, wait_http
+
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_API_AUTH_STRING="admin:s3cret")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_API_AUTH_STRING="admin:s3cret",
+    )
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        wait_http(f"{api}/health", proc=proc)   # the compose healthcheck's URL: no auth needed
+        wait_http(f"{api}/health", proc=proc)  # the compose healthcheck's URL: no auth needed
 
         def post(auth=None):
-            req = urllib.request.Request(f"{api}/flows/filter", data=b"{}", method="POST",
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"{api}/flows/filter", data=b"{}", method="POST", headers={"Content-Type": "application/json"}
+            )
             if auth:
                 req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
             try:
@@ -559,6 +608,7 @@ def test_prefect_auth_string_guards_the_api_but_not_the_healthcheck(tmp_path):
                     return r.status
             except urllib.error.HTTPError as e:
                 return e.code
+
         assert post() == 401 and post("admin:wrong") == 401 and post("admin:s3cret") == 200
     finally:
         stop_process(proc)
@@ -566,17 +616,20 @@ def test_prefect_auth_string_guards_the_api_but_not_the_healthcheck(tmp_path):
 
 # ---------------------------------------------------------------- Dockerfile
 
+
 def test_dockerfile_installs_torch_first_then_the_project_with_constraints():
     runs = [arg for ins, arg in dockerfile_instructions() if ins == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "pip install" in r and TORCH_PIN in r)
-    project_at = next(i for i, r in enumerate(runs)
-                      if re.search(r"pip install\b.*-c constraints\.txt\s+\.(\s|$)", r))
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install\b.*-c constraints\.txt\s+\.(\s|$)", r))
     assert torch_at < project_at
     assert "--index-url" in runs[torch_at] and "TORCH_INDEX" in runs[torch_at]
     # the pin the image installs is the pin the constraints verify
     assert TORCH_PIN in (ROOT / "constraints.txt").read_text().split()
-    args = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None
-            for ins, a in dockerfile_instructions() if ins == "ARG"}
+    args = {
+        a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else None
+        for ins, a in dockerfile_instructions()
+        if ins == "ARG"
+    }
     assert args.get("TORCH_INDEX") == "https://download.pytorch.org/whl/cpu"
     gpu_args = services()["worker-gpu"]["build"]["args"]
     assert set(gpu_args) <= set(args)

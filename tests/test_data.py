@@ -4,8 +4,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data.datasets import (ArrayDataset, Source, load_dataset, load_digits8, load_mnist5k, load_npz,
-                           load_parquet, open_source, split_dataset)
+from pipeline.data.datasets import (
+    ArrayDataset,
+    Source,
+    load_dataset,
+    load_digits8,
+    load_mnist5k,
+    load_npz,
+    load_parquet,
+    open_source,
+    split_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +98,7 @@ def test_fingerprint_stable_and_sensitive(mnist):
     assert changed.fingerprint() != mnist.fingerprint()
     y = mnist.y.copy()
     y[0] = (y[0] + 1) % 10
-    assert ArrayDataset("m", mnist.x, y, mnist.sample_ids, 10).fingerprint() != \
-        mnist.fingerprint()
+    assert ArrayDataset("m", mnist.x, y, mnist.sample_ids, 10).fingerprint() != mnist.fingerprint()
     # row order does not matter (sample-id order is hashed), the split definition does
     perm = np.random.default_rng(0).permutation(len(mnist))
     assert mnist.subset(perm).fingerprint() == mnist.fingerprint()
@@ -155,9 +163,17 @@ def test_npz_errors(tmp_path):
 def test_parquet_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(30, 4)).astype(np.float32)
-    table = pa.table({"sample_id": np.arange(30, 60), "a": feats[:, 0], "b": feats[:, 1],
-                      "note": ["t"] * 30, "c": feats[:, 2], "d": feats[:, 3],
-                      "y": rng.integers(0, 2, 30)})
+    table = pa.table(
+        {
+            "sample_id": np.arange(30, 60),
+            "a": feats[:, 0],
+            "b": feats[:, 1],
+            "note": ["t"] * 30,
+            "c": feats[:, 2],
+            "d": feats[:, 3],
+            "y": rng.integers(0, 2, 30),
+        }
+    )
     p = tmp_path / "tab.parquet"
     pq.write_table(table, p)
     ds = load_dataset(str(p))
@@ -198,11 +214,14 @@ def test_bad_files_are_refused_naming_the_file(tmp_path):
     stray[7] = 99
     p = tmp_path / "stray.npz"
     np.savez(p, x=x, y=stray)
-    with pytest.raises(ValueError, match=rf"{p}: labels are not 0..K-1: found 11 distinct labels "
-                                         r"\[0, 1, 2, 3, 4, 5, 6, 7, 8, \.\.\., 99\], so 100 classes are inferred "
-                                         r"and 89 of them have no sample .*data.loader.num_classes"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{p}: labels are not 0..K-1: found 11 distinct labels "
+        r"\[0, 1, 2, 3, 4, 5, 6, 7, 8, \.\.\., 99\], so 100 classes are inferred "
+        r"and 89 of them have no sample .*data.loader.num_classes",
+    ):
         load_npz(p)
-    assert load_npz(p, num_classes=100).num_classes == 100       # said explicitly: allowed
+    assert load_npz(p, num_classes=100).num_classes == 100  # said explicitly: allowed
     gap = tmp_path / "gap.npz"
     np.savez(gap, x=x, y=np.where(y == 3, 4, y))
     with pytest.raises(ValueError, match=r"1 of them have no sample \(\[3\]\)"):

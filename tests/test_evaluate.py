@@ -1,14 +1,21 @@
 """Metrics against hand-computed values."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.data.datasets import ArrayDataset
 from flows.report import format_table
-from pipeline.evaluate import (accuracy, agreement, evaluate, expected_calibration_error, per_class_accuracy,
-                               predict_logits)
+from pipeline.data.datasets import ArrayDataset
+from pipeline.evaluate import (
+    accuracy,
+    agreement,
+    evaluate,
+    expected_calibration_error,
+    per_class_accuracy,
+    predict_logits,
+)
 from pipeline.models.registry import build_model
 
 
@@ -70,8 +77,9 @@ def test_accuracy_agreement_per_class():
 
 def test_predict_and_evaluate_and_report():
     torch.manual_seed(0)
-    model = build_model({"arch": "mlp", "kwargs": {"width": 8, "depth": 1, "dropout": 0.5}},
-                        in_shape=(4,), num_classes=3)
+    model = build_model(
+        {"arch": "mlp", "kwargs": {"width": 8, "depth": 1, "dropout": 0.5}}, in_shape=(4,), num_classes=3
+    )
     rng = np.random.default_rng(0)
     ds = ArrayDataset("tab", rng.random((50, 4), dtype=np.float32), rng.integers(0, 3, 50), np.arange(50), 3)
     model.train()
@@ -87,11 +95,20 @@ def test_predict_and_evaluate_and_report():
     assert r["latency_ms"] > 0
     with pytest.raises(ValueError, match="no labels"):
         evaluate(model, ArrayDataset("u", ds.x, None, ds.sample_ids, 3))
-    report = format_table([
-        {"name": "teacher", "accuracy": 0.981, "params": 1_200_000, "size_bytes": 4_800_000, "latency_ms": 1.5},
-        {"name": "student-kd", "accuracy": 0.95, "agreement": 0.962, "params": 25_000, "size_bytes": 100_000,
-         "latency_ms": 0.1, "baseline": 0.93},
-    ])
+    report = format_table(
+        [
+            {"name": "teacher", "accuracy": 0.981, "params": 1_200_000, "size_bytes": 4_800_000, "latency_ms": 1.5},
+            {
+                "name": "student-kd",
+                "accuracy": 0.95,
+                "agreement": 0.962,
+                "params": 25_000,
+                "size_bytes": 100_000,
+                "latency_ms": 0.1,
+                "baseline": 0.93,
+            },
+        ]
+    )
     lines = report.splitlines()
     assert len(lines) == 4 and lines[0].split() == ["name", "acc", "agree", "params", "size", "latency", "baseline"]
     assert "student-kd" in lines[3] and "96.20%" in lines[3] and "93.00%" in lines[3] and "25.0K" in lines[3]

@@ -1,4 +1,5 @@
 """Export and int8 compression of real (briefly trained) models on the digits data."""
+
 import io
 
 import pytest
@@ -6,8 +7,13 @@ import torch
 import torch.nn as nn
 
 from pipeline.data.datasets import load_digits8, split_dataset
-from pipeline.models.export import (compression_report, export_safetensors, export_torchscript, load_safetensors,
-                             quantize_dynamic_int8)
+from pipeline.models.export import (
+    compression_report,
+    export_safetensors,
+    export_torchscript,
+    load_safetensors,
+    quantize_dynamic_int8,
+)
 from pipeline.models.registry import build_model
 
 IN_SHAPE = (1, 8, 8)
@@ -93,8 +99,8 @@ def test_int8_mlp_is_smaller_and_about_as_accurate(trained_mlp, data):
 def test_int8_cnn_quantizes_only_linear(data):
     model = cnn()
     q = quantize_dynamic_int8(model)
-    assert isinstance(q.body[0], nn.Conv2d)                    # convs stay float
-    assert type(q.head) is not nn.Linear                        # head is quantized
+    assert isinstance(q.body[0], nn.Conv2d)  # convs stay float
+    assert type(q.head) is not nn.Linear  # head is quantized
     x = data[1][1][:16]
     with torch.no_grad():
         torch.testing.assert_close(q(x), model(x), rtol=0, atol=0.1)

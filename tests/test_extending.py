@@ -2,6 +2,7 @@
 file of distillery touched) is accepted by the config, trains a student through the one
 training loop, and its logged term is its formula over the stored rows, computed here by
 hand; a new task's data source only needs a `task` name the registry knows."""
+
 import json
 
 import numpy as np
@@ -16,17 +17,20 @@ from pipeline.objectives.losses import LOSSES, register_loss
 @pytest.fixture
 def l1_probs():
     """|p − q|₁ between the teacher's and the student's class probabilities at T' (a toy)."""
+
     @register_loss("l1_probs", labels=("dense",))
     def loss(z, t, *, temperature, weights, chunk_size):
         p = torch.softmax(rescale(t["teachers"][0], t["stored_temperatures"][0], temperature).float(), -1)
         q = torch.softmax(z.float() / temperature, -1)
         return row_mean((p - q).abs().sum(-1), weights)
+
     yield "l1_probs"
     LOSSES.pop("l1_probs")
 
 
 def test_a_loss_registered_from_outside_trains_a_student(l1_probs, tmp_path):
     from conftest import TINY, write_toy
+
     from flows.config import ConfigError, load_config
     from pipeline.data.datasets import ArrayDataset
     from pipeline.models.registry import build_model
@@ -38,15 +42,15 @@ def test_a_loss_registered_from_outside_trains_a_student(l1_probs, tmp_path):
     assert load_config(TINY, ["students.losses=[l1_probs]"]).student_losses() == ["l1_probs"]
     # data whose rows the toy store labels: 200 samples, 10 classes
     rng = np.random.default_rng(0)
-    data = ArrayDataset("toy", rng.random((200, 6), dtype=np.float32), rng.integers(0, 10, 200),
-                        np.arange(200), 10)
+    data = ArrayDataset("toy", rng.random((200, 6), dtype=np.float32), rng.integers(0, 10, 200), np.arange(200), 10)
     uri = str(tmp_path / "labels")
     write_toy(uri, n=200, c=10, temperature=4.0)
     torch.manual_seed(0)
     model = build_model({"arch": "mlp", "kwargs": {"width": 8, "depth": 1}}, in_shape=(6,), num_classes=10)
     log = tmp_path / "log.jsonl"
-    cfg = TrainConfig(loss="l1_probs", temperature=2.0, epochs=1, batch_size=64, lr=0.0, device="cpu",
-                      log_path=str(log))
+    cfg = TrainConfig(
+        loss="l1_probs", temperature=2.0, epochs=1, batch_size=64, lr=0.0, device="cpu", log_path=str(log)
+    )
     # the store was written with another data fingerprint than this toy set: no expect= here
     out = train(model, cfg, train_data=data, labels=uri)
     assert out["epochs_run"] == 1 and out["steps"] == 4
@@ -68,7 +72,7 @@ def test_a_loss_registered_from_outside_trains_a_student(l1_probs, tmp_path):
     LOSSES.pop("l1_probs")
     with pytest.raises(ConfigError, match="l1_probs"):
         load_config(TINY, ["students.losses=[l1_probs]"])
-    register_loss("l1_probs", labels=("dense",))(lambda *a, **k: None)   # the fixture removes it again
+    register_loss("l1_probs", labels=("dense",))(lambda *a, **k: None)  # the fixture removes it again
 
 
 def test_the_task_of_a_source_is_named_by_the_source():

@@ -4,13 +4,13 @@ embedded temporary server (no PREFECT_API_URL) and a CPU kept busy by other proc
 The subprocesses get none of the Prefect settings this test session sets for itself
 (conftest raises the startup timeout, lowers the log level): what is tested is the CLI's
 own defaults."""
+
 import os
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +28,9 @@ def fresh_env(home, **settings) -> dict:
 
 
 def distill(*args, env, timeout=300):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -40,8 +41,7 @@ def busy_cpu():
     timed out 1 in 2, four per core 2 in 2, like the 3 in 5 seen in the field."""
     spin = "import time\nend = time.time() + 300\nwhile time.time() < end: pass\n"
     cores = len(os.sched_getaffinity(0))
-    procs = [subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
-             for _ in range(min(4 * cores, 32))]
+    procs = [subprocess.Popen([sys.executable, "-c", spin], start_new_session=True) for _ in range(min(4 * cores, 32))]
     try:
         yield procs
     finally:
@@ -52,21 +52,29 @@ def busy_cpu():
 
 @pytest.mark.slow
 def test_first_run_on_a_busy_machine_succeeds_quietly(tmp_path, busy_cpu):
-    home = tmp_path / "prefect-home"          # does not exist yet: Prefect creates it
+    home = tmp_path / "prefect-home"  # does not exist yet: Prefect creates it
     t0 = time.perf_counter()
     # the point is a slow first start, not speed: generous, so a machine busy with more
     # than the burners (another job) still finishes (measured 205 s of flow under such load)
     # one flow (`teacher train`): what failed was the temporary server's first start, and
     # every command starts it the same way (the whole `distill run` took 127 s under this load)
-    r = distill("teacher", "train", TINY, f"runs_dir={tmp_path / 'runs'}", "name=first",
-                "teacher.train.epochs=1", env=fresh_env(home), timeout=600)
+    r = distill(
+        "teacher",
+        "train",
+        TINY,
+        f"runs_dir={tmp_path / 'runs'}",
+        "name=first",
+        "teacher.train.epochs=1",
+        env=fresh_env(home),
+        timeout=600,
+    )
     seconds = time.perf_counter() - t0
     out = r.stdout + r.stderr
     print(f"first run on a busy CPU: {seconds:.1f}s")
     assert all(p.poll() is None for p in busy_cpu), "the CPU burners stopped before the run ended"
     assert r.returncode == 0, out[-4000:]
-    assert "Starting temporary server" in out                # really the embedded server
-    assert (home / "prefect.db").exists()                    # ... on the fresh home
+    assert "Starting temporary server" in out  # really the embedded server
+    assert (home / "prefect.db").exists()  # ... on the fresh home
     assert '"name": "tiny-cnn"' in r.stdout and "[first] teacher finished" in r.stdout
     assert (tmp_path / "runs" / "first" / "teacher.pt").exists()
     noisy = [line for line in out.splitlines() if any(n in line for n in NOISE)]
@@ -81,14 +89,16 @@ def test_a_server_that_never_comes_up_ends_with_one_line(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     said = [line for line in r.stderr.splitlines() if line.startswith("distill:")]
-    assert len(said) == 1 and said[0].startswith(
-        "distill: Prefect's temporary API server did not start within 1 s"), r.stderr
-    assert "PREFECT_API_URL" in said[0]              # ... and what to do about it
+    assert len(said) == 1 and said[0].startswith("distill: Prefect's temporary API server did not start within 1 s"), (
+        r.stderr
+    )
+    assert "PREFECT_API_URL" in said[0]  # ... and what to do about it
     assert not (tmp_path / "runs" / "tiny" / "teacher.pt").exists()
 
 
 def test_env_defaults_leave_what_the_user_set(tmp_path):
     from flows.runtime import EMBEDDED_DEFAULTS, prefect_env_defaults
+
     home = tmp_path / "home"
     home.mkdir()
     # nothing set: embedded, every default applied, analytics off on both sides
@@ -96,16 +106,21 @@ def test_env_defaults_leave_what_the_user_set(tmp_path):
     assert prefect_env_defaults(env) is True
     assert env == {"PREFECT_HOME": str(home), **EMBEDDED_DEFAULTS, "DO_NOT_TRACK": "1"}
     # set in the environment: kept; opting in to analytics also leaves the client's alone
-    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "true",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "7"}
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "7",
+    }
     prefect_env_defaults(env)
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true" and "DO_NOT_TRACK" not in env
     assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "7"
     # set in the active profile (`prefect config set`): the API URL there means a real
     # server, so the temporary server's settings are not touched
-    (home / "profiles.toml").write_text('active = "mine"\n[profiles.mine]\n'
-                                        'PREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
-                                        'PREFECT_SERVER_ANALYTICS_ENABLED = "true"\n')
+    (home / "profiles.toml").write_text(
+        'active = "mine"\n[profiles.mine]\n'
+        'PREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
+        'PREFECT_SERVER_ANALYTICS_ENABLED = "true"\n'
+    )
     env = {"PREFECT_HOME": str(home)}
     assert prefect_env_defaults(env) is False
     assert env == {"PREFECT_HOME": str(home)}

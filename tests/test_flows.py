@@ -1,4 +1,5 @@
 """Flows under one session-scoped Prefect test server; task bodies via .fn()."""
+
 import json
 import os
 import time
@@ -6,9 +7,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import storage
-from conftest import TINY
 from flows.config import load_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -18,12 +19,18 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 def tiny_run(tmp_path_factory):
     """Run the whole `distill` flow once on the tiny config; later tests inspect it."""
     from flows.flows import distill_flow
+
     runs = tmp_path_factory.mktemp("runs")
     overrides = [f"runs_dir={runs}"]
     t0 = time.perf_counter()
     report = distill_flow(TINY, overrides)
-    return {"report": report, "overrides": overrides, "runs": runs, "seconds": time.perf_counter() - t0,
-            "cfg": load_config(TINY, overrides)}
+    return {
+        "report": report,
+        "overrides": overrides,
+        "runs": runs,
+        "seconds": time.perf_counter() - t0,
+        "cfg": load_config(TINY, overrides),
+    }
 
 
 def test_distill_flow_end_to_end(tiny_run):
@@ -41,7 +48,11 @@ def test_distill_flow_end_to_end(tiny_run):
         assert s["accuracy"] > 0.3 and 0 <= s["agreement"] <= 1 and os.path.exists(s["checkpoint"])
         assert os.path.exists(s["safetensors"]) and os.path.exists(s["torchscript"])
         assert s["int8"]["size_bytes"] < s["size_bytes"] and abs(s["int8"]["accuracy"] - s["accuracy"]) < 0.1
-        base = next(b for b in on_disk["students"] if b["name"] == s["name"].split("-T")[0].replace("-baseline", "") + "-baseline")
+        base = next(
+            b
+            for b in on_disk["students"]
+            if b["name"] == s["name"].split("-T")[0].replace("-baseline", "") + "-baseline"
+        )
         assert s["baseline"] == base["accuracy"]
     # the teacher ran once on the evaluation split for all four students' agreement
     cached = list((cfg.run_dir() / "students").glob("teacher-eval-logits-*.npy"))
@@ -58,20 +69,28 @@ def test_distill_flow_end_to_end(tiny_run):
 def test_flow_runs_and_keyed_artifacts_are_recorded(tiny_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
         names = {client.read_flow(r.flow_id).name for r in runs}
         assert {"distill", "label", "label-shards", "students", "student-sweep"} <= names
         tasks = {t.name for t in client.read_task_runs()}
         assert {"train-teacher", "plan-labels", "label-shard-0", "finalize-labels", "report"} <= {
-            n.rsplit("-", 1)[0] if n.startswith(("plan", "finalize", "report", "train-teacher-")) else n for n in tasks}
-        for key, kind in (("tiny-label-progress", "progress"), ("tiny-label-shards", "table"),
-                          ("tiny-students", "table"), ("tiny-students-chart", "image")):
+            n.rsplit("-", 1)[0] if n.startswith(("plan", "finalize", "report", "train-teacher-")) else n for n in tasks
+        }
+        for key, kind in (
+            ("tiny-label-progress", "progress"),
+            ("tiny-label-shards", "table"),
+            ("tiny-students", "table"),
+            ("tiny-students-chart", "image"),
+        ):
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
             assert arts, key
             assert arts[0].type == kind
     with get_client(sync_client=True) as client:
-        prog = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-label-progress"])))
+        prog = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-label-progress"]))
+        )
         assert float(prog[0].data) == 100.0
         table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-label-shards"])))
         rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
@@ -80,6 +99,7 @@ def test_flow_runs_and_keyed_artifacts_are_recorded(tiny_run):
 
 def test_label_rerun_skips_every_shard_quickly(tiny_run):
     from flows.flows import label_flow
+
     cfg = tiny_run["cfg"]
     before = storage.open_soft_labels(cfg.soft_label_uri()).manifest["shards"]
     t0 = time.perf_counter()
@@ -95,6 +115,7 @@ def test_label_rerun_skips_every_shard_quickly(tiny_run):
 def test_label_resumes_after_losing_a_shard(tiny_run, tmp_path):
     """Delete one shard's commit record: a re-run labels exactly that shard again."""
     from flows.flows import label_flow
+
     overrides = tiny_run["overrides"] + [f"label.uri={tmp_path / 'labels'}"]
     label_flow(TINY, overrides)
     uri = str(tmp_path / "labels")
@@ -111,6 +132,7 @@ def test_task_bodies_directly(tiny_run, tmp_path):
 
     from flows.classify import teacher_info
     from flows.flows import label_shard_task, plan_labels_task
+
     cfg = tiny_run["cfg"]
     raw = cfg.model_dump(mode="json")
     raw["label"]["uri"] = str(tmp_path / "fn")
@@ -128,6 +150,7 @@ def test_task_bodies_directly(tiny_run, tmp_path):
 def test_students_refuse_labels_from_another_teacher(tiny_run, tmp_path):
     """A student sweep checks the stored teacher fingerprint against the teacher it reports on."""
     from flows.recipes import student_runs, train_student
+
     cfg = tiny_run["cfg"]
     teacher = {"name": "other", "fingerprint": "sha256:not-this-one", "checkpoint": cfg.teacher_path()}
     run = [r for r in student_runs(cfg) if r["loss"] != "ce"][0]
@@ -137,12 +160,15 @@ def test_students_refuse_labels_from_another_teacher(tiny_run, tmp_path):
 
 def test_student_with_dataloader_workers_inside_prefect(tiny_run):
     """Workers streaming stored labels from a process that runs Prefect (forkserver start)."""
+    from prefect import flow
+
     from flows.classify import teacher_info
     from flows.flows import train_student_task
     from flows.recipes import student_runs
-    from prefect import flow
-    cfg = load_config(TINY, tiny_run["overrides"] + ["students.train.num_workers=2", "students.train.epochs=1",
-                                                      "name=workers"])
+
+    cfg = load_config(
+        TINY, tiny_run["overrides"] + ["students.train.num_workers=2", "students.train.epochs=1", "name=workers"]
+    )
     raw = cfg.model_dump(mode="json")
     raw["label"]["uri"] = load_config(TINY, tiny_run["overrides"]).soft_label_uri()
     teacher = teacher_info(load_config(TINY, tiny_run["overrides"]).teacher_path())
@@ -161,10 +187,13 @@ def test_label_on_a_dask_cluster(tiny_run, tmp_path):
     from distributed import LocalCluster
 
     from flows.flows import label_flow
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as cluster:
-        out = label_flow(TINY, tiny_run["overrides"] + [f"label.uri={tmp_path / 'dask'}"],
-                         dask_address=cluster.scheduler_address)
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
+    ) as cluster:
+        out = label_flow(
+            TINY, tiny_run["overrides"] + [f"label.uri={tmp_path / 'dask'}"], dask_address=cluster.scheduler_address
+        )
         assert out["labelled_shards"] == 3
         # the shards really ran in the cluster's worker processes, not in this one
         assert os.getpid() not in out["worker_pids"]
@@ -176,14 +205,19 @@ def test_label_on_a_dask_cluster(tiny_run, tmp_path):
 def test_student_sweep_is_reproducible(tiny_run, tmp_path):
     """Same config, same stored labels: the same students, although they train in parallel threads."""
     from flows.flows import students_flow
+
     cfg = tiny_run["cfg"]
     threads_before = torch.get_num_threads()
-    again = students_flow(TINY, tiny_run["overrides"] + [f"runs_dir={tmp_path}", f"label.uri={cfg.soft_label_uri()}",
-                                                         f"teacher.checkpoint={cfg.teacher_path()}"])
+    again = students_flow(
+        TINY,
+        tiny_run["overrides"]
+        + [f"runs_dir={tmp_path}", f"label.uri={cfg.soft_label_uri()}", f"teacher.checkpoint={cfg.teacher_path()}"],
+    )
     first = {s["name"]: s["accuracy"] for s in tiny_run["report"]["students"]}
     assert {s["name"]: s["accuracy"] for s in again["students"]} == first
     # each student ran with cores // max_parallel torch threads, and the process got its count back
     from pipeline.device import available_cores
+
     assert {s["torch_threads"] for s in again["students"]} == {max(1, available_cores() // 2)}
     assert torch.get_num_threads() == threads_before
 
@@ -191,9 +225,10 @@ def test_student_sweep_is_reproducible(tiny_run, tmp_path):
 def test_students_refuse_labels_of_another_data_split(tiny_run, tmp_path, capsys):
     """Labels made with data.seed=0; a student config with data.seed=1 cuts other splits, whose test
     and val images the teacher labelled for training: refused, by the recipe and by the CLI."""
-    from flows.cli import main
     from flows.classify import LabelLineageError, check_label_lineage, teacher_info
+    from flows.cli import main
     from flows.recipes import student_runs, train_student
+
     cfg = tiny_run["cfg"]
     uri = cfg.soft_label_uri()
     keep = [f"label.uri={uri}", f"teacher.checkpoint={cfg.teacher_path()}"]
@@ -208,6 +243,7 @@ def test_students_refuse_labels_of_another_data_split(tiny_run, tmp_path, capsys
     # the id check: it names how many evaluation and validation images are stored labels' samples
     ids = np.concatenate([b["sample_id"] for b in storage.open_soft_labels(uri).iter_batches(4096, shuffle=False)])
     from flows.inputs import splits
+
     n_test = len(np.intersect1d(ids, splits(other)["test"].sample_ids))
     assert n_test > 0 and f"{n_test} of the 300 images of this config's 'test' split" in msg
     assert "'val' split" in msg

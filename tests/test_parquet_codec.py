@@ -1,6 +1,7 @@
 """storage/parquet_codec.py writes standard Parquet: pyarrow's own reader must return
 exactly what distillery's fast reader returns, for every dtype, width, compression and
 row-group cut the writer can produce; anything unexpected falls back to pyarrow."""
+
 import io
 import os
 
@@ -8,31 +9,42 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_toy
+
 from storage import open_soft_labels, parquet_codec
 from storage.layout import Column, ParquetShard
 
 
 def _file(cols, arrays, rows_per_group, compression):
-    return b"".join(bytes(p) for p in parquet_codec.encode(cols, arrays, rows_per_group=rows_per_group,
-                                                           compression=compression))
+    return b"".join(
+        bytes(p) for p in parquet_codec.encode(cols, arrays, rows_per_group=rows_per_group, compression=compression)
+    )
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "lz4"])
 @pytest.mark.parametrize("n, width, rpg", [(1, 1, 1), (37, 10, 8), (1000, 257, 300), (5, 3, 100)])
 def test_every_column_type_reads_the_same_in_pyarrow_and_the_fast_path(tmp_path, compression, n, width, rpg):
     rng = np.random.default_rng(n * width)
-    cols = [("sample_id", "int64", None), ("view", "int32", None), ("f16", "float16", width),
-            ("f32", "float32", width), ("u8", "uint8", width), ("u16", "uint16", width), ("i32", "int32", width),
-            ("lse", "float32", None)]
-    arrays = {"sample_id": rng.integers(-2**40, 2**40, n), "view": rng.integers(0, 9, n).astype(np.int32),
-              "f16": rng.standard_normal((n, width)).astype(np.float16),
-              "f32": rng.standard_normal((n, width)).astype(np.float32),
-              "u8": rng.integers(0, 256, (n, width)).astype(np.uint8),
-              "u16": rng.integers(0, 65536, (n, width)).astype(np.uint16),
-              "i32": rng.integers(-2**31, 2**31 - 1, (n, width)).astype(np.int32),
-              "lse": rng.standard_normal(n).astype(np.float32)}
+    cols = [
+        ("sample_id", "int64", None),
+        ("view", "int32", None),
+        ("f16", "float16", width),
+        ("f32", "float32", width),
+        ("u8", "uint8", width),
+        ("u16", "uint16", width),
+        ("i32", "int32", width),
+        ("lse", "float32", None),
+    ]
+    arrays = {
+        "sample_id": rng.integers(-(2**40), 2**40, n),
+        "view": rng.integers(0, 9, n).astype(np.int32),
+        "f16": rng.standard_normal((n, width)).astype(np.float16),
+        "f32": rng.standard_normal((n, width)).astype(np.float32),
+        "u8": rng.integers(0, 256, (n, width)).astype(np.uint8),
+        "u16": rng.integers(0, 65536, (n, width)).astype(np.uint16),
+        "i32": rng.integers(-(2**31), 2**31 - 1, (n, width)).astype(np.int32),
+        "lse": rng.standard_normal(n).astype(np.float32),
+    }
     raw = _file(cols, arrays, rpg, {c: compression for c, _, _ in cols})
     t = pq.read_table(io.BytesIO(raw))
     assert t.num_rows == n and pq.read_metadata(io.BytesIO(raw)).num_row_groups == -(-n // rpg)
@@ -42,26 +54,31 @@ def test_every_column_type_reads_the_same_in_pyarrow_and_the_fast_path(tmp_path,
 
     def no_fallback(*a, **k):
         raise AssertionError("the fast path fell back to pyarrow for a file the codec wrote")
+
     shard.file.read_row_group = no_fallback
     fast = shard.read(0, n, [c for c, _, _ in cols])
     for name, dtype, w in cols:
         col = t.column(name).combine_chunks()
-        assert col.type == (pa.from_numpy_dtype(np.dtype(dtype)) if w is None else
-                            pa.list_(pa.field("element", pa.from_numpy_dtype(np.dtype(dtype)), nullable=False), w))
+        assert col.type == (
+            pa.from_numpy_dtype(np.dtype(dtype))
+            if w is None
+            else pa.list_(pa.field("element", pa.from_numpy_dtype(np.dtype(dtype)), nullable=False), w)
+        )
         ref = col.to_numpy() if w is None else col.flatten().to_numpy().reshape(n, w)
         assert np.array_equal(ref, arrays[name]) and np.array_equal(fast[name], arrays[name]), name
         assert fast[name].dtype == np.dtype(dtype)
     # a row range across row groups
     a, b = n // 3, max(n // 3 + 1, (2 * n) // 3)
     part = shard.read(a, b, ["f16", "sample_id"])
-    assert np.array_equal(part["f16"], arrays["f16"][a:b]) and np.array_equal(part["sample_id"], arrays["sample_id"][a:b])
+    assert np.array_equal(part["f16"], arrays["f16"][a:b]) and np.array_equal(
+        part["sample_id"], arrays["sample_id"][a:b]
+    )
 
 
 def test_statistics_let_pyarrow_prune_by_sample_id(tmp_path):
     cols = [("sample_id", "int64", None), ("view", "int32", None), ("logits", "float16", 4)]
     n = 1000
-    arrays = {"sample_id": np.arange(n), "view": np.zeros(n, np.int32),
-              "logits": np.ones((n, 4), np.float16)}
+    arrays = {"sample_id": np.arange(n), "view": np.zeros(n, np.int32), "logits": np.ones((n, 4), np.float16)}
     raw = _file(cols, arrays, 100, {})
     md = pq.read_metadata(io.BytesIO(raw))
     st = md.row_group(3).column(0).statistics
@@ -90,18 +107,25 @@ def test_fixed_size_binary_columns_read_the_same_in_pyarrow_and_the_fast_path(tm
     """Bit-packed token ids: uint8 (rows, width) stored as fixed_size_binary[width]."""
     rng = np.random.default_rng(width)
     cols = [("sample_id", "int64", None), ("packed", parquet_codec.BINARY, width), ("u8", "uint8", 4)]
-    arrays = {"sample_id": np.arange(n), "packed": rng.integers(0, 256, (n, width)).astype(np.uint8),
-              "u8": rng.integers(0, 256, (n, 4)).astype(np.uint8)}
+    arrays = {
+        "sample_id": np.arange(n),
+        "packed": rng.integers(0, 256, (n, width)).astype(np.uint8),
+        "u8": rng.integers(0, 256, (n, 4)).astype(np.uint8),
+    }
     raw = _file(cols, arrays, rpg, {c: compression for c, _, _ in cols})
     t = pq.read_table(io.BytesIO(raw))
     col = t.column("packed").combine_chunks()
     assert col.type == pa.binary(width)
-    assert np.array_equal(np.frombuffer(col.buffers()[1], np.uint8, count=n * width).reshape(n, width),
-                          arrays["packed"])
+    assert np.array_equal(
+        np.frombuffer(col.buffers()[1], np.uint8, count=n * width).reshape(n, width), arrays["packed"]
+    )
     path = tmp_path / "f.parquet"
     path.write_bytes(raw)
-    spec = [Column("sample_id", "int64", None), Column("packed", "uint8", width, "byte", binary=True),
-            Column("u8", "uint8", 4)]
+    spec = [
+        Column("sample_id", "int64", None),
+        Column("packed", "uint8", width, "byte", binary=True),
+        Column("u8", "uint8", 4),
+    ]
     shard = ParquetShard(str(path), spec)
     fast = shard.read(0, n, ["packed", "u8"])
     assert fast["packed"].dtype == np.uint8 and np.array_equal(fast["packed"], arrays["packed"])

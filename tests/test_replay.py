@@ -1,5 +1,6 @@
 """pipeline.labelling.replay: stored rows recomputed with the teacher match, and rows whose inputs
 cannot be regenerated (a view function that is not deterministic) are reported."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,12 +8,12 @@ import torch
 import storage
 from pipeline.data.datasets import ArrayDataset
 from pipeline.labelling.classify import label_dataset
-from pipeline.models.registry import build_model
 from pipeline.labelling.replay import replay_rows
-from pipeline.views.transforms import FunctionView
+from pipeline.models.registry import build_model
 from pipeline.views.images import ViewSpec
+from pipeline.views.transforms import FunctionView
 
-VIEW_FNS = '''
+VIEW_FNS = """
 import torch
 
 def jitter(x, generator, scale=0.1):
@@ -20,7 +21,7 @@ def jitter(x, generator, scale=0.1):
 
 def leaky(x, generator, scale=0.1):
     return x + scale * torch.randn(x.shape)        # the global RNG: not a function of (sample, view)
-'''
+"""
 
 
 @pytest.fixture
@@ -36,8 +37,18 @@ def _label(tmp_path, transform, representation="dense", k=None):
     torch.manual_seed(0)
     model = build_model({"arch": "mlp", "kwargs": {"width": 16}}, in_shape=(12,), num_classes=5)
     uri = str(tmp_path / f"labels-{representation}")
-    label_dataset(model, ds, uri, temperature=3.0, teacher={"name": "mlp", "fingerprint": "t"}, num_views=3,
-                  view_spec=transform, shard_size=25, representation=representation, k=k)
+    label_dataset(
+        model,
+        ds,
+        uri,
+        temperature=3.0,
+        teacher={"name": "mlp", "fingerprint": "t"},
+        num_views=3,
+        view_spec=transform,
+        shard_size=25,
+        representation=representation,
+        k=k,
+    )
     return model, ds, storage.open_soft_labels(uri)
 
 
@@ -47,7 +58,7 @@ def test_replay_matches_deterministic_views(tmp_path, view_module, representatio
         model, ds, labels = _label(tmp_path / type(transform).__name__, transform, representation, k)
         r = replay_rows(model, ds, labels, n=40, transform=transform, seed=0)
         assert r["ok"] and r["rows"] == 40 and r["max_excess"] <= 0
-        assert r["max_abs_diff"] < 5e-3          # float16 rounding of z/T
+        assert r["max_abs_diff"] < 5e-3  # float16 rounding of z/T
 
 
 def test_replay_catches_a_view_function_that_is_not_deterministic(tmp_path, view_module):

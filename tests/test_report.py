@@ -1,5 +1,6 @@
 """flows/report.py: the CLI table (gain column, footnote), the students PNG and the
 markdown artifact that inlines it. A report dict shaped like report.json, no training."""
+
 import base64
 import struct
 
@@ -8,9 +9,21 @@ from flows.report import aggregate, chart_data_url, chart_markdown, report_table
 
 def _student(name, arch, mode, acc, params, steps, seed=0):
     loss = "ce" if mode == "hard" else "kd"
-    return {"name": name, "arch_name": arch, "mode": mode, "loss": loss, "temperature": None if loss == "ce" else 4.0,
-            "alpha": None if loss == "ce" else 0.0, "seed": seed, "accuracy": acc, "agreement": acc + 0.01,
-            "params": params, "size_bytes": 4 * params, "latency_ms": 0.05, "steps": steps}
+    return {
+        "name": name,
+        "arch_name": arch,
+        "mode": mode,
+        "loss": loss,
+        "temperature": None if loss == "ce" else 4.0,
+        "alpha": None if loss == "ce" else 0.0,
+        "seed": seed,
+        "accuracy": acc,
+        "agreement": acc + 0.01,
+        "params": params,
+        "size_bytes": 4 * params,
+        "latency_ms": 0.05,
+        "steps": steps,
+    }
 
 
 def _report():
@@ -19,12 +32,28 @@ def _report():
         students.append(_student(f"{arch}-baseline", arch, "hard", hard, params, 4128))
         students.append(_student(f"{arch}-T4-a0-kd", arch, "stored", kd, params, 4130))
     students = with_baselines(students, "accuracy", True)
-    return {"name": "quickstart", "eval_split": "test", "metric": "accuracy", "students": students,
-            "rows": aggregate(students, "accuracy"), "soft_labels": "/x",
-            "teacher": {"name": "cnn-teacher", "accuracy": 0.955, "params": 20_490, "size_bytes": 87_000,
-                        "latency_ms": 0.2},
-            "data": {"labelled_split": "train", "labelled": 500, "label_split": "transfer", "label_samples": 3300,
-                     "views": 16}}
+    return {
+        "name": "quickstart",
+        "eval_split": "test",
+        "metric": "accuracy",
+        "students": students,
+        "rows": aggregate(students, "accuracy"),
+        "soft_labels": "/x",
+        "teacher": {
+            "name": "cnn-teacher",
+            "accuracy": 0.955,
+            "params": 20_490,
+            "size_bytes": 87_000,
+            "latency_ms": 0.2,
+        },
+        "data": {
+            "labelled_split": "train",
+            "labelled": 500,
+            "label_split": "transfer",
+            "label_samples": 3300,
+            "views": 16,
+        },
+    }
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -71,13 +100,18 @@ def test_rows_over_seeds_give_mean_std_and_per_seed_gains_for_both_metrics(tmp_p
     """Three seeds: each student against its own seed's baseline; the row is the mean ± std,
     report.md lists every seed. Perplexity: lower is better, the gain a relative change."""
     from flows.report import report_markdown
+
     students = []
     for seed, (base, kd) in enumerate(((200.0, 150.0), (210.0, 147.0), (190.0, 152.0))):
         for name, mode, ppl in (("s-baseline", "hard", base), ("s-T1-a0.5-topk_kl", "stored", kd)):
             r = _student(name, "s", mode, 0.0, 6_800_000, 256, seed=seed)
             r.pop("accuracy")
-            r.update(perplexity=ppl, loss="ce" if mode == "hard" else "topk_kl", temperature=None if mode == "hard" else 1.0,
-                     alpha=None if mode == "hard" else 0.5)
+            r.update(
+                perplexity=ppl,
+                loss="ce" if mode == "hard" else "topk_kl",
+                temperature=None if mode == "hard" else 1.0,
+                alpha=None if mode == "hard" else 0.5,
+            )
             students.append(r)
     students = with_baselines(students, "perplexity", False)
     assert [s["gain"] for s in students if s["loss"] != "ce"] == [150 / 200 - 1, 147 / 210 - 1, 152 / 190 - 1]
@@ -86,8 +120,14 @@ def test_rows_over_seeds_give_mean_std_and_per_seed_gains_for_both_metrics(tmp_p
     assert kd["perplexity"] == 149.66666666666666 and kd["seeds"] == [0, 1, 2]
     assert abs(kd["perplexity_std"] - 2.5166114784235836) < 1e-12
     assert abs(kd["gain"] - ((150 / 200 + 147 / 210 + 152 / 190) / 3 - 1)) < 1e-12
-    report = {"name": "lm", "metric": "perplexity", "students": students, "rows": rows, "soft_labels": "/x",
-              "teacher": {"name": "smol", "perplexity": 20.0, "params": 134_500_000}}
+    report = {
+        "name": "lm",
+        "metric": "perplexity",
+        "students": students,
+        "rows": rows,
+        "soft_labels": "/x",
+        "teacher": {"name": "smol", "perplexity": 20.0, "params": 134_500_000},
+    }
     lines = report_table(report).splitlines()
     assert lines[0].split() == ["name", "ppl", "params", "steps", "baseline", "gain"]
     row = next(ln.split() for ln in lines if ln.startswith("s-T1-a0.5-topk_kl"))

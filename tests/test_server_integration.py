@@ -1,6 +1,7 @@
 """The docker-compose topology, natively: a real Prefect server, a process work pool,
 `distill deploy`, a `distill worker`, soft labels on an S3 API server (moto); and
 `distill serve` registering scheduled deployments."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,9 @@ import time
 import urllib.request
 
 import pytest
+from conftest import TINY, api, stop_process
 
 import storage
-from conftest import TINY, api, stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -37,18 +38,34 @@ def test_deploy_worker_s3_topology(prefect_server, s3_server, tmp_path):
     env = dict(prefect_server["env"])
     so = s3_server["storage_options"]
     uri = f"s3://{s3_server['bucket']}/integration/soft_labels"
-    overrides = [f"runs_dir={tmp_path / 'runs'}", "name=integ", f"label.uri={uri}",
-                 "label.storage_options={endpoint_url: '%s', key: testing, secret: testing}" % so["endpoint_url"]]
-    dep = subprocess.run(_distill_cmd("deploy", os.path.relpath(TINY, REPO), *overrides, "--pool", "integ-pool"),
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    overrides = [
+        f"runs_dir={tmp_path / 'runs'}",
+        "name=integ",
+        f"label.uri={uri}",
+        f"label.storage_options={{endpoint_url: '{so['endpoint_url']}', key: testing, secret: testing}}",
+    ]
+    dep = subprocess.run(
+        _distill_cmd("deploy", os.path.relpath(TINY, REPO), *overrides, "--pool", "integ-pool"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dep.returncode == 0, dep.stderr[-3000:]
     assert "integ-label" in dep.stdout and "integ-students" in dep.stdout
     pools = api(prefect_server, "POST", "/work_pools/filter", {})
     assert any(p["name"] == "integ-pool" and p["type"] == "process" for p in pools)
 
     log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen(_distill_cmd("worker", "--pool", "integ-pool"), cwd=REPO, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        _distill_cmd("worker", "--pool", "integ-pool"),
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         for name in ("train-teacher/integ-train-teacher", "label/integ-label", "students/integ-students"):
             fr = _run_deployment(prefect_server, name)
@@ -79,16 +96,24 @@ def test_deploy_worker_s3_topology(prefect_server, s3_server, tmp_path):
 def test_serve_registers_scheduled_deployments(prefect_server, tmp_path):
     env = dict(prefect_server["env"])
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(_distill_cmd("serve", TINY, "name=served", "schedules.label=0 3 * * *",
-                                         "schedules.students=30 4 * * 1"),
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        _distill_cmd("serve", TINY, "name=served", "schedules.label=0 3 * * *", "schedules.students=30 4 * * 1"),
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         t0, found = time.time(), {}
         while time.time() - t0 < 180 and len(found) < 2:
             assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
             deps = api(prefect_server, "POST", "/deployments/filter", {"limit": 200})
-            found = {d["name"]: [s["schedule"].get("cron") for s in d.get("schedules", [])]
-                     for d in deps if d["name"] in ("served-label", "served-students")}
+            found = {
+                d["name"]: [s["schedule"].get("cron") for s in d.get("schedules", [])]
+                for d in deps
+                if d["name"] in ("served-label", "served-students")
+            }
             found = {k: v for k, v in found.items() if v}
             time.sleep(2)
         assert found.get("served-label") == ["0 3 * * *"]

@@ -1,9 +1,10 @@
 """Damaged shards are found by verify() and by open_soft_labels(verify=True), by name."""
+
 import os
 
 import pytest
-
 from conftest import write_toy
+
 from storage import CorruptShardError, open_soft_labels, verify
 
 
@@ -12,8 +13,9 @@ def _shard_file(uri, index):
     rel = ds.manifest["shards"][index]["path"]
     path = os.path.join(uri, rel)
     if os.path.isdir(path):  # zarr: damage the logits chunk, the biggest object
-        chunks = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "logits")) for f in fs
-                  if f != "zarr.json"]
+        chunks = [
+            os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "logits")) for f in fs if f != "zarr.json"
+        ]
         path = max(chunks, key=os.path.getsize)
     return rel, path
 
@@ -29,7 +31,7 @@ def test_damaged_shard_is_reported_by_name(tmp_path, backend, damage):
     if damage == "truncate":
         data = data[: len(data) // 2]
     else:
-        data[len(data) // 2] ^= 0x01            # one flipped bit in the middle of the logits
+        data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the logits
     open(path, "wb").write(bytes(data))
 
     report = verify(uri)

@@ -1,16 +1,24 @@
 """Nothing read from disk reaches training unchecked: damaged, replaced or foreign shards,
 hostile paths, malformed or edited manifests and commit records are refused by name
 (issue #8 part 2, issue #12's store items)."""
+
 import json
 import os
 import shutil
 
 import numpy as np
 import pytest
-
 from conftest import DATA, TEACHER, toy_logits, write_toy
-from storage import (CorruptShardError, ManifestError, MismatchError, SoftLabelError, SoftLabelWriter,
-                     open_soft_labels, verify)
+
+from storage import (
+    CorruptShardError,
+    ManifestError,
+    MismatchError,
+    SoftLabelError,
+    SoftLabelWriter,
+    open_soft_labels,
+    verify,
+)
 from storage.manifest import manifest_digest
 
 
@@ -37,12 +45,15 @@ def _data_file(uri, pos):
     rel = _manifest(uri)["shards"][pos]["path"]
     path = os.path.join(uri, rel)
     if os.path.isdir(path):  # zarr: the logits chunk
-        path = max((os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "logits")) for f in fs
-                    if f != "zarr.json"), key=os.path.getsize)
+        path = max(
+            (os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "logits")) for f in fs if f != "zarr.json"),
+            key=os.path.getsize,
+        )
     return rel, path
 
 
 # ---------------------------------------------------------------- shard bytes
+
 
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
 def test_flipped_byte_in_data_pages_never_reaches_the_reader(tmp_path, backend):
@@ -51,7 +62,7 @@ def test_flipped_byte_in_data_pages_never_reaches_the_reader(tmp_path, backend):
     assert _stream_all(uri) == 300
     rel, path = _data_file(uri, 1)
     data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0x10          # inside the logits values: the file still decodes
+    data[len(data) // 2] ^= 0x10  # inside the logits values: the file still decodes
     open(path, "wb").write(bytes(data))
     with pytest.raises(CorruptShardError, match=rel.split("/")[-1]):
         _stream_all(uri)
@@ -89,6 +100,7 @@ def test_shard_replaced_by_another_shards_bytes_or_rewritten(tmp_path, backend):
 
 def test_each_shard_is_hashed_once_per_process_and_again_after_a_change(tmp_path, monkeypatch):
     import storage.shards as shards
+
     uri = str(tmp_path / "ds")
     write_toy(uri, n=200, shards=2)
     shards.forget_verified()
@@ -98,15 +110,15 @@ def test_each_shard_is_hashed_once_per_process_and_again_after_a_change(tmp_path
     _stream_all(uri)
     _stream_all(uri)
     open_soft_labels(uri).take([0, 150])
-    assert len(calls) == 2                       # two shards, hashed once each
+    assert len(calls) == 2  # two shards, hashed once each
     rel, path = _data_file(uri, 0)
-    os.utime(path, ns=(1, 1))                    # same bytes, new mtime: hashed again, still fine
+    os.utime(path, ns=(1, 1))  # same bytes, new mtime: hashed again, still fine
     assert _stream_all(uri) == 200 and len(calls) == 3
 
 
 def test_zarr_missing_chunk_is_corruption_not_zeros(tmp_path):
     uri = str(tmp_path / "ds")
-    write_toy(uri, backend="zarr", n=3000, shards=1, c=10)   # several chunks per array
+    write_toy(uri, backend="zarr", n=3000, shards=1, c=10)  # several chunks per array
     ds = open_soft_labels(uri)
     # every chunk exists on disk, even those equal to the fill value (views are all 0)
     shard = os.path.join(uri, ds.manifest["shards"][0]["path"])
@@ -117,16 +129,26 @@ def test_zarr_missing_chunk_is_corruption_not_zeros(tmp_path):
     with pytest.raises(CorruptShardError, match="chunk logits/c/0/0 is missing"):
         for _ in ds.iter_batches(500, shuffle=False):
             pass
-    with pytest.raises(CorruptShardError):      # a new process (cache forgotten) refuses at open
+    with pytest.raises(CorruptShardError):  # a new process (cache forgotten) refuses at open
         import storage.shards as shards
+
         shards.forget_verified()
         _stream_all(uri)
 
 
 # ---------------------------------------------------------------- paths
 
-@pytest.mark.parametrize("path", ["../../outside/x.parquet", "/etc/passwd", "data/../../x/shard-00000-0000000000000000.parquet",
-                                  "s3://elsewhere/shard-00000-0000000000000000.parquet", "data\\shard-00000.parquet"])
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../../outside/x.parquet",
+        "/etc/passwd",
+        "data/../../x/shard-00000-0000000000000000.parquet",
+        "s3://elsewhere/shard-00000-0000000000000000.parquet",
+        "data\\shard-00000.parquet",
+    ],
+)
 def test_manifest_shard_paths_must_stay_inside_the_dataset(tmp_path, path):
     uri = str(tmp_path / "ds")
     write_toy(uri, n=100, shards=2)
@@ -147,16 +169,18 @@ def test_commit_record_with_a_hostile_path_is_refused_and_nothing_is_deleted(tmp
     victim.mkdir()
     (victim / "precious.parquet").write_bytes(b"keep me")
     z = toy_logits(100, 10)
-    w = SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=2.0, teacher=TEACHER, data=DATA,
-                        num_shards=2)
+    w = SoftLabelWriter(
+        uri, backend="parquet", num_classes=10, temperature=2.0, teacher=TEACHER, data=DATA, num_shards=2
+    )
     w.write_shard(0, np.arange(50), z[:50])
     rec_path = os.path.join(uri, "_commits", "shard-00000.json")
     rec = json.load(open(rec_path))
     own = os.path.join(uri, rec["path"])
     rec["path"] = "../victim/precious.parquet"
     json.dump(rec, open(rec_path, "w"))
-    w2 = SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=2.0, teacher=TEACHER, data=DATA,
-                         num_shards=2)
+    w2 = SoftLabelWriter(
+        uri, backend="parquet", num_classes=10, temperature=2.0, teacher=TEACHER, data=DATA, num_shards=2
+    )
     with pytest.raises(ManifestError, match=r"_commits/shard-00000.json.*not allowed"):
         w2.committed_shards()
     with pytest.raises(ManifestError, match="shard-00000.json"):
@@ -168,17 +192,21 @@ def test_commit_record_with_a_hostile_path_is_refused_and_nothing_is_deleted(tmp
 
 # ---------------------------------------------------------------- manifest structure
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda m: m.update(shards="shard-00000.parquet"), "shards"),
-    (lambda m: m.update(representation="dense"), "representation"),
-    (lambda m: m.pop("shards"), "shards"),
-    (lambda m: m.update(num_classes="ten"), "num_classes"),
-    (lambda m: m.update(temperature=float("inf")), "temperature"),
-    (lambda m: m["shards"][0].update(num_rows="50"), "shards[0].num_rows"),
-    (lambda m: m["shards"][0].update(sha256="abc"), "shards[0].sha256"),
-    (lambda m: m["representation"].update(kind="topk", k=99), "representation.k"),
-    (lambda m: m.update(num_classes=8), "columns"),
-])
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m.update(shards="shard-00000.parquet"), "shards"),
+        (lambda m: m.update(representation="dense"), "representation"),
+        (lambda m: m.pop("shards"), "shards"),
+        (lambda m: m.update(num_classes="ten"), "num_classes"),
+        (lambda m: m.update(temperature=float("inf")), "temperature"),
+        (lambda m: m["shards"][0].update(num_rows="50"), "shards[0].num_rows"),
+        (lambda m: m["shards"][0].update(sha256="abc"), "shards[0].sha256"),
+        (lambda m: m["representation"].update(kind="topk", k=99), "representation.k"),
+        (lambda m: m.update(num_classes=8), "columns"),
+    ],
+)
 def test_malformed_manifest_names_the_field(tmp_path, edit, field):
     uri = str(tmp_path / "ds")
     write_toy(uri, n=100, shards=2)
@@ -199,9 +227,10 @@ def test_stored_width_larger_than_num_classes_is_refused_by_the_shard(tmp_path):
     m.pop("columns")
     _write_manifest(uri, m)
     with pytest.raises(ManifestError, match="committed by a run labelling something else"):
-        open_soft_labels(uri)               # the commits' lineage says 10 classes
+        open_soft_labels(uri)  # the commits' lineage says 10 classes
     from storage.manifest import lineage_digest
-    for name in os.listdir(os.path.join(uri, "_commits")):   # forge them too: the shard itself still says no
+
+    for name in os.listdir(os.path.join(uri, "_commits")):  # forge them too: the shard itself still says no
         p = os.path.join(uri, "_commits", name)
         rec = json.load(open(p))
         rec["lineage"] = lineage_digest(m)
@@ -211,6 +240,7 @@ def test_stored_width_larger_than_num_classes_is_refused_by_the_shard(tmp_path):
 
 
 # ---------------------------------------------------------------- tamper evidence
+
 
 def test_edited_manifest_is_detected_by_its_digest(tmp_path):
     uri = str(tmp_path / "ds")
@@ -248,14 +278,23 @@ def test_finalize_refuses_shards_committed_by_another_labelling(tmp_path):
     never produce a complete dataset that mixes their shards."""
     uri = str(tmp_path / "ds")
     z = toy_logits(100, 10)
-    a = SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=3.0, teacher=TEACHER, data=DATA,
-                        num_shards=2)
+    a = SoftLabelWriter(
+        uri, backend="parquet", num_classes=10, temperature=3.0, teacher=TEACHER, data=DATA, num_shards=2
+    )
     a.write_shard(0, np.arange(50), z[:50])
     # run B overwrites the dataset while A is still running, and writes shard 1
-    b = SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=2.0, teacher=TEACHER, data=DATA,
-                        num_shards=2, overwrite=True)
+    b = SoftLabelWriter(
+        uri,
+        backend="parquet",
+        num_classes=10,
+        temperature=2.0,
+        teacher=TEACHER,
+        data=DATA,
+        num_shards=2,
+        overwrite=True,
+    )
     b.write_shard(1, np.arange(50, 100), z[50:])
-    a.write_shard(0, np.arange(50), z[:50])      # A carries on: its shard 0 lands in B's dataset
+    a.write_shard(0, np.arange(50), z[:50])  # A carries on: its shard 0 lands in B's dataset
     with pytest.raises(MismatchError, match=r"shard\(s\) \[0\] were committed by a run labelling something else"):
         b.finalize()
     with pytest.raises(SoftLabelError):
@@ -267,27 +306,55 @@ def test_format_1_datasets_are_still_read(tmp_path):
     columns, no digest) opens and streams the same values."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from storage.layout import tree_sha256
+
     uri = tmp_path / "v1"
     (uri / "_commits").mkdir(parents=True)
     n, c = 40, 10
     z = (toy_logits(n, c) / 2).astype(np.float16)
-    t = pa.table({"sample_id": np.arange(n), "view": np.zeros(n, np.int32),
-                  "logits": pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * c), n, [None, pa.py_buffer(z)])})
+    t = pa.table(
+        {
+            "sample_id": np.arange(n),
+            "view": np.zeros(n, np.int32),
+            "logits": pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * c), n, [None, pa.py_buffer(z)]),
+        }
+    )
     import io
+
     buf = io.BytesIO()
     pq.write_table(t, buf)
     raw = buf.getvalue()
     sha = tree_sha256({"": [raw]})
     name = f"shard-00000-{sha[:16]}.parquet"
     (uri / name).write_bytes(raw)
-    entry = {"index": 0, "path": name, "num_rows": n, "first_sample_id": 0, "last_sample_id": n - 1,
-             "sha256": sha, "bytes": len(raw), "rows_per_block": n}
+    entry = {
+        "index": 0,
+        "path": name,
+        "num_rows": n,
+        "first_sample_id": 0,
+        "last_sample_id": n - 1,
+        "sha256": sha,
+        "bytes": len(raw),
+        "rows_per_block": n,
+    }
     (uri / "_commits" / "shard-00000.json").write_text(json.dumps(entry))
-    m = {"format_version": 1, "backend": "parquet", "status": "complete", "num_samples": n, "num_rows": n,
-         "num_views": 1, "num_classes": c, "temperature": 2.0,
-         "representation": {"kind": "dense", "dtype": "float16", "k": None}, "feature": None,
-         "teacher": TEACHER, "data": DATA, "num_shards": 1, "shards": [entry]}
+    m = {
+        "format_version": 1,
+        "backend": "parquet",
+        "status": "complete",
+        "num_samples": n,
+        "num_rows": n,
+        "num_views": 1,
+        "num_classes": c,
+        "temperature": 2.0,
+        "representation": {"kind": "dense", "dtype": "float16", "k": None},
+        "feature": None,
+        "teacher": TEACHER,
+        "data": DATA,
+        "num_shards": 1,
+        "shards": [entry],
+    }
     (uri / "manifest.json").write_text(json.dumps(m))
     ds = open_soft_labels(str(uri))
     got = next(ds.iter_batches(n, shuffle=False))

@@ -1,11 +1,12 @@
 """Streaming partition: ranks x workers cover every (sample_id, view) exactly once per epoch."""
+
 import itertools
 from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import write_toy
+
 from storage import open_soft_labels
 from storage.partition import partition_segments
 
@@ -14,9 +15,21 @@ def _epoch(ds, *, epoch, world_size, num_workers, batch_size, shuffle=True):
     """{rank: [batches]} for one epoch, each rank's workers interleaved as a DataLoader would."""
     per_rank = {}
     for rank in range(world_size):
-        per_worker = [list(ds.iter_batches(batch_size, shuffle=shuffle, seed=3, epoch=epoch, rank=rank,
-                                           world_size=world_size, worker=w, num_workers=num_workers))
-                      for w in range(num_workers)]
+        per_worker = [
+            list(
+                ds.iter_batches(
+                    batch_size,
+                    shuffle=shuffle,
+                    seed=3,
+                    epoch=epoch,
+                    rank=rank,
+                    world_size=world_size,
+                    worker=w,
+                    num_workers=num_workers,
+                )
+            )
+            for w in range(num_workers)
+        ]
         per_rank[rank] = [b for group in itertools.zip_longest(*per_worker) for b in group if b is not None]
     return per_rank
 
@@ -24,14 +37,14 @@ def _epoch(ds, *, epoch, world_size, num_workers, batch_size, shuffle=True):
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
 def test_two_ranks_two_workers_cover_each_row_once_per_epoch(tmp_path, backend):
     uri = str(tmp_path / "ds")
-    n, V = 257, 2                                   # 514 rows: not divisible by 4 partitions or the batch
+    n, V = 257, 2  # 514 rows: not divisible by 4 partitions or the batch
     write_toy(uri, backend=backend, n=n, views=V, shards=5)
     ds = open_soft_labels(uri)
     orders = []
     for epoch in range(3):
         per_rank = _epoch(ds, epoch=epoch, world_size=2, num_workers=2, batch_size=16)
         counts = {r: len(b) for r, b in per_rank.items()}
-        assert len(set(counts.values())) == 1, counts              # equal batch counts per rank
+        assert len(set(counts.values())) == 1, counts  # equal batch counts per rank
         assert counts[0] == ds.num_batches(16, world_size=2, num_workers=2)
         real = Counter()
         pads = 0
@@ -44,10 +57,10 @@ def test_two_ranks_two_workers_cover_each_row_once_per_epoch(tmp_path, backend):
                     else:
                         real[(int(s), int(v))] += 1
         assert set(real) == {(s, v) for s in range(n) for v in range(V)}
-        assert set(real.values()) == {1}                            # exactly once
-        assert pads == 4 * int(np.ceil(n * V / 4)) - n * V          # only the documented padding
+        assert set(real.values()) == {1}  # exactly once
+        assert pads == 4 * int(np.ceil(n * V / 4)) - n * V  # only the documented padding
         orders.append([int(s) for b in per_rank[0] for s in b["sample_id"]])
-    assert orders[0] != orders[1] != orders[2]                      # epochs differ
+    assert orders[0] != orders[1] != orders[2]  # epochs differ
 
 
 def test_same_seed_and_epoch_is_reproducible(tmp_path):
@@ -81,8 +94,16 @@ def test_partition_arithmetic_exhaustively():
         seen, sizes = Counter(), set()
         for r in range(world):
             for w in range(workers):
-                segs = partition_segments(shard_rows, seed=0, epoch=int(rng.integers(5)) * 0 + 1, shuffle=True,
-                                          rank=r, world_size=world, worker=w, num_workers=workers)
+                segs = partition_segments(
+                    shard_rows,
+                    seed=0,
+                    epoch=int(rng.integers(5)) * 0 + 1,
+                    shuffle=True,
+                    rank=r,
+                    world_size=world,
+                    worker=w,
+                    num_workers=workers,
+                )
                 sizes.add(sum(s.stop - s.start for s in segs))
                 for s in segs:
                     assert 0 <= s.start < s.stop <= shard_rows[s.shard]
@@ -110,11 +131,11 @@ def test_bad_partition_arguments(tmp_path):
 def test_default_shuffle_mixes_class_sorted_shards(tmp_path):
     """Labelled data often arrives in class order; batches must still mix classes."""
     uri = str(tmp_path / "ds")
-    write_toy(uri, n=2000, shards=10)                     # "class" = sample_id // 200: one class per shard
+    write_toy(uri, n=2000, shards=10)  # "class" = sample_id // 200: one class per shard
     ds = open_soft_labels(uri)
     first = next(ds.iter_batches(64, seed=0))
     assert len(np.unique(first["sample_id"] // 200)) >= 8
-    small = next(ds.iter_batches(64, seed=0, shuffle_buffer=256))   # an explicit small window stays local
+    small = next(ds.iter_batches(64, seed=0, shuffle_buffer=256))  # an explicit small window stays local
     assert len(np.unique(small["sample_id"] // 200)) <= 3
 
 
@@ -123,7 +144,7 @@ def test_shuffled_rows_keep_their_columns_together(tmp_path, buffer):
     """The shuffle moves whole rows: eviction from a full buffer and the final in-place
     shuffle give every (sample_id, view) its own logits, each exactly once per epoch."""
     uri = str(tmp_path / "ds")
-    z = write_toy(uri, n=700, shards=3, views=2)
+    write_toy(uri, n=700, shards=3, views=2)
     ds = open_soft_labels(uri)
     seen = []
     for b in ds.iter_batches(50, seed=3, epoch=1, shuffle_buffer=buffer):

@@ -1,13 +1,22 @@
 """Bad input gets a clear error naming what is wrong, and stored data is never damaged."""
+
 import json
 import os
 
 import numpy as np
 import pytest
-
 from conftest import DATA, TEACHER, write_toy
-from storage import (IncompleteDatasetError, InvalidLogitsError, ManifestError, MismatchError, SoftLabelError,
-                     SoftLabelWriter, open_soft_labels, verify)
+
+from storage import (
+    IncompleteDatasetError,
+    InvalidLogitsError,
+    ManifestError,
+    MismatchError,
+    SoftLabelError,
+    SoftLabelWriter,
+    open_soft_labels,
+    verify,
+)
 
 
 def _writer(uri, **kw):
@@ -25,12 +34,14 @@ def test_fingerprint_mismatch_is_refused_and_data_kept(tmp_path):
     uri = str(tmp_path / "ds")
     write_toy(uri, c=4, n=40, shards=2, temperature=2.0)
     other = dict(TEACHER, fingerprint="sha256:teacher-b")
-    with pytest.raises(MismatchError, match=r"teacher\.fingerprint: stored 'sha256:teacher-a', this writer 'sha256:teacher-b'"):
+    with pytest.raises(
+        MismatchError, match=r"teacher\.fingerprint: stored 'sha256:teacher-a', this writer 'sha256:teacher-b'"
+    ):
         _writer(uri, teacher=other)
     with pytest.raises(MismatchError, match="temperature: stored 2.0, this writer 3.0"):
         _writer(uri, temperature=3.0)
-    assert verify(uri).ok                                       # refusal touched nothing
-    w = _writer(uri, teacher=other, overwrite=True)             # explicit overwrite starts afresh
+    assert verify(uri).ok  # refusal touched nothing
+    w = _writer(uri, teacher=other, overwrite=True)  # explicit overwrite starts afresh
     assert w.committed_shards() == [] and w.manifest["status"] == "partial"
     with pytest.raises(IncompleteDatasetError):
         open_soft_labels(uri)
@@ -40,7 +51,7 @@ def test_same_fingerprints_resume(tmp_path):
     uri = str(tmp_path / "ds")
     w = _writer(uri)
     w.write_shard(0, [0, 1], np.ones((2, 4), np.float32))
-    w2 = _writer(uri, teacher=dict(TEACHER, name="renamed"))     # names are not identity
+    w2 = _writer(uri, teacher=dict(TEACHER, name="renamed"))  # names are not identity
     assert w2.committed_shards() == [0]
 
 
@@ -78,7 +89,7 @@ def test_nan_and_inf_logits_are_refused_naming_shard_and_row(tmp_path):
     z[3, 1] = np.inf
     with pytest.raises(InvalidLogitsError, match="row 3 .* contains Inf"):
         w.write_shard(7, np.arange(10, 15), z)
-    z[3, 1] = 1e6                                   # finite, but 1e6 / T overflows float16
+    z[3, 1] = 1e6  # finite, but 1e6 / T overflows float16
     with pytest.raises(InvalidLogitsError, match="overflows float16"):
         w.write_shard(7, np.arange(10, 15), z)
     assert w.committed_shards() == []
@@ -109,7 +120,7 @@ def test_coverage_errors_at_finalize(tmp_path):
     w = _writer(uri, num_views=2)
     z = np.zeros((2, 4), np.float32)
     w.write_shard(0, [0, 0], z, views=[0, 1])
-    w.write_shard(1, [0, 1], z, views=[1, 0])     # (0, 1) twice; sample 1 lacks view 1
+    w.write_shard(1, [0, 1], z, views=[1, 0])  # (0, 1) twice; sample 1 lacks view 1
     with pytest.raises(SoftLabelError, match=r"\(sample_id 0, view 1\) appears more than once \(shards 0 and 1\)"):
         w.finalize()
 
@@ -119,8 +130,14 @@ def test_expect_names_every_differing_field(tmp_path):
     write_toy(uri, n=10, shards=1, temperature=4.0)
     open_soft_labels(uri, expect={"teacher": {"fingerprint": TEACHER["fingerprint"]}, "temperature": 4.0})
     with pytest.raises(MismatchError) as e:
-        open_soft_labels(uri, expect={"teacher.fingerprint": "sha256:other", "temperature": 2.0,
-                                      "representation": {"kind": "topk", "dtype": "float16", "k": 4}})
+        open_soft_labels(
+            uri,
+            expect={
+                "teacher.fingerprint": "sha256:other",
+                "temperature": 2.0,
+                "representation": {"kind": "topk", "dtype": "float16", "k": 4},
+            },
+        )
     msg = str(e.value)
     assert "teacher.fingerprint: expected 'sha256:other', found 'sha256:teacher-a'" in msg
     assert "temperature: expected 2.0, found 4.0" in msg

@@ -1,5 +1,6 @@
 """Crash safety: a writer SIGKILLed mid-shard, re-run, gives the same dataset as an
 uninterrupted run; concurrent writers on one URI do not corrupt it."""
+
 import os
 import signal
 import subprocess
@@ -8,17 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, TEACHER
 
 from storage import IncompleteDatasetError, SoftLabelWriter, open_soft_labels, verify
-from conftest import DATA, TEACHER
 
 CHILD = str(Path(__file__).with_name("_writer_child.py"))
 REPO = str(Path(__file__).resolve().parent.parent)
 
 
 def run_child(uri, backend, kill_at=-1, mode="none", shards=()):
-    return subprocess.run([sys.executable, CHILD, uri, backend, str(kill_at), mode, *map(str, shards)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, CHILD, uri, backend, str(kill_at), mode, *map(str, shards)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def fingerprint(uri):
@@ -38,12 +44,17 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend, mode):
     r = run_child(crashed, backend, kill_at=2, mode=mode)
     assert r.returncode == -signal.SIGKILL, r.stderr
     # the crash left shards 0-1 committed, shard 2 not, and no complete manifest
-    assert SoftLabelWriter(crashed, backend=backend, num_classes=12, temperature=2.0, teacher=TEACHER,
-                           data=DATA).committed_shards() == [0, 1]
+    assert SoftLabelWriter(
+        crashed, backend=backend, num_classes=12, temperature=2.0, teacher=TEACHER, data=DATA
+    ).committed_shards() == [0, 1]
     with pytest.raises(IncompleteDatasetError, match="partial"):
         open_soft_labels(crashed)
-    leftovers = [n for d in ("_tmp", "data") if os.path.isdir(os.path.join(crashed, d))
-                 for n in os.listdir(os.path.join(crashed, d))]
+    leftovers = [
+        n
+        for d in ("_tmp", "data")
+        if os.path.isdir(os.path.join(crashed, d))
+        for n in os.listdir(os.path.join(crashed, d))
+    ]
     assert any("shard-00002" in x for x in leftovers), leftovers  # the half-done shard is really there
 
     r = run_child(crashed, backend)
@@ -66,10 +77,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend, mode):
 def test_concurrent_writers_on_one_uri(tmp_path, backend):
     """Two processes at once, overlapping shard sets (both write shards 2 and 3)."""
     uri = str(tmp_path / "ds")
-    p1 = subprocess.Popen([sys.executable, CHILD, uri, backend, "-1", "none", "0", "1", "2", "3"], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    p2 = subprocess.Popen([sys.executable, CHILD, uri, backend, "-1", "none", "3", "2", "4"], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p1 = subprocess.Popen(
+        [sys.executable, CHILD, uri, backend, "-1", "none", "0", "1", "2", "3"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p2 = subprocess.Popen(
+        [sys.executable, CHILD, uri, backend, "-1", "none", "3", "2", "4"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out1, err1 = p1.communicate(timeout=120)
     out2, err2 = p2.communicate(timeout=120)
     assert p1.returncode == 0, err1
@@ -91,7 +112,7 @@ def test_rewriting_a_committed_shard(tmp_path):
     w = SoftLabelWriter(uri, backend="parquet", num_classes=3, temperature=1.0, teacher=TEACHER, data=DATA)
     z = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], np.float32)
     rec = w.write_shard(0, [0, 1], z)
-    assert w.write_shard(0, [0, 1], z) == rec           # a retry with the same bytes is a no-op
+    assert w.write_shard(0, [0, 1], z) == rec  # a retry with the same bytes is a no-op
     with pytest.raises(Exception, match="already committed with different content"):
         w.write_shard(0, [0, 1], z + 1)
     assert w.pending(range(3)) == [1, 2]

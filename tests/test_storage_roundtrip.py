@@ -1,11 +1,12 @@
 """Round trips: what goes in as raw logits comes out as logits / T, for every layout."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DATA, TEACHER, toy_logits, write_toy
+
 from storage import SoftLabelWriter, convert, open_soft_labels, softmax, topk_probs, verify
 
 TOL = {"float16": 2e-3, "float32": 1e-6}  # relative precision of the storage dtype
@@ -45,12 +46,21 @@ def test_dense_round_trip(tmp_path, backend, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_topk_round_trip_is_exact_against_full_softmax(tmp_path, backend, dtype):
     T, C, k = 2.0, 300, 5  # C > 256 exercises uint16 class ids
-    z = write_toy(str(tmp_path / "ds"), backend=backend, dtype=dtype, temperature=T, n=120, c=C,
-                  representation="topk", k=k, shards=2)
+    z = write_toy(
+        str(tmp_path / "ds"),
+        backend=backend,
+        dtype=dtype,
+        temperature=T,
+        n=120,
+        c=C,
+        representation="topk",
+        k=k,
+        shards=2,
+    )
     ds = open_soft_labels(str(tmp_path / "ds"))
     rows = _all_rows(ds)
     assert rows["topk_indices"].dtype == np.uint16 and rows["logsumexp"].dtype == np.float32
-    full = softmax(z / T)                                   # (n, C), float64 reference
+    full = softmax(z / T)  # (n, C), float64 reference
     ref_idx = np.argsort(-z, axis=1)[:, :k]
     assert np.array_equal(rows["topk_indices"].astype(np.int64), ref_idx)
     p, tail = topk_probs(rows["topk_logits"], rows["logsumexp"])
@@ -77,14 +87,23 @@ def test_views_and_feature_column(tmp_path, backend):
     z = toy_logits(n * V, C)
     feats = rng.standard_normal((n * V, 2, 4)).astype(np.float32)
     sids, views = np.repeat(np.arange(n), V), np.tile(np.arange(V), n)
-    with SoftLabelWriter(uri, backend=backend, num_classes=C, temperature=1.0, num_views=V, teacher=TEACHER,
-                         data=DATA, feature={"name": "penultimate", "shape": [2, 4]}, dtype="float32") as w:
+    with SoftLabelWriter(
+        uri,
+        backend=backend,
+        num_classes=C,
+        temperature=1.0,
+        num_views=V,
+        teacher=TEACHER,
+        data=DATA,
+        feature={"name": "penultimate", "shape": [2, 4]},
+        dtype="float32",
+    ) as w:
         w.write_shard(0, sids[:75], z[:75], views[:75], features=feats[:75])
         w.write_shard(1, sids[75:], z[75:], views[75:], features=feats[75:])
     ds = open_soft_labels(uri)
     assert ds.manifest["num_samples"] == n and ds.manifest["num_rows"] == n * V
     assert ds.manifest["feature"] == {"name": "penultimate", "shape": [2, 4], "dtype": "float32"}
-    got = ds.take([7, 3])                      # every view of each id, id-major
+    got = ds.take([7, 3])  # every view of each id, id-major
     assert got["sample_id"].tolist() == [7, 7, 7, 3, 3, 3] and got["view"].tolist() == [0, 1, 2, 0, 1, 2]
     rows = [7 * V, 7 * V + 1, 7 * V + 2, 3 * V, 3 * V + 1, 3 * V + 2]
     np.testing.assert_allclose(got["logits"], z[rows])
@@ -99,8 +118,15 @@ def test_views_and_feature_column(tmp_path, backend):
 @pytest.mark.parametrize("representation", ["dense", "topk"])
 def test_convert_is_bit_exact(tmp_path, src_backend, dst_backend, representation):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    write_toy(src, backend=src_backend, representation=representation, k=4 if representation == "topk" else None,
-              temperature=3.0, views=2, n=60)
+    write_toy(
+        src,
+        backend=src_backend,
+        representation=representation,
+        k=4 if representation == "topk" else None,
+        temperature=3.0,
+        views=2,
+        n=60,
+    )
     m = convert(src, dst, backend=dst_backend)
     assert m["backend"] == dst_backend and m["status"] == "complete"
     assert verify(dst).ok
@@ -113,8 +139,21 @@ def test_convert_is_bit_exact(tmp_path, src_backend, dst_backend, representation
 def test_manifest_is_plain_json_with_documented_fields(tmp_path):
     write_toy(str(tmp_path / "ds"))
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    for field in ("format_version", "backend", "status", "num_samples", "num_views", "num_classes", "temperature",
-                  "representation", "teacher", "data", "shards", "created_at", "producer"):
+    for field in (
+        "format_version",
+        "backend",
+        "status",
+        "num_samples",
+        "num_views",
+        "num_classes",
+        "temperature",
+        "representation",
+        "teacher",
+        "data",
+        "shards",
+        "created_at",
+        "producer",
+    ):
         assert field in m, field
     assert m["producer"]["name"] == "distillery"
     for s in m["shards"]:

@@ -1,9 +1,10 @@
 """The same store through a real S3 API server (moto) on 127.0.0.1."""
+
 import numpy as np
 import pytest
 import s3fs
-
 from conftest import TEACHER, write_toy
+
 from storage import CorruptShardError, SoftLabelWriter, convert, open_soft_labels, verify
 
 pytestmark = pytest.mark.s3
@@ -14,10 +15,24 @@ pytestmark = pytest.mark.s3
 def test_s3_round_trip(s3_server, s3_uri, backend, representation):
     so = s3_server["storage_options"]
     k = 3 if representation == "topk" else None
-    z = write_toy(s3_uri, backend=backend, representation=representation, k=k, n=150, views=2, shards=3,
-                  temperature=2.0, dtype="float32", storage_options=so)
-    ds = open_soft_labels(s3_uri, storage_options=so, verify=True,
-                          expect={"teacher.fingerprint": TEACHER["fingerprint"], "backend": backend})
+    z = write_toy(
+        s3_uri,
+        backend=backend,
+        representation=representation,
+        k=k,
+        n=150,
+        views=2,
+        shards=3,
+        temperature=2.0,
+        dtype="float32",
+        storage_options=so,
+    )
+    ds = open_soft_labels(
+        s3_uri,
+        storage_options=so,
+        verify=True,
+        expect={"teacher.fingerprint": TEACHER["fingerprint"], "backend": backend},
+    )
     got = ds.take([10, 149])
     rows = [20, 21, 298, 299]
     if representation == "dense":
@@ -33,11 +48,17 @@ def test_s3_round_trip(s3_server, s3_uri, backend, representation):
 
 def test_s3_resume_and_corruption(s3_server, s3_uri):
     so = s3_server["storage_options"]
-    args = dict(backend="parquet", num_classes=5, temperature=1.0, teacher=TEACHER,
-                data={"name": "d", "split": "train", "fingerprint": "f", "transform": None}, storage_options=so)
+    args = dict(
+        backend="parquet",
+        num_classes=5,
+        temperature=1.0,
+        teacher=TEACHER,
+        data={"name": "d", "split": "train", "fingerprint": "f", "transform": None},
+        storage_options=so,
+    )
     w = SoftLabelWriter(s3_uri, num_shards=2, **args)
     w.write_shard(0, [0, 1, 2], np.eye(3, 5, dtype=np.float32))
-    w2 = SoftLabelWriter(s3_uri, **args)                 # a second process would see the same
+    w2 = SoftLabelWriter(s3_uri, **args)  # a second process would see the same
     assert w2.committed_shards() == [0]
     w2.write_shard(1, [3, 4], np.ones((2, 5), np.float32))
     w2.finalize()
@@ -81,10 +102,16 @@ def test_forked_worker_reads_s3_after_parent_did(s3_server, s3_uri):
     whose threads a fork would inherit."""
     import subprocess
     import sys
+
     so = s3_server["storage_options"]
     write_toy(s3_uri, backend="zarr", n=64, shards=2, storage_options=so)
-    r = subprocess.run([sys.executable, "-c", FORK_SCRIPT, s3_uri, so["endpoint_url"]], capture_output=True,
-                       text=True, timeout=120, cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    r = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, s3_uri, so["endpoint_url"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(sum(range(64))), "0"]
 
@@ -103,15 +130,19 @@ def test_s3_reader_refuses_a_damaged_object_and_a_hostile_path(s3_server, s3_uri
     """On an object store the shard is fetched once, hashed, and read from those bytes:
     a flipped byte never reaches a batch; a manifest path outside the prefix is refused."""
     import json
+
     from storage.manifest import manifest_digest
+
     so = s3_server["storage_options"]
     write_toy(s3_uri, backend=backend, n=120, shards=2, storage_options=so)
     fs = s3fs.S3FileSystem(endpoint_url=so["endpoint_url"], key="testing", secret="testing")
     m = json.loads(fs.cat_file(f"{s3_uri}/manifest.json"))
     target = f"{s3_uri}/{m['shards'][1]['path']}"
     if backend == "zarr":
-        target = max((p for p in fs.find(target) if "/logits/" in p and not p.endswith("zarr.json")),
-                     key=lambda p: fs.info(p)["size"])
+        target = max(
+            (p for p in fs.find(target) if "/logits/" in p and not p.endswith("zarr.json")),
+            key=lambda p: fs.info(p)["size"],
+        )
     data = bytearray(fs.cat_file(target))
     data[len(data) // 2] ^= 0x04
     fs.pipe_file(target, bytes(data))
@@ -122,5 +153,6 @@ def test_s3_reader_refuses_a_damaged_object_and_a_hostile_path(s3_server, s3_uri
     m["digest"] = manifest_digest(m)
     fs.pipe_file(f"{s3_uri}/manifest.json", json.dumps(m).encode())
     from storage import ManifestError
+
     with pytest.raises(ManifestError, match="is not allowed"):
         open_soft_labels(s3_uri, storage_options=so)

@@ -1,16 +1,26 @@
 """Token labels of a language model (representation token_topk / token_sampled): one row
 per token position, whole sequences per shard, read back by row or by sequence."""
+
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, TEACHER
 
 import storage.layout as layout
-from conftest import DATA, TEACHER
-from storage import (CorruptShardError, CoverageError, InvalidLogitsError, MismatchError, SoftLabelError,
-                     SoftLabelWriter, convert, open_soft_labels, verify)
-from storage.token_packing import LOGPROB_STEP, from_bf16_bits, bf16_bits
+from storage import (
+    CorruptShardError,
+    CoverageError,
+    InvalidLogitsError,
+    MismatchError,
+    SoftLabelError,
+    SoftLabelWriter,
+    convert,
+    open_soft_labels,
+    verify,
+)
+from storage.token_packing import LOGPROB_STEP, bf16_bits, from_bf16_bits
 
 BACKENDS = ["parquet", "zarr"]
 
@@ -22,11 +32,14 @@ def topk_labels(n: int, V: int, k: int, seed: int = 0):
     ids = np.stack([rng.choice(V, k, replace=False) for _ in range(n)]).astype(np.int64)
     z = rng.standard_normal((n, k)).astype(np.float64) * 2
     z[:, 0] += 4
-    keep = rng.uniform(0.5, 0.999, n)                          # mass of the k kept ids
+    keep = rng.uniform(0.5, 0.999, n)  # mass of the k kept ids
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True) * keep[:, None]
     order = np.argsort(-p, axis=1)
-    return (np.take_along_axis(ids, order, 1), np.log(np.take_along_axis(p, order, 1)).astype(np.float32),
-            (1 - keep).astype(np.float32))
+    return (
+        np.take_along_axis(ids, order, 1),
+        np.log(np.take_along_axis(p, order, 1)).astype(np.float32),
+        (1 - keep).astype(np.float32),
+    )
 
 
 def sampled_labels(n: int, V: int, draws: int, s_max: int, seed: int = 0):
@@ -36,14 +49,26 @@ def sampled_labels(n: int, V: int, draws: int, s_max: int, seed: int = 0):
     ids = np.zeros((n, s_max), np.int64)
     counts = np.zeros((n, s_max), np.int32)
     for r in range(n):
-        ids[r, :u[r]] = np.sort(rng.choice(V, u[r], replace=False))
+        ids[r, : u[r]] = np.sort(rng.choice(V, u[r], replace=False))
         c = np.ones(u[r], np.int64) + rng.multinomial(draws - u[r], np.ones(u[r]) / u[r])
-        counts[r, :u[r]] = c
-    return ids[:, :u.max()], counts[:, :u.max()]
+        counts[r, : u[r]] = c
+    return ids[:, : u.max()], counts[:, : u.max()]
 
 
-def write_topk(uri, *, backend="parquet", V=50, L=8, k=4, seqs=(5, 4, 6), dtype="uint8", views=1,
-               tail_dtype="float32", seed=0, **kw):
+def write_topk(
+    uri,
+    *,
+    backend="parquet",
+    V=50,
+    L=8,
+    k=4,
+    seqs=(5, 4, 6),
+    dtype="uint8",
+    views=1,
+    tail_dtype="float32",
+    seed=0,
+    **kw,
+):
     """A complete token_topk dataset; returns (ids, logprobs, missing_mass, sample_id, view) per token."""
     n = sum(seqs) * views * L
     ids, lp, mm = topk_labels(n, V, k, seed)
@@ -51,13 +76,30 @@ def write_topk(uri, *, backend="parquet", V=50, L=8, k=4, seqs=(5, 4, 6), dtype=
     seq_view = np.tile(np.arange(views), sum(seqs))
     sid, view = np.repeat(seq_sid, L), np.repeat(seq_view, L)
     bounds = np.concatenate([[0], np.cumsum(seqs)]) * views * L
-    with SoftLabelWriter(uri, backend=backend, representation="token_topk", vocab_size=V, seq_len=L, k=k,
-                         dtype=dtype, tail_dtype=tail_dtype, num_views=views, teacher=TEACHER, data=DATA,
-                         **kw) as w:
+    with SoftLabelWriter(
+        uri,
+        backend=backend,
+        representation="token_topk",
+        vocab_size=V,
+        seq_len=L,
+        k=k,
+        dtype=dtype,
+        tail_dtype=tail_dtype,
+        num_views=views,
+        teacher=TEACHER,
+        data=DATA,
+        **kw,
+    ) as w:
         for i in range(len(seqs)):
             a, b = bounds[i], bounds[i + 1]
-            w.write_shard(i, sid[a:b], ids=ids[a:b], logprobs=lp[a:b], missing_mass=mm[a:b],
-                          views=view[a:b] if views > 1 else None)
+            w.write_shard(
+                i,
+                sid[a:b],
+                ids=ids[a:b],
+                logprobs=lp[a:b],
+                missing_mass=mm[a:b],
+                views=view[a:b] if views > 1 else None,
+            )
     return ids, lp, mm, sid, view
 
 
@@ -66,7 +108,7 @@ def decoded_tolerance(dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("V", [50, 100_000])           # 16-bit ids and 17-bit packed ids
+@pytest.mark.parametrize("V", [50, 100_000])  # 16-bit ids and 17-bit packed ids
 @pytest.mark.parametrize("dtype", ["uint8", "bfloat16", "float16"])
 def test_topk_round_trip(tmp_path, backend, V, dtype):
     uri = str(tmp_path / "ds")
@@ -79,8 +121,11 @@ def test_topk_round_trip(tmp_path, backend, V, dtype):
     rep = m["representation"]
     assert rep["kind"] == "token_topk" and rep["k"] == k and rep["dtype"] == dtype
     assert rep["id_bits"] == (16 if V <= 65536 else 17)
-    assert m["columns"]["topk_ids"] == ({"dtype": "uint16", "shape": [k]} if V <= 65536 else
-                                        {"dtype": "uint8", "shape": [(k * 17 + 7) // 8], "storage": "fixed_size_binary"})
+    assert m["columns"]["topk_ids"] == (
+        {"dtype": "uint16", "shape": [k]}
+        if V <= 65536
+        else {"dtype": "uint8", "shape": [(k * 17 + 7) // 8], "storage": "fixed_size_binary"}
+    )
     # whole sequences, in stored order, decoded
     got = {}
     for b in ds.iter_sequences(4, shuffle=False):
@@ -92,9 +137,13 @@ def test_topk_round_trip(tmp_path, backend, V, dtype):
     assert got["topk_ids"].dtype == np.int64 and got["topk_ids"].shape == (15, L, k)
     assert np.array_equal(got["topk_ids"].reshape(-1, k), ids)
     assert got["topk_logprobs"].dtype == np.float32
-    np.testing.assert_allclose(got["topk_logprobs"].reshape(-1, k), lp, atol=decoded_tolerance(dtype),
-                               rtol=decoded_tolerance(dtype) if dtype != "uint8" else 0)
-    assert np.array_equal(got["missing_mass"].reshape(-1), mm)          # float32 tail: exact
+    np.testing.assert_allclose(
+        got["topk_logprobs"].reshape(-1, k),
+        lp,
+        atol=decoded_tolerance(dtype),
+        rtol=decoded_tolerance(dtype) if dtype != "uint8" else 0,
+    )
+    assert np.array_equal(got["missing_mass"].reshape(-1), mm)  # float32 tail: exact
     # rows are rows: the row-level reader streams every token, stored columns
     rows = list(ds.iter_batches(50, shuffle=False))
     assert sum(len(b["sample_id"]) for b in rows) == 15 * L
@@ -108,29 +157,48 @@ def test_topk_round_trip(tmp_path, backend, V, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("V, draws", [(50, 20), (100_000, 300)])   # uint8 / uint16 counts
+@pytest.mark.parametrize("V, draws", [(50, 20), (100_000, 300)])  # uint8 / uint16 counts
 def test_sampled_round_trip(tmp_path, backend, V, draws):
     uri = str(tmp_path / "ds")
     L, s_max, nseq = 6, 12, 9
     ids, counts = sampled_labels(nseq * L, V, draws, s_max)
     assert ids.shape[1] <= s_max
-    with SoftLabelWriter(uri, backend=backend, representation="token_sampled", vocab_size=V, seq_len=L,
-                         draws=draws, s_max=s_max, teacher=TEACHER, data=DATA) as w:
-        w.write_shard(0, np.arange(5), ids=ids[:5 * L], counts=counts[:5 * L])      # per-sequence ids
-        w.write_shard(1, np.repeat(np.arange(5, 9), L), ids=ids[5 * L:].reshape(4, L, -1),
-                      counts=counts[5 * L:].reshape(4, L, -1))                        # (B, L, u)
+    with SoftLabelWriter(
+        uri,
+        backend=backend,
+        representation="token_sampled",
+        vocab_size=V,
+        seq_len=L,
+        draws=draws,
+        s_max=s_max,
+        teacher=TEACHER,
+        data=DATA,
+    ) as w:
+        w.write_shard(0, np.arange(5), ids=ids[: 5 * L], counts=counts[: 5 * L])  # per-sequence ids
+        w.write_shard(
+            1,
+            np.repeat(np.arange(5, 9), L),
+            ids=ids[5 * L :].reshape(4, L, -1),
+            counts=counts[5 * L :].reshape(4, L, -1),
+        )  # (B, L, u)
     ds = open_soft_labels(uri)
     rep = ds.manifest["representation"]
-    assert rep == {"kind": "token_sampled", "k": None, "draws": draws, "s_max": s_max,
-                   "count_dtype": "uint8" if draws <= 255 else "uint16", "id_bits": 16 if V <= 65536 else 17,
-                   "id_storage": "uint16" if V <= 65536 else "packed"}
+    assert rep == {
+        "kind": "token_sampled",
+        "k": None,
+        "draws": draws,
+        "s_max": s_max,
+        "count_dtype": "uint8" if draws <= 255 else "uint16",
+        "id_bits": 16 if V <= 65536 else 17,
+        "id_storage": "uint16" if V <= 65536 else "packed",
+    }
     assert ds.manifest["num_tokens"] == nseq * L
     t = ds.take_sequences(np.arange(nseq))
     u = ids.shape[1]
     assert t["sample_ids"].shape == (nseq, L, s_max) and t["sample_counts"].dtype == np.int32
     assert np.array_equal(t["sample_ids"].reshape(-1, s_max)[:, :u], ids)
     assert np.array_equal(t["sample_counts"].reshape(-1, s_max)[:, :u], counts)
-    assert not t["sample_counts"].reshape(-1, s_max)[:, u:].any()                    # padded to s_max with 0
+    assert not t["sample_counts"].reshape(-1, s_max)[:, u:].any()  # padded to s_max with 0
     assert (t["sample_counts"].sum(-1) == draws).all()
     assert verify(uri).ok
 
@@ -145,17 +213,18 @@ def test_iter_sequences_partitions_every_sequence_once(tmp_path, backend, monkey
     ids, lp, mm, _, _ = write_topk(uri, backend=backend, L=L, k=3, seqs=(7, 5, 9, 4), views=views, dtype="float32")
     ds = open_soft_labels(uri)
     assert all(s["rows_per_block"] % L == 0 for s in ds.manifest["shards"])
-    assert any(s["rows_per_block"] < s["num_rows"] for s in ds.manifest["shards"])     # several blocks
+    assert any(s["rows_per_block"] < s["num_rows"] for s in ds.manifest["shards"])  # several blocks
     n_seq = 25 * views
-    by_key = ids.reshape(n_seq, L, 3)                      # sequences in (sample_id, view) order
+    by_key = ids.reshape(n_seq, L, 3)  # sequences in (sample_id, view) order
 
     def epoch(seed, ep, B=3):
         seen, counts = [], []
         for rank in range(2):
             nb = 0
             for worker in range(2):
-                for b in ds.iter_sequences(B, seed=seed, epoch=ep, rank=rank, world_size=2, worker=worker,
-                                           num_workers=2, shuffle_buffer=6):
+                for b in ds.iter_sequences(
+                    B, seed=seed, epoch=ep, rank=rank, world_size=2, worker=worker, num_workers=2, shuffle_buffer=6
+                ):
                     nb += 1
                     key = b["sample_id"] * views + b["view"]
                     assert np.array_equal(b["topk_ids"], by_key[key])
@@ -163,13 +232,14 @@ def test_iter_sequences_partitions_every_sequence_once(tmp_path, backend, monkey
                     seen += [(int(x), bool(p)) for x, p in zip(key, b["pad"])]
             counts.append(nb)
         return seen, counts
+
     seen, counts = epoch(1, 0)
     real = [x for x, pad in seen if not pad]
-    assert sorted(real) == list(range(n_seq))                           # every sequence exactly once
-    assert len(seen) - len(real) <= 3                                   # at most P - 1 pad sequences
+    assert sorted(real) == list(range(n_seq))  # every sequence exactly once
+    assert len(seen) - len(real) <= 3  # at most P - 1 pad sequences
     assert counts[0] == counts[1] == ds.num_sequence_batches(3, world_size=2, num_workers=2)
-    assert epoch(1, 0)[0] == seen                                       # deterministic per (seed, epoch)
-    assert epoch(1, 1)[0] != seen and epoch(2, 0)[0] != seen            # and shuffled differently otherwise
+    assert epoch(1, 0)[0] == seen  # deterministic per (seed, epoch)
+    assert epoch(1, 1)[0] != seen and epoch(2, 0)[0] != seen  # and shuffled differently otherwise
     assert real != sorted(real)
     ordered = [int(x) for b in ds.iter_sequences(4, shuffle=False) for x in b["sample_id"] * views + b["view"]]
     assert ordered == list(range(n_seq))
@@ -182,7 +252,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, backend):
     assert verify(uri).ok
     entry = open_soft_labels(uri).manifest["shards"][1]
     path = os.path.join(uri, entry["path"])
-    if backend == "zarr":   # a chunk of the packed ids
+    if backend == "zarr":  # a chunk of the packed ids
         path = os.path.join(path, "topk_ids", "c", "0", "0")
     data = bytearray(Path(path).read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -190,6 +260,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, backend):
     report = verify(uri)
     assert not report.ok and any("sha256 mismatch" in p and "shard 1" in p for p in report.problems), report.problems
     from storage.shards import forget_verified
+
     forget_verified()
     with pytest.raises(CorruptShardError, match="sha256 mismatch"):
         list(open_soft_labels(uri).iter_sequences(4, shuffle=False))
@@ -204,19 +275,28 @@ def test_resume_skips_committed_shards_and_gives_identical_bytes(tmp_path, backe
     ids, lp, mm = topk_labels(n, 100_000, k, 0)
     sid = np.repeat(np.arange(sum(seqs)), L)
     bounds = np.concatenate([[0], np.cumsum(seqs)]) * L
-    args = dict(backend=backend, representation="token_topk", vocab_size=100_000, seq_len=L, k=k, dtype="bfloat16",
-                teacher=TEACHER, data=DATA)
+    args = dict(
+        backend=backend,
+        representation="token_topk",
+        vocab_size=100_000,
+        seq_len=L,
+        k=k,
+        dtype="bfloat16",
+        teacher=TEACHER,
+        data=DATA,
+    )
 
     def shard(w, i):
         a, b = bounds[i], bounds[i + 1]
         return w.write_shard(i, sid[a:b], ids=ids[a:b], logprobs=lp[a:b], missing_mass=mm[a:b])
+
     w = SoftLabelWriter(crashed, **args)
     shard(w, 0)
     shard(w, 1)
-    del w                                               # "killed": shards 0-1 committed, no finalize
+    del w  # "killed": shards 0-1 committed, no finalize
     with pytest.raises(SoftLabelError, match="partial"):
         open_soft_labels(crashed)
-    w = SoftLabelWriter(crashed, **args)                # re-run: resumes
+    w = SoftLabelWriter(crashed, **args)  # re-run: resumes
     assert w.committed_shards() == [0, 1] and w.pending(range(3)) == [2]
     for i in w.pending(range(3)):
         shard(w, i)
@@ -242,22 +322,46 @@ def test_refuses_a_temperature_other_than_one(tmp_path):
     assert _writer(tmp_path, temperature=1.0).manifest["temperature"] == 1.0
 
 
-@pytest.mark.parametrize("field, change, message", [
-    ("ids", lambda d: d["ids"].__setitem__((5, 1), 50), r"ids: row 5 \(sample_id 1, view 0, position 1\) has id 50, "
-                                                        r"outside \[0, vocab_size=50\)"),
-    ("ids", lambda d: d["ids"].__setitem__((0, 0), -1), r"ids: row 0 .* has id -1"),
-    ("logprobs", lambda d: d["logprobs"].__setitem__((6, 2), 0.25), r"logprobs: row 6 .* log-prob 0.25 > 0"),
-    ("logprobs", lambda d: d["logprobs"].__setitem__((1, 0), np.nan), r"logprobs: row 1 .* NaN"),
-    ("missing_mass", lambda d: d["missing_mass"].__setitem__(3, 1.5), r"missing_mass: row 3 .* is 1.5, outside \[0, 1\]"),
-    ("missing_mass", lambda d: d["missing_mass"].__setitem__(2, -0.1), r"missing_mass: row 2 .* outside \[0, 1\]"),
-    ("positions", lambda d: d.__setitem__("positions", np.array([0, 1, 2, 3, 0, 2, 1, 3])),
-     r"positions must be 0..3, ascending and contiguous per sequence .* row 5 .* has position 2, expected 1"),
-    ("sample_ids", lambda d: d.__setitem__("sample_ids", np.array([0, 0, 0, 0, 1, 1, 2, 1])),
-     r"sample_ids/views: the 4 rows of a sequence must share one \(sample_id, view\); row 6"),
-    ("rows", lambda d: d.update({k: d[k][:6] for k in ("ids", "logprobs", "missing_mass", "sample_ids")}),
-     r"whole sequences of seq_len=4 tokens; got 6 rows"),
-    ("shape", lambda d: d.__setitem__("logprobs", d["logprobs"][:, :2]), r"logprobs must be a float array of shape \(8, 3\)"),
-])
+@pytest.mark.parametrize(
+    "field, change, message",
+    [
+        (
+            "ids",
+            lambda d: d["ids"].__setitem__((5, 1), 50),
+            r"ids: row 5 \(sample_id 1, view 0, position 1\) has id 50, "
+            r"outside \[0, vocab_size=50\)",
+        ),
+        ("ids", lambda d: d["ids"].__setitem__((0, 0), -1), r"ids: row 0 .* has id -1"),
+        ("logprobs", lambda d: d["logprobs"].__setitem__((6, 2), 0.25), r"logprobs: row 6 .* log-prob 0.25 > 0"),
+        ("logprobs", lambda d: d["logprobs"].__setitem__((1, 0), np.nan), r"logprobs: row 1 .* NaN"),
+        (
+            "missing_mass",
+            lambda d: d["missing_mass"].__setitem__(3, 1.5),
+            r"missing_mass: row 3 .* is 1.5, outside \[0, 1\]",
+        ),
+        ("missing_mass", lambda d: d["missing_mass"].__setitem__(2, -0.1), r"missing_mass: row 2 .* outside \[0, 1\]"),
+        (
+            "positions",
+            lambda d: d.__setitem__("positions", np.array([0, 1, 2, 3, 0, 2, 1, 3])),
+            r"positions must be 0..3, ascending and contiguous per sequence .* row 5 .* has position 2, expected 1",
+        ),
+        (
+            "sample_ids",
+            lambda d: d.__setitem__("sample_ids", np.array([0, 0, 0, 0, 1, 1, 2, 1])),
+            r"sample_ids/views: the 4 rows of a sequence must share one \(sample_id, view\); row 6",
+        ),
+        (
+            "rows",
+            lambda d: d.update({k: d[k][:6] for k in ("ids", "logprobs", "missing_mass", "sample_ids")}),
+            r"whole sequences of seq_len=4 tokens; got 6 rows",
+        ),
+        (
+            "shape",
+            lambda d: d.__setitem__("logprobs", d["logprobs"][:, :2]),
+            r"logprobs must be a float array of shape \(8, 3\)",
+        ),
+    ],
+)
 def test_topk_refusals_name_the_field(tmp_path, field, change, message):
     w = _writer(tmp_path)
     ids, lp, mm = topk_labels(8, 50, 3)
@@ -272,7 +376,7 @@ def test_sampled_refusals_name_the_field(tmp_path):
     w = _writer(tmp_path, kind="token_sampled")
     ids, counts = sampled_labels(8, 50, 10, 5)
     bad = counts.copy()
-    bad[3, 0] += 1                                            # the row sums to 11 > draws = 10
+    bad[3, 0] += 1  # the row sums to 11 > draws = 10
     with pytest.raises(InvalidLogitsError, match=r"counts: row 3 .* sums to 11 > draws=10"):
         w.write_shard(0, [0, 1], ids=ids, counts=bad)
     bad = counts.copy()
@@ -286,7 +390,7 @@ def test_sampled_refusals_name_the_field(tmp_path):
     with pytest.raises(InvalidLogitsError, match="not logits"):
         w.write_shard(0, [0, 1], np.zeros((8, 50), np.float32))
     with pytest.raises(ValueError, match="s_max"):
-        _writer(tmp_path, kind="token_sampled", s_max=11)           # more stored ids than draws
+        _writer(tmp_path, kind="token_sampled", s_max=11)  # more stored ids than draws
     with pytest.raises(ValueError, match="needs seq_len"):
         _writer(tmp_path, seq_len=None)
     with pytest.raises(ValueError, match="dtype"):
@@ -344,14 +448,24 @@ def test_distill_inspect_shows_bytes_per_token_and_the_missing_mass(tmp_path, ca
     import json
 
     from flows.cli import main
+
     uri = str(tmp_path / "ds")
     if kind == "token_topk":
         _, _, mm, _, _ = write_topk(uri, L=8, k=4, seqs=(5, 4, 6))
     else:
         n, L = 6 * 8, 8
         ids, counts = sampled_labels(n, 50, 20, 6)
-        with SoftLabelWriter(uri, backend="parquet", representation="token_sampled", vocab_size=50, seq_len=L,
-                             draws=20, s_max=6, teacher=TEACHER, data=DATA) as w:
+        with SoftLabelWriter(
+            uri,
+            backend="parquet",
+            representation="token_sampled",
+            vocab_size=50,
+            seq_len=L,
+            draws=20,
+            s_max=6,
+            teacher=TEACHER,
+            data=DATA,
+        ) as w:
             w.write_shard(0, np.repeat(np.arange(6), L), ids=ids, counts=counts)
     assert main(["inspect", uri]) == 0
     out = capsys.readouterr().out

@@ -1,21 +1,30 @@
 """Token labels of VARIABLE length: every (sample_id, view) sequence has 1 <= n <= seq_len
 rows (positions 0..n-1); shard entries record num_sequences; the reader pads to seq_len
 and says each sequence's length. Real Parquet and Zarr files, both token kinds."""
+
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, TEACHER
+from test_storage_tokens import sampled_labels, topk_labels
 
 import storage.layout as layout
-from conftest import DATA, TEACHER
-from storage import (CorruptShardError, CoverageError, InvalidLogitsError, ManifestError, SoftLabelWriter, convert,
-                     open_soft_labels, verify)
+from storage import (
+    CorruptShardError,
+    CoverageError,
+    InvalidLogitsError,
+    ManifestError,
+    SoftLabelWriter,
+    convert,
+    open_soft_labels,
+    verify,
+)
 from storage.manifest import dump_manifest
 from storage.shards import commit_path, forget_verified
 from storage.tokens import shard_problems
-from test_storage_tokens import sampled_labels, topk_labels
 
 BACKENDS = ["parquet", "zarr"]
 KINDS = ["token_topk", "token_sampled"]
@@ -37,8 +46,16 @@ def make_sequences(shard_lengths, L, views=1, seed=0, kind="token_topk"):
             else:
                 ids, counts = sampled_labels(n, V, DRAWS, S_MAX, int(rng.integers(1 << 30)))
                 pad = S_MAX - ids.shape[1]
-                seqs.append((s, v, {"sample_ids": np.pad(ids, ((0, 0), (0, pad))),
-                                    "sample_counts": np.pad(counts, ((0, 0), (0, pad)))}))
+                seqs.append(
+                    (
+                        s,
+                        v,
+                        {
+                            "sample_ids": np.pad(ids, ((0, 0), (0, pad))),
+                            "sample_counts": np.pad(counts, ((0, 0), (0, pad))),
+                        },
+                    )
+                )
         assert len(lengths) % views == 0
         sid += len(lengths) // views
         shards.append(seqs)
@@ -48,22 +65,38 @@ def make_sequences(shard_lengths, L, views=1, seed=0, kind="token_topk"):
 def flat(seqs):
     """The flat per-token arrays write_shard takes: sid (its sample_ids), views, positions, labels."""
     n = [len(next(iter(d.values()))) for _, _, d in seqs]
-    out = {"sid": np.repeat([s for s, _, _ in seqs], n), "views": np.repeat([v for _, v, _ in seqs], n),
-           "positions": np.concatenate([np.arange(k) for k in n])}
+    out = {
+        "sid": np.repeat([s for s, _, _ in seqs], n),
+        "views": np.repeat([v for _, v, _ in seqs], n),
+        "positions": np.concatenate([np.arange(k) for k in n]),
+    }
     for c in seqs[0][2]:
         out[c] = np.concatenate([d[c] for _, _, d in seqs])
     return out
 
 
 def write_args(kind):
-    return {"ids": "topk_ids", "logprobs": "topk_logprobs", "missing_mass": "missing_mass"} if kind == "token_topk" \
+    return (
+        {"ids": "topk_ids", "logprobs": "topk_logprobs", "missing_mass": "missing_mass"}
+        if kind == "token_topk"
         else {"ids": "sample_ids", "counts": "sample_counts"}
+    )
 
 
 def open_writer(uri, kind, L, views=1, backend="parquet", **kw):
     extra = dict(k=K, dtype="float32", tail_dtype="float32") if kind == "token_topk" else dict(draws=DRAWS, s_max=S_MAX)
-    return SoftLabelWriter(uri, backend=backend, representation=kind, vocab_size=V, seq_len=L, num_views=views,
-                           teacher=TEACHER, data=DATA, **extra, **kw)
+    return SoftLabelWriter(
+        uri,
+        backend=backend,
+        representation=kind,
+        vocab_size=V,
+        seq_len=L,
+        num_views=views,
+        teacher=TEACHER,
+        data=DATA,
+        **extra,
+        **kw,
+    )
 
 
 def write_dataset(uri, kind, shard_lengths, L, views=1, backend="parquet", seed=0, per_sequence_ids=False):
@@ -72,8 +105,13 @@ def write_dataset(uri, kind, shard_lengths, L, views=1, backend="parquet", seed=
         for i, seqs in enumerate(shards):
             f = flat(seqs)
             sample_ids = [s for s, _, _ in seqs] if per_sequence_ids else f["sid"]
-            w.write_shard(i, sample_ids, views=f["views"] if views > 1 else None, positions=f["positions"],
-                          **{a: f[c] for a, c in write_args(kind).items()})
+            w.write_shard(
+                i,
+                sample_ids,
+                views=f["views"] if views > 1 else None,
+                positions=f["positions"],
+                **{a: f[c] for a, c in write_args(kind).items()},
+            )
     return {(s, v): d for seqs in shards for s, v, d in seqs}
 
 
@@ -89,7 +127,7 @@ def check_sequence(truth, b, j, L):
         assert not got[n:].any(), f"{c}: padding is not zero"
 
 
-SHARDS = [(1, 8, 3, 8, 5, 2), (8, 8, 8), (4, 1, 7, 6)]       # lengths 1 and seq_len, a full shard
+SHARDS = [(1, 8, 3, 8, 5, 2), (8, 8, 8), (4, 1, 7, 6)]  # lengths 1 and seq_len, a full shard
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,7 +158,7 @@ def test_round_trip_of_mixed_lengths(tmp_path, backend, kind):
     assert t["sample_id"].tolist() == order and "pad" not in t
     for j in range(len(order)):
         check_sequence(truth, t, j, L)
-    raw = ds.take_sequences([0], decode=False)           # stored dtypes, padding zeros there too
+    raw = ds.take_sequences([0], decode=False)  # stored dtypes, padding zeros there too
     assert raw["length"].tolist() == [1] and not any(raw[c][0, 1:].any() for c in LABELS[kind])
     rows = np.concatenate([b["position"] for b in ds.iter_batches(7, shuffle=False)])
     assert rows.tolist() == [p for lens in SHARDS for n in lens for p in range(n)]
@@ -129,7 +167,7 @@ def test_round_trip_of_mixed_lengths(tmp_path, backend, kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_blocks_that_cut_sequences_every_sequence_once_per_epoch(tmp_path, backend, monkeypatch):
-    monkeypatch.setattr(layout, "MIN_BLOCK_ROWS", 5)     # tiny blocks: sequences span two of them
+    monkeypatch.setattr(layout, "MIN_BLOCK_ROWS", 5)  # tiny blocks: sequences span two of them
     monkeypatch.setattr(layout, "TARGET_BLOCK_BYTES", 5 * 40)
     uri, L, views = str(tmp_path / "ds"), 6, 2
     rng = np.random.default_rng(1)
@@ -153,17 +191,19 @@ def test_blocks_that_cut_sequences_every_sequence_once_per_epoch(tmp_path, backe
         for rank in range(2):
             nb = 0
             for worker in range(2):
-                for b in ds.iter_sequences(B, seed=seed, epoch=ep, rank=rank, world_size=2, worker=worker,
-                                           num_workers=2, shuffle_buffer=4):
+                for b in ds.iter_sequences(
+                    B, seed=seed, epoch=ep, rank=rank, world_size=2, worker=worker, num_workers=2, shuffle_buffer=4
+                ):
                     nb += 1
                     for j in range(len(b["sample_id"])):
                         check_sequence(truth, b, j, L)
                     seen += [((int(s), int(v)), bool(p)) for s, v, p in zip(b["sample_id"], b["view"], b["pad"])]
             batches.append(nb)
         return seen, batches
+
     seen, batches = epoch(1, 0)
     real = [k for k, pad in seen if not pad]
-    assert sorted(real) == sorted(truth) and len(real) == len(set(real))     # every sequence exactly once
+    assert sorted(real) == sorted(truth) and len(real) == len(set(real))  # every sequence exactly once
     assert len(seen) - len(real) <= 3
     assert batches[0] == batches[1] == ds.num_sequence_batches(3, world_size=2, num_workers=2)
     assert epoch(1, 0)[0] == seen and epoch(2, 1)[0] != seen
@@ -186,13 +226,24 @@ def test_fixed_length_written_with_positions_is_the_old_layout(tmp_path):
     with open_writer(a, "token_topk", L) as w:
         for i, seqs in enumerate(shards):
             f = flat(seqs)
-            w.write_shard(i, f["sid"], positions=f["positions"], ids=f["topk_ids"],
-                          logprobs=f["topk_logprobs"], missing_mass=f["missing_mass"])
+            w.write_shard(
+                i,
+                f["sid"],
+                positions=f["positions"],
+                ids=f["topk_ids"],
+                logprobs=f["topk_logprobs"],
+                missing_mass=f["missing_mass"],
+            )
     with open_writer(b, "token_topk", L) as w:
         for i, seqs in enumerate(shards):
             f = flat(seqs)
-            w.write_shard(i, [s for s, _, _ in seqs], ids=f["topk_ids"].reshape(-1, L, K),
-                          logprobs=f["topk_logprobs"].reshape(-1, L, K), missing_mass=f["missing_mass"])
+            w.write_shard(
+                i,
+                [s for s, _, _ in seqs],
+                ids=f["topk_ids"].reshape(-1, L, K),
+                logprobs=f["topk_logprobs"].reshape(-1, L, K),
+                missing_mass=f["missing_mass"],
+            )
     ma, mb = open_soft_labels(a).manifest, open_soft_labels(b).manifest
     assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
     assert [s["num_sequences"] for s in ma["shards"]] == [6, 3]
@@ -249,27 +300,58 @@ def _topk(n, seed=0):
     return {"ids": ids, "logprobs": lp, "missing_mass": mm}
 
 
-@pytest.mark.parametrize("sample_ids, positions, error, message", [
-    ([0, 0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 4, 0, 1], InvalidLogitsError,
-     r"positions: the sequence starting at row 0 \(sample_id 0, view 0\) has 5 tokens, more than seq_len=4; "
-     r"row 4 \(sample_id 0, view 0, position 4\) is past its end"),
-    ([0, 0, 0, 1, 1, 1, 1], [0, 1, 3, 0, 1, 2, 3], InvalidLogitsError,
-     r"positions must be .*contiguous per sequence.*row 2 \(sample_id 0, view 0, position 3\) has position 3, "
-     r"expected 2"),
-    ([0, 0, 0, 1, 1, 1, 1], [1, 2, 3, 0, 1, 2, 3], InvalidLogitsError,
-     r"positions must be .*starts at position 0\): row 0 \(sample_id 0, view 0, position 1\) has position 1, "
-     r"expected 0"),
-    ([0, 0, 2, 1, 1, 1, 1], [0, 1, 2, 0, 1, 2, 3], InvalidLogitsError,
-     r"sample_ids/views: the 3 rows of a sequence must share one \(sample_id, view\); row 2 \(sample_id 2, view 0, "
-     r"position 2\) differs from its sequence's first row \(sample_id 0, view 0\)"),
-    ([0, 0, 0, 1, 1, 0, 0], [0, 1, 2, 0, 1, 0, 1], CoverageError,
-     r"sequence \(sample_id 0, view 0\) appears more than once in the shard"),
-    ([0, 1, 2], [0, 1, 3, 0, 1, 2, 3], InvalidLogitsError,     # ids that fit no count: positions first
-     r"positions must be .*row 2 \(position 3\) has position 3, expected 2"),
-    ([0, 1, 2], [0, 1, 2, 0, 1, 2, 3], InvalidLogitsError,
-     r"sample_ids must be an integer array of 7 \(per token\) or 2 \(per sequence\) entries"),
-    ([0] * 7, [0, 1, 2], InvalidLogitsError, r"positions must be an integer array of 7 entries"),
-])
+@pytest.mark.parametrize(
+    "sample_ids, positions, error, message",
+    [
+        (
+            [0, 0, 0, 0, 0, 1, 1],
+            [0, 1, 2, 3, 4, 0, 1],
+            InvalidLogitsError,
+            r"positions: the sequence starting at row 0 \(sample_id 0, view 0\) has 5 tokens, more than seq_len=4; "
+            r"row 4 \(sample_id 0, view 0, position 4\) is past its end",
+        ),
+        (
+            [0, 0, 0, 1, 1, 1, 1],
+            [0, 1, 3, 0, 1, 2, 3],
+            InvalidLogitsError,
+            r"positions must be .*contiguous per sequence.*row 2 \(sample_id 0, view 0, position 3\) has position 3, "
+            r"expected 2",
+        ),
+        (
+            [0, 0, 0, 1, 1, 1, 1],
+            [1, 2, 3, 0, 1, 2, 3],
+            InvalidLogitsError,
+            r"positions must be .*starts at position 0\): row 0 \(sample_id 0, view 0, position 1\) has position 1, "
+            r"expected 0",
+        ),
+        (
+            [0, 0, 2, 1, 1, 1, 1],
+            [0, 1, 2, 0, 1, 2, 3],
+            InvalidLogitsError,
+            r"sample_ids/views: the 3 rows of a sequence must share one \(sample_id, view\); "
+            r"row 2 \(sample_id 2, view 0, position 2\) differs from its sequence's first row \(sample_id 0, view 0\)",
+        ),
+        (
+            [0, 0, 0, 1, 1, 0, 0],
+            [0, 1, 2, 0, 1, 0, 1],
+            CoverageError,
+            r"sequence \(sample_id 0, view 0\) appears more than once in the shard",
+        ),
+        (
+            [0, 1, 2],
+            [0, 1, 3, 0, 1, 2, 3],
+            InvalidLogitsError,  # ids that fit no count: positions first
+            r"positions must be .*row 2 \(position 3\) has position 3, expected 2",
+        ),
+        (
+            [0, 1, 2],
+            [0, 1, 2, 0, 1, 2, 3],
+            InvalidLogitsError,
+            r"sample_ids must be an integer array of 7 \(per token\) or 2 \(per sequence\) entries",
+        ),
+        ([0] * 7, [0, 1, 2], InvalidLogitsError, r"positions must be an integer array of 7 entries"),
+    ],
+)
 def test_refusals_name_the_field_row_and_sequence(tmp_path, sample_ids, positions, error, message):
     w = _writer(tmp_path)
     with pytest.raises(error, match=message):
@@ -289,7 +371,7 @@ def test_sampled_variable_length_refusals(tmp_path):
     with pytest.raises(InvalidLogitsError, match=r"whole sequences of seq_len=3 tokens; got 5 rows.*positions="):
         w.write_shard(0, np.zeros(5, np.int64), ids=ids, counts=counts)
     w.write_shard(0, [0, 1], positions=[0, 1, 2, 0, 1], ids=ids, counts=counts)
-    w.write_shard(1, [1], positions=[0, 1], ids=ids[:2], counts=counts[:2])   # sequence 1 again, another shard
+    w.write_shard(1, [1], positions=[0, 1], ids=ids[:2], counts=counts[:2])  # sequence 1 again, another shard
     with pytest.raises(CoverageError, match=r"\(sample_id 1, view 0\) appears more than once \(shards 0 and 1\)"):
         w.finalize()
 
@@ -309,22 +391,26 @@ def test_manifest_tampering_of_num_sequences_is_caught(tmp_path, backend):
         for i, ns in per_shard.items():
             m["shards"][int(i[1:])]["num_sequences"] = ns
         return m
-    mp.write_text(json.dumps(tampered(s0=3, s1=4)))       # schema-valid, but the digest no longer matches
+
+    mp.write_text(json.dumps(tampered(s0=3, s1=4)))  # schema-valid, but the digest no longer matches
     with pytest.raises(ManifestError, match="modified after distillery wrote it"):
         open_soft_labels(uri)
-    save(tampered(s0=5))                                  # digest recomputed: the totals give it away
+    save(tampered(s0=5))  # digest recomputed: the totals give it away
     with pytest.raises(ManifestError, match=r"field 'num_samples' must be .*sum\(shards\[\]\.num_sequences\)"):
         open_soft_labels(uri)
-    save(tampered(s0=1))                                  # 10 rows cannot be 1 sequence of <= 4 tokens
+    save(tampered(s0=1))  # 10 rows cannot be 1 sequence of <= 4 tokens
     with pytest.raises(ManifestError, match=r"shards\[0\]\.num_sequences' must be an int in \[3, 10\]"):
         open_soft_labels(uri)
-    save(tampered(s0=3, s1=4))                            # totals kept: the commit records disagree
-    with pytest.raises(ManifestError, match=r"shard 0 .*manifest says num_sequences 3 / num_rows 10, its commit "
-                                            r"record 4 / 10"):
+    save(tampered(s0=3, s1=4))  # totals kept: the commit records disagree
+    with pytest.raises(
+        ManifestError,
+        match=r"shard 0 .*manifest says num_sequences 3 / num_rows 10, its commit "
+        r"record 4 / 10",
+    ):
         open_soft_labels(uri)
     report = verify(uri)
     assert not report.ok and any("num_sequences 3" in p for p in report.problems), report.problems
-    for i, ns in ((0, 3), (1, 4)):                        # records forged too: the shards themselves say no
+    for i, ns in ((0, 3), (1, 4)):  # records forged too: the shards themselves say no
         cp = Path(uri) / commit_path(i)
         rec = json.loads(cp.read_text())
         rec["num_sequences"] = ns
@@ -365,26 +451,46 @@ def test_verify_catches_a_flipped_byte_in_a_variable_length_shard(tmp_path, back
 
 def test_verify_rules_per_shard():
     """What verify() reports about the rows of a shard that break the variable-length rules."""
-    m = {"seq_len": 3, "vocab_size": V, "representation": {"kind": "token_sampled", "k": None, "draws": DRAWS,
-                                                          "s_max": S_MAX, "count_dtype": "uint8", "id_bits": 16,
-                                                          "id_storage": "uint16"}}
+    m = {
+        "seq_len": 3,
+        "vocab_size": V,
+        "representation": {
+            "kind": "token_sampled",
+            "k": None,
+            "draws": DRAWS,
+            "s_max": S_MAX,
+            "count_dtype": "uint8",
+            "id_bits": 16,
+            "id_storage": "uint16",
+        },
+    }
 
     def cols(sids, pos, views=None):
         n = len(pos)
-        return {"sample_id": np.array(sids, np.int64), "view": np.zeros(n, np.int32) if views is None else
-                np.array(views, np.int32), "position": np.array(pos, np.int32),
-                "sample_ids": np.zeros((n, S_MAX), np.uint16), "sample_counts": np.zeros((n, S_MAX), np.uint8)}
+        return {
+            "sample_id": np.array(sids, np.int64),
+            "view": np.zeros(n, np.int32) if views is None else np.array(views, np.int32),
+            "position": np.array(pos, np.int32),
+            "sample_ids": np.zeros((n, S_MAX), np.uint16),
+            "sample_counts": np.zeros((n, S_MAX), np.uint8),
+        }
+
     assert shard_problems(m, cols([0, 0, 1], [0, 1, 0]), {"num_sequences": 2}) == []
     assert shard_problems(m, cols([0] * 4, [0, 1, 2, 3]), {"num_sequences": 1}) == [
-        "a sequence longer than seq_len=3 (row 3 has position 3)"]
+        "a sequence longer than seq_len=3 (row 3 has position 3)"
+    ]
     assert shard_problems(m, cols([0, 0, 1], [0, 2, 0]), {"num_sequences": 2}) == [
-        "positions are not 0..n-1 contiguous per sequence (row 1 has position 2, expected 1)"]
+        "positions are not 0..n-1 contiguous per sequence (row 1 has position 2, expected 1)"
+    ]
     assert shard_problems(m, cols([0, 1, 1], [0, 1, 0]), {"num_sequences": 2}) == [
-        "the rows of a sequence do not share one (sample_id, view) (row 1)"]
+        "the rows of a sequence do not share one (sample_id, view) (row 1)"
+    ]
     assert shard_problems(m, cols([0, 0, 1], [0, 1, 0], [0, 1, 0]), {"num_sequences": 2}) == [
-        "the rows of a sequence do not share one (sample_id, view) (row 1)"]
+        "the rows of a sequence do not share one (sample_id, view) (row 1)"
+    ]
     assert shard_problems(m, cols([0, 0, 1], [0, 1, 0]), {"num_sequences": 3}) == [
-        "2 sequences, the manifest says num_sequences 3"]
+        "2 sequences, the manifest says num_sequences 3"
+    ]
     assert "no num_sequences" in shard_problems(m, cols([0, 0, 1], [0, 1, 0]), {})[0]
     assert shard_problems(m, cols([0, 0, 0], [0, 1, 2]), {}) == []
 
@@ -402,8 +508,10 @@ def test_convert_round_trip_is_bit_exact(tmp_path, kind, monkeypatch):
     assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
     z = open_soft_labels(mid)
     keys = sorted(truth)
-    x, y = a.take_sequences([k[0] for k in keys], [k[1] for k in keys]), \
-        z.take_sequences([k[0] for k in keys], [k[1] for k in keys])
+    x, y = (
+        a.take_sequences([k[0] for k in keys], [k[1] for k in keys]),
+        z.take_sequences([k[0] for k in keys], [k[1] for k in keys]),
+    )
     assert all(np.array_equal(x[c], y[c]) for c in x)
     for j in range(len(keys)):
         check_sequence(truth, y, j, 6)
@@ -419,8 +527,9 @@ def test_s3_round_trip_of_variable_length_sequences(s3_server, s3_uri, backend):
     with open_writer(s3_uri, "token_topk", L, backend=backend, storage_options=so) as w:
         for i, seqs in enumerate(shards):
             f = flat(seqs)
-            w.write_shard(i, f["sid"], positions=f["positions"],
-                          **{a: f[c] for a, c in write_args("token_topk").items()})
+            w.write_shard(
+                i, f["sid"], positions=f["positions"], **{a: f[c] for a, c in write_args("token_topk").items()}
+            )
     truth = {(s, v): d for seqs in shards for s, v, d in seqs}
     ds = open_soft_labels(s3_uri, storage_options=so)
     seen = 0
@@ -430,6 +539,7 @@ def test_s3_round_trip_of_variable_length_sequences(s3_server, s3_uri, backend):
         seen += len(b["sample_id"])
     assert seen == ds.num_sequences == 13 and verify(s3_uri, storage_options=so).ok
     import fsspec
+
     fs = fsspec.filesystem("s3", **so)
     entry = ds.manifest["shards"][1]
     target = f"{s3_uri}/{entry['path']}"

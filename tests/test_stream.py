@@ -1,5 +1,6 @@
 """The label stream (RowStream: dense / top-k rows) and HardLabelBatches on real soft-label
 datasets written into tmp_path."""
+
 import collections
 
 import numpy as np
@@ -23,7 +24,7 @@ def make_inputs(n=40, seed=0) -> ArrayDataset:
     rng = np.random.default_rng(seed)
     x = rng.random((n, 1, 6, 6), dtype=np.float32)
     y = rng.integers(0, C, n)
-    ids = rng.permutation(n) * 3 + 7   # non-contiguous ids, rows not in id order
+    ids = rng.permutation(n) * 3 + 7  # non-contiguous ids, rows not in id order
     return ArrayDataset("toy", x, y, ids, C)
 
 
@@ -36,18 +37,43 @@ def known_logits(sid, view, y) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def write_store(uri, inputs, *, views=3, spec=SPEC, temperature=2.0, representation="dense", k=None,
-                backend="parquet", shards=3, dtype="float32"):
-    order = np.random.default_rng(1).permutation(len(inputs))   # shards not in input order
+def write_store(
+    uri,
+    inputs,
+    *,
+    views=3,
+    spec=SPEC,
+    temperature=2.0,
+    representation="dense",
+    k=None,
+    backend="parquet",
+    shards=3,
+    dtype="float32",
+):
+    order = np.random.default_rng(1).permutation(len(inputs))  # shards not in input order
     sids = np.repeat(inputs.sample_ids[order], views)
     vws = np.tile(np.arange(views), len(inputs))
     ys = np.repeat(inputs.y[order], views)
     z = known_logits(sids, vws, ys)
-    data = {"name": "toy", "split": "all", "fingerprint": inputs.fingerprint(),
-            "transform": spec.to_dict() if spec is not None else None}
+    data = {
+        "name": "toy",
+        "split": "all",
+        "fingerprint": inputs.fingerprint(),
+        "transform": spec.to_dict() if spec is not None else None,
+    }
     bounds = np.linspace(0, len(sids), shards + 1).astype(int)
-    with SoftLabelWriter(uri, backend=backend, num_classes=C, temperature=temperature, num_views=views,
-                         representation=representation, k=k, dtype=dtype, teacher=TEACHER, data=data) as w:
+    with SoftLabelWriter(
+        uri,
+        backend=backend,
+        num_classes=C,
+        temperature=temperature,
+        num_views=views,
+        representation=representation,
+        k=k,
+        dtype=dtype,
+        teacher=TEACHER,
+        data=data,
+    ) as w:
         for i in range(shards):
             a, b = bounds[i], bounds[i + 1]
             w.write_shard(i, sids[a:b], z[a:b], vws[a:b] if views > 1 else None)
@@ -76,11 +102,11 @@ def test_stream_joins_inputs_views_and_stored_logits(tmp_path, backend):
         assert torch.equal(b["stored_logits"], torch.from_numpy(known_logits(sid, view, y) / np.float32(2.0)))
         # pixels: the same views the teacher saw, regenerated bit-exactly, row by row
         for r in range(len(sid)):
-            want = apply_views(torch.from_numpy(inputs.x[pos[r:r + 1]]), sid[r:r + 1], view[r:r + 1], SPEC)
-            assert torch.equal(b["x"][r:r + 1], want)
+            want = apply_views(torch.from_numpy(inputs.x[pos[r : r + 1]]), sid[r : r + 1], view[r : r + 1], SPEC)
+            assert torch.equal(b["x"][r : r + 1], want)
         ident = view == 0
         assert torch.equal(b["x"][ident], torch.from_numpy(inputs.x[pos[ident]]))
-        assert (b["weight"] == 1).all()   # one rank, one worker: no pad rows
+        assert (b["weight"] == 1).all()  # one rank, one worker: no pad rows
         seen += list(zip(sid.tolist(), view.tolist()))
     assert sorted(seen) == sorted((int(s), v) for s in inputs.sample_ids for v in range(3))
     assert stream.num_batches() == len(range(0, 120, 16))
@@ -111,14 +137,16 @@ def test_joined_chunks_cut_into_exactly_the_readers_batches(tmp_path, monkeypatc
     iter_batches(B) batches row for row (order, pad rows, partial last batch), per rank."""
     import pipeline.training.stream as st
     from storage import open_soft_labels
+
     inputs = make_inputs(n=37)
     uri = write_store(str(tmp_path / "sl"), inputs, views=3, shards=4)
     other = write_store(str(tmp_path / "other"), inputs, views=3, shards=2, temperature=5.0)
     B = 8
     ds = open_soft_labels(uri)
     for rank in range(2):
-        stream = open_label_stream(uri, inputs, SPEC, batch_size=B, seed=4, rank=rank, world_size=2,
-                                   extra_soft_labels=[other])
+        stream = open_label_stream(
+            uri, inputs, SPEC, batch_size=B, seed=4, rank=rank, world_size=2, extra_soft_labels=[other]
+        )
         monkeypatch.setattr(st, "MAX_JOIN_BATCHES", chunk_batches)  # 5 classes: far below the byte budget
         assert stream.join_batches() == chunk_batches
         stream.set_epoch(1)
@@ -160,6 +188,7 @@ def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
     """worker_numpy: a DataLoader worker hands over numpy arrays (collate_fn=keep_batch);
     wrapped with torch.as_tensor they equal the in-process tensor batches, field by field."""
     from pipeline.training.stream import keep_batch
+
     inputs = make_inputs(n=30)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
     stream = open_label_stream(uri, inputs, SPEC, batch_size=8, seed=2)
@@ -201,8 +230,11 @@ def test_dataloader_workers_ranks_exactly_once_and_set_epoch(tmp_path):
                 counts.update(zip(b["sample_id"][~pad].tolist(), b["view"][~pad].tolist()))
         assert nb[0] == nb[1]  # every rank the same number of steps
         assert counts == collections.Counter((int(s), v) for s in inputs.sample_ids for v in range(2))
-        order = [(s, v) for b in _epoch(loaders[0][1], loaders[0][0], e) for s, v in
-                 zip(b["sample_id"].tolist(), b["view"].tolist())]
+        order = [
+            (s, v)
+            for b in _epoch(loaders[0][1], loaders[0][0], e)
+            for s, v in zip(b["sample_id"].tolist(), b["view"].tolist())
+        ]
         if e in epochs:
             assert order == epochs[e]  # deterministic per epoch
         epochs.setdefault(e, order)
@@ -240,8 +272,10 @@ def test_hard_label_batches_split_views_and_epochs():
         return out
 
     ranks = run(0)
-    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == HardLabelBatches(
-        inputs, batch_size=8, world_size=3).num_batches()
+    assert (
+        len({len(r) for r in ranks}) == 1
+        and len(ranks[0]) == HardLabelBatches(inputs, batch_size=8, world_size=3).num_batches()
+    )
     ids = [s for r in ranks for b in r for s in b["sample_id"][b["weight"] == 1].tolist()]
     assert sorted(ids) == sorted(inputs.sample_ids.tolist())
     b = ranks[1][0]
@@ -251,6 +285,6 @@ def test_hard_label_batches_split_views_and_epochs():
     assert torch.equal(b["x"], apply_views(torch.from_numpy(inputs.x[pos]), b["sample_id"], b["view"], spec))
     assert (b["view"] > 0).all()  # fresh augmentation ids
     views = lambda rs: {s: v for r in rs for b in r for s, v in zip(b["sample_id"].tolist(), b["view"].tolist())}
-    assert views(run(0)) == views(ranks)   # deterministic per (seed, epoch)
-    assert views(run(1)) != views(ranks)   # new views next epoch
+    assert views(run(0)) == views(ranks)  # deterministic per (seed, epoch)
+    assert views(run(1)) != views(ranks)  # new views next epoch
     assert set(views(run(0, num_views=2)).values()) <= {0, 1}

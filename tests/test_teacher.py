@@ -1,13 +1,14 @@
 """Model checkpoints, fingerprints, teacher training and fine-tuning with frozen layers."""
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.models.checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
 from pipeline.data.datasets import ArrayDataset
+from pipeline.models.checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
 from pipeline.models.registry import build_model
-from pipeline.training.teacher import apply_freeze, finetune, train_teacher
 from pipeline.training.config import TrainConfig
+from pipeline.training.teacher import apply_freeze, finetune, train_teacher
 from pipeline.views.images import ViewSpec
 
 CNN = {"arch": "cnn", "kwargs": {"channels": [8, 16]}}
@@ -22,8 +23,14 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     fp = fingerprint(model.state_dict())
     assert fp.startswith("sha256:") and len(fp) == 7 + 64
     assert fingerprint({k: v.clone() for k, v in reversed(model.state_dict().items())}) == fp  # order-free
-    meta = save_checkpoint(tmp_path / "m.pt", model, arch=CNN, in_shape=(1, 8, 8), num_classes=10,
-                           metadata={"data": {"fingerprint": "abc"}, "metrics": {"acc": 0.5}})
+    meta = save_checkpoint(
+        tmp_path / "m.pt",
+        model,
+        arch=CNN,
+        in_shape=(1, 8, 8),
+        num_classes=10,
+        metadata={"data": {"fingerprint": "abc"}, "metrics": {"acc": 0.5}},
+    )
     assert meta["fingerprint"] == fp and "created_at" in meta
     loaded, lmeta = load_model(tmp_path / "m.pt")
     assert fingerprint(loaded.state_dict()) == fp and lmeta["fingerprint"] == fp
@@ -76,9 +83,13 @@ def test_finetune_freeze_body(digits, tmp_path):
     # transfer to a 5-class task (digits 0-4 of the val split): new head, frozen body
     keep = va.y < 5
     small = ArrayDataset("digits0-4", va.x[keep], va.y[keep], va.sample_ids[keep], 5)
-    model, meta = finetune(str(tmp_path / "src.pt"), small, cfg=TrainConfig(epochs=2, batch_size=16, lr=0.05,
-                                                                             device="cpu"),
-                           out_path=str(tmp_path / "ft.pt"), freeze=["body"])
+    model, meta = finetune(
+        str(tmp_path / "src.pt"),
+        small,
+        cfg=TrainConfig(epochs=2, batch_size=16, lr=0.05, device="cpu"),
+        out_path=str(tmp_path / "ft.pt"),
+        freeze=["body"],
+    )
     assert meta["parent"]["fingerprint"] == src_meta["fingerprint"] and meta["frozen"] == ["body"]
     assert model.head.out_features == 5
     for name, p in model.named_parameters():
@@ -91,9 +102,12 @@ def test_finetune_freeze_body(digits, tmp_path):
     loaded, lmeta = load_model(str(tmp_path / "ft.pt"))
     assert lmeta["num_classes"] == 5 and torch.equal(loaded.head.weight, model.head.weight)
     # unfrozen fine-tune changes the body
-    model2, _ = finetune(str(tmp_path / "src.pt"), small, cfg=TrainConfig(epochs=1, batch_size=16, lr=0.05,
-                                                                          device="cpu"),
-                         out_path=str(tmp_path / "ft2.pt"))
+    model2, _ = finetune(
+        str(tmp_path / "src.pt"),
+        small,
+        cfg=TrainConfig(epochs=1, batch_size=16, lr=0.05, device="cpu"),
+        out_path=str(tmp_path / "ft2.pt"),
+    )
     assert not torch.equal(model2.state_dict()["body.0.weight"], before["body.0.weight"])
     with pytest.raises(ValueError, match="freeze prefix 'bod' matches no parameter"):
         apply_freeze(build_model(CNN, in_shape=(1, 8, 8), num_classes=10), ["bod"])
@@ -105,7 +119,8 @@ def test_head_trains_with_frozen_body(digits, tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-2, device="cpu")
     src, _ = train_teacher(CNN, tr, None, cfg=cfg, out_path=str(tmp_path / "src.pt"))
     head0 = src.head.weight.detach().clone()
-    model, meta = finetune(str(tmp_path / "src.pt"), tr, va, cfg=cfg, out_path=str(tmp_path / "probe.pt"),
-                           freeze=["body"])
+    model, meta = finetune(
+        str(tmp_path / "src.pt"), tr, va, cfg=cfg, out_path=str(tmp_path / "probe.pt"), freeze=["body"]
+    )
     assert not torch.equal(model.head.weight, head0) and meta["num_frozen_params"] > 0
     assert np.isfinite(meta["metrics"]["val"])

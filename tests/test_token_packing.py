@@ -1,10 +1,19 @@
 """storage/token_packing.py: id widths, exact pack/unpack round trips (16/17/18 bits and a
 few odd widths), row slicing, byte accounting, bf16 bits."""
+
 import numpy as np
 import pytest
 
-from storage.token_packing import (bf16_bits, bytes_per_token, counts_bits, from_bf16_bits, id_bits, pack_ids,
-                                   packed_row_bytes, unpack_ids)
+from storage.token_packing import (
+    bf16_bits,
+    bytes_per_token,
+    counts_bits,
+    from_bf16_bits,
+    id_bits,
+    pack_ids,
+    packed_row_bytes,
+    unpack_ids,
+)
 
 
 def test_id_bits():
@@ -22,13 +31,13 @@ def test_round_trip_exact_including_max_id(bits, k):
     rng = np.random.default_rng(bits * 100 + k)
     top = (1 << bits) - 1
     ids = rng.integers(0, top + 1, size=(37, k), dtype=np.int64)
-    ids[0, 0], ids[-1, -1], ids[5] = top, 0, top          # the max id, 0 and an all-max row
+    ids[0, 0], ids[-1, -1], ids[5] = top, 0, top  # the max id, 0 and an all-max row
     buf = pack_ids(ids, bits)
     assert buf.dtype == np.uint8 and buf.shape == (37, packed_row_bytes(k, bits))
     assert buf.shape[1] == (k * bits + 7) // 8
     back = unpack_ids(buf, bits, ids.shape)
     assert back.dtype == np.int64 and np.array_equal(back, ids)
-    assert np.array_equal(unpack_ids(buf.reshape(-1), bits, ids.shape), ids)       # flat buffer too
+    assert np.array_equal(unpack_ids(buf.reshape(-1), bits, ids.shape), ids)  # flat buffer too
     # rows are byte-aligned: one row decodes alone
     assert np.array_equal(unpack_ids(buf[5:6], bits, (1, k)), ids[5:6])
     # input dtype does not matter
@@ -41,7 +50,7 @@ def test_16_bit_is_little_endian_uint16_and_17_bit_layout():
     # 17 bits: id0 = 1 (bit 0), id1 = 1 -> stream bit 17 -> byte 2, bit 1; 5 bytes per row
     buf = pack_ids(np.array([[1, 1]]), 17)
     assert buf.tolist() == [[1, 0, 2, 0, 0]]
-    buf = pack_ids(np.array([[1 << 16, 0]]), 17)           # id0's top bit -> stream bit 16
+    buf = pack_ids(np.array([[1 << 16, 0]]), 17)  # id0's top bit -> stream bit 16
     assert buf.tolist() == [[0, 0, 1, 0, 0]]
 
 
@@ -66,28 +75,30 @@ def test_bytes_per_token_matches_packed_topk_rows(bits, dtype, vbytes):
     name = {2: "float16", 4: "float32"}[vbytes]
     assert bytes_per_token(k=k, id_bits=bits, value_dtype=name) == stored / n
     assert bytes_per_token(k=k, id_bits=bits, value_dtype=name, tail=False) == (stored - tail.nbytes) / n
-    assert bytes_per_token(k=32, id_bits=16, value_dtype="bfloat16") == 130.0       # 64 + 64 + 2
-    assert bytes_per_token(k=32, id_bits=17, value_dtype="bfloat16") == 134.0       # 68 + 64 + 2
+    assert bytes_per_token(k=32, id_bits=16, value_dtype="bfloat16") == 130.0  # 64 + 64 + 2
+    assert bytes_per_token(k=32, id_bits=17, value_dtype="bfloat16") == 134.0  # 68 + 64 + 2
 
 
 def test_bytes_per_token_sampled_ragged_rows():
-    u = np.array([3, 10, 1, 64])                             # unique ids per row
-    rows = [pack_ids(np.zeros((1, n), np.int64), 16).nbytes + n + 1 for n in u]   # ids + uint8 counts + uint8 length
+    u = np.array([3, 10, 1, 64])  # unique ids per row
+    rows = [pack_ids(np.zeros((1, n), np.int64), 16).nbytes + n + 1 for n in u]  # ids + uint8 counts + uint8 length
     assert bytes_per_token(k=u, id_bits=16, counts_bits=8, tail=False) == np.mean(rows)
     assert bytes_per_token(k=20, id_bits=16, counts_bits=8, tail=False, length_bytes=0) == 60.0
     assert bytes_per_token(k=5, id_bits=17, counts_bits=8, tail=False) == 11 + 5 + 1
     with pytest.raises(ValueError):
-        bytes_per_token(k=5, id_bits=16, counts_bits=8)      # tail given for a sampled label
+        bytes_per_token(k=5, id_bits=16, counts_bits=8)  # tail given for a sampled label
 
 
 def test_bf16_bits_round_trip_and_rounding():
     x = np.array([1.0, -2.5, 0.0, 3.140625, np.inf, -np.inf], np.float32)
-    assert np.array_equal(from_bf16_bits(bf16_bits(x)), x)   # exactly representable in bf16
+    assert np.array_equal(from_bf16_bits(bf16_bits(x)), x)  # exactly representable in bf16
     y = np.random.default_rng(1).standard_normal(1000).astype(np.float32) * 10
     back = from_bf16_bits(bf16_bits(y))
-    assert np.all(np.abs(back - y) <= np.abs(y) * 2.0 ** -8)   # half an ulp of an 8-bit mantissa
+    assert np.all(np.abs(back - y) <= np.abs(y) * 2.0**-8)  # half an ulp of an 8-bit mantissa
     assert np.isnan(from_bf16_bits(bf16_bits(np.array([np.nan], np.float32))))[0]
-    assert bf16_bits(np.array([1.0 + 2.0 ** -8], np.float32))[0] == bf16_bits(np.array([1.0], np.float32))[0]  # ties to even
+    assert (
+        bf16_bits(np.array([1.0 + 2.0**-8], np.float32))[0] == bf16_bits(np.array([1.0], np.float32))[0]
+    )  # ties to even
 
 
 def test_bf16_bits_agree_with_torch():
@@ -99,6 +110,7 @@ def test_bf16_bits_agree_with_torch():
 
 def test_logprob_codes_round_trip_and_range():
     from storage.token_packing import LOGPROB_STEP, from_logprob_codes, logprob_codes
+
     lp = np.array([0.0, -0.03, -1.0, -15.9, -40.0, -np.inf])
     codes = logprob_codes(lp)
     assert codes.dtype == np.uint8 and codes.tolist() == [0, 0, 16, 254, 255, 255]
@@ -106,4 +118,4 @@ def test_logprob_codes_round_trip_and_range():
     assert back.dtype == np.float32 and back[4] == np.float32(-255 * LOGPROB_STEP)
     x = -np.random.default_rng(3).uniform(0, 15.9, 1000)
     assert np.abs(from_logprob_codes(logprob_codes(x)) - x).max() <= LOGPROB_STEP / 2 + 1e-6
-    assert bytes_per_token(k=32, id_bits=16, value_dtype="uint8") == 97.0            # 64 + 32 + 1
+    assert bytes_per_token(k=32, id_bits=16, value_dtype="uint8") == 97.0  # 64 + 32 + 1

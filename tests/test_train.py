@@ -1,5 +1,6 @@
 """The training loop end to end: teacher -> store -> student, resume, early stopping
 (torchrun/DDP: tests/test_ddp.py)."""
+
 import dataclasses
 import json
 import os
@@ -11,9 +12,9 @@ import torch
 from pipeline.data.datasets import load_mnist5k, split_dataset
 from pipeline.evaluate import predict_logits
 from pipeline.models.registry import build_model
+from pipeline.training.loop import TrainConfig, make_schedule, train
 from pipeline.training.stream import open_label_stream
 from pipeline.training.teacher import train_teacher
-from pipeline.training.loop import TrainConfig, make_schedule, train
 from pipeline.views.images import ViewSpec, apply_views
 from storage import SoftLabelWriter
 
@@ -33,9 +34,17 @@ def write_labels(uri, teacher, ds, *, spec=SPEC, views=2, temperature=4.0, repre
     z = predict_logits(teacher, x).numpy()
     half = len(sids) // 2
     data = {"name": ds.name, "split": ds.split_spec, "fingerprint": ds.fingerprint(), "transform": spec.to_dict()}
-    with SoftLabelWriter(uri, backend="parquet", num_classes=10, temperature=temperature, num_views=views,
-                         representation=representation, k=k, teacher={"name": "t", "fingerprint": "sha256:t"},
-                         data=data) as w:
+    with SoftLabelWriter(
+        uri,
+        backend="parquet",
+        num_classes=10,
+        temperature=temperature,
+        num_views=views,
+        representation=representation,
+        k=k,
+        teacher={"name": "t", "fingerprint": "sha256:t"},
+        data=data,
+    ) as w:
         w.write_shard(0, sids[:half], z[:half], vws[:half])
         w.write_shard(1, sids[half:], z[half:], vws[half:])
     return uri
@@ -53,8 +62,11 @@ def digit_labels(digits, tmp_path_factory):
     teacher = student(1, {"arch": "mlp", "kwargs": {"width": 64, "depth": 1}})
     train(teacher, TrainConfig(epochs=5, batch_size=32, lr=1e-2, device="cpu"), train_data=tr, val_data=va)
     d = tmp_path_factory.mktemp("labels")
-    return {"dense": write_labels(str(d / "dense"), teacher, tr),
-            "topk": write_labels(str(d / "topk"), teacher, tr, representation="topk", k=3), "teacher": teacher}
+    return {
+        "dense": write_labels(str(d / "dense"), teacher, tr),
+        "topk": write_labels(str(d / "topk"), teacher, tr, representation="topk", k=3),
+        "teacher": teacher,
+    }
 
 
 def test_teacher_store_student_on_mnist(tmp_path):
@@ -62,23 +74,36 @@ def test_teacher_store_student_on_mnist(tmp_path):
     tr, va = parts["train"], parts["val"]
     spec = ViewSpec(shift=2, seed=1)
     cfg = TrainConfig(epochs=4, batch_size=64, lr=3e-3, device="cpu")
-    teacher, meta = train_teacher({"arch": "cnn", "kwargs": {"channels": [8, 16]}}, tr, va, cfg=cfg,
-                                  out_path=str(tmp_path / "teacher.pt"), transform=spec)
+    teacher, meta = train_teacher(
+        {"arch": "cnn", "kwargs": {"channels": [8, 16]}},
+        tr,
+        va,
+        cfg=cfg,
+        out_path=str(tmp_path / "teacher.pt"),
+        transform=spec,
+    )
     assert meta["metrics"]["val"] > 0.6 and meta["metrics"]["metric"] == "accuracy"
     uri = write_labels(str(tmp_path / "labels"), teacher, tr, spec=spec)
     mlp = {"arch": "mlp", "kwargs": {"width": 64, "depth": 1}}
 
     s = student(0, mlp, tr.in_shape)
     kd = dataclasses.replace(cfg, loss="kd")
-    res = train(s, kd, train_data=tr, val_data=va, labels=uri,
-                expect={"temperature": 4.0, "data.fingerprint": tr.fingerprint()})
+    res = train(
+        s, kd, train_data=tr, val_data=va, labels=uri, expect={"temperature": 4.0, "data.fingerprint": tr.fingerprint()}
+    )
     assert res["best_val"] > 0.5 and res["epochs_run"] == 4 and res["metric"] == "accuracy"  # chance is 0.1
     base = train(student(0, mlp, tr.in_shape), cfg, train_data=tr, val_data=va)
     assert base["epochs_run"] == 4 and base["best_val"] > 0.3
     # online KD learns from the teacher as well as stored KD does (same epochs); its KD term falls
     log = tmp_path / "online.jsonl"
-    online = train(student(0, mlp, tr.in_shape), dataclasses.replace(kd, log_path=str(log), temperature=4.0),
-                   train_data=tr, val_data=va, teacher=teacher, transform=spec)
+    online = train(
+        student(0, mlp, tr.in_shape),
+        dataclasses.replace(kd, log_path=str(log), temperature=4.0),
+        train_data=tr,
+        val_data=va,
+        teacher=teacher,
+        transform=spec,
+    )
     assert online["epochs_run"] == 4 and online["best_val"] > 0.5
     recs = [json.loads(x) for x in open(log)]
     assert recs[-1]["kd_loss"] < 0.7 * recs[0]["kd_loss"] and "task_loss" not in recs[0]  # alpha 0: no CE
@@ -93,9 +118,20 @@ def test_resume_mid_run_equals_uninterrupted(digits, digit_labels, tmp_path):
     tr, va = digits["train"], digits["val"]
 
     def cfg(name):
-        return TrainConfig(epochs=4, batch_size=32, lr=5e-3, optimizer="sgd", schedule="cosine", warmup_steps=5,
-                           loss="kd", temperature=2.0, alpha=0.3, device="cpu",
-                           log_path=str(tmp_path / f"{name}.jsonl"), ckpt_path=str(tmp_path / f"{name}.pt"))
+        return TrainConfig(
+            epochs=4,
+            batch_size=32,
+            lr=5e-3,
+            optimizer="sgd",
+            schedule="cosine",
+            warmup_steps=5,
+            loss="kd",
+            temperature=2.0,
+            alpha=0.3,
+            device="cpu",
+            log_path=str(tmp_path / f"{name}.jsonl"),
+            ckpt_path=str(tmp_path / f"{name}.pt"),
+        )
 
     ref = student(0)
     r_ref = train(ref, cfg("ref"), train_data=tr, val_data=va, labels=digit_labels["dense"])
@@ -109,12 +145,10 @@ def test_resume_mid_run_equals_uninterrupted(digits, digit_labels, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        train(student(0), cfg("run"), train_data=tr, val_data=va,
-              labels=digit_labels["dense"], on_batch=crash)
+        train(student(0), cfg("run"), train_data=tr, val_data=va, labels=digit_labels["dense"], on_batch=crash)
     assert len(open(tmp_path / "run.jsonl").read().splitlines()) == 2
     resumed = student(7)  # different init: everything must come from the checkpoint
-    r = train(resumed, cfg("run"), train_data=tr, val_data=va,
-              labels=digit_labels["dense"], resume=True)
+    r = train(resumed, cfg("run"), train_data=tr, val_data=va, labels=digit_labels["dense"], resume=True)
     assert r["best_val"] == r_ref["best_val"] and r["epochs_run"] == 4 and r["steps"] == r_ref["steps"]
     for k, v in _state(ref).items():
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -122,17 +156,23 @@ def test_resume_mid_run_equals_uninterrupted(digits, digit_labels, tmp_path):
     log = [json.loads(x) for x in open(tmp_path / "run.jsonl")]
     assert [x["epoch"] for x in log] == [0, 1, 2, 3]
     for a, b in zip(ref_log, log):
-        assert {k: a[k] for k in ("step", "train_loss", "val", "lr")} == \
-               {k: b[k] for k in ("step", "train_loss", "val", "lr")}
+        assert {k: a[k] for k in ("step", "train_loss", "val", "lr")} == {
+            k: b[k] for k in ("step", "train_loss", "val", "lr")
+        }
     # resuming a finished run trains nothing and restores the best weights
     again = student(9)
-    r2 = train(again, cfg("run"), train_data=tr, val_data=va,
-               labels=digit_labels["dense"], resume=True)
+    r2 = train(again, cfg("run"), train_data=tr, val_data=va, labels=digit_labels["dense"], resume=True)
     assert r2["epochs_run"] == 4 and r2["best_val"] == r["best_val"]
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in resumed.state_dict().items())
     with pytest.raises(ValueError, match="lr: checkpoint 0.005, now 0.1"):
-        train(student(0), TrainConfig(**{**cfg("run").__dict__, "lr": 0.1}), train_data=tr,
-              val_data=va, labels=digit_labels["dense"], resume=True)
+        train(
+            student(0),
+            TrainConfig(**{**cfg("run").__dict__, "lr": 0.1}),
+            train_data=tr,
+            val_data=va,
+            labels=digit_labels["dense"],
+            resume=True,
+        )
 
 
 def test_early_stopping_and_metrics_log(digits, tmp_path):
@@ -171,12 +211,13 @@ def _hand_terms(model, uri, tr, loss, T_student, alpha):
         def log_softmax(a):
             m = a.max(-1, keepdims=True)
             return a - m - np.log(np.exp(a - m).sum(-1, keepdims=True))
+
         rows["task_loss"] += list(-log_softmax(s)[np.arange(len(y)), y])
         log_p, log_q = log_softmax(zs * T / T_student), log_softmax(s / T_student)
         if loss == "kd":
             rows["kd_loss"] += list(T_student**2 * (np.exp(log_p) * (log_p - log_q)).sum(-1))
         elif loss == "soft_ce":
-            rows["kd_loss"] += list(-T_student**2 * (np.exp(log_p) * log_q).sum(-1))
+            rows["kd_loss"] += list(-(T_student**2) * (np.exp(log_p) * log_q).sum(-1))
         else:  # mse on raw logits z = (z/T)·T
             rows["kd_loss"] += list(((s - zs * T) ** 2).mean(-1))
     out = {k: float(np.mean(v)) for k, v in rows.items()}
@@ -193,19 +234,29 @@ def test_loss_variants_log_hand_computed_terms_and_refusals(digits, digit_labels
     for loss in ("soft_ce", "mse", "kd"):
         log = tmp_path / f"{loss}.jsonl"
         m = student(0, no_dropout)
-        train(m, TrainConfig(loss=loss, temperature=3.0, alpha=0.5, lr=0.0, log_path=str(log), **one),
-              train_data=tr, val_data=va, labels=digit_labels["dense"])
+        train(
+            m,
+            TrainConfig(loss=loss, temperature=3.0, alpha=0.5, lr=0.0, log_path=str(log), **one),
+            train_data=tr,
+            val_data=va,
+            labels=digit_labels["dense"],
+        )
         rec = json.loads(open(log).read().splitlines()[-1])
         want = _hand_terms(m, digit_labels["dense"], tr, loss, 3.0, 0.5)
         for k, v in want.items():
             assert rec[k] == pytest.approx(v, rel=1e-4), (loss, k)
-    r = train(student(0), TrainConfig(loss="topk_kl", temperature=4.0, alpha=0.5, **one),
-              train_data=tr, labels=digit_labels["topk"])
+    r = train(
+        student(0),
+        TrainConfig(loss="topk_kl", temperature=4.0, alpha=0.5, **one),
+        train_data=tr,
+        labels=digit_labels["topk"],
+    )
     assert r["best_val"] is None and r["epochs_run"] == 1
     # at another T' the top-k KL follows the documented tail convention (hand-checked in
     # test_objective); the student temperature defaults to the stored one
-    r = train(student(0), TrainConfig(loss="topk_kl", temperature=2.0, **one), train_data=tr,
-              labels=digit_labels["topk"])
+    r = train(
+        student(0), TrainConfig(loss="topk_kl", temperature=2.0, **one), train_data=tr, labels=digit_labels["topk"]
+    )
     assert r["epochs_run"] == 1
     with pytest.raises(ValueError, match="soft labels at .* are topk: use one of"):
         train(student(0), TrainConfig(loss="kd", **one), train_data=tr, labels=digit_labels["topk"])
@@ -243,24 +294,52 @@ def test_lr_schedules():
 def test_hint_and_rkd_losses_from_stored_features(digits, tmp_path):
     """FitNets hint + RKD on the teacher feature stored at labelling time (forward hook)."""
     from pipeline.labelling.classify import label_dataset
+
     tr, va = digits["train"], digits["val"]
     teacher = student(1, {"arch": "mlp", "kwargs": {"width": 48, "depth": 1}})
     uri = str(tmp_path / "feat")
-    label_dataset(teacher, tr, uri, temperature=2.0, teacher={"name": "t", "fingerprint": "sha256:t"},
-                  feature_layer="body", shard_size=150)
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu", loss="kd", alpha=0.5, hint_weight=1.0,
-                      rkd_weight=1.0, ckpt_path=str(tmp_path / "ck.pt"))
+    label_dataset(
+        teacher,
+        tr,
+        uri,
+        temperature=2.0,
+        teacher={"name": "t", "fingerprint": "sha256:t"},
+        feature_layer="body",
+        shard_size=150,
+    )
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=32,
+        lr=1e-2,
+        device="cpu",
+        loss="kd",
+        alpha=0.5,
+        hint_weight=1.0,
+        rkd_weight=1.0,
+        ckpt_path=str(tmp_path / "ck.pt"),
+    )
     seen = []
     s = student(0)
-    res = train(s, cfg, train_data=tr, val_data=va, labels=uri,
-                on_batch=lambda e, b: seen.append(tuple(b["teacher_feature"].shape)))
+    res = train(
+        s,
+        cfg,
+        train_data=tr,
+        val_data=va,
+        labels=uri,
+        on_batch=lambda e, b: seen.append(tuple(b["teacher_feature"].shape)),
+    )
     assert res["epochs_run"] == 2 and seen and all(shape[1] == 48 for shape in seen)
     ck = torch.load(cfg.ckpt_path, weights_only=False)
-    assert ck["hint"]["regressor.weight"].shape == (48, 32)     # student width 32 -> teacher 48
+    assert ck["hint"]["regressor.weight"].shape == (48, 32)  # student width 32 -> teacher 48
     # the feature terms really enter the loss: same run without them ends elsewhere
     s2 = student(0)
-    train(s2, TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu", loss="kd", alpha=0.5),
-          train_data=tr, val_data=va, labels=uri)
+    train(
+        s2,
+        TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu", loss="kd", alpha=0.5),
+        train_data=tr,
+        val_data=va,
+        labels=uri,
+    )
     assert not torch.equal(s.state_dict()["head.weight"], s2.state_dict()["head.weight"])
     # labels without a stored feature are refused with a clear message
     plain = write_labels(str(tmp_path / "plain"), teacher, tr)
@@ -279,9 +358,13 @@ def test_multi_teacher_from_two_stored_datasets(digits, digit_labels, tmp_path):
     stream = open_label_stream(uri_a, tr, SPEC, batch_size=16, extra_soft_labels=[uri_b])
     batch = next(iter(stream))
     assert batch["extra_stored_logits"].shape == (1, 16, 10)
-    with torch.inference_mode():        # the joined rows are teacher B's z/T (T = 4) of the same view
-        x = apply_views(torch.from_numpy(tr.x[tr.index_of(batch["sample_id"].numpy())]),
-                        batch["sample_id"].numpy(), batch["view"].numpy(), SPEC)
+    with torch.inference_mode():  # the joined rows are teacher B's z/T (T = 4) of the same view
+        x = apply_views(
+            torch.from_numpy(tr.x[tr.index_of(batch["sample_id"].numpy())]),
+            batch["sample_id"].numpy(),
+            batch["view"].numpy(),
+            SPEC,
+        )
         torch.testing.assert_close(batch["extra_stored_logits"][0], other.eval()(x) / 4.0, atol=0.02, rtol=0.01)
     cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-2, device="cpu", loss="kd", temperature=2.0)
     res = train(student(0), cfg, train_data=tr, val_data=va, labels=[uri_a, uri_b])
@@ -297,5 +380,4 @@ def test_multi_teacher_from_two_stored_datasets(digits, digit_labels, tmp_path):
     # a loss that multi-teacher KD does not define is refused, not silently replaced by KD (#9)
     for loss in ("mse", "soft_ce"):
         with pytest.raises(ValueError, match=f"loss='{loss}' cannot be used with several teachers"):
-            train(student(0), dataclasses.replace(cfg, loss=loss), train_data=tr,
-                  labels=[uri_a, uri_b])
+            train(student(0), dataclasses.replace(cfg, loss=loss), train_data=tr, labels=[uri_a, uri_b])

@@ -1,5 +1,6 @@
 """pipeline/views/transforms.py: every view transform is a pure function of (transform,
 sample_id, view, the row's input); view 0 is the identity; the identity dict round-trips."""
+
 import importlib
 import json
 import math
@@ -9,10 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.views.transforms import (KINDS, Compose, FunctionView, SignalViews, TokenViews, Transform,
-                                 check_deterministic, row_generators, row_keys, transform_from_config,
-                                 transform_from_dict)
 from pipeline.views.images import ViewSpec
+from pipeline.views.transforms import (
+    KINDS,
+    Compose,
+    FunctionView,
+    SignalViews,
+    TokenViews,
+    Transform,
+    check_deterministic,
+    row_generators,
+    row_keys,
+    transform_from_config,
+    transform_from_dict,
+)
 
 PAD, MASK, CLS, SEP = 0, 103, 101, 102
 SPECIALS = (PAD, CLS, SEP, MASK)
@@ -42,7 +53,7 @@ TOK = TokenViews(pad_id=PAD, mask_id=MASK, special_ids=SPECIALS, mask_prob=0.3, 
 SIG = SignalViews(shift=5, scale=0.2, noise_std=0.05, seed=3)
 VIEWSPEC = ViewSpec(shift=2, hflip=True, noise_std=0.1, seed=1)
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 
 def jitter(x, generator, amount=0.5):
@@ -58,7 +69,7 @@ def to_double(x, generator):
     return x.double()
 
 NOT_CALLABLE = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -81,8 +92,16 @@ def _cases(user_mod):
         (SIG, sig, ids),
         (SignalViews(shift=3, scale=0.1, seed=2), _signals(16, c=3), ids),
         (FunctionView(f"{user_mod}:jitter", {"amount": 0.25}, seed=9), sig, ids),
-        (Compose([TokenViews(pad_id=PAD, mask_id=MASK, special_ids=SPECIALS, mask_prob=0.2, seed=1),
-                  TokenViews(pad_id=PAD, special_ids=SPECIALS, drop_prob=0.3, seed=2)]), toks, ids),
+        (
+            Compose(
+                [
+                    TokenViews(pad_id=PAD, mask_id=MASK, special_ids=SPECIALS, mask_prob=0.2, seed=1),
+                    TokenViews(pad_id=PAD, special_ids=SPECIALS, drop_prob=0.3, seed=2),
+                ]
+            ),
+            toks,
+            ids,
+        ),
         (Compose([SIG, FunctionView(f"{user_mod}:jitter")]), sig, ids),
         (VIEWSPEC, torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(4)), ids),
     ]
@@ -93,6 +112,7 @@ def _same(a, b):
 
 
 # ---------------------------------------------------------------- the protocol, every kind
+
 
 def test_view0_is_identity_for_every_transform(user_mod):
     for t, x, ids in _cases(user_mod):
@@ -127,8 +147,11 @@ def test_deterministic_across_calls_orders_and_batches(user_mod):
         alone = t.apply(x[rows], ids[rows], views[rows])
         other = x[[0, 1]]
         batch = torch.cat([other, x[rows]])
-        out = t.apply(batch, np.concatenate([[5000, 5001], ids[rows]]),
-                      np.concatenate([[1, 3], views[rows]]), )
+        out = t.apply(
+            batch,
+            np.concatenate([[5000, 5001], ids[rows]]),
+            np.concatenate([[1, 3], views[rows]]),
+        )
         for j, i in enumerate(rows):
             for got in (alone[j], out[2 + j]):
                 if x.dtype == torch.int64:
@@ -166,11 +189,12 @@ def test_row_keys_and_generators_are_pure():
 
 # ---------------------------------------------------------------- tokens
 
+
 def test_tokens_padding_invariance():
     x = _tokens(6, seed=3)
     ids, views = np.arange(6) + 40, np.array([1, 2, 3, 1, 2, 3])
-    wide = torch.cat([x, torch.full((6, 30), PAD)], dim=1)          # same rows padded to L + 30
-    left = torch.stack([torch.cat([torch.full((30,), PAD), r]) for r in x])   # padded on the left
+    wide = torch.cat([x, torch.full((6, 30), PAD)], dim=1)  # same rows padded to L + 30
+    left = torch.stack([torch.cat([torch.full((30,), PAD), r]) for r in x])  # padded on the left
     for t in (TOK, TokenViews(pad_id=PAD, mask_id=MASK, special_ids=SPECIALS, mask_prob=0.4, seed=2)):
         ref = t.apply(x, ids, views)
         for other in (wide, left):
@@ -188,11 +212,11 @@ def test_tokens_padding_invariance():
 def test_mask_rate_matches_mask_prob_and_specials_are_kept():
     p = 0.15
     t = TokenViews(pad_id=PAD, mask_id=MASK, special_ids=SPECIALS, mask_prob=p, seed=11)
-    x = _tokens(400, lmin=20, lmax=40, seed=5)                      # ~11k eligible tokens
+    x = _tokens(400, lmin=20, lmax=40, seed=5)  # ~11k eligible tokens
     ids = np.arange(400)
     out = t.apply(x, ids, np.ones(400, np.int64))
     assert out.shape == x.shape
-    eligible = (x >= 1000)
+    eligible = x >= 1000
     n = int(eligible.sum())
     assert n > 10_000
     masked = int((out[eligible] == MASK).sum())
@@ -214,11 +238,11 @@ def test_drop_repacks_trims_and_keeps_specials():
     for i in range(50):
         src, got = _nonpad(x[i]), _nonpad(out[i])
         row = out[i].tolist()
-        assert row[:len(got)] == got and all(v == PAD for v in row[len(got):])   # packed left
-        assert got[0] == CLS and got[-1] == SEP                                 # specials kept
+        assert row[: len(got)] == got and all(v == PAD for v in row[len(got) :])  # packed left
+        assert got[0] == CLS and got[-1] == SEP  # specials kept
         it = iter(src)
-        assert all(tok in it for tok in got)                                    # a subsequence
-    assert (out != PAD).any(dim=0)[-1]                                          # trailing empties trimmed
+        assert all(tok in it for tok in got)  # a subsequence
+    assert (out != PAD).any(dim=0)[-1]  # trailing empties trimmed
     rate = 1 - sum(len(_nonpad(out[i])) - 2 for i in range(50)) / sum(len(_nonpad(x[i])) - 2 for i in range(50))
     assert 0.4 < rate < 0.6
     # everything dropped (only specials... none here): at least one column stays
@@ -227,7 +251,7 @@ def test_drop_repacks_trims_and_keeps_specials():
     assert gone.shape == (2, 1) and bool((gone == PAD).all())
     # view-0 rows keep their width: nothing is trimmed from under them
     mixed = t.apply(x, ids, np.array([0] + [1] * 49))
-    assert torch.equal(mixed[0], x[0, :mixed.shape[1]]) and bool((x[0, mixed.shape[1]:] == PAD).all())
+    assert torch.equal(mixed[0], x[0, : mixed.shape[1]]) and bool((x[0, mixed.shape[1] :] == PAD).all())
     # padding the input had beyond its longest row is kept when nothing is dropped from it
     padded = torch.cat([x, torch.full((50, 7), PAD)], dim=1)
     none = TokenViews(pad_id=PAD, mask_id=MASK, mask_prob=0.5).apply(padded, ids, 1)
@@ -251,6 +275,7 @@ def test_tokens_refusals():
 
 
 # ---------------------------------------------------------------- signals
+
 
 def test_signal_shift_is_a_circular_roll_and_scale_is_bounded():
     t = SignalViews(shift=7, seed=1)
@@ -285,6 +310,7 @@ def test_signal_shift_is_a_circular_roll_and_scale_is_bounded():
 
 
 # ---------------------------------------------------------------- a user function
+
 
 def test_function_view_uses_the_generator(user_mod):
     t = FunctionView(f"{user_mod}:jitter", {"amount": 1.0}, seed=4)
@@ -344,6 +370,7 @@ def test_function_source_is_part_of_the_identity(user_mod, tmp_path):
 
 # ---------------------------------------------------------------- identity dicts
 
+
 def test_to_dict_round_trip_for_every_kind(user_mod):
     seen = set()
     for t, _, _ in _cases(user_mod):
@@ -361,8 +388,13 @@ def test_to_dict_round_trip_for_every_kind(user_mod):
     assert transform_from_dict(nested.to_dict()) == nested
     assert nested.to_dict()["steps"][0] == {"kind": "compose", "steps": [VIEWSPEC.to_dict()]}
     # fingerprints: versioned, differ by parameters
-    assert len(TOK.fingerprint()) == 64 and TOK.fingerprint() != TokenViews(
-        pad_id=PAD, mask_id=MASK, special_ids=SPECIALS, mask_prob=0.3, drop_prob=0.2, seed=6).fingerprint()
+    assert (
+        len(TOK.fingerprint()) == 64
+        and TOK.fingerprint()
+        != TokenViews(
+            pad_id=PAD, mask_id=MASK, special_ids=SPECIALS, mask_prob=0.3, drop_prob=0.2, seed=6
+        ).fingerprint()
+    )
     assert Compose([]).is_identity and Compose([TokenViews(pad_id=0)]).is_identity
     assert not Compose([TokenViews(pad_id=0), SIG]).is_identity
 
@@ -388,13 +420,15 @@ def test_unknown_kinds_and_keys_are_refused():
 
 # ---------------------------------------------------------------- config
 
+
 def test_transform_from_config_fills_tokenizer_ids():
     info = {"pad_id": 0, "mask_id": 103, "special_ids": [0, 100, 101, 102, 103], "vocab_size": 30522}
     t = transform_from_config({"kind": "tokens", "mask_prob": 0.15, "seed": 2}, tokenizer_info=info)
     assert t == TokenViews(pad_id=0, mask_id=103, special_ids=(0, 100, 101, 102, 103), mask_prob=0.15, seed=2)
     # explicit values win (except a pad_id the rows are not padded with)
-    t = transform_from_config({"kind": "tokens", "drop_prob": 0.1, "mask_id": 100, "special_ids": []},
-                              tokenizer_info=info)
+    t = transform_from_config(
+        {"kind": "tokens", "drop_prob": 0.1, "mask_id": 100, "special_ids": []}, tokenizer_info=info
+    )
     assert t.mask_id == 100 and t.special_ids == () and t.pad_id == 0
     with pytest.raises(ValueError, match="pad_id 5 differs from the tokenizer's pad_id 0"):
         transform_from_config({"kind": "tokens", "pad_id": 5}, tokenizer_info=info)
@@ -403,12 +437,12 @@ def test_transform_from_config_fills_tokenizer_ids():
     with pytest.raises(ValueError, match="mask_id is required"):
         transform_from_config({"kind": "tokens", "mask_prob": 0.1}, tokenizer_info={"pad_id": 0, "mask_id": None})
     # nested in a compose, filled too
-    c = transform_from_config({"kind": "compose", "steps": [{"kind": "tokens", "mask_prob": 0.1}]},
-                              tokenizer_info=info)
+    c = transform_from_config({"kind": "compose", "steps": [{"kind": "tokens", "mask_prob": 0.1}]}, tokenizer_info=info)
     assert c.steps[0].mask_id == 103
     # ViewSpec keys give a ViewSpec
-    assert transform_from_config({"shift": 2, "hflip": True, "noise_std": 0.1, "seed": 3}) == \
-        ViewSpec(shift=2, hflip=True, noise_std=0.1, seed=3)
+    assert transform_from_config({"shift": 2, "hflip": True, "noise_std": 0.1, "seed": 3}) == ViewSpec(
+        shift=2, hflip=True, noise_std=0.1, seed=3
+    )
     assert transform_from_config(None) is None
 
 

@@ -47,7 +47,7 @@ def test_independent_of_batch_order_and_composition():
     assert torch.equal(out[2:5], ref[rows])
     # single-row batches, views as a scalar
     for r in rows:
-        one = apply_views(x[r:r + 1], ids[r:r + 1], int(views[r]), SPEC)
+        one = apply_views(x[r : r + 1], ids[r : r + 1], int(views[r]), SPEC)
         assert torch.equal(one[0], ref[r])
 
 
@@ -76,15 +76,15 @@ def test_shift_moves_content_with_zero_fill():
     spec = ViewSpec(shift=2, seed=5)
     ids, views = np.arange(40), np.ones(40, np.int64)
     img = torch.zeros(40, 2, 6, 7)
-    img[:, :, 2, 3] = 1.0        # one bright pixel per channel
-    img[:, 1, 0, 0] = 0.5        # near the corner: may be shifted out
+    img[:, :, 2, 3] = 1.0  # one bright pixel per channel
+    img[:, 1, 0, 0] = 0.5  # near the corner: may be shifted out
     out = apply_views(img, ids, views, spec)
     p = view_params(spec, ids, views)
     assert {(int(a), int(b)) for a, b in zip(p["dx"], p["dy"])} > {(0, 0)}
     for b in range(40):
         dx, dy = int(p["dx"][b]), int(p["dy"][b])
         want = torch.zeros(2, 6, 7)
-        want[:, 2 + dy, 3 + dx] = 1.0   # +dx right, +dy down
+        want[:, 2 + dy, 3 + dx] = 1.0  # +dx right, +dy down
         if 0 <= dy < 6 and 0 <= dx < 7:
             want[1, dy, dx] = 0.5
         assert torch.equal(out[b], want), (b, dx, dy)
@@ -115,8 +115,12 @@ def test_spec_round_trip_and_fingerprint():
     assert d == {"shift": 3, "hflip": True, "noise_std": 0.1, "seed": 11}
     assert ViewSpec.from_dict(d) == SPEC
     assert ViewSpec.from_dict(d).fingerprint() == SPEC.fingerprint()
-    variants = [ViewSpec(**{**d, "shift": 2}), ViewSpec(**{**d, "hflip": False}),
-                ViewSpec(**{**d, "noise_std": 0.2}), ViewSpec(**{**d, "seed": 12})]
+    variants = [
+        ViewSpec(**{**d, "shift": 2}),
+        ViewSpec(**{**d, "hflip": False}),
+        ViewSpec(**{**d, "noise_std": 0.2}),
+        ViewSpec(**{**d, "seed": 12}),
+    ]
     fps = {v.fingerprint() for v in variants} | {SPEC.fingerprint()}
     assert len(fps) == 5
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['rotate'\]"):
@@ -158,7 +162,6 @@ def test_other_process_regenerates_same_pixels(tmp_path):
     np.save(paths[1], ids[perm])
     np.save(paths[2], views[perm])
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONHASHSEED": "123"}
-    subprocess.run([sys.executable, "-c", _CHILD, *paths], check=True, env=env, cwd=ROOT,
-                   timeout=120)
+    subprocess.run([sys.executable, "-c", _CHILD, *paths], check=True, env=env, cwd=ROOT, timeout=120)
     child = np.load(paths[3])
     assert child.tobytes() == ref[perm].tobytes()

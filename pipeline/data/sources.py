@@ -49,6 +49,7 @@ the mapped cache) is pipeline/data/table.py; pipeline/data/readers.py streams th
 input files in record batches; pipeline/data/cache.py turns those batches into the cache
 (ids, label codes, payloads, the content fingerprint) and writes, finds and maps it.
 """
+
 from __future__ import annotations
 
 import io
@@ -58,20 +59,57 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.data.cache import (CACHE_VERSION, FINGERPRINT_SCHEME, build_cache, cache_files, FeaturePayload, folder_stream,
-                           FolderPayload, ImageBytesPayload, LabelColumn, load_cache_meta, table_stream, TextPayload,
-                           stable_id)
 from pipeline import paths
+from pipeline.data.cache import (
+    CACHE_VERSION,
+    FINGERPRINT_SCHEME,
+    FeaturePayload,
+    FolderPayload,
+    ImageBytesPayload,
+    LabelColumn,
+    TextPayload,
+    build_cache,
+    cache_files,
+    folder_stream,
+    load_cache_meta,
+    stable_id,
+    table_stream,
+)
 from pipeline.data.readers import BATCH_ROWS, IMAGE_EXTENSIONS, KINDS, FolderReader, TableReader
 from pipeline.data.table import TableSource
 
 # the public names, defined here or in the modules above (BATCH_ROWS is read in source_readers)
-__all__ = ["TableSource", "TextSource", "ImageSource", "FeatureSource", "open_table_source", "stable_id",
-           "cache_root", "CACHE_VERSION", "FINGERPRINT_SCHEME", "BATCH_ROWS", "IMAGE_EXTENSIONS", "KINDS",
-           "SPEC_KEYS"]
+__all__ = [
+    "TableSource",
+    "TextSource",
+    "ImageSource",
+    "FeatureSource",
+    "open_table_source",
+    "stable_id",
+    "cache_root",
+    "CACHE_VERSION",
+    "FINGERPRINT_SCHEME",
+    "BATCH_ROWS",
+    "IMAGE_EXTENSIONS",
+    "KINDS",
+    "SPEC_KEYS",
+]
 
-SPEC_KEYS = ("kind", "path", "name", "split", "text_column", "label_column", "id_column", "image_column",
-             "feature_columns", "classes", "num_classes", "image_size", "channels")
+SPEC_KEYS = (
+    "kind",
+    "path",
+    "name",
+    "split",
+    "text_column",
+    "label_column",
+    "id_column",
+    "image_column",
+    "feature_columns",
+    "classes",
+    "num_classes",
+    "image_size",
+    "channels",
+)
 
 
 def cache_root(cache_dir=None) -> str:
@@ -81,6 +119,7 @@ def cache_root(cache_dir=None) -> str:
 
 
 # ---------------------------------------------------------------- the sources
+
 
 class TextSource(TableSource):
     """Texts -> token ids (B, L) int64, truncated at max_length and padded per batch to the
@@ -95,6 +134,7 @@ class TextSource(TableSource):
         self.tokenizer_path = tokenizer_path
         self.max_length = int(max_length)
         from pipeline.hf_files import tokenizer_info
+
         self._tokenizer_info = tokenizer_info(tokenizer, tokenizer_path)
         super().__init__(**kw)
 
@@ -109,18 +149,36 @@ class TextSource(TableSource):
         texts = self.texts(pos)
         if not texts:
             return torch.zeros((0, 0), dtype=torch.int64)
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding="longest",
-                             return_attention_mask=False, return_token_type_ids=False, return_tensors="np")
+        enc = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            padding="longest",
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_tensors="np",
+        )
         return torch.from_numpy(np.ascontiguousarray(enc["input_ids"], dtype=np.int64))
 
     def model_args(self) -> dict:
-        return {"vocab_size": len(self.tokenizer), "pad_id": int(self.tokenizer.pad_token_id),
-                "max_length": self.max_length, "in_shape": self.in_shape}
+        return {
+            "vocab_size": len(self.tokenizer),
+            "pad_id": int(self.tokenizer.pad_token_id),
+            "max_length": self.max_length,
+            "in_shape": self.in_shape,
+        }
 
     def describe(self) -> dict:
-        return {"kind": "tokens", **self._describe_common(), "text_column": self._source["text_column"],
-                "tokenizer": dict(self._tokenizer_info), "max_length": self.max_length, "truncation": True,
-                "padding": "longest", "in_shape": list(self.in_shape)}
+        return {
+            "kind": "tokens",
+            **self._describe_common(),
+            "text_column": self._source["text_column"],
+            "tokenizer": dict(self._tokenizer_info),
+            "max_length": self.max_length,
+            "truncation": True,
+            "padding": "longest",
+            "in_shape": list(self.in_shape),
+        }
 
 
 class ImageSource(TableSource):
@@ -132,12 +190,13 @@ class ImageSource(TableSource):
 
     def __init__(self, *, image_size=None, channels=None, root: str | None = None, **kw):
         super().__init__(**kw)
-        self._root = root             # image folder: files are root/<relative path>
+        self._root = root  # image folder: files are root/<relative path>
         first = self._meta["payload_info"].get("first_image")
         if image_size is None:
             if first is None:
-                raise ValueError(f"{self._source['path']}: cannot read the first image to infer its size; "
-                                 f"set image_size: [H, W]")
+                raise ValueError(
+                    f"{self._source['path']}: cannot read the first image to infer its size; set image_size: [H, W]"
+                )
             image_size = first["size"]
         if channels is None:
             mode = (first or {}).get("mode", "RGB")
@@ -152,6 +211,7 @@ class ImageSource(TableSource):
 
     def _decode(self, src, what: str) -> np.ndarray:
         from PIL import Image
+
         h, w = self.image_size
         try:
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
@@ -159,7 +219,7 @@ class ImageSource(TableSource):
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
-        except Exception as e:   # noqa: BLE001 - PIL raises many types; the caller gets one, naming the file
+        except Exception as e:  # noqa: BLE001 - PIL raises many types; the caller gets one, naming the file
             raise ValueError(f"{what}: cannot decode the image ({type(e).__name__}: {e})") from None
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
@@ -173,17 +233,28 @@ class ImageSource(TableSource):
                 path = os.path.join(self._root, item)
                 out[i] = self._decode(path, path)
             else:
-                out[i] = self._decode(item, f"{self._source['path']}: image of sample_id {int(sid)} "
-                                            f"(column {self._source['image_column']!r})")
+                out[i] = self._decode(
+                    item,
+                    f"{self._source['path']}: image of sample_id {int(sid)} (column {self._source['image_column']!r})",
+                )
         out *= np.float32(1.0 / 255.0)
         return torch.from_numpy(out)
 
     def describe(self) -> dict:
-        d = {"kind": "dense", **self._describe_common(), "image_column": self._source.get("image_column"),
-             "image": {"size": list(self.image_size), "channels": self.channels, "mode": self._mode,
-                       "resize": "bilinear", "scale": "1/255"},
-             "in_shape": list(self.in_shape)}
-        if self._root is not None:      # files with other extensions in the folder, not read
+        d = {
+            "kind": "dense",
+            **self._describe_common(),
+            "image_column": self._source.get("image_column"),
+            "image": {
+                "size": list(self.image_size),
+                "channels": self.channels,
+                "mode": self._mode,
+                "resize": "bilinear",
+                "scale": "1/255",
+            },
+            "in_shape": list(self.in_shape),
+        }
+        if self._root is not None:  # files with other extensions in the folder, not read
             d["skipped_files"] = self._meta["payload_info"].get("skipped_files", 0)
         return d
 
@@ -204,7 +275,9 @@ class FeatureSource(TableSource):
             d = self.in_shape[0]
             chunks, starts = self._chunks()
             v = self.__dict__["_feature_views"] = (
-                [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, d) for c in chunks], starts)
+                [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, d) for c in chunks],
+                starts,
+            )
         return v
 
     def encode(self, pos) -> torch.Tensor:
@@ -220,12 +293,16 @@ class FeatureSource(TableSource):
         return torch.from_numpy(out)
 
     def describe(self) -> dict:
-        return {"kind": "dense", **self._describe_common(),
-                "feature_columns": list(self._meta["payload_info"]["feature_columns"]),
-                "in_shape": list(self.in_shape)}
+        return {
+            "kind": "dense",
+            **self._describe_common(),
+            "feature_columns": list(self._meta["payload_info"]["feature_columns"]),
+            "in_shape": list(self.in_shape),
+        }
 
 
 # ---------------------------------------------------------------- entry point
+
 
 def _check_spec(spec) -> dict:
     if not isinstance(spec, dict):
@@ -242,22 +319,28 @@ def _check_spec(spec) -> dict:
     for k in ("text_column", "label_column", "id_column", "image_column", "name", "split"):
         if k in spec and not isinstance(spec[k], str):
             raise ValueError(f"table source: {k} must be a string, found {spec[k]!r}")
-    if "feature_columns" in spec and (not isinstance(spec["feature_columns"], list) or not spec["feature_columns"]
-                                      or not all(isinstance(c, str) for c in spec["feature_columns"])):
-        raise ValueError(f"table source: feature_columns must be a non-empty list of column names, "
-                         f"found {spec['feature_columns']!r}")
+    if "feature_columns" in spec and (
+        not isinstance(spec["feature_columns"], list)
+        or not spec["feature_columns"]
+        or not all(isinstance(c, str) for c in spec["feature_columns"])
+    ):
+        raise ValueError(
+            f"table source: feature_columns must be a non-empty list of column names, found {spec['feature_columns']!r}"
+        )
     if "classes" in spec:
         c = spec["classes"]
-        if (not isinstance(c, list) or not c or not all(isinstance(v, str) for v in c)
-                or len(set(c)) != len(c)):
+        if not isinstance(c, list) or not c or not all(isinstance(v, str) for v in c) or len(set(c)) != len(c):
             raise ValueError(f"table source: classes must be a non-empty list of distinct strings, found {c!r}")
     n = spec.get("num_classes")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"table source: num_classes must be a positive int, found {n!r}")
     if "image_size" in spec:
         s = spec["image_size"]
-        if (not isinstance(s, (list, tuple)) or len(s) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)):
+        if (
+            not isinstance(s, (list, tuple))
+            or len(s) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)
+        ):
             raise ValueError(f"table source: image_size must be [H, W] positive ints, found {s!r}")
     if "channels" in spec and spec["channels"] not in (1, 3):
         raise ValueError(f"table source: channels must be 1 or 3, found {spec['channels']!r}")
@@ -267,16 +350,25 @@ def _check_spec(spec) -> dict:
     if kind == "image_folder":
         bad = [k for k in ("text_column", "label_column", "id_column", "image_column", "feature_columns") if k in spec]
         if bad:
-            raise ValueError(f"table source (image_folder): {bad} do not apply (labels are the class sub-folders, "
-                             f"ids hash each file's relative path)")
+            raise ValueError(
+                f"table source (image_folder): {bad} do not apply (labels are the class sub-folders, "
+                f"ids hash each file's relative path)"
+            )
     image = kind == "image_folder" or "image_column" in spec
     if not image and ("image_size" in spec or "channels" in spec):
         raise ValueError("table source: image_size / channels only apply to images (image_column or image_folder)")
     return spec
 
 
-def open_table_source(spec: dict, *, tokenizer=None, tokenizer_path: str | None = None, max_length: int = 128,
-                      cache_dir=None, progress: Callable[[int], None] | None = None) -> TableSource:
+def open_table_source(
+    spec: dict,
+    *,
+    tokenizer=None,
+    tokenizer_path: str | None = None,
+    max_length: int = 128,
+    cache_dir=None,
+    progress: Callable[[int], None] | None = None,
+) -> TableSource:
     """The Source a config's table spec describes.
 
     spec: kind (parquet | arrow | hf_disk | image_folder), path, and optionally name,
@@ -291,9 +383,12 @@ def open_table_source(spec: dict, *, tokenizer=None, tokenizer_path: str | None 
     if "text_column" in spec:
         if tokenizer is None:
             if tokenizer_path is None:
-                raise ValueError(f"table source {spec['path']}: text_column {spec['text_column']!r} needs a "
-                                 f"tokenizer (tokenizer= or tokenizer_path=)")
+                raise ValueError(
+                    f"table source {spec['path']}: text_column {spec['text_column']!r} needs a "
+                    f"tokenizer (tokenizer= or tokenizer_path=)"
+                )
             from pipeline.hf_files import load_tokenizer
+
             tokenizer = load_tokenizer(tokenizer_path)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, found {max_length!r}")
@@ -308,9 +403,14 @@ def open_table_source(spec: dict, *, tokenizer=None, tokenizer_path: str | None 
         where, path = folder.where, folder.path
         name = spec.get("name") or os.path.basename(path.rstrip("/"))
         identity = folder.identity()
-        stream = lambda: folder_stream(folder)   # noqa: E731
-        source = {"format": kind, "path": path, "label_column": None, "id_column": None,
-                  "labels": "sub-folders" if folder.labeled else None}
+        stream = lambda: folder_stream(folder)  # noqa: E731
+        source = {
+            "format": kind,
+            "path": path,
+            "label_column": None,
+            "id_column": None,
+            "labels": "sub-folders" if folder.labeled else None,
+        }
     else:
         inp = TableReader(kind, spec["path"], spec.get("split"))
         label_col = inp.column(spec.get("label_column"), "label column")
@@ -325,29 +425,49 @@ def open_table_source(spec: dict, *, tokenizer=None, tokenizer_path: str | None 
         where, path = inp.where, inp.path
         base = os.path.basename(path.rstrip("/"))
         name = spec.get("name") or (base.split(".")[0] if kind != "hf_disk" else base) + (
-            f"-{spec['split']}" if spec.get("split") else "")
+            f"-{spec['split']}" if spec.get("split") else ""
+        )
         identity = inp.identity()
-        stream = lambda: table_stream(inp, payload, labels, id_col)   # noqa: E731
-        source = {"format": kind, "path": path, "split": spec.get("split"), "label_column": label_col,
-                  "id_column": id_col}
+        stream = lambda: table_stream(inp, payload, labels, id_col)  # noqa: E731
+        source = {
+            "format": kind,
+            "path": path,
+            "split": spec.get("split"),
+            "label_column": label_col,
+            "id_column": id_col,
+        }
         if "text_column" in spec:
             source["text_column"] = spec["text_column"]
         if "image_column" in spec:
             source["image_column"] = spec["image_column"]
-    header = {"kind": kind, "path": path, "split": spec.get("split"), "payload": payload.kind,
-              "text_column": spec.get("text_column"), "image_column": spec.get("image_column"),
-              "feature_columns": getattr(payload, "feature_columns", None),
-              "label_column": spec.get("label_column"), "id_column": spec.get("id_column"), "classes": classes}
-    arrow_path, json_path = cache_files(root, os.path.basename(path.rstrip("/")),
-                                         {"v": CACHE_VERSION, **header, "files": identity})
+    header = {
+        "kind": kind,
+        "path": path,
+        "split": spec.get("split"),
+        "payload": payload.kind,
+        "text_column": spec.get("text_column"),
+        "image_column": spec.get("image_column"),
+        "feature_columns": getattr(payload, "feature_columns", None),
+        "label_column": spec.get("label_column"),
+        "id_column": spec.get("id_column"),
+        "classes": classes,
+    }
+    arrow_path, json_path = cache_files(
+        root, os.path.basename(path.rstrip("/")), {"v": CACHE_VERSION, **header, "files": identity}
+    )
     meta = load_cache_meta(arrow_path, json_path)
     if meta is None:
-        meta = build_cache(stream(), payload, labels, arrow_path, json_path, header=header, where=where,
-                      progress=progress)
+        meta = build_cache(
+            stream(), payload, labels, arrow_path, json_path, header=header, where=where, progress=progress
+        )
     kw = dict(name=name, cache_path=arrow_path, meta=meta, source=source, num_classes=spec.get("num_classes"))
     if "text_column" in spec:
         return TextSource(tokenizer=tokenizer, tokenizer_path=tokenizer_path, max_length=max_length, **kw)
     if kind == "image_folder" or "image_column" in spec:
-        return ImageSource(image_size=spec.get("image_size"), channels=spec.get("channels"),
-                           root=path if kind == "image_folder" else None, **kw)
+        return ImageSource(
+            image_size=spec.get("image_size"),
+            channels=spec.get("channels"),
+            root=path if kind == "image_folder" else None,
+            **kw,
+        )
     return FeatureSource(**kw)

@@ -6,6 +6,7 @@ unpickling), sample ids and labels read from it, positions -> cache rows, payloa
 chunk by chunk, subset / labeled / split / index_of with pipeline.data.datasets's semantics, the
 label checks, and the fingerprints (from the sidecar's content fingerprint; nothing re-read).
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,11 +16,11 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.datasets import index_of, split_dataset
 from pipeline.data.cache import column_numpy, map_table
+from pipeline.data.datasets import index_of, split_dataset
 from pipeline.data.readers import few_values
 
-_VOLATILE = ("path", "cache")   # describe() keys that name places, not content (left out of fingerprints)
+_VOLATILE = ("path", "cache")  # describe() keys that name places, not content (left out of fingerprints)
 
 
 class TableSource:
@@ -28,14 +29,22 @@ class TableSource:
 
     input_kind = "dense"
 
-    def __init__(self, *, name: str, cache_path: str, meta: dict, source: dict,
-                 num_classes: int | None = None, classes: list[str] | None = None):
+    def __init__(
+        self,
+        *,
+        name: str,
+        cache_path: str,
+        meta: dict,
+        source: dict,
+        num_classes: int | None = None,
+        classes: list[str] | None = None,
+    ):
         self.name = name
         self.split_spec = "full"
         self._cache_path = cache_path
         self._meta = meta
-        self._source = source          # {"format", "path", "split", "label_column", "id_column", ...}
-        self._rows: np.ndarray | None = None      # positions in the cache table; None = all rows
+        self._source = source  # {"format", "path", "split", "label_column", "id_column", ...}
+        self._rows: np.ndarray | None = None  # positions in the cache table; None = all rows
         self._table: pa.Table | None = None
         self.classes = meta.get("classes") if classes is None else list(classes)
         self._load_ids_labels()
@@ -72,7 +81,9 @@ class TableSource:
         if self.classes is not None:
             k = len(self.classes)
             if num_classes is not None and int(num_classes) != k:
-                raise ValueError(f"{where}: num_classes={num_classes} but there are {k} classes {few_values(self.classes)}")
+                raise ValueError(
+                    f"{where}: num_classes={num_classes} but there are {k} classes {few_values(self.classes)}"
+                )
             if len(lab) and lab.max() >= k:
                 raise ValueError(f"{where}: label {int(lab.max())} >= the {k} classes {few_values(self.classes)}")
             return k
@@ -81,8 +92,10 @@ class TableSource:
                 raise ValueError(f"dataset {self.name!r}: label {int(lab.max())} >= num_classes {num_classes}")
             return int(num_classes)
         if not len(lab):
-            raise ValueError(f"{where}: label column {col!r} holds no label (all null); leave label_column out "
-                             f"for an unlabeled set, or give num_classes")
+            raise ValueError(
+                f"{where}: label column {col!r} holds no label (all null); leave label_column out "
+                f"for an unlabeled set, or give num_classes"
+            )
         k = int(lab.max()) + 1
         counts = np.bincount(lab, minlength=k)
         empty = np.flatnonzero(counts == 0)
@@ -92,13 +105,17 @@ class TableSource:
                 f"{where}: labels are not 0..K-1: found {len(present)} distinct labels {few_values(present.tolist())}, "
                 f"so {k} classes are inferred and {len(empty)} of them have no sample ({few_values(empty.tolist())}). "
                 f"Remap the labels to 0..{len(present) - 1}, or, if those classes exist but are absent from this "
-                f"file, set num_classes")
+                f"file, set num_classes"
+            )
         return k
 
     def __getstate__(self) -> dict:
         # the mapped table, ids and labels are re-read from the cache file by the receiver
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("_table", "_index_cache", "sample_ids", "y", "_feature_views", "_chunk_index")}
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_table", "_index_cache", "sample_ids", "y", "_feature_views", "_chunk_index")
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -115,8 +132,9 @@ class TableSource:
         n = len(self)
         if pos.size and (pos.min() < -n or pos.max() >= n):
             bad = pos[(pos < -n) | (pos >= n)]
-            raise IndexError(f"dataset {self.name!r}: position(s) {few_values(bad[:10].tolist())} out of range for "
-                             f"{n} rows")
+            raise IndexError(
+                f"dataset {self.name!r}: position(s) {few_values(bad[:10].tolist())} out of range for {n} rows"
+            )
         pos = np.where(pos < 0, pos + n, pos)
         return pos if self._rows is None else self._rows[pos]
 
@@ -141,8 +159,7 @@ class TableSource:
         order = np.argsort(ci, kind="stable")
         r, c = rows[order], ci[order]
         cut = np.flatnonzero(np.diff(c)) + 1
-        parts = [chunks[c[a]].take(pa.array(r[a:b] - starts[c[a]]))
-                 for a, b in zip(np.r_[0, cut], np.r_[cut, len(r)])]
+        parts = [chunks[c[a]].take(pa.array(r[a:b] - starts[c[a]])) for a, b in zip(np.r_[0, cut], np.r_[cut, len(r)])]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return pa.concat_arrays(parts).take(pa.array(inverse))
@@ -151,7 +168,7 @@ class TableSource:
         """Rows at positions idx, keeping their sample ids (the mapped table is shared)."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         new = copy.copy(self)
-        new.__dict__.pop("_index_cache", None)     # the chunk index and feature views stay shared
+        new.__dict__.pop("_index_cache", None)  # the chunk index and feature views stay shared
         new._rows = self._cache_rows(idx)
         new.sample_ids = self.sample_ids[idx]
         new.y = None if self.y is None else self.y[idx]
@@ -162,16 +179,26 @@ class TableSource:
         """The rows that have a label (y >= 0), ids kept; e.g. before a stratified split."""
         if self.y is None:
             raise ValueError(f"dataset {self.name!r} has no labels")
-        return self.subset(np.flatnonzero(self.y >= 0),
-                           split_spec=json.dumps({"labeled_only": True, "parent": self.split_spec}, sort_keys=True))
+        return self.subset(
+            np.flatnonzero(self.y >= 0),
+            split_spec=json.dumps({"labeled_only": True, "parent": self.split_spec}, sort_keys=True),
+        )
 
-    def split(self, *, seed: int, fractions: dict[str, float] | None = None, sizes: dict[str, int] | None = None,
-              stratify: bool = True) -> dict:
+    def split(
+        self,
+        *,
+        seed: int,
+        fractions: dict[str, float] | None = None,
+        sizes: dict[str, int] | None = None,
+        stratify: bool = True,
+    ) -> dict:
         """split_dataset(self, ...) (Source)."""
         if stratify and self.y is not None and (self.y < 0).any():
-            raise ValueError(f"dataset {self.name!r} ({self.split_spec}): {int((self.y < 0).sum())} of {len(self)} "
-                             f"rows are unlabeled (null label); a stratified split needs every row labelled: split "
-                             f"source.labeled(), or pass stratify=False")
+            raise ValueError(
+                f"dataset {self.name!r} ({self.split_spec}): {int((self.y < 0).sum())} of {len(self)} "
+                f"rows are unlabeled (null label); a stratified split needs every row labelled: split "
+                f"source.labeled(), or pass stratify=False"
+            )
         return split_dataset(self, seed=seed, fractions=fractions, sizes=sizes, stratify=stratify)
 
     def index_of(self, sample_ids) -> np.ndarray:
@@ -187,9 +214,15 @@ class TableSource:
 
     def _describe_common(self) -> dict:
         m = self._meta
-        return {"source": dict(self._source), "cache": self._cache_path, "rows": len(self),
-                "rows_in_source": m["rows_in_source"], "dropped": dict(m["dropped"]),
-                "classes": self.classes, "num_classes": self.num_classes}
+        return {
+            "source": dict(self._source),
+            "cache": self._cache_path,
+            "rows": len(self),
+            "rows_in_source": m["rows_in_source"],
+            "dropped": dict(m["dropped"]),
+            "classes": self.classes,
+            "num_classes": self.num_classes,
+        }
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -199,16 +232,26 @@ class TableSource:
         return {"in_shape": self.in_shape}
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name={self.name!r}, rows={len(self)}, num_classes={self.num_classes}, "
-                f"split_spec={self.split_spec[:60]!r})")
+        return (
+            f"{type(self).__name__}(name={self.name!r}, rows={len(self)}, num_classes={self.num_classes}, "
+            f"split_spec={self.split_spec[:60]!r})"
+        )
 
 
 def cached_fingerprint(src) -> str:
     """The fingerprint of a source streamed into a cache (a table, an image folder, a token
     corpus): sha256 over the content's hash (from the cache's sidecar: nothing re-read), the
     split definition, describe() minus the places (paths), and this set's ids (sorted)."""
-    h = hashlib.sha256(json.dumps({"content": src.content_fingerprint(), "split_spec": src.split_spec,
-                                   "describe": stable_json(src.describe())}, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "content": src.content_fingerprint(),
+                "split_spec": src.split_spec,
+                "describe": stable_json(src.describe()),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     h.update(np.sort(src.sample_ids).astype("<i8").tobytes())
     return h.hexdigest()
 

@@ -11,9 +11,11 @@ is regenerated from (transform, s, v) alone (pipeline/views), so the student lat
 exactly the pixels the teacher labelled. Raw logits go to the writer, which scales them by
 1/T (storage: the one division).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,16 +25,20 @@ from pipeline.data.datasets import Source, model_inputs
 from pipeline.device import AMP_DTYPES, resolve_amp, resolve_device
 from pipeline.labelling.loop import label
 
+if TYPE_CHECKING:
+    from pipeline.views.base import Transform
 
 # ---------------------------------------------------------------- feature hook
+
 
 def _module(model: nn.Module, layer: str) -> nn.Module:
     try:
         return model.get_submodule(layer)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n][:20]
-        raise ValueError(f"feature_layer {layer!r} is not a submodule of {type(model).__name__}; "
-                         f"some valid names: {names}") from None
+        raise ValueError(
+            f"feature_layer {layer!r} is not a submodule of {type(model).__name__}; some valid names: {names}"
+        ) from None
 
 
 class _Capture:
@@ -48,7 +54,7 @@ class _Capture:
         # clone: a later in-place op (ReLU(inplace=True)) would otherwise overwrite it
         self.out = output.flatten(1).float().clone()  # (B, F)
 
-    def close(self):
+    def close(self) -> None:
         self.handle.remove()
 
 
@@ -69,12 +75,14 @@ def _probe(model: nn.Module, example, layer: str | None) -> tuple[int, list[int]
         if cap:
             cap.close()
     if not torch.is_tensor(out) or out.ndim != 2:
-        raise ValueError(f"the teacher must return logits (B, C), got "
-                         f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
+        raise ValueError(
+            f"the teacher must return logits (B, C), got "
+            f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}"
+        )
     return int(out.shape[1]), ([int(cap.out.shape[1])] if cap else None)
 
 
-def feature_shape(model: nn.Module, layer: str, example) -> list[int]:
+def feature_shape(model: nn.Module, layer: str, example: torch.Tensor | Sequence[int]) -> list[int]:
     """[F]: the flattened per-sample size of `layer`'s output (one forward of `example`,
     an input row (1, ...) or an in_shape tuple)."""
     return _probe(model, example if torch.is_tensor(example) else tuple(example), layer)[1]
@@ -83,10 +91,22 @@ def feature_shape(model: nn.Module, layer: str, example) -> list[int]:
 # ---------------------------------------------------------------- one shard
 
 
-def teacher_outputs(model: nn.Module, inputs: Source, *, start: int, stop: int, view_spec,
-                    num_views: int, num_classes: int, feature: dict | None = None, batch_size: int = 512,
-                    device: str = "cpu", amp: str | None = None, feature_layer: str | None = None,
-                    where: str = "the dataset"):
+def teacher_outputs(
+    model: nn.Module,
+    inputs: Source,
+    *,
+    start: int,
+    stop: int,
+    view_spec: Transform | None,
+    num_views: int,
+    num_classes: int,
+    feature: dict | None = None,
+    batch_size: int = 512,
+    device: str = "cpu",
+    amp: str | None = None,
+    feature_layer: str | None = None,
+    where: str = "the dataset",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The teacher's raw outputs for samples [start, stop) x views 0..V-1, sample-major:
     (sample_ids (R,), views (R,), logits (R, C) float32, features (R, F) or None). This is
     everything labelling does except storing; benchmarks time it alone."""
@@ -100,16 +120,18 @@ def teacher_outputs(model: nn.Module, inputs: Source, *, start: int, stop: int, 
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     feat = feature
     if (feat["name"] if feat else None) != feature_layer:
-        raise ValueError(f"feature_layer={feature_layer!r} but the writer at {where} stores "
-                         f"feature {feat['name'] if feat else None!r}")
+        raise ValueError(
+            f"feature_layer={feature_layer!r} but the writer at {where} stores "
+            f"feature {feat['name'] if feat else None!r}"
+        )
     dev = resolve_device(device)
     amp = resolve_amp(amp, dev)
     cuda = dev.type == "cuda"
 
     # rows of this shard, sample-major: (start, 0), (start, 1), ..., (stop-1, V-1)
-    pos = np.repeat(np.arange(start, stop), V)                  # (R,) positions in inputs
+    pos = np.repeat(np.arange(start, stop), V)  # (R,) positions in inputs
     views = np.tile(np.arange(V, dtype=np.int32), stop - start)  # (R,)
-    sids = inputs.sample_ids[pos]                               # (R,) int64
+    sids = inputs.sample_ids[pos]  # (R,) int64
     R = len(pos)
 
     logits = np.empty((R, num_classes), np.float32)
@@ -128,15 +150,19 @@ def teacher_outputs(model: nn.Module, inputs: Source, *, start: int, stop: int, 
                 xb = model_inputs(inputs, pos[a:b], views[a:b], view_spec)
                 if cuda:
                     xb = xb.pin_memory().to(dev, non_blocking=True)
-                z = model(xb)                                       # (B, C)
+                z = model(xb)  # (B, C)
                 if z.shape != (b - a, logits.shape[1]):
-                    raise ValueError(f"the teacher returned logits of shape {tuple(z.shape)}, "
-                                     f"expected ({b - a}, {logits.shape[1]}) (num_classes of the writer)")
+                    raise ValueError(
+                        f"the teacher returned logits of shape {tuple(z.shape)}, "
+                        f"expected ({b - a}, {logits.shape[1]}) (num_classes of the writer)"
+                    )
                 logits[a:b] = z.float().cpu().numpy()
                 if cap:
                     if cap.out.shape[1] != feats.shape[1]:
-                        raise ValueError(f"feature_layer {feature_layer!r} gives {cap.out.shape[1]} features "
-                                         f"per sample but the writer expects shape {feat['shape']}")
+                        raise ValueError(
+                            f"feature_layer {feature_layer!r} gives {cap.out.shape[1]} features "
+                            f"per sample but the writer expects shape {feat['shape']}"
+                        )
                     feats[a:b] = cap.out.cpu().numpy()
     finally:
         model.train(was_training)
@@ -151,6 +177,7 @@ def teacher_outputs(model: nn.Module, inputs: Source, *, start: int, stop: int, 
 
 # ---------------------------------------------------------------- the labeller
 
+
 class ClassifyLabeller:
     """A classifier teacher over every (sample, view) of `inputs`: one output dataset of
     dense or top-k labels (labelling/loop.py runs it). The writer divides the raw logits
@@ -160,12 +187,25 @@ class ClassifyLabeller:
     (SoftLabelWriter's names). data: the manifest's data entry when the caller adds to it
     (a config's recipe, for `distill inspect --replay`); its transform must be the views'."""
 
-    def __init__(self, model: nn.Module, inputs: Source, *, output: dict, transform=None, num_views: int = 1,
-                 batch_size: int = 512, device: str = "cpu", amp: str | None = None,
-                 feature_layer: str | None = None, data: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Source,
+        *,
+        output: dict,
+        transform: Transform | None = None,
+        num_views: int = 1,
+        batch_size: int = 512,
+        device: str = "cpu",
+        amp: str | None = None,
+        feature_layer: str | None = None,
+        data: dict | None = None,
+    ):
         if not hasattr(inputs, "encode"):
-            raise ValueError(f"inputs must be a pipeline.data Source (ArrayDataset, pipeline.data.sources...), "
-                             f"got {type(inputs).__name__}")
+            raise ValueError(
+                f"inputs must be a pipeline.data Source (ArrayDataset, pipeline.data.sources...), "
+                f"got {type(inputs).__name__}"
+            )
         if num_views > 1 and (transform is None or transform.is_identity):
             raise ValueError(f"num_views={num_views} needs a non-identity transform; otherwise every view is view 0")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -173,24 +213,33 @@ class ClassifyLabeller:
         self.model, self.inputs, self.transform, self.num_views = model, inputs, transform, num_views
         self.batch_size, self.feature_layer = batch_size, feature_layer
         self.device = resolve_device(device)
-        self.amp = resolve_amp(amp, self.device)      # warns here once; None off CUDA
+        self.amp = resolve_amp(amp, self.device)  # warns here once; None off CUDA
         model.to(self.device)
         self.num_classes, fshape = _probe(model, model_inputs(inputs, [0], [0]), feature_layer)
         if inputs.num_classes and inputs.num_classes != self.num_classes:
-            raise ValueError(f"the teacher outputs {self.num_classes} classes but dataset {inputs.name!r} "
-                             f"has num_classes={inputs.num_classes}")
+            raise ValueError(
+                f"the teacher outputs {self.num_classes} classes but dataset {inputs.name!r} "
+                f"has num_classes={inputs.num_classes}"
+            )
         self.feature = {"name": feature_layer, "shape": fshape} if feature_layer else None
         self.output = dict(output)
         t = transform.to_dict() if transform is not None else None
-        self._data = {"name": inputs.name, "split": inputs.split_spec, "fingerprint": inputs.fingerprint(),
-                      "transform": t, "inputs": inputs.describe(), **(data or {})}
+        self._data = {
+            "name": inputs.name,
+            "split": inputs.split_spec,
+            "fingerprint": inputs.fingerprint(),
+            "transform": t,
+            "inputs": inputs.describe(),
+            **(data or {}),
+        }
         if self._data["transform"] != t:
-            raise ValueError(f"data['transform']={self._data['transform']!r} does not match the transform "
-                             f"({t!r}); the student regenerates views from the stored transform")
+            raise ValueError(
+                f"data['transform']={self._data['transform']!r} does not match the transform "
+                f"({t!r}); the student regenerates views from the stored transform"
+            )
 
     def outputs(self) -> list[dict]:
-        return [self.output | {"num_classes": self.num_classes, "num_views": self.num_views,
-                               "feature": self.feature}]
+        return [self.output | {"num_classes": self.num_classes, "num_views": self.num_views, "feature": self.feature}]
 
     def rows_per_sample(self) -> int:
         return self.num_views
@@ -200,28 +249,78 @@ class ClassifyLabeller:
 
     def shard(self, start: int, stop: int, outputs: list[int]) -> list[dict]:
         sids, views, logits, feats = teacher_outputs(
-            self.model, self.inputs, start=start, stop=stop, view_spec=self.transform, num_views=self.num_views,
-            num_classes=self.num_classes, feature=self.feature, batch_size=self.batch_size, device=str(self.device),
-            amp=self.amp, feature_layer=self.feature_layer, where=self.output["uri"])
+            self.model,
+            self.inputs,
+            start=start,
+            stop=stop,
+            view_spec=self.transform,
+            num_views=self.num_views,
+            num_classes=self.num_classes,
+            feature=self.feature,
+            batch_size=self.batch_size,
+            device=str(self.device),
+            amp=self.amp,
+            feature_layer=self.feature_layer,
+            where=self.output["uri"],
+        )
         return [{"sample_ids": sids, "logits": logits, "views": views, "features": feats} for _ in outputs]
 
 
-def label_dataset(model: nn.Module, inputs: Source, uri: str, *, backend: str = "parquet", temperature: float,
-                  teacher: dict, data: dict | None = None, num_views: int = 1, view_spec=None,
-                  shard_size: int = 2048, representation: str = "dense", k: int | None = None,
-                  dtype: str = "float16", compression: str = "none", batch_size: int = 512, device: str = "cpu",
-                  amp: str | None = None, feature_layer: str | None = None, storage_options: dict | None = None,
-                  overwrite: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+def label_dataset(
+    model: nn.Module,
+    inputs: Source,
+    uri: str,
+    *,
+    backend: str = "parquet",
+    temperature: float,
+    teacher: dict,
+    data: dict | None = None,
+    num_views: int = 1,
+    view_spec: Transform | None = None,
+    shard_size: int = 2048,
+    representation: str = "dense",
+    k: int | None = None,
+    dtype: str = "float16",
+    compression: str = "none",
+    batch_size: int = 512,
+    device: str = "cpu",
+    amp: str | None = None,
+    feature_layer: str | None = None,
+    storage_options: dict | None = None,
+    overwrite: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
     """Label every (sample, view) of `inputs` into a soft-label dataset at `uri` and finalize
     it (labelling/loop.py in this process); committed shards are skipped, and a complete
     dataset costs no teacher work. Returns {uri, manifest, shards: [stats], skipped:
     [shard indices], seconds, samples_per_s}."""
-    labeller = ClassifyLabeller(model, inputs, transform=view_spec, num_views=num_views, batch_size=batch_size,
-                                device=device, amp=amp, feature_layer=feature_layer, data=data,
-                                output={"uri": uri, "backend": backend, "temperature": temperature,
-                                        "representation": representation, "k": k, "dtype": dtype,
-                                        "compression": compression})
-    out = label(labeller, shard_size=shard_size, teacher=teacher, storage_options=storage_options,
-                overwrite=overwrite, progress=progress)[0]
+    labeller = ClassifyLabeller(
+        model,
+        inputs,
+        transform=view_spec,
+        num_views=num_views,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        feature_layer=feature_layer,
+        data=data,
+        output={
+            "uri": uri,
+            "backend": backend,
+            "temperature": temperature,
+            "representation": representation,
+            "k": k,
+            "dtype": dtype,
+            "compression": compression,
+        },
+    )
+    out = label(
+        labeller,
+        shard_size=shard_size,
+        teacher=teacher,
+        storage_options=storage_options,
+        overwrite=overwrite,
+        progress=progress,
+    )[0]
     samples = sum(s["samples"] for s in out["shards"])
     return out | {"samples_per_s": samples / out["seconds"] if samples and out["seconds"] > 0 else 0.0}

@@ -22,11 +22,13 @@ the columns of each output that lacks the shard. Everything else is here, once:
 Per-shard Prefect tasks each build their own LabelRun (re-opening a writer with the same
 identity resumes, never wipes), so shards run on any worker or Dask cluster.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -35,8 +37,9 @@ import storage
 
 class Labeller(Protocol):
     """The task's part of labelling (see the module docstring)."""
-    inputs: object               # a pipeline.data Source: len(), sample_ids, name
-    device: object               # the torch.device the teacher runs on
+
+    inputs: object  # a pipeline.data Source: len(), sample_ids, name
+    device: object  # the torch.device the teacher runs on
 
     def outputs(self) -> list[dict]:
         """SoftLabelWriter keyword arguments of each output dataset (uri, backend,
@@ -61,29 +64,45 @@ def plan_shards(num_samples: int, *, shard_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + shard_size, num_samples)) for a in range(0, int(num_samples), int(shard_size))]
 
 
-def check_plan(writer: storage.SoftLabelWriter, plan, sample_ids: np.ndarray, rows_per_sample) -> None:
+def check_plan(
+    writer: storage.SoftLabelWriter,
+    plan: list[tuple[int, int]],
+    sample_ids: np.ndarray,
+    rows_per_sample: np.ndarray | int,
+) -> None:
     """A resumed run must cut shards exactly like the run that committed them. A sample is
     `rows_per_sample` stored rows (its views, or its window's tokens: an array, one
     length per sample, when windows differ in length)."""
     rows = np.broadcast_to(np.asarray(rows_per_sample, dtype=np.int64), (len(sample_ids),))
     planned = writer.manifest.get("planned_shards")
     if planned is not None and planned != len(plan):
-        raise ValueError(f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; "
-                         f"use the same shard_size and data, or overwrite=True")
+        raise ValueError(
+            f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; "
+            f"use the same shard_size and data, or overwrite=True"
+        )
     for i, rec in writer.commits().items():
         a, b = plan[i] if i < len(plan) else (0, 0)
         want = (int(rows[a:b].sum()), int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
         got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])
         if want != got:
-            raise ValueError(f"{writer.uri}: committed shard {i} holds (rows, first id, last id) = {got}, "
-                             f"this run's plan expects {want}; use the same shard_size, or overwrite=True")
+            raise ValueError(
+                f"{writer.uri}: committed shard {i} holds (rows, first id, last id) = {got}, "
+                f"this run's plan expects {want}; use the same shard_size, or overwrite=True"
+            )
 
 
 class LabelRun:
     """One labelling run over a labeller's outputs (see the module docstring)."""
 
-    def __init__(self, labeller: Labeller, *, shard_size: int, teacher: dict, storage_options: dict | None = None,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        labeller: Labeller,
+        *,
+        shard_size: int,
+        teacher: dict,
+        storage_options: dict | None = None,
+        overwrite: bool = False,
+    ):
         self.labeller = labeller
         inputs = labeller.inputs
         self.plan = plan_shards(len(inputs), shard_size=shard_size)
@@ -92,8 +111,17 @@ class LabelRun:
         if not outputs or len(set(uris)) != len(uris):
             raise ValueError(f"labelling needs at least one output, each at its own uri; got {uris}")
         data = labeller.data()
-        self.writers = [storage.SoftLabelWriter(**o, teacher=teacher, data=data, storage_options=storage_options,
-                                                overwrite=overwrite, num_shards=len(self.plan)) for o in outputs]
+        self.writers = [
+            storage.SoftLabelWriter(
+                **o,
+                teacher=teacher,
+                data=data,
+                storage_options=storage_options,
+                overwrite=overwrite,
+                num_shards=len(self.plan),
+            )
+            for o in outputs
+        ]
         rows = labeller.rows_per_sample()
         for w in self.writers:
             check_plan(w, self.plan, inputs.sample_ids, rows)
@@ -122,10 +150,16 @@ class LabelRun:
         a, b = self.plan[i]
         dt = time.perf_counter() - t0
         rows = records[0]["num_rows"] if records else 0
-        return {"shard": i, "samples": b - a, "rows": rows, "seconds": dt,
-                "samples_per_s": (b - a) / dt if dt > 0 else float("inf"),
-                "rows_per_s": rows / dt if dt > 0 else float("inf"),
-                "outputs": [self.writers[j].uri for j in todo], "records": records}
+        return {
+            "shard": i,
+            "samples": b - a,
+            "rows": rows,
+            "seconds": dt,
+            "samples_per_s": (b - a) / dt if dt > 0 else float("inf"),
+            "rows_per_s": rows / dt if dt > 0 else float("inf"),
+            "outputs": [self.writers[j].uri for j in todo],
+            "records": records,
+        }
 
     def label_shard(self, i: int) -> dict:
         """Label shard i into every output lacking it (nothing when none does)."""
@@ -139,7 +173,7 @@ class LabelRun:
         alone), so there it runs in line."""
         stats = []
 
-        def store(i, todo, columns, t0):
+        def store(i: int, todo: list[int], columns: list[dict], t0: float) -> None:
             s = self.store(i, todo, columns, t0)
             stats.append(s)
             if progress is not None:
@@ -166,14 +200,22 @@ class LabelRun:
         return [w.manifest if w.is_finalized_as_committed() else w.finalize() for w in self.writers]
 
 
-def label(labeller: Labeller, *, shard_size: int, teacher: dict, storage_options: dict | None = None,
-          overwrite: bool = False, progress: Callable[[dict], None] | None = None) -> list[dict]:
+def label(
+    labeller: Labeller,
+    *,
+    shard_size: int,
+    teacher: dict,
+    storage_options: dict | None = None,
+    overwrite: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Label every pending shard in this process and finalize: one result per output,
     {uri, manifest, shards: [stats of the shards written to it], skipped: [shards it had],
     seconds, rows_per_s}."""
     t0 = time.perf_counter()
-    run = LabelRun(labeller, shard_size=shard_size, teacher=teacher, storage_options=storage_options,
-                   overwrite=overwrite)
+    run = LabelRun(
+        labeller, shard_size=shard_size, teacher=teacher, storage_options=storage_options, overwrite=overwrite
+    )
     had = [sorted(done) for done in run.committed]
     stats = run.run(progress)
     manifests = run.finalize()
@@ -182,6 +224,14 @@ def label(labeller: Labeller, *, shard_size: int, teacher: dict, storage_options
     for w, m, skipped in zip(run.writers, manifests, had):
         mine = [s for s in stats if w.uri in s["outputs"]]
         rows = sum(s["records"][s["outputs"].index(w.uri)]["num_rows"] for s in mine)
-        out.append({"uri": w.uri, "manifest": m, "shards": mine, "skipped": skipped, "seconds": dt,
-                    "rows_per_s": rows / dt if rows and dt > 0 else 0.0})
+        out.append(
+            {
+                "uri": w.uri,
+                "manifest": m,
+                "shards": mine,
+                "skipped": skipped,
+                "seconds": dt,
+                "rows_per_s": rows / dt if rows and dt > 0 else 0.0,
+            }
+        )
     return out

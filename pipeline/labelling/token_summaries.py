@@ -9,8 +9,9 @@ a vocabulary of V ids is summarised as one of
   (logsumexp of the log-probs with the kept ids masked out), so it is exact even when tiny.
   The k largest logits come from an exact two-stage top-k (chunk maxima over chunks of
   128 ids, the k + 1 best chunks, then top-k over their ids only: ~23 us per position
-  vs ~66 for torch.topk over V = 49,152 at k = 32 on 2 CPU cores). Tie rule: ids of EQUAL logits are ordered lowest id first,
-  i.e. the ids are those of a stable descending sort of the row (-0.0 equals +0.0), on
+  vs ~66 for torch.topk over V = 49,152 at k = 32 on 2 CPU cores). Tie rule: ids of EQUAL
+  logits are ordered lowest id first, i.e. the ids are those of a stable descending sort of
+  the row (-0.0 equals +0.0), on
   every device and for any chunk_size; rows with ties take a slower canonical path.
 * sampled (`sampled_token_labels`; random-sampling KD, Anshumann et al., ACL 2025): s
   draws with replacement from p (torch.multinomial), stored as the unique drawn ids
@@ -33,6 +34,7 @@ produce different streams: draws are reproducible per device type and torch vers
 `reconstruction_kl` measures KL(reconstruction || teacher) = sum_j r_j log(r_j / p_j) per
 position, the direction of DistillKit's reported numbers (formulas at the function).
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,7 +56,7 @@ def _check_chunk(chunk_size: int) -> int:
     return int(chunk_size)
 
 
-TOPK_CHUNK_WIDTH = 128   # ids per chunk of the two-stage top-k (see _top_m)
+TOPK_CHUNK_WIDTH = 128  # ids per chunk of the two-stage top-k (see _top_m)
 
 
 def _order_keys(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -80,20 +82,20 @@ def _top_m(z: torch.Tensor, m: int, width: int, canonical: bool) -> tuple[torch.
     r, v = z.shape
     full = v // width
     dev = z.device
-    if m >= full:                                                         # few chunks: one plain top-m
+    if m >= full:  # few chunks: one plain top-m
         if not canonical:
             return torch.topk(z, m, dim=1, largest=True, sorted=True)
         ids = torch.topk(_order_keys(z, torch.arange(v, device=dev)), m, dim=1, sorted=True).indices
         return z.gather(1, ids), ids
-    blocks = z[:, :full * width].view(r, full, width)
-    cmax = blocks.amax(dim=2)                                             # (R, C)
+    blocks = z[:, : full * width].view(r, full, width)
+    cmax = blocks.amax(dim=2)  # (R, C)
     if canonical:
         cmax = _order_keys(cmax, torch.arange(full, device=dev))
-    chunks = torch.topk(cmax, m, dim=1, sorted=False).indices              # (R, m)
+    chunks = torch.topk(cmax, m, dim=1, sorted=False).indices  # (R, m)
     cand = blocks[torch.arange(r, device=dev)[:, None], chunks].view(r, m * width)
     tail = v - full * width
     if tail:
-        cand = torch.cat([cand, z[:, full * width:]], dim=1)
+        cand = torch.cat([cand, z[:, full * width :]], dim=1)
     if canonical:
         offs = torch.arange(width, device=dev)
         ids_c = (chunks[:, :, None] * width + offs).view(r, m * width)
@@ -105,11 +107,18 @@ def _top_m(z: torch.Tensor, m: int, width: int, canonical: bool) -> tuple[torch.
     inner = pos < m * width
     slot = torch.where(inner, pos, 0)
     ids = chunks.gather(1, slot // width) * width + slot % width
-    return vals, torch.where(inner, ids, pos + (full - m) * width)       # tail: full*W + (pos - m*W)
+    return vals, torch.where(inner, ids, pos + (full - m) * width)  # tail: full*W + (pos - m*W)
 
 
-def topk_token_labels(logits: torch.Tensor, *, k: int, chunk_size: int = 64, to_cpu: bool = True,
-                      overwrite: bool = False, chunk_width: int = TOPK_CHUNK_WIDTH) -> dict:
+def topk_token_labels(
+    logits: torch.Tensor,
+    *,
+    k: int,
+    chunk_size: int = 64,
+    to_cpu: bool = True,
+    overwrite: bool = False,
+    chunk_width: int = TOPK_CHUNK_WIDTH,
+) -> dict:
     """Top-k labels of every position: {"ids": (N, k) int64 (descending probability),
     "logprobs": (N, k) float32 (log p over the full vocabulary), "missing_mass": (N,)
     float32 (exact mass of the V - k other ids), "vocab_size": V, "k": k}.
@@ -141,27 +150,27 @@ def topk_token_labels(logits: torch.Tensor, *, k: int, chunk_size: int = 64, to_
     if int(chunk_width) < 1:
         raise ValueError(f"chunk_width must be >= 1, got {chunk_width}")
     k, chunk_size, width = int(k), _check_chunk(chunk_size), int(chunk_width)
-    m = min(k + 1, v)                                                      # k + 1: the rest's max too
+    m = min(k + 1, v)  # k + 1: the rest's max too
     out_dev = torch.device("cpu") if to_cpu else x.device
     ids = torch.empty((n, k), dtype=torch.int64, device=out_dev)
     logp = torch.empty((n, k), dtype=torch.float32, device=out_dev)
     missing = torch.empty((n,), dtype=torch.float32, device=out_dev)
     with torch.no_grad():
         for a in range(0, n, chunk_size):
-            src = x[a:a + chunk_size]
-            z = src.float().contiguous()                                    # (R, V) fp32
-            vals, idx = _top_m(z, m, width, canonical=False)                # (R, m) descending
+            src = x[a : a + chunk_size]
+            z = src.float().contiguous()  # (R, V) fp32
+            vals, idx = _top_m(z, m, width, canonical=False)  # (R, m) descending
             pairs = min(k, m - 1)
-            tied = (vals[:, :pairs] == vals[:, 1:pairs + 1]).any(dim=1)
-            if bool(tied.any()):                                            # ties: canonical ids
+            tied = (vals[:, :pairs] == vals[:, 1 : pairs + 1]).any(dim=1)
+            if bool(tied.any()):  # ties: canonical ids
                 rows = tied.nonzero().squeeze(1)
                 vals[rows], idx[rows] = _top_m(z[rows], m, width, canonical=True)
             top, idx = vals[:, :k], idx[:, :k]
             if k < v:
-                shift = vals[:, k:k + 1]
-                shift = shift.masked_fill(shift.abs() == float("inf"), 0.0)   # as torch.logsumexp
+                shift = vals[:, k : k + 1]
+                shift = shift.masked_fill(shift.abs() == float("inf"), 0.0)  # as torch.logsumexp
                 if overwrite or z.data_ptr() != src.data_ptr():
-                    rest = z.sub_(shift)                                    # scratch: no copy
+                    rest = z.sub_(shift)  # scratch: no copy
                 else:
                     rest = z - shift
                 rest = rest.scatter_(1, idx, float("-inf")).exp_().sum(dim=1, keepdim=True).log_().add_(shift)
@@ -169,7 +178,7 @@ def topk_token_labels(logits: torch.Tensor, *, k: int, chunk_size: int = 64, to_
                 tail = (rest - lse).exp().squeeze(1)
             else:
                 lse = torch.logsumexp(top, dim=-1, keepdim=True)
-                tail = top.new_zeros(top.shape[0])                              # 0 when k == V
+                tail = top.new_zeros(top.shape[0])  # 0 when k == V
             b = a + top.shape[0]
             ids[a:b], logp[a:b], missing[a:b] = idx, top - lse, tail
     return {"ids": ids, "logprobs": logp, "missing_mass": missing, "vocab_size": v, "k": k}
@@ -189,15 +198,23 @@ def _collapse(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     srt = torch.sort(drawn, dim=1).values
     new = torch.ones_like(srt, dtype=torch.bool)
     new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    gid = new.cumsum(dim=1) - 1                                                 # run index per draw
-    ids = torch.zeros_like(srt).scatter_(1, gid, srt)                           # equal values per run
+    gid = new.cumsum(dim=1) - 1  # run index per draw
+    ids = torch.zeros_like(srt).scatter_(1, gid, srt)  # equal values per run
     counts = torch.zeros(srt.shape, dtype=torch.int32, device=srt.device)
     counts.scatter_add_(1, gid, torch.ones_like(counts))
     return ids, counts, new.sum(dim=1, dtype=torch.int32)
 
 
-def sampled_token_labels(logits: torch.Tensor, *, draws: int, seed: int = 0, row_offset: int = 0,
-                         rng_block: int = 128, chunk_size: int = 1024, to_cpu: bool = True) -> dict:
+def sampled_token_labels(
+    logits: torch.Tensor,
+    *,
+    draws: int,
+    seed: int = 0,
+    row_offset: int = 0,
+    rng_block: int = 128,
+    chunk_size: int = 1024,
+    to_cpu: bool = True,
+) -> dict:
     """Random-sampling labels: `draws` samples per position with replacement from
     softmax(logits) (fp32), collapsed to unique ids with counts.
 
@@ -215,7 +232,7 @@ def sampled_token_labels(logits: torch.Tensor, *, draws: int, seed: int = 0, row
         raise ValueError(f"draws must be >= 1, got {draws}")
     if rng_block < 1 or row_offset < 0 or row_offset % rng_block:
         raise ValueError(f"row_offset ({row_offset}) must be a non-negative multiple of rng_block ({rng_block})")
-    chunk = max(1, chunk_size // rng_block) * rng_block                          # whole RNG blocks per chunk
+    chunk = max(1, chunk_size // rng_block) * rng_block  # whole RNG blocks per chunk
     out_dev = torch.device("cpu") if to_cpu else x.device
     ids = torch.zeros((n, draws), dtype=torch.int64, device=out_dev)
     counts = torch.zeros((n, draws), dtype=torch.int32, device=out_dev)
@@ -223,22 +240,30 @@ def sampled_token_labels(logits: torch.Tensor, *, draws: int, seed: int = 0, row
     gen = torch.Generator(device=x.device)
     with torch.no_grad():
         for a in range(0, n, chunk):
-            p = torch.softmax(x[a:a + chunk].float(), dim=-1)                   # (R, V) fp32
+            p = torch.softmax(x[a : a + chunk].float(), dim=-1)  # (R, V) fp32
             drawn = torch.empty((p.shape[0], draws), dtype=torch.int64, device=x.device)
             for s in range(0, p.shape[0], rng_block):
                 gen.manual_seed(_block_seed(seed, (row_offset + a + s) // rng_block))
-                drawn[s:s + rng_block] = torch.multinomial(p[s:s + rng_block], draws, replacement=True,
-                                                           generator=gen)
+                drawn[s : s + rng_block] = torch.multinomial(
+                    p[s : s + rng_block], draws, replacement=True, generator=gen
+                )
             i, c, u = _collapse(drawn)
             b = a + p.shape[0]
             ids[a:b], counts[a:b], uniq[a:b] = i, c, u
     u_max = int(uniq.max()) if n else 0
-    return {"ids": ids[:, :u_max].contiguous(), "counts": counts[:, :u_max].contiguous(), "num_unique": uniq,
-            "draws": draws, "seed": int(seed), "rng_block": rng_block, "row_offset": int(row_offset),
-            "vocab_size": v}
+    return {
+        "ids": ids[:, :u_max].contiguous(),
+        "counts": counts[:, :u_max].contiguous(),
+        "num_unique": uniq,
+        "draws": draws,
+        "seed": int(seed),
+        "rng_block": rng_block,
+        "row_offset": int(row_offset),
+        "vocab_size": v,
+    }
 
 
-LOGPROB_STEP = 1.0 / 16   # the uint8 log-prob code's step (storage/token_packing.py LOGPROB_STEP)
+LOGPROB_STEP = 1.0 / 16  # the uint8 log-prob code's step (storage/token_packing.py LOGPROB_STEP)
 
 
 def quantize_labels(labels: dict, value_dtype: str, *, step: float = LOGPROB_STEP) -> dict:
@@ -249,8 +274,10 @@ def quantize_labels(labels: dict, value_dtype: str, *, step: float = LOGPROB_STE
     same formula as storage/token_packing.py logprob_codes)."""
     out = dict(labels)
     if value_dtype == "uint8":
+
         def code(lp):
             return -(torch.round(-lp.double() / step).clamp(0, 255) * step).float()
+
         out["logprobs"] = code(labels["logprobs"])
         out["missing_mass"] = code(torch.log(labels["missing_mass"].double())).exp()
         return out
@@ -260,8 +287,15 @@ def quantize_labels(labels: dict, value_dtype: str, *, step: float = LOGPROB_STE
     return out
 
 
-def reconstruction_kl(logits: torch.Tensor, labels: dict, kind: str, *, tail: str = "uniform",
-                      smoothing: float = 0.0, chunk_size: int = 1024) -> torch.Tensor:
+def reconstruction_kl(
+    logits: torch.Tensor,
+    labels: dict,
+    kind: str,
+    *,
+    tail: str = "uniform",
+    smoothing: float = 0.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """KL(r || p) = sum_j r_j (log r_j - log p_j) per position, (N,) float32 on the CPU,
     where p = softmax(logits) (fp32) and r is the distribution rebuilt from the labels:
 
@@ -291,7 +325,7 @@ def reconstruction_kl(logits: torch.Tensor, labels: dict, kind: str, *, tail: st
     out = torch.empty((n,), dtype=torch.float32)
     with torch.no_grad():
         for a in range(0, n, chunk_size):
-            lp = torch.log_softmax(x[a:a + chunk_size].float(), dim=-1)          # (R, V) teacher log p
+            lp = torch.log_softmax(x[a : a + chunk_size].float(), dim=-1)  # (R, V) teacher log p
             b = a + lp.shape[0]
             ids = ids_all[a:b].to(lp.device, torch.int64)
             lp_at = lp.gather(1, ids)

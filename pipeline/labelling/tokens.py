@@ -27,23 +27,28 @@ generator seeded from (seed, its position in the corpus' row order) (token_label
 rng_block rule with rng_block = L, row_offset = position * L), so the draws do not depend
 on batch_size, shard_size or resume. CPU and CUDA generators differ: draws reproduce per device type.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
+from torch import nn
 
 from pipeline.device import AMP_DTYPES, keep_large_blocks, resolve_amp, resolve_device
 from pipeline.labelling.loop import label
 from pipeline.labelling.token_summaries import sampled_token_labels, topk_token_labels
 
+if TYPE_CHECKING:
+    from pipeline.data.corpus import TokenCorpus
+
 KINDS = ("token_topk", "token_sampled")
 
 
-def model_vocab(model) -> int:
+def model_vocab(model: nn.Module) -> int:
     """V: the width of the model's logits (output embedding rows, else config.vocab_size)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and getattr(out, "weight", None) is not None:
@@ -51,7 +56,7 @@ def model_vocab(model) -> int:
     return int(model.config.vocab_size)
 
 
-def check_teacher(model, corpus, *, k: int | None = None) -> int:
+def check_teacher(model: nn.Module, corpus: TokenCorpus, *, k: int | None = None) -> int:
     """Refusals before any work; returns V. The corpus' tokenizer must fit the model's
     vocabulary (else ids would index past the embedding or mean other tokens), its seq_len
     the model's context, and k the vocabulary."""
@@ -59,13 +64,17 @@ def check_teacher(model, corpus, *, k: int | None = None) -> int:
     tok = corpus.describe()["tokenizer"]
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     if int(tok["vocab_size"]) > V:
-        raise ValueError(f"the corpus' tokenizer ({tok.get('path')!r}, fingerprint {tok['fingerprint'][:16]}) has "
-                         f"{tok['vocab_size']} ids but the teacher model ({name!r}) has a vocabulary of {V}: "
-                         f"label with the teacher's own tokenizer")
+        raise ValueError(
+            f"the corpus' tokenizer ({tok.get('path')!r}, fingerprint {tok['fingerprint'][:16]}) has "
+            f"{tok['vocab_size']} ids but the teacher model ({name!r}) has a vocabulary of {V}: "
+            f"label with the teacher's own tokenizer"
+        )
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and corpus.seq_len > int(max_pos):
-        raise ValueError(f"seq_len {corpus.seq_len} of corpus {corpus.name!r} is larger than the teacher model's "
-                         f"({name!r}) max_position_embeddings {max_pos}")
+        raise ValueError(
+            f"seq_len {corpus.seq_len} of corpus {corpus.name!r} is larger than the teacher model's "
+            f"({name!r}) max_position_embeddings {max_pos}"
+        )
     if k is not None and not 1 <= int(k) <= V:
         raise ValueError(f"k must be in [1, V={V}] (the teacher's vocabulary), got k={k}")
     return V
@@ -79,7 +88,7 @@ def _logit_batches(model, corpus, start: int, stop: int, batch_size: int, dev: t
         for a in range(start, stop, batch_size):
             pos = np.arange(a, min(a + batch_size, stop))
             n = corpus.lengths(pos)
-            x = corpus.encode(pos)[:, :int(n.max())]                         # (B, Lb) int64
+            x = corpus.encode(pos)[:, : int(n.max())]  # (B, Lb) int64
             if cuda:
                 x = x.pin_memory().to(dev, non_blocking=True)
             # all ones: padding sits after a window's real positions and causal attention
@@ -102,12 +111,16 @@ def _summaries(logits, n: np.ndarray, spec: dict, *, a: int, L: int, seed: int, 
         out = {key: r[key].cpu().numpy() for key in ("ids", "logprobs", "missing_mass")}
         if (n == Lb).all():
             return out
-        keep = (np.arange(Lb)[None, :] < n[:, None]).reshape(-1)             # (B * Lb,) real positions
+        keep = (np.arange(Lb)[None, :] < n[:, None]).reshape(-1)  # (B * Lb,) real positions
         return {key: v[keep] for key, v in out.items()}
     # one generator per window, seeded by its position, over its own n rows: the draws
     # depend on the window alone, never on the batch it came in (rng_block = L)
-    parts = [sampled_token_labels(logits[i, :int(n[i])], draws=spec["draws"], seed=seed, row_offset=(a + i) * L,
-                                  rng_block=L, to_cpu=False) for i in range(B)]
+    parts = [
+        sampled_token_labels(
+            logits[i, : int(n[i])], draws=spec["draws"], seed=seed, row_offset=(a + i) * L, rng_block=L, to_cpu=False
+        )
+        for i in range(B)
+    ]
     parts = [{key: r[key].cpu().numpy() for key in ("ids", "counts")} for r in parts]
     return _concat(parts, "token_sampled")
 
@@ -119,8 +132,18 @@ def _concat(parts: list[dict], representation: str) -> dict:
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def shard_labels(model, corpus, start: int, stop: int, *, specs: list[dict], seed: int = 0, batch_size: int = 8,
-                 dev: torch.device, amp=None) -> list[dict]:
+def shard_labels(
+    model: nn.Module,
+    corpus: TokenCorpus,
+    start: int,
+    stop: int,
+    *,
+    specs: list[dict],
+    seed: int = 0,
+    batch_size: int = 8,
+    dev: torch.device,
+    amp: str | None = None,
+) -> list[dict]:
     """The compact labels of windows [start, stop) on the host, one dict per spec
     ({"representation", "k" | "draws"}), all from the SAME forward per batch; N = the
     windows' real positions (sum of corpus.lengths), window-major: top-k {"ids" (N, k)
@@ -137,28 +160,46 @@ def shard_labels(model, corpus, start: int, stop: int, *, specs: list[dict], see
         order = sorted(range(len(specs)), key=lambda j: specs[j]["representation"] == "token_topk")
         for m, j in enumerate(order):
             parts[j].append(_summaries(logits, n, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
-        del logits                                                           # one batch's (B, Lb, V) at a time
+        del logits  # one batch's (B, Lb, V) at a time
     return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
 
 
-def token_rows(corpus, a: int, b: int) -> dict[str, np.ndarray]:
+def token_rows(corpus: TokenCorpus, a: int, b: int) -> dict[str, np.ndarray]:
     """Per-token sample_ids / positions of windows [a, b): the rows a shard stores."""
     n = corpus.lengths(np.arange(a, b))
     starts = np.repeat(np.cumsum(n) - n, n)
-    return {"sample_ids": np.repeat(corpus.sample_ids[a:b], n),
-            "positions": (np.arange(int(n.sum())) - starts).astype(np.int32)}
+    return {
+        "sample_ids": np.repeat(corpus.sample_ids[a:b], n),
+        "positions": (np.arange(int(n.sum())) - starts).astype(np.int32),
+    }
 
 
-def output_spec(*, uri: str, representation: str = "token_topk", k: int | None = None, draws: int | None = None,
-                s_max: int | None = None, value_dtype: str = "float16", tail_dtype: str = "float32",
-                backend: str = "parquet") -> dict:
+def output_spec(
+    *,
+    uri: str,
+    representation: str = "token_topk",
+    k: int | None = None,
+    draws: int | None = None,
+    s_max: int | None = None,
+    value_dtype: str = "float16",
+    tail_dtype: str = "float32",
+    backend: str = "parquet",
+) -> dict:
     """One label dataset to write: where, which layout and its parameters (checked here)."""
     if representation not in KINDS:
         raise ValueError(f"representation must be one of {list(KINDS)}, got {representation!r}")
     if representation == "token_sampled" and (not isinstance(draws, int) or draws < 1):
         raise ValueError(f"token_sampled needs draws (a positive integer), got {draws!r}")
-    return {"uri": uri, "representation": representation, "k": k, "draws": draws, "s_max": s_max,
-            "value_dtype": value_dtype, "tail_dtype": tail_dtype, "backend": backend}
+    return {
+        "uri": uri,
+        "representation": representation,
+        "k": k,
+        "draws": draws,
+        "s_max": s_max,
+        "value_dtype": value_dtype,
+        "tail_dtype": tail_dtype,
+        "backend": backend,
+    }
 
 
 class TokenLabeller:
@@ -168,8 +209,17 @@ class TokenLabeller:
     layouts are stored (labelling/loop.py runs it). Sampled draws are seeded per window, so
     a shard recomputed for one output draws the same as it did for another."""
 
-    def __init__(self, model, corpus, outputs: list[dict], *, batch_size: int = 8, device: str = "cpu",
-                 amp: str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        corpus: TokenCorpus,
+        outputs: list[dict],
+        *,
+        batch_size: int = 8,
+        device: str = "cpu",
+        amp: str | None = None,
+        seed: int = 0,
+    ):
         if not outputs:
             raise ValueError("token labelling needs at least one output")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -180,45 +230,92 @@ class TokenLabeller:
         self.batch_size, self.seed = batch_size, seed
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
-        keep_large_blocks()                 # (B, L, V) logits every batch: no mmap/munmap per block
+        keep_large_blocks()  # (B, L, V) logits every batch: no mmap/munmap per block
         model.to(self.device)
 
     def outputs(self) -> list[dict]:
         V, L, out = self.vocab_size, self.inputs.seq_len, []
         for o in self.specs:
-            w = {"uri": o["uri"], "backend": o["backend"], "representation": o["representation"],
-                 "vocab_size": V, "seq_len": L}
+            w = {
+                "uri": o["uri"],
+                "backend": o["backend"],
+                "representation": o["representation"],
+                "vocab_size": V,
+                "seq_len": L,
+            }
             if o["representation"] == "token_topk":
                 w.update(k=o["k"], dtype=o["value_dtype"], tail_dtype=o["tail_dtype"])
             else:
-                w.update(draws=o["draws"], s_max=o["s_max"] if o["s_max"] is not None else min(int(o["draws"]), V),
-                         extra={"sampling": {"seed": int(self.seed), "rng_block": L,
-                                             "row_offset": "position * seq_len", "device_type": self.device.type,
-                                             "torch": torch.__version__}})
+                w.update(
+                    draws=o["draws"],
+                    s_max=o["s_max"] if o["s_max"] is not None else min(int(o["draws"]), V),
+                    extra={
+                        "sampling": {
+                            "seed": int(self.seed),
+                            "rng_block": L,
+                            "row_offset": "position * seq_len",
+                            "device_type": self.device.type,
+                            "torch": torch.__version__,
+                        }
+                    },
+                )
             out.append(w)
         return out
 
     def rows_per_sample(self) -> np.ndarray:
-        return self.inputs.lengths(np.arange(len(self.inputs)))          # tokens per window
+        return self.inputs.lengths(np.arange(len(self.inputs)))  # tokens per window
 
     def data(self) -> dict:
         c = self.inputs
-        return {"name": c.name, "split": c.split_spec, "fingerprint": c.fingerprint(), "transform": None,
-                "inputs": c.describe()}
+        return {
+            "name": c.name,
+            "split": c.split_spec,
+            "fingerprint": c.fingerprint(),
+            "transform": None,
+            "inputs": c.describe(),
+        }
 
     def shard(self, start: int, stop: int, outputs: list[int]) -> list[dict]:
-        labs = shard_labels(self.model, self.inputs, start, stop, specs=[self.specs[j] for j in outputs],
-                            seed=self.seed, batch_size=self.batch_size, dev=self.device, amp=self.amp)
-        rows = token_rows(self.inputs, start, stop)                         # per token
-        return [rows | {k: lab[k] for k in (("ids", "logprobs", "missing_mass")
-                                            if self.specs[j]["representation"] == "token_topk"
-                                            else ("ids", "counts"))}
-                for j, lab in zip(outputs, labs)]
+        labs = shard_labels(
+            self.model,
+            self.inputs,
+            start,
+            stop,
+            specs=[self.specs[j] for j in outputs],
+            seed=self.seed,
+            batch_size=self.batch_size,
+            dev=self.device,
+            amp=self.amp,
+        )
+        rows = token_rows(self.inputs, start, stop)  # per token
+        return [
+            rows
+            | {
+                k: lab[k]
+                for k in (
+                    ("ids", "logprobs", "missing_mass")
+                    if self.specs[j]["representation"] == "token_topk"
+                    else ("ids", "counts")
+                )
+            }
+            for j, lab in zip(outputs, labs)
+        ]
 
 
-def label_corpus(model, corpus, uri: str, *, representation: str = "token_topk", k: int | None = None,
-                 draws: int | None = None, s_max: int | None = None, value_dtype: str = "float16",
-                 tail_dtype: str = "float32", backend: str = "parquet", **kw) -> dict:
+def label_corpus(
+    model: nn.Module,
+    corpus: TokenCorpus,
+    uri: str,
+    *,
+    representation: str = "token_topk",
+    k: int | None = None,
+    draws: int | None = None,
+    s_max: int | None = None,
+    value_dtype: str = "float16",
+    tail_dtype: str = "float32",
+    backend: str = "parquet",
+    **kw: Any,
+) -> dict:
     """Label every window of `corpus` with the causal LM `model` into a token dataset at
     `uri` and finalize it; committed shards are skipped. label_corpus_many with one output.
 
@@ -227,29 +324,65 @@ def label_corpus(model, corpus, uri: str, *, representation: str = "token_topk",
     most `s_max` unique ids stored (default min(draws, V)).
     Returns {uri, manifest, shards: [per-shard stats], skipped, seconds, tokens_per_s}.
     """
-    spec = output_spec(uri=uri, representation=representation, k=k, draws=draws, s_max=s_max,
-                       value_dtype=value_dtype, tail_dtype=tail_dtype, backend=backend)
+    spec = output_spec(
+        uri=uri,
+        representation=representation,
+        k=k,
+        draws=draws,
+        s_max=s_max,
+        value_dtype=value_dtype,
+        tail_dtype=tail_dtype,
+        backend=backend,
+    )
     return label_corpus_many(model, corpus, [spec], **kw)[0]
 
 
-def label_corpus_many(model, corpus, outputs: list[dict], *, shard_size: int = 256, batch_size: int = 8,
-                      device: str = "cpu", amp: str | None = None, teacher: dict,
-                      storage_options: dict | None = None, overwrite: bool = False, seed: int = 0,
-                      progress: Callable[[dict], None] | None = None) -> list[dict]:
+def label_corpus_many(
+    model: nn.Module,
+    corpus: TokenCorpus,
+    outputs: list[dict],
+    *,
+    shard_size: int = 256,
+    batch_size: int = 8,
+    device: str = "cpu",
+    amp: str | None = None,
+    teacher: dict,
+    storage_options: dict | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Several token-label datasets of the same corpus from ONE teacher forward per batch
     (TokenLabeller), labelled in this process by labelling/loop.py. The model is moved to
     `device` ("auto" picks CUDA when present); amp="bf16" autocasts the forward on CUDA.
     Returns one result per output, in order: {uri, manifest, shards, skipped, seconds,
     tokens_per_s}."""
     labeller = TokenLabeller(model, corpus, outputs, batch_size=batch_size, device=device, amp=amp, seed=seed)
-    results = label(labeller, shard_size=shard_size, teacher=teacher, storage_options=storage_options,
-                    overwrite=overwrite, progress=progress)
+    results = label(
+        labeller,
+        shard_size=shard_size,
+        teacher=teacher,
+        storage_options=storage_options,
+        overwrite=overwrite,
+        progress=progress,
+    )
     return [r | {"tokens_per_s": r["rows_per_s"]} for r in results]
 
 
-def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None, batch_size: int = 8,
-                       device: str = "cpu", amp: str | None = None, representation: str | None = None,
-                       k: int | None = None, draws: int | None = None, seed: int = 0) -> dict:
+def lm_teacher_forward(
+    model: nn.Module,
+    corpus: TokenCorpus,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    amp: str | None = None,
+    representation: str | None = None,
+    k: int | None = None,
+    draws: int | None = None,
+    seed: int = 0,
+) -> dict:
     """The batches label_corpus runs for windows [start, stop), without storing: the
     forwards alone (representation=None), or with the on-device summaries too (their
     host arrays returned under "labels"). For benchmarks: labelling vs forward alone.
@@ -269,5 +402,10 @@ def lm_teacher_forward(model, corpus, *, start: int = 0, stop: int | None = None
     labels = shard_labels(model, corpus, start, stop, specs=specs, seed=seed, batch_size=batch_size, dev=dev, amp=amp)
     dt = time.perf_counter() - t0
     n = int(corpus.lengths(np.arange(start, stop)).sum())
-    return {"sequences": stop - start, "tokens": n, "seconds": dt, "tokens_per_s": n / dt if dt > 0 else 0.0,
-            "labels": labels[0] if labels else None}
+    return {
+        "sequences": stop - start,
+        "tokens": n,
+        "seconds": dt,
+        "tokens_per_s": n / dt if dt > 0 else 0.0,
+        "labels": labels[0] if labels else None,
+    }

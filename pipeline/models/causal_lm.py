@@ -11,6 +11,7 @@ width of the stored labels, num_classes), never chosen freely. Input and output 
 default (Press & Wolf 2017): with V = 49,152 and hidden 128 the embedding alone is 6.3M
 parameters, more than all the layers of a small student.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,41 +44,59 @@ def as_causal_lm(model: nn.Module) -> CausalLM:
     return model if isinstance(model, CausalLM) else CausalLM(model)
 
 
-def llama(*, num_classes: int, layers: int = 2, hidden: int = 128, heads: int = 4, kv_heads: int | None = None,
-          intermediate: int | None = None, max_length: int = 512, tie_embeddings: bool = True) -> CausalLM:
+def llama(
+    *,
+    num_classes: int,
+    layers: int = 2,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_length: int = 512,
+    tie_embeddings: bool = True,
+) -> CausalLM:
     """A randomly initialised transformers Llama (arch "llama"): num_classes is the
     teacher's vocabulary V (the width of the stored labels: a student is compared with them
     id by id), max_length its context (the corpus' seq_len, from the data). intermediate
     defaults to 4 * hidden, kv_heads to heads. The caller seeds torch (pipeline.training
     seeds under GLOBAL_RNG_LOCK, so students built in parallel threads are reproducible)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    for name, v in (("num_classes (vocab)", num_classes), ("layers", layers), ("hidden", hidden), ("heads", heads),
-                    ("max_length", max_length)):
+
+    for name, v in (
+        ("num_classes (vocab)", num_classes),
+        ("layers", layers),
+        ("hidden", hidden),
+        ("heads", heads),
+        ("max_length", max_length),
+    ):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"llama: {name} must be a positive integer, got {v!r}")
     kv = kv_heads or heads
     if hidden % heads or heads % kv:
-        raise ValueError(f"llama: hidden ({hidden}) must be divisible by heads ({heads}), and heads by "
-                         f"kv_heads ({kv})")
+        raise ValueError(f"llama: hidden ({hidden}) must be divisible by heads ({heads}), and heads by kv_heads ({kv})")
     # no pad_token_id: it would become the embedding's padding_idx, a row that never
     # learns; windows hold no padding, and the pad id is often the document separator
-    cfg = LlamaConfig(vocab_size=num_classes, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      max_position_embeddings=max_length, tie_word_embeddings=tie_embeddings, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=num_classes,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=max_length,
+        tie_word_embeddings=tie_embeddings,
+        pad_token_id=None,
+    )
     return CausalLM(LlamaForCausalLM(cfg))
 
 
 llama.input_kind = "tokens"
 
 
-def param_count(model) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 @torch.inference_mode()
-def perplexity(model, corpus, *, batch_size: int = 16, device: str | torch.device = "cpu",
-               max_windows: int | None = None) -> dict:
+def perplexity(
+    model, corpus, *, batch_size: int = 16, device: str | torch.device = "cpu", max_windows: int | None = None
+) -> dict:
     """exp(mean next-token cross-entropy) over every target token of `corpus`' windows
     (the first max_windows of them when given), in fp32: {"loss" (nats/token),
     "perplexity", "tokens"}."""
@@ -91,11 +110,14 @@ def perplexity(model, corpus, *, batch_size: int = 16, device: str | torch.devic
     total, count = 0.0, 0
     try:
         for a in range(0, n, batch_size):
-            b = corpus.lm_batch(np.arange(a, min(a + batch_size, n)))                          # (B, Lb)
-            logits = lm(b["input_ids"].to(dev))                                                 # (B, Lb, V)
-            keep = b["mask"].to(dev).reshape(-1)                                                 # real positions
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1])[keep],
-                                 b["targets"].to(dev).reshape(-1)[keep], reduction="sum")
+            b = corpus.lm_batch(np.arange(a, min(a + batch_size, n)))  # (B, Lb)
+            logits = lm(b["input_ids"].to(dev))  # (B, Lb, V)
+            keep = b["mask"].to(dev).reshape(-1)  # real positions
+            ce = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1])[keep],
+                b["targets"].to(dev).reshape(-1)[keep],
+                reduction="sum",
+            )
             total += float(ce)
             count += int(keep.sum())
     finally:
@@ -111,9 +133,11 @@ def save_pretrained(model, out_dir: str, *, tokenizer_dir: str | None = None, ex
     bos/eos ids set from them), and distillery.json with `extra` (how it was trained).
     Written to a temporary directory and renamed: a killed save leaves no half-written model."""
     import json
+
     model = model.model if isinstance(model, CausalLM) else model
     if tokenizer_dir is not None:
         from pipeline.hf_files import load_tokenizer
+
         tok = load_tokenizer(tokenizer_dir)
         model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
     parent = os.path.dirname(os.path.abspath(out_dir))

@@ -24,6 +24,7 @@ caller names it in `trusted_factories` (the factories of the user's own config) 
 passes trust_code=True. `checkpoint_info` reads and verifies a checkpoint's metadata
 without building anything.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,16 +38,15 @@ from collections.abc import Collection
 import torch
 import torch.nn as nn
 
-from storage import now_iso
-
 from pipeline.models.registry import ModelSpec, build_model, check_factory_trusted
+from storage import now_iso
 
 FORMAT = "distillery.model"
 VERSION = 1
 
 
 def fingerprint(state_dict: dict) -> str:
-    """"sha256:<hex>" over the sorted entries' names, dtypes, shapes and raw bytes."""
+    """ "sha256:<hex>" over the sorted entries' names, dtypes, shapes and raw bytes."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         v = state_dict[name]
@@ -84,8 +84,15 @@ def atomic_torch_save(obj, path: str) -> None:
             os.remove(tmp)
 
 
-def save_checkpoint(path: str, model: nn.Module, *, arch: dict | ModelSpec, in_shape: tuple[int, ...],
-                    num_classes: int, metadata: dict | None = None) -> dict:
+def save_checkpoint(
+    path: str,
+    model: nn.Module,
+    *,
+    arch: dict | ModelSpec,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    metadata: dict | None = None,
+) -> dict:
     """Write model weights + arch + metadata atomically. Returns the metadata written
     (with "fingerprint" and "created_at" filled in)."""
     spec = arch if isinstance(arch, ModelSpec) else ModelSpec.from_dict(arch)
@@ -97,9 +104,15 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: dict | ModelSpec, in_s
         json.dumps(meta)
     except TypeError as e:
         raise ValueError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
-    payload = {"format": FORMAT, "version": VERSION, "arch": spec.to_dict(),
-               "in_shape": [int(s) for s in in_shape], "num_classes": int(num_classes),
-               "state_dict": state, "metadata": meta}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": spec.to_dict(),
+        "in_shape": [int(s) for s in in_shape],
+        "num_classes": int(num_classes),
+        "state_dict": state,
+        "metadata": meta,
+    }
     atomic_torch_save(payload, path)
     return meta
 
@@ -112,20 +125,25 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu") -> d
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except OSError:
-        raise                          # permissions, I/O: already name the file
+        raise  # permissions, I/O: already name the file
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:                      # a real pickle naming code: the classic checkpoint attack
-            raise ValueError(f"{path}: refused: the file pickles {found.group(1)}, an object other than "
-                             f"tensors and plain containers, which a distillery checkpoint never holds "
-                             f"(torch.load weights_only=True)") from None
+        if found:  # a real pickle naming code: the classic checkpoint attack
+            raise ValueError(
+                f"{path}: refused: the file pickles {found.group(1)}, an object other than "
+                f"tensors and plain containers, which a distillery checkpoint never holds "
+                f"(torch.load weights_only=True)"
+            ) from None
         raise ValueError(f"{path} is not a torch checkpoint file (unreadable pickle)") from None
-    except Exception as e:             # torch raises RuntimeError/EOFError/... for a non-checkpoint file
-        raise ValueError(f"{path} is not a torch checkpoint file (torch.load: {type(e).__name__}: "
-                         f"{_first_line(e)})") from None
+    except Exception as e:  # torch raises RuntimeError/EOFError/... for a non-checkpoint file
+        raise ValueError(
+            f"{path} is not a torch checkpoint file (torch.load: {type(e).__name__}: {_first_line(e)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a distillery model checkpoint "
-                         f"(format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
+        raise ValueError(
+            f"{path} is not a distillery model checkpoint "
+            f"(format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})"
+        )
     if payload.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported checkpoint version {payload.get('version')!r}, expected {VERSION}")
     missing = [k for k in ("arch", "in_shape", "num_classes", "state_dict", "metadata") if k not in payload]
@@ -143,8 +161,10 @@ def _verify(path: str, payload: dict) -> None:
     if "fingerprint" in meta:
         found = fingerprint(payload["state_dict"])
         if found != meta["fingerprint"]:
-            raise ValueError(f"{path}: weights fingerprint {found} does not match the recorded "
-                             f"{meta['fingerprint']} (file modified or corrupt)")
+            raise ValueError(
+                f"{path}: weights fingerprint {found} does not match the recorded "
+                f"{meta['fingerprint']} (file modified or corrupt)"
+            )
 
 
 def _info(payload: dict) -> dict:
@@ -163,8 +183,14 @@ def checkpoint_info(path: str, *, verify: bool = True) -> dict:
     return _info(payload)
 
 
-def load_model(path: str, *, map_location: str | torch.device = "cpu", verify: bool = True,
-               trusted_factories: Collection[str] = (), trust_code: bool = False) -> tuple[nn.Module, dict]:
+def load_model(
+    path: str,
+    *,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+    trusted_factories: Collection[str] = (),
+    trust_code: bool = False,
+) -> tuple[nn.Module, dict]:
     """Rebuild the model with build_model and load its weights. Returns (model in eval
     mode, metadata). verify=True re-computes the fingerprint and refuses a mismatch.
 
@@ -176,8 +202,9 @@ def load_model(path: str, *, map_location: str | torch.device = "cpu", verify: b
     spec = ModelSpec.from_dict(payload["arch"])
     trusted = None if trust_code else frozenset(trusted_factories)
     check_factory_trusted(spec.arch, trusted, source=f"checkpoint {path}")
-    model = build_model(spec, in_shape=tuple(payload["in_shape"]), num_classes=payload["num_classes"],
-                        trusted_factories=trusted)
+    model = build_model(
+        spec, in_shape=tuple(payload["in_shape"]), num_classes=payload["num_classes"], trusted_factories=trusted
+    )
     model.load_state_dict(payload["state_dict"])
     if verify:
         _verify(path, payload)

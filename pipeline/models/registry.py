@@ -13,6 +13,7 @@ a spec read from a file someone else wrote (a checkpoint) must be built with
 `trusted_factories=` naming the import paths the user vouches for (checkpoint.load_model
 does this): any other import path is refused before anything is imported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,10 @@ class Classifier(nn.Module):
 
 def _image_shape(in_shape, arch: str) -> tuple[int, int, int]:
     if len(in_shape) != 3:
-        raise ValueError(f"{arch} needs image input in_shape=(C, H, W), found {tuple(in_shape)}; "
-                         f"use arch 'mlp' for tabular (D,) inputs")
+        raise ValueError(
+            f"{arch} needs image input in_shape=(C, H, W), found {tuple(in_shape)}; "
+            f"use arch 'mlp' for tabular (D,) inputs"
+        )
     return tuple(int(s) for s in in_shape)
 
 
@@ -59,8 +62,10 @@ def _check_common(in_shape, num_classes):
 
 # ---------------------------------------------------------------- MLP
 
-def mlp(*, in_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2,
-        dropout: float = 0.0) -> Classifier:
+
+def mlp(
+    *, in_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2, dropout: float = 0.0
+) -> Classifier:
     """Flatten -> depth x (Linear, ReLU, Dropout) -> Linear. depth=0 is logistic regression."""
     _check_common(in_shape, num_classes)
     d_in = 1
@@ -77,14 +82,15 @@ def mlp(*, in_shape: tuple[int, ...], num_classes: int, width: int = 256, depth:
 
 # ---------------------------------------------------------------- small CNN
 
+
 def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
     # bias is redundant before BatchNorm
-    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True)]
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
-def small_cnn(*, in_shape: tuple[int, ...], num_classes: int,
-              channels: tuple[int, ...] = (32, 64), dropout: float = 0.0) -> Classifier:
+def small_cnn(
+    *, in_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] = (32, 64), dropout: float = 0.0
+) -> Classifier:
     """len(channels) x (conv3x3-BN-ReLU-maxpool2) -> flatten -> Linear.
 
     (1, 28, 28) with (32, 64): 28 -> 14 -> 7, features 64*7*7 = 3136.
@@ -94,9 +100,11 @@ def small_cnn(*, in_shape: tuple[int, ...], num_classes: int,
     layers: list[nn.Module] = []
     for c_out in channels:
         if h < 2 or w < 2:
-            raise ValueError(f"cnn: {len(channels)} pooling stages are too many for input "
-                             f"{tuple(in_shape)} (spatial size {h}x{w} before stage "
-                             f"with {c_out} channels)")
+            raise ValueError(
+                f"cnn: {len(channels)} pooling stages are too many for input "
+                f"{tuple(in_shape)} (spatial size {h}x{w} before stage "
+                f"with {c_out} channels)"
+            )
         layers += _conv_bn_relu(c, c_out) + [nn.MaxPool2d(2)]
         c, h, w = c_out, h // 2, w // 2
     layers.append(nn.Flatten())  # (B, c, h, w) -> (B, c*h*w)
@@ -106,6 +114,7 @@ def small_cnn(*, in_shape: tuple[int, ...], num_classes: int,
 
 
 # ---------------------------------------------------------------- ResNet
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual; 1x1 projection when the shape changes."""
@@ -118,8 +127,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -127,8 +135,9 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-def resnet_cnn(*, in_shape: tuple[int, ...], num_classes: int, width: int = 32,
-               blocks: tuple[int, ...] = (1, 1, 1)) -> Classifier:
+def resnet_cnn(
+    *, in_shape: tuple[int, ...], num_classes: int, width: int = 32, blocks: tuple[int, ...] = (1, 1, 1)
+) -> Classifier:
     """Stem conv -> stages of BasicBlocks (stage i: width*2**i channels, stride 2 for i>0)
     -> global average pool -> Linear. Features: width * 2**(len(blocks)-1)."""
     _check_common(in_shape, num_classes)
@@ -138,7 +147,7 @@ def resnet_cnn(*, in_shape: tuple[int, ...], num_classes: int, width: int = 32,
     layers: list[nn.Module] = _conv_bn_relu(c, width)
     c_in = width
     for i, n in enumerate(blocks):
-        c_out = width * 2 ** i
+        c_out = width * 2**i
         for j in range(int(n)):
             layers.append(BasicBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
             c_in = c_out
@@ -151,11 +160,13 @@ ARCHS = {"mlp": mlp, "cnn": small_cnn, "resnet": resnet_cnn}
 # Built-in archs whose modules are heavy to import (transformers): resolved on first use.
 # They take token ids (B, L) int64 ("tokens" input); factories get vocab_size / pad_id
 # from the data (complete_spec) and Hugging Face weights from a local `path`.
-LAZY_ARCHS = {"hf-encoder": "pipeline.models.hf:hf_encoder_classifier",
-              "hf-sequence-classification": "pipeline.models.hf:hf_sequence_classifier",
-              "bag": "pipeline.models.token_classifiers:embedding_bag",
-              "transformer": "pipeline.models.token_classifiers:tiny_transformer",
-              "llama": "pipeline.models.causal_lm:llama"}
+LAZY_ARCHS = {
+    "hf-encoder": "pipeline.models.hf:hf_encoder_classifier",
+    "hf-sequence-classification": "pipeline.models.hf:hf_sequence_classifier",
+    "bag": "pipeline.models.token_classifiers:embedding_bag",
+    "transformer": "pipeline.models.token_classifiers:tiny_transformer",
+    "llama": "pipeline.models.causal_lm:llama",
+}
 
 
 def _factory(arch: str):
@@ -165,11 +176,13 @@ def _factory(arch: str):
         return ARCHS[arch]
     if arch in LAZY_ARCHS:
         return _import_factory(LAZY_ARCHS[arch])
-    raise ValueError(f"unknown model arch {arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
-                     f"or an import path 'package.module:factory'")
+    raise ValueError(
+        f"unknown model arch {arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
+        f"or an import path 'package.module:factory'"
+    )
 
 
-def complete_spec(spec: "dict | ModelSpec", data_args: dict) -> "ModelSpec":
+def complete_spec(spec: dict | ModelSpec, data_args: dict) -> ModelSpec:
     """The spec with the data-dependent arguments its factory accepts (vocab_size, pad_id,
     max_length of a tokenizer...) written into kwargs, so that a checkpoint saved with it
     rebuilds the same model without the data. in_shape / num_classes stay separate (the
@@ -182,21 +195,23 @@ def complete_spec(spec: "dict | ModelSpec", data_args: dict) -> "ModelSpec":
         if key in ("in_shape", "num_classes") or key not in params or val is None:
             continue
         if key in kwargs and _norm(kwargs[key]) != _norm(val):
-            raise ValueError(f"model {spec.arch!r}: kwargs {key}={kwargs[key]!r} conflicts with {key}={val!r} "
-                             f"from the data")
+            raise ValueError(
+                f"model {spec.arch!r}: kwargs {key}={kwargs[key]!r} conflicts with {key}={val!r} from the data"
+            )
         kwargs[key] = val
     return ModelSpec(spec.arch, kwargs)
 
 
 # ---------------------------------------------------------------- build from config
 
+
 @dataclass
 class ModelSpec:
-    arch: str                      # key of ARCHS or "package.module:factory"
+    arch: str  # key of ARCHS or "package.module:factory"
     kwargs: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
+    def from_dict(cls, d: dict) -> ModelSpec:
         if not isinstance(d, dict) or "arch" not in d:
             raise ValueError(f"model spec must be a dict with an 'arch' key, found {d!r}")
         unknown = sorted(set(d) - {"arch", "kwargs"})
@@ -223,8 +238,7 @@ def is_import_path(arch: str) -> bool:
     return ":" in arch
 
 
-def check_factory_trusted(arch: str, trusted_factories: Collection[str] | None, *,
-                          source: str = "model spec") -> None:
+def check_factory_trusted(arch: str, trusted_factories: Collection[str] | None, *, source: str = "model spec") -> None:
     """Refuse an import-path arch that is not in trusted_factories (None: trust all).
 
     Built-in arch names never import anything, so they always pass."""
@@ -235,12 +249,17 @@ def check_factory_trusted(arch: str, trusted_factories: Collection[str] | None, 
         f"import and call {arch.replace(':', '.')}, code named by the file, not by you. "
         f"If you trust where it came from, name the same arch in your own config "
         f"(e.g. teacher.model.arch: {arch!r}), or load with trusted_factories={{{arch!r}}} "
-        f"(trust_code=True trusts any factory)")
+        f"(trust_code=True trusts any factory)"
+    )
 
 
-def build_model(spec: dict | ModelSpec, *, in_shape: tuple[int, ...] | None = None,
-                num_classes: int | None = None,
-                trusted_factories: Collection[str] | None = None) -> nn.Module:
+def build_model(
+    spec: dict | ModelSpec,
+    *,
+    in_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    trusted_factories: Collection[str] | None = None,
+) -> nn.Module:
     """Build a model from {"arch": ..., "kwargs": {...}}.
 
     in_shape / num_classes (usually from the dataset) are passed to the factory if it
@@ -259,8 +278,9 @@ def build_model(spec: dict | ModelSpec, *, in_shape: tuple[int, ...] | None = No
         if val is None:
             continue
         if key in kwargs and _norm(kwargs[key]) != _norm(val):
-            raise ValueError(f"model {spec.arch!r}: kwargs {key}={kwargs[key]!r} conflicts "
-                             f"with {key}={val!r} from the data")
+            raise ValueError(
+                f"model {spec.arch!r}: kwargs {key}={kwargs[key]!r} conflicts with {key}={val!r} from the data"
+            )
         kwargs[key] = val
     if "in_shape" in kwargs:
         kwargs["in_shape"] = tuple(int(s) for s in kwargs["in_shape"])  # yaml gives lists
@@ -271,18 +291,19 @@ def build_model(spec: dict | ModelSpec, *, in_shape: tuple[int, ...] | None = No
         explicit = set(spec.kwargs)
         unknown = sorted(k for k in kwargs if k not in params and k in explicit)
         if unknown:
-            raise ValueError(f"model {spec.arch!r}: unknown kwarg(s) {unknown}, "
-                             f"valid are {sorted(params)}")
+            raise ValueError(f"model {spec.arch!r}: unknown kwarg(s) {unknown}, valid are {sorted(params)}")
         kwargs = {k: v for k, v in kwargs.items() if k in params}  # drop unaccepted data args
-    missing = sorted(k for k, p in params.items() if p.default is p.empty and
-                     p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and k not in kwargs)
+    missing = sorted(
+        k
+        for k, p in params.items()
+        if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and k not in kwargs
+    )
     if missing:
         raise ValueError(f"model {spec.arch!r}: missing required argument(s) {missing}")
 
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {spec.arch!r}: factory returned {type(model).__name__}, "
-                         f"expected a torch.nn.Module")
+        raise ValueError(f"model {spec.arch!r}: factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
 
 
@@ -306,6 +327,7 @@ class ModelAdapter:
     import path "pkg.mod:factory". A factory declares its kind with an `input_kind`
     attribute (read only once the factory is trusted and imported; default "dense").
     trusted_factories as in build_model: None trusts the spec (the caller's own config)."""
+
     spec: ModelSpec
     trusted_factories: frozenset[str] | None = None
 
@@ -320,8 +342,9 @@ class ModelAdapter:
         return kind
 
     def build(self, in_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> nn.Module:
-        return build_model(self.spec, in_shape=in_shape, num_classes=num_classes,
-                           trusted_factories=self.trusted_factories)
+        return build_model(
+            self.spec, in_shape=in_shape, num_classes=num_classes, trusted_factories=self.trusted_factories
+        )
 
 
 def model_adapter(spec: dict | ModelSpec, *, trusted_factories: Collection[str] | None = None) -> ModelAdapter:
@@ -332,23 +355,34 @@ def model_adapter(spec: dict | ModelSpec, *, trusted_factories: Collection[str] 
     trusted = None if trusted_factories is None else frozenset(trusted_factories)
     check_factory_trusted(spec.arch, trusted)
     if not is_import_path(spec.arch) and spec.arch not in ARCHS and spec.arch not in LAZY_ARCHS:
-        raise ValueError(f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
-                         f"or an import path 'package.module:factory'")
+        raise ValueError(
+            f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
+            f"or an import path 'package.module:factory'"
+        )
     return ModelAdapter(spec, trusted)
 
 
 # ---------------------------------------------------------------- stats
 
+
 def param_counts(model: nn.Module) -> dict:
     """{"params": distinct parameters (tied ones counted once), "trainable": those with
     requires_grad (the rest frozen)}."""
     distinct = {id(p): p for p in model.parameters()}.values()
-    return {"params": sum(p.numel() for p in distinct),
-            "trainable": sum(p.numel() for p in distinct if p.requires_grad)}
+    return {
+        "params": sum(p.numel() for p in distinct),
+        "trainable": sum(p.numel() for p in distinct if p.requires_grad),
+    }
 
 
-def model_stats(model: nn.Module, *, in_shape: tuple[int, ...] | None = None, batch_size: int = 1,
-                repeats: int = 20, example: torch.Tensor | None = None) -> dict:
+def model_stats(
+    model: nn.Module,
+    *,
+    in_shape: tuple[int, ...] | None = None,
+    batch_size: int = 1,
+    repeats: int = 20,
+    example: torch.Tensor | None = None,
+) -> dict:
     """params, serialised state_dict size (bytes) and median CPU forward latency (ms) on a
     random (batch_size, *in_shape) input, or on `example` (one real input row: token ids
     cannot be random floats), repeated to batch_size rows."""
@@ -377,5 +411,4 @@ def model_stats(model: nn.Module, *, in_shape: tuple[int, ...] | None = None, ba
                 times.append((time.perf_counter() - t0) * 1e3)
     finally:
         model.train(was_training)
-    return {"params": params, "size_bytes": buf.getbuffer().nbytes,
-            "latency_ms": statistics.median(times)}
+    return {"params": params, "size_bytes": buf.getbuffer().nbytes, "latency_ms": statistics.median(times)}

@@ -1,4 +1,5 @@
 """Argument checks and the weighted mean every loss shares. Shapes: B (or N) rows, C classes."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,7 @@ def check_2d(name: str, x: Tensor) -> None:
 def check_same(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(
-            f"{a_name} and {b_name} must have the same shape, "
-            f"got {a_name} {shape_of(a)} and {b_name} {shape_of(b)}"
+            f"{a_name} and {b_name} must have the same shape, got {a_name} {shape_of(a)} and {b_name} {shape_of(b)}"
         )
 
 
@@ -54,5 +54,3 @@ def normalized_weights(weights: Tensor | None, rows: int, like: Tensor) -> Tenso
     check_rows("weights", weights, rows)
     w = weights.float()
     return w / w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # clamp: all padding gives 0, not nan
-
-

@@ -23,11 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.objectives.checks import (check_2d, check_rows, check_same, check_temperature, normalized_weights,
-                                        row_mean, shape_of)
+from pipeline.objectives.checks import (
+    check_2d,
+    check_rows,
+    check_same,
+    check_temperature,
+    normalized_weights,
+    row_mean,
+    shape_of,
+)
 
-__all__ = ["soft_target_cross_entropy", "soft_kl_loss", "logit_mse", "cross_entropy", "rescale", "teacher_side",
-           "rkd_distance_loss", "HintLoss"]
+__all__ = [
+    "soft_target_cross_entropy",
+    "soft_kl_loss",
+    "logit_mse",
+    "cross_entropy",
+    "rescale",
+    "teacher_side",
+    "rkd_distance_loss",
+    "HintLoss",
+]
 
 
 def _kl_rows(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -50,8 +65,8 @@ def _kd_from_probs(s: Tensor, p: Tensor, neg_entropy: Tensor, w: Tensor, tempera
     backward. The gradient, w_b · T · (q_b − p_b), is exact; the value rounds like the
     teacher's entropy (~1e-7 of it) rather than like the KL.
     """
-    log_q = F.log_softmax(s * (1.0 / temperature), dim=-1)         # (B, C)
-    cross = (p * w.unsqueeze(-1) * log_q).sum()                    # Σ_b w_b Σ_c p log q
+    log_q = F.log_softmax(s * (1.0 / temperature), dim=-1)  # (B, C)
+    cross = (p * w.unsqueeze(-1) * log_q).sum()  # Σ_b w_b Σ_c p log q
     return temperature**2 * (neg_entropy @ w - cross)
 
 
@@ -118,9 +133,7 @@ def soft_kl_loss(
     return row_mean(per_row, weights)
 
 
-def logit_mse(
-    student_logits: Tensor, teacher_logits: Tensor, *, weights: Tensor | None = None
-) -> Tensor:
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor, *, weights: Tensor | None = None) -> Tensor:
     """Logit regression: mean over rows and classes of (s − t)².
 
     loss = 1/(B·C) · Σ_b Σ_c (s_bc − t_bc)²   (weighted over rows if ``weights`` given)
@@ -147,6 +160,7 @@ def cross_entropy(student_logits: Tensor, labels: Tensor, *, weights: Tensor | N
 
 # ----------------------------------------------------------------------------- teacher targets
 
+
 def rescale(scaled: Tensor, stored_temperature: float, temperature: float) -> Tensor:
     """Scaled logits at another temperature: s·(T/T') = z/T'. The one place a stored (or
     online, T = 1) teacher's logits change temperature."""
@@ -164,22 +178,23 @@ def teacher_side(scaled: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     2015 (ensemble soft targets), You et al. 2017 ("Learning from Multiple Teacher Networks")."""
     if len(scaled) == 1:
         a = scaled[0].detach().float()
-        a = a - a.amax(-1, keepdim=True)                         # (B, C), max 0 per row
+        a = a - a.amax(-1, keepdim=True)  # (B, C), max 0 per row
         e = a.exp()
-        total = e.sum(-1, keepdim=True)                          # (B, 1), >= 1
+        total = e.sum(-1, keepdim=True)  # (B, 1), >= 1
         p = e / total
         # Σ p (a − log Σe); a class masked with −inf has p = 0 and adds 0 (0·log 0 = 0), not nan
         neg_h = torch.where(p > 0, p * a, 0.0).sum(-1) - total[:, 0].log()
         return p, neg_h
-    a = torch.stack([s.detach().float() for s in scaled])                 # (M, B, C)
+    a = torch.stack([s.detach().float() for s in scaled])  # (M, B, C)
     a = a - a.amax(-1, keepdim=True)
     e = a.exp()
-    p = (e / e.sum(-1, keepdim=True)).mean(0)                    # the teachers' mixture
+    p = (e / e.sum(-1, keepdim=True)).mean(0)  # the teachers' mixture
     neg_h = (p * p.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(-1)
     return p, neg_h
 
 
 # ----------------------------------------------------------------------------- feature KD
+
 
 def _pairwise_dist(x: Tensor) -> Tensor:
     """(B, D) -> (B, B) Euclidean distances via the Gram matrix (no (B, B, D) tensor)."""

@@ -30,6 +30,7 @@ teacher's rows for the loss's family:
              t["stored_temperature"]: T
     sampled  t["ids"] (N, s), t["counts"] (N, s), t["stored_temperature"]: T
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -47,28 +48,31 @@ FAMILIES = {"dense": "dense", "topk": "topk", "token_topk": "topk", "token_sampl
 @dataclass(frozen=True)
 class Loss:
     name: str
-    labels: tuple[str, ...]           # families: "dense", "topk", "sampled"
+    labels: tuple[str, ...]  # families: "dense", "topk", "sampled"
     fn: Callable[..., Tensor]
-    multi_teacher: bool = False       # defined on several teachers' dense labels (their mean p)
-    exact_temperature: bool = False   # only at the stored temperature
+    multi_teacher: bool = False  # defined on several teachers' dense labels (their mean p)
+    exact_temperature: bool = False  # only at the stored temperature
 
 
 LOSSES: dict[str, Loss] = {}
 
 
-def register_loss(name: str, *, labels: tuple[str, ...], multi_teacher: bool = False,
-                  exact_temperature: bool = False):
+def register_loss(
+    name: str, *, labels: tuple[str, ...], multi_teacher: bool = False, exact_temperature: bool = False
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: make `fn` the loss `name` (see the module docstring for its signature)."""
     bad = sorted(set(labels) - set(FAMILIES.values()))
     if bad or not labels:
-        raise ValueError(f"register_loss({name!r}): labels must be some of {sorted(set(FAMILIES.values()))}, "
-                         f"got {labels!r}")
+        raise ValueError(
+            f"register_loss({name!r}): labels must be some of {sorted(set(FAMILIES.values()))}, got {labels!r}"
+        )
     if name == "ce":
         raise ValueError("'ce' is the task term (hard labels, next tokens), not a KD loss")
 
-    def deco(fn):
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         LOSSES[name] = Loss(name, tuple(labels), fn, multi_teacher, exact_temperature)
         return fn
+
     return deco
 
 
@@ -82,6 +86,7 @@ def losses_for(family: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- dense
+
 
 def _targets(t: dict, temperature: float):
     # the teachers' logits at T' (the one rescale), then p = mean_m softmax and Σ p log p
@@ -108,9 +113,15 @@ def mse(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: 
 
 # ----------------------------------------------------------------------------- top-k and sampled
 
+
 def _topk_args(t: dict, temperature: float, weights: Tensor, chunk_size: int) -> dict:
-    return {"temperature": temperature, "stored_temperature": t["stored_temperature"], "weights": weights,
-            "chunk_size": chunk_size, "missing_mass": t.get("missing")}
+    return {
+        "temperature": temperature,
+        "stored_temperature": t["stored_temperature"],
+        "weights": weights,
+        "chunk_size": chunk_size,
+        "missing_mass": t.get("missing"),
+    }
 
 
 @register_loss("topk_kl", labels=("topk",))

@@ -27,10 +27,12 @@ The label temperature, from YAML to the loss (one division, one rescale):
   s·T/T' = z/T' (objectives/dense.py `rescale`); top-k and sampled losses take T itself
   (objectives/sparse.py), since a top-k summary is exact only at the temperature it was made.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +43,10 @@ from pipeline.models.checkpoint import unwrap
 from pipeline.objectives.dense import HintLoss, cross_entropy, rkd_distance_loss
 from pipeline.objectives.losses import FAMILIES, LOSSES, loss_names, losses_for
 from pipeline.objectives.sparse import DEFAULT_CHUNK, next_token_ce
+
+if TYPE_CHECKING:
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.stream import LabelStream
 
 __all__ = ["Objective"]
 
@@ -59,10 +65,21 @@ class Objective:
     FitNets regressor when hint_weight or rkd_weight > 0; source names the labels in errors.
     """
 
-    def __init__(self, *, loss: str = "ce", temperature: float = 1.0, alpha: float = 0.0,
-                 hint_weight: float = 0.0, rkd_weight: float = 0.0, kind: str | None = None,
-                 stored_temperatures: Sequence[float] = (), teacher: nn.Module | None = None,
-                 hint: HintLoss | None = None, chunk_size: int = DEFAULT_CHUNK, source: str = "the soft labels"):
+    def __init__(
+        self,
+        *,
+        loss: str = "ce",
+        temperature: float = 1.0,
+        alpha: float = 0.0,
+        hint_weight: float = 0.0,
+        rkd_weight: float = 0.0,
+        kind: str | None = None,
+        stored_temperatures: Sequence[float] = (),
+        teacher: nn.Module | None = None,
+        hint: HintLoss | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        source: str = "the soft labels",
+    ):
         if loss not in loss_names():
             raise ValueError(f"TrainConfig.loss must be one of {list(loss_names())}, got {loss!r}")
         if not (math.isfinite(temperature) and temperature > 0):
@@ -76,15 +93,18 @@ class Objective:
         self.chunk_size = int(chunk_size)
         self.mode = "hard" if loss == "ce" else "online" if teacher is not None else "stored"
         if self.mode == "stored" and (kind is None or not self.stored_temperatures):
-            raise ValueError(f"loss {loss!r} learns from stored labels: give their kind and the stored temperature "
-                             f"of each teacher")
+            raise ValueError(
+                f"loss {loss!r} learns from stored labels: give their kind and the stored temperature of each teacher"
+            )
         if self.mode != "stored" and self.stored_temperatures:
             raise ValueError(f"stored_temperatures are for stored labels only (loss {loss!r})")
         if self.mode != "hard":
             self._check_loss()
         if (self.hint_weight or self.rkd_weight) and self.mode == "hard":
-            raise ValueError("hint_weight/rkd_weight need a teacher feature: learn from stored labels or an "
-                             "online teacher, not loss 'ce'")
+            raise ValueError(
+                "hint_weight/rkd_weight need a teacher feature: learn from stored labels or an "
+                "online teacher, not loss 'ce'"
+            )
         if (self.hint_weight or self.rkd_weight) and hint is None:
             raise ValueError("hint_weight/rkd_weight > 0 need the hint regressor (hint=HintLoss(...))")
         self.needs_features = hint is not None and self.mode != "hard"
@@ -105,40 +125,68 @@ class Objective:
         if family is None:
             raise ValueError(f"{self.source}: unknown representation kind {self.kind!r}")
         if family not in spec.labels:
-            where = "an online teacher gives dense logits" if self.mode == "online" else \
-                f"{self.source} are {self.kind}"
-            raise ValueError(f"loss={self.loss!r} learns from {'/'.join(spec.labels)} labels, but {where}: use one "
-                             f"of {losses_for(family)} (TrainConfig.loss / students.losses)")
+            where = (
+                "an online teacher gives dense logits" if self.mode == "online" else f"{self.source} are {self.kind}"
+            )
+            raise ValueError(
+                f"loss={self.loss!r} learns from {'/'.join(spec.labels)} labels, but {where}: use one "
+                f"of {losses_for(family)} (TrainConfig.loss / students.losses)"
+            )
         if n > 1 and not spec.multi_teacher:
-            raise ValueError(f"loss={self.loss!r} cannot be used with several teachers' soft labels ({n} given): "
-                             f"multi-teacher distillation is defined for loss="
-                             f"{[k for k, v in LOSSES.items() if v.multi_teacher]} only "
-                             f"(TrainConfig.loss / students.losses with students.extra_soft_labels)")
+            raise ValueError(
+                f"loss={self.loss!r} cannot be used with several teachers' soft labels ({n} given): "
+                f"multi-teacher distillation is defined for loss="
+                f"{[k for k, v in LOSSES.items() if v.multi_teacher]} only "
+                f"(TrainConfig.loss / students.losses with students.extra_soft_labels)"
+            )
         if spec.exact_temperature and self.mode == "stored":
             T = self.stored_temperatures[0]
             if not math.isclose(self.temperature, T, rel_tol=1e-9):
-                raise ValueError(f"loss={self.loss!r} is defined only at the stored temperature {T:g}; got "
-                                 f"TrainConfig.temperature={self.temperature:g} (students.temperatures)")
+                raise ValueError(
+                    f"loss={self.loss!r} is defined only at the stored temperature {T:g}; got "
+                    f"TrainConfig.temperature={self.temperature:g} (students.temperatures)"
+                )
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg, *, stream=None, teacher: nn.Module | None = None, model: nn.Module | None = None,
-                    data=None, ddp: bool = False, device=None) -> "Objective":
+    def from_config(
+        cls,
+        cfg: TrainConfig,
+        *,
+        stream: LabelStream | None = None,
+        teacher: nn.Module | None = None,
+        model: nn.Module | None = None,
+        data: Any = None,
+        ddp: bool = False,
+        device: torch.device | str | None = None,
+    ) -> Objective:
         """From a TrainConfig (loss, temperature, alpha, hint_weight, rkd_weight, chunk_size),
         the stream's stored temperatures and kind (stored labels), and the online teacher.
         The student's T' is cfg.temperature, else the stored temperature (else 1).
         Builds the hint regressor (student feature width -> teacher feature width) when needed."""
         T = cfg.temperature if cfg.temperature is not None else stream.temperature if stream is not None else 1.0
-        kw = dict(loss=cfg.loss, temperature=T, alpha=cfg.alpha, chunk_size=cfg.chunk_size,
-                  teacher=teacher if cfg.loss != "ce" else None)
+        kw = dict(
+            loss=cfg.loss,
+            temperature=T,
+            alpha=cfg.alpha,
+            chunk_size=cfg.chunk_size,
+            teacher=teacher if cfg.loss != "ce" else None,
+        )
         if stream is not None and cfg.loss != "ce":
-            kw.update(stored_temperatures=[stream.temperature, *stream.extra_temperatures], kind=stream.kind,
-                      source=f"soft labels at {stream.uri}")
-        obj = cls(**kw)                       # the loss refusals first, before any hint set-up
+            kw.update(
+                stored_temperatures=[stream.temperature, *stream.extra_temperatures],
+                kind=stream.kind,
+                source=f"soft labels at {stream.uri}",
+            )
+        obj = cls(**kw)  # the loss refusals first, before any hint set-up
         if cfg.hint_weight or cfg.rkd_weight:
-            obj = cls(**kw, hint_weight=cfg.hint_weight, rkd_weight=cfg.rkd_weight,
-                      hint=_build_hint(obj.mode, model, stream, teacher, data, ddp, device))
+            obj = cls(
+                **kw,
+                hint_weight=cfg.hint_weight,
+                rkd_weight=cfg.rkd_weight,
+                hint=_build_hint(obj.mode, model, stream, teacher, data, ddp, device),
+            )
         return obj
 
     def parameters(self) -> list[nn.Parameter]:
@@ -153,13 +201,13 @@ class Objective:
         if not self.needs_features:
             return self.terms(net(batch["x"]), batch)
         raw = unwrap(net)
-        feats = raw.features(batch["x"])                              # (B, F_s)
+        feats = raw.features(batch["x"])  # (B, F_s)
         return self.terms(raw.head(feats), batch, feats)
 
     def terms(self, logits: Tensor, batch: dict, feats: Tensor | None = None) -> dict[str, Tensor]:
         """logits (B, C), or (B, L, V) with batch["mask"] (B, L): the named terms and their total."""
         rows = Rows(logits, batch)
-        z, w = rows.logits, rows.weights                              # (N, C), (N,)
+        z, w = rows.logits, rows.weights  # (N, C), (N,)
         terms: dict[str, Tensor] = {}
         if self.mode == "hard":
             terms["task_loss"] = self._task_loss(z, rows.take("y"), w)
@@ -167,7 +215,7 @@ class Objective:
         t_feat = batch.get("teacher_feature")
         if self.mode == "online":
             t_logits, t_feat = self._run_teacher(batch["x"])
-            targets = {"teachers": [t_logits], "stored_temperatures": [1.0]}   # raw z = z / 1
+            targets = {"teachers": [t_logits], "stored_temperatures": [1.0]}  # raw z = z / 1
         else:
             targets = self._targets(rows, batch)
         total = None
@@ -175,15 +223,16 @@ class Objective:
             terms["task_loss"] = self._task_loss(z, rows.take("y"), w)
             total = terms["task_loss"] if self.alpha == 1 else self.alpha * terms["task_loss"]
         if self.alpha < 1:
-            kd = terms["kd_loss"] = LOSSES[self.loss].fn(z, targets, temperature=self.temperature, weights=w,
-                                                         chunk_size=self.chunk_size)
+            kd = terms["kd_loss"] = LOSSES[self.loss].fn(
+                z, targets, temperature=self.temperature, weights=w, chunk_size=self.chunk_size
+            )
             kd = kd if self.alpha == 0 else (1.0 - self.alpha) * kd
             total = kd if total is None else total + kd
         if self.needs_features:
-            keep = w > 0                                             # pad rows carry no information
+            keep = w > 0  # pad rows carry no information
             s, t = feats[keep].flatten(1), t_feat[keep].flatten(1)
             if self.hint_weight:
-                terms["hint_loss"] = self.hint(s, t)                 # FitNets (Romero et al. 2015)
+                terms["hint_loss"] = self.hint(s, t)  # FitNets (Romero et al. 2015)
                 total = total + self.hint_weight * terms["hint_loss"]
             if self.rkd_weight:
                 # RKD distance (Park et al. 2019) needs >= 3 rows for a non-trivial relation
@@ -197,20 +246,24 @@ class Objective:
             return next_token_ce(z, y, weights=w, chunk_size=self.chunk_size)
         return cross_entropy(z, y, weights=w)
 
-    def _targets(self, rows: "Rows", batch: dict) -> dict:
+    def _targets(self, rows: Rows, batch: dict) -> dict:
         """The stored labels' rows, as the loss family's `t` (objectives/losses.py)."""
         family, T = FAMILIES[self.kind], self.stored_temperatures
         if family == "dense":
             extra = batch.get("extra_stored_logits")
             teachers = [batch["stored_logits"], *(extra if extra is not None else ())]
             if len(teachers) != len(T):
-                raise ValueError(f"the batch holds {len(teachers)} teachers' logits, the objective was "
-                                 f"built for {len(T)}")
+                raise ValueError(
+                    f"the batch holds {len(teachers)} teachers' logits, the objective was built for {len(T)}"
+                )
             return {"teachers": teachers, "stored_temperatures": T}
         if family == "topk":
-            return {"ids": rows.take("topk_ids"), "logp": rows.take("topk_logprobs"),
-                    "missing": rows.take("missing_mass") if "missing_mass" in batch else None,
-                    "stored_temperature": T[0]}
+            return {
+                "ids": rows.take("topk_ids"),
+                "logp": rows.take("topk_logprobs"),
+                "missing": rows.take("missing_mass") if "missing_mass" in batch else None,
+                "stored_temperature": T[0],
+            }
         return {"ids": rows.take("sample_ids"), "counts": rows.take("sample_counts"), "stored_temperature": T[0]}
 
     def _run_teacher(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -239,8 +292,10 @@ class Rows:
             m = self.mask
             if m is None or m.shape != logits.shape[:2] or m.dtype != torch.bool:
                 got = None if m is None else f"{m.dtype} {tuple(m.shape)}"
-                raise ValueError(f"logits (B, L, V) = {tuple(logits.shape)} need a bool batch['mask'] "
-                                 f"{tuple(logits.shape[:2])}, got {got}")
+                raise ValueError(
+                    f"logits (B, L, V) = {tuple(logits.shape)} need a bool batch['mask'] "
+                    f"{tuple(logits.shape[:2])}, got {got}"
+                )
             self.flat = m.reshape(-1)
             self.full = bool(self.flat.all())
             z = logits.reshape(-1, logits.shape[-1])
@@ -261,8 +316,9 @@ class Rows:
         if self.mask is None:
             return t
         if t.shape[:2] != self.mask.shape:
-            raise ValueError(f"a per-position tensor must start with the mask's shape {tuple(self.mask.shape)}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"a per-position tensor must start with the mask's shape {tuple(self.mask.shape)}, got {tuple(t.shape)}"
+            )
         t = t.reshape(-1, *t.shape[2:])
         return t if self.full else t[self.flat]
 
@@ -270,18 +326,23 @@ class Rows:
 def _build_hint(mode: str, model, stream, teacher, data, ddp: bool, device) -> HintLoss:
     """The hint regressor (student feature -> teacher feature) when hint/RKD losses are on."""
     if mode == "hard":
-        raise ValueError("hint_weight/rkd_weight need a teacher feature: learn from stored labels or an online "
-                         "teacher, not loss 'ce'")
+        raise ValueError(
+            "hint_weight/rkd_weight need a teacher feature: learn from stored labels or an online "
+            "teacher, not loss 'ce'"
+        )
     if ddp:
         raise ValueError("hint_weight/rkd_weight are not supported with DDP yet (they bypass the DDP wrapper)")
     if not (hasattr(model, "features") and isinstance(getattr(model, "head", None), nn.Linear)):
-        raise ValueError("hint/RKD losses need a student with .features(x) and a Linear .head "
-                         "(pipeline.models builders have both)")
+        raise ValueError(
+            "hint/RKD losses need a student with .features(x) and a Linear .head (pipeline.models builders have both)"
+        )
     if mode == "stored":
         feat = stream.manifest.get("feature")
         if not feat:
-            raise ValueError(f"soft labels at {stream.uri} store no teacher feature; label with "
-                             f"feature_layer=... to use hint_weight/rkd_weight")
+            raise ValueError(
+                f"soft labels at {stream.uri} store no teacher feature; label with "
+                f"feature_layer=... to use hint_weight/rkd_weight"
+            )
         t_dim = int(np.prod(feat["shape"]))
     else:
         if not hasattr(teacher, "features"):

@@ -39,6 +39,7 @@ _LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 
 # ----------------------------------------------------------------------------- checks
 
+
 def _check_student(x: Tensor) -> tuple[int, int]:
     if x.ndim != 2 or not x.dtype.is_floating_point:
         raise ValueError(f"student_logits must be a floating (N, V) tensor, got {x.dtype} {shape_of(x)}")
@@ -50,25 +51,31 @@ def _check_ids(name: str, ids: Tensor, n: int, v: int, valid: Tensor | None = No
     check_int(name, ids)
     if ids.ndim != 2 or ids.shape[0] != n:
         raise ValueError(f"{name} must be (N, k) with N={n} (student_logits rows), got {shape_of(ids)}")
-    ids = ids if ids.dtype in (torch.int64, torch.int32) else ids.long()   # uint16/uint8: no min/max kernels
+    ids = ids if ids.dtype in (torch.int64, torch.int32) else ids.long()  # uint16/uint8: no min/max kernels
     chk = ids if valid is None else torch.where(valid, ids, 0)
     if chk.numel() and (chk.min().item() < 0 or chk.max().item() >= v):
         raise ValueError(f"{name} must lie in [0, V={v}), got min {chk.min().item()}, max {chk.max().item()}")
 
 
 def _check_distinct(name: str, ids: Tensor, valid: Tensor | None = None) -> None:
-    x = ids.long() if valid is None else torch.where(valid, ids.long(), -1 - torch.arange(ids.shape[1], device=ids.device))
+    x = (
+        ids.long()
+        if valid is None
+        else torch.where(valid, ids.long(), -1 - torch.arange(ids.shape[1], device=ids.device))
+    )
     x = x.sort(-1).values
     if x.shape[1] > 1 and (x[:, 1:] == x[:, :-1]).any().item():
         raise ValueError(f"{name} must hold distinct ids within each row")
 
 
-QUANTIZED_SLACK = 0.07   # stored uint8 codes round each log-prob by up to 1/32: Σ exp can reach e^(1/32) ≈ 1.032
+QUANTIZED_SLACK = 0.07  # stored uint8 codes round each log-prob by up to 1/32: Σ exp can reach e^(1/32) ≈ 1.032
 
 
 def _check_logp(ids: Tensor, logp: Tensor, missing: Tensor | None = None) -> None:
     if logp.shape != ids.shape or not logp.dtype.is_floating_point:
-        raise ValueError(f"logp must be floating with the shape of ids {shape_of(ids)}, got {logp.dtype} {shape_of(logp)}")
+        raise ValueError(
+            f"logp must be floating with the shape of ids {shape_of(ids)}, got {logp.dtype} {shape_of(logp)}"
+        )
     lp = logp.float()
     if torch.isnan(lp).any().item() or (lp > 1e-4).any().item():
         raise ValueError(f"logp must be log-probabilities (<= 0, no nan), got max {lp.max().item():.4g}")
@@ -77,17 +84,21 @@ def _check_logp(ids: Tensor, logp: Tensor, missing: Tensor | None = None) -> Non
         raise ValueError(f"exp(logp) must sum to <= 1 per row (normalised over the full vocabulary), got {mass:.6g}")
     if missing is not None:
         if missing.shape != ids.shape[:1] or not missing.dtype.is_floating_point:
-            raise ValueError(f"missing_mass must be floating (N,) = ({ids.shape[0]},), got {missing.dtype} "
-                             f"{shape_of(missing)}")
+            raise ValueError(
+                f"missing_mass must be floating (N,) = ({ids.shape[0]},), got {missing.dtype} {shape_of(missing)}"
+            )
         m = missing.float()
         if torch.isnan(m).any().item() or (m < 0).any().item() or (m > 1 + 1e-3).any().item():
             raise ValueError("missing_mass must lie in [0, 1] (the teacher's probability outside the kept ids)")
         if mass > 1 + QUANTIZED_SLACK:
-            raise ValueError(f"exp(logp) sums to {mass:.6g} in some row: more than stored log-probs can round to "
-                             f"(<= 1 + {QUANTIZED_SLACK})")
+            raise ValueError(
+                f"exp(logp) sums to {mass:.6g} in some row: more than stored log-probs can round to "
+                f"(<= 1 + {QUANTIZED_SLACK})"
+            )
 
 
 # ----------------------------------------------------------------------------- chunking
+
 
 def _per_row(fn, logits: Tensor, *row_tensors: Tensor, chunk_size: int) -> Tensor:
     """fn(logit_chunk, *tensor_chunks) -> (c,) for each chunk of rows, concatenated: (N,).
@@ -100,7 +111,7 @@ def _per_row(fn, logits: Tensor, *row_tensors: Tensor, chunk_size: int) -> Tenso
     grad = torch.is_grad_enabled() and logits.requires_grad
     out, start = [], 0
     for z in logits.split(chunk_size):
-        args = [t[start:start + z.shape[0]] for t in row_tensors]
+        args = [t[start : start + z.shape[0]] for t in row_tensors]
         start += z.shape[0]
         out.append(checkpoint(fn, z, *args, use_reentrant=False, preserve_rng_state=False) if grad else fn(z, *args))
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
@@ -122,6 +133,7 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- fused CE helpers
 
+
 def _neg_entropy(log_p: Tensor) -> Tensor:
     p = log_p.exp()
     return torch.where(p > 0, p * torch.where(p > 0, log_p, 0.0), 0.0).sum(-1)
@@ -132,8 +144,11 @@ def _teacher_buckets(logp: Tensor, tau: float, missing: Tensor | None, has_tail:
     over student temperature) and renormalised: (R, k[+1])."""
     log_p = logp.float()
     if has_tail:
-        p_tail = (missing.float()[:, None] if missing is not None
-                  else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0))
+        p_tail = (
+            missing.float()[:, None]
+            if missing is not None
+            else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0)
+        )
         log_p = torch.cat([log_p, p_tail.log()], 1)
     log_p = log_p * tau
     return log_p - torch.logsumexp(log_p, -1, keepdim=True)
@@ -153,8 +168,15 @@ def _forward_kl_fused(z, ids, logp, missing=None, *, temperature, stored_tempera
 
 # ----------------------------------------------------------------------------- top-k buckets
 
-def _buckets(z: Tensor, ids: Tensor, logp: Tensor, temperature: float,
-             missing: Tensor | None = None, stored_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+
+def _buckets(
+    z: Tensor,
+    ids: Tensor,
+    logp: Tensor,
+    temperature: float,
+    missing: Tensor | None = None,
+    stored_temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """(log p, log q) over the k kept tokens + one tail bucket (none when k = V): (c, k+1).
 
     Teacher: a = (logp_1..k, log p_tail) · T/T' (T the stored temperature), p_tail = the stored missing mass when given
@@ -170,8 +192,11 @@ def _buckets(z: Tensor, ids: Tensor, logp: Tensor, temperature: float,
     log_p = logp.float()
     if ids.shape[1] < s.shape[1]:
         tail = torch.logsumexp(s.scatter(1, ids, -math.inf), -1, keepdim=True) - lse
-        p_tail = (missing.float()[:, None] if missing is not None
-                  else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0))
+        p_tail = (
+            missing.float()[:, None]
+            if missing is not None
+            else (-torch.expm1(torch.logsumexp(log_p, -1, keepdim=True))).clamp_min(0.0)
+        )
         log_q, log_p = torch.cat([log_q, tail], 1), torch.cat([log_p, p_tail.log()], 1)
     log_p = log_p * (stored_temperature / temperature)
     return log_p - torch.logsumexp(log_p, -1, keepdim=True), log_q
@@ -198,8 +223,9 @@ def _jsd(z, ids, logp, missing=None, *, temperature, beta, stored_temperature=1.
     return temperature**2 * (beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m))
 
 
-def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size, missing=None,
-          stored_temperature: float = 1.0) -> Tensor:
+def _topk(
+    fn, student_logits, ids, logp, temperature, weights, chunk_size, missing=None, stored_temperature: float = 1.0
+) -> Tensor:
     n, v = _check_student(student_logits)
     if ids.ndim == 2 and ids.shape[1] > v:
         raise ValueError(f"ids has k={ids.shape[1]} > V={v} (student_logits {(n, v)})")
@@ -210,14 +236,26 @@ def _topk(fn, student_logits, ids, logp, temperature, weights, chunk_size, missi
     check_temperature(stored_temperature)
     rows = (ids, logp) if missing is None else (ids, logp, missing)
     run = per_row_fused if fn is _forward_kl_fused else _per_row
-    per_row = run(partial(fn, temperature=float(temperature), stored_temperature=float(stored_temperature)),
-                  student_logits, *rows, chunk_size=chunk_size)
+    per_row = run(
+        partial(fn, temperature=float(temperature), stored_temperature=float(stored_temperature)),
+        student_logits,
+        *rows,
+        chunk_size=chunk_size,
+    )
     return _mean(per_row, weights)
 
 
-def topk_tail_kl(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperature: float = 1.0,
-                 weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 missing_mass: Tensor | None = None, stored_temperature: float = 1.0) -> Tensor:
+def topk_tail_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    logp: Tensor,
+    *,
+    temperature: float = 1.0,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    missing_mass: Tensor | None = None,
+    stored_temperature: float = 1.0,
+) -> Tensor:
     """Forward KL over k+1 buckets (scalar, mean over rows).
 
     loss = T'² · Σ_b p_b (log p_b − log q_b),  b ∈ {kept ids} ∪ {tail}
@@ -240,13 +278,22 @@ def topk_tail_kl(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperatu
     (N,) the stored exact tail (then the k+1 buckets are renormalised, so log-probs stored
     rounded, e.g. as uint8 codes, stay a distribution; without it p_tail = 1 − Σ exp(logp)).
     """
-    return _topk(_forward_kl_fused, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass,
-                 stored_temperature)
+    return _topk(
+        _forward_kl_fused, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass, stored_temperature
+    )
 
 
-def reverse_kl_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temperature: float = 1.0,
-                    weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                    missing_mass: Tensor | None = None, stored_temperature: float = 1.0) -> Tensor:
+def reverse_kl_topk(
+    student_logits: Tensor,
+    ids: Tensor,
+    logp: Tensor,
+    *,
+    temperature: float = 1.0,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    missing_mass: Tensor | None = None,
+    stored_temperature: float = 1.0,
+) -> Tensor:
     """Reverse (mode-seeking) KL over the k+1 buckets of ``topk_tail_kl`` (scalar, mean).
 
     loss = T'² · Σ_b q_b (log q_b − log p_b)
@@ -256,13 +303,23 @@ def reverse_kl_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, temper
     floored (the tail at fp32 eps, the resolution of 1 − Σp; kept ids at the smallest normal
     float) so an empty teacher tail gives a large finite loss, not inf.
     """
-    return _topk(_reverse_kl, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass,
-                 stored_temperature)
+    return _topk(
+        _reverse_kl, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass, stored_temperature
+    )
 
 
-def jsd_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
-             weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-             missing_mass: Tensor | None = None, stored_temperature: float = 1.0) -> Tensor:
+def jsd_topk(
+    student_logits: Tensor,
+    ids: Tensor,
+    logp: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    missing_mass: Tensor | None = None,
+    stored_temperature: float = 1.0,
+) -> Tensor:
     """Generalised Jensen-Shannon divergence over the k+1 buckets (scalar, mean over rows).
 
     m = β p + (1 − β) q,  loss = T'² · (β · KL(p ‖ m) + (1 − β) · KL(q ‖ m)),  0 < β < 1
@@ -274,11 +331,21 @@ def jsd_topk(student_logits: Tensor, ids: Tensor, logp: Tensor, *, beta: float =
     """
     if not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
         raise ValueError(f"beta must be in (0, 1), got {beta!r}")
-    return _topk(partial(_jsd, beta=float(beta)), student_logits, ids, logp, temperature, weights, chunk_size,
-                 missing_mass, stored_temperature)
+    return _topk(
+        partial(_jsd, beta=float(beta)),
+        student_logits,
+        ids,
+        logp,
+        temperature,
+        weights,
+        chunk_size,
+        missing_mass,
+        stored_temperature,
+    )
 
 
 # ----------------------------------------------------------------------------- sampled KD
+
 
 def _sampled_ce_fused(z: Tensor, ids: Tensor, frac: Tensor) -> Tensor:
     """−Σ_j f_j log q(x_j) with the fused CE. Padding slots (id 0, f 0) may repeat id 0
@@ -286,9 +353,16 @@ def _sampled_ce_fused(z: Tensor, ids: Tensor, frac: Tensor) -> Tensor:
     return SparseTargetCE.apply(z.float(), ids, frac, None)
 
 
-def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws: int | Tensor | None = None,
-               baseline: str | Tensor | None = None, weights: Tensor | None = None,
-               chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+def sampled_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    *,
+    num_draws: int | Tensor | None = None,
+    baseline: str | Tensor | None = None,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
     """Random-sampling KD: unbiased estimate of the cross-entropy CE(p, q) (scalar, mean).
 
     per row: −Σ_j (c_j / n) · log q(x_j),  q = softmax(z),  n = Σ_j c_j unless ``num_draws``
@@ -307,7 +381,9 @@ def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws
     """
     n_rows, v = _check_student(student_logits)
     if counts.shape != ids.shape or counts.dtype == torch.bool:
-        raise ValueError(f"counts must be numeric with the shape of ids {shape_of(ids)}, got {counts.dtype} {shape_of(counts)}")
+        raise ValueError(
+            f"counts must be numeric with the shape of ids {shape_of(ids)}, got {counts.dtype} {shape_of(counts)}"
+        )
     c = counts.float()
     if torch.isnan(c).any().item() or (c < 0).any().item():
         raise ValueError("counts must be >= 0 (no nan)")
@@ -327,8 +403,9 @@ def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws
     if n_rows and ((n <= 0).any().item() or (total > n * (1 + 1e-6)).any().item()):
         raise ValueError("every row needs n > 0 draws and sum(counts) <= num_draws (drop rows with no draws)")
     frac = c / n[:, None]
-    per_row = per_row_fused(_sampled_ce_fused, student_logits, torch.where(c > 0, ids.long(), 0), frac,
-                             chunk_size=chunk_size)
+    per_row = per_row_fused(
+        _sampled_ce_fused, student_logits, torch.where(c > 0, ids.long(), 0), frac, chunk_size=chunk_size
+    )
     if empirical:  # minus the plug-in entropy: Σ f log f over the draws' frequencies
         per_row = per_row + torch.where(frac > 0, frac * frac.clamp_min(1e-30).log(), 0.0).sum(-1)
     elif baseline is not None:
@@ -338,6 +415,7 @@ def sampled_kl(student_logits: Tensor, ids: Tensor, counts: Tensor, *, num_draws
 
 # ----------------------------------------------------------------------------- task CE
 
+
 def _ce_rows(z: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     """−log q[y] per row with the fused CE (one target of weight 1; ignored rows weight 0)."""
     keep = targets != ignore_index
@@ -345,8 +423,14 @@ def _ce_rows(z: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     return SparseTargetCE.apply(z.float(), ids, keep.float()[:, None], None)
 
 
-def next_token_ce(student_logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
-                  weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+def next_token_ce(
+    student_logits: Tensor,
+    targets: Tensor,
+    *,
+    ignore_index: int = -100,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
     """Next-token cross-entropy on the data (the α term; scalar, mean over counted rows).
 
     per row: −log softmax(z)[y],  mean over rows with y ≠ ``ignore_index``: Σ w·l / Σ w
@@ -360,7 +444,8 @@ def next_token_ce(student_logits: Tensor, targets: Tensor, *, ignore_index: int 
     t = targets[keep]
     if t.numel() and (t.min().item() < 0 or t.max().item() >= v):
         raise ValueError(f"targets must lie in [0, V={v}) or equal ignore_index={ignore_index}")
-    per_row = per_row_fused(partial(_ce_rows, ignore_index=ignore_index), student_logits, targets.long(),
-                             chunk_size=chunk_size)
+    per_row = per_row_fused(
+        partial(_ce_rows, ignore_index=ignore_index), student_logits, targets.long(), chunk_size=chunk_size
+    )
     w = keep.float() if weights is None else normalized_weights(weights, n, per_row) * keep
     return per_row @ (w / w.sum().clamp_min(torch.finfo(torch.float32).tiny))

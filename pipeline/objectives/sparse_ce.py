@@ -1,4 +1,4 @@
-"""The fused sparse-target cross-entropy behind the language-model losses (pipeline/objectives/tokens.py).
+"""The fused sparse-target cross-entropy behind the language-model losses (pipeline/objectives/sparse.py).
 
 Per row: −Σ_{i∈K} w_i log q_i − w_t log q_t, q = softmax(s) over the full vocabulary, q_t
 the mass of the ids outside K. With w the teacher's top-k bucket probabilities (and w_t
@@ -9,6 +9,7 @@ rows costs one logsumexp forward and one softmax backward over (R, V), in fp32, 
 backward keeps only the chunk's small tensors and a view of its logits (no activation
 checkpointing needed).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-_TAIL_EXACT_BELOW = 1e-3   # 1 − Σ q_kept under this is recomputed as a masked logsumexp (no cancellation)
+_TAIL_EXACT_BELOW = 1e-3  # 1 − Σ q_kept under this is recomputed as a masked logsumexp (no cancellation)
 
 
 class SparseTargetCE(torch.autograd.Function):
@@ -33,34 +34,41 @@ class SparseTargetCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, ids, w, w_t):
-        lse = torch.logsumexp(s, -1, keepdim=True)                               # (R, 1)
-        log_qk = s.gather(1, ids) - lse                                          # (R, k)
+        lse = torch.logsumexp(s, -1, keepdim=True)  # (R, 1)
+        log_qk = s.gather(1, ids) - lse  # (R, k)
         loss = -(w * log_qk).sum(-1)
         q_t = None
         if w_t is not None:
-            q_t = (-torch.expm1(torch.logsumexp(log_qk, -1))).clamp_min(0.0)     # (R,) 1 − Σ q_kept
+            q_t = (-torch.expm1(torch.logsumexp(log_qk, -1))).clamp_min(0.0)  # (R,) 1 − Σ q_kept
             small = q_t < _TAIL_EXACT_BELOW
-            if bool(small.any()):   # exact for tiny tails: the other ids' logsumexp
+            if bool(small.any()):  # exact for tiny tails: the other ids' logsumexp
                 rows = small.nonzero().squeeze(1)
                 rest = torch.logsumexp(s[rows].scatter(1, ids[rows], -math.inf), -1) - lse[rows, 0]
                 q_t = q_t.index_put((rows,), rest.exp())
             q_t = q_t.clamp_min(torch.finfo(torch.float32).tiny)
             loss = loss - w_t * q_t.log()
-        ctx.save_for_backward(s, ids, w, lse, log_qk, w_t if w_t is not None else lse.new_zeros(0), q_t
-                              if q_t is not None else lse.new_zeros(0))
+        ctx.save_for_backward(
+            s,
+            ids,
+            w,
+            lse,
+            log_qk,
+            w_t if w_t is not None else lse.new_zeros(0),
+            q_t if q_t is not None else lse.new_zeros(0),
+        )
         ctx.has_tail = w_t is not None
         return loss
 
     @staticmethod
     def backward(ctx, g):
         s, ids, w, lse, log_qk, w_t, q_t = ctx.saved_tensors
-        total = w.sum(-1, keepdim=True)                                          # (R, 1)
-        grad = (s - lse).exp_()                                                  # q, (R, V)
-        if ctx.has_tail:   # ids distinct per row here (checked by the top-k losses)
+        total = w.sum(-1, keepdim=True)  # (R, 1)
+        grad = (s - lse).exp_()  # q, (R, V)
+        if ctx.has_tail:  # ids distinct per row here (checked by the top-k losses)
             ratio = (w_t / q_t)[:, None]
-            grad.mul_(total + w_t[:, None] - ratio)                              # the V − k other ids
-            grad.scatter_(1, ids, log_qk.exp() * (total + w_t[:, None]) - w)     # the kept ids, written (no cancellation)
-        else:              # repeated ids (sampled padding, weight 0) add per slot: exact
+            grad.mul_(total + w_t[:, None] - ratio)  # the V − k other ids
+            grad.scatter_(1, ids, log_qk.exp() * (total + w_t[:, None]) - w)  # the kept ids, written (no cancellation)
+        else:  # repeated ids (sampled padding, weight 0) add per slot: exact
             grad.mul_(total)
             grad.scatter_add_(1, ids, -w)
         grad.mul_(g[:, None])
@@ -74,6 +82,6 @@ def per_row_fused(fn, logits: Tensor, *row_tensors: Tensor, chunk_size: int) -> 
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     out, start = [], 0
     for z in logits.split(chunk_size):
-        out.append(fn(z, *[t[start:start + z.shape[0]] for t in row_tensors]))
+        out.append(fn(z, *[t[start : start + z.shape[0]] for t in row_tensors]))
         start += z.shape[0]
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)

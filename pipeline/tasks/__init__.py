@@ -12,9 +12,10 @@ better, how a trained model is evaluated for the report and how it is exported:
 A new task is one module here implementing `Task`, registered in TASKS, plus its data
 source (pipeline/data) and its labeller (pipeline/labelling).
 """
+
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -23,33 +24,53 @@ from torch import nn
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.lm import LanguageModelTask
 
+if TYPE_CHECKING:
+    from pipeline.views.base import Transform
+
 
 class Task(Protocol):
-    name: str                  # "classify" | "lm"
-    metric: str                # the validation metric: "accuracy" | "perplexity"
+    name: str  # "classify" | "lm"
+    metric: str  # the validation metric: "accuracy" | "perplexity"
     higher_is_better: bool
-    unit: str                  # what a row counts: "samples" | "tokens"
+    unit: str  # what a row counts: "samples" | "tokens"
 
     def prepare(self) -> None: ...
 
-    def labelled(self, data) -> bool: ...
+    def labelled(self, data: Any) -> bool: ...
 
-    def batch(self, data, pos: np.ndarray, views: np.ndarray, transform=None) -> dict[str, torch.Tensor]: ...
+    def batch(
+        self, data: Any, pos: np.ndarray, views: np.ndarray, transform: Transform | None = None
+    ) -> dict[str, torch.Tensor]: ...
 
     def units(self, batch: dict) -> torch.Tensor: ...
 
-    def score(self, model: nn.Module, data, *, device) -> float: ...
+    def score(self, model: nn.Module, data: Any, *, device: torch.device | str) -> float: ...
 
-    def evaluate(self, model: nn.Module, data, *, teacher_logits=None, device="cpu") -> dict: ...
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        teacher_logits: np.ndarray | None = None,
+        device: torch.device | str = "cpu",
+    ) -> dict: ...
 
-    def export(self, model: nn.Module, out_dir: str, name: str, example, *, quantize: bool = False,
-               tokenizer_dir: str | None = None) -> dict: ...
+    def export(
+        self,
+        model: nn.Module,
+        out_dir: str,
+        name: str,
+        example: Any,
+        *,
+        quantize: bool = False,
+        tokenizer_dir: str | None = None,
+    ) -> dict: ...
 
 
 TASKS: dict[str, Task] = {"classify": ClassifyTask(), "lm": LanguageModelTask()}
 
 
-def task_of(data) -> Task:
+def task_of(data: Any) -> Task:
     """The task a data source's rows are for (its `task` attribute; classifiers by default)."""
     name = getattr(data, "task", "classify")
     if name not in TASKS:

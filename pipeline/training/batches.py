@@ -12,14 +12,19 @@ epoch sees new augmentations.
 Every batch: the task's keys (x, y; a language model's mask too), sample_id (B,) int64,
 view (B,) int64, weight (B,) float32 (0 for pad rows).
 """
+
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pipeline.tasks import task_of
+
+if TYPE_CHECKING:
+    from pipeline.views.base import Transform
 
 
 def check_rank(rank: int, world_size: int, batch_size: int) -> None:
@@ -30,8 +35,18 @@ def check_rank(rank: int, world_size: int, batch_size: int) -> None:
 
 
 class HardLabelBatches:
-    def __init__(self, data, *, batch_size: int, transform=None, num_views: int | None = None, seed: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        data: Any,
+        *,
+        batch_size: int,
+        transform: Transform | None = None,
+        num_views: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         check_rank(rank, world_size, batch_size)
         if len(data) == 0:
             raise ValueError(f"dataset {data.name!r} is empty")
@@ -64,13 +79,15 @@ class HardLabelBatches:
             views = rng.integers(1, 2**31, n)
         views = views[order]  # views[i] belongs to the row at order[i]; drawn for all ranks alike
         m = math.ceil(n / self.world_size)
-        gpos = np.arange(self.rank * m, (self.rank + 1) * m)    # positions in the epoch order
+        gpos = np.arange(self.rank * m, (self.rank + 1) * m)  # positions in the epoch order
         pad = gpos >= n
         pos, vws = order[gpos % n], views[gpos % n]
         for a in range(0, m, self.batch_size):
-            p, v = pos[a:a + self.batch_size], vws[a:a + self.batch_size]
+            p, v = pos[a : a + self.batch_size], vws[a : a + self.batch_size]
             v = v if self.transform is not None else np.zeros_like(v)
             batch = self.task.batch(self.data, p, v, self.transform)
-            yield batch | {"sample_id": torch.from_numpy(self.data.sample_ids[p]),
-                           "view": torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)),
-                           "weight": torch.from_numpy((~pad[a:a + self.batch_size]).astype(np.float32))}
+            yield batch | {
+                "sample_id": torch.from_numpy(self.data.sample_ids[p]),
+                "view": torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)),
+                "weight": torch.from_numpy((~pad[a : a + self.batch_size]).astype(np.float32)),
+            }

@@ -2,6 +2,7 @@
 and students of every task. A config's training sections (`teacher.train`,
 `students.train`) are generated from it (flows/config.py), so a key means the same thing
 everywhere and its default is stated once, here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,38 +31,43 @@ GLOBAL_RNG_LOCK = threading.RLock()
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 128               # rows per step: samples, or a language model's windows
+    batch_size: int = 128  # rows per step: samples, or a language model's windows
     lr: float = 1e-3
-    optimizer: str = "adamw"            # "adamw" | "sgd"
-    betas: tuple[float, float] = (0.9, 0.999)   # AdamW's
+    optimizer: str = "adamw"  # "adamw" | "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
     weight_decay: float = 0.0
-    momentum: float = 0.9               # sgd only
-    schedule: str = "cosine"            # "cosine" | "step" | "constant", per optimizer step
-    min_lr: float = 0.0                 # "cosine" ends at min_lr x lr (a fraction in [0, 1])
-    warmup_steps: int = 0               # linear warm-up before the schedule
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # "cosine" | "step" | "constant", per optimizer step
+    min_lr: float = 0.0  # "cosine" ends at min_lr x lr (a fraction in [0, 1])
+    warmup_steps: int = 0  # linear warm-up before the schedule
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # "step": x step_gamma at these fractions of training
     step_gamma: float = 0.1
-    loss: str = "ce"                    # "ce" (hard labels / next tokens) or a KD loss (objectives/losses.py)
-    temperature: float | None = None    # the student's T' (None: the stored labels' temperature)
-    alpha: float = 0.0                  # weight of the hard-label CE; the KD term gets 1 - alpha
-    hint_weight: float = 0.0            # + w * FitNets hint loss on the teacher feature (stored or online)
-    rkd_weight: float = 0.0             # + w * RKD distance loss on the same features
-    grad_clip: float | None = None      # max global grad norm (None: off)
-    patience: int | None = None         # early stopping: evaluations without a better validation metric
+    loss: str = "ce"  # "ce" (hard labels / next tokens) or a KD loss (objectives/losses.py)
+    temperature: float | None = None  # the student's T' (None: the stored labels' temperature)
+    alpha: float = 0.0  # weight of the hard-label CE; the KD term gets 1 - alpha
+    hint_weight: float = 0.0  # + w * FitNets hint loss on the teacher feature (stored or online)
+    rkd_weight: float = 0.0  # + w * RKD distance loss on the same features
+    grad_clip: float | None = None  # max global grad norm (None: off)
+    patience: int | None = None  # early stopping: evaluations without a better validation metric
     seed: int = 0
-    num_workers: int = 0                # DataLoader workers reading stored labels
-    worker_start: str = "forkserver"    # DataLoader worker start method: "fork" | "spawn" | "forkserver";
-                                        # not fork by default: a fork inherits the parent's threads (a Prefect
-                                        # engine's, a storage pool's) in whatever state they are
-    device: str = "auto"                # "cpu" | "cuda" | "auto"
-    eval_every: int = 1                 # epochs between validations (the last epoch always)
-    chunk_size: int = 512               # loss rows per chunk over a large vocabulary (bounds fp32 (rows, V))
-    log_path: str | None = None         # JSON lines, one record per epoch
-    ckpt_path: str | None = None        # training checkpoint for resume
+    num_workers: int = 0  # DataLoader workers reading stored labels
+    worker_start: str = "forkserver"  # DataLoader worker start method: "fork" | "spawn" | "forkserver";
+    # not fork by default: a fork inherits the parent's threads (a Prefect
+    # engine's, a storage pool's) in whatever state they are
+    device: str = "auto"  # "cpu" | "cuda" | "auto"
+    eval_every: int = 1  # epochs between validations (the last epoch always)
+    chunk_size: int = 512  # loss rows per chunk over a large vocabulary (bounds fp32 (rows, V))
+    log_path: str | None = None  # JSON lines, one record per epoch
+    ckpt_path: str | None = None  # training checkpoint for resume
 
     def __post_init__(self):
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", loss_names()),
-                              ("device", DEVICES), ("worker_start", WORKER_STARTS)):
+        for name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("loss", loss_names()),
+            ("device", DEVICES),
+            ("worker_start", WORKER_STARTS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "eval_every", "chunk_size"):

@@ -17,13 +17,15 @@ continues after the last completed epoch; because data order is a pure function 
 (seed, epoch) and the RNG state is restored, the result is identical to a run that was
 never interrupted (on CPU; CUDA kernels may not be bitwise deterministic).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import time
-from typing import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,10 +40,13 @@ from pipeline.training.batches import HardLabelBatches
 from pipeline.training.config import GLOBAL_RNG_LOCK, RESUME_FREE, TrainConfig
 from pipeline.training.stream import keep_batch, open_label_stream
 
+if TYPE_CHECKING:
+    from pipeline.views.base import Transform
+
 # ---------------------------------------------------------------- components
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]  # frozen params (finetune) are not stepped
     if not params:
         raise ValueError("the model has no trainable parameters (everything frozen?)")
@@ -50,7 +55,7 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_schedule(opt, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per optimizer step: linear warm-up to lr over warmup_steps, then constant, step
     decay (x step_gamma at step_milestones), or cosine from lr down to min_lr x lr."""
     warm = cfg.warmup_steps
@@ -99,11 +104,14 @@ def _append_jsonl(path: str, records: list[dict], *, truncate: bool = False) -> 
             f.write(json.dumps(r) + "\n")
 
 
-def lineage_diff(old, new, prefix: str = "") -> list[str]:
+def lineage_diff(old: object, new: object, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON-like dicts (a missing key differs)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in lineage_diff(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}{k}.")]
+        return [
+            d
+            for k in sorted(set(old) | set(new), key=str)
+            for d in lineage_diff(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{prefix}{k}.")
+        ]
     return [] if old == new else [prefix.rstrip(".") or "(all)"]
 
 
@@ -116,13 +124,17 @@ def _load_resume(cfg: TrainConfig, lineage: dict | None = None) -> dict | None:
     if lineage is not None and ck.get("lineage") != lineage:
         # another run's state (other data, labels, views...): continuing it would train, or
         # report as trained, a model of that run. Start over, and say so.
-        why = (", ".join(lineage_diff(ck["lineage"], lineage)) + " differ" if ck.get("lineage") is not None
-               else "it records no lineage")
+        why = (
+            ", ".join(lineage_diff(ck["lineage"], lineage)) + " differ"
+            if ck.get("lineage") is not None
+            else "it records no lineage"
+        )
         print(f"{cfg.ckpt_path}: not resuming, it belongs to another run ({why}); training from scratch")
         return None
     old, new = ck["config"], cfg.to_dict()
-    diff = [f"{k}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in new
-            if k not in RESUME_FREE and old.get(k) != new[k]]
+    diff = [
+        f"{k}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in new if k not in RESUME_FREE and old.get(k) != new[k]
+    ]
     if diff:
         raise ValueError(f"cannot resume {cfg.ckpt_path} with a different config:\n  " + "\n  ".join(diff))
     return ck
@@ -134,11 +146,23 @@ def _better(task, value: float, best: float | None) -> bool:
 
 # ---------------------------------------------------------------- the loop
 
-def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
-          labels: str | list[str] | None = None, transform=None, num_views: int | None = None,
-          teacher: nn.Module | None = None, storage_options: dict | None = None,
-          expect: dict | None = None, resume: bool = False, lineage: dict | None = None,
-          on_batch: Callable[[int, dict], None] | None = None) -> dict:
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    *,
+    train_data: Any,
+    val_data: Any = None,
+    labels: str | list[str] | None = None,
+    transform: Transform | None = None,
+    num_views: int | None = None,
+    teacher: nn.Module | None = None,
+    storage_options: dict | None = None,
+    expect: dict | None = None,
+    resume: bool = False,
+    lineage: dict | None = None,
+    on_batch: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Train `model` in place; at the end it holds the best weights by the task's
     validation metric (accuracy, perplexity) on val_data.
 
@@ -157,8 +181,9 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
     if hard and (labels is not None or teacher is not None):
         raise ValueError("loss 'ce' trains on hard labels: give no labels= or teacher=")
     if not hard and (labels is None) == (teacher is None):
-        raise ValueError(f"loss {cfg.loss!r} learns from a teacher: give stored labels= or an online teacher=, "
-                         f"exactly one")
+        raise ValueError(
+            f"loss {cfg.loss!r} learns from a teacher: give stored labels= or an online teacher=, exactly one"
+        )
     task = task_of(train_data)
     if (hard or cfg.alpha > 0) and not task.labelled(train_data):
         raise ValueError(f"dataset {train_data.name!r} is unlabeled: loss 'ce' and alpha > 0 need labels")
@@ -176,29 +201,52 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
     stream, numpy_batches = None, False
     if labels is not None:
         uris = [labels] if isinstance(labels, str) else list(labels)  # [primary, *more teachers]
-        stream = open_label_stream(uris[0], train_data, transform, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   rank=rank, world_size=world, storage_options=storage_options, expect=expect,
-                                   extra_soft_labels=uris[1:])
+        stream = open_label_stream(
+            uris[0],
+            train_data,
+            transform,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+            storage_options=storage_options,
+            expect=expect,
+            extra_soft_labels=uris[1:],
+        )
         if cfg.num_workers == 0:  # iterate in-process: a DataLoader adds per-batch overhead and nothing else
             batches = stream
         else:  # own generator: DataLoader must not draw from the global RNG (resume equality)
             # on CPU workers hand over numpy arrays (pickled, no per-tensor fd passing); CUDA keeps
             # tensors so that the loader can pin them
             stream.worker_numpy = numpy_batches = device.type != "cuda"
-            batches = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=True,
-                                 pin_memory=device.type == "cuda", multiprocessing_context=cfg.worker_start,
-                                 collate_fn=keep_batch if stream.worker_numpy else None,
-                                 generator=torch.Generator().manual_seed(cfg.seed))
+            batches = DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=cfg.num_workers,
+                persistent_workers=True,
+                pin_memory=device.type == "cuda",
+                multiprocessing_context=cfg.worker_start,
+                collate_fn=keep_batch if stream.worker_numpy else None,
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
         steps_per_epoch, sampler = stream.num_batches(cfg.num_workers), stream
     else:
-        sampler = batches = HardLabelBatches(train_data, batch_size=cfg.batch_size, transform=transform,
-                                             num_views=num_views, seed=cfg.seed, rank=rank, world_size=world)
+        sampler = batches = HardLabelBatches(
+            train_data,
+            batch_size=cfg.batch_size,
+            transform=transform,
+            num_views=num_views,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+        )
         steps_per_epoch = batches.num_batches()
     # what the model minimises (loss, T', alpha, hint/RKD, teachers); refuses what is undefined
-    objective = Objective.from_config(cfg, stream=stream, teacher=teacher, model=raw, data=train_data,
-                                      ddp=ddp, device=device)
+    objective = Objective.from_config(
+        cfg, stream=stream, teacher=teacher, model=raw, data=train_data, ddp=ddp, device=device
+    )
     hint = objective.hint
-    names = objective.term_names                          # ("loss", "task_loss"?, "kd_loss"?, ...)
+    names = objective.term_names  # ("loss", "task_loss"?, "kd_loss"?, ...)
 
     opt = make_optimizer(list(raw.parameters()) + objective.parameters(), cfg)
     total_steps = cfg.epochs * steps_per_epoch
@@ -222,8 +270,7 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
         rngs = ck["rng"]
         _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         if start_epoch < cfg.epochs and not stopped:
-            print(f"{cfg.ckpt_path}: resuming after epoch {start_epoch} of {cfg.epochs} "
-                  f"(step {step} of {total_steps})")
+            print(f"{cfg.ckpt_path}: resuming after epoch {start_epoch} of {cfg.epochs} (step {step} of {total_steps})")
     if rank == 0 and cfg.log_path:  # the log always mirrors the checkpoint's history
         _append_jsonl(cfg.log_path, history, truncate=True)
     net = raw
@@ -246,8 +293,8 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
             if on_batch is not None:
                 on_batch(epoch, batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            terms = objective(net, batch)                             # forward + {"loss", "task_loss", ...}
-            loss = terms["loss"]                                      # (an online teacher runs in there)
+            terms = objective(net, batch)  # forward + {"loss", "task_loss", ...}
+            loss = terms["loss"]  # (an online teacher runs in there)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -256,10 +303,11 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
             opt.step()
             sched.step()
             step += 1
-            bw = task.units(batch)                                    # samples, or real tokens
-            vals = [terms[k] for k in names]                          # alpha 0: kd_loss is the loss itself
-            term_sums += (loss.detach().double() if all(v is loss for v in vals)
-                          else torch.stack(vals).detach().double()) * bw
+            bw = task.units(batch)  # samples, or real tokens
+            vals = [terms[k] for k in names]  # alpha 0: kd_loss is the loss itself
+            term_sums += (
+                loss.detach().double() if all(v is loss for v in vals) else torch.stack(vals).detach().double()
+            ) * bw
             w_sum += bw.double()
         if ddp:  # global mean loss and unit count over ranks
             dist.all_reduce(term_sums)
@@ -286,10 +334,19 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
         # ---- log + checkpoint
         seconds = time.perf_counter() - t0
         means = (term_sums / w_sum.clamp_min(1e-12)).tolist()  # per-unit means over the epoch
-        record = {"epoch": epoch, "step": step, "train_loss": means[0], "val": val, "metric": task.metric,
-                  "lr": lr, "seconds": seconds, "throughput": float(w_sum) / max(train_seconds, 1e-9),
-                  "unit": task.unit, "best_val": best,
-                  **dict(zip(names[1:], means[1:]))}    # the named terms: task_loss, kd_loss, hint_loss, rkd_loss
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": means[0],
+            "val": val,
+            "metric": task.metric,
+            "lr": lr,
+            "seconds": seconds,
+            "throughput": float(w_sum) / max(train_seconds, 1e-9),
+            "unit": task.unit,
+            "best_val": best,
+            **dict(zip(names[1:], means[1:])),
+        }  # the named terms: task_loss, kd_loss, hint_loss, rkd_loss
         history.append(record)
         rngs = [_rng_state()]
         if ddp and cfg.ckpt_path:  # each rank's RNG (dropout masks differ per rank)
@@ -297,14 +354,28 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
             dist.all_gather_object(rngs, _rng_state())
         if rank == 0:
             if cfg.ckpt_path:
-                atomic_torch_save({
-                    "model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "hint": hint.state_dict() if hint is not None else None,
-                    "epoch": epoch + 1, "step": step, "units": units,
-                    "seconds": seconds_before + time.perf_counter() - t_start,
-                    "best": best, "best_epoch": best_epoch, "best_state": best_state,
-                    "bad_evals": bad_evals, "stopped_early": stopped, "history": history, "rng": rngs,
-                    "config": cfg.to_dict(), "lineage": lineage}, cfg.ckpt_path)
+                atomic_torch_save(
+                    {
+                        "model": raw.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "hint": hint.state_dict() if hint is not None else None,
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "units": units,
+                        "seconds": seconds_before + time.perf_counter() - t_start,
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "best_state": best_state,
+                        "bad_evals": bad_evals,
+                        "stopped_early": stopped,
+                        "history": history,
+                        "rng": rngs,
+                        "config": cfg.to_dict(),
+                        "lineage": lineage,
+                    },
+                    cfg.ckpt_path,
+                )
             if cfg.log_path:
                 _append_jsonl(cfg.log_path, [record])
         if stopped:
@@ -314,8 +385,18 @@ def train(model: nn.Module, cfg: TrainConfig, *, train_data, val_data=None,
     if best_state is not None:
         raw.load_state_dict(best_state)
     seconds = seconds_before + time.perf_counter() - t_start
-    return {"metric": task.metric, "best_val": best, "best_epoch": best_epoch, "epochs_run": len(history),
-            "epochs_trained": len(history) - start_epoch, "steps": step, "units": units, "unit": task.unit,
-            "stopped_early": stopped, "seconds": seconds,
-            "throughput": units / sum(h["seconds"] for h in history) if history else 0.0,
-            "history": cfg.log_path, "last_epoch": history[-1] if history else None}
+    return {
+        "metric": task.metric,
+        "best_val": best,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "epochs_trained": len(history) - start_epoch,
+        "steps": step,
+        "units": units,
+        "unit": task.unit,
+        "stopped_early": stopped,
+        "seconds": seconds,
+        "throughput": units / sum(h["seconds"] for h in history) if history else 0.0,
+        "history": cfg.log_path,
+        "last_epoch": history[-1] if history else None,
+    }

@@ -30,19 +30,26 @@ Every batch also has sample_id (B,) int64, view (B,) int64 and weight (B,) float
 pad rows: repeats that only keep ranks in lock-step). No temperature math here: the
 student's T' meets the stored T in one place, pipeline/objectives.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from storage import Location, SoftLabelDataset, batches_per_partition, open_soft_labels
 from pipeline.tasks import task_of
 from pipeline.training.batches import check_rank
 from pipeline.views.transforms import transform_from_dict
+from storage import Location, SoftLabelDataset, batches_per_partition, open_soft_labels
+
+if TYPE_CHECKING:
+    from pipeline.data.corpus import TokenCorpus
+    from pipeline.data.datasets import Source
+    from pipeline.views.base import Transform
 
 # The row join handles up to this many bytes of label tensors per call (k whole batches,
 # k <= MAX_JOIN_BATCHES): small batches amortize its per-call cost; many classes still go
@@ -52,7 +59,7 @@ MAX_JOIN_BATCHES = 16
 TOKEN_KINDS = ("token_topk", "token_sampled")
 
 
-def open_label_stream(uri: str, inputs, transform=None, **kw) -> "LabelStream":
+def open_label_stream(uri: str, inputs: Any, transform: Transform | None = None, **kw: Any) -> LabelStream:
     """The stream for the labels at `uri`, by their layout (RowStream or SequenceStream);
     keyword arguments as LabelStream's."""
     manifest = open_soft_labels(uri, expect=kw.get("expect"), storage_options=kw.get("storage_options")).manifest
@@ -60,7 +67,7 @@ def open_label_stream(uri: str, inputs, transform=None, **kw) -> "LabelStream":
     return cls(uri, inputs, transform, manifest=manifest, **kw)
 
 
-def keep_batch(batch):
+def keep_batch(batch: dict[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray | torch.Tensor]:
     """DataLoader collate_fn that passes a worker's batch on unchanged (numpy stays numpy)."""
     return batch
 
@@ -68,9 +75,22 @@ def keep_batch(batch):
 class LabelStream(IterableDataset):
     """What every layout's stream shares (see the module docstring)."""
 
-    def __init__(self, uri: str, inputs, transform=None, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, storage_options: dict | None = None, expect: dict | None = None,
-                 extra_soft_labels: list[str] | None = None, manifest: dict | None = None):
+    def __init__(
+        self,
+        uri: str,
+        inputs: Any,
+        transform: Transform | None = None,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        storage_options: dict | None = None,
+        expect: dict | None = None,
+        extra_soft_labels: list[str] | None = None,
+        manifest: dict | None = None,
+    ):
         check_rank(rank, world_size, batch_size)
         # In a DataLoader worker, yield numpy arrays instead of tensors (the loader then needs
         # collate_fn=keep_batch, and the consumer wraps them with torch.as_tensor). A tensor
@@ -82,8 +102,11 @@ class LabelStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.storage_options = storage_options
         # only the manifest dict is kept: workers open their own dataset (and filesystem)
-        self.manifest = m = manifest if manifest is not None else \
-            open_soft_labels(uri, expect=expect, storage_options=storage_options).manifest
+        self.manifest = m = (
+            manifest
+            if manifest is not None
+            else open_soft_labels(uri, expect=expect, storage_options=storage_options).manifest
+        )
         self.temperature = float(m["temperature"])
         self.kind = m["representation"]["kind"]
         self.extra_uris = list(extra_soft_labels or [])
@@ -135,12 +158,15 @@ class LabelStream(IterableDataset):
             yield {key: v.numpy() for key, v in batch.items()} if to_numpy else batch
 
     def _common(self, b: dict) -> dict[str, torch.Tensor]:
-        return {"sample_id": torch.from_numpy(np.array(b["sample_id"], dtype=np.int64)),
-                "view": torch.from_numpy(np.array(b["view"], dtype=np.int64)),
-                "weight": torch.from_numpy((~np.asarray(b["pad"], bool)).astype(np.float32))}
+        return {
+            "sample_id": torch.from_numpy(np.array(b["sample_id"], dtype=np.int64)),
+            "view": torch.from_numpy(np.array(b["view"], dtype=np.int64)),
+            "weight": torch.from_numpy((~np.asarray(b["pad"], bool)).astype(np.float32)),
+        }
 
 
 # ---------------------------------------------------------------- one row per (sample, view)
+
 
 def _resolve_views(transform, manifest: dict, uri: str):
     """The view transform to regenerate. Labelling records data.transform =
@@ -151,8 +177,10 @@ def _resolve_views(transform, manifest: dict, uri: str):
         return transform
     if transform is not None:
         if transform.to_dict() != stored:
-            raise ValueError(f"view transform {transform.to_dict()} differs from the transform the soft labels at "
-                             f"{uri} were made with ({stored}); views would not match their labels")
+            raise ValueError(
+                f"view transform {transform.to_dict()} differs from the transform the soft labels at "
+                f"{uri} were made with ({stored}); views would not match their labels"
+            )
         return transform
     try:
         return transform_from_dict(stored)
@@ -165,17 +193,21 @@ class RowStream(LabelStream):
     batches. extra_soft_labels: more teachers' dense labels of the SAME inputs and views
     (multi-teacher KD), joined to each row by (sample_id, view)."""
 
-    def __init__(self, uri: str, inputs, transform=None, **kw):
+    def __init__(self, uri: str, inputs: Source, transform: Transform | None = None, **kw: Any):
         super().__init__(uri, inputs, transform, **kw)
         m = self.manifest
         self.num_classes, self.num_views = int(m["num_classes"]), int(m["num_views"])
         if inputs.num_classes is not None and inputs.num_classes not in (0, self.num_classes):
-            raise ValueError(f"inputs {inputs.name!r} have num_classes={inputs.num_classes} but the soft labels "
-                             f"at {self.uri} have num_classes={self.num_classes}")
+            raise ValueError(
+                f"inputs {inputs.name!r} have num_classes={inputs.num_classes} but the soft labels "
+                f"at {self.uri} have num_classes={self.num_classes}"
+            )
         self.transform = _resolve_views(transform, m, self.uri)
         if self.num_views > 1 and self.transform is None:
-            raise ValueError(f"soft labels at {self.uri} hold {self.num_views} views per sample; pass the "
-                             f"transform they were labelled with (None only works for 1 view)")
+            raise ValueError(
+                f"soft labels at {self.uri} hold {self.num_views} views per sample; pass the "
+                f"transform they were labelled with (None only works for 1 view)"
+            )
         self.extra_manifests = [self._check_extra(u) for u in self.extra_uris]
         self.extra_temperatures = [float(e["temperature"]) for e in self.extra_manifests]
         self._extra_ds: list[SoftLabelDataset] | None = None
@@ -193,18 +225,23 @@ class RowStream(LabelStream):
                 raise ValueError(f"soft labels at {uri} have {field}={m[field]}, but {self.uri} has {me[field]}")
         for field in ("fingerprint", "transform"):
             if m["data"].get(field) != me["data"].get(field):
-                raise ValueError(f"soft labels at {uri} were made from other inputs (data.{field} "
-                                 f"{m['data'].get(field)!r} vs {me['data'].get(field)!r} at {self.uri})")
+                raise ValueError(
+                    f"soft labels at {uri} were made from other inputs (data.{field} "
+                    f"{m['data'].get(field)!r} vs {me['data'].get(field)!r} at {self.uri})"
+                )
         return m
 
     def _opened(self) -> None:
-        self._extra_ds = [SoftLabelDataset(Location(u, self.storage_options), m)
-                          for u, m in zip(self.extra_uris, self.extra_manifests)]
+        self._extra_ds = [
+            SoftLabelDataset(Location(u, self.storage_options), m)
+            for u, m in zip(self.extra_uris, self.extra_manifests)
+        ]
 
     def num_batches(self, num_workers: int = 0) -> int:
         parts = max(int(num_workers), 1)
-        return parts * batches_per_partition(int(self.manifest["num_rows"]), self.world_size * parts,
-                                             self.batch_size, False)
+        return parts * batches_per_partition(
+            int(self.manifest["num_rows"]), self.world_size * parts, self.batch_size, False
+        )
 
     def join_batches(self) -> int:
         """Batches whose labels are joined per storage read: the label join's fixed per-call
@@ -212,7 +249,7 @@ class RowStream(LabelStream):
         JOIN_CHUNK_BYTES of label tensors; inputs are still gathered per batch (they stay in
         cache for the forward pass). Rows and order: exactly iter_batches(B)'s."""
         stored = int(self.manifest.get("layout", {}).get("row_bytes") or 2 * self.num_classes)  # one stored row
-        extra = len(self.extra_uris)                                   # (B, C) fp32 tensors more
+        extra = len(self.extra_uris)  # (B, C) fp32 tensors more
         label_bytes = 2 * stored + 4 * self.num_classes * extra  # float16 -> float32 doubles the stored bytes
         return int(min(MAX_JOIN_BATCHES, max(1, JOIN_CHUNK_BYTES // (label_bytes * self.batch_size))))
 
@@ -220,25 +257,32 @@ class RowStream(LabelStream):
         B, k = self.batch_size, self.join_batches()
         # chunks of k whole batches from the same row stream (same shuffle window as batches
         # of B), so cutting them at multiples of B gives exactly iter_batches(B)'s batches
-        for chunk in ds.iter_batches(B * k, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                     rank=self.rank, world_size=self.world_size, worker=worker,
-                                     num_workers=num_workers, shuffle_buffer=ds.default_shuffle_buffer(B)):
+        for chunk in ds.iter_batches(
+            B * k,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            shuffle_buffer=ds.default_shuffle_buffer(B),
+        ):
             labels, pos = self.join_labels(chunk)
             # views of the chunk's tensors, (B, ...) each; extra_stored_logits is (K, B, C)
-            parts = {key: torch.split(v, B, dim=1 if key == "extra_stored_logits" else 0)
-                     for key, v in labels.items()}
+            parts = {key: torch.split(v, B, dim=1 if key == "extra_stored_logits" else 0) for key, v in labels.items()}
             for i, a in enumerate(range(0, len(pos), B)):
                 batch = {key: v[i] for key, v in parts.items()}
                 view = batch["view"].numpy()
                 if self.transform is None and view.any():
                     raise ValueError(f"soft labels at {self.uri} contain view {int(view.max())} but no transform")
-                yield self.task.batch(self.inputs, pos[a:a + B], view, self.transform) | batch
+                yield self.task.batch(self.inputs, pos[a : a + B], view, self.transform) | batch
 
     def join_labels(self, b: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """Storage rows -> every batch field but the task's, and the rows' positions in the inputs."""
         out = self._common(b)
-        pos = self.inputs.index_of(out["sample_id"].numpy())          # ValueError names missing ids
-        if self.kind == "dense":                                       # stored s = z / T, as stored
+        pos = self.inputs.index_of(out["sample_id"].numpy())  # ValueError names missing ids
+        if self.kind == "dense":  # stored s = z / T, as stored
             out["stored_logits"] = torch.from_numpy(np.array(b["logits"], dtype=np.float32))  # (B, C), a new array
         else:  # the teacher's log-probs at T: stored z/T minus the stored logsumexp of all C
             lse = np.asarray(b["logsumexp"], dtype=np.float32)
@@ -247,9 +291,11 @@ class RowStream(LabelStream):
         if self.extra_uris:  # other teachers' logits for the same (sample_id, view) rows
             self._dataset()
             sid, view = out["sample_id"].numpy(), out["view"].numpy()
-            out["extra_stored_logits"] = torch.from_numpy(np.stack([
-                np.asarray(ds.take(sid, view, columns=["logits"])["logits"], np.float32)
-                for ds in self._extra_ds]))                              # (K, B, C) z_k / T_k
+            out["extra_stored_logits"] = torch.from_numpy(
+                np.stack(
+                    [np.asarray(ds.take(sid, view, columns=["logits"])["logits"], np.float32) for ds in self._extra_ds]
+                )
+            )  # (K, B, C) z_k / T_k
         if "feature" in b:  # the teacher's stored intermediate feature, (B, F), for hint/RKD losses
             out["teacher_feature"] = torch.from_numpy(np.array(b["feature"], dtype=np.float32))
         return out, pos
@@ -257,35 +303,43 @@ class RowStream(LabelStream):
 
 # ---------------------------------------------------------------- one sequence per window
 
-LABEL_KEYS = {"token_topk": ("topk_ids", "topk_logprobs", "missing_mass"),
-              "token_sampled": ("sample_ids", "sample_counts")}
+LABEL_KEYS = {
+    "token_topk": ("topk_ids", "topk_logprobs", "missing_mass"),
+    "token_sampled": ("sample_ids", "sample_counts"),
+}
 
 
-def check_token_lineage(manifest: dict, corpus, uri: str) -> None:
+def check_token_lineage(manifest: dict, corpus: TokenCorpus, uri: str) -> None:
     """ValueError unless the labels at `uri` were made from `corpus` (same tokenizer, same
     windows). Messages name both fingerprints."""
     data = manifest.get("data") or {}
     stored_tok = ((data.get("inputs") or {}).get("tokenizer") or {}).get("fingerprint")
     tok = corpus.describe()["tokenizer"]["fingerprint"]
     if stored_tok != tok:
-        raise ValueError(f"token labels at {uri} were made with tokenizer fingerprint {stored_tok}, but corpus "
-                         f"{corpus.name!r} is tokenized with fingerprint {tok}: a student with another tokenizer "
-                         f"is refused (its token ids would name other tokens than the teacher's)")
+        raise ValueError(
+            f"token labels at {uri} were made with tokenizer fingerprint {stored_tok}, but corpus "
+            f"{corpus.name!r} is tokenized with fingerprint {tok}: a student with another tokenizer "
+            f"is refused (its token ids would name other tokens than the teacher's)"
+        )
     if int(manifest["seq_len"]) != corpus.seq_len:
-        raise ValueError(f"token labels at {uri} have seq_len {manifest['seq_len']}, corpus {corpus.name!r} has "
-                         f"seq_len {corpus.seq_len}")
+        raise ValueError(
+            f"token labels at {uri} have seq_len {manifest['seq_len']}, corpus {corpus.name!r} has "
+            f"seq_len {corpus.seq_len}"
+        )
     fp = corpus.fingerprint()
     if data.get("fingerprint") != fp:
-        raise ValueError(f"token labels at {uri} were made from data fingerprint {data.get('fingerprint')}, but "
-                         f"corpus {corpus.name!r} has fingerprint {fp} (other text, split or windows): sample ids "
-                         f"would pair labels with other tokens")
+        raise ValueError(
+            f"token labels at {uri} were made from data fingerprint {data.get('fingerprint')}, but "
+            f"corpus {corpus.name!r} has fingerprint {fp} (other text, split or windows): sample ids "
+            f"would pair labels with other tokens"
+        )
 
 
 class SequenceStream(LabelStream):
     """token_topk / token_sampled labels: whole sequences joined to the corpus windows they
     were made from (same tokenizer, same windows: refused otherwise, naming fingerprints)."""
 
-    def __init__(self, uri: str, inputs, transform=None, **kw):
+    def __init__(self, uri: str, inputs: TokenCorpus, transform: Transform | None = None, **kw: Any):
         super().__init__(uri, inputs, transform, **kw)
         if self.extra_uris:
             raise ValueError("several teachers' token labels (extra_soft_labels) are not supported")
@@ -293,27 +347,37 @@ class SequenceStream(LabelStream):
         self.vocab_size, self.seq_len = int(self.manifest["vocab_size"]), int(self.manifest["seq_len"])
 
     def num_batches(self, num_workers: int = 0) -> int:
-        return self._dataset().num_sequence_batches(self.batch_size, world_size=self.world_size,
-                                                    num_workers=max(int(num_workers), 1))
+        return self._dataset().num_sequence_batches(
+            self.batch_size, world_size=self.world_size, num_workers=max(int(num_workers), 1)
+        )
 
     def _batches(self, ds: SoftLabelDataset, worker: int, num_workers: int):
-        for b in ds.iter_sequences(self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                   rank=self.rank, world_size=self.world_size, worker=worker,
-                                   num_workers=num_workers):
+        for b in ds.iter_sequences(
+            self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+        ):
             yield self.join(b)
 
     def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Decoded stored sequences -> the batch: the corpus windows by sample id, the labels,
         all cut to the batch's longest sequence Lb."""
         out = self._common(b)
-        sid = out["sample_id"].numpy()                                       # (B,)
-        pos = self.inputs.index_of(sid)                                      # ValueError names missing ids
-        n = np.asarray(b["length"], dtype=np.int64)                          # (B,) stored tokens per sequence
+        sid = out["sample_id"].numpy()  # (B,)
+        pos = self.inputs.index_of(sid)  # ValueError names missing ids
+        n = np.asarray(b["length"], dtype=np.int64)  # (B,) stored tokens per sequence
         want = self.inputs.lengths(pos)
         if not np.array_equal(n, want):
             i = int(np.flatnonzero(n != want)[0])
-            raise ValueError(f"token labels at {self.uri}: sequence sample_id {sid[i]} holds {n[i]} tokens, but "
-                             f"corpus {self.inputs.name!r} has {want[i]} in that window: labels of other windows")
+            raise ValueError(
+                f"token labels at {self.uri}: sequence sample_id {sid[i]} holds {n[i]} tokens, but "
+                f"corpus {self.inputs.name!r} has {want[i]} in that window: labels of other windows"
+            )
         batch = self.task.batch(self.inputs, pos, out["view"].numpy(), None)  # (B, Lb) x, y, mask
         Lb = batch["mask"].shape[1]
         for key in LABEL_KEYS[self.kind]:

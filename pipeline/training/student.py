@@ -15,6 +15,7 @@ Rules that live here and nowhere else:
   * the teacher's evaluation-logit cache (`teacher_eval_logits`): a sweep runs a large
     teacher on the evaluation split once, not once per student.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,13 +25,12 @@ import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
-from storage import Location, lineage_digest
 
 from pipeline.data.datasets import Source
 from pipeline.evaluate import predict_logits
@@ -40,45 +40,94 @@ from pipeline.tasks import task_of
 from pipeline.training.config import GLOBAL_RNG_LOCK, TrainConfig, resume_key
 from pipeline.training.loop import train
 from pipeline.training.teacher import data_info
+from storage import Location, lineage_digest
+
+if TYPE_CHECKING:
+    from pipeline.views.base import Transform
 
 # one shape for every student checkpoint, whoever trained it (flows, torchrun)
-STUDENT_METADATA_KEYS = ("role", "name", "run", "teacher", "soft_labels", "data", "train_config", "lineage",
-                         "world_size", "metrics")
+STUDENT_METADATA_KEYS = (
+    "role",
+    "name",
+    "run",
+    "teacher",
+    "soft_labels",
+    "data",
+    "train_config",
+    "lineage",
+    "world_size",
+    "metrics",
+)
 METRIC_KEYS = ("metric", "best_val", "best_epoch", "epochs_run", "epochs_trained", "steps", "stopped_early")
 
 
 # ------------------------------------------------------------------ the pieces of metadata
 
+
 def soft_label_info(uri: str, manifest: dict) -> dict:
     """What a student records about one soft-label dataset it learned from."""
-    return {"uri": str(uri), "digest": manifest.get("digest") or lineage_digest(manifest),
-            "temperature": manifest.get("temperature"), "representation": manifest.get("representation")}
+    return {
+        "uri": str(uri),
+        "digest": manifest.get("digest") or lineage_digest(manifest),
+        "temperature": manifest.get("temperature"),
+        "representation": manifest.get("representation"),
+    }
 
 
-def student_metadata(*, run: dict, teacher: dict | None, soft_labels: Sequence[dict], data: Source,
-                     train_config: TrainConfig, result: dict, lineage: dict | None, world_size: int = 1) -> dict:
+def student_metadata(
+    *,
+    run: dict,
+    teacher: dict | None,
+    soft_labels: Sequence[dict],
+    data: Source,
+    train_config: TrainConfig,
+    result: dict,
+    lineage: dict | None,
+    world_size: int = 1,
+) -> dict:
     """The metadata of a student checkpoint (keys STUDENT_METADATA_KEYS), the one shape
     written by every caller of the recipe. soft_labels: soft_label_info of each dataset
     learned from ([] for a hard-label baseline)."""
-    meta = {"role": "student", "name": run["name"], "run": run, "teacher": teacher,
-            "soft_labels": list(soft_labels), "data": data_info(data), "train_config": train_config.to_dict(),
-            "lineage": lineage, "world_size": int(world_size),
-            "metrics": {k: result.get(k) for k in METRIC_KEYS}}
+    meta = {
+        "role": "student",
+        "name": run["name"],
+        "run": run,
+        "teacher": teacher,
+        "soft_labels": list(soft_labels),
+        "data": data_info(data),
+        "train_config": train_config.to_dict(),
+        "lineage": lineage,
+        "world_size": int(world_size),
+        "metrics": {k: result.get(k) for k in METRIC_KEYS},
+    }
     assert tuple(meta) == STUDENT_METADATA_KEYS
     return meta
 
 
-def student_lineage(*, data: dict[str, str], split: dict, views: dict | None, model: dict, train_config: TrainConfig,
-                    teacher_fingerprint: str | None = None,
-                    label_manifests: Sequence[dict] = ()) -> dict:
+def student_lineage(
+    *,
+    data: dict[str, str],
+    split: dict,
+    views: dict | None,
+    model: dict,
+    train_config: TrainConfig,
+    teacher_fingerprint: str | None = None,
+    label_manifests: Sequence[dict] = (),
+) -> dict:
     """What a student's resume file must match to be continued (or reused when complete):
     the data of every split (name -> fingerprint), the split definition, the views, the
     model, the training config and, for a distilled student, the teacher and the
     soft-label datasets' identity (manifest digest). A baseline never reads labels: a
     relabel keeps it."""
     import json
-    lin = {"data": dict(data), "split": split, "views": views, "model": {k: model[k] for k in ("arch", "kwargs")},
-           "train": resume_key(train_config)}
+
+    lin = {
+        "data": dict(data),
+        "split": split,
+        "views": views,
+        "model": {k: model[k] for k in ("arch", "kwargs")},
+        "train": resume_key(train_config),
+    }
     if train_config.loss != "ce":
         lin["teacher"] = teacher_fingerprint
         lin["soft_labels"] = [m.get("digest") or lineage_digest(m) for m in label_manifests]
@@ -87,8 +136,10 @@ def student_lineage(*, data: dict[str, str], split: dict, views: dict | None, mo
 
 # ------------------------------------------------------------------ the baseline fairness rule
 
-def baseline_epochs(stored_epochs: int, *, label_samples: int, num_views: int, labelled_samples: int,
-                    batch_size: int) -> int:
+
+def baseline_epochs(
+    stored_epochs: int, *, label_samples: int, num_views: int, labelled_samples: int, batch_size: int
+) -> int:
     """Epochs that give a hard-label baseline as many optimizer steps as a stored-label student.
 
     A stored epoch covers every view of every label-split sample (N_label x V rows); a hard
@@ -102,15 +153,22 @@ def baseline_epochs(stored_epochs: int, *, label_samples: int, num_views: int, l
 def baseline_config(cfg: TrainConfig, *, label_samples: int, num_views: int, labelled_samples: int) -> TrainConfig:
     """cfg for the hard-label baseline of a stored-label student trained with cfg: its
     epochs (baseline_epochs) and validation as often, every stored-epoch's worth of steps."""
-    epochs = baseline_epochs(cfg.epochs, label_samples=label_samples, num_views=num_views,
-                             labelled_samples=labelled_samples, batch_size=cfg.batch_size)
+    epochs = baseline_epochs(
+        cfg.epochs,
+        label_samples=label_samples,
+        num_views=num_views,
+        labelled_samples=labelled_samples,
+        batch_size=cfg.batch_size,
+    )
     return dataclasses.replace(cfg, epochs=epochs, eval_every=cfg.eval_every * max(1, epochs // cfg.epochs))
 
 
 # ------------------------------------------------------------------ the teacher's eval-logit cache
 
-def teacher_eval_logits(teacher: dict, eval_data: Source, cache_dir: str | os.PathLike, *,
-                        trusted_factories: Collection[str] = ()) -> np.ndarray:
+
+def teacher_eval_logits(
+    teacher: dict, eval_data: Source, cache_dir: str | os.PathLike, *, trusted_factories: Collection[str] = ()
+) -> np.ndarray:
     """The teacher's logits on eval_data (N, C), rows in eval_data order.
 
     teacher: {"checkpoint", "fingerprint", ...} (the manifest's teacher entry). Computed once
@@ -130,15 +188,16 @@ def teacher_eval_logits(teacher: dict, eval_data: Source, cache_dir: str | os.Pa
 
 # ------------------------------------------------------------------ the recipe
 
+
 @dataclass
 class StudentResult:
     model: nn.Module
     checkpoint: str
-    metadata: dict | None       # None on ranks other than 0 (they write no checkpoint)
-    train: dict                 # train()'s result
+    metadata: dict | None  # None on ranks other than 0 (they write no checkpoint)
+    train: dict  # train()'s result
     train_seconds: float
-    evaluation: dict | None     # evaluate() on the eval split, None without one
-    exports: dict               # the task's exports: {"safetensors", "torchscript", "int8"} or {"hf_dir"}
+    evaluation: dict | None  # evaluate() on the eval split, None without one
+    exports: dict  # the task's exports: {"safetensors", "torchscript", "int8"} or {"hf_dir"}
 
 
 def _rank() -> int:
@@ -149,15 +208,32 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def run_student(*, run: dict, train_config: TrainConfig, transfer, labelled, val, checkpoint_path: str,
-                soft_labels: Sequence[str] = (), label_manifests: Sequence[dict] = (), teacher: dict | None = None,
-                transform=None, num_views: int = 1, num_classes: int | None = None,
-                storage_options: dict | None = None, expect: dict | None = None,
-                lineage: dict | Callable[[TrainConfig], dict] | None = None, resume: bool = True,
-                baseline_fair: bool = True, on_batch: Callable[[int, dict], None] | None = None,
-                eval_data=None, teacher_logits: np.ndarray | Callable[[], np.ndarray] | None = None,
-                export_dir: str | None = None, quantize: bool = False,
-                tokenizer_dir: str | None = None) -> StudentResult:
+def run_student(
+    *,
+    run: dict,
+    train_config: TrainConfig,
+    transfer: Any,
+    labelled: Any,
+    val: Any,
+    checkpoint_path: str,
+    soft_labels: Sequence[str] = (),
+    label_manifests: Sequence[dict] = (),
+    teacher: dict | None = None,
+    transform: Transform | None = None,
+    num_views: int = 1,
+    num_classes: int | None = None,
+    storage_options: dict | None = None,
+    expect: dict | None = None,
+    lineage: dict | Callable[[TrainConfig], dict] | None = None,
+    resume: bool = True,
+    baseline_fair: bool = True,
+    on_batch: Callable[[int, dict], None] | None = None,
+    eval_data: Any = None,
+    teacher_logits: np.ndarray | Callable[[], np.ndarray] | None = None,
+    export_dir: str | None = None,
+    quantize: bool = False,
+    tokenizer_dir: str | None = None,
+) -> StudentResult:
     """Train one student and write its checkpoint; then, given eval_data, evaluate it (the
     task's evaluation: accuracy with agreement against teacher_logits, an array or a
     function giving it; or perplexity) and export it into export_dir (the task's export:
@@ -177,12 +253,12 @@ def run_student(*, run: dict, train_config: TrainConfig, transfer, labelled, val
         raise ValueError(f"student {run['name']!r}: loss {run['loss']!r} needs soft_labels")
     tcfg = train_config
     if hard and baseline_fair:
-        tcfg = baseline_config(tcfg, label_samples=len(transfer), num_views=num_views,
-                               labelled_samples=len(labelled))
+        tcfg = baseline_config(tcfg, label_samples=len(transfer), num_views=num_views, labelled_samples=len(labelled))
     num_classes = num_classes or labelled.num_classes or transfer.num_classes
     # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec
-    arch = complete_spec({"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]},
-                         transfer.model_args()).to_dict()
+    arch = complete_spec(
+        {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}, transfer.model_args()
+    ).to_dict()
     with GLOBAL_RNG_LOCK:  # students train in parallel threads; seeding and init must not interleave
         torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
         model = model_adapter(arch).build(transfer.in_shape, num_classes)
@@ -191,25 +267,53 @@ def run_student(*, run: dict, train_config: TrainConfig, transfer, labelled, val
     train_data = labelled if hard else transfer
     labels = None if hard else list(soft_labels) if len(soft_labels) > 1 else soft_labels[0]
     t0 = time.perf_counter()
-    result = train(model, tcfg, train_data=train_data, val_data=val, labels=labels, transform=transform,
-                   num_views=num_views if hard else None, storage_options=storage_options,
-                   expect=None if hard else expect, resume=resume, lineage=lineage, on_batch=on_batch)
+    result = train(
+        model,
+        tcfg,
+        train_data=train_data,
+        val_data=val,
+        labels=labels,
+        transform=transform,
+        num_views=num_views if hard else None,
+        storage_options=storage_options,
+        expect=None if hard else expect,
+        resume=resume,
+        lineage=lineage,
+        on_batch=on_batch,
+    )
     seconds = time.perf_counter() - t0
-    out = StudentResult(model=model, checkpoint=str(checkpoint_path), metadata=None, train=result,
-                        train_seconds=seconds, evaluation=None, exports={})
+    out = StudentResult(
+        model=model,
+        checkpoint=str(checkpoint_path),
+        metadata=None,
+        train=result,
+        train_seconds=seconds,
+        evaluation=None,
+        exports={},
+    )
     if _rank() != 0:
         return out
     infos = [] if hard else [soft_label_info(u, m) for u, m in zip(soft_labels, label_manifests)]
-    meta = student_metadata(run=run, teacher=teacher, soft_labels=infos, data=train_data, train_config=tcfg,
-                            result=result, lineage=lineage, world_size=_world())
-    out.metadata = save_checkpoint(checkpoint_path, model, arch=arch, in_shape=transfer.in_shape,
-                                   num_classes=num_classes, metadata=meta)
+    meta = student_metadata(
+        run=run,
+        teacher=teacher,
+        soft_labels=infos,
+        data=train_data,
+        train_config=tcfg,
+        result=result,
+        lineage=lineage,
+        world_size=_world(),
+    )
+    out.metadata = save_checkpoint(
+        checkpoint_path, model, arch=arch, in_shape=transfer.in_shape, num_classes=num_classes, metadata=meta
+    )
     if eval_data is None:
         return out
     task = task_of(eval_data)
     z = teacher_logits() if callable(teacher_logits) else teacher_logits
     out.evaluation = task.evaluate(model, eval_data, teacher_logits=z)
     if export_dir is not None:
-        out.exports = task.export(model, export_dir, run["name"], eval_data, quantize=quantize,
-                                  tokenizer_dir=tokenizer_dir)
+        out.exports = task.export(
+            model, export_dir, run["name"], eval_data, quantize=quantize, tokenizer_dir=tokenizer_dir
+        )
     return out

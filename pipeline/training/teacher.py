@@ -7,6 +7,7 @@ the identity recorded in the soft-label manifests the teacher later produces.
 finetune: load a checkpoint, optionally replace the head for a new number of classes,
 freeze parameter-name prefixes (e.g. ["body"] = linear probe), train the rest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,11 +17,10 @@ from collections.abc import Collection
 import torch
 import torch.nn as nn
 
-from pipeline.models.registry import param_counts
-from pipeline.models.checkpoint import load_model, save_checkpoint
 from pipeline.data.datasets import Source
 from pipeline.evaluate import accuracy, predict_logits
-from pipeline.models.registry import ModelSpec, build_model, complete_spec
+from pipeline.models.checkpoint import load_model, save_checkpoint
+from pipeline.models.registry import ModelSpec, build_model, complete_spec, param_counts
 from pipeline.training.config import GLOBAL_RNG_LOCK, TrainConfig, resume_key
 from pipeline.training.loop import train
 
@@ -28,21 +28,35 @@ from pipeline.training.loop import train
 def data_info(ds: Source) -> dict:
     """What a checkpoint records about the data it was trained on (and how its rows became
     inputs: image size, tokenizer fingerprint...)."""
-    return {"name": ds.name, "split": ds.split_spec, "fingerprint": ds.fingerprint(), "num_samples": len(ds),
-            "inputs": ds.describe()}
+    return {
+        "name": ds.name,
+        "split": ds.split_spec,
+        "fingerprint": ds.fingerprint(),
+        "num_samples": len(ds),
+        "inputs": ds.describe(),
+    }
 
 
-def training_lineage(train_data: Source, val_data: Source | None, transform,
-                     cfg: TrainConfig, *, model: dict | None = None, parent: str | None = None,
-                     freeze: list[str] | None = None) -> dict:
+def training_lineage(
+    train_data: Source,
+    val_data: Source | None,
+    transform,
+    cfg: TrainConfig,
+    *,
+    model: dict | None = None,
+    parent: str | None = None,
+    freeze: list[str] | None = None,
+) -> dict:
     """What a teacher's weights are a function of: the data (fingerprints hash inputs,
     labels and the split definition), the views, the model (or the fine-tuned parent's
     fingerprint and the frozen prefixes) and the training config. Recorded in the
     checkpoint as metadata["lineage"]; a resume file with another lineage is not continued."""
-    lin = {"data": {"fingerprint": train_data.fingerprint(), "split": train_data.split_spec},
-           "val_data": None if val_data is None else {"fingerprint": val_data.fingerprint(),
-                                                      "split": val_data.split_spec},
-           "views": transform.to_dict() if transform is not None else None, "train": resume_key(cfg)}
+    lin = {
+        "data": {"fingerprint": train_data.fingerprint(), "split": train_data.split_spec},
+        "val_data": None if val_data is None else {"fingerprint": val_data.fingerprint(), "split": val_data.split_spec},
+        "views": transform.to_dict() if transform is not None else None,
+        "train": resume_key(cfg),
+    }
     if parent is not None:
         lin.update(parent=parent, freeze=list(freeze or []))
     else:
@@ -63,10 +77,18 @@ def _metrics(model: nn.Module, result: dict, val_data: Source | None) -> dict:
     return m
 
 
-def train_teacher(arch: dict | ModelSpec, train_data: Source, val_data: Source | None = None, *,
-                  cfg: TrainConfig, out_path: str, transform=None,
-                  resume: bool = False, metadata: dict | None = None,
-                  on_batch=None) -> tuple[nn.Module, dict]:
+def train_teacher(
+    arch: dict | ModelSpec,
+    train_data: Source,
+    val_data: Source | None = None,
+    *,
+    cfg: TrainConfig,
+    out_path: str,
+    transform=None,
+    resume: bool = False,
+    metadata: dict | None = None,
+    on_batch=None,
+) -> tuple[nn.Module, dict]:
     """Train a teacher from scratch (hard labels, augmented with transform) and save it to
     out_path. resume=True continues an interrupted run from its training checkpoint
     (cfg.ckpt_path, default out_path + ".train.pt"). Returns (model, checkpoint metadata)."""
@@ -81,15 +103,30 @@ def train_teacher(arch: dict | ModelSpec, train_data: Source, val_data: Source |
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights
         model = build_model(spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes)
     lineage = training_lineage(train_data, val_data, transform, cfg, model=given.to_dict())
-    result = train(model, cfg, train_data=train_data, val_data=val_data, transform=transform, resume=resume,
-                   lineage=lineage, on_batch=on_batch)
-    meta = {"role": "teacher", "lineage": lineage, "data": data_info(train_data),
-            "val_data": data_info(val_data) if val_data is not None else None,
-            "view_spec": transform.to_dict() if transform is not None else None,
-            "train_config": cfg.to_dict(), "metrics": _metrics(model, result, val_data),
-            "param_counts": param_counts(model), **(metadata or {})}
-    meta = save_checkpoint(out_path, model, arch=spec, in_shape=train_data.in_shape,
-                           num_classes=train_data.num_classes, metadata=meta)
+    result = train(
+        model,
+        cfg,
+        train_data=train_data,
+        val_data=val_data,
+        transform=transform,
+        resume=resume,
+        lineage=lineage,
+        on_batch=on_batch,
+    )
+    meta = {
+        "role": "teacher",
+        "lineage": lineage,
+        "data": data_info(train_data),
+        "val_data": data_info(val_data) if val_data is not None else None,
+        "view_spec": transform.to_dict() if transform is not None else None,
+        "train_config": cfg.to_dict(),
+        "metrics": _metrics(model, result, val_data),
+        "param_counts": param_counts(model),
+        **(metadata or {}),
+    }
+    meta = save_checkpoint(
+        out_path, model, arch=spec, in_shape=train_data.in_shape, num_classes=train_data.num_classes, metadata=meta
+    )
     return model, meta
 
 
@@ -112,11 +149,20 @@ def apply_freeze(model: nn.Module, freeze: list[str]) -> list[str]:
     return sorted(set(frozen))
 
 
-def finetune(checkpoint: str, data: Source, val_data: Source | None = None, *,
-             cfg: TrainConfig, out_path: str, freeze: list[str] | None = None,
-             transform=None, resume: bool = False,
-             metadata: dict | None = None, on_batch=None,
-             trusted_factories: Collection[str] = ()) -> tuple[nn.Module, dict]:
+def finetune(
+    checkpoint: str,
+    data: Source,
+    val_data: Source | None = None,
+    *,
+    cfg: TrainConfig,
+    out_path: str,
+    freeze: list[str] | None = None,
+    transform=None,
+    resume: bool = False,
+    metadata: dict | None = None,
+    on_batch=None,
+    trusted_factories: Collection[str] = (),
+) -> tuple[nn.Module, dict]:
     """Transfer learning from `checkpoint` onto `data` (hard labels). If data has a
     different number of classes the head is replaced by a fresh nn.Linear. Parameters
     under `freeze` prefixes keep requires_grad=False and are unchanged (frozen BatchNorm
@@ -125,8 +171,9 @@ def finetune(checkpoint: str, data: Source, val_data: Source | None = None, *,
     if data.num_classes is None or data.y is None:
         raise ValueError(f"fine-tuning needs labeled data; {data.name!r} is unlabeled")
     if tuple(src["in_shape"]) != tuple(data.in_shape):
-        raise ValueError(f"{checkpoint} expects inputs {tuple(src['in_shape'])}, "
-                         f"data {data.name!r} has {data.in_shape}")
+        raise ValueError(
+            f"{checkpoint} expects inputs {tuple(src['in_shape'])}, data {data.name!r} has {data.in_shape}"
+        )
     cfg = _train_ckpt(cfg, out_path)
     with GLOBAL_RNG_LOCK:  # a new head's init must not interleave with other threads' seeding
         torch.manual_seed(cfg.seed)
@@ -136,14 +183,31 @@ def finetune(checkpoint: str, data: Source, val_data: Source | None = None, *,
             model.head = nn.Linear(model.head.in_features, data.num_classes)
     frozen = apply_freeze(model, list(freeze or []))
     lineage = training_lineage(data, val_data, transform, cfg, parent=src.get("fingerprint"), freeze=freeze)
-    result = train(model, cfg, train_data=data, val_data=val_data, transform=transform, resume=resume,
-                   lineage=lineage, on_batch=on_batch)
-    meta = {"role": "finetuned", "lineage": lineage, "parent": {"path": str(checkpoint), "fingerprint": src.get("fingerprint")},
-            "frozen": list(freeze or []), "num_frozen_params": len(frozen), "data": data_info(data),
-            "val_data": data_info(val_data) if val_data is not None else None,
-            "view_spec": transform.to_dict() if transform is not None else None,
-            "train_config": cfg.to_dict(), "metrics": _metrics(model, result, val_data),
-            "param_counts": param_counts(model), **(metadata or {})}
-    meta = save_checkpoint(out_path, model, arch=src["arch"], in_shape=data.in_shape,
-                           num_classes=data.num_classes, metadata=meta)
+    result = train(
+        model,
+        cfg,
+        train_data=data,
+        val_data=val_data,
+        transform=transform,
+        resume=resume,
+        lineage=lineage,
+        on_batch=on_batch,
+    )
+    meta = {
+        "role": "finetuned",
+        "lineage": lineage,
+        "parent": {"path": str(checkpoint), "fingerprint": src.get("fingerprint")},
+        "frozen": list(freeze or []),
+        "num_frozen_params": len(frozen),
+        "data": data_info(data),
+        "val_data": data_info(val_data) if val_data is not None else None,
+        "view_spec": transform.to_dict() if transform is not None else None,
+        "train_config": cfg.to_dict(),
+        "metrics": _metrics(model, result, val_data),
+        "param_counts": param_counts(model),
+        **(metadata or {}),
+    }
+    meta = save_checkpoint(
+        out_path, model, arch=src["arch"], in_shape=data.in_shape, num_classes=data.num_classes, metadata=meta
+    )
     return model, meta

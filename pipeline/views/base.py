@@ -1,5 +1,6 @@
 """Shared parts of the view transforms: the Transform protocol, the kinds and their
 version, the hash stream numbers, and argument validation (per-row randomness: rng.py)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-
-
 
 TRANSFORMS_VERSION = 1  # bump when an algorithm here changes; part of every fingerprint
 KINDS = ("tokens", "signal", "function", "compose")
@@ -30,7 +29,9 @@ class Transform(Protocol):
     @property
     def is_identity(self) -> bool: ...
 
-    def apply(self, x: torch.Tensor, sample_ids, views) -> torch.Tensor: ...
+    def apply(
+        self, x: torch.Tensor, sample_ids: np.ndarray | torch.Tensor, views: np.ndarray | torch.Tensor
+    ) -> torch.Tensor: ...
 
     def to_dict(self) -> dict: ...
 
@@ -42,25 +43,31 @@ class Transform(Protocol):
 
 # ---------------------------------------------------------------- validation
 
-def check_number(name: str, v, *, lo: float, hi: float | None = None, what: str) -> float:
-    if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v))
-            or v < lo or (hi is not None and v > hi)):
+
+def check_number(name: str, v: object, *, lo: float, hi: float | None = None, what: str) -> float:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, numbers.Real)
+        or not math.isfinite(float(v))
+        or v < lo
+        or (hi is not None and v > hi)
+    ):
         raise ValueError(f"{name} must be {what}, found {v!r}")
     return float(v)
 
 
-def check_prob(name: str, v) -> float:
+def check_prob(name: str, v: object) -> float:
     return check_number(name, v, lo=0.0, hi=1.0, what="a probability in [0, 1]")
 
 
-def check_int(name: str, v, *, lo: int = 0, hi: int | None = None) -> int:
+def check_int(name: str, v: object, *, lo: int = 0, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v >= hi):
         rng = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi})"
         raise ValueError(f"{name} must be {rng}, found {v!r}")
     return int(v)
 
 
-def check_seed(name: str, v) -> int:
+def check_seed(name: str, v: object) -> int:
     return check_int(name, v, lo=0, hi=2**63)
 
 
@@ -73,5 +80,3 @@ def check_keys(kind: str, d: dict, known: set[str]) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"transform kind {kind!r}: unknown key(s) {unknown}, expected some of {sorted(known)}")
-
-

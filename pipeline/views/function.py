@@ -1,6 +1,7 @@
 """FunctionView: deterministic views made by a user function `package.module:function`,
 called per row with a generator seeded from (seed, sample_id, view); its identity
 records the function's import path and the sha256 of its source."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,8 @@ from pipeline.paths import import_object
 from pipeline.views.base import check_keys, check_seed, transform_fingerprint
 from pipeline.views.rng import MASK63, check_rows, hash_row_keys
 
-
 # ---------------------------------------------------------------- a user function
+
 
 def _import_function(path: str):
     return import_object(path, what="view function", noun="function")
@@ -50,6 +51,7 @@ class FunctionView:
     function whose source has changed since. A function using global RNG is caught by
     `check_deterministic`.
     """
+
     fn: str
     kwargs: dict = field(default_factory=dict)
     seed: int = 0
@@ -59,18 +61,18 @@ class FunctionView:
 
     def __post_init__(self):
         if not isinstance(self.fn, str):
-            raise ValueError(f"FunctionView.fn must be an import path 'package.module:function', "
-                             f"found {self.fn!r}")
+            raise ValueError(f"FunctionView.fn must be an import path 'package.module:function', found {self.fn!r}")
         mod_name, _, attr = self.fn.partition(":")
         if not mod_name or not attr:
             raise ValueError(f"FunctionView.fn must look like 'package.module:function', found {self.fn!r}")
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise ValueError(f"FunctionView.kwargs must be a dict with str keys, found {self.kwargs!r}")
-        try:   # JSON form: it is what the manifest records, so it is what the function gets
+        try:  # JSON form: it is what the manifest records, so it is what the function gets
             kwargs = json.loads(json.dumps(self.kwargs, allow_nan=False))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"FunctionView.kwargs for {self.fn!r} must be JSON (numbers, strings, "
-                             f"lists, dicts): {e}") from None
+            raise ValueError(
+                f"FunctionView.kwargs for {self.fn!r} must be JSON (numbers, strings, lists, dicts): {e}"
+            ) from None
         object.__setattr__(self, "kwargs", kwargs)
         object.__setattr__(self, "seed", check_seed("FunctionView.seed", self.seed))
         if self.source_sha256 is not None and not isinstance(self.source_sha256, str):
@@ -91,19 +93,26 @@ class FunctionView:
             fn = _import_function(self.fn)
             sha = _source_sha256(fn)
             if self.source_sha256 is not None and sha != self.source_sha256:
-                raise ValueError(f"view function {self.fn!r} changed since these views were recorded "
-                                 f"(source sha256 {self.source_sha256[:12]} recorded, "
-                                 f"{(sha or 'unavailable')[:12]} now): it would not regenerate the same inputs")
+                raise ValueError(
+                    f"view function {self.fn!r} changed since these views were recorded "
+                    f"(source sha256 {self.source_sha256[:12]} recorded, "
+                    f"{(sha or 'unavailable')[:12]} now): it would not regenerate the same inputs"
+                )
             cached = (fn, sha)
             object.__setattr__(self, "_resolved", cached)
         return cached
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "fn": self.fn, "kwargs": json.loads(json.dumps(self.kwargs)),
-                "seed": self.seed, "source_sha256": self.resolve()[1]}
+        return {
+            "kind": self.kind,
+            "fn": self.fn,
+            "kwargs": json.loads(json.dumps(self.kwargs)),
+            "seed": self.seed,
+            "source_sha256": self.resolve()[1],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FunctionView":
+    def from_dict(cls, d: dict) -> FunctionView:
         d = dict(d)
         d.pop("kind", None)
         check_keys(cls.kind, d, {"fn", "kwargs", "seed", "source_sha256"})
@@ -126,10 +135,11 @@ class FunctionView:
             g = torch.Generator().manual_seed(int(keys[i]) & MASK63)
             y = fn(x[i].clone(), g, **self.kwargs)
             if not torch.is_tensor(y) or y.shape != x.shape[1:] or y.dtype != x.dtype:
-                got = (f"shape {tuple(y.shape)} dtype {y.dtype}" if torch.is_tensor(y)
-                       else type(y).__name__)
-                raise ValueError(f"view function {self.fn!r} returned {got} for sample_id {int(sids[i])}, "
-                                 f"view {int(vws[i])}; it must return a tensor of the row's shape "
-                                 f"{tuple(x.shape[1:])} and dtype {x.dtype}")
+                got = f"shape {tuple(y.shape)} dtype {y.dtype}" if torch.is_tensor(y) else type(y).__name__
+                raise ValueError(
+                    f"view function {self.fn!r} returned {got} for sample_id {int(sids[i])}, "
+                    f"view {int(vws[i])}; it must return a tensor of the row's shape "
+                    f"{tuple(x.shape[1:])} and dtype {x.dtype}"
+                )
             out[i] = y.to(x.device)
         return out

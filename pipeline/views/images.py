@@ -17,6 +17,7 @@ View 0 is ALWAYS the identity. For view > 0, in this order:
 Images are (B, C, H, W). Tabular rows (B, D) only get noise, and are NOT clipped
 (features are not bounded to [0, 1]).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,23 +40,25 @@ _S_DX, _S_DY, _S_FLIP, _S_NOISE = 1, 2, 3, 4
 
 @dataclass(frozen=True)
 class ViewSpec:
-    shift: int = 0          # max translation in pixels (zero padded)
-    hflip: bool = False     # random horizontal flip
+    shift: int = 0  # max translation in pixels (zero padded)
+    hflip: bool = False  # random horizontal flip
     noise_std: float = 0.0  # additive noise std, on [0, 1] pixel scale
-    seed: int = 0           # augmentation seed, independent of any training seed
+    seed: int = 0  # augmentation seed, independent of any training seed
 
     def __post_init__(self):
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ValueError(f"ViewSpec.shift must be an int >= 0, found {self.shift!r}")
         if not isinstance(self.hflip, bool):
             raise ValueError(f"ViewSpec.hflip must be a bool, found {self.hflip!r}")
-        if (isinstance(self.noise_std, bool) or not isinstance(self.noise_std, (int, float))
-                or not math.isfinite(self.noise_std) or self.noise_std < 0):
-            raise ValueError(f"ViewSpec.noise_std must be a finite float >= 0, "
-                             f"found {self.noise_std!r}")
+        if (
+            isinstance(self.noise_std, bool)
+            or not isinstance(self.noise_std, (int, float))
+            or not math.isfinite(self.noise_std)
+            or self.noise_std < 0
+        ):
+            raise ValueError(f"ViewSpec.noise_std must be a finite float >= 0, found {self.noise_std!r}")
         object.__setattr__(self, "noise_std", float(self.noise_std))
-        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                or not 0 <= self.seed < 2**63):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"ViewSpec.seed must be an int in [0, 2**63), found {self.seed!r}")
 
     @property
@@ -66,7 +69,7 @@ class ViewSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViewSpec":
+    def from_dict(cls, d: dict) -> ViewSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -99,16 +102,19 @@ def view_params(spec: ViewSpec, sample_ids, views) -> dict[str, np.ndarray]:
     dy = (hash_stream(keys, _S_DY) % span).astype(np.int64) - spec.shift
     flip = (hash_stream(keys, _S_FLIP) & np.uint64(1)).astype(bool) & spec.hflip
     noise_key = hash_stream(keys, _S_NOISE)
-    return {"dx": np.where(aug, dx, 0), "dy": np.where(aug, dy, 0),
-            "flip": flip & aug,
-            "noise_key": np.where(aug & (spec.noise_std > 0), noise_key, np.uint64(0))}
+    return {
+        "dx": np.where(aug, dx, 0),
+        "dy": np.where(aug, dy, 0),
+        "flip": flip & aug,
+        "noise_key": np.where(aug & (spec.noise_std > 0), noise_key, np.uint64(0)),
+    }
 
 
 def _shift(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, s: int) -> torch.Tensor:
     # x (B, C, H, W); out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], zero outside.
     # Zero-pad by s then gather a shifted HxW window per row: a pure copy, bit-exact.
     B, C, H, W = x.shape
-    xp = torch.nn.functional.pad(x, (s, s, s, s))                       # (B, C, H+2s, W+2s)
+    xp = torch.nn.functional.pad(x, (s, s, s, s))  # (B, C, H+2s, W+2s)
     rows = torch.arange(H, device=x.device)[None, :] + s - dy[:, None]  # (B, H)
     cols = torch.arange(W, device=x.device)[None, :] + s - dx[:, None]  # (B, W)
     b = torch.arange(B, device=x.device)[:, None, None, None]
@@ -122,8 +128,7 @@ def apply_views(x: torch.Tensor, sample_ids, views, spec: ViewSpec) -> torch.Ten
     Returns a new tensor of the same shape; rows with view == 0 are returned unchanged.
     """
     if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"x must be a floating point tensor, found {type(x).__name__} "
-                         f"{getattr(x, 'dtype', '')}")
+        raise ValueError(f"x must be a floating point tensor, found {type(x).__name__} {getattr(x, 'dtype', '')}")
     if x.ndim not in (2, 4):
         raise ValueError(f"x must be (B, C, H, W) or (B, D), found shape {tuple(x.shape)}")
     sids, vws = check_ids(sample_ids, views)
@@ -138,11 +143,12 @@ def apply_views(x: torch.Tensor, sample_ids, views, spec: ViewSpec) -> torch.Ten
             flip = torch.from_numpy(p["flip"]).to(x.device)[:, None, None, None]
             out = torch.where(flip, out.flip(-1), out)
         if spec.shift:
-            out = _shift(out, torch.from_numpy(p["dx"]).to(x.device),
-                         torch.from_numpy(p["dy"]).to(x.device), spec.shift)
+            out = _shift(
+                out, torch.from_numpy(p["dx"]).to(x.device), torch.from_numpy(p["dy"]).to(x.device), spec.shift
+            )
     if spec.noise_std > 0:
         aug = vws > 0
-        z = np.zeros((len(sids), int(np.prod(x.shape[1:]))), np.float32)   # (B, C*H*W | D)
+        z = np.zeros((len(sids), int(np.prod(x.shape[1:]))), np.float32)  # (B, C*H*W | D)
         z[aug] = irwin_hall_noise(p["noise_key"][aug], z.shape[1]) * np.float32(spec.noise_std)
         out = out + torch.from_numpy(z).view(x.shape).to(device=x.device, dtype=x.dtype)
         if x.ndim == 4:

@@ -2,13 +2,13 @@
 (seed, sample_id, view, stream, element index), computed with exact integer arithmetic in
 numpy. A row's result never depends on the rest of the batch, its order, the process, the
 platform or the torch/numpy version's RNG streams. Every transform draws from here."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from pipeline.views.base import check_seed
-
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -44,13 +44,13 @@ def check_ids(sample_ids, views) -> tuple[np.ndarray, np.ndarray]:
     sids = np.asarray(sample_ids.cpu() if torch.is_tensor(sample_ids) else sample_ids)
     vws = np.asarray(views.cpu() if torch.is_tensor(views) else views)
     if sids.ndim != 1 or not np.issubdtype(sids.dtype, np.integer):
-        raise ValueError(f"sample_ids must be a 1-D integer array, found shape {sids.shape} "
-                         f"dtype {sids.dtype}")
+        raise ValueError(f"sample_ids must be a 1-D integer array, found shape {sids.shape} dtype {sids.dtype}")
     if vws.ndim == 0:
         vws = np.full(sids.shape, int(vws))
     if vws.shape != sids.shape or not np.issubdtype(vws.dtype, np.integer):
-        raise ValueError(f"views must be integers shaped like sample_ids {sids.shape}, "
-                         f"found shape {vws.shape} dtype {vws.dtype}")
+        raise ValueError(
+            f"views must be integers shaped like sample_ids {sids.shape}, found shape {vws.shape} dtype {vws.dtype}"
+        )
     if len(vws) and vws.min() < 0:
         raise ValueError(f"views must be >= 0, found {int(vws.min())}")
     return sids.astype(np.int64), vws.astype(np.int64)
@@ -63,9 +63,9 @@ def irwin_hall_noise(noise_key: np.ndarray, n: int) -> np.ndarray:
     to N(0, 1) (bounded to +-6). Each uniform is a 16-bit slice of a hash, so the sum is
     an exact integer and no transcendental (platform-dependent) math is involved.
     """
-    idx = np.arange(n, dtype=np.uint64)[None, :] * np.uint64(3)        # (1, n)
+    idx = np.arange(n, dtype=np.uint64)[None, :] * np.uint64(3)  # (1, n)
     total = np.zeros((len(noise_key), n), dtype=np.int64)
-    for j in range(3):                                                   # 3 hashes x 4 slices
+    for j in range(3):  # 3 hashes x 4 slices
         h = splitmix64(noise_key[:, None] ^ splitmix64(idx + np.uint64(j)))  # (B, n)
         for s in range(4):
             total += ((h >> np.uint64(16 * s)) & np.uint64(0xFFFF)).astype(np.int64)
@@ -76,7 +76,7 @@ def irwin_hall_noise(noise_key: np.ndarray, n: int) -> np.ndarray:
 MASK63 = (1 << 63) - 1
 
 
-P_ONE = 1 << 53                     # a probability p is the integer threshold round(p * 2**53)
+P_ONE = 1 << 53  # a probability p is the integer threshold round(p * 2**53)
 
 
 def row_keys(seed: int, sample_ids, views) -> np.ndarray:
@@ -101,7 +101,6 @@ def bernoulli(stream_keys: np.ndarray, index: np.ndarray, p: float) -> np.ndarra
     return (h >> np.uint64(11)) < thr
 
 
-
 def check_rows(x, sample_ids, views, who: str) -> tuple[np.ndarray, np.ndarray]:
     if not torch.is_tensor(x):
         raise ValueError(f"{who}: x must be a torch.Tensor, found {type(x).__name__}")
@@ -109,5 +108,3 @@ def check_rows(x, sample_ids, views, who: str) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim == 0 or len(sids) != x.shape[0]:
         raise ValueError(f"{who}: x has {x.shape[0] if x.ndim else 0} rows but {len(sids)} sample_ids")
     return sids, vws
-
-

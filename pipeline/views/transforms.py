@@ -33,6 +33,7 @@ Layout: the protocol, per-row randomness and argument checks are in transform_ba
 FunctionView in function_view.py; TokenViews, SignalViews, Compose and the rebuild from
 a dict are here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,15 +42,38 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.views.base import (KINDS, S_SIG_NOISE, S_SIG_SCALE, S_SIG_SHIFT, S_TOK_DROP, S_TOK_MASK,  # noqa: F401
-                                 TRANSFORMS_VERSION, Transform, check_int, check_keys, check_number, check_prob,
-                                 check_seed, transform_fingerprint)
+from pipeline.views.base import (  # noqa: F401
+    KINDS,
+    S_SIG_NOISE,
+    S_SIG_SCALE,
+    S_SIG_SHIFT,
+    S_TOK_DROP,
+    S_TOK_MASK,
+    TRANSFORMS_VERSION,
+    Transform,
+    check_int,
+    check_keys,
+    check_number,
+    check_prob,
+    check_seed,
+    transform_fingerprint,
+)
 from pipeline.views.function import FunctionView
 from pipeline.views.images import ViewSpec
-from pipeline.views.rng import (P_ONE, bernoulli, check_ids, check_rows, hash_row_keys, hash_stream,  # noqa: F401
-                                irwin_hall_noise, row_generators, row_keys)
+from pipeline.views.rng import (  # noqa: F401
+    P_ONE,
+    bernoulli,
+    check_ids,
+    check_rows,
+    hash_row_keys,
+    hash_stream,
+    irwin_hall_noise,
+    row_generators,
+    row_keys,
+)
 
 # ---------------------------------------------------------------- tokens
+
 
 @dataclass(frozen=True, kw_only=True)
 class TokenViews:
@@ -71,6 +95,7 @@ class TokenViews:
     stays; padding the input already had beyond its longest row is kept). View-0 rows are
     returned unchanged. Token ids keep their dtype.
     """
+
     pad_id: int
     mask_prob: float = 0.0
     drop_prob: float = 0.0
@@ -87,12 +112,15 @@ class TokenViews:
         if self.mask_id is not None:
             object.__setattr__(self, "mask_id", check_int("TokenViews.mask_id", self.mask_id))
         elif self.mask_prob > 0:
-            raise ValueError(f"TokenViews.mask_id is required when mask_prob > 0 "
-                             f"(mask_prob={self.mask_prob}); the tokenizer has no mask token?")
+            raise ValueError(
+                f"TokenViews.mask_id is required when mask_prob > 0 "
+                f"(mask_prob={self.mask_prob}); the tokenizer has no mask token?"
+            )
         if isinstance(self.special_ids, (str, bytes)) or not hasattr(self.special_ids, "__iter__"):
             raise ValueError(f"TokenViews.special_ids must be a list of ints, found {self.special_ids!r}")
-        object.__setattr__(self, "special_ids", tuple(sorted({check_int("TokenViews.special_ids[]", i)
-                                                               for i in self.special_ids})))
+        object.__setattr__(
+            self, "special_ids", tuple(sorted({check_int("TokenViews.special_ids[]", i) for i in self.special_ids}))
+        )
         object.__setattr__(self, "seed", check_seed("TokenViews.seed", self.seed))
 
     @property
@@ -100,12 +128,18 @@ class TokenViews:
         return self.mask_prob == 0.0 and self.drop_prob == 0.0
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "pad_id": self.pad_id, "mask_prob": self.mask_prob,
-                "drop_prob": self.drop_prob, "mask_id": self.mask_id,
-                "special_ids": list(self.special_ids), "seed": self.seed}
+        return {
+            "kind": self.kind,
+            "pad_id": self.pad_id,
+            "mask_prob": self.mask_prob,
+            "drop_prob": self.drop_prob,
+            "mask_id": self.mask_id,
+            "special_ids": list(self.special_ids),
+            "seed": self.seed,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TokenViews":
+    def from_dict(cls, d: dict) -> TokenViews:
         d = dict(d)
         d.pop("kind", None)
         check_keys(cls.kind, d, {f.name for f in dataclasses.fields(cls)})
@@ -119,15 +153,16 @@ class TokenViews:
     def apply(self, x: torch.Tensor, sample_ids, views) -> torch.Tensor:
         sids, vws = check_rows(x, sample_ids, views, "TokenViews")
         if x.ndim != 2 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-            raise ValueError(f"TokenViews: x must be integer token ids (B, L), found shape "
-                             f"{tuple(x.shape)} dtype {x.dtype}")
+            raise ValueError(
+                f"TokenViews: x must be integer token ids (B, L), found shape {tuple(x.shape)} dtype {x.dtype}"
+            )
         B, L = x.shape
         aug = vws > 0
         if self.is_identity or not aug.any() or L == 0:
             return x.clone()
         a = x.detach().cpu().numpy().astype(np.int64)
         nonpad = a != self.pad_id
-        pos = np.maximum(np.cumsum(nonpad, axis=1) - 1, 0)        # index among non-pad tokens
+        pos = np.maximum(np.cumsum(nonpad, axis=1) - 1, 0)  # index among non-pad tokens
         eligible = nonpad & aug[:, None]
         if self.special_ids:
             eligible &= ~np.isin(a, np.asarray(self.special_ids, dtype=np.int64))
@@ -141,7 +176,7 @@ class TokenViews:
             out = np.where(mask, np.int64(self.mask_id), a)
         if self.drop_prob > 0:
             keep = nonpad & ~drop
-            order = np.argsort(~keep, axis=1, kind="stable")       # kept tokens first, in order
+            order = np.argsort(~keep, axis=1, kind="stable")  # kept tokens first, in order
             packed = np.take_along_axis(out, order, axis=1)
             packed[np.arange(L)[None, :] >= keep.sum(axis=1)[:, None]] = self.pad_id
             out = np.where(aug[:, None], packed, out)
@@ -158,6 +193,7 @@ def _content_width(a: np.ndarray, pad: int) -> int:
 
 # ---------------------------------------------------------------- signals / tabular rows
 
+
 @dataclass(frozen=True)
 class SignalViews:
     """Views of 1-D signals (B, D) or (B, C, D), also tabular rows (B, D).
@@ -170,6 +206,7 @@ class SignalViews:
     `params(sample_ids, views)` gives each row's k, factor and noise key. View-0 rows are
     returned unchanged; values are not clipped.
     """
+
     shift: int = 0
     scale: float = 0.0
     noise_std: float = 0.0
@@ -179,10 +216,12 @@ class SignalViews:
 
     def __post_init__(self):
         object.__setattr__(self, "shift", check_int("SignalViews.shift", self.shift))
-        object.__setattr__(self, "scale", check_number("SignalViews.scale", self.scale, lo=0.0, hi=1.0,
-                                               what="a float in [0, 1]"))
-        object.__setattr__(self, "noise_std", check_number("SignalViews.noise_std", self.noise_std, lo=0.0,
-                                                   what="a finite float >= 0"))
+        object.__setattr__(
+            self, "scale", check_number("SignalViews.scale", self.scale, lo=0.0, hi=1.0, what="a float in [0, 1]")
+        )
+        object.__setattr__(
+            self, "noise_std", check_number("SignalViews.noise_std", self.noise_std, lo=0.0, what="a finite float >= 0")
+        )
         object.__setattr__(self, "seed", check_seed("SignalViews.seed", self.seed))
 
     @property
@@ -190,11 +229,16 @@ class SignalViews:
         return self.shift == 0 and self.scale == 0.0 and self.noise_std == 0.0
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "shift": self.shift, "scale": self.scale,
-                "noise_std": self.noise_std, "seed": self.seed}
+        return {
+            "kind": self.kind,
+            "shift": self.shift,
+            "scale": self.scale,
+            "noise_std": self.noise_std,
+            "seed": self.seed,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SignalViews":
+    def from_dict(cls, d: dict) -> SignalViews:
         d = dict(d)
         d.pop("kind", None)
         check_keys(cls.kind, d, {f.name for f in dataclasses.fields(cls)})
@@ -214,14 +258,19 @@ class SignalViews:
         u = (hash_stream(keys, S_SIG_SCALE) >> np.uint64(11)).astype(np.float64) / float(P_ONE)  # exact, [0, 1)
         factor = (1.0 - self.scale) + (2.0 * self.scale) * u
         noise_key = hash_stream(keys, S_SIG_NOISE)
-        return {"shift": np.where(aug, k, 0), "factor": np.where(aug, factor, 1.0),
-                "noise_key": np.where(aug & (self.noise_std > 0), noise_key, np.uint64(0))}
+        return {
+            "shift": np.where(aug, k, 0),
+            "factor": np.where(aug, factor, 1.0),
+            "noise_key": np.where(aug & (self.noise_std > 0), noise_key, np.uint64(0)),
+        }
 
     def apply(self, x: torch.Tensor, sample_ids, views) -> torch.Tensor:
         sids, vws = check_rows(x, sample_ids, views, "SignalViews")
         if not x.is_floating_point() or x.ndim not in (2, 3):
-            raise ValueError(f"SignalViews: x must be a floating point tensor (B, D) or (B, C, D), "
-                             f"found shape {tuple(x.shape)} dtype {x.dtype}")
+            raise ValueError(
+                f"SignalViews: x must be a floating point tensor (B, D) or (B, C, D), "
+                f"found shape {tuple(x.shape)} dtype {x.dtype}"
+            )
         aug = vws > 0
         if self.is_identity or not aug.any() or x.shape[-1] == 0:
             return x.clone()
@@ -231,7 +280,7 @@ class SignalViews:
         out = x
         if self.shift:
             k = torch.from_numpy(p["shift"]).to(x.device)
-            idx = (torch.arange(D, device=x.device)[None, :] - k[:, None]) % D        # (B, D)
+            idx = (torch.arange(D, device=x.device)[None, :] - k[:, None]) % D  # (B, D)
             out = out.gather(-1, idx.view(B, *([1] * (x.ndim - 2)), D).expand(x.shape))
         if self.scale:
             out = out * torch.from_numpy(p["factor"]).to(device=x.device, dtype=x.dtype).view(bshape)
@@ -245,10 +294,12 @@ class SignalViews:
 
 # ---------------------------------------------------------------- composition
 
+
 @dataclass(frozen=True)
 class Compose:
     """Transforms applied in order, each with the same sample ids and views. Identity when
     every step is (an empty Compose too)."""
+
     steps: tuple = ()
 
     kind = "compose"
@@ -259,8 +310,10 @@ class Compose:
         steps = tuple(self.steps)
         for i, s in enumerate(steps):
             if not isinstance(s, Transform):
-                raise ValueError(f"Compose.steps[{i}] is not a transform (apply, to_dict, fingerprint, "
-                                 f"is_identity), found {type(s).__name__}")
+                raise ValueError(
+                    f"Compose.steps[{i}] is not a transform (apply, to_dict, fingerprint, "
+                    f"is_identity), found {type(s).__name__}"
+                )
         object.__setattr__(self, "steps", steps)
 
     @property
@@ -271,7 +324,7 @@ class Compose:
         return {"kind": self.kind, "steps": [s.to_dict() for s in self.steps]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Compose":
+    def from_dict(cls, d: dict) -> Compose:
         return cls(tuple(transform_from_dict(s) for s in _steps_of(d)))
 
     def fingerprint(self) -> str:
@@ -308,8 +361,10 @@ def _kind_of(d) -> str | None:
         raise ValueError(f"a transform must be a dict, found {type(d).__name__} {d!r}")
     kind = d.get("kind")
     if kind is not None and kind not in _BUILDERS:
-        raise ValueError(f"unknown transform kind {kind!r}: expected one of {list(KINDS)}, "
-                         f"or no kind for a ViewSpec (shift, hflip, noise_std, seed)")
+        raise ValueError(
+            f"unknown transform kind {kind!r}: expected one of {list(KINDS)}, "
+            f"or no kind for a ViewSpec (shift, hflip, noise_std, seed)"
+        )
     return kind
 
 
@@ -340,19 +395,21 @@ def transform_from_config(d: dict | None, *, tokenizer_info: dict | None = None)
         return Compose(tuple(transform_from_config(s, tokenizer_info=tokenizer_info) for s in _steps_of(d)))
     if kind == "tokens":
         d = dict(d)
-        check_keys(kind, {k: v for k, v in d.items() if k != "kind"},
-                    {f.name for f in dataclasses.fields(TokenViews)})
+        check_keys(kind, {k: v for k, v in d.items() if k != "kind"}, {f.name for f in dataclasses.fields(TokenViews)})
         info = tokenizer_info or {}
         tok_pad = info.get("pad_id")
         if tok_pad is not None and "pad_id" in d and d["pad_id"] != tok_pad:
-            raise ValueError(f"transform kind 'tokens': pad_id {d['pad_id']!r} differs from the tokenizer's "
-                             f"pad_id {tok_pad!r} (rows are padded with the tokenizer's)")
+            raise ValueError(
+                f"transform kind 'tokens': pad_id {d['pad_id']!r} differs from the tokenizer's "
+                f"pad_id {tok_pad!r} (rows are padded with the tokenizer's)"
+            )
         for key in ("pad_id", "mask_id", "special_ids"):
             if key not in d and info.get(key) is not None:
                 d[key] = info[key]
         if "pad_id" not in d:
-            raise ValueError("transform kind 'tokens': pad_id is required (set it, or configure a tokenizer "
-                             "that has a pad token)")
+            raise ValueError(
+                "transform kind 'tokens': pad_id is required (set it, or configure a tokenizer that has a pad token)"
+            )
         return TokenViews.from_dict(d)
     if kind == "function":
         check_keys(kind, {k: v for k, v in d.items() if k != "kind"}, {"fn", "kwargs", "seed"})
@@ -363,6 +420,7 @@ def transform_from_config(d: dict | None, *, tokenizer_info: dict | None = None)
 
 
 # ---------------------------------------------------------------- replay check
+
 
 def _describe(t) -> str:
     if isinstance(t, FunctionView):
@@ -385,7 +443,7 @@ def _same_row(a: torch.Tensor, b: torch.Tensor, pad: int | None) -> bool:
     if a.shape != b.shape:
         if a.ndim != 1 or b.ndim != 1 or pad is None:
             return False
-        n = min(len(a), len(b))     # token rows in batches of different widths
+        n = min(len(a), len(b))  # token rows in batches of different widths
         longer = a if len(a) > n else b
         return torch.equal(a[:n], b[:n]) and bool((longer[n:] == pad).all())
     if a.is_floating_point() or a.is_complex():
@@ -407,17 +465,18 @@ def check_deterministic(transform, x: torch.Tensor, sample_ids, views) -> None:
         return
     first = transform.apply(x, sids, vws)
     rev = np.arange(B)[::-1]
-    idx = np.repeat(rev, 2)                                   # row, its filler, next row...
+    idx = np.repeat(rev, 2)  # row, its filler, next row...
     vws2 = np.stack([vws[rev], vws[rev] + 1], axis=1).reshape(-1)
     second = transform.apply(x[torch.from_numpy(idx.copy())], sids[idx], vws2)
     who = _describe(transform)
     if first.shape[0] != B or second.shape[0] != 2 * B:
-        raise ValueError(f"{who} returned {first.shape[0]} / {second.shape[0]} rows for batches of "
-                         f"{B} / {2 * B}")
+        raise ValueError(f"{who} returned {first.shape[0]} / {second.shape[0]} rows for batches of {B} / {2 * B}")
     pad = _pad_of(transform)
     for i in range(B):
         if not _same_row(first[i], second[2 * (B - 1 - i)], pad):
-            raise ValueError(f"{who} is not deterministic: sample_id {int(sids[i])}, view {int(vws[i])} "
-                             f"gave a different result when applied again in another batch (reversed, "
-                             f"interleaved with other rows); draw randomness only from the generator "
-                             f"it is given, never from global RNG")
+            raise ValueError(
+                f"{who} is not deterministic: sample_id {int(sids[i])}, view {int(vws[i])} "
+                f"gave a different result when applied again in another batch (reversed, "
+                f"interleaved with other rows); draw randomness only from the generator "
+                f"it is given, never from global RNG"
+            )

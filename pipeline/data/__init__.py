@@ -1,0 +1,1 @@
+"""Data sources: their sample ids, fingerprints, splits and how rows become model inputs."""

@@ -648,9 +648,9 @@ def test_dockerfile_copy_sources_exist():
             assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
             copied.append(src.rstrip("/"))
     assert {"constraints.txt", "pyproject.toml", "storage", "pipeline", "flows", "configs"} <= set(copied)
-    # every package setuptools installs is copied in
-    pkgs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert set(pkgs) <= set(copied)
+    # every package setuptools installs (sub-packages included) is copied in
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {p.rstrip("*") for p in patterns} <= set(copied)
 
 
 def test_dockerfile_user_workdir_cmd_and_dockerignore():

@@ -105,8 +105,14 @@ def finalize_labels(cfg, teacher: dict) -> dict:
     """Every dataset's complete manifest; {layout: summary} (a concurrent run may have
     finalized already: a manifest naming exactly the committed shards is kept)."""
     run = label_run(cfg, teacher)
-    layouts = {uri: layout for layout, uri in cfg.label_uris().items()}
-    return {layouts[w.uri]: summarize(m, w.uri, storage_options(cfg)) for w, m in zip(run.writers, run.finalize())}
+    # The labellers open their outputs in label_uris() order; the writers hold the resolved
+    # uri (a relative local path made absolute), so pair by position, not by string.
+    layouts = list(cfg.label_uris())
+    assert len(layouts) == len(run.writers), (layouts, [w.uri for w in run.writers])
+    return {
+        layout: summarize(m, w.uri, storage_options(cfg))
+        for layout, w, m in zip(layouts, run.writers, run.finalize(), strict=True)
+    }
 
 
 # ------------------------------------------------------------------ students

@@ -13,10 +13,10 @@ from conftest import TINY, api, cli_in_process
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def distill(*args, env=None, timeout=600):
+def distill(*args, env=None, timeout=600, cwd=REPO):
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env or dict(os.environ),
         capture_output=True,
         text=True,
@@ -26,8 +26,11 @@ def distill(*args, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def cli_run(prefect_server, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("cli-runs")
-    r = distill("run", TINY, f"runs_dir={runs}", "name=cli", env=prefect_server["env"])
+    # runs_dir relative to the working directory, as in configs/quickstart.yaml: the stored
+    # uris resolve to absolute paths and everything downstream must still find its dataset.
+    cwd = tmp_path_factory.mktemp("cli-cwd")
+    r = distill("run", TINY, "runs_dir=runs", "name=cli", env=prefect_server["env"], cwd=cwd)
+    runs = cwd / "runs"
     return {"result": r, "runs": runs, "uri": str(runs / "cli" / "soft_labels")}
 
 

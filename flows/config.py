@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_serializer,
+    model_validator,
+)
 
 from pipeline.objectives.losses import FAMILIES, LOSSES, loss_names, losses_for
 from pipeline.training.config import DEVICES, OPTIMIZERS, RECIPE_FIELDS, SCHEDULES, WORKER_STARTS, TrainConfig
@@ -191,6 +200,15 @@ class StudentsConfig(Section):
                 f"for {[k for k, v in LOSSES.items() if v.multi_teacher]} only"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # with seeds given, train.seed means nothing; dropping it keeps the dump (the flows'
+        # parameters) valid input again rather than "both given"
+        d = handler(self)
+        if self.seeds is not None and isinstance(d.get("train"), dict):
+            d["train"] = {k: v for k, v in d["train"].items() if k != "seed"}
+        return d
 
     def torch_threads(self, cores: int) -> int:
         return self.threads or max(1, cores // self.max_parallel)

@@ -80,7 +80,10 @@ def label_run(cfg, teacher: dict, *, overwrite: bool = False) -> LabelRun:
 
 def plan_labels(cfg, teacher: dict) -> dict:
     """Open the datasets (resume, or overwrite when configured) and list the shards still to label."""
-    run = label_run(cfg, teacher, overwrite=cfg.label.overwrite)
+    try:
+        run = label_run(cfg, teacher, overwrite=cfg.label.overwrite)
+    except storage.MismatchError as e:  # name the config's knob beside the API's
+        raise storage.MismatchError(f"{e}\nIn a config: label.overwrite=true, or another name or runs_dir.") from None
     pending = run.pending()
     return {
         "uris": [w.uri for w in run.writers],

@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,17 @@ def test_students_refuse_labels_of_another_data_split(tiny_run, tmp_path, capsys
     err = capsys.readouterr().err
     assert "distill: LabelLineageError: refusing the soft labels at " + uri in err and "data.seed=1" in err
     assert not (tmp_path / "tiny" / "students").exists()
+
+
+def test_relabelling_a_run_with_another_recipe_is_refused_naming_the_config_knob(tiny_run):
+    """Labels made at T = 3 are not silently mixed with (or replaced by) labels at T = 2: the
+    refusal names the differing field and the config's way out, and the dataset is untouched."""
+    from flows.recipes import existing_teacher, plan_labels
+
+    cfg = tiny_run["cfg"]
+    manifest = Path(cfg.soft_label_uri()) / "manifest.json"
+    before = manifest.read_bytes()
+    other = load_config(TINY, tiny_run["overrides"] + ["label.temperature=2.0"])
+    with pytest.raises(storage.MismatchError, match="(?s)temperature.*label.overwrite=true"):
+        plan_labels(other, existing_teacher(cfg))
+    assert manifest.read_bytes() == before

@@ -70,7 +70,7 @@ from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.training.loop import train  # noqa: E402
 from pipeline.training.teacher import train_teacher  # noqa: E402
 from pipeline.views.images import ViewSpec  # noqa: E402
-from storage import open_soft_labels  # noqa: E402
+from storage import open_soft_labels, total_bytes  # noqa: E402
 
 SPLIT_SEED = 0
 SIZES = {"train": 3500, "val": 500, "test": 1000}
@@ -317,9 +317,9 @@ def make_labels(
         "T": temperature,
         "kind": representation,
         "k": k,
-        "shards": len(m["shards"]),
+        "shards": int(m["num_shards"]),
         "shard_size": shard_size,
-        "bytes": sum(int(sh.get("bytes", 0)) for sh in m["shards"]),
+        "bytes": total_bytes(m),
         "seconds": time.perf_counter() - t0,
     }
 

@@ -65,8 +65,8 @@ def main():
                     data={"name": "random", "split": "train", "fingerprint": "y", "transform": None},
                 ) as w:
                     w.write_shard(0, sid, ids=ids, logprobs=lp, missing_mass=mm)
-                m = open_soft_labels(uri).manifest
-                path = os.path.join(uri, m["shards"][0]["path"])
+                ds = open_soft_labels(uri)
+                m, path = ds.manifest, os.path.join(uri, ds.shards[0]["path"])
                 total = du(path)
                 per_col = {}
                 if backend == "parquet":

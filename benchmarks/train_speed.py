@@ -203,7 +203,7 @@ def stream_pieces(args, tr, uri) -> None:
     m = ds.manifest
     t0 = time.perf_counter()
     for _ in range(50):
-        open_shard(ds.loc, m["shards"][0], m["backend"], ds.columns)
+        open_shard(ds.loc, ds.index.entry(0), m["backend"], ds.columns)
     open_ms = (time.perf_counter() - t0) / 50 * 1e3
     print(f"\n== batch sources alone, no model, no profiler (median ms/epoch over {E - 1} epochs, {steps} batches):")
     prev = None
@@ -213,7 +213,7 @@ def stream_pieces(args, tr, uri) -> None:
         prev = v
     print(
         f"  the join runs once per {stream.join_batches()} batches; ArrayDataset.index_of (cached sort) "
-        f"{idx_ms:.3f} ms per {bs} ids; open_shard {open_ms:.2f} ms x {len(m['shards'])} shards, once per "
+        f"{idx_ms:.3f} ms per {bs} ids; open_shard {open_ms:.2f} ms x {m['num_shards']} shards, once per "
         f"process (shards stay open across epochs)"
     )
 

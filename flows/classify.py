@@ -19,6 +19,7 @@ from pipeline.models.checkpoint import checkpoint_info, load_model
 from pipeline.training import student
 from pipeline.training.config import TrainConfig
 from pipeline.training.loop import lineage_diff
+from pipeline.training.stream import verifier
 from pipeline.training.teacher import finetune, train_teacher, training_lineage
 from pipeline.views.images import ViewSpec
 
@@ -248,7 +249,9 @@ def check_label_lineage(cfg: Config, uri: str) -> dict:
     id of this config's evaluation or validation split."""
     s = splits(cfg)
     inputs = s[cfg.data.label_split]
-    ds = storage.open_soft_labels(uri, storage_options=secrets.resolve(cfg.label.storage_options) or None)
+    ds = storage.open_soft_labels(
+        uri, storage_options=secrets.resolve(cfg.label.storage_options) or None, verifier=verifier(cfg.label.public_key)
+    )
     stored = ds.manifest.get("data") or {}
     problems = []
     if stored.get("fingerprint") != inputs.fingerprint():
@@ -311,8 +314,28 @@ def check_label_lineage(cfg: Config, uri: str) -> dict:
 
 
 def manifest_teacher(teacher: dict) -> dict:
-    """The manifest's teacher entry: name, fingerprint, checkpoint."""
-    return teacher
+    """The manifest's teacher entry: name, fingerprint, checkpoint (an absolute path, so a
+    replay from another working directory finds it)."""
+    return teacher | {"checkpoint": os.path.abspath(teacher["checkpoint"])}
+
+
+def recipe_data(cfg: Config) -> dict:
+    """The config's data section as the manifest records it for `--replay`: its file paths
+    made absolute (a relative path means the labelling run's working directory)."""
+    d = json.loads(cfg.data.model_dump_json())
+
+    def absolute(p):
+        return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and os.path.exists(p) else p
+
+    d["dataset"] = absolute(d.get("dataset"))
+    for key in ("source", "transfer"):
+        if d.get(key):
+            d[key]["path"] = absolute(d[key]["path"])
+    if d.get("tokenizer"):
+        d["tokenizer"]["path"] = absolute(d["tokenizer"]["path"])
+    if d.get("split_files"):
+        d["split_files"] = {k: absolute(v) for k, v in d["split_files"].items()}
+    return d
 
 
 def labeller(cfg: Config, teacher: dict) -> ClassifyLabeller:
@@ -322,7 +345,7 @@ def labeller(cfg: Config, teacher: dict) -> ClassifyLabeller:
     model, _ = load_model(teacher["checkpoint"], trusted_factories=cfg.model_factories())
     inputs = splits(cfg)[cfg.data.label_split]
     lc = cfg.label
-    recipe = {"data": json.loads(cfg.data.model_dump_json()), "label_split": cfg.data.label_split}
+    recipe = {"data": recipe_data(cfg), "label_split": cfg.data.label_split}
     return ClassifyLabeller(
         model,
         inputs,
@@ -377,7 +400,9 @@ def student_lineage(cfg: Config, teacher: dict, run: dict, tcfg: TrainConfig, la
     the views."""
     return student.student_lineage(
         data={name: d.fingerprint() for name, d in splits(cfg).items()},
-        split=cfg.data.model_dump(include={"dataset", "seed", "sizes", "fractions", "label_split", "loader"}),
+        split=cfg.data.model_dump(
+            include={"dataset", "seed", "sizes", "fractions", "ranges", "split_files", "label_split", "loader"}
+        ),
         views=cfg.views.model_dump(),
         model=run["model"],
         train_config=tcfg,

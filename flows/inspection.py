@@ -7,15 +7,23 @@ import json
 
 import storage
 from pipeline.models.checkpoint import load_model
+from pipeline.training.stream import verifier
 from storage import Location
 
 from .inputs import splits_of
 
 
-def inspect(uri: str, *, verify: bool = False, storage_options: dict | None = None) -> tuple[dict, object | None]:
-    """(manifest summary, verify report or None) for `distill inspect`."""
+def inspect(
+    uri: str, *, verify: bool = False, storage_options: dict | None = None, public_key: str | None = None
+) -> tuple[dict, object | None]:
+    """(manifest summary, verify report or None) for `distill inspect`. With public_key the
+    dataset must be signed by it: checked by open (manifest, shard 0's record), or by verify
+    (every record)."""
     m = storage.read_manifest(Location(uri, storage_options))
-    report = storage.verify(uri, storage_options=storage_options) if verify else None
+    v = verifier(public_key)
+    if v is not None and not verify:
+        storage.open_soft_labels(uri, storage_options=storage_options, verifier=v)
+    report = storage.verify(uri, storage_options=storage_options, verifier=v) if verify else None
     return summarize(m, uri, tokens=False), report
 
 
@@ -34,7 +42,11 @@ def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_fac
             f"{uri}: the manifest records no data recipe (labelled by an older distillery or "
             f"outside `distill label`), so its inputs cannot be rebuilt for a replay"
         )
-    inputs = splits_of(json.dumps(recipe["data"], sort_keys=True))[recipe["label_split"]]
+    if "corpus" in recipe:
+        return _replay_tokens(ds, recipe, n, seed)
+    # key order matters: splits are cut in the order data.sizes names them (the manifest
+    # keeps the config's order; sorting the keys here would pick other samples)
+    inputs = splits_of(json.dumps(recipe["data"]))[recipe["label_split"]]
     if inputs.fingerprint() != m["data"]["fingerprint"]:
         raise ValueError(
             f"{uri}: the inputs rebuilt from the recorded data section have fingerprint "
@@ -44,6 +56,32 @@ def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_fac
     transform = transform_from_dict(m["data"].get("transform"))
     model, _ = load_model(m["teacher"]["checkpoint"], trusted_factories=trusted_factories)
     return replay_rows(model, inputs, ds, n=n, transform=transform, seed=seed)
+
+
+def _replay_tokens(ds, recipe: dict, n: int, seed: int) -> dict:
+    """--replay of language-model labels: the recorded teacher (its fingerprint checked)
+    over the recorded corpus windows (theirs too)."""
+    from pipeline.labelling.replay import replay_token_rows
+    from pipeline.models.gguf import load_causal_lm, teacher_fingerprint
+
+    from .lm import corpus_splits, teacher_from_source
+
+    m = ds.manifest
+    teacher_dir = teacher_from_source(m["teacher"]["source"])
+    fp = teacher_fingerprint(teacher_dir)
+    if fp != m["teacher"]["fingerprint"]:
+        raise ValueError(
+            f"{ds.uri}: the teacher at {m['teacher']['source']} has fingerprint {fp[:16]}, the labels were "
+            f"made by {m['teacher']['fingerprint'][:16]}: the teacher file was modified or corrupt"
+        )
+    corpus = corpus_splits(recipe["corpus"], teacher_dir)[recipe["label_split"]]
+    if corpus.fingerprint() != m["data"]["fingerprint"]:
+        raise ValueError(
+            f"{ds.uri}: the windows rebuilt from the recorded corpus section have fingerprint "
+            f"{corpus.fingerprint()[:16]}, the labels were made from {m['data']['fingerprint'][:16]}: "
+            f"the corpus files changed since labelling"
+        )
+    return replay_token_rows(load_causal_lm(teacher_dir), corpus, ds, n=n, seed=seed)
 
 
 def token_summary(uri: str, *, storage_options: dict | None = None, max_rows: int = 1 << 22) -> dict | None:
@@ -80,7 +118,7 @@ def token_summary(uri: str, *, storage_options: dict | None = None, max_rows: in
         "draws": rep.get("draws"),
         "dtype": rep.get("dtype"),
         "id_bits": rep.get("id_bits"),
-        "bytes_per_token": sum(s.get("bytes", 0) for s in m.get("shards", [])) / max(n, 1),
+        "bytes_per_token": storage.total_bytes(m) / max(n, 1),
         "measured": col,
         "positions": int(len(v)),
         "mean": float(v.mean()) if len(v) else None,
@@ -103,7 +141,9 @@ def summarize(m: dict, uri: str, storage_options: dict | None = None, *, tokens:
         "temperature": m["temperature"],
         "representation": m["representation"],
         "num_shards": m.get("num_shards"),
-        "bytes": sum(s.get("bytes", 0) for s in m.get("shards", [])),
+        "format_version": m["format_version"],
+        "signed_by": (m.get("signature") or {}).get("key"),
+        "bytes": storage.total_bytes(m),
         "teacher": m["teacher"],
         "data": {k: m["data"].get(k) for k in ("name", "split", "fingerprint", "transform", "inputs")},
     }

@@ -19,6 +19,7 @@ from pipeline.labelling.tokens import TokenLabeller, output_spec
 from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm, teacher_fingerprint
 from pipeline.models.registry import param_counts
 from pipeline.training import student
+from pipeline.training.stream import verifier
 
 from .config import LMConfig as Config
 
@@ -34,6 +35,16 @@ def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
 
 
 existing_teacher = ensure_teacher
+
+
+def corpus_splits(corpus: dict, tokenizer_dir: str) -> dict[str, TokenCorpus]:
+    """The windows of a recorded corpus section (a manifest's data.recipe), split as labelled."""
+    return _splits(json.dumps(corpus), tokenizer_dir)
+
+
+def teacher_from_source(source: str) -> str:
+    """The model directory of a recorded teacher source (a GGUF file, converted once; or a directory)."""
+    return gguf_teacher_dir(source) if str(source).endswith(".gguf") else resolve_model_path(source, what="teacher")
 
 
 def manifest_teacher(teacher: dict) -> dict:
@@ -106,6 +117,9 @@ def labeller(cfg: Config, teacher: dict) -> TokenLabeller:
         device=lab.device,
         amp=lab.amp,
         seed=lab.seed,
+        # the corpus section (key order kept: splits are cut in data.sizes order), so that
+        # `distill inspect --replay` rebuilds these windows
+        recipe={"corpus": json.loads(cfg.corpus.model_dump_json()), "label_split": "train"},
     )
 
 
@@ -116,7 +130,9 @@ def check_label_lineage(cfg: Config, uri: str) -> dict:
 
     from . import secrets
 
-    return storage.open_soft_labels(uri, storage_options=secrets.resolve(cfg.label.storage_options) or None).manifest
+    return storage.open_soft_labels(
+        uri, storage_options=secrets.resolve(cfg.label.storage_options) or None, verifier=verifier(cfg.label.public_key)
+    ).manifest
 
 
 # ------------------------------------------------------------------ students

@@ -13,13 +13,37 @@ from .config import ClassifyConfig, ConfigError, LMConfig
 from .inputs import splits, view_spec
 
 
-def preflight(cfg: ClassifyConfig | LMConfig) -> None:
+def preflight(cfg: ClassifyConfig | LMConfig, cmd: str = "run") -> None:
     """The checks the schema cannot make because they need the data or the teacher's
-    file, for the config's task; the CLI runs them after load_config, before any work."""
+    file, for the config's task and the command (`label` and `students` need a trained
+    teacher); the CLI runs them after load_config, before any work or server."""
+    _check_factories(cfg)
     if cfg.task == "lm":
         preflight_lm(cfg)
     else:
         preflight_classify(cfg)
+        if cmd in ("label", "students") and not os.path.isfile(cfg.teacher_path()):
+            raise ConfigError(
+                f"no teacher checkpoint at {cfg.teacher_path()}: run `distill teacher train` (or `distill run`) "
+                f"with this config first, or set teacher.checkpoint"
+            )
+
+
+def _check_factories(cfg) -> None:
+    """Every model named by an import path (`arch: my_models:net`) imports, before any work."""
+    from pipeline.models.registry import is_import_path
+    from pipeline.paths import import_object
+
+    models = [("teacher.model", getattr(cfg.teacher, "model", None))]
+    models += [(f"students.models[{i}]", m) for i, m in enumerate(cfg.student_models())]
+    for key, m in models:
+        if m is not None and is_import_path(m.arch):
+            try:
+                import_object(m.arch, what="model arch", noun="factory")
+            except ValueError as e:
+                raise ConfigError(
+                    f"{key}.arch: {e} (a module is found on PYTHONPATH or next to the config file)"
+                ) from None
 
 
 def preflight_classify(cfg: ClassifyConfig) -> None:
@@ -166,3 +190,18 @@ def preflight_lm(cfg: LMConfig) -> None:
                 )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    import json
+
+    from .lm import ensure_teacher, splits
+
+    with open(os.path.join(ensure_teacher(cfg)["dir"], "config.json")) as f:
+        max_pos = json.load(f).get("max_position_embeddings")
+    if max_pos is not None and c.seq_len > int(max_pos):
+        raise ConfigError(
+            f"corpus.seq_len {c.seq_len} is larger than the teacher's context (its config.json: "
+            f"max_position_embeddings {max_pos})"
+        )
+    try:  # tokenize and cut the corpus now (cached: the flows reuse it): its errors before any server
+        splits(cfg)
+    except ValueError as e:
+        raise ConfigError(f"corpus: {e}") from None

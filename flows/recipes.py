@@ -26,6 +26,7 @@ from pipeline.labelling.loop import LabelRun
 from pipeline.objectives.losses import LOSSES
 from pipeline.tasks import TASKS
 from pipeline.training.config import TrainConfig
+from pipeline.training.stream import verifier
 from pipeline.training.student import run_student
 from storage import Location
 
@@ -66,8 +67,9 @@ def existing_teacher(cfg) -> dict:
 # ------------------------------------------------------------------ labelling
 
 
-def label_run(cfg, teacher: dict, *, overwrite: bool = False) -> LabelRun:
-    """Open (or resume) every label dataset of the config: one LabelRun over the task's labeller."""
+def label_run(cfg, teacher: dict, *, overwrite: bool = False, shards: list[int] | None = None) -> LabelRun:
+    """Open (or resume) every label dataset of the config: one LabelRun over the task's
+    labeller (over `shards` only when given: a per-shard task reads only their records)."""
     t = task_recipes(cfg)
     return LabelRun(
         t.labeller(cfg, teacher),
@@ -75,6 +77,8 @@ def label_run(cfg, teacher: dict, *, overwrite: bool = False) -> LabelRun:
         teacher=t.manifest_teacher(teacher),
         storage_options=storage_options(cfg),
         overwrite=overwrite,
+        shards=shards,
+        signing_key=cfg.label.signing_key,
     )
 
 
@@ -96,7 +100,7 @@ def plan_labels(cfg, teacher: dict) -> dict:
 def label_one_shard(cfg, teacher: dict, shard: int) -> dict:
     """Label one shard into every dataset lacking it (a retry or a concurrent run may have
     done it already: then nothing)."""
-    s = label_run(cfg, teacher).label_shard(shard)
+    s = label_run(cfg, teacher, shards=[shard]).label_shard(shard)
     return {k: v for k, v in s.items() if k != "records"} | {
         "sha256": s["records"][0]["sha256"] if s["records"] else "",
         "skipped": not s["records"],
@@ -107,7 +111,7 @@ def label_one_shard(cfg, teacher: dict, shard: int) -> dict:
 def finalize_labels(cfg, teacher: dict) -> dict:
     """Every dataset's complete manifest; {layout: summary} (a concurrent run may have
     finalized already: a manifest naming exactly the committed shards is kept)."""
-    run = label_run(cfg, teacher)
+    run = label_run(cfg, teacher, shards=[])  # finalize lists the commit records itself
     # The labellers open their outputs in label_uris() order; the writers hold the resolved
     # uri (a relative local path made absolute), so pair by position, not by string.
     layouts = list(cfg.label_uris())
@@ -193,7 +197,8 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
     if run["loss"] != "ce":
         uris = [label_uri_for(cfg, run["loss"]), *cfg.students.extra_soft_labels]
         manifests = [t.check_label_lineage(cfg, uris[0])] + [
-            storage.open_soft_labels(u, storage_options=so).manifest for u in uris[1:]
+            storage.open_soft_labels(u, storage_options=so, verifier=verifier(cfg.label.public_key)).manifest
+            for u in uris[1:]
         ]
     out = cfg.run_dir() / "students"
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +220,7 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
         teacher=t.manifest_teacher(teacher),
         storage_options=so,
         expect={"teacher.fingerprint": teacher["fingerprint"]} if uris else None,
+        public_key=cfg.label.public_key,
         resume=True,
         on_batch=on_batch,
         export_dir=str(out) if cfg.students.export else None,
@@ -241,6 +247,24 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
 # ------------------------------------------------------------------ report
 
 
+def _with_earlier(cfg, teacher: dict, results: list[dict]) -> list[dict]:
+    """This sweep's results plus the students of an earlier report.json of the same run
+    (same teacher, same labels) that this sweep did not retrain: `distill students` with
+    another grid adds to the report instead of replacing it."""
+    path = cfg.run_dir() / "report.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    same = (old.get("teacher") or {}).get("fingerprint") == teacher["fingerprint"] and old.get("soft_labels") == next(
+        iter(cfg.label_uris().values())
+    )
+    if not same:
+        return results
+    names = {r["name"] for r in results}
+    return [s for s in old.get("students", []) if s.get("name") not in names] + results
+
+
 def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
     """report.json (with report.md and students.png beside it): the teacher, every student
     next to its architecture's baseline of the same seed, and the rows over seeds."""
@@ -256,7 +280,7 @@ def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
             )
         except (storage.SoftLabelError, OSError):
             continue  # only the baseline trained: no labels needed
-    students = with_baselines(results, task.metric, task.higher_is_better)
+    students = with_baselines(_with_earlier(cfg, teacher, results), task.metric, task.higher_is_better)
     report = {
         "name": cfg.name,
         "task": cfg.task,

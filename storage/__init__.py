@@ -15,6 +15,7 @@ from .errors import (
     SoftLabelError,
 )
 from .fs import Location
+from .index import ShardIndex, total_bytes
 from .layout import Column, columns_for
 from .manifest import FORMAT_VERSION, lineage_digest, now_iso
 from .partition import batches_per_partition
@@ -50,4 +51,6 @@ __all__ = [
     "Column",
     "columns_for",
     "decode_tokens",
+    "ShardIndex",
+    "total_bytes",
 ]

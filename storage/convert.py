@@ -57,13 +57,14 @@ def convert(
         storage_options=dst_storage_options or storage_options,
         overwrite=overwrite,
         num_shards=m["num_shards"],
+        num_samples=m["num_samples"],
         feature=m.get("feature"),
         compression=compression or m.get("layout", {}).get("compression", "none"),
         extra=dict(m.get("extra", {}), converted_from={"uri": src.uri, "backend": m["backend"]}),
     )
     names = [c.name for c in src.columns]
     done = set(w.committed_shards())
-    for s in m["shards"]:
+    for s in src.index.entries():
         if s["index"] in done:
             continue
         sh = open_shard(src.loc, s, m["backend"], src.columns)
@@ -75,7 +76,7 @@ def convert(
 
 def _check_equal(a, b) -> None:
     names = [c.name for c in a.columns]
-    for sa, sb in zip(a.manifest["shards"], b.manifest["shards"]):
+    for sa, sb in zip(a.index.entries(), b.index.entries(), strict=True):
         ra = open_shard(a.loc, sa, a.manifest["backend"], a.columns)
         rb = open_shard(b.loc, sb, b.manifest["backend"], b.columns)
         ca, cb = ra.read(0, ra.num_rows, names), rb.read(0, rb.num_rows, names)

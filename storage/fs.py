@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import socket
 import uuid
 from typing import Any
 
@@ -78,7 +79,7 @@ class Location:
         if self.is_local:
             final = self.path(rel)
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+            tmp = f"{final}.{temp_name('tmp')}"  # names its owner: finalize removes a dead writer's
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -108,3 +109,27 @@ class Location:
 
     def __repr__(self) -> str:
         return f"Location({self.uri!r})"
+
+
+def temp_name(base: str) -> str:
+    """`base.HOST.PID.RANDOM`: finalize() can tell a dead writer's leftovers from a live one's."""
+    return f"{base}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def temp_owner_alive(name: str) -> bool | None:
+    """True/False for a temp file made by a process on this host; None when unknown."""
+    parts = name.rsplit(".", 3)
+    if len(parts) != 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return None
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_temp(name: str) -> bool:
+    """A temp file of write_bytes_atomic or publish (`….tmp.HOST.PID.RAND`, `_tmp/…`)."""
+    return ".tmp." in name

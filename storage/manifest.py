@@ -21,9 +21,11 @@ from .layout import DATA_DIR, TOKEN_KINDS, columns_for, index_dtype
 from .tokens import representation_problem
 
 # 2: shards under data/, 2-D Parquet columns as fixed_size_list, Zarr dimension_names,
-#    a manifest digest, a lineage digest in every commit record. 1 is still read.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#    a manifest digest, a lineage digest in every commit record.
+# 3: the shard table in hashed index files (storage/index.py), not inline; commit records
+#    carry format_version and the plan (planned shards and samples). 1 and 2 are still read.
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 COMMITS_DIR = "_commits"
 TMP_DIR = "_tmp"
@@ -171,8 +173,8 @@ def parse_manifest(raw: bytes, uri: str) -> dict:
 
 
 def manifest_digest(m: dict) -> str:
-    """sha256 of the manifest's canonical JSON without its `digest` field."""
-    body = {k: v for k, v in m.items() if k != "digest"}
+    """sha256 of the manifest's canonical JSON without its `digest` and `signature` fields."""
+    body = {k: v for k, v in m.items() if k not in ("digest", "signature")}
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -183,7 +185,8 @@ def lineage_digest(m: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-_SHARD_NAME = re.compile(rf"^(?:{DATA_DIR}/)?shard-(\d{{5}})-([0-9a-f]{{16}})\.(parquet|zarr)$")
+# five digits, more from shard 100,000 on (shard_basename's "shard-{i:05d}"; no leading zeros beyond five)
+_SHARD_NAME = re.compile(rf"^(?:{DATA_DIR}/)?shard-(\d{{5}}|[1-9]\d{{5,}})-([0-9a-f]{{16}})\.(parquet|zarr)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -213,6 +216,7 @@ def _is_int(x: Any, lo: int = 0) -> bool:
 
 def validate_manifest(m: dict, where: str) -> None:
     """Structure and types of every field (the manifest schema, docs/format.md)."""
+    v3 = m.get("format_version", 1) >= 3
     for key in (
         "backend",
         "status",
@@ -222,8 +226,7 @@ def validate_manifest(m: dict, where: str) -> None:
         "representation",
         "teacher",
         "data",
-        "shards",
-    ):
+    ) + (() if v3 else ("shards",)):
         if key not in m:
             raise ManifestError(f"{where}: required field {key!r} is missing")
     _need(m["backend"] in BACKENDS, where, "backend", f"one of {list(BACKENDS)}", m["backend"])
@@ -285,17 +288,41 @@ def validate_manifest(m: dict, where: str) -> None:
             _need(k in d, where, f"{sec}.{k}", "present", "<missing>")
     for key in ("num_samples", "num_rows", "num_shards"):
         _need(m.get(key) is None or _is_int(m[key]), where, key, "null or an int >= 0", m.get(key))
-    _need(
-        m.get("planned_shards") is None or _is_int(m["planned_shards"], 1),
-        where,
-        "planned_shards",
-        "null or an int >= 1",
-        m.get("planned_shards"),
-    )
+    for key in ("planned_shards", "planned_samples"):
+        _need(m.get(key) is None or _is_int(m[key], 1), where, key, "null or an int >= 1", m.get(key))
     cols = m.get("columns")
     if cols is not None:
         want = {c.name: c.to_dict() for c in columns_for(m)}
         _need(cols == want, where, "columns", f"{want} (implied by num_classes, representation and feature)", cols)
+    _validate_layout(m.get("layout"), where)
+    if m["status"] == "complete":
+        for key in ("num_samples", "num_rows", "num_shards"):
+            _need(_is_int(m.get(key)), where, key, "an int in a complete manifest", m.get(key))
+        for key, got in (("planned_shards", m["num_shards"]), ("planned_samples", m["num_samples"])):
+            _need(
+                m.get(key) is None or m[key] == got,
+                where,
+                key,
+                f"null or what the dataset holds ({got}: a complete dataset holds its whole plan)",
+                m.get(key),
+            )
+    if v3:
+        _need("shards" not in m, where, "shards", "absent in format 3 (the shard table is in `index`)", "<present>")
+        if m["status"] == "complete":
+            _validate_index(m, where, token)
+            if not token:
+                _check_rows(m, where)
+            else:
+                _need(
+                    m.get("num_tokens") == m["num_rows"],
+                    where,
+                    "num_tokens",
+                    f"num_rows ({m['num_rows']})",
+                    m.get("num_tokens"),
+                )
+        else:
+            _need(m.get("index") is None, where, "index", "null while the dataset is partial", m.get("index"))
+        return
     shards = m["shards"]
     _need(isinstance(shards, list), where, "shards", "a list of shard entries", shards)
     for pos, e in enumerate(shards):
@@ -348,8 +375,6 @@ def validate_manifest(m: dict, where: str) -> None:
                 ns,
             )
     if m["status"] == "complete":
-        for key in ("num_samples", "num_rows", "num_shards"):
-            _need(_is_int(m.get(key)), where, key, "an int in a complete manifest", m.get(key))
         _need(
             m["num_shards"] == len(shards) and shards,
             where,
@@ -385,13 +410,89 @@ def validate_manifest(m: dict, where: str) -> None:
                 m["num_rows"],
             )
         else:
-            _need(
-                m["num_rows"] == m["num_samples"] * m["num_views"],
-                where,
-                "num_rows",
-                f"num_samples x num_views ({m['num_samples']} x {m['num_views']})",
-                m["num_rows"],
-            )
+            _check_rows(m, where)
+
+
+def _check_rows(m: dict, where: str) -> None:
+    _need(
+        m["num_rows"] == m["num_samples"] * m["num_views"],
+        where,
+        "num_rows",
+        f"num_samples x num_views ({m['num_samples']} x {m['num_views']})",
+        m["num_rows"],
+    )
+
+
+_INDEX_FILE = re.compile(r"^_index/(units|part-(\d{5}))-([0-9a-f]{16})\.parquet$")
+
+
+def _validate_index(m: dict, where: str, token: bool) -> None:
+    """The `index` section of a complete format-3 manifest (storage/index.py): file names
+    inside the dataset and named after their sha256, parts covering shards 0..n-1 in
+    order, their row counts summing to num_rows."""
+    ix = m.get("index")
+    _need(isinstance(ix, dict), where, "index", "an object {part_shards, units, parts, max_rows_per_block}", ix)
+    _need(_is_int(ix.get("part_shards"), 1), where, "index.part_shards", "an int >= 1", ix.get("part_shards"))
+    _need(
+        _is_int(ix.get("max_rows_per_block"), 1),
+        where,
+        "index.max_rows_per_block",
+        "an int >= 1",
+        ix.get("max_rows_per_block"),
+    )
+
+    def file_ok(e: Any, field: str, kind: str, part: int | None = None) -> None:
+        ok = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+        g = _INDEX_FILE.match(e["path"]) if ok else None
+        ok = (
+            g is not None
+            and bool(_HEX64.match(e["sha256"]))
+            and g.group(3) == e["sha256"][:16]
+            and (g.group(1) == "units" if kind == "units" else g.group(2) is not None and int(g.group(2)) == part)
+        )
+        _need(ok, where, field, f"{{path: _index/{kind}-...-<sha256[:16]>.parquet, sha256: 64 hex}}", e)
+
+    file_ok(ix.get("units"), "index.units", "units")
+    parts = ix.get("parts")
+    _need(isinstance(parts, list) and parts, where, "index.parts", "a non-empty list", parts)
+    P, start, rows = ix["part_shards"], 0, 0
+    for p, e in enumerate(parts):
+        f = f"index.parts[{p}]"
+        file_ok(e, f, "part", p)
+        _need(e.get("first_shard") == start, where, f"{f}.first_shard", f"{start}", e.get("first_shard"))
+        last = p == len(parts) - 1
+        _need(
+            _is_int(e.get("num_shards"), 1) and (e["num_shards"] == P or last and e["num_shards"] <= P),
+            where,
+            f"{f}.num_shards",
+            f"{P} (fewer only in the last part)",
+            e.get("num_shards"),
+        )
+        _need(_is_int(e.get("num_rows"), 1), where, f"{f}.num_rows", "an int >= 1", e.get("num_rows"))
+        _need(_is_int(e.get("bytes")), where, f"{f}.bytes", "an int >= 0", e.get("bytes"))
+        start += e["num_shards"]
+        rows += e["num_rows"]
+    _need(start == m["num_shards"], where, "num_shards", f"the shards the index parts hold ({start})", m["num_shards"])
+    _need(rows == m["num_rows"], where, "num_rows", f"the rows the index parts hold ({rows})", m["num_rows"])
+
+
+def _validate_layout(layout: Any, where: str) -> None:
+    if layout is None:
+        return
+    _need(
+        isinstance(layout, dict), where, "layout", "an object {compression, target_block_bytes, row_bytes, ...}", layout
+    )
+    if "compression" in layout:
+        _need(
+            layout["compression"] in COMPRESSIONS,
+            where,
+            "layout.compression",
+            f"one of {list(COMPRESSIONS)}",
+            layout["compression"],
+        )
+    for key in ("target_block_bytes", "row_bytes"):
+        if key in layout:
+            _need(_is_int(layout[key], 1), where, f"layout.{key}", "an int >= 1", layout[key])
 
 
 def _validate_token_fields(m: dict, where: str) -> None:
@@ -417,10 +518,14 @@ def _validate_token_fields(m: dict, where: str) -> None:
     _need(problem is None, where, "representation", problem or "", m["representation"])
 
 
-def dump_manifest(m: dict) -> bytes:
-    """The manifest's bytes, with its digest (format 2) recomputed."""
+def dump_manifest(m: dict, signer=None) -> bytes:
+    """The manifest's bytes, with its digest recomputed, signed over the digest when a
+    signer is given (storage/signing.py)."""
     m = dict(m, format_version=FORMAT_VERSION)
+    m.pop("signature", None)
     m["digest"] = manifest_digest(m)
+    if signer is not None:
+        m["signature"] = signer.sign(m["digest"].encode())
     return (json.dumps(m, indent=2, sort_keys=False) + "\n").encode()
 
 

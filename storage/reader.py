@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +34,20 @@ from . import token_sequences as seqs
 from . import tokens
 from .errors import CorruptShardError, IncompleteDatasetError, ManifestError, SoftLabelError
 from .fs import Location
+from .index import ShardIndex
 from .layout import TOKEN_KINDS, ParquetShard, ZarrShard, columns_for, row_bytes
-from .manifest import check_expect, lineage_digest
+from .manifest import COMMITS_DIR, check_expect, lineage_digest
 from .partition import batches_per_partition, partition_segments
-from .shards import commits_disagree, open_shard, read_commits, read_id_columns, read_manifest
+from .shards import (
+    check_signatures,
+    commit_problem,
+    commits_disagree,
+    open_shard,
+    read_commit,
+    read_commits,
+    read_id_columns,
+    read_manifest,
+)
 from .verify import verify as verify_dataset
 
 SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker)
@@ -44,47 +55,97 @@ REMOTE_OPEN_BYTES = 512 << 20  # object-store shards are held in memory while op
 
 
 def open_soft_labels(
-    uri: str, *, expect: dict | None = None, verify: bool = False, storage_options: dict | None = None
+    uri: str,
+    *,
+    expect: dict | None = None,
+    verify: bool = False,
+    storage_options: dict | None = None,
+    verifier: Any = None,
 ) -> SoftLabelDataset:
     """Open a COMPLETE dataset. `expect` = manifest values the caller requires, e.g.
     {"teacher": {"fingerprint": fp}, "temperature": 4.0} or {"teacher.fingerprint": fp};
     any difference raises MismatchError naming field, expected and found value.
-    verify=True re-hashes every shard first (see storage.verify)."""
+    verify=True re-hashes every shard first (see storage.verify). verifier
+    (storage/signing.py; pipeline/keys.py load_verifier): the manifest and every commit
+    record read must carry its valid signature."""
     loc = Location(uri, storage_options)
     m = read_manifest(loc)
-    commits = read_commits(loc, m["backend"])
     if m["status"] != "complete":
-        done = len(commits)
+        done = len([n for n in loc.listdir(COMMITS_DIR) if n.endswith(".json")])
         planned = m.get("planned_shards")
         raise IncompleteDatasetError(
             f"soft-label dataset at {loc.uri} is partial ({done} shard(s) committed"
             f"{f' of {planned}' if planned else ''}); finish labelling (re-run resumes) before reading it"
         )
-    problems = commits_disagree(m, commits, lineage_digest(m) if m["format_version"] >= 2 else None)
+    index = ShardIndex(loc, m)
+    lineage = lineage_digest(m) if m["format_version"] >= 2 else None
+    if m["format_version"] < 3:  # an inline shard list: every record, once
+        records = read_commits(loc, m["backend"])
+        problems = commits_disagree(m, m["shards"], records, lineage)
+        records = list(records.values())
+    else:  # shard 0's record now (format, plan, lineage), each shard's own when it is opened
+        rec = read_commit(loc, m["backend"], 0)
+        problem = commit_problem(0, index.entry(0), rec, m, lineage)
+        problems, records = ([] if problem is None else [problem]), [rec]
+        if m.get("planned_shards") is None:
+            # no plan binds the shard count (a writer opened without num_shards): count the
+            # records instead, one listing, so a dropped last shard is still noticed
+            listed = sorted(
+                int(n[6:-5]) for n in loc.listdir(COMMITS_DIR) if n.startswith("shard-") and n.endswith(".json")
+            )
+            extra = [i for i in listed if i >= m["num_shards"]]
+            if extra or len(listed) != m["num_shards"]:
+                problems.append(
+                    f"{len(listed)} shards are committed but the manifest lists {m['num_shards']}"
+                    + (f": shard {extra[0]} is committed but not in the manifest" if extra else "")
+                )
     if problems:
-        raise ManifestError(
-            f"soft-label dataset at {loc.uri}: the manifest and the committed shards disagree "
-            f"(edited, or written by two runs):\n  " + "\n  ".join(problems[:10])
-        )
+        raise ManifestError(_disagree(loc.uri, problems))
+    check_signatures(m, records, verifier, loc.uri)
     check_expect(m, expect, loc.uri)
     if verify:
-        report = verify_dataset(uri, storage_options=storage_options)
+        report = verify_dataset(uri, storage_options=storage_options, verifier=verifier)
         if not report.ok:
             raise CorruptShardError(
                 f"soft-label dataset at {loc.uri} failed verification:\n  " + "\n  ".join(report.problems)
             )
-    return SoftLabelDataset(loc, m)
+    return SoftLabelDataset(loc, m, index, verifier=verifier)
+
+
+def _disagree(uri: str, problems: list[str]) -> str:
+    return (
+        f"soft-label dataset at {uri}: the manifest and the committed shards disagree "
+        f"(edited, or written by two runs):\n  " + "\n  ".join(problems[:10])
+    )
 
 
 class SoftLabelDataset:
-    def __init__(self, loc: Location, manifest: dict):
+    def __init__(self, loc: Location, manifest: dict, index: ShardIndex | None = None, *, verifier: Any = None):
+        """A dataset opened by open_soft_labels (which checks it); a worker process re-creates
+        it from the manifest. verifier: every commit record read must carry its signature."""
         self.loc = loc
         self.uri = loc.uri
         self.manifest = manifest
+        self.index = index if index is not None else ShardIndex(loc, manifest)
         self.columns = columns_for(manifest)
         self.column_names = [c.name for c in self.columns]
-        self.shard_rows = [int(s["num_rows"]) for s in manifest["shards"]]
+        self._lineage = lineage_digest(manifest) if manifest["format_version"] >= 2 else None
+        self._verifier = verifier  # the required signer's (storage/signing.py), or None
         self._index = None
+
+    @property
+    def shard_rows(self) -> np.ndarray:
+        """(num_shards,) rows per shard (token kinds: token positions)."""
+        if not self.is_tokens:
+            return self.index.units
+        return np.array([e["num_rows"] for e in self.index.entries()], np.int64)
+
+    @property
+    def shards(self) -> list[dict]:
+        """Every shard's entry (index, path, num_rows, first/last sample id, sha256, bytes,
+        rows_per_block[, num_sequences]), in order. Reads the whole index: for tools and
+        tests; the stream reads only the entries of the shards it opens."""
+        return list(self.index.entries())
 
     def __len__(self) -> int:
         return int(self.manifest["num_rows"])
@@ -103,12 +164,21 @@ class SoftLabelDataset:
 
     def _open(self, pos: int, cache: dict):
         if pos not in cache:
-            entry = self.manifest["shards"][pos]
+            entry = self.index.entry(pos)
             # local shards hold a file handle, object-store shards their (verified) bytes
             limit = 64 if self.loc.is_local else max(1, REMOTE_OPEN_BYTES // max(1, entry["bytes"]))
             while len(cache) >= limit:
                 cache.pop(next(iter(cache)))
-            cache[pos] = open_shard(self.loc, entry, self.manifest["backend"], self.columns)
+            m = self.manifest
+            if m["format_version"] >= 3:  # this shard's commit record: one small read per shard opened
+                rec = read_commit(self.loc, m["backend"], pos)
+                problem = commit_problem(pos, entry, rec, m, self._lineage)
+                if problem is not None:
+                    raise ManifestError(_disagree(self.uri, [problem]))
+                check_signatures(m, [rec], self._verifier, self.uri)
+            sh = open_shard(self.loc, entry, m["backend"], self.columns)
+            _check_entry(self.uri, entry, sh)
+            cache[pos] = sh
         return cache[pos]
 
     def _check_columns(self, columns) -> list[str]:
@@ -155,13 +225,14 @@ class SoftLabelDataset:
             world_size=world_size,
             worker=worker,
             num_workers=num_workers,
+            group=self.index.group,
         )
         blocks = self._blocks(segs, cols)
         if shuffle:
             if shuffle_buffer is None:
                 shuffle_buffer = self.default_shuffle_buffer(batch_size)
             rng = np.random.default_rng([seed, epoch, rank * num_workers + worker])
-            total = sum(sg.stop - sg.start for sg in segs)
+            total = segs.rows()
             blocks = _shuffle_blocks(blocks, shuffle_buffer, rng, total, max(batch_size, 4096))
         yield from _rebatch(blocks, batch_size, drop_last)
 
@@ -175,7 +246,7 @@ class SoftLabelDataset:
         being decoded, one being evicted into, the batches handed out), measured by
         benchmarks/reader_memory.py."""
         row = max(1, self.manifest.get("layout", {}).get("row_bytes") or 1)
-        block = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"]) * row
+        block = self.index.max_rows_per_block * row
         return max(8 * batch_size, (SHUFFLE_BUDGET_BYTES - 3 * block) // row)
 
     def _shard_cache(self) -> dict:
@@ -201,7 +272,9 @@ class SoftLabelDataset:
 
     def _build_index(self):
         if self._index is None:
-            sids, views, shard_of = read_id_columns(self.loc, self.manifest, self.columns)
+            sids, views, shard_of = read_id_columns(
+                self.loc, self.index.entries(), self.manifest["backend"], self.columns
+            )
             starts = np.concatenate([[0], np.cumsum(self.shard_rows)])
             row = np.arange(len(sids)) - starts[shard_of]
             order = np.lexsort((views, sids))
@@ -275,20 +348,20 @@ class SoftLabelDataset:
             )
         return int(self.manifest["seq_len"])
 
-    def _seq_counts(self) -> list[int]:
-        L = self.seq_len
-        return [seqs.entry_sequences(e, L) for e in self.manifest["shards"]]
+    def _seq_counts(self) -> np.ndarray:
+        self.seq_len  # noqa: B018 (refuses datasets without sequences)
+        return self.index.units
 
     @property
     def num_sequences(self) -> int:
         """(sample_id, view) sequences in the dataset (= num_samples x num_views)."""
-        return sum(self._seq_counts())
+        return int(self._seq_counts().sum())
 
     def _layout(self, pos: int, sh) -> tuple[np.ndarray, np.ndarray]:
         """(starts, lengths) of shard `pos`'s sequences, found once per process."""
         self._shard_cache()
         if pos not in self._layouts:
-            entry = self.manifest["shards"][pos]
+            entry = self.index.entry(pos)
             self._layouts[pos] = seqs.shard_layout(sh, entry, self.seq_len, f"{self.uri}: shard {entry['path']}")
         return self._layouts[pos]
 
@@ -299,7 +372,7 @@ class SoftLabelDataset:
             raise
         except Exception as e:
             raise CorruptShardError(
-                f"{self.uri}: shard {self.manifest['shards'][pos]['path']} rows {lo}:{hi} "
+                f"{self.uri}: shard {self.index.entry(pos)['path']} rows {lo}:{hi} "
                 f"cannot be read: {type(e).__name__}: {e}"
             ) from None
 
@@ -307,14 +380,14 @@ class SoftLabelDataset:
         self, batch_size: int, *, world_size: int = 1, num_workers: int = 1, drop_last: bool = False
     ) -> int:
         """Batches of sequences ONE rank yields per epoch from iter_sequences (over its workers)."""
-        n = sum(self._seq_counts())
+        n = int(self._seq_counts().sum())
         return num_workers * batches_per_partition(n, world_size * num_workers, batch_size, drop_last)
 
     def default_sequence_buffer(self, batch_size: int) -> int:
         """Sequences in iter_sequences' shuffle buffer by default: what fits in
         SHUFFLE_BUDGET_BYTES of stored bytes after ~3 blocks in flight, at least 8 batches."""
         seq = max(1, row_bytes(self.columns) * self.seq_len)
-        block = max(s.get("rows_per_block", s["num_rows"]) for s in self.manifest["shards"]) * row_bytes(self.columns)
+        block = self.index.max_rows_per_block * row_bytes(self.columns)
         return max(8 * batch_size, (SHUFFLE_BUDGET_BYTES - 3 * block) // seq)
 
     def iter_sequences(
@@ -349,13 +422,14 @@ class SoftLabelDataset:
             world_size=world_size,
             worker=worker,
             num_workers=num_workers,
+            group=self.index.group,
         )
         chunks = self._seq_blocks(segs, L)
         if shuffle:
             if shuffle_buffer is None:
                 shuffle_buffer = self.default_sequence_buffer(batch_size)
             rng = np.random.default_rng([seed, epoch, rank * num_workers + worker, 0x5E0])
-            total = sum(sg.stop - sg.start for sg in segs)
+            total = segs.rows()
             chunks = _shuffle_blocks(chunks, shuffle_buffer, rng, total, max(batch_size, 64))
         for b in _rebatch(chunks, batch_size, drop_last):
             yield tokens.decode(self.manifest, b) if decode else b
@@ -368,7 +442,7 @@ class SoftLabelDataset:
         cols = list(self.column_names)
         for seg in segs:
             sh = self._open(seg.shard, cache)
-            entry = self.manifest["shards"][seg.shard]
+            entry = self.index.entry(seg.shard)
 
             def read(
                 lo: int, hi: int, _p: int = seg.shard, _sh: ParquetShard | ZarrShard = sh
@@ -396,7 +470,11 @@ class SoftLabelDataset:
         if getattr(self, "_seq_index", None) is None:
             cache = self._shard_cache()
             sids, views, shard_of, row, length = seqs.sequence_keys(
-                self.loc, self.manifest, opener=lambda p: self._open(p, cache), layout=self._layout
+                self.loc,
+                self.manifest,
+                list(self.index.entries()),
+                opener=lambda p: self._open(p, cache),
+                layout=self._layout,
             )
             order = np.lexsort((views, sids))
             self._seq_index = (sids[order], views[order], shard_of[order], row[order], length[order])
@@ -451,6 +529,23 @@ class SoftLabelDataset:
             while len(self._block_cache) > 8:
                 self._block_cache.pop(next(iter(self._block_cache)))
             yield bounds[bi], blk
+
+
+def _check_entry(uri: str, entry: dict, sh) -> None:
+    """The opened shard agrees with its entry: rows, and first and last sample id (two small
+    reads of the sample_id column), so an edited entry is refused before any row is used."""
+    problem = None
+    if sh.num_rows != entry["num_rows"]:
+        problem = f"{sh.num_rows} rows, its entry says {entry['num_rows']}"
+    else:
+        first = int(sh.read(0, 1, ["sample_id"])["sample_id"][0])
+        last = int(sh.read(sh.num_rows - 1, sh.num_rows, ["sample_id"])["sample_id"][0])
+        if (first, last) != (entry["first_sample_id"], entry["last_sample_id"]):
+            problem = (
+                f"sample ids {first}..{last}, its entry says {entry['first_sample_id']}..{entry['last_sample_id']}"
+            )
+    if problem is not None:
+        raise ManifestError(f"{uri}: shard {entry['path']} holds {problem} (the manifest was edited)")
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

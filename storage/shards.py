@@ -22,23 +22,17 @@ import os
 import shutil
 import socket
 import threading
-import uuid
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from .errors import CorruptShardError, CoverageError, ManifestError
-from .fs import Location
-from .layout import DATA_DIR, Column, ParquetShard, ZarrShard, shard_basename, tree_sha256
+from .fs import Location, temp_name
+from .layout import Column, ParquetShard, ZarrShard, shard_basename, tree_sha256
 from .manifest import COMMITS_DIR, MANIFEST, TMP_DIR, check_shard_path, now_iso, parse_manifest
 from .parallel import pool
-
-EXT = {"parquet": ".parquet", "zarr": ".zarr"}
-
-
-def shard_filename(index: int, sha256: str, backend: str) -> str:
-    return f"{DATA_DIR}/{shard_basename(index)}-{sha256[:16]}{EXT[backend]}"
+from .signing import check, manifest_payload, record_payload
 
 
 def commit_path(index: int) -> str:
@@ -122,25 +116,6 @@ def _remove_local(path: str) -> None:
         _unlink(path)
 
 
-def temp_name(base: str) -> str:
-    """`base.HOST.PID.RANDOM`: finalize() can tell a dead writer's leftovers from a live one's."""
-    return f"{base}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-
-
-def temp_owner_alive(name: str) -> bool | None:
-    """True/False for a temp file made by a process on this host; None when unknown."""
-    parts = name.rsplit(".", 3)
-    if len(parts) != 4 or parts[1] != socket.gethostname() or not parts[2].isdigit():
-        return None
-    try:
-        os.kill(int(parts[2]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -173,73 +148,147 @@ def read_objects(loc: Location, name: str) -> dict[str, list]:
 # ------------------------------------------------------------------ commit records
 
 
-def write_commit(loc: Location, record: dict) -> dict:
+def write_commit(loc: Location, record: dict, signer=None) -> dict:
+    """Write a shard's commit record (signed when a signer is given, storage/signing.py)."""
     record = dict(record, committed_at=now_iso(), writer={"host": socket.gethostname(), "pid": os.getpid()})
+    record.pop("signature", None)
+    if signer is not None:
+        record["signature"] = signer.sign(record_payload(record))
     loc.write_bytes_atomic(commit_path(record["index"]), json.dumps(record, indent=1).encode())
     return record
 
 
 def read_commits(loc: Location, backend: str) -> dict[int, dict]:
     """{shard index: commit record} for every committed shard, each record validated
-    (its file name, index and path agree and the path stays inside the dataset)."""
+    (its file name, index and path agree and the path stays inside the dataset). One LIST
+    and one read per record: call it once per run (plan, finalize), never per shard."""
     names = [n for n in loc.listdir(COMMITS_DIR) if n.endswith(".json")]
-    out = {}
     if not names:
-        return out
+        return {}
     paths = [loc.path(f"{COMMITS_DIR}/{n}") for n in names]
     raw = loc.fs.cat(paths) if len(paths) > 1 else {paths[0]: loc.fs.cat_file(paths[0])}
+    out = {}
     for p, data in sorted(raw.items()):
-        where = f"{loc.uri}: commit record {COMMITS_DIR}/{os.path.basename(p)}"
-        try:
-            rec = json.loads(data)
-            idx = rec["index"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ManifestError(
-                f"{where} is unreadable ({type(e).__name__}: {e}); delete it to rewrite that shard"
-            ) from None
-        if (
-            not isinstance(idx, int)
-            or isinstance(idx, bool)
-            or idx < 0
-            or os.path.basename(p) != f"{shard_basename(idx)}.json"
-        ):
-            raise ManifestError(f"{where}: index {idx!r} does not match the record's file name")
-        check_shard_path(rec.get("path"), backend, idx, where)
-        sha = rec.get("sha256")
-        if not isinstance(sha, str) or len(sha) != 64 or rec["path"].split("-")[-1].split(".")[0] != sha[:16]:
-            raise ManifestError(f"{where}: sha256 {sha!r} does not match its path {rec['path']!r}")
-        ns, rows = rec.get("num_sequences"), rec.get("num_rows")
-        if ns is not None and not (
-            isinstance(ns, int) and not isinstance(ns, bool) and isinstance(rows, int) and 1 <= ns <= rows
-        ):
-            raise ManifestError(f"{where}: num_sequences {ns!r} must be an int in [1, num_rows={rows!r}]")
-        out[idx] = rec
+        rec = parse_commit(loc, os.path.basename(p), data, backend)
+        out[rec["index"]] = rec
     return out
 
 
-def commits_disagree(manifest: dict, commits: dict[int, dict], lineage: str | None) -> list[str]:
-    """Why the committed shards and the manifest disagree (empty when they agree)."""
-    out = []
-    listed = {e["index"]: e for e in manifest["shards"]}
-    for i in sorted(set(listed) | set(commits)):
-        e, c = listed.get(i), commits.get(i)
-        if c is None:
-            out.append(f"shard {i} is in the manifest but has no commit record")
-        elif e is None:
-            out.append(f"shard {i} is committed ({c['path']}) but not in the manifest")
-        elif (c["path"], c["sha256"]) != (e["path"], e["sha256"]):
-            out.append(f"shard {i}: the manifest names {e['path']}, its commit record {c['path']}")
-        elif (c.get("num_sequences"), c.get("num_rows")) != (e.get("num_sequences"), e.get("num_rows")):
-            out.append(
-                f"shard {i} ({c['path']}): the manifest says num_sequences {e.get('num_sequences')} / "
-                f"num_rows {e.get('num_rows')}, its commit record {c.get('num_sequences')} / "
-                f"{c.get('num_rows')}"
-            )
-        elif lineage is not None and c.get("lineage", lineage) != lineage:
-            out.append(
+def read_commit(loc: Location, backend: str, index: int) -> dict | None:
+    """Shard `index`'s commit record (validated), or None when it is not committed: one
+    read, whatever the number of shards (a writer publishing shard i reads only this)."""
+    name = f"{shard_basename(index)}.json"
+    try:
+        data = loc.read_bytes(f"{COMMITS_DIR}/{name}")
+    except FileNotFoundError:
+        return None
+    return parse_commit(loc, name, data, backend)
+
+
+def parse_commit(loc: Location, name: str, data: bytes, backend: str) -> dict:
+    """A commit record's JSON, checked: its file name, index and path agree, the path stays
+    inside the dataset, the sha256 matches the path, num_sequences is in range."""
+    where = f"{loc.uri}: commit record {COMMITS_DIR}/{name}"
+    try:
+        rec = json.loads(data)
+        idx = rec["index"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(
+            f"{where} is unreadable ({type(e).__name__}: {e}); delete it to rewrite that shard"
+        ) from None
+    if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0 or name != f"{shard_basename(idx)}.json":
+        raise ManifestError(f"{where}: index {idx!r} does not match the record's file name")
+    check_shard_path(rec.get("path"), backend, idx, where)
+    sha = rec.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64 or rec["path"].split("-")[-1].split(".")[0] != sha[:16]:
+        raise ManifestError(f"{where}: sha256 {sha!r} does not match its path {rec['path']!r}")
+    ns, rows = rec.get("num_sequences"), rec.get("num_rows")
+    if ns is not None and not (
+        isinstance(ns, int) and not isinstance(ns, bool) and isinstance(rows, int) and 1 <= ns <= rows
+    ):
+        raise ManifestError(f"{where}: num_sequences {ns!r} must be an int in [1, num_rows={rows!r}]")
+    return rec
+
+
+def record_version(c: dict) -> int:
+    """The format a commit record was written in: its `format_version` (3 on), else 2 when
+    it carries a lineage (format 2 records always do), else 1."""
+    v = c.get("format_version")
+    return v if isinstance(v, int) and not isinstance(v, bool) else (2 if "lineage" in c else 1)
+
+
+def plan_of(manifest: dict) -> dict:
+    """What every format-3 commit record binds: the shards and samples the run planned."""
+    return {"shards": manifest.get("planned_shards"), "samples": manifest.get("planned_samples")}
+
+
+def commit_problem(i: int, entry: dict | None, c: dict | None, manifest: dict, lineage: str | None) -> str | None:
+    """Why shard i's manifest entry and commit record disagree, or None. Besides the shard
+    itself (path, checksum, rows), a record binds the dataset: its lineage (format >= 2),
+    its format and the plan (format 3), so a manifest edited into an older format, or a
+    dataset that drops shards consistently, no longer agrees with its own records."""
+    if c is None:
+        return f"shard {i} is in the manifest but has no commit record"
+    if entry is None:
+        return f"shard {i} is committed ({c['path']}) but not in the manifest"
+    if (c["path"], c["sha256"]) != (entry["path"], entry["sha256"]):
+        return f"shard {i}: the manifest names {entry['path']}, its commit record {c['path']}"
+    if (c.get("num_sequences"), c.get("num_rows")) != (entry.get("num_sequences"), entry.get("num_rows")):
+        return (
+            f"shard {i} ({c['path']}): the manifest says num_sequences {entry.get('num_sequences')} / "
+            f"num_rows {entry.get('num_rows')}, its commit record {c.get('num_sequences')} / {c.get('num_rows')}"
+        )
+    if (c.get("first_sample_id"), c.get("last_sample_id")) != (
+        entry.get("first_sample_id"),
+        entry.get("last_sample_id"),
+    ):
+        return (
+            f"shard {i} ({c['path']}): the manifest says sample ids {entry.get('first_sample_id')}.."
+            f"{entry.get('last_sample_id')}, its commit record {c.get('first_sample_id')}..{c.get('last_sample_id')}"
+        )
+    fv, rv = manifest["format_version"], record_version(c)
+    if rv > fv:
+        return (
+            f"shard {i}: its commit record was written in format {rv}, the manifest claims format {fv}: "
+            f"a newer dataset presented as an older one (the manifest was edited)"
+        )
+    if fv >= 2 and lineage is not None:
+        if "lineage" not in c:
+            return f"shard {i} ({c['path']}): its commit record has no lineage (every format-{fv} record has one)"
+        if c["lineage"] != lineage:
+            return (
                 f"shard {i} ({c['path']}) was committed by a run labelling something else "
                 f"(commit lineage {c.get('lineage')}, manifest {lineage}; writer {c.get('writer')})"
             )
+    if fv >= 3:
+        if rv != fv:
+            return f"shard {i} ({c['path']}): its commit record is format {rv}, the manifest format {fv}"
+        if c.get("plan") != plan_of(manifest):
+            return (
+                f"shard {i} ({c['path']}): its commit record binds a plan of {c.get('plan')}, the manifest "
+                f"{plan_of(manifest)} (shards or samples dropped or added after labelling?)"
+            )
+    return None
+
+
+def check_signatures(manifest: dict, records: list[dict], verifier, uri: str) -> None:
+    """With a verifier, the manifest and these commit records must carry its valid
+    signatures (storage/signing.py); ManifestError naming the first that does not."""
+    if verifier is None:
+        return
+    check(verifier, manifest_payload(manifest), manifest.get("signature"), f"{uri}/{MANIFEST}")
+    for c in records:
+        check(verifier, record_payload(c), c.get("signature"), f"{uri}: commit record {commit_path(c['index'])}")
+
+
+def commits_disagree(manifest: dict, entries: list[dict], commits: dict[int, dict], lineage: str | None) -> list[str]:
+    """Why the committed shards and the manifest's entries disagree (empty when they agree)."""
+    listed = {e["index"]: e for e in entries}
+    out = []
+    for i in sorted(set(listed) | set(commits)):
+        p = commit_problem(i, listed.get(i), commits.get(i), manifest, lineage)
+        if p is not None:
+            out.append(p)
     return out
 
 
@@ -366,11 +415,13 @@ def _get_or_missing(d: dict, key: str):
 # ------------------------------------------------------------------ coverage
 
 
-def read_id_columns(loc: Location, manifest: dict, spec: list[Column]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample_id, view, shard position) of every row, shards in manifest order."""
+def read_id_columns(
+    loc: Location, entries, backend: str, spec: list[Column]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_id, view, shard position) of every row, `entries` (the shards) in order."""
     sids, views, shard_of = [], [], []
-    for pos, s in enumerate(manifest["shards"]):
-        sh = open_shard(loc, s, manifest["backend"], spec)
+    for pos, s in enumerate(entries):
+        sh = open_shard(loc, s, backend, spec)
         try:
             cols = sh.read(0, sh.num_rows, ["sample_id", "view"])
         except CorruptShardError:

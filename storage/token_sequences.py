@@ -178,17 +178,18 @@ def iter_segment(
 def sequence_keys(
     loc: Location,
     manifest: dict,
+    entries,
     opener: Callable[[int], ParquetShard | ZarrShard],
     layout: Callable[[int, ParquetShard | ZarrShard], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, ...]:
     """(sample_id, view, shard position, start row, length) of every sequence of the
-    dataset, shards in manifest order; every shard's layout checked (shard_layout).
+    dataset, `entries` (the shards) in order; every shard's layout checked (shard_layout).
     `opener(p)` opens shard p (storage.shards.open_shard, or the reader's per-process
     cache: passed in, so this module never imports the shard layer); `layout(p, shard)`
     replaces finding its layout."""
     L = int(manifest["seq_len"])
     parts = []
-    for p, e in enumerate(manifest["shards"]):
+    for p, e in enumerate(entries):
         sh = opener(p)
         name = f"{loc.uri}: shard {e['path']}"
         try:

@@ -17,14 +17,16 @@ num_tokens must equal num_rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .errors import SoftLabelError
 from .fs import Location
+from .index import ShardIndex
 from .layout import TOKEN_KINDS, columns_for
 from .manifest import lineage_digest
-from .shards import check_coverage, commits_disagree, open_shard, read_commits, read_manifest
+from .shards import check_coverage, check_signatures, commits_disagree, open_shard, read_commits, read_manifest
 from .token_sequences import bounds, position_problem
 from .tokens import shard_problems
 
@@ -48,7 +50,9 @@ class VerifyReport:
         return "\n".join([head, *[f"  - {p}" for p in self.problems]])
 
 
-def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
+def verify(uri: str, storage_options: dict | None = None, verifier: Any = None) -> VerifyReport:
+    """Every check, over every shard; with a verifier (storage/signing.py) also the
+    signatures of the manifest and of every commit record."""
     loc = Location(uri, storage_options)
     report = VerifyReport(loc.uri)
     try:
@@ -59,16 +63,22 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
     if m["status"] != "complete":
         report.problems.append(f"manifest status is {m['status']!r}, not 'complete'")
     try:
+        entries = list(ShardIndex(loc, m).entries()) if m["status"] == "complete" else m.get("shards", [])
+    except SoftLabelError as e:
+        report.problems.append(str(e))
+        return report
+    try:
         commits = read_commits(loc, m["backend"])
         lineage = lineage_digest(m) if m["format_version"] >= 2 else None
-        report.problems += [f"commit records: {p}" for p in commits_disagree(m, commits, lineage)]
+        report.problems += [f"commit records: {p}" for p in commits_disagree(m, entries, commits, lineage)]
+        check_signatures(m, list(commits.values()), verifier, loc.uri)
     except SoftLabelError as e:
         report.problems.append(str(e))
     spec = columns_for(m)
     token = m["representation"]["kind"] in TOKEN_KINDS
     L = int(m["seq_len"]) if token else 1
     sids, views, shard_of = [], [], []
-    for s in m["shards"]:
+    for s in entries:
         name = s["path"]
         try:
             sh = open_shard(loc, s, m["backend"], spec, rehash=True)
@@ -128,6 +138,6 @@ def verify(uri: str, storage_options: dict | None = None) -> VerifyReport:
                 )
         except SoftLabelError as e:
             report.problems.append(str(e))
-    if not m.get("shards"):
+    if not entries:
         report.problems.append("manifest lists no shards")
     return report

@@ -37,7 +37,8 @@ from .errors import (
     MismatchError,
     SoftLabelError,
 )
-from .fs import Location
+from .fs import Location, is_temp, temp_owner_alive
+from .index import EXT, INDEX_DIR, INT_FIELDS, ShardIndex, index_files, shard_path, write_index
 from .layout import (
     DATA_DIR,
     TOKEN_KINDS,
@@ -71,19 +72,33 @@ from .manifest import (
 )
 from .parallel import for_row_blocks
 from .shards import (
-    EXT,
     check_coverage,
     commits_disagree,
     mark_verified,
     open_shard,
+    plan_of,
     publish,
+    read_commit,
     read_commits,
     read_id_columns,
-    shard_filename,
-    temp_owner_alive,
+    record_version,
     write_commit,
 )
+from .signing import Signer
 from .topk import scaled_topk
+
+# what a shard's manifest entry holds (its commit record adds lineage, format, plan, writer)
+ENTRY_KEYS = (
+    "index",
+    "path",
+    "num_rows",
+    "first_sample_id",
+    "last_sample_id",
+    "sha256",
+    "bytes",
+    "rows_per_block",
+    "num_sequences",
+)
 
 # finalize() deletes a temp file whose owner it cannot check (another host, an unknown name)
 # only when it is older than this: that writer may still be writing it.
@@ -107,6 +122,7 @@ class SoftLabelWriter:
         storage_options: dict | None = None,
         overwrite: bool = False,
         num_shards: int | None = None,
+        num_samples: int | None = None,
         feature: dict | None = None,
         compression: str = "none",
         extra: dict | None = None,
@@ -115,7 +131,10 @@ class SoftLabelWriter:
         tail_dtype: str | None = None,
         draws: int | None = None,
         s_max: int | None = None,
+        signer: Signer | None = None,
     ):
+        """signer: signs the manifest and every commit record (storage/signing.py;
+        pipeline/keys.py load_signer makes an Ed25519 one from a PEM file)."""
         _check_choice("backend", backend, BACKENDS)
         _check_choice("representation", representation, KINDS)
         _check_choice("compression", compression, COMPRESSIONS)
@@ -175,8 +194,9 @@ class SoftLabelWriter:
                 raise ValueError(f"representation='topk' needs an int k in [1, num_classes={num_classes}], got k={k!r}")
         elif k is not None and not token:
             raise ValueError(f"k={k!r} is only meaningful with representation='topk'")
-        if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
-            raise ValueError(f"num_shards must be a positive int or None, got {num_shards!r}")
+        for name, val in (("num_shards", num_shards), ("num_samples", num_samples)):
+            if val is not None and (not isinstance(val, (int, np.integer)) or val < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {val!r}")
         if feature is not None:
             if not (isinstance(feature, dict) and {"name", "shape"} <= feature.keys()):
                 raise ValueError(
@@ -190,6 +210,7 @@ class SoftLabelWriter:
             _check_choice("feature dtype", feature["dtype"], DTYPES)
         validate_lineage(teacher, data)
 
+        self.signer = signer
         self.loc = Location(uri, storage_options)
         self.uri = self.loc.uri
         if not token:
@@ -210,10 +231,11 @@ class SoftLabelWriter:
             "teacher": dict(teacher),
             "data": dict(data),
             "num_shards": None,
-            "planned_shards": num_shards,
+            "planned_shards": None if num_shards is None else int(num_shards),
+            "planned_samples": None if num_samples is None else int(num_samples),
             "columns": {},
             "layout": {},
-            "shards": [],
+            "index": None,
             "created_at": now_iso(),
             "producer": producer(),
             "extra": dict(extra or {}),
@@ -261,7 +283,7 @@ class SoftLabelWriter:
             group = b'{"zarr_format": 3, "node_type": "group", "attributes": {"distillery": "see manifest.json"}}'
             self.loc.write_bytes_atomic("zarr.json", group)
             self.loc.write_bytes_atomic(f"{DATA_DIR}/zarr.json", group)
-        self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self._new))
+        self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self._new, self.signer))
         return dict(self._new)
 
     def _wipe(self) -> None:
@@ -269,7 +291,7 @@ class SoftLabelWriter:
         # pointing at deleted shards. Only names this format uses are deleted.
         self.loc.remove(MANIFEST)
         for name in self.loc.listdir():
-            if name in (COMMITS_DIR, TMP_DIR, DATA_DIR, "zarr.json") or (
+            if name in (COMMITS_DIR, TMP_DIR, DATA_DIR, INDEX_DIR, "zarr.json") or (
                 name.startswith("shard-") and name.endswith(tuple(EXT.values()))
             ):
                 self.loc.remove(name)
@@ -279,6 +301,10 @@ class SoftLabelWriter:
     def commits(self) -> dict[int, dict]:
         """{shard index: commit record} of every committed shard (validated)."""
         return read_commits(self.loc, self.manifest["backend"])
+
+    def commit(self, shard_index: int) -> dict | None:
+        """Shard `shard_index`'s commit record, or None: one read, whatever the shard count."""
+        return read_commit(self.loc, self.manifest["backend"], shard_index)
 
     def committed_shards(self) -> list[int]:
         """Indices of shards already committed (safe to skip on resume)."""
@@ -465,9 +491,11 @@ class SoftLabelWriter:
             if num_sequences * self.align != len(cols["position"]):
                 align = 1
         objects = encode(cols, self.columns, self.compression, align)
-        existing = read_commits(self.loc, backend).get(shard_index)
+        existing = read_commit(self.loc, backend, shard_index)  # this shard's record only
 
         def accept(sha: str) -> bool:
+            if existing is not None and existing.get("lineage", self.lineage) != self.lineage:
+                raise MismatchError(self._replaced(existing))
             if existing is not None and existing["sha256"] != sha:
                 raise SoftLabelError(
                     f"{self.uri}: shard {shard_index} is already committed with different content "
@@ -477,12 +505,13 @@ class SoftLabelWriter:
 
         if self.manifest["status"] == "complete" and existing is None:
             # Adding a shard to a complete dataset: it is no longer complete until finalize().
-            self.manifest = dict(self.manifest, status="partial")
-            self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self.manifest))
+            self.manifest = dict(self.manifest, status="partial", index=None)
+            self.manifest.pop("shards", None)
+            self.loc.write_bytes_atomic(MANIFEST, dump_manifest(self.manifest, self.signer))
         published = publish(
             self.loc,
             objects,
-            lambda sha: shard_filename(shard_index, sha, backend),
+            lambda sha: shard_path(shard_index, sha, backend),
             accept,
             hint=shard_basename(shard_index),
         )
@@ -501,10 +530,12 @@ class SoftLabelWriter:
             "bytes": objects_nbytes(objects),
             "rows_per_block": rows_per_block(row_bytes(self.columns), len(ids), align),
             "lineage": self.lineage,
+            "format_version": FORMAT_VERSION,
+            "plan": plan_of(self.manifest),
         }
         if num_sequences is not None:
             record["num_sequences"] = num_sequences
-        record = write_commit(self.loc, record)
+        record = write_commit(self.loc, record, self.signer)
         if not self.loc.exists(name):
             # a concurrent finalize() removed it as an orphan between publish and commit
             publish(self.loc, objects, lambda _: name, hint=shard_basename(shard_index))
@@ -513,7 +544,8 @@ class SoftLabelWriter:
     # ------------------------------------------------------------------ finalize
 
     def finalize(self) -> dict:
-        """Check that shards 0..n-1 cover every (sample_id, view) once; write the complete manifest."""
+        """Check that shards 0..n-1 cover every (sample_id, view) once (and the plan, when
+        given); write the shard index and the complete manifest."""
         commits = read_commits(self.loc, self.manifest["backend"])
         if not commits:
             raise IncompleteDatasetError(f"{self.uri}: no shard has been committed; nothing to finalize")
@@ -534,31 +566,34 @@ class SoftLabelWriter:
                 f"{self.uri}: cannot finalize, shard(s) {missing[:20]} not committed "
                 f"({len(idx)} of {len(expected)} committed)"
             )
-        keys = (
-            "index",
-            "path",
-            "num_rows",
-            "first_sample_id",
-            "last_sample_id",
-            "sha256",
-            "bytes",
-            "rows_per_block",
-            "num_sequences",
-        )
-        shards = [{k: commits[i][k] for k in keys if k in commits[i]} for i in idx]
-        m = dict(self.manifest, shards=shards)
+        plan = plan_of(self.manifest)
+        for i in idx:  # records of an older distillery (a resumed format-2 run) bind the dataset too
+            c = commits[i]
+            if record_version(c) < FORMAT_VERSION or c.get("plan") != plan or "lineage" not in c:
+                commits[i] = write_commit(
+                    self.loc, dict(c, lineage=self.lineage, format_version=FORMAT_VERSION, plan=plan), self.signer
+                )
+        entries = [{k: commits[i][k] for k in ENTRY_KEYS if k in commits[i]} for i in idx]
+        m = dict(self.manifest)
+        m.pop("shards", None)
         if self.align > 1:  # token rows: coverage is over sequences (each shard holds whole ones)
             sids, views, shard_of, _, lengths = seqs.sequence_keys(
-                self.loc, m, lambda p: open_shard(self.loc, m["shards"][p], m["backend"], self.columns)
+                self.loc, m, entries, lambda p: open_shard(self.loc, entries[p], m["backend"], self.columns)
             )
             num_rows = int(lengths.sum())
         else:
-            sids, views, shard_of = read_id_columns(self.loc, m, self.columns)
+            sids, views, shard_of = read_id_columns(self.loc, entries, m["backend"], self.columns)
             num_rows = int(len(sids))
         num_samples = check_coverage(sids, views, shard_of, m["num_views"], self.uri)
+        want = m.get("planned_samples")
+        if want is not None and num_samples != want:
+            raise CoverageError(
+                f"{self.uri}: the shards hold {num_samples} samples, the run planned {want}; "
+                f"a dataset is complete only with its whole plan"
+            )
         m.update(
             status="complete",
-            num_shards=len(shards),
+            num_shards=len(entries),
             num_samples=num_samples,
             num_rows=num_rows,
             finalized_at=now_iso(),
@@ -567,39 +602,100 @@ class SoftLabelWriter:
         )
         if m["representation"]["kind"] in TOKEN_KINDS:
             m["num_tokens"] = num_rows
-        self.loc.write_bytes_atomic(MANIFEST, dump_manifest(m))
+        cols = {k: np.array([e[k] for e in entries], np.int64) for k in INT_FIELDS}
+        if self.align > 1:
+            cols["num_sequences"] = np.array([seqs.entry_sequences(e, self.align) for e in entries], np.int64)
+        cols["sha256"] = np.frombuffer(b"".join(bytes.fromhex(e["sha256"]) for e in entries), np.uint8).reshape(-1, 32)
+        m["index"] = write_index(self.loc, m, cols)
+        self.loc.write_bytes_atomic(MANIFEST, dump_manifest(m, self.signer))
         self.manifest = m
         self._finalized = True
-        self._cleanup(m)
+        self.confirm()  # a run that overwrote the dataset meanwhile: say so, never report success
+        self.cleanup(entries)
         return m
+
+    def confirm(self) -> None:
+        """MismatchError unless the dataset at the URI still holds this run's labels: its
+        manifest has this writer's lineage, and every commit record too (another run started
+        with overwrite=True may have replaced them while this one was labelling)."""
+        try:
+            stored = parse_manifest(self.loc.read_bytes(MANIFEST), self.uri)
+        except FileNotFoundError:
+            raise MismatchError(f"{self.uri}: this run's labels were deleted (the manifest is gone)") from None
+        records = read_commits(self.loc, stored["backend"])
+        foreign = [c for c in records.values() if c.get("lineage", self.lineage) != self.lineage]
+        if lineage_digest(stored) != self.lineage or foreign:
+            raise MismatchError(self._replaced(foreign[0] if foreign else None, stored))
+
+    def _replaced(self, record: dict | None, stored: dict | None = None) -> str:
+        by = []
+        if record is not None:
+            w = record.get("writer") or {}
+            by.append(f"writer {w.get('host')} pid {w.get('pid')}, committed {record.get('committed_at')}")
+        if stored is not None:
+            by.append(f"manifest created {stored.get('created_at')}, temperature {stored.get('temperature')}")
+        return (
+            f"{self.uri}: this run's labels were replaced by another run's ({'; '.join(by) or 'unknown'}; "
+            f"lineage {record.get('lineage') if record else lineage_digest(stored or {})}, this run "
+            f"{self.lineage}): a run started with overwrite=True while this one was labelling. Its "
+            f"labels are the dataset now; re-run this one to replace them again, or write elsewhere."
+        )
 
     def is_finalized_as_committed(self) -> bool:
         """The dataset is complete and its manifest names exactly the committed shards."""
         m = self.manifest
-        return m["status"] == "complete" and not commits_disagree(m, read_commits(self.loc, m["backend"]), self.lineage)
+        if m["status"] != "complete":
+            return False
+        entries = list(ShardIndex(self.loc, m).entries())
+        return not commits_disagree(m, entries, read_commits(self.loc, m["backend"]), self.lineage)
 
-    def _cleanup(self, m: dict) -> None:
-        # Orphans: shard files no commit record names (a crash between publish and commit,
-        # or the loser of a commit race; a writer re-publishes if its file vanished), and
-        # temp files of writers that are dead (same host) or older than ORPHAN_AGE_S.
-        keep = {s["path"] for s in m["shards"]}
-        keep |= {c["path"] for c in read_commits(self.loc, m["backend"]).values()}
-        for folder in (DATA_DIR, ""):
-            for name in self.loc.listdir(folder):
-                rel = f"{folder}/{name}" if folder else name
-                if name.startswith("shard-") and name.endswith(tuple(EXT.values())) and rel not in keep:
-                    self.loc.remove(rel)
-        for name in self.loc.listdir(TMP_DIR):
-            alive = temp_owner_alive(name)
+    def cleanup(self, entries: list[dict] | None = None) -> list[str]:
+        """Remove what writers left behind (a SIGKILL between publish and commit, between
+        commit and finalize, or during finalize): shard files no commit record or manifest
+        entry names (a writer re-publishes if its file vanished), index files the manifest
+        does not reference, and temp files (`_tmp/`, `*.tmp.HOST.PID.RAND`) of writers that
+        are dead (same host) or older than ORPHAN_AGE_S. Called by finalize(), and by a run
+        that finds the dataset already finalized. Returns the removed paths."""
+        m = self.manifest
+        if entries is None:
+            entries = list(ShardIndex(self.loc, m).entries()) if m["status"] == "complete" else []
+        removed = []
+
+        def drop(rel: str) -> None:
+            self.loc.remove(rel)
+            removed.append(rel)
+
+        def stale(rel: str) -> bool:  # a temp file (or an unreferenced index file) nobody is writing
+            alive = temp_owner_alive(rel.rsplit("/", 1)[-1])
             if alive is None:
                 try:
-                    alive = time.time() - self.loc.fs.info(self.loc.path(f"{TMP_DIR}/{name}"))["mtime"] < ORPHAN_AGE_S
+                    alive = time.time() - self.loc.fs.info(self.loc.path(rel))["mtime"] < ORPHAN_AGE_S
                 except (FileNotFoundError, KeyError, TypeError):
                     alive = False
-            if not alive:
-                self.loc.remove(f"{TMP_DIR}/{name}")
+            return not alive
+
+        keep = {s["path"] for s in entries}
+        # listed now, not reused from the start of finalize(): a concurrent writer may
+        # have committed since (once per run, like finalize's own listing)
+        keep |= {c["path"] for c in read_commits(self.loc, m["backend"]).values()}
+        referenced = index_files(m)
+        for folder in ("", DATA_DIR, COMMITS_DIR, INDEX_DIR):
+            for name in self.loc.listdir(folder):
+                rel = f"{folder}/{name}" if folder else name
+                if is_temp(name):
+                    if stale(rel):
+                        drop(rel)
+                elif folder in ("", DATA_DIR) and name.startswith("shard-") and name.endswith(tuple(EXT.values())):
+                    if rel not in keep:
+                        drop(rel)
+                elif folder == INDEX_DIR and rel not in referenced and (m["status"] == "complete" and stale(rel)):
+                    drop(rel)  # an earlier finalize's index (a concurrent one's is younger than ORPHAN_AGE_S)
+        for name in self.loc.listdir(TMP_DIR):
+            if stale(f"{TMP_DIR}/{name}"):
+                drop(f"{TMP_DIR}/{name}")
         if not self.loc.listdir(TMP_DIR):
             self.loc.remove(TMP_DIR)
+        return removed
 
     def __enter__(self) -> SoftLabelWriter:
         return self

@@ -41,10 +41,10 @@ def main():
     elif mode == "before-commit":
         real_commit = shards.write_commit
 
-        def die_before_commit(loc, record):
+        def die_before_commit(loc, record, *args, **kwargs):
             if state["shard"] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            real_commit(loc, record)
+            return real_commit(loc, record, *args, **kwargs)  # the writer keeps what was written
 
         shards.write_commit = die_before_commit
         import storage.writer as writer

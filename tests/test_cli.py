@@ -35,11 +35,12 @@ def cli_run(prefect_server, tmp_path_factory):
 
 
 def _shards(uri):
-    """The dataset's shard files, in shard order, as its manifest lists them."""
+    """The dataset's shard files, in shard order, as its manifest's shard index lists them."""
     from pathlib import Path
 
-    manifest = json.loads((Path(uri) / "manifest.json").read_text())
-    return [Path(uri) / s["path"] for s in manifest["shards"]]
+    import forge
+
+    return [Path(uri) / s["path"] for s in forge.load(str(uri))[1]]
 
 
 def test_run_prints_report_and_appears_on_the_server(cli_run, prefect_server):
@@ -61,6 +62,11 @@ def test_inspect_good_and_corrupted(cli_run, tmp_path):
     ok = distill("inspect", cli_run["uri"], "--verify")
     assert ok.returncode == 0, ok.stderr
     assert "status complete" in ok.stdout and "OK" in ok.stdout
+    # tests/configs/tiny.yaml names its splits train, val, test (not alphabetical, as
+    # data.sizes orders are): the replay rebuilds the same splits and recomputes the rows
+    replay = distill("inspect", cli_run["uri"], "--replay", "12")
+    assert replay.returncode == 0, replay.stderr
+    assert "12 rows recomputed" in replay.stdout and ": match" in replay.stdout
     copy = tmp_path / "copy"
     shutil.copytree(cli_run["uri"], copy)
     shard = _shards(copy)[1]
@@ -214,9 +220,10 @@ def test_convert_copies_a_dataset_to_the_other_backend(tmp_path):
     write_toy(src, backend="parquet", n=120, shards=3, views=2)
     r = distill("convert", src, dst, "--backend", "zarr")  # the console command; the rest in-process
     assert r.returncode == 0, r.stderr
-    assert f"{src} -> {dst}: zarr, 240 rows in 3 shards" in r.stdout
+    assert f"{src} -> {dst}: zarr format 3, 240 rows in 3 shards" in r.stdout
     a, b = open_soft_labels(src), open_soft_labels(dst)
     assert b.manifest["backend"] == "zarr" and b.manifest["status"] == "complete"
+    assert b.manifest["format_version"] == 3 and len(b.shards) == 3
     ids = np.arange(120)
     ra, rb = a.take(ids), b.take(ids)
     assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra)

@@ -102,12 +102,12 @@ def test_label_rerun_skips_every_shard_quickly(tiny_run):
     from flows.flows import label_flow
 
     cfg = tiny_run["cfg"]
-    before = storage.open_soft_labels(cfg.soft_label_uri()).manifest["shards"]
+    before = storage.open_soft_labels(cfg.soft_label_uri()).shards
     t0 = time.perf_counter()
     out = label_flow(TINY, tiny_run["overrides"])
     rerun = time.perf_counter() - t0
     assert out["labelled_shards"] == 0 and out["skipped_shards"] == 3
-    assert storage.open_soft_labels(cfg.soft_label_uri()).manifest["shards"] == before
+    assert storage.open_soft_labels(cfg.soft_label_uri()).shards == before
     first = tiny_run["report"]["label"]["seconds"]
     print(f"label first run {first:.2f}s, re-run {rerun:.2f}s")
     assert out["seconds"] < 0.5 * first + 1.0
@@ -120,11 +120,11 @@ def test_label_resumes_after_losing_a_shard(tiny_run, tmp_path):
     overrides = tiny_run["overrides"] + [f"label.uri={tmp_path / 'labels'}"]
     label_flow(TINY, overrides)
     uri = str(tmp_path / "labels")
-    m = storage.open_soft_labels(uri).manifest
+    before = storage.open_soft_labels(uri).shards
     os.remove(os.path.join(uri, "_commits", "shard-00001.json"))
     out = label_flow(TINY, overrides)
     assert out["labelled_shards"] == 1 and out["skipped_shards"] == 2
-    assert storage.open_soft_labels(uri, verify=True).manifest["shards"] == m["shards"]
+    assert storage.open_soft_labels(uri, verify=True).shards == before
 
 
 def test_task_bodies_directly(tiny_run, tmp_path):
@@ -200,7 +200,7 @@ def test_label_on_a_dask_cluster(tiny_run, tmp_path):
         assert os.getpid() not in out["worker_pids"]
     ds = storage.open_soft_labels(str(tmp_path / "dask"), verify=True)
     ref = storage.open_soft_labels(load_config(TINY, tiny_run["overrides"]).soft_label_uri())
-    assert [s["sha256"] for s in ds.manifest["shards"]] == [s["sha256"] for s in ref.manifest["shards"]]
+    assert [s["sha256"] for s in ds.shards] == [s["sha256"] for s in ref.shards]
 
 
 def test_student_sweep_is_reproducible(tiny_run, tmp_path):
@@ -271,3 +271,27 @@ def test_relabelling_a_run_with_another_recipe_is_refused_naming_the_config_knob
     with pytest.raises(storage.MismatchError, match="(?s)temperature.*label.overwrite=true"):
         plan_labels(other, existing_teacher(cfg))
     assert manifest.read_bytes() == before
+
+
+def test_students_again_with_another_grid_adds_to_the_report(tiny_run, tmp_path):
+    """A second sweep (another grid) adds its students to report.json instead of replacing
+    the first sweep's; a student retrained under the same name replaces its earlier entry."""
+    import shutil
+
+    from flows import recipes
+    from flows.classify import teacher_info
+
+    shutil.copytree(tiny_run["runs"], tmp_path / "runs")
+    cfg = load_config(TINY, [f"runs_dir={tmp_path / 'runs'}", f"label.uri={tiny_run['cfg'].soft_label_uri()}"])
+    teacher = teacher_info(cfg.teacher_path())
+    first = json.loads((cfg.run_dir() / "report.json").read_text())["students"]
+    assert len(first) == 4
+    raw = [{k: v for k, v in s.items() if k not in ("baseline", "gain")} for s in first]
+    new = dict(raw[1], name=raw[1]["name"].replace("T3", "T5"), temperature=5.0, accuracy=0.5)
+    redo = dict(raw[0], accuracy=0.25)  # the same student retrained
+    report = recipes.build_report(cfg, teacher, [new, redo])
+    names = [s["name"] for s in report["students"]]
+    assert sorted(names) == sorted([s["name"] for s in first] + [new["name"]])
+    by = {s["name"]: s for s in report["students"]}
+    assert by[redo["name"]]["accuracy"] == 0.25 and by[new["name"]]["accuracy"] == 0.5
+    assert json.loads((cfg.run_dir() / "report.json").read_text())["students"] == report["students"]

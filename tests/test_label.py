@@ -150,7 +150,9 @@ def test_resume_after_partial_run_matches_fresh_run(tmp_path, digits):
     out = run(model, digits, uri)
     assert out["skipped"] == [0, 2] and [s["shard"] for s in out["shards"]] == [1]
     # batch size does not change the bytes: each shard is a pure function of its rows
-    assert [s["sha256"] for s in out["manifest"]["shards"]] == [s["sha256"] for s in fresh["shards"]]
+    got, want = (storage.open_soft_labels(str(p)).shards for p in (uri, tmp_path / "fresh"))
+    assert [s["sha256"] for s in got] == [s["sha256"] for s in want] and len(want) == fresh["num_shards"] == 3
+    assert out["manifest"]["index"] == storage.open_soft_labels(uri).manifest["index"]
     assert storage.verify(uri).ok
 
     with pytest.raises(ValueError, match="shard_size|shards"):

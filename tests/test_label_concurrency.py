@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import forge
 import pytest
 from conftest import TINY
 
@@ -44,8 +45,8 @@ def base(prefect_server, tmp_path_factory):
 
 
 def _shards(uri):
-    with open(os.path.join(uri, "manifest.json")) as f:
-        return [(s["path"], s["sha256"]) for s in json.load(f)["shards"]]
+    """(path, sha256) of every shard, as the manifest's shard index lists them."""
+    return [(s["path"], s["sha256"]) for s in forge.load(uri)[1]]
 
 
 def test_two_label_runs_at_once_both_finish_with_identical_bytes(prefect_server, base, tmp_path):

@@ -77,7 +77,7 @@ def _label(env, uri, **kw):
 
 
 def _hashes(uri) -> list[str]:
-    return [s["sha256"] for s in storage.open_soft_labels(str(uri)).manifest["shards"]]
+    return [s["sha256"] for s in storage.open_soft_labels(str(uri)).shards]
 
 
 def _direct_batches(env, shard: int | None = None) -> list[torch.Tensor]:
@@ -253,7 +253,7 @@ def test_sigkill_mid_run_then_resume(env, tmp_path):
 def test_verify_catches_a_flipped_byte(env, tmp_path):
     uri = tmp_path / "ds"
     _label(env, uri)
-    shard = uri / storage.open_soft_labels(str(uri)).manifest["shards"][1]["path"]
+    shard = uri / storage.open_soft_labels(str(uri)).shards[1]["path"]
     b = bytearray(shard.read_bytes())
     b[len(b) // 2] ^= 0x01
     shard.write_bytes(bytes(b))

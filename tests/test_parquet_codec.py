@@ -92,7 +92,7 @@ def test_files_written_by_pyarrow_are_read_through_the_fallback(tmp_path):
     write_toy(uri, n=50, shards=1)
     ds = open_soft_labels(uri)
     want = ds.take(np.arange(50))
-    entry = ds.manifest["shards"][0]
+    entry = ds.shards[0]
     t = pq.read_table(os.path.join(uri, entry["path"]))
     other = tmp_path / "pyarrow.parquet"
     pq.write_table(t, other, use_dictionary=True, data_page_version="1.0", row_group_size=7)

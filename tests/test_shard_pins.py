@@ -52,7 +52,7 @@ LM_PINS = {
 def _hashes(uri: str) -> list[str]:
     report = storage.verify(uri)
     assert report.ok, report.problems
-    return [s["sha256"] for s in storage.open_soft_labels(uri).manifest["shards"]]
+    return [s["sha256"] for s in storage.open_soft_labels(uri).shards]
 
 
 def _label(path: str) -> None:

@@ -297,7 +297,9 @@ def test_large_table_is_mapped_not_loaded(tmp_path, tok):
     assert len(pickle.dumps(again)) < 20_000
     if r0 is not None:  # private memory: ids and labels (16 B/row), not the texts (page cache)
         assert r1 - r0 < text_bytes / 4, (r1 - r0, text_bytes)
-        assert r2 - r1 < text_bytes / 8, (r2 - r1, text_bytes)
+        # a second open + one encode: a few MB of allocator and tokenizer buffers (measured
+        # 1-5 MB), far from the 32 MB the texts would take if they were loaded
+        assert r2 - r1 < text_bytes / 4, (r2 - r1, text_bytes)
 
 
 # ---------------------------------------------------------------- refusals and atomic caches
@@ -501,6 +503,12 @@ def test_image_folder_classes_ids_encode_and_corrupt_file(tmp_path):
     with pytest.raises(ValueError, match=r"imgs/dog/bad\.png: cannot decode the image"):
         open_table_source(spec, cache_dir=c)
     (root / "dog" / "bad.png").unlink()
+    # an empty file: refused by name too (it used to be dropped, and a split cut later failed
+    # with "split sizes ... sum to 6 > 5 samples", naming no file)
+    (root / "cat" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"imgs: cat/empty\.png is an empty file \(0 bytes\)"):
+        open_table_source(spec, cache_dir=c)
+    (root / "cat" / "empty.png").unlink()
     _png(root / "cat" / "3.png", (8, 8), (0, 0, 0))  # another file: ids stay
     more = open_table_source(spec, cache_dir=c)
     assert len(more) == 6 and set(src.sample_ids) <= set(more.sample_ids)

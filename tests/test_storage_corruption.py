@@ -10,7 +10,7 @@ from storage import CorruptShardError, open_soft_labels, verify
 
 def _shard_file(uri, index):
     ds = open_soft_labels(uri)
-    rel = ds.manifest["shards"][index]["path"]
+    rel = ds.shards[index]["path"]
     path = os.path.join(uri, rel)
     if os.path.isdir(path):  # zarr: damage the logits chunk, the biggest object
         chunks = [

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import forge
 import numpy as np
 import pytest
 from conftest import DATA, TEACHER, toy_logits, write_toy
@@ -42,7 +43,7 @@ def _stream_all(uri):
 
 
 def _data_file(uri, pos):
-    rel = _manifest(uri)["shards"][pos]["path"]
+    rel = forge.load(uri)[1][pos]["path"]
     path = os.path.join(uri, rel)
     if os.path.isdir(path):  # zarr: the logits chunk
         path = max(
@@ -76,19 +77,19 @@ def test_flipped_byte_in_data_pages_never_reaches_the_reader(tmp_path, backend):
 def test_shard_replaced_by_another_shards_bytes_or_rewritten(tmp_path, backend):
     uri = str(tmp_path / "ds")
     write_toy(uri, backend=backend, n=300, shards=3)
-    m = _manifest(uri)
-    a, b = (os.path.join(uri, m["shards"][i]["path"]) for i in (0, 1))
+    _, entries = forge.load(uri)
+    a, b = (os.path.join(uri, entries[i]["path"]) for i in (0, 1))
     if backend == "parquet":
         shutil.copyfile(b, a)
     else:
         shutil.rmtree(a)
         shutil.copytree(b, a)
-    with pytest.raises(CorruptShardError, match=os.path.basename(m["shards"][0]["path"])):
+    with pytest.raises(CorruptShardError, match=os.path.basename(entries[0]["path"])):
         _stream_all(uri)
     # a valid shard with other values, written by distillery itself under the old name
     other = str(tmp_path / "other")
     write_toy(other, backend=backend, n=300, shards=3, seed=5)
-    src = os.path.join(other, _manifest(other)["shards"][0]["path"])
+    src = os.path.join(other, forge.load(other)[1][0]["path"])
     if backend == "parquet":
         shutil.copyfile(src, a)
     else:
@@ -121,7 +122,7 @@ def test_zarr_missing_chunk_is_corruption_not_zeros(tmp_path):
     write_toy(uri, backend="zarr", n=3000, shards=1, c=10)  # several chunks per array
     ds = open_soft_labels(uri)
     # every chunk exists on disk, even those equal to the fill value (views are all 0)
-    shard = os.path.join(uri, ds.manifest["shards"][0]["path"])
+    shard = os.path.join(uri, ds.shards[0]["path"])
     assert os.listdir(os.path.join(shard, "view", "c"))
     assert sum(len(b["sample_id"]) for b in ds.iter_batches(500, shuffle=False)) == 3000  # opened + hashed
     victim = os.path.join(shard, "logits", "c", "0", "0")
@@ -149,19 +150,32 @@ def test_zarr_missing_chunk_is_corruption_not_zeros(tmp_path):
         "data\\shard-00000.parquet",
     ],
 )
-def test_manifest_shard_paths_must_stay_inside_the_dataset(tmp_path, path):
+@pytest.mark.parametrize("which", ["units", "parts"])
+def test_manifest_shard_paths_must_stay_inside_the_dataset(tmp_path, path, which):
+    """Format 3 stores no shard path (it is derived from the shard's index and checksum), so
+    an edited entry cannot point outside the dataset; the files the manifest does name,
+    the index files, must stay inside it."""
     uri = str(tmp_path / "ds")
     write_toy(uri, n=100, shards=2)
+    m, entries = forge.load(uri)
+    good = entries[0]["path"]
+    entries[0]["path"] = path
+    forge.save(uri, m, entries)  # what a forger writes: the path is not stored
+    assert forge.load(uri)[1][0]["path"] == good and _stream_all(uri) == 100
+    m, _ = forge.load(uri)
+    ref = m["index"]["units"] if which == "units" else m["index"]["parts"][0]
     outside = tmp_path / "outside"
     outside.mkdir()
-    shutil.copyfile(os.path.join(uri, _manifest(uri)["shards"][0]["path"]), outside / "x.parquet")
-    m = _manifest(uri)
-    m["shards"][0]["path"] = path
-    _write_manifest(uri, m)
-    with pytest.raises(ManifestError, match="is not allowed"):
+    shutil.copyfile(os.path.join(uri, ref["path"]), outside / "x.parquet")  # same bytes, same sha256
+    ref["path"] = path
+    forge.save(uri, m)
+    field = r"index\.units" if which == "units" else r"index\.parts\[0\]"
+    kind = "units" if which == "units" else "part"
+    with pytest.raises(ManifestError, match=rf"'{field}' must be \{{path: _index/{kind}-"):
         open_soft_labels(uri)
     report = verify(uri)
-    assert not report.ok and "is not allowed" in report.problems[0]
+    assert not report.ok, report.problems
+    assert f"'index.{which}" in report.problems[0] and "_index/" in report.problems[0], report.problems
 
 
 def test_commit_record_with_a_hostile_path_is_refused_and_nothing_is_deleted(tmp_path):
@@ -183,9 +197,13 @@ def test_commit_record_with_a_hostile_path_is_refused_and_nothing_is_deleted(tmp
     )
     with pytest.raises(ManifestError, match=r"_commits/shard-00000.json.*not allowed"):
         w2.committed_shards()
-    with pytest.raises(ManifestError, match="shard-00000.json"):
-        w2.write_shard(1, np.arange(50, 100), z[50:])
-    with pytest.raises(ManifestError):
+    # rewriting shard 0 reads its record: refused before anything is published or removed
+    with pytest.raises(ManifestError, match=r"_commits/shard-00000.json.*not allowed"):
+        w2.write_shard(0, np.arange(50), z[:50])
+    # a writer publishing shard 1 reads only shard 1's record (format 3: one read per
+    # shard), so it goes on; finalize lists every record and refuses the hostile one
+    w2.write_shard(1, np.arange(50, 100), z[50:])
+    with pytest.raises(ManifestError, match=r"_commits/shard-00000.json.*not allowed"):
         w2.finalize()
     assert (victim / "precious.parquet").read_bytes() == b"keep me" and os.path.exists(own)
 
@@ -198,11 +216,12 @@ def test_commit_record_with_a_hostile_path_is_refused_and_nothing_is_deleted(tmp
     [
         (lambda m: m.update(shards="shard-00000.parquet"), "shards"),
         (lambda m: m.update(representation="dense"), "representation"),
-        (lambda m: m.pop("shards"), "shards"),
+        (lambda m: m.pop("index"), "index"),  # format 3: the shard table is in `index`
         (lambda m: m.update(num_classes="ten"), "num_classes"),
         (lambda m: m.update(temperature=float("inf")), "temperature"),
-        (lambda m: m["shards"][0].update(num_rows="50"), "shards[0].num_rows"),
-        (lambda m: m["shards"][0].update(sha256="abc"), "shards[0].sha256"),
+        (lambda m: m["index"]["parts"][0].update(num_rows="50"), "index.parts[0].num_rows"),
+        (lambda m: m["index"]["parts"][0].update(sha256="abc"), "index.parts[0]"),
+        (lambda m: m["index"]["units"].update(sha256="abc"), "index.units"),
         (lambda m: m["representation"].update(kind="topk", k=99), "representation.k"),
         (lambda m: m.update(num_classes=8), "columns"),
     ],
@@ -256,21 +275,43 @@ def test_edited_manifest_is_detected_by_its_digest(tmp_path):
 def test_manifest_and_commits_must_agree(tmp_path):
     uri = str(tmp_path / "ds")
     write_toy(uri, n=300, shards=3, temperature=4.0)
-    good = _manifest(uri)
-    # a shard entry removed (and the totals fixed up, the digest recomputed)
+    good, entries = forge.load(uri)
+    # a shard entry removed (and the totals fixed up, the index and digest recomputed)
     m = json.loads(json.dumps(good))
-    gone = m["shards"].pop()
+    gone = entries.pop()
     m.update(num_shards=2, num_rows=m["num_rows"] - gone["num_rows"], num_samples=m["num_samples"] - gone["num_rows"])
-    _write_manifest(uri, m)
-    with pytest.raises(ManifestError, match="shard 2 is committed .* but not in the manifest"):
+    forge.save(uri, m, entries)
+    with pytest.raises(ManifestError, match="shard 2 is committed but not in the manifest"):
         open_soft_labels(uri)
     assert any("not in the manifest" in p for p in verify(uri).problems)
     # the temperature changed and re-signed: the commit records' lineage disagrees
     m = json.loads(json.dumps(good))
     m["temperature"] = 1.0
-    _write_manifest(uri, m)
+    forge.save(uri, m)
     with pytest.raises(ManifestError, match="committed by a run labelling something else"):
         open_soft_labels(uri)
+
+
+@pytest.mark.parametrize("planned", [None, 2])
+def test_dropping_a_shard_of_a_planned_dataset_is_refused_at_open(tmp_path, planned):
+    """Format 3: a dataset written with a plan (num_shards=, as `distill label` writes it)
+    binds it in every commit record, so shard 0's record, read at open, refuses a manifest
+    that drops a shard consistently (the plan cleared or fixed up to match)."""
+    uri = str(tmp_path / "ds")
+    write_toy(uri, n=300, shards=3, num_shards=3)
+    m, entries = forge.load(uri)
+    assert m["planned_shards"] == 3 and all(c["plan"]["shards"] == 3 for c in forge.commits(uri).values())
+    gone = entries.pop()
+    m.update(
+        num_shards=2,
+        planned_shards=planned,
+        num_rows=m["num_rows"] - gone["num_rows"],
+        num_samples=m["num_samples"] - gone["num_rows"],
+    )
+    forge.save(uri, m, entries)
+    with pytest.raises(ManifestError, match=r"shard 0 .*binds a plan of \{'shards': 3.*shards or samples dropped"):
+        open_soft_labels(uri)
+    assert any("not in the manifest" in p for p in verify(uri).problems)
 
 
 def test_finalize_refuses_shards_committed_by_another_labelling(tmp_path):

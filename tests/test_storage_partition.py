@@ -153,3 +153,37 @@ def test_shuffled_rows_keep_their_columns_together(tmp_path, buffer):
         seen += list(zip(b["sample_id"].tolist(), b["view"].tolist()))
     assert sorted(seen) == [(s, v) for s in range(700) for v in range(2)]
     assert seen[:20] != sorted(seen)[:20]
+
+
+def test_grouped_order_covers_every_row_once_and_keeps_a_rank_in_few_groups():
+    """Past one index part (format 3), the epoch order permutes groups of consecutive shards
+    and the shards within each: still every row exactly once per epoch over the ranks, and
+    a rank's shards come from ~groups/ranks groups, not all of them (so it loads a few
+    index parts, not every one)."""
+    from storage.partition import shard_order
+
+    shard_rows = np.random.default_rng(1).integers(1, 5, size=1000).tolist()
+    group, world = 64, 4
+    order = shard_order(1000, seed=3, epoch=2, shuffle=True, group=group)
+    assert sorted(order.tolist()) == list(range(1000))
+    assert not np.array_equal(order, shard_order(1000, seed=3, epoch=3, shuffle=True, group=group))
+    # each stretch of the order stays within one group
+    runs = np.flatnonzero(np.diff(order // group) != 0)
+    assert len(runs) == -(-1000 // group) - 1
+    seen = Counter()
+    for r in range(world):
+        segs = partition_segments(
+            shard_rows, seed=3, epoch=2, shuffle=True, rank=r, world_size=world, worker=0, num_workers=1, group=group
+        )
+        groups = {s.shard // group for s in segs}
+        assert len(groups) <= -(-1000 // group) // world + 2
+        for s in segs:
+            if not s.pad:
+                for i in range(s.start, s.stop):
+                    seen[(s.shard, i)] += 1
+    assert len(seen) == sum(shard_rows) and set(seen.values()) == {1}
+    # one group (every dataset below PART_SHARDS shards): the plain permutation, as before
+    assert np.array_equal(
+        shard_order(50, seed=3, epoch=2, shuffle=True, group=group),
+        np.random.default_rng([3, 2, 0x5EED]).permutation(50),
+    )

@@ -12,6 +12,7 @@ import pytest
 from conftest import DATA, TEACHER
 
 from storage import IncompleteDatasetError, SoftLabelWriter, open_soft_labels, verify
+from storage.index import index_files
 
 CHILD = str(Path(__file__).with_name("_writer_child.py"))
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -30,7 +31,7 @@ def run_child(uri, backend, kill_at=-1, mode="none", shards=()):
 def fingerprint(uri):
     """Everything that defines the dataset's content: shard names, checksums, rows."""
     ds = open_soft_labels(uri)
-    shards = [(s["index"], s["path"], s["sha256"], s["num_rows"]) for s in ds.manifest["shards"]]
+    shards = [(s["index"], s["path"], s["sha256"], s["num_rows"]) for s in ds.shards]
     rows = list(ds.iter_batches(1000, shuffle=False))[0]
     return shards, rows
 
@@ -67,8 +68,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, backend, mode):
         assert np.array_equal(a_rows[k], b_rows[k]), k
     assert verify(crashed).ok
     # orphans of the crash are gone after finalize
-    top = {"manifest.json", "_commits", "data"} | ({"zarr.json"} if backend == "zarr" else set())
+    top = {"manifest.json", "_commits", "data", "_index"} | ({"zarr.json"} if backend == "zarr" else set())
     assert set(os.listdir(crashed)) == top
+    # format 3: _index holds exactly the index files the manifest names
+    m = open_soft_labels(crashed).manifest
+    assert {f"_index/{n}" for n in os.listdir(os.path.join(crashed, "_index"))} == index_files(m)
     data = sorted(n for n in os.listdir(os.path.join(crashed, "data")) if n != "zarr.json")
     assert data == sorted(os.path.basename(s[1]) for s in b_shards)
 

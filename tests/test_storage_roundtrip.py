@@ -1,5 +1,6 @@
 """Round trips: what goes in as raw logits comes out as logits / T, for every layout."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,9 +38,10 @@ def test_dense_round_trip(tmp_path, backend, dtype):
     assert m["status"] == "complete" and m["num_samples"] == 300 and m["num_rows"] == 300
     assert m["representation"] == {"kind": "dense", "dtype": dtype, "k": None}
     assert m["teacher"] == TEACHER and m["data"] == DATA and m["temperature"] == T
-    assert [s["index"] for s in m["shards"]] == [0, 1, 2]
-    assert sum(s["num_rows"] for s in m["shards"]) == 300
-    assert m["shards"][0]["first_sample_id"] == 0 and m["shards"][-1]["last_sample_id"] == 299
+    shards = ds.shards
+    assert [s["index"] for s in shards] == [0, 1, 2]
+    assert sum(s["num_rows"] for s in shards) == 300
+    assert shards[0]["first_sample_id"] == 0 and shards[-1]["last_sample_id"] == 299
 
 
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
@@ -74,8 +76,8 @@ def test_topk_takes_small_fraction_of_dense_bytes(tmp_path):
     kw = dict(n=2000, c=1000, shards=1)
     write_toy(str(tmp_path / "dense"), **kw)
     write_toy(str(tmp_path / "topk"), representation="topk", k=16, **kw)
-    d = open_soft_labels(str(tmp_path / "dense")).manifest["shards"][0]["bytes"]
-    t = open_soft_labels(str(tmp_path / "topk")).manifest["shards"][0]["bytes"]
+    d = open_soft_labels(str(tmp_path / "dense")).shards[0]["bytes"]
+    t = open_soft_labels(str(tmp_path / "topk")).shards[0]["bytes"]
     assert t / d <= 0.05, (t, d)
 
 
@@ -150,13 +152,22 @@ def test_manifest_is_plain_json_with_documented_fields(tmp_path):
         "representation",
         "teacher",
         "data",
-        "shards",
+        "index",
         "created_at",
         "producer",
     ):
         assert field in m, field
     assert m["producer"]["name"] == "distillery"
-    for s in m["shards"]:
+    # format 3: the shard table is not inline; the manifest names the index files by sha256
+    assert "shards" not in m and m["format_version"] == 3
+    ix = m["index"]
+    for f in [ix["units"], *ix["parts"]]:
+        blob = (tmp_path / "ds" / f["path"]).read_bytes()
+        assert f["path"].startswith("_index/") and hashlib.sha256(blob).hexdigest() == f["sha256"]
+    assert sum(p["num_shards"] for p in ix["parts"]) == m["num_shards"] == 4
+    entries = open_soft_labels(str(tmp_path / "ds")).shards
+    assert len(entries) == m["num_shards"]
+    for s in entries:
         assert set(s) >= {"path", "num_rows", "first_sample_id", "last_sample_id", "sha256"}
         assert len(s["sha256"]) == 64 and (tmp_path / "ds" / s["path"]).exists()
     # the manifest documents every field it writes

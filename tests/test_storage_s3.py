@@ -64,7 +64,7 @@ def test_s3_resume_and_corruption(s3_server, s3_uri):
     w2.finalize()
     assert verify(s3_uri, storage_options=so).ok
     fs = s3fs.S3FileSystem(endpoint_url=so["endpoint_url"], key="testing", secret="testing")
-    shard = open_soft_labels(s3_uri, storage_options=so).manifest["shards"][1]["path"]
+    shard = open_soft_labels(s3_uri, storage_options=so).shards[1]["path"]
     data = bytearray(fs.cat_file(f"{s3_uri}/{shard}"))
     data[len(data) // 3] ^= 0xFF
     fs.pipe_file(f"{s3_uri}/{shard}", bytes(data))
@@ -131,13 +131,16 @@ def test_s3_reader_refuses_a_damaged_object_and_a_hostile_path(s3_server, s3_uri
     a flipped byte never reaches a batch; a manifest path outside the prefix is refused."""
     import json
 
+    from storage.fs import Location
+    from storage.index import ShardIndex
     from storage.manifest import manifest_digest
 
     so = s3_server["storage_options"]
     write_toy(s3_uri, backend=backend, n=120, shards=2, storage_options=so)
     fs = s3fs.S3FileSystem(endpoint_url=so["endpoint_url"], key="testing", secret="testing")
     m = json.loads(fs.cat_file(f"{s3_uri}/manifest.json"))
-    target = f"{s3_uri}/{m['shards'][1]['path']}"
+    entry = ShardIndex(Location(s3_uri, so), m).entry(1)  # format 3: the entries are in the index files
+    target = f"{s3_uri}/{entry['path']}"
     if backend == "zarr":
         target = max(
             (p for p in fs.find(target) if "/logits/" in p and not p.endswith("zarr.json")),
@@ -146,13 +149,21 @@ def test_s3_reader_refuses_a_damaged_object_and_a_hostile_path(s3_server, s3_uri
     data = bytearray(fs.cat_file(target))
     data[len(data) // 2] ^= 0x04
     fs.pipe_file(target, bytes(data))
-    with pytest.raises(CorruptShardError, match=m["shards"][1]["path"].split("/")[-1]):
+    with pytest.raises(CorruptShardError, match=entry["path"].split("/")[-1]):
         for _ in open_soft_labels(s3_uri, storage_options=so).iter_batches(32, shuffle=False):
             pass
-    m["shards"][0]["path"] = "../other-prefix/" + m["shards"][0]["path"].split("/")[-1]
+    # format 3 stores no shard path (derived from index and sha256); the files the manifest
+    # names are the index files: one outside the prefix (same bytes, same sha256) is refused
+    part = m["index"]["parts"][0]
+    hostile = "../other-prefix/" + part["path"].split("/")[-1]
+    fs.pipe_file(
+        f"{s3_uri.rsplit('/', 1)[0]}/other-prefix/{part['path'].split('/')[-1]}",
+        fs.cat_file(f"{s3_uri}/{part['path']}"),
+    )
+    part["path"] = hostile
     m["digest"] = manifest_digest(m)
     fs.pipe_file(f"{s3_uri}/manifest.json", json.dumps(m).encode())
     from storage import ManifestError
 
-    with pytest.raises(ManifestError, match="is not allowed"):
+    with pytest.raises(ManifestError, match=r"'index\.parts\[0\]' must be \{path: _index/part-"):
         open_soft_labels(s3_uri, storage_options=so)

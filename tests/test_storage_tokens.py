@@ -212,8 +212,8 @@ def test_iter_sequences_partitions_every_sequence_once(tmp_path, backend, monkey
     L, views = 7, 2
     ids, lp, mm, _, _ = write_topk(uri, backend=backend, L=L, k=3, seqs=(7, 5, 9, 4), views=views, dtype="float32")
     ds = open_soft_labels(uri)
-    assert all(s["rows_per_block"] % L == 0 for s in ds.manifest["shards"])
-    assert any(s["rows_per_block"] < s["num_rows"] for s in ds.manifest["shards"])  # several blocks
+    assert all(s["rows_per_block"] % L == 0 for s in ds.shards)
+    assert any(s["rows_per_block"] < s["num_rows"] for s in ds.shards)  # several blocks
     n_seq = 25 * views
     by_key = ids.reshape(n_seq, L, 3)  # sequences in (sample_id, view) order
 
@@ -250,7 +250,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, backend):
     uri = str(tmp_path / "ds")
     write_topk(uri, backend=backend, V=100_000)
     assert verify(uri).ok
-    entry = open_soft_labels(uri).manifest["shards"][1]
+    entry = open_soft_labels(uri).shards[1]
     path = os.path.join(uri, entry["path"])
     if backend == "zarr":  # a chunk of the packed ids
         path = os.path.join(path, "topk_ids", "c", "0", "0")
@@ -301,8 +301,9 @@ def test_resume_skips_committed_shards_and_gives_identical_bytes(tmp_path, backe
     for i in w.pending(range(3)):
         shard(w, i)
     w.finalize()
-    a, b = open_soft_labels(clean).manifest, open_soft_labels(crashed).manifest
-    assert [(s["path"], s["sha256"]) for s in a["shards"]] == [(s["path"], s["sha256"]) for s in b["shards"]]
+    da, db = open_soft_labels(clean), open_soft_labels(crashed)
+    a, b = da.manifest, db.manifest
+    assert [(s["path"], s["sha256"]) for s in da.shards] == [(s["path"], s["sha256"]) for s in db.shards]
     assert a["num_tokens"] == b["num_tokens"] == n
     # a different seq_len is another labelling: refused, naming the field
     with pytest.raises(MismatchError, match="seq_len"):
@@ -470,7 +471,7 @@ def test_distill_inspect_shows_bytes_per_token_and_the_missing_mass(tmp_path, ca
     assert main(["inspect", uri]) == 0
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    per_token = sum(s["bytes"] for s in m["shards"]) / m["num_tokens"]
+    per_token = sum(s["bytes"] for s in open_soft_labels(uri).shards) / m["num_tokens"]
     assert f"tokens: {m['num_tokens']:,} ({m['num_tokens'] // 8:,} sequences of 8, vocabulary 50, 16-bit ids)" in out
     assert f"{per_token:.1f} bytes/token on disk" in out
     if kind == "token_topk":

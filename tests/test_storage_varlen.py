@@ -4,8 +4,10 @@ and says each sequence's length. Real Parquet and Zarr files, both token kinds."
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import forge
 import numpy as np
 import pytest
 from conftest import DATA, TEACHER
@@ -22,7 +24,6 @@ from storage import (
     open_soft_labels,
     verify,
 )
-from storage.manifest import dump_manifest
 from storage.shards import commit_path, forget_verified
 from storage.tokens import shard_problems
 
@@ -137,7 +138,7 @@ def test_round_trip_of_mixed_lengths(tmp_path, backend, kind):
     truth = write_dataset(uri, kind, SHARDS, L, views=1, backend=backend, per_sequence_ids=kind == "token_sampled")
     ds = open_soft_labels(uri)
     m = ds.manifest
-    assert [s["num_sequences"] for s in m["shards"]] == [6, 3, 4]
+    assert [s["num_sequences"] for s in ds.shards] == [6, 3, 4]
     assert ds.num_sequences == 13 == m["num_samples"] and m["num_rows"] == m["num_tokens"] == sum(map(sum, SHARDS))
     ordered = list(ds.iter_sequences(5, shuffle=False))
     assert [len(b["sample_id"]) for b in ordered] == [5, 5, 3]
@@ -178,7 +179,7 @@ def test_blocks_that_cut_sequences_every_sequence_once_per_epoch(tmp_path, backe
     n_seq = sum(map(len, lengths))
     assert ds.num_sequences == n_seq
     cut = 0
-    for p, e in enumerate(ds.manifest["shards"]):
+    for p, e in enumerate(ds.shards):
         sh = ds._open(p, ds._shard_cache())
         starts, lens = ds._layout(p, sh)
         block_starts = [b0 for b0, _ in sh.blocks()]
@@ -244,25 +245,30 @@ def test_fixed_length_written_with_positions_is_the_old_layout(tmp_path):
                 logprobs=f["topk_logprobs"].reshape(-1, L, K),
                 missing_mass=f["missing_mass"],
             )
-    ma, mb = open_soft_labels(a).manifest, open_soft_labels(b).manifest
-    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
-    assert [s["num_sequences"] for s in ma["shards"]] == [6, 3]
+    ma, mb = open_soft_labels(a).shards, open_soft_labels(b).shards
+    assert [s["sha256"] for s in ma] == [s["sha256"] for s in mb]
+    assert [s["num_sequences"] for s in ma] == [6, 3]
     batch = next(open_soft_labels(a).iter_sequences(9, shuffle=False))
     assert batch["length"].tolist() == [L] * 9 and batch["topk_ids"].shape == (9, L, K)
 
 
 def _strip_num_sequences(uri):
-    """What the writer before num_sequences wrote: no num_sequences in entries or commits."""
-    mp = Path(uri) / "manifest.json"
-    m = json.loads(mp.read_text())
-    for e in m["shards"]:
+    """What the writer before num_sequences wrote: no num_sequences in entries or commits.
+    That writer wrote format 2 (shard entries inline in the manifest; commit records with a
+    lineage but no format_version or plan), which is still read; format 3 always records
+    num_sequences."""
+    m, entries = forge.load(uri)
+    for e in entries:
         del e["num_sequences"]
-    m.pop("digest")
-    mp.write_bytes(dump_manifest(m))
-    for e in m["shards"]:
+    m = {k: v for k, v in m.items() if k not in ("index", "planned_samples")}
+    m["format_version"] = 2
+    forge.save(uri, m, entries)
+    shutil.rmtree(Path(uri) / "_index")
+    for e in entries:
         cp = Path(uri) / commit_path(e["index"])
         rec = json.loads(cp.read_text())
-        del rec["num_sequences"]
+        for k in ("num_sequences", "format_version", "plan"):
+            del rec[k]
         cp.write_text(json.dumps(rec, indent=1))
 
 
@@ -274,19 +280,19 @@ def test_old_fixed_length_dataset_reads_identically(tmp_path, backend):
     write_dataset(old, "token_sampled", [(L,) * 4, (L,) * 6], L, views=2, backend=backend)
     _strip_num_sequences(old)
     a, b = open_soft_labels(new), open_soft_labels(old)
-    assert "num_sequences" not in b.manifest["shards"][0] and b.num_sequences == a.num_sequences == 10
+    assert "num_sequences" not in b.shards[0] and b.num_sequences == a.num_sequences == 10
     for x, y in zip(a.iter_sequences(3, seed=4, shuffle_buffer=4), b.iter_sequences(3, seed=4, shuffle_buffer=4)):
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
     x, y = a.take_sequences([3, 0, 4]), b.take_sequences([3, 0, 4])
     assert all(np.array_equal(x[k], y[k]) for k in x) and (y["length"] == L).all()
     assert verify(old).ok
+    assert b.manifest["format_version"] == 2 and "index" not in b.manifest
     # an entry without num_sequences holds sequences of exactly seq_len: the old rule
-    mp = Path(old) / "manifest.json"
-    m = json.loads(mp.read_text())
-    m["shards"][0]["num_rows"] += 1
+    m, entries = forge.load(old)
+    entries[0]["num_rows"] += 1
     m["num_rows"] += 1
     m["num_tokens"] += 1
-    mp.write_bytes(dump_manifest({k: v for k, v in m.items() if k != "digest"}))
+    forge.save(old, m, entries)  # still format 2: entries inline, digest recomputed
     with pytest.raises(ManifestError, match=r"shards\[0\].num_rows.*multiple of seq_len=5.*no num_sequences"):
         open_soft_labels(old)
 
@@ -380,28 +386,40 @@ def test_sampled_variable_length_refusals(tmp_path):
 def test_manifest_tampering_of_num_sequences_is_caught(tmp_path, backend):
     uri, L = str(tmp_path / "ds"), 4
     write_dataset(uri, "token_topk", [(1, 4, 2, 3), (2, 2, 4)], L, backend=backend)
-    mp = Path(uri) / "manifest.json"
-    good = json.loads(mp.read_text())
+    good, good_entries = forge.load(uri)
+    assert [e["num_sequences"] for e in good_entries] == [4, 3]
 
-    def save(m):
-        mp.write_bytes(dump_manifest({k: v for k, v in m.items() if k != "digest"}))
+    def save(m, entries):  # format 3: new index files, the manifest digest recomputed
+        forge.save(uri, m, entries)
 
     def tampered(**per_shard):
-        m = json.loads(json.dumps(good))
+        m, entries = json.loads(json.dumps(good)), json.loads(json.dumps(good_entries))
         for i, ns in per_shard.items():
-            m["shards"][int(i[1:])]["num_sequences"] = ns
-        return m
+            entries[int(i[1:])]["num_sequences"] = ns
+        return m, entries
 
-    mp.write_text(json.dumps(tampered(s0=3, s1=4)))  # schema-valid, but the digest no longer matches
+    save(*tampered(s0=3, s1=4))  # the index rewritten, the OLD digest kept: it no longer matches
+    mp = Path(uri) / "manifest.json"
+    mp.write_text(json.dumps(dict(json.loads(mp.read_text()), digest=good["digest"])))
     with pytest.raises(ManifestError, match="modified after distillery wrote it"):
         open_soft_labels(uri)
-    save(tampered(s0=5))  # digest recomputed: the totals give it away
-    with pytest.raises(ManifestError, match=r"field 'num_samples' must be .*sum\(shards\[\]\.num_sequences\)"):
+    save(*tampered(s0=5))  # digest recomputed: the totals give it away (the units file sums to 8, not 7)
+    with pytest.raises(
+        ManifestError,
+        match=r"index file _index/units-[0-9a-f]{16}\.parquet disagrees with the manifest "
+        r"\(2 shards summing to 8; the manifest says 2 shards and 7 sequences\)",
+    ):
         open_soft_labels(uri)
-    save(tampered(s0=1))  # 10 rows cannot be 1 sequence of <= 4 tokens
-    with pytest.raises(ManifestError, match=r"shards\[0\]\.num_sequences' must be an int in \[3, 10\]"):
+    m, entries = tampered(s0=1)  # totals fixed up too: 10 rows cannot be 1 sequence of <= 4 tokens
+    m["num_samples"] -= 3
+    save(m, entries)
+    with pytest.raises(
+        ManifestError,
+        match=r"index part _index/part-00000-[0-9a-f]{16}\.parquet: shard 0: num_sequences 1 and num_rows 10 "
+        r"are not sequences of 1\.\.seq_len=4 tokens",
+    ):
         open_soft_labels(uri)
-    save(tampered(s0=3, s1=4))  # totals kept: the commit records disagree
+    save(*tampered(s0=3, s1=4))  # totals kept: the commit records disagree
     with pytest.raises(
         ManifestError,
         match=r"shard 0 .*manifest says num_sequences 3 / num_rows 10, its commit "
@@ -421,7 +439,7 @@ def test_manifest_tampering_of_num_sequences_is_caught(tmp_path, backend):
     report = verify(uri)
     assert any("shard 0" in p and "4 sequences, the manifest says num_sequences 3" in p for p in report.problems)
     assert any("shard 1" in p and "3 sequences, the manifest says num_sequences 4" in p for p in report.problems)
-    save(good)
+    save(good, good_entries)
     for i, ns in ((0, 4), (1, 3)):
         cp = Path(uri) / commit_path(i)
         rec = json.loads(cp.read_text())
@@ -435,7 +453,7 @@ def test_verify_catches_a_flipped_byte_in_a_variable_length_shard(tmp_path, back
     uri = str(tmp_path / "ds")
     write_dataset(uri, "token_sampled", [(3, 1, 5), (5, 2)], 5, backend=backend)
     assert verify(uri).ok
-    entry = open_soft_labels(uri).manifest["shards"][0]
+    entry = open_soft_labels(uri).shards[0]
     path = os.path.join(uri, entry["path"])
     if backend == "zarr":
         path = os.path.join(path, "sample_counts", "c", "0", "0")
@@ -502,10 +520,11 @@ def test_convert_round_trip_is_bit_exact(tmp_path, kind, monkeypatch):
     src, mid, back = (str(tmp_path / n) for n in ("src", "mid", "back"))
     truth = write_dataset(src, kind, [(1, 6, 2, 6, 3, 5), (6, 6), (2, 4, 1, 3)], 6, views=2)
     m = convert(src, mid, backend="zarr")
-    assert [s["num_sequences"] for s in m["shards"]] == [6, 2, 4] and verify(mid).ok
+    assert m["backend"] == "zarr" and "shards" not in m
+    assert [s["num_sequences"] for s in open_soft_labels(mid).shards] == [6, 2, 4] and verify(mid).ok
     convert(mid, back, backend="parquet")
     a, b = open_soft_labels(src), open_soft_labels(back)
-    assert [s["sha256"] for s in a.manifest["shards"]] == [s["sha256"] for s in b.manifest["shards"]]
+    assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
     z = open_soft_labels(mid)
     keys = sorted(truth)
     x, y = (
@@ -541,7 +560,7 @@ def test_s3_round_trip_of_variable_length_sequences(s3_server, s3_uri, backend):
     import fsspec
 
     fs = fsspec.filesystem("s3", **so)
-    entry = ds.manifest["shards"][1]
+    entry = ds.shards[1]
     target = f"{s3_uri}/{entry['path']}"
     files = [target] if fs.isfile(target) else [p for p in fs.find(target) if "/c/" in p or p.endswith("/c")]
     data = bytearray(fs.cat_file(files[-1]))

@@ -92,7 +92,9 @@ def text_config(tmp_path, **over):
     for k, v in over.items():
         cfg[k] = v
     path = tmp_path / "text.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    # sort_keys=False: data.sizes stays in the reviews recipe's order (train, transfer, val,
+    # test), not alphabetical, as a user writes it; --replay must cut the same splits
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 

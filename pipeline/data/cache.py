@@ -494,7 +494,14 @@ def folder_stream(folder: FolderReader):
         rels = [e[0] for e in part]
         ids = np.fromiter((stable_id(r) for r in rels), np.int64, count=len(rels))
         codes = np.fromiter((e[1] for e in part), np.int64, count=len(rels))
-        empty = np.fromiter((e[2] == 0 for e in part), bool, count=len(rels))
+        zero = [e[0] for e in part if e[2] == 0]
+        if zero:  # a file that exists but holds no image is damage, not a missing label: name it
+            raise ValueError(
+                f"image folder {folder.path}: {zero[0]} is an empty file (0 bytes)"
+                + (f", and {len(zero) - 1} more in this batch" if len(zero) > 1 else "")
+                + ": remove it or restore the image"
+            )
+        empty = np.zeros(len(rels), bool)
         yield ids, codes, pa.array(rels, pa.string()), np.zeros(len(rels), bool), empty
 
 

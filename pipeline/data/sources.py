@@ -37,7 +37,9 @@ the source by pickle and map the cache again).
 Sample ids never change: an `id_column` (integers as they are; strings hashed,
 stable_id), else the row index in the file (file order, dropped rows included), for an
 image folder stable_id(relative path). Rows whose payload is null (or text that is empty
-or only whitespace, or a zero-byte image) are dropped, counted in describe()["dropped"].
+or only whitespace, or zero-byte image bytes in a column) are dropped, counted in
+describe()["dropped"]; an empty file in an image folder is refused by name (damage, not a
+missing value).
 
 Labels: an integer label column is used as is (0..K-1, checked like pipeline.data.datasets's
 loaders); a string / categorical one gives classes = its sorted distinct values (or the

@@ -69,10 +69,12 @@ def check_plan(
     plan: list[tuple[int, int]],
     sample_ids: np.ndarray,
     rows_per_sample: np.ndarray | int,
+    commits: dict[int, dict],
 ) -> None:
-    """A resumed run must cut shards exactly like the run that committed them. A sample is
-    `rows_per_sample` stored rows (its views, or its window's tokens: an array, one
-    length per sample, when windows differ in length)."""
+    """A resumed run must cut shards exactly like the run that committed them (`commits`:
+    the writer's records of the shards this run looks at). A sample is `rows_per_sample`
+    stored rows (its views, or its window's tokens: an array, one length per sample, when
+    windows differ in length)."""
     rows = np.broadcast_to(np.asarray(rows_per_sample, dtype=np.int64), (len(sample_ids),))
     planned = writer.manifest.get("planned_shards")
     if planned is not None and planned != len(plan):
@@ -80,7 +82,7 @@ def check_plan(
             f"{writer.uri} was started with {planned} shards but this run plans {len(plan)}; "
             f"use the same shard_size and data, or overwrite=True"
         )
-    for i, rec in writer.commits().items():
+    for i, rec in commits.items():
         a, b = plan[i] if i < len(plan) else (0, 0)
         want = (int(rows[a:b].sum()), int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
         got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])
@@ -102,8 +104,19 @@ class LabelRun:
         teacher: dict,
         storage_options: dict | None = None,
         overwrite: bool = False,
+        shards: list[int] | None = None,
+        signing_key: str | bytes | None = None,
     ):
+        """shards=None: the whole run (every output's commit records listed once); a list:
+        a run over those shards only (a per-shard task), which reads only their records,
+        so its cost does not grow with the number of shards. signing_key: sign every output
+        (an Ed25519 private key, storage/signing.py)."""
         self.labeller = labeller
+        signer = None
+        if signing_key is not None:
+            from pipeline.keys import load_signer
+
+            signer = load_signer(signing_key)
         inputs = labeller.inputs
         self.plan = plan_shards(len(inputs), shard_size=shard_size)
         outputs = labeller.outputs()
@@ -119,21 +132,29 @@ class LabelRun:
                 storage_options=storage_options,
                 overwrite=overwrite,
                 num_shards=len(self.plan),
+                num_samples=len(inputs),
+                signer=signer,
             )
             for o in outputs
         ]
         rows = labeller.rows_per_sample()
+        self.shards = list(range(len(self.plan))) if shards is None else list(shards)
+        self.committed = []
         for w in self.writers:
-            check_plan(w, self.plan, inputs.sample_ids, rows)
-        self.committed = [set(w.committed_shards()) for w in self.writers]
+            if shards is None:
+                commits = w.commits()
+            else:
+                commits = {i: rec for i in self.shards if (rec := w.commit(i)) is not None}
+            check_plan(w, self.plan, inputs.sample_ids, rows, commits)
+            self.committed.append(set(commits))
 
     def lacking(self, i: int) -> list[int]:
         """The outputs that have not committed shard i."""
         return [j for j, done in enumerate(self.committed) if i not in done]
 
     def pending(self) -> list[int]:
-        """Shards some output lacks, in plan order."""
-        return [i for i in range(len(self.plan)) if self.lacking(i)]
+        """Shards (of this run's) some output lacks, in plan order."""
+        return [i for i in self.shards if self.lacking(i)]
 
     def compute(self, i: int) -> tuple[list[int], list[dict], float]:
         """The teacher's columns of shard i for the outputs lacking it (no storing)."""
@@ -197,7 +218,15 @@ class LabelRun:
         """Each output's complete manifest. One that a concurrent run (or an earlier one)
         already finalized over exactly the committed shards is not rewritten (finalizing
         re-reads every shard)."""
-        return [w.manifest if w.is_finalized_as_committed() else w.finalize() for w in self.writers]
+        out = []
+        for w in self.writers:
+            if w.is_finalized_as_committed():
+                w.confirm()
+                w.cleanup()  # what a killed run left behind after the manifest was written
+                out.append(w.manifest)
+            else:
+                out.append(w.finalize())
+        return out
 
 
 def label(

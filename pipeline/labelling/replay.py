@@ -88,3 +88,83 @@ def replay_rows(
         "ok": bool(excess.max() <= 0),
         "worst": {"sample_id": int(sids[worst]), "view": int(views[worst]), "abs_diff": float(diff[worst].max())},
     }
+
+
+def replay_token_rows(model: nn.Module, corpus, labels, *, n: int, seed: int = 0, device: str = "cpu") -> dict:
+    """Recompute the token labels of `n` random stored windows of `corpus` (a TokenCorpus,
+    the labelled split) with the teacher, one window per forward, and compare.
+
+    top-k: per position, the same ids in the same order, log-probs within the stored
+    precision (uint8 codes: half a step, after the codes' clipping; floats: RTOL) and the
+    missing mass within 1e-4; sampled: the same draws (ids and counts, seeded per window as
+    labelling seeds them). A few positions may differ where two logits are within float
+    noise of each other (the labelling batch held 8 windows, this one 1): the replay
+    passes when at most 1% of positions differ and no value is outside its tolerance.
+    Returns replay_rows' keys plus {"positions", "mismatched", "what"}."""
+    from pipeline.device import resolve_device
+    from pipeline.labelling.tokens import shard_labels
+
+    m = labels.manifest
+    rep = m["representation"]
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"replay needs n >= 1 windows, got {n!r}")
+    pick = np.sort(np.random.default_rng(seed).choice(len(corpus), size=min(n, len(corpus)), replace=False))
+    sids = corpus.sample_ids[pick]
+    stored = labels.take_sequences(sids)
+    spec = {"representation": rep["kind"], "k": rep.get("k"), "draws": rep.get("draws")}
+    draw_seed = int(((m.get("extra") or {}).get("sampling") or {}).get("seed", 0))
+    dev = resolve_device(device)
+    topk = rep["kind"] == "token_topk"
+    step = rep.get("logprob_step")
+    tol = step / 2 + 1e-4 if rep.get("dtype") == "uint8" else None
+    positions = mismatched = 0
+    worst = (-np.inf, 0.0, int(sids[0]))  # (excess, |diff|, sample id)
+    for j, p in enumerate(pick):
+        got = shard_labels(model, corpus, int(p), int(p) + 1, specs=[spec], seed=draw_seed, batch_size=1, dev=dev)[0]
+        L = int(stored["length"][j])
+        positions += L
+        if topk:
+            ids_s, lp_s = stored["topk_ids"][j, :L], stored["topk_logprobs"][j, :L]
+            same = (ids_s == got["ids"]).all(axis=1)  # (L,)
+            want = got["logprobs"].astype(np.float32)
+            if tol is not None:  # what the codes can hold: -code * step, code in 0..255
+                want = np.clip(want, -255 * step, 0.0)
+                allowed = np.full_like(want, tol)
+            else:
+                allowed = RTOL.get(rep.get("dtype"), 2.0**-10) * np.abs(want) + ATOL
+            diff = np.abs(lp_s - want)[same]
+            excess = (diff - allowed[same]).max() if same.any() else -np.inf
+            mm = np.abs(stored["missing_mass"][j, :L] - got["missing_mass"])[same]
+            excess = max(excess, (mm - 1e-4).max() if len(mm) else -np.inf)
+            d = float(diff.max()) if diff.size else 0.0
+        else:
+            u = got["ids"].shape[1]
+            s_ids, s_cnt = stored["sample_ids"][j, :L], stored["sample_counts"][j, :L]
+            w = max(u, s_ids.shape[1])
+            same = (_pad(s_ids, w) == _pad(got["ids"], w)).all(axis=1) & (_pad(s_cnt, w) == _pad(got["counts"], w)).all(
+                axis=1
+            )
+            excess, d = -np.inf, 0.0
+        mismatched += int((~same).sum())
+        if excess > worst[0]:
+            worst = (float(excess), d, int(sids[j]))
+    frac = mismatched / max(positions, 1)
+    return {
+        "rows": int(len(pick)),
+        "positions": int(positions),
+        "mismatched": int(mismatched),
+        "max_abs_diff": worst[1],
+        "max_excess": worst[0] if np.isfinite(worst[0]) else 0.0,
+        "ok": bool(worst[0] <= 0 and frac <= 0.01),
+        "worst": {"sample_id": worst[2], "view": 0, "abs_diff": worst[1]},
+        "what": (
+            f"positions whose top-{rep.get('k')} ids differ: {mismatched} of {positions}; largest |stored - log p|"
+            if topk
+            else f"positions whose sampled draws differ: {mismatched} of {positions}; largest difference"
+        ),
+    }
+
+
+def _pad(a: np.ndarray, width: int) -> np.ndarray:
+    """(N, u) -> (N, width) with zero columns (sampled labels pad ids and counts with 0)."""
+    return np.pad(a, ((0, 0), (0, width - a.shape[1])))

@@ -219,14 +219,17 @@ class TokenLabeller:
         device: str = "cpu",
         amp: str | None = None,
         seed: int = 0,
+        recipe: dict | None = None,
     ):
+        """recipe: what the manifest's data entry records to rebuild these windows (a
+        config's corpus section), for `distill inspect --replay`."""
         if not outputs:
             raise ValueError("token labelling needs at least one output")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         for o in outputs:
             self.vocab_size = check_teacher(model, corpus, k=o["k"] if o["representation"] == "token_topk" else None)
-        self.model, self.inputs, self.specs = model, corpus, list(outputs)
+        self.model, self.inputs, self.specs, self.recipe = model, corpus, list(outputs), recipe
         self.batch_size, self.seed = batch_size, seed
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
@@ -273,7 +276,7 @@ class TokenLabeller:
             "fingerprint": c.fingerprint(),
             "transform": None,
             "inputs": c.describe(),
-        }
+        } | ({"recipe": self.recipe} if self.recipe is not None else {})
 
     def shard(self, start: int, stop: int, outputs: list[int]) -> list[dict]:
         labs = shard_labels(

@@ -159,6 +159,7 @@ def train(
     teacher: nn.Module | None = None,
     storage_options: dict | None = None,
     expect: dict | None = None,
+    public_key: str | bytes | None = None,
     resume: bool = False,
     lineage: dict | None = None,
     on_batch: Callable[[int, dict], None] | None = None,
@@ -170,7 +171,8 @@ def train(
     (fresh views per epoch, or ids in [0, num_views)). Any other loss learns from
     `labels` (the URI of stored labels of train_data's rows, or a list: several teachers
     of the same inputs, whose probabilities are averaged) or from an online `teacher`.
-    on_batch(epoch, batch) is called for every batch (progress, tests).
+    on_batch(epoch, batch) is called for every batch (progress, tests). public_key: the
+    stored labels must be signed by this Ed25519 key (storage/signing.py).
     lineage: a JSON dict naming what the run is a function of (data fingerprints, labels,
     views...); it is written into the resume checkpoint, and resume=True continues only a
     checkpoint with the same lineage: any other starts from scratch (printing why).
@@ -212,6 +214,7 @@ def train(
             storage_options=storage_options,
             expect=expect,
             extra_soft_labels=uris[1:],
+            public_key=public_key,
         )
         if cfg.num_workers == 0:  # iterate in-process: a DataLoader adds per-batch overhead and nothing else
             batches = stream

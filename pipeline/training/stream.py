@@ -62,9 +62,20 @@ TOKEN_KINDS = ("token_topk", "token_sampled")
 def open_label_stream(uri: str, inputs: Any, transform: Transform | None = None, **kw: Any) -> LabelStream:
     """The stream for the labels at `uri`, by their layout (RowStream or SequenceStream);
     keyword arguments as LabelStream's."""
-    manifest = open_soft_labels(uri, expect=kw.get("expect"), storage_options=kw.get("storage_options")).manifest
+    manifest = open_soft_labels(
+        uri, expect=kw.get("expect"), storage_options=kw.get("storage_options"), verifier=verifier(kw.get("public_key"))
+    ).manifest
     cls = SequenceStream if manifest["representation"]["kind"] in TOKEN_KINDS else RowStream
     return cls(uri, inputs, transform, manifest=manifest, **kw)
+
+
+def verifier(public_key: Any):
+    """The verifier of an Ed25519 public key (a PEM path or bytes; pipeline/keys.py), or None."""
+    if public_key is None:
+        return None
+    from pipeline.keys import load_verifier
+
+    return load_verifier(public_key)
 
 
 def keep_batch(batch: dict[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray | torch.Tensor]:
@@ -90,6 +101,7 @@ class LabelStream(IterableDataset):
         expect: dict | None = None,
         extra_soft_labels: list[str] | None = None,
         manifest: dict | None = None,
+        public_key: str | bytes | None = None,
     ):
         check_rank(rank, world_size, batch_size)
         # In a DataLoader worker, yield numpy arrays instead of tensors (the loader then needs
@@ -105,8 +117,12 @@ class LabelStream(IterableDataset):
         self.manifest = m = (
             manifest
             if manifest is not None
-            else open_soft_labels(uri, expect=expect, storage_options=storage_options).manifest
+            else open_soft_labels(
+                uri, expect=expect, storage_options=storage_options, verifier=verifier(public_key)
+            ).manifest
         )
+        # a signed dataset (storage/signing.py): every worker checks the records it reads
+        self.verifier = verifier(public_key)
         self.temperature = float(m["temperature"])
         self.kind = m["representation"]["kind"]
         self.extra_uris = list(extra_soft_labels or [])
@@ -133,7 +149,7 @@ class LabelStream(IterableDataset):
     def _dataset(self) -> SoftLabelDataset:
         # opened lazily, once per process: after fork each worker gets its own filesystem
         if self._ds is None or self._ds_pid != os.getpid():
-            self._ds = SoftLabelDataset(Location(self.uri, self.storage_options), self.manifest)
+            self._ds = SoftLabelDataset(Location(self.uri, self.storage_options), self.manifest, verifier=self.verifier)
             self._ds_pid = os.getpid()
             self._opened()
         return self._ds
@@ -216,7 +232,7 @@ class RowStream(LabelStream):
         return super().__getstate__() | {"_extra_ds": None}
 
     def _check_extra(self, uri: str) -> dict:
-        m = open_soft_labels(uri, storage_options=self.storage_options).manifest
+        m = open_soft_labels(uri, storage_options=self.storage_options, verifier=self.verifier).manifest
         me = self.manifest
         if m["representation"]["kind"] != "dense" or self.kind != "dense":
             raise ValueError(f"multi-teacher KD needs dense soft labels; {uri} or {self.uri} is top-k")
@@ -233,7 +249,7 @@ class RowStream(LabelStream):
 
     def _opened(self) -> None:
         self._extra_ds = [
-            SoftLabelDataset(Location(u, self.storage_options), m)
+            SoftLabelDataset(Location(u, self.storage_options), m, verifier=self.verifier)
             for u, m in zip(self.extra_uris, self.extra_manifests)
         ]
 

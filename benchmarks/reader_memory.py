@@ -48,8 +48,8 @@ def main():
     ap.add_argument("--backend", default="parquet", choices=["parquet", "zarr"])
     ap.add_argument("--batch-size", type=int, default=256)
     a = ap.parse_args()
-    from storage import SoftLabelWriter
-    from storage.reader import SHUFFLE_BUDGET_BYTES
+    from storage import SoftLabelWriter, open_soft_labels
+    from storage.reader import SHUFFLE_BUDGET_BYTES, TRANSIENT_BLOCKS, stream_memory_bound
 
     root = tempfile.mkdtemp(prefix="distillery-mem-")
     uri = os.path.join(root, "ds")
@@ -72,6 +72,13 @@ def main():
         f"{a.backend}: {n:,} rows x {a.classes} classes float16, {size / 2**20:.0f} MiB on disk; "
         f"shuffle budget {SHUFFLE_BUDGET_BYTES / 2**20:.0f} MiB; batch {a.batch_size}"
     )
+    ds = open_soft_labels(uri)
+    block = ds.index.max_rows_per_block * ds.manifest["layout"]["row_bytes"]
+    bound = stream_memory_bound(block)
+    print(
+        f"  documented bound: {bound / 2**20:.0f} MiB (budget - 3 blocks of {block / 2**20:.1f} MiB "
+        f"+ {TRANSIENT_BLOCKS} in flight)"
+    )
     for shuffle in (True, False):
         out = subprocess.run(
             [sys.executable, "-c", CHILD, ROOT, uri, str(a.batch_size), "1" if shuffle else "0"],
@@ -84,7 +91,8 @@ def main():
         extra = (r["peak"] - r["base"]) / 2**20
         print(
             f"  {'shuffled  ' if shuffle else 'in order  '} peak RSS {r['peak'] / 2**20:7.0f} MiB, "
-            f"{extra:6.0f} MiB above the opened dataset ({extra / (SHUFFLE_BUDGET_BYTES / 2**20):.2f}x the budget)"
+            f"{extra:6.0f} MiB above the opened dataset ({extra / (SHUFFLE_BUDGET_BYTES / 2**20):.2f}x the budget, "
+            f"{extra / (bound / 2**20):.2f}x the bound: {'PASS' if extra * 2**20 <= bound else 'FAIL'})"
         )
     shutil.rmtree(root, ignore_errors=True)
 

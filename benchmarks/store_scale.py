@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -103,7 +102,8 @@ def tree_bytes(path: str, names: tuple[str, ...]) -> int:
     return total
 
 
-def writer(uri: str, storage_options: dict | None = None) -> SoftLabelWriter:
+def writer(uri: str, storage_options: dict | None = None, n: int | None = None) -> SoftLabelWriter:
+    """A labelling run's writer: it plans n shards of one sample each (as `distill label` does)."""
     return SoftLabelWriter(
         uri,
         backend="parquet",
@@ -112,38 +112,40 @@ def writer(uri: str, storage_options: dict | None = None) -> SoftLabelWriter:
         teacher=TEACHER,
         data=DATA,
         storage_options=storage_options,
+        num_shards=n,
+        num_samples=n,
     )
 
 
-def grow(w: SoftLabelWriter, start: int, stop: int, rng) -> float:
-    """Commit shards [start, stop) of one sample each; seconds per shard."""
+def grow(w: SoftLabelWriter, start: int, stop: int, rng, cpu: bool = False):
+    """Commit shards [start, stop) of one sample each; seconds per shard (and, cpu=True,
+    this process's CPU seconds per shard: the client's own work, without the waits)."""
     z = rng.standard_normal((1, C), dtype=np.float32)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(start, stop):
         w.write_shard(i, np.array([i]), z)
-    return (time.perf_counter() - t0) / max(1, stop - start)
+    k = max(1, stop - start)
+    wall = (time.perf_counter() - t0) / k
+    return (wall, (time.process_time() - c0) / k) if cpu else wall
 
 
 def local(sizes: list[int], window: int) -> None:
     root = tempfile.mkdtemp(prefix="distillery-scale-")
-    uri = os.path.join(root, "ds")
     rng = np.random.default_rng(0)
-    w = writer(uri)
-    print("\n## local disk: 1-sample dense shards, marginal cost at each depth\n")
+    print("\n## local disk: a run of N 1-sample dense shards; the last shards' cost at depth N\n")
     print(
-        "| shards | write / shard | resume: open + list (per shard) | finalize (per shard) "
+        "| shards | write / shard (last shards) | resume: open + list (per shard) | finalize (per shard) "
         "| manifest + index | open | reader peak |"
     )
     print("|---|---|---|---|---|---|---|")
-    done = 0
     for n in sizes:
-        a = max(done, n - window)
-        grow(w, done, a, rng)  # up to the window, untimed
+        uri = os.path.join(root, f"ds-{n}")
+        w = writer(uri, n=n)
+        a = max(0, n - window)
+        grow(w, 0, a, rng)  # up to the window, untimed
         per = grow(w, a, n, rng)
-        done = n
         t0 = time.perf_counter()
-        w2 = writer(uri)
-        committed = len(w2.committed_shards())
+        committed = len(writer(uri, n=n).committed_shards())
         resume = time.perf_counter() - t0
         assert committed == n
         t0 = time.perf_counter()
@@ -157,34 +159,51 @@ def local(sizes: list[int], window: int) -> None:
             f"{o['peak'] / 2**20:.1f} MiB |",
             flush=True,
         )
+        shutil.rmtree(uri, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
 
 
-class Counting:
-    """WSGI middleware: counts the requests the S3 server serves, by method."""
+# The S3 API server runs in a process of its own, as a real one would (in this process its
+# heap and threads would slow the client as objects accumulate). It counts the requests it
+# serves, by method; GET /__counts returns them.
+SERVER = r"""
+import collections, json, sys, threading
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import WSGIRequestHandler, make_server
 
-    def __init__(self, app):
-        self.app, self.counts, self.lock = app, collections.Counter(), threading.Lock()
+class Quiet(WSGIRequestHandler):
+    def log_request(self, *a, **k):
+        pass
 
-    def __call__(self, environ, start_response):
-        with self.lock:
-            self.counts[environ["REQUEST_METHOD"]] += 1
-        return self.app(environ, start_response)
+app = DomainDispatcherApplication(create_backend_app)
+counts, lock = collections.Counter(), threading.Lock()
+
+def counting(environ, start_response):
+    if environ.get("PATH_INFO") == "/__counts":
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(counts).encode()]
+    with lock:
+        counts[environ["REQUEST_METHOD"]] += 1
+    return app(environ, start_response)
+
+server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=Quiet)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
 
 
 def s3(sizes: list[int], window: int) -> None:
+    import urllib.request
+
     import boto3
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import WSGIRequestHandler, make_server
 
-    class Quiet(WSGIRequestHandler):
-        def log_request(self, *a, **k) -> None:  # one line per request would drown the table
-            pass
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
 
-    app = Counting(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_port}"
+    def counts() -> collections.Counter:
+        with urllib.request.urlopen(f"{endpoint}/__counts") as r:
+            return collections.Counter(json.loads(r.read()))
+
     boto3.client(
         "s3",
         endpoint_url=endpoint,
@@ -194,61 +213,65 @@ def s3(sizes: list[int], window: int) -> None:
     ).create_bucket(Bucket="scale")
     so = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    uri = "s3://scale/ds"
     rng = np.random.default_rng(0)
-    w = writer(uri, so)
-    print("\n## S3 API (moto on 127.0.0.1, requests counted by the server): marginal cost at each depth\n")
+    print("\n## S3 API (moto on 127.0.0.1, requests counted by the server): the last shards of a run of N\n")
     print(
-        "| shards | write / shard | requests / shard written | by method | finalize requests | open (fresh process) |"
+        "| shards | write / shard | client CPU / shard | requests / shard written | by method | finalize requests "
+        "| open (fresh process) |"
     )
-    print("|---|---|---|---|---|---|")
-    done = 0
+    print("|---|---|---|---|---|---|---|")
     for n in sizes:
-        a = max(done, n - window)
-        grow(w, done, a, rng)
-        before = collections.Counter(app.counts)
-        per = grow(w, a, n, rng)
-        delta = collections.Counter(app.counts)
+        uri = f"s3://scale/ds-{n}"
+        w = writer(uri, so, n=n)
+        a = max(0, n - window)
+        grow(w, 0, a, rng)
+        before = counts()
+        per, cpu = grow(w, a, n, rng, cpu=True)
+        delta = counts()
         delta.subtract(before)
-        done = n
         reqs = sum(delta.values()) / (n - a)
-        before = collections.Counter(app.counts)
+        before = counts()
         w.finalize()
-        fin = collections.Counter(app.counts)
+        fin = counts()
         fin.subtract(before)
-        before = collections.Counter(app.counts)
+        before = counts()
         o = child_open(uri, so)
-        opened = collections.Counter(app.counts)
+        opened = counts()
         opened.subtract(before)
         methods = ", ".join(f"{k} {v / (n - a):.1f}" for k, v in sorted(delta.items()) if v)
         print(
-            f"| {n:,} | {per * 1e3:.1f} ms | {reqs:.2f} | {methods} | {sum(fin.values()):,} "
+            f"| {n:,} | {per * 1e3:.1f} ms | {cpu * 1e3:.1f} ms | {reqs:.2f} | {methods} | {sum(fin.values()):,} "
             f"({sum(fin.values()) / n:.2f} / shard) | {o['open_s'] * 1e3:.0f} ms, {sum(opened.values())} requests |",
             flush=True,
         )
-    server.shutdown()
+    proc.kill()
 
 
 def index(n: int) -> None:
     """A real one-shard dataset whose index is replaced by n entries (entry 0 the real one)."""
     from storage.fs import Location
     from storage.index import INT_FIELDS, write_index
-    from storage.manifest import MANIFEST, dump_manifest, parse_manifest
+    from storage.manifest import MANIFEST, dump_manifest, now_iso, parse_manifest
 
     root = tempfile.mkdtemp(prefix="distillery-index-")
     uri = os.path.join(root, "ds")
-    w = writer(uri)
-    w.write_shard(0, np.array([0]), np.zeros((1, C), np.float32))
-    m = w.finalize()
-    loc = Location(uri)
-    real = dict(
-        zip(
-            ("num_rows", "first_sample_id", "last_sample_id", "bytes", "rows_per_block"),
-            (1, 0, 0, 0, 1),
-        )
+    # a run that planned n shards of one sample each and committed shard 0 (the others are
+    # simulated: opening a dataset reads shard 0's record, not the others)
+    w = SoftLabelWriter(
+        uri,
+        backend="parquet",
+        num_classes=C,
+        temperature=2.0,
+        teacher=TEACHER,
+        data=DATA,
+        num_shards=n,
+        num_samples=n,
     )
-    real.update({k: v for k, v in json.loads(loc.read_bytes("_commits/shard-00000.json")).items() if k in INT_FIELDS})
-    sha0 = bytes.fromhex(json.loads(loc.read_bytes("_commits/shard-00000.json"))["sha256"])
+    rec = w.write_shard(0, np.array([0]), np.zeros((1, C), np.float32))
+    loc = Location(uri)
+    real = {k: rec[k] for k in INT_FIELDS}
+    sha0 = bytes.fromhex(rec["sha256"])
+    m = dict(w.manifest, status="complete", finalized_at=now_iso())
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     cols = {
@@ -260,7 +283,7 @@ def index(n: int) -> None:
         "sha256": rng.integers(0, 256, (n, 32), dtype=np.uint8),
     }
     cols["sha256"][0] = np.frombuffer(sha0, np.uint8)
-    m = dict(m, num_shards=n, num_samples=n, num_rows=n)
+    m.update(num_shards=n, num_samples=n, num_rows=n)
     m["index"] = write_index(loc, m, cols)
     loc.write_bytes_atomic(MANIFEST, dump_manifest(m))
     parse_manifest(loc.read_bytes(MANIFEST), uri)

@@ -50,7 +50,19 @@ from .shards import (
 )
 from .verify import verify as verify_dataset
 
-SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker)
+SHUFFLE_BUDGET_BYTES = 128 << 20  # per partition (DataLoader worker): the shuffle buffer + 3 blocks
+# The whole stream's peak memory (one partition, default buffer) stays under
+# stream_memory_bound(): the buffer's share of the budget, plus what decoding and eviction
+# hold besides it (up to ~6.2 blocks measured, benchmarks/reader_memory.py). Checked there.
+TRANSIENT_BLOCKS = 7
+
+
+def stream_memory_bound(block_bytes: int) -> int:
+    """Bytes a shuffled stream of one partition may hold at its peak (the documented bound):
+    the buffer (SHUFFLE_BUDGET_BYTES less 3 blocks) and TRANSIENT_BLOCKS blocks in flight."""
+    return SHUFFLE_BUDGET_BYTES - 3 * block_bytes + TRANSIENT_BLOCKS * block_bytes
+
+
 REMOTE_OPEN_BYTES = 512 << 20  # object-store shards are held in memory while open: bound them
 
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -296,8 +297,18 @@ def commits_disagree(manifest: dict, entries: list[dict], commits: dict[int, dic
 
 # Shards whose bytes this process has hashed: {(dataset uri, path): (sha256, stat signature)}.
 # A shard is hashed once per process (and again if its files' sizes or mtimes change).
-_VERIFIED: dict[tuple[str, str], tuple[str, tuple]] = {}
+# Bounded (least recently used out): a run writing 10^6 shards must not hold 10^6 entries.
+_VERIFIED: OrderedDict[tuple[str, str], tuple[str, tuple]] = OrderedDict()
 _VERIFIED_LOCK = threading.Lock()
+VERIFIED_CAP = 1 << 16
+
+
+def _remember(key: tuple[str, str], value: tuple[str, tuple]) -> None:
+    with _VERIFIED_LOCK:
+        _VERIFIED[key] = value
+        _VERIFIED.move_to_end(key)
+        while len(_VERIFIED) > VERIFIED_CAP:
+            _VERIFIED.popitem(last=False)
 
 
 def _local_signature(root: str) -> tuple:
@@ -327,8 +338,7 @@ def _hash_local_file(path: str) -> str:
 def mark_verified(loc: Location, name: str, sha256: str) -> None:
     """The writer just published these bytes: this process need not hash them again."""
     if loc.is_local:
-        with _VERIFIED_LOCK:
-            _VERIFIED[(loc.uri, name)] = (sha256, _local_signature(loc.path(name)))
+        _remember((loc.uri, name), (sha256, _local_signature(loc.path(name))))
 
 
 def forget_verified() -> None:
@@ -363,8 +373,7 @@ def open_shard(
                 got = _hash_local_file(root) if backend == "parquet" else tree_sha256(read_objects(loc, name))
                 if got != want:
                     raise _mismatch(loc, name, want, got)
-                with _VERIFIED_LOCK:
-                    _VERIFIED[key] = (want, sig)
+                _remember(key, (want, sig))
             if backend == "parquet":
                 return ParquetShard(root, spec, name=label)
             from zarr.storage import LocalStore

@@ -257,16 +257,7 @@ def index(n: int) -> None:
     uri = os.path.join(root, "ds")
     # a run that planned n shards of one sample each and committed shard 0 (the others are
     # simulated: opening a dataset reads shard 0's record, not the others)
-    w = SoftLabelWriter(
-        uri,
-        backend="parquet",
-        num_classes=C,
-        temperature=2.0,
-        teacher=TEACHER,
-        data=DATA,
-        num_shards=n,
-        num_samples=n,
-    )
+    w = writer(uri, n=n)
     rec = w.write_shard(0, np.array([0]), np.zeros((1, C), np.float32))
     loc = Location(uri)
     real = {k: rec[k] for k in INT_FIELDS}

@@ -313,13 +313,7 @@ def validate_manifest(m: dict, where: str) -> None:
             if not token:
                 _check_rows(m, where)
             else:
-                _need(
-                    m.get("num_tokens") == m["num_rows"],
-                    where,
-                    "num_tokens",
-                    f"num_rows ({m['num_rows']})",
-                    m.get("num_tokens"),
-                )
+                _check_tokens(m, where)
         else:
             _need(m.get("index") is None, where, "index", "null while the dataset is partial", m.get("index"))
         return
@@ -385,13 +379,7 @@ def validate_manifest(m: dict, where: str) -> None:
         total = sum(e["num_rows"] for e in shards)
         _need(m["num_rows"] == total, where, "num_rows", f"the sum of the shards' num_rows ({total})", m["num_rows"])
         if token:
-            _need(
-                m.get("num_tokens") == m["num_rows"],
-                where,
-                "num_tokens",
-                f"num_rows ({m['num_rows']})",
-                m.get("num_tokens"),
-            )
+            _check_tokens(m, where)
             L = m["seq_len"]
             seqs = sum(e["num_rows"] // L if e.get("num_sequences") is None else e["num_sequences"] for e in shards)
             _need(
@@ -411,6 +399,10 @@ def validate_manifest(m: dict, where: str) -> None:
             )
         else:
             _check_rows(m, where)
+
+
+def _check_tokens(m: dict, where: str) -> None:
+    _need(m.get("num_tokens") == m["num_rows"], where, "num_tokens", f"num_rows ({m['num_rows']})", m.get("num_tokens"))
 
 
 def _check_rows(m: dict, where: str) -> None:

@@ -648,9 +648,12 @@ def test_dockerfile_copy_sources_exist():
             assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
             copied.append(src.rstrip("/"))
     assert {"constraints.txt", "pyproject.toml", "storage", "pipeline", "flows", "configs"} <= set(copied)
-    # every package setuptools installs (sub-packages included) is copied in
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert {p.rstrip("*") for p in patterns} <= set(copied)
+    # every package setuptools installs (sub-packages included, and `distillery`, mapped to
+    # pipeline/api) lies in a copied folder
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for pkg in tool["packages"]:
+        folder = tool.get("package-dir", {}).get(pkg, pkg.replace(".", "/"))
+        assert folder.split("/")[0] in copied, f"the Dockerfile does not copy {folder} (package {pkg})"
 
 
 def test_dockerfile_user_workdir_cmd_and_dockerignore():

@@ -1,0 +1,62 @@
+"""distillery's public API: one import name for what a user's own code needs to spend stored
+labels (`import distillery`). Installed as the package `distillery` (pyproject.toml maps it
+to this folder), so nobody has to import the generic top-level names `storage` or
+`pipeline`, which other packages also use. Everything here is re-exported from its one
+owner; nothing is defined twice.
+
+    import distillery
+    labels = distillery.open_labels("runs/quickstart/soft_labels")    # checked, streamable
+    labels.iter_batches(256) / labels.take(sample_ids, views)        # numpy rows by sample id
+    distillery.verify(uri).ok                                        # re-hash and check all
+    distillery.Objective(loss="kd", temperature=4.0, kind="dense", stored_temperatures=[4.0])
+        .terms(student_logits, batch)                                # the loss the built-in loop uses
+    distillery.LOSSES                                                # every registered loss, with its formula
+
+Signed datasets: distillery.keys.generate / load_signer / load_verifier (Ed25519).
+"""
+
+from pipeline.objectives.losses import FAMILIES, LOSSES, register_loss
+from pipeline.objectives.objective import Objective
+from storage import (
+    CorruptShardError,
+    CoverageError,
+    IncompleteDatasetError,
+    InvalidLogitsError,
+    ManifestError,
+    MismatchError,
+    SoftLabelDataset,
+    SoftLabelError,
+    SoftLabelWriter,
+    convert,
+    verify,
+)
+from storage import open_soft_labels as open_labels
+
+__all__ = [
+    "open_labels",
+    "SoftLabelDataset",
+    "SoftLabelWriter",
+    "verify",
+    "convert",
+    "Objective",
+    "LOSSES",
+    "FAMILIES",
+    "register_loss",
+    "keys",
+    "SoftLabelError",
+    "ManifestError",
+    "MismatchError",
+    "IncompleteDatasetError",
+    "InvalidLogitsError",
+    "CoverageError",
+    "CorruptShardError",
+]
+
+
+def __getattr__(name: str):
+    # `distillery.keys` (Ed25519 signing) imports cryptography only when asked for
+    if name == "keys":
+        import pipeline.keys as keys
+
+        return keys
+    raise AttributeError(f"module 'distillery' has no attribute {name!r}")

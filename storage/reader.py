@@ -293,6 +293,15 @@ class SoftLabelDataset:
             self._index = (sids[order], views[order], shard_of[order], row[order])
         return self._index
 
+    def keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sample_ids (N,) int64, views (N,) int32) of every stored row, sorted by (sample id,
+        view): what take() accepts. Reads the id columns of every shard once per process."""
+        if self.is_tokens:
+            sids, views = self._build_seq_index()[:2]
+        else:
+            sids, views = self._build_index()[:2]
+        return sids.copy(), views.astype(np.int32, copy=True)
+
     def _locate(
         self, sample_ids, views, sids_sorted: np.ndarray, views_sorted: np.ndarray, what: str, unit: str
     ) -> np.ndarray:

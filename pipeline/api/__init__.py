@@ -8,6 +8,8 @@ owner; nothing is defined twice.
     labels = distillery.open_labels("runs/quickstart/soft_labels")    # checked, streamable
     labels.iter_batches(256) / labels.take(sample_ids, views)        # numpy rows by sample id
     distillery.verify(uri).ok                                        # re-hash and check all
+    data = distillery.StoredLabels(labels, my_dataset, sample_ids=ids) # map-style, joined by id
+    distillery.distill_loss(student(x), target, labels=labels)       # the built-in loop's loss
     distillery.Objective(loss="kd", temperature=4.0, kind="dense", stored_temperatures=[4.0])
         .terms(student_logits, batch)                                # the loss the built-in loop uses
     distillery.LOSSES                                                # every registered loss, with its formula
@@ -15,6 +17,8 @@ owner; nothing is defined twice.
 Signed datasets: distillery.keys.generate / load_signer / load_verifier (Ed25519).
 """
 
+from pipeline.api.labels import StoredLabels, distill_loss
+from pipeline.data.datasets import load_dataset
 from pipeline.objectives.losses import FAMILIES, LOSSES, register_loss
 from pipeline.objectives.objective import Objective
 from storage import (
@@ -34,6 +38,9 @@ from storage import open_soft_labels as open_labels
 
 __all__ = [
     "open_labels",
+    "StoredLabels",
+    "distill_loss",
+    "load_dataset",
     "SoftLabelDataset",
     "SoftLabelWriter",
     "verify",

@@ -78,6 +78,22 @@ def verifier(public_key: Any):
     return load_verifier(public_key)
 
 
+def row_labels(kind: str, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Stored rows of a dense or top-k dataset (storage columns) -> the objective's label
+    fields (see the module docstring): the one place they are converted, for the stream
+    and for distillery.StoredLabels."""
+    out = {}
+    if kind == "dense":  # stored s = z / T, as stored
+        out["stored_logits"] = torch.from_numpy(np.array(b["logits"], dtype=np.float32))  # (B, C), a new array
+    else:  # the teacher's log-probs at T: stored z/T minus the stored logsumexp of all C
+        lse = np.asarray(b["logsumexp"], dtype=np.float32)
+        out["topk_ids"] = torch.from_numpy(np.asarray(b["topk_indices"]).astype(np.int64))
+        out["topk_logprobs"] = torch.from_numpy(np.asarray(b["topk_logits"], np.float32) - lse[:, None])
+    if "feature" in b:  # the teacher's stored intermediate feature, (B, F), for hint/RKD losses
+        out["teacher_feature"] = torch.from_numpy(np.array(b["feature"], dtype=np.float32))
+    return out
+
+
 def keep_batch(batch: dict[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray | torch.Tensor]:
     """DataLoader collate_fn that passes a worker's batch on unchanged (numpy stays numpy)."""
     return batch
@@ -296,14 +312,8 @@ class RowStream(LabelStream):
 
     def join_labels(self, b: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """Storage rows -> every batch field but the task's, and the rows' positions in the inputs."""
-        out = self._common(b)
+        out = self._common(b) | row_labels(self.kind, b)
         pos = self.inputs.index_of(out["sample_id"].numpy())  # ValueError names missing ids
-        if self.kind == "dense":  # stored s = z / T, as stored
-            out["stored_logits"] = torch.from_numpy(np.array(b["logits"], dtype=np.float32))  # (B, C), a new array
-        else:  # the teacher's log-probs at T: stored z/T minus the stored logsumexp of all C
-            lse = np.asarray(b["logsumexp"], dtype=np.float32)
-            out["topk_ids"] = torch.from_numpy(np.asarray(b["topk_indices"]).astype(np.int64))
-            out["topk_logprobs"] = torch.from_numpy(np.asarray(b["topk_logits"], np.float32) - lse[:, None])
         if self.extra_uris:  # other teachers' logits for the same (sample_id, view) rows
             self._dataset()
             sid, view = out["sample_id"].numpy(), out["view"].numpy()
@@ -312,8 +322,6 @@ class RowStream(LabelStream):
                     [np.asarray(ds.take(sid, view, columns=["logits"])["logits"], np.float32) for ds in self._extra_ds]
                 )
             )  # (K, B, C) z_k / T_k
-        if "feature" in b:  # the teacher's stored intermediate feature, (B, F), for hint/RKD losses
-            out["teacher_feature"] = torch.from_numpy(np.array(b["feature"], dtype=np.float32))
         return out, pos
 
 

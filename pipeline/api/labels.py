@@ -1,0 +1,109 @@
+"""Stored labels in a user's own PyTorch loop: a map-style dataset joining them to the user's
+data by sample id, and the loss the built-in loop uses, as one call.
+
+    labels = distillery.open_labels(uri)
+    data = distillery.StoredLabels(labels, my_dataset, sample_ids=ids)   # ids[i]: item i's id
+    for x, target in DataLoader(data, batch_size=128, shuffle=True):     # any sampler works
+        loss = distillery.distill_loss(student(x), target, labels=labels)
+
+Classifier labels (dense, top-k); token labels come with the LM half of the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.objectives.losses import FAMILIES, losses_for
+from pipeline.objectives.objective import Objective
+from pipeline.training.stream import row_labels
+from storage import SoftLabelDataset, open_soft_labels
+
+
+class StoredLabels(Dataset):
+    """Item i: (data[i], the stored label of (sample_ids[i], views[i])), a dict of tensors:
+    dense `stored_logits` (C,) = z/T as stored; top-k `topk_ids` (k,), `topk_logprobs` (k,)
+    (the teacher's log-probs at T). Map-style, so the user's own sampler, DistributedSampler
+    and DataLoader workers work as with any dataset; a batch of indices is read at once
+    (`__getitems__`). Every id is checked when the dataset is made: a missing one is named.
+
+    labels: a dataset from open_labels, or its URI. data: any map-style dataset.
+    sample_ids: (len(data),) ints, or a function of the index. views: 0 (the un-augmented
+    input each sample was labelled with), an array, or a function of the index."""
+
+    def __init__(
+        self,
+        labels: SoftLabelDataset | str,
+        data: Any,
+        sample_ids: Sequence[int] | np.ndarray | Callable[[int], int],
+        views: int | Sequence[int] | np.ndarray | Callable[[int], int] = 0,
+    ):
+        self.labels = labels if isinstance(labels, SoftLabelDataset) else open_soft_labels(labels)
+        self.kind = self.labels.manifest["representation"]["kind"]
+        if FAMILIES.get(self.kind) not in ("dense", "topk") or self.labels.is_tokens:
+            raise ValueError(f"{self.labels.uri}: StoredLabels joins classifier labels; these are {self.kind!r}")
+        self.data, n = data, len(data)
+        self.ids = _per_item(sample_ids, n, "sample_ids")
+        self.views = _per_item(views, n, "views")
+        self.labels.take(self.ids, self.views, columns=["sample_id"])  # names the first id not stored
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _labels(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.labels.take(self.ids[idx], self.views[idx])
+        return row_labels(self.kind, rows)
+
+    def __getitem__(self, i: int):
+        lab = self._labels([i])
+        return self.data[i], {k: v[0] for k, v in lab.items()}
+
+    def __getitems__(self, idx: list[int]) -> list:
+        lab = self._labels(list(idx))  # one read for the batch
+        return [(self.data[i], {k: v[j] for k, v in lab.items()}) for j, i in enumerate(idx)]
+
+
+def _per_item(v, n: int, what: str) -> np.ndarray:
+    if callable(v):
+        return np.fromiter((int(v(i)) for i in range(n)), np.int64, count=n)
+    a = np.broadcast_to(np.asarray(v, dtype=np.int64), (n,)) if np.ndim(v) == 0 else np.asarray(v, dtype=np.int64)
+    if a.shape != (n,):
+        raise ValueError(f"{what} must give one value per item of data ({n}), got shape {a.shape}")
+    return a
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    target: dict[str, torch.Tensor],
+    *,
+    labels: SoftLabelDataset,
+    loss: str | None = None,
+    temperature: float | None = None,
+    alpha: float = 0.0,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The built-in loop's loss for a batch of StoredLabels targets (pipeline/objectives: the
+    one owner of every formula): α·CE(y, student) + (1 − α)·KD, the KD term the registered
+    `loss` (default: the labels' family's own: kd for dense, topk_kl for top-k; formulas and
+    citations in distillery.LOSSES) at the student temperature T' (default: the stored T).
+    student_logits (B, C); y (B,) the hard labels, needed only with alpha > 0."""
+    kind = labels.manifest["representation"]["kind"]
+    T = labels.temperature
+    obj = Objective(
+        loss=loss or losses_for(FAMILIES[kind])[0],
+        temperature=T if temperature is None else temperature,
+        alpha=alpha,
+        kind=kind,
+        stored_temperatures=[T],
+        source=f"soft labels at {labels.uri}",
+    )
+    batch = dict(target, weight=torch.ones(len(student_logits), dtype=torch.float32))
+    if y is not None:
+        batch["y"] = y
+    elif alpha > 0:
+        raise ValueError("distill_loss: alpha > 0 mixes in cross-entropy on hard labels: pass y")
+    return obj.terms(student_logits, batch)["loss"]

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from .errors import ManifestError
 from .fs import Location
 from .layout import DATA_DIR, TOKEN_KINDS, shard_basename
+from .token_sequences import entry_sequences
 
 INDEX_DIR = "_index"
 PART_SHARDS = 1 << 16  # entries per part: ~5 MB decoded, the unit a reader loads
@@ -56,12 +57,19 @@ def is_token(manifest: dict) -> bool:
 
 
 def entry_units(entry: dict, token: bool, seq_len: int | None) -> int:
-    """What a shard contributes to the epoch's partition: its rows, or its sequences
-    (`num_sequences`; entries from before that field: num_rows // seq_len)."""
-    if not token:
-        return int(entry["num_rows"])
-    ns = entry.get("num_sequences")
-    return int(ns) if ns is not None else int(entry["num_rows"]) // int(seq_len)
+    """What a shard contributes to the epoch's partition: its rows, or its sequences."""
+    return entry_sequences(entry, int(seq_len)) if token else int(entry["num_rows"])
+
+
+def entry_columns(entries: list[dict], manifest: dict) -> dict[str, np.ndarray]:
+    """Shard entries (dicts, shard order) as write_index's columns: the INT_FIELDS, token
+    kinds' num_sequences, and sha256 as (n, 32) uint8."""
+    cols = {k: np.array([e[k] for e in entries], np.int64) for k in INT_FIELDS}
+    if is_token(manifest):
+        L = int(manifest["seq_len"])
+        cols["num_sequences"] = np.array([entry_sequences(e, L) for e in entries], np.int64)
+    cols["sha256"] = np.frombuffer(b"".join(bytes.fromhex(e["sha256"]) for e in entries), np.uint8).reshape(-1, 32)
+    return cols
 
 
 # ------------------------------------------------------------------ writing
@@ -244,9 +252,6 @@ class ShardIndex:
         """Every entry in shard order (one part decoded at a time)."""
         for i in range(self.num_shards):
             yield self.entry(i)
-
-    def total_bytes(self) -> int:
-        return total_bytes(self.m)
 
 
 def _part_problem(cols: dict, first: int, units: np.ndarray, token: bool, seq_len: int | None) -> str | None:

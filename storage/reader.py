@@ -23,6 +23,7 @@ to forked DataLoader workers, including with S3.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -36,12 +37,13 @@ from .errors import CorruptShardError, IncompleteDatasetError, ManifestError, So
 from .fs import Location
 from .index import ShardIndex
 from .layout import TOKEN_KINDS, ParquetShard, ZarrShard, columns_for, row_bytes
-from .manifest import COMMITS_DIR, check_expect, lineage_digest
+from .manifest import check_expect, lineage_digest
 from .partition import batches_per_partition, partition_segments
 from .shards import (
     check_signatures,
     commit_problem,
     commits_disagree,
+    committed_indices,
     open_shard,
     read_commit,
     read_commits,
@@ -83,7 +85,7 @@ def open_soft_labels(
     loc = Location(uri, storage_options)
     m = read_manifest(loc)
     if m["status"] != "complete":
-        done = len([n for n in loc.listdir(COMMITS_DIR) if n.endswith(".json")])
+        done = len(committed_indices(loc))
         planned = m.get("planned_shards")
         raise IncompleteDatasetError(
             f"soft-label dataset at {loc.uri} is partial ({done} shard(s) committed"
@@ -102,9 +104,7 @@ def open_soft_labels(
         if m.get("planned_shards") is None:
             # no plan binds the shard count (a writer opened without num_shards): count the
             # records instead, one listing, so a dropped last shard is still noticed
-            listed = sorted(
-                int(n[6:-5]) for n in loc.listdir(COMMITS_DIR) if n.startswith("shard-") and n.endswith(".json")
-            )
+            listed = committed_indices(loc)
             extra = [i for i in listed if i >= m["num_shards"]]
             if extra or len(listed) != m["num_shards"]:
                 problems.append(
@@ -145,9 +145,10 @@ class SoftLabelDataset:
         self._verifier = verifier  # the required signer's (storage/signing.py), or None
         self._index = None
 
-    @property
+    @functools.cached_property
     def shard_rows(self) -> np.ndarray:
-        """(num_shards,) rows per shard (token kinds: token positions)."""
+        """(num_shards,) rows per shard (token kinds: token positions, read from every index
+        part once)."""
         if not self.is_tokens:
             return self.index.units
         return np.array([e["num_rows"] for e in self.index.entries()], np.int64)

@@ -175,6 +175,16 @@ def read_commits(loc: Location, backend: str) -> dict[int, dict]:
     return out
 
 
+def committed_indices(loc: Location) -> list[int]:
+    """The shard indices whose commit record exists, from one listing (no record is read)."""
+    out = []
+    for n in loc.listdir(COMMITS_DIR):
+        stem = n[: -len(".json")] if n.endswith(".json") else ""
+        if stem.startswith("shard-") and stem[6:].isdigit() and stem == shard_basename(int(stem[6:])):
+            out.append(int(stem[6:]))
+    return sorted(out)
+
+
 def read_commit(loc: Location, backend: str, index: int) -> dict | None:
     """Shard `index`'s commit record (validated), or None when it is not committed: one
     read, whatever the number of shards (a writer publishing shard i reads only this)."""

@@ -38,7 +38,7 @@ from .errors import (
     SoftLabelError,
 )
 from .fs import Location, is_temp, temp_owner_alive
-from .index import EXT, INDEX_DIR, INT_FIELDS, ShardIndex, index_files, shard_path, write_index
+from .index import EXT, INDEX_DIR, ShardIndex, entry_columns, index_files, shard_path, write_index
 from .layout import (
     DATA_DIR,
     TOKEN_KINDS,
@@ -392,11 +392,7 @@ class SoftLabelWriter:
     def _prepare(self, shard_index, sample_ids, logits, views, features) -> dict[str, np.ndarray]:
         m = self._new
         where = f"{self.uri} shard {shard_index}"
-        if not isinstance(shard_index, (int, np.integer)) or shard_index < 0:
-            raise ValueError(f"shard_index must be an int >= 0, got {shard_index!r}")
-        planned = self.manifest.get("planned_shards")
-        if planned is not None and shard_index >= planned:
-            raise ValueError(f"{where}: shard_index {shard_index} >= num_shards {planned}")
+        self._check_index(shard_index)
         ids = np.asarray(sample_ids)
         if ids.ndim != 1 or len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise InvalidLogitsError(
@@ -602,11 +598,7 @@ class SoftLabelWriter:
         )
         if m["representation"]["kind"] in TOKEN_KINDS:
             m["num_tokens"] = num_rows
-        cols = {k: np.array([e[k] for e in entries], np.int64) for k in INT_FIELDS}
-        if self.align > 1:
-            cols["num_sequences"] = np.array([seqs.entry_sequences(e, self.align) for e in entries], np.int64)
-        cols["sha256"] = np.frombuffer(b"".join(bytes.fromhex(e["sha256"]) for e in entries), np.uint8).reshape(-1, 32)
-        m["index"] = write_index(self.loc, m, cols)
+        m["index"] = write_index(self.loc, m, entry_columns(entries, m))
         self.loc.write_bytes_atomic(MANIFEST, dump_manifest(m, self.signer))
         self.manifest = m
         self._finalized = True

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from storage.fs import Location
-from storage.index import INT_FIELDS, ShardIndex, write_index
+from storage.index import ShardIndex, entry_columns, write_index
 from storage.manifest import COMMITS_DIR, MANIFEST, manifest_digest
 from storage.shards import read_commits
 
@@ -32,14 +30,7 @@ def save(uri: str, m: dict, entries: list[dict] | None = None, *, digest: bool =
     m = dict(m)
     if entries is not None:
         if m.get("format_version", 1) >= 3:
-            token = "num_sequences" in (entries[0] if entries else {})
-            cols = {k: np.array([e[k] for e in entries], np.int64) for k in INT_FIELDS}
-            if token:
-                cols["num_sequences"] = np.array([e["num_sequences"] for e in entries], np.int64)
-            cols["sha256"] = np.frombuffer(b"".join(bytes.fromhex(e["sha256"]) for e in entries), np.uint8).reshape(
-                -1, 32
-            )
-            m["index"] = write_index(loc, m, cols)
+            m["index"] = write_index(loc, m, entry_columns(entries, m))
             m.pop("shards", None)
         else:
             m["shards"] = entries

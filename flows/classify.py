@@ -16,6 +16,7 @@ import numpy as np
 import storage
 from pipeline.labelling.classify import ClassifyLabeller
 from pipeline.models.checkpoint import checkpoint_info, load_model
+from pipeline.paths import absolute_if_exists
 from pipeline.training import student
 from pipeline.training.config import TrainConfig
 from pipeline.training.loop import lineage_diff
@@ -323,18 +324,12 @@ def recipe_data(cfg: Config) -> dict:
     """The config's data section as the manifest records it for `--replay`: its file paths
     made absolute (a relative path means the labelling run's working directory)."""
     d = json.loads(cfg.data.model_dump_json())
-
-    def absolute(p):
-        return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and os.path.exists(p) else p
-
-    d["dataset"] = absolute(d.get("dataset"))
-    for key in ("source", "transfer"):
+    d["dataset"] = absolute_if_exists(d.get("dataset"))
+    for key in ("source", "transfer", "tokenizer"):
         if d.get(key):
-            d[key]["path"] = absolute(d[key]["path"])
-    if d.get("tokenizer"):
-        d["tokenizer"]["path"] = absolute(d["tokenizer"]["path"])
+            d[key]["path"] = absolute_if_exists(d[key]["path"])
     if d.get("split_files"):
-        d["split_files"] = {k: absolute(v) for k, v in d["split_files"].items()}
+        d["split_files"] = {k: absolute_if_exists(v) for k, v in d["split_files"].items()}
     return d
 
 

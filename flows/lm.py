@@ -18,6 +18,7 @@ from pipeline.hf_files import resolve_model_path
 from pipeline.labelling.tokens import TokenLabeller, output_spec
 from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm, teacher_fingerprint
 from pipeline.models.registry import param_counts
+from pipeline.paths import absolute_if_exists
 from pipeline.training import student
 from pipeline.training.stream import verifier
 
@@ -31,10 +32,20 @@ def ensure_teacher(cfg: Config, *, retrain: bool = False) -> dict:
     its sha256), a directory is used as it is. A pretrained teacher: nothing to train."""
     t = cfg.teacher
     d = gguf_teacher_dir(t.gguf) if t.gguf else resolve_model_path(t.path, what="teacher model")
-    return {"name": t.name, "dir": d, "fingerprint": teacher_fingerprint(d), "source": t.gguf or t.path}
+    source = absolute_if_exists(t.gguf or t.path)  # what the manifest records: found from anywhere
+    return {"name": t.name, "dir": d, "fingerprint": teacher_fingerprint(d), "source": source}
 
 
 existing_teacher = ensure_teacher
+
+
+def recipe(cfg: Config) -> dict:
+    """What the manifest records so that `distill inspect --replay` rebuilds the labelled
+    windows: the corpus section (key order kept: splits are cut in corpus.sizes order), its
+    path made absolute (a relative one means the labelling run's working directory)."""
+    corpus = json.loads(cfg.corpus.model_dump_json())
+    corpus["path"] = absolute_if_exists(corpus["path"])
+    return {"corpus": corpus, "label_split": "train"}
 
 
 def corpus_splits(corpus: dict, tokenizer_dir: str) -> dict[str, TokenCorpus]:
@@ -117,9 +128,7 @@ def labeller(cfg: Config, teacher: dict) -> TokenLabeller:
         device=lab.device,
         amp=lab.amp,
         seed=lab.seed,
-        # the corpus section (key order kept: splits are cut in data.sizes order), so that
-        # `distill inspect --replay` rebuilds these windows
-        recipe={"corpus": json.loads(cfg.corpus.model_dump_json()), "label_split": "train"},
+        recipe=recipe(cfg),
     )
 
 

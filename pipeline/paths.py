@@ -34,6 +34,15 @@ def file_sha256(path) -> str:
     return _HASHES[key]
 
 
+def absolute_if_exists(p):
+    """A local path that exists, made absolute (`~` expanded); anything else (a dataset name,
+    a `pkg:` path, None) unchanged. For what a manifest records: a path relative to the
+    labelling run's working directory means nothing to a reader elsewhere."""
+    if isinstance(p, str) and not p.startswith("pkg:") and os.path.exists(os.path.expanduser(p)):
+        return os.path.abspath(os.path.expanduser(p))
+    return p
+
+
 def import_object(path: str, *, what: str, noun: str):
     """The callable named by `path` ("package.module:attr", attr may be dotted). Errors are
     ValueErrors naming `what` (e.g. "model arch", "view function") and the path."""

@@ -61,10 +61,11 @@ def replay(uri: str, n: int, *, storage_options: dict | None = None, trusted_fac
 def _replay_tokens(ds, recipe: dict, n: int, seed: int) -> dict:
     """--replay of language-model labels: the recorded teacher (its fingerprint checked)
     over the recorded corpus windows (theirs too)."""
+    from pipeline.data.corpus import corpus_splits
     from pipeline.labelling.replay import replay_token_rows
     from pipeline.models.gguf import load_causal_lm, teacher_fingerprint
 
-    from .lm import corpus_splits, teacher_from_source
+    from .lm import teacher_from_source
 
     m = ds.manifest
     teacher_dir = teacher_from_source(m["teacher"]["source"])

@@ -8,11 +8,10 @@ metadata, never a tensor.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
-from pipeline.data.corpus import TokenCorpus
+from pipeline.data.corpus import TokenCorpus, corpus_splits
 from pipeline.device import resolve_device
 from pipeline.hf_files import resolve_model_path
 from pipeline.labelling.tokens import TokenLabeller, output_spec
@@ -48,11 +47,6 @@ def recipe(cfg: Config) -> dict:
     return {"corpus": corpus, "label_split": "train"}
 
 
-def corpus_splits(corpus: dict, tokenizer_dir: str) -> dict[str, TokenCorpus]:
-    """The windows of a recorded corpus section (a manifest's data.recipe), split as labelled."""
-    return _splits(json.dumps(corpus), tokenizer_dir)
-
-
 def teacher_from_source(source: str) -> str:
     """The model directory of a recorded teacher source (a GGUF file, converted once; or a directory)."""
     return gguf_teacher_dir(source) if str(source).endswith(".gguf") else resolve_model_path(source, what="teacher")
@@ -63,29 +57,10 @@ def manifest_teacher(teacher: dict) -> dict:
     return {k: teacher[k] for k in ("name", "fingerprint", "source")}
 
 
-@functools.lru_cache(maxsize=4)
-def _splits(corpus_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
-    c = json.loads(corpus_json)
-    common = {"tokenizer_path": tokenizer_dir, "seq_len": c["seq_len"], "windows": c["windows"]}
-    if c["kind"] == "jsonl":
-        corpus = TokenCorpus.from_jsonl(c["path"], text_field=c["text_field"], **common)
-    elif c["kind"] == "text_files":
-        corpus = TokenCorpus.from_text_files(c["path"], **common)
-    else:
-        corpus = TokenCorpus.from_table(c["path"], c["text_field"], **common)
-    need = sum(c["sizes"].values())
-    if need > len(corpus):
-        raise ValueError(
-            f"corpus.sizes asks for {need:,} windows ({c['sizes']}) but {c['path']} gives "
-            f"{len(corpus):,} windows of {c['seq_len']} tokens: lower corpus.sizes or corpus.seq_len"
-        )
-    return corpus.split(seed=c["seed"], sizes=dict(c["sizes"]))
-
-
 def splits(cfg: Config) -> dict[str, TokenCorpus]:
     """The corpus tokenized with the teacher's tokenizer, cut into windows and split by
     corpus.sizes (deterministic in corpus.seed); cached per process."""
-    return _splits(cfg.corpus.model_dump_json(), ensure_teacher(cfg)["dir"])
+    return corpus_splits(cfg.corpus.model_dump(), ensure_teacher(cfg)["dir"])
 
 
 def eval_split(cfg: Config) -> TokenCorpus:

@@ -13,14 +13,26 @@ owner; nothing is defined twice.
     distillery.Objective(loss="kd", temperature=4.0, kind="dense", stored_temperatures=[4.0])
         .terms(student_logits, batch)                                # the loss the built-in loop uses
     distillery.LOSSES                                                # every registered loss, with its formula
+    distillery.losses.topk_kl(logits, batch)                         # each loss as a plain function
+
+Language models:
+    corpus = distillery.corpus_of(labels)                            # the labelled windows, checked
+    data = distillery.TokenLabels(labels, corpus)                    # map-style, one window per item
+    DataLoader(data, batch_size=8, collate_fn=distillery.collate_tokens)  # padded batches
+    distillery.open_stream(uri, corpus, batch_size=8, rank=r, world_size=w)  # iterable, rank/worker split
+    distillery.to_hf_dataset(labels)                                 # a datasets.Dataset
+    distillery.DistillationTrainer(model=..., args=..., train_dataset=data, labels=labels)  # HF Trainer
 
 Signed datasets: distillery.keys.generate / load_signer / load_verifier (Ed25519).
 """
 
+from pipeline.api import losses
 from pipeline.api.labels import StoredLabels, distill_loss
+from pipeline.api.tokens import corpus_of, open_stream, to_hf_dataset
 from pipeline.data.datasets import load_dataset
 from pipeline.objectives.losses import FAMILIES, LOSSES, register_loss
 from pipeline.objectives.objective import Objective
+from pipeline.training.windows import TokenLabels, Windows, collate_tokens
 from storage import (
     CorruptShardError,
     CoverageError,
@@ -40,6 +52,15 @@ __all__ = [
     "open_labels",
     "StoredLabels",
     "distill_loss",
+    "losses",
+    "TokenLabels",
+    "Windows",
+    "collate_tokens",
+    "corpus_of",
+    "open_stream",
+    "to_hf_dataset",
+    "DistillationTrainer",
+    "collate_rows",
     "load_dataset",
     "SoftLabelDataset",
     "SoftLabelWriter",
@@ -61,9 +82,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `distillery.keys` (Ed25519 signing) imports cryptography only when asked for
+    # `distillery.keys` (Ed25519 signing) imports cryptography, and the Trainer transformers,
+    # only when asked for
     if name == "keys":
         import pipeline.keys as keys
 
         return keys
+    if name in ("DistillationTrainer", "collate_rows"):
+        import pipeline.training.hf as hf
+
+        return getattr(hf, name)
     raise AttributeError(f"module 'distillery' has no attribute {name!r}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.objectives.losses import FAMILIES, losses_for
+from pipeline.objectives.losses import FAMILIES
 from pipeline.objectives.objective import Objective
 from pipeline.training.stream import row_labels
 from storage import SoftLabelDataset, open_soft_labels
@@ -78,32 +78,33 @@ def _per_item(v, n: int, what: str) -> np.ndarray:
 
 def distill_loss(
     student_logits: torch.Tensor,
-    target: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
     *,
-    labels: SoftLabelDataset,
+    labels: SoftLabelDataset | None = None,
     loss: str | None = None,
     temperature: float | None = None,
     alpha: float = 0.0,
     y: torch.Tensor | None = None,
+    kind: str | None = None,
+    stored_temperature: float | None = None,
 ) -> torch.Tensor:
-    """The built-in loop's loss for a batch of StoredLabels targets (pipeline/objectives: the
-    one owner of every formula): α·CE(y, student) + (1 − α)·KD, the KD term the registered
-    `loss` (default: the labels' family's own: kd for dense, topk_kl for top-k; formulas and
-    citations in distillery.LOSSES) at the student temperature T' (default: the stored T).
-    student_logits (B, C); y (B,) the hard labels, needed only with alpha > 0."""
-    kind = labels.manifest["representation"]["kind"]
-    T = labels.temperature
-    obj = Objective(
-        loss=loss or losses_for(FAMILIES[kind])[0],
-        temperature=T if temperature is None else temperature,
-        alpha=alpha,
-        kind=kind,
-        stored_temperatures=[T],
-        source=f"soft labels at {labels.uri}",
+    """The built-in loop's loss (pipeline/objectives: the one owner of every formula):
+    α·CE(y, student) + (1 − α)·KD, the KD term the registered `loss` (default: the labels'
+    family's own; formulas and citations in distillery.LOSSES) at the student temperature
+    T' (default: the stored T), a weighted mean over rows in fp32.
+
+    Classifiers: student_logits (B, C), batch the StoredLabels targets; y (B,) the hard
+    labels, needed only with alpha > 0. Language models: student_logits (B, L, V) and a
+    batch of collate_tokens or the label stream (x, y, mask, weight and the token labels):
+    only its real positions count. labels gives the kind and stored T (or kind= and
+    stored_temperature=)."""
+    obj = Objective.for_labels(
+        labels, loss=loss, temperature=temperature, alpha=alpha, kind=kind, stored_temperature=stored_temperature
     )
-    batch = dict(target, weight=torch.ones(len(student_logits), dtype=torch.float32))
+    batch = dict(batch)
+    batch.setdefault("weight", torch.ones(len(student_logits), dtype=torch.float32, device=student_logits.device))
     if y is not None:
         batch["y"] = y
-    elif alpha > 0:
+    elif alpha > 0 and "y" not in batch:
         raise ValueError("distill_loss: alpha > 0 mixes in cross-entropy on hard labels: pass y")
     return obj.terms(student_logits, batch)["loss"]

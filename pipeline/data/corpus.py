@@ -46,6 +46,7 @@ receiver maps it again) and holds no tokenizer.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -575,3 +576,30 @@ class TokenCorpus:
             f"TokenCorpus(name={self.name!r}, windows={len(self)}, seq_len={self.seq_len}, "
             f"split={self.split_spec[:60]!r})"
         )
+
+
+def corpus_splits(section: dict, tokenizer_dir: str) -> dict[str, TokenCorpus]:
+    """The windows of a corpus section ({kind, path, text_field, seq_len, windows, sizes,
+    seed}: the config's `corpus`, or the one a manifest records as data.recipe.corpus),
+    tokenized with the tokenizer at tokenizer_dir and split by `sizes` in its key order
+    (deterministic in `seed`). Cached per process."""
+    return _splits(json.dumps(section), os.fspath(tokenizer_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(section_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
+    c = json.loads(section_json)
+    common = {"tokenizer_path": tokenizer_dir, "seq_len": c["seq_len"], "windows": c.get("windows", "packed")}
+    if c["kind"] == "jsonl":
+        corpus = TokenCorpus.from_jsonl(c["path"], text_field=c.get("text_field", "text"), **common)
+    elif c["kind"] == "text_files":
+        corpus = TokenCorpus.from_text_files(c["path"], **common)
+    else:
+        corpus = TokenCorpus.from_table(c["path"], c.get("text_field", "text"), **common)
+    need = sum(c["sizes"].values())
+    if need > len(corpus):
+        raise ValueError(
+            f"corpus.sizes asks for {need:,} windows ({c['sizes']}) but {c['path']} gives "
+            f"{len(corpus):,} windows of {c['seq_len']} tokens: lower corpus.sizes or corpus.seq_len"
+        )
+    return corpus.split(seed=c.get("seed", 0), sizes=dict(c["sizes"]))

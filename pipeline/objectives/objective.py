@@ -189,6 +189,39 @@ class Objective:
             )
         return obj
 
+    @classmethod
+    def for_labels(
+        cls,
+        labels: Any = None,
+        *,
+        loss: str | None = None,
+        temperature: float | None = None,
+        alpha: float = 0.0,
+        kind: str | None = None,
+        stored_temperature: float | None = None,
+    ) -> Objective:
+        """For stored labels in a user's own loop or Trainer: their kind and stored
+        temperature T from `labels` (an opened dataset: its manifest and temperature) or
+        given as kind= and stored_temperature=; the KD `loss` (default: the family's own:
+        kd for dense, topk_kl for top-k, sampled_kl for sampled), the student's T'
+        (default T) and α."""
+        if labels is not None:
+            kind, stored_temperature = labels.manifest["representation"]["kind"], labels.temperature
+        if kind not in FAMILIES or stored_temperature is None:
+            raise ValueError(
+                "give labels=, or kind= (a representation kind: dense, topk, token_topk, token_sampled) "
+                f"and stored_temperature=; got kind={kind!r}"
+            )
+        T = float(stored_temperature)
+        return cls(
+            loss=loss or losses_for(FAMILIES[kind])[0],
+            temperature=T if temperature is None else temperature,
+            alpha=alpha,
+            kind=kind,
+            stored_temperatures=[T],
+            source=f"soft labels at {labels.uri}" if labels is not None else f"the {kind} labels",
+        )
+
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the objective itself (the hint regressor), for the optimizer."""
         return list(self.hint.parameters()) if self.hint is not None else []

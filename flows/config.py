@@ -103,8 +103,21 @@ TrainSection = _train_section()
 
 class ModelConfig(Section):
     name: str | None = None  # display name; default derived from arch/kwargs
-    arch: str  # mlp | cnn | resnet | bag | transformer | hf-* | llama | pkg.mod:factory
+    arch: str  # mlp | cnn | resnet | bag | transformer | hf-* | llama | pruned | pkg.mod:factory
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _pruning_keys(self):
+        # the shape of a pruned student's keys now; their range against the teacher's layers
+        # in preflight (it needs the teacher's config.json)
+        if self.arch == "pruned":
+            from pipeline.models.pruning import kept_layers
+
+            kw = self.kwargs
+            if kw.get("keep_layers") is not None and not isinstance(kw["keep_layers"], list):
+                raise ValueError(f"kwargs.keep_layers must be a list of layer indices, got {kw['keep_layers']!r}")
+            kept_layers(10**6, kw.get("keep_layers"), kw.get("keep_every"))
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -122,6 +135,16 @@ class ModelConfig(Section):
             return self.name
         tail = "-".join(f"{k}{v}" for k, v in sorted(self.kwargs.items()) if not isinstance(v, (dict, list)))
         return f"{self.arch.split(':')[-1]}{'-' + tail if tail else ''}"
+
+
+class StudentModelConfig(ModelConfig):
+    """A student entry: a model, plus who trains it and its own training keys."""
+
+    # who does a student's steps: distillery's own loop, or Hugging Face Trainer (language models)
+    trainer: Literal["builtin", "hf"] = "builtin"
+    # students.train keys this model trains with instead (a pruned student's small lr beside a
+    # scratch one's); checked against the training schema with the students section
+    train: dict[str, Any] = Field(default_factory=dict)
 
 
 class RunnerConfig(Section):
@@ -152,7 +175,7 @@ class StudentsConfig(Section):
     """The sweep: models x losses x temperatures x alphas x seeds, plus one hard-label
     baseline (loss "ce") per model and seed. Every student of a sweep has the same steps."""
 
-    models: list[ModelConfig] | None = None  # default: the task's small student (an MLP; a 2-layer Llama)
+    models: list[StudentModelConfig] | None = None  # default: the task's small student (an MLP; a 2-layer Llama)
     losses: list[str] | None = None  # names of objectives/losses.py, or "ce" (default: the KL
     # of the stored labels: kd, topk_kl or sampled_kl)
     temperatures: list[float] | None = None  # T' (default: the stored labels' temperature)
@@ -188,6 +211,9 @@ class StudentsConfig(Section):
                 raise ValueError(f"losses {unknown or '[]'}: each must be one of {list(loss_names())}")
         if self.models is not None and not self.models:
             raise ValueError("models must name at least one student model")
+        for i, m in enumerate(self.models or []):
+            if m.train:
+                self.train_for(m, where=f"models[{i}].train")
         if self.temperatures is not None and (not self.temperatures or any(t <= 0 for t in self.temperatures)):
             raise ValueError("temperatures must be a non-empty list of numbers > 0")
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
@@ -213,6 +239,18 @@ class StudentsConfig(Section):
         if self.seeds is not None and isinstance(d.get("train"), dict):
             d["train"] = {k: v for k, v in d["train"].items() if k != "seed"}
         return d
+
+    def train_for(self, model: StudentModelConfig, where: str = "train") -> TrainSection:
+        """students.train with the model's own overrides (StudentModelConfig.train)."""
+        if not model.train:
+            return self.train
+        try:
+            return TrainSection(**(self.train.model_dump(exclude_unset=True) | model.train))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{where}{'.' + loc if loc else ''}: {msg}") from None
 
     def torch_threads(self, cores: int) -> int:
         return self.threads or max(1, cores // self.max_parallel)
@@ -264,8 +302,8 @@ class RunConfig(Section):
         """students.losses, else the KL of the first stored layout."""
         return list(self.students.losses or [DEFAULT_LOSS[self.label_families()[0]]])
 
-    def student_models(self) -> list[ModelConfig]:
-        return list(self.students.models or [ModelConfig(**DEFAULT_STUDENT[self.task])])
+    def student_models(self) -> list[StudentModelConfig]:
+        return list(self.students.models or [StudentModelConfig(**DEFAULT_STUDENT[self.task])])
 
     def _check_losses(self, have: dict[str, str], how: dict[str, str]) -> None:
         """have: {label family: what the config stores}; how: {family: the key that stores it}."""
@@ -446,6 +484,16 @@ class ClassifyConfig(RunConfig):
                 "sampled": "sampled labels are for language models",
             },
         )
+        return self
+
+    @model_validator(mode="after")
+    def _builtin_trainer(self):
+        hf = [m.display_name() for m in self.student_models() if m.trainer == "hf"]
+        if hf:
+            raise ValueError(
+                f"students.models {hf}: trainer: hf trains language-model students (task: lm); "
+                f"classifier students use the built-in loop (leave trainer unset)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -138,6 +138,7 @@ def student_inputs(cfg: Config, teacher: dict, run: dict, manifests: list[dict])
         "eval_data": eval_split(cfg),
         "num_classes": teacher_vocab(teacher),
         "tokenizer_dir": teacher["dir"],
+        "model_args": {"teacher": teacher["dir"]},  # a pruned student starts from the teacher's layers
         "lineage": lambda t: student.student_lineage(
             data={name: d.fingerprint() for name, d in s.items()},
             split=cfg.corpus.model_dump(),

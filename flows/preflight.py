@@ -201,7 +201,31 @@ def preflight_lm(cfg: LMConfig) -> None:
             f"corpus.seq_len {c.seq_len} is larger than the teacher's context (its config.json: "
             f"max_position_embeddings {max_pos})"
         )
+    _check_weight_students(cfg, ensure_teacher(cfg)["dir"])
     try:  # tokenize and cut the corpus now (cached: the flows reuse it): its errors before any server
         splits(cfg)
     except ValueError as e:
         raise ConfigError(f"corpus: {e}") from None
+
+
+def _check_weight_students(cfg: LMConfig, teacher_dir: str) -> None:
+    """Students that start from weights, from config.json and tokenizer files alone: a pruned
+    student's layers exist in the teacher; a pretrained student's directory has weights,
+    the teacher's vocabulary and the teacher's tokenizer (both fingerprints named)."""
+    from pipeline.hf_files import load_tokenizer, tokenizer_fingerprint
+    from pipeline.models.pruning import check_pretrained, check_pruning
+
+    from .lm import teacher_vocab
+
+    for i, m in enumerate(cfg.student_models()):
+        kw, key = m.kwargs, f"students.models[{i}]"
+        try:
+            if m.arch == "pruned":
+                check_pruning(teacher_dir, kw.get("keep_layers"), kw.get("keep_every"), kw.get("mlp_keep"))
+            elif m.arch == "hf-causal-lm":
+                if not kw.get("path"):
+                    raise ValueError("kwargs.path: arch 'hf-causal-lm' needs the model's local directory")
+                fp = tokenizer_fingerprint(load_tokenizer(teacher_dir))
+                check_pretrained(kw["path"], teacher_vocab({"dir": teacher_dir}), fp)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None

@@ -31,7 +31,7 @@ from pipeline.training.student import run_student
 from storage import Location
 
 from . import classify, lm, secrets
-from .config import parse_config
+from .config import StudentModelConfig, parse_config
 from .inspection import summarize
 
 TASK_RECIPES = {"classify": classify, "lm": lm}
@@ -203,7 +203,7 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
     out = cfg.run_dir() / "students"
     out.mkdir(parents=True, exist_ok=True)
     tcfg = TrainConfig(
-        **(cfg.students.train.model_dump() | {"seed": run["seed"]}),
+        **(cfg.students.train_for(StudentModelConfig(**run["model"])).model_dump() | {"seed": run["seed"]}),
         loss=run["loss"],
         temperature=run["temperature"],
         alpha=run["alpha"] or 0.0,
@@ -232,7 +232,10 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
         **{k: run[k] for k in ("name", "arch_name", "loss", "temperature", "alpha", "seed")},
         "mode": "hard" if run["loss"] == "ce" else "stored",
         "labels": uris[0] if uris else None,
-        **(r.evaluation or {}),
+        **{k: v for k, v in (r.evaluation or {}).items() if k != "initial"},
+        # a student from weights (pruned, pretrained): its metric before any step
+        **({"initial": r.evaluation["initial"][r.train["metric"]]} if (r.evaluation or {}).get("initial") else {}),
+        "trainer": run["model"].get("trainer", "builtin"),
         **r.exports,
         "checkpoint": ckpt,  # evaluation: rank 0 only under DDP
         **{
@@ -268,7 +271,7 @@ def _with_earlier(cfg, teacher: dict, results: list[dict]) -> list[dict]:
 def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
     """report.json (with report.md and students.png beside it): the teacher, every student
     next to its architecture's baseline of the same seed, and the rows over seeds."""
-    from .report import aggregate, report_markdown, students_png, with_baselines
+    from .report import aggregate, gap_closed, report_markdown, students_png, with_baselines
 
     t = task_recipes(cfg)
     task = TASKS[cfg.task]
@@ -281,16 +284,17 @@ def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
         except (storage.SoftLabelError, OSError):
             continue  # only the baseline trained: no labels needed
     students = with_baselines(_with_earlier(cfg, teacher, results), task.metric, task.higher_is_better)
+    teacher_eval = t.teacher_evaluation(cfg, teacher)
     report = {
         "name": cfg.name,
         "task": cfg.task,
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
-        "teacher": t.teacher_evaluation(cfg, teacher),
+        "teacher": teacher_eval,
         "labels": labels,
         "soft_labels": next(iter(cfg.label_uris().values())),
         "students": students,
-        "rows": aggregate(students, task.metric),
+        "rows": gap_closed(aggregate(students, task.metric), task.metric, teacher_eval.get(task.metric)),
         "data": t.data_description(cfg) | {"seeds": len(cfg.students.seed_list()), "alphas": list(cfg.students.alphas)},
     }
     report["eval_split"] = report["data"]["eval_split"]

@@ -28,11 +28,15 @@ COLUMNS = {
         ("name", "name"),
         ("perplexity", "ppl"),
         ("params", "params"),
+        ("initial", "start"),  # a pruned or pretrained student's ppl before training
         ("steps", "steps"),
         ("baseline", "baseline"),
         ("gain", "gain"),
+        ("closed", "gap closed"),  # of the baseline-to-teacher gap
     ],
 }
+# columns printed only when some entry has a value
+OPTIONAL = ("gain", "initial", "closed")
 
 
 def millions(n: int) -> str:
@@ -55,6 +59,24 @@ def with_baselines(results: list[dict], metric: str, higher_is_better: bool) -> 
     for r in results:
         b = base.get((r["arch_name"], r["seed"]))
         out.append(r | {"baseline": b, "gain": None if b is None or r["loss"] == "ce" else gain(metric, r[metric], b)})
+    return out
+
+
+def gap_closed(rows: list[dict], metric: str, teacher_value: float | None) -> list[dict]:
+    """Each distilled row with "closed": the fraction of the gap between its baseline and
+    the teacher that distillation closed, (baseline − value) / (baseline − teacher), per
+    seed too ("closed_per_seed"); perplexity only (accuracy reports the gain in points)."""
+    if metric != "perplexity" or teacher_value is None:
+        return rows
+    out = []
+    for r in rows:
+        if r.get("gain") is None or r.get("baseline") is None or r["baseline"] <= teacher_value:
+            out.append(r)
+            continue
+        per = [(b - v) / (b - teacher_value) for v, b in zip(r["per_seed"], r.get("baseline_per_seed") or [])]
+        out.append(
+            r | {"closed": (r["baseline"] - r[metric]) / (r["baseline"] - teacher_value), "closed_per_seed": per}
+        )
     return out
 
 
@@ -90,6 +112,8 @@ def aggregate(students: list[dict], metric: str) -> list[dict]:
             f"{metric}_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "per_seed": vals,
             "baseline": _mean([r.get("baseline") for r in rs]),
+            "baseline_per_seed": [r.get("baseline") for r in rs],
+            "initial": _mean([r.get("initial") for r in rs]),
             "gain": _mean(gains) if gains else None,
             "gain_per_seed": gains,
         }
@@ -112,8 +136,10 @@ def _fmt(metric: str, key: str, v, std: float | None = None) -> str:
         return "-"
     if key in ("accuracy", "agreement") or (key == "baseline" and metric == "accuracy"):
         return f"{100 * v:.2f}%" + (f"±{100 * std:.2f}" if std else "")
-    if key in ("perplexity", "baseline"):
+    if key in ("perplexity", "baseline", "initial"):
         return f"{v:.1f}" + (f"±{std:.1f}" if std else "")
+    if key == "closed":
+        return f"{100 * v:.0f}%"
     if key == "gain":
         return f"{100 * v:+.2f}" if metric == "accuracy" else f"{100 * v:+.0f}%"
     if key == "params":
@@ -138,7 +164,7 @@ def format_table(entries: list[dict], metric: str = "accuracy") -> str:
     prints "-"); the gain column only when some entry has a gain."""
     if not entries:
         raise ValueError("the table needs at least one entry")
-    columns = [c for c in COLUMNS[metric] if c[0] != "gain" or any(e.get("gain") is not None for e in entries)]
+    columns = [c for c in COLUMNS[metric] if c[0] not in OPTIONAL or any(e.get(c[0]) is not None for e in entries)]
     rows = [[h for _, h in columns]]
     for e in entries:
         if "name" not in e:
@@ -232,7 +258,9 @@ def report_markdown(report: dict) -> str:
         for r in rows:
             vals = [_fmt(metric, metric, v) for v in r["per_seed"]]
             gains = [_fmt(metric, "gain", g) for g in r["gain_per_seed"]] or ["" for _ in vals]
-            cells = [f"{v} ({g})" if g else v for v, g in zip(vals, gains + [""] * len(vals))]
+            closed = [f", {_fmt(metric, 'closed', c)} of the gap" for c in r.get("closed_per_seed") or []]
+            closed += [""] * (len(vals) - len(closed))
+            cells = [f"{v} ({g}{c})" if g else v for v, g, c in zip(vals, gains + [""] * len(vals), closed)]
             out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {_fmt(metric, metric, r[metric])} |")
         out.append("")
     out.append("![students](students.png)")

@@ -145,6 +145,16 @@ class SoftLabelDataset:
         self._verifier = verifier  # the required signer's (storage/signing.py), or None
         self._index = None
 
+    def __getstate__(self) -> dict:
+        # open shard readers and their block caches stay in the process that opened them: a
+        # DataLoader worker (spawn / forkserver) gets the dataset with its manifest, index
+        # and id lookups, and opens its own shards
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_open_shards", "_block_cache", "_cache_pid", "_layouts")
+        }
+
     @functools.cached_property
     def shard_rows(self) -> np.ndarray:
         """(num_shards,) rows per shard (token kinds: token positions, read from every index

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from flows.config import ClassifyConfig, LMConfig, ModelConfig, TrainSection
+from flows.config import ClassifyConfig, LMConfig, ModelConfig, StudentModelConfig, TrainSection
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -31,8 +31,11 @@ def schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
             out |= schema_keys(subs[0], key + ".")
         else:
             out.add(key)
-            if lists and any(typing.get_args(x) == (ModelConfig,) for x in lists):
+            if lists and any(typing.get_args(x) == (StudentModelConfig,) for x in lists):
                 out |= {f"teacher.model.{k}" for k in ModelConfig.model_fields}
+                out |= {
+                    f"students.models.{k}" for k in set(StudentModelConfig.model_fields) - set(ModelConfig.model_fields)
+                }
     return out
 
 

@@ -500,6 +500,7 @@ class TokenCorpus:
             "pad_id": int(self._meta["separator_id"] if pad is None else pad),
             "max_length": self.seq_len,
             "in_shape": self.in_shape,
+            "tokenizer_fingerprint": self._tok_info["fingerprint"],
         }
 
     @property

@@ -166,7 +166,11 @@ LAZY_ARCHS = {
     "bag": "pipeline.models.token_classifiers:embedding_bag",
     "transformer": "pipeline.models.token_classifiers:tiny_transformer",
     "llama": "pipeline.models.causal_lm:llama",
+    "pruned": "pipeline.models.pruning:pruned",  # the teacher's layers (kwargs keep_layers / keep_every)
+    "hf-causal-lm": "pipeline.models.pruning:pretrained",  # a pretrained causal LM (kwargs path)
 }
+# archs that start from trained weights: their perplexity before training is reported
+FROM_WEIGHTS = ("pruned", "hf-causal-lm")
 
 
 def _factory(arch: str):

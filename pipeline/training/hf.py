@@ -20,7 +20,6 @@ for resume (with the run's lineage beside them: another run's are not continued)
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.device import resolve_device
@@ -38,7 +37,7 @@ from pipeline.models.causal_lm import CausalLM
 from pipeline.objectives.objective import Objective
 from pipeline.tasks import task_of
 from pipeline.training.config import TrainConfig
-from pipeline.training.loop import lineage_diff
+from pipeline.training.loop import append_jsonl, lineage_diff
 from pipeline.training.stream import TOKEN_KINDS, verifier
 from pipeline.training.windows import TokenLabels, Windows, collate_tokens
 from storage import SoftLabelDataset, open_soft_labels
@@ -237,8 +236,7 @@ class _Epochs(TrainerCallback):
             rec["train_loss"] = logs["loss"]
             rec.update({k: v for k, v in logs.items() if k.endswith("_loss")})
             if args.process_index == 0 and self.cfg.log_path:
-                with open(self.cfg.log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_jsonl(self.cfg.log_path, [rec])
 
     def on_save(self, args, state, control, **kw):
         if args.process_index == 0:
@@ -279,6 +277,8 @@ def train_with_trainer(
     train_data: Any,
     val_data: Any = None,
     labels: str | None = None,
+    transform: Any = None,
+    num_views: int | None = None,
     storage_options: dict | None = None,
     expect: dict | None = None,
     public_key: str | bytes | None = None,
@@ -292,6 +292,8 @@ def train_with_trainer(
     task = task_of(train_data)
     if task.name != "lm":
         raise ValueError("trainer: hf trains language-model students (task: lm); classifiers use the built-in loop")
+    if transform is not None or (num_views or 1) > 1:
+        raise ValueError("trainer: hf: language-model windows have no views")
     if cfg.hint_weight or cfg.rkd_weight:
         raise ValueError("trainer: hf has no hint/RKD losses: leave hint_weight and rkd_weight at 0")
     hard = cfg.loss == "ce"
@@ -317,11 +319,14 @@ def train_with_trainer(
         callbacks=[epochs],
     )
     epochs.trainer = trainer
+    trainer.remove_callback(PrinterCallback)  # the flows show progress and write the epoch log themselves
     last, st = _resume_point(out_dir, lineage) if resume else (None, None)
     if st is not None:
         epochs.restore(st)
         trainer.units = st["units"]
         print(f"{out_dir}: resuming from {os.path.basename(last)} ({len(st['history'])} of {cfg.epochs} epochs done)")
+    if cfg.log_path and trainer.args.process_index == 0:  # the log always mirrors the checkpoint's history
+        append_jsonl(cfg.log_path, epochs.history, truncate=True)
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0

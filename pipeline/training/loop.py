@@ -97,7 +97,7 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _append_jsonl(path: str, records: list[dict], *, truncate: bool = False) -> None:
+def append_jsonl(path: str, records: list[dict], *, truncate: bool = False) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w" if truncate else "a") as f:
         for r in records:
@@ -275,7 +275,7 @@ def train(
         if start_epoch < cfg.epochs and not stopped:
             print(f"{cfg.ckpt_path}: resuming after epoch {start_epoch} of {cfg.epochs} (step {step} of {total_steps})")
     if rank == 0 and cfg.log_path:  # the log always mirrors the checkpoint's history
-        _append_jsonl(cfg.log_path, history, truncate=True)
+        append_jsonl(cfg.log_path, history, truncate=True)
     net = raw
     if ddp:
         net = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -380,7 +380,7 @@ def train(
                     cfg.ckpt_path,
                 )
             if cfg.log_path:
-                _append_jsonl(cfg.log_path, [record])
+                append_jsonl(cfg.log_path, [record])
         if stopped:
             break
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 from pipeline.data.datasets import Source
 from pipeline.evaluate import predict_logits
 from pipeline.models.checkpoint import load_model, save_checkpoint
-from pipeline.models.registry import complete_spec, model_adapter
+from pipeline.models.registry import FROM_WEIGHTS, complete_spec, model_adapter
 from pipeline.tasks import task_of
 from pipeline.training.config import GLOBAL_RNG_LOCK, TrainConfig, resume_key
 from pipeline.training.loop import train
@@ -125,7 +125,8 @@ def student_lineage(
         "data": dict(data),
         "split": split,
         "views": views,
-        "model": {k: model[k] for k in ("arch", "kwargs")},
+        "model": {k: model[k] for k in ("arch", "kwargs")}
+        | ({"trainer": "hf"} if model.get("trainer") == "hf" else {}),
         "train": resume_key(train_config),
     }
     if train_config.loss != "ce":
@@ -208,6 +209,15 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _trainer(run: dict) -> Callable[..., dict]:
+    """loop.train, or Hugging Face Trainer behind the same contract (`trainer: hf`)."""
+    if run["model"].get("trainer", "builtin") != "hf":
+        return train
+    from pipeline.training.hf import train_with_trainer  # transformers: only when asked for
+
+    return train_with_trainer
+
+
 def run_student(
     *,
     run: dict,
@@ -234,6 +244,7 @@ def run_student(
     export_dir: str | None = None,
     quantize: bool = False,
     tokenizer_dir: str | None = None,
+    model_args: dict | None = None,
 ) -> StudentResult:
     """Train one student and write its checkpoint; then, given eval_data, evaluate it (the
     task's evaluation: accuracy with agreement against teacher_logits, an array or a
@@ -247,8 +258,12 @@ def run_student(
     label_manifests their manifests). num_classes: the label width (a language model's
     vocabulary), else labelled's or transfer's. lineage: the resume key
     (student_lineage), or a function of the final TrainConfig (a baseline's differs from
-    train_config). Under DDP every rank calls this; rank 0 writes the checkpoint and does
-    the evaluation and export."""
+    train_config). model_args: more data arguments for the model factory (a pruned
+    student's teacher directory). run["model"]["trainer"] "hf": Hugging Face Trainer does
+    the steps (training/hf.py), else the built-in loop. A model that starts from weights
+    (registry.FROM_WEIGHTS) is also evaluated before training (evaluation["initial"]).
+    Under DDP every rank calls this; rank 0 writes the checkpoint and does the evaluation
+    and export."""
     hard = run["loss"] == "ce"
     if not hard and not soft_labels:
         raise ValueError(f"student {run['name']!r}: loss {run['loss']!r} needs soft_labels")
@@ -258,17 +273,20 @@ def run_student(
     num_classes = num_classes or labelled.num_classes or transfer.num_classes
     # data args the factory takes (a tokenizer's vocab_size / pad_id) go into the saved spec
     arch = complete_spec(
-        {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}, transfer.model_args()
+        {"arch": run["model"]["arch"], "kwargs": run["model"]["kwargs"]}, transfer.model_args() | (model_args or {})
     ).to_dict()
     with GLOBAL_RNG_LOCK:  # students train in parallel threads; seeding and init must not interleave
         torch.manual_seed(tcfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
         model = model_adapter(arch).build(transfer.in_shape, num_classes)
+    initial = None
+    if eval_data is not None and arch["arch"] in FROM_WEIGHTS and _rank() == 0:
+        initial = task_of(eval_data).evaluate(model, eval_data)  # what pruning kept, before any step
     if callable(lineage):
         lineage = lineage(tcfg)
     train_data = labelled if hard else transfer
     labels = None if hard else list(soft_labels) if len(soft_labels) > 1 else soft_labels[0]
     t0 = time.perf_counter()
-    result = train(
+    result = _trainer(run)(
         model,
         tcfg,
         train_data=train_data,
@@ -314,6 +332,8 @@ def run_student(
     task = task_of(eval_data)
     z = teacher_logits() if callable(teacher_logits) else teacher_logits
     out.evaluation = task.evaluate(model, eval_data, teacher_logits=z)
+    if initial is not None:
+        out.evaluation["initial"] = initial
     if export_dir is not None:
         out.exports = task.export(
             model, export_dir, run["name"], eval_data, quantize=quantize, tokenizer_dir=tokenizer_dir

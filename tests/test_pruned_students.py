@@ -218,3 +218,18 @@ def test_trainer_hf_is_for_language_models(tmp_path, capsys):
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "trainer: hf trains language-model students" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_block_influence_is_one_minus_the_cosine_of_each_layers_input_and_output(teacher_dir):
+    from pipeline.models.pruning import block_influence
+
+    t = _teacher(teacher_dir)
+    x = torch.randint(1, t.config.vocab_size, (3, 10))  # not the pad id: its embedding row is zero
+    bi = block_influence(t, x)
+    with torch.no_grad():
+        hs = t(input_ids=x, output_hidden_states=True).hidden_states  # embeddings, after layer 0, ...
+    assert len(bi) == t.config.num_hidden_layers
+    for i in range(t.config.num_hidden_layers - 1):  # the last entry is after the final norm
+        a, b = hs[i].reshape(-1, 32).double(), hs[i + 1].reshape(-1, 32).double()
+        want = 1 - ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
+        assert bi[i] == pytest.approx(float(want), abs=1e-5)

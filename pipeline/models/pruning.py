@@ -182,6 +182,30 @@ def check_pretrained(path: str, num_classes: int | None = None, tokenizer_finger
     return d
 
 
+@torch.no_grad()
+def block_influence(model: nn.Module, input_ids: torch.Tensor) -> list[float]:
+    """Each decoder layer's block influence on these windows (Men et al. 2024, ShortGPT):
+    BI_i = 1 − mean over positions of cos(x_i, y_i), x_i / y_i the hidden states entering /
+    leaving layer i. A layer that barely turns its input (BI near 0) is the cheapest to
+    drop: keep the layers with the largest BI (their indices as keep_layers).
+    input_ids (B, L) int64; a Hugging Face causal LM (or a CausalLM around one)."""
+    m = model.model if isinstance(model, CausalLM) else model
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append((x, out[0] if isinstance(out, tuple) else out))
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in m.model.layers]
+    try:
+        m(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    cos = torch.nn.functional.cosine_similarity
+    return [float(1 - cos(x.flatten(0, 1).float(), y.flatten(0, 1).float(), dim=-1).mean()) for x, y in seen]
+
+
 def pretrained(*, path: str, num_classes: int, tokenizer_fingerprint: str | None = None) -> CausalLM:
     """A pretrained Hugging Face causal LM from a local directory (arch "hf-causal-lm"),
     checked by check_pretrained, in float32, in training mode."""

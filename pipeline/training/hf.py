@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
 
 from pipeline.device import resolve_device
 from pipeline.models.causal_lm import CausalLM
@@ -320,6 +321,7 @@ def train_with_trainer(
     )
     epochs.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # the flows show progress and write the epoch log themselves
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint
     last, st = _resume_point(out_dir, lineage) if resume else (None, None)
     if st is not None:
         epochs.restore(st)

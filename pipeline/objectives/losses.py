@@ -21,6 +21,8 @@ from p say nothing unbiased about p at another T). "ce", the hard-label (or next
 cross-entropy alone, is the objective's task term, the baseline: see objectives/objective.py.
 
 Adding a loss: a function `fn(z, t, *, temperature, weights, chunk_size) -> scalar`
+(with fused_ce=True it also takes targets=y and then returns (loss, next-token CE) from
+one pass over the logits: the objective's α mix over a large vocabulary)
 decorated with `register_loss` (here, or in your own module imported before the config is
 read: the config accepts every registered name), plus a hand-computed test. `t` holds the
 teacher's rows for the loss's family:
@@ -52,13 +54,20 @@ class Loss:
     fn: Callable[..., Tensor]
     multi_teacher: bool = False  # defined on several teachers' dense labels (their mean p)
     exact_temperature: bool = False  # only at the stored temperature
+    # fn(..., targets=y) returns (the loss, next-token CE) from one pass over the logits (T' = 1)
+    fused_ce: bool = False
 
 
 LOSSES: dict[str, Loss] = {}
 
 
 def register_loss(
-    name: str, *, labels: tuple[str, ...], multi_teacher: bool = False, exact_temperature: bool = False
+    name: str,
+    *,
+    labels: tuple[str, ...],
+    multi_teacher: bool = False,
+    exact_temperature: bool = False,
+    fused_ce: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: make `fn` the loss `name` (see the module docstring for its signature)."""
     bad = sorted(set(labels) - set(FAMILIES.values()))
@@ -70,7 +79,7 @@ def register_loss(
         raise ValueError("'ce' is the task term (hard labels, next tokens), not a KD loss")
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        LOSSES[name] = Loss(name, tuple(labels), fn, multi_teacher, exact_temperature)
+        LOSSES[name] = Loss(name, tuple(labels), fn, multi_teacher, exact_temperature, fused_ce)
         return fn
 
     return deco
@@ -124,9 +133,9 @@ def _topk_args(t: dict, temperature: float, weights: Tensor, chunk_size: int) ->
     }
 
 
-@register_loss("topk_kl", labels=("topk",))
-def topk_kl(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
-    return topk_tail_kl(z, t["ids"], t["logp"], **_topk_args(t, temperature, weights, chunk_size))
+@register_loss("topk_kl", labels=("topk",), fused_ce=True)
+def topk_kl(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int, targets=None) -> Tensor:
+    return topk_tail_kl(z, t["ids"], t["logp"], targets=targets, **_topk_args(t, temperature, weights, chunk_size))
 
 
 @register_loss("reverse_kl", labels=("topk",))
@@ -139,6 +148,6 @@ def jsd(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: 
     return jsd_topk(z, t["ids"], t["logp"], beta=0.5, **_topk_args(t, temperature, weights, chunk_size))
 
 
-@register_loss("sampled_kl", labels=("sampled",), exact_temperature=True)
-def sampled(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
-    return sampled_kl(z, t["ids"], t["counts"], weights=weights, chunk_size=chunk_size)
+@register_loss("sampled_kl", labels=("sampled",), exact_temperature=True, fused_ce=True)
+def sampled(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int, targets=None) -> Tensor:
+    return sampled_kl(z, t["ids"], t["counts"], weights=weights, chunk_size=chunk_size, targets=targets)

@@ -252,11 +252,19 @@ class Objective:
         else:
             targets = self._targets(rows, batch)
         total = None
-        if self.alpha > 0:
+        spec = LOSSES[self.loss]
+        if 0 < self.alpha < 1 and spec.fused_ce and self.temperature == 1.0 and z.shape[1] > FUSED_CE_CLASSES:
+            # one pass over a large vocabulary's logits gives both terms (objectives/sparse_ce.py)
+            terms["task_loss"], terms["kd_loss"] = None, None  # the order of the named terms
+            terms["kd_loss"], terms["task_loss"] = spec.fn(
+                z, targets, temperature=1.0, weights=w, chunk_size=self.chunk_size, targets=rows.take("y")
+            )
+            total = self.alpha * terms["task_loss"] + (1.0 - self.alpha) * terms["kd_loss"]
+        elif self.alpha > 0:
             terms["task_loss"] = self._task_loss(z, rows.take("y"), w)
             total = terms["task_loss"] if self.alpha == 1 else self.alpha * terms["task_loss"]
-        if self.alpha < 1:
-            kd = terms["kd_loss"] = LOSSES[self.loss].fn(
+        if self.alpha < 1 and terms.get("kd_loss") is None:
+            kd = terms["kd_loss"] = spec.fn(
                 z, targets, temperature=self.temperature, weights=w, chunk_size=self.chunk_size
             )
             kd = kd if self.alpha == 0 else (1.0 - self.alpha) * kd

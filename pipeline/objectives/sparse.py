@@ -154,16 +154,21 @@ def _teacher_buckets(logp: Tensor, tau: float, missing: Tensor | None, has_tail:
     return log_p - torch.logsumexp(log_p, -1, keepdim=True)
 
 
-def _forward_kl_fused(z, ids, logp, missing=None, *, temperature, stored_temperature=1.0):
+def _forward_kl_fused(z, ids, logp, missing=None, *, temperature, stored_temperature=1.0, y=None):
     """T'² · KL(p ‖ q) over the k+1 buckets of ``_buckets``, with the fused CE: equal to
-    ``_forward_kl`` (tests/test_lm_losses.py checks values and gradients)."""
+    ``_forward_kl`` (tests/test_lm_losses.py checks values and gradients). With next-token
+    targets y (R,) (T' = 1 only: the same softmax): (R, 2) = [the KL, −log q_y], from one
+    pass over the logits."""
     s = z.float() if temperature == 1.0 else z.float() * (1.0 / temperature)
     ids = ids.long()
     has_tail = ids.shape[1] < s.shape[1]
     log_p = _teacher_buckets(logp, stored_temperature / temperature, missing, has_tail)
     p = log_p.exp()
     w, w_t = (p[:, :-1], p[:, -1]) if has_tail else (p, None)
-    return temperature**2 * (_neg_entropy(log_p) + SparseTargetCE.apply(s, ids, w.contiguous(), w_t))
+    if y is None:
+        return temperature**2 * (_neg_entropy(log_p) + SparseTargetCE.apply(s, ids, w.contiguous(), w_t))
+    both = SparseTargetCE.apply(s, ids, w.contiguous(), w_t, y.long())  # (R, 2)
+    return torch.stack([_neg_entropy(log_p) + both[:, 0], both[:, 1]], 1)
 
 
 # ----------------------------------------------------------------------------- top-k buckets
@@ -223,9 +228,33 @@ def _jsd(z, ids, logp, missing=None, *, temperature, beta, stored_temperature=1.
     return temperature**2 * (beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m))
 
 
+def _check_targets(targets: Tensor, n: int, v: int, temperature: float = 1.0) -> None:
+    check_int("targets", targets)
+    if targets.shape != (n,):
+        raise ValueError(f"targets must be ({n},) (student_logits rows), got {shape_of(targets)}")
+    if targets.numel() and (targets.min().item() < 0 or targets.max().item() >= v):
+        raise ValueError(f"targets must lie in [0, V={v})")
+    if temperature != 1.0:
+        raise ValueError("the KD loss shares its softmax with the next-token CE only at T' = 1")
+
+
+def _both(per_row: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(N, 2) [KD, CE] rows -> (KD, CE) weighted means."""
+    return _mean(per_row[:, 0], weights), _mean(per_row[:, 1], weights)
+
+
 def _topk(
-    fn, student_logits, ids, logp, temperature, weights, chunk_size, missing=None, stored_temperature: float = 1.0
-) -> Tensor:
+    fn,
+    student_logits,
+    ids,
+    logp,
+    temperature,
+    weights,
+    chunk_size,
+    missing=None,
+    stored_temperature: float = 1.0,
+    targets: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     n, v = _check_student(student_logits)
     if ids.ndim == 2 and ids.shape[1] > v:
         raise ValueError(f"ids has k={ids.shape[1]} > V={v} (student_logits {(n, v)})")
@@ -236,13 +265,15 @@ def _topk(
     check_temperature(stored_temperature)
     rows = (ids, logp) if missing is None else (ids, logp, missing)
     run = per_row_fused if fn is _forward_kl_fused else _per_row
-    per_row = run(
-        partial(fn, temperature=float(temperature), stored_temperature=float(stored_temperature)),
-        student_logits,
-        *rows,
-        chunk_size=chunk_size,
-    )
-    return _mean(per_row, weights)
+    f = partial(fn, temperature=float(temperature), stored_temperature=float(stored_temperature))
+    if targets is not None:  # the fused forward KL and next-token CE, one pass (_forward_kl_fused)
+        if fn is not _forward_kl_fused:
+            raise ValueError("only the forward top-k KL computes the next-token CE in the same pass")
+        _check_targets(targets, n, v, temperature)
+        g = f
+        f = lambda z, *a: g(z, *a[:-1], y=a[-1])  # noqa: E731  (y: the last row tensor)
+        return _both(run(f, student_logits, *rows, targets, chunk_size=chunk_size), weights)
+    return _mean(run(f, student_logits, *rows, chunk_size=chunk_size), weights)
 
 
 def topk_tail_kl(
@@ -255,7 +286,8 @@ def topk_tail_kl(
     chunk_size: int = DEFAULT_CHUNK,
     missing_mass: Tensor | None = None,
     stored_temperature: float = 1.0,
-) -> Tensor:
+    targets: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Forward KL over k+1 buckets (scalar, mean over rows).
 
     loss = T'² · Σ_b p_b (log p_b − log q_b),  b ∈ {kept ids} ∪ {tail}
@@ -277,9 +309,20 @@ def topk_tail_kl(
     (a classifier's stored top-k: topk_logits − logsumexp); weights (N,); missing_mass
     (N,) the stored exact tail (then the k+1 buckets are renormalised, so log-probs stored
     rounded, e.g. as uint8 codes, stay a distribution; without it p_tail = 1 − Σ exp(logp)).
+    targets (N,) next tokens, at T' = 1: returns (this loss, next_token_ce(student_logits,
+    targets)) from one pass over the logits (the α mix of the objective costs no second pass).
     """
     return _topk(
-        _forward_kl_fused, student_logits, ids, logp, temperature, weights, chunk_size, missing_mass, stored_temperature
+        _forward_kl_fused,
+        student_logits,
+        ids,
+        logp,
+        temperature,
+        weights,
+        chunk_size,
+        missing_mass,
+        stored_temperature,
+        targets,
     )
 
 
@@ -347,10 +390,11 @@ def jsd_topk(
 # ----------------------------------------------------------------------------- sampled KD
 
 
-def _sampled_ce_fused(z: Tensor, ids: Tensor, frac: Tensor) -> Tensor:
+def _sampled_ce_fused(z: Tensor, ids: Tensor, frac: Tensor, y: Tensor | None = None) -> Tensor:
     """−Σ_j f_j log q(x_j) with the fused CE. Padding slots (id 0, f 0) may repeat id 0
-    beside a real draw of it: the backward adds per slot (scatter_add), so that is exact."""
-    return SparseTargetCE.apply(z.float(), ids, frac, None)
+    beside a real draw of it: the backward adds per slot (scatter_add), so that is exact.
+    With next-token targets y: (R, 2) = [that, −log q_y], one pass."""
+    return SparseTargetCE.apply(z.float(), ids, frac, None, None if y is None else y.long())
 
 
 def sampled_kl(
@@ -362,7 +406,8 @@ def sampled_kl(
     baseline: str | Tensor | None = None,
     weights: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-) -> Tensor:
+    targets: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Random-sampling KD: unbiased estimate of the cross-entropy CE(p, q) (scalar, mean).
 
     per row: −Σ_j (c_j / n) · log q(x_j),  q = softmax(z),  n = Σ_j c_j unless ``num_draws``
@@ -378,6 +423,8 @@ def sampled_kl(
 
     Shapes: ids (N, s) any int dtype, counts (N, s) >= 0 (0-count slots are padding, their
     ids ignored), num_draws an int or (N,) >= Σ counts (n > 0 on every row), weights (N,).
+    targets (N,) next tokens: returns (this loss, next_token_ce(student_logits, targets))
+    from one pass over the logits.
     """
     n_rows, v = _check_student(student_logits)
     if counts.shape != ids.shape or counts.dtype == torch.bool:
@@ -403,14 +450,19 @@ def sampled_kl(
     if n_rows and ((n <= 0).any().item() or (total > n * (1 + 1e-6)).any().item()):
         raise ValueError("every row needs n > 0 draws and sum(counts) <= num_draws (drop rows with no draws)")
     frac = c / n[:, None]
-    per_row = per_row_fused(
-        _sampled_ce_fused, student_logits, torch.where(c > 0, ids.long(), 0), frac, chunk_size=chunk_size
-    )
+    safe_ids = torch.where(c > 0, ids.long(), 0)
+    ce = None
+    if targets is not None:
+        _check_targets(targets, n_rows, v)
+        both = per_row_fused(_sampled_ce_fused, student_logits, safe_ids, frac, targets, chunk_size=chunk_size)
+        per_row, ce = both[:, 0], _mean(both[:, 1], weights)
+    else:
+        per_row = per_row_fused(_sampled_ce_fused, student_logits, safe_ids, frac, chunk_size=chunk_size)
     if empirical:  # minus the plug-in entropy: Σ f log f over the draws' frequencies
         per_row = per_row + torch.where(frac > 0, frac * frac.clamp_min(1e-30).log(), 0.0).sum(-1)
     elif baseline is not None:
         per_row = per_row - baseline.float()
-    return _mean(per_row, weights)
+    return _mean(per_row, weights) if ce is None else (_mean(per_row, weights), ce)
 
 
 # ----------------------------------------------------------------------------- task CE

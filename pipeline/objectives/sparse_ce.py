@@ -33,7 +33,7 @@ class SparseTargetCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s, ids, w, w_t):
+    def forward(ctx, s, ids, w, w_t, y=None):
         lse = torch.logsumexp(s, -1, keepdim=True)  # (R, 1)
         log_qk = s.gather(1, ids) - lse  # (R, k)
         loss = -(w * log_qk).sum(-1)
@@ -55,24 +55,33 @@ class SparseTargetCE(torch.autograd.Function):
             log_qk,
             w_t if w_t is not None else lse.new_zeros(0),
             q_t if q_t is not None else lse.new_zeros(0),
+            y if y is not None else ids.new_zeros(0),
         )
-        ctx.has_tail = w_t is not None
-        return loss
+        ctx.has_tail, ctx.has_y = w_t is not None, y is not None
+        if y is None:
+            return loss
+        # the hard-label CE of the same softmax beside it: (R, 2) = [sparse-target CE, −log q_y]
+        return torch.stack([loss, lse[:, 0] - s.gather(1, y[:, None])[:, 0]], 1)
 
     @staticmethod
     def backward(ctx, g):
-        s, ids, w, lse, log_qk, w_t, q_t = ctx.saved_tensors
+        s, ids, w, lse, log_qk, w_t, q_t, y = ctx.saved_tensors
+        g1, g2 = (g[:, :1], g[:, 1:]) if ctx.has_y else (g[:, None], None)  # (R, 1) each
         total = w.sum(-1, keepdim=True)  # (R, 1)
         grad = (s - lse).exp_()  # q, (R, V)
+        # the hard-label term adds g2·(q − onehot(y)): g2 joins every id's q factor, then −g2 at y
+        extra = 0.0 if g2 is None else g2
         if ctx.has_tail:  # ids distinct per row here (checked by the top-k losses)
             ratio = (w_t / q_t)[:, None]
-            grad.mul_(total + w_t[:, None] - ratio)  # the V − k other ids
-            grad.scatter_(1, ids, log_qk.exp() * (total + w_t[:, None]) - w)  # the kept ids, written (no cancellation)
+            grad.mul_(g1 * (total + w_t[:, None] - ratio) + extra)  # the V − k other ids
+            kept = log_qk.exp()
+            grad.scatter_(1, ids, g1 * (kept * (total + w_t[:, None]) - w) + extra * kept)  # written: no cancellation
         else:  # repeated ids (sampled padding, weight 0) add per slot: exact
-            grad.mul_(total)
-            grad.scatter_add_(1, ids, -w)
-        grad.mul_(g[:, None])
-        return grad, None, None, None
+            grad.mul_(g1 * total + extra)
+            grad.scatter_add_(1, ids, -g1 * w)
+        if g2 is not None:
+            grad.scatter_add_(1, y[:, None], -g2)
+        return grad, None, None, None, None
 
 
 def per_row_fused(fn, logits: Tensor, *row_tensors: Tensor, chunk_size: int) -> Tensor:

@@ -2,14 +2,16 @@
 labels take it, over CE alone with equal steps (issue 20's number).
 
 configs/lm-pruned.yaml's pruned student (10 of SmolLM2-135M's 30 layers with their weights,
-trained by Hugging Face Trainer) per seed, three ways on the same 128 KJV windows: next-token
-CE only, CE + top-k KD, CE + sampled KD (α = 0.5, the stored labels of one teacher pass).
-A seed sets the data order (the pruned weights are the same every seed). Reported per seed:
-held-out test perplexity, and the share of the CE twin's gap to the teacher that KD closes,
+trained by Hugging Face Trainer with the recipe's settings), per seed and per choice of
+layers (--inits: `bi`, the recipe's 10 layers of largest block influence; `every3`, layers
+0, 3, ..., 24 and the last), three ways on the same 64 KJV windows: next-token CE only,
+top-k KD and sampled KD alone (α = 0, the stored labels of one teacher pass). A seed sets the data order
+(the pruned weights are the same every seed). Reported per seed: held-out test perplexity,
+and the share of the CE twin's gap to the teacher that KD closes,
 (ppl_CE − ppl_KD) / (ppl_CE − ppl_teacher).
 Target: ≥ 50% closed by stored-label KD on every seed.
 
-    python benchmarks/pruned_kd.py [--seeds 0 1 2] [key=value overrides of configs/lm-pruned.yaml]
+    python benchmarks/pruned_kd.py [--seeds 0 1 2] [--inits bi every3] [-- key=value overrides]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flows.config import load_config  # noqa: E402
 from flows.report import report_table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INITS = {"bi": None, "every3": [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]}  # bi: the recipe's own layers
 
 
 def main():
@@ -34,12 +37,22 @@ def main():
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "lm-pruned.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--inits", nargs="+", choices=sorted(INITS), default=["bi"])
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     runs_dir = tempfile.mkdtemp(prefix="distillery-pruned-kd-")
     os.chdir(ROOT)  # the config's relative paths (.assets/)
     cfg = load_config(a.config, [f"runs_dir={runs_dir}", f"students.seeds={a.seeds}", *a.overrides])
-    cfg.students.models = [m for m in cfg.students.models if m.arch == "pruned"]  # the pruned student only
+    base = next(m for m in cfg.students.models if m.arch == "pruned")  # the pruned student only
+    cfg.students.models = [
+        base.model_copy(
+            update={
+                "name": f"pruned-10L-{init}",
+                "kwargs": base.kwargs | ({"keep_layers": INITS[init]} if INITS[init] else {}),
+            }
+        )
+        for init in a.inits
+    ]
     t0 = time.perf_counter()
     teacher = recipes.ensure_teacher(cfg)
     for p in recipes.plan_labels(cfg, teacher)["pending"]:

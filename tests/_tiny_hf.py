@@ -66,3 +66,52 @@ def tiny_encoder(path, *, layers: int = 2, hidden: int = 16, heads: int = 2, see
     torch.manual_seed(seed)
     BertModel(cfg).save_pretrained(os.fspath(path))
     return path
+
+
+def tiny_labelled_corpus(root, *, seq_len: int = 16, sizes=None, k: int = 8, draws: int = 16) -> dict:
+    """A learnable text (word i mostly followed by word i + 1) in two .txt files, its packed
+    windows of seq_len tokens split by `sizes` (default train 24, val 8), and a tiny random
+    Llama teacher's top-k (k) and sampled (draws) labels of the train windows at
+    root/topk and root/sampled. Returns {"root", "tok_dir", "V", "corpus", "train", "val",
+    "teacher", "topk", "sampled"}."""
+    import numpy as np
+    from test_lm_label import tiny_llama
+
+    from pipeline.data.corpus import TokenCorpus
+    from pipeline.hf_files import load_tokenizer
+    from pipeline.labelling.tokens import label_corpus_many, output_spec
+
+    tok_dir = str(tiny_tokenizer(root / "tok"))
+    tok = load_tokenizer(tok_dir)
+    rng = np.random.default_rng(1)
+    (root / "docs").mkdir()
+    for d in range(2):
+        idx = np.cumsum(rng.choice([1, 1, 1, 2], 300)) % len(WORDS)
+        (root / "docs" / f"{d}.txt").write_text(" ".join(WORDS[i] for i in idx))
+    corpus = TokenCorpus.from_text_files(
+        root / "docs", tokenizer=tok, tokenizer_path=tok_dir, seq_len=seq_len, cache_dir=str(root / "cache")
+    )
+    parts = corpus.split(seed=0, sizes=sizes or {"train": 24, "val": 8})
+    teacher = tiny_llama(len(tok))
+    label_corpus_many(
+        teacher,
+        parts["train"],
+        [
+            output_spec(uri=str(root / "topk"), k=k),
+            output_spec(uri=str(root / "sampled"), representation="token_sampled", draws=draws),
+        ],
+        shard_size=8,
+        batch_size=4,
+        teacher={"name": "tiny-llama", "fingerprint": "sha256:tiny"},
+    )
+    return {
+        "root": root,
+        "tok_dir": tok_dir,
+        "V": len(tok),
+        "corpus": corpus,
+        "train": parts["train"],
+        "val": parts["val"],
+        "teacher": teacher,
+        "topk": str(root / "topk"),
+        "sampled": str(root / "sampled"),
+    }

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_hf import WORDS, tiny_tokenizer
+from _tiny_hf import tiny_labelled_corpus
 
-from pipeline.data.corpus import TokenCorpus
-from pipeline.labelling.tokens import label_corpus_many, output_spec
 from pipeline.models.causal_lm import llama, perplexity
 from pipeline.models.registry import build_model, param_counts
 from pipeline.training.config import TrainConfig
@@ -26,36 +24,7 @@ LM = dict(betas=(0.9, 0.95), min_lr=0.1, grad_clip=1.0, device="cpu")  # what co
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from test_lm_label import tiny_llama
-
-    from pipeline.hf_files import load_tokenizer
-
-    root = tmp_path_factory.mktemp("lmtrain")
-    tok_dir = str(tiny_tokenizer(root / "tok"))
-    tok = load_tokenizer(tok_dir)
-    rng = np.random.default_rng(1)
-    (root / "docs").mkdir()
-    for d in range(2):
-        # a learnable text: word i is mostly followed by word i + 1
-        idx = np.cumsum(rng.choice([1, 1, 1, 2], 300)) % len(WORDS)
-        (root / "docs" / f"{d}.txt").write_text(" ".join(WORDS[i] for i in idx))
-    corpus = TokenCorpus.from_text_files(
-        root / "docs", tokenizer=tok, tokenizer_path=tok_dir, seq_len=16, cache_dir=str(root / "cache")
-    )
-    parts = corpus.split(seed=0, sizes={"train": 24, "val": 8})
-    teacher = tiny_llama(len(tok))
-    label_corpus_many(
-        teacher,
-        parts["train"],
-        [
-            output_spec(uri=str(root / "topk"), k=8),
-            output_spec(uri=str(root / "sampled"), representation="token_sampled", draws=16),
-        ],
-        shard_size=8,
-        batch_size=4,
-        teacher=TEACHER,
-    )
-    return {"root": root, "V": len(tok), "train": parts["train"], "val": parts["val"], "teacher": teacher}
+    return tiny_labelled_corpus(tmp_path_factory.mktemp("lmtrain"))
 
 
 def _student(env, seed=0):

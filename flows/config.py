@@ -162,6 +162,7 @@ class LabelSection(Section):
     batch_size: int = Field(512, ge=1)  # rows per teacher forward
     device: Literal["cpu", "cuda", "auto"] = "auto"
     amp: Literal["bf16", "fp16"] | None = None  # autocast on CUDA (ignored on CPU)
+    workers: int = Field(0, ge=0)  # DataLoader processes decoding inputs and making views for the teacher
     storage_options: dict[str, Any] = Field(default_factory=dict)
     overwrite: bool = False
     retries: int = Field(2, ge=0)  # per-shard retries on I/O errors
@@ -338,6 +339,8 @@ class SourceConfig(Section):
     num_classes: int | None = Field(None, ge=1)
     image_size: list[int] | None = None  # [H, W] images are resized to
     channels: Literal[1, 3] | None = None
+    # images decoded once into a memory-mapped uint8 cache at image_size (default: when it fits in 8 GiB)
+    pixel_cache: bool | None = None
     split: str | None = None  # a split of a saved HF DatasetDict
 
     def spec(self) -> dict:

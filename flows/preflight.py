@@ -113,6 +113,8 @@ def preflight_classify(cfg: ClassifyConfig) -> None:
         num_classes, data = t_classes, where
 
     _check_hf_models(cfg)
+    _check_vision_models(cfg, in_shape, num_classes)
+    _check_views(cfg, s.get(cfg.data.label_split) or next(iter(s.values())))
 
     k = cfg.label.k
     if k is not None and num_classes and k > num_classes:
@@ -128,6 +130,39 @@ def preflight_classify(cfg: ClassifyConfig) -> None:
 
 
 HF_ARCHS = ("hf-encoder", "hf-sequence-classification")
+
+
+def _check_vision_models(cfg: ClassifyConfig, in_shape, num_classes) -> None:
+    """timm / torchvision models are built once here (names, kwargs, a checkpoint's keys and
+    shapes against the data's classes): a fraction of a second each, before any work."""
+    from pipeline.models.registry import build_model
+    from pipeline.models.vision import is_vision_arch
+
+    models = [("teacher.model", cfg.teacher.model)] + [
+        (f"students.models[{i}]", m) for i, m in enumerate(cfg.student_models())
+    ]
+    for key, m in models:
+        if not is_vision_arch(m.arch) or (cfg.teacher.checkpoint and key == "teacher.model"):
+            continue
+        try:
+            build_model({"arch": m.arch, "kwargs": m.kwargs}, in_shape=in_shape, num_classes=num_classes or 2)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+def _check_views(cfg: ClassifyConfig, src) -> None:
+    """The view transform applied to one real row as view 1: a transform that cannot run on
+    these inputs (a crop to another size, a step that does not take these images) is refused
+    now, not after the teacher has trained."""
+    from pipeline.data.datasets import model_inputs
+
+    spec = view_spec(cfg)
+    if spec is None or cfg.views.num_views < 2 or not len(src):
+        return
+    try:
+        model_inputs(src, [0], [1], spec)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"views: {e}") from None
 
 
 def _check_hf_models(cfg: ClassifyConfig) -> None:

@@ -37,7 +37,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 SERVICES = {"postgres", "prefect-server", "s3", "s3-bootstrap", "worker", "worker-gpu", "deploy"}
 ALLOWED_HOST_PORTS = {4200: "prefect-server", 8333: "s3"}
 DISTILL_SERVICES = ("worker", "worker-gpu", "deploy")  # built from our Dockerfile
-TORCH_PIN = "torch==2.13.0"
+TORCH_PIN = "torch==2.14.1"
 CREDENTIALS = {"DISTILL_S3_ACCESS_KEY", "DISTILL_S3_SECRET_KEY", "DISTILL_POSTGRES_PASSWORD"}
 # what a filled-in .env gives (the values are only for these checks)
 TEST_ENV = {

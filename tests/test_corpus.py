@@ -68,7 +68,14 @@ def test_windows_are_the_stream_cut_every_seq_len_with_next_token_targets(tok, t
     assert d["num_tokens"] == len(s) and d["dropped_tokens"] == len(s) - 1 - 4 * n
     assert d["documents"] == 5 and d["empty_documents"] == 2 and d["separator_id"] == tok.sep_token_id
     assert d["tokenizer"]["fingerprint"] and d["chunks"] == n and d["in_shape"] == [4]
-    assert c.model_args() == {"vocab_size": len(tok), "pad_id": 0, "max_length": 4, "in_shape": (4,)}
+    fp = d["tokenizer"]["fingerprint"]  # students from weights check their tokenizer against it
+    assert c.model_args() == {
+        "vocab_size": len(tok),
+        "pad_id": 0,
+        "max_length": 4,
+        "in_shape": (4,),
+        "tokenizer_fingerprint": fp,
+    }
     assert c.encode([-1]).tolist() == x[-1:].tolist()
     with pytest.raises(IndexError, match="out of range"):
         c.encode([n])

@@ -415,7 +415,8 @@ def test_fused_topk_kl_equals_autograd_values_and_gradients(temperature, stored,
     want = _autograd_forward_kl(z2, ids, logp, missing, temperature, stored)
     (wz,) = torch.autograd.grad(want, z2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gz, wz, rtol=1e-4, atol=1e-7)
+    # fp32 both ways, summed in another order: ~1e-6 apart on the row with an e^-30 tail (torch 2.14)
+    torch.testing.assert_close(gz, wz, rtol=1e-4, atol=2e-6)
 
 
 def test_fused_topk_kl_gradcheck_in_double():

@@ -80,8 +80,8 @@ def test_resnet_trains():
 def test_build_errors():
     with pytest.raises(
         ValueError,
-        match=r"unknown model arch 'vit'.*\['bag', 'cnn', 'hf-encoder', 'hf-sequence-classification', 'llama', "
-        r"'mlp', 'resnet', 'transformer'\]",
+        match=r"unknown model arch 'vit'.*\['bag', 'cnn', 'hf-causal-lm', 'hf-encoder', 'hf-sequence-classification', "
+        r"'llama', 'mlp', 'pruned', 'resnet', 'transformer'\], timm:<name>, torchvision:<name>",
     ):
         build_model({"arch": "vit"}, in_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(ValueError, match=r"unknown kwarg\(s\) \['widht'\]"):

@@ -6,8 +6,10 @@ top-k and sampled token labels) go through `distill label` and their shards' sha
 recorded in the manifests, and re-hashed by verify) are compared with the pins.
 
 The pins were computed on commit d1732de (before the redesign) with torch 2.13.0 (CPU),
-pyarrow 26.0.1, one torch thread. A change that alters the format or the numbers on
-purpose (another torch, a new layout version) updates them and says why in its commit.
+pyarrow 26.0.1, one torch thread, and re-pinned for torch 2.14.1 (issue 21: its kernels
+round a few logits differently; the code before that change gives the same new bytes under
+2.14.1). A change that alters the format or the numbers on purpose (another torch, a new
+layout version) updates them and says why in its commit.
 """
 
 import os
@@ -25,21 +27,21 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 CLASSIFY_PINS = {
     "dense": [
-        "e50b7b93ba4a104f39d13c545b6fe0de0f90356fdb5a23c0d3ee58369ed03baa",
-        "6ae438e16cbf0a6bbaf17a75dbf222d893009c2a8c69f04e341afbcc38896f42",
-        "b25ec35559741d893fdc7c8ff42011ca9cfa95e9a3accd8f8b0b4d1b8b9463ef",
+        "4c1fa2f682fd62448541e211c90f6647f8151b56c40036454e22f61085d07da2",
+        "d6c270793ee63c15002ad3b1d8021641a6e643d17d66326b78be58dcdc904145",
+        "3fd1f76d04834f98f5840b31505093253ab3432fba557905999ff205acf552f4",
     ],
     "topk": [
-        "02b09fd95b6915260d6989c90e97b3ab294a354fb8466a59c1d47bdbb49dddaf",
-        "7ec5899c05bd015b274185492094ba0b76af4f044df89518b39710db10aa3927",
-        "84f8301b27339a3c55944c7541ee42f5dfb7875f09c2f25fa14171bcfa481f3b",
+        "0d6ffda1d9d16ad073204d725ca3761391829188bc58929ca33912e2943862b1",
+        "2efbb38027d6c421805c16cfce1fbc0ea8c762496ec452af8f5c1ac3e7a979af",
+        "f8e056735be39f811fd242274d691464b1592627b590bb5d23c3af6e1a29d57f",
     ],
 }
 LM_PINS = {
     "topk": [
-        "ea42835586fd9df21f8e62897e0c4a562421733d3eb58ba744bd2b7c089f5c78",
-        "0b56eebdf482831b36c1aa9ae38e7ed4ba925b063f1b291cc3bc0ab1e34174bb",
-        "6e11a0c9986124db2f028701c3b01fdfc260f5c66dc5ecb19fdfb256490be516",
+        "d0350697fb07d289fac39d1c34d086d59f87046a5bc61fd82977d1da411f3860",
+        "c025aa9402b5ece187f5fd89fff750e701ffda557d4955fef5457257e6a76b60",
+        "d4ffb5e9406369e1080005cefd5352c7355fef3247f7215eaf3a9d8fe14f2850",
     ],
     "sampled": [
         "707dffd7571143b891c2589100986d20c7d6daf60d8a4c38997d345b8fd91528",

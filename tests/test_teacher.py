@@ -6,9 +6,10 @@ import torch
 
 from pipeline.data.datasets import ArrayDataset
 from pipeline.models.checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
+from pipeline.models.freezing import freeze_by_prefix
 from pipeline.models.registry import build_model
 from pipeline.training.config import TrainConfig
-from pipeline.training.teacher import apply_freeze, finetune, train_teacher
+from pipeline.training.teacher import finetune, train_teacher
 from pipeline.views.images import ViewSpec
 
 CNN = {"arch": "cnn", "kwargs": {"channels": [8, 16]}}
@@ -110,7 +111,7 @@ def test_finetune_freeze_body(digits, tmp_path):
     )
     assert not torch.equal(model2.state_dict()["body.0.weight"], before["body.0.weight"])
     with pytest.raises(ValueError, match="freeze prefix 'bod' matches no parameter"):
-        apply_freeze(build_model(CNN, in_shape=(1, 8, 8), num_classes=10), ["bod"])
+        freeze_by_prefix(build_model(CNN, in_shape=(1, 8, 8), num_classes=10), ["bod"])
 
 
 def test_head_trains_with_frozen_body(digits, tmp_path):

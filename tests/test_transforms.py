@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.views.images import ViewSpec
+from pipeline.views.torchvision import TorchvisionViews
 from pipeline.views.transforms import (
     KINDS,
     Compose,
@@ -104,6 +105,14 @@ def _cases(user_mod):
         ),
         (Compose([SIG, FunctionView(f"{user_mod}:jitter")]), sig, ids),
         (VIEWSPEC, torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(4)), ids),
+        (
+            TorchvisionViews(
+                steps=[{"RandomResizedCrop": {"size": [8, 8], "scale": [0.5, 1.0]}}, {"RandomHorizontalFlip": {}}],
+                seed=3,
+            ),
+            torch.randint(0, 256, (16, 3, 8, 8), generator=torch.Generator().manual_seed(5)) / 255.0,
+            ids,
+        ),
     ]
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -111,7 +112,12 @@ SPEC_KEYS = (
     "num_classes",
     "image_size",
     "channels",
+    "pixel_cache",
 )
+# images: decoded once into a memory-mapped uint8 pixel cache at the configured size when it
+# takes at most this many bytes (pixel_cache: true / false forces it on / off)
+PIXEL_CACHE_AUTO_BYTES = 8 << 30
+PIXELS_VERSION = 1  # bump when decoding or the pixel cache layout changes
 
 
 def cache_root(cache_dir=None) -> str:
@@ -190,7 +196,9 @@ class ImageSource(TableSource):
 
     input_kind = "dense"
 
-    def __init__(self, *, image_size=None, channels=None, root: str | None = None, **kw):
+    def __init__(
+        self, *, image_size=None, channels=None, root: str | None = None, pixel_cache: bool | None = None, **kw
+    ):
         super().__init__(**kw)
         self._root = root  # image folder: files are root/<relative path>
         first = self._meta["payload_info"].get("first_image")
@@ -206,6 +214,10 @@ class ImageSource(TableSource):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.channels = int(channels)
         self._mode = "L" if self.channels == 1 else "RGB"
+        self._pixels_path = None
+        n_bytes = len(self.table) * self.channels * self.image_size[0] * self.image_size[1]
+        if pixel_cache or (pixel_cache is None and n_bytes <= PIXEL_CACHE_AUTO_BYTES):
+            self._pixels_path = self._build_pixels()
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -225,11 +237,73 @@ class ImageSource(TableSource):
             raise ValueError(f"{what}: cannot decode the image ({type(e).__name__}: {e})") from None
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
+    # -- the pixel cache: every image decoded once, at the configured size
+    def _pixel_cache_name(self) -> str:
+        h, w = self.image_size
+        return f"{self._cache_path}.pixels-v{PIXELS_VERSION}-{self._mode}-{h}x{w}-bilinear.npy"
+
+    def _build_pixels(self) -> str:
+        """The memory-mapped uint8 (N, C, H, W) cache of every row of the Arrow cache, decoded
+        and resized once (students read every image every epoch, for every view: decoding PNGs
+        was 56% of a student's time). Beside the Arrow cache, named by it and the decode
+        settings; written to a temporary name, fsync'd and os.replace'd (a killed build leaves
+        no half file); a complete one is reused after checking its shape."""
+        path = self._pixel_cache_name()
+        shape = (len(self.table), *self.in_shape)
+        if os.path.exists(path):
+            try:
+                m = np.load(path, mmap_mode="r")
+                if m.shape == shape and m.dtype == np.uint8:
+                    return path
+            except (OSError, ValueError):
+                pass  # damaged: rebuilt below
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            rows, step = self._rows, 1024
+            self._rows = None  # every row of the cache, in cache order
+            try:
+                for a in range(0, shape[0], step):
+                    out[a : a + step] = self._decode_rows(np.arange(a, min(a + step, shape[0])))
+            finally:
+                self._rows = rows
+            out.flush()
+            del out
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def _pixel_map(self) -> np.ndarray | None:
+        if self._pixels_path is None:
+            return None
+        m = self.__dict__.get("_pixels")
+        if m is None:  # mapped again after pickling (DataLoader workers)
+            m = self.__dict__["_pixels"] = np.load(self._pixels_path, mmap_mode="r")
+        return m
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_pixels", None)
+        return state
+
     def encode(self, pos) -> torch.Tensor:
+        pos = np.asarray(pos, dtype=np.int64).reshape(-1)
+        pixels = self._pixel_map()
+        if pixels is not None:  # (B, C, H, W) uint8 gathered from the map, then scaled
+            rows = self._cache_rows(pos)
+            return torch.from_numpy(pixels[rows].astype(np.float32) * np.float32(1.0 / 255.0))
+        return torch.from_numpy(self._decode_rows(pos).astype(np.float32) * np.float32(1.0 / 255.0))
+
+    def _decode_rows(self, pos) -> np.ndarray:
+        """(B, C, H, W) uint8: the images at positions pos decoded with Pillow and resized."""
         pos = np.asarray(pos, dtype=np.int64).reshape(-1)
         items = self._payload(pos).to_pylist()
         ids = self.sample_ids[pos] if len(pos) else []
-        out = np.empty((len(items), *self.in_shape), np.float32)
+        out = np.empty((len(items), *self.in_shape), np.uint8)
         for i, (item, sid) in enumerate(zip(items, ids)):
             if self._root is not None:
                 path = os.path.join(self._root, item)
@@ -239,8 +313,7 @@ class ImageSource(TableSource):
                     item,
                     f"{self._source['path']}: image of sample_id {int(sid)} (column {self._source['image_column']!r})",
                 )
-        out *= np.float32(1.0 / 255.0)
-        return torch.from_numpy(out)
+        return out
 
     def describe(self) -> dict:
         d = {
@@ -346,6 +419,8 @@ def _check_spec(spec) -> dict:
             raise ValueError(f"table source: image_size must be [H, W] positive ints, found {s!r}")
     if "channels" in spec and spec["channels"] not in (1, 3):
         raise ValueError(f"table source: channels must be 1 or 3, found {spec['channels']!r}")
+    if "pixel_cache" in spec and not isinstance(spec["pixel_cache"], bool):
+        raise ValueError(f"table source: pixel_cache must be true or false, found {spec['pixel_cache']!r}")
     payloads = [k for k in ("text_column", "image_column", "feature_columns") if k in spec]
     if len(payloads) > 1:
         raise ValueError(f"table source: give one of text_column, image_column, feature_columns, found {payloads}")
@@ -357,8 +432,10 @@ def _check_spec(spec) -> dict:
                 f"ids hash each file's relative path)"
             )
     image = kind == "image_folder" or "image_column" in spec
-    if not image and ("image_size" in spec or "channels" in spec):
-        raise ValueError("table source: image_size / channels only apply to images (image_column or image_folder)")
+    if not image and ("image_size" in spec or "channels" in spec or "pixel_cache" in spec):
+        raise ValueError(
+            "table source: image_size / channels / pixel_cache only apply to images (image_column or image_folder)"
+        )
     return spec
 
 
@@ -469,6 +546,7 @@ def open_table_source(
         return ImageSource(
             image_size=spec.get("image_size"),
             channels=spec.get("channels"),
+            pixel_cache=spec.get("pixel_cache"),
             root=path if kind == "image_folder" else None,
             **kw,
         )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.datasets import Source, model_inputs
 from pipeline.device import AMP_DTYPES, resolve_amp, resolve_device
@@ -91,6 +92,21 @@ def feature_shape(model: nn.Module, layer: str, example: torch.Tensor | Sequence
 # ---------------------------------------------------------------- one shard
 
 
+class ViewBatches(Dataset):
+    """Batch i of a shard's rows (positions pos, views) as model inputs: map-style, so a
+    DataLoader computes batches in worker processes, in order."""
+
+    def __init__(self, inputs: Source, pos: np.ndarray, views: np.ndarray, transform, batch_size: int):
+        self.inputs, self.pos, self.views, self.transform, self.bs = inputs, pos, views, transform, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.pos) // self.bs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        a, b = i * self.bs, min((i + 1) * self.bs, len(self.pos))
+        return model_inputs(self.inputs, self.pos[a:b], self.views[a:b], self.transform)
+
+
 def teacher_outputs(
     model: nn.Module,
     inputs: Source,
@@ -105,6 +121,7 @@ def teacher_outputs(
     device: str = "cpu",
     amp: str | None = None,
     feature_layer: str | None = None,
+    workers: int = 0,
     where: str = "the dataset",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The teacher's raw outputs for samples [start, stop) x views 0..V-1, sample-major:
@@ -141,15 +158,22 @@ def teacher_outputs(
     was_training = model.training
     model.eval()
     cap = _Capture(model, feature_layer) if feature_layer else None
+    # the rows as the views (sample_id, view) name them, (B, *in_shape) floats or (B, L) token
+    # ids, made in `workers` DataLoader processes (decoding and views off this thread) and
+    # pinned on CUDA so the copy to the device is asynchronous
+    batches = DataLoader(
+        ViewBatches(inputs, pos, views, view_spec, batch_size),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+    )
     try:
         with torch.inference_mode(), torch.autocast(dev.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
-            for a in range(0, R, batch_size):
-                b = min(a + batch_size, R)
-                # the rows as the views (sample_id, view) name them: (B, *in_shape) floats or
-                # (B, L) token ids; pinned on CUDA so the copy to the device is asynchronous
-                xb = model_inputs(inputs, pos[a:b], views[a:b], view_spec)
+            for i, xb in enumerate(batches):
+                a, b = i * batch_size, min((i + 1) * batch_size, R)
                 if cuda:
-                    xb = xb.pin_memory().to(dev, non_blocking=True)
+                    xb = xb.to(dev, non_blocking=True)
                 z = model(xb)  # (B, C)
                 if z.shape != (b - a, logits.shape[1]):
                     raise ValueError(
@@ -200,6 +224,7 @@ class ClassifyLabeller:
         amp: str | None = None,
         feature_layer: str | None = None,
         data: dict | None = None,
+        workers: int = 0,
     ):
         if not hasattr(inputs, "encode"):
             raise ValueError(
@@ -211,7 +236,7 @@ class ClassifyLabeller:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.model, self.inputs, self.transform, self.num_views = model, inputs, transform, num_views
-        self.batch_size, self.feature_layer = batch_size, feature_layer
+        self.batch_size, self.feature_layer, self.workers = batch_size, feature_layer, workers
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)  # warns here once; None off CUDA
         model.to(self.device)
@@ -261,6 +286,7 @@ class ClassifyLabeller:
             device=str(self.device),
             amp=self.amp,
             feature_layer=self.feature_layer,
+            workers=self.workers,
             where=self.output["uri"],
         )
         return [{"sample_ids": sids, "logits": logits, "views": views, "features": feats} for _ in outputs]

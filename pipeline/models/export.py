@@ -60,7 +60,9 @@ def export_torchscript(
     model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still works
+            # torch.jit is deprecated (DeprecationWarning, FutureWarning since torch 2.14) and still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             # input checks (a token id range) trace as constants; the reloaded module is compared below
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example_input)

@@ -33,6 +33,7 @@ from pipeline.hf_files import (  # sets HF offline mode before transformers is i
     MODEL_LOAD_LOCK,
     resolve_model_path,
 )
+from pipeline.models.freezing import freeze_by_prefix, matches
 from pipeline.models.token_classifiers import check_token_ids, masked_mean
 
 WEIGHT_FILES = (
@@ -157,11 +158,6 @@ def _embedding_prefixes(backbone: nn.Module) -> list[str]:
     return out
 
 
-def _matches(name: str, prefix: str) -> bool:
-    p = prefix.rstrip(".")  # whole name components: "encoder.layer.1" is not "encoder.layer.10"
-    return name == p or name.startswith(p + ".")
-
-
 def _valid_prefixes(module: nn.Module) -> list[str]:
     tops = list(dict.fromkeys(n.split(".")[0] for n, _ in module.named_parameters()))
     try:
@@ -170,27 +166,6 @@ def _valid_prefixes(module: nn.Module) -> list[str]:
     except ValueError:
         pass
     return tops
-
-
-def freeze_by_prefix(module: nn.Module, prefixes: Iterable[str], *, what: str = "model") -> list[str]:
-    """requires_grad=False on every parameter of `module` whose name starts with one of the
-    prefixes (whole components). A prefix matching nothing is a ValueError listing valid ones.
-    Returns the frozen parameter names."""
-    if isinstance(prefixes, str):
-        prefixes = [prefixes]
-    named = list(module.named_parameters())
-    frozen = []
-    for prefix in prefixes:
-        hits = [(n, p) for n, p in named if _matches(n, str(prefix))]
-        if not hits:
-            raise ValueError(
-                f"{what}: freeze prefix {prefix!r} matches no parameter; valid prefixes include "
-                f"{_valid_prefixes(module)}"
-            )
-        for n, p in hits:
-            p.requires_grad_(False)
-            frozen.append(n)
-    return list(dict.fromkeys(frozen))
 
 
 def _freeze(
@@ -215,7 +190,7 @@ def _freeze(
             raise ValueError(f"{what}: freeze_layers={n} but the model has {len(layers)} layers")
         todo += [f"{name}.{i}" for i in range(n)]
     if todo:
-        freeze_by_prefix(backbone, todo, what=what)
+        freeze_by_prefix(backbone, todo, what=what, valid=_valid_prefixes(backbone))
     if train_only_head:
         backbone.requires_grad_(False)
 
@@ -345,7 +320,7 @@ def _classifier_linear(model: nn.Module, path: str) -> tuple[str, nn.Linear]:
     found = [
         (n, m)
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not _matches(n, prefix) and m.out_features == model.config.num_labels
+        if isinstance(m, nn.Linear) and not matches(n, prefix) and m.out_features == model.config.num_labels
     ]
     if not found:
         raise ValueError(f"model {path!r}: cannot find the classification Linear of {type(model).__name__}")

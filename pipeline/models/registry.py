@@ -5,7 +5,8 @@ Every model is a `Classifier`: a `body` mapping inputs to a penultimate feature 
 `model.features(x)`; `model(x) == model.head(model.features(x))`.
 
 Build from config with `build_model({"arch": "cnn", "kwargs": {...}}, in_shape=...,
-num_classes=...)`; `arch` is a key of ARCHS or an import path "package.module:factory".
+num_classes=...)`; `arch` is a key of ARCHS, `timm:<name>` / `torchvision:<name>`
+(pipeline/models/vision.py) or an import path "package.module:factory".
 
 Trust: building an import-path arch imports that module and calls the factory, i.e. runs
 its code. build_model trusts its caller's spec (it comes from the caller's own config);
@@ -27,21 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from pipeline.models.classifier import Classifier
+from pipeline.models.vision import is_vision_arch, vision_factory
 from pipeline.paths import import_object
-
-
-class Classifier(nn.Module):
-    def __init__(self, body: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.body = body
-        self.head = head
-        self.feature_dim = head.in_features
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)  # (B, F)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (B, num_classes)
 
 
 def _image_shape(in_shape, arch: str) -> tuple[int, int, int]:
@@ -174,6 +163,8 @@ FROM_WEIGHTS = ("pruned", "hf-causal-lm")
 
 
 def _factory(arch: str):
+    if is_vision_arch(arch):  # timm:<name> / torchvision:<name>, not an import path
+        return vision_factory(arch)
     if is_import_path(arch):
         return _import_factory(arch)
     if arch in ARCHS:
@@ -181,8 +172,8 @@ def _factory(arch: str):
     if arch in LAZY_ARCHS:
         return _import_factory(LAZY_ARCHS[arch])
     raise ValueError(
-        f"unknown model arch {arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
-        f"or an import path 'package.module:factory'"
+        f"unknown model arch {arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)}, "
+        f"timm:<name>, torchvision:<name> or an import path 'package.module:factory'"
     )
 
 
@@ -239,7 +230,7 @@ class UntrustedFactoryError(ValueError):
 
 
 def is_import_path(arch: str) -> bool:
-    return ":" in arch
+    return ":" in arch and not is_vision_arch(arch)
 
 
 def check_factory_trusted(arch: str, trusted_factories: Collection[str] | None, *, source: str = "model spec") -> None:
@@ -358,10 +349,12 @@ def model_adapter(spec: dict | ModelSpec, *, trusted_factories: Collection[str] 
         spec = ModelSpec.from_dict(spec)
     trusted = None if trusted_factories is None else frozenset(trusted_factories)
     check_factory_trusted(spec.arch, trusted)
-    if not is_import_path(spec.arch) and spec.arch not in ARCHS and spec.arch not in LAZY_ARCHS:
+    if is_vision_arch(spec.arch):
+        vision_factory(spec.arch)  # an unknown name is refused now, with close names
+    elif not is_import_path(spec.arch) and spec.arch not in ARCHS and spec.arch not in LAZY_ARCHS:
         raise ValueError(
-            f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)} "
-            f"or an import path 'package.module:factory'"
+            f"unknown model arch {spec.arch!r}: expected one of {sorted(ARCHS | LAZY_ARCHS)}, "
+            f"timm:<name>, torchvision:<name> or an import path 'package.module:factory'"
         )
     return ModelAdapter(spec, trusted)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import threading
 from dataclasses import dataclass
 
 from pipeline.objectives.losses import loss_names
@@ -23,9 +22,6 @@ WORKER_STARTS = ("fork", "spawn", "forkserver")
 RECIPE_FIELDS = ("loss", "temperature", "alpha", "log_path", "ckpt_path")
 # config fields that may change between an interrupted run and its resume
 RESUME_FREE = ("num_workers", "worker_start", "device", "log_path", "ckpt_path", "eval_every")
-# Seeding torch's global RNG and drawing from it (model init) must not interleave between
-# threads (a sweep trains students in parallel threads): whoever seeds or builds holds this.
-GLOBAL_RNG_LOCK = threading.RLock()
 
 
 @dataclass

@@ -37,8 +37,9 @@ from pipeline.models.checkpoint import atomic_torch_save
 from pipeline.objectives.objective import Objective
 from pipeline.tasks import task_of
 from pipeline.training.batches import HardLabelBatches
-from pipeline.training.config import GLOBAL_RNG_LOCK, RESUME_FREE, TrainConfig
+from pipeline.training.config import RESUME_FREE, TrainConfig
 from pipeline.training.stream import keep_batch, open_label_stream
+from pipeline.views.rng import GLOBAL_RNG_LOCK
 
 if TYPE_CHECKING:
     from pipeline.views.base import Transform

@@ -37,9 +37,10 @@ from pipeline.evaluate import predict_logits
 from pipeline.models.checkpoint import load_model, save_checkpoint
 from pipeline.models.registry import FROM_WEIGHTS, complete_spec, model_adapter
 from pipeline.tasks import task_of
-from pipeline.training.config import GLOBAL_RNG_LOCK, TrainConfig, resume_key
+from pipeline.training.config import TrainConfig, resume_key
 from pipeline.training.loop import train
 from pipeline.training.teacher import data_info
+from pipeline.views.rng import GLOBAL_RNG_LOCK
 from storage import Location, lineage_digest
 
 if TYPE_CHECKING:

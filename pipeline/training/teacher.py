@@ -20,9 +20,11 @@ import torch.nn as nn
 from pipeline.data.datasets import Source
 from pipeline.evaluate import accuracy, predict_logits
 from pipeline.models.checkpoint import load_model, save_checkpoint
+from pipeline.models.freezing import freeze_by_prefix
 from pipeline.models.registry import ModelSpec, build_model, complete_spec, param_counts
-from pipeline.training.config import GLOBAL_RNG_LOCK, TrainConfig, resume_key
+from pipeline.training.config import TrainConfig, resume_key
 from pipeline.training.loop import train
+from pipeline.views.rng import GLOBAL_RNG_LOCK
 
 
 def data_info(ds: Source) -> dict:
@@ -130,25 +132,6 @@ def train_teacher(
     return model, meta
 
 
-def apply_freeze(model: nn.Module, freeze: list[str]) -> list[str]:
-    """Set requires_grad=False on parameters whose name starts with any prefix in `freeze`
-    (matched on whole name components: "body" matches "body.0.weight", not "bodyx.w").
-    Returns the frozen names; a prefix that matches nothing is a ValueError."""
-    names = [n for n, _ in model.named_parameters()]
-    frozen = []
-    for prefix in freeze:
-        p = prefix.rstrip(".")
-        hits = [n for n in names if n == p or n.startswith(p + ".")]
-        if not hits:
-            tops = sorted({n.split(".")[0] for n in names})
-            raise ValueError(f"freeze prefix {prefix!r} matches no parameter; top-level names are {tops}")
-        frozen += hits
-    for n, param in model.named_parameters():
-        if n in frozen:
-            param.requires_grad_(False)
-    return sorted(set(frozen))
-
-
 def finetune(
     checkpoint: str,
     data: Source,
@@ -181,7 +164,7 @@ def finetune(
             if not isinstance(getattr(model, "head", None), nn.Linear):
                 raise ValueError(f"cannot replace the head for {data.num_classes} classes: model has no Linear .head")
             model.head = nn.Linear(model.head.in_features, data.num_classes)
-    frozen = apply_freeze(model, list(freeze or []))
+    frozen = sorted(freeze_by_prefix(model, list(freeze or []), what=f"teacher {checkpoint}"))
     lineage = training_lineage(data, val_data, transform, cfg, parent=src.get("fingerprint"), freeze=freeze)
     result = train(
         model,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 TRANSFORMS_VERSION = 1  # bump when an algorithm here changes; part of every fingerprint
-KINDS = ("tokens", "signal", "function", "compose")
+KINDS = ("tokens", "signal", "function", "compose", "torchvision")
 
 
 # hash streams (distinct from views.py's 1..4)

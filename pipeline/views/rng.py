@@ -5,10 +5,17 @@ platform or the torch/numpy version's RNG streams. Every transform draws from he
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from pipeline.views.base import check_seed
+
+# Seeding torch's global RNG and drawing from it must not interleave between threads (a sweep
+# trains students in parallel threads): model init, training seeds and the torchvision views,
+# which seed it per row, hold this one lock.
+GLOBAL_RNG_LOCK = threading.RLock()
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

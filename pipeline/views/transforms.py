@@ -24,7 +24,8 @@ Decisions are exact integer comparisons (a 53-bit slice of the hash against
 round(p * 2**53)), so they are bit-identical on every platform and torch version.
 
 Kinds (`to_dict()["kind"]`): "tokens" (TokenViews), "signal" (SignalViews), "function"
-(FunctionView), "compose" (Compose). A dict without "kind" is a ViewSpec (its dict
+(FunctionView), "compose" (Compose), "torchvision" (TorchvisionViews: a transforms.v2
+pipeline, pipeline/views/torchvision.py). A dict without "kind" is a ViewSpec (its dict
 predates this module and is stored in existing datasets, so it stays as it is).
 `transform_from_dict` rebuilds any of them from a manifest; `transform_from_config`
 builds one from a YAML config section (token ids filled from the tokenizer).
@@ -71,6 +72,7 @@ from pipeline.views.rng import (  # noqa: F401
     row_generators,
     row_keys,
 )
+from pipeline.views.torchvision import TorchvisionViews
 
 # ---------------------------------------------------------------- tokens
 
@@ -353,7 +355,13 @@ def _steps_of(d: dict) -> list:
 
 # ---------------------------------------------------------------- rebuild
 
-_BUILDERS = {"tokens": TokenViews, "signal": SignalViews, "function": FunctionView, "compose": Compose}
+_BUILDERS = {
+    "tokens": TokenViews,
+    "signal": SignalViews,
+    "function": FunctionView,
+    "compose": Compose,
+    "torchvision": TorchvisionViews,
+}
 
 
 def _kind_of(d) -> str | None:
@@ -416,6 +424,8 @@ def transform_from_config(d: dict | None, *, tokenizer_info: dict | None = None)
         t = FunctionView.from_dict(d)
         t.resolve()
         return t
+    if kind == "torchvision":
+        return TorchvisionViews.from_config(d)
     return _BUILDERS[kind].from_dict(d)
 
 

@@ -157,6 +157,13 @@ def _check_views(cfg: ClassifyConfig, src) -> None:
     from pipeline.data.datasets import model_inputs
 
     spec = view_spec(cfg)
+    steps = getattr(spec, "steps", None) if getattr(spec, "kind", None) == "compose" else [spec]
+    if cfg.students.max_parallel > 1 and any(getattr(t, "global_rng", False) for t in steps or []):
+        raise ConfigError(
+            f"views.transform kind torchvision seeds torch's global generator per row, which students "
+            f"training in parallel threads also draw from (dropout): set students.max_parallel: 1 "
+            f"(found {cfg.students.max_parallel}; one student already uses every CPU core)"
+        )
     if spec is None or cfg.views.num_views < 2 or not len(src):
         return
     try:

@@ -14,6 +14,8 @@ owner; nothing is defined twice.
         .terms(student_logits, batch)                                # the loss the built-in loop uses
     distillery.LOSSES                                                # every registered loss, with its formula
     distillery.losses.topk_kl(logits, batch)                         # each loss as a plain function
+    distillery.views_of(labels).apply(x, sample_ids, views)          # the stored views, replayed
+    distillery.build_model({"arch": "timm:mobilenetv3_small_050"}, in_shape=(1, 32, 32), num_classes=10)
 
 Language models:
     corpus = distillery.corpus_of(labels)                            # the labelled windows, checked
@@ -27,9 +29,10 @@ Signed datasets: distillery.keys.generate / load_signer / load_verifier (Ed25519
 """
 
 from pipeline.api import losses
-from pipeline.api.labels import StoredLabels, distill_loss
+from pipeline.api.labels import StoredLabels, distill_loss, views_of
 from pipeline.api.tokens import corpus_of, open_stream, to_hf_dataset
 from pipeline.data.datasets import load_dataset
+from pipeline.models.registry import build_model
 from pipeline.objectives.losses import FAMILIES, LOSSES, register_loss
 from pipeline.objectives.objective import Objective
 from pipeline.training.windows import TokenLabels, Windows, collate_tokens
@@ -52,6 +55,8 @@ __all__ = [
     "open_labels",
     "StoredLabels",
     "distill_loss",
+    "views_of",
+    "build_model",
     "losses",
     "TokenLabels",
     "Windows",

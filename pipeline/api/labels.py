@@ -67,6 +67,17 @@ class StoredLabels(Dataset):
         return [(self.data[i], {k: v[j] for k, v in lab.items()}) for j, i in enumerate(idx)]
 
 
+def views_of(labels: SoftLabelDataset | str):
+    """The view transform the labels were made with (rebuilt from the manifest: a ViewSpec,
+    torchvision v2 pipeline, ...), or None for labels of plain inputs. `t.apply(x, sample_ids,
+    views)` regenerates in a user's own loop exactly the inputs the teacher labelled (x: the
+    un-augmented rows (B, ...), view 0 is x itself)."""
+    from pipeline.views.transforms import transform_from_dict
+
+    labels = labels if isinstance(labels, SoftLabelDataset) else open_soft_labels(labels)
+    return transform_from_dict((labels.manifest.get("data") or {}).get("transform"))
+
+
 def _per_item(v, n: int, what: str) -> np.ndarray:
     if callable(v):
         return np.fromiter((int(v(i)) for i in range(n)), np.int64, count=n)

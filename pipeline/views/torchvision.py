@@ -29,8 +29,9 @@ size the model sees is the source's `image_size`. View 0 is the input unchanged.
 
 Global-RNG hazard: a thread drawing from torch's global generator without the lock (dropout
 in a student training in a parallel thread) could interleave with a row's draws. Labelling
-runs teachers in eval mode (no draws), and the training stream computes these views in
-DataLoader worker processes (`in_workers`), where nothing else draws.
+runs teachers in eval mode (no draws) and DataLoader workers are processes of their own, so
+the one case is students trained in parallel threads: the flows refuse `students.max_parallel`
+> 1 with these views (`global_rng`); on a CPU one student already uses every core.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class TorchvisionViews:
     torchvision: str | None = None  # the version the views were made with; None: the installed one
 
     kind = "torchvision"
-    in_workers = True  # draws from the global RNG: the training stream computes it in worker processes
+    global_rng = True  # seeds and draws from torch's global generator (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "steps", _check_steps(self.steps))

@@ -59,7 +59,9 @@ def main():
     ok = True
     for r in rows:
         gains = r.get("gain_per_seed") or [None] * len(r["per_seed"])
-        cells = [f"{v:.4f}" + (f" ({100 * g:+5.1f})" if g is not None else " " * 8) for v, g in zip(r["per_seed"], gains)]
+        cells = [
+            f"{v:.4f}" + (f" ({100 * g:+5.1f})" if g is not None else " " * 8) for v, g in zip(r["per_seed"], gains)
+        ]
         print(f"{r['name']:<40}" + "".join(f"{c:>18}" for c in cells))
         if r["loss"] != "ce":
             ok &= all(g >= a.target for g in gains) and statistics.fmean(gains) >= a.target

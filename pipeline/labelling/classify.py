@@ -154,7 +154,12 @@ def teacher_outputs(
     logits = np.empty((R, num_classes), np.float32)
     feats = np.empty((R, int(np.prod(feat["shape"]))), np.float32) if feat else None
 
+    # images on CUDA: channels_last (NHWC), the layout cuDNN's fast convolution kernels (and
+    # bf16 autocast's tensor cores) want; a no-op for other inputs and on the CPU
+    layout = torch.channels_last if cuda and len(inputs.in_shape) == 3 else torch.preserve_format
     model.to(dev)
+    if layout is torch.channels_last:
+        model.to(memory_format=layout)
     was_training = model.training
     model.eval()
     cap = _Capture(model, feature_layer) if feature_layer else None
@@ -173,7 +178,7 @@ def teacher_outputs(
             for i, xb in enumerate(batches):
                 a, b = i * batch_size, min((i + 1) * batch_size, R)
                 if cuda:
-                    xb = xb.to(dev, non_blocking=True)
+                    xb = xb.to(dev, non_blocking=True, memory_format=layout)
                 z = model(xb)  # (B, C)
                 if z.shape != (b - a, logits.shape[1]):
                     raise ValueError(

@@ -46,7 +46,7 @@ from pipeline.data.datasets import model_inputs  # noqa: E402
 from pipeline.data.sources import open_table_source  # noqa: E402
 from pipeline.labelling.classify import label_dataset, teacher_outputs  # noqa: E402
 from pipeline.models.registry import build_model  # noqa: E402
-from pipeline.training.stream import keep_batch  # noqa: E402
+from pipeline.training.stream import from_wire, keep_batch  # noqa: E402
 from pipeline.views.images import ViewSpec  # noqa: E402
 from pipeline.views.transforms import transform_from_config  # noqa: E402
 
@@ -182,7 +182,7 @@ def epoch(batches, stream, e, step=None):
     t0 = w0 = time.perf_counter()
     wait = 0.0
     for b in batches:
-        b = {k: torch.as_tensor(v) for k, v in b.items()}  # numpy from workers, as the loop does
+        b = from_wire(b) if isinstance(b["x"], np.ndarray) else b  # numpy from workers, as the loop does
         wait += time.perf_counter() - w0
         if step is not None:
             step(b)

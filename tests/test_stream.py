@@ -186,8 +186,8 @@ def test_stream_yields_stored_data_only(tmp_path):
 
 def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
     """worker_numpy: a DataLoader worker hands over numpy arrays (collate_fn=keep_batch);
-    wrapped with torch.as_tensor they equal the in-process tensor batches, field by field."""
-    from pipeline.training.stream import keep_batch
+    turned into tensors by from_wire they equal the in-process tensor batches, field by field."""
+    from pipeline.training.stream import from_wire, keep_batch
 
     inputs = make_inputs(n=30)
     uri = write_store(str(tmp_path / "sl"), inputs, views=2, shards=2)
@@ -199,9 +199,30 @@ def test_worker_numpy_batches_equal_in_process_batches(tmp_path):
     got = list(dl)
     assert len(got) == len(want) == stream.num_batches()
     for g, w in zip(got, want):
-        assert set(g) == set(w) and all(isinstance(v, np.ndarray) for v in g.values())
+        assert all(isinstance(v, np.ndarray) for v in g.values())
+        g = from_wire(g)
+        assert set(g) == set(w)
         for key in w:
-            assert torch.equal(torch.as_tensor(g[key]), w[key]), key
+            assert torch.equal(g[key], w[key]) and g[key].dtype == w[key].dtype, key
+
+
+def test_pixels_cross_from_workers_as_uint8_and_come_back_bit_exact():
+    """8-bit images (k/255 as float32, by division or by 1/255) travel as uint8, a quarter of
+    the bytes, and are rebuilt to the same float32 bits; anything else travels unchanged."""
+    from pipeline.training.stream import from_wire, to_wire
+
+    k = np.random.default_rng(0).integers(0, 256, (8, 1, 6, 6)).astype(np.float32)
+    for x in (k / np.float32(255), k * np.float32(1 / 255)):
+        wire = to_wire({"x": x, "sample_id": np.arange(8)})
+        assert wire["x"].dtype == np.uint8 and wire["x"].nbytes == x.nbytes // 4
+        back = from_wire(wire)
+        assert set(back) == {"x", "sample_id"} and back["x"].dtype == torch.float32
+        assert np.array_equal(back["x"].numpy().view(np.uint32), x.view(np.uint32))  # the very bits
+    noisy = k / np.float32(255) + np.float32(1e-3)  # not pixels (a noise view): as it is
+    assert to_wire({"x": noisy})["x"] is noisy
+    rows = np.random.default_rng(1).random((8, 5)).astype(np.float32)  # tabular rows: as they are
+    assert to_wire({"x": rows})["x"] is rows
+    assert torch.equal(from_wire({"x": noisy})["x"], torch.from_numpy(noisy))
 
 
 def _epoch(loader, stream, epoch):

@@ -38,7 +38,7 @@ from pipeline.objectives.objective import Objective
 from pipeline.tasks import task_of
 from pipeline.training.batches import HardLabelBatches
 from pipeline.training.config import RESUME_FREE, TrainConfig
-from pipeline.training.stream import keep_batch, open_label_stream
+from pipeline.training.stream import from_wire, keep_batch, open_label_stream
 from pipeline.views.rng import GLOBAL_RNG_LOCK
 
 if TYPE_CHECKING:
@@ -293,7 +293,7 @@ def train(
         w_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
             if numpy_batches:  # from CPU DataLoader workers (LabelStream.worker_numpy); shares memory
-                batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+                batch = from_wire(batch)
             if on_batch is not None:
                 on_batch(epoch, batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

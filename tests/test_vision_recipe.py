@@ -176,7 +176,8 @@ def test_public_api_replays_the_views_and_trains_a_timm_student(vision_run):
     for _ in range(3):
         for idx in loader:
             (xb,), target = torch.utils.data.default_collate(data.__getitems__(idx.tolist()))
-            xb = t.apply(xb, ids[idx], views[idx])
+            assert torch.equal(target["sample_id"], torch.from_numpy(ids[idx]))
+            xb = t.apply(xb, target["sample_id"], target["view"])
             loss = distillery.distill_loss(student(xb), target, labels=labels)
             opt.zero_grad()
             loss.backward()

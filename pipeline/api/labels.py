@@ -26,8 +26,9 @@ from storage import SoftLabelDataset, open_soft_labels
 
 class StoredLabels(Dataset):
     """Item i: (data[i], the stored label of (sample_ids[i], views[i])), a dict of tensors:
-    dense `stored_logits` (C,) = z/T as stored; top-k `topk_ids` (k,), `topk_logprobs` (k,)
-    (the teacher's log-probs at T). Map-style, so the user's own sampler, DistributedSampler
+    `sample_id`, `view` (the row's, for views_of(labels).apply), and dense `stored_logits`
+    (C,) = z/T as stored; top-k `topk_ids` (k,), `topk_logprobs` (k,) (the teacher's
+    log-probs at T). Map-style, so the user's own sampler, DistributedSampler
     and DataLoader workers work as with any dataset; a batch of indices is read at once
     (`__getitems__`). Every id is checked when the dataset is made: a missing one is named.
 
@@ -56,7 +57,9 @@ class StoredLabels(Dataset):
 
     def _labels(self, idx: list[int]) -> dict[str, torch.Tensor]:
         rows = self.labels.take(self.ids[idx], self.views[idx])
-        return row_labels(self.kind, rows)
+        # the row's own (sample_id, view): what views_of(labels).apply needs to replay its input
+        ids = {"sample_id": torch.from_numpy(self.ids[idx]), "view": torch.from_numpy(self.views[idx])}
+        return ids | row_labels(self.kind, rows)
 
     def __getitem__(self, i: int):
         lab = self._labels([i])

@@ -345,3 +345,28 @@ def test_labelling_with_view_workers_stores_the_same_logits(tmp_path):
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[2], b[2])
     assert a[2].shape == (40 * 3, 3)
+
+
+def test_hint_from_a_timm_teacher_into_a_torchvision_student(tmp_path, digits):
+    """A FitNets hint across libraries: the timm teacher's pooled feature (its global_pool
+    module, stored at labelling) and the torchvision student's features() (B, 1024) meet
+    through the learned regressor."""
+    from pipeline.labelling.classify import label_dataset
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.loop import train
+
+    tr = digits["train"]
+    torch.manual_seed(0)
+    teacher = build_model({"arch": "timm:resnet10t"}, in_shape=(1, 8, 8), num_classes=10)
+    uri = str(tmp_path / "feat")
+    meta = {"teacher": {"name": "t", "fingerprint": "sha256:t"}, "shard_size": 150}
+    label_dataset(teacher, tr, uri, temperature=2.0, feature_layer="model.global_pool", **meta)
+    torch.manual_seed(0)
+    s = build_model({"arch": "torchvision:mobilenet_v3_small"}, in_shape=(1, 8, 8), num_classes=10)
+    cfg = TrainConfig(epochs=1, batch_size=50, lr=1e-3, device="cpu", loss="kd", hint_weight=1.0)
+    cfg.ckpt_path = str(tmp_path / "ck.pt")
+    seen = []
+    res = train(s, cfg, train_data=tr, labels=uri, on_batch=lambda e, b: seen.append(tuple(b["teacher_feature"].shape)))
+    assert res["epochs_run"] == 1 and seen and all(shape == (50, 512) for shape in seen)
+    ck = torch.load(cfg.ckpt_path, weights_only=False)
+    assert ck["hint"]["regressor.weight"].shape == (512, 1024)  # student 1024 -> teacher 512

@@ -395,9 +395,11 @@ def _data_line(d: dict) -> str:
     if inp.get("tokenizer"):
         how += f", tokenizer {inp['tokenizer'].get('fingerprint', '')[:12]} max_length {inp.get('max_length')}"
     tr = d.get("transform")
-    return f"{d.get('name')} split {split!r}, fingerprint {str(d.get('fingerprint'))[:16]}, {how} inputs" + (
-        f", views {tr.get('kind', 'image')}" if tr else ""
-    )
+    views = f", views {tr.get('kind', 'image')}" if tr else ""
+    if tr and tr.get("kind") == "torchvision":  # the pipeline the crops replay through, and its version
+        steps = " -> ".join(next(iter(st)) for st in tr.get("steps") or [] if isinstance(st, dict) and st)
+        views += f" {tr.get('torchvision')} ({steps}, seed {tr.get('seed')})"
+    return f"{d.get('name')} split {split!r}, fingerprint {str(d.get('fingerprint'))[:16]}, {how} inputs{views}"
 
 
 if __name__ == "__main__":

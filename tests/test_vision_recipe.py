@@ -86,6 +86,9 @@ def test_replay_recomputes_the_stored_crops(vision_run, capsys):
     assert main(["inspect", cfg.soft_label_uri(), "--replay", "12"]) == 0
     out = capsys.readouterr().out
     assert "12 rows recomputed" in out and ": match" in out
+    assert main(["inspect", cfg.soft_label_uri()]) == 0
+    out = capsys.readouterr().out  # the pipeline the crops replay through, and its version
+    assert "views torchvision 0.29" in out and "(RandomResizedCrop -> RandomHorizontalFlip -> RandAugment" in out
 
 
 def test_bad_vision_input_is_one_line_and_writes_nothing(vision_run, tmp_path):

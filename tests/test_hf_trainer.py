@@ -157,7 +157,8 @@ def test_a_sequence_classifier_learns_from_dense_labels(tmp_path):
         assert one.state.log_history[0]["loss"] == pytest.approx(float(want), rel=1e-5), alpha
     # collate_rows: the inputs collated, hard labels as y, the stored logits stacked
     b = distillery.collate_rows([data[0], data[1]])
-    assert set(b) == {"x", "y", "weight", "stored_logits"} and set(b["x"]) == {"input_ids", "attention_mask"}
+    assert set(b) == {"x", "y", "weight", "stored_logits", "sample_id", "view"}  # the stream's keys
+    assert set(b["x"]) == {"input_ids", "attention_mask"} and b["sample_id"].tolist() == [data.ids[0], data.ids[1]]
     assert b["y"].tolist() == y[perm[:2]].tolist() and b["stored_logits"].shape == (2, c)
 
     # a few steps lower the KD loss (T' = stored T, the default)

@@ -89,7 +89,7 @@ def preflight_classify(cfg: ClassifyConfig) -> None:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{data}: {e}") from None
     try:
-        view_spec(cfg)  # a user view function is imported here; bad keys named
+        spec = view_spec(cfg)  # a user view function is imported here; bad keys named
     except (ValueError, TypeError) as e:
         raise ConfigError(f"views: {e}") from None
     labelled, transfer = s.get("train"), s.get(cfg.data.label_split)
@@ -114,7 +114,7 @@ def preflight_classify(cfg: ClassifyConfig) -> None:
 
     _check_hf_models(cfg)
     _check_vision_models(cfg, in_shape, num_classes)
-    _check_views(cfg, s.get(cfg.data.label_split) or next(iter(s.values())))
+    _check_views(cfg, spec, s.get(cfg.data.label_split) or next(iter(s.values())))
 
     k = cfg.label.k
     if k is not None and num_classes and k > num_classes:
@@ -150,13 +150,12 @@ def _check_vision_models(cfg: ClassifyConfig, in_shape, num_classes) -> None:
             raise ConfigError(f"{key}: {e}") from None
 
 
-def _check_views(cfg: ClassifyConfig, src) -> None:
+def _check_views(cfg: ClassifyConfig, spec, src) -> None:
     """The view transform applied to one real row as view 1: a transform that cannot run on
     these inputs (a crop to another size, a step that does not take these images) is refused
     now, not after the teacher has trained."""
     from pipeline.data.datasets import model_inputs
 
-    spec = view_spec(cfg)
     steps = getattr(spec, "steps", None) if getattr(spec, "kind", None) == "compose" else [spec]
     if cfg.students.max_parallel > 1 and any(getattr(t, "global_rng", False) for t in steps or []):
         raise ConfigError(

@@ -260,13 +260,9 @@ class ImageSource(TableSource):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            rows, step = self._rows, 1024
-            self._rows = None  # every row of the cache, in cache order
-            try:
-                for a in range(0, shape[0], step):
-                    out[a : a + step] = self._decode_rows(np.arange(a, min(a + step, shape[0])))
-            finally:
-                self._rows = rows
+            # built when the source is opened, before any subset: positions are cache rows
+            for a in range(0, shape[0], 1024):
+                out[a : a + 1024] = self._decode_rows(np.arange(a, min(a + 1024, shape[0])))
             out.flush()
             del out
             with open(tmp, "rb+") as f:

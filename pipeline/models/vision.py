@@ -164,12 +164,12 @@ def _head_name(model: nn.Module, lib: str, num_classes: int, what: str) -> str:
 
 def _split(model: nn.Module, head_name: str, c_in: int):
     """A torchvision model as Classifier(body, head): the head Linear swapped for Identity in the body."""
+    if c_in not in (1, 3):
+        raise ValueError(f"torchvision models take 3 (or 1, repeated) channels, found {c_in}")
     head = model.get_submodule(head_name)
     parent, _, leaf = head_name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
     body = model if c_in == 3 else nn.Sequential(_RepeatChannels(), model)
-    if c_in not in (1, 3):
-        raise ValueError(f"torchvision models take 3 (or 1, repeated) channels, found {c_in}")
     return Classifier(body, head)
 
 

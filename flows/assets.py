@@ -20,6 +20,11 @@ user's image data arrives: one PNG per row (`image`), its class name (`label`) a
 in the package's arrays (`id`). The 284 exact duplicate images are dropped (the first copy
 kept), so no image is in two splits: 9,716 rows.
 
+The chitchat conversations (`chitchat.jsonl`: the 4,018 two-person conversations of the
+7,168 in `chitchat-dataset` 0.9.0, MIT, BYU PCC lab) ship as one JSON file inside its wheel;
+the first writer of each becomes the `user`, the other the `assistant`, one sender's
+consecutive messages one turn (chitchat_conversations).
+
 Every file is sha256-checked and written atomically.
 """
 
@@ -67,6 +72,13 @@ ANIMALS = {
     },
     "file": "animal_mnist.parquet",
     "classes": ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"],
+}
+
+CHITCHAT = {
+    "package": "chitchat-dataset==0.9.0",
+    "member": "chitchat_dataset/dataset.json",
+    "sha256": "d2a5d0bf6acf354fef51f3af39cbece2220d3b8f6086b658c3d335105798312a",
+    "file": "chitchat.jsonl",
 }
 
 
@@ -214,17 +226,71 @@ def fetch_animals(assets_dir: Path | str | None = None, *, quiet: bool = False) 
     return out
 
 
+def chitchat_path(assets_dir: Path | str | None = None) -> Path:
+    return Path(assets_dir or ASSETS_DIR) / CHITCHAT["file"]
+
+
+def chitchat_conversations(raw: dict) -> list[dict]:
+    """The package's {id: {messages: [[{text, sender, ...}, ...], ...]}} as chat data: the
+    conversations between exactly two people (4,018 of 7,168), whoever writes first the
+    `user`, the other the `assistant`; a turn is one sender's consecutive messages joined by
+    newlines (blank ones dropped), in the file's order."""
+    out = []
+    for cid, conv in raw.items():
+        turns: list[tuple[str, list[str]]] = []
+        for turn in conv["messages"]:
+            for m in turn:
+                text = (m.get("text") or "").strip()
+                if not text:
+                    continue
+                if turns and turns[-1][0] == m["sender"]:
+                    turns[-1][1].append(text)
+                else:
+                    turns.append((m["sender"], [text]))
+        senders = list(dict.fromkeys(s for s, _ in turns))
+        if len(senders) != 2:
+            continue
+        role = {senders[0]: "user", senders[1]: "assistant"}
+        out.append({"id": cid, "messages": [{"role": role[s], "content": "\n".join(t)} for s, t in turns]})
+    return out
+
+
+def fetch_chitchat(assets_dir: Path | str | None = None, *, quiet: bool = False) -> Path:
+    """The chitchat conversations as chat JSONL ({"id", "messages": [{role, content}]} per
+    line) under assets_dir, built once from the wheel's dataset.json (chitchat_conversations)."""
+    import json
+
+    out = chitchat_path(assets_dir)
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = _download(
+        {CHITCHAT["member"]: CHITCHAT["sha256"]}, CHITCHAT["package"], out, "*.whl", _from_wheel, False, quiet
+    )
+    convs = chitchat_conversations(json.loads(data[CHITCHAT["member"]]))
+    tmp_out = out.with_suffix(".tmp")
+    with open(tmp_out, "w", encoding="utf-8") as f:
+        for c in convs:
+            f.write(json.dumps(c, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_out, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         reviews = fetch_reviews()
         kjv = fetch_kjv()
         animals = fetch_animals()
+        chitchat = fetch_chitchat()
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:
         print(f"distill assets: {e}", file=sys.stderr)
         return 1
     print(f"reviews table: {reviews}")
     print(f"KJV corpus: {kjv}")
     print(f"Animal-MNIST images: {animals}")
+    print(f"chitchat conversations: {chitchat}")
     return 0
 
 

@@ -543,13 +543,18 @@ class ClassifyConfig(RunConfig):
 
 
 class CorpusConfig(Section):
-    kind: Literal["jsonl", "text_files", "parquet"]
+    kind: Literal["jsonl", "text_files", "parquet", "chat"]
     path: str  # a .jsonl file, a folder of *.txt files, or a .parquet table
     text_field: str = "text"  # the JSON field (jsonl) or the column (parquet) holding text
+    # chat: conversations ({"messages": [{role, content}]} per JSON line, or a Parquet column),
+    # rendered with the teacher's chat template; only assistant tokens are labelled and scored
+    messages_field: str = "messages"
+    too_long: Literal["refuse", "skip"] = "refuse"  # chat: a message longer than seq_len cannot be
+    # cut between messages: refuse it (naming file and line), or leave its conversation out
     seq_len: int = Field(128, ge=2)  # tokens per window (the window holds seq_len + 1 for targets)
     windows: Literal["packed", "documents"] = "packed"  # packed: one stream cut every seq_len;
-    # documents: windows never cross a document, the last shorter
-    sizes: dict[str, int]  # windows per split: needs train and val
+    # documents: windows never cross a document, the last shorter (chat: always per conversation)
+    sizes: dict[str, int]  # windows per split (chat: conversations): needs train and val
     seed: int = 0
 
     @model_validator(mode="after")

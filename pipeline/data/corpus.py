@@ -57,6 +57,8 @@ import tempfile
 import numpy as np
 import torch
 
+from pipeline.data import chat
+from pipeline.data.chat import chat_path, turn_windows
 from pipeline.data.datasets import split_dataset
 from pipeline.data.table import TableSource, cached_fingerprint
 from pipeline.paths import cache_root, file_sha256
@@ -201,11 +203,15 @@ def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path
         "dtype": np.dtype(dtype).name,
         "fingerprint": h.hexdigest(),
     }
-    fd3, tmp_json = tempfile.mkstemp(dir=root, prefix=".meta-", suffix=".json")
-    with os.fdopen(fd3, "w") as f:
-        json.dump(meta, f, sort_keys=True)
-    os.replace(tmp_json, json_path)
+    _write_json_atomic(json_path, meta)
     return meta
+
+
+def _write_json_atomic(path: str, meta: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".meta-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def docs_path(tokens_path: str) -> str:
@@ -251,7 +257,15 @@ class TokenCorpus:
     num_classes = None
 
     def __init__(
-        self, *, name: str, tokens_path: str, meta: dict, seq_len: int, tokenizer_info: dict, windows: str = "packed"
+        self,
+        *,
+        name: str,
+        tokens_path: str,
+        meta: dict,
+        seq_len: int,
+        tokenizer_info: dict,
+        windows: str = "packed",
+        too_long: str = "refuse",
     ):
         if windows not in WINDOWS:
             raise ValueError(f"windows must be one of {list(WINDOWS)}, got {windows!r}")
@@ -265,8 +279,29 @@ class TokenCorpus:
         self._tokens = None
         self._full = True
         n = meta["num_tokens"]
-        self._win = None  # documents: (stream start, length) per window
-        if windows == "documents":
+        self._win = None  # documents / turns: (stream start, length) per window
+        self._mask = self._mask_cumsum = None  # chat: the assistant mask over the stream (uint8, mmap)
+        self._conv = None  # chat: each window's conversation
+        if "assistant_tokens" in meta:  # a chat corpus: windows of whole turns (pipeline/data/chat.py)
+            self.window_mode = "turns"
+            unit = "row" if meta["format"] == "chat_parquet" else "line"
+            s0, n0, conv = turn_windows(
+                np.load(docs_path(tokens_path)),
+                np.load(chat_path(tokens_path, "turns")),
+                np.load(chat_path(tokens_path, "lines")),
+                n,
+                self.seq_len,
+                meta["source"]["path"],
+                unit,
+                skip_long=too_long == "skip",
+            )
+            self.too_long = too_long
+            # a window of user turns only has nothing to learn: left out (the labels hold >= 1 row per window)
+            cs = self._mask_cumsum = np.concatenate([[0], np.cumsum(self.assistant_mask, dtype=np.int64)])
+            some = cs[s0 + n0 + 1] > cs[s0 + 1]
+            self._win, self._conv = (s0[some], n0[some]), conv[some]
+            self.chunks_in_source = len(self._win[0])
+        elif windows == "documents":
             self._win = document_windows(np.load(docs_path(tokens_path)), n, self.seq_len)
             self.chunks_in_source = len(self._win[0])
         else:
@@ -340,6 +375,28 @@ class TokenCorpus:
         )
 
     @classmethod
+    def from_chat(
+        cls, path, *, messages_field: str = "messages", tokenizer=None, tokenizer_path=None, seq_len: int, **kw
+    ) -> TokenCorpus:
+        """One conversation per JSON line (its `messages_field`: [{role, content}, ...]) or
+        per row of a Parquet column of such lists, rendered with the tokenizer's chat
+        template; labelled positions are those whose target is an assistant token
+        (pipeline/data/chat.py)."""
+        p = _file(path)
+        parquet = p.endswith(".parquet")
+        return cls._open(
+            "chat_parquet" if parquet else "chat_jsonl",
+            p,
+            {"path": p, "messages_field": messages_field},
+            _sha256(p),
+            (lambda: chat.read_parquet(p, messages_field)) if parquet else (lambda: chat.read_jsonl(p, messages_field)),
+            tokenizer,
+            tokenizer_path,
+            seq_len,
+            **kw,
+        )
+
+    @classmethod
     def _open(
         cls,
         fmt,
@@ -356,9 +413,12 @@ class TokenCorpus:
         separator_id: int | None = None,
         name: str | None = None,
         windows: str = "packed",
+        too_long: str = "refuse",
     ) -> TokenCorpus:
         from pipeline.hf_files import load_tokenizer, tokenizer_info
 
+        if too_long not in ("refuse", "skip"):
+            raise ValueError(f"too_long must be 'refuse' or 'skip', got {too_long!r}")
         if int(seq_len) != seq_len or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, found {seq_len!r}")
         if max_positions is not None and seq_len > int(max_positions):
@@ -381,7 +441,7 @@ class TokenCorpus:
         if not 0 <= int(sep) < vocab:
             raise ValueError(f"separator_id {sep} is outside the tokenizer's vocabulary of {vocab}")
         dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-        field = source.get("text_field", source.get("text_column"))
+        field = source.get("text_field", source.get("text_column", source.get("messages_field")))
         header = {
             "version": CORPUS_VERSION,
             "format": fmt,
@@ -390,12 +450,22 @@ class TokenCorpus:
             "tokenizer_fingerprint": info["fingerprint"],
             "separator_id": int(sep),
         }
+        is_chat = fmt.startswith("chat_")
+        if is_chat:  # the template decides the text and the mask: part of the cache key
+            where = os.fspath(tokenizer_path) if tokenizer_path is not None else "tokenizer="
+            header["chat_template_sha256"] = chat.template_sha256(chat.template_of(tokenizer, where))
         key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
         root = corpus_root(cache_dir)
         tokens_path, json_path = os.path.join(root, f"{key}.tokens.npy"), os.path.join(root, f"{key}.json")
-        if os.path.isfile(json_path) and os.path.isfile(tokens_path) and os.path.isfile(docs_path(tokens_path)):
+        extra = [chat.chat_path(tokens_path, w) for w in ("mask", "turns", "lines")] if is_chat else []
+        if all(os.path.isfile(q) for q in (json_path, tokens_path, docs_path(tokens_path), *extra)):
             with open(json_path) as f:
                 meta = json.load(f)
+        elif is_chat:
+            os.makedirs(root, exist_ok=True)
+            meta = {**header, "source": source}
+            meta |= chat.build_chat_cache(batches(), tokenizer, int(sep), dtype, tokens_path, meta)
+            _write_json_atomic(json_path, meta)  # last: the cache opens only when complete
         else:
             meta = build_cache(
                 batches(), tokenizer, int(sep), dtype, tokens_path, json_path, {**header, "source": source}
@@ -403,7 +473,13 @@ class TokenCorpus:
         meta = {**meta, "source": source}  # the place it was opened from this time
         nm = name or os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
         return cls(
-            name=nm, tokens_path=tokens_path, meta=meta, seq_len=int(seq_len), tokenizer_info=info, windows=windows
+            name=nm,
+            tokens_path=tokens_path,
+            meta=meta,
+            seq_len=int(seq_len),
+            tokenizer_info=info,
+            windows=windows,
+            too_long=too_long,
         )
 
     # -- state
@@ -420,12 +496,12 @@ class TokenCorpus:
         return self._tokens
 
     def __getstate__(self) -> dict:
-        drop = ("_tokens", "_index_cache") + (("sample_ids",) if self._full else ())
+        drop = ("_tokens", "_mask", "_mask_cumsum", "_index_cache") + (("sample_ids",) if self._full else ())
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._tokens = None
+        self._tokens = self._mask = self._mask_cumsum = None
         if self._full:
             self.sample_ids = np.arange(self.chunks_in_source, dtype=np.int64)
 
@@ -468,12 +544,54 @@ class TokenCorpus:
             out[i, : len(seg)] = seg
         return out
 
+    @property
+    def is_chat(self) -> bool:
+        return "assistant_tokens" in self._meta
+
+    def label_mask(self, pos) -> np.ndarray:
+        """(B, seq_len) bool: the labelled positions of the windows at pos, the positions
+        every loss, perplexity and stored label counts: a window's real positions, and in a
+        chat corpus only those whose target is an assistant token."""
+        pos = self._positions(pos)
+        n = self.lengths(pos)
+        real = np.arange(self.seq_len)[None, :] < n[:, None]
+        if not self.is_chat:
+            return real
+        starts, mask = self._win[0][self.sample_ids[pos]], self.assistant_mask
+        out = np.zeros_like(real)
+        for i, (s, k) in enumerate(zip(starts, n)):
+            out[i, :k] = mask[s + 1 : s + k + 1] != 0  # position j predicts token s + j + 1
+        return out
+
+    @property
+    def assistant_mask(self) -> np.ndarray:
+        """A chat corpus' (num_tokens,) uint8 stream mask, memory-mapped: 1 = assistant token."""
+        if self._mask is None:
+            self._mask = np.load(chat_path(self._tokens_path, "mask"), mmap_mode="r")
+            if len(self._mask) != self._meta["num_tokens"]:
+                raise ValueError(
+                    f"corpus cache {self._tokens_path}: its assistant mask holds {len(self._mask)} entries for "
+                    f"{self._meta['num_tokens']} tokens: remove the cache files to rebuild"
+                )
+        return self._mask
+
+    def label_counts(self, pos) -> np.ndarray:
+        """(B,) int64 labelled positions per window: the rows its stored labels hold."""
+        if not self.is_chat:
+            return self.lengths(pos)
+        pos = self._positions(pos)
+        if self._mask_cumsum is None:  # (T + 1,) assistant tokens before each
+            self._mask_cumsum = np.concatenate([[0], np.cumsum(self.assistant_mask, dtype=np.int64)])
+        s, n = self._win[0][self.sample_ids[pos]], self._win[1][self.sample_ids[pos]]
+        return self._mask_cumsum[s + n + 1] - self._mask_cumsum[s + 1]  # targets s + 1 .. s + n
+
     def lm_batch(self, pos) -> dict[str, torch.Tensor]:
         """The windows at pos as one training/eval batch, cut to its longest window Lb:
-        {"input_ids" (B, Lb), "targets" (B, Lb) int64, "mask" (B, Lb) bool (real positions)}."""
+        {"input_ids" (B, Lb), "targets" (B, Lb) int64, "mask" (B, Lb) bool (labelled
+        positions: real ones, in a chat corpus those with an assistant target)}."""
         w, n = self.windows(pos), self.lengths(pos)
         Lb = int(n.max()) if len(n) else self.seq_len
-        mask = np.arange(Lb)[None, :] < n[:, None]
+        mask = self.label_mask(pos)[:, :Lb]
         return {
             "input_ids": torch.from_numpy(np.ascontiguousarray(w[:, :Lb])),
             "targets": torch.from_numpy(np.ascontiguousarray(w[:, 1 : Lb + 1])),
@@ -511,8 +629,8 @@ class TokenCorpus:
 
     @property
     def num_positions(self) -> int:
-        """Labelled (input, target) positions over this set's windows."""
-        return int(self.lengths(np.arange(len(self))).sum())
+        """Labelled (input, target) positions over this set's windows (label_counts)."""
+        return int(self.label_counts(np.arange(len(self))).sum())
 
     def describe(self) -> dict:
         m = self._meta
@@ -535,9 +653,30 @@ class TokenCorpus:
             "in_shape": [self.seq_len],
             **(
                 {"windows": "documents (one document per window run, the last window shorter)"}
-                if self._win is not None
+                if self._win is not None and not self.is_chat
                 else {}
             ),
+            **({"chat": self._chat_describe()} if self.is_chat else {}),
+        }
+
+    def _chat_describe(self) -> dict:
+        """The lineage of a chat corpus' mask: template, what is labelled, and how much."""
+        m, every = self._meta, np.arange(len(self))
+        real = int(self.lengths(every).sum())
+        labelled = int(self.label_counts(every).sum())
+        return {
+            "template_sha256": m["chat_template_sha256"],
+            "labelled": "positions whose target is an assistant token (content and end of turn)",
+            "windows": "one conversation, or a run of its whole messages when longer than seq_len",
+            "conversations": m["documents"],
+            "skipped_without_assistant": m["empty_documents"],
+            "too_long": self.too_long,  # a message longer than seq_len: refused, or its conversation skipped
+            "skipped_too_long": m["documents"] - len(np.unique(self._conv)),
+            "messages": m["messages"],
+            "assistant_tokens": m["assistant_tokens"],
+            "positions": real,
+            "labelled_positions": labelled,
+            "labelled_share": labelled / max(real, 1),
         }
 
     def content_fingerprint(self) -> str:
@@ -552,7 +691,7 @@ class TokenCorpus:
         """Windows at positions idx, keeping their sample ids (the map is shared)."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         new = copy.copy(self)
-        new.__dict__.pop("_index_cache", None)
+        new.__dict__.pop("_index_cache", None)  # the mask's cumsum is over the stream: shared
         new.sample_ids = self.sample_ids[idx]
         new._full = False
         new.split_spec = self.split_spec if split_spec is None else split_spec
@@ -566,8 +705,32 @@ class TokenCorpus:
         sizes: dict[str, int] | None = None,
         stratify: bool = False,
     ) -> dict[str, TokenCorpus]:
-        """split_dataset(self, ...): no labels, so never stratified."""
-        return split_dataset(self, seed=seed, fractions=fractions, sizes=sizes, stratify=False)
+        """split_dataset(self, ...): no labels, so never stratified. A chat corpus splits
+        whole conversations (sizes / fractions count conversations), so no conversation
+        has windows in two splits."""
+        if not self.is_chat:
+            return split_dataset(self, seed=seed, fractions=fractions, sizes=sizes, stratify=False)
+        conv = self._conv[self.sample_ids]  # (len,) each window's conversation
+        ids = np.unique(conv)
+        if fractions is not None:
+            from pipeline.data.datasets import sizes_from_fractions
+
+            sizes = sizes_from_fractions(dict(fractions), len(ids))
+        sizes = dict(sizes or {})
+        if sum(sizes.values()) > len(ids):
+            raise ValueError(
+                f"corpus.sizes asks for {sum(sizes.values()):,} conversations ({sizes}) but {self.name!r} "
+                f"holds {len(ids):,} (with an assistant message)"
+            )
+        order = ids[np.random.default_rng(int(seed)).permutation(len(ids))]
+        out, a = {}, 0
+        for name, size in sizes.items():
+            chosen = order[a : a + int(size)]
+            a += int(size)
+            spec = {"split": name, "seed": int(seed), "sizes": sizes, "order": list(sizes), "by": "conversation"}
+            spec |= {"n": len(ids), "parent": self.split_spec}
+            out[name] = self.subset(np.flatnonzero(np.isin(conv, chosen)), split_spec=json.dumps(spec, sort_keys=True))
+        return out
 
     # positions of sample ids, ValueError naming missing ones: the same lookup as the table sources
     index_of = TableSource.index_of
@@ -580,8 +743,8 @@ class TokenCorpus:
 
 
 def corpus_splits(section: dict, tokenizer_dir: str) -> dict[str, TokenCorpus]:
-    """The windows of a corpus section ({kind, path, text_field, seq_len, windows, sizes,
-    seed}: the config's `corpus`, or the one a manifest records as data.recipe.corpus),
+    """The windows of a corpus section ({kind, path, text_field | messages_field, seq_len,
+    windows, sizes, seed}: the config's `corpus`, or the one a manifest records as data.recipe.corpus),
     tokenized with the tokenizer at tokenizer_dir and split by `sizes` in its key order
     (deterministic in `seed`). Cached per process."""
     return _splits(json.dumps(section), os.fspath(tokenizer_dir))
@@ -591,6 +754,14 @@ def corpus_splits(section: dict, tokenizer_dir: str) -> dict[str, TokenCorpus]:
 def _splits(section_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
     c = json.loads(section_json)
     common = {"tokenizer_path": tokenizer_dir, "seq_len": c["seq_len"], "windows": c.get("windows", "packed")}
+    if c["kind"] == "chat":  # sizes count conversations; split() checks them
+        corpus = TokenCorpus.from_chat(
+            c["path"],
+            messages_field=c.get("messages_field", "messages"),
+            too_long=c.get("too_long", "refuse"),
+            **common,
+        )
+        return corpus.split(seed=c.get("seed", 0), sizes=dict(c["sizes"]))
     if c["kind"] == "jsonl":
         corpus = TokenCorpus.from_jsonl(c["path"], text_field=c.get("text_field", "text"), **common)
     elif c["kind"] == "text_files":

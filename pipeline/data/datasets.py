@@ -452,7 +452,7 @@ def load_dataset(name_or_path: str, **kw: Any) -> ArrayDataset:
 # ---------------------------------------------------------------- splits
 
 
-def _sizes_from_fractions(fractions: dict[str, float], n: int) -> dict[str, int]:
+def sizes_from_fractions(fractions: dict[str, float], n: int) -> dict[str, int]:
     total = sum(fractions.values())
     if any(f < 0 for f in fractions.values()) or total > 1 + 1e-6:
         raise ValueError(f"fractions must be >= 0 and sum to <= 1, found {fractions} (sum {total:.6g})")
@@ -498,7 +498,7 @@ def split_dataset(
         raise ValueError("split_dataset: give exactly one of fractions= or sizes=")
     n = len(ds)
     if fractions is not None:
-        sizes = _sizes_from_fractions(dict(fractions), n)
+        sizes = sizes_from_fractions(dict(fractions), n)
     sizes = dict(sizes)
     for k, v in sizes.items():
         if not isinstance(k, str) or not k:

@@ -81,45 +81,49 @@ def check_teacher(model: nn.Module, corpus: TokenCorpus, *, k: int | None = None
 
 
 def _logit_batches(model, corpus, start: int, stop: int, batch_size: int, dev: torch.device, amp):
-    """Yields (first position, lengths (B,) numpy, logits (B, Lb, V) on `dev`) for windows
-    [start, stop); Lb is the batch's longest window (seq_len unless windows differ)."""
+    """Yields (first position, labelled positions (B, Lb) bool numpy, logits (B, Lb, V) on
+    `dev`) for windows [start, stop); Lb is the batch's longest window (seq_len unless
+    windows differ). Labelled: a window's real positions (a chat corpus: those whose target
+    is an assistant token; corpus.label_mask)."""
     cuda = dev.type == "cuda"
     with torch.inference_mode(), torch.autocast(dev.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
         for a in range(start, stop, batch_size):
             pos = np.arange(a, min(a + batch_size, stop))
             n = corpus.lengths(pos)
-            x = corpus.encode(pos)[:, : int(n.max())]  # (B, Lb) int64
+            Lb = int(n.max())
+            x = corpus.encode(pos)[:, :Lb]  # (B, Lb) int64
             if cuda:
                 x = x.pin_memory().to(dev, non_blocking=True)
             # all ones: padding sits after a window's real positions and causal attention
             # never lets a real position see it (ids can't mark padding: pad may be EOS)
             mask = torch.ones_like(x)
-            yield a, n, model(input_ids=x, attention_mask=mask, use_cache=False).logits
+            yield a, corpus.label_mask(pos)[:, :Lb], model(input_ids=x, attention_mask=mask, use_cache=False).logits
 
 
 def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
     return a if a.shape[1] == width else np.concatenate([a, np.zeros((len(a), width - a.shape[1]), a.dtype)], 1)
 
 
-def _summaries(logits, n: np.ndarray, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
+def _summaries(logits, keep: np.ndarray, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
     """One output's compact labels of a (B, Lb, V) logits block, computed on its device and
-    copied to the host: numpy arrays of the sum(n) real positions, window-major. The last
-    consumer of the block may mask the logits in place (top-k), saving a copy of the block."""
-    B, Lb = logits.shape[:2]
+    copied to the host: numpy arrays of the keep.sum() labelled positions ((B, Lb) bool),
+    window-major. The last consumer of the block may mask the logits in place (top-k),
+    saving a copy of the block."""
+    B = logits.shape[0]
     if spec["representation"] == "token_topk":
-        r = topk_token_labels(logits, k=spec["k"], to_cpu=False, overwrite=last)
-        out = {key: r[key].cpu().numpy() for key in ("ids", "logprobs", "missing_mass")}
-        if (n == Lb).all():
-            return out
-        keep = (np.arange(Lb)[None, :] < n[:, None]).reshape(-1)  # (B * Lb,) real positions
-        return {key: v[keep] for key, v in out.items()}
-    # one generator per window, seeded by its position, over its own n rows: the draws
-    # depend on the window alone, never on the batch it came in (rng_block = L)
+        # (M, V): only the labelled rows (a chat corpus: assistant targets) are summarised
+        z = logits if keep.all() else logits[torch.from_numpy(keep).to(logits.device)]
+        r = topk_token_labels(z, k=spec["k"], to_cpu=False, overwrite=last or z is not logits)
+        return {key: r[key].cpu().numpy() for key in ("ids", "logprobs", "missing_mass")}
+    # one generator per window, seeded by its position, over its own labelled rows: the
+    # draws depend on the window alone, never on the batch it came in (rng_block = L)
+    rows = torch.from_numpy(keep).to(logits.device)
     parts = [
         sampled_token_labels(
-            logits[i, : int(n[i])], draws=spec["draws"], seed=seed, row_offset=(a + i) * L, rng_block=L, to_cpu=False
+            logits[i][rows[i]], draws=spec["draws"], seed=seed, row_offset=(a + i) * L, rng_block=L, to_cpu=False
         )
         for i in range(B)
+        if keep[i].any()
     ]
     parts = [{key: r[key].cpu().numpy() for key in ("ids", "counts")} for r in parts]
     return _concat(parts, "token_sampled")
@@ -153,20 +157,22 @@ def shard_labels(
     L = corpus.seq_len
     parts: list[list[dict]] = [[] for _ in specs]
     model.eval()
-    for a, n, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
+    for a, keep, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
         if not specs and dev.type == "cuda":
             torch.cuda.synchronize(dev)
         # sampled outputs first: a top-k output, last, masks the logits in place
         order = sorted(range(len(specs)), key=lambda j: specs[j]["representation"] == "token_topk")
         for m, j in enumerate(order):
-            parts[j].append(_summaries(logits, n, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
+            parts[j].append(_summaries(logits, keep, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
         del logits  # one batch's (B, Lb, V) at a time
     return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
 
 
 def token_rows(corpus: TokenCorpus, a: int, b: int) -> dict[str, np.ndarray]:
-    """Per-token sample_ids / positions of windows [a, b): the rows a shard stores."""
-    n = corpus.lengths(np.arange(a, b))
+    """Per-token sample_ids / positions of windows [a, b): the rows a shard stores, one per
+    labelled position (corpus.label_counts), numbered 0..m-1 inside each window (a chat
+    window's row r is its r-th labelled position: corpus.label_mask says which)."""
+    n = corpus.label_counts(np.arange(a, b))
     starts = np.repeat(np.cumsum(n) - n, n)
     return {
         "sample_ids": np.repeat(corpus.sample_ids[a:b], n),
@@ -266,7 +272,7 @@ class TokenLabeller:
         return out
 
     def rows_per_sample(self) -> np.ndarray:
-        return self.inputs.lengths(np.arange(len(self.inputs)))  # tokens per window
+        return self.inputs.label_counts(np.arange(len(self.inputs)))  # labelled tokens per window
 
     def data(self) -> dict:
         c = self.inputs
@@ -404,7 +410,7 @@ def lm_teacher_forward(
     t0 = time.perf_counter()
     labels = shard_labels(model, corpus, start, stop, specs=specs, seed=seed, batch_size=batch_size, dev=dev, amp=amp)
     dt = time.perf_counter() - t0
-    n = int(corpus.lengths(np.arange(start, stop)).sum())
+    n = int(corpus.label_counts(np.arange(start, stop)).sum())
     return {
         "sequences": stop - start,
         "tokens": n,

@@ -380,6 +380,20 @@ def check_token_lineage(manifest: dict, corpus: TokenCorpus, uri: str) -> None:
             f"{corpus.name!r} is tokenized with fingerprint {tok}: a student with another tokenizer "
             f"is refused (its token ids would name other tokens than the teacher's)"
         )
+    stored_chat = (data.get("inputs") or {}).get("chat") or {}
+    chat = corpus.describe().get("chat") or {}
+    if (stored_chat.get("template_sha256"), stored_chat.get("too_long")) != (
+        chat.get("template_sha256"),
+        chat.get("too_long"),
+    ):
+
+        def what(c):
+            return f"chat template {c['template_sha256'][:16]} (too_long {c.get('too_long')})" if c else "no chat mask"
+
+        raise ValueError(
+            f"token labels at {uri} were made with {what(stored_chat)}, but corpus {corpus.name!r} has "
+            f"{what(chat)}: its labelled (assistant) positions are not the ones the labels hold"
+        )
     if int(manifest["seq_len"]) != corpus.seq_len:
         raise ValueError(
             f"token labels at {uri} have seq_len {manifest['seq_len']}, corpus {corpus.name!r} has "
@@ -430,15 +444,30 @@ class SequenceStream(LabelStream):
         sid = out["sample_id"].numpy()  # (B,)
         pos = self.inputs.index_of(sid)  # ValueError names missing ids
         n = np.asarray(b["length"], dtype=np.int64)  # (B,) stored tokens per sequence
-        want = self.inputs.lengths(pos)
+        want = self.inputs.label_counts(pos)
         if not np.array_equal(n, want):
             i = int(np.flatnonzero(n != want)[0])
             raise ValueError(
                 f"token labels at {self.uri}: sequence sample_id {sid[i]} holds {n[i]} tokens, but "
-                f"corpus {self.inputs.name!r} has {want[i]} in that window: labels of other windows"
+                f"corpus {self.inputs.name!r} labels {want[i]} in that window: labels of other windows"
             )
         batch = self.task.batch(self.inputs, pos, out["view"].numpy(), None)  # (B, Lb) x, y, mask
-        Lb = batch["mask"].shape[1]
         for key in LABEL_KEYS[self.kind]:
-            batch[key] = torch.from_numpy(np.ascontiguousarray(b[key][:, :Lb]))
+            batch[key] = place_rows(b[key], n, batch["mask"])
         return batch | out
+
+
+def place_rows(rows, counts: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+    """A batch's stored label rows (B, Lr, ...), counts[j] of them real for window j, at its
+    labelled positions: (B, Lb, ...) with window j's r-th row at its r-th True of mask
+    (B, Lb) (the rows' order is the positions' order), zeros elsewhere (masked out of
+    every loss). A window labelled at every real position (plain text) is a prefix: a slice."""
+    rows = torch.as_tensor(np.ascontiguousarray(rows))
+    B, Lb = mask.shape
+    n = torch.as_tensor(np.asarray(counts, dtype=np.int64))
+    prefix = torch.arange(Lb)[None, :] < n[:, None]
+    if rows.shape[1] >= Lb and torch.equal(mask, prefix):
+        return rows[:, :Lb].contiguous()
+    out = rows.new_zeros((B, Lb, *rows.shape[2:]))
+    out[mask] = rows[torch.arange(rows.shape[1])[None, :] < n[:, None]]  # (M, ...) in window-major order
+    return out

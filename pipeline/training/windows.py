@@ -53,7 +53,12 @@ class Windows(Dataset):
     def _windows(self, idx: list[int]) -> list[dict[str, Any]]:
         w, n = self.corpus.windows(idx), self.corpus.lengths(idx)  # (B, L + 1), (B,)
         sid = self.corpus.sample_ids[np.asarray(idx, dtype=np.int64)]
-        return [{"input_ids": w[j, : n[j] + 1], "sample_id": int(sid[j])} for j in range(len(idx))]
+        items = [{"input_ids": w[j, : n[j] + 1], "sample_id": int(sid[j])} for j in range(len(idx))]
+        if self.corpus.is_chat:  # which positions are labelled (assistant targets): collate_tokens reads it
+            lm = self.corpus.label_mask(idx)
+            for j, it in enumerate(items):
+                it["loss_mask"] = lm[j, : n[j]]
+        return items
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.__getitems__([int(i)])[0]
@@ -94,11 +99,11 @@ class TokenLabels(Windows):
         sid = np.array([it["sample_id"] for it in items], dtype=np.int64)
         b = self.labels.take_sequences(sid, np.zeros(len(sid), np.int64))  # (B, L, ...) decoded
         for j, it in enumerate(items):
-            n = len(it["input_ids"]) - 1
+            n = int(it["loss_mask"].sum()) if "loss_mask" in it else len(it["input_ids"]) - 1
             if int(b["length"][j]) != n:
                 raise ValueError(
                     f"token labels at {self.labels.uri}: sequence sample_id {sid[j]} holds {int(b['length'][j])} "
-                    f"tokens, but corpus {self.corpus.name!r} has {n} in that window: labels of other windows"
+                    f"tokens, but corpus {self.corpus.name!r} labels {n} in that window: labels of other windows"
                 )
             for key in self.keys:
                 it[key] = b[key][j, :n]
@@ -137,24 +142,29 @@ def collate_tokens(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str
     window = torch.full((B, Lb + 1), int(pad_id), dtype=torch.int64)
     for j, t in enumerate(ids):
         window[j, : len(t)] = t
+    mask = torch.arange(Lb)[None, :] < n[:, None]  # (B, Lb) real positions
+    if "loss_mask" in items[0]:  # a chat window: only the positions with an assistant target
+        for j, it in enumerate(items):
+            mask[j, : int(n[j])] &= torch.as_tensor(np.asarray(it["loss_mask"], dtype=bool))
     batch = {
         "x": window[:, :-1].contiguous(),
         "y": window[:, 1:].contiguous(),
-        "mask": torch.arange(Lb)[None, :] < n[:, None],
+        "mask": mask,
         "weight": torch.ones(B, dtype=torch.float32),
         "sample_id": torch.tensor([int(it.get("sample_id", -1)) for it in items], dtype=torch.int64),
         "view": torch.zeros(B, dtype=torch.int64),
     }
+    m = mask.sum(1)  # (B,) labelled positions: each window's label rows, in position order
     for key in (k for k in PAD if k in items[0]):
         rows = [torch.as_tensor(np.asarray(it[key]), dtype=DTYPES[key]) for it in items]
         out = torch.full((B, Lb, *rows[0].shape[1:]), PAD[key], dtype=DTYPES[key])
         for j, r in enumerate(rows):
-            if len(r) != int(n[j]):
+            if len(r) != int(m[j]):
                 raise ValueError(
-                    f"collate_tokens: sample_id {int(batch['sample_id'][j])} has {int(n[j])} positions but "
-                    f"{len(r)} rows of {key!r}"
+                    f"collate_tokens: sample_id {int(batch['sample_id'][j])} has {int(m[j])} labelled positions "
+                    f"but {len(r)} rows of {key!r}"
                 )
-            out[j, : len(r)] = r
+            out[j][mask[j]] = r
         batch[key] = out
     return batch
 
@@ -166,6 +176,8 @@ def as_columns(items: Sequence[dict[str, Any]]) -> dict[str, list]:
         cols["sample_id"].append(int(it["sample_id"]))
         cols["input_ids"].append(np.asarray(it["input_ids"]).tolist())
         cols["attention_mask"].append([1] * len(it["input_ids"]))
+        if "loss_mask" in it:
+            cols.setdefault("loss_mask", []).append(np.asarray(it["loss_mask"], dtype=np.int8).tolist())
         for key in (k for k in PAD if k in it):
             cols.setdefault(key, []).append(np.asarray(it[key]).tolist())
     return cols

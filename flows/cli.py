@@ -350,6 +350,14 @@ def _inspect(args) -> int:
                 f"  tokens: {tok['num_tokens']:,} ({seqs}, vocabulary {tok['vocab_size']:,}, "
                 f"{tok['id_bits']}-bit ids), {what}: {tok['bytes_per_token']:.1f} bytes/token on disk"
             )
+            chat = ((summary["data"] or {}).get("inputs") or {}).get("chat")
+            if chat:
+                print(
+                    f"  chat: {chat['labelled_positions']:,} of {chat['positions']:,} positions labelled "
+                    f"({chat['labelled_share']:.1%}: targets in assistant messages) over {chat['conversations']:,} "
+                    f"conversations, template {chat['template_sha256'][:12]}; "
+                    f"{tok['bytes_per_token']:.1f} bytes per labelled token"
+                )
             if tok["positions"]:
                 name = "missing mass" if tok["measured"] == "missing_mass" else "unique ids per position"
                 print(

@@ -188,6 +188,22 @@ def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
 def data_description(cfg: Config) -> dict:
     """What the students learned from, for the report's footnote."""
     c = cfg.corpus
+    if c.kind == "chat":  # sizes count conversations; the windows and labelled share come from the corpus
+        parts = splits(cfg)
+        ev = "test" if "test" in c.sizes else "val"
+        return {
+            "corpus": c.path,
+            "seq_len": c.seq_len,
+            "windows": "turns",
+            "train_windows": len(parts["train"]),
+            "train_conversations": c.sizes["train"],
+            "labelled_share": parts["train"].describe()["chat"]["labelled_share"],
+            "eval_split": ev,
+            "eval_windows": len(parts[ev]),
+            "eval_conversations": c.sizes[ev],
+            "eval_tokens": parts[ev].num_positions,
+            "unit": "windows",
+        }
     return {
         "corpus": c.path,
         "seq_len": c.seq_len,

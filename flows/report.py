@@ -231,6 +231,16 @@ def _lm_footnote(report: dict, d: dict, seeds: str) -> str:
     )
     alphas = d.get("alphas") or [0.0]
     kd = " / ".join(f"{a:g} x CE + {1 - a:g} x KD" if a else "KD alone" for a in alphas)
+    if d.get("windows") == "turns":  # chat: conversations, assistant tokens only
+        lines.append(
+            f"students: {d['train_conversations']:,} train conversations ({d['train_windows']:,} windows of up to "
+            f"{d['seq_len']} tokens, whole turns; {d['labelled_share']:.0%} of positions are assistant targets, the "
+            f"only ones labelled and trained on), equal steps per student; ppl on the {d['eval_tokens']:,} "
+            f"assistant tokens of {d['eval_conversations']:,} held-out `{d['eval_split']}` conversations{seeds}. "
+            f"baseline: next-token cross-entropy only; the others: {kd} from the stored teacher labels; gain: "
+            f"ppl vs baseline."
+        )
+        return "\n".join(lines)
     lines.append(
         f"students: {d['train_windows']:,} train windows {size}, equal steps per student; ppl on "
         f"{d['eval_windows']:,} held-out `{d['eval_split']}` windows{seeds}. baseline: next-token "

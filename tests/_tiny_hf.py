@@ -48,6 +48,37 @@ def tiny_tokenizer(path, words=WORDS):
     return path
 
 
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHAT_ROLES = ["system", "user", "assistant"]
+# ChatML, as SmolLM2's template renders it (without its default system prompt)
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(path, words=WORDS, template: str | None = CHATML):
+    """Save a word-level fast tokenizer with ChatML's <|im_start|> / <|im_end|> (EOS) and a
+    chat template (None: no template) to `path`; returns path. Ids: [PAD] [UNK] [CLS] [SEP]
+    [MASK] <|im_start|> <|im_end|> system user assistant, then the words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = SPECIALS + CHAT_SPECIALS + CHAT_ROLES + [w for w in words if w not in CHAT_ROLES]
+    vocab = {w: i for i, w in enumerate(names)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": CHAT_SPECIALS})
+    if template is not None:
+        fast.chat_template = template
+    fast.save_pretrained(os.fspath(path))
+    return path
+
+
 def tiny_encoder(path, *, layers: int = 2, hidden: int = 16, heads: int = 2, seed: int = 0, words=WORDS):
     """Save a tiny random BertModel (no head) plus tiny_tokenizer to `path`; returns path."""
     import torch

@@ -575,6 +575,12 @@ class TokenCorpus:
                 )
         return self._mask
 
+    def conversations(self, pos) -> np.ndarray:
+        """A chat corpus: (B,) int64 the conversation (its order in the file, from 0) of each window."""
+        if not self.is_chat:
+            raise ValueError(f"corpus {self.name!r} is not a chat corpus")
+        return self._conv[self.sample_ids[self._positions(pos)]]
+
     def label_counts(self, pos) -> np.ndarray:
         """(B,) int64 labelled positions per window: the rows its stored labels hold."""
         if not self.is_chat:

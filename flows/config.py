@@ -145,6 +145,9 @@ class StudentModelConfig(ModelConfig):
     # students.train keys this model trains with instead (a pruned student's small lr beside a
     # scratch one's); checked against the training schema with the students section
     train: dict[str, Any] = Field(default_factory=dict)
+    # students.losses for this model instead (the baseline still comes with students.baseline):
+    # a slow student trained with the one KD loss worth its time beside a fast one's full sweep
+    losses: list[str] | None = None
 
 
 class RunnerConfig(Section):
@@ -308,7 +311,10 @@ class RunConfig(Section):
 
     def _check_losses(self, have: dict[str, str], how: dict[str, str]) -> None:
         """have: {label family: what the config stores}; how: {family: the key that stores it}."""
-        for loss in self.student_losses():
+        every = self.student_losses() + [x for m in self.student_models() for x in (m.losses or [])]
+        for loss in dict.fromkeys(every):
+            if loss != "ce" and loss not in LOSSES:
+                raise ValueError(f"students: unknown loss {loss!r}; choose from {['ce', *LOSSES]}")
             if loss == "ce" or set(LOSSES[loss].labels) & set(have):
                 continue
             need = LOSSES[loss].labels

@@ -129,11 +129,11 @@ def student_runs(cfg) -> list[dict]:
     """The sweep: models x seeds x (the hard-label baseline, loss "ce", once; and every KD
     loss x temperature x alpha). Small JSON dicts: Prefect task parameters."""
     sc = cfg.students
-    losses = cfg.student_losses()
-    if sc.baseline and "ce" not in losses:
-        losses = ["ce", *losses]
     seeds, runs = sc.seed_list(), []
     for m in cfg.student_models():
+        losses = list(m.losses) if m.losses is not None else cfg.student_losses()
+        if sc.baseline and "ce" not in losses:
+            losses = ["ce", *losses]
         base = m.display_name()
         for seed in seeds:
             tail = "" if len(seeds) == 1 else f"-s{seed}"

@@ -95,6 +95,8 @@ def columns_for(manifest: dict) -> list[Column]:
     if rep["kind"] in TOKEN_KINDS:
         # one row per token position; the rows of a sequence are contiguous, positions 0..L-1
         cols.append(Column("position", "int32", None))
+        if rep.get("tokens"):  # the target token of each row: generated text stores its own tokens
+            cols.append(Column("token", "int32", None))
         V = manifest.get("vocab_size", C)
         if rep["kind"] == "token_topk":
             return cols + [

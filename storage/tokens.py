@@ -51,8 +51,20 @@ def make_representation(
     tail_dtype: str | None = None,
     draws: int | None = None,
     s_max: int | None = None,
+    tokens: bool = False,
 ) -> dict:
-    """The manifest's `representation` for a token kind (ValueError naming the bad argument)."""
+    """The manifest's `representation` for a token kind (ValueError naming the bad argument).
+    tokens=True: each row also stores `token`, the token at that position's target (the
+    teacher's own generated text: labels of sequences no corpus holds)."""
+    rep = _representation(kind, vocab_size=vocab_size, k=k, dtype=dtype, tail_dtype=tail_dtype, draws=draws, s_max=s_max)
+    if tokens is not False:
+        if tokens is not True:
+            raise ValueError(f"tokens must be true or false, got {tokens!r}")
+        rep["tokens"] = True
+    return rep
+
+
+def _representation(kind, *, vocab_size, k, dtype, tail_dtype, draws, s_max) -> dict:
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
     bits = id_bits(vocab_size)
@@ -104,6 +116,7 @@ def representation_problem(rep: dict, vocab_size: int) -> str | None:
             tail_dtype=rep.get("tail_dtype"),
             draws=rep.get("draws"),
             s_max=rep.get("s_max"),
+            tokens=rep.get("tokens", False),
         )
     except (ValueError, TypeError) as e:
         return str(e)
@@ -188,10 +201,12 @@ def prepare_columns(
     logprobs: npt.ArrayLike | None = None,
     missing_mass: npt.ArrayLike | None = None,
     counts: npt.ArrayLike | None = None,
+    tokens: npt.ArrayLike | None = None,
 ) -> dict[str, np.ndarray]:
     """The stored columns of one token shard, every input checked (InvalidLogitsError naming
     the field, the row and its sequence; nothing is written on error). Sequences start at
-    the rows whose position is 0 and hold 1..seq_len tokens (positions None: seq_len each)."""
+    the rows whose position is 0 and hold 1..seq_len tokens (positions None: seq_len each).
+    `tokens` (N,): each row's target token, exactly when the representation stores them."""
     rep, L, V = m["representation"], int(m["seq_len"]), int(m["vocab_size"])
     topk = rep["kind"] == "token_topk"
     width = rep["k"] if topk else rep["s_max"]
@@ -267,6 +282,19 @@ def prepare_columns(
             f"outside [0, vocab_size={V})"
         )
     cols = {"sample_id": sid, "view": v.astype(np.int32), "position": pos.astype(np.int32)}
+    if bool(rep.get("tokens")) != (tokens is not None):
+        raise InvalidLogitsError(
+            f"{where}: tokens= (each row's target token) "
+            + ("is required: this dataset stores them" if rep.get("tokens") else "is given, but this dataset stores none")
+        )
+    if tokens is not None:
+        t = np.asarray(tokens)
+        if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
+            raise InvalidLogitsError(f"{where}: tokens must be an integer array of {n} entries, got {t.shape} {t.dtype}")
+        bad = np.flatnonzero((t < 0) | (t >= V))
+        if len(bad):
+            raise InvalidLogitsError(f"{where}: tokens: {token(bad[0])} is {int(t[bad[0]])}, outside [0, vocab_size={V})")
+        cols["token"] = t.astype(np.int32)
     bits = int(rep["id_bits"])
     if topk:
         lp = _rows2d(logprobs, "logprobs", where, width, n, "float")
@@ -359,6 +387,8 @@ def decode(m: dict, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out["missing_mass"] = cols["missing_mass"].astype(np.float32)
     if "sample_counts" in cols:
         out["sample_counts"] = cols["sample_counts"].astype(np.int32)
+    if "token" in cols:
+        out["token"] = cols["token"].astype(np.int64)
     return out
 
 
@@ -411,6 +441,8 @@ def shard_problems(m: dict, cols: dict[str, np.ndarray], entry: dict | None = No
         mm = cols["missing_mass"].astype(np.float32)
         if ((mm < 0) | (mm > 1)).any():
             out.append("missing_mass outside [0, 1]")
+    if "token" in cols and len(cols["token"]) and (cols["token"].min() < 0 or cols["token"].max() >= V):
+        out.append(f"generated tokens outside [0, vocab_size={V})")
     if "sample_counts" in d and (d["sample_counts"].sum(axis=1) > rep["draws"]).any():
         out.append(f"sample counts summing to more than draws={rep['draws']}")
     return out

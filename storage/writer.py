@@ -131,10 +131,13 @@ class SoftLabelWriter:
         tail_dtype: str | None = None,
         draws: int | None = None,
         s_max: int | None = None,
+        store_tokens: bool = False,
         signer: Signer | None = None,
     ):
         """signer: signs the manifest and every commit record (storage/signing.py;
-        pipeline/keys.py load_signer makes an Ed25519 one from a PEM file)."""
+        pipeline/keys.py load_signer makes an Ed25519 one from a PEM file). store_tokens
+        (token kinds): every row also holds its target token (write_shard's token=), for
+        sequences the teacher wrote itself."""
         _check_choice("backend", backend, BACKENDS)
         _check_choice("representation", representation, KINDS)
         _check_choice("compression", compression, COMPRESSIONS)
@@ -164,7 +167,14 @@ class SoftLabelWriter:
             if feature is not None:
                 raise ValueError("feature= is not supported with token labels")
             rep = tokens.make_representation(
-                representation, vocab_size=vocab_size, k=k, dtype=dtype, tail_dtype=tail_dtype, draws=draws, s_max=s_max
+                representation,
+                vocab_size=vocab_size,
+                k=k,
+                dtype=dtype,
+                tail_dtype=tail_dtype,
+                draws=draws,
+                s_max=s_max,
+                tokens=store_tokens,
             )
             dtype = rep.get("dtype") or "float16"
         else:
@@ -177,6 +187,8 @@ class SoftLabelWriter:
             ):
                 if val is not None:
                     raise ValueError(f"{name}= is only meaningful with representation 'token_topk' / 'token_sampled'")
+            if store_tokens:
+                raise ValueError("store_tokens= is only meaningful with representation 'token_topk' / 'token_sampled'")
             if temperature is None:
                 raise ValueError("temperature is required")
             if num_classes is None:
@@ -327,6 +339,7 @@ class SoftLabelWriter:
         missing_mass: npt.ArrayLike | None = None,
         counts: npt.ArrayLike | None = None,
         positions: npt.ArrayLike | None = None,
+        token: npt.ArrayLike | None = None,
     ) -> dict:
         """Scale raw `logits` (n, C) by 1/T, encode, publish atomically, commit. Returns the commit record.
 
@@ -337,7 +350,8 @@ class SoftLabelWriter:
         <= draws). `positions` (N,): 0..n-1 per sequence, 1 <= n <= seq_len, a sequence
         starting at each position 0 (None: every sequence has seq_len tokens, N a multiple of
         it; (B, L, w) arrays are accepted then). `sample_ids` / `views` per token (N,) or per
-        sequence (one entry per sequence)."""
+        sequence (one entry per sequence). `token` (N,): each row's target token, when the
+        dataset stores them (store_tokens)."""
         if self.manifest["representation"]["kind"] in TOKEN_KINDS:
             if logits is not None or features is not None:
                 raise InvalidLogitsError(
@@ -355,9 +369,10 @@ class SoftLabelWriter:
                 logprobs=logprobs,
                 missing_mass=missing_mass,
                 counts=counts,
+                tokens=token,
             )
             return self._write_columns(shard_index, cols)
-        if any(a is not None for a in (ids, logprobs, missing_mass, counts, positions)):
+        if any(a is not None for a in (ids, logprobs, missing_mass, counts, positions, token)):
             raise InvalidLogitsError(
                 f"{self.uri} shard {shard_index}: ids/logprobs/missing_mass/counts/positions "
                 f"are for token representations; this dataset is "

@@ -56,7 +56,9 @@ def make_representation(
     """The manifest's `representation` for a token kind (ValueError naming the bad argument).
     tokens=True: each row also stores `token`, the token at that position's target (the
     teacher's own generated text: labels of sequences no corpus holds)."""
-    rep = _representation(kind, vocab_size=vocab_size, k=k, dtype=dtype, tail_dtype=tail_dtype, draws=draws, s_max=s_max)
+    rep = _representation(
+        kind, vocab_size=vocab_size, k=k, dtype=dtype, tail_dtype=tail_dtype, draws=draws, s_max=s_max
+    )
     if tokens is not False:
         if tokens is not True:
             raise ValueError(f"tokens must be true or false, got {tokens!r}")
@@ -285,15 +287,23 @@ def prepare_columns(
     if bool(rep.get("tokens")) != (tokens is not None):
         raise InvalidLogitsError(
             f"{where}: tokens= (each row's target token) "
-            + ("is required: this dataset stores them" if rep.get("tokens") else "is given, but this dataset stores none")
+            + (
+                "is required: this dataset stores them"
+                if rep.get("tokens")
+                else "is given, but this dataset stores none"
+            )
         )
     if tokens is not None:
         t = np.asarray(tokens)
         if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
-            raise InvalidLogitsError(f"{where}: tokens must be an integer array of {n} entries, got {t.shape} {t.dtype}")
+            raise InvalidLogitsError(
+                f"{where}: tokens must be an integer array of {n} entries, got {t.shape} {t.dtype}"
+            )
         bad = np.flatnonzero((t < 0) | (t >= V))
         if len(bad):
-            raise InvalidLogitsError(f"{where}: tokens: {token(bad[0])} is {int(t[bad[0]])}, outside [0, vocab_size={V})")
+            raise InvalidLogitsError(
+                f"{where}: tokens: {token(bad[0])} is {int(t[bad[0]])}, outside [0, vocab_size={V})"
+            )
         cols["token"] = t.astype(np.int32)
     bits = int(rep["id_bits"])
     if topk:

@@ -575,6 +575,23 @@ class TokenCorpus:
                 )
         return self._mask
 
+    def prompts(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A chat corpus: (conversation ids (P,), their prompts) for the conversations of this
+        split, in order: each conversation's tokens up to its first assistant message, the
+        template's assistant header included (what a teacher answers: ChatML's
+        "<|im_start|>assistant\n"), int64 arrays."""
+        if not self.is_chat:
+            raise ValueError(f"corpus {self.name!r} is not a chat corpus: prompts come from conversations")
+        every = np.arange(len(self))
+        conv = self.conversations(every)
+        first = every[np.r_[True, conv[1:] != conv[:-1]]]  # each conversation's first window (in order)
+        tok, starts = self.tokens, self._win[0][self.sample_ids[first]]
+        out = []
+        for s, m in zip(starts, self.label_mask(first)):
+            p = int(np.argmax(m))  # the first labelled position: its target opens the answer
+            out.append(np.asarray(tok[s : s + p + 1], dtype=np.int64))
+        return conv[first], out
+
     def conversations(self, pos) -> np.ndarray:
         """A chat corpus: (B,) int64 the conversation (its order in the file, from 0) of each window."""
         if not self.is_chat:

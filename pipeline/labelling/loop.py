@@ -45,8 +45,9 @@ class Labeller(Protocol):
         """SoftLabelWriter keyword arguments of each output dataset (uri, backend,
         representation and its parameters), teacher and data excepted."""
 
-    def rows_per_sample(self) -> np.ndarray | int:
-        """Stored rows per sample: its views, or its window's tokens (one per sample)."""
+    def rows_per_sample(self) -> np.ndarray | int | None:
+        """Stored rows per sample: its views, or its window's tokens (one per sample); None
+        when only the teacher decides (the tokens it writes)."""
 
     def data(self) -> dict:
         """The manifest's data entry: name, split, fingerprint, transform, inputs, ..."""
@@ -74,8 +75,10 @@ def check_plan(
     """A resumed run must cut shards exactly like the run that committed them (`commits`:
     the writer's records of the shards this run looks at). A sample is `rows_per_sample`
     stored rows (its views, or its window's tokens: an array, one length per sample, when
-    windows differ in length)."""
-    rows = np.broadcast_to(np.asarray(rows_per_sample, dtype=np.int64), (len(sample_ids),))
+    windows differ in length; None: unknown before labelling, only the ids are compared)."""
+    rows = (
+        None if rows_per_sample is None else np.broadcast_to(np.asarray(rows_per_sample, np.int64), (len(sample_ids),))
+    )
     planned = writer.manifest.get("planned_shards")
     if planned is not None and planned != len(plan):
         raise ValueError(
@@ -84,8 +87,9 @@ def check_plan(
         )
     for i, rec in commits.items():
         a, b = plan[i] if i < len(plan) else (0, 0)
-        want = (int(rows[a:b].sum()), int(sample_ids[a]), int(sample_ids[b - 1])) if b > a else None
-        got = (rec["num_rows"], rec["first_sample_id"], rec["last_sample_id"])
+        want = (int(rows[a:b].sum()) if rows is not None else None, int(sample_ids[a]), int(sample_ids[b - 1]))
+        want = want if b > a else None
+        got = (rec["num_rows"] if rows is not None else None, rec["first_sample_id"], rec["last_sample_id"])
         if want != got:
             raise ValueError(
                 f"{writer.uri}: committed shard {i} holds (rows, first id, last id) = {got}, "

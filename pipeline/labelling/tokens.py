@@ -104,7 +104,7 @@ def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
     return a if a.shape[1] == width else np.concatenate([a, np.zeros((len(a), width - a.shape[1]), a.dtype)], 1)
 
 
-def _summaries(logits, keep: np.ndarray, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
+def summaries(logits, keep: np.ndarray, spec: dict, *, a: int, L: int, seed: int, last: bool) -> dict:
     """One output's compact labels of a (B, Lb, V) logits block, computed on its device and
     copied to the host: numpy arrays of the keep.sum() labelled positions ((B, Lb) bool),
     window-major. The last consumer of the block may mask the logits in place (top-k),
@@ -163,7 +163,7 @@ def shard_labels(
         # sampled outputs first: a top-k output, last, masks the logits in place
         order = sorted(range(len(specs)), key=lambda j: specs[j]["representation"] == "token_topk")
         for m, j in enumerate(order):
-            parts[j].append(_summaries(logits, keep, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
+            parts[j].append(summaries(logits, keep, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
         del logits  # one batch's (B, Lb, V) at a time
     return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
 

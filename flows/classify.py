@@ -333,7 +333,7 @@ def recipe_data(cfg: Config) -> dict:
     return d
 
 
-def labeller(cfg: Config, teacher: dict) -> ClassifyLabeller:
+def labeller(cfg: Config, teacher: dict, job: str = "windows") -> ClassifyLabeller:
     """The teacher over every (sample, view) of the label split. The manifest records,
     besides what the labels are a function of, the config's data section: `distill inspect
     --replay` rebuilds the very inputs from it and recomputes stored rows with the teacher."""

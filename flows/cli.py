@@ -351,7 +351,15 @@ def _inspect(args) -> int:
                 f"{tok['id_bits']}-bit ids), {what}: {tok['bytes_per_token']:.1f} bytes/token on disk"
             )
             chat = ((summary["data"] or {}).get("inputs") or {}).get("chat")
-            if chat:
+            gen = (summary["data"] or {}).get("generation")
+            if gen:
+                print(
+                    f"  generated: the teacher's answers, {gen['answers']} to each of {gen['prompts']:,} prompts "
+                    f"(temperature {gen['temperature']:g}, top-p {gen['top_p']:g}, at most {gen['max_new_tokens']} "
+                    f"new tokens, stop ids {gen['stop_ids']}, seed {gen['seed']}): {tok['num_tokens']:,} tokens "
+                    f"written, each stored with its labels and the token itself"
+                )
+            elif chat:
                 print(
                     f"  chat: {chat['labelled_positions']:,} of {chat['positions']:,} positions labelled "
                     f"({chat['labelled_share']:.1%}: targets in assistant messages) over {chat['conversations']:,} "

@@ -148,6 +148,7 @@ class StudentModelConfig(ModelConfig):
     # students.losses for this model instead (the baseline still comes with students.baseline):
     # a slow student trained with the one KD loss worth its time beside a fast one's full sweep
     losses: list[str] | None = None
+    data: list[Literal["human", "generated"]] | None = None  # students.data for this model instead
 
 
 class RunnerConfig(Section):
@@ -184,6 +185,11 @@ class StudentsConfig(Section):
     # of the stored labels: kd, topk_kl or sampled_kl)
     temperatures: list[float] | None = None  # T' (default: the stored labels' temperature)
     alphas: list[float] = Field(default_factory=lambda: [0.5])  # weight of the hard-label CE beside KD
+    # what a language-model student reads: the corpus' own text ("human"), and / or the answers
+    # the teacher wrote (label.generate): CE on them is sequence-level KD, a KD loss adds the token term
+    data: list[Literal["human", "generated"]] = Field(default_factory=lambda: ["human"])
+    # on the written answers a KD loss comes with CE on the written tokens: alpha x CE + (1 - alpha) x KD
+    generated_alphas: list[float] = Field(default_factory=lambda: [0.5])
     seeds: list[int] | None = None  # default: [train.seed]
     baseline: bool = True  # also train each model on hard labels (loss "ce")
     extra_soft_labels: list[str] = Field(default_factory=list)  # more teachers' labels of the same inputs (averaged)
@@ -533,9 +539,12 @@ class ClassifyConfig(RunConfig):
     def soft_label_uri(self) -> str:
         return self._label_root("soft_labels")
 
-    def label_uris(self) -> dict[str, str]:
-        """{layout: uri} of the datasets the label section writes."""
-        return {self.label.representation: self.soft_label_uri()}
+    def label_uris(self, job: str = "windows") -> dict[str, str]:
+        """{layout: uri} of the datasets the label section writes (one pass: job "windows")."""
+        return {self.label.representation: self.soft_label_uri()} if job == "windows" else {}
+
+    def label_jobs(self) -> list[str]:
+        return ["windows"]
 
     def label_temperature(self) -> float:
         return self.label.temperature
@@ -602,12 +611,27 @@ class SampledLabels(Section):
     s_max: int | None = Field(None, ge=1)  # unique ids stored per token (default min(draws, V))
 
 
+class GenerateLabels(Section):
+    """Answers the teacher writes to the train conversations' prompts (a chat corpus), each
+    written token stored with the configured top-k / sampled labels (pipeline/labelling/generate.py)."""
+
+    answers: int = Field(1, ge=1)  # answers per prompt
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0  # one generator per (prompt, answer), seeded from this and the sample id
+    prompts: int | None = Field(None, ge=1)  # the first N train conversations' prompts (default all)
+    stop: list[str] | None = None  # tokens that end an answer (default the tokenizer's EOS)
+    shard_size: int = Field(32, ge=1)  # answers per shard
+
+
 class TokenLabelConfig(LabelSection):
     topk: TopkLabels | None = None
     sampled: SampledLabels | None = None
     seed: int = 0  # sampled draws
     # a batch's (B, L, V) logits must fit: far fewer windows per forward than a classifier's rows
     batch_size: int = Field(8, ge=1)
+    generate: GenerateLabels | None = None  # chat corpora: the teacher also writes answers
 
     @model_validator(mode="after")
     def _some(self):
@@ -633,13 +657,32 @@ class LMConfig(RunConfig):
         )
         return self
 
+    @model_validator(mode="after")
+    def _generation(self):
+        if self.label.generate is not None and self.corpus.kind != "chat":
+            raise ValueError(
+                f"label.generate writes answers to conversations' prompts: it needs corpus.kind chat, "
+                f"got {self.corpus.kind!r}"
+            )
+        every = list(self.students.data) + [d for m in self.student_models() for d in (m.data or [])]
+        if "generated" in every and self.label.generate is None:
+            raise ValueError("students.data has 'generated': set label.generate (the teacher's written answers)")
+        return self
+
     def label_families(self) -> list[str]:
         return self.label.layouts()  # topk, sampled: the layouts are the families
 
-    def label_uris(self) -> dict[str, str]:
-        """{layout: uri}: <label root>/topk and /sampled."""
+    def label_uris(self, job: str = "windows") -> dict[str, str]:
+        """{layout: uri}: <label root>/topk and /sampled; job "generate": the written answers'
+        labels, <label root>/generated/topk and /sampled (empty without label.generate)."""
         root = self._label_root("token_labels")
+        if job == "generate":
+            return {} if self.label.generate is None else {n: f"{root}/generated/{n}" for n in self.label.layouts()}
         return {layout: f"{root}/{layout}" for layout in self.label.layouts()}
+
+    def label_jobs(self) -> list[str]:
+        """The teacher's passes: over the train windows, and writing answers when configured."""
+        return ["windows"] + (["generate"] if self.label.generate is not None else [])
 
     def label_temperature(self) -> float:
         return 1.0  # token labels are stored at T = 1

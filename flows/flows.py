@@ -71,8 +71,8 @@ def train_teacher_task(config: dict, retrain: bool = False) -> dict:
 
 
 @task(name="plan-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_on_io)
-def plan_labels_task(config: dict, teacher: dict) -> dict:
-    return recipes.plan_labels(recipes.as_config(config), teacher)
+def plan_labels_task(config: dict, teacher: dict, job: str = "windows") -> dict:
+    return recipes.plan_labels(recipes.as_config(config), teacher, job)
 
 
 @task(
@@ -80,15 +80,15 @@ def plan_labels_task(config: dict, teacher: dict) -> dict:
     retries=2,
     retry_delay_seconds=[1, 5],
     retry_condition_fn=retry_on_io,
-    task_run_name="label-shard-{shard}",
+    task_run_name="label-{job}-shard-{shard}",
 )
-def label_shard_task(config: dict, teacher: dict, shard: int) -> dict:
-    return recipes.label_one_shard(recipes.as_config(config), teacher, shard)
+def label_shard_task(config: dict, teacher: dict, shard: int, job: str = "windows") -> dict:
+    return recipes.label_one_shard(recipes.as_config(config), teacher, shard, job)
 
 
 @task(name="finalize-labels", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_on_io)
-def finalize_labels_task(config: dict, teacher: dict) -> dict:
-    return recipes.finalize_labels(recipes.as_config(config), teacher)
+def finalize_labels_task(config: dict, teacher: dict, job: str = "windows") -> dict:
+    return recipes.finalize_labels(recipes.as_config(config), teacher, job)
 
 
 @task(name="train-student", retries=1, retry_condition_fn=retry_on_io, task_run_name="student-{run[name]}")
@@ -118,21 +118,26 @@ def train_teacher_flow(config: dict | str, overrides: list[str] | None = None, r
 
 @flow(name="label", log_prints=True)
 def label_flow(config: dict | str, overrides: list[str] | None = None, dask_address: str | None = None) -> dict:
-    """Teacher inference into the label datasets; one task per pending shard."""
+    """Teacher inference into the label datasets; one task per pending shard. With
+    label.generate a second pass follows: the teacher writing answers (its own shards)."""
     cfg = _load(config, overrides)
     raw = secrets.for_parameters(cfg.model_dump(mode="json"))  # no literal secret becomes a parameter
     # refuses a run directory's teacher trained with another lineage (data, views, model)
     teacher = recipes.existing_teacher(cfg)
     runner = make_task_runner(cfg, dask_address)
-    return _label_shards.with_options(task_runner=runner)(raw, teacher)
+    out = None
+    for job in cfg.label_jobs():
+        r = _label_shards.with_options(task_runner=runner, name=f"label-{job}")(raw, teacher, job)
+        out = r if out is None else out | {job: r}
+    return out
 
 
 @flow(name="label-shards")
-def _label_shards(config: dict, teacher: dict) -> dict:
+def _label_shards(config: dict, teacher: dict, job: str = "windows") -> dict:
     log = get_run_logger()
     cfg = recipes.as_config(config)
     t0 = time.perf_counter()
-    plan = plan_labels_task.with_options(**_io_retries(cfg))(config, teacher)
+    plan = plan_labels_task.with_options(**_io_retries(cfg))(config, teacher, job)
     pending = plan["pending"]
     log.info(
         "%s: %d shard(s), %d committed, %d to label",
@@ -143,16 +148,17 @@ def _label_shards(config: dict, teacher: dict) -> dict:
     )
     progress_id = create_progress_artifact(
         progress=100.0 * len(plan["committed"]) / plan["num_shards"],
-        key=_key(cfg, "label-progress"),
+        key=_key(cfg, "label-progress" if job == "windows" else f"label-{job}-progress"),
         description=f"Labelling {', '.join(plan['uris'])}",
     )
     rows = []
     if pending:
         futures = label_shard_task.with_options(**_io_retries(cfg)).map(
-            unmapped(config), unmapped(teacher), [p["shard"] for p in pending]
+            unmapped(config), unmapped(teacher), [p["shard"] for p in pending], unmapped(job)
         )
         done = len(plan["committed"])
-        pbar = progress.bar(total=plan["num_shards"], initial=done, desc="label shards", unit="shard")
+        desc = "label shards" if job == "windows" else "write answers"
+        pbar = progress.bar(total=plan["num_shards"], initial=done, desc=desc, unit="shard")
         for fut in as_completed(futures):
             s = fut.result()
             done += 1
@@ -161,7 +167,7 @@ def _label_shards(config: dict, teacher: dict) -> dict:
             update_progress_artifact(progress_id, progress=100.0 * done / plan["num_shards"])
             log.info("shard %d: %d samples, %d rows, %.0f rows/s", s["shard"], s["samples"], s["rows"], s["rows_per_s"])
         pbar.close()
-    summary = finalize_labels_task.with_options(**_io_retries(cfg))(config, teacher)
+    summary = finalize_labels_task.with_options(**_io_retries(cfg))(config, teacher, job)
     dt = time.perf_counter() - t0
     labelled, stored = sum(r["samples"] for r in rows), sum(r["rows"] for r in rows)
     table = [
@@ -186,7 +192,9 @@ def _label_shards(config: dict, teacher: dict) -> dict:
         }
     )
     create_table_artifact(
-        table=table, key=_key(cfg, "label-shards"), description=f"Per-shard labelling of {', '.join(plan['uris'])}"
+        table=table,
+        key=_key(cfg, "label-shards" if job == "windows" else f"label-{job}-shards"),
+        description=f"Per-shard labelling of {', '.join(plan['uris'])}",
     )
     return {
         "datasets": summary,

@@ -14,6 +14,7 @@ import os
 from pipeline.data.corpus import TokenCorpus, corpus_splits
 from pipeline.device import resolve_device
 from pipeline.hf_files import resolve_model_path
+from pipeline.labelling.generate import GenerationLabeller
 from pipeline.labelling.tokens import TokenLabeller, output_spec
 from pipeline.models.gguf import gguf_teacher_dir, load_causal_lm, teacher_fingerprint
 from pipeline.models.registry import param_counts
@@ -71,9 +72,11 @@ def eval_split(cfg: Config) -> TokenCorpus:
 # ------------------------------------------------------------------ labelling
 
 
-def labeller(cfg: Config, teacher: dict) -> TokenLabeller:
-    """The teacher over every train window, into every configured layout (one forward)."""
-    lab, uris, outputs = cfg.label, cfg.label_uris(), []
+def labeller(cfg: Config, teacher: dict, job: str = "windows") -> TokenLabeller | GenerationLabeller:
+    """The teacher over every train window, into every configured layout (one forward);
+    job "generate": the teacher writing answers to the train conversations' prompts, each
+    written token labelled in the same layouts (label.generate)."""
+    lab, uris, outputs = cfg.label, cfg.label_uris(job), []
     if lab.topk is not None:
         outputs.append(
             output_spec(
@@ -95,6 +98,24 @@ def labeller(cfg: Config, teacher: dict) -> TokenLabeller:
                 backend=lab.backend,
             )
         )
+    if job == "generate":
+        g, model = lab.generate, load_causal_lm(teacher["dir"])
+        return GenerationLabeller(
+            model,
+            splits(cfg)["train"],
+            outputs,
+            answers=g.answers,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=g.seed,
+            stop_ids=stop_ids(teacher, g.stop),
+            prompts=g.prompts,
+            batch_size=lab.batch_size,
+            device=lab.device,
+            amp=lab.amp,
+            recipe=recipe(cfg),
+        )
     return TokenLabeller(
         load_causal_lm(teacher["dir"]),
         splits(cfg)["train"],
@@ -107,16 +128,26 @@ def labeller(cfg: Config, teacher: dict) -> TokenLabeller:
     )
 
 
+def stop_ids(teacher: dict, stop: list[str] | None) -> list[int] | None:
+    """label.generate.stop as token ids (each must be one token of the teacher's tokenizer)."""
+    if stop is None:
+        return None
+    from pipeline.hf_files import load_tokenizer
+
+    tok = load_tokenizer(teacher["dir"])
+    out = []
+    for s in stop:
+        ids = tok.convert_tokens_to_ids([s]) if s in tok.get_vocab() else tok(s, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"label.generate.stop: {s!r} is {len(ids)} tokens of the teacher's tokenizer, not one")
+        out.append(int(ids[0]))
+    return out
+
+
 def check_label_lineage(cfg: Config, uri: str) -> dict:
     """The manifest of the labels at `uri`; the stream refuses labels of another corpus,
     tokenizer or windows when it opens them, naming both fingerprints."""
-    import storage
-
-    from . import secrets
-
-    return storage.open_soft_labels(
-        uri, storage_options=secrets.resolve(cfg.label.storage_options) or None, verifier=verifier(cfg.label.public_key)
-    ).manifest
+    return _open(cfg, uri).manifest
 
 
 # ------------------------------------------------------------------ students
@@ -131,9 +162,15 @@ def student_inputs(cfg: Config, teacher: dict, run: dict, manifests: list[dict])
     """run_student's task-specific arguments: the train windows (labelled by the teacher,
     and the baseline's next-token targets), the teacher's vocabulary as the output width."""
     s = splits(cfg)
-    return {
-        "transfer": s["train"],
-        "labelled": s["train"],
+    train = s["train"]
+    extra = {}
+    if run.get("data") == "generated":  # prompt + the teacher's written answer, its tokens the targets
+        train = answers_corpus(cfg)
+        s = s | {"answers": train}
+        extra = {"equal_steps_to": len(s["train"])}  # as many steps as a student of the train windows
+    return extra | {
+        "transfer": train,
+        "labelled": train,
         "val": s["val"],
         "eval_data": eval_split(cfg),
         "num_classes": teacher_vocab(teacher),
@@ -149,6 +186,25 @@ def student_inputs(cfg: Config, teacher: dict, run: dict, manifests: list[dict])
             label_manifests=manifests,
         ),
     }
+
+
+def answers_corpus(cfg: Config) -> TokenCorpus:
+    """The teacher's written answers (label.generate) as training windows: each prompt of
+    the train conversations followed by one answer (pipeline/data/generated.py)."""
+    from pipeline.data.generated import generated_corpus
+
+    uri = next(iter(cfg.label_uris("generate").values()))
+    return generated_corpus(_open(cfg, uri), splits(cfg)["train"])
+
+
+def _open(cfg: Config, uri: str):
+    import storage
+
+    from . import secrets
+
+    return storage.open_soft_labels(
+        uri, storage_options=secrets.resolve(cfg.label.storage_options) or None, verifier=verifier(cfg.label.public_key)
+    )
 
 
 def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
@@ -185,6 +241,18 @@ def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
     return ev
 
 
+def _generation_note(cfg: Config, train: TokenCorpus) -> dict:
+    g = cfg.label.generate
+    prompts = len(train.prompts()[0]) if g.prompts is None else min(g.prompts, len(train.prompts()[0]))
+    out = {"prompts": prompts, "answers": g.answers, "max_new_tokens": g.max_new_tokens}
+    out |= {"temperature": g.temperature, "top_p": g.top_p}
+    try:  # the written tokens, once the answers exist
+        out["tokens"] = int(_open(cfg, next(iter(cfg.label_uris("generate").values()))).manifest["num_tokens"])
+    except Exception:  # noqa: BLE001 - not written yet: the note has no count
+        pass
+    return out
+
+
 def data_description(cfg: Config) -> dict:
     """What the students learned from, for the report's footnote."""
     c = cfg.corpus
@@ -203,6 +271,7 @@ def data_description(cfg: Config) -> dict:
             "eval_conversations": c.sizes[ev],
             "eval_tokens": parts[ev].num_positions,
             "unit": "windows",
+            **({"generated": _generation_note(cfg, parts["train"])} if cfg.label.generate is not None else {}),
         }
     return {
         "corpus": c.path,

@@ -27,7 +27,7 @@ from pipeline.objectives.losses import LOSSES
 from pipeline.tasks import TASKS
 from pipeline.training.config import TrainConfig
 from pipeline.training.stream import verifier
-from pipeline.training.student import run_student
+from pipeline.training.student import baseline_config, run_student
 from storage import Location
 
 from . import classify, lm, secrets
@@ -67,13 +67,16 @@ def existing_teacher(cfg) -> dict:
 # ------------------------------------------------------------------ labelling
 
 
-def label_run(cfg, teacher: dict, *, overwrite: bool = False, shards: list[int] | None = None) -> LabelRun:
-    """Open (or resume) every label dataset of the config: one LabelRun over the task's
-    labeller (over `shards` only when given: a per-shard task reads only their records)."""
+def label_run(
+    cfg, teacher: dict, *, overwrite: bool = False, shards: list[int] | None = None, job: str = "windows"
+) -> LabelRun:
+    """Open (or resume) the label datasets of one of the config's teacher passes (`job`:
+    "windows", the inputs; "generate", the answers the teacher writes): one LabelRun over
+    the task's labeller (over `shards` only when given: a per-shard task reads only their records)."""
     t = task_recipes(cfg)
     return LabelRun(
-        t.labeller(cfg, teacher),
-        shard_size=cfg.label.shard_size,
+        t.labeller(cfg, teacher, job=job),
+        shard_size=cfg.label.generate.shard_size if job == "generate" else cfg.label.shard_size,
         teacher=t.manifest_teacher(teacher),
         storage_options=storage_options(cfg),
         overwrite=overwrite,
@@ -82,10 +85,10 @@ def label_run(cfg, teacher: dict, *, overwrite: bool = False, shards: list[int] 
     )
 
 
-def plan_labels(cfg, teacher: dict) -> dict:
+def plan_labels(cfg, teacher: dict, job: str = "windows") -> dict:
     """Open the datasets (resume, or overwrite when configured) and list the shards still to label."""
     try:
-        run = label_run(cfg, teacher, overwrite=cfg.label.overwrite)
+        run = label_run(cfg, teacher, overwrite=cfg.label.overwrite, job=job)
     except storage.MismatchError as e:  # name the config's knob beside the API's
         raise storage.MismatchError(f"{e}\nIn a config: label.overwrite=true, or another name or runs_dir.") from None
     pending = run.pending()
@@ -97,10 +100,10 @@ def plan_labels(cfg, teacher: dict) -> dict:
     }
 
 
-def label_one_shard(cfg, teacher: dict, shard: int) -> dict:
+def label_one_shard(cfg, teacher: dict, shard: int, job: str = "windows") -> dict:
     """Label one shard into every dataset lacking it (a retry or a concurrent run may have
     done it already: then nothing)."""
-    s = label_run(cfg, teacher, shards=[shard]).label_shard(shard)
+    s = label_run(cfg, teacher, shards=[shard], job=job).label_shard(shard)
     return {k: v for k, v in s.items() if k != "records"} | {
         "sha256": s["records"][0]["sha256"] if s["records"] else "",
         "skipped": not s["records"],
@@ -108,13 +111,13 @@ def label_one_shard(cfg, teacher: dict, shard: int) -> dict:
     }
 
 
-def finalize_labels(cfg, teacher: dict) -> dict:
+def finalize_labels(cfg, teacher: dict, job: str = "windows") -> dict:
     """Every dataset's complete manifest; {layout: summary} (a concurrent run may have
     finalized already: a manifest naming exactly the committed shards is kept)."""
-    run = label_run(cfg, teacher, shards=[])  # finalize lists the commit records itself
+    run = label_run(cfg, teacher, shards=[], job=job)  # finalize lists the commit records itself
     # The labellers open their outputs in label_uris() order; the writers hold the resolved
     # uri (a relative local path made absolute), so pair by position, not by string.
-    layouts = list(cfg.label_uris())
+    layouts = list(cfg.label_uris(job))
     assert len(layouts) == len(run.writers), (layouts, [w.uri for w in run.writers])
     return {
         layout: summarize(m, w.uri, storage_options(cfg))
@@ -135,35 +138,23 @@ def student_runs(cfg) -> list[dict]:
         if sc.baseline and "ce" not in losses:
             losses = ["ce", *losses]
         base = m.display_name()
-        for seed in seeds:
-            tail = "" if len(seeds) == 1 else f"-s{seed}"
-            for loss in losses:
-                if loss == "ce":
-                    runs.append(
-                        {
-                            "name": f"{base}-baseline{tail}",
-                            "model": m.model_dump(),
-                            "loss": "ce",
-                            "temperature": None,
-                            "alpha": None,
-                            "seed": seed,
-                            "arch_name": base,
-                        }
-                    )
-                    continue
-                for T in cfg.student_temperatures():
-                    for a in sc.alphas:
-                        runs.append(
-                            {
-                                "name": f"{base}-T{T:g}-a{a:g}-{loss}{tail}",
-                                "model": m.model_dump(),
-                                "loss": loss,
-                                "temperature": T,
-                                "alpha": a,
-                                "seed": seed,
-                                "arch_name": base,
-                            }
-                        )
+        for data in m.data if m.data is not None else getattr(sc, "data", ["human"]):
+            # the teacher's written answers: CE on them is sequence-level KD (a student, not the
+            # baseline); a KD loss there comes with that CE (students.generated_alphas)
+            gen = data == "generated"
+            pre, alphas = (f"{base}-seqkd", sc.generated_alphas) if gen else (base, sc.alphas)
+            for seed in seeds:
+                tail = "" if len(seeds) == 1 else f"-s{seed}"
+                common = {"model": m.model_dump(), "seed": seed, "arch_name": base, "data": data}
+                for loss in losses:
+                    if loss == "ce":
+                        name = f"{pre}{tail}" if gen else f"{base}-baseline{tail}"
+                        runs.append({"name": name, "loss": "ce", "temperature": None, "alpha": None} | common)
+                        continue
+                    for T in cfg.student_temperatures():
+                        for a in alphas:
+                            name = f"{pre}-T{T:g}-a{a:g}-{loss}{tail}"
+                            runs.append({"name": name, "loss": loss, "temperature": T, "alpha": a} | common)
     names = [r["name"] for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -171,9 +162,10 @@ def student_runs(cfg) -> list[dict]:
     return runs
 
 
-def label_uri_for(cfg, loss: str) -> str:
-    """The label dataset a KD loss learns from: the config's layout of the loss's family."""
-    uris = cfg.label_uris()
+def label_uri_for(cfg, loss: str, data: str = "human") -> str:
+    """The label dataset a KD loss learns from: the config's layout of the loss's family (of
+    the teacher's written answers for data "generated")."""
+    uris = cfg.label_uris("generate" if data == "generated" else "windows")
     for family in LOSSES[loss].labels:
         if family in uris:
             return uris[family]
@@ -182,7 +174,7 @@ def label_uri_for(cfg, loss: str) -> str:
 
 def check_labels(cfg) -> None:
     """Refuse foreign labels before any student (or baseline) trains."""
-    for uri in {label_uri_for(cfg, r["loss"]) for r in student_runs(cfg) if r["loss"] != "ce"}:
+    for uri in {label_uri_for(cfg, r["loss"], r["data"]) for r in student_runs(cfg) if r["loss"] != "ce"}:
         task_recipes(cfg).check_label_lineage(cfg, uri)
 
 
@@ -195,7 +187,7 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
     so = storage_options(cfg)
     uris, manifests = [], []
     if run["loss"] != "ce":
-        uris = [label_uri_for(cfg, run["loss"]), *cfg.students.extra_soft_labels]
+        uris = [label_uri_for(cfg, run["loss"], run.get("data", "human")), *cfg.students.extra_soft_labels]
         manifests = [t.check_label_lineage(cfg, uris[0])] + [
             storage.open_soft_labels(u, storage_options=so, verifier=verifier(cfg.label.public_key)).manifest
             for u in uris[1:]
@@ -211,6 +203,10 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
         ckpt_path=str(out / f"{run['name']}.train.pt"),
     )
     ckpt = str(out / f"{run['name']}.pt")
+    inputs = t.student_inputs(cfg, teacher, run, manifests)
+    ref = inputs.pop("equal_steps_to", None)
+    if ref is not None:  # other windows (the teacher's answers): the sweep's steps all the same
+        tcfg = baseline_config(tcfg, label_samples=ref, num_views=1, labelled_samples=len(inputs["transfer"]))
     r = run_student(
         run=run,
         train_config=tcfg,
@@ -225,12 +221,14 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
         on_batch=on_batch,
         export_dir=str(out) if cfg.students.export else None,
         quantize=cfg.students.quantize,
-        **t.student_inputs(cfg, teacher, run, manifests),
+        baseline_fair=ref is None,
+        **inputs,
     )
     res = r.train
     return {
         **{k: run[k] for k in ("name", "arch_name", "loss", "temperature", "alpha", "seed")},
-        "mode": "hard" if run["loss"] == "ce" else "stored",
+        "data": run.get("data", "human"),
+        "mode": "hard" if run["loss"] == "ce" and run.get("data", "human") == "human" else "stored",
         "labels": uris[0] if uris else None,
         **{k: v for k, v in (r.evaluation or {}).items() if k != "initial"},
         # a student from weights (pruned, pretrained): its metric before any step

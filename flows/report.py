@@ -51,14 +51,20 @@ def gain(metric: str, value: float, baseline: float) -> float:
 # ------------------------------------------------------------------ rows
 
 
+def is_baseline(r: dict) -> bool:
+    """The hard-label baseline: CE on the data's own labels (a language model: the human
+    text; CE on the teacher's written answers is sequence-level KD, a distilled student)."""
+    return r.get("loss") == "ce" and r.get("data", "human") == "human"
+
+
 def with_baselines(results: list[dict], metric: str, higher_is_better: bool) -> list[dict]:
-    """Each student with its architecture's baseline (loss "ce") of the same seed:
+    """Each student with its architecture's baseline (is_baseline) of the same seed:
     "baseline" (its metric) and "gain" (None for a baseline itself)."""
-    base = {(r["arch_name"], r["seed"]): r[metric] for r in results if r["loss"] == "ce"}
+    base = {(r["arch_name"], r["seed"]): r[metric] for r in results if is_baseline(r)}
     out = []
     for r in results:
         b = base.get((r["arch_name"], r["seed"]))
-        out.append(r | {"baseline": b, "gain": None if b is None or r["loss"] == "ce" else gain(metric, r[metric], b)})
+        out.append(r | {"baseline": b, "gain": None if b is None or is_baseline(r) else gain(metric, r[metric], b)})
     return out
 
 
@@ -85,12 +91,14 @@ def aggregate(students: list[dict], metric: str) -> list[dict]:
     the gain, and the per-seed values (report.md's per-seed table)."""
     groups: dict[tuple, list[dict]] = {}
     for s in students:
-        groups.setdefault((s["arch_name"], s["loss"], s.get("temperature"), s.get("alpha")), []).append(s)
+        key = (s["arch_name"], s["loss"], s.get("temperature"), s.get("alpha"), s.get("data", "human"))
+        groups.setdefault(key, []).append(s)
     rows = []
-    for (arch, loss, T, a), rs in groups.items():
+    for (arch, loss, T, a, data), rs in groups.items():
         vals = [r[metric] for r in rs]
         gains = [r["gain"] for r in rs if r.get("gain") is not None]
-        name = f"{arch}-baseline" if loss == "ce" else f"{arch}-T{T:g}-a{a:g}-{loss}"
+        pre = f"{arch}-seqkd" if data == "generated" else arch
+        name = (pre if data == "generated" else f"{arch}-baseline") if loss == "ce" else f"{pre}-T{T:g}-a{a:g}-{loss}"
         row = {
             k: rs[0].get(k)
             for k in (
@@ -98,6 +106,7 @@ def aggregate(students: list[dict], metric: str) -> list[dict]:
                 "loss",
                 "temperature",
                 "alpha",
+                "data",
                 "mode",
                 "params",
                 "size_bytes",
@@ -240,6 +249,15 @@ def _lm_footnote(report: dict, d: dict, seeds: str) -> str:
             f"baseline: next-token cross-entropy only; the others: {kd} from the stored teacher labels; gain: "
             f"ppl vs baseline."
         )
+        g = d.get("generated")
+        if g:
+            written = f"{g['tokens']:,} tokens" if g.get("tokens") is not None else "answers"
+            lines.append(
+                f"seqkd (sequence-level KD): CE on the teacher's own {written}, {g['answers']} answer(s) to each of "
+                f"{g['prompts']:,} train prompts (temperature {g['temperature']:g}, top-p {g['top_p']:g}, at most "
+                f"{g['max_new_tokens']} tokens); seqkd-T-a-loss: alpha x that CE + (1 - alpha) x KD from the written "
+                f"tokens' stored labels; as many steps as the students of the human answers."
+            )
         return "\n".join(lines)
     lines.append(
         f"students: {d['train_windows']:,} train windows {size}, equal steps per student; ppl on "
@@ -305,7 +323,7 @@ def students_png(report: dict) -> bytes:
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()
     t, students = report["teacher"], list(report.get("rows") or report["students"])
-    base = {s.get("arch_name", s["name"]): s for s in students if s.get("mode") == "hard" or s.get("loss") == "ce"}
+    base = {s.get("arch_name", s["name"]): s for s in students if s.get("mode") == "hard" or is_baseline(s)}
     distilled = [s for s in students if s not in base.values()]
     # several students of one architecture (a T/alpha/loss sweep) share its parameter count:
     # spread them a little to the right so their arrows stay apart

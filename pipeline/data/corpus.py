@@ -680,6 +680,7 @@ class TokenCorpus:
                 else {}
             ),
             **({"chat": self._chat_describe()} if self.is_chat else {}),
+            **({"generated": m["generated"]} if "generated" in m else {}),
         }
 
     def _chat_describe(self) -> dict:

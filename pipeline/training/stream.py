@@ -394,6 +394,19 @@ def check_token_lineage(manifest: dict, corpus: TokenCorpus, uri: str) -> None:
             f"token labels at {uri} were made with {what(stored_chat)}, but corpus {corpus.name!r} has "
             f"{what(chat)}: its labelled (assistant) positions are not the ones the labels hold"
         )
+    gen = data.get("generation")
+    if gen is not None or "generated" in corpus.describe():  # the teacher's written answers
+        have = corpus.describe().get("generated") or {}
+        want = {k: v for k, v in (gen or {}).items() if k != "prompt_conversations"}
+        if gen is None or have.get("prompts_fingerprint") != data.get("fingerprint") or have.get("settings") != want:
+            raise ValueError(
+                f"token labels at {uri} are "
+                + ("labels of a corpus" if gen is None else "answers the teacher wrote")
+                + f", corpus {corpus.name!r} "
+                + ("holds written answers" if gen is None else "holds other prompts or answers of other settings")
+                + ": build it with distillery.generated_corpus(labels, prompt_corpus)"
+            )
+        return
     if int(manifest["seq_len"]) != corpus.seq_len:
         raise ValueError(
             f"token labels at {uri} have seq_len {manifest['seq_len']}, corpus {corpus.name!r} has "

@@ -76,7 +76,11 @@ def _replay_tokens(ds, recipe: dict, n: int, seed: int) -> dict:
             f"made by {m['teacher']['fingerprint'][:16]}: the teacher file was modified or corrupt"
         )
     corpus = corpus_splits(recipe["corpus"], teacher_dir)[recipe["label_split"]]
-    if corpus.fingerprint() != m["data"]["fingerprint"]:
+    if m["data"].get("generation"):  # the teacher's written answers: replayed by one plain forward each
+        from pipeline.data.generated import generated_corpus
+
+        corpus = generated_corpus(ds, corpus)  # refuses prompts of another corpus, split or template
+    elif corpus.fingerprint() != m["data"]["fingerprint"]:
         raise ValueError(
             f"{ds.uri}: the windows rebuilt from the recorded corpus section have fingerprint "
             f"{corpus.fingerprint()[:16]}, the labels were made from {m['data']['fingerprint'][:16]}: "

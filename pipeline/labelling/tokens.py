@@ -8,9 +8,10 @@ layouts"); TokenLabeller is what labelling/loop.py runs.
                        teacher={"name": "smollm2-135m", "fingerprint": fp}, device="auto")
 
 Shard i holds the windows [a, b) of the corpus' row order (labelling/loop.py's plan with
-shard_size in sequences); its rows are the windows' token positions, sequence-major:
-(b - a) * L of them, or sum(corpus.lengths) when windows differ in length
-(windows="documents": variable-length sequences). Per batch of B windows the teacher runs
+shard_size in sequences); its rows are the windows' labelled positions, sequence-major:
+(b - a) * L of them, or sum(corpus.label_counts) when windows differ in length
+(windows="documents": variable-length sequences) or only some positions are labelled (a
+chat corpus: those whose target is an assistant token; row r of a window is its r-th). Per batch of B windows the teacher runs
 once, input_ids (B, Lb) (Lb the batch's longest window, shorter ones padded after their
 end) with an all-ones attention mask (a pad id may equal the EOS/separator inside the
 text, so ids must never be used to build the mask; causal attention keeps padding out of
@@ -150,7 +151,7 @@ def shard_labels(
 ) -> list[dict]:
     """The compact labels of windows [start, stop) on the host, one dict per spec
     ({"representation", "k" | "draws"}), all from the SAME forward per batch; N = the
-    windows' real positions (sum of corpus.lengths), window-major: top-k {"ids" (N, k)
+    windows' labelled positions (sum of corpus.label_counts), window-major: top-k {"ids" (N, k)
     int64, "logprobs" (N, k) float32, "missing_mass" (N,) float32}; sampled {"ids" (N, u)
     int64, "counts" (N, u) int32} with u the largest unique-id count (padding id 0, count 0).
     specs=[] runs the forwards only."""

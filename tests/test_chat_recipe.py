@@ -24,7 +24,10 @@ def _conversations(path, n=40, seed=0):
         for i in range(n):
             turns = int(rng.integers(2, 9))
             msgs = [
-                {"role": "user" if t % 2 == 0 else "assistant", "content": " ".join(rng.choice(WORDS, rng.integers(1, 7)))}
+                {
+                    "role": "user" if t % 2 == 0 else "assistant",
+                    "content": " ".join(rng.choice(WORDS, rng.integers(1, 7))),
+                }
                 for t in range(turns)
             ]
             f.write(json.dumps({"id": f"c{i}", "messages": msgs}) + "\n")

@@ -566,6 +566,7 @@ class CorpusConfig(Section):
     messages_field: str = "messages"
     too_long: Literal["refuse", "skip"] = "refuse"  # chat: a message longer than seq_len cannot be
     # cut between messages: refuse it (naming file and line), or leave its conversation out
+    labelled: Literal["assistant", "all"] = "assistant"  # chat: the positions labelled, trained and scored
     seq_len: int = Field(128, ge=2)  # tokens per window (the window holds seq_len + 1 for targets)
     windows: Literal["packed", "documents"] = "packed"  # packed: one stream cut every seq_len;
     # documents: windows never cross a document, the last shorter (chat: always per conversation)
@@ -664,6 +665,8 @@ class LMConfig(RunConfig):
                 f"label.generate writes answers to conversations' prompts: it needs corpus.kind chat, "
                 f"got {self.corpus.kind!r}"
             )
+        if self.label.generate is not None and self.corpus.labelled != "assistant":
+            raise ValueError("label.generate answers the assistant's turns: it needs corpus.labelled assistant")
         every = list(self.students.data) + [d for m in self.student_models() for d in (m.data or [])]
         if "generated" in every and self.label.generate is None:
             raise ValueError("students.data has 'generated': set label.generate (the teacher's written answers)")

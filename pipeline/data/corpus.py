@@ -266,6 +266,7 @@ class TokenCorpus:
         tokenizer_info: dict,
         windows: str = "packed",
         too_long: str = "refuse",
+        labelled: str = "assistant",
     ):
         if windows not in WINDOWS:
             raise ValueError(f"windows must be one of {list(WINDOWS)}, got {windows!r}")
@@ -295,10 +296,10 @@ class TokenCorpus:
                 unit,
                 skip_long=too_long == "skip",
             )
-            self.too_long = too_long
+            self.too_long, self.labelled = too_long, labelled
             # a window of user turns only has nothing to learn: left out (the labels hold >= 1 row per window)
             cs = self._mask_cumsum = np.concatenate([[0], np.cumsum(self.assistant_mask, dtype=np.int64)])
-            some = cs[s0 + n0 + 1] > cs[s0 + 1]
+            some = (cs[s0 + n0 + 1] > cs[s0 + 1]) | (labelled == "all")
             self._win, self._conv = (s0[some], n0[some]), conv[some]
             self.chunks_in_source = len(self._win[0])
         elif windows == "documents":
@@ -414,11 +415,14 @@ class TokenCorpus:
         name: str | None = None,
         windows: str = "packed",
         too_long: str = "refuse",
+        labelled: str = "assistant",
     ) -> TokenCorpus:
         from pipeline.hf_files import load_tokenizer, tokenizer_info
 
         if too_long not in ("refuse", "skip"):
             raise ValueError(f"too_long must be 'refuse' or 'skip', got {too_long!r}")
+        if labelled not in ("assistant", "all"):
+            raise ValueError(f"labelled must be 'assistant' or 'all', got {labelled!r}")
         if int(seq_len) != seq_len or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, found {seq_len!r}")
         if max_positions is not None and seq_len > int(max_positions):
@@ -480,6 +484,7 @@ class TokenCorpus:
             tokenizer_info=info,
             windows=windows,
             too_long=too_long,
+            labelled=labelled,
         )
 
     # -- state
@@ -555,7 +560,7 @@ class TokenCorpus:
         pos = self._positions(pos)
         n = self.lengths(pos)
         real = np.arange(self.seq_len)[None, :] < n[:, None]
-        if not self.is_chat:
+        if not self.is_chat or self.labelled == "all":
             return real
         starts, mask = self._win[0][self.sample_ids[pos]], self.assistant_mask
         out = np.zeros_like(real)
@@ -600,7 +605,7 @@ class TokenCorpus:
 
     def label_counts(self, pos) -> np.ndarray:
         """(B,) int64 labelled positions per window: the rows its stored labels hold."""
-        if not self.is_chat:
+        if not self.is_chat or self.labelled == "all":
             return self.lengths(pos)
         pos = self._positions(pos)
         if self._mask_cumsum is None:  # (T + 1,) assistant tokens before each
@@ -690,7 +695,11 @@ class TokenCorpus:
         labelled = int(self.label_counts(every).sum())
         return {
             "template_sha256": m["chat_template_sha256"],
-            "labelled": "positions whose target is an assistant token (content and end of turn)",
+            "labelled": (
+                "positions whose target is an assistant token (content and end of turn)"
+                if self.labelled == "assistant"
+                else "every position (the whole conversation)"
+            ),
             "windows": "one conversation, or a run of its whole messages when longer than seq_len",
             "conversations": m["documents"],
             "skipped_without_assistant": m["empty_documents"],
@@ -783,6 +792,7 @@ def _splits(section_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
             c["path"],
             messages_field=c.get("messages_field", "messages"),
             too_long=c.get("too_long", "refuse"),
+            labelled=c.get("labelled", "assistant"),
             **common,
         )
         return corpus.split(seed=c.get("seed", 0), sizes=dict(c["sizes"]))

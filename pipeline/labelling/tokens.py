@@ -11,15 +11,16 @@ Shard i holds the windows [a, b) of the corpus' row order (labelling/loop.py's p
 shard_size in sequences); its rows are the windows' labelled positions, sequence-major:
 (b - a) * L of them, or sum(corpus.label_counts) when windows differ in length
 (windows="documents": variable-length sequences) or only some positions are labelled (a
-chat corpus: those whose target is an assistant token; row r of a window is its r-th). Per batch of B windows the teacher runs
-once, input_ids (B, Lb) (Lb the batch's longest window, shorter ones padded after their
-end) with an all-ones attention mask (a pad id may equal the EOS/separator inside the
-text, so ids must never be used to build the mask; causal attention keeps padding out of
-every real position), giving logits (B, Lb, V); padded positions are dropped. The summaries are
-computed from those logits ON THE MODEL'S DEVICE (pipeline.labelling.token_summaries) and only the
-compact results, (B * Lb, k) ids + log-probs + (B * Lb,) missing mass, or (N, u) ids +
-counts, are copied to the host; the (B, Lb, V) block is dropped before the next batch, so
-the largest teacher tensor is one batch's logits. A shard's batches are concatenated and
+chat corpus: those whose target is an assistant token; row r of a window is its r-th).
+Per batch of B windows the teacher runs once, input_ids (B, Lb) (Lb the batch's longest
+window, shorter ones padded after their end) with an all-ones attention mask (a pad id
+may equal the EOS/separator inside the text, so ids must never be used to build the
+mask; causal attention keeps padding out of every real position), giving logits
+(B, Lb, V); unlabelled positions are dropped. The summaries are computed from those
+logits ON THE MODEL'S DEVICE (pipeline.labelling.token_summaries) and only the compact
+results, (N, k) ids + log-probs + (N,) missing mass, or (N, u) ids + counts, are copied
+to the host; the (B, Lb, V) block is dropped before the next batch, so the largest
+teacher tensor is one batch's logits. A shard's batches are concatenated and
 committed atomically; a re-run skips committed shards (resume) and must plan the same
 shards (same corpus, shard_size).
 

@@ -382,13 +382,17 @@ def check_token_lineage(manifest: dict, corpus: TokenCorpus, uri: str) -> None:
         )
     stored_chat = (data.get("inputs") or {}).get("chat") or {}
     chat = corpus.describe().get("chat") or {}
-    if (stored_chat.get("template_sha256"), stored_chat.get("too_long")) != (
+    if (stored_chat.get("template_sha256"), stored_chat.get("too_long"), stored_chat.get("labelled")) != (
         chat.get("template_sha256"),
         chat.get("too_long"),
+        chat.get("labelled"),
     ):
 
         def what(c):
-            return f"chat template {c['template_sha256'][:16]} (too_long {c.get('too_long')})" if c else "no chat mask"
+            if not c:
+                return "no chat mask"
+            how = f"too_long {c.get('too_long')}, labelled {c['labelled'][:9]}"
+            return f"chat template {c['template_sha256'][:16]} ({how})"
 
         raise ValueError(
             f"token labels at {uri} were made with {what(stored_chat)}, but corpus {corpus.name!r} has "

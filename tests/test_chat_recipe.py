@@ -54,10 +54,17 @@ def chat_config(tmp_path, **over) -> str:
             "sizes": {"train": 24, "val": 6, "test": 6},
         },
         "teacher": {"name": "tiny-llama", "path": str(teacher)},
-        "label": {"topk": {"k": 8, "dtype": "float16"}, "sampled": {"draws": 16}, "shard_size": 8, "batch_size": 4},
+        "label": {
+            "topk": {"k": 8, "dtype": "float16"},
+            "sampled": {"draws": 16},
+            "shard_size": 8,
+            "batch_size": 4,
+            "generate": {"answers": 2, "max_new_tokens": 8, "temperature": 0.7, "top_p": 0.9, "prompts": 10},
+        },
         "students": {
             "models": [{"name": "s1", "arch": "llama", "kwargs": {"layers": 1, "hidden": 16, "heads": 2}}],
             "losses": ["topk_kl", "sampled_kl"],
+            "data": ["human", "generated"],
             "alphas": [0.0],
             "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "device": "cpu"},
         },
@@ -91,8 +98,28 @@ def test_chat_recipe_labels_and_scores_assistant_tokens_only(chat_run, capsys):
         assert m["num_tokens"] == train.num_positions < int(train.lengths(np.arange(len(train))).sum())
         assert m["data"]["inputs"]["chat"]["template_sha256"] == train.describe()["chat"]["template_sha256"]
     assert rep["teacher"]["tokens"] == test.num_positions  # perplexity over assistant tokens
-    assert [s["name"] for s in rep["students"]] == ["s1-baseline", "s1-T1-a0-topk_kl", "s1-T1-a0-sampled_kl"]
-    assert len({s["steps"] for s in rep["students"]}) == 1
+    human = ["s1-baseline", "s1-T1-a0-topk_kl", "s1-T1-a0-sampled_kl"]
+    seqkd = ["s1-seqkd", "s1-seqkd-T1-a0.5-topk_kl", "s1-seqkd-T1-a0.5-sampled_kl"]
+    assert [s["name"] for s in rep["students"]] == human + seqkd
+    from pipeline.training.student import baseline_epochs
+
+    steps = {s["name"]: s["steps"] for s in rep["students"]}
+    human_steps = 2 * -(-len(train) // 4)  # 2 epochs of batches of 4 windows
+    answers = 20  # windows of the written answers: prompt + one answer each
+    # the written answers get as many steps as whole epochs allow (the baseline rule)
+    gen_steps = baseline_epochs(2, label_samples=len(train), num_views=1, labelled_samples=answers, batch_size=4) * 5
+    assert {steps[n] for n in human} == {human_steps} and {steps[n] for n in seqkd} == {gen_steps}
+    assert abs(gen_steps - human_steps) <= 5 / 2
+    # the teacher's answers: 2 to each of the first 10 train prompts, each token labelled
+    gen = storage.open_soft_labels(cfg.label_uris("generate")["topk"], verify=True).manifest
+    assert gen["num_samples"] == 20 and gen["representation"]["tokens"] is True
+    assert gen["data"]["generation"]["temperature"] == 0.7 and gen["seq_len"] == 8
+    sampled = storage.open_soft_labels(cfg.label_uris("generate")["sampled"], verify=True).manifest
+    assert sampled["num_tokens"] == gen["num_tokens"]  # the same answers, from one generation
+    assert (
+        f"CE on the teacher's own {gen['num_tokens']:,} tokens, 2 answer(s) to each of 10 train prompts"
+        in (cfg.run_dir() / "report.md").read_text()
+    )
     d = rep["data"]
     assert d["train_conversations"] == 24 and d["eval_tokens"] == test.num_positions
     md = (cfg.run_dir() / "report.md").read_text()
@@ -113,6 +140,13 @@ def test_inspect_shows_the_labelled_share_and_replay_passes(chat_run, capsys):
     assert "bytes per labelled token" in out
     for layout in ("topk", "sampled"):
         assert main(["inspect", cfg.label_uris()[layout], "--replay", "4"]) == 0, capsys.readouterr().err
+    # the teacher's answers: the settings, and a replay by plain forwards over prompt + answer
+    gen = cfg.label_uris("generate")["topk"]
+    capsys.readouterr()
+    assert main(["inspect", gen, "--replay", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "generated: the teacher's answers, 2 to each of 10 prompts (temperature 0.7, top-p 0.9" in out
+    assert "match" in out
 
 
 @pytest.mark.parametrize(

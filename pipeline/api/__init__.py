@@ -30,7 +30,7 @@ Signed datasets: distillery.keys.generate / load_signer / load_verifier (Ed25519
 
 from pipeline.api import losses
 from pipeline.api.labels import StoredLabels, distill_loss, views_of
-from pipeline.api.tokens import corpus_of, open_stream, to_hf_dataset
+from pipeline.api.tokens import corpus_of, generated_corpus, open_stream, to_hf_dataset
 from pipeline.data.datasets import load_dataset
 from pipeline.models.registry import build_model
 from pipeline.objectives.losses import FAMILIES, LOSSES, register_loss
@@ -62,6 +62,7 @@ __all__ = [
     "Windows",
     "collate_tokens",
     "corpus_of",
+    "generated_corpus",
     "open_stream",
     "to_hf_dataset",
     "DistillationTrainer",

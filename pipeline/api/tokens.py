@@ -3,6 +3,7 @@ the manifest; the labels as a `datasets.Dataset`; the label stream.
 
     labels = distillery.open_labels("runs/lm/token_labels/topk")
     corpus = distillery.corpus_of(labels)                   # the labelled windows, checked
+    # (a chat corpus: rows at assistant targets; the teacher's written answers: prompt + answer)
     data = distillery.TokenLabels(labels, corpus)           # map-style, one window per item
     ds = distillery.to_hf_dataset(labels)                   # datasets.Dataset for TRL / axolotl
     stream = distillery.open_stream(uri, corpus, batch_size=8, rank=r, world_size=w)  # iterable
@@ -45,8 +46,20 @@ def corpus_of(labels: SoftLabelDataset | str) -> TokenCorpus:
     if not os.path.isdir(tok):
         raise ValueError(f"{ds.uri}: the tokenizer directory the labels record, {tok}, does not exist here")
     corpus = corpus_splits(recipe["corpus"], tok)[recipe["label_split"]]
+    if data.get("generation"):  # the teacher's written answers: prompt + answer per sample
+        corpus = generated_corpus(ds, corpus)
     check_token_lineage(m, corpus, ds.uri)
     return corpus
+
+
+def generated_corpus(labels: SoftLabelDataset | str, prompt_corpus: TokenCorpus) -> TokenCorpus:
+    """The teacher's written answers of a generation dataset (`label.generate`) as windows:
+    prompt i // N of `prompt_corpus` (the chat corpus' train split they were written for)
+    followed by answer i % N; the answer's tokens are the labelled positions (sequence-level
+    KD: CE on them; the stored rows: the token term). Refuses other prompts or settings."""
+    from pipeline.data.generated import generated_corpus as build
+
+    return build(_open(labels), prompt_corpus)
 
 
 def to_hf_dataset(labels: SoftLabelDataset | str, corpus: TokenCorpus | None = None, *, batch_size: int = 256):

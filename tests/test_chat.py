@@ -287,3 +287,17 @@ def test_a_corpus_cache_is_reused_and_pickles_without_its_maps(env, tmp_path):
     assert sorted(os.listdir(tmp_path)) == files and again.fingerprint() == c.fingerprint()
     back = pickle.loads(pickle.dumps(c.split(seed=0, sizes={"train": 2, "val": 2})["train"]))
     assert np.array_equal(back.label_mask(np.arange(len(back))), c.label_mask(c.index_of(back.sample_ids)))
+
+
+def test_labelled_all_keeps_every_position_and_is_its_own_lineage(env, labelled, tmp_path):
+    every = TokenCorpus.from_chat(
+        env["path"], tokenizer_path=env["tok_dir"], seq_len=12, cache_dir=str(tmp_path), labelled="all"
+    )
+    pos = np.arange(len(every))
+    assert np.array_equal(every.label_counts(pos), every.lengths(pos))
+    assert every.describe()["chat"]["labelled"].startswith("every position")
+    assert every.fingerprint() != labelled["corpus"].fingerprint()
+    with pytest.raises(
+        ValueError, match=r"\(labelled assistant, too_long refuse\), but corpus .* \(labelled all, too_long refuse\)"
+    ):
+        TokenLabels(labelled["topk"], every)

@@ -695,6 +695,7 @@ class TokenCorpus:
         labelled = int(self.label_counts(every).sum())
         return {
             "template_sha256": m["chat_template_sha256"],
+            "mask": self.labelled,  # corpus.labelled: assistant | all
             "labelled": (
                 "positions whose target is an assistant token (content and end of turn)"
                 if self.labelled == "assistant"

@@ -382,21 +382,21 @@ def check_token_lineage(manifest: dict, corpus: TokenCorpus, uri: str) -> None:
         )
     stored_chat = (data.get("inputs") or {}).get("chat") or {}
     chat = corpus.describe().get("chat") or {}
-    if (stored_chat.get("template_sha256"), stored_chat.get("too_long"), stored_chat.get("labelled")) != (
+    if (stored_chat.get("template_sha256"), stored_chat.get("too_long"), stored_chat.get("mask")) != (
         chat.get("template_sha256"),
         chat.get("too_long"),
-        chat.get("labelled"),
+        chat.get("mask"),
     ):
 
         def what(c):
             if not c:
                 return "no chat mask"
-            how = f"too_long {c.get('too_long')}, labelled {c['labelled'][:9]}"
+            how = f"labelled {c.get('mask')}, too_long {c.get('too_long')}"
             return f"chat template {c['template_sha256'][:16]} ({how})"
 
         raise ValueError(
             f"token labels at {uri} were made with {what(stored_chat)}, but corpus {corpus.name!r} has "
-            f"{what(chat)}: its labelled (assistant) positions are not the ones the labels hold"
+            f"{what(chat)}: its labelled positions are not the ones the labels hold"
         )
     gen = data.get("generation")
     if gen is not None or "generated" in corpus.describe():  # the teacher's written answers

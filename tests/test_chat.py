@@ -301,3 +301,44 @@ def test_labelled_all_keeps_every_position_and_is_its_own_lineage(env, labelled,
         ValueError, match=r"\(labelled assistant, too_long refuse\), but corpus .* \(labelled all, too_long refuse\)"
     ):
         TokenLabels(labelled["topk"], every)
+
+
+CHAT_CFG = """
+task: lm
+name: c
+corpus: {kind: chat, path: x.jsonl, seq_len: 64, sizes: {train: 2, val: 1}}
+teacher: {gguf: x.gguf}
+label: {topk: {k: 8}}
+"""
+
+
+@pytest.mark.parametrize(
+    "override,what",
+    [
+        (
+            ["corpus.kind=jsonl", "label.generate={answers: 2}"],
+            "label.generate writes answers .* needs corpus.kind chat",
+        ),
+        (["students.data=[generated]"], "students.data has 'generated': set label.generate"),
+        (["label.generate={answers: 0}"], "label.generate.answers"),
+        (["label.generate={top_p: 0}"], "label.generate.top_p"),
+        (["corpus.labelled=all", "label.generate={answers: 1}"], "needs corpus.labelled assistant"),
+        (["students.models=[{arch: llama, losses: [nope]}]"], "unknown loss 'nope'"),
+    ],
+)
+def test_chat_config_refusals_name_the_key(tmp_path, override, what):
+    from flows.config import ConfigError, load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text(CHAT_CFG)
+    with pytest.raises(ConfigError, match=what):
+        load_config(str(p), override)
+
+
+def test_generate_stop_strings_become_single_token_ids(env):
+    from flows.lm import stop_ids
+
+    tok = env["tok"]
+    assert stop_ids({"dir": env["tok_dir"]}, ["<|im_end|>", "good"]) == [tok.eos_token_id, tok.get_vocab()["good"]]
+    with pytest.raises(ValueError, match="label.generate.stop: 'good fit' is 2 tokens"):
+        stop_ids({"dir": env["tok_dir"]}, ["good fit"])

@@ -27,7 +27,7 @@ from pipeline.objectives.losses import LOSSES
 from pipeline.tasks import TASKS
 from pipeline.training.config import TrainConfig
 from pipeline.training.stream import verifier
-from pipeline.training.student import baseline_config, run_student
+from pipeline.training.student import run_student, same_steps_config
 from storage import Location
 
 from . import classify, lm, secrets
@@ -205,8 +205,8 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
     ckpt = str(out / f"{run['name']}.pt")
     inputs = t.student_inputs(cfg, teacher, run, manifests)
     ref = inputs.pop("equal_steps_to", None)
-    if ref is not None:  # other windows (the teacher's answers): the sweep's steps all the same
-        tcfg = baseline_config(tcfg, label_samples=ref, num_views=1, labelled_samples=len(inputs["transfer"]))
+    if ref is not None:  # other windows (the teacher's answers): exactly the sweep's steps
+        tcfg = same_steps_config(tcfg, reference_samples=ref, samples=len(inputs["transfer"]))
     r = run_student(
         run=run,
         train_config=tcfg,

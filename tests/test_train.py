@@ -196,6 +196,33 @@ def test_early_stopping_and_metrics_log(digits, tmp_path):
     assert [json.loads(x)["val"] is None for x in open(log)] == [True, False, False]
 
 
+def test_max_steps_ends_training_mid_epoch_validated_and_resumable(digits, tmp_path):
+    tr, va = digits["train"], digits["val"]  # 5 batches of 64 per epoch
+    log, ck = tmp_path / "m.jsonl", tmp_path / "ck.pt"
+    cfg = TrainConfig(
+        epochs=3, max_steps=7, batch_size=64, lr=1e-2, min_lr=0.1, device="cpu", log_path=str(log), ckpt_path=str(ck)
+    )
+    model = student(0)
+    r = train(model, cfg, train_data=tr, val_data=va)
+    recs = [json.loads(x) for x in open(log)]
+    assert r["steps"] == 7 and [x["step"] for x in recs] == [5, 7]  # the second epoch is cut after 2 steps
+    assert recs[-1]["val"] is not None  # the epoch that reaches max_steps is validated
+    # the cosine ran its course in 7 steps: the last step's lr is the floor's neighbour
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    sched = make_schedule(opt, cfg, 7)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert recs[-1]["lr"] == pytest.approx(lrs[-1])
+    # a resume of the finished run trains nothing more
+    again = train(student(0), cfg, train_data=tr, val_data=va, resume=True)
+    assert again["steps"] == 7 and again["epochs_trained"] == 0
+    with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
+        TrainConfig(max_steps=0)
+
+
 def _hand_terms(model, uri, tr, loss, T_student, alpha):
     """The epoch's mean terms by hand (numpy float64) for a fixed model: per-row formulas over
     every stored row, z/T' = (z/T)·T/T' from the stored z/T and the manifest's T."""

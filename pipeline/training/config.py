@@ -27,6 +27,7 @@ RESUME_FREE = ("num_workers", "worker_start", "device", "log_path", "ckpt_path",
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (that epoch is the last)
     batch_size: int = 128  # rows per step: samples, or a language model's windows
     lr: float = 1e-3
     optimizer: str = "adamw"  # "adamw" | "sgd"
@@ -86,6 +87,10 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.max_steps is not None and (
+            isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1
+        ):
+            raise ValueError(f"TrainConfig.max_steps must be an int >= 1 or None, got {self.max_steps!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ValueError(f"TrainConfig.patience must be an int >= 1 or None, got {self.patience!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:

@@ -158,6 +158,7 @@ def training_arguments(cfg: TrainConfig, output_dir: str, **overrides: Any) -> T
     kw = dict(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,  # when set, Trainer stops there (that epoch is the last)
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -207,7 +208,7 @@ class _Epochs(TrainerCallback):
         train_seconds = time.perf_counter() - self.t0
         units = self.trainer.units - self.units0
         val = None
-        last = epoch + 1 == self.cfg.epochs
+        last = epoch + 1 == self.cfg.epochs or (args.max_steps > 0 and state.global_step >= args.max_steps)
         if self.val_data is not None and ((epoch + 1) % self.cfg.eval_every == 0 or last):
             if args.process_index == 0:
                 val = self.task.score(self.trainer.model, self.val_data, device=self.device)

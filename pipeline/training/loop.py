@@ -254,6 +254,8 @@ def train(
 
     opt = make_optimizer(list(raw.parameters()) + objective.parameters(), cfg)
     total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:  # the schedule runs its course in max_steps
+        total_steps = min(total_steps, cfg.max_steps)
     sched = make_schedule(opt, cfg, total_steps)
     with GLOBAL_RNG_LOCK:  # dropout etc.; model init happened before train()
         torch.manual_seed(cfg.seed + rank)
@@ -283,7 +285,8 @@ def train(
 
     # ---- epochs
     t_start = time.perf_counter()
-    end_epoch = start_epoch if stopped else cfg.epochs  # a run that stopped early stays stopped
+    # a run that stopped early (or reached max_steps) stays stopped
+    end_epoch = start_epoch if stopped or step >= total_steps else cfg.epochs
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -313,6 +316,8 @@ def train(
                 loss.detach().double() if all(v is loss for v in vals) else torch.stack(vals).detach().double()
             ) * bw
             w_sum += bw.double()
+            if step >= total_steps:  # max_steps: this epoch is the last
+                break
         if ddp:  # global mean loss and unit count over ranks
             dist.all_reduce(term_sums)
             dist.all_reduce(w_sum)
@@ -321,7 +326,8 @@ def train(
 
         # ---- validate (rank 0; the result is broadcast so every rank stops together)
         val = None
-        if val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        last = epoch + 1 == cfg.epochs or step >= total_steps
+        if val_data is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
             if rank == 0:
                 val = task.score(raw, val_data, device=device)
             if ddp:
@@ -382,7 +388,7 @@ def train(
                 )
             if cfg.log_path:
                 append_jsonl(cfg.log_path, [record])
-        if stopped:
+        if stopped or step >= total_steps:
             break
 
     # ---- finish: the best weights, not the last

@@ -165,6 +165,18 @@ def baseline_config(cfg: TrainConfig, *, label_samples: int, num_views: int, lab
     return dataclasses.replace(cfg, epochs=epochs, eval_every=cfg.eval_every * max(1, epochs // cfg.epochs))
 
 
+def same_steps_config(cfg: TrainConfig, *, reference_samples: int, samples: int) -> TrainConfig:
+    """cfg for a student reading `samples` rows per epoch (other data: the teacher's written
+    answers) that takes exactly the optimizer steps of one reading `reference_samples` with
+    cfg: max_steps = epochs x ceil(reference / batch), over as many epochs as that needs
+    (the last one cut short)."""
+    steps = cfg.epochs * math.ceil(reference_samples / cfg.batch_size)
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    per_epoch = math.ceil(samples / cfg.batch_size)
+    return dataclasses.replace(cfg, epochs=math.ceil(steps / per_epoch), max_steps=steps)
+
+
 # ------------------------------------------------------------------ the teacher's eval-logit cache
 
 

@@ -621,7 +621,9 @@ class GenerateLabels(Section):
     temperature: float = Field(1.0, ge=0)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0  # one generator per (prompt, answer), seeded from this and the sample id
-    prompts: int | None = Field(None, ge=1)  # the first N train conversations' prompts (default all)
+    prompts: int | None = Field(None, ge=1)  # the first N prompts (default all)
+    # first: each train conversation up to its first answer; every: up to each of its answers
+    prompts_at: Literal["first", "every"] = "first"
     stop: list[str] | None = None  # tokens that end an answer (default the tokenizer's EOS)
     shard_size: int = Field(32, ge=1)  # answers per shard
 

@@ -111,6 +111,7 @@ def labeller(cfg: Config, teacher: dict, job: str = "windows") -> TokenLabeller 
             seed=g.seed,
             stop_ids=stop_ids(teacher, g.stop),
             prompts=g.prompts,
+            prompts_at=g.prompts_at,
             batch_size=lab.batch_size,
             device=lab.device,
             amp=lab.amp,
@@ -243,7 +244,8 @@ def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
 
 def _generation_note(cfg: Config, train: TokenCorpus) -> dict:
     g = cfg.label.generate
-    prompts = len(train.prompts()[0]) if g.prompts is None else min(g.prompts, len(train.prompts()[0]))
+    have = len(train.prompts(g.prompts_at)[0])
+    prompts = have if g.prompts is None else min(g.prompts, have)
     out = {"prompts": prompts, "answers": g.answers, "max_new_tokens": g.max_new_tokens}
     out |= {"temperature": g.temperature, "top_p": g.top_p}
     try:  # the written tokens, once the answers exist

@@ -195,3 +195,21 @@ def test_a_dataset_storing_tokens_refuses_rows_without_them(tmp_path):
     w.finalize()
     b = storage.open_soft_labels(str(tmp_path / "ds"), verify=True).take_sequences([7], [0])
     assert b["token"][0, :2].tolist() == [3, 5]
+
+
+def test_prompts_at_every_answer_end_at_each_assistant_header(env):
+    c, v = env["corpus"], env["tok"].get_vocab()
+    conv_f, first = c.prompts("first")
+    conv_e, every = c.prompts("every")
+    assert len(every) == 8  # the assistant messages of the four conversations (test_chat.CONVS)
+    for p in every:
+        assert p[-2:].tolist() == [v["<|im_start|>"], v["assistant"]]  # ends at the answer's header
+    # each conversation's first prompt is its "first" prompt; later ones extend it
+    for cid, p in zip(conv_f, first):
+        mine = [q for k, q in zip(conv_e, every) if k == cid]
+        assert mine[0].tolist() == p.tolist()
+        assert all(len(a) < len(b) and b[: len(a)].tolist() == a.tolist() for a, b in zip(mine, mine[1:]))
+    lab = GenerationLabeller(env["model"], c, _outputs(env["root"] / "e"), prompts_at="every", max_new_tokens=G)
+    assert len(lab.inputs) == 8 and lab.data()["generation"]["prompts_at"] == "every"
+    other = GenerationLabeller(env["model"], c, _outputs(env["root"] / "f"), max_new_tokens=G)
+    assert lab.inputs.fingerprint() != other.inputs.fingerprint()

@@ -580,22 +580,31 @@ class TokenCorpus:
                 )
         return self._mask
 
-    def prompts(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """A chat corpus: (conversation ids (P,), their prompts) for the conversations of this
-        split, in order: each conversation's tokens up to its first assistant message, the
-        template's assistant header included (what a teacher answers: ChatML's
-        "<|im_start|>assistant\n"), int64 arrays."""
+    def prompts(self, at: str = "first") -> tuple[np.ndarray, list[np.ndarray]]:
+        """A chat corpus: (conversation ids (P,), their prompts), int64 token arrays, for the
+        conversations of this split in order. at "first": each conversation's tokens up to
+        its first assistant message; "every": up to each assistant message (from the start
+        of the window holding it: the context a student sees there). A prompt ends with the
+        template's assistant header (ChatML's "<|im_start|>assistant\n"): what a teacher answers."""
         if not self.is_chat:
             raise ValueError(f"corpus {self.name!r} is not a chat corpus: prompts come from conversations")
+        if at not in ("first", "every"):
+            raise ValueError(f"prompts: at must be 'first' or 'every', got {at!r}")
         every = np.arange(len(self))
         conv = self.conversations(every)
-        first = every[np.r_[True, conv[1:] != conv[:-1]]]  # each conversation's first window (in order)
-        tok, starts = self.tokens, self._win[0][self.sample_ids[first]]
-        out = []
-        for s, m in zip(starts, self.label_mask(first)):
-            p = int(np.argmax(m))  # the first labelled position: its target opens the answer
-            out.append(np.asarray(tok[s : s + p + 1], dtype=np.int64))
-        return conv[first], out
+        pick = every if at == "every" else every[np.r_[True, conv[1:] != conv[:-1]]]  # first window of each
+        tok, starts = self.tokens, self._win[0][self.sample_ids[pick]]
+        mask = self.assistant_mask
+        ids, out = [], []
+        for j, s in zip(pick, starts):
+            n = int(self._win[1][self.sample_ids[j]])
+            m = np.asarray(mask[s : s + n + 1]) != 0  # tokens of the window (and its last target)
+            opens = np.flatnonzero(m & ~np.r_[False, m[:-1]])  # first token of each answer
+            opens = opens[opens > 0][: None if at == "every" else 1]
+            for t in opens:
+                ids.append(conv[j])
+                out.append(np.asarray(tok[s : s + t], dtype=np.int64))
+        return np.asarray(ids, dtype=np.int64), out
 
     def conversations(self, pos) -> np.ndarray:
         """A chat corpus: (B,) int64 the conversation (its order in the file, from 0) of each window."""

@@ -43,7 +43,7 @@ def generated_corpus(labels: SoftLabelDataset | str, prompt_corpus: TokenCorpus,
     gen = (m.get("data") or {}).get("generation")
     if not gen or not m["representation"].get("tokens"):
         raise ValueError(f"{ds.uri}: not a generation dataset (label.generate): it stores no written tokens")
-    prompts = GenerationPrompts(prompt_corpus, gen["answers"], gen["prompts"])
+    prompts = GenerationPrompts(prompt_corpus, gen["answers"], gen["prompts"], gen.get("prompts_at", "first"))
     if prompts.fingerprint() != m["data"]["fingerprint"]:
         raise ValueError(
             f"{ds.uri}: the answers were written for prompts with fingerprint {m['data']['fingerprint'][:16]}, "

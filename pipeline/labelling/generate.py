@@ -70,11 +70,11 @@ class GenerationPrompts:
     """The labeller's inputs: sample i = (prompt i // answers, answer i % answers) of a chat
     corpus' prompts (TokenCorpus.prompts)."""
 
-    def __init__(self, corpus: TokenCorpus, answers: int, limit: int | None = None):
-        self.conversations, self.prompts = corpus.prompts()
+    def __init__(self, corpus: TokenCorpus, answers: int, limit: int | None = None, at: str = "first"):
+        self.conversations, self.prompts = corpus.prompts(at)
         if limit is not None:
             self.conversations, self.prompts = self.conversations[:limit], self.prompts[:limit]
-        self.corpus, self.answers = corpus, int(answers)
+        self.corpus, self.answers, self.at = corpus, int(answers), at
         self.name = f"{corpus.name}-prompts"
         self.sample_ids = np.arange(len(self.prompts) * self.answers, dtype=np.int64)
 
@@ -86,7 +86,9 @@ class GenerationPrompts:
 
     def fingerprint(self) -> str:
         """The prompts' corpus (its fingerprint: text, template, split), their count and answers."""
-        key = f"{self.corpus.fingerprint()}:{len(self.prompts)}:{self.answers}"
+        key = f"{self.corpus.fingerprint()}:{len(self.prompts)}:{self.answers}" + (
+            "" if self.at == "first" else ":every"
+        )
         return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -183,6 +185,7 @@ class GenerationLabeller:
         seed: int = 0,
         stop_ids: list[int] | None = None,
         prompts: int | None = None,
+        prompts_at: str = "first",
         batch_size: int = 8,
         device: str = "cpu",
         amp: str | None = None,
@@ -202,7 +205,7 @@ class GenerationLabeller:
         )
         for o in outputs:
             self.vocab_size = check_teacher(model, corpus, k=o["k"] if o["representation"] == "token_topk" else None)
-        self.inputs = GenerationPrompts(corpus, answers, prompts)
+        self.inputs = GenerationPrompts(corpus, answers, prompts, prompts_at)
         if len(self.inputs) == 0:
             raise ValueError(f"corpus {corpus.name!r} has no prompt (no conversation with an assistant message)")
         longest = max(len(p) for p in self.inputs.prompts)
@@ -259,7 +262,12 @@ class GenerationLabeller:
             "transform": None,
             "inputs": c.describe(),
             "generation": self.settings
-            | {"prompts": len(p.prompts), "prompt_conversations": p.conversations.tolist(), "corpus": c.fingerprint()},
+            | {
+                "prompts": len(p.prompts),
+                "prompts_at": p.at,
+                "prompt_conversations": p.conversations.tolist(),
+                "corpus": c.fingerprint(),
+            },
         } | ({"recipe": self.recipe} if self.recipe is not None else {})
 
     @torch.inference_mode()

@@ -149,6 +149,7 @@ class StudentModelConfig(ModelConfig):
     # a slow student trained with the one KD loss worth its time beside a fast one's full sweep
     losses: list[str] | None = None
     data: list[Literal["human", "generated"]] | None = None  # students.data for this model instead
+    alphas: list[float] | None = None  # students.alphas for this model instead
 
 
 class RunnerConfig(Section):

@@ -142,7 +142,8 @@ def student_runs(cfg) -> list[dict]:
             # the teacher's written answers: CE on them is sequence-level KD (a student, not the
             # baseline); a KD loss there comes with that CE (students.generated_alphas)
             gen = data == "generated"
-            pre, alphas = (f"{base}-seqkd", sc.generated_alphas) if gen else (base, sc.alphas)
+            mine = m.alphas if m.alphas is not None else sc.alphas
+            pre, alphas = (f"{base}-seqkd", sc.generated_alphas) if gen else (base, mine)
             for seed in seeds:
                 tail = "" if len(seeds) == 1 else f"-s{seed}"
                 common = {"model": m.model_dump(), "seed": seed, "arch_name": base, "data": data}

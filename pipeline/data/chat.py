@@ -35,11 +35,12 @@ single message longer than seq_len cannot be cut so and is refused (file, line, 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 
 import numpy as np
+
+from pipeline.data.jsonl import field_values
 
 ROLES = ("system", "user", "assistant")
 BATCH = 256
@@ -82,18 +83,8 @@ def check_messages(messages, where: str) -> list[dict]:
 
 def read_jsonl(path: str, field: str):
     """(line number, messages) of every non-blank line, checked."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
-            if not isinstance(row, dict) or field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{path}: line {n} has no field {field!r} (found {keys}); set corpus.text_field")
-            yield n, check_messages(row[field], f"{path}: line {n}")
+    for n, messages in field_values(path, field, "corpus.messages_field"):
+        yield n, check_messages(messages, f"{path}: line {n}")
 
 
 def read_parquet(path: str, column: str):

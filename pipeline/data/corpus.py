@@ -60,6 +60,7 @@ import torch
 from pipeline.data import chat
 from pipeline.data.chat import chat_path, turn_windows
 from pipeline.data.datasets import split_dataset
+from pipeline.data.jsonl import field_values
 from pipeline.data.table import TableSource, cached_fingerprint
 from pipeline.paths import cache_root, file_sha256
 
@@ -89,23 +90,13 @@ def _file(path) -> str:
 
 def _jsonl_texts(path: str, field: str):
     batch = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
-            if not isinstance(row, dict) or field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{path}: line {n} has no field {field!r} (found {keys}); set text_field")
-            if row[field] is not None and not isinstance(row[field], str):
-                raise ValueError(f"{path}: line {n}: field {field!r} is {type(row[field]).__name__}, expected text")
-            batch.append(row[field])
-            if len(batch) == BATCH_DOCS:
-                yield batch
-                batch = []
+    for n, text in field_values(path, field, "text_field"):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{path}: line {n}: field {field!r} is {type(text).__name__}, expected text")
+        batch.append(text)
+        if len(batch) == BATCH_DOCS:
+            yield batch
+            batch = []
     if batch:
         yield batch
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pipeline.device import AMP_DTYPES, keep_large_blocks, resolve_amp, resolve_device
-from pipeline.labelling.tokens import check_teacher, summaries
+from pipeline.labelling.tokens import check_teacher, summaries, writer_args
 
 if TYPE_CHECKING:
     from pipeline.data.corpus import TokenCorpus
@@ -224,31 +224,14 @@ class GenerationLabeller:
         model.to(self.device).eval()
 
     def outputs(self) -> list[dict]:
-        V, G, out = self.vocab_size, self.settings["max_new_tokens"], []
-        for o in self.specs:
-            w = {
-                "uri": o["uri"],
-                "backend": o["backend"],
-                "representation": o["representation"],
-                "vocab_size": V,
-                "seq_len": G,
-                "store_tokens": True,
-                "extra": {"generation": self.settings},
-            }
-            if o["representation"] == "token_topk":
-                w.update(k=o["k"], dtype=o["value_dtype"], tail_dtype=o["tail_dtype"])
-            else:
-                s_max = o["s_max"] if o["s_max"] is not None else min(int(o["draws"]), V)
-                w.update(draws=o["draws"], s_max=s_max)
-                w["extra"]["sampling"] = {
-                    "seed": self.seed,
-                    "rng_block": G,
-                    "row_offset": "sample * max_new_tokens",
-                    "device_type": self.device.type,
-                    "torch": torch.__version__,
-                }
-            out.append(w)
-        return out
+        G = self.settings["max_new_tokens"]
+        extra = {"store_tokens": True, "extra": {"generation": self.settings}}
+        return [
+            writer_args(
+                o, self.vocab_size, G, seed=self.seed, device=self.device, row_offset="sample * max_new_tokens", **extra
+            )
+            for o in self.specs
+        ]
 
     def rows_per_sample(self) -> None:
         return None  # an answer's length is known once it is written

@@ -210,6 +210,27 @@ def output_spec(
     }
 
 
+def writer_args(
+    spec: dict, V: int, L: int, *, seed: int, device: torch.device, row_offset: str = "position * seq_len", **extra
+) -> dict:
+    """SoftLabelWriter arguments of one output (output_spec) of V-way labels of sequences of
+    at most L rows; a sampled one records how its draws were seeded (generator per sequence:
+    rng_block L, row_offset), so a replay draws them again. extra: more writer arguments."""
+    w = {"uri": spec["uri"], "backend": spec["backend"], "representation": spec["representation"]}
+    w |= {"vocab_size": V, "seq_len": L} | extra
+    if spec["representation"] == "token_topk":
+        return w | {"k": spec["k"], "dtype": spec["value_dtype"], "tail_dtype": spec["tail_dtype"]}
+    sampling = {
+        "seed": int(seed),
+        "rng_block": L,
+        "row_offset": row_offset,
+        "device_type": device.type,
+        "torch": torch.__version__,
+    }
+    s_max = spec["s_max"] if spec["s_max"] is not None else min(int(spec["draws"]), V)
+    return w | {"draws": spec["draws"], "s_max": s_max, "extra": (w.get("extra") or {}) | {"sampling": sampling}}
+
+
 class TokenLabeller:
     """A causal-LM teacher over every window of `corpus`: one output dataset per layout in
     `outputs` (output_spec dicts, e.g. a top-k and a sampled one), all from ONE teacher
@@ -245,33 +266,8 @@ class TokenLabeller:
         model.to(self.device)
 
     def outputs(self) -> list[dict]:
-        V, L, out = self.vocab_size, self.inputs.seq_len, []
-        for o in self.specs:
-            w = {
-                "uri": o["uri"],
-                "backend": o["backend"],
-                "representation": o["representation"],
-                "vocab_size": V,
-                "seq_len": L,
-            }
-            if o["representation"] == "token_topk":
-                w.update(k=o["k"], dtype=o["value_dtype"], tail_dtype=o["tail_dtype"])
-            else:
-                w.update(
-                    draws=o["draws"],
-                    s_max=o["s_max"] if o["s_max"] is not None else min(int(o["draws"]), V),
-                    extra={
-                        "sampling": {
-                            "seed": int(self.seed),
-                            "rng_block": L,
-                            "row_offset": "position * seq_len",
-                            "device_type": self.device.type,
-                            "torch": torch.__version__,
-                        }
-                    },
-                )
-            out.append(w)
-        return out
+        L = self.inputs.seq_len
+        return [writer_args(o, self.vocab_size, L, seed=self.seed, device=self.device) for o in self.specs]
 
     def rows_per_sample(self) -> np.ndarray:
         return self.inputs.label_counts(np.arange(len(self.inputs)))  # labelled tokens per window

@@ -1,5 +1,5 @@
 """Small shared helpers with one owner each: where distillery's caches live, a file's
-sha256, and importing an object named `package.module:attr` (model factories and view
+sha256, an array saved atomically, and importing an object named `package.module:attr` (model factories and view
 functions: both are code the user's config names)."""
 
 from __future__ import annotations
@@ -61,3 +61,20 @@ def import_object(path: str, *, what: str, noun: str):
     if not callable(obj):
         raise ValueError(f"{what} {path!r}: {attr!r} is not callable")
     return obj
+
+
+def save_npy_atomic(path: str, a) -> None:
+    """np.save to a temporary name beside `path`, then os.replace: a killed write leaves no
+    file at `path` (caches check for their files before opening them)."""
+    import tempfile
+
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, a)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

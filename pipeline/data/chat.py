@@ -35,12 +35,11 @@ single message longer than seq_len cannot be cut so and is refused (file, line, 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 
 import numpy as np
 
 from pipeline.data.jsonl import field_values
+from pipeline.paths import save_npy_atomic
 
 ROLES = ("system", "user", "assistant")
 BATCH = 256
@@ -190,7 +189,7 @@ def build_chat_cache(conversations, tokenizer, sep: int, dtype, tokens_path: str
         (chat_path(tokens_path, "mask"), mask),
         (tokens_path, tokens.astype(dtype)),
     ):
-        save_atomic(p, a)
+        save_npy_atomic(p, a)
     return {
         "num_tokens": int(len(tokens)),
         "documents": len(docs),
@@ -206,17 +205,6 @@ def build_chat_cache(conversations, tokenizer, sep: int, dtype, tokens_path: str
 def chat_path(tokens_path: str, what: str) -> str:
     """<key>.mask.npy / <key>.turns.npy / <key>.lines.npy beside <key>.tokens.npy."""
     return tokens_path[: -len(".tokens.npy")] + f".{what}.npy"
-
-
-def save_atomic(path: str, a: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, a)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def turn_windows(

@@ -62,7 +62,7 @@ from pipeline.data.chat import chat_path, turn_windows
 from pipeline.data.datasets import split_dataset
 from pipeline.data.jsonl import field_values
 from pipeline.data.table import TableSource, cached_fingerprint
-from pipeline.paths import cache_root, file_sha256
+from pipeline.paths import cache_root, file_sha256, save_npy_atomic
 
 CORPUS_VERSION = 1
 BATCH_DOCS = 1024
@@ -182,7 +182,7 @@ def build_cache(batches, tokenizer, sep: int, dtype, tokens_path: str, json_path
         finally:
             if os.path.exists(tmp_npy):
                 os.remove(tmp_npy)
-        _save_atomic(docs_path(tokens_path), np.asarray(starts, dtype=np.int64))
+        save_npy_atomic(docs_path(tokens_path), np.asarray(starts, dtype=np.int64))
     finally:
         os.remove(raw)
     meta = {
@@ -208,17 +208,6 @@ def _write_json_atomic(path: str, meta: dict) -> None:
 def docs_path(tokens_path: str) -> str:
     """The document starts beside a token stream: <key>.docs.npy (int64 stream offsets)."""
     return tokens_path[: -len(".tokens.npy")] + ".docs.npy"
-
-
-def _save_atomic(path: str, a: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".docs-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, a)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def document_windows(doc_starts: np.ndarray, num_tokens: int, L: int) -> tuple[np.ndarray, np.ndarray]:

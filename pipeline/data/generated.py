@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.data.chat import chat_path, save_atomic
+from pipeline.data.chat import chat_path
 from pipeline.data.corpus import CORPUS_VERSION, TokenCorpus, corpus_root, docs_path
+from pipeline.paths import save_npy_atomic
 
 if TYPE_CHECKING:
     from storage import SoftLabelDataset
@@ -106,7 +107,7 @@ def generated_corpus(labels: SoftLabelDataset | str, prompt_corpus: TokenCorpus,
             (chat_path(tokens_path, "mask"), mask),
             (tokens_path, tokens.astype(dtype)),
         ):
-            save_atomic(path, a)
+            save_npy_atomic(path, a)
         tmp = json_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(meta, f, sort_keys=True)

@@ -267,6 +267,12 @@ def _with_earlier(cfg, teacher: dict, results: list[dict]) -> list[dict]:
     return [s for s in old.get("students", []) if s.get("name") not in names] + results
 
 
+def _alphas(cfg) -> list[float]:
+    """Every alpha of the sweep's KD students of the data's own text (a model's own first)."""
+    per_model = [a for m in cfg.student_models() for a in (m.alphas if m.alphas is not None else cfg.students.alphas)]
+    return sorted(set(per_model))
+
+
 def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
     """report.json (with report.md and students.png beside it): the teacher, every student
     next to its architecture's baseline of the same seed, and the rows over seeds."""
@@ -294,7 +300,7 @@ def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
         "soft_labels": next(iter(cfg.label_uris().values())),
         "students": students,
         "rows": gap_closed(aggregate(students, task.metric), task.metric, teacher_eval.get(task.metric)),
-        "data": t.data_description(cfg) | {"seeds": len(cfg.students.seed_list()), "alphas": list(cfg.students.alphas)},
+        "data": t.data_description(cfg) | {"seeds": len(cfg.students.seed_list()), "alphas": _alphas(cfg)},
     }
     report["eval_split"] = report["data"]["eval_split"]
     run_dir = Location(str(cfg.run_dir()))

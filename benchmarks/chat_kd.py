@@ -53,7 +53,15 @@ def part_bytes(a) -> bool:
     sizes = f"corpus.sizes={{train: {a.bytes_conversations}, val: 1}}"
     out = {}
     for how in ("assistant", "all"):
-        cfg = _config(a, runs, sizes, f"corpus.labelled={how}", f"name=bytes-{how}", "label.generate=null")
+        cfg = _config(
+            a,
+            runs,
+            sizes,
+            f"corpus.labelled={how}",
+            f"name=bytes-{how}",
+            "label.generate=null",
+            "students.data=[human]",
+        )
         teacher = recipes.ensure_teacher(cfg)
         t0 = time.perf_counter()
         _label(cfg, teacher)

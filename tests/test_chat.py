@@ -342,3 +342,55 @@ def test_generate_stop_strings_become_single_token_ids(env):
     assert stop_ids({"dir": env["tok_dir"]}, ["<|im_end|>", "good"]) == [tok.eos_token_id, tok.get_vocab()["good"]]
     with pytest.raises(ValueError, match="label.generate.stop: 'good fit' is 2 tokens"):
         stop_ids({"dir": env["tok_dir"]}, ["good fit"])
+
+
+def test_chitchat_asset_conversion():
+    from flows.assets import chitchat_conversations
+
+    raw = {
+        "a": {  # two people: the first writer is the user; one sender's messages are one turn
+            "messages": [
+                [{"text": "hi", "sender": "p"}, {"text": "  ", "sender": "p"}, {"text": "you there", "sender": "p"}],
+                [{"text": "yes", "sender": "q"}],
+                [{"text": "ok", "sender": "q"}],  # the same sender again: the same turn
+                [{"text": "bye", "sender": "p"}],
+            ]
+        },
+        "b": {"messages": [[{"text": "alone", "sender": "p"}], [{"text": "still", "sender": "p"}]]},  # one person
+        "c": {"messages": [[{"text": "x", "sender": "p"}], [{"text": " ", "sender": "q"}]]},  # the other said nothing
+    }
+    out = chitchat_conversations(raw)
+    assert out == [
+        {
+            "id": "a",
+            "messages": [
+                {"role": "user", "content": "hi\nyou there"},
+                {"role": "assistant", "content": "yes\nok"},
+                {"role": "user", "content": "bye"},
+            ],
+        }
+    ]
+
+
+ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".assets", "chitchat.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.isfile(ASSET), reason="`distill assets` (make setup) fetches the chitchat conversations"
+)
+def test_the_recipes_conversations_open_as_a_chat_corpus(env, tmp_path):
+    """configs/chat.yaml's real data (4,017 conversations, ~34 turns, some messages longer than
+    the recipe's seq_len) with a word-level ChatML tokenizer: every line parses, long
+    conversations are cut between messages, the 256-token refusal names a real line."""
+    c = TokenCorpus.from_chat(
+        ASSET, tokenizer_path=env["tok_dir"], seq_len=256, cache_dir=str(tmp_path), too_long="skip"
+    )
+    chat = c.describe()["chat"]
+    assert chat["conversations"] == 4017 and chat["skipped_without_assistant"] == 0
+    assert 0 < chat["skipped_too_long"] < 200 and (c.lengths(np.arange(len(c))) <= 256).all()
+    assert 0.2 < chat["labelled_share"] < 0.6
+    parts = c.split(seed=0, sizes={"train": 60, "val": 10, "test": 40})
+    assert len(set(c.conversations(c.index_of(parts["train"].sample_ids)))) == 60
+    with pytest.raises(ValueError, match=r"chitchat.jsonl: line \d+: message \d+ takes \d+ tokens"):
+        TokenCorpus.from_chat(ASSET, tokenizer_path=env["tok_dir"], seq_len=256, cache_dir=str(tmp_path))

@@ -362,8 +362,9 @@ def _inspect(args) -> int:
             elif chat:
                 print(
                     f"  chat: {chat['labelled_positions']:,} of {chat['positions']:,} positions labelled "
-                    f"({chat['labelled_share']:.1%}: targets in assistant messages) over {chat['conversations']:,} "
-                    f"conversations, template {chat['template_sha256'][:12]}; "
+                    f"({chat['labelled_share']:.1%}: targets in assistant messages) in "
+                    f"{chat.get('conversations_here', chat['conversations']):,} conversations, "
+                    f"template {chat['template_sha256'][:12]}; "
                     f"{tok['bytes_per_token']:.1f} bytes per labelled token"
                 )
             if tok["positions"]:

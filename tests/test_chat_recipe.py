@@ -131,6 +131,7 @@ def test_inspect_shows_the_labelled_share_and_replay_passes(chat_run, capsys):
     out = capsys.readouterr().out
     chat = storage.open_soft_labels(uri).manifest["data"]["inputs"]["chat"]
     assert f"chat: {chat['labelled_positions']:,} of {chat['positions']:,} positions labelled" in out
+    assert "in 24 conversations" in out  # the train split's, not the file's 40
     assert "bytes per labelled token" in out
     for layout in ("topk", "sampled"):
         assert main(["inspect", cfg.label_uris()[layout], "--replay", "4"]) == 0, capsys.readouterr().err

@@ -692,6 +692,7 @@ class TokenCorpus:
             ),
             "windows": "one conversation, or a run of its whole messages when longer than seq_len",
             "conversations": m["documents"],
+            "conversations_here": int(len(np.unique(self._conv[self.sample_ids]))),  # in this split
             "skipped_without_assistant": m["empty_documents"],
             "too_long": self.too_long,  # a message longer than seq_len: refused, or its conversation skipped
             "skipped_too_long": m["documents"] - len(np.unique(self._conv)),

@@ -126,12 +126,12 @@ def render(tokenizer, messages: list[dict], where: str) -> tuple[str, list[int],
     return full, starts, spans
 
 
-def build_chat_cache(conversations, tokenizer, sep: int, dtype, tokens_path: str, header: dict) -> dict:
+def build_chat_cache(conversations, tokenizer, sep: int, dtype, tokens_path: str, docs_file: str, header: dict) -> dict:
     """Render and tokenize every conversation ((line, messages) pairs); write the token
     stream (each conversation followed by one `sep`), the assistant mask, the message and
     conversation starts and the source lines, each os.replace'd; return the sidecar
-    fields (the caller writes the sidecar last, so a killed build leaves no cache)."""
-    from pipeline.data.corpus import docs_path
+    fields (the caller writes the sidecar last, so a killed build leaves no cache).
+    docs_file: where the conversations' first offsets go (the corpus' <key>.docs.npy)."""
 
     path = header["source"]["path"]
     toks: list[np.ndarray] = []
@@ -183,7 +183,7 @@ def build_chat_cache(conversations, tokenizer, sep: int, dtype, tokens_path: str
     h = hashlib.sha256(tokens.astype("<u4").tobytes())
     h.update(mask.tobytes())  # the fingerprint covers which tokens are the assistant's
     for p, a in (
-        (docs_path(tokens_path), np.asarray(docs, np.int64)),
+        (docs_file, np.asarray(docs, np.int64)),
         (chat_path(tokens_path, "turns"), np.asarray(turns, np.int64)),
         (chat_path(tokens_path, "lines"), np.asarray(lines, np.int64)),
         (chat_path(tokens_path, "mask"), mask),

@@ -448,7 +448,8 @@ class TokenCorpus:
         elif is_chat:
             os.makedirs(root, exist_ok=True)
             meta = {**header, "source": source}
-            meta |= chat.build_chat_cache(batches(), tokenizer, int(sep), dtype, tokens_path, meta)
+            docs_file = docs_path(tokens_path)
+            meta |= chat.build_chat_cache(batches(), tokenizer, int(sep), dtype, tokens_path, docs_file, meta)
             _write_json_atomic(json_path, meta)  # last: the cache opens only when complete
         else:
             meta = build_cache(

@@ -65,6 +65,14 @@ def _load(config: dict | str, overrides: list[str] | None):
 # ------------------------------------------------------------------ tasks
 
 
+def _shard_run_name() -> str:
+    """label-shard-<i> (the inputs' pass), answers-shard-<i> (the teacher writing answers)."""
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    return f"{'label' if p.get('job', 'windows') == 'windows' else 'answers'}-shard-{p['shard']}"
+
+
 @task(name="train-teacher", retries=1, retry_condition_fn=retry_on_io)
 def train_teacher_task(config: dict, retrain: bool = False) -> dict:
     return recipes.ensure_teacher(recipes.as_config(config), retrain=retrain)
@@ -80,7 +88,7 @@ def plan_labels_task(config: dict, teacher: dict, job: str = "windows") -> dict:
     retries=2,
     retry_delay_seconds=[1, 5],
     retry_condition_fn=retry_on_io,
-    task_run_name="label-{job}-shard-{shard}",
+    task_run_name=_shard_run_name,
 )
 def label_shard_task(config: dict, teacher: dict, shard: int, job: str = "windows") -> dict:
     return recipes.label_one_shard(recipes.as_config(config), teacher, shard, job)
@@ -127,7 +135,8 @@ def label_flow(config: dict | str, overrides: list[str] | None = None, dask_addr
     runner = make_task_runner(cfg, dask_address)
     out = None
     for job in cfg.label_jobs():
-        r = _label_shards.with_options(task_runner=runner, name=f"label-{job}")(raw, teacher, job)
+        name = "label-shards" if job == "windows" else "label-answers"
+        r = _label_shards.with_options(task_runner=runner, name=name)(raw, teacher, job)
         out = r if out is None else out | {job: r}
     return out
 

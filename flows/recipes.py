@@ -138,7 +138,7 @@ def student_runs(cfg) -> list[dict]:
         if sc.baseline and "ce" not in losses:
             losses = ["ce", *losses]
         base = m.display_name()
-        for data in m.data if m.data is not None else getattr(sc, "data", ["human"]):
+        for data in m.data if m.data is not None else sc.data:
             # the teacher's written answers: CE on them is sequence-level KD (a student, not the
             # baseline); a KD loss there comes with that CE (students.generated_alphas)
             gen = data == "generated"

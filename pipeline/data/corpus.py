@@ -278,7 +278,7 @@ class TokenCorpus:
             )
             self.too_long, self.labelled = too_long, labelled
             # a window of user turns only has nothing to learn: left out (the labels hold >= 1 row per window)
-            cs = self._mask_cumsum = np.concatenate([[0], np.cumsum(self.assistant_mask, dtype=np.int64)])
+            cs = self._assistant_before()
             some = (cs[s0 + n0 + 1] > cs[s0 + 1]) | (labelled == "all")
             self._win, self._conv = (s0[some], n0[some]), conv[some]
             self.chunks_in_source = len(self._win[0])
@@ -598,10 +598,15 @@ class TokenCorpus:
         if not self.is_chat or self.labelled == "all":
             return self.lengths(pos)
         pos = self._positions(pos)
-        if self._mask_cumsum is None:  # (T + 1,) assistant tokens before each
-            self._mask_cumsum = np.concatenate([[0], np.cumsum(self.assistant_mask, dtype=np.int64)])
+        cs = self._assistant_before()
         s, n = self._win[0][self.sample_ids[pos]], self._win[1][self.sample_ids[pos]]
-        return self._mask_cumsum[s + n + 1] - self._mask_cumsum[s + 1]  # targets s + 1 .. s + n
+        return cs[s + n + 1] - cs[s + 1]  # targets s + 1 .. s + n
+
+    def _assistant_before(self) -> np.ndarray:
+        """(T + 1,) int64: the assistant tokens before each stream offset (computed once per process)."""
+        if self._mask_cumsum is None:
+            self._mask_cumsum = np.concatenate([[0], np.cumsum(self.assistant_mask, dtype=np.int64)])
+        return self._mask_cumsum
 
     def lm_batch(self, pos) -> dict[str, torch.Tensor]:
         """The windows at pos as one training/eval batch, cut to its longest window Lb:

@@ -65,7 +65,6 @@ def generated_corpus(labels: SoftLabelDataset | str, prompt_corpus: TokenCorpus,
     mask = np.concatenate(masks)
     answers_sha = hashlib.sha256(np.concatenate(answers).astype("<i8").tobytes()).hexdigest()
     src = prompt_corpus.describe()
-    settings = {k: v for k, v in gen.items() if k not in ("prompt_conversations",)}
     header = {
         "version": CORPUS_VERSION,
         "format": "generated",
@@ -77,7 +76,7 @@ def generated_corpus(labels: SoftLabelDataset | str, prompt_corpus: TokenCorpus,
         "generated": {
             "answers_sha256": answers_sha,
             "prompts_fingerprint": prompts.fingerprint(),
-            "settings": settings,
+            "settings": gen,  # the manifest's data.generation, as recorded
         },
     }
     key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]

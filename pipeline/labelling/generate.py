@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pipeline.device import AMP_DTYPES, keep_large_blocks, resolve_amp, resolve_device
-from pipeline.labelling.tokens import check_teacher, summaries, writer_args
+from pipeline.labelling.tokens import check_teacher, concat_labels, summaries, writer_args
 
 if TYPE_CHECKING:
     from pipeline.data.corpus import TokenCorpus
@@ -133,12 +133,7 @@ def generate(
     next-token logits (B, G, V) fp32 on dev, G the longest answer, rows past their end
     garbage)."""
     B = len(prompts)
-    P = max(len(p) for p in prompts)
-    x = torch.full((B, P), int(pad_id), dtype=torch.int64)
-    mask = torch.zeros((B, P), dtype=torch.int64)
-    for j, p in enumerate(prompts):  # left padding: every prompt ends at column P - 1
-        x[j, P - len(p) :] = torch.from_numpy(p)
-        mask[j, P - len(p) :] = 1
+    x, mask = left_pad(prompts, pad_id)
     x, mask = x.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     gens = [torch.Generator(device=dev).manual_seed(_mix(seed, int(s))) for s in sample_ids]
@@ -161,11 +156,7 @@ def generate(
             # transformers 5 names the key/value cache `cache` (past_key_values before)
             out = model(input_ids=t[:, None], attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
     toks = torch.stack(written, 1).cpu().numpy()  # (B, G)
-    answers = []
-    for j in range(B):
-        hit = np.flatnonzero(np.isin(toks[j], stop_ids))
-        answers.append(toks[j, : (int(hit[0]) + 1 if len(hit) else toks.shape[1])].astype(np.int64))
-    return answers, torch.stack(steps, 1)
+    return [cut_at_stop(toks[j], stop_ids).astype(np.int64) for j in range(B)], torch.stack(steps, 1)
 
 
 class GenerationLabeller:
@@ -255,9 +246,11 @@ class GenerationLabeller:
 
     @torch.inference_mode()
     def shard(self, start: int, stop: int, outputs: list[int]) -> list[dict]:
-        cols: list[dict] = [{"sample_ids": [], "positions": [], "token": []} for _ in outputs]
+        rows: dict[str, list] = {"sample_ids": [], "positions": [], "token": []}  # the same for every output
         labs: list[list[dict]] = [[] for _ in outputs]
         G = self.settings["max_new_tokens"]
+        # sampled outputs first: a top-k output, last, may mask the logits in place
+        order = sorted(range(len(outputs)), key=lambda m: self.specs[outputs[m]]["representation"] == "token_topk")
         for a in range(start, stop, self.batch_size):
             sids = self.inputs.sample_ids[a : min(a + self.batch_size, stop)]
             answers, logits = generate(
@@ -275,33 +268,39 @@ class GenerationLabeller:
             )
             n = np.array([len(t) for t in answers])
             keep = np.arange(logits.shape[1])[None, :] < n[:, None]  # (B, G) written positions
-            # sampled outputs first: a top-k output, last, may mask the logits in place
-            order = sorted(range(len(outputs)), key=lambda m: self.specs[outputs[m]]["representation"] == "token_topk")
             for r, m in enumerate(order):
                 spec = self.specs[outputs[m]]
                 labs[m].append(summaries(logits, keep, spec, a=a, L=G, seed=self.seed, last=r == len(order) - 1))
-                cols[m]["sample_ids"].append(np.repeat(sids, n))
-                cols[m]["positions"].append(np.concatenate([np.arange(k) for k in n]).astype(np.int32))
-                cols[m]["token"].append(np.concatenate(answers))
+            rows["sample_ids"].append(np.repeat(sids, n))
+            rows["positions"].append(np.concatenate([np.arange(k) for k in n]).astype(np.int32))
+            rows["token"].append(np.concatenate(answers))
             del logits
+        common = {k: np.concatenate(v) for k, v in rows.items()}
         out = []
         for m, j in enumerate(outputs):
-            topk = self.specs[j]["representation"] == "token_topk"
-            keys = ("ids", "logprobs", "missing_mass") if topk else ("ids", "counts")
-            lab = _concat(labs[m], topk)
-            out.append({k: np.concatenate(v) for k, v in cols[m].items()} | {k: lab[k] for k in keys})
+            kind = self.specs[j]["representation"]
+            keys = ("ids", "logprobs", "missing_mass") if kind == "token_topk" else ("ids", "counts")
+            lab = concat_labels(labs[m], kind)
+            out.append(common | {k: lab[k] for k in keys})
         return out
 
 
-def _concat(parts: list[dict], topk: bool) -> dict:
-    if topk:
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    u = max(p["ids"].shape[1] for p in parts)
+def left_pad(prompts: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, P) int64 of prompts left-padded to the longest P:
+    every prompt ends at column P - 1, where generation continues."""
+    P = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), P), int(pad_id), dtype=torch.int64)
+    mask = torch.zeros((len(prompts), P), dtype=torch.int64)
+    for j, p in enumerate(prompts):
+        x[j, P - len(p) :] = torch.from_numpy(np.asarray(p))
+        mask[j, P - len(p) :] = 1
+    return x, mask
 
-    def pad(a):
-        return a if a.shape[1] == u else np.concatenate([a, np.zeros((len(a), u - a.shape[1]), a.dtype)], 1)
 
-    return {k: np.concatenate([pad(p[k]) for p in parts]) for k in ("ids", "counts")}
+def cut_at_stop(row: np.ndarray, stop_ids) -> np.ndarray:
+    """A written row up to and including its first stop token (all of it when none)."""
+    hit = np.flatnonzero(np.isin(row, stop_ids))
+    return row[: int(hit[0]) + 1 if len(hit) else len(row)]
 
 
 def plain_generate_rate(model, prompts: list[np.ndarray], *, batch_size: int, settings: dict, device="cpu") -> dict:
@@ -313,12 +312,8 @@ def plain_generate_rate(model, prompts: list[np.ndarray], *, batch_size: int, se
     toks, t0 = 0, time.perf_counter()
     stop = settings["stop_ids"]
     for a in range(0, len(prompts), batch_size):
-        ps = prompts[a : a + batch_size]
-        P = max(len(p) for p in ps)
-        x = torch.zeros((len(ps), P), dtype=torch.int64)
-        m = torch.zeros_like(x)
-        for j, p in enumerate(ps):
-            x[j, P - len(p) :], m[j, P - len(p) :] = torch.from_numpy(p), 1
+        x, m = left_pad(prompts[a : a + batch_size], stop[0])
+        P = x.shape[1]
         torch.manual_seed(settings["seed"] + a)
         with torch.inference_mode():
             y = (
@@ -336,8 +331,6 @@ def plain_generate_rate(model, prompts: list[np.ndarray], *, batch_size: int, se
                 .cpu()
                 .numpy()
             )
-        for row in y:
-            hit = np.flatnonzero(np.isin(row, stop))
-            toks += int(hit[0]) + 1 if len(hit) else len(row)
+        toks += sum(len(cut_at_stop(row, stop)) for row in y)
     dt = time.perf_counter() - t0
     return {"tokens": toks, "seconds": dt, "tokens_per_s": toks / dt}

@@ -128,10 +128,11 @@ def summaries(logits, keep: np.ndarray, spec: dict, *, a: int, L: int, seed: int
         if keep[i].any()
     ]
     parts = [{key: r[key].cpu().numpy() for key in ("ids", "counts")} for r in parts]
-    return _concat(parts, "token_sampled")
+    return concat_labels(parts, "token_sampled")
 
 
-def _concat(parts: list[dict], representation: str) -> dict:
+def concat_labels(parts: list[dict], representation: str) -> dict:
+    """Batches' compact labels -> one shard's (sampled: ids / counts padded to the widest)."""
     if representation == "token_sampled":
         u = max(p["ids"].shape[1] for p in parts)
         return {key: np.concatenate([_pad_cols(p[key], u) for p in parts]) for key in ("ids", "counts")}
@@ -167,7 +168,7 @@ def shard_labels(
         for m, j in enumerate(order):
             parts[j].append(summaries(logits, keep, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
         del logits  # one batch's (B, Lb, V) at a time
-    return [_concat(p, spec["representation"]) for spec, p in zip(specs, parts)]
+    return [concat_labels(p, spec["representation"]) for spec, p in zip(specs, parts)]
 
 
 def token_rows(corpus: TokenCorpus, a: int, b: int) -> dict[str, np.ndarray]:

@@ -380,8 +380,9 @@ def check_token_lineage(manifest: dict, corpus: TokenCorpus, uri: str) -> None:
             f"{corpus.name!r} is tokenized with fingerprint {tok}: a student with another tokenizer "
             f"is refused (its token ids would name other tokens than the teacher's)"
         )
+    desc = corpus.describe()
     stored_chat = (data.get("inputs") or {}).get("chat") or {}
-    chat = corpus.describe().get("chat") or {}
+    chat = desc.get("chat") or {}
     if (stored_chat.get("template_sha256"), stored_chat.get("too_long"), stored_chat.get("mask")) != (
         chat.get("template_sha256"),
         chat.get("too_long"),
@@ -399,10 +400,9 @@ def check_token_lineage(manifest: dict, corpus: TokenCorpus, uri: str) -> None:
             f"{what(chat)}: its labelled positions are not the ones the labels hold"
         )
     gen = data.get("generation")
-    if gen is not None or "generated" in corpus.describe():  # the teacher's written answers
-        have = corpus.describe().get("generated") or {}
-        want = {k: v for k, v in (gen or {}).items() if k != "prompt_conversations"}
-        if gen is None or have.get("prompts_fingerprint") != data.get("fingerprint") or have.get("settings") != want:
+    if gen is not None or "generated" in desc:  # the teacher's written answers
+        have = desc.get("generated") or {}
+        if gen is None or have.get("prompts_fingerprint") != data.get("fingerprint") or have.get("settings") != gen:
             raise ValueError(
                 f"token labels at {uri} are "
                 + ("labels of a corpus" if gen is None else "answers the teacher wrote")

@@ -367,6 +367,15 @@ def _inspect(args) -> int:
                     f"template {chat['template_sha256'][:12]}; "
                     f"{tok['bytes_per_token']:.1f} bytes per labelled token"
                 )
+            if rep.get("target_logprob"):
+                b = (summary["data"] or {}).get("bytes") or {}
+                text = (
+                    f"text of {b['num_bytes']:,} bytes, sha256 {b['sha256'][:16]}: students with their own "
+                    f"tokenizer can learn from these labels"
+                    if "sha256" in b
+                    else f"no byte spans ({b.get('undefined')})"
+                )
+                print(f"  alignment: the teacher's log-prob of each next token (float32, 4 B/token); {text}")
             if tok["positions"]:
                 name = "missing mass" if tok["measured"] == "missing_mass" else "unique ids per position"
                 print(

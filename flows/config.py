@@ -137,8 +137,26 @@ class ModelConfig(Section):
         return f"{self.arch.split(':')[-1]}{'-' + tail if tail else ''}"
 
 
+class StudentTokenizerConfig(Section):
+    """A tokenizer the project trains on the corpus for a student: an N-token byte-level
+    BPE, or bytes (256 byte symbols + one end-of-document token). pipeline/data/tokenizing.py"""
+
+    train: Literal["bpe", "bytes"]
+    vocab_size: int | None = Field(None, ge=258, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _size(self):
+        if (self.train == "bpe") != (self.vocab_size is not None):
+            raise ValueError("tokenizer: train: bpe needs vocab_size (e.g. 8000); train: bytes takes none")
+        return self
+
+
 class StudentModelConfig(ModelConfig):
     """A student entry: a model, plus who trains it and its own training keys."""
+
+    # a language-model student's own tokenizer (cross-tokenizer KD): a directory or pkg: path,
+    # or one trained on the corpus; labels are joined to its windows by bytes (pipeline/data/alignment.py)
+    tokenizer: str | StudentTokenizerConfig | None = None
 
     # who does a student's steps: distillery's own loop, or Hugging Face Trainer (language models)
     trainer: Literal["builtin", "hf"] = "builtin"
@@ -504,6 +522,9 @@ class ClassifyConfig(RunConfig):
 
     @model_validator(mode="after")
     def _builtin_trainer(self):
+        own = [m.display_name() for m in self.student_models() if m.tokenizer is not None]
+        if own:
+            raise ValueError(f"students.models {own}: tokenizer is for language-model students (task: lm)")
         hf = [m.display_name() for m in self.student_models() if m.trainer == "hf"]
         if hf:
             raise ValueError(
@@ -632,6 +653,9 @@ class GenerateLabels(Section):
 class TokenLabelConfig(LabelSection):
     topk: TopkLabels | None = None
     sampled: SampledLabels | None = None
+    # also store the teacher's log-prob of each next token (4 B/token) with the byte stream's
+    # record: what students with their own tokenizer align and score by (plain-text corpora)
+    target_logprob: bool = True
     seed: int = 0  # sampled draws
     # a batch's (B, L, V) logits must fit: far fewer windows per forward than a classifier's rows
     batch_size: int = Field(8, ge=1)
@@ -673,6 +697,30 @@ class LMConfig(RunConfig):
         every = list(self.students.data) + [d for m in self.student_models() for d in (m.data or [])]
         if "generated" in every and self.label.generate is None:
             raise ValueError("students.data has 'generated': set label.generate (the teacher's written answers)")
+        return self
+
+    @model_validator(mode="after")
+    def _own_tokenizers(self):
+        for i, m in enumerate(self.student_models()):
+            losses = [x for x in (m.losses if m.losses is not None else self.student_losses()) if x != "ce"]
+            where = f"students.models[{i}] ({m.display_name()})"
+            cross = [x for x in losses if LOSSES[x].cross_tokenizer]
+            if m.tokenizer is None:
+                if cross:
+                    raise ValueError(f"{where}: losses {cross} align two tokenizations: give the model a tokenizer")
+                continue
+            same = [x for x in losses if not LOSSES[x].cross_tokenizer]
+            if same:
+                raise ValueError(
+                    f"{where} has its own tokenizer: losses {same} compare the teacher's token ids, use "
+                    f"{[n for n, v in LOSSES.items() if v.cross_tokenizer]} (students.models[].losses)"
+                )
+            if self.corpus.kind == "chat":
+                raise ValueError(f"{where}: a student tokenizer needs plain text, not a chat corpus (corpus.kind)")
+            if losses and (self.label.topk is None or not self.label.target_logprob):
+                raise ValueError(f"{where}: cross-tokenizer losses need label.topk with label.target_logprob: true")
+            if m.trainer == "hf" or "generated" in (m.data or self.students.data):
+                raise ValueError(f"{where}: a student tokenizer trains with the built-in loop on the corpus' text")
         return self
 
     def label_families(self) -> list[str]:

@@ -150,7 +150,9 @@ def summarize(m: dict, uri: str, storage_options: dict | None = None, *, tokens:
         "signed_by": (m.get("signature") or {}).get("key"),
         "bytes": storage.total_bytes(m),
         "teacher": m["teacher"],
-        "data": {k: m["data"].get(k) for k in ("name", "split", "fingerprint", "transform", "inputs", "generation")},
+        "data": {
+            k: m["data"].get(k) for k in ("name", "split", "fingerprint", "transform", "inputs", "generation", "bytes")
+        },
     }
     if tokens and m["status"] == "complete" and m["representation"]["kind"].startswith("token_"):
         tok = token_summary(uri, storage_options=storage_options)

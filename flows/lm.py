@@ -86,6 +86,8 @@ def labeller(cfg: Config, teacher: dict, job: str = "windows") -> TokenLabeller 
                 value_dtype=lab.topk.dtype,
                 tail_dtype=lab.topk.tail_dtype,
                 backend=lab.backend,
+                # what students with their own tokenizer align by (plain text; not the written answers)
+                target_logprob=lab.target_logprob and cfg.corpus.kind != "chat" and job == "windows",
             )
         )
     if lab.sampled is not None:
@@ -159,10 +161,66 @@ def teacher_vocab(teacher: dict) -> int:
         return int(json.load(f)["vocab_size"])
 
 
+def student_tokenizer(cfg: Config, spec) -> str:
+    """The directory of a student's own tokenizer (students.models[].tokenizer): a path, or
+    one trained once on the corpus' documents (cached by the file's sha256 and the spec)."""
+    from pipeline.data.corpus import document_batches
+    from pipeline.data.tokenizing import student_tokenizer as build
+    from pipeline.paths import file_sha256
+
+    c = cfg.corpus
+    spec = spec.model_dump() if hasattr(spec, "model_dump") else spec
+    if isinstance(spec, str):
+        return build(spec, texts_factory=None, source_key="")
+    spec = {k: v for k, v in spec.items() if v is not None}  # the config's dump: {train: bytes, vocab_size: None}
+    fmt, field = ("parquet", "text_column") if c.kind == "parquet" else (c.kind, "text_field")
+    source = {"path": os.path.abspath(c.path), field: c.text_field}
+    key = f"{file_sha256(source['path']) if os.path.isfile(source['path']) else source['path']}:{c.text_field}"
+
+    def texts():
+        return (t for batch in document_batches(fmt, source) for t in batch if t is not None and t.strip())
+
+    return build(spec, texts_factory=texts, source_key=key)
+
+
+def student_splits(cfg: Config, run: dict) -> tuple[dict[str, TokenCorpus], str | None]:
+    """The windows a student reads, by split, and its own tokenizer's directory: the
+    teacher's windows, or (students.models[].tokenizer) the same bytes in the student's
+    tokenization (pipeline/data/alignment.py)."""
+    spec = run["model"].get("tokenizer")
+    if spec is None:
+        return splits(cfg), None
+    from pipeline.data.alignment import aligned_splits
+
+    d = student_tokenizer(cfg, spec)
+    return aligned_splits(cfg.corpus.model_dump(), ensure_teacher(cfg)["dir"], d), d
+
+
 def student_inputs(cfg: Config, teacher: dict, run: dict, manifests: list[dict]) -> dict:
     """run_student's task-specific arguments: the train windows (labelled by the teacher,
-    and the baseline's next-token targets), the teacher's vocabulary as the output width."""
-    s = splits(cfg)
+    and the baseline's next-token targets), the teacher's vocabulary as the output width
+    (a student with its own tokenizer: its windows of the same bytes, its vocabulary)."""
+    s, own = student_splits(cfg, run)
+    if own is not None:
+        ev = s.get("test") or s["val"]
+        return {
+            "transfer": s["train"],
+            "labelled": s["train"],
+            "val": s["val"],
+            "eval_data": ev,
+            "num_classes": int(s["train"].model_args()["vocab_size"]),
+            "tokenizer_dir": own,
+            "model_args": {},
+            "lineage": lambda t: student.student_lineage(
+                data={name: d.fingerprint() for name, d in s.items()},
+                split=cfg.corpus.model_dump(),
+                views=None,
+                model=run["model"] | {"kwargs": run["model"]["kwargs"] | {"tokenizer": run["model"]["tokenizer"]}},
+                train_config=t,
+                teacher_fingerprint=teacher["fingerprint"],
+                label_manifests=manifests,
+            ),
+        }
     train = s["train"]
     extra = {}
     if run.get("data") == "generated":  # prompt + the teacher's written answer, its tokens the targets
@@ -212,7 +270,7 @@ def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
     """The report's teacher entry: its perplexity on the evaluation windows, cached in the
     run directory by (teacher fingerprint, windows' fingerprint): the same number every run."""
     data = eval_split(cfg)
-    key = {"teacher": teacher["fingerprint"], "eval": data.fingerprint()}
+    key = {"teacher": teacher["fingerprint"], "eval": data.fingerprint(), "bits_per_byte": True}
     path = cfg.run_dir() / "teacher_eval.json"
     if path.is_file():
         try:
@@ -234,7 +292,7 @@ def teacher_evaluation(cfg: Config, teacher: dict) -> dict:
         "perplexity": p["perplexity"],
         "nll": p["loss"],
         "tokens": p["tokens"],
-    }
+    } | {k: p[k] for k in ("bits_per_byte", "bytes") if k in p}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "eval": ev}, indent=2))

@@ -247,6 +247,36 @@ def preflight_lm(cfg: LMConfig) -> None:
         splits(cfg)
     except ValueError as e:
         raise ConfigError(f"corpus: {e}") from None
+    _check_own_tokenizers(cfg)
+
+
+def _check_own_tokenizers(cfg: LMConfig) -> None:
+    """Students with their own tokenizer: the tokenizer built (or trained, once) and the
+    corpus tokenized with it, refusing one that cannot represent the text; labels already
+    stored must carry the alignment fields of this text (cached: the flows reuse it all)."""
+    import storage
+    from pipeline.data.alignment import byte_record
+    from pipeline.training.cross_stream import check_alignment_fields
+
+    from .lm import splits, student_splits
+
+    own = [(i, m) for i, m in enumerate(cfg.student_models()) if m.tokenizer is not None]
+    for i, m in own:
+        try:
+            student_splits(cfg, {"model": m.model_dump()})
+        except ValueError as e:
+            raise ConfigError(f"students.models[{i}].tokenizer: {e}") from None
+    if not own or cfg.label.topk is None:
+        return
+    uri = cfg.label_uris()["topk"]
+    try:
+        manifest = storage.read_manifest(storage.Location(uri, None))
+    except (storage.SoftLabelError, OSError):
+        return  # not labelled yet: the labeller stores the fields
+    try:
+        check_alignment_fields(manifest, uri, byte_record(splits(cfg)["train"])["sha256"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_weight_students(cfg: LMConfig, teacher_dir: str) -> None:

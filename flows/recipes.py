@@ -235,6 +235,7 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
         # a student from weights (pruned, pretrained): its metric before any step
         **({"initial": r.evaluation["initial"][r.train["metric"]]} if (r.evaluation or {}).get("initial") else {}),
         "trainer": run["model"].get("trainer", "builtin"),
+        "tokenizer": run["model"].get("tokenizer"),  # its own (cross-tokenizer KD), or None: the teacher's
         **r.exports,
         "checkpoint": ckpt,  # evaluation: rank 0 only under DDP
         **{
@@ -299,7 +300,12 @@ def build_report(cfg, teacher: dict, results: list[dict]) -> dict:
         "labels": labels,
         "soft_labels": next(iter(cfg.label_uris().values())),
         "students": students,
-        "rows": gap_closed(aggregate(students, task.metric), task.metric, teacher_eval.get(task.metric)),
+        "rows": gap_closed(
+            aggregate(students, task.metric),
+            task.metric,
+            teacher_eval.get(task.metric),
+            teacher_bpb=teacher_eval.get("bits_per_byte"),
+        ),
         "data": t.data_description(cfg) | {"seeds": len(cfg.students.seed_list()), "alphas": _alphas(cfg)},
     }
     report["eval_split"] = report["data"]["eval_split"]

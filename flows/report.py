@@ -27,6 +27,7 @@ COLUMNS = {
     "perplexity": [
         ("name", "name"),
         ("perplexity", "ppl"),
+        ("bits_per_byte", "bits/byte"),  # comparable across tokenizers
         ("params", "params"),
         ("initial", "start"),  # a pruned or pretrained student's ppl before training
         ("steps", "steps"),
@@ -36,7 +37,7 @@ COLUMNS = {
     ],
 }
 # columns printed only when some entry has a value
-OPTIONAL = ("gain", "initial", "closed")
+OPTIONAL = ("gain", "initial", "closed", "bits_per_byte")
 
 
 def millions(n: int) -> str:
@@ -60,29 +61,44 @@ def is_baseline(r: dict) -> bool:
 def with_baselines(results: list[dict], metric: str, higher_is_better: bool) -> list[dict]:
     """Each student with its architecture's baseline (is_baseline) of the same seed:
     "baseline" (its metric) and "gain" (None for a baseline itself)."""
-    base = {(r["arch_name"], r["seed"]): r[metric] for r in results if is_baseline(r)}
+    base = {(r["arch_name"], r["seed"]): r for r in results if is_baseline(r)}
     out = []
     for r in results:
         b = base.get((r["arch_name"], r["seed"]))
-        out.append(r | {"baseline": b, "gain": None if b is None or is_baseline(r) else gain(metric, r[metric], b)})
+        v = None if b is None else b[metric]
+        out.append(
+            r
+            | {"baseline": v, "gain": None if b is None or is_baseline(r) else gain(metric, r[metric], v)}
+            | ({"baseline_bpb": b.get("bits_per_byte")} if b is not None and "bits_per_byte" in r else {})
+        )
     return out
 
 
-def gap_closed(rows: list[dict], metric: str, teacher_value: float | None) -> list[dict]:
+def gap_closed(
+    rows: list[dict], metric: str, teacher_value: float | None, teacher_bpb: float | None = None
+) -> list[dict]:
     """Each distilled row with "closed": the fraction of the gap between its baseline and
     the teacher that distillation closed, (baseline − value) / (baseline − teacher), per
-    seed too ("closed_per_seed"); perplexity only (accuracy reports the gain in points)."""
+    seed too ("closed_per_seed"); perplexity only (accuracy reports the gain in points).
+    A student with its own tokenizer is measured in bits per byte (its perplexity counts
+    other tokens than the teacher's)."""
     if metric != "perplexity" or teacher_value is None:
         return rows
     out = []
     for r in rows:
-        if r.get("gain") is None or r.get("baseline") is None or r["baseline"] <= teacher_value:
+        own = r.get("tokenizer") is not None
+        t, key = (teacher_bpb, "bits_per_byte") if own else (teacher_value, metric)
+        b, bs = (
+            (r.get("baseline_bpb"), r.get("baseline_bpb_per_seed"))
+            if own
+            else (r.get("baseline"), r.get("baseline_per_seed"))
+        )
+        if r.get("gain") is None or b is None or t is None or b <= t:
             out.append(r)
             continue
-        per = [(b - v) / (b - teacher_value) for v, b in zip(r["per_seed"], r.get("baseline_per_seed") or [])]
-        out.append(
-            r | {"closed": (r["baseline"] - r[metric]) / (r["baseline"] - teacher_value), "closed_per_seed": per}
-        )
+        vals = r.get("bpb_per_seed") if own else r["per_seed"]
+        per = [(bb - v) / (bb - t) for v, bb in zip(vals or [], bs or [])]
+        out.append(r | {"closed": (b - r[key]) / (b - t), "closed_per_seed": per})
     return out
 
 
@@ -112,6 +128,7 @@ def aggregate(students: list[dict], metric: str) -> list[dict]:
                 "size_bytes",
                 "latency_ms",
                 "steps",
+                "tokenizer",
             )
         }
         row |= {
@@ -126,6 +143,13 @@ def aggregate(students: list[dict], metric: str) -> list[dict]:
             "gain": _mean(gains) if gains else None,
             "gain_per_seed": gains,
         }
+        if all(r.get("bits_per_byte") is not None for r in rs):  # language models: comparable across tokenizers
+            row |= {
+                "bits_per_byte": statistics.fmean(r["bits_per_byte"] for r in rs),
+                "bpb_per_seed": [r["bits_per_byte"] for r in rs],
+                "baseline_bpb": _mean([r.get("baseline_bpb") for r in rs]),
+                "baseline_bpb_per_seed": [r.get("baseline_bpb") for r in rs],
+            }
         if any(r.get("agreement") is not None for r in rs):
             row["agreement"] = _mean([r.get("agreement") for r in rs])
         rows.append(row)
@@ -145,6 +169,8 @@ def _fmt(metric: str, key: str, v, std: float | None = None) -> str:
         return "-"
     if key in ("accuracy", "agreement") or (key == "baseline" and metric == "accuracy"):
         return f"{100 * v:.2f}%" + (f"±{100 * std:.2f}" if std else "")
+    if key == "bits_per_byte":
+        return f"{v:.3f}"
     if key in ("perplexity", "baseline", "initial"):
         return f"{v:.1f}" + (f"±{std:.1f}" if std else "")
     if key == "closed":

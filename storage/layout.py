@@ -97,6 +97,8 @@ def columns_for(manifest: dict) -> list[Column]:
         cols.append(Column("position", "int32", None))
         if rep.get("tokens"):  # the target token of each row: generated text stores its own tokens
             cols.append(Column("token", "int32", None))
+        if rep.get("target_logprob"):  # the teacher's log-prob of each row's target (cross-tokenizer)
+            cols.append(Column("target_logprob", "float32", None))
         V = manifest.get("vocab_size", C)
         if rep["kind"] == "token_topk":
             return cols + [

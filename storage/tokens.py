@@ -52,10 +52,13 @@ def make_representation(
     draws: int | None = None,
     s_max: int | None = None,
     tokens: bool = False,
+    target_logprob: bool = False,
 ) -> dict:
     """The manifest's `representation` for a token kind (ValueError naming the bad argument).
     tokens=True: each row also stores `token`, the token at that position's target (the
-    teacher's own generated text: labels of sequences no corpus holds)."""
+    teacher's own generated text: labels of sequences no corpus holds). target_logprob=True:
+    each row also stores `target_logprob` (float32), the teacher's log-prob of the token that
+    actually follows (what cross-tokenizer chunk likelihoods sum)."""
     rep = _representation(
         kind, vocab_size=vocab_size, k=k, dtype=dtype, tail_dtype=tail_dtype, draws=draws, s_max=s_max
     )
@@ -63,6 +66,10 @@ def make_representation(
         if tokens is not True:
             raise ValueError(f"tokens must be true or false, got {tokens!r}")
         rep["tokens"] = True
+    if target_logprob is not False:  # cross-tokenizer alignment (docs/format.md)
+        if target_logprob is not True:
+            raise ValueError(f"target_logprob must be true or false, got {target_logprob!r}")
+        rep["target_logprob"] = True
     return rep
 
 
@@ -119,6 +126,7 @@ def representation_problem(rep: dict, vocab_size: int) -> str | None:
             draws=rep.get("draws"),
             s_max=rep.get("s_max"),
             tokens=rep.get("tokens", False),
+            target_logprob=rep.get("target_logprob", False),
         )
     except (ValueError, TypeError) as e:
         return str(e)
@@ -204,6 +212,7 @@ def prepare_columns(
     missing_mass: npt.ArrayLike | None = None,
     counts: npt.ArrayLike | None = None,
     tokens: npt.ArrayLike | None = None,
+    target_logprob: npt.ArrayLike | None = None,
 ) -> dict[str, np.ndarray]:
     """The stored columns of one token shard, every input checked (InvalidLogitsError naming
     the field, the row and its sequence; nothing is written on error). Sequences start at
@@ -305,6 +314,29 @@ def prepare_columns(
                 f"{where}: tokens: {token(bad[0])} is {int(t[bad[0]])}, outside [0, vocab_size={V})"
             )
         cols["token"] = t.astype(np.int32)
+    if bool(rep.get("target_logprob")) != (target_logprob is not None):
+        raise InvalidLogitsError(
+            f"{where}: target_logprob= (the teacher's log-prob of each row's target) "
+            + (
+                "is required: this dataset stores it"
+                if rep.get("target_logprob")
+                else "is given, but this dataset stores none"
+            )
+        )
+    if target_logprob is not None:
+        tl = np.asarray(target_logprob)
+        if tl.reshape(-1).shape != (n,) or not np.issubdtype(tl.dtype, np.floating):
+            raise InvalidLogitsError(
+                f"{where}: target_logprob must be a float array of {n} entries, got {tl.shape} {tl.dtype}"
+            )
+        tl = tl.reshape(-1).astype(np.float32)
+        bad = np.flatnonzero(~(tl <= 0))  # also NaN; -inf is a log-prob of an impossible token: refused too
+        bad = np.union1d(bad, np.flatnonzero(np.isinf(tl)))
+        if len(bad):
+            raise InvalidLogitsError(
+                f"{where}: target_logprob: {token(int(bad[0]))} is {float(tl[bad[0]])}, not a finite log-prob <= 0"
+            )
+        cols["target_logprob"] = tl
     bits = int(rep["id_bits"])
     if topk:
         lp = _rows2d(logprobs, "logprobs", where, width, n, "float")
@@ -399,6 +431,8 @@ def decode(m: dict, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out["sample_counts"] = cols["sample_counts"].astype(np.int32)
     if "token" in cols:
         out["token"] = cols["token"].astype(np.int64)
+    if "target_logprob" in cols:
+        out["target_logprob"] = cols["target_logprob"].astype(np.float32)
     return out
 
 
@@ -447,6 +481,8 @@ def shard_problems(m: dict, cols: dict[str, np.ndarray], entry: dict | None = No
         out.append(f"token ids outside [0, vocab_size={V})")
     if "topk_logprobs" in d and (d["topk_logprobs"] > 0).any():
         out.append("log-probs > 0")
+    if "target_logprob" in cols and not (np.isfinite(cols["target_logprob"]) & (cols["target_logprob"] <= 0)).all():
+        out.append("target log-probs that are not finite and <= 0")
     if "missing_mass" in cols:
         mm = cols["missing_mass"].astype(np.float32)
         if ((mm < 0) | (mm > 1)).any():

@@ -132,6 +132,7 @@ class SoftLabelWriter:
         draws: int | None = None,
         s_max: int | None = None,
         store_tokens: bool = False,
+        store_target_logprob: bool = False,
         signer: Signer | None = None,
     ):
         """signer: signs the manifest and every commit record (storage/signing.py;
@@ -175,6 +176,7 @@ class SoftLabelWriter:
                 draws=draws,
                 s_max=s_max,
                 tokens=store_tokens,
+                target_logprob=store_target_logprob,
             )
             dtype = rep.get("dtype") or "float16"
         else:
@@ -187,8 +189,10 @@ class SoftLabelWriter:
             ):
                 if val is not None:
                     raise ValueError(f"{name}= is only meaningful with representation 'token_topk' / 'token_sampled'")
-            if store_tokens:
-                raise ValueError("store_tokens= is only meaningful with representation 'token_topk' / 'token_sampled'")
+            if store_tokens or store_target_logprob:
+                raise ValueError(
+                    "store_tokens= / store_target_logprob= are only meaningful with token representations"
+                )
             if temperature is None:
                 raise ValueError("temperature is required")
             if num_classes is None:
@@ -340,6 +344,7 @@ class SoftLabelWriter:
         counts: npt.ArrayLike | None = None,
         positions: npt.ArrayLike | None = None,
         token: npt.ArrayLike | None = None,
+        target_logprob: npt.ArrayLike | None = None,
     ) -> dict:
         """Scale raw `logits` (n, C) by 1/T, encode, publish atomically, commit. Returns the commit record.
 
@@ -351,7 +356,8 @@ class SoftLabelWriter:
         starting at each position 0 (None: every sequence has seq_len tokens, N a multiple of
         it; (B, L, w) arrays are accepted then). `sample_ids` / `views` per token (N,) or per
         sequence (one entry per sequence). `token` (N,): each row's target token, when the
-        dataset stores them (store_tokens)."""
+        dataset stores them (store_tokens); `target_logprob` (N,): the teacher's log-prob of
+        each row's target token (store_target_logprob: cross-tokenizer alignment)."""
         if self.manifest["representation"]["kind"] in TOKEN_KINDS:
             if logits is not None or features is not None:
                 raise InvalidLogitsError(
@@ -370,9 +376,10 @@ class SoftLabelWriter:
                 missing_mass=missing_mass,
                 counts=counts,
                 tokens=token,
+                target_logprob=target_logprob,
             )
             return self._write_columns(shard_index, cols)
-        if any(a is not None for a in (ids, logprobs, missing_mass, counts, positions, token)):
+        if any(a is not None for a in (ids, logprobs, missing_mass, counts, positions, token, target_logprob)):
             raise InvalidLogitsError(
                 f"{self.uri} shard {shard_index}: ids/logprobs/missing_mass/counts/positions "
                 f"are for token representations; this dataset is "

@@ -25,12 +25,17 @@ Language models:
     distillery.to_hf_dataset(labels)                                 # a datasets.Dataset
     distillery.DistillationTrainer(model=..., args=..., train_dataset=data, labels=labels)  # HF Trainer
 
+A student with its own tokenizer (cross-tokenizer KD: losses uld, gold, alm):
+    corpus = distillery.aligned_corpus(labels, "my_tokenizer_dir")   # the same bytes, its tokens
+    stream = distillery.open_stream(uri, corpus, batch_size=8)       # + the chunks both sides share
+    obj = distillery.Objective.for_labels(labels, loss="alm", alpha=0.5, stream=stream)
+
 Signed datasets: distillery.keys.generate / load_signer / load_verifier (Ed25519).
 """
 
 from pipeline.api import losses
 from pipeline.api.labels import StoredLabels, distill_loss, views_of
-from pipeline.api.tokens import corpus_of, generated_corpus, open_stream, to_hf_dataset
+from pipeline.api.tokens import aligned_corpus, corpus_of, generated_corpus, open_stream, to_hf_dataset
 from pipeline.data.datasets import load_dataset
 from pipeline.models.registry import build_model
 from pipeline.objectives.losses import FAMILIES, LOSSES, register_loss
@@ -62,6 +67,7 @@ __all__ = [
     "Windows",
     "collate_tokens",
     "corpus_of",
+    "aligned_corpus",
     "generated_corpus",
     "open_stream",
     "to_hf_dataset",

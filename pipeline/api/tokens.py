@@ -52,6 +52,26 @@ def corpus_of(labels: SoftLabelDataset | str) -> TokenCorpus:
     return corpus
 
 
+def aligned_corpus(labels: SoftLabelDataset | str, tokenizer: str) -> TokenCorpus:
+    """The labelled windows in a student's own tokenization (cross-tokenizer KD): corpus_of
+    (labels) re-tokenized with the tokenizer at `tokenizer` (a directory or pkg: path; one the
+    project trains: pipeline.data.tokenizing.student_tokenizer), window i holding the same
+    bytes as the teacher's window i (pipeline/data/alignment.py). Refuses a tokenizer that
+    cannot represent the text, other text, and labels without the alignment fields.
+    open_stream(labels, it) then yields the aligned batches the cross-tokenizer losses take."""
+    from pipeline.data.alignment import aligned_windows
+    from pipeline.data.corpus import open_corpus
+    from pipeline.hf_files import resolve_model_path
+    from pipeline.training.cross_stream import check_alignment_fields
+
+    ds = _open(labels)
+    teacher = corpus_of(ds)
+    student = open_corpus(ds.manifest["data"]["recipe"]["corpus"], resolve_model_path(tokenizer, what="tokenizer"), 1)
+    out = aligned_windows(student, teacher)
+    check_alignment_fields(ds.manifest, ds.uri, out.aligned_to["bytes_sha256"])
+    return out
+
+
 def generated_corpus(labels: SoftLabelDataset | str, prompt_corpus: TokenCorpus) -> TokenCorpus:
     """The teacher's written answers of a generation dataset (`label.generate`) as windows:
     prompt i // N of `prompt_corpus` (the chat corpus' train split they were written for)

@@ -125,6 +125,19 @@ def _parquet_texts(path: str, column: str):
         yield batch.column(0).to_pylist()
 
 
+def document_batches(fmt: str, source: dict):
+    """The documents of a corpus again, as the cache was built from them: batches of texts
+    (None = null) of a source recorded in its sidecar ({"path", "text_field" | "text_column"});
+    plain text only (a chat corpus is rendered by a template)."""
+    if fmt == "jsonl":
+        return _jsonl_texts(source["path"], source["text_field"])
+    if fmt == "parquet":
+        return _parquet_texts(source["path"], source["text_column"])
+    if fmt == "text_files":
+        return _txt_texts(sorted(glob.glob(os.path.join(glob.escape(source["path"]), "*.txt"))))
+    raise ValueError(f"corpus format {fmt!r} holds no plain documents (a chat corpus is rendered by its template)")
+
+
 # ---------------------------------------------------------------- building the stream
 
 
@@ -263,6 +276,8 @@ class TokenCorpus:
         self._win = None  # documents / turns: (stream start, length) per window
         self._mask = self._mask_cumsum = None  # chat: the assistant mask over the stream (uint8, mmap)
         self._conv = None  # chat: each window's conversation
+        self.aligned_to = None  # with_windows: the windows of another tokenization they cover (alignment.py)
+        self.teacher_windows = None
         if "assistant_tokens" in meta:  # a chat corpus: windows of whole turns (pipeline/data/chat.py)
             self.window_mode = "turns"
             unit = "row" if meta["format"] == "chat_parquet" else "line"
@@ -482,7 +497,8 @@ class TokenCorpus:
         return self._tokens
 
     def __getstate__(self) -> dict:
-        drop = ("_tokens", "_mask", "_mask_cumsum", "_index_cache") + (("sample_ids",) if self._full else ())
+        drop = ("_tokens", "_mask", "_mask_cumsum", "_index_cache", "_byte_offsets")
+        drop += ("sample_ids",) if self._full else ()
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
     def __setstate__(self, state: dict) -> None:
@@ -676,9 +692,10 @@ class TokenCorpus:
             "in_shape": [self.seq_len],
             **(
                 {"windows": "documents (one document per window run, the last window shorter)"}
-                if self._win is not None and not self.is_chat
+                if self.window_mode == "documents"
                 else {}
             ),
+            **({"aligned_to": dict(self.aligned_to)} if self.aligned_to is not None else {}),
             **({"chat": self._chat_describe()} if self.is_chat else {}),
             **({"generated": m["generated"]} if "generated" in m else {}),
         }
@@ -762,6 +779,34 @@ class TokenCorpus:
             out[name] = self.subset(np.flatnonzero(np.isin(conv, chosen)), split_spec=json.dumps(spec, sort_keys=True))
         return out
 
+    def window_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, positions) of every window of the source, by sample id: window i reads
+        stream tokens [starts[i], starts[i] + positions[i]]."""
+        if self._win is None:
+            n = self.chunks_in_source
+            return np.arange(n, dtype=np.int64) * self.seq_len, np.full(n, self.seq_len, np.int64)
+        return self._win
+
+    def with_windows(
+        self, starts: np.ndarray, lengths: np.ndarray, *, split_of: TokenCorpus, aligned_to: dict
+    ) -> TokenCorpus:
+        """This tokenization's stream cut into given windows: window i = tokens
+        [starts[i], starts[i] + lengths[i]] (lengths[i] positions), with the sample ids,
+        split and positions of `split_of` (another tokenization of the same text, whose
+        window i covers the same bytes: pipeline/data/alignment.py). Short windows are
+        padded like windows="documents"; seq_len is the longest window."""
+        starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+        if len(starts) != split_of.chunks_in_source or (lengths < 1).any():
+            raise ValueError(f"with_windows: {len(starts)} windows for {split_of.chunks_in_source}, or an empty one")
+        new = copy.copy(self)
+        new.__dict__.pop("_index_cache", None)
+        new._win, new.window_mode, new.chunks_in_source = (starts, lengths), "aligned", len(starts)
+        new.seq_len = int(lengths.max())
+        new.sample_ids, new._full = split_of.sample_ids.copy(), False
+        new.split_spec, new.name = split_of.split_spec, f"{self.name}-{split_of.name}"
+        new.aligned_to, new.teacher_windows = dict(aligned_to), split_of
+        return new
+
     # positions of sample ids, ValueError naming missing ones: the same lookup as the table sources
     index_of = TableSource.index_of
 
@@ -780,25 +825,35 @@ def corpus_splits(section: dict, tokenizer_dir: str) -> dict[str, TokenCorpus]:
     return _splits(json.dumps(section), os.fspath(tokenizer_dir))
 
 
-@functools.lru_cache(maxsize=4)
-def _splits(section_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
-    c = json.loads(section_json)
-    common = {"tokenizer_path": tokenizer_dir, "seq_len": c["seq_len"], "windows": c.get("windows", "packed")}
-    if c["kind"] == "chat":  # sizes count conversations; split() checks them
-        corpus = TokenCorpus.from_chat(
+def open_corpus(c: dict, tokenizer_dir: str, seq_len: int | None = None) -> TokenCorpus:
+    """The whole corpus of a corpus section, tokenized with the tokenizer at tokenizer_dir
+    (seq_len: the section's unless given)."""
+    common = {
+        "tokenizer_path": tokenizer_dir,
+        "seq_len": seq_len or c["seq_len"],
+        "windows": c.get("windows", "packed"),
+    }
+    if c["kind"] == "chat":
+        return TokenCorpus.from_chat(
             c["path"],
             messages_field=c.get("messages_field", "messages"),
             too_long=c.get("too_long", "refuse"),
             labelled=c.get("labelled", "assistant"),
             **common,
         )
-        return corpus.split(seed=c.get("seed", 0), sizes=dict(c["sizes"]))
     if c["kind"] == "jsonl":
-        corpus = TokenCorpus.from_jsonl(c["path"], text_field=c.get("text_field", "text"), **common)
-    elif c["kind"] == "text_files":
-        corpus = TokenCorpus.from_text_files(c["path"], **common)
-    else:
-        corpus = TokenCorpus.from_table(c["path"], c.get("text_field", "text"), **common)
+        return TokenCorpus.from_jsonl(c["path"], text_field=c.get("text_field", "text"), **common)
+    if c["kind"] == "text_files":
+        return TokenCorpus.from_text_files(c["path"], **common)
+    return TokenCorpus.from_table(c["path"], c.get("text_field", "text"), **common)
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(section_json: str, tokenizer_dir: str) -> dict[str, TokenCorpus]:
+    c = json.loads(section_json)
+    corpus = open_corpus(c, tokenizer_dir)
+    if c["kind"] == "chat":  # sizes count conversations; split() checks them
+        return corpus.split(seed=c.get("seed", 0), sizes=dict(c["sizes"]))
     need = sum(c["sizes"].values())
     if need > len(corpus):
         raise ValueError(

@@ -84,9 +84,9 @@ def check_teacher(model: nn.Module, corpus: TokenCorpus, *, k: int | None = None
 
 def _logit_batches(model, corpus, start: int, stop: int, batch_size: int, dev: torch.device, amp):
     """Yields (first position, labelled positions (B, Lb) bool numpy, logits (B, Lb, V) on
-    `dev`) for windows [start, stop); Lb is the batch's longest window (seq_len unless
-    windows differ). Labelled: a window's real positions (a chat corpus: those whose target
-    is an assistant token; corpus.label_mask)."""
+    `dev`, next-token targets (B, Lb) int64 on the host) for windows [start, stop); Lb is
+    the batch's longest window (seq_len unless windows differ). Labelled: a window's real
+    positions (a chat corpus: those whose target is an assistant token; corpus.label_mask)."""
     cuda = dev.type == "cuda"
     with torch.inference_mode(), torch.autocast(dev.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
         for a in range(start, stop, batch_size):
@@ -99,7 +99,8 @@ def _logit_batches(model, corpus, start: int, stop: int, batch_size: int, dev: t
             # all ones: padding sits after a window's real positions and causal attention
             # never lets a real position see it (ids can't mark padding: pad may be EOS)
             mask = torch.ones_like(x)
-            yield a, corpus.label_mask(pos)[:, :Lb], model(input_ids=x, attention_mask=mask, use_cache=False).logits
+            logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+            yield a, corpus.label_mask(pos)[:, :Lb], logits, corpus.targets(pos)[:, :Lb]
 
 
 def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:
@@ -155,20 +156,41 @@ def shard_labels(
     ({"representation", "k" | "draws"}), all from the SAME forward per batch; N = the
     windows' labelled positions (sum of corpus.label_counts), window-major: top-k {"ids" (N, k)
     int64, "logprobs" (N, k) float32, "missing_mass" (N,) float32}; sampled {"ids" (N, u)
-    int64, "counts" (N, u) int32} with u the largest unique-id count (padding id 0, count 0).
-    specs=[] runs the forwards only."""
+    int64, "counts" (N, u) int32} with u the largest unique-id count (padding id 0, count 0);
+    a spec with "target_logprob" also gets "target_logprob" (N,) float32, the teacher's
+    log-prob of each position's next token. specs=[] runs the forwards only."""
     L = corpus.seq_len
     parts: list[list[dict]] = [[] for _ in specs]
     model.eval()
-    for a, keep, logits in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
+    targets = [] if any(s.get("target_logprob") for s in specs) else None
+    for a, keep, logits, y in _logit_batches(model, corpus, start, stop, batch_size, dev, amp):
         if not specs and dev.type == "cuda":
             torch.cuda.synchronize(dev)
+        if targets is not None:  # before a top-k output masks the logits in place
+            targets.append(target_logprobs(logits, y, keep))
         # sampled outputs first: a top-k output, last, masks the logits in place
         order = sorted(range(len(specs)), key=lambda j: specs[j]["representation"] == "token_topk")
         for m, j in enumerate(order):
             parts[j].append(summaries(logits, keep, specs[j], a=a, L=L, seed=seed, last=m == len(order) - 1))
         del logits  # one batch's (B, Lb, V) at a time
-    return [concat_labels(p, spec["representation"]) for spec, p in zip(specs, parts)]
+    out = [concat_labels(p, spec["representation"]) for spec, p in zip(specs, parts)]
+    if targets is not None:
+        tl = np.concatenate(targets)
+        out = [o | {"target_logprob": tl} if spec.get("target_logprob") else o for spec, o in zip(specs, out)]
+    return out
+
+
+def target_logprobs(logits: torch.Tensor, y: torch.Tensor, keep: np.ndarray) -> np.ndarray:
+    """(M,) float32 on the host: log p(y) = z_y - logsumexp(z) in fp32 at the keep.sum()
+    labelled positions of a (B, Lb, V) logits block, window-major (what a cross-tokenizer
+    chunk likelihood sums; one window at a time: no (B, Lb, V) fp32 copy)."""
+    out = []
+    for i in range(logits.shape[0]):
+        rows = torch.from_numpy(keep[i]).to(logits.device)
+        z = logits[i][rows].float()  # (m, V)
+        t = y[i][torch.from_numpy(keep[i])].to(logits.device)
+        out.append((z.gather(1, t[:, None])[:, 0] - torch.logsumexp(z, 1)).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
 
 
 def token_rows(corpus: TokenCorpus, a: int, b: int) -> dict[str, np.ndarray]:
@@ -193,8 +215,11 @@ def output_spec(
     value_dtype: str = "float16",
     tail_dtype: str = "float32",
     backend: str = "parquet",
+    target_logprob: bool = False,
 ) -> dict:
-    """One label dataset to write: where, which layout and its parameters (checked here)."""
+    """One label dataset to write: where, which layout and its parameters (checked here);
+    target_logprob: also store the teacher's log-prob of each position's next token (with
+    the manifest's byte record: what a student with another tokenizer aligns by)."""
     if representation not in KINDS:
         raise ValueError(f"representation must be one of {list(KINDS)}, got {representation!r}")
     if representation == "token_sampled" and (not isinstance(draws, int) or draws < 1):
@@ -208,6 +233,7 @@ def output_spec(
         "value_dtype": value_dtype,
         "tail_dtype": tail_dtype,
         "backend": backend,
+        "target_logprob": bool(target_logprob),
     }
 
 
@@ -219,6 +245,8 @@ def writer_args(
     rng_block L, row_offset), so a replay draws them again. extra: more writer arguments."""
     w = {"uri": spec["uri"], "backend": spec["backend"], "representation": spec["representation"]}
     w |= {"vocab_size": V, "seq_len": L} | extra
+    if spec.get("target_logprob"):
+        w["store_target_logprob"] = True
     if spec["representation"] == "token_topk":
         return w | {"k": spec["k"], "dtype": spec["value_dtype"], "tail_dtype": spec["tail_dtype"]}
     sampling = {
@@ -275,13 +303,29 @@ class TokenLabeller:
 
     def data(self) -> dict:
         c = self.inputs
-        return {
-            "name": c.name,
-            "split": c.split_spec,
-            "fingerprint": c.fingerprint(),
-            "transform": None,
-            "inputs": c.describe(),
-        } | ({"recipe": self.recipe} if self.recipe is not None else {})
+        return (
+            {
+                "name": c.name,
+                "split": c.split_spec,
+                "fingerprint": c.fingerprint(),
+                "transform": None,
+                "inputs": c.describe(),
+            }
+            | ({"recipe": self.recipe} if self.recipe is not None else {})
+            | self._bytes()
+        )
+
+    def _bytes(self) -> dict:
+        """With target log-probs: the byte stream's record (alignment.py), so that a student
+        with another tokenizer can check its text is the one labelled."""
+        if not any(o.get("target_logprob") for o in self.specs):
+            return {}
+        from pipeline.data.alignment import byte_record
+
+        try:
+            return {"bytes": byte_record(self.inputs)}
+        except ValueError as e:  # a tokenizer that does not keep the text's bytes: labels still useful
+            return {"bytes": {"undefined": str(e)}}
 
     def shard(self, start: int, stop: int, outputs: list[int]) -> list[dict]:
         labs = shard_labels(
@@ -305,6 +349,7 @@ class TokenLabeller:
                     if self.specs[j]["representation"] == "token_topk"
                     else ("ids", "counts")
                 )
+                + (("target_logprob",) if self.specs[j].get("target_logprob") else ())
             }
             for j, lab in zip(outputs, labs)
         ]
@@ -322,6 +367,7 @@ def label_corpus(
     value_dtype: str = "float16",
     tail_dtype: str = "float32",
     backend: str = "parquet",
+    target_logprob: bool = False,
     **kw: Any,
 ) -> dict:
     """Label every window of `corpus` with the causal LM `model` into a token dataset at
@@ -329,7 +375,8 @@ def label_corpus(
 
     token_topk: k ids per token, log-probs stored as `value_dtype` (float16 | bfloat16 |
     uint8 | float32), missing mass as `tail_dtype`. token_sampled: `draws` per token, at
-    most `s_max` unique ids stored (default min(draws, V)).
+    most `s_max` unique ids stored (default min(draws, V)). target_logprob: also store the
+    teacher's log-prob of each next token and the text's byte record (cross-tokenizer KD).
     Returns {uri, manifest, shards: [per-shard stats], skipped, seconds, tokens_per_s}.
     """
     spec = output_spec(
@@ -341,6 +388,7 @@ def label_corpus(
         value_dtype=value_dtype,
         tail_dtype=tail_dtype,
         backend=backend,
+        target_logprob=target_logprob,
     )
     return label_corpus_many(model, corpus, [spec], **kw)[0]
 

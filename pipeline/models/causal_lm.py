@@ -99,7 +99,8 @@ def perplexity(
 ) -> dict:
     """exp(mean next-token cross-entropy) over every target token of `corpus`' windows
     (the first max_windows of them when given), in fp32: {"loss" (nats/token),
-    "perplexity", "tokens"}."""
+    "perplexity", "tokens"}, and where the tokens stand for bytes of the text "bytes" (of
+    the targets) and "bits_per_byte" (the same nats per byte, in bits)."""
     n = len(corpus) if max_windows is None else min(len(corpus), int(max_windows))
     if n == 0:
         raise ValueError(f"perplexity: corpus {corpus.name!r} has no windows")
@@ -107,10 +108,13 @@ def perplexity(
     lm = as_causal_lm(model)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, nbytes = 0.0, 0, 0
+    table = bytes_per_token(corpus)  # (V,) or None: bits per byte where the tokens have bytes
     try:
         for a in range(0, n, batch_size):
             b = corpus.lm_batch(np.arange(a, min(a + batch_size, n)))  # (B, Lb)
+            if table is not None:
+                nbytes += int(table[b["targets"].numpy()][b["mask"].numpy()].sum())
             logits = lm(b["input_ids"].to(dev))  # (B, Lb, V)
             keep = b["mask"].to(dev).reshape(-1)  # real positions
             ce = F.cross_entropy(
@@ -123,7 +127,24 @@ def perplexity(
     finally:
         model.train(was_training)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    if table is not None:  # nats over the targets' bytes, in bits: comparable across tokenizers
+        out |= {"bytes": nbytes, "bits_per_byte": total / math.log(2) / max(nbytes, 1)}
+    return out
+
+
+def bytes_per_token(corpus) -> np.ndarray | None:
+    """(V,) bytes each token id stands for in the corpus' text (pipeline/data/alignment.py),
+    or None where that is undefined (a chat template's markup, a tokenizer whose tokens do
+    not keep the text's bytes, a corpus without a tokenizer path)."""
+    from pipeline.data.alignment import byte_table
+
+    if not hasattr(corpus, "is_chat"):
+        return None
+    try:
+        return byte_table(corpus)
+    except ValueError:
+        return None
 
 
 def save_pretrained(model, out_dir: str, *, tokenizer_dir: str | None = None, extra: dict | None = None) -> str:

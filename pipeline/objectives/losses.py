@@ -13,6 +13,11 @@ from (the manifest's representation kind: dense, topk / token_topk, token_sample
     reverse_kl  topk     T'²·KL(q ‖ p) over the same buckets                Gu et al. 2024 (MiniLLM)
     jsd         topk     T'²·JSD_0.5(p, q) over the same buckets            Agarwal et al. 2024 (GKD)
     sampled_kl  sampled  −Σ_j (c_j/n)·log q(x_j), unbiased for CE(p, q)     Anshumann et al. 2025
+    uld         topk*    Σ_i |p_(i) − q_(i)| sorted probs + tail bucket     Boizard et al. 2024
+    gold        topk*    KL on ids of the same bytes + ULD on the rest     TRL GOLD (Hugging Face 2025)
+    alm         topk*    binary KL of chunk likelihoods, Bern(e^a) ‖ Bern(e^b)  Minixhofer et al. 2025
+
+(* cross-tokenizer: a student with its own tokenizer, rows = aligned chunks; objectives/xtok.py.)
 
 One meaning for both tasks: `topk_kl` is exact at the stored temperature (a classifier's
 label.temperature; 1 for token labels) and follows objectives/sparse.py's documented tail
@@ -42,6 +47,7 @@ from torch import Tensor
 
 from pipeline.objectives.dense import logit_mse, rescale, soft_kl_loss, soft_target_cross_entropy, teacher_side
 from pipeline.objectives.sparse import jsd_topk, reverse_kl_topk, sampled_kl, topk_tail_kl
+from pipeline.objectives.xtok import alm_loss, hybrid_at, hybrid_loss, uld_at, uld_loss
 
 # the manifest's representation kind -> the family of targets a loss learns from
 FAMILIES = {"dense": "dense", "topk": "topk", "token_topk": "topk", "token_sampled": "sampled"}
@@ -56,6 +62,8 @@ class Loss:
     exact_temperature: bool = False  # only at the stored temperature
     # fn(..., targets=y) returns (the loss, next-token CE) from one pass over the logits (T' = 1)
     fused_ce: bool = False
+    # compares two tokenizations aligned by bytes (objectives/xtok.py): a student with its own tokenizer
+    cross_tokenizer: bool = False
 
 
 LOSSES: dict[str, Loss] = {}
@@ -68,6 +76,7 @@ def register_loss(
     multi_teacher: bool = False,
     exact_temperature: bool = False,
     fused_ce: bool = False,
+    cross_tokenizer: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: make `fn` the loss `name` (see the module docstring for its signature)."""
     bad = sorted(set(labels) - set(FAMILIES.values()))
@@ -79,7 +88,7 @@ def register_loss(
         raise ValueError("'ce' is the task term (hard labels, next tokens), not a KD loss")
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        LOSSES[name] = Loss(name, tuple(labels), fn, multi_teacher, exact_temperature, fused_ce)
+        LOSSES[name] = Loss(name, tuple(labels), fn, multi_teacher, exact_temperature, fused_ce, cross_tokenizer)
         return fn
 
     return deco
@@ -90,8 +99,10 @@ def loss_names() -> tuple[str, ...]:
     return ("ce", *LOSSES)
 
 
-def losses_for(family: str) -> list[str]:
-    return [n for n, loss in LOSSES.items() if family in loss.labels]
+def losses_for(family: str, *, cross_tokenizer: bool = False) -> list[str]:
+    """The losses that learn from a label family: for a student of the teacher's tokenizer,
+    or (cross_tokenizer) one with its own."""
+    return [n for n, loss in LOSSES.items() if family in loss.labels and loss.cross_tokenizer == cross_tokenizer]
 
 
 # ----------------------------------------------------------------------------- dense
@@ -151,3 +162,30 @@ def jsd(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: 
 @register_loss("sampled_kl", labels=("sampled",), exact_temperature=True, fused_ce=True)
 def sampled(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int, targets=None) -> Tensor:
     return sampled_kl(z, t["ids"], t["counts"], weights=weights, chunk_size=chunk_size, targets=targets)
+
+
+# ----------------------------------------------------------------------------- cross-tokenizer
+# z: the student's logits at each aligned chunk's first position (C, V_S), or with t["rows"]
+# (C,) the log-probs of every position of the batch (N, V_S) (the objective shares its CE
+# term's log-softmax; the chunks' first rows are t["rows"]); t: the teacher's
+# top-k there (ids, logp, missing), the twin map (V_T,) teacher id -> student id of the same
+# bytes or -1, and the chunks' log-likelihoods of both sides (C,) (objectives/xtok.py).
+
+
+@register_loss("uld", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
+def uld(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
+    if "rows" in t:  # z: the batch's log-probs (N, V_S), the chunks' first rows t["rows"]
+        return uld_at(z, t["rows"], t["logp"], t.get("missing"), weights=weights)
+    return uld_loss(z, t["logp"], t.get("missing"), weights=weights, chunk_size=chunk_size)
+
+
+@register_loss("gold", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
+def gold(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
+    if "rows" in t:
+        return hybrid_at(z, t["rows"], t["ids"], t["logp"], t.get("missing"), twin=t["twin"], weights=weights)
+    return hybrid_loss(z, t["ids"], t["logp"], t.get("missing"), twin=t["twin"], weights=weights, chunk_size=chunk_size)
+
+
+@register_loss("alm", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
+def alm(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
+    return alm_loss(t["teacher_chunk_logp"], t["student_chunk_logp"], weights=weights)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.data.datasets import model_inputs
@@ -108,6 +109,9 @@ class Objective:
         if (self.hint_weight or self.rkd_weight) and hint is None:
             raise ValueError("hint_weight/rkd_weight > 0 need the hint regressor (hint=HintLoss(...))")
         self.needs_features = hint is not None and self.mode != "hard"
+        # a student with its own tokenizer: terms over byte-aligned chunks (objectives/xtok.py)
+        self.cross_tokenizer = self.mode == "stored" and LOSSES[loss].cross_tokenizer
+        self.twin: Tensor | None = None  # (V_T,) teacher id -> student id of the same bytes, or -1
         names = ["loss"]
         if self.mode == "hard" or self.alpha > 0:
             names.append("task_loss")
@@ -180,6 +184,13 @@ class Objective:
                 source=f"soft labels at {stream.uri}",
             )
         obj = cls(**kw)  # the loss refusals first, before any hint set-up
+        if obj.cross_tokenizer:
+            obj.twin = getattr(stream, "twin", None)
+            if obj.twin is None:
+                raise ValueError(
+                    f"loss {cfg.loss!r} aligns two tokenizations by bytes: it needs a student with its own "
+                    f"tokenizer (students.models[].tokenizer; distillery.aligned_windows)"
+                )
         if cfg.hint_weight or cfg.rkd_weight:
             obj = cls(
                 **kw,
@@ -199,12 +210,14 @@ class Objective:
         alpha: float = 0.0,
         kind: str | None = None,
         stored_temperature: float | None = None,
+        stream: LabelStream | None = None,
     ) -> Objective:
         """For stored labels in a user's own loop or Trainer: their kind and stored
         temperature T from `labels` (an opened dataset: its manifest and temperature) or
         given as kind= and stored_temperature=; the KD `loss` (default: the family's own:
         kd for dense, topk_kl for top-k, sampled_kl for sampled), the student's T'
-        (default T) and α."""
+        (default T) and α. A cross-tokenizer loss (uld, gold, alm) takes the twin map of
+        `stream` (open_stream over distillery.aligned_corpus)."""
         if labels is not None:
             kind, stored_temperature = labels.manifest["representation"]["kind"], labels.temperature
         if kind not in FAMILIES or stored_temperature is None:
@@ -213,7 +226,7 @@ class Objective:
                 f"and stored_temperature=; got kind={kind!r}"
             )
         T = float(stored_temperature)
-        return cls(
+        obj = cls(
             loss=loss or losses_for(FAMILIES[kind])[0],
             temperature=T if temperature is None else temperature,
             alpha=alpha,
@@ -221,6 +234,8 @@ class Objective:
             stored_temperatures=[T],
             source=f"soft labels at {labels.uri}" if labels is not None else f"the {kind} labels",
         )
+        obj.twin = getattr(stream, "twin", None)
+        return obj
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the objective itself (the hint regressor), for the optimizer."""
@@ -239,6 +254,8 @@ class Objective:
 
     def terms(self, logits: Tensor, batch: dict, feats: Tensor | None = None) -> dict[str, Tensor]:
         """logits (B, C), or (B, L, V) with batch["mask"] (B, L): the named terms and their total."""
+        if self.cross_tokenizer:
+            return self._cross_terms(logits, batch)
         rows = Rows(logits, batch)
         z, w = rows.logits, rows.weights  # (N, C), (N,)
         terms: dict[str, Tensor] = {}
@@ -279,6 +296,54 @@ class Objective:
                 # RKD distance (Park et al. 2019) needs >= 3 rows for a non-trivial relation
                 terms["rkd_loss"] = rkd_distance_loss(s, t) if len(s) > 2 else logits.new_zeros((), dtype=torch.float32)
                 total = total + self.rkd_weight * terms["rkd_loss"]
+        return {"loss": total, **terms}
+
+    def _cross_terms(self, logits: Tensor, batch: dict) -> dict[str, Tensor]:
+        """A student with its own tokenizer: the task term is next-token CE in its own
+        tokens; the KD term compares the teacher's stored labels with the student over the
+        batch's C aligned chunks (training/cross_stream.py): xt_first_s / xt_first_t (C,)
+        flat positions predicting each chunk's first student / teacher token, xt_chunk_s
+        (B·Ls,) / xt_chunk_t (B·Lt,) the chunk of every target (-1: none)."""
+        B, L, V = logits.shape
+        z, y = logits.reshape(-1, V), batch["y"].reshape(-1)  # (B·L, V), (B·L,)
+        w_pos = (batch["weight"][:, None] * batch["mask"]).reshape(-1).float()  # real positions
+        cs = self.chunk_size
+        # log q over the student's vocabulary once, fp32, shared by every term: −log q(y) per
+        # position (the CE term, ALM's b) and the chunk-first rows (ULD / GOLD)
+        log_q = torch.cat([F.log_softmax(z[i : i + cs].float(), -1) for i in range(0, len(z), cs)])  # (B·L, V)
+        nll = -log_q.gather(1, y[:, None])[:, 0]  # (B·L,)
+        terms: dict[str, Tensor] = {}
+        total = None
+        if self.alpha > 0:
+            terms["task_loss"] = (nll * w_pos).sum() / w_pos.sum().clamp_min(1e-12)
+            total = self.alpha * terms["task_loss"]
+        if self.alpha < 1:
+            first_s, first_t = batch["xt_first_s"], batch["xt_first_t"]  # (C,)
+            k = batch["topk_ids"].shape[-1]
+            t = {
+                "ids": batch["topk_ids"].reshape(-1, k)[first_t],  # (C, k) at each chunk's first teacher position
+                "logp": batch["topk_logprobs"].reshape(-1, k)[first_t],
+                "missing": batch["missing_mass"].reshape(-1)[first_t] if "missing_mass" in batch else None,
+                "rows": first_s,  # the loss reads these rows of log_q (no (C, V) copy)
+            }
+            if self.twin is not None:
+                self.twin = t["twin"] = self.twin.to(z.device)
+            elif self.loss == "gold":
+                raise ValueError(
+                    "loss 'gold' needs the twin map of the stream (Objective.for_labels(..., stream=stream))"
+                )
+            if self.loss == "alm":  # chunk log-likelihoods: Σ of each side's token log-probs in the chunk
+                C, ct, cst = len(first_s), batch["xt_chunk_t"].reshape(-1), batch["xt_chunk_s"].reshape(-1)
+                a = batch["target_logprob"].reshape(-1).float()
+                t["teacher_chunk_logp"] = z.new_zeros(C, dtype=torch.float32).index_add(0, ct[ct >= 0], a[ct >= 0])
+                t["student_chunk_logp"] = z.new_zeros(C, dtype=torch.float32).index_add(
+                    0, cst[cst >= 0], -nll[cst >= 0]
+                )
+            w_c = batch["weight"][first_s // L].float()  # each chunk weighs as its window
+            kd = terms["kd_loss"] = LOSSES[self.loss].fn(
+                log_q, t, temperature=self.temperature, weights=w_c, chunk_size=cs
+            )
+            total = kd if total is None else total + (1.0 - self.alpha) * kd
         return {"loss": total, **terms}
 
     def _task_loss(self, z: Tensor, y: Tensor, w: Tensor) -> Tensor:

@@ -51,14 +51,15 @@ class LanguageModelTask:
         teacher_logits: np.ndarray | None = None,
         device: torch.device | str = "cpu",
     ) -> dict:
-        """perplexity, nll (mean nats per token), tokens, params."""
+        """perplexity, nll (mean nats per token), tokens, params; bits_per_byte and bytes
+        where the tokens stand for the text's bytes (comparable across tokenizers)."""
         p = perplexity(model, corpus, device=device)
         return {
             "perplexity": p["perplexity"],
             "nll": p["loss"],
             "tokens": p["tokens"],
             "params": param_counts(model)["params"],
-        }
+        } | {k: p[k] for k in ("bits_per_byte", "bytes") if k in p}
 
     def export(
         self,

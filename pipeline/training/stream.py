@@ -66,7 +66,14 @@ def open_label_stream(uri: str, inputs: Any, transform: Transform | None = None,
         uri, expect=kw.get("expect"), storage_options=kw.get("storage_options"), verifier=verifier(kw.get("public_key"))
     ).manifest
     cls = SequenceStream if manifest["representation"]["kind"] in TOKEN_KINDS else RowStream
+    if getattr(inputs, "aligned_to", None) is not None:  # a student with its own tokenizer
+        cls = ALIGNED_STREAM[0]
     return cls(uri, inputs, transform, manifest=manifest, **kw)
+
+
+# the stream of windows aligned to another tokenization's (pipeline/data/alignment.py): set by
+# training/cross_stream.py, which the package imports (it builds on this module's classes)
+ALIGNED_STREAM: list[type] = []
 
 
 def verifier(public_key: Any):

@@ -190,9 +190,7 @@ class SoftLabelWriter:
                 if val is not None:
                     raise ValueError(f"{name}= is only meaningful with representation 'token_topk' / 'token_sampled'")
             if store_tokens or store_target_logprob:
-                raise ValueError(
-                    "store_tokens= / store_target_logprob= are only meaningful with token representations"
-                )
+                raise ValueError("store_tokens= / store_target_logprob= are only meaningful with token representations")
             if temperature is None:
                 raise ValueError("temperature is required")
             if num_classes is None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny_hf import WORDS
+from test_lm_label import tiny_llama
 
 import pipeline.hf_files  # noqa: F401  (offline mode before transformers)
 import storage
@@ -30,24 +31,6 @@ from pipeline.training.stream import open_label_stream
 L, K = 24, 8
 EXTRAS = ["naïve", "café", "—", "日本語", "😀", "  ", "\t", "x  y", "ünïcödé", "ß"]
 TEACHER = {"name": "tiny-llama", "fingerprint": "sha256:tiny-llama-xtok"}
-
-
-def tiny_llama(vocab: int, seed: int = 0, max_pos: int = 512):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _docs(n: int, seed: int) -> list[str]:
@@ -75,7 +58,7 @@ def env(tmp_path_factory):
         name: TokenCorpus.from_jsonl(path, tokenizer_path=d, seq_len=1, cache_dir=cache)
         for name, d in (("bpe", s_dir), ("bytes", b_dir))
     }
-    model = tiny_llama(len(load_tokenizer(t_dir)))
+    model = tiny_llama(len(load_tokenizer(t_dir)), max_pos=512)
     out = {"root": root, "docs": docs, "path": path, "dirs": (t_dir, s_dir, b_dir), "teacher": teacher}
     return out | {"parts": parts, "students": students, "model": model, "cache": cache}
 
@@ -171,7 +154,7 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
     al = aligned_windows(env["students"]["bpe"], part)
     stream = open_label_stream(str(uri), al, batch_size=3, seed=0)
     batch = next(iter(stream))
-    student = tiny_llama(len(load_tokenizer(env["dirs"][1])), seed=1)
+    student = tiny_llama(len(load_tokenizer(env["dirs"][1])), seed=1, max_pos=512)
     obj = Objective(loss=loss, alpha=0.5, kind="token_topk", stored_temperatures=[1.0])
     obj.twin = stream.twin
     with torch.no_grad():
@@ -240,7 +223,7 @@ def test_target_logprob_is_the_teachers(env, tmp_path):
 def test_bits_per_byte(env):
     # bytes: one byte per target token (the separator too), so bits/byte = total nats / ln 2 / targets
     al = aligned_windows(env["students"]["bytes"], env["parts"]["test"])
-    model = tiny_llama(257, seed=3)
+    model = tiny_llama(257, seed=3, max_pos=512)
     p = perplexity(model, al)
     assert p["bytes"] == p["tokens"]
     assert p["bits_per_byte"] == pytest.approx(p["loss"] / math.log(2), rel=1e-9)

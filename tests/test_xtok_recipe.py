@@ -78,6 +78,21 @@ def test_recipe_reports_bits_per_byte_for_every_student(run, capsys):
     assert list(parts["train"].sample_ids) == list(teacher.sample_ids)
     m = storage.open_soft_labels(cfg.label_uris()["topk"], verify=True).manifest
     assert m["representation"]["target_logprob"] is True and m["data"]["bytes"]["num_bytes"] > 4_000_000
+    # the public API: the same windows, batches and terms from the labels alone
+    import torch
+
+    import distillery
+
+    own = by["llama-bpe8k-T1-a0.5-gold"]["hf_dir"]
+    labels = distillery.open_labels(cfg.label_uris()["topk"])
+    corpus = distillery.aligned_corpus(labels, own)
+    assert corpus.fingerprint() == parts["train"].fingerprint()
+    stream = distillery.open_stream(labels.uri, corpus, batch_size=4)
+    obj = distillery.Objective.for_labels(labels, loss="gold", alpha=0.5, stream=stream)
+    batch = next(iter(stream))
+    model = torch.nn.Embedding(8000, 8000)  # any (B, L) -> (B, L, V) model of the student's vocabulary
+    terms = obj.terms(model(batch["x"]), batch)
+    assert set(terms) == {"loss", "task_loss", "kd_loss"} and torch.isfinite(terms["loss"])
     capsys.readouterr()
     from flows.cli import main
 

@@ -60,15 +60,8 @@ class CrossTokenizerStream(SequenceStream):
     def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = self._common(b)
         sid = out["sample_id"].numpy()  # (B,)
-        tpos, spos = self.teacher.index_of(sid), self.inputs.index_of(sid)
-        n = np.asarray(b["length"], dtype=np.int64)
-        want = self.teacher.label_counts(tpos)
-        if not np.array_equal(n, want):
-            i = int(np.flatnonzero(n != want)[0])
-            raise ValueError(
-                f"token labels at {self.uri}: sequence sample_id {sid[i]} holds {n[i]} tokens, the teacher's "
-                f"window labels {want[i]}: labels of other windows"
-            )
+        tpos, n = self.positions(self.teacher, sid, b)  # the teacher's windows hold the stored rows
+        spos = self.inputs.index_of(sid)
         t_mask = torch.from_numpy(self.teacher.label_mask(tpos)[:, : int(n.max())])  # (B, Lt)
         batch = self.task.batch(self.inputs, spos, out["view"].numpy(), None)  # the student's (B, Ls)
         for key in LABEL_KEYS:

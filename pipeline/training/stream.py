@@ -461,20 +461,27 @@ class SequenceStream(LabelStream):
         ):
             yield self.join(b)
 
+    def positions(self, corpus: TokenCorpus, sid: np.ndarray, b: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The positions in `corpus` of a batch's sample ids (ValueError naming a missing one)
+        and the stored tokens per sequence (B,), refused unless each is its window's
+        labelled count (labels of other windows)."""
+        pos = corpus.index_of(sid)
+        n = np.asarray(b["length"], dtype=np.int64)
+        want = corpus.label_counts(pos)
+        if not np.array_equal(n, want):
+            i = int(np.flatnonzero(n != want)[0])
+            raise ValueError(
+                f"token labels at {self.uri}: sequence sample_id {sid[i]} holds {n[i]} tokens, but "
+                f"corpus {corpus.name!r} labels {want[i]} in that window: labels of other windows"
+            )
+        return pos, n
+
     def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Decoded stored sequences -> the batch: the corpus windows by sample id, the labels,
         all cut to the batch's longest sequence Lb."""
         out = self._common(b)
         sid = out["sample_id"].numpy()  # (B,)
-        pos = self.inputs.index_of(sid)  # ValueError names missing ids
-        n = np.asarray(b["length"], dtype=np.int64)  # (B,) stored tokens per sequence
-        want = self.inputs.label_counts(pos)
-        if not np.array_equal(n, want):
-            i = int(np.flatnonzero(n != want)[0])
-            raise ValueError(
-                f"token labels at {self.uri}: sequence sample_id {sid[i]} holds {n[i]} tokens, but "
-                f"corpus {self.inputs.name!r} labels {want[i]} in that window: labels of other windows"
-            )
+        pos, n = self.positions(self.inputs, sid, b)
         batch = self.task.batch(self.inputs, pos, out["view"].numpy(), None)  # (B, Lb) x, y, mask
         for key in LABEL_KEYS[self.kind]:
             batch[key] = place_rows(b[key], n, batch["mask"])

@@ -125,10 +125,13 @@ def quality(seeds: list[int], skip_train: bool) -> None:
     from flows.config import load_config
 
     cfg = load_config(CONFIG, RUNS)
-    if not skip_train:
-        cmd = [sys.executable, "-m", "flows.cli", "students", CONFIG, *RUNS, f"students.seeds={json.dumps(seeds)}"]
+    path = cfg.run_dir() / "report.json"
+    have = {s["seed"] for s in json.loads(path.read_text())["students"]} if path.is_file() else set()
+    todo = [x for x in seeds if x not in have]  # the recipe's own seed is in its report already
+    if todo and not skip_train:
+        cmd = [sys.executable, "-m", "flows.cli", "students", CONFIG, *RUNS, f"students.seeds={json.dumps(todo)}"]
         subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"DISTILL_PROGRESS": "0"})
-    report = json.loads((cfg.run_dir() / "report.json").read_text())
+    report = json.loads(path.read_text())
     t = report["teacher"]
     print(f"\nquality: test bits per byte, seeds {seeds} (teacher {t['name']}: {t['bits_per_byte']:.3f})")
     students = [s for s in report["students"] if s["seed"] in seeds]

@@ -88,24 +88,36 @@ def byte_record(corpus: TokenCorpus) -> dict:
     except (OSError, ValueError, KeyError):
         pass
     tok = tokenizer_of(corpus)
-    tb, sep = token_bytes(tok), desc["separator_id"]
-    pieces = [SEPARATOR if t == sep else (tb[t] or b"") for t in np.asarray(corpus.tokens).tolist()]
-    got = b"".join(pieces)
-    docs = [
-        t for batch in document_batches(desc["format"], desc["source"]) for t in batch if t is not None and t.strip()
-    ]
-    want = SEPARATOR.join(t.encode("utf-8") for t in docs)
-    where = desc["source"]["path"]
-    if got != want:
-        check_representable(tok, docs, name=desc["tokenizer"].get("path") or "?", where=where)
-        i = next((j for j in range(min(len(got), len(want))) if got[j] != want[j]), min(len(got), len(want)))
-        raise ValueError(
-            f"tokenizer {desc['tokenizer'].get('path')}: its tokens of {where} do not give back the text's bytes "
-            f"(first difference at byte {i:,} of {len(want):,}): byte spans are undefined for it"
-        )
+    tb, where = token_bytes(tok), desc["source"]["path"]
+    stream = np.asarray(corpus.tokens)
+    starts = corpus.document_starts()
+    ends = np.append(starts[1:] - 1, len(stream))  # a separator token sits between documents
+
+    def texts():
+        for batch in document_batches(desc["format"], desc["source"]):
+            yield from (t for t in batch if t is not None and t.strip())  # the documents the cache holds
+
+    h, n, d = hashlib.sha256(), 0, -1
+    # one document at a time (memory flat in the corpus' size): its tokens' bytes, its text's
+    for d, text in enumerate(texts()):
+        want = text.encode("utf-8")
+        if d >= len(starts):
+            break
+        if b"".join(tb[t] or b"" for t in stream[starts[d] : ends[d]].tolist()) != want:
+            # name what the tokenizer cannot represent, counted over the whole text
+            check_representable(tok, texts(), name=desc["tokenizer"].get("path") or "?", where=where)
+            raise ValueError(
+                f"tokenizer {desc['tokenizer'].get('path')}: its tokens of document {d} of {where} do not give "
+                f"back the text's bytes: byte spans are undefined for it"
+            )
+        h.update(SEPARATOR if d else b"")
+        h.update(want)
+        n += len(want) + (len(SEPARATOR) if d else 0)
+    if d + 1 != len(starts):
+        raise ValueError(f"{where}: {d + 1} documents, the corpus cache holds {len(starts)}: rebuild the cache")
     rec = {
-        "sha256": hashlib.sha256(got).hexdigest(),
-        "num_bytes": len(got),
+        "sha256": h.hexdigest(),
+        "num_bytes": n,
         "documents": int(desc["documents"]),
         "separator": "each document's UTF-8 bytes; one byte between documents",
     }

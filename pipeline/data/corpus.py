@@ -779,6 +779,10 @@ class TokenCorpus:
             out[name] = self.subset(np.flatnonzero(np.isin(conv, chosen)), split_spec=json.dumps(spec, sort_keys=True))
         return out
 
+    def document_starts(self) -> np.ndarray:
+        """(D,) int64: each document's first stream offset (the cache's <key>.docs.npy)."""
+        return np.load(docs_path(self._tokens_path))
+
     def window_table(self) -> tuple[np.ndarray, np.ndarray]:
         """(starts, positions) of every window of the source, by sample id: window i reads
         stream tokens [starts[i], starts[i] + positions[i]]."""

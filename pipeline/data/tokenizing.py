@@ -17,7 +17,9 @@ token i stands for, read from how the tokenizer's decoder turns tokens back into
 
 Special tokens (EOS, PAD, chat markers) stand for no text: None. A tokenizer that adds a
 space before the text (SentencePiece's dummy prefix, ByteLevel's add_prefix_space) gives
-its first token a leading b" " the text lacks; consumers allow for that.
+its first token a leading b" " the text lacks: `unrepresentable` allows for it (a
+character is judged alone), but a document's tokens then spell one byte more than its
+text, and alignment.byte_record refuses the tokenizer for byte spans.
 
 Representability. A student tokenizer without byte fallback turns characters outside its
 vocabulary into [UNK], and a normalizer (lowercase, accent stripping, whitespace cleanup)

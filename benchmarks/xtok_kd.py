@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIG = os.path.join(ROOT, "configs", "lm-xtok.yaml")
-RUNS = [f"runs_dir={os.path.join(ROOT, 'runs')}"]  # --runs-dir: another run of the recipe
+RUNS: list[str] = []  # the recipe's own runs/ (run from the repository root); --runs-dir: another
 
 
 def stored_bytes(uri: str) -> None:
@@ -75,7 +75,7 @@ def step_cost(reps: int) -> list[float]:
     uri = cfg.label_uris()["topk"]
     ratios = []
     print(f"\nstep cost: one step on the same batch (batch_size {cfg.students.train.batch_size}), median of {reps}")
-    print(f"{'student':<14}{'loss':<6}{'CE ms':>9}{'KD ms':>9}{'align ms':>10}{'ratio':>8}")
+    print(f"{'student':<14}{'loss':<11}{'CE ms':>9}{'KD ms':>9}{'align ms':>10}{'ratio':>8}")
     for m in cfg.student_models():
         if m.tokenizer is None:
             continue
@@ -92,7 +92,7 @@ def step_cost(reps: int) -> list[float]:
         for loss in m.losses or []:
             ce = Objective(loss="ce")
             kd = Objective(loss=loss, alpha=0.5, kind="token_topk", stored_temperatures=[1.0])
-            kd.twin = stream.twin
+            kd.twin, kd.prefix = stream.twin, stream.prefix
 
             def run_ce():
                 net.zero_grad(set_to_none=True)
@@ -116,7 +116,7 @@ def step_cost(reps: int) -> list[float]:
                 t_al.append(time.perf_counter() - t0)
             a, b, c = (statistics.median(x) * 1e3 for x in (t_ce, t_kd, t_al))
             ratios.append(b / a)
-            print(f"{m.display_name():<14}{loss:<6}{a:9.1f}{b:9.1f}{c:10.2f}{b / a:8.2f}")
+            print(f"{m.display_name():<14}{loss:<11}{a:9.1f}{b:9.1f}{c:10.2f}{b / a:8.2f}")
     print(f"  target ratio <= 1.3: {'PASS' if max(ratios) <= 1.3 else 'FAIL'} (largest {max(ratios):.2f})")
     return ratios
 
@@ -169,8 +169,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["bytes", "cost", "quality"])
     ap.add_argument("--runs-dir", help="where the recipe ran (default runs/)")
     a = ap.parse_args()
+    os.chdir(ROOT)  # runs/ as `distill run configs/lm-xtok.yaml` from the root wrote it
     if a.runs_dir:
-        RUNS[0] = f"runs_dir={os.path.abspath(a.runs_dir)}"
+        RUNS.append(f"runs_dir={os.path.abspath(a.runs_dir)}")
     from flows.config import load_config
 
     cfg = load_config(CONFIG, RUNS)

@@ -97,7 +97,7 @@ def gap_closed(
             out.append(r)
             continue
         vals = r.get("bpb_per_seed") if own else r["per_seed"]
-        per = [(bb - v) / (bb - t) for v, bb in zip(vals or [], bs or [])]
+        per = [None if bb is None or v is None else (bb - v) / (bb - t) for v, bb in zip(vals or [], bs or [])]
         out.append(r | {"closed": (b - r[key]) / (b - t), "closed_per_seed": per})
     return out
 

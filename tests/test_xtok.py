@@ -144,7 +144,7 @@ def _f(x, y):  # the binary KL of ALM in float64
     return math.exp(x) * (x - y) + (1 - math.exp(x)) * (math.log(-math.expm1(x)) - math.log(-math.expm1(y)))
 
 
-@pytest.mark.parametrize("loss", ["alm", "gold", "uld"])
+@pytest.mark.parametrize("loss", ["alm", "gold", "uld", "prefix_kl"])
 def test_objective_terms_by_hand(env, tmp_path, loss):
     part = env["parts"]["train"]
     uri = tmp_path / "labels"
@@ -156,7 +156,7 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
     batch = next(iter(stream))
     student = tiny_llama(len(load_tokenizer(env["dirs"][1])), seed=1, max_pos=512)
     obj = Objective(loss=loss, alpha=0.5, kind="token_topk", stored_temperatures=[1.0])
-    obj.twin = stream.twin
+    obj.twin, obj.prefix = stream.twin, stream.prefix
     with torch.no_grad():
         z = student(input_ids=batch["x"]).logits
         got = obj.terms(z, batch)
@@ -174,6 +174,11 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
     t_tok, s_tok = load_tokenizer(env["dirs"][0]), load_tokenizer(env["dirs"][1])
     s_of = {b: i for i, b in enumerate(token_bytes(s_tok)) if b}
     twin = [s_of.get(b, -1) if b else -1 for b in token_bytes(t_tok)]
+    # the longest student token each teacher token's bytes begin with, by brute force
+    pre = [
+        max(((len(sb), i) for sb, i in s_of.items() if b and b.startswith(sb)), default=(0, -1))[1]
+        for b in token_bytes(t_tok)
+    ]
     vals = []
     for b, sid in enumerate(batch["sample_id"].tolist()):
         pos_t, pos_s = part.index_of([sid])[0], al.index_of([sid])[0]
@@ -191,6 +196,16 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
                 vals.append(_f(min(a, -1e-6), min(bb, -1e-6)))
                 continue
             ids = r["topk_ids"][jt]
+            if loss == "prefix_kl":
+                buckets, tail = {}, miss
+                for j, v in enumerate(ids):
+                    if pre[v] < 0:
+                        tail += p[j]
+                    else:
+                        buckets[pre[v]] = buckets.get(pre[v], 0.0) + p[j]
+                norm = sum(buckets.values())
+                vals.append(sum(b_ / norm * (math.log(b_ / norm) - math.log(q[s_])) for s_, b_ in buckets.items()))
+                continue
             tw = np.array([twin[i] for i in ids]) if loss == "gold" else np.full(K, -1)
             kl = sum(p[j] * (math.log(p[j]) - math.log(q[tw[j]])) for j in range(K) if tw[j] >= 0)
             p_rest = np.sort(np.where(tw >= 0, 0.0, p))[::-1]
@@ -202,6 +217,16 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
     assert len(vals) == len(batch["xt_first_s"])
     assert float(got["kd_loss"]) == pytest.approx(np.mean(vals), rel=1e-4, abs=1e-6)
     assert float(got["loss"]) == pytest.approx(0.5 * task + 0.5 * np.mean(vals), rel=1e-4)
+
+
+def test_prefix_map_of_a_byte_student_is_the_first_byte(env):
+    from pipeline.data.alignment import prefix_ids
+
+    part, al = env["parts"]["train"], aligned_windows(env["students"]["bytes"], env["parts"]["train"])
+    pre = prefix_ids(part, al)
+    tb = token_bytes(load_tokenizer(env["dirs"][0]))
+    assert [pre[i] for i in range(len(tb)) if tb[i]] == [b[0] for b in tb if b]  # byte tokenizer: id == byte
+    assert all(pre[i] == -1 for i in range(len(tb)) if not tb[i])  # special tokens stand for no text
 
 
 def test_target_logprob_is_the_teachers(env, tmp_path):

@@ -278,3 +278,39 @@ def test_row_forms_equal_the_losses(data):
         vb.backward()
         assert float(va) == pytest.approx(float(vb), rel=1e-12)
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_prefix_kl_by_hand(data):
+    """prefix_kl_at against a float64 loop: the teacher's kept probabilities summed per
+    student id of the projection (some ids sharing one, some unmapped: left out),
+    renormalised, KL; gradcheck in float64."""
+    from pipeline.objectives.xtok import prefix_kl_at
+
+    z, ids, logp, missing, _, w = _t(data, torch.float64)
+    rng = np.random.default_rng(5)
+    prefix = np.full(V_T, -1)
+    hit = rng.choice(V_T, V_T // 2, replace=False)
+    prefix[hit] = rng.choice(6, len(hit))  # few student ids: many teacher ids share one
+    rows = torch.arange(len(z))
+    log_q = torch.log_softmax(z, -1)
+    got = prefix_kl_at(log_q, rows, ids, logp, missing, prefix=torch.tensor(prefix), weights=w)
+    per = []
+    lq = log_q.numpy()
+    for c in range(len(z)):
+        p = np.exp(data["logp"][c])
+        buckets, tail = {}, data["missing"][c]
+        for j, v in enumerate(data["ids"][c]):
+            s = prefix[v]
+            if s < 0:
+                tail += p[j]
+            else:
+                buckets[s] = buckets.get(s, 0.0) + p[j]
+        norm = sum(buckets.values())  # the kept mass renormalised (the tail spread like it)
+        per.append(sum(b / norm * (math.log(b / norm) - lq[c, s]) for s, b in buckets.items()))
+    assert float(got) == pytest.approx(_mean(np.array(per), W), rel=1e-6)  # t_logp is stored fp32
+    assert torch.autograd.gradcheck(
+        lambda x: prefix_kl_at(
+            torch.log_softmax(x, -1), rows, ids, logp.double(), missing.double(), prefix=torch.tensor(prefix), weights=w
+        ),
+        (z.clone().requires_grad_(),),
+    )

@@ -47,9 +47,10 @@ def test_recipe_reports_bits_per_byte_for_every_student(run, capsys):
         "llama-2x128-baseline",
         "llama-2x128-T1-a0.5-topk_kl",
         "llama-bpe8k-baseline",
+        "llama-bpe8k-T1-a0.5-prefix_kl",
         "llama-bpe8k-T1-a0.5-gold",
         "llama-bytes-baseline",
-        "llama-bytes-T1-a0.5-gold",
+        "llama-bytes-T1-a0.5-prefix_kl",
         "llama-bytes-T1-a0.5-alm",
     ]
     for s in rep["students"]:
@@ -62,7 +63,7 @@ def test_recipe_reports_bits_per_byte_for_every_student(run, capsys):
     assert abs(by["llama-bytes-baseline"]["bytes"] - t["bytes"]) < 0.02 * t["bytes"]
     assert by["llama-bpe8k-baseline"]["tokens"] < by["llama-bytes-baseline"]["tokens"]
     # its own tokenizer in its export, its own vocabulary in its model
-    for name, vocab in (("llama-bpe8k-T1-a0.5-gold", 8000), ("llama-bytes-T1-a0.5-alm", 257)):
+    for name, vocab in (("llama-bpe8k-T1-a0.5-prefix_kl", 8000), ("llama-bytes-T1-a0.5-alm", 257)):
         assert len(load_tokenizer(by[name]["hf_dir"])) == vocab
         assert json.loads(open(os.path.join(by[name]["hf_dir"], "config.json")).read())["vocab_size"] == vocab
     # the gap closed of a student with its own tokenizer is measured in bits per byte

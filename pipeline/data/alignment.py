@@ -216,3 +216,20 @@ def _aligned(section_json: str, teacher_dir: str, student_dir: str) -> dict[str,
     section = json.loads(section_json)
     student = open_corpus(section, student_dir, seq_len=1)  # the whole stream; windows come from the teacher's
     return {name: aligned_windows(student, part) for name, part in corpus_splits(section, teacher_dir).items()}
+
+
+def prefix_ids(teacher: TokenCorpus, student: TokenCorpus) -> np.ndarray:
+    """(V_T,) int64: for each teacher token id, the longest student token whose bytes begin
+    the teacher token's bytes, or -1 (special tokens, or no student token is a prefix): the
+    student's first token of that text, exactly for a byte-level student (its first byte)."""
+    s_ids = {b: i for i, b in enumerate(token_bytes(tokenizer_of(student))) if b}
+    longest = max(map(len, s_ids), default=0)
+
+    def first(b: bytes | None) -> int:
+        for n in range(min(len(b or b""), longest), 0, -1):
+            i = s_ids.get(b[:n])
+            if i is not None:
+                return i
+        return -1
+
+    return np.asarray([first(b) for b in token_bytes(tokenizer_of(teacher))], np.int64)

@@ -16,6 +16,8 @@ from (the manifest's representation kind: dense, topk / token_topk, token_sample
     uld         topk*    Σ_i |p_(i) − q_(i)| sorted probs + tail bucket     Boizard et al. 2024
     gold        topk*    KL on ids of the same bytes + ULD on the rest     TRL GOLD (Hugging Face 2025)
     alm         topk*    binary KL of chunk likelihoods, Bern(e^a) ‖ Bern(e^b)  Minixhofer et al. 2025
+    prefix_kl   topk*    KL of the teacher's top-k projected onto the student's  exact for bytes; cf. Wan et al. 2024
+                         next token (longest-prefix map) + tail bucket
 
 (* cross-tokenizer: a student with its own tokenizer, rows = aligned chunks; objectives/xtok.py.)
 
@@ -43,11 +45,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from pipeline.objectives.dense import logit_mse, rescale, soft_kl_loss, soft_target_cross_entropy, teacher_side
 from pipeline.objectives.sparse import jsd_topk, reverse_kl_topk, sampled_kl, topk_tail_kl
-from pipeline.objectives.xtok import alm_loss, hybrid_at, hybrid_loss, uld_at, uld_loss
+from pipeline.objectives.xtok import alm_loss, hybrid_at, hybrid_loss, prefix_kl_at, uld_at, uld_loss
 
 # the manifest's representation kind -> the family of targets a loss learns from
 FAMILIES = {"dense": "dense", "topk": "topk", "token_topk": "topk", "token_sampled": "sampled"}
@@ -189,3 +192,11 @@ def gold(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size:
 @register_loss("alm", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
 def alm(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
     return alm_loss(t["teacher_chunk_logp"], t["student_chunk_logp"], weights=weights)
+
+
+@register_loss("prefix_kl", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
+def prefix_kl(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
+    rows = t.get("rows")
+    if rows is None:  # z: the chunk-first rows' logits
+        z, rows = torch.log_softmax(z.float(), -1), torch.arange(len(z), device=z.device)
+    return prefix_kl_at(z, rows, t["ids"], t["logp"], t.get("missing"), prefix=t["prefix"], weights=weights)

@@ -112,6 +112,7 @@ class Objective:
         # a student with its own tokenizer: terms over byte-aligned chunks (objectives/xtok.py)
         self.cross_tokenizer = self.mode == "stored" and LOSSES[loss].cross_tokenizer
         self.twin: Tensor | None = None  # (V_T,) teacher id -> student id of the same bytes, or -1
+        self.prefix: Tensor | None = None  # (V_T,) teacher id -> the longest student token its bytes begin with
         names = ["loss"]
         if self.mode == "hard" or self.alpha > 0:
             names.append("task_loss")
@@ -185,7 +186,7 @@ class Objective:
             )
         obj = cls(**kw)  # the loss refusals first, before any hint set-up
         if obj.cross_tokenizer:
-            obj.twin = getattr(stream, "twin", None)
+            obj.twin, obj.prefix = getattr(stream, "twin", None), getattr(stream, "prefix", None)
             if obj.twin is None:
                 raise ValueError(
                     f"loss {cfg.loss!r} aligns two tokenizations by bytes: it needs a student with its own "
@@ -234,7 +235,7 @@ class Objective:
             stored_temperatures=[T],
             source=f"soft labels at {labels.uri}" if labels is not None else f"the {kind} labels",
         )
-        obj.twin = getattr(stream, "twin", None)
+        obj.twin, obj.prefix = getattr(stream, "twin", None), getattr(stream, "prefix", None)
         return obj
 
     def parameters(self) -> list[nn.Parameter]:
@@ -332,6 +333,12 @@ class Objective:
                 raise ValueError(
                     "loss 'gold' needs the twin map of the stream (Objective.for_labels(..., stream=stream))"
                 )
+            if self.loss == "prefix_kl":
+                if self.prefix is None:
+                    raise ValueError(
+                        "loss 'prefix_kl' needs the prefix map of the stream (Objective.for_labels(..., stream=stream))"
+                    )
+                self.prefix = t["prefix"] = self.prefix.to(z.device)
             if self.loss == "alm":  # chunk log-likelihoods: Σ of each side's token log-probs in the chunk
                 C, ct, cst = len(first_s), batch["xt_chunk_t"].reshape(-1), batch["xt_chunk_s"].reshape(-1)
                 a = batch["target_logprob"].reshape(-1).float()

@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.objectives.checks import check_int, shape_of
 
-__all__ = ["uld_loss", "hybrid_loss", "alm_loss", "log1mexp", "uld_at", "hybrid_at"]
+__all__ = ["uld_loss", "hybrid_loss", "alm_loss", "log1mexp", "uld_at", "hybrid_at", "prefix_kl_at"]
 
 DEFAULT_CHUNK = 4096
 _LN2 = math.log(2.0)
@@ -321,3 +321,51 @@ def alm_loss(a: Tensor, b: Tensor, *, weights: Tensor, tau: float = 1.0) -> Tens
     px = x.exp()
     per_row = px * (x - y) + (-torch.expm1(x)) * (log1mexp(x) - log1mexp(y))  # (C,)
     return _weighted_mean(per_row, weights)
+
+
+# ----------------------------------------------------------------------------- projected KL
+
+
+def prefix_kl_at(
+    log_q: Tensor,
+    rows: Tensor,
+    t_ids: Tensor,
+    t_logp: Tensor,
+    t_missing: Tensor | None,
+    *,
+    prefix: Tensor,
+    weights: Tensor,
+) -> Tensor:
+    """The teacher's next-token distribution projected onto the student's next token, KL.
+
+    per row: Σ_{s∈U} t_s (log t_s − log q_s),   t_s = P̃_s / Σ_{u∈U} P̃_u,   P̃_s = Σ_{j: π(v_j) = s} p_j
+
+    π = `prefix` (V_T,): the longest student token whose bytes begin teacher token v's bytes
+    (−1: none, left out), U the distinct π of the kept ids. For a byte-level student this is
+    the teacher's distribution of the next byte: its top-k marginalised by first byte
+    (exact up to the top-k). The teacher's missing mass is spread like the kept mass (the
+    kept probabilities renormalised), not one "other" bucket: what the top-k leaves out
+    mostly begins like what it keeps (after a word, a space), and a bucket would push the
+    student off the likely bytes. For another tokenizer the student's first token of the
+    continuation is approximated by the longest-prefix token of the teacher's token (a
+    vocabulary mapping in the spirit of Wan et al. 2024, FuseLLM); a token with a
+    byte-identical twin maps to it, as in GOLD's exact part. KL as in Hinton et al. 2015.
+
+    Shapes: log_q (N, V_S) the batch's log-probs; rows (C,) the chunk-first rows; t_ids /
+    t_logp (C, k); t_missing unused (kept for the family's signature); prefix (V_T,) int;
+    weights (C,). fp32 (fp64 kept).
+    """
+    dt = _dtype(log_q)
+    p = t_logp.to(dt).exp()  # (C, k)
+    m = prefix.long().to(log_q.device)[t_ids.long()]  # (C, k) student id of each kept teacher id
+    ok = m >= 0
+    same = (m[:, :, None] == m[:, None, :]) & ok[:, :, None] & ok[:, None, :]  # (C, k, k)
+    big_p = (same * p[:, None, :]).sum(-1)  # (C, k) P̃ of each entry's student id
+    earlier = torch.ones(m.shape[1], m.shape[1], dtype=torch.bool, device=m.device).tril(-1)
+    first = ok & ~(same & earlier).any(-1)  # (C, k) each student id counted once
+    total = torch.where(first, big_p, 0.0).sum(-1, keepdim=True)  # (C, 1)
+    t = big_p / total.clamp_min(torch.finfo(dt).tiny)  # (C, k) renormalised
+    lq = log_q[rows[:, None], m.clamp_min(0)].to(dt)  # (C, k)
+    on = first & (t > 0)
+    per_row = torch.where(on, t * (torch.where(on, t, 1.0).log() - lq), 0.0).sum(-1)
+    return _weighted_mean(per_row, weights * (total[:, 0] > 0))  # a row with nothing mapped: no target

@@ -293,15 +293,7 @@ def prepare_columns(
             f"outside [0, vocab_size={V})"
         )
     cols = {"sample_id": sid, "view": v.astype(np.int32), "position": pos.astype(np.int32)}
-    if bool(rep.get("tokens")) != (tokens is not None):
-        raise InvalidLogitsError(
-            f"{where}: tokens= (each row's target token) "
-            + (
-                "is required: this dataset stores them"
-                if rep.get("tokens")
-                else "is given, but this dataset stores none"
-            )
-        )
+    _optional_column(rep, "tokens", tokens, "each row's target token", where)
     if tokens is not None:
         t = np.asarray(tokens)
         if t.shape != (n,) or not np.issubdtype(t.dtype, np.integer):
@@ -314,15 +306,7 @@ def prepare_columns(
                 f"{where}: tokens: {token(bad[0])} is {int(t[bad[0]])}, outside [0, vocab_size={V})"
             )
         cols["token"] = t.astype(np.int32)
-    if bool(rep.get("target_logprob")) != (target_logprob is not None):
-        raise InvalidLogitsError(
-            f"{where}: target_logprob= (the teacher's log-prob of each row's target) "
-            + (
-                "is required: this dataset stores it"
-                if rep.get("target_logprob")
-                else "is given, but this dataset stores none"
-            )
-        )
+    _optional_column(rep, "target_logprob", target_logprob, "the teacher's log-prob of each row's target", where)
     if target_logprob is not None:
         tl = np.asarray(target_logprob)
         if tl.reshape(-1).shape != (n,) or not np.issubdtype(tl.dtype, np.floating):
@@ -383,6 +367,13 @@ def prepare_columns(
     cols["sample_ids"] = encode_ids(ids, bits)
     cols["sample_counts"] = c.astype(rep["count_dtype"])
     return cols
+
+
+def _optional_column(rep: dict, key: str, value, what: str, where: str) -> None:
+    """A column the representation flags (`tokens`, `target_logprob`): given exactly when stored."""
+    if bool(rep.get(key)) != (value is not None):
+        state = "is required: this dataset stores it" if rep.get(key) else "is given, but this dataset stores none"
+        raise InvalidLogitsError(f"{where}: {key}= ({what}) {state}")
 
 
 def encode_ids(ids: np.ndarray, bits: int) -> np.ndarray:

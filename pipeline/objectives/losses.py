@@ -175,6 +175,11 @@ def sampled(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_si
 # bytes or -1, and the chunks' log-likelihoods of both sides (C,) (objectives/xtok.py).
 
 
+def _need_map(t: dict, key: str, loss: str) -> None:
+    if t.get(key) is None:
+        raise ValueError(f"loss {loss!r} needs the {key} map of the stream (Objective.for_labels(..., stream=stream))")
+
+
 @register_loss("uld", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
 def uld(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
     if "rows" in t:  # z: the batch's log-probs (N, V_S), the chunks' first rows t["rows"]
@@ -184,6 +189,7 @@ def uld(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: 
 
 @register_loss("gold", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
 def gold(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
+    _need_map(t, "twin", "gold")
     if "rows" in t:
         return hybrid_at(z, t["rows"], t["ids"], t["logp"], t.get("missing"), twin=t["twin"], weights=weights)
     return hybrid_loss(z, t["ids"], t["logp"], t.get("missing"), twin=t["twin"], weights=weights, chunk_size=chunk_size)
@@ -196,6 +202,7 @@ def alm(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: 
 
 @register_loss("prefix_kl", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
 def prefix_kl(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
+    _need_map(t, "prefix", "prefix_kl")
     rows = t.get("rows")
     if rows is None:  # z: the chunk-first rows' logits
         z, rows = torch.log_softmax(z.float(), -1), torch.arange(len(z), device=z.device)

@@ -327,25 +327,14 @@ class Objective:
                 "missing": batch["missing_mass"].reshape(-1)[first_t] if "missing_mass" in batch else None,
                 "rows": first_s,  # the loss reads these rows of log_q (no (C, V) copy)
             }
-            if self.twin is not None:
-                self.twin = t["twin"] = self.twin.to(z.device)
-            elif self.loss == "gold":
-                raise ValueError(
-                    "loss 'gold' needs the twin map of the stream (Objective.for_labels(..., stream=stream))"
-                )
-            if self.loss == "prefix_kl":
-                if self.prefix is None:
-                    raise ValueError(
-                        "loss 'prefix_kl' needs the prefix map of the stream (Objective.for_labels(..., stream=stream))"
-                    )
-                self.prefix = t["prefix"] = self.prefix.to(z.device)
-            if self.loss == "alm":  # chunk log-likelihoods: Σ of each side's token log-probs in the chunk
-                C, ct, cst = len(first_s), batch["xt_chunk_t"].reshape(-1), batch["xt_chunk_s"].reshape(-1)
-                a = batch["target_logprob"].reshape(-1).float()
-                t["teacher_chunk_logp"] = z.new_zeros(C, dtype=torch.float32).index_add(0, ct[ct >= 0], a[ct >= 0])
-                t["student_chunk_logp"] = z.new_zeros(C, dtype=torch.float32).index_add(
-                    0, cst[cst >= 0], -nll[cst >= 0]
-                )
+            # the vocabulary maps (stream.twin / stream.prefix): the loss takes the one it needs
+            self.twin, self.prefix = (m.to(z.device) if m is not None else None for m in (self.twin, self.prefix))
+            t |= {"twin": self.twin, "prefix": self.prefix}
+            # chunk log-likelihoods (ALM's): Σ of each side's token log-probs in the chunk, (C,) each
+            C, ct, cst = len(first_s), batch["xt_chunk_t"].reshape(-1), batch["xt_chunk_s"].reshape(-1)
+            a = batch["target_logprob"].reshape(-1).float()
+            t["teacher_chunk_logp"] = z.new_zeros(C, dtype=torch.float32).index_add(0, ct[ct >= 0], a[ct >= 0])
+            t["student_chunk_logp"] = z.new_zeros(C, dtype=torch.float32).index_add(0, cst[cst >= 0], -nll[cst >= 0])
             w_c = batch["weight"][first_s // L].float()  # each chunk weighs as its window
             kd = terms["kd_loss"] = LOSSES[self.loss].fn(
                 log_q, t, temperature=self.temperature, weights=w_c, chunk_size=cs

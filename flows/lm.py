@@ -201,50 +201,36 @@ def student_inputs(cfg: Config, teacher: dict, run: dict, manifests: list[dict])
     and the baseline's next-token targets), the teacher's vocabulary as the output width
     (a student with its own tokenizer: its windows of the same bytes, its vocabulary)."""
     s, own = student_splits(cfg, run)
-    if own is not None:
-        ev = s.get("test") or s["val"]
-        return {
-            "transfer": s["train"],
-            "labelled": s["train"],
+    train, extra, model = s["train"], {}, run["model"]
+    if own is not None:  # its own windows of the same bytes, vocabulary and tokenizer
+        out = {"eval_data": s.get("test") or s["val"], "num_classes": int(train.model_args()["vocab_size"])}
+        out |= {"tokenizer_dir": own, "model_args": {}}
+        model = model | {"kwargs": model["kwargs"] | {"tokenizer": model["tokenizer"]}}  # in the resume key
+    else:
+        out = {"eval_data": eval_split(cfg), "num_classes": teacher_vocab(teacher), "tokenizer_dir": teacher["dir"]}
+        out["model_args"] = {"teacher": teacher["dir"]}  # a pruned student starts from the teacher's layers
+        if run.get("data") == "generated":  # prompt + the teacher's written answer, its tokens the targets
+            train = answers_corpus(cfg)
+            s = s | {"answers": train}
+            extra = {"equal_steps_to": len(s["train"])}  # as many steps as a student of the train windows
+    return (
+        extra
+        | out
+        | {
+            "transfer": train,
+            "labelled": train,
             "val": s["val"],
-            "eval_data": ev,
-            "num_classes": int(s["train"].model_args()["vocab_size"]),
-            "tokenizer_dir": own,
-            "model_args": {},
             "lineage": lambda t: student.student_lineage(
                 data={name: d.fingerprint() for name, d in s.items()},
                 split=cfg.corpus.model_dump(),
                 views=None,
-                model=run["model"] | {"kwargs": run["model"]["kwargs"] | {"tokenizer": run["model"]["tokenizer"]}},
+                model=model,
                 train_config=t,
                 teacher_fingerprint=teacher["fingerprint"],
                 label_manifests=manifests,
             ),
         }
-    train = s["train"]
-    extra = {}
-    if run.get("data") == "generated":  # prompt + the teacher's written answer, its tokens the targets
-        train = answers_corpus(cfg)
-        s = s | {"answers": train}
-        extra = {"equal_steps_to": len(s["train"])}  # as many steps as a student of the train windows
-    return extra | {
-        "transfer": train,
-        "labelled": train,
-        "val": s["val"],
-        "eval_data": eval_split(cfg),
-        "num_classes": teacher_vocab(teacher),
-        "tokenizer_dir": teacher["dir"],
-        "model_args": {"teacher": teacher["dir"]},  # a pruned student starts from the teacher's layers
-        "lineage": lambda t: student.student_lineage(
-            data={name: d.fingerprint() for name, d in s.items()},
-            split=cfg.corpus.model_dump(),
-            views=None,
-            model=run["model"],
-            train_config=t,
-            teacher_fingerprint=teacher["fingerprint"],
-            label_manifests=manifests,
-        ),
-    }
+    )
 
 
 def answers_corpus(cfg: Config) -> TokenCorpus:

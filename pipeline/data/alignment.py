@@ -199,8 +199,13 @@ def batch_alignment(teacher: TokenCorpus, student: TokenCorpus, sample_ids: np.n
 def twin_ids(teacher: TokenCorpus, student: TokenCorpus) -> np.ndarray:
     """(V_T,) int64: for each teacher token id, the student id standing for exactly the
     same bytes, or -1 (special tokens have none): the shared vocabulary of the GOLD hybrid."""
-    s_ids = {b: i for i, b in enumerate(token_bytes(tokenizer_of(student))) if b}
+    s_ids = ids_by_bytes(student)
     return np.asarray([s_ids.get(b, -1) if b else -1 for b in token_bytes(tokenizer_of(teacher))], np.int64)
+
+
+def ids_by_bytes(corpus: TokenCorpus) -> dict[bytes, int]:
+    """{the bytes a token stands for: its id} of the corpus' tokenizer (special tokens left out)."""
+    return {b: i for i, b in enumerate(token_bytes(tokenizer_of(corpus))) if b}
 
 
 def aligned_splits(section: dict, teacher_dir: str, student_tokenizer_dir: str) -> dict[str, TokenCorpus]:
@@ -222,7 +227,7 @@ def prefix_ids(teacher: TokenCorpus, student: TokenCorpus) -> np.ndarray:
     """(V_T,) int64: for each teacher token id, the longest student token whose bytes begin
     the teacher token's bytes, or -1 (special tokens, or no student token is a prefix): the
     student's first token of that text, exactly for a byte-level student (its first byte)."""
-    s_ids = {b: i for i, b in enumerate(token_bytes(tokenizer_of(student))) if b}
+    s_ids = ids_by_bytes(student)
     longest = max(map(len, s_ids), default=0)
 
     def first(b: bytes | None) -> int:

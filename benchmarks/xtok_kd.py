@@ -7,8 +7,9 @@
    column, compressed as stored, from the recipe's Parquet shards' metadata), against the
    8 B target, beside the whole label's bytes per token.
 2. step cost: one training step of each student with its own tokenizer on the same batch,
-   KD (the batch's alignment + forward + CE + KD loss + backward) against CE alone (forward
-   + CE + backward), interleaved, median of the repeats; target ratio <= 1.3.
+   with every cross-tokenizer loss (the recipe's and the others): KD (the batch's alignment
+   + forward + CE + KD loss + backward) against CE alone (forward + CE + backward),
+   interleaved, median of the repeats; target ratio <= 1.3.
 3. quality: the recipe's students over --seeds (default 0 1 2: `distill students` adds the
    missing seeds to the recipe's run, reusing its labels and finished students), held-out
    test bits per byte per seed: every cross-tokenizer KD student against its CE twin,
@@ -67,6 +68,7 @@ def step_cost(reps: int) -> list[float]:
     from flows.config import load_config
     from pipeline.data.alignment import batch_alignment
     from pipeline.models.registry import complete_spec, model_adapter
+    from pipeline.objectives.losses import LOSSES
     from pipeline.objectives.objective import Objective
     from pipeline.training.stream import open_label_stream
 
@@ -89,10 +91,10 @@ def step_cost(reps: int) -> list[float]:
         net = model_adapter(arch).build(train.in_shape, int(train.model_args()["vocab_size"]))
         sid = batch["sample_id"].numpy()
         Lt, Ls = batch["topk_ids"].shape[1], batch["x"].shape[1]
-        for loss in m.losses or []:
+        for loss in [n for n, spec in LOSSES.items() if spec.cross_tokenizer]:  # every one, not only the recipe's
             ce = Objective(loss="ce")
             kd = Objective(loss=loss, alpha=0.5, kind="token_topk", stored_temperatures=[1.0])
-            kd.twin, kd.prefix = stream.twin, stream.prefix
+            kd.maps = stream.maps
 
             def run_ce():
                 net.zero_grad(set_to_none=True)

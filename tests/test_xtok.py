@@ -118,15 +118,20 @@ def test_windows_and_chunks_hold_the_same_bytes(env, student):
     assert chunks_seen == len(a["xt_first_t"]) == len(a["xt_first_s"]) and splits_differ
 
 
-def _direct_chunks(part, al, i, n_t, n_s):
-    """Chunk membership of window i re-derived from bytes with Python sets (not chunk_ids)."""
+def _target_bounds(part, al, i, n_t, n_s):
+    """Byte offsets in window i's text (from the tokens' own bytes) of the teacher's and
+    the student's target tokens: target j spans [bounds[j], bounds[j + 1])."""
     w_t, w_s = part.windows([i])[0], al.windows([i])[0]
     tl = [len(b) for b in _bytes_of(part, w_t[: n_t + 1])]
     sl = [len(b) for b in _bytes_of(al, w_s[: n_s + 1])]
     tbytes = b"".join(_bytes_of(part, w_t[: n_t + 1]))
     shift = tbytes.find(b"".join(_bytes_of(al, w_s[: n_s + 1])))  # the student's window starts this much later
-    t_b = np.cumsum([0] + tl)[1:]  # ends of the teacher's tokens = starts of its targets ...
-    s_b = np.cumsum([0] + sl)[1:] + shift
+    return np.cumsum([0] + tl)[1:], np.cumsum([0] + sl)[1:] + shift  # ends of tokens = starts of targets
+
+
+def _direct_chunks(part, al, i, n_t, n_s):
+    """Chunk membership of window i re-derived from bytes with Python sets (not chunk_ids)."""
+    t_b, s_b = _target_bounds(part, al, i, n_t, n_s)
     common = sorted(set(t_b.tolist()) & set(s_b.tolist()))
 
     def member(bounds, n):
@@ -144,19 +149,22 @@ def _f(x, y):  # the binary KL of ALM in float64
     return math.exp(x) * (x - y) + (1 - math.exp(x)) * (math.log(-math.expm1(x)) - math.log(-math.expm1(y)))
 
 
-@pytest.mark.parametrize("loss", ["alm", "gold", "uld", "prefix_kl"])
-def test_objective_terms_by_hand(env, tmp_path, loss):
+@pytest.mark.parametrize(
+    "loss, student", [("alm", "bpe"), ("gold", "bpe"), ("uld", "bpe"), ("prefix_kl", "bpe"), ("prefix_kl", "bytes")]
+)
+def test_objective_terms_by_hand(env, tmp_path, loss, student):
     part = env["parts"]["train"]
     uri = tmp_path / "labels"
     label_corpus(env["model"], part, str(uri), k=K, shard_size=6, batch_size=4, teacher=TEACHER, target_logprob=True)
     ds = storage.open_soft_labels(str(uri))
     assert ds.manifest["data"]["bytes"]["sha256"] == byte_record(part)["sha256"]
-    al = aligned_windows(env["students"]["bpe"], part)
+    al = aligned_windows(env["students"][student], part)
     stream = open_label_stream(str(uri), al, batch_size=3, seed=0)
     batch = next(iter(stream))
-    student = tiny_llama(len(load_tokenizer(env["dirs"][1])), seed=1, max_pos=512)
+    s_dir = env["dirs"][1 if student == "bpe" else 2]
+    student = tiny_llama(len(load_tokenizer(s_dir)), seed=1, max_pos=1024)
     obj = Objective(loss=loss, alpha=0.5, kind="token_topk", stored_temperatures=[1.0])
-    obj.twin, obj.prefix = stream.twin, stream.prefix
+    obj.maps = stream.maps
     with torch.no_grad():
         z = student(input_ids=batch["x"]).logits
         got = obj.terms(z, batch)
@@ -171,20 +179,55 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
             rows[int(r["sample_id"][b])] = {
                 k: r[k][b] for k in ("topk_ids", "topk_logprobs", "missing_mass", "target_logprob")
             }
-    t_tok, s_tok = load_tokenizer(env["dirs"][0]), load_tokenizer(env["dirs"][1])
+    t_tok, s_tok = load_tokenizer(env["dirs"][0]), load_tokenizer(s_dir)
     s_of = {b: i for i, b in enumerate(token_bytes(s_tok)) if b}
     twin = [s_of.get(b, -1) if b else -1 for b in token_bytes(t_tok)]
-    # the longest student token each teacher token's bytes begin with, by brute force
-    pre = [
-        max(((len(sb), i) for sb, i in s_of.items() if b and b.startswith(sb)), default=(0, -1))[1]
-        for b in token_bytes(t_tok)
-    ]
+    t_bytes = token_bytes(t_tok)
     vals = []
     for b, sid in enumerate(batch["sample_id"].tolist()):
         pos_t, pos_s = part.index_of([sid])[0], al.index_of([sid])[0]
         n_t, n_s = int(part.lengths([pos_t])[0]), int(al.lengths([pos_s])[0])
-        ct, cs = _direct_chunks(part, al, pos_t, n_t, n_s)
         r = rows[sid]
+        if loss == "prefix_kl":  # every student position: the teacher token it is reading (or just read)
+            t_b, s_b = _target_bounds(part, al, pos_t, n_t, n_s)
+            w_t = part.windows([pos_t])[0]
+
+            def cands(j, r=r, w_t=w_t):  # row j's kept ids and its actual token (its own log-prob), {id: p}
+                out = dict(zip(r["topk_ids"][j].tolist(), np.exp(r["topk_logprobs"][j].astype(np.float64)).tolist()))
+                out.setdefault(int(w_t[j + 1]), math.exp(float(r["target_logprob"][j])))
+                return out
+
+            def first_token(bv, d):  # the longest student token beginning bv[d:], by brute force
+                return max(((len(sb), i) for sb, i in s_of.items() if bv[d:].startswith(sb)), default=(0, -1))[1]
+
+            for js in range(n_s):
+                at = [j for j in range(n_t) if t_b[j] < s_b[js] <= t_b[j + 1]]
+                jt = at[0] if at else 0 if s_b[js] == t_b[0] else None
+                if jt is None:
+                    continue
+                d, read = s_b[js] - t_b[jt], t_bytes[w_t[jt + 1]] or b""  # bytes read of the token at jt
+                buckets, e = {}, 0.0
+                for v, pv in cands(jt).items():
+                    bv = t_bytes[v] or b""
+                    if bv[:d] != read[:d]:
+                        continue  # disagrees with what the student has read
+                    if len(bv) > d and first_token(bv, d) >= 0:
+                        buckets[first_token(bv, d)] = buckets.get(first_token(bv, d), 0.0) + pv
+                    elif len(bv) == d and d > 0:
+                        e += pv  # ends here: then what the next row expects first
+                g = {}
+                if jt + 1 < n_t:
+                    for v, pv in cands(jt + 1).items():
+                        if first_token(t_bytes[v] or b"", 0) >= 0:
+                            g[first_token(t_bytes[v], 0)] = g.get(first_token(t_bytes[v], 0), 0.0) + pv
+                for s_, pv in g.items():
+                    buckets[s_] = buckets.get(s_, 0.0) + e * pv / sum(g.values())
+                buckets = {s_: pv for s_, pv in buckets.items() if pv > 0}
+                if buckets and (e == 0 or jt + 1 < n_t):  # ending here with no next row: no target
+                    norm = sum(buckets.values())
+                    vals.append(sum(v / norm * (math.log(v / norm) - logq[b, js, s_]) for s_, v in buckets.items()))
+            continue
+        ct, cs = _direct_chunks(part, al, pos_t, n_t, n_s)
         for c in sorted(set(ct) - {-1}):
             jt, js = ct.index(c), cs.index(c)  # the positions predicting the chunk's first tokens
             p = np.exp(r["topk_logprobs"][jt].astype(np.float64))
@@ -196,16 +239,6 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
                 vals.append(_f(min(a, -1e-6), min(bb, -1e-6)))
                 continue
             ids = r["topk_ids"][jt]
-            if loss == "prefix_kl":
-                buckets, tail = {}, miss
-                for j, v in enumerate(ids):
-                    if pre[v] < 0:
-                        tail += p[j]
-                    else:
-                        buckets[pre[v]] = buckets.get(pre[v], 0.0) + p[j]
-                norm = sum(buckets.values())
-                vals.append(sum(b_ / norm * (math.log(b_ / norm) - math.log(q[s_])) for s_, b_ in buckets.items()))
-                continue
             tw = np.array([twin[i] for i in ids]) if loss == "gold" else np.full(K, -1)
             kl = sum(p[j] * (math.log(p[j]) - math.log(q[tw[j]])) for j in range(K) if tw[j] >= 0)
             p_rest = np.sort(np.where(tw >= 0, 0.0, p))[::-1]
@@ -214,19 +247,32 @@ def test_objective_terms_by_hand(env, tmp_path, loss):
             q_top = np.sort(q_rest)[::-1][:K]
             m_s = 1 - q[tw[tw >= 0]].sum() - q_top.sum()
             vals.append(kl + np.abs(p_rest - q_top).sum() + abs(miss - m_s))
-    assert len(vals) == len(batch["xt_first_s"])
+    if loss == "prefix_kl":  # nearly every student position has a target
+        assert len(batch["xt_first_s"]) < len(vals) <= int(batch["mask"].sum())
+    else:
+        assert len(vals) == len(batch["xt_first_s"])
     assert float(got["kd_loss"]) == pytest.approx(np.mean(vals), rel=1e-4, abs=1e-6)
     assert float(got["loss"]) == pytest.approx(0.5 * task + 0.5 * np.mean(vals), rel=1e-4)
 
 
-def test_prefix_map_of_a_byte_student_is_the_first_byte(env):
-    from pipeline.data.alignment import prefix_ids
+def test_vocab_maps_of_a_byte_student(env):
+    from pipeline.data.alignment import vocab_maps
 
     part, al = env["parts"]["train"], aligned_windows(env["students"]["bytes"], env["parts"]["train"])
-    pre = prefix_ids(part, al)
-    tb = token_bytes(load_tokenizer(env["dirs"][0]))
-    assert [pre[i] for i in range(len(tb)) if tb[i]] == [b[0] for b in tb if b]  # byte tokenizer: id == byte
-    assert all(pre[i] == -1 for i in range(len(tb)) if not tb[i])  # special tokens stand for no text
+    maps = vocab_maps(part, al)
+    pre, heads = maps["prefix"], maps["heads"]
+    tb = [b or b"" for b in token_bytes(load_tokenizer(env["dirs"][0]))]  # special tokens stand for no text
+    D = max(map(len, tb))
+    assert pre.shape == (len(tb), D) and heads.shape == (len(tb), D + 1)
+    for v, b in enumerate(tb):
+        assert pre[v].tolist() == list(b) + [-1] * (D - len(b))  # byte tokenizer: id == byte
+    # heads: equal numbers for equal first-d-byte strings, and only for those
+    rng = np.random.default_rng(0)
+    for v, u in rng.integers(len(tb), size=(3000, 2)):
+        for d in range(D + 1):
+            both = d <= len(tb[v]) and d <= len(tb[u])
+            assert (heads[v, d] >= 0) == (d <= len(tb[v]))
+            assert (both and heads[v, d] == heads[u, d]) == (both and tb[v][:d] == tb[u][:d])
 
 
 def test_target_logprob_is_the_teachers(env, tmp_path):

@@ -281,36 +281,88 @@ def test_row_forms_equal_the_losses(data):
 
 
 def test_prefix_kl_by_hand(data):
-    """prefix_kl_at against a float64 loop: the teacher's kept probabilities summed per
-    student id of the projection (some ids sharing one, some unmapped: left out),
-    renormalised, KL; gradcheck in float64."""
+    """prefix_kl_at against a float64 loop over strings. Row r reads token a to depth d;
+    its candidates (the kept ids, and a with its own log-prob when the top-k left it out)
+    that agree with a's first d bytes and go on past them give their mass to the student
+    token beginning the rest (the longest; ids with none left out); those ending exactly
+    at d give theirs to the next row's first tokens (its candidates, renormalised); the
+    sum renormalised, KL. Gradcheck in float64."""
     from pipeline.objectives.xtok import prefix_kl_at
 
-    z, ids, logp, missing, _, w = _t(data, torch.float64)
+    z, ids, logp, _, _, w = _t(data, torch.float64)
     rng = np.random.default_rng(5)
-    prefix = np.full(V_T, -1)
-    hit = rng.choice(V_T, V_T // 2, replace=False)
-    prefix[hit] = rng.choice(6, len(hit))  # few student ids: many teacher ids share one
-    rows = torch.arange(len(z))
+    t_str = [bytes(rng.choice(list(b"aaabbbc"), int(rng.integers(1, 5))).tolist()) for _ in range(V_T)]
+    s_str = sorted({bytes(rng.choice(list(b"ab"), int(rng.integers(1, 3))).tolist()) for _ in range(40)})  # no "c"
+    D = max(map(len, t_str))
+    heads, prefix = np.full((V_T, D + 1), -1), np.full((V_T, D), -1)
+    for v, b in enumerate(t_str):
+        heads[v, : len(b) + 1] = [hash(b[:d]) % 2**40 for d in range(len(b) + 1)]  # equal iff the same head
+        for d in range(len(b)):
+            fits = [i for i, sb in enumerate(s_str) if b[d:].startswith(sb)]
+            prefix[v, d] = max(fits, key=lambda i: len(s_str[i])) if fits else -1
+
+    def row(shift):  # the stored rows, and an actual token each: kept (odd rows) or left out
+        r_ids, r_lp = np.roll(data["ids"], shift, 0), np.roll(data["logp"], shift, 0)
+        tok = np.array([r_ids[c][int(rng.integers(K))] if c % 2 else int(rng.integers(V_T)) for c in range(C)])
+        tok_lp = np.log(rng.uniform(0.001, 0.05, C))
+        for c in range(C):
+            hit = np.flatnonzero(r_ids[c] == tok[c])
+            tok_lp[c] = r_lp[c][hit[0]] if len(hit) else tok_lp[c]
+        return r_ids, r_lp, tok, tok_lp
+
+    here, after = row(0), row(3)
+    has_after = np.arange(C) != 2
+    # depth: inside a (0 <= d < |a|) or, at a boundary, all of it (d = |a|)
+    n_a = [len(t_str[a]) for a in here[2]]
+    depth = np.array([0 if c == 0 else n_a[c] if c % 3 == 2 else int(rng.integers(n_a[c])) for c in range(C)])
+    rows = torch.arange(C)
     log_q = torch.log_softmax(z, -1)
-    got = prefix_kl_at(log_q, rows, ids, logp, missing, prefix=torch.tensor(prefix), weights=w)
-    per = []
+
+    def as_t(r):
+        return torch.tensor(r[0]), torch.tensor(r[1], dtype=torch.float32), torch.tensor(r[2]), torch.tensor(r[3])
+
+    kw = dict(depth=torch.tensor(depth), has_after=torch.tensor(has_after), prefix=torch.tensor(prefix))
+    kw |= dict(heads=torch.tensor(heads), weights=w)
+    got = prefix_kl_at(log_q, rows, as_t(here), as_t(after), **kw)
+
+    def cands(r, c):
+        out = dict(zip(r[0][c].tolist(), np.exp(r[1][c].astype(np.float32).astype(np.float64)).tolist()))
+        out.setdefault(int(r[2][c]), math.exp(r[3][c]))
+        return out
+
+    def first(b, d):
+        fits = [i for i, sb in enumerate(s_str) if b[d:].startswith(sb)]
+        return max(fits, key=lambda i: len(s_str[i])) if fits else -1
+
+    per, on, ends = [], [], 0
     lq = log_q.numpy()
-    for c in range(len(z)):
-        p = np.exp(data["logp"][c])
-        buckets, tail = {}, data["missing"][c]
-        for j, v in enumerate(data["ids"][c]):
-            s = prefix[v]
-            if s < 0:
-                tail += p[j]
-            else:
-                buckets[s] = buckets.get(s, 0.0) + p[j]
-        norm = sum(buckets.values())  # the kept mass renormalised (the tail spread like it)
-        per.append(sum(b / norm * (math.log(b / norm) - lq[c, s]) for s, b in buckets.items()))
-    assert float(got) == pytest.approx(_mean(np.array(per), W), rel=1e-6)  # t_logp is stored fp32
+    for c in range(C):
+        d, read = depth[c], t_str[here[2][c]]
+        buckets, e = {}, 0.0
+        for v, pv in cands(here, c).items():
+            b = t_str[v]
+            if b[:d] == read[:d] and len(b) > d and first(b, d) >= 0:
+                buckets[first(b, d)] = buckets.get(first(b, d), 0.0) + pv
+            elif b == read[:d] and d > 0:
+                e += pv
+        g = {}
+        for v, pv in cands(after, c).items() if has_after[c] else ():
+            if first(t_str[v], 0) >= 0:
+                g[first(t_str[v], 0)] = g.get(first(t_str[v], 0), 0.0) + pv
+        for s, pv in g.items():
+            buckets[s] = buckets.get(s, 0.0) + e * pv / sum(g.values())
+        ends += e > 0 and bool(g)
+        buckets = {s: b for s, b in buckets.items() if b > 0}
+        norm = sum(buckets.values())
+        per.append(sum(b / norm * (math.log(b / norm) - lq[c, s]) for s, b in buckets.items()) if norm else 0.0)
+        on.append(norm > 0 and (e == 0 or has_after[c]))  # ending here with no next row: no target
+    # some rows have no target (weight 0), row 2 among them (it ends at a boundary, no next row);
+    # some hand mass to the next row
+    assert sum(on) >= 3 and not on[2] and ends >= 1
+    on = np.array(on)
+    want = (np.array(per) * W * on).sum() / (W * on).sum()
+    assert float(got) == pytest.approx(want, rel=1e-6)
     assert torch.autograd.gradcheck(
-        lambda x: prefix_kl_at(
-            torch.log_softmax(x, -1), rows, ids, logp.double(), missing.double(), prefix=torch.tensor(prefix), weights=w
-        ),
+        lambda x: prefix_kl_at(torch.log_softmax(x, -1), rows, as_t(here), as_t(after), **kw),
         (z.clone().requires_grad_(),),
     )

@@ -172,27 +172,50 @@ def batch_alignment(teacher: TokenCorpus, student: TokenCorpus, sample_ids: np.n
     arrays: xt_chunk_t (B, Lt) / xt_chunk_s (B, Ls) int64, the batch-wide chunk of every
     target position (-1: none; a position j predicts token start + j + 1), and xt_first_t
     / xt_first_s (C,) the flat positions (row-major in (B, L)) predicting each chunk's first
-    token: where both sides condition on the same bytes."""
+    token: where both sides condition on the same bytes.
+
+    And what the teacher's labels say about every student target token: xt_target_t (B,
+    Lt) the teacher's target ids (-1 past a window's end); xt_row_t (B, Ls) the flat
+    teacher position predicting the teacher token the student is reading when its token
+    starts: the one its first byte falls in, or at a teacher boundary the one just read
+    (-1: none); xt_depth (B, Ls) how many of that token's bytes the student has read (its
+    whole length at a boundary; 0 only at a window's first teacher token)."""
     t_off, s_off = offsets(teacher), offsets(student)
     ts, tn = teacher.window_table()
     ss, sn = student.window_table()
+    tokens = np.asarray(teacher.tokens)
     B = len(sample_ids)
     chunk_t, chunk_s = np.full((B, Lt), -1, np.int64), np.full((B, Ls), -1, np.int64)
+    row_t, depth = np.full((B, Ls), -1, np.int64), np.full((B, Ls), -1, np.int64)
+    target_t = np.full((B, Lt), -1, np.int64)
     first_t, first_s, base = [], [], 0
     for i, w in enumerate(np.asarray(sample_ids, np.int64)):
         a, n, c, m = ts[w], tn[w], ss[w], sn[w]
-        ct, cs, nc = chunk_ids(t_off[a + 1 : a + n + 2], s_off[c + 1 : c + m + 2])
+        t_bounds, s_bounds = t_off[a + 1 : a + n + 2], s_off[c + 1 : c + m + 2]
+        ct, cs, nc = chunk_ids(t_bounds, s_bounds)
         chunk_t[i, :n] = np.where(ct >= 0, ct + base, -1)
         chunk_s[i, :m] = np.where(cs >= 0, cs + base, -1)
         for ids, L, out in ((ct, Lt, first_t), (cs, Ls, first_s)):
             j = np.flatnonzero((ids >= 0) & np.r_[True, ids[1:] != ids[:-1]])  # a chunk's first position
             out.append(i * L + j)
         base += nc
+        target_t[i, :n] = tokens[a + 1 : a + n + 1]
+        # the teacher target j with t_bounds[j] < a student token's first byte <= t_bounds[j + 1]
+        # (at the window's first teacher token, j = 0 read to depth 0)
+        b = s_bounds[:-1]  # (m,)
+        j = np.maximum(np.searchsorted(t_bounds, b, "left") - 1, 0)
+        jj = j.clip(0, max(n - 1, 0))
+        ok = (j < n) & (b >= t_bounds[0]) & (b <= t_bounds[jj + 1])
+        row_t[i, :m] = np.where(ok, i * Lt + jj, -1)
+        depth[i, :m] = np.where(ok, b - t_bounds[jj], -1)
     return {
         "xt_chunk_t": chunk_t,
         "xt_chunk_s": chunk_s,
         "xt_first_t": np.concatenate(first_t).astype(np.int64),
         "xt_first_s": np.concatenate(first_s).astype(np.int64),
+        "xt_target_t": target_t,
+        "xt_row_t": row_t,
+        "xt_depth": depth,
     }
 
 
@@ -223,18 +246,41 @@ def _aligned(section_json: str, teacher_dir: str, student_dir: str) -> dict[str,
     return {name: aligned_windows(student, part) for name, part in corpus_splits(section, teacher_dir).items()}
 
 
+def vocab_maps(teacher: TokenCorpus, student: TokenCorpus) -> dict[str, np.ndarray]:
+    """The cross-tokenizer losses' vocabulary maps, computed once per tokenizer pair:
+    twin (V_T,), prefix (V_T, D) and heads (V_T, D + 1), D the teacher's longest token."""
+    return {"twin": twin_ids(teacher, student), "prefix": prefix_ids(teacher, student), "heads": head_ids(teacher)}
+
+
+def head_ids(teacher: TokenCorpus) -> np.ndarray:
+    """(V_T, D + 1) int64: heads[v, d] numbers the string of teacher token v's first d bytes
+    (equal numbers: equal strings; -1 for d past v's end): two tokens agree on their first
+    d bytes iff heads[v, d] == heads[u, d] >= 0, one gather instead of comparing bytes.
+    Special tokens stand for no bytes (only d = 0)."""
+    tb = [b or b"" for b in token_bytes(tokenizer_of(teacher))]
+    number: dict[bytes, int] = {}
+    out = np.full((len(tb), max(map(len, tb), default=0) + 1), -1, np.int64)
+    for v, b in enumerate(tb):
+        for d in range(len(b) + 1):
+            out[v, d] = number.setdefault(b[:d], len(number))
+    return out
+
+
 def prefix_ids(teacher: TokenCorpus, student: TokenCorpus) -> np.ndarray:
-    """(V_T,) int64: for each teacher token id, the longest student token whose bytes begin
-    the teacher token's bytes, or -1 (special tokens, or no student token is a prefix): the
-    student's first token of that text, exactly for a byte-level student (its first byte)."""
+    """(V_T, D) int64, D the teacher's longest token in bytes: prefix[v, d] the longest
+    student token that begins teacher token v's bytes from byte d on, or -1 (d past v's
+    end, special tokens, no student token fits). Column 0: the student's first token of
+    v's text (exactly its first byte for a byte-level student); column d: its next token
+    once it has read d bytes of v."""
     s_ids = ids_by_bytes(student)
     longest = max(map(len, s_ids), default=0)
-
-    def first(b: bytes | None) -> int:
-        for n in range(min(len(b or b""), longest), 0, -1):
-            i = s_ids.get(b[:n])
-            if i is not None:
-                return i
-        return -1
-
-    return np.asarray([first(b) for b in token_bytes(tokenizer_of(teacher))], np.int64)
+    tb = [b or b"" for b in token_bytes(tokenizer_of(teacher))]
+    out = np.full((len(tb), max(map(len, tb), default=0) or 1), -1, np.int64)
+    for v, b in enumerate(tb):
+        for d in range(len(b)):
+            for n in range(min(len(b) - d, longest), 0, -1):
+                i = s_ids.get(b[d : d + n])
+                if i is not None:
+                    out[v, d] = i
+                    break
+    return out

@@ -16,10 +16,11 @@ from (the manifest's representation kind: dense, topk / token_topk, token_sample
     uld         topk*    Σ_i |p_(i) − q_(i)| sorted probs + tail bucket     Boizard et al. 2024
     gold        topk*    KL on ids of the same bytes + ULD on the rest     TRL GOLD (Hugging Face 2025)
     alm         topk*    binary KL of chunk likelihoods, Bern(e^a) ‖ Bern(e^b)  Minixhofer et al. 2025
-    prefix_kl   topk*    KL of the teacher's top-k projected onto the student's  exact for bytes; cf. Wan et al. 2024
-                         next token (longest-prefix map) + tail bucket
+    prefix_kl   topk*    KL of the teacher's top-k, given the bytes read, projected  Phan et al. 2024 (bytes);
+                         onto the student's next token; kept mass renormalised  cf. Wan et al. 2024
 
-(* cross-tokenizer: a student with its own tokenizer, rows = aligned chunks; objectives/xtok.py.)
+(* cross-tokenizer: a student with its own tokenizer, rows = aligned chunks, for prefix_kl
+every student position; objectives/xtok.py.)
 
 One meaning for both tasks: `topk_kl` is exact at the stored temperature (a classifier's
 label.temperature; 1 for token labels) and follows objectives/sparse.py's documented tail
@@ -45,7 +46,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from pipeline.objectives.dense import logit_mse, rescale, soft_kl_loss, soft_target_cross_entropy, teacher_side
@@ -202,8 +202,19 @@ def alm(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: 
 
 @register_loss("prefix_kl", labels=("topk",), exact_temperature=True, cross_tokenizer=True)
 def prefix_kl(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_size: int) -> Tensor:
+    # every student position, not only the chunks' first: t["span"] (objective._cross_terms)
+    # holds each one's teacher rows (here, after), depth and weight; `weights` (per chunk) unused
     _need_map(t, "prefix", "prefix_kl")
-    rows = t.get("rows")
-    if rows is None:  # z: the chunk-first rows' logits
-        z, rows = torch.log_softmax(z.float(), -1), torch.arange(len(z), device=z.device)
-    return prefix_kl_at(z, rows, t["ids"], t["logp"], t.get("missing"), prefix=t["prefix"], weights=weights)
+    _need_map(t, "heads", "prefix_kl")
+    s = t["span"]
+    return prefix_kl_at(
+        z,
+        s["rows"],
+        s["here"],
+        s["after"],
+        depth=s["depth"],
+        has_after=s["has_after"],
+        prefix=t["prefix"],
+        heads=t["heads"],
+        weights=s["weights"],
+    )

@@ -111,8 +111,9 @@ class Objective:
         self.needs_features = hint is not None and self.mode != "hard"
         # a student with its own tokenizer: terms over byte-aligned chunks (objectives/xtok.py)
         self.cross_tokenizer = self.mode == "stored" and LOSSES[loss].cross_tokenizer
-        self.twin: Tensor | None = None  # (V_T,) teacher id -> student id of the same bytes, or -1
-        self.prefix: Tensor | None = None  # (V_T,) teacher id -> the longest student token its bytes begin with
+        # the stream's vocabulary maps (pipeline/data/alignment.py vocab_maps): twin (V_T,),
+        # prefix (V_T, D), heads (V_T, D + 1); each loss takes the ones it needs
+        self.maps: dict[str, Tensor] | None = None
         names = ["loss"]
         if self.mode == "hard" or self.alpha > 0:
             names.append("task_loss")
@@ -186,8 +187,8 @@ class Objective:
             )
         obj = cls(**kw)  # the loss refusals first, before any hint set-up
         if obj.cross_tokenizer:
-            obj.twin, obj.prefix = getattr(stream, "twin", None), getattr(stream, "prefix", None)
-            if obj.twin is None:
+            obj.maps = getattr(stream, "maps", None)
+            if obj.maps is None:
                 raise ValueError(
                     f"loss {cfg.loss!r} aligns two tokenizations by bytes: it needs a student with its own "
                     f"tokenizer (students.models[].tokenizer; distillery.aligned_windows)"
@@ -217,7 +218,7 @@ class Objective:
         temperature T from `labels` (an opened dataset: its manifest and temperature) or
         given as kind= and stored_temperature=; the KD `loss` (default: the family's own:
         kd for dense, topk_kl for top-k, sampled_kl for sampled), the student's T'
-        (default T) and α. A cross-tokenizer loss (uld, gold, alm) takes the twin map of
+        (default T) and α. A cross-tokenizer loss (uld, gold, alm, prefix_kl) takes the vocabulary maps of
         `stream` (open_stream over distillery.aligned_corpus)."""
         if labels is not None:
             kind, stored_temperature = labels.manifest["representation"]["kind"], labels.temperature
@@ -235,7 +236,7 @@ class Objective:
             stored_temperatures=[T],
             source=f"soft labels at {labels.uri}" if labels is not None else f"the {kind} labels",
         )
-        obj.twin, obj.prefix = getattr(stream, "twin", None), getattr(stream, "prefix", None)
+        obj.maps = getattr(stream, "maps", None)
         return obj
 
     def parameters(self) -> list[nn.Parameter]:
@@ -327,9 +328,27 @@ class Objective:
                 "missing": batch["missing_mass"].reshape(-1)[first_t] if "missing_mass" in batch else None,
                 "rows": first_s,  # the loss reads these rows of log_q (no (C, V) copy)
             }
-            # the vocabulary maps (stream.twin / stream.prefix): the loss takes the one it needs
-            self.twin, self.prefix = (m.to(z.device) if m is not None else None for m in (self.twin, self.prefix))
-            t |= {"twin": self.twin, "prefix": self.prefix}
+            if self.maps is not None:  # the vocabulary maps: the loss takes the ones it needs
+                self.maps = {k: m.to(z.device) for k, m in self.maps.items()}
+                t |= self.maps
+            # every student position's teacher rows (prefix_kl's): `here` predicted the teacher
+            # token the student is reading (or has just read, at a boundary), `after` the next
+            Lt = batch["topk_ids"].shape[1]
+            row_t = batch["xt_row_t"].reshape(-1)  # (B·Ls,) flat in (B, Lt)
+            at = torch.nonzero((row_t >= 0) & (w_pos > 0))[:, 0]  # (R,)
+            r = row_t[at]
+            nxt = torch.where(r % Lt + 1 < Lt, r + 1, r)  # (R,) the next row, in the same window
+            target = batch["xt_target_t"].reshape(-1)  # (B·Lt,) the teacher's target ids (-1: none)
+            ids, lp = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
+            a_lp = batch["target_logprob"].reshape(-1)  # the teacher's log-prob of each target
+            t["span"] = {
+                "rows": at,
+                "here": (ids[r], lp[r], target[r], a_lp[r]),  # (R, k), (R, k), (R,), (R,)
+                "after": (ids[nxt], lp[nxt], target[nxt].clamp_min(0), a_lp[nxt]),
+                "has_after": (nxt != r) & (target[nxt] >= 0),
+                "depth": batch["xt_depth"].reshape(-1)[at],  # (R,)
+                "weights": w_pos[at],
+            }
             # chunk log-likelihoods (ALM's): Σ of each side's token log-probs in the chunk, (C,) each
             C, ct, cst = len(first_s), batch["xt_chunk_t"].reshape(-1), batch["xt_chunk_s"].reshape(-1)
             a = batch["target_logprob"].reshape(-1).float()

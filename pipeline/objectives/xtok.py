@@ -1,4 +1,5 @@
-"""Cross-tokenizer distillation from stored teacher labels: ULD, the GOLD hybrid, ALM. Pure PyTorch.
+"""Cross-tokenizer distillation from stored teacher labels: ULD, the GOLD hybrid, ALM, the projected
+KL. Pure PyTorch.
 
 Teacher and student tokenize the same text differently. An alignment (computed elsewhere) cuts the
 text into chunks: byte ranges where both tokenizations have a boundary at both ends, each holding
@@ -24,8 +25,12 @@ on); and both models' log-likelihoods of the whole chunk, a_c (teacher) and b_c 
       f(x, y) = e^x (x − y) + (1 − e^x)(log(1 − e^x) − log(1 − e^y)),  x = a/τ, y = b/τ
   computed in log space (``log1mexp``), x and y clamped to <= −1e-6 (a chunk of probability 1
   would give log 0).
+* ``prefix_kl_at``: not per chunk but at every student position: the teacher's top-k given the
+  bytes the student has read of the teacher's current token, marginalised onto the student's
+  next token (for a byte-level student: the teacher's next-byte distribution), KL; the formula
+  and its citations are in its docstring.
 
-Tail convention: the teacher's mass beyond its k kept ids is ONE bucket m_T (the stored exact
+Tail convention (ULD, GOLD): the teacher's mass beyond its k kept ids is ONE bucket m_T (the stored exact
 missing mass, else 1 − Σ exp(logp), floored at 0), compared with the student's mass outside its
 own compared entries. All three are defined at the stored temperature 1: no student temperature T'
 and no rescale (a top-k summary is exact only where it was made); ALM's τ is its own knob, applied
@@ -329,43 +334,88 @@ def alm_loss(a: Tensor, b: Tensor, *, weights: Tensor, tau: float = 1.0) -> Tens
 def prefix_kl_at(
     log_q: Tensor,
     rows: Tensor,
-    t_ids: Tensor,
-    t_logp: Tensor,
-    t_missing: Tensor | None,
+    here: tuple[Tensor, Tensor, Tensor, Tensor],
+    after: tuple[Tensor, Tensor, Tensor, Tensor],
     *,
+    depth: Tensor,
+    has_after: Tensor,
     prefix: Tensor,
+    heads: Tensor,
     weights: Tensor,
 ) -> Tensor:
-    """The teacher's next-token distribution projected onto the student's next token, KL.
+    """The teacher's next-token distribution turned into the student's, KL, at every student
+    position.
 
-    per row: Σ_{s∈U} t_s (log t_s − log q_s),   t_s = P̃_s / Σ_{u∈U} P̃_u,   P̃_s = Σ_{j: π(v_j) = s} p_j
+    Student position r starts its token at byte d of teacher token a (the one it is reading,
+    or at a teacher boundary the one just read, d = |a|); `here` is the teacher's row that
+    predicted a, `after` the next row (predicting the token after a). Each row's candidates
+    are its kept top-k (v, p_v) plus its actual token with its stored log-prob (the labels'
+    target_logprob) when the top-k left it out. Per row:
 
-    π = `prefix` (V_T,): the longest student token whose bytes begin teacher token v's bytes
-    (−1: none, left out), U the distinct π of the kept ids. For a byte-level student this is
-    the teacher's distribution of the next byte: its top-k marginalised by first byte
-    (exact up to the top-k). The teacher's missing mass is spread like the kept mass (the
-    kept probabilities renormalised), not one "other" bucket: what the top-k leaves out
-    mostly begins like what it keeps (after a word, a space), and a bucket would push the
-    student off the likely bytes. For another tokenizer the student's first token of the
-    continuation is approximated by the longest-prefix token of the teacher's token (a
-    vocabulary mapping in the spirit of Wan et al. 2024, FuseLLM); a token with a
-    byte-identical twin maps to it, as in GOLD's exact part. KL as in Hinton et al. 2015.
+        t ∝ Σ_{v ∈ here: v[:d] = a[:d], |v| > d} p_v δ(π_d(v))  +  E · G,
+        E = Σ_{v ∈ here: v = a[:d]} p_v,   G ∝ Σ_{v ∈ after} p_v δ(π_0(v))
+        loss = Σ_s t_s (log t_s − log q_s)
 
-    Shapes: log_q (N, V_S) the batch's log-probs; rows (C,) the chunk-first rows; t_ids /
-    t_logp (C, k); t_missing unused (kept for the family's signature); prefix (V_T,) int;
-    weights (C,). fp32 (fp64 kept).
+    π_d = `prefix[:, d]`: the longest student token that begins v's bytes from byte d (−1:
+    none, left out). The first sum: the teacher's tokens that agree with the bytes read and
+    go on (the rest of a word, or a longer word); E: those that end exactly here, followed
+    by what the next row expects first (G, renormalised; its own context is a, the closest
+    one stored). Together this is the teacher's distribution of the student's next token
+    given the bytes read, marginalised over where the teacher's token ends: for a byte-level
+    student its next-byte distribution (cf. the byte-level probabilities of a tokenized
+    model, Phan et al. 2024, arXiv:2410.09303), up to the top-k; for another tokenizer its
+    first token of the continuation approximated by the longest-prefix token (a vocabulary
+    mapping in the spirit of Wan et al. 2024, FuseLLM). Neither where the teacher's actual
+    token ends nor whether it goes on leaks into t. The actual token joins the candidates so
+    that a rare word's kept look-alikes (" Jer…" for " Jehoshaphat") never take all the mass;
+    the teacher's missing mass is spread like the kept mass (renormalised). A row with
+    nothing mapped weighs 0, and so does one with E > 0 but no `after` row (the window's last
+    teacher token: its target would leave out where a shorter token leads). KL as in Hinton
+    et al. 2015.
+
+    Shapes: log_q (N, V_S) the batch's log-probs; rows (R,) the student positions; here /
+    after: (ids (R, k), logp (R, k), token (R,), token_logp (R,)); depth (R,); has_after (R,)
+    bool; prefix (V_T, D) int; heads (V_T, D + 1) int, numbering each teacher token's first
+    d bytes (pipeline/data/alignment.py head_ids); weights (R,). fp32 (fp64 kept).
     """
     dt = _dtype(log_q)
-    p = t_logp.to(dt).exp()  # (C, k)
-    m = prefix.long().to(log_q.device)[t_ids.long()]  # (C, k) student id of each kept teacher id
-    ok = m >= 0
-    same = (m[:, :, None] == m[:, None, :]) & ok[:, :, None] & ok[:, None, :]  # (C, k, k)
-    big_p = (same * p[:, None, :]).sum(-1)  # (C, k) P̃ of each entry's student id
-    earlier = torch.ones(m.shape[1], m.shape[1], dtype=torch.bool, device=m.device).tril(-1)
-    first = ok & ~(same & earlier).any(-1)  # (C, k) each student id counted once
-    total = torch.where(first, big_p, 0.0).sum(-1, keepdim=True)  # (C, 1)
-    t = big_p / total.clamp_min(torch.finfo(dt).tiny)  # (C, k) renormalised
-    lq = log_q[rows[:, None], m.clamp_min(0)].to(dt)  # (C, k)
-    on = first & (t > 0)
+    dev = log_q.device
+    prefix, heads = prefix.long().to(dev), heads.long().to(dev)
+    D = prefix.shape[1]  # the teacher's longest token
+    v, p = _candidates(*here, dt)  # (R, k + 1)
+    a, d = here[2].long().to(dev)[:, None], depth.long().to(dev)[:, None]  # (R, 1), (R, 1)
+    h = heads[v, d]  # (R, k + 1) the string of each candidate's first d bytes (-1: shorter)
+    agree = (h == heads[a, d]) & (h >= 0)  # agrees with the d bytes read
+    longer = (heads[v, (d + 1).clamp(max=D)] >= 0) & (d < D)  # goes on past them
+    m_go = torch.where(agree & longer, prefix[v, d.clamp(max=D - 1)], -1)  # (R, k + 1) student id from byte d
+    e = torch.where(agree & ~longer & (d > 0), p, 0.0).sum(-1, keepdim=True)  # (R, 1) E: ends at d
+    v2, p2 = _candidates(*after, dt)
+    m_next = torch.where(has_after.to(dev)[:, None], prefix[v2, 0], -1)  # (R, k + 1)
+    p2 = torch.where(m_next >= 0, p2, 0.0)
+    g = p2 / p2.sum(-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)  # (R, k + 1) G
+    m = torch.cat([m_go, m_next], 1)  # (R, 2k + 2) student ids (-1: none)
+    w = torch.cat([torch.where(m_go >= 0, p, 0.0), e * g], 1)  # (R, 2k + 2) their mass
+    # the mass of each distinct student id: sort the ids, sum each run (at its last entry)
+    ms, order = m.sort(1)
+    cs = w.gather(1, order).cumsum(1)
+    last = torch.cat([ms[:, 1:] != ms[:, :-1], torch.ones_like(ms[:, :1], dtype=torch.bool)], 1)
+    before = torch.cat([torch.zeros_like(cs[:, :1]), torch.where(last, cs, 0.0).cummax(1).values[:, :-1]], 1)
+    mass = torch.where(last & (ms >= 0), cs - before, 0.0).clamp_min(0.0)  # (R, 2k + 2)
+    total = mass.sum(-1, keepdim=True)  # (R, 1)
+    t = mass / total.clamp_min(torch.finfo(dt).tiny)  # renormalised
+    lq = log_q[rows[:, None], ms.clamp_min(0)].to(dt)  # (R, 2k + 2)
+    on = t > 0
     per_row = torch.where(on, t * (torch.where(on, t, 1.0).log() - lq), 0.0).sum(-1)
-    return _weighted_mean(per_row, weights * (total[:, 0] > 0))  # a row with nothing mapped: no target
+    # no target: a row with nothing mapped, or whose tokens ending here have no next row to go on
+    keep = (total[:, 0] > 0) & ((e[:, 0] == 0) | has_after.to(dev))
+    return _weighted_mean(per_row, weights * keep)
+
+
+def _candidates(ids: Tensor, logp: Tensor, token: Tensor, token_logp: Tensor, dt: torch.dtype):
+    """A stored row's kept ids (R, k) and its actual token (R,), as (R, k + 1) ids and
+    probabilities; the actual token's own entry is 0 when the top-k kept it already."""
+    a = token.long().to(ids.device)
+    kept = (ids.long() == a[:, None]).any(-1)
+    v = torch.cat([ids.long(), a[:, None]], 1)
+    p_a = torch.where(kept, 0.0, token_logp.to(dt).exp())
+    return v, torch.cat([logp.to(dt).exp(), p_a[:, None]], 1)

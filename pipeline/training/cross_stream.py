@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.alignment import batch_alignment, prefix_ids, twin_ids
+from pipeline.data.alignment import batch_alignment, vocab_maps
 from pipeline.training.stream import ALIGNED_STREAM, LabelStream, SequenceStream, check_token_lineage, place_rows
 
 LABEL_KEYS = ("topk_ids", "topk_logprobs", "missing_mass", "target_logprob")
@@ -55,8 +55,8 @@ class CrossTokenizerStream(SequenceStream):
         self.teacher = inputs.teacher_windows
         check_token_lineage(self.manifest, self.teacher, uri)
         self.vocab_size, self.seq_len = int(self.manifest["vocab_size"]), int(self.manifest["seq_len"])
-        self.twin = torch.from_numpy(twin_ids(self.teacher, inputs))  # the losses' vocabulary maps
-        self.prefix = torch.from_numpy(prefix_ids(self.teacher, inputs))
+        # the losses' vocabulary maps: twin, prefix, heads
+        self.maps = {k: torch.from_numpy(v) for k, v in vocab_maps(self.teacher, inputs).items()}
 
     def join(self, b: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = self._common(b)

@@ -157,7 +157,8 @@ def quality(seeds: list[int], skip_train: bool) -> None:
             if s.get("tokenizer") is not None:
                 ok &= s["bits_per_byte"] < b
         g = statistics.fmean(gains)
-        kept = f"{g / same_gain:6.0%}" if same_gain and rows[seeds[0]].get("tokenizer") is not None else "     -"
+        own = next(iter(rows.values())).get("tokenizer") is not None
+        kept = f"{g / same_gain:6.0%}" if same_gain and own else "     -"
         print(f"{key[0] + ' ' + key[1]:<34}" + "".join(cells) + f"{g:+11.3f} {kept}")
     print("  (each cell: the KD student's test bits/byte vs its CE twin's, same seed and steps)")
     print(f"  every cross-tokenizer KD student below its CE twin on every seed: {'PASS' if ok else 'FAIL'}")

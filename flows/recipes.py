@@ -253,7 +253,9 @@ def train_student(cfg, teacher: dict, run: dict, on_batch=None) -> dict:
 def _with_earlier(cfg, teacher: dict, results: list[dict]) -> list[dict]:
     """This sweep's results plus the students of an earlier report.json of the same run
     (same teacher, same labels) that this sweep did not retrain: `distill students` with
-    another grid adds to the report instead of replacing it."""
+    another grid adds to the report instead of replacing it. An earlier student is left
+    out when its checkpoint is gone, or when this sweep's students of its model, seed and
+    kind took other steps (the model was retrained for other epochs: no equal steps)."""
     path = cfg.run_dir() / "report.json"
     try:
         old = json.loads(path.read_text())
@@ -264,8 +266,25 @@ def _with_earlier(cfg, teacher: dict, results: list[dict]) -> list[dict]:
     )
     if not same:
         return results
-    names = {r["name"] for r in results}
-    return [s for s in old.get("students", []) if s.get("name") not in names] + results
+    now = {_student_key(r) for r in results}
+    steps = {_steps_key(r): r.get("steps") for r in results}
+    return [
+        s
+        for s in old.get("students", [])
+        if _student_key(s) not in now
+        and (s.get("checkpoint") is None or os.path.exists(s["checkpoint"]))
+        and steps.get(_steps_key(s), s.get("steps")) == s.get("steps")
+    ] + results
+
+
+def _student_key(s: dict) -> tuple:
+    """One student under either of its names: "<name>", or "<name>-s<seed>" in a run of several seeds."""
+    return s.get("name", "").removesuffix(f"-s{s.get('seed')}"), s.get("seed")
+
+
+def _steps_key(s: dict) -> tuple:
+    """Students of one model, seed and kind (the CE baseline or KD) train equal steps."""
+    return s.get("arch_name"), s.get("seed"), s.get("loss") == "ce"
 
 
 def _alphas(cfg) -> list[float]:

@@ -288,10 +288,23 @@ def test_students_again_with_another_grid_adds_to_the_report(tiny_run, tmp_path)
     assert len(first) == 4
     raw = [{k: v for k, v in s.items() if k not in ("baseline", "gain")} for s in first]
     new = dict(raw[1], name=raw[1]["name"].replace("T3", "T5"), temperature=5.0, accuracy=0.5)
-    redo = dict(raw[0], accuracy=0.25)  # the same student retrained
+    # the same student retrained, under its name in a run of several seeds
+    redo = dict(raw[0], accuracy=0.25, name=f"{raw[0]['name']}-s{raw[0]['seed']}")
     report = recipes.build_report(cfg, teacher, [new, redo])
     names = [s["name"] for s in report["students"]]
-    assert sorted(names) == sorted([s["name"] for s in first] + [new["name"]])
+    assert sorted(names) == sorted([s["name"] for s in first[1:]] + [new["name"], redo["name"]])
     by = {s["name"]: s for s in report["students"]}
     assert by[redo["name"]]["accuracy"] == 0.25 and by[new["name"]]["accuracy"] == 0.5
     assert json.loads((cfg.run_dir() / "report.json").read_text())["students"] == report["students"]
+    # an earlier student whose checkpoint is gone, or whose model and seed were retrained for
+    # other steps (no longer equal steps with its baseline), leaves the report
+    path = cfg.run_dir() / "report.json"
+    old = json.loads(path.read_text())
+    old["students"][2]["checkpoint"] = str(tmp_path / "gone.pt")
+    path.write_text(json.dumps(old))
+    kd = [s for s in raw if s["loss"] != "ce"]
+    longer = dict(kd[0], name=kd[0]["name"] + "-again", steps=kd[0]["steps"] + 1)
+    report = recipes.build_report(cfg, teacher, [longer])
+    stale = {s["name"] for s in old["students"] if s["loss"] != "ce" and s["arch_name"] == kd[0]["arch_name"]}
+    want = {s["name"] for i, s in enumerate(old["students"]) if i != 2} - stale
+    assert {s["name"] for s in report["students"]} == want | {longer["name"]} and kd[0]["name"] in stale

@@ -89,11 +89,13 @@ def test_recipe_reports_bits_per_byte_for_every_student(run, capsys):
     corpus = distillery.aligned_corpus(labels, own)
     assert corpus.fingerprint() == parts["train"].fingerprint()
     stream = distillery.open_stream(labels.uri, corpus, batch_size=4)
-    obj = distillery.Objective.for_labels(labels, loss="gold", alpha=0.5, stream=stream)
     batch = next(iter(stream))
     model = torch.nn.Embedding(8000, 8000)  # any (B, L) -> (B, L, V) model of the student's vocabulary
-    terms = obj.terms(model(batch["x"]), batch)
-    assert set(terms) == {"loss", "task_loss", "kd_loss"} and torch.isfinite(terms["loss"])
+    for loss in ("prefix_kl", "gold"):
+        obj = distillery.Objective.for_labels(labels, loss=loss, alpha=0.5, stream=stream)
+        terms = obj.terms(model(batch["x"]), batch)
+        assert set(terms) == {"loss", "task_loss", "kd_loss"} and torch.isfinite(terms["loss"])
+        assert terms["kd_loss"] > 0
     capsys.readouterr()
     from flows.cli import main
 

@@ -305,7 +305,8 @@ class Objective:
         tokens; the KD term compares the teacher's stored labels with the student over the
         batch's C aligned chunks (training/cross_stream.py): xt_first_s / xt_first_t (C,)
         flat positions predicting each chunk's first student / teacher token, xt_chunk_s
-        (B·Ls,) / xt_chunk_t (B·Lt,) the chunk of every target (-1: none)."""
+        (B·Ls,) / xt_chunk_t (B·Lt,) the chunk of every target (-1: none); or, for
+        prefix_kl, at every student position (`_position_rows`)."""
         B, L, V = logits.shape
         z, y = logits.reshape(-1, V), batch["y"].reshape(-1)  # (B·L, V), (B·L,)
         w_pos = (batch["weight"][:, None] * batch["mask"]).reshape(-1).float()  # real positions
@@ -329,26 +330,9 @@ class Objective:
                 "rows": first_s,  # the loss reads these rows of log_q (no (C, V) copy)
             }
             if self.maps is not None:  # the vocabulary maps: the loss takes the ones it needs
-                self.maps = {k: m.to(z.device) for k, m in self.maps.items()}
+                self.maps = {name: m.to(z.device) for name, m in self.maps.items()}
                 t |= self.maps
-            # every student position's teacher rows (prefix_kl's): `here` predicted the teacher
-            # token the student is reading (or has just read, at a boundary), `after` the next
-            Lt = batch["topk_ids"].shape[1]
-            row_t = batch["xt_row_t"].reshape(-1)  # (B·Ls,) flat in (B, Lt)
-            at = torch.nonzero((row_t >= 0) & (w_pos > 0))[:, 0]  # (R,)
-            r = row_t[at]
-            nxt = torch.where(r % Lt + 1 < Lt, r + 1, r)  # (R,) the next row, in the same window
-            target = batch["xt_target_t"].reshape(-1)  # (B·Lt,) the teacher's target ids (-1: none)
-            ids, lp = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
-            a_lp = batch["target_logprob"].reshape(-1)  # the teacher's log-prob of each target
-            t["span"] = {
-                "rows": at,
-                "here": (ids[r], lp[r], target[r], a_lp[r]),  # (R, k), (R, k), (R,), (R,)
-                "after": (ids[nxt], lp[nxt], target[nxt].clamp_min(0), a_lp[nxt]),
-                "has_after": (nxt != r) & (target[nxt] >= 0),
-                "depth": batch["xt_depth"].reshape(-1)[at],  # (R,)
-                "weights": w_pos[at],
-            }
+            t["span"] = _position_rows(batch, w_pos)  # every student position's teacher rows (prefix_kl's)
             # chunk log-likelihoods (ALM's): Σ of each side's token log-probs in the chunk, (C,) each
             C, ct, cst = len(first_s), batch["xt_chunk_t"].reshape(-1), batch["xt_chunk_s"].reshape(-1)
             a = batch["target_logprob"].reshape(-1).float()
@@ -471,3 +455,26 @@ def _build_hint(mode: str, model, stream, teacher, data, ddp: bool, device) -> H
         with torch.inference_mode():
             t_dim = teacher.features(model_inputs(data, [0], [0]).to(device)).reshape(1, -1).shape[1]
     return HintLoss(model.head.in_features, t_dim).to(device)
+
+
+def _position_rows(batch: dict, w_pos: Tensor) -> dict:
+    """The teacher's rows for every real student position (R of them): `here` predicted the
+    teacher token the student is reading (or has just read, at a boundary), `after` the next
+    one in the same window; each as (top-k ids (R, k), log-probs (R, k), the actual token
+    (R,), its log-prob (R,)); the bytes of `here`'s token read (depth) and the weights."""
+    B, Lt, k = batch["topk_ids"].shape
+    row_t = batch["xt_row_t"].reshape(-1)  # (B·Ls,) flat in (B, Lt), -1: none
+    at = torch.nonzero((row_t >= 0) & (w_pos > 0))[:, 0]  # (R,)
+    r = row_t[at]
+    nxt = torch.where(r % Lt + 1 < Lt, r + 1, r)  # (R,) the next row, in the same window
+    target = batch["xt_target_t"].reshape(-1)  # (B·Lt,) the teacher's target ids, -1: none
+    ids, lp = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
+    a_lp = batch["target_logprob"].reshape(-1)  # the teacher's log-prob of each target
+    return {
+        "rows": at,
+        "here": (ids[r], lp[r], target[r], a_lp[r]),
+        "after": (ids[nxt], lp[nxt], target[nxt].clamp_min(0), a_lp[nxt]),
+        "has_after": (nxt != r) & (target[nxt] >= 0),
+        "depth": batch["xt_depth"].reshape(-1)[at],  # (R,)
+        "weights": w_pos[at],
+    }

@@ -170,9 +170,11 @@ def sampled(z: Tensor, t: dict, *, temperature: float, weights: Tensor, chunk_si
 # ----------------------------------------------------------------------------- cross-tokenizer
 # z: the student's logits at each aligned chunk's first position (C, V_S), or with t["rows"]
 # (C,) the log-probs of every position of the batch (N, V_S) (the objective shares its CE
-# term's log-softmax; the chunks' first rows are t["rows"]); t: the teacher's
-# top-k there (ids, logp, missing), the twin map (V_T,) teacher id -> student id of the same
-# bytes or -1, and the chunks' log-likelihoods of both sides (C,) (objectives/xtok.py).
+# term's log-softmax; the chunks' first rows are t["rows"]); t: the teacher's top-k there
+# (ids, logp, missing), the stream's vocabulary maps (twin (V_T,): teacher id -> student id
+# of the same bytes or -1; prefix (V_T, D); heads (V_T, D + 1)), the chunks' log-likelihoods
+# of both sides (C,), and t["span"]: the teacher's rows for every student position
+# (prefix_kl's; objective._position_rows). Formulas in objectives/xtok.py.
 
 
 def _need_map(t: dict, key: str, loss: str) -> None:

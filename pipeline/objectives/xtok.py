@@ -32,15 +32,17 @@ on); and both models' log-likelihoods of the whole chunk, a_c (teacher) and b_c 
 
 Tail convention (ULD, GOLD): the teacher's mass beyond its k kept ids is ONE bucket m_T (the stored exact
 missing mass, else 1 − Σ exp(logp), floored at 0), compared with the student's mass outside its
-own compared entries. All three are defined at the stored temperature 1: no student temperature T'
+own compared entries. All four losses are defined at the stored temperature 1: no student temperature T'
 and no rescale (a top-k summary is exact only where it was made); ALM's τ is its own knob, applied
 to both chunk log-likelihoods.
 
 Every loss computes in fp32 whatever the input dtype (float64 stays float64, for gradcheck) and
 returns a 0-dim tensor: Σ_c w_c l_c / Σ_c w_c over the rows with w_c > 0 (all-zero weights give 0).
-Rows are processed ``chunk_size`` at a time, under activation checkpointing when autograd is on and
-there is more than one block, so at most chunk_size × V_S compute-dtype temporaries exist at once,
-in forward and in backward.
+The forms taking logits z (``uld_loss``, ``hybrid_loss``) process rows ``chunk_size`` at a time, under
+activation checkpointing when autograd is on and there is more than one block, so at most
+chunk_size × V_S compute-dtype temporaries exist at once, in forward and in backward; the ``*_at``
+forms read rows of log-probs the caller already has (the objective's, shared with its CE term) and
+keep (rows, O(k)) temporaries.
 """
 
 from __future__ import annotations
